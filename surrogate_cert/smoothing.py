@@ -1,0 +1,177 @@
+"""The Monte Carlo counting engine: class counts of a base classifier under Gaussian noise.
+
+Noise is reproducible per input, not per call: sample ``j`` of input ``i`` in stream ``stream``
+comes from block ``j // NOISE_BLOCK`` of a generator seeded by ``(seed, index_i, stream, block)``.
+So counts do not depend on batch size, on which inputs share a forward pass, on sharding, or on
+where an interrupted job resumes; and two streams of one input (selection / estimation) are
+independent.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError, ModelError, check_count, check_positive
+
+NOISE_BLOCK = 256
+"""Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
+
+STREAM_SELECT = 0
+STREAM_ESTIMATE = 1
+STREAM_SEQUENTIAL = 2
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def block_seed(seed: int, index: int, stream: int, block: int) -> int:
+    """64-bit seed of one noise block, mixed by NumPy's SeedSequence (no correlated neighbours)."""
+    state = np.random.SeedSequence([int(seed), int(index), int(stream), int(block)]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Validate a batch of images: float tensor ``N x C x H x W`` (or the model's shape), finite, in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise InvalidInputError(f"inputs must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise InvalidInputError(
+            f"inputs have shape {tuple(x.shape)} but the model expects N x {' x '.join(map(str, input_shape))}"
+        )
+    if x.ndim < 2:
+        raise InvalidInputError(f"inputs must be a batch (N x C x H x W), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError("inputs contain NaN or infinite values; clean or drop those images")
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise InvalidInputError(
+            f"inputs must lie in [0, 1] (pixels, before any normalisation), got range "
+            f"[{float(x.min()):.3g}, {float(x.max()):.3g}]; put normalisation inside the model"
+        )
+    return x
+
+
+class SmoothedClassifier:
+    """A base classifier ``f`` and its Gaussian smoothing ``g`` at noise level ``sigma`` (l2, input units).
+
+    The one job of this class is noise sampling and counting: ``counts`` returns, per input, the
+    K-vector of how often ``argmax f(x + eps)`` took each class. It computes no bound.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_classes: int,
+        sigma: float,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 1000,
+        amp: str | None = None,
+        seed: int = 0,
+    ):
+        self.num_classes = check_count("num_classes", num_classes, minimum=2)
+        self.sigma = check_positive("sigma", sigma)
+        self.batch_size = check_count("batch_size", batch_size)
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        if amp not in (None, "none", "bf16"):
+            raise InvalidInputError(f"amp must be 'bf16' or None, got {amp!r}")
+        if amp == "bf16" and self.device.type != "cuda":
+            raise InvalidInputError("--amp bf16 needs a CUDA device; drop --amp on the CPU")
+        self.amp = amp if amp == "bf16" else None
+        self.model = model.to(self.device).eval()
+        self._checked_width = False
+
+    # ------------------------------------------------------------------ forward
+    def _autocast(self):
+        if self.amp == "bf16":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """``argmax f(x)`` for a batch already on the device (no noise added)."""
+        with self._autocast():
+            logits = self.model(x)
+        if not self._checked_width:
+            if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+                raise ModelError(
+                    f"the model outputs shape {tuple(logits.shape)} but num_classes={self.num_classes}; "
+                    "pass the model trained for this dataset or fix --num-classes"
+                )
+            self._checked_width = True
+        return logits.argmax(dim=1)
+
+    # ------------------------------------------------------------------ counting
+    @torch.inference_mode()
+    def counts(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] | np.ndarray,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        stream: int = STREAM_ESTIMATE,
+        start: int | Sequence[int] | np.ndarray = 0,
+    ) -> np.ndarray:
+        """Class counts of ``n`` noisy evaluations of each input: an ``N x K`` int64 array.
+
+        ``x`` is ``N x C x H x W`` in [0, 1]. ``indices`` (default ``0..N-1``) name each input's noise
+        (use dataset indices); ``stream`` separates independent uses of one input; ``start`` skips
+        the first samples of the stream, so a sequential test can draw the next ones. ``n`` and
+        ``start`` may be per input. Noisy copies of several inputs share one forward pass; counts
+        stay on the device until the call ends, and only the counts are copied to the host.
+        """
+        x = check_images(x)
+        num = x.shape[0]
+        n_arr = np.broadcast_to(np.asarray(n, dtype=np.int64), (num,))
+        start_arr = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
+        if num and (n_arr.min() < 0 or start_arr.min() < 0):
+            raise InvalidInputError("n and start must be >= 0")
+        idx_arr = np.arange(num) if indices is None else np.asarray(indices, dtype=np.int64)
+        if idx_arr.shape != (num,):
+            raise InvalidInputError(f"indices must have one entry per input ({num}), got shape {idx_arr.shape}")
+
+        k = self.num_classes
+        x_dev = x.to(self.device, dtype=torch.float32)
+        counts = torch.zeros(num * k, dtype=torch.int64, device=self.device)
+        capacity = max(self.batch_size, NOISE_BLOCK)
+        noise = torch.empty((capacity + NOISE_BLOCK, *x.shape[1:]), device=self.device)
+        owners = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=self.device)
+        gen = torch.Generator(device=self.device)
+        filled = 0
+
+        def flush(rows: int) -> None:
+            for lo in range(0, rows, self.batch_size):
+                hi = min(lo + self.batch_size, rows)
+                own = owners[lo:hi]
+                noisy = x_dev[own] + noise[lo:hi] * self.sigma
+                pred = self.predict_labels(noisy)
+                counts.add_(torch.bincount(own * k + pred, minlength=num * k))
+
+        for i in range(num):
+            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
+            for block in range(first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK):
+                lo = max(first - block * NOISE_BLOCK, 0)
+                hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
+                gen.manual_seed(block_seed(self.seed, idx_arr[i], stream, block))
+                block_noise = torch.randn((NOISE_BLOCK, *x.shape[1:]), generator=gen, device=self.device)
+                take = hi - lo
+                noise[filled : filled + take] = block_noise[lo:hi]
+                owners[filled : filled + take] = i
+                filled += take
+                if filled >= capacity:
+                    flush(filled)
+                    filled = 0
+        if filled:
+            flush(filled)
+        return counts.view(num, k).cpu().numpy()
