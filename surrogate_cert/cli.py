@@ -14,7 +14,8 @@ COMMAND_MODULES = (
     "surrogate_cert.cli_pipeline",   # quickstart, bench
     "data_gen.cli",                  # train-base, datagen
     "surrogate_cert.cli_surrogate",  # train, certify
-    "calibration.cli",               # calibrate, report
+    "calibration.cli",               # calibrate
+    "calibration.cli_report",        # report
     "surrogate_cert.cli_baselines",  # cohen, sequential
 )
 
