@@ -65,3 +65,101 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     if len(input_shape) != 3:
         raise ModelError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     return ARCHITECTURES[arch](tuple(int(v) for v in input_shape), int(num_classes))
+
+
+# --------------------------------------------------------------------------- checkpoints
+CHECKPOINT_FORMAT = "surrogate-cert-model"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KINDS = ("base", "surrogate")
+
+
+def save_checkpoint(
+    path,
+    model: nn.Module,
+    *,
+    arch: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    kind: str,
+    meta: dict,
+) -> None:
+    """Write ``model``'s weights and how to rebuild it (``arch``, shapes) to ``path``, atomically.
+
+    The file holds only tensors and plain values, so ``load_checkpoint`` reads it with
+    ``torch.load(..., weights_only=True)``. ``meta`` (plain values: numbers, strings, lists, dicts)
+    records how the model was made (e.g. ``sigma``, ``dataset``, metrics).
+    """
+    import os
+
+    if kind not in CHECKPOINT_KINDS:
+        raise ModelError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "kind": kind,
+        "arch": arch,
+        "input_shape": [int(v) for v in input_shape],
+        "num_classes": int(num_classes),
+        "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+        "meta": dict(meta),
+    }
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint_header(payload) -> dict:
+    """Validate a loaded checkpoint dict; return it without ``state_dict`` (ModelError if malformed)."""
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError("not a surrogate-cert model checkpoint (no format='surrogate-cert-model'); "
+                         "give a file written by `surrogate-cert train-base` / `train`, or a TorchScript file")
+    if payload.get("format_version") != CHECKPOINT_VERSION:
+        raise ModelError(f"checkpoint format version {payload.get('format_version')} is not supported "
+                         f"(this package reads {CHECKPOINT_VERSION}); retrain it with this version")
+    missing = [k for k in ("kind", "arch", "input_shape", "num_classes", "state_dict", "meta") if k not in payload]
+    if missing:
+        raise ModelError(f"checkpoint lacks {missing}; the file is damaged, retrain it")
+    return {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def load_checkpoint(path, device=None) -> tuple[nn.Module, dict]:
+    """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
+
+    The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
+    ``num_classes``, ``meta``, ...). Loaded with ``weights_only=True``: no pickled code runs.
+    """
+    import os
+    import pickle
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"model file {path} does not exist; train one with `surrogate-cert train-base --out {path}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {path} as a weights-only checkpoint ({first[:160]})") from None
+    try:
+        header = read_checkpoint_header(payload)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    model = build(header["arch"], header["input_shape"], header["num_classes"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        raise ModelError(f"{path}: weights do not fit architecture {header['arch']} "
+                         f"({str(exc).splitlines()[0][:160]}); the file is damaged") from None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, header

@@ -19,6 +19,10 @@ from .errors import InvalidInputError, ModelError, check_count, check_positive
 NOISE_BLOCK = 256
 """Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
 
+NOISE_SCHEME = "torch-generator-block256-v1"
+"""Names how noise is derived from (seed, index, stream, sample); stored in counts files, so a resume
+never mixes two schemes. Change it whenever the noise of a given (seed, index, stream, j) changes."""
+
 STREAM_SELECT = 0
 STREAM_ESTIMATE = 1
 STREAM_SEQUENTIAL = 2

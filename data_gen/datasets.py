@@ -1,0 +1,279 @@
+"""Datasets and their fixed, seeded, disjoint splits ``train`` / ``cal`` / ``test``.
+
+Every image keeps its **dataset index**, an integer unique within the dataset, which seeds its
+noise in the counting engine; so the same image gets the same noise whichever split, batch or
+shard it is read in.
+
+=================  ============  =====================================================================
+spec               shape         splits (dataset indices)
+=================  ============  =====================================================================
+``digits``         1 x 8 x 8     scikit-learn's bundled 8x8 digits (1797 images, no download); a fixed
+                                 random permutation split 1000 / 400 / 397.
+``mnist``          1 x 28 x 28   torchvision, from ``data_root``. ``train`` = the official training
+``cifar10``        3 x 32 x 32   set (indices ``0..N_train-1``); ``cal`` and ``test`` = fixed random
+``cifar100``       3 x 32 x 32   halves of the official test set (indices ``N_train + j``).
+``imagefolder:P``  C x H x W     torchvision ``ImageFolder`` at ``P`` (one class per sub-folder, all
+                                 images the same size); random split 60 / 20 / 20 %.
+``npz:P``          C x H x W     ``np.load(P)`` with arrays ``x`` (N x C x H x W floats in [0, 1]) and
+                                 ``y`` (N ints), optional scalar ``num_classes``; split 60 / 20 / 20 %.
+=================  ============  =====================================================================
+
+``cal`` and ``test`` are random halves of one source, so they are exchangeable: the assumption
+split conformal calibration rests on. Within a split, rows come in the split's (random) order, so
+``limit`` takes a random subset of fixed size.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from surrogate_cert.errors import DatasetError, InvalidInputError, InvalidParameterError
+from surrogate_cert.smoothing import check_images
+
+SPLITS = ("train", "cal", "test")
+"""Split names, disjoint within every dataset."""
+
+SPLIT_SEED = 20_190_208
+"""Seed of every split permutation (fixed forever: changing it changes every split)."""
+
+DIGITS_SIZES = (1000, 400)
+"""Sizes of digits' ``train`` and ``cal`` splits; ``test`` gets the remaining 397 images."""
+
+SINGLE_SOURCE_FRACTIONS = (0.6, 0.2)
+"""``train`` and ``cal`` fractions of a one-source dataset (imagefolder, npz); ``test`` gets the rest."""
+
+TORCHVISION = {
+    # name: (torchvision class, number of classes, files expected under data_root)
+    "mnist": ("MNIST", 10, "MNIST/raw/train-images-idx3-ubyte (and t10k-*)"),
+    "cifar10": ("CIFAR10", 10, "cifar-10-batches-py/data_batch_1..5 and test_batch"),
+    "cifar100": ("CIFAR100", 100, "cifar-100-python/train and test"),
+}
+
+DATASET_HELP = "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH"
+
+DEFAULT_DATA_ROOT = os.path.join("~", ".cache", "surrogate-cert", "data")
+"""Where torchvision datasets are looked for when no ``data_root`` is given."""
+
+
+@dataclass
+class SplitData:
+    """One split of a dataset, in memory: images ``x`` (float32, N x C x H x W, in [0, 1]),
+    labels ``y`` (int64), and each row's dataset index (``indices``, NumPy int64)."""
+
+    dataset: str
+    split: str
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> "SplitData":
+        """The rows whose dataset indices are ``indices``, in that order (DatasetError if one is absent)."""
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        order = np.argsort(self.indices, kind="stable")
+        if len(order):
+            rows = order[np.clip(np.searchsorted(self.indices, wanted, sorter=order), 0, len(order) - 1)]
+            found = self.indices[rows] == wanted
+        else:
+            rows, found = np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+        if not found.all():
+            missing = wanted[~found]
+            raise DatasetError(
+                f"{len(missing)} dataset indices (first: {int(missing[0])}) are not in the {self.split} split of "
+                f"{self.dataset}; check that the counts file and the dataset/split/limit match"
+            )
+        rows = torch.as_tensor(rows)
+        return replace(self, x=self.x[rows], y=self.y[rows], indices=wanted.copy())
+
+
+# --------------------------------------------------------------------------- split rules
+def _permutation(n: int) -> np.ndarray:
+    return np.random.default_rng(SPLIT_SEED).permutation(n).astype(np.int64)
+
+
+def _single_source_split(n: int, split: str, sizes: tuple[int, int] | None = None) -> np.ndarray:
+    """Dataset indices of ``split`` for a one-source dataset of ``n`` images (a fixed permutation)."""
+    if sizes is None:
+        n_train = int(round(n * SINGLE_SOURCE_FRACTIONS[0]))
+        n_cal = int(round(n * SINGLE_SOURCE_FRACTIONS[1]))
+    else:
+        n_train, n_cal = sizes
+    if min(n_train, n_cal, n - n_train - n_cal) < 1:
+        raise DatasetError(f"a dataset of {n} images is too small to split into train / cal / test; use at least 5 images")
+    perm = _permutation(n)
+    bounds = {"train": (0, n_train), "cal": (n_train, n_train + n_cal), "test": (n_train + n_cal, n)}
+    lo, hi = bounds[split]
+    return perm[lo:hi]
+
+
+def _test_halves(n_train: int, n_test: int, split: str) -> np.ndarray:
+    """``cal`` / ``test`` of a torchvision set: fixed random halves of the official test set."""
+    perm = _permutation(n_test)
+    half = n_test // 2
+    local = perm[:half] if split == "cal" else perm[half:]
+    return local + n_train
+
+
+def _apply_limit(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    if limit is None:
+        return indices
+    if isinstance(limit, bool) or int(limit) != limit or int(limit) < 1:
+        raise InvalidParameterError(f"limit must be an integer >= 1, got {limit!r}")
+    return indices[: int(limit)]
+
+
+# --------------------------------------------------------------------------- sources
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return x, bunch.target.astype(np.int64)
+
+
+def _load_digits(split: str, limit: int | None):
+    x, y = _digits_arrays()
+    idx = _apply_limit(_single_source_split(len(y), split, DIGITS_SIZES), limit)
+    return torch.from_numpy(x[idx]), torch.from_numpy(y[idx]), idx, 10
+
+
+def _torchvision_set(name: str, train: bool, data_root: str | None, download: bool):
+    import torchvision
+
+    cls_name, _, expected = TORCHVISION[name]
+    root = os.path.expanduser(data_root or DEFAULT_DATA_ROOT)
+    try:
+        return getattr(torchvision.datasets, cls_name)(root=root, train=train, download=download)
+    except (RuntimeError, OSError) as exc:
+        if download:
+            raise DatasetError(f"could not download {name} into {root} ({str(exc).splitlines()[0]}); "
+                               "check the network or place the files there by hand") from None
+        raise DatasetError(
+            f"{name} not found under {root}: expected {expected}; pass --data-root FOLDER holding them, "
+            "or add --download to fetch them"
+        ) from None
+
+
+def _as_nchw_float(data) -> np.ndarray:
+    arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if arr.ndim == 3:  # MNIST: N x H x W
+        arr = arr[:, None]
+    else:  # CIFAR: N x H x W x C
+        arr = arr.transpose(0, 3, 1, 2)
+    return arr.astype(np.float32) / 255.0
+
+
+def _load_torchvision(name: str, split: str, data_root, download, limit):
+    train_set = _torchvision_set(name, True, data_root, download)
+    n_train = len(train_set)
+    num_classes = TORCHVISION[name][1]
+    if split == "train":
+        source, idx = train_set, _apply_limit(np.arange(n_train, dtype=np.int64), limit)
+        local = idx
+    else:
+        source = _torchvision_set(name, False, data_root, download)
+        idx = _apply_limit(_test_halves(n_train, len(source), split), limit)
+        local = idx - n_train
+    # Index the uint8 arrays directly: converting only the rows needed, without PIL round trips.
+    x = _as_nchw_float(source.data[local] if isinstance(source.data, torch.Tensor) else np.asarray(source.data)[local])
+    y = np.asarray(source.targets, dtype=np.int64)[local]
+    return torch.from_numpy(x), torch.from_numpy(y), idx, num_classes
+
+
+def _load_imagefolder(path: str, split: str, limit):
+    import torchvision
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not os.path.isdir(path):
+        raise DatasetError(f"imagefolder:{path}: no such folder; give a folder with one sub-folder of images per class")
+    try:
+        folder = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DatasetError(f"imagefolder:{path}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class") from None
+    idx = _apply_limit(_single_source_split(len(folder), split), limit)
+    images, labels = [], []
+    for i in idx:
+        img_path, label = folder.samples[int(i)]
+        try:
+            img = folder.loader(img_path)
+        except OSError as exc:
+            raise DatasetError(f"imagefolder:{path}: cannot read {img_path} ({exc}); remove or fix that file") from None
+        images.append(pil_to_tensor(img))
+        labels.append(label)
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) > 1:
+        raise DatasetError(f"imagefolder:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first")
+    x = torch.stack(images).float() / 255.0
+    return x, torch.tensor(labels, dtype=torch.int64), idx, len(folder.classes)
+
+
+def _load_npz(path: str, split: str, limit):
+    if not os.path.isfile(path):
+        raise DatasetError(f"npz:{path}: no such file; give an .npz with arrays x (N x C x H x W in [0, 1]) and y")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise DatasetError(f"npz:{path}: needs arrays named x and y, found {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+            num_classes = int(data["num_classes"]) if "num_classes" in data else None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"npz:{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise DatasetError(f"npz:{path}: x must be N x C x H x W and y of length N, got x {x.shape} and y {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DatasetError(f"npz:{path}: y must hold non-negative integer labels, got dtype {y.dtype}")
+    try:
+        check_images(torch.from_numpy(np.ascontiguousarray(x)))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"npz:{path}: x: {exc}") from None
+    if num_classes is None:
+        num_classes = max(int(y.max()) + 1, 2) if len(y) else 2
+    elif len(y) and int(y.max()) >= num_classes:
+        raise DatasetError(f"npz:{path}: label {int(y.max())} >= num_classes {num_classes}; fix y or num_classes")
+    idx = _apply_limit(_single_source_split(len(y), split), limit)
+    return torch.from_numpy(x[idx].astype(np.float32)), torch.from_numpy(y[idx].astype(np.int64)), idx, num_classes
+
+
+# --------------------------------------------------------------------------- public API
+def load_split(
+    dataset: str,
+    split: str,
+    data_root: str | None = None,
+    download: bool = False,
+    limit: int | None = None,
+) -> SplitData:
+    """Load split ``split`` of ``dataset`` (see the module docstring) into memory.
+
+    ``limit`` keeps the first ``limit`` rows of the split (a fixed random subset). torchvision sets
+    are read from ``data_root`` and downloaded only when ``download`` is true; a missing dataset is
+    a one-line ``DatasetError`` that names the files expected.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    spec = str(dataset)
+    name, _, path = spec.partition(":")
+    if spec == "digits":
+        x, y, idx, k = _load_digits(split, limit)
+    elif spec in TORCHVISION:
+        x, y, idx, k = _load_torchvision(spec, split, data_root, download, limit)
+    elif name == "imagefolder" and path:
+        x, y, idx, k = _load_imagefolder(os.path.expanduser(path), split, limit)
+    elif name == "npz" and path:
+        x, y, idx, k = _load_npz(os.path.expanduser(path), split, limit)
+    else:
+        raise DatasetError(f"unknown dataset {spec!r}; choose {DATASET_HELP}")
+    return SplitData(dataset=spec, split=split, x=x.contiguous(), y=y, indices=np.asarray(idx, dtype=np.int64),
+                     num_classes=int(k))

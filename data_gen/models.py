@@ -1,0 +1,326 @@
+"""Base models: loading (built-in checkpoints, TorchScript, ``module:factory=weights``) and the
+built-in training recipe (``train-base``: a small CNN with Gaussian-noise augmentation).
+
+Model specs accepted by ``load_model`` (and ``--model``):
+
+- ``base.pt``: a checkpoint written by ``surrogate-cert train-base`` (or ``train``), rebuilt from its
+  architecture name and loaded with ``torch.load(..., weights_only=True)``;
+- ``model.ts``: a TorchScript file (``torch.jit.save``); an optional extra file
+  ``surrogate_cert.json`` (``_extra_files``) may declare ``num_classes``, ``input_shape`` and ``sigma``;
+- ``model.pt2``: a ``torch.export`` program (``torch.export.save``; export it with a dynamic batch
+  dimension, since the engine evaluates batches of any size);
+- ``package.module:factory=weights.pt``: ``factory()`` (called without arguments) builds the
+  ``nn.Module`` and ``weights.pt`` holds its state dict (plain, or a surrogate-cert checkpoint),
+  loaded with ``weights_only=True``; ``path/to/file.py:factory=weights.pt`` works too, and
+  ``=weights.pt`` may be left out when the factory sets the weights itself.
+
+Every model takes pixels in [0, 1] (N x C x H x W) and returns N x K logits; any normalisation
+belongs inside the model. The SHA-256 of the weights file (or of the weights themselves, for a
+factory without a file) is recorded, so counts files name the exact model they came from.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import re
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surrogate_cert import __version__
+from surrogate_cert.architectures import build, default_arch, load_checkpoint, read_checkpoint_header, save_checkpoint
+from surrogate_cert.errors import ModelError, check_count, check_positive
+from surrogate_cert.hashing import sha256_bytes, sha256_file
+from surrogate_cert.smoothing import resolve_device
+
+from .datasets import load_split
+
+_FACTORY_MODULE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*|.+\.py")
+"""The part before ':' of a factory spec: a dotted module name, or a path to a .py file."""
+
+TORCHSCRIPT_META = "surrogate_cert.json"
+"""Name of the optional ``_extra_files`` entry of a TorchScript model: JSON with num_classes, input_shape, sigma."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to evaluate: ``model`` (eval mode, on the device) and what is known about it.
+
+    ``num_classes`` / ``input_shape`` / ``sigma`` are ``None`` when the file does not record them
+    (TorchScript without metadata, factories); the counting engine then checks the output width
+    on the first forward pass.
+    """
+
+    model: nn.Module
+    sha256: str
+    num_classes: int | None
+    input_shape: tuple[int, int, int] | None
+    sigma: float | None
+    source: str
+
+
+# --------------------------------------------------------------------------- loading
+def _archive_kind(path: str) -> str:
+    """``"torchscript"``, ``"export"`` (a ``torch.export`` program) or ``"checkpoint"`` (anything else)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "checkpoint"
+    if any("/code/" in name or name.startswith("code/") for name in names):
+        return "torchscript"
+    if any(name.endswith("/archive_format") or name == "archive_format" for name in names):
+        return "export"
+    return "checkpoint"
+
+
+def _state_dict_sha256(model: nn.Module) -> str:
+    parts = []
+    for name, tensor in model.state_dict().items():
+        parts.append(name.encode())
+        parts.append(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha256_bytes(b"\0".join(parts))
+
+
+def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # TorchScript is deprecated, still supported
+            model = torch.jit.load(path, map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"cannot load TorchScript file {path} ({str(exc).strip().splitlines()[0][:160]})") from None
+    meta = {}
+    if extra[TORCHSCRIPT_META]:
+        try:
+            meta = json.loads(extra[TORCHSCRIPT_META])
+        except (ValueError, TypeError):
+            raise ModelError(f"{path}: extra file {TORCHSCRIPT_META} is not valid JSON; fix or drop it") from None
+    shape = meta.get("input_shape")
+    return LoadedModel(
+        model=model.eval(), sha256=sha256_file(path),
+        num_classes=int(meta["num_classes"]) if meta.get("num_classes") is not None else None,
+        input_shape=tuple(int(v) for v in shape) if shape else None,
+        sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
+        source=os.path.abspath(path),
+    )
+
+
+def _load_exported(path: str, device: torch.device) -> LoadedModel:
+    try:
+        program = torch.export.load(path)
+        model = program.module().to(device)
+    except Exception as exc:  # torch.export raises many types for malformed archives
+        raise ModelError(f"cannot load torch.export program {path} ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+    return LoadedModel(model=model, sha256=sha256_file(path), num_classes=None, input_shape=None, sigma=None,
+                       source=os.path.abspath(path))
+
+
+def _import_factory(module_part: str, factory_name: str, spec: str):
+    try:
+        if module_part.endswith(".py"):
+            module_part = os.path.expanduser(module_part)
+            if not os.path.isfile(module_part):
+                raise ModelError(f"model spec {spec!r}: no such file {module_part}")
+            mod_spec = importlib.util.spec_from_file_location(
+                f"_surrogate_cert_user_{abs(hash(os.path.abspath(module_part)))}", module_part)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_part)
+            except ModuleNotFoundError:
+                # Console scripts do not put the working folder on sys.path; `python -m` does.
+                if os.getcwd() in sys.path:
+                    raise
+                sys.path.append(os.getcwd())
+                module = importlib.import_module(module_part)
+    except ModelError:
+        raise
+    except Exception as exc:  # user code: any failure to import is a bad --model
+        raise ModelError(f"model spec {spec!r}: cannot import {module_part} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); check the module path") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ModelError(f"model spec {spec!r}: {module_part} has no callable {factory_name!r}")
+    return factory
+
+
+def _load_factory(spec: str, device: torch.device) -> LoadedModel:
+    module_part, _, rest = spec.partition(":")
+    factory_name, _, weights = rest.partition("=")
+    if not module_part or not factory_name:
+        raise ModelError(f"model spec {spec!r} must look like package.module:factory=weights.pt")
+    factory = _import_factory(module_part, factory_name, spec)
+    try:
+        model = factory()
+    except Exception as exc:  # user code
+        raise ModelError(f"model spec {spec!r}: {factory_name}() failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model spec {spec!r}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
+    num_classes = input_shape = sigma = None
+    if weights:
+        weights = os.path.expanduser(weights)
+        if not os.path.isfile(weights):
+            raise ModelError(f"model spec {spec!r}: weights file {weights} does not exist")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise ModelError(f"cannot load {weights} as weights-only state dict "
+                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+        if isinstance(state, dict) and state.get("format") is not None:
+            header = read_checkpoint_header(state)
+            num_classes, input_shape = header["num_classes"], tuple(header["input_shape"])
+            sigma = header["meta"].get("sigma")
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ModelError(f"model spec {spec!r}: weights in {weights} do not fit {factory_name}() "
+                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+        digest = sha256_file(weights)
+    else:
+        digest = _state_dict_sha256(model)
+    return LoadedModel(model=model.to(device).eval(), sha256=digest, num_classes=num_classes,
+                       input_shape=input_shape, sigma=sigma, source=spec)
+
+
+def load_model(spec: str, device: str | torch.device | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Load a base model from ``spec`` (see the module docstring) onto ``device`` (default: CUDA if present).
+
+    If ``num_classes`` is given and the file records a different class count, raises ModelError.
+    Never unpickles code: every ``torch.load`` uses ``weights_only=True``.
+    """
+    device = resolve_device(device)
+    spec = str(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        kind = _archive_kind(path)
+        if kind == "torchscript":
+            loaded = _load_torchscript(path, device)
+        elif kind == "export":
+            loaded = _load_exported(path, device)
+        else:
+            model, header = load_checkpoint(path, device=device)
+            loaded = LoadedModel(
+                model=model, sha256=sha256_file(path), num_classes=int(header["num_classes"]),
+                input_shape=tuple(header["input_shape"]), sigma=header["meta"].get("sigma"),
+                source=os.path.abspath(path),
+            )
+    elif ":" in spec and _FACTORY_MODULE.fullmatch(spec.partition(":")[0]):
+        loaded = _load_factory(spec, device)
+    else:
+        raise ModelError(f"model file {spec} does not exist; give a checkpoint from `surrogate-cert train-base`, "
+                         "a TorchScript file, or package.module:factory=weights.pt")
+    if num_classes is not None and loaded.num_classes is not None and loaded.num_classes != int(num_classes):
+        raise ModelError(f"model {spec} has {loaded.num_classes} output classes but the dataset has {num_classes}; "
+                         "use the model trained for this dataset")
+    return loaded
+
+
+# --------------------------------------------------------------------------- training
+def _default_epochs(num_train: int) -> int:
+    # Small datasets need many passes; the noise makes every pass a fresh augmentation.
+    return 25 if num_train <= 5_000 else 15
+
+
+def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, draws: int = 8,
+                   seed: int = 0, batch_size: int = 2048) -> float:
+    """Mean accuracy of ``argmax model(x + eps)``, ``eps ~ N(0, sigma^2 I)``, over ``draws`` noise draws."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    correct = 0
+    with torch.inference_mode():
+        for _ in range(draws):
+            for lo in range(0, len(x), batch_size):
+                xb = x[lo:lo + batch_size]
+                noisy = xb + sigma * torch.randn(xb.shape, generator=gen) if sigma > 0 else xb
+                pred = model(noisy.to(device)).argmax(1).cpu()
+                correct += int((pred == y[lo:lo + batch_size]).sum())
+    return correct / (draws * len(x))
+
+
+def train_base(
+    dataset: str = "digits",
+    sigma: float = 0.25,
+    out: str = "base.pt",
+    epochs: int | None = None,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    arch: str | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    download: bool = False,
+) -> dict:
+    """Train the built-in base model on ``dataset``'s ``train`` split with Gaussian-noise augmentation
+    at ``sigma`` (fresh noise every step), and save it to ``out`` (``save_checkpoint``, kind ``base``).
+
+    Returns metrics: ``noisy_test_accuracy`` (accuracy on noisy ``test`` inputs at ``sigma``, mean
+    over 8 draws), ``clean_test_accuracy``, ``epochs``, ``seconds``, ``sha256`` and ``out``.
+    Deterministic for a given ``seed`` on one device; the caller's global RNG state is preserved.
+    """
+    from tqdm.auto import tqdm
+
+    sigma = check_positive("sigma", sigma)
+    device = resolve_device(device)
+    train = load_split(dataset, "train", data_root=data_root, download=download)
+    test = load_split(dataset, "test", data_root=data_root, download=download)
+    epochs = _default_epochs(len(train)) if epochs is None else check_count("epochs", epochs)
+    arch = arch or default_arch(train.input_shape)
+    started = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = build(arch, train.input_shape, train.num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(range(epochs), desc="train-base", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        for lo in range(0, len(train), batch_size):
+            rows = order[lo:lo + batch_size]
+            xb = train.x[rows]
+            xb = xb + sigma * torch.randn(xb.shape, generator=gen)
+            loss = loss_fn(model(xb.to(device)), train.y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+        bar.set_postfix(loss=f"{total / len(train):.3f}")
+    model.eval()
+    metrics = {
+        "dataset": dataset,
+        "sigma": sigma,
+        "arch": arch,
+        "epochs": epochs,
+        "seed": int(seed),
+        "train_size": len(train),
+        "noisy_test_accuracy": noisy_accuracy(model, test.x, test.y, sigma, seed=int(seed) + 1),
+        "clean_test_accuracy": noisy_accuracy(model, test.x, test.y, 0.0, draws=1),
+        "seconds": time.perf_counter() - started,
+    }
+    save_checkpoint(out, model, arch=arch, input_shape=train.input_shape, num_classes=train.num_classes,
+                    kind="base", meta={**metrics, "package_version": __version__})
+    metrics.update(out=os.path.abspath(out), sha256=sha256_file(out))
+    return metrics
+
+
+__all__ = ["LoadedModel", "load_model", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

@@ -1,0 +1,392 @@
+"""The HDF5 counts store: Monte Carlo class counts of a base model under noise, one row per image.
+
+Schema (``FORMAT_VERSION`` 1)::
+
+    indices        int64   N        dataset index of each row (all planned rows, written up front)
+    labels         int64   N        true label of each row (written up front)
+    counts         uint32  N x K    class counts of n noisy evaluations (estimation stream)
+    counts_select  uint32  N x K    class counts of n0 noisy evaluations (selection stream), if n0 > 0
+
+    attributes: format, format_version, sigma, n, n0, num_classes, seed, dataset, split, limit,
+    model_sha256, model_source, package_version, noise_scheme, device_type, amp, input_shape,
+    rows (committed rows), complete, command
+
+Datasets are chunked with explicit chunk shapes and compressed (shuffle + gzip) with Fletcher-32
+checksums, so a damaged chunk is reported, never read silently.
+
+Crash safety: rows are written in order, and ``rows`` (the committed-row counter) is updated only
+after the rows themselves were written and flushed. The writer keeps the file closed between
+commits, so a crash (even SIGKILL) can only interrupt a commit, never leave rows half-counted;
+readers return only the first ``rows`` rows. A new file is built under a temporary name and linked
+into place, so ``path`` never names a half-initialised file. A sidecar lock (``path + ".lock"``,
+``fcntl.flock``) makes a second writer fail at once with ``StoreError``.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from surrogate_cert.errors import StoreError
+
+class StoreLockedError(StoreError):
+    """Another process holds the file's writer lock (a second writer is refused, never queued)."""
+
+
+class ResumeMismatchError(StoreError):
+    """``--resume`` was asked for a file made with other settings (the file is left untouched)."""
+
+
+FORMAT = "surrogate-cert-counts"
+FORMAT_VERSION = 1
+
+IDENTITY_KEYS = (
+    "format_version", "sigma", "n", "n0", "num_classes", "seed", "dataset", "split", "limit",
+    "model_sha256", "noise_scheme", "device_type", "amp", "input_shape",
+)
+"""Attributes a resumed job must match exactly: together they fix every row's counts."""
+
+REQUIRED_KEYS = IDENTITY_KEYS + ("package_version", "rows", "complete")
+
+COUNTS_DTYPE = np.uint32
+CHUNK_BYTES = 64 * 1024
+"""Target size of one counts chunk before compression."""
+
+_LOCK_RETRY_SECONDS = 10.0
+
+
+@dataclass
+class CountsFile:
+    """The committed rows of a counts file: ``counts[i]`` are the class counts of ``attrs["n"]`` noisy
+    evaluations of the image with dataset index ``indices[i]`` (true label ``labels[i]``)."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    counts: np.ndarray
+    counts_select: np.ndarray | None
+    attrs: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def sigma(self) -> float:
+        return float(self.attrs["sigma"])
+
+    @property
+    def n(self) -> int:
+        return int(self.attrs["n"])
+
+
+# --------------------------------------------------------------------------- reading
+def _plain(value: Any) -> Any:
+    """HDF5 attribute value -> plain Python (str, int, float, bool, list)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _open_h5(path: str, mode: str) -> h5py.File:
+    """Open with HDF5's own file locking, retrying briefly while another process holds the file
+    for a moment (a reader, or the writer's commit)."""
+    deadline = time.monotonic() + _LOCK_RETRY_SECONDS
+    while True:
+        try:
+            # best-effort: lock where the file system supports it (not all network file systems do).
+            return h5py.File(path, mode, locking="best-effort")
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+        except OSError as exc:
+            text = str(exc).lower()
+            if "lock" not in text or time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    """The attributes of a counts file (StoreError if it is missing or not a counts file)."""
+    with _reader(path) as h5:
+        return _checked_attrs(h5, path)
+
+
+def _reader(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StoreError(f"counts file {path} does not exist; create it with `surrogate-cert datagen ... --out {path}`")
+    try:
+        return _open_h5(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
+                         "regenerate it with `surrogate-cert datagen`") from None
+
+
+def _checked_attrs(h5: h5py.File, path) -> dict:
+    attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a surrogate-cert counts file (no format={FORMAT!r} attribute); "
+                         "create one with `surrogate-cert datagen`")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path} has counts format version {attrs.get('format_version')}, this package reads "
+                         f"version {FORMAT_VERSION}; regenerate it with this version's `surrogate-cert datagen`")
+    missing = [key for key in REQUIRED_KEYS if key not in attrs]
+    if missing or "indices" not in h5 or "labels" not in h5 or "counts" not in h5:
+        raise StoreError(f"{path} is missing {missing or 'datasets'}; the file is damaged, regenerate it")
+    attrs = {key: (None if value == "none" else value) for key, value in attrs.items()}
+    attrs["complete"] = bool(attrs["complete"])
+    attrs["input_shape"] = [int(v) for v in attrs["input_shape"]]
+    return attrs
+
+
+def read_counts(path: str | os.PathLike) -> CountsFile:
+    """Read the committed rows of a counts file (rows beyond the committed counter are ignored).
+
+    Raises StoreError if the file is missing, is not a counts file of this format version, or a
+    chunk fails its checksum.
+    """
+    with _reader(path) as h5:
+        attrs = _checked_attrs(h5, path)
+        rows = int(attrs["rows"])
+        try:
+            counts_select = h5["counts_select"][:rows].astype(np.int64) if "counts_select" in h5 else None
+            return CountsFile(
+                indices=h5["indices"][:rows].astype(np.int64),
+                labels=h5["labels"][:rows].astype(np.int64),
+                counts=h5["counts"][:rows].astype(np.int64),
+                counts_select=counts_select,
+                attrs=attrs,
+            )
+        except OSError as exc:
+            raise StoreError(f"{path}: reading failed ({str(exc).splitlines()[0]}); the file is damaged, "
+                             "regenerate it") from None
+
+
+# --------------------------------------------------------------------------- writing
+class _Lock:
+    """Exclusive, non-blocking ``flock`` on ``path + '.lock'``; removed again on release."""
+
+    def __init__(self, target: str):
+        self.path = target + ".lock"
+        self.target = target
+        self.fd: int | None = None
+
+    def acquire(self) -> "_Lock":
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self.path} ({exc.strerror}); choose a writable --out") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise StoreLockedError(
+                        f"{self.target} is being written by another process (lock {self.path} is held); "
+                        "wait for it to finish or choose another --out"
+                    ) from None
+                raise StoreError(f"cannot lock {self.path} ({exc.strerror})") from None
+            # The previous holder may have removed the lock file between our open and our flock:
+            # then we hold a lock on an orphan inode, and must retry on the current file.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise StoreError(f"could not lock {self.path}: it keeps being replaced; is another job running on {self.target}?")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _chunk_rows(num_rows: int, num_classes: int) -> int:
+    return int(max(1, min(num_rows, CHUNK_BYTES // (4 * num_classes))))
+
+
+def _filters() -> dict:
+    return {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True}
+
+
+def _identity(attrs: Mapping[str, Any]) -> dict:
+    out = {}
+    for key in IDENTITY_KEYS:
+        value = attrs.get(key)
+        out[key] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+class CountsWriter:
+    """Appends rows to a counts file, committing each block only after it is on disk.
+
+    Use ``CountsWriter.open(path, ...)`` as a context manager. ``committed`` is the number of rows
+    already in the file (non-zero on resume); ``append`` must receive the next rows in order.
+    """
+
+    def __init__(self, path: str, lock: _Lock, committed: int, total: int, with_select: bool):
+        self.path = path
+        self._lock = lock
+        self.committed = committed
+        self.total = total
+        self.with_select = with_select
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        indices: np.ndarray,
+        labels: np.ndarray,
+        attrs: Mapping[str, Any],
+        resume: bool = False,
+    ) -> "CountsWriter":
+        """Create ``path`` (refused if it exists, unless ``resume``) or resume it.
+
+        A resumed file must have the same identity attributes (``IDENTITY_KEYS``) and the same
+        planned indices and labels; otherwise StoreError, and the file is left untouched.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise StoreError(f"{path} is a folder; give a file name for --out, e.g. {os.path.join(path, 'counts.h5')}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise StoreError(f"cannot write {path}: folder {folder} is missing or not writable; choose another --out")
+        attrs = {**attrs, "format_version": FORMAT_VERSION}
+        lock = _Lock(path).acquire()
+        try:
+            with_select = int(attrs.get("n0", 0)) > 0
+            if os.path.exists(path):
+                if not resume:
+                    raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+                committed = cls._check_resume(path, indices, labels, attrs)
+            else:
+                cls._create(path, indices, labels, attrs, with_select)
+                committed = 0
+            return cls(path, lock, committed, len(indices), with_select)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _create(path, indices, labels, attrs, with_select) -> None:
+        num_rows, k = len(indices), int(attrs["num_classes"])
+        if num_rows < 1:
+            raise StoreError("nothing to write: the split has no rows; check --limit and the dataset")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with h5py.File(tmp, "w") as h5:
+                h5.attrs["format"] = FORMAT
+                h5.attrs["format_version"] = FORMAT_VERSION
+                for key, value in attrs.items():
+                    if value is None:
+                        value = "none"
+                    h5.attrs[key] = value
+                h5.attrs["rows"] = 0
+                h5.attrs["complete"] = False
+                row_chunk = min(num_rows, 8192)
+                h5.create_dataset("indices", data=np.asarray(indices, np.int64), chunks=(row_chunk,), **_filters())
+                h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
+                names = ["counts"] + (["counts_select"] if with_select else [])
+                for name in names:
+                    h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE,
+                                      chunks=(_chunk_rows(num_rows, k), k), fillvalue=0, **_filters())
+            # link() refuses an existing target, so a concurrent creator can never be overwritten.
+            os.link(tmp, path)
+        except FileExistsError:
+            raise StoreError(f"{path} appeared while it was being created; choose another --out") from None
+        except OSError as exc:
+            raise StoreError(f"cannot write {path} ({str(exc).splitlines()[0]}); choose a writable --out") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @staticmethod
+    def _check_resume(path, indices, labels, attrs) -> int:
+        with _reader(path) as h5:
+            stored = _checked_attrs(h5, path)
+            want = _identity(attrs)
+            have = _identity(stored)
+            diff = [f"{key} {have[key]!r} in the file vs {want[key]!r} requested" for key in IDENTITY_KEYS
+                    if _differs(have[key], want[key])]
+            if diff:
+                raise ResumeMismatchError(f"cannot resume {path}: " + "; ".join(diff)
+                                 + "; rerun with the file's settings or choose another --out")
+            same_rows = (len(h5["indices"]) == len(indices) and np.array_equal(h5["indices"][:], indices)
+                         and np.array_equal(h5["labels"][:], labels))
+            if not same_rows:
+                raise ResumeMismatchError(f"cannot resume {path}: it plans different images ({len(h5['indices'])} rows) than "
+                                 f"this request ({len(indices)} rows); use the same --dataset/--split/--limit")
+            if ("counts_select" in h5) != (int(stored["n0"]) > 0):
+                raise StoreError(f"cannot resume {path}: counts_select presence does not match n0; the file is damaged")
+            return int(stored["rows"])
+
+    # ---------------------------------------------------------------- writing
+    def append(self, counts: np.ndarray, counts_select: np.ndarray | None = None) -> None:
+        """Write the next ``len(counts)`` rows, then (after they are flushed) advance ``rows``."""
+        counts = np.asarray(counts)
+        lo, hi = self.committed, self.committed + len(counts)
+        if hi > self.total:
+            raise StoreError(f"{self.path}: {hi} rows exceed the {self.total} planned rows")
+        if self.with_select != (counts_select is not None):
+            raise StoreError(f"{self.path}: counts_select must be given exactly when n0 > 0")
+        try:
+            with _open_h5(self.path, "r+") as h5:
+                h5["counts"][lo:hi] = counts.astype(COUNTS_DTYPE)
+                if counts_select is not None:
+                    h5["counts_select"][lo:hi] = np.asarray(counts_select).astype(COUNTS_DTYPE)
+                h5.flush()
+                h5.attrs["rows"] = hi
+                if hi == self.total:
+                    h5.attrs["complete"] = True
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.path} ({str(exc).splitlines()[0]}); committed rows are kept, "
+                             "fix the problem and rerun with --resume") from None
+        self.committed = hi
+
+    @property
+    def complete(self) -> bool:
+        return self.committed >= self.total
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "CountsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return not np.isclose(float(a), float(b), rtol=1e-12, atol=0.0)
+        except (TypeError, ValueError):
+            return True
+    return a != b
