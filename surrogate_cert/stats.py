@@ -14,7 +14,7 @@ from scipy import stats as _st
 from scipy.optimize import elementwise as _elementwise
 from scipy.special import betaln, logsumexp
 
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, check_probability
 
 __all__ = [
     "clopper_pearson",
@@ -36,6 +36,28 @@ _EDGE = 1e-15
 _XATOL = 1e-12
 
 
+def _check_alpha(alpha, name: str = "alpha"):
+    """``alpha`` (scalar or array) strictly inside (0, 1), as float or float array."""
+    arr = np.asarray(alpha, dtype=float)
+    if arr.ndim == 0:
+        return check_probability(name, float(arr))
+    if not np.all((arr > 0) & (arr < 1)):
+        bad = arr[~((arr > 0) & (arr < 1))].ravel()[0]
+        raise InvalidParameterError(f"{name} must lie strictly between 0 and 1 for every input, got {bad}")
+    return arr
+
+
+def _check_counts(k, n, k_name: str = "k", n_name: str = "n"):
+    """Successes ``0 <= k <= n`` as float arrays (integers stored as floats for SciPy)."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    if np.any(~np.isfinite(n)) or np.any(n < 0) or np.any(n != np.round(n)):
+        raise InvalidParameterError(f"{n_name} must be a whole number >= 0")
+    if np.any(~np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0) or np.any(k > n):
+        raise InvalidParameterError(f"{k_name} must be a whole number between 0 and {n_name}")
+    return k, n
+
+
 # --------------------------------------------------------------------------- fixed sample (Cohen)
 
 def clopper_pearson(k, n, alpha: float):
@@ -45,8 +67,8 @@ def clopper_pearson(k, n, alpha: float):
     alone fails with probability at most ``alpha / 2``. Exact at k = 0 (lower = 0) and k = n
     (upper = 1). Vectorised over ``k`` and ``n``. Returns ``(lower, upper)`` as floats or arrays.
     """
-    k = np.asarray(k, dtype=float)
-    n = np.asarray(n, dtype=float)
+    alpha = _check_alpha(alpha)
+    k, n = _check_counts(k, n)
     with np.errstate(invalid="ignore"):
         lower = np.where(k > 0, _st.beta.ppf(alpha / 2, k, n - k + 1), 0.0)
         upper = np.where(k < n, _st.beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
@@ -56,8 +78,16 @@ def clopper_pearson(k, n, alpha: float):
 
 
 def lower_confidence_bound(k, n, alpha: float):
-    """One-sided lower bound: ``P(p < lower) <= alpha``. Cohen et al.'s ``pA`` bound."""
-    return clopper_pearson(k, n, 2 * alpha)[0]
+    """One-sided Clopper-Pearson lower bound on ``p`` from ``k`` successes in ``n`` trials.
+
+    With probability at least ``1 - alpha``, ``p >= lower``: Cohen et al.'s ``pA`` bound (the lower
+    end of the two-sided interval at level ``2 * alpha``). 0 at ``k = 0``. Vectorised.
+    """
+    alpha = _check_alpha(alpha)
+    k, n = _check_counts(k, n)
+    with np.errstate(invalid="ignore"):
+        lower = np.where(k > 0, _st.beta.ppf(alpha, k, n - k + 1), 0.0)
+    return float(lower) if lower.ndim == 0 else lower
 
 
 def radius(p_lower, sigma: float):
@@ -117,8 +147,8 @@ def _validate_prior(a, b, weights):
         raise InvalidParameterError("prior parameters a and b must be finite and > 0, e.g. a=b=0.5 (KT)")
     if weights is not None:
         weights = np.asarray(weights, dtype=float)
-        if np.any(weights < 0) or np.any(~np.isfinite(weights)):
-            raise InvalidParameterError("mixture weights must be finite and >= 0")
+        if np.any(weights < 0) or np.any(~np.isfinite(weights)) or np.any(weights.sum(axis=-1) <= 0):
+            raise InvalidParameterError("mixture weights must be finite, >= 0 and not all 0")
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return a, b, weights
 
@@ -137,11 +167,11 @@ def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None):
     ``U_t = 1`` when ``s = t``. Vectorised over ``s``, ``t``, ``alpha`` and the prior, with SciPy's
     elementwise bracketing root finder (Chandrupatla's method), all in log space.
     """
-    s = np.asarray(s, dtype=float)
-    t = np.asarray(t, dtype=float)
+    s, t = _check_counts(s, t, "s", "t")
     a, b, weights = _validate_prior(a, b, weights)
-    log_level = np.log(1.0 / np.asarray(alpha, dtype=float))
-    log_marginal = _log_marginal(s, t, a, b, weights)
+    log_level = -np.log(_check_alpha(alpha))
+    with np.errstate(divide="ignore"):  # a zero mixture weight is a component that is not there
+        log_marginal = _log_marginal(s, t, a, b, weights)
     s, t, log_marginal, log_level = np.broadcast_arrays(s, t, log_marginal, log_level)
     shape = s.shape
     s, t, log_marginal, log_level = (np.ravel(v).astype(float) for v in (s, t, log_marginal, log_level))
@@ -191,7 +221,16 @@ def surrogate_prior(p_tilde, kappa: float, w: float):
     ``beta_binomial_cs``. Against either component the mixture loses at most ``log(1/w)`` or
     ``log(1/(1-w))`` of evidence; validity never depends on the surrogate being right.
     """
-    p = np.clip(np.asarray(p_tilde, dtype=float), 1e-6, 1 - 1e-6)
+    kappa = float(kappa)
+    if not (0 < kappa < float("inf")):
+        raise InvalidParameterError(f"prior concentration kappa must be a finite number > 0, got {kappa}")
+    if not 0.0 <= float(w) <= 1.0:
+        raise InvalidParameterError(f"KT mixture weight w must lie in [0, 1], got {w}; e.g. w=0.1")
+    p = np.asarray(p_tilde, dtype=float)
+    if np.any(~np.isfinite(p)):
+        raise InvalidParameterError("surrogate probabilities p_tilde must be finite")
+    # Clipping keeps both Beta parameters > 0; the prior only moves power, never validity.
+    p = np.clip(p, 1e-6, 1 - 1e-6)
     half = np.full(p.shape, 0.5)
     a = np.stack([half, kappa * p], axis=-1)
     b = np.stack([half, kappa * (1 - p)], axis=-1)
@@ -208,6 +247,7 @@ def conformal_rank(m: int, epsilon: float) -> int:
     of this rank with probability at most ``epsilon`` (marginally). A rank above ``m`` means the
     quantile is infinite: ``m`` is too small for ``epsilon``.
     """
+    check_probability("epsilon", epsilon)
     return int(math.ceil((m + 1) * (1 - epsilon) - 1e-12))
 
 

@@ -1,0 +1,139 @@
+"""The sequential E-process certifier is wrong on at most an alpha share of inputs, under every policy.
+
+Exact ground truth from the linear binary model (``groundtruth.linear_problem``), margins spread over
+-3 sigma .. 3 sigma. The wrong-certificate count over N inputs must not exceed the 0.999-quantile of
+Binomial(N, alpha), for each stopping policy, class choice and prior (an informative one and a
+deliberately misleading one). Teeth: the same machinery with a fixed-n Clopper-Pearson bound
+re-checked after every batch (peeking), or with the plug-in estimate, fails the same check.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+
+from surrogate_cert import stats
+from surrogate_cert.groundtruth import linear_problem
+from surrogate_cert.sequential import EProcessCertifier
+from surrogate_cert.smoothing import SmoothedClassifier
+
+ALPHA = 0.1
+N_INPUTS = 1000
+SIGMA = 0.25
+BUDGET = 2000
+SCHEDULE = [16, 32, 64]  # many looks: the stopping rule peeks about 35 times per input
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return linear_problem(N_INPUTS, sigma=SIGMA, max_margin_sigmas=3.0, seed=3)
+
+
+def allowed(num: int, alpha: float = ALPHA) -> float:
+    return st.binom.ppf(0.999, num, alpha)
+
+
+def certifier(problem, cls=EProcessCertifier, seed=0, **kwargs):
+    smooth = SmoothedClassifier(problem.model, 2, problem.sigma, device="cpu", batch_size=8192, seed=seed)
+    kwargs.setdefault("max_samples", BUDGET)
+    kwargs.setdefault("schedule", SCHEDULE)
+    kwargs.setdefault("n0", 32)
+    return cls(smooth, ALPHA, **kwargs)
+
+
+class PeekingClopperPearson(EProcessCertifier):
+    """BROKEN: a fixed-n Clopper-Pearson interval, recomputed and intersected after every batch."""
+
+    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+        lower = stats.lower_confidence_bound(successes, drawn, alpha)
+        upper = 1 - stats.lower_confidence_bound(drawn - successes, drawn, alpha)
+        return lower, upper
+
+
+class PlugIn(EProcessCertifier):
+    """BROKEN: the point estimate s / t used as a bound."""
+
+    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+        p_hat = successes / drawn
+        return p_hat, p_hat
+
+
+def p_true_class(problem):
+    return np.where(problem.true_class == 1, problem.p1, 1 - problem.p1)
+
+
+POLICIES = {
+    "best_radius_pilot_kt": (dict(), dict()),
+    "best_radius_zero_tolerance": (dict(tolerance=0.0), dict()),
+    "target_radius_sigma": (dict(policy="target_radius", target_radius=SIGMA), dict()),
+    "target_radius_zero": (dict(policy="target_radius", target_radius=0.0), dict()),
+    "per_class": (dict(class_choice="per_class"), dict()),
+    "fixed_beta_prior": (dict(prior=(30.0, 1.0)), dict()),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_sequential_wrong_certificates_within_alpha(problem, name):
+    init, call = POLICIES[name]
+    certs = certifier(problem, **init).certify(problem.x, **call)
+    wrong = problem.wrong_certificates(certs)
+    assert wrong.sum() <= allowed(N_INPUTS)
+    assert sum(not c.abstained for c in certs) > N_INPUTS // 2
+
+
+def test_per_input_target_radius_and_alpha(problem):
+    rng = np.random.default_rng(5)
+    alphas = rng.choice([0.02, ALPHA], size=N_INPUTS)
+    targets = rng.uniform(0.0, 3 * SIGMA, size=N_INPUTS)
+    targets[rng.random(N_INPUTS) < 0.3] = np.nan  # best radius for these
+    certs = certifier(problem).certify(problem.x, target_radius=targets, alpha=alphas)
+    wrong = problem.wrong_certificates(certs)
+    for a in (0.02, ALPHA):
+        group = alphas == a
+        assert wrong[group].sum() <= allowed(int(group.sum()), a)
+
+
+def test_given_classes_even_wrong_ones(problem):
+    rng = np.random.default_rng(6)
+    classes = np.where(rng.random(N_INPUTS) < 0.3, 1 - problem.true_class, problem.true_class)
+    certs = certifier(problem).certify(problem.x, classes=classes)
+    assert all(c.n_samples <= BUDGET for c in certs)  # no pilot cost
+    wrong = problem.wrong_certificates(certs)
+    assert wrong.sum() <= allowed(N_INPUTS)
+
+
+@pytest.mark.parametrize("kind", ["informative", "misleading"])
+def test_surrogate_priors_keep_validity(problem, kind):
+    p_a = p_true_class(problem)
+    classes = problem.true_class.copy()
+    if kind == "informative":
+        a, b, w = stats.surrogate_prior(p_a, kappa=200.0, w=0.1)
+    else:
+        # Confidently too optimistic (p~ above the truth, almost no KT weight), and on 30% of the
+        # inputs certifying the wrong class with a prior that claims it is the majority.
+        flip = np.random.default_rng(7).random(N_INPUTS) < 0.3
+        classes[flip] = 1 - classes[flip]
+        p_tilde = np.where(flip, 0.9, np.minimum(p_a + 0.03, 0.9999))
+        a, b, w = stats.surrogate_prior(p_tilde, kappa=2000.0, w=0.01)
+    certs = certifier(problem).certify(problem.x, classes=classes, prior=(a, b, w))
+    wrong = problem.wrong_certificates(certs)
+    assert wrong.sum() <= allowed(N_INPUTS)
+
+
+def test_teeth_peeking_at_a_fixed_n_bound_fails(problem):
+    certs = certifier(problem, cls=PeekingClopperPearson).certify(problem.x)
+    assert problem.wrong_certificates(certs).sum() > 1.5 * allowed(N_INPUTS)
+
+
+def test_teeth_plug_in_estimate_fails(problem):
+    certs = certifier(problem, cls=PlugIn).certify(problem.x)
+    assert problem.wrong_certificates(certs).sum() > 2 * allowed(N_INPUTS)
