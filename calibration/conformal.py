@@ -1,0 +1,537 @@
+"""Split-conformal calibration of the surrogate radius (DESIGN.md, "Surrogate, calibrated by ...").
+
+The pieces, in MAPIE's vocabulary:
+
+- **estimator**: ``SurrogateRadiusRegressor``, an sklearn regressor whose ``predict(X)`` is the
+  surrogate radius ``R~ = min(sigma * Phi^{-1}(clip(p~)), r_max)`` of precomputed features
+  ``X[:, 0] = p~`` (the surrogate's probability of its own class). It is "prefit": nothing is
+  learned from the calibration set. ``r_max = sigma * Phi^{-1}(pL(n_cal of n_cal))`` is the largest
+  reference radius the calibration counts can express (``radius_cap``): a radius no calibration
+  point could ever confirm is not claimed, and without the cap the very confident inputs would get
+  scores ``R~ - r_max > 0`` by construction and inflate ``q^`` for everyone. The cap is a fixed
+  function of ``p~``, so the guarantee below is unchanged.
+- **target**: the reference radius ``y_i = max(sigma * Phi^{-1}(pL_i), 0)``, where ``pL_i`` is the
+  one-sided Clopper-Pearson lower bound at level ``alpha_mc`` on the count of the *surrogate's*
+  class out of ``n_cal`` calibration samples (``reference_radius``).
+- **conformity score**: ``R~_i - y_i`` (``conformity_scores``). MAPIE's
+  ``AbsoluteConformityScore(sym=False)`` works with the signed ``y - y_pred``, the negative; its
+  lower interval bound at ``confidence_level = 1 - 2 epsilon`` is ``R~ - q^``.
+- **quantile rule**: ``q^`` = the ``k``-th smallest score with ``k = ceil((m + 1)(1 - epsilon))``
+  (marginal, ``stats.conformal_rank``) or the PAC rank (``stats.pac_conformal_rank``); ``+inf`` if
+  ``k > m``. The deployed radius is ``R^ = R~ - q^``; the surrogate certifies iff ``R^ > 0``.
+
+Guarantee (calibration and test inputs exchangeable): ``P(R^ > y) <= epsilon`` (marginal), or with
+probability ``1 - delta`` over the calibration draw the rate of ``R^ > y`` is ``<= epsilon`` (PAC);
+``P(y > true radius) <= alpha_mc`` (Clopper-Pearson, valid because the class comes from the
+surrogate, not from the counts). So a surrogate certificate is wrong with probability at most
+``epsilon + alpha_mc``. Mondrian groups hold the bound within each group large enough to calibrate;
+a smaller group uses the pooled ``q^`` (recorded in ``fallback_groups``), for which only the pooled
+bound holds.
+
+``method="ltt"`` replaces the quantile with Learn-then-Test (``mapie.risk_control``): the smallest
+offset on a fixed grid such that, with probability ``1 - delta``, the rate of ``R^ > y`` *among the
+issued certificates* is ``<= epsilon`` (Bonferroni-Holm over the grid, Hoeffding-Bentkus p-values).
+Against the true radius, that conditional rate gains at most ``alpha_mc / P(issued)``. It is a
+"with probability 1 - delta" statement, so an LTT calibration records ``guarantee="pac"``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as _st
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from surrogate_cert import stats
+from surrogate_cert.errors import CalibrationError, InvalidParameterError, check_count, check_positive, check_probability
+
+P_CLIP = 1e-6
+"""Surrogate probabilities are clipped to ``[P_CLIP, 1 - P_CLIP]`` before ``Phi^{-1}``: radii stay finite."""
+
+GUARANTEES = ("marginal", "pac")
+METHODS = ("conformal", "ltt")
+GROUPINGS = ("none", "class", "confidence")
+
+CONFIDENCE_EDGES = (1.0, 2.0, 3.0)
+"""Bin edges of ``groups="confidence"`` on the surrogate radius in sigma units, ``Phi^{-1}(p~)``.
+
+Fixed in advance from the surrogate alone (no calibration data): bins ``(-inf, 1)``, ``[1, 2)``,
+``[2, 3)``, ``[3, inf)``, i.e. ``p~`` below 0.841, up to 0.977, up to 0.9987, above.
+"""
+
+LTT_GRID_SIGMAS = np.linspace(-1.0, 5.0, 121)
+"""Candidate offsets of ``method="ltt"``, in units of sigma (fixed before seeing calibration data)."""
+
+POOLED = "all"
+"""Group key of the pooled (whole calibration set) offset."""
+
+
+# --------------------------------------------------------------------------- estimator, target, score
+
+def surrogate_radius(p_tilde, sigma: float, radius_cap: float = np.inf) -> np.ndarray:
+    """``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)``: the uncalibrated surrogate radius (may be < 0)."""
+    p = np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP)
+    return np.minimum(sigma * _st.norm.ppf(p), radius_cap)
+
+
+def radius_cap(n_cal: int, alpha_mc: float, sigma: float) -> float:
+    """``r_max``: the reference radius of a calibration point whose ``n_cal`` samples all agree."""
+    return float(stats.radius(stats.lower_confidence_bound(n_cal, n_cal, alpha_mc), sigma))
+
+
+class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
+    """sklearn-style regressor exposing the surrogate radius to MAPIE.
+
+    ``X`` holds precomputed surrogate outputs: column 0 is ``p~``, the surrogate's probability of
+    its predicted class. ``predict(X)`` is ``surrogate_radius(X[:, 0], sigma, radius_cap)``. ``fit`` learns
+    nothing (the surrogate was trained elsewhere); it only marks the estimator fitted, as MAPIE's
+    ``prefit=True`` requires.
+    """
+
+    def __init__(self, sigma: float = 0.25, radius_cap: float = np.inf):
+        self.sigma = sigma
+        self.radius_cap = radius_cap
+
+    def fit(self, X, y=None) -> "SurrogateRadiusRegressor":
+        X = np.asarray(X, dtype=float)
+        self.n_features_in_ = 1 if X.ndim == 1 else X.shape[1]
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        p_tilde = X if X.ndim == 1 else X[:, 0]
+        return surrogate_radius(p_tilde, self.sigma, self.radius_cap)
+
+
+def reference_radius(counts_top, n_cal: int, alpha_mc: float, sigma: float) -> np.ndarray:
+    """``y = max(sigma * Phi^{-1}(pL), 0)``, ``pL`` the one-sided Clopper-Pearson bound at ``alpha_mc``.
+
+    ``counts_top`` are the calibration counts of the surrogate's class out of ``n_cal``. For each
+    input, with probability at least ``1 - alpha_mc``, ``y`` is at most the true certified radius of
+    that class (0 when the class is not the smoothed prediction), since the class was fixed by the
+    surrogate before the counts were drawn.
+    """
+    p_lower = stats.lower_confidence_bound(np.asarray(counts_top), n_cal, alpha_mc)
+    return np.asarray(stats.radius(p_lower, sigma), dtype=float)
+
+
+def conformity_scores(radius_surrogate, reference) -> np.ndarray:
+    """Scores ``R~ - y``: how far the surrogate radius overshoots the reference radius."""
+    return np.asarray(radius_surrogate, dtype=float) - np.asarray(reference, dtype=float)
+
+
+def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: float | None = None) -> int:
+    """1-based rank of ``q^`` among ``m`` sorted scores; ``m + 1`` (or more) means ``q^ = +inf``."""
+    if guarantee == "pac":
+        return stats.pac_conformal_rank(m, epsilon, delta)
+    return stats.conformal_rank(m, epsilon)
+
+
+def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | None = None,
+                   method: str = "conformal") -> int:
+    """Smallest calibration (group) size with a finite offset: ``stats.min_calibration_size``.
+
+    LTT needs as many points as PAC: with no error at all, ``(1 - epsilon)^m <= delta``.
+    """
+    pac_like = guarantee == "pac" or method == "ltt"
+    return stats.min_calibration_size(epsilon, delta if pac_like else None)
+
+
+# --------------------------------------------------------------------------- MAPIE: quantile and LTT
+
+def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf) -> tuple[float, float]:
+    """``q^`` = the ``rank``-th smallest score ``R~_i - y_i``, computed by MAPIE.
+
+    ``SplitConformalRegressor(prefit=True)`` with ``AbsoluteConformityScore(sym=False)``, read for
+    its lower bound ``R~ - q^``. The confidence level is ``1 - 2 epsilon_k`` with
+    ``epsilon_k = 1 - (rank - 1/2) / (m + 1)``: the same rank as ``1 - 2 epsilon``, placed half a rank
+    inside, so that float rounding in MAPIE's ``ceil((m + 1)(1 - epsilon))`` cannot move it at
+    exact-integer edges (at ``m = 999, epsilon = 0.05`` the literal level gives rank 951, not 950).
+    Returns ``(q^, coverage)``: ``coverage`` is MAPIE's ``regression_coverage_score`` of its
+    two-sided intervals on the calibration set (for the report).
+    """
+    from mapie.conformity_scores import AbsoluteConformityScore
+    from mapie.metrics.regression import regression_coverage_score
+    from mapie.regression import SplitConformalRegressor
+
+    X = np.asarray(p_tilde, dtype=float).reshape(-1, 1)
+    y = np.asarray(reference, dtype=float)
+    m = len(y)
+    if rank > m:
+        return float("inf"), float("nan")
+    epsilon_k = 1.0 - (rank - 0.5) / (m + 1)
+    regressor = SplitConformalRegressor(
+        SurrogateRadiusRegressor(sigma, radius_cap).fit(X),
+        confidence_level=1.0 - 2.0 * epsilon_k,
+        conformity_score=AbsoluteConformityScore(sym=False),
+        prefit=True,
+    ).conformalize(X, y)
+    radius_surrogate, intervals = regressor.predict_interval(X, allow_infinite_bounds=True)
+    q_hat = float(np.min(radius_surrogate - intervals[:, 0, 0]))  # the same for every row
+    coverage = float(regression_coverage_score(y, intervals)[0]) if np.all(np.isfinite(intervals)) else float("nan")
+    return q_hat, coverage
+
+
+def _ltt_predictions(X, offset):
+    # 1 = issued and wrong (R^ > y), 0 = issued and right, nan = not issued (outside the risk).
+    radius = X[:, 0] - offset
+    out = np.where(radius > X[:, 1], 1.0, 0.0)
+    out[~(radius > 0)] = np.nan
+    return out
+
+
+def _holm_nan_as_one():
+    """MAPIE's Bonferroni-Holm, with a NaN p-value counted as 1.
+
+    An offset that issues no certificate has an undefined risk, for which MAPIE 1.6 returns a NaN
+    p-value; ``np.argmin`` picks NaN first and would stop Holm before any test. Counting it as 1
+    (never rejected) is the conservative reading.
+    """
+    from mapie.risk_control import FWERBonferroniHolm
+
+    class HolmNanAsOne(FWERBonferroniHolm):
+        def run(self, p_values, delta):
+            return super().run(np.nan_to_num(np.asarray(p_values, dtype=float), nan=1.0), delta)
+
+    return HolmNanAsOne()
+
+
+def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
+               radius_cap: float = np.inf) -> tuple[float, int]:
+    """Smallest grid offset ``q`` controlling the wrong rate among issued certificates (LTT).
+
+    For each candidate ``q`` in ``sigma * LTT_GRID_SIGMAS``, the null "rate of ``R~ - q > y`` among
+    inputs with ``R~ - q > 0`` exceeds ``epsilon``" is tested with MAPIE's Hoeffding-Bentkus p-value;
+    Bonferroni-Holm controls the family-wise error at ``delta``. With probability at least
+    ``1 - delta`` every returned (valid) offset controls the rate; the smallest is returned, or
+    ``+inf`` if none is valid. Also returns the number of valid offsets.
+    """
+    from mapie.risk_control import BinaryClassificationController, BinaryRisk
+
+    wrong_among_issued = BinaryRisk(
+        risk_occurrence=lambda y_true, y_pred: y_pred == 1,
+        risk_condition=lambda y_true, y_pred: ~np.isnan(y_pred),
+        higher_is_better=False,
+    )
+    abstention = BinaryRisk(
+        risk_occurrence=lambda y_true, y_pred: np.isnan(y_pred),
+        risk_condition=lambda y_true, y_pred: np.ones(len(y_pred), dtype=bool),
+        higher_is_better=False,
+    )
+    X = np.column_stack([surrogate_radius(p_tilde, sigma, radius_cap), np.asarray(reference, dtype=float)])
+    grid = (sigma * LTT_GRID_SIGMAS).reshape(-1, 1)
+    controller = BinaryClassificationController(
+        predict_function=_ltt_predictions,
+        risk=wrong_among_issued,
+        target_level=float(epsilon),
+        confidence_level=1.0 - float(delta),
+        best_predict_param_choice=abstention,
+        list_predict_params=grid,
+        fwer_method=_holm_nan_as_one(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an offset that issues nothing makes the risk undefined; LTT skips it
+        controller.calibrate(X, np.zeros(len(X), dtype=int))
+    valid = np.asarray(controller.valid_predict_params, dtype=float).reshape(-1)
+    if valid.size == 0:
+        return float("inf"), 0
+    return float(valid.min()), int(valid.size)
+
+
+# --------------------------------------------------------------------------- groups
+
+def group_keys(predicted, p_tilde, groups: str, sigma: float) -> np.ndarray:
+    """Mondrian group of each input (as strings): ``"all"``, the predicted class, or a confidence bin.
+
+    Depends on the surrogate's outputs only, so calibration and test inputs in one group stay
+    exchangeable.
+    """
+    predicted = np.asarray(predicted)
+    if groups == "none":
+        return np.full(len(predicted), POOLED, dtype=object)
+    if groups == "class":
+        return np.array([str(int(c)) for c in predicted], dtype=object)
+    if groups == "confidence":
+        z = surrogate_radius(p_tilde, sigma) / sigma
+        return np.array([str(int(b)) for b in np.digitize(z, CONFIDENCE_EDGES)], dtype=object)
+    raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
+
+
+def all_group_keys(groups: str, num_classes: int) -> list[str]:
+    """Every group a deployment input can fall in (so unseen ones get the pooled offset)."""
+    if groups == "none":
+        return [POOLED]
+    if groups == "class":
+        return [str(c) for c in range(num_classes)]
+    return [str(b) for b in range(len(CONFIDENCE_EDGES) + 1)]
+
+
+# --------------------------------------------------------------------------- calibration on arrays
+
+@dataclass
+class OffsetFit:
+    """What ``fit_offsets`` learned: ``q^`` per group (``+inf`` = never certify) and diagnostics."""
+
+    offsets: dict[str, float]
+    pooled_offset: float
+    group_sizes: dict[str, int]
+    fallback_groups: list[str]
+    min_group_size: int
+    radius_cap: float
+    diagnostics: dict = field(default_factory=dict)
+
+
+def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, delta: float | None,
+                             groups: str, method: str) -> float | None:
+    """Validate the calibration options; returns ``delta`` (None where unused)."""
+    epsilon = check_probability("epsilon", epsilon)
+    if epsilon >= 0.5:
+        raise InvalidParameterError(f"epsilon must be below 0.5 (a rate of wrong certificates), got {epsilon}; e.g. 0.01")
+    check_probability("alpha_mc", alpha_mc)
+    if guarantee not in GUARANTEES:
+        raise InvalidParameterError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
+    if method not in METHODS:
+        raise InvalidParameterError(f"method must be one of {METHODS}, got {method!r}")
+    if groups not in GROUPINGS:
+        raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
+    if guarantee == "pac" or method == "ltt":
+        return check_probability("delta", 0.05 if delta is None else delta)
+    return None
+
+
+def fit_offsets(
+    p_tilde,
+    predicted,
+    counts_top,
+    n_cal: int,
+    *,
+    sigma: float,
+    num_classes: int,
+    epsilon: float,
+    alpha_mc: float,
+    guarantee: str = "marginal",
+    delta: float | None = 0.05,
+    groups: str = "none",
+    method: str = "conformal",
+) -> OffsetFit:
+    """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
+
+    ``p_tilde`` is the surrogate's probability of its class ``predicted`` on each calibration input,
+    ``counts_top`` that class's count out of ``n_cal`` noisy evaluations of the base model. With
+    inputs exchangeable, the deployed radius ``R~ - q^`` exceeds the reference radius with
+    probability at most ``epsilon`` (marginal), or at rate ``<= epsilon`` with probability ``1 - delta``
+    over the calibration draw (PAC / LTT); see the module docstring. Groups smaller than needed use
+    the pooled offset and are listed in ``fallback_groups``. Raises ``CalibrationError`` when the
+    whole set is too small.
+    """
+    delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    sigma = check_positive("sigma", sigma)
+    n_cal = check_count("n_cal", n_cal)
+    p_tilde = np.asarray(p_tilde, dtype=float).reshape(-1)
+    predicted = np.asarray(predicted).reshape(-1)
+    counts_top = np.asarray(counts_top).reshape(-1)
+    m = len(p_tilde)
+    if not (len(predicted) == m == len(counts_top)):
+        raise InvalidParameterError("p_tilde, predicted and counts_top must have one entry per calibration input")
+    needed = min_group_size(epsilon, guarantee, delta, method)
+    if m < needed:
+        what = f"epsilon={epsilon}" + (f", delta={delta}" if delta is not None and (guarantee == "pac" or method == "ltt") else "")
+        raise CalibrationError(
+            f"calibration set has {m} points but {needed} are needed for {what}; "
+            "add calibration images or raise epsilon"
+        )
+
+    reference = reference_radius(counts_top, n_cal, alpha_mc, sigma)
+    cap = radius_cap(n_cal, alpha_mc, sigma)
+
+    def offset_of(mask: np.ndarray) -> tuple[float, float]:
+        if method == "ltt":
+            return ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap)[0], float("nan")
+        rank = quantile_rank(int(mask.sum()), epsilon, guarantee, delta)
+        return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap)
+
+    pooled_offset, pooled_coverage = offset_of(np.ones(m, dtype=bool))
+    keys = group_keys(predicted, p_tilde, groups, sigma)
+    offsets: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    fallbacks: list[str] = []
+    for key in all_group_keys(groups, num_classes):
+        mask = keys == key
+        sizes[key] = int(mask.sum())
+        if groups == "none":
+            offsets[key] = pooled_offset
+        elif sizes[key] >= needed:
+            offsets[key] = offset_of(mask)[0]
+        else:
+            offsets[key] = pooled_offset
+            fallbacks.append(key)
+
+    # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee).
+    deployed = surrogate_radius(p_tilde, sigma, cap) - np.array([offsets[k] for k in keys])
+    certified = deployed > 0
+    diagnostics = dict(
+        certified_share=float(certified.mean()),
+        violation_rate=float(np.mean(deployed > reference)),
+        violation_rate_among_certified=float(np.mean((deployed > reference)[certified])) if certified.any() else 0.0,
+        mean_certified_radius=float(deployed[certified].mean()) if certified.any() else 0.0,
+        mean_surrogate_radius=float(np.mean(np.maximum(surrogate_radius(p_tilde, sigma, cap), 0.0))),
+        mean_reference_radius=float(reference.mean()),
+        reference_positive_share=float(np.mean(reference > 0)),
+        mapie_interval_coverage=pooled_coverage,
+        mapie_interval_nominal=float(1 - 2 * epsilon) if method == "conformal" and guarantee == "marginal" else float("nan"),
+    )
+    return OffsetFit(offsets, pooled_offset, sizes, fallbacks, needed, cap, diagnostics)
+
+
+# --------------------------------------------------------------------------- from files
+
+def calibrate_arrays(
+    surrogate,
+    x,
+    counts,
+    epsilon: float,
+    alpha_mc: float,
+    guarantee: str = "marginal",
+    delta: float = 0.05,
+    groups: str = "none",
+    method: str = "conformal",
+    **provenance,
+):
+    """Calibrate ``surrogate`` on calibration images ``x`` and their class ``counts`` (``N x K``).
+
+    Every row of ``counts`` must hold the same number ``n_cal`` of noisy evaluations, drawn
+    independently of the surrogate (the calibration split's counts). Runs the surrogate once,
+    then ``fit_offsets``; returns a ``Calibration`` bound to the surrogate's fingerprint, with any
+    ``provenance`` fields (``counts_sha256``, ``dataset``, ...) filled in.
+    """
+    from surrogate_cert import __version__
+
+    from .artifact import Calibration
+
+    delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if method == "ltt":
+        guarantee = "pac"  # LTT's statement holds with probability 1 - delta over the calibration draw
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
+        raise CalibrationError(
+            f"calibration counts must be N x {surrogate.num_classes} (the surrogate's classes), got shape {counts.shape}"
+        )
+    totals = counts.sum(axis=1)
+    if len(totals) and np.any(totals != totals[0]):
+        raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
+    predicted, p_tilde = surrogate.predict(x)
+    if len(predicted) != len(counts):
+        raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
+    n_cal = int(totals[0]) if len(totals) else 1
+    fit = fit_offsets(
+        p_tilde, predicted, counts[np.arange(len(predicted)), predicted], n_cal,
+        sigma=surrogate.sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
+        guarantee=guarantee, delta=delta, groups=groups, method=method,
+    )
+    fit.diagnostics["surrogate_agrees_with_counts"] = float(np.mean(predicted == counts.argmax(axis=1)))
+    return Calibration(
+        surrogate_sha256=surrogate.fingerprint(),
+        surrogate_file_sha256=getattr(surrogate, "file_sha256", None),
+        sigma=float(surrogate.sigma),
+        num_classes=int(surrogate.num_classes),
+        epsilon=float(epsilon),
+        alpha_mc=float(alpha_mc),
+        delta=delta,
+        guarantee=guarantee,
+        method=method,
+        groups=groups,
+        offsets=fit.offsets,
+        pooled_offset=fit.pooled_offset,
+        group_sizes=fit.group_sizes,
+        fallback_groups=fit.fallback_groups,
+        min_group_size=fit.min_group_size,
+        radius_cap=fit.radius_cap,
+        bin_edges=list(CONFIDENCE_EDGES) if groups == "confidence" else None,
+        calibration_size=len(p_tilde),
+        n_cal=n_cal,
+        package_version=__version__,
+        diagnostics=fit.diagnostics,
+        **provenance,
+    )
+
+
+def calibrate(
+    surrogate,
+    counts_file,
+    epsilon: float,
+    alpha_mc: float,
+    guarantee: str = "marginal",
+    delta: float = 0.05,
+    groups: str = "none",
+    method: str = "conformal",
+    *,
+    data_root: str | None = None,
+    device=None,
+):
+    """Calibrate ``surrogate`` on a calibration counts file: returns a ``Calibration``.
+
+    ``surrogate`` is a ``surrogate_cert.surrogate.Surrogate`` or a path to its checkpoint;
+    ``counts_file`` an HDF5 counts file of the ``cal`` split (at the surrogate's sigma and class
+    count, made with the surrogate's base model), whose images are read from the dataset it
+    records. The guarantee is that of ``fit_offsets`` (module docstring); the result binds the
+    surrogate, the counts file and every option, and ``Calibration.save`` writes calibration.json.
+    """
+    from data_gen.datasets import load_split
+    from data_gen.store import read_counts
+    from surrogate_cert.hashing import sha256_file
+    from surrogate_cert.surrogate import Surrogate
+
+    check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if not isinstance(surrogate, Surrogate):
+        surrogate = Surrogate.load(surrogate, device=device)
+    counts = read_counts(counts_file)
+    attrs = counts.attrs
+    counts_sha256 = sha256_file(counts_file)
+    if int(attrs["num_classes"]) != surrogate.num_classes:
+        raise CalibrationError(
+            f"{counts_file} has {attrs['num_classes']} classes but the surrogate {surrogate.num_classes}; "
+            "use counts of the same dataset"
+        )
+    if not np.isclose(float(attrs["sigma"]), surrogate.sigma):
+        raise CalibrationError(
+            f"{counts_file} was made at sigma={attrs['sigma']} but the surrogate at sigma={surrogate.sigma}; "
+            "use counts made at the surrogate's sigma"
+        )
+    if str(attrs.get("split")) == "train" or surrogate.meta.get("counts_sha256") == counts_sha256:
+        raise CalibrationError(
+            f"{counts_file} holds the surrogate's training split; calibrate on the separate cal split"
+        )
+    base_sha = surrogate.meta.get("base_model_sha256")
+    if base_sha and attrs.get("model_sha256") and base_sha != attrs.get("model_sha256"):
+        raise CalibrationError(
+            f"{counts_file} was made with another base model than the surrogate's training counts; "
+            "use counts of the same base model"
+        )
+    if not attrs.get("complete", True):
+        raise CalibrationError(
+            f"{counts_file} is incomplete; finish it with `surrogate-cert datagen ... --resume` (a partial "
+            "split may not be exchangeable with the test split)"
+        )
+    split = load_split(str(attrs["dataset"]), str(attrs["split"]), data_root=data_root)
+    images = split.take(counts.indices).x
+    return calibrate_arrays(
+        surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
+        method=method, counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
+        dataset=str(attrs["dataset"]), split=str(attrs["split"]),
+    )
+
+
+def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
+    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0)."""
+    keys = group_keys(predicted, p_tilde, calibration.groups, calibration.sigma)
+    offsets = np.array([calibration.offset(k) for k in keys], dtype=float)
+    return surrogate_radius(p_tilde, calibration.sigma, calibration.radius_cap) - offsets
+
+
+__all__ = [
+    "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS",
+    "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
+    "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",
+    "OffsetFit", "fit_offsets", "calibrate_arrays", "calibrate", "deployed_radius", "check_calibration_params",
+]

@@ -1,0 +1,223 @@
+"""One-pass surrogate certification and the hybrid (surrogate first, sequential fallback).
+
+``SurrogateCertifier``: one forward pass of the calibrated surrogate over a batch gives each input
+a class ``A`` and a radius ``R^ = R~ - q^``; it certifies ``(A, R^)`` iff ``R^ > 0``, with no
+base-model evaluation. Marginally over calibration and test inputs (exchangeable), a surrogate
+certificate is wrong with probability at most ``epsilon + alpha_mc`` (``calibration.conformal``).
+
+``HybridCertifier``: inputs the surrogate cannot certify (or not to the radius a caller requires)
+go to ``EProcessCertifier`` with the surrogate's class and the prior
+``w * KT + (1 - w) * Beta(kappa p~, kappa (1 - p~))`` (``stats.surrogate_prior``), both fixed before
+any sequential sample is drawn; a sequential certificate is wrong with probability at most
+``alpha`` for that input. Every certificate names the path that made it (``method``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import stats as _st
+
+from . import stats
+from .certificate import Certificate, abstention
+from .errors import InvalidParameterError, ModelError, check_count, check_probability
+from .smoothing import SmoothedClassifier, check_images
+
+__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS"]
+
+FALLBACKS = ("eprocess", "none")
+
+FALLBACK_SCHEDULE = (32, 64, 128, 256)
+"""Samples per fallback input per round (the last repeats): growth stops at 256 so an input stops
+at most 256 samples after its evidence suffices. The fallback inputs are few, so the small rounds
+cost little, and the savings of the surrogate prior are not lost to a doubling schedule's overshoot."""
+
+
+class SurrogateCertifier:
+    """Certify a batch in one surrogate forward pass (``n_samples = 0``).
+
+    Marginally over the calibration set and an exchangeable test input: a non-abstaining
+    certificate is wrong with probability at most ``calibration.epsilon + calibration.alpha_mc``
+    (PAC / Mondrian / LTT calibrations state their own variant of this, see ``calibration``).
+    """
+
+    def __init__(self, surrogate, calibration):
+        calibration.check_matches(surrogate)
+        self.surrogate = surrogate
+        self.calibration = calibration
+
+    @property
+    def sigma(self) -> float:
+        return self.surrogate.sigma
+
+    def radii(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A, p~, R^)`` per input: class, its surrogate probability, calibrated radius (may be <= 0)."""
+        from calibration.conformal import deployed_radius
+
+        classes, p_tilde = self.surrogate.predict(x)
+        return classes, p_tilde, deployed_radius(self.calibration, classes, p_tilde)
+
+    def certify(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[Certificate]:
+        """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain."""
+        started = time.perf_counter()
+        classes, _, radius = self.radii(x)
+        seconds = (time.perf_counter() - started) / max(len(classes), 1)
+        return [self._certificate(int(c), float(r), seconds) for c, r in zip(classes, radius)]
+
+    def _certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0) -> Certificate:
+        if radius > 0:
+            p_lower = float(_st.norm.cdf(radius / self.sigma))
+            return Certificate(cls, radius, "surrogate", n_samples, p_lower, seconds)
+        return abstention(n_samples, 0.0, seconds)
+
+
+def _required_radii(required_radius, num: int) -> np.ndarray:
+    """Per-input required radius (NaN = none required), validated."""
+    if required_radius is None:
+        return np.full(num, np.nan)
+    arr = np.asarray(required_radius, dtype=float)
+    if arr.ndim == 0:
+        arr = np.full(num, float(arr))
+    if arr.shape != (num,):
+        raise InvalidParameterError(f"required_radius must be a scalar or one value per input ({num}), got shape {arr.shape}")
+    finite = ~np.isnan(arr)
+    if np.any(np.isinf(arr)) or np.any(arr[finite] < 0):
+        raise InvalidParameterError("required_radius must be a finite radius >= 0 (input l2 units), or NaN for none")
+    return arr
+
+
+class HybridCertifier:
+    """Surrogate first; the sequential certifier where the surrogate does not certify enough.
+
+    For each input: if the calibrated surrogate radius ``R^`` is positive (and at least its
+    required radius, when one is given), the surrogate certificate is returned (0 base-model
+    evaluations). Otherwise, with ``fallback="eprocess"``, ``EProcessCertifier`` tests the
+    surrogate's class with the surrogate prior (target-radius policy where a radius is required,
+    best-radius otherwise); the larger of its radius and ``R^`` is returned, or an abstention when
+    neither is positive. A certificate is wrong with probability at most
+    ``epsilon + alpha_mc`` (surrogate, marginally) plus ``alpha`` (sequential, per input).
+    """
+
+    def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None):
+        self.surrogate_certifier = surrogate_certifier
+        self.sequential = sequential
+
+    @property
+    def surrogate(self):
+        return self.surrogate_certifier.surrogate
+
+    @property
+    def calibration(self):
+        return self.surrogate_certifier.calibration
+
+    @classmethod
+    def load(
+        cls,
+        surrogate,
+        calibration,
+        base_model=None,
+        *,
+        alpha: float = 1e-3,
+        max_samples: int = 10_000,
+        fallback: str = "eprocess",
+        tolerance: float = 0.01,
+        schedule: Sequence[int] = FALLBACK_SCHEDULE,
+        device: str | torch.device | None = None,
+        batch_size: int = 1000,
+        seed: int = 0,
+    ) -> "HybridCertifier":
+        """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
+
+        ``base_model`` (a module, or a model spec for ``data_gen.models.load_model``) is needed for
+        ``fallback="eprocess"``; when its SHA-256 is known it must be the model the surrogate's
+        training counts were made with. Sigma comes from the surrogate. ``alpha``, ``max_samples``,
+        ``tolerance`` and ``schedule`` configure the ``EProcessCertifier`` of the fallback.
+        """
+        from calibration.artifact import Calibration, load_calibration
+
+        from .sequential import EProcessCertifier
+        from .surrogate import Surrogate
+
+        if fallback not in FALLBACKS:
+            raise InvalidParameterError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        alpha = check_probability("alpha", alpha)
+        max_samples = check_count("max_samples", max_samples)
+        if not isinstance(surrogate, Surrogate):
+            surrogate = Surrogate.load(surrogate, device=device)
+        if isinstance(calibration, Calibration):
+            calibration.check_matches(surrogate)
+        else:
+            calibration = load_calibration(calibration, surrogate)
+        sequential = None
+        if fallback == "eprocess":
+            if base_model is None:
+                raise InvalidParameterError("fallback='eprocess' needs the base model (--model); or use --fallback none")
+            model = cls._base_model(base_model, surrogate, device)
+            smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
+                                        batch_size=batch_size, seed=seed)
+            sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
+                                           schedule=schedule)
+        return cls(SurrogateCertifier(surrogate, calibration), sequential)
+
+    @staticmethod
+    def _base_model(base_model, surrogate, device) -> torch.nn.Module:
+        if isinstance(base_model, torch.nn.Module):
+            return base_model
+        from data_gen.models import load_model
+
+        loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes)
+        expected = surrogate.meta.get("base_model_sha256")
+        if expected and loaded.sha256 and loaded.sha256 != expected:
+            raise ModelError(
+                f"{base_model} is not the base model the surrogate was trained for (SHA-256 "
+                f"{loaded.sha256[:12]}... vs {expected[:12]}...); pass the model the counts were made with"
+            )
+        return loaded.model
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        required_radius=None,
+        indices: Sequence[int] | np.ndarray | None = None,
+    ) -> list[Certificate]:
+        """One ``Certificate`` per input of ``x`` (``N x C x H x W``, float, finite, in [0, 1]).
+
+        ``required_radius`` (scalar or one per input, input l2 units; NaN or None = none) routes an
+        input whose surrogate radius is below it to the sequential certifier in target-radius mode.
+        ``indices`` name each input's noise for the sequential certifier (default ``0..N-1``).
+        """
+        started = time.perf_counter()
+        x = check_images(x, self.surrogate.input_shape)
+        num = x.shape[0]
+        required = _required_radii(required_radius, num)
+        idx = np.arange(num) if indices is None else np.asarray(indices, dtype=np.int64)
+        if idx.shape != (num,):
+            raise InvalidParameterError(f"indices must have one entry per input ({num}), got shape {idx.shape}")
+        classes, p_tilde, radius = self.surrogate_certifier.radii(x)
+        per_input = (time.perf_counter() - started) / max(num, 1)
+        make = self.surrogate_certifier._certificate
+        with np.errstate(invalid="ignore"):
+            enough = (radius > 0) & (np.isnan(required) | (radius >= required))
+        out: list[Certificate | None] = [make(int(c), float(r), per_input) if ok else None
+                                         for c, r, ok in zip(classes, radius, enough)]
+        rest = np.flatnonzero(~enough)
+        if rest.size and self.sequential is not None:
+            prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)
+            fallback = self.sequential.certify(
+                x[rest], classes=classes[rest], prior=prior, target_radius=required[rest], indices=idx[rest],
+            )
+            for i, cert in zip(rest, fallback):
+                # Both certificates are valid; keep the larger radius (the sequential one unless the
+                # surrogate's, below the required radius, is still larger).
+                if cert.radius > 0 and cert.radius >= radius[i]:
+                    out[i] = Certificate(cert.prediction, cert.radius, "eprocess", cert.n_samples,
+                                         cert.p_lower, cert.seconds + per_input)
+                else:
+                    out[i] = make(int(classes[i]), float(radius[i]), cert.seconds + per_input, cert.n_samples)
+        for i in rest:
+            if out[i] is None:
+                out[i] = make(int(classes[i]), float(radius[i]), per_input)
+        return out
