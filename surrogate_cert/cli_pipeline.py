@@ -1,0 +1,89 @@
+"""``surrogate-cert quickstart`` and ``surrogate-cert bench``: thin layers over pipeline.py and bench.py."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .cli_common import add_parser, command_line
+from .errors import InvalidParameterError
+
+
+def _limit(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of images (0 = all), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all images), got {value}")
+    return value or None
+
+
+def register(sub) -> None:
+    from .bench import BENCH_FULL, BENCH_QUICK
+    from .pipeline import FULL, QUICK
+
+    p = add_parser(
+        sub, "quickstart",
+        "the whole pipeline on the embedded digits data: base model, counts, surrogate, calibration, hybrid "
+        "and Cohen-10k certification, report (re-runnable: finished stages are reused)",
+        "surrogate-cert quickstart --out surrogate-cert-quickstart",
+    )
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for every output (default: surrogate-cert-quickstart, or ...-quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced sizes (under a minute on 2 CPU cores; the CI end-to-end check)")
+    p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
+                   help=f"test images to certify (default {FULL.test_limit}, {QUICK.test_limit} with --quick; "
+                        "0 = all 397)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_quickstart)
+
+    p = add_parser(
+        sub, "bench",
+        "every certifier side by side on the same images and base model (Cohen-10k, Cohen-1k, sequential KT, "
+        "sequential surrogate prior, surrogate only, hybrid), plus wrong-certificate rates on the exact linear "
+        "problem; JSON out",
+        "surrogate-cert bench --quick --out bench.json",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only: seconds, Cohen n scaled down
+    p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="folder of the offline stage (default: the quickstart's folder, whose work is reused)")
+    p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
+                   help=f"test images to certify (default {BENCH_FULL.test_limit}, {BENCH_QUICK.test_limit} with "
+                        "--quick; 0 = all 397)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="R",
+                   help="best-radius tolerance of the sequential certifiers, l2 units (default: the certifier's)")
+    p.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from .pipeline import FULL, QUICK, quickstart
+
+    config = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
+    if hasattr(args, "test_limit"):
+        config = dataclasses.replace(config, test_limit=args.test_limit)
+    out = args.out or ("surrogate-cert-quickstart-quick" if args.quick else "surrogate-cert-quickstart")
+    quickstart(out, config, progress=not args.no_progress, command=command_line())
+    return 0
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
+    from .cli_common import check_output_path
+
+    check_output_path(args.out)
+    config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
+    if hasattr(args, "test_limit"):
+        config = dataclasses.replace(config, test_limit=args.test_limit)
+    if args.tolerance is not None:
+        if not args.tolerance >= 0:
+            raise InvalidParameterError(f"--tolerance must be a radius >= 0 (l2 units), got {args.tolerance}")
+        config = dataclasses.replace(config, tolerance=args.tolerance)
+    run_bench(args.out, config, workdir=args.workdir, device=args.device, progress=not args.no_progress,
+              command=command_line())
+    return 0

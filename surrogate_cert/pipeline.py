@@ -1,0 +1,474 @@
+"""The whole pipeline on one dataset, start to finish: ``surrogate-cert quickstart``.
+
+Stages (each writes files into one folder and is skipped when its output is already there and
+was made from the same inputs and settings, so an interrupted or repeated run picks up where it
+stopped)::
+
+    train-base   -> base.pt           small CNN, Gaussian-noise augmentation at sigma
+    datagen      -> train.h5 cal.h5 test.h5   MC counts (interrupted counts resume from their last row)
+    train        -> surrogate.pt      soft-label cross-entropy on train.h5
+    calibrate    -> calibration.json  split conformal on cal.h5 (+ calibration-report.html)
+    certify      -> hybrid.tsv        surrogate first, sequential fallback, on the test images
+    cohen        -> cohen-10k.tsv     Cohen-10k on the same test images
+    report       -> report.html       (+ report.md, report.json)
+
+Cohen-10k is computed from ``test.h5``, whose ``n0 = 100`` selection and ``n = 10,000``
+estimation counts are drawn from the same noise streams as ``CohenCertifier`` with the same seed
+(noise is fixed by seed, dataset index, stream and sample number): the certificates are exactly
+those of ``surrogate-cert cohen --n0 100 --n 10000``, and the same counts serve as the Monte Carlo
+reference that checks the calibration on held-out images. Its wall time per query is the time
+spent drawing those samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import stats
+from .certificate import Certificate, abstention, write_tsv
+from .errors import InvalidParameterError, StoreError
+
+MANIFEST = "quickstart.json"
+"""Per-stage record in the output folder: the key of the inputs and settings, outputs, seconds."""
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """Sizes and parameters of the pipeline (defaults: the full digits run, <= 10 minutes on 2 cores).
+
+    ``*_n``: noisy samples per image for each split's counts; ``*_limit``: images used from a split
+    (None = all); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images.
+    """
+
+    dataset: str = "digits"
+    sigma: float = 0.25
+    base_epochs: int | None = 20
+    train_n: int = 1000
+    train_limit: int | None = None
+    cal_n: int = 10_000
+    cal_limit: int | None = None
+    test_n0: int = 100
+    test_n: int = 10_000
+    test_limit: int | None = 100
+    surrogate_epochs: int | None = None
+    epsilon: float = 0.01
+    alpha_mc: float = 0.001
+    alpha: float = 0.001
+    max_samples: int = 10_000
+    seed: int = 0
+    batch_size: int = 2048  # noisy samples per forward pass: the fastest on 2 CPU cores for the digits CNN
+    device: str = "auto"
+    data_root: str | None = None
+
+    @property
+    def cohen_label(self) -> str:
+        return f"cohen-{self.test_n // 1000}k" if self.test_n % 1000 == 0 else f"cohen-{self.test_n}"
+
+
+FULL = QuickstartConfig()
+
+QUICK = QuickstartConfig(
+    base_epochs=4, train_n=100, train_limit=300, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
+    test_limit=20, surrogate_epochs=6, max_samples=300,
+)
+"""The reduced run (``quickstart --quick``; the CI end-to-end check): under a minute on 2 cores."""
+
+
+# --------------------------------------------------------------------------- stage bookkeeping
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_key(path: Path) -> str:
+    from .hashing import sha256_file
+
+    return sha256_file(path)
+
+
+class _Manifest:
+    """``quickstart.json``: which stage made which outputs from which inputs, and how long it took."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / MANIFEST
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.data.setdefault("stages", {})
+
+    def done(self, stage: str, key: str, outputs: list[Path]) -> bool:
+        """Made from these inputs and settings, and every output still as the stage left it."""
+        entry = self.data["stages"].get(stage)
+        if not entry or entry.get("key") != key:
+            return False
+        recorded = entry.get("outputs", {})
+        return all(p.exists() and recorded.get(p.name) == _file_key(p) for p in outputs)
+
+    def seconds(self, stage: str) -> float | None:
+        entry = self.data["stages"].get(stage)
+        return entry.get("seconds") if entry else None
+
+    def record(self, stage: str, key: str, seconds: float, **extra) -> None:
+        self.data["stages"][stage] = dict(key=key, seconds=seconds, **extra)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- Cohen from counts
+
+def cohen_from_counts(counts_select: np.ndarray, counts: np.ndarray, n: int, alpha: float, sigma: float,
+                      seconds: float = 0.0) -> list[Certificate]:
+    """Cohen et al.'s CERTIFY on stored counts: class from ``counts_select``, bound from ``counts``.
+
+    Identical to ``CohenCertifier.certify`` when the counts come from the same noise streams
+    (``STREAM_SELECT`` and ``STREAM_ESTIMATE``, same seed and indices), which ``datagen --n0`` uses.
+    With probability at least ``1 - alpha`` per input, a non-abstaining certificate is correct.
+    """
+    top = np.asarray(counts_select).argmax(axis=1)
+    count_top = np.asarray(counts)[np.arange(len(top)), top]
+    p_lower = np.atleast_1d(stats.lower_confidence_bound(count_top, n, alpha))
+    radii = np.atleast_1d(stats.radius(p_lower, sigma))
+    n_samples = int(n + int(np.asarray(counts_select)[0].sum())) if len(top) else n
+    return [Certificate(int(c), float(r), "cohen", n_samples, float(p), seconds) if r > 0
+            else abstention(n_samples, float(p), seconds) for c, r, p in zip(top, radii, p_lower)]
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+class Pipeline:
+    """The stages of the quickstart over one folder, each skipped when already done (see module doc).
+
+    ``offline()`` makes base.pt, train.h5, cal.h5, surrogate.pt and calibration.json (what a
+    deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
+    Cohen results and the reports.
+    """
+
+    FILES = ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
+             "calibration-report.html", "hybrid.tsv", "report.html")
+
+    def __init__(self, out: str | os.PathLike, config: QuickstartConfig = FULL, *, progress: bool = True,
+                 quiet: bool = False, command: str | None = None, total_stages: int = 9):
+        self.folder = Path(out)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidParameterError(f"cannot create output folder {self.folder} ({exc.strerror}); "
+                                        "choose another --out") from None
+        if not os.access(self.folder, os.W_OK):
+            raise InvalidParameterError(f"output folder {self.folder} is not writable; choose another --out")
+        self.cfg = config
+        self.progress = progress
+        self.quiet = quiet
+        self.command = command or "surrogate_cert.pipeline.quickstart()"
+        self.total_stages = total_stages
+        self.manifest = _Manifest(self.folder)
+        self.manifest.data["config"] = dataclasses.asdict(config)
+        self.paths = {name: self.folder / name for name in self.FILES}
+        # the report labels each curve by its file name
+        self.paths["cohen.tsv"] = self.folder / f"{config.cohen_label}.tsv"
+        self.timings: dict[str, float | str] = {}
+        self.started = time.perf_counter()
+
+    def say(self, message: str) -> None:
+        _say(message, self.quiet)
+
+    def stage(self, name: str, key: str, outputs: list[Path], run: Callable[[], dict | None], what: str) -> None:
+        """Run ``run`` unless ``outputs`` were made by a run with the same ``key``; record it."""
+        number = len(self.timings) + 1
+        if self.manifest.done(name, key, outputs):
+            self.timings[name] = "reused"
+            self.say(f"[{number}/{self.total_stages}] {name}: reused {', '.join(p.name for p in outputs)}")
+            return
+        self.say(f"[{number}/{self.total_stages}] {name}: {what}")
+        t0 = time.perf_counter()
+        extra = run() or {}
+        seconds = time.perf_counter() - t0
+        self.timings[name] = seconds
+        self.manifest.record(name, key, seconds, outputs={p.name: _file_key(p) for p in outputs}, **extra)
+
+    # ------------------------------------------------------------------ offline stages
+    def offline(self) -> None:
+        """Base model, train / cal counts, surrogate, calibration."""
+        cfg, paths = self.cfg, self.paths
+
+        def run_base():
+            from data_gen.models import train_base
+
+            metrics = train_base(dataset=cfg.dataset, sigma=cfg.sigma, out=str(paths["base.pt"]),
+                                 epochs=cfg.base_epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
+                                 progress=self.progress)
+            self.say(f"      noisy test accuracy {metrics['noisy_test_accuracy']:.3f} at sigma {cfg.sigma}")
+            return dict(noisy_test_accuracy=metrics["noisy_test_accuracy"])
+
+        self.stage("train-base", _key("base", cfg.dataset, cfg.sigma, cfg.base_epochs, cfg.seed), [paths["base.pt"]],
+                   run_base, f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}")
+        self.counts("train", cfg.train_n, 0, cfg.train_limit)
+        self.counts("cal", cfg.cal_n, 0, cfg.cal_limit)
+
+        def run_train():
+            from .surrogate import train_surrogate
+
+            surrogate = train_surrogate(paths["train.h5"], paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
+                                        seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
+                                        progress=self.progress)
+            self.say(f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on train counts)")
+
+        self.stage("train", _key("train", _file_key(paths["train.h5"]), cfg.surrogate_epochs, cfg.seed),
+                   [paths["surrogate.pt"]], run_train, "surrogate on train.h5 (soft-label cross-entropy)")
+
+        def run_calibrate():
+            from calibration.conformal import calibrate
+
+            calibration = calibrate(str(paths["surrogate.pt"]), str(paths["cal.h5"]), cfg.epsilon, cfg.alpha_mc,
+                                    data_root=cfg.data_root, device=cfg.device)
+            calibration.save(paths["calibration.json"])
+            self.say(f"      q^ = {calibration.pooled_offset:.4f} (radius offset); the surrogate certifies "
+                     f"{100 * calibration.diagnostics.get('certified_share', float('nan')):.1f}% of the "
+                     "calibration images")
+
+        self.stage("calibrate", _key("calibrate", _file_key(paths["surrogate.pt"]), _file_key(paths["cal.h5"]),
+                                     cfg.epsilon, cfg.alpha_mc),
+                   [paths["calibration.json"]], run_calibrate,
+                   f"split conformal on cal.h5, epsilon={cfg.epsilon}, alpha_mc={cfg.alpha_mc}")
+
+    def counts(self, split: str, n: int, n0: int, limit: int | None) -> None:
+        """``datagen`` for one split (resumed where an interrupted run of the same settings stopped)."""
+        cfg, target = self.cfg, self.paths[f"{split}.h5"]
+        key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(self.paths["base.pt"]))
+        self.stage(f"datagen {split}", key, [target],
+                   lambda: _run_datagen(cfg, split, n, n0, limit, target, self.paths["base.pt"], self.progress,
+                                        self.command),
+                   f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
+                   + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
+
+    # ------------------------------------------------------------------ online stages
+    def certify_hybrid(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        key = _key("certify", *(_file_key(paths[f]) for f in ("base.pt", "surrogate.pt", "calibration.json",
+                                                               "test.h5")), cfg.alpha, cfg.max_samples)
+        self.stage("certify", key, [paths["hybrid.tsv"]], lambda: _run_hybrid(cfg, paths, self.progress, self.command),
+                   f"hybrid on the test images (surrogate, then sequential with alpha={cfg.alpha}, "
+                   f"at most {cfg.max_samples:,} samples)")
+
+    def cohen(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        seconds = self.manifest.seconds("datagen test")
+        self.stage("cohen", _key("cohen", _file_key(paths["test.h5"]), cfg.alpha, seconds), [paths["cohen.tsv"]],
+                   lambda: _run_cohen(cfg, paths, seconds, self.command),
+                   f"{cfg.cohen_label} on the same test images (n0={cfg.test_n0}, n={cfg.test_n:,}, "
+                   f"alpha={cfg.alpha})")
+
+    def reports(self) -> dict[str, str]:
+        """report.html (+ .md, .json) and calibration-report.html; always rewritten (cheap)."""
+        from calibration.report import offline_evaluations_from_counts, write_calibration_report, write_report
+
+        cfg, paths = self.cfg, self.paths
+        self.say(f"[{len(self.timings) + 1}/{self.total_stages}] report: certified accuracy, cost, calibration, "
+                 "amortisation")
+        t0 = time.perf_counter()
+        write_calibration_report(paths["calibration.json"], paths["calibration-report.html"],
+                                 counts=paths["test.h5"], surrogate=paths["surrogate.pt"], data_root=cfg.data_root)
+        offline = offline_evaluations_from_counts([paths["train.h5"], paths["cal.h5"]])
+        report_paths = write_report([paths["cohen.tsv"], paths["hybrid.tsv"]], paths["report.html"],
+                                    calibration=paths["calibration.json"], counts=paths["test.h5"],
+                                    surrogate=paths["surrogate.pt"], offline_evaluations=offline,
+                                    baseline=paths["cohen.tsv"].stem, data_root=cfg.data_root)
+        self.timings["report"] = time.perf_counter() - t0
+        return report_paths
+
+
+def quickstart(
+    out: str | os.PathLike = "surrogate-cert-quickstart",
+    config: QuickstartConfig = FULL,
+    *,
+    progress: bool = True,
+    quiet: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Run (or resume) every stage into folder ``out``; returns the summary (also in quickstart.json).
+
+    The summary holds, per method, certified accuracy at radii 0, 0.25, ..., 1.0, mean base-model
+    evaluations per query, images per second, the speed-up of the hybrid over Cohen, the
+    break-even number of queries, the seconds of each stage and the paths of every output.
+    """
+    run = Pipeline(out, config, progress=progress, quiet=quiet, command=command)
+    run.offline()
+    run.counts("test", config.test_n, config.test_n0, config.test_limit)
+    run.certify_hybrid()
+    run.cohen()
+    report_paths = run.reports()
+    summary = _summary(report_paths["json"], config, run.timings, time.perf_counter() - run.started)
+    summary["paths"] = {**{k: str(v) for k, v in run.paths.items()},
+                        **{f"report.{k}": v for k, v in report_paths.items()}}
+    run.manifest.data["summary"] = summary
+    run.manifest.save()
+    run.say(format_summary(summary))
+    return summary
+
+
+def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, target: Path, base: Path,
+                 progress: bool, command: str) -> dict:
+    """Counts for one split; an interrupted file of the same settings is resumed, any other replaced."""
+    from data_gen.generate import generate_counts
+    from data_gen.store import read_attrs
+
+    kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
+                  data_root=cfg.data_root, progress=progress, command=command)
+    resume = target.exists()
+    if resume:
+        try:
+            read_attrs(target)
+        except StoreError:
+            target.unlink()  # not a counts file at all (e.g. a crash before the first commit)
+            resume = False
+    try:
+        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, **kwargs)
+    except StoreError:
+        if not resume:
+            raise
+        target.unlink()  # made with other settings or another base model: start again
+        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, **kwargs)
+    attrs = read_attrs(target)
+    return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
+
+
+def _header(cfg: QuickstartConfig, command: str, what: str) -> str:
+    return (f"{command}\n{what}\nsigma={cfg.sigma} seed={cfg.seed} alpha={cfg.alpha} device={_device_name(cfg)} "
+            f"dataset={cfg.dataset} split=test limit={cfg.test_limit}")
+
+
+def _device_name(cfg: QuickstartConfig) -> str:
+    from .smoothing import resolve_device
+
+    return str(resolve_device(cfg.device))
+
+
+def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str) -> dict:
+    from tqdm.auto import tqdm
+
+    from data_gen.datasets import load_split
+    from data_gen.models import load_model
+    from data_gen.store import read_counts
+
+    from .hybrid import HybridCertifier
+
+    test = read_counts(paths["test.h5"])
+    data = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=cfg.test_limit).take(test.indices)
+    base = load_model(str(paths["base.pt"]), device=cfg.device)
+    hybrid = HybridCertifier.load(str(paths["surrogate.pt"]), str(paths["calibration.json"]), base_model=base.model,
+                                  alpha=cfg.alpha, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
+                                  seed=cfg.seed, device=cfg.device)
+    certificates: list[Certificate] = []
+    chunk = 50
+    bar = tqdm(total=len(data), unit="img", desc="certify", disable=not progress, dynamic_ncols=True)
+    for lo in range(0, len(data), chunk):
+        hi = min(lo + chunk, len(data))
+        certificates += hybrid.certify(data.x[lo:hi], indices=data.indices[lo:hi])
+        bar.update(hi - lo)
+    bar.close()
+    write_tsv(paths["hybrid.tsv"], data.indices, data.y.numpy(), certificates,
+              header_comment=_header(cfg, command, f"hybrid: surrogate.pt + calibration.json, sequential fallback "
+                                                   f"alpha={cfg.alpha} max_samples={cfg.max_samples}"))
+    return dict(inputs=len(certificates))
+
+
+def _run_cohen(cfg: QuickstartConfig, paths: dict, datagen_seconds: float | None, command: str) -> dict:
+    from data_gen.store import read_counts
+
+    test = read_counts(paths["test.h5"])
+    n = int(test.attrs["n"])
+    seconds = (datagen_seconds or 0.0) / max(len(test), 1)
+    certificates = cohen_from_counts(test.counts_select, test.counts, n, cfg.alpha, float(test.attrs["sigma"]),
+                                     seconds)
+    write_tsv(paths["cohen.tsv"], test.indices, test.labels, certificates,
+              header_comment=_header(cfg, command, f"{cfg.cohen_label}: Cohen et al. CERTIFY with n0="
+                                     f"{test.attrs['n0']} n={n} from test.h5 (the noise streams of "
+                                     f"`surrogate-cert cohen --seed {cfg.seed}`); time = datagen seconds per image"))
+    return dict(inputs=len(certificates))
+
+
+# --------------------------------------------------------------------------- summary
+
+SUMMARY_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _summary(report_json: str, cfg: QuickstartConfig, timings: dict, total_seconds: float) -> dict:
+    report = json.loads(Path(report_json).read_text())
+    radii = report["radii"]
+    methods = {}
+    for label, run in report["runs"].items():
+        methods[label] = dict(
+            inputs=run["num_inputs"],
+            certified_accuracy={f"{r:g}": run["certified_accuracy"][radii.index(r)] for r in SUMMARY_RADII if r in radii},
+            acr=run["acr"],
+            mean_evaluations_per_query=run["samples"]["all"]["mean"] if run["samples"]["all"] else None,
+            images_per_second=run["images_per_second"],
+            share_by_method=run["share_by_method"],
+        )
+    am = report["amortisation"] or {}
+    hybrid = (am.get("per_run") or {}).get("hybrid", {})
+    return dict(
+        config=dataclasses.asdict(cfg),
+        methods=methods,
+        speedup=hybrid.get("speedup"),
+        break_even_queries=hybrid.get("break_even_queries"),
+        offline_evaluations=am.get("offline_evaluations"),
+        calibration_check=(report.get("calibration") or {}).get("check", {}) and {
+            k: v for k, v in report["calibration"]["check"].items() if k != "points"},
+        stage_seconds=timings,
+        total_seconds=total_seconds,
+    )
+
+
+def format_summary(summary: dict) -> str:
+    """The short table printed at the end of the quickstart."""
+    cfg = summary["config"]
+    radii = list(next(iter(summary["methods"].values()))["certified_accuracy"]) if summary["methods"] else []
+    width = max([len(m) for m in summary["methods"]] + [8])
+    lines = ["", "certified accuracy at radius (l2, sigma = {:g}) and cost per query:".format(cfg["sigma"]),
+             f"  {'method':<{width}}  " + "  ".join(f"{r:>6}" for r in radii)
+             + "  evaluations/query  images/s"]
+    for label, m in summary["methods"].items():
+        evals = m["mean_evaluations_per_query"]
+        ips = m["images_per_second"]
+        lines.append(f"  {label:<{width}}  " + "  ".join(f"{100 * a:5.1f}%" for a in m["certified_accuracy"].values())
+                     + f"  {'n/a' if evals is None else f'{evals:,.1f}':>17}  {'n/a' if ips is None else f'{ips:,.1f}':>8}")
+    inputs = next(iter(summary["methods"].values()))["inputs"] if summary["methods"] else 0
+    lines.append(f"  on {inputs} test images" + (f" (the first {cfg['test_limit']} of the test split, to keep "
+                                                 "Cohen within the time budget)" if cfg["test_limit"] else ""))
+    if summary.get("speedup"):
+        text = f"speed-up: the hybrid spends {summary['speedup']:,.1f}x fewer base-model evaluations per query than Cohen"
+        if summary.get("break_even_queries"):
+            text += (f"; the offline stage ({summary['offline_evaluations']:,} evaluations) pays for itself after "
+                     f"{summary['break_even_queries']:,.0f} queries")
+        lines.append(text)
+    check = summary.get("calibration_check")
+    if check:
+        lines.append(f"calibration check on the test images: {check['num_above']} of {check['num_images']} calibrated "
+                     f"radii above the MC reference (allowed by the bound epsilon={check['bound']}: "
+                     f"{check['allowance']})")
+    spent = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.0f} s'}" for k, v in summary["stage_seconds"].items())
+    lines.append(f"time: {summary['total_seconds']:.0f} s ({spent})")
+    lines.append(f"report: {summary['paths']['report.html'] if 'paths' in summary else ''}")
+    return "\n".join(lines)
+
+
+__all__ = ["QuickstartConfig", "FULL", "QUICK", "quickstart", "cohen_from_counts", "format_summary"]
