@@ -328,7 +328,7 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
                  progress: bool, command: str) -> dict:
     """Counts for one split; an interrupted file of the same settings is resumed, any other replaced."""
     from data_gen.generate import generate_counts
-    from data_gen.store import read_attrs
+    from data_gen.store import ResumeMismatchError, read_attrs
 
     kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
                   data_root=cfg.data_root, progress=progress, command=command)
@@ -341,10 +341,10 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
             resume = False
     try:
         generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, **kwargs)
-    except StoreError:
-        if not resume:
-            raise
-        target.unlink()  # made with other settings or another base model: start again
+    except ResumeMismatchError:
+        # Made with other settings or another base model: start again. Any other store error (a
+        # second writer holding the lock, an unwritable folder) propagates and nothing is deleted.
+        target.unlink()
         generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, **kwargs)
     attrs = read_attrs(target)
     return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
