@@ -92,13 +92,23 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
                 predict=int(r["predict"]),
                 radius=float(r["radius"]),
                 correct=int(r["correct"]),
-                time=float(r["time"]),
+                time=_parse_seconds(r["time"]),
                 method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
                 n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
                 p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
             )
         )
     return rows
+
+
+def _parse_seconds(text: str) -> float:
+    """Seconds from ``12.5`` (ours) or ``0:00:01.234567`` (Cohen et al.'s ``str(timedelta)``)."""
+    if ":" not in text:
+        return float(text)
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = 60 * seconds + float(part)
+    return seconds
 
 
 def read_tsv_comments(path: str | os.PathLike) -> list[str]:

@@ -83,6 +83,7 @@ def run_certify(args: argparse.Namespace) -> int:
     from . import __version__
     from .cli_baselines import _finish, _run_chunks
     from .hybrid import HybridCertifier
+    from .smoothing import resolve_device
 
     check_output_path(args.out)
     hybrid = HybridCertifier.load(
@@ -98,7 +99,7 @@ def run_certify(args: argparse.Namespace) -> int:
         f"dataset {args.dataset} split {args.split} images {len(data)}; sigma {hybrid.surrogate.sigma}; "
         f"epsilon {calibration.epsilon}; alpha_mc {calibration.alpha_mc}; alpha {args.alpha}; "
         f"guarantee {calibration.guarantee}; method {calibration.method}; groups {calibration.groups}; "
-        f"fallback {args.fallback}; seed {args.seed}",
+        f"fallback {args.fallback}; seed {args.seed}; device {resolve_device(args.device)}",
         f"surrogate sha256 {calibration.surrogate_sha256}; calibration {args.calibration}",
     ])
     certificates = _run_chunks(
