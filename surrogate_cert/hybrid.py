@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import stats as _st
 
 from . import stats
 from .certificate import Certificate, abstention
@@ -69,7 +68,7 @@ class SurrogateCertifier:
 
     def _certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0) -> Certificate:
         if radius > 0:
-            p_lower = float(_st.norm.cdf(radius / self.sigma))
+            p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
             return Certificate(cls, radius, "surrogate", n_samples, p_lower, seconds)
         return abstention(n_samples, 0.0, seconds)
 
