@@ -86,18 +86,13 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 
 def load_calibration(path: str | os.PathLike) -> dict:
-    """The calibration JSON as a dict (read as data: the report checks nothing against a surrogate)."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read calibration file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{path} is not a calibration JSON ({exc.msg}); pass the file written by "
-                                "surrogate-cert calibrate") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path} is not a calibration JSON; pass the file written by surrogate-cert calibrate")
-    return data
+    """The calibration JSON as a dict, after ``artifact.load_calibration`` has checked its integrity.
+
+    A tampered file is refused (``CalibrationError``) rather than reported as if it were valid.
+    """
+    from .artifact import load_calibration as load_artifact
+
+    return load_artifact(path).to_dict()
 
 
 def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike]) -> int:

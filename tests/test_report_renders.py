@@ -12,6 +12,7 @@ import pytest
 from calibration import report as rp
 from calibration.artifact import Calibration
 from calibration.cli_report import register
+from surrogate_cert.errors import CalibrationError
 from surrogate_cert.errors import InvalidInputError, InvalidParameterError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -193,7 +194,7 @@ def test_bad_inputs_are_one_line_errors(files):
         rp.write_report([files / "empty.tsv"], files / "r.html")
     with pytest.raises(InvalidInputError, match="cannot read results file"):
         rp.write_report([files / "missing.tsv"], files / "r.html")
-    with pytest.raises(InvalidInputError, match="not a calibration JSON"):
+    with pytest.raises(CalibrationError, match="not valid JSON"):
         rp.write_report([files / "cohen.tsv"], files / "r.html", calibration=files / "bad.json")
     with pytest.raises(InvalidParameterError, match="both"):
         rp.write_report([files / "cohen.tsv"], files / "r.html", counts="test.h5")
@@ -228,3 +229,12 @@ def test_cohen_original_six_columns_render_without_costs(files):
     assert data["runs"]["original"]["samples"]["all"] is None
     assert list(data["amortisation"]["per_run"]) == ["hybrid"]
     _check_images(_parse(paths["html"]), 2)
+
+
+def test_report_refuses_a_tampered_calibration_file(files):
+    content = json.loads((files / "calibration.json").read_text())
+    content["epsilon"] = 0.5  # edited after calibrate wrote it
+    (files / "tampered.json").write_text(json.dumps(content))
+    with pytest.raises(CalibrationError, match="modified"):
+        rp.write_report([files / "hybrid.tsv"], files / "tampered.html", calibration=files / "tampered.json")
+    assert not (files / "tampered.html").exists()

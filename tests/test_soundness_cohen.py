@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats as st
 
 from surrogate_cert import stats
@@ -21,14 +20,6 @@ from surrogate_cert.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedCla
 ALPHA = 0.1
 N_INPUTS = 1500
 SIGMA = 0.25
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def allowed(num: int, alpha: float = ALPHA) -> float:

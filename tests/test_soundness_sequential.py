@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats as st
 
 from surrogate_cert import stats
@@ -23,14 +22,6 @@ N_INPUTS = 1000
 SIGMA = 0.25
 BUDGET = 2000
 SCHEDULE = [16, 32, 64]  # many looks: the stopping rule peeks about 35 times per input
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
