@@ -53,7 +53,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from surrogate_cert.errors import CalibrationError
+from surrogate_cert.core.errors import CalibrationError
+from surrogate_cert.core.surrogate import Surrogate
 
 FORMAT = "surrogate-cert-calibration"
 FORMAT_VERSION = 1
@@ -202,9 +203,7 @@ def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
     except (KeyError, TypeError) as exc:
         raise CalibrationError(f"{path} lacks calibration fields ({exc}); re-run `surrogate-cert calibrate`") from None
     if surrogate is not None:
-        if not hasattr(surrogate, "fingerprint"):
-            from surrogate_cert.surrogate import Surrogate
-
+        if not isinstance(surrogate, Surrogate):
             surrogate = Surrogate.load(surrogate)
         calibration.check_matches(surrogate)
     return calibration

@@ -38,47 +38,53 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
-from scipy import stats as _st
+from mapie.conformity_scores import AbsoluteConformityScore
+from mapie.metrics.regression import regression_coverage_score
+from mapie.regression import SplitConformalRegressor
+from mapie.risk_control import BinaryClassificationController, BinaryRisk, FWERBonferroniHolm
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from surrogate_cert import stats
-from surrogate_cert.errors import CalibrationError, InvalidParameterError, check_count, check_positive, check_probability
+from data_gen.store import read_counts
+from surrogate_cert.core import __version__, stats
+from surrogate_cert.core.errors import (
+    CalibrationError,
+    InvalidParameterError,
+    check_count,
+    check_positive,
+    check_probability,
+)
+from surrogate_cert.core.hashing import sha256_file
+from surrogate_cert.core.one_pass import (
+    DEFAULT_CONFIDENCE_EDGES,
+    GROUPINGS,
+    POOLED,
+    all_group_keys,
+    deployed_radius,
+    group_keys,
+)
+from surrogate_cert.core.stats import P_CLIP, conformity_scores, reference_radius, surrogate_radius
+from surrogate_cert.core.surrogate import Surrogate
 
-P_CLIP = 1e-6
-"""Surrogate probabilities are clipped to ``[P_CLIP, 1 - P_CLIP]`` before ``Phi^{-1}``: radii stay finite."""
+from .artifact import Calibration
 
 GUARANTEES = ("marginal", "pac")
 METHODS = ("conformal", "ltt")
-GROUPINGS = ("none", "class", "confidence")
 
-CONFIDENCE_EDGES = (1.0, 2.0, 3.0)
-"""Bin edges of ``groups="confidence"`` on the surrogate radius in sigma units, ``Phi^{-1}(p~)``.
-
-Fixed in advance from the surrogate alone (no calibration data): bins ``(-inf, 1)``, ``[1, 2)``,
-``[2, 3)``, ``[3, inf)``, i.e. ``p~`` below 0.841, up to 0.977, up to 0.9987, above.
-"""
+CONFIDENCE_EDGES = DEFAULT_CONFIDENCE_EDGES
+"""Deprecated name of ``surrogate_cert.core.one_pass.DEFAULT_CONFIDENCE_EDGES``."""
 
 LTT_GRID_SIGMAS = np.linspace(-1.0, 5.0, 121)
 """Candidate offsets of ``method="ltt"``, in units of sigma (fixed before seeing calibration data)."""
 
-POOLED = "all"
-"""Group key of the pooled (whole calibration set) offset."""
+radius_cap = stats.max_radius
+"""``r_max = radius_cap(n_cal, alpha_mc, sigma)``: the reference radius of a calibration point whose
+``n_cal`` samples all agree (``stats.max_radius``)."""
 
 
-# --------------------------------------------------------------------------- estimator, target, score
-
-def surrogate_radius(p_tilde, sigma: float, radius_cap: float = np.inf) -> np.ndarray:
-    """``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)``: the uncalibrated surrogate radius (may be < 0)."""
-    p = np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP)
-    return np.minimum(sigma * _st.norm.ppf(p), radius_cap)
-
-
-def radius_cap(n_cal: int, alpha_mc: float, sigma: float) -> float:
-    """``r_max``: the reference radius of a calibration point whose ``n_cal`` samples all agree."""
-    return float(stats.radius(stats.lower_confidence_bound(n_cal, n_cal, alpha_mc), sigma))
-
+# --------------------------------------------------------------------------- estimator
 
 class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
     """sklearn-style regressor exposing the surrogate radius to MAPIE.
@@ -102,23 +108,6 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
         X = np.asarray(X, dtype=float)
         p_tilde = X if X.ndim == 1 else X[:, 0]
         return surrogate_radius(p_tilde, self.sigma, self.radius_cap)
-
-
-def reference_radius(counts_top, n_cal: int, alpha_mc: float, sigma: float) -> np.ndarray:
-    """``y = max(sigma * Phi^{-1}(pL), 0)``, ``pL`` the one-sided Clopper-Pearson bound at ``alpha_mc``.
-
-    ``counts_top`` are the calibration counts of the surrogate's class out of ``n_cal``. For each
-    input, with probability at least ``1 - alpha_mc``, ``y`` is at most the true certified radius of
-    that class (0 when the class is not the smoothed prediction), since the class was fixed by the
-    surrogate before the counts were drawn.
-    """
-    p_lower = stats.lower_confidence_bound(np.asarray(counts_top), n_cal, alpha_mc)
-    return np.asarray(stats.radius(p_lower, sigma), dtype=float)
-
-
-def conformity_scores(radius_surrogate, reference) -> np.ndarray:
-    """Scores ``R~ - y``: how far the surrogate radius overshoots the reference radius."""
-    return np.asarray(radius_surrogate, dtype=float) - np.asarray(reference, dtype=float)
 
 
 def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: float | None = None) -> int:
@@ -151,10 +140,6 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
     Returns ``(q^, coverage)``: ``coverage`` is MAPIE's ``regression_coverage_score`` of its
     two-sided intervals on the calibration set (for the report).
     """
-    from mapie.conformity_scores import AbsoluteConformityScore
-    from mapie.metrics.regression import regression_coverage_score
-    from mapie.regression import SplitConformalRegressor
-
     X = np.asarray(p_tilde, dtype=float).reshape(-1, 1)
     y = np.asarray(reference, dtype=float)
     m = len(y)
@@ -188,8 +173,6 @@ def _holm_nan_as_one():
     p-value; ``np.argmin`` picks NaN first and would stop Holm before any test. Counting it as 1
     (never rejected) is the conservative reading.
     """
-    from mapie.risk_control import FWERBonferroniHolm
-
     class HolmNanAsOne(FWERBonferroniHolm):
         def run(self, p_values, delta):
             return super().run(np.nan_to_num(np.asarray(p_values, dtype=float), nan=1.0), delta)
@@ -207,8 +190,6 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     ``1 - delta`` every returned (valid) offset controls the rate; the smallest is returned, or
     ``+inf`` if none is valid. Also returns the number of valid offsets.
     """
-    from mapie.risk_control import BinaryClassificationController, BinaryRisk
-
     wrong_among_issued = BinaryRisk(
         risk_occurrence=lambda y_true, y_pred: y_pred == 1,
         risk_condition=lambda y_true, y_pred: ~np.isnan(y_pred),
@@ -239,34 +220,6 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     return float(valid.min()), int(valid.size)
 
 
-# --------------------------------------------------------------------------- groups
-
-def group_keys(predicted, p_tilde, groups: str, sigma: float) -> np.ndarray:
-    """Mondrian group of each input (as strings): ``"all"``, the predicted class, or a confidence bin.
-
-    Depends on the surrogate's outputs only, so calibration and test inputs in one group stay
-    exchangeable.
-    """
-    predicted = np.asarray(predicted)
-    if groups == "none":
-        return np.full(len(predicted), POOLED, dtype=object)
-    if groups == "class":
-        return np.array([str(int(c)) for c in predicted], dtype=object)
-    if groups == "confidence":
-        z = surrogate_radius(p_tilde, sigma) / sigma
-        return np.array([str(int(b)) for b in np.digitize(z, CONFIDENCE_EDGES)], dtype=object)
-    raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
-
-
-def all_group_keys(groups: str, num_classes: int) -> list[str]:
-    """Every group a deployment input can fall in (so unseen ones get the pooled offset)."""
-    if groups == "none":
-        return [POOLED]
-    if groups == "class":
-        return [str(c) for c in range(num_classes)]
-    return [str(b) for b in range(len(CONFIDENCE_EDGES) + 1)]
-
-
 # --------------------------------------------------------------------------- calibration on arrays
 
 @dataclass
@@ -280,6 +233,7 @@ class OffsetFit:
     min_group_size: int
     radius_cap: float
     diagnostics: dict = field(default_factory=dict)
+    bin_edges: list[float] | None = None
 
 
 def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, delta: float | None,
@@ -314,6 +268,7 @@ def fit_offsets(
     delta: float | None = 0.05,
     groups: str = "none",
     method: str = "conformal",
+    bin_edges: Sequence[float] | None = None,
 ) -> OffsetFit:
     """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
 
@@ -323,9 +278,12 @@ def fit_offsets(
     probability at most ``epsilon`` (marginal), or at rate ``<= epsilon`` with probability ``1 - delta``
     over the calibration draw (PAC / LTT); see the module docstring. Groups smaller than needed use
     the pooled offset and are listed in ``fallback_groups``. Raises ``CalibrationError`` when the
-    whole set is too small.
+    whole set is too small. ``bin_edges`` (``groups="confidence"``; default
+    ``DEFAULT_CONFIDENCE_EDGES``) must be fixed before the calibration data are seen.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if groups == "confidence" and bin_edges is None:
+        bin_edges = DEFAULT_CONFIDENCE_EDGES
     sigma = check_positive("sigma", sigma)
     n_cal = check_count("n_cal", n_cal)
     p_tilde = np.asarray(p_tilde, dtype=float).reshape(-1)
@@ -352,11 +310,11 @@ def fit_offsets(
         return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap)
 
     pooled_offset, pooled_coverage = offset_of(np.ones(m, dtype=bool))
-    keys = group_keys(predicted, p_tilde, groups, sigma)
+    keys = group_keys(predicted, p_tilde, groups, bin_edges)
     offsets: dict[str, float] = {}
     sizes: dict[str, int] = {}
     fallbacks: list[str] = []
-    for key in all_group_keys(groups, num_classes):
+    for key in all_group_keys(groups, num_classes, bin_edges):
         mask = keys == key
         sizes[key] = int(mask.sum())
         if groups == "none":
@@ -381,7 +339,8 @@ def fit_offsets(
         mapie_interval_coverage=pooled_coverage,
         mapie_interval_nominal=float(1 - 2 * epsilon) if method == "conformal" and guarantee == "marginal" else float("nan"),
     )
-    return OffsetFit(offsets, pooled_offset, sizes, fallbacks, needed, cap, diagnostics)
+    return OffsetFit(offsets, pooled_offset, sizes, fallbacks, needed, cap, diagnostics,
+                     None if bin_edges is None else [float(e) for e in bin_edges])
 
 
 # --------------------------------------------------------------------------- from files
@@ -396,8 +355,9 @@ def calibrate_arrays(
     delta: float = 0.05,
     groups: str = "none",
     method: str = "conformal",
+    bin_edges: Sequence[float] | None = None,
     **provenance,
-):
+) -> Calibration:
     """Calibrate ``surrogate`` on calibration images ``x`` and their class ``counts`` (``N x K``).
 
     Every row of ``counts`` must hold the same number ``n_cal`` of noisy evaluations, drawn
@@ -405,10 +365,6 @@ def calibrate_arrays(
     then ``fit_offsets``; returns a ``Calibration`` bound to the surrogate's fingerprint, with any
     ``provenance`` fields (``counts_sha256``, ``dataset``, ...) filled in.
     """
-    from surrogate_cert import __version__
-
-    from .artifact import Calibration
-
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if method == "ltt":
         guarantee = "pac"  # LTT's statement holds with probability 1 - delta over the calibration draw
@@ -427,7 +383,7 @@ def calibrate_arrays(
     fit = fit_offsets(
         p_tilde, predicted, counts[np.arange(len(predicted)), predicted], n_cal,
         sigma=surrogate.sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
-        guarantee=guarantee, delta=delta, groups=groups, method=method,
+        guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges,
     )
     fit.diagnostics["surrogate_agrees_with_counts"] = float(np.mean(predicted == counts.argmax(axis=1)))
     return Calibration(
@@ -447,7 +403,7 @@ def calibrate_arrays(
         fallback_groups=fit.fallback_groups,
         min_group_size=fit.min_group_size,
         radius_cap=fit.radius_cap,
-        bin_edges=list(CONFIDENCE_EDGES) if groups == "confidence" else None,
+        bin_edges=fit.bin_edges,
         calibration_size=len(p_tilde),
         n_cal=n_cal,
         package_version=__version__,
@@ -466,9 +422,10 @@ def calibrate(
     groups: str = "none",
     method: str = "conformal",
     *,
+    bin_edges: Sequence[float] | None = None,
     data_root: str | None = None,
     device=None,
-):
+) -> Calibration:
     """Calibrate ``surrogate`` on a calibration counts file: returns a ``Calibration``.
 
     ``surrogate`` is a ``surrogate_cert.surrogate.Surrogate`` or a path to its checkpoint;
@@ -477,11 +434,6 @@ def calibrate(
     records. The guarantee is that of ``fit_offsets`` (module docstring); the result binds the
     surrogate, the counts file and every option, and ``Calibration.save`` writes calibration.json.
     """
-    from data_gen.datasets import load_split
-    from data_gen.store import read_counts
-    from surrogate_cert.hashing import sha256_file
-    from surrogate_cert.surrogate import Surrogate
-
     check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if not isinstance(surrogate, Surrogate):
         surrogate = Surrogate.load(surrogate, device=device)
@@ -513,20 +465,12 @@ def calibrate(
             f"{counts_file} is incomplete; finish it with `surrogate-cert datagen ... --resume` (a partial "
             "split may not be exchangeable with the test split)"
         )
-    split = load_split(str(attrs["dataset"]), str(attrs["split"]), data_root=data_root)
-    images = split.take(counts.indices).x
+    images = counts.images(data_root)
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
-        method=method, counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
+        method=method, bin_edges=bin_edges, counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
         dataset=str(attrs["dataset"]), split=str(attrs["split"]),
     )
-
-
-def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
-    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0)."""
-    keys = group_keys(predicted, p_tilde, calibration.groups, calibration.sigma)
-    offsets = np.array([calibration.offset(k) for k in keys], dtype=float)
-    return surrogate_radius(p_tilde, calibration.sigma, calibration.radius_cap) - offsets
 
 
 __all__ = [

@@ -32,8 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from surrogate_cert.errors import DatasetError, InvalidInputError, InvalidParameterError
-from surrogate_cert.smoothing import check_images
+from surrogate_cert.core.errors import DatasetError, InvalidInputError, InvalidParameterError
+from surrogate_cert.core.smoothing import check_images
 
 SPLITS = ("train", "cal", "test")
 """Split names, disjoint within every dataset."""

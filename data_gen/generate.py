@@ -14,10 +14,11 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from surrogate_cert import __version__
-from surrogate_cert.errors import InvalidParameterError, ModelError, check_count, check_positive
-from surrogate_cert.smoothing import NOISE_SCHEME, STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
+from surrogate_cert.core import __version__
+from surrogate_cert.core.errors import InvalidParameterError, ModelError, check_count, check_positive
+from surrogate_cert.core.smoothing import NOISE_SCHEME, STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
 
 from .datasets import load_split
 from .models import load_model
@@ -105,8 +106,6 @@ def generate_counts(
 
 def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: int, batch_size: int,
           commit_seconds: float, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     total = writer.total
     per_call = max(1, (BATCHES_PER_CALL * batch_size) // (n + n0))
     pending: list[tuple[np.ndarray, np.ndarray | None]] = []

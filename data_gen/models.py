@@ -34,12 +34,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from surrogate_cert import __version__
-from surrogate_cert.architectures import build, default_arch, load_checkpoint, read_checkpoint_header, save_checkpoint
-from surrogate_cert.errors import ModelError, check_count, check_positive
-from surrogate_cert.hashing import sha256_bytes, sha256_file
-from surrogate_cert.smoothing import resolve_device
+from surrogate_cert.core import __version__
+from surrogate_cert.core.architectures import build, default_arch, load_checkpoint, read_checkpoint_header, save_checkpoint
+from surrogate_cert.core.errors import ModelError, check_count, check_positive
+from surrogate_cert.core.hashing import sha256_bytes, sha256_file
+from surrogate_cert.core.smoothing import resolve_device
 
 from .datasets import load_split
 
@@ -272,8 +273,6 @@ def train_base(
     over 8 draws), ``clean_test_accuracy``, ``epochs``, ``seconds``, ``sha256`` and ``out``.
     Deterministic for a given ``seed`` on one device; the caller's global RNG state is preserved.
     """
-    from tqdm.auto import tqdm
-
     sigma = check_positive("sigma", sigma)
     device = resolve_device(device)
     train = load_split(dataset, "train", data_root=data_root, download=download)

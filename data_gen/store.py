@@ -33,7 +33,9 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from surrogate_cert.errors import StoreError
+from surrogate_cert.core.errors import StoreError
+
+from .datasets import load_split
 
 class StoreLockedError(StoreError):
     """Another process holds the file's writer lock (a second writer is refused, never queued)."""
@@ -86,6 +88,12 @@ class CountsFile:
     @property
     def n(self) -> int:
         return int(self.attrs["n"])
+
+    def images(self, data_root: str | None = None):
+        """The images of these rows (``N x C x H x W`` float tensor, in row order), read from the
+        dataset and split the file records (torchvision sets under ``data_root``)."""
+        split = load_split(str(self.attrs["dataset"]), str(self.attrs["split"]), data_root=data_root)
+        return split.take(self.indices).x
 
 
 # --------------------------------------------------------------------------- reading

@@ -6,44 +6,53 @@ Certifiers (each returns ``Certificate`` records):
 - ``EProcessCertifier``: anytime-valid sequential test; wrong w.p. <= alpha per input, any stopping rule.
 - ``SurrogateCertifier``: one forward pass, split-conformal calibration; wrong w.p. <= epsilon + alpha_mc.
 - ``HybridCertifier``: surrogate first, sequential fallback where the calibrated radius is not positive.
+
+The public names below are imported lazily (module ``__getattr__``), so ``import surrogate_cert``
+and importing its core never import the layers above the core. Layers, top down: ``cli``,
+``workflows``, ``deploy``, the domain packages ``calibration`` and ``data_gen``, and ``core``
+(see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
 
-from . import stats
-from .certificate import Certificate, read_tsv, write_tsv
-from .errors import (
-    CalibrationError,
-    DatasetError,
-    InvalidInputError,
-    InvalidParameterError,
-    ModelError,
-    StoreError,
-    SurrogateCertError,
-)
-from .smoothing import SmoothedClassifier
+from . import _moved
+from .core import __version__, stats
+
+# ``import surrogate_cert.stats`` is public API (DESIGN.md: ``sc.stats.clopper_pearson``).
+sys.modules.setdefault(__name__ + ".stats", stats)
+_moved.install()
 
 _LAZY = {
-    "CohenCertifier": ".cohen",
-    "EProcessCertifier": ".sequential",
-    "SurrogateCertifier": ".hybrid",
-    "HybridCertifier": ".hybrid",
-    "Surrogate": ".surrogate",
+    "Certificate": ".core.certificate",
+    "read_tsv": ".core.certificate",
+    "write_tsv": ".core.certificate",
+    "read_meta": ".core.certificate",
+    "SmoothedClassifier": ".core.smoothing",
+    "CohenCertifier": ".core.cohen",
+    "EProcessCertifier": ".core.sequential",
+    "SurrogateCertifier": ".core.one_pass",
+    "Surrogate": ".core.surrogate",
+    "HybridCertifier": ".deploy.hybrid",
+    "SurrogateCertError": ".core.errors",
+    "InvalidParameterError": ".core.errors",
+    "InvalidInputError": ".core.errors",
+    "DatasetError": ".core.errors",
+    "ModelError": ".core.errors",
+    "StoreError": ".core.errors",
+    "CalibrationError": ".core.errors",
 }
 
 
 def __getattr__(name: str):
-    # Certifiers import lazily so `import surrogate_cert` stays cheap and modules can land one by one.
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'surrogate_cert' has no attribute {name!r}")
 
 
-__all__ = [
-    "stats", "Certificate", "read_tsv", "write_tsv", "SmoothedClassifier", *_LAZY,
-    "SurrogateCertError", "InvalidParameterError", "InvalidInputError", "DatasetError", "ModelError",
-    "StoreError", "CalibrationError",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", "stats", *_LAZY]

@@ -30,7 +30,7 @@ def digits_base_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def digits_untrained_model(tmp_path_factory) -> str:
-    from surrogate_cert.architectures import build, save_checkpoint
+    from surrogate_cert.core.architectures import build, save_checkpoint
 
     path = tmp_path_factory.mktemp("digits_untrained") / "untrained.pt"
     with torch.random.fork_rng(devices=[]):

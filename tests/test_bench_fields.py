@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from surrogate_cert.bench import BENCH_TINY, METHODS
+from surrogate_cert.workflows.bench import BENCH_TINY, METHODS
 from surrogate_cert.cli import main
 
 pytestmark = pytest.mark.slow

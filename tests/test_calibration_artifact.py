@@ -9,10 +9,10 @@ import torch
 
 from calibration import calibrate_arrays, fit_offsets, load_calibration
 from calibration.artifact import Calibration
-from surrogate_cert import stats
-from surrogate_cert.errors import CalibrationError, InvalidParameterError
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.surrogate import Surrogate
+from surrogate_cert.core import stats
+from surrogate_cert.core.errors import CalibrationError, InvalidParameterError
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.surrogate import Surrogate
 
 SIGMA = 0.25
 
@@ -130,7 +130,7 @@ def test_counts_of_the_wrong_shape_are_refused(problem):
 
 
 def test_bad_images_are_refused(problem):
-    from surrogate_cert.errors import InvalidInputError
+    from surrogate_cert.core.errors import InvalidInputError
 
     s = _surrogate(problem)
     with pytest.raises(InvalidInputError):

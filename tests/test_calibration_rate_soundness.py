@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from calibration.conformal import fit_offsets, group_keys, radius_cap, reference_radius, surrogate_radius
-from surrogate_cert import stats
-from surrogate_cert.groundtruth import linear_problem
+from calibration.conformal import fit_offsets
+from surrogate_cert.core.one_pass import group_keys
+from surrogate_cert.core.stats import max_radius, reference_radius, surrogate_radius
+from surrogate_cert.core import stats
+from surrogate_cert.core.groundtruth import linear_problem
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ PREDICTED_TRAIN, P_TILDE_TRAIN, P_TRUE_TRAIN = _surrogate(0.05)
 
 
 def _offsets_per_point(fit, groups: str) -> np.ndarray:
-    keys = group_keys(PREDICTED, P_TILDE, groups, SIGMA)
+    keys = group_keys(PREDICTED, P_TILDE, groups)
     return np.array([fit.offsets[k] for k in keys])
 
 
@@ -93,7 +95,7 @@ def test_marginal_rate_within_bound_and_floor_rank_on_training_split_fails():
 
     def broken(rows, rng):  # quantile at rank floor(m (1 - eps)), scores from the surrogate's training split
         counts_top = rng.binomial(n_cal, P_TRUE_TRAIN[rows])
-        cap = radius_cap(n_cal, ALPHA_MC, SIGMA)
+        cap = max_radius(n_cal, ALPHA_MC, SIGMA)
         scores = surrogate_radius(P_TILDE_TRAIN[rows], SIGMA, cap) - reference_radius(counts_top, n_cal, ALPHA_MC, SIGMA)
         q = np.sort(scores)[int(np.floor(m * (1 - epsilon))) - 1]
         return surrogate_radius(P_TILDE, SIGMA, cap) - q
@@ -137,7 +139,7 @@ def test_mondrian_rate_within_bound_in_every_group(groups):
     m, n_cal, epsilon = 120, 10**6, 0.1
     bound = epsilon + ALPHA_MC
     radii = _correct(m, n_cal, epsilon, groups=groups)
-    keys = group_keys(PREDICTED, P_TILDE, groups, SIGMA)
+    keys = group_keys(PREDICTED, P_TILDE, groups)
     for key in np.unique(keys):
         mask = keys == key
         rates = [_conditional_wrong(r, mask) for r in radii]
@@ -147,7 +149,7 @@ def test_mondrian_rate_within_bound_in_every_group(groups):
 def test_pooled_calibration_breaks_the_per_confidence_bin_bound():
     m, n_cal, epsilon = 120, 10**6, 0.1
     radii = _correct(m, n_cal, epsilon)
-    keys = group_keys(PREDICTED, P_TILDE, "confidence", SIGMA)
+    keys = group_keys(PREDICTED, P_TILDE, "confidence")
     worst = max(np.mean([_conditional_wrong(r, keys == key) for r in radii]) for key in np.unique(keys))
     assert worst > 1.5 * (epsilon + ALPHA_MC), worst
 

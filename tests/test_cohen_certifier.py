@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from surrogate_cert import stats
-from surrogate_cert.cohen import CohenCertifier
-from surrogate_cert.errors import InvalidInputError, InvalidParameterError
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
+from surrogate_cert.core import stats
+from surrogate_cert.core.cohen import CohenCertifier
+from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
 
 
 @pytest.fixture(scope="module")

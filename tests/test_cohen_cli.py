@@ -1,9 +1,9 @@
-"""``surrogate-cert cohen``: writes the results TSV with a provenance header; bad input is one line, exit 2."""
+"""``surrogate-cert cohen``: writes the results TSV (header first) and its provenance sidecar; bad input is one line, exit 2."""
 from __future__ import annotations
 
 import pytest
 
-from surrogate_cert.certificate import TSV_COLUMNS, read_tsv, read_tsv_comments
+from surrogate_cert.core.certificate import TSV_COLUMNS, meta_path, read_meta, read_tsv
 from surrogate_cert.cli import main
 
 
@@ -17,9 +17,11 @@ def test_cohen_writes_the_results_tsv(digits_untrained_model, tmp_path, capsys):
     assert len(rows) == 6
     assert all(r["n_samples"] == 220 and r["method"] in ("cohen", "abstain") for r in rows)
     assert all((r["predict"] == -1) == (r["radius"] == 0) for r in rows)
-    comments = read_tsv_comments(out)
-    assert comments[0].startswith("surrogate-cert ") and "torch" in comments[1]
-    assert out.read_text().splitlines()[len(comments)].split("\t") == list(TSV_COLUMNS)
+    meta = read_meta(out)
+    assert meta["command"].startswith("surrogate-cert cohen") and meta["torch"] and meta["n"] == 200
+    assert meta["sigma"] == 0.25 and meta["device"] == "cpu" and (tmp_path / "cohen.tsv.meta.json").exists()
+    assert meta_path(out) == str(out) + ".meta.json"
+    assert out.read_text().splitlines()[0].split("\t") == list(TSV_COLUMNS)
     assert "certified accuracy" in capsys.readouterr().out
 
 

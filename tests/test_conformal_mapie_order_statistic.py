@@ -13,7 +13,7 @@ from calibration.conformal import (
     reference_radius,
     surrogate_radius,
 )
-from surrogate_cert import stats
+from surrogate_cert.core import stats
 
 SIGMA = 0.25
 

@@ -11,8 +11,8 @@ from scipy import stats
 from data_gen.generate import generate_counts
 from data_gen.models import TORCHSCRIPT_META
 from data_gen.store import read_counts
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.smoothing import SmoothedClassifier
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.smoothing import SmoothedClassifier
 
 SIGMA = 0.25
 

@@ -8,8 +8,8 @@ import pytest
 
 from data_gen.generate import generate_counts
 from data_gen.store import FORMAT_VERSION, CountsWriter, ResumeMismatchError, StoreLockedError, read_counts
-from surrogate_cert.errors import StoreError
-from surrogate_cert.hashing import sha256_file
+from surrogate_cert.core.errors import StoreError
+from surrogate_cert.core.hashing import sha256_file
 
 ATTRS = ("format_version", "sigma", "n", "n0", "num_classes", "seed", "dataset", "split", "model_sha256",
          "package_version", "input_shape", "complete", "rows")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surrogate_cert.cli import main
-from surrogate_cert.hashing import sha256_file
+from surrogate_cert.core.hashing import sha256_file
 
 
 def run(capsys, *argv):

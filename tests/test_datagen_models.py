@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from data_gen.models import TORCHSCRIPT_META, load_model
-from surrogate_cert.architectures import build, load_checkpoint, save_checkpoint
-from surrogate_cert.errors import ModelError
-from surrogate_cert.hashing import sha256_file
+from surrogate_cert.core.architectures import build, load_checkpoint, save_checkpoint
+from surrogate_cert.core.errors import ModelError
+from surrogate_cert.core.hashing import sha256_file
 
 FACTORY_SOURCE = '''
 from torch import nn

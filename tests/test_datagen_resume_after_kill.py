@@ -14,7 +14,7 @@ import pytest
 from data_gen.generate import generate_counts
 from data_gen.store import read_attrs, read_counts
 from surrogate_cert.cli import main
-from surrogate_cert.errors import StoreError
+from surrogate_cert.core.errors import StoreError
 
 MODEL_SOURCE = '''
 import time
@@ -60,7 +60,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
               "--limit", str(LIMIT), "--seed", "5", "--device", "cpu", "--no-progress", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "surrogate_cert.cli", "datagen", "--model", f"{module}:slow",
+        [sys.executable, "-m", "surrogate_cert", "datagen", "--model", f"{module}:slow",
          "--batch-size", "200", "--commit-every", "0", *common],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

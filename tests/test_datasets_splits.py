@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_gen.datasets import SPLITS, load_split
-from surrogate_cert.errors import DatasetError
+from surrogate_cert.core.errors import DatasetError
 
 
 def test_digits_splits_are_fixed_disjoint_and_cover_the_dataset():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from data_gen.datasets import load_split
-from surrogate_cert.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
+from surrogate_cert.core.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
 
 
 def spread_model() -> nn.Module:

@@ -7,12 +7,13 @@ import torch
 from scipy import stats as st
 
 from calibration import calibrate_arrays
-from surrogate_cert.errors import CalibrationError, InvalidInputError, InvalidParameterError, ModelError
-from surrogate_cert.groundtruth import LinearBinaryModel, linear_problem
-from surrogate_cert.hybrid import HybridCertifier, SurrogateCertifier
-from surrogate_cert.sequential import EProcessCertifier
-from surrogate_cert.smoothing import SmoothedClassifier
-from surrogate_cert.surrogate import Surrogate
+from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError, ModelError
+from surrogate_cert.core.groundtruth import LinearBinaryModel, linear_problem
+from surrogate_cert.core.one_pass import SurrogateCertifier
+from surrogate_cert.deploy.hybrid import HybridCertifier
+from surrogate_cert.core.sequential import EProcessCertifier
+from surrogate_cert.core.smoothing import SmoothedClassifier
+from surrogate_cert.core.surrogate import Surrogate
 
 SIGMA = 0.25
 SHAPE = (1, 2, 2)

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from surrogate_cert.certificate import read_tsv
+from surrogate_cert.core.certificate import read_tsv
 from surrogate_cert.cli import main
-from surrogate_cert.pipeline import QUICK
+from surrogate_cert.workflows.pipeline import QUICK
 
 pytestmark = pytest.mark.slow
 
@@ -55,20 +55,19 @@ def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
     assert read_tsv(quick_dir / "hybrid.tsv") == hybrid
 
 
-def test_cohen_from_counts_equals_cohen_certifier(quick_dir):
+def test_cohen_from_stored_counts_equals_cohen_certifier(quick_dir):
     """The quickstart's Cohen results come from test.h5: they must be CohenCertifier's, to the bit."""
     from data_gen.datasets import load_split
     from data_gen.models import load_model
     from data_gen.store import read_counts
     from surrogate_cert import CohenCertifier, SmoothedClassifier
-    from surrogate_cert.pipeline import cohen_from_counts
+    from surrogate_cert.core.cohen import certificates_from_counts
 
     if not (quick_dir / "test.h5").exists():
         main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"])
     counts = read_counts(quick_dir / "test.h5")
     rows = np.arange(4)
-    from_counts = cohen_from_counts(counts.counts_select[rows], counts.counts[rows], QUICK.test_n, QUICK.alpha,
-                                    QUICK.sigma)
+    from_counts = certificates_from_counts(counts.counts_select[rows], counts.counts[rows], QUICK.alpha, QUICK.sigma)
     data = load_split("digits", "test").take(counts.indices[rows])
     model = load_model(str(quick_dir / "base.pt"), device="cpu").model
     smooth = SmoothedClassifier(model, 10, QUICK.sigma, device="cpu", seed=QUICK.seed)

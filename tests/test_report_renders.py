@@ -9,11 +9,12 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from calibration import report as rp
+from calibration import summary
 from calibration.artifact import Calibration
-from calibration.cli_report import register
-from surrogate_cert.errors import CalibrationError
-from surrogate_cert.errors import InvalidInputError, InvalidParameterError
+from surrogate_cert.cli.report import register
+from surrogate_cert.workflows import report as rp
+from surrogate_cert.core.errors import CalibrationError
+from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -156,14 +157,14 @@ def test_held_out_check_numbers_and_scatter(files, monkeypatch):
     n, sigma = 1000, 0.25
     counts_top = np.array([600, 990, 999, 400])
     calibrated = np.array([1.0, 0.3, 0.1, -0.2])
-    check = rp.check_against_reference([0.9, 0.95, 0.99, 0.5], calibrated, counts_top, n, sigma,
+    check = summary.check_against_reference([0.9, 0.95, 0.99, 0.5], calibrated, counts_top, n, sigma,
                                        epsilon=0.01, alpha_mc=0.001)
-    from surrogate_cert import stats
+    from surrogate_cert.core import stats
     reference = stats.radius(stats.lower_confidence_bound(counts_top, n, 0.001), sigma)
     assert reference[1] > 0.3 and reference[2] > 0.1 and reference[0] < 1.0  # hand check of the premise
     assert check["num_above"] == 1 and check["rate_above"] == 0.25 and check["share_certified"] == 0.75
     assert check["allowance"] == 1 and check["within_bound"]  # Binomial(4, 0.01) 0.999-quantile is 1
-    monkeypatch.setattr(rp, "calibration_check", lambda *a: check)
+    monkeypatch.setattr(summary, "calibration_check", lambda *a: check)
     paths = rp.write_report([files / "hybrid.tsv"], files / "checked.html", calibration=files / "calibration.json",
                             counts="test.h5", surrogate="surrogate.pt")
     parser = _parse(paths["html"])
@@ -213,10 +214,10 @@ def test_header_parsing_reads_the_certifiers_headers():
     cohen = ["surrogate-cert cohen --model base.pt --dataset digits --device auto --out cohen.tsv",
              "surrogate-cert 0.1.0; torch 2.14.1",
              "dataset digits split test images 4; sigma 0.5; alpha 0.001; model sha256 ab; device cuda:0; seed 3"]
-    assert rp.parse_header(cohen) == dict(sigma=0.5, seed=3, device="cuda:0")
-    assert rp.parse_header(["run_bench()", "bench method hybrid sigma=0.12 seed=1 alpha=0.001 device=cpu"]) == \
+    assert summary.parse_header(cohen) == dict(sigma=0.5, seed=3, device="cuda:0")
+    assert summary.parse_header(["run_bench()", "bench method hybrid sigma=0.12 seed=1 alpha=0.001 device=cpu"]) == \
         dict(sigma=0.12, seed=1, device="cpu")
-    assert rp.parse_header(["max_margin_sigmas=3 the_seeds=4"]) == {}
+    assert summary.parse_header(["max_margin_sigmas=3 the_seeds=4"]) == {}
 
 
 def test_cohen_original_six_columns_render_without_costs(files):

@@ -1,5 +1,5 @@
 """Results TSVs written by Cohen et al.'s reference code (time as H:MM:SS.ffffff, six columns) read unchanged."""
-from surrogate_cert.certificate import Certificate, read_tsv, write_tsv
+from surrogate_cert.core.certificate import Certificate, read_tsv, write_tsv
 
 
 def test_cohen_reference_time_column_is_read_as_seconds(tmp_path):
@@ -13,7 +13,7 @@ def test_cohen_reference_time_column_is_read_as_seconds(tmp_path):
 def test_our_tsv_round_trips(tmp_path):
     path = tmp_path / "ours.tsv"
     certs = [Certificate(3, 0.5, "surrogate", 0, 0.977, 0.001), Certificate(-1, 0.0, "abstain", 10_000, 0.4, 2.0)]
-    write_tsv(path, [10, 11], [3, 5], certs, header_comment="surrogate-cert certify ...")
+    write_tsv(path, [10, 11], [3, 5], certs, meta={"command": "surrogate-cert certify ..."})
     rows = read_tsv(path)
     assert [(r["predict"], r["radius"], r["correct"], r["method"], r["n_samples"]) for r in rows] == [
         (3, 0.5, 1, "surrogate", 0), (-1, 0.0, 0, "abstain", 10_000)]

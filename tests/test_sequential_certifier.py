@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surrogate_cert import stats
-from surrogate_cert.errors import InvalidParameterError
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.sequential import EProcessCertifier, default_schedule
-from surrogate_cert.smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier
+from surrogate_cert.core import stats
+from surrogate_cert.core.errors import InvalidParameterError
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.sequential import EProcessCertifier, default_schedule
+from surrogate_cert.core.smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier
 
 
 class SpySmoothed(SmoothedClassifier):

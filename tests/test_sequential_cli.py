@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from surrogate_cert.certificate import read_tsv, read_tsv_comments
+from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.cli import main
 
 
@@ -17,7 +17,7 @@ def test_sequential_writes_the_results_tsv(digits_untrained_model, tmp_path, ext
     rows = read_tsv(out)
     assert len(rows) == 6
     assert all(r["method"] in ("eprocess", "abstain") and 0 < r["n_samples"] <= 320 for r in rows)
-    assert read_tsv_comments(out)[0].startswith("surrogate-cert ")
+    assert read_meta(out)["command"].startswith("surrogate-cert sequential")
 
 
 @pytest.mark.parametrize(

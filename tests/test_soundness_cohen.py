@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from surrogate_cert import stats
-from surrogate_cert.cohen import CohenCertifier
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
+from surrogate_cert.core import stats
+from surrogate_cert.core.cohen import CohenCertifier
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
 
 ALPHA = 0.1
 N_INPUTS = 1500

@@ -7,8 +7,8 @@ from scipy import stats as st
 from scipy.optimize import brentq
 from scipy.special import betaln, logsumexp
 
-from surrogate_cert import stats
-from surrogate_cert.errors import InvalidParameterError
+from surrogate_cert.core import stats
+from surrogate_cert.core.errors import InvalidParameterError
 
 
 # --------------------------------------------------------------------------- Clopper-Pearson

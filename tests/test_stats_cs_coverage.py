@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from surrogate_cert import stats
+from surrogate_cert.core import stats
 
 HORIZON = 400
 STREAMS = 10_000

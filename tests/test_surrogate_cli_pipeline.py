@@ -14,9 +14,9 @@ import pytest
 import torch
 from scipy import stats as st
 
-from surrogate_cert.certificate import read_tsv, read_tsv_comments
+from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.cli import main
-from surrogate_cert.groundtruth import linear_problem
+from surrogate_cert.core.groundtruth import linear_problem
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_linear_problem_through_the_command_line(tmp_path, capsys, monkeypatch):
     assert calibration["calibration_size"] == 200 and calibration["n_cal"] == 5000
     rows = read_tsv(tmp_path / "hybrid.tsv")
     assert len(rows) == 200
-    assert read_tsv_comments(tmp_path / "hybrid.tsv")[0].startswith("surrogate-cert certify")
+    assert read_meta(tmp_path / "hybrid.tsv")["command"].startswith("surrogate-cert certify")
     methods = {r["method"] for r in rows}
     assert "surrogate" in methods and methods <= {"surrogate", "eprocess", "abstain"}
     for r in rows:

@@ -6,9 +6,10 @@ import torch
 
 from calibration import calibrate
 from data_gen.generate import generate_counts
-from surrogate_cert.errors import CalibrationError, InvalidParameterError
-from surrogate_cert.hashing import sha256_file
-from surrogate_cert.surrogate import Surrogate, train_surrogate
+from surrogate_cert.core.errors import CalibrationError, InvalidParameterError
+from surrogate_cert.core.hashing import sha256_file
+from surrogate_cert.core.surrogate import Surrogate
+from surrogate_cert.workflows.training import train_surrogate
 
 pytestmark = pytest.mark.slow
 

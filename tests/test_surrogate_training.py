@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from surrogate_cert.errors import InvalidInputError, ModelError
-from surrogate_cert.groundtruth import linear_problem
-from surrogate_cert.surrogate import Surrogate, prior_log_evidence, tune_prior
+from surrogate_cert.core.errors import InvalidInputError, ModelError
+from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.stats import prior_log_evidence
+from surrogate_cert.core.surrogate import Surrogate, tune_prior
 
 SIGMA = 0.25
 
@@ -63,7 +64,7 @@ def test_checkpoint_round_trip_is_weights_only_and_keeps_metadata(tmp_path, trai
 
 
 def test_a_base_checkpoint_is_not_a_surrogate(tmp_path):
-    from surrogate_cert.architectures import build, save_checkpoint
+    from surrogate_cert.core.architectures import build, save_checkpoint
 
     path = tmp_path / "base.pt"
     save_checkpoint(path, build("small_cnn", (1, 2, 2), 2), arch="small_cnn", input_shape=(1, 2, 2),

@@ -6,7 +6,7 @@ import pytest
 
 from data_gen.datasets import load_split
 from data_gen.models import load_model, noisy_accuracy
-from surrogate_cert.architectures import load_checkpoint
+from surrogate_cert.core.architectures import load_checkpoint
 
 
 @pytest.mark.slow

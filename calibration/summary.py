@@ -1,32 +1,20 @@
-"""Comparison and calibration reports: one self-contained HTML file, plus Markdown and JSON beside it.
+"""The numbers of the comparison and calibration reports, and their tables as data.
 
-``write_report(results, out, ...)`` reads results TSVs (one per certifier run) and writes ``out``
-(HTML, plots embedded as base64 PNG data URIs from matplotlib's Agg backend, so it opens offline),
-``out`` with suffix ``.md`` and ``out`` with suffix ``.json``. Sections:
-
-- certified accuracy vs radius (one curve per file) and a table at fixed radii, average certified
-  radius (ACR: mean over all inputs of the radius of correct certificates, 0 otherwise);
-- cost: base-model evaluations per query over all inputs / certified inputs / the rest (the table
-  format of the Halt Fast paper: method, certified accuracy, ACR, mean samples all / certified /
-  rest), medians, wall time per query, share certified by each path, a histogram of samples;
-- calibration (when a calibration JSON is given): its parameters, q^ per group and group sizes; with
-  the test split's MC counts and the surrogate, the empirical rate of calibrated surrogate radii
-  above the MC reference against its bound, and a scatter of surrogate vs MC probability;
-- amortisation: offline evaluations, evaluations saved per query against the costliest run
-  (normally Cohen), and the number of queries after which the offline stage has paid for itself;
-- environment: versions, device, seeds and the command that produced each file.
-
-All numbers are computed by ``build_report`` (a plain dict, also the JSON), so the HTML and Markdown
-renderers only format.
+``build_report(results, calibration=..., counts=..., surrogate=..., ...)`` returns one JSON-ready
+dict: per results file, certified accuracy at fixed radii and ACR (mean over all inputs of the
+radius of correct certificates, 0 otherwise); the cost in base-model evaluations per query over
+all / certified / other inputs (the Halt Fast table format), medians, wall time and the share of
+each path; the calibration's parameters, ``q^`` per group and, with the test split's counts and
+the surrogate, the held-out rate of calibrated radii above the Monte Carlo reference against its
+bound; the amortisation (break-even queries); the environment. ``tables(report)`` lays those
+numbers out as (header, rows) of display cells, the one source for every renderer.
+Figures are in ``calibration.figures``; HTML and Markdown in ``surrogate_cert.workflows.report``.
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 import math
 import os
+from importlib.metadata import PackageNotFoundError, version
 import platform
 import re
 import sys
@@ -34,9 +22,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from surrogate_cert.certificate import certified_accuracy, read_tsv, read_tsv_comments
-from surrogate_cert.errors import InvalidInputError, InvalidParameterError
+from data_gen.store import read_attrs, read_counts
+from surrogate_cert.core import stats
+from surrogate_cert.core.certificate import certified_accuracy, read_meta, read_tsv
+from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
+from surrogate_cert.core.hashing import sha256_file
+from surrogate_cert.core.one_pass import deployed_radius
+from surrogate_cert.core.surrogate import Surrogate
+
+from .artifact import load_calibration as load_artifact
 
 STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Radii of the certified-accuracy table (input l2 units), as in Cohen et al. at sigma = 0.25."""
@@ -68,8 +64,27 @@ def parse_header(comments: Sequence[str]) -> dict:
     return found
 
 
+def provenance(meta: dict) -> dict:
+    """``sigma``, ``seed`` and ``device`` of a results file, from its ``.meta.json`` sidecar
+    (``core.certificate.read_meta``), or parsed from the ``#`` lines of an older file."""
+    found = {k: meta[k] for k in ("sigma", "seed", "device") if meta.get(k) is not None}
+    legacy = parse_header(meta.get("comment") or [])
+    return {**legacy, **found}
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    """The provenance as display lines: ``key: value`` (the legacy ``#`` lines kept as they were)."""
+    lines = list(meta.get("comment") or [])
+    lines += [f"{k}: {v}" for k, v in sorted(meta.items()) if k != "comment"]
+    return lines
+
+
 def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """Each results TSV as ``{"label", "path", "rows", "comments", "header"}``; labels are file stems."""
+    """Each results TSV as ``{"label", "path", "rows", "comments", "header"}``; labels are file stems.
+
+    ``comments`` are the provenance lines for display, ``header`` the parsed ``sigma`` / ``seed`` /
+    ``device``.
+    """
     if not paths:
         raise InvalidParameterError("give at least one results TSV, e.g. --results cohen.tsv hybrid.tsv")
     stems = [Path(p).stem for p in paths]
@@ -78,10 +93,10 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
         rows = read_tsv(path)
         if not rows:
             raise InvalidInputError(f"{path} has no result rows; re-run the certifier that wrote it")
-        comments = read_tsv_comments(path)
+        meta = read_meta(path)
         label = stem if stems.count(stem) == 1 else os.fspath(path)
-        runs.append(dict(label=label, path=os.fspath(path), rows=rows, comments=comments,
-                         header=parse_header(comments)))
+        runs.append(dict(label=label, path=os.fspath(path), rows=rows, comments=_meta_lines(meta),
+                         header=provenance(meta)))
     return runs
 
 
@@ -90,15 +105,11 @@ def load_calibration(path: str | os.PathLike) -> dict:
 
     A tampered file is refused (``CalibrationError``) rather than reported as if it were valid.
     """
-    from .artifact import load_calibration as load_artifact
-
     return load_artifact(path).to_dict()
 
 
 def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike]) -> int:
     """Base-model evaluations spent to make counts files: committed rows x (n + n0), summed."""
-    from data_gen.store import read_attrs
-
     total = 0
     for path in paths:
         attrs = read_attrs(path)
@@ -248,13 +259,13 @@ def build_report(
         if counts is not None and surrogate is not None:
             section["check"] = calibration_check(calibration, counts, surrogate, data_root)
         report["calibration"] = section
-    report["_curves"] = {r["label"]: _curve(r["rows"]) for r in runs}
+    report["_curves"] = {r["label"]: curve(r["rows"]) for r in runs}
     report["_samples"] = {r["label"]: [x["n_samples"] for x in r["rows"]] for r in runs
                           if summaries[r["label"]]["samples"]["all"] is not None}
     return report
 
 
-def _curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+def curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Certified accuracy as a step function of the radius: (radii, accuracy at each radius)."""
     radius = np.sort(np.array([r["radius"] for r in rows if r["correct"] and r["predict"] >= 0], dtype=float))
     n = len(rows)
@@ -273,15 +284,6 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     surrogate's class A, probability p~ and calibrated radius R^ (``calibration.conformal.
     deployed_radius``); the reference y from the counts of A (``check_against_reference``).
     """
-    from data_gen.datasets import load_split
-    from data_gen.store import read_counts
-    from surrogate_cert.errors import CalibrationError
-    from surrogate_cert.hashing import sha256_file
-    from surrogate_cert.surrogate import Surrogate
-
-    from .artifact import load_calibration as load_artifact
-    from .conformal import deployed_radius
-
     model = Surrogate.load(surrogate)
     cal = load_artifact(calibration, surrogate=model)
     held_out = read_counts(counts)
@@ -291,7 +293,7 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     if int(attrs["num_classes"]) != cal.num_classes or not math.isclose(float(attrs["sigma"]), cal.sigma):
         raise CalibrationError(f"{counts} was made at sigma={attrs['sigma']} with {attrs['num_classes']} classes, "
                                f"the calibration at sigma={cal.sigma} with {cal.num_classes}; use matching counts")
-    images = load_split(str(attrs["dataset"]), str(attrs["split"]), data_root=data_root).take(held_out.indices).x
+    images = held_out.images(data_root)
     predicted, p_tilde = model.predict(images)
     predicted = np.asarray(predicted)
     calibrated = deployed_radius(cal, predicted, p_tilde)
@@ -312,17 +314,13 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
     marginally, so the count of ``R^ > y`` should not exceed the 0.999-quantile of
     ``Binomial(images, epsilon)`` (the allowance) but in one time out of a thousand.
     """
-    from scipy import stats as st
-
-    from surrogate_cert import stats
-
     p_surrogate = np.asarray(p_surrogate, dtype=float)
     calibrated_radius = np.asarray(calibrated_radius, dtype=float)
     counts_top = np.asarray(counts_top, dtype=float)
-    reference = np.maximum(stats.radius(stats.lower_confidence_bound(counts_top, n, alpha_mc), sigma), 0.0)
+    reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma))
     above = (calibrated_radius > 0) & (calibrated_radius > reference)
     m = int(above.size)
-    allowance = int(st.binom.ppf(0.999, m, epsilon)) if m else 0
+    allowance = stats.binomial_allowance(m, epsilon)
     return dict(
         num_images=m,
         num_above=int(above.sum()),
@@ -341,22 +339,15 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
 
 def _version(module: str) -> str | None:
     try:
-        from importlib.metadata import version
-
         return version(module)
-    except Exception:  # not installed: reported as None
+    except PackageNotFoundError:  # not installed: reported as None
         return None
 
 
 def environment(runs: Sequence[dict] = (), cal: dict | None = None) -> dict:
     """Versions, the device of this machine, and per results file its seed, device and command."""
-    try:
-        import torch
-
-        device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-        threads = torch.get_num_threads()
-    except Exception:  # torch missing or broken: the report still renders
-        device, threads = None, None
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
     env = dict(
         python=sys.version.split()[0],
         platform=platform.platform(),
@@ -377,86 +368,7 @@ def environment(runs: Sequence[dict] = (), cal: dict | None = None) -> dict:
     return env
 
 
-# --------------------------------------------------------------------------- figures
-
-def _png(fig) -> str:
-    """A matplotlib figure as a base64 PNG (closed afterwards)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figure_certified_accuracy(curves: dict, sigma: float | None) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, (grid, acc) in curves.items():
-        ax.step(grid, acc, where="post", label=label)
-    ax.set_xlabel("radius (l2, input units)" + (f"; sigma = {sigma:g}" if sigma else ""))
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def figure_samples_histogram(samples: dict) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    top = max(max(v) for v in samples.values()) if samples else 1
-    bins = np.concatenate([[0, 1], np.geomspace(1, max(top, 2) * 1.01, 40)[1:]])
-    for label, values in samples.items():
-        ax.hist(np.asarray(values, dtype=float), bins=bins, histtype="step", linewidth=1.5, label=label)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("base-model evaluations for one input (0 = surrogate only)")
-    ax.set_ylabel("inputs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def figure_calibration_scatter(check: dict) -> str:
-    """Left: surrogate probability vs MC estimate; right: calibrated vs MC reference radius."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.4))
-    points = check["points"]
-    p_mc = np.asarray(points["p_mc"], dtype=float)
-    p_sur = np.asarray(points["p_surrogate"], dtype=float)
-    above = np.asarray(points["above_reference"], dtype=bool)
-    calibrated = np.asarray(points["calibrated_radius"], dtype=float)
-    reference = np.asarray(points["reference_radius"], dtype=float)
-    for ax, xs, ys in ((left, p_mc, p_sur), (right, reference, calibrated)):
-        ax.scatter(xs[~above], ys[~above], s=8, alpha=0.6, label="calibrated radius <= reference")
-        ax.scatter(xs[above], ys[above], s=14, color="crimson", label="calibrated radius > reference")
-        ax.grid(alpha=0.3)
-    left.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-    left.set_xlabel("MC estimate of p_A (test counts)")
-    left.set_ylabel("surrogate probability p~_A")
-    left.set_xlim(0, 1.01)
-    left.set_ylim(0, 1.01)
-    left.legend(fontsize=8)
-    top = max(float(np.max(reference, initial=0)), float(np.max(calibrated, initial=0)), 1e-3) * 1.05
-    right.plot([0, top], [0, top], color="grey", linewidth=0.8)
-    right.axhline(0, color="black", linewidth=0.6)
-    right.set_xlabel("MC reference radius y (Clopper-Pearson at alpha_mc)")
-    right.set_ylabel("calibrated surrogate radius R^ (certified if > 0)")
-    right.set_xlim(0, top)
-    return _png(fig)
-
-
-# --------------------------------------------------------------------------- rendering
+# --------------------------------------------------------------------------- tables as data
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -577,214 +489,3 @@ def _group_rows(cal: dict) -> list[list[str]]:
         rows.append(["pooled (all)", "inf (never certifies)" if q is None else _fmt(float(q), 4),
                      _fmt(cal["calibration_size"]), ""])
     return rows
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), "| " + " | ".join("---" for _ in header) + " |"] + [line(r) for r in rows])
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
-img{max-width:100%;margin:.5em 0}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
-.note{color:#555;font-size:.92em}
-"""
-
-_NOTES = {
-    "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
-                "(l2, input units). ACR: mean over all inputs of the radius of correct certificates (0 otherwise).",
-    "cost": "Base-model evaluations per input, in the format of the Halt Fast tables: over all inputs, over "
-            "certified inputs (a class and a radius > 0), over the rest (abstained). Certified accuracy at r = 0.",
-    "per_query": "Medians of the same evaluations; wall time per query from each file's time column; "
-                 "share of inputs decided by each path (surrogate: one pass, 0 evaluations; eprocess: "
-                 "sequential; cohen: fixed sample; abstain: no certificate).",
-    "amortisation": "Offline evaluations (counts for the surrogate's train and calibration splits) divided "
-                    "by evaluations saved per query against the costliest run: the number of queries after "
-                    "which the offline stage has paid for itself.",
-    "check": "On the test split's MC counts (never used for calibration): how often the calibrated surrogate "
-             "radius exceeds the Clopper-Pearson reference radius. Calibration bounds this rate by epsilon "
-             "(marginally); the allowance is the 0.999-quantile of Binomial(images, epsilon).",
-}
-
-
-def render_html(report: dict, figures: dict[str, str], title: str = "surrogate-cert report") -> str:
-    """The report as one HTML string; ``figures`` maps a section to a base64 PNG."""
-    t = tables(report)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    sigma = report.get("sigma")
-    if report["runs"]:
-        parts.append("<p class='note'>Results: " + ", ".join(
-            f"<code>{html.escape(f['path'])}</code>" for f in report["environment"]["files"].values())
-            + (f"; sigma = {sigma:g}" if sigma else "") + ".</p>")
-
-    def section(title_: str, keys: Sequence[str], figure_keys: Sequence[str] = ()):
-        if not any(k in t for k in keys) and not any(k in figures for k in figure_keys):
-            return
-        parts.append(f"<h2>{html.escape(title_)}</h2>")
-        for key in figure_keys:
-            if key in figures:
-                parts.append(f"<img alt='{key}' src='data:image/png;base64,{figures[key]}'>")
-        for key in keys:
-            if key in t:
-                if key in _NOTES:
-                    parts.append(f"<p class='note'>{html.escape(_NOTES[key])}</p>")
-                parts.append(_html_table(*t[key]))
-
-    section("Certified accuracy", ["accuracy"], ["certified_accuracy"])
-    section("Cost", ["cost", "per_query"], ["samples_histogram"])
-    cal = report.get("calibration")
-    if cal:
-        section("Calibration", ["calibration", "groups", "check"], ["calibration_scatter"])
-        if cal.get("check") is None:
-            parts.append("<p class='note'>No held-out check: pass the test split's counts and the surrogate "
-                         "(--counts test.h5 --surrogate surrogate.pt) to measure calibrated radii against MC.</p>")
-    am = report.get("amortisation")
-    if am and am.get("per_run"):
-        parts.append("<h2>Amortisation</h2>")
-        parts.append(f"<p>Offline base-model evaluations: <b>{_fmt(am['offline_evaluations'])}</b>"
-                     + ("" if am["offline_evaluations"] is not None else
-                        " (pass --offline-evaluations N or --offline-counts train.h5 cal.h5)") + ".</p>")
-        parts.append(f"<p class='note'>{html.escape(_NOTES['amortisation'])}</p>")
-        parts.append(_html_table(*t["amortisation"]))
-    parts.append("<h2>Environment</h2>")
-    parts.append(_html_table(*t["environment"]))
-    for label, f in report["environment"]["files"].items():
-        if f["header"]:
-            parts.append(f"<p><b>{html.escape(label)}</b> (<code>{html.escape(f['path'])}</code>)</p>"
-                         f"<pre>{html.escape(chr(10).join(f['header']))}</pre>")
-    if cal:
-        parts.append(f"<p><b>calibration</b> (<code>{html.escape(cal['path'])}</code>)</p>"
-                     f"<pre>{html.escape(json.dumps(_jsonable(cal['raw']), indent=1)[:20000])}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def render_markdown(report: dict, title: str = "surrogate-cert report") -> str:
-    """The report's tables as Markdown (the plots are in the HTML)."""
-    t = tables(report)
-    lines = [f"# {title}", ""]
-    headings = [("accuracy", "Certified accuracy"), ("cost", "Cost"), ("per_query", "Per query"),
-                ("calibration", "Calibration"), ("groups", "Calibration groups"),
-                ("check", "Held-out check of the calibration"), ("amortisation", "Amortisation"),
-                ("environment", "Environment")]
-    for key, heading in headings:
-        if key in t:
-            lines += [f"## {heading}", ""]
-            if key in _NOTES:
-                lines += [_NOTES[key], ""]
-            if key == "amortisation":
-                lines += [f"Offline base-model evaluations: {_fmt(report['amortisation']['offline_evaluations'])}.", ""]
-            lines += [_md_table(*t[key]), ""]
-    for label, f in report["environment"]["files"].items():
-        if f["header"]:
-            lines += [f"`{label}` ({f['path']}):", "", "```"] + f["header"] + ["```", ""]
-    return "\n".join(lines)
-
-
-def _jsonable(value):
-    """Replace inf/nan by None and NumPy scalars/arrays by Python ones, so json.dumps is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _figures(report: dict) -> dict[str, str]:
-    figures = {}
-    if report["_curves"]:
-        figures["certified_accuracy"] = figure_certified_accuracy(report["_curves"], report.get("sigma"))
-    if report["_samples"]:
-        figures["samples_histogram"] = figure_samples_histogram(report["_samples"])
-    cal = report.get("calibration")
-    if cal and cal.get("check") and cal["check"].get("points"):
-        figures["calibration_scatter"] = figure_calibration_scatter(cal["check"])
-    return figures
-
-
-def _write_all(report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "") -> dict[str, str]:
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InvalidParameterError(f"output folder {out.parent} does not exist; create it first or choose another --out")
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise InvalidParameterError(f"--out {out} must end in .html (the .md and .json are written beside it)")
-    stem = out.with_suffix("")
-    paths = dict(html=str(out), md=f"{stem}{beside}.md", json=f"{stem}{beside}.json")
-    taken = {os.path.realpath(p) for p in inputs if p is not None}
-    clash = [p for p in paths.values() if os.path.realpath(p) in taken]
-    if clash:
-        raise InvalidParameterError(f"writing the report would overwrite its input {clash[0]}; choose another --out")
-    figures = _figures(report)
-    contents = dict(html=render_html(report, figures, title), md=render_markdown(report, title),
-                    json=json.dumps(_jsonable(report), indent=2, allow_nan=False))
-    for key, path in paths.items():
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(contents[key])
-        os.replace(tmp, path)
-    return paths
-
-
-def write_report(
-    results: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    calibration: str | os.PathLike | None = None,
-    counts: str | os.PathLike | None = None,
-    surrogate: str | os.PathLike | None = None,
-    offline_evaluations: int | None = None,
-    baseline: str | None = None,
-    title: str = "surrogate-cert report",
-    data_root: str | None = None,
-) -> dict[str, str]:
-    """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
-
-    Returns the three paths. ``counts`` and ``surrogate`` (both or neither) add the held-out check of
-    the calibration (images read from the dataset the counts file names, under ``data_root`` for
-    torchvision sets); ``offline_evaluations`` the amortisation figures.
-    """
-    if (counts is None) != (surrogate is None):
-        raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
-    if counts is not None and calibration is None:
-        raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
-    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root)
-    return _write_all(report, out, title, [*results, calibration, counts, surrogate])
-
-
-def write_calibration_report(
-    calibration_path: str | os.PathLike,
-    out: str | os.PathLike,
-    counts: str | os.PathLike | None = None,
-    surrogate: str | os.PathLike | None = None,
-    data_root: str | None = None,
-) -> dict[str, str]:
-    """The calibration section alone (``surrogate-cert calibrate --report``); returns the paths written.
-
-    Beside ``out`` (``calibration.html``) go ``calibration.report.md`` and ``calibration.report.json``,
-    so the report never replaces the calibration file it describes.
-    """
-    if (counts is None) != (surrogate is None):
-        raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")
-    report = build_report([], calibration_path, counts, surrogate, data_root=data_root)
-    return _write_all(report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate],
-                      beside=".report")

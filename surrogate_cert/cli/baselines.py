@@ -1,22 +1,31 @@
 """``surrogate-cert cohen`` and ``surrogate-cert sequential``: certify a dataset split, write the results TSV.
 
 Thin wrappers: load the model and the split, build a ``SmoothedClassifier``, run ``CohenCertifier``
-or ``EProcessCertifier`` over chunks of inputs, write ``certificate.write_tsv`` with a ``#`` header
-that records the command line and the versions.
+or ``EProcessCertifier`` over chunks of inputs, write the TSV and its ``.meta.json`` provenance.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
-import numpy as np
+from data_gen.datasets import load_split
+from data_gen.models import load_model
 
-from .cli_common import add_dataset_args, add_device_args, add_parser, check_output_path, command_line
-from .errors import InvalidParameterError
+from ..core.cohen import CohenCertifier
+from ..core.errors import InvalidParameterError
+from ..core.sequential import EProcessCertifier
+from ..core.smoothing import SmoothedClassifier
+from .common import (
+    add_dataset_args,
+    add_device_args,
+    add_model_arg,
+    add_parser,
+    add_progress_arg,
+    certify_split,
+    check_output_path,
+    provenance,
+    write_results,
+)
 
-MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, or "
-              "package.module:factory=weights.pt (weights loaded with weights_only=True)")
-REPORT_RADII = (0.0, 0.25, 0.5, 0.75)
 COHEN_CHUNK = 256
 """Inputs per Cohen call (each spends n0 + n samples; the chunk only paces the progress bar)."""
 SEQUENTIAL_CHUNK = 2048
@@ -51,14 +60,14 @@ def register(sub) -> None:
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_model_arg(p)
     add_dataset_args(p)
     p.add_argument("--sigma", type=float, default=None,
                    help="noise level (l2, pixel units in [0, 1]); default: the one recorded in the model")
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability per certificate (default 0.001)")
     add_device_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="results TSV to write")
+    add_progress_arg(p)
+    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json)")
 
 
 def parse_prior(text: str):
@@ -73,15 +82,7 @@ def parse_prior(text: str):
 
 
 def _load(args: argparse.Namespace):
-    """The split, the smoothed classifier and the provenance header for a run."""
-    import torch
-
-    from data_gen.datasets import load_split
-    from data_gen.models import load_model
-
-    from . import __version__
-    from .smoothing import SmoothedClassifier
-
+    """The split, the smoothed classifier and the provenance of a run."""
     check_output_path(args.out)
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     loaded = load_model(args.model, device=args.device, num_classes=data.num_classes)
@@ -90,71 +91,32 @@ def _load(args: argparse.Namespace):
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=args.device,
                                 batch_size=args.batch_size, seed=args.seed)
-    import scipy
-
-    header = "\n".join([
-        command_line(),
-        f"surrogate-cert {__version__}; torch {torch.__version__}; numpy {np.__version__}; scipy {scipy.__version__}",
-        f"dataset {args.dataset} split {args.split} images {len(data)}; sigma {sigma}; alpha {args.alpha}; "
-        f"model sha256 {loaded.sha256}; device {smooth.device}; seed {args.seed}",
-    ])
-    return data, smooth, header
-
-
-def _run_chunks(data, certify, chunk: int, progress: bool, desc: str) -> list:
-    from tqdm.auto import tqdm
-
-    certificates = []
-    with tqdm(total=len(data), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-        for lo in range(0, len(data), chunk):
-            hi = min(lo + chunk, len(data))
-            certificates.extend(certify(data.x[lo:hi], data.indices[lo:hi]))
-            bar.update(hi - lo)
-    return certificates
-
-
-def _finish(args, data, certificates, header: str) -> int:
-    from .certificate import certified_accuracy, write_tsv
-
-    write_tsv(args.out, data.indices, data.y.tolist(), certificates, header_comment=header)
-    labels = data.y.numpy()
-    rows = [dict(correct=int(c.prediction == y), radius=c.radius) for c, y in zip(certificates, labels)]
-    accuracy = certified_accuracy(rows, REPORT_RADII)
-    samples = np.mean([c.n_samples for c in certificates]) if certificates else 0.0
-    seconds = sum(c.seconds for c in certificates)
-    summary = ", ".join(f"{a:.3f}@{r:g}" for a, r in zip(accuracy, REPORT_RADII))
-    print(f"wrote {args.out}: {len(certificates)} images; certified accuracy {summary}; "
-          f"mean samples {samples:.1f}; {seconds:.1f} s")
-    return 0
+    meta = provenance(args, method=args.command, dataset=args.dataset, split=args.split, limit=args.limit,
+                      images=len(data), sigma=sigma, alpha=args.alpha, model_sha256=loaded.sha256,
+                      device=str(smooth.device), seed=args.seed)
+    return data, smooth, meta
 
 
 def run_cohen(args: argparse.Namespace) -> int:
-    from .cohen import CohenCertifier
-    from .errors import check_count, check_probability
-
-    check_count("--n0", args.n0)
-    check_count("--n", args.n)
-    check_probability("--alpha", args.alpha)
-    data, smooth, header = _load(args)
+    data, smooth, meta = _load(args)
     certifier = CohenCertifier(smooth)
-    certificates = _run_chunks(
+    certificates = certify_split(
         data, lambda x, idx: certifier.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, indices=idx),
         COHEN_CHUNK, not args.no_progress, "cohen",
     )
-    return _finish(args, data, certificates, header)
+    return write_results(args.out, data, certificates, dict(meta, n0=args.n0, n=args.n))
 
 
 def run_sequential(args: argparse.Namespace) -> int:
-    from .sequential import EProcessCertifier
-
     prior = parse_prior(args.prior)
-    data, smooth, header = _load(args)
+    data, smooth, meta = _load(args)
     certifier = EProcessCertifier(
         smooth, args.alpha, prior=prior, tolerance=args.tolerance, max_samples=args.max_samples,
         class_choice=args.class_choice, n0=args.n0, target_radius=args.target_radius,
         policy="best_radius" if args.target_radius is None else "target_radius",
     )
-    certificates = _run_chunks(data, lambda x, idx: certifier.certify(x, indices=idx),
-                               SEQUENTIAL_CHUNK, not args.no_progress, "sequential")
-    return _finish(args, data, certificates, header)
-
+    certificates = certify_split(data, lambda x, idx: certifier.certify(x, indices=idx),
+                                 SEQUENTIAL_CHUNK, not args.no_progress, "sequential")
+    return write_results(args.out, data, certificates, dict(
+        meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance,
+        max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0))

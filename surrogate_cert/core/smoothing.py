@@ -44,6 +44,16 @@ def block_seed(seed: int, index: int, stream: int, block: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
+def noise_indices(indices: Sequence[int] | np.ndarray | None, num: int) -> np.ndarray:
+    """Each input's noise name (its dataset index) as int64, ``0..num-1`` when not given."""
+    if indices is None:
+        return np.arange(num, dtype=np.int64)
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.shape != (num,):
+        raise InvalidInputError(f"indices must have one entry per input ({num}), got shape {idx.shape}")
+    return idx
+
+
 def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Validate a batch of images: float tensor ``N x C x H x W`` (or the model's shape), finite, in [0, 1]."""
     if not isinstance(x, torch.Tensor):
@@ -141,9 +151,7 @@ class SmoothedClassifier:
         start_arr = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
         if num and (n_arr.min() < 0 or start_arr.min() < 0):
             raise InvalidInputError("n and start must be >= 0")
-        idx_arr = np.arange(num) if indices is None else np.asarray(indices, dtype=np.int64)
-        if idx_arr.shape != (num,):
-            raise InvalidInputError(f"indices must have one entry per input ({num}), got shape {idx_arr.shape}")
+        idx_arr = noise_indices(indices, num)
 
         k = self.num_classes
         x_dev = x.to(self.device, dtype=torch.float32)

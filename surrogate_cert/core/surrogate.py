@@ -7,9 +7,10 @@ sequential fallback uses its ``p~`` only as a prior (validity never depends on i
 
 The fallback prior ``w * KT + (1 - w) * Beta(kappa p~, kappa (1 - p~))`` (``stats.surrogate_prior``)
 is tuned here, on the train split only: ``(kappa, w)`` from a small grid maximise the log marginal
-likelihood (Beta-binomial evidence) of the held-out train counts of the surrogate's class. The
-sequential test's e-value is exactly that mixture likelihood divided by the likelihood at the
-threshold, so the prior that best predicts fresh counts is the one that stops soonest.
+likelihood of the held-out train counts of the surrogate's class (``stats.prior_log_evidence``).
+
+Training from a counts file (images read from the dataset the file names) is a workflow:
+``surrogate_cert.workflows.training.train_surrogate``.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import stats as _st
-from scipy.special import logsumexp
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .architectures import build, default_arch, load_checkpoint, save_checkpoint
-from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive, check_probability
+from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
+from .hashing import sha256_file
 from .smoothing import check_images, resolve_device
+from .stats import check_prior_weight, prior_log_evidence
 
-__all__ = ["Surrogate", "train_surrogate", "prior_log_evidence", "tune_prior", "KAPPA_GRID", "W_GRID"]
+__all__ = ["Surrogate", "tune_prior", "KAPPA_GRID", "W_GRID"]
 
 KAPPA_GRID = (2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 """Candidate prior concentrations ``kappa`` (pseudo-samples the surrogate's ``p~`` is worth)."""
@@ -46,23 +48,9 @@ DEFAULT_W = 0.2
 
 # --------------------------------------------------------------------------- prior tuning (numbers only)
 
-def prior_log_evidence(counts_top, n, p_tilde, kappa: float, w: float) -> float:
-    """Sum over inputs of ``log P(k | n)`` under the mixture prior ``w * KT + (1 - w) * Beta(kappa p~, ...)``.
-
-    ``counts_top[i]`` successes of the surrogate's class out of ``n`` (Beta-binomial marginal).
-    Uses the same clipped ``p~`` as ``stats.surrogate_prior``.
-    """
-    from .stats import surrogate_prior
-
-    a, b, weights = surrogate_prior(p_tilde, kappa, w)
-    k = np.asarray(counts_top, dtype=float)[:, None]
-    logpmf = _st.betabinom.logpmf(k, n, a, b)
-    return float(np.sum(logsumexp(logpmf + np.log(weights), axis=1)))
-
-
 def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
                weights: Sequence[float] = W_GRID) -> tuple[float, float, list[dict]]:
-    """``(kappa, w, table)`` maximising ``prior_log_evidence`` over the grid (train-split counts only)."""
+    """``(kappa, w, table)`` maximising ``stats.prior_log_evidence`` over the grid (train-split counts only)."""
     table = [dict(kappa=float(kappa), w=float(w), log_evidence=prior_log_evidence(counts_top, n, p_tilde, kappa, w))
              for kappa in kappas for w in weights]
     best = max(table, key=lambda row: row["log_evidence"])
@@ -98,7 +86,7 @@ class Surrogate:
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.sigma = check_positive("sigma", sigma)
         self.kappa = check_positive("kappa", kappa)
-        self.w = check_probability("w", w)
+        self.w = check_prior_weight(w)
         self.meta = dict(meta or {})
         self.device = resolve_device(device)
         self.batch_size = check_count("batch_size", batch_size)
@@ -180,8 +168,6 @@ class Surrogate:
         ``patience`` epochs without improvement. Sets ``history_`` (loss per epoch),
         ``best_epoch_``, ``train_rows_`` and ``holdout_rows_``.
         """
-        from tqdm.auto import tqdm
-
         x = self._check(x)
         counts = np.asarray(counts)
         if counts.ndim != 2 or counts.shape != (x.shape[0], self.num_classes):
@@ -269,17 +255,24 @@ class Surrogate:
                     sigma=self.sigma, kappa=self.kappa, w=self.w)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the weights (names and bytes, in order) and ``header()``."""
-        digest = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
-        for name, tensor in self.model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """SHA-256 of the weights (names and bytes, in order) and ``header()``.
+
+        Cached: recomputed only when the header or a weight tensor changed (in-place updates bump a
+        tensor's version counter), so checking a calibration against it costs one hash per load.
+        """
+        state = self.model.state_dict()
+        key = (json.dumps(self.header(), sort_keys=True),
+               tuple((name, t.data_ptr(), t._version) for name, t in state.items()))
+        if getattr(self, "_fingerprint_key", None) != key:
+            digest = hashlib.sha256(key[0].encode())
+            for name, tensor in state.items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint, self._fingerprint_key = digest.hexdigest(), key
+        return self._fingerprint
 
     def save(self, path: str | os.PathLike) -> str:
         """Write a weights-only checkpoint (kind ``surrogate``) with ``meta`` plus sigma, kappa, w."""
-        from .hashing import sha256_file
-
         meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
                 "package_version": __version__, "fingerprint": self.fingerprint()}
         save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
@@ -290,8 +283,6 @@ class Surrogate:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Surrogate":
         """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate."""
-        from .hashing import sha256_file
-
         model, header = load_checkpoint(path)
         if header.get("kind") != "surrogate":
             raise ModelError(f"{path} is a {header.get('kind')} model, not a surrogate; "
@@ -305,82 +296,3 @@ class Surrogate:
                         w=meta["w"], meta=meta, device=device)
         surrogate.file_sha256 = sha256_file(path)
         return surrogate
-
-
-# --------------------------------------------------------------------------- from a counts file
-
-def train_surrogate(
-    counts_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    arch: str | None = None,
-    init_from_base: str | None = None,
-    epochs: int | None = None,
-    seed: int = 0,
-    data_root: str | None = None,
-    device: str | torch.device | None = None,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    holdout: float = 0.1,
-    progress: bool = True,
-) -> Surrogate:
-    """Train a surrogate on a ``train`` counts file and save it to ``out``; returns it.
-
-    The images are read from the dataset and split the counts file records (``load_split(...)
-    .take(indices)``). The default architecture follows the recorded input shape; ``init_from_base``
-    (a checkpoint from ``train-base``) starts from the base model's weights and architecture.
-    ``kappa`` and ``w`` of the fallback prior are tuned on the held-out part of this split.
-    """
-    from data_gen.datasets import load_split
-    from data_gen.store import read_counts
-
-    from .hashing import sha256_file
-
-    started = time.perf_counter()
-    counts_file = read_counts(counts_path)
-    attrs = counts_file.attrs
-    if not attrs.get("complete", True):
-        raise InvalidInputError(
-            f"{counts_path} is incomplete ({len(counts_file)} rows committed); finish it with "
-            "`surrogate-cert datagen ... --resume` first"
-        )
-    if len(counts_file) < 2:
-        raise InvalidInputError(f"{counts_path} holds {len(counts_file)} rows; a surrogate needs at least 2")
-    split = load_split(str(attrs["dataset"]), str(attrs["split"]), data_root=data_root)
-    images = split.take(counts_file.indices).x
-    input_shape = tuple(attrs.get("input_shape") or images.shape[1:])
-    num_classes = int(attrs["num_classes"])
-    base = None
-    if init_from_base is not None:
-        base_model, base_header = load_checkpoint(init_from_base)
-        if arch is not None and arch != base_header["arch"]:
-            raise InvalidParameterError(
-                f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
-            )
-        arch, base = base_header["arch"], base_model
-    surrogate = Surrogate.build(input_shape, num_classes, float(attrs["sigma"]), arch=arch, init_from=base,
-                                seed=seed, device=device)
-    surrogate.fit(images, counts_file.counts, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout,
-                  seed=seed, progress=progress)
-    tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
-    surrogate.tune_prior(images[tune_rows], counts_file.counts[tune_rows])
-    last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
-    surrogate.meta = dict(
-        dataset=str(attrs["dataset"]),
-        split=str(attrs["split"]),
-        counts_sha256=sha256_file(counts_path),
-        counts_n=int(attrs["n"]),
-        counts_rows=len(counts_file),
-        base_model_sha256=attrs.get("model_sha256"),
-        seed=int(seed),
-        epochs_run=len(surrogate.history_),
-        best_epoch=int(surrogate.best_epoch_),
-        train_loss=last.get("train_loss"),
-        holdout_loss=last.get("holdout_loss"),
-        init_from_base=os.path.abspath(init_from_base) if init_from_base else None,
-        prior_tuning=dict(criterion="log marginal likelihood of held-out train counts",
-                          rows=int(len(tune_rows)), table=surrogate.prior_table_),
-        seconds=time.perf_counter() - started,
-    )
-    surrogate.save(out)
-    return surrogate

@@ -31,10 +31,26 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy
+import torch
+from tqdm.auto import tqdm
 
-from . import stats
-from .certificate import Certificate, abstention, write_tsv
-from .errors import InvalidParameterError, StoreError
+from calibration.conformal import calibrate
+from data_gen.datasets import load_split
+from data_gen.generate import generate_counts
+from data_gen.models import load_model, train_base
+from calibration.summary import offline_evaluations_from_counts
+from data_gen.store import ResumeMismatchError, read_attrs, read_counts
+
+from ..core import __version__
+from ..core.certificate import Certificate, write_tsv
+from ..core.cohen import certificates_from_counts
+from ..core.errors import InvalidParameterError, StoreError
+from ..core.hashing import sha256_file
+from ..core.smoothing import resolve_device
+from ..deploy.hybrid import HybridCertifier
+from .report import write_calibration_report, write_report
+from .training import train_surrogate
 
 MANIFEST = "quickstart.json"
 """Per-stage record in the output folder: the key of the inputs and settings, outputs, seconds."""
@@ -89,8 +105,6 @@ def _key(*parts) -> str:
 
 
 def _file_key(path: Path) -> str:
-    from .hashing import sha256_file
-
     return sha256_file(path)
 
 
@@ -130,25 +144,6 @@ class _Manifest:
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, flush=True)
-
-
-# --------------------------------------------------------------------------- Cohen from counts
-
-def cohen_from_counts(counts_select: np.ndarray, counts: np.ndarray, n: int, alpha: float, sigma: float,
-                      seconds: float = 0.0) -> list[Certificate]:
-    """Cohen et al.'s CERTIFY on stored counts: class from ``counts_select``, bound from ``counts``.
-
-    Identical to ``CohenCertifier.certify`` when the counts come from the same noise streams
-    (``STREAM_SELECT`` and ``STREAM_ESTIMATE``, same seed and indices), which ``datagen --n0`` uses.
-    With probability at least ``1 - alpha`` per input, a non-abstaining certificate is correct.
-    """
-    top = np.asarray(counts_select).argmax(axis=1)
-    count_top = np.asarray(counts)[np.arange(len(top)), top]
-    p_lower = np.atleast_1d(stats.lower_confidence_bound(count_top, n, alpha))
-    radii = np.atleast_1d(stats.radius(p_lower, sigma))
-    n_samples = int(n + int(np.asarray(counts_select)[0].sum())) if len(top) else n
-    return [Certificate(int(c), float(r), "cohen", n_samples, float(p), seconds) if r > 0
-            else abstention(n_samples, float(p), seconds) for c, r, p in zip(top, radii, p_lower)]
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -210,8 +205,6 @@ class Pipeline:
         cfg, paths = self.cfg, self.paths
 
         def run_base():
-            from data_gen.models import train_base
-
             metrics = train_base(dataset=cfg.dataset, sigma=cfg.sigma, out=str(paths["base.pt"]),
                                  epochs=cfg.base_epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
                                  progress=self.progress)
@@ -224,8 +217,6 @@ class Pipeline:
         self.counts("cal", cfg.cal_n, 0, cfg.cal_limit)
 
         def run_train():
-            from .surrogate import train_surrogate
-
             surrogate = train_surrogate(paths["train.h5"], paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
                                         seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
                                         progress=self.progress)
@@ -235,8 +226,6 @@ class Pipeline:
                    [paths["surrogate.pt"]], run_train, "surrogate on train.h5 (soft-label cross-entropy)")
 
         def run_calibrate():
-            from calibration.conformal import calibrate
-
             calibration = calibrate(str(paths["surrogate.pt"]), str(paths["cal.h5"]), cfg.epsilon, cfg.alpha_mc,
                                     data_root=cfg.data_root, device=cfg.device)
             calibration.save(paths["calibration.json"])
@@ -271,15 +260,14 @@ class Pipeline:
     def cohen(self) -> None:
         cfg, paths = self.cfg, self.paths
         seconds = self.manifest.seconds("datagen test")
-        self.stage("cohen", _key("cohen", _file_key(paths["test.h5"]), cfg.alpha, seconds), [paths["cohen.tsv"]],
+        # The key names the inputs only: the time column (datagen seconds) is not an input.
+        self.stage("cohen", _key("cohen", _file_key(paths["test.h5"]), cfg.alpha), [paths["cohen.tsv"]],
                    lambda: _run_cohen(cfg, paths, seconds, self.command),
                    f"{cfg.cohen_label} on the same test images (n0={cfg.test_n0}, n={cfg.test_n:,}, "
                    f"alpha={cfg.alpha})")
 
     def reports(self) -> dict[str, str]:
         """report.html (+ .md, .json) and calibration-report.html; always rewritten (cheap)."""
-        from calibration.report import offline_evaluations_from_counts, write_calibration_report, write_report
-
         cfg, paths = self.cfg, self.paths
         self.say(f"[{len(self.timings) + 1}/{self.total_stages}] report: certified accuracy, cost, calibration, "
                  "amortisation")
@@ -327,9 +315,6 @@ def quickstart(
 def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, target: Path, base: Path,
                  progress: bool, command: str) -> dict:
     """Counts for one split; an interrupted file of the same settings is resumed, any other replaced."""
-    from data_gen.generate import generate_counts
-    from data_gen.store import ResumeMismatchError, read_attrs
-
     kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
                   data_root=cfg.data_root, progress=progress, command=command)
     resume = target.exists()
@@ -350,26 +335,18 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
     return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
 
 
-def _header(cfg: QuickstartConfig, command: str, what: str) -> str:
-    return (f"{command}\n{what}\nsigma={cfg.sigma} seed={cfg.seed} alpha={cfg.alpha} device={_device_name(cfg)} "
-            f"dataset={cfg.dataset} split=test limit={cfg.test_limit}")
+def provenance(command: str, method: str, **fields) -> dict:
+    """The ``.meta.json`` of a results file: command, method, versions, then the run's fields."""
+    return dict(command=command, method=method, package_version=__version__, torch=torch.__version__,
+                numpy=np.__version__, scipy=scipy.__version__, **fields)
 
 
-def _device_name(cfg: QuickstartConfig) -> str:
-    from .smoothing import resolve_device
-
-    return str(resolve_device(cfg.device))
+def _meta(cfg: QuickstartConfig, command: str, method: str, **fields) -> dict:
+    return provenance(command, method, dataset=cfg.dataset, split="test", limit=cfg.test_limit, sigma=cfg.sigma,
+                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)), **fields)
 
 
 def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str) -> dict:
-    from tqdm.auto import tqdm
-
-    from data_gen.datasets import load_split
-    from data_gen.models import load_model
-    from data_gen.store import read_counts
-
-    from .hybrid import HybridCertifier
-
     test = read_counts(paths["test.h5"])
     data = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=cfg.test_limit).take(test.indices)
     base = load_model(str(paths["base.pt"]), device=cfg.device)
@@ -385,23 +362,20 @@ def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str
         bar.update(hi - lo)
     bar.close()
     write_tsv(paths["hybrid.tsv"], data.indices, data.y.numpy(), certificates,
-              header_comment=_header(cfg, command, f"hybrid: surrogate.pt + calibration.json, sequential fallback "
-                                                   f"alpha={cfg.alpha} max_samples={cfg.max_samples}"))
+              meta=_meta(cfg, command, "hybrid", surrogate="surrogate.pt", calibration="calibration.json",
+                         fallback="eprocess", max_samples=cfg.max_samples))
     return dict(inputs=len(certificates))
 
 
 def _run_cohen(cfg: QuickstartConfig, paths: dict, datagen_seconds: float | None, command: str) -> dict:
-    from data_gen.store import read_counts
-
     test = read_counts(paths["test.h5"])
-    n = int(test.attrs["n"])
     seconds = (datagen_seconds or 0.0) / max(len(test), 1)
-    certificates = cohen_from_counts(test.counts_select, test.counts, n, cfg.alpha, float(test.attrs["sigma"]),
-                                     seconds)
+    certificates = certificates_from_counts(test.counts_select, test.counts, cfg.alpha, float(test.attrs["sigma"]),
+                                            seconds)
     write_tsv(paths["cohen.tsv"], test.indices, test.labels, certificates,
-              header_comment=_header(cfg, command, f"{cfg.cohen_label}: Cohen et al. CERTIFY with n0="
-                                     f"{test.attrs['n0']} n={n} from test.h5 (the noise streams of "
-                                     f"`surrogate-cert cohen --seed {cfg.seed}`); time = datagen seconds per image"))
+              meta=_meta(cfg, command, cfg.cohen_label, n0=int(test.attrs["n0"]), n=int(test.attrs["n"]),
+                         note="Cohen et al. CERTIFY from test.h5, the noise streams of `surrogate-cert cohen` "
+                              "with the same seed; time = datagen seconds per image"))
     return dict(inputs=len(certificates))
 
 
@@ -471,4 +445,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["QuickstartConfig", "FULL", "QUICK", "quickstart", "cohen_from_counts", "format_summary"]
+__all__ = ["QuickstartConfig", "FULL", "QUICK", "Pipeline", "quickstart", "format_summary", "provenance"]

@@ -1,11 +1,8 @@
-"""One-pass surrogate certification and the hybrid (surrogate first, sequential fallback).
+"""The deployment path: the hybrid certifier (surrogate first, sequential fallback).
 
-``SurrogateCertifier``: one forward pass of the calibrated surrogate over a batch gives each input
-a class ``A`` and a radius ``R^ = R~ - q^``; it certifies ``(A, R^)`` iff ``R^ > 0``, with no
-base-model evaluation. Marginally over calibration and test inputs (exchangeable), a surrogate
-certificate is wrong with probability at most ``epsilon + alpha_mc`` (``calibration.conformal``).
-
-``HybridCertifier``: inputs the surrogate cannot certify (or not to the radius a caller requires)
+``HybridCertifier`` puts together what deployment needs: the surrogate, its calibration artifact
+and the base model. The one-pass ``SurrogateCertifier`` (``core.one_pass``) certifies what it can;
+inputs the surrogate cannot certify (or not to the radius a caller requires)
 go to ``EProcessCertifier`` with the surrogate's class and the prior
 ``w * KT + (1 - w) * Beta(kappa p~, kappa (1 - p~))`` (``stats.surrogate_prior``), both fixed before
 any sequential sample is drawn; a sequential certificate is wrong with probability at most
@@ -20,10 +17,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import stats
-from .certificate import Certificate, abstention
-from .errors import InvalidParameterError, ModelError, check_count, check_probability
-from .smoothing import SmoothedClassifier, check_images
+from calibration.artifact import Calibration, load_calibration
+from data_gen.models import load_model
+
+from ..core import stats
+from ..core.certificate import Certificate
+from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
+from ..core.one_pass import SurrogateCertifier
+from ..core.sequential import EProcessCertifier
+from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
+from ..core.surrogate import Surrogate
 
 __all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS"]
 
@@ -33,44 +36,6 @@ FALLBACK_SCHEDULE = (32, 64, 128, 256)
 """Samples per fallback input per round (the last repeats): growth stops at 256 so an input stops
 at most 256 samples after its evidence suffices. The fallback inputs are few, so the small rounds
 cost little, and the savings of the surrogate prior are not lost to a doubling schedule's overshoot."""
-
-
-class SurrogateCertifier:
-    """Certify a batch in one surrogate forward pass (``n_samples = 0``).
-
-    Marginally over the calibration set and an exchangeable test input: a non-abstaining
-    certificate is wrong with probability at most ``calibration.epsilon + calibration.alpha_mc``
-    (PAC / Mondrian / LTT calibrations state their own variant of this, see ``calibration``).
-    """
-
-    def __init__(self, surrogate, calibration):
-        calibration.check_matches(surrogate)
-        self.surrogate = surrogate
-        self.calibration = calibration
-
-    @property
-    def sigma(self) -> float:
-        return self.surrogate.sigma
-
-    def radii(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(A, p~, R^)`` per input: class, its surrogate probability, calibrated radius (may be <= 0)."""
-        from calibration.conformal import deployed_radius
-
-        classes, p_tilde = self.surrogate.predict(x)
-        return classes, p_tilde, deployed_radius(self.calibration, classes, p_tilde)
-
-    def certify(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[Certificate]:
-        """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain."""
-        started = time.perf_counter()
-        classes, _, radius = self.radii(x)
-        seconds = (time.perf_counter() - started) / max(len(classes), 1)
-        return [self._certificate(int(c), float(r), seconds) for c, r in zip(classes, radius)]
-
-    def _certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0) -> Certificate:
-        if radius > 0:
-            p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
-            return Certificate(cls, radius, "surrogate", n_samples, p_lower, seconds)
-        return abstention(n_samples, 0.0, seconds)
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -135,21 +100,15 @@ class HybridCertifier:
         training counts were made with. Sigma comes from the surrogate. ``alpha``, ``max_samples``,
         ``tolerance`` and ``schedule`` configure the ``EProcessCertifier`` of the fallback.
         """
-        from calibration.artifact import Calibration, load_calibration
-
-        from .sequential import EProcessCertifier
-        from .surrogate import Surrogate
-
         if fallback not in FALLBACKS:
             raise InvalidParameterError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         alpha = check_probability("alpha", alpha)
         max_samples = check_count("max_samples", max_samples)
         if not isinstance(surrogate, Surrogate):
             surrogate = Surrogate.load(surrogate, device=device)
-        if isinstance(calibration, Calibration):
-            calibration.check_matches(surrogate)
-        else:
-            calibration = load_calibration(calibration, surrogate)
+        if not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration)
+        # SurrogateCertifier checks that the calibration belongs to this surrogate (one hash).
         sequential = None
         if fallback == "eprocess":
             if base_model is None:
@@ -165,8 +124,6 @@ class HybridCertifier:
     def _base_model(base_model, surrogate, device) -> torch.nn.Module:
         if isinstance(base_model, torch.nn.Module):
             return base_model
-        from data_gen.models import load_model
-
         loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes)
         expected = surrogate.meta.get("base_model_sha256")
         if expected and loaded.sha256 and loaded.sha256 != expected:
@@ -192,12 +149,10 @@ class HybridCertifier:
         x = check_images(x, self.surrogate.input_shape)
         num = x.shape[0]
         required = _required_radii(required_radius, num)
-        idx = np.arange(num) if indices is None else np.asarray(indices, dtype=np.int64)
-        if idx.shape != (num,):
-            raise InvalidParameterError(f"indices must have one entry per input ({num}), got shape {idx.shape}")
+        idx = noise_indices(indices, num)
         classes, p_tilde, radius = self.surrogate_certifier.radii(x)
         per_input = (time.perf_counter() - started) / max(num, 1)
-        make = self.surrogate_certifier._certificate
+        make = self.surrogate_certifier.certificate
         with np.errstate(invalid="ignore"):
             enough = (radius > 0) & (np.isnan(required) | (radius >= required))
         out: list[Certificate | None] = [make(int(c), float(r), per_input) if ok else None

@@ -1,14 +1,24 @@
-"""``surrogate-cert train-base`` and ``surrogate-cert datagen``: thin wrappers of the Python API."""
+"""``surrogate-cert train-base`` and ``surrogate-cert datagen``: the base model and its Monte Carlo counts."""
 from __future__ import annotations
 
 import argparse
 
-from surrogate_cert.cli_common import add_dataset_args, add_device_args, add_parser, check_output_path, command_line
+from data_gen.datasets import DATASET_HELP
+from data_gen.generate import generate_counts
+from data_gen.models import train_base
+from data_gen.store import read_attrs
 
-from .datasets import DATASET_HELP
-
-MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, or "
-              "package.module:factory=weights.pt (weights loaded with weights_only=True)")
+from .common import (
+    add_data_root_args,
+    add_dataset_args,
+    add_device_arg,
+    add_device_args,
+    add_model_arg,
+    add_parser,
+    add_progress_arg,
+    check_output_path,
+    command_line,
+)
 
 
 def register(sub) -> None:
@@ -20,10 +30,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default: 25 for small sets, else 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and noise")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--data-root", default=None, help="folder holding torchvision datasets (no download unless --download)")
-    p.add_argument("--download", action="store_true", help="allow torchvision to download the dataset into --data-root")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arg(p)
+    add_data_root_args(p)
+    add_progress_arg(p)
     p.set_defaults(func=run_train_base)
 
     p = add_parser(sub, "datagen",
@@ -31,7 +40,7 @@ def register(sub) -> None:
                    "surrogate-cert datagen --dataset digits --split train --model base.pt --sigma 0.25 --n 1000 "
                    "--out train.h5")
     add_dataset_args(p, split_default=None)
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_model_arg(p)
     p.add_argument("--sigma", type=float, required=True, help="noise level (l2, pixel units in [0, 1])")
     p.add_argument("--n", type=int, default=1000, help="noisy evaluations per image (dataset 'counts')")
     p.add_argument("--n0", type=int, default=0,
@@ -42,14 +51,12 @@ def register(sub) -> None:
                    help="continue an interrupted --out from its last committed row (same settings required)")
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished rows to the file at least this often (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--out", required=True, help="HDF5 file to write (refused if it exists, unless --resume)")
     p.set_defaults(func=run_datagen)
 
 
 def run_train_base(args: argparse.Namespace) -> int:
-    from .models import train_base
-
     check_output_path(args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          data_root=args.data_root, device=args.device, progress=not args.no_progress,
@@ -61,14 +68,11 @@ def run_train_base(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
-    from .generate import generate_counts
-    from .store import read_attrs
-
     check_output_path(args.out)
     generate_counts(args.dataset, args.split, args.model, args.sigma, args.n, args.out, n0=args.n0,
                     batch_size=args.batch_size, seed=args.seed, limit=args.limit, device=args.device, amp=args.amp,
                     resume=args.resume, data_root=args.data_root, download=args.download,
-                    progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line())
+                    progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args))
     attrs = read_attrs(args.out)
     print(f"wrote {args.out}: {attrs['rows']} rows ({attrs['dataset']} {attrs['split']}) x {attrs['num_classes']} "
           f"classes, n={attrs['n']}, n0={attrs['n0']}, sigma={attrs['sigma']}, complete={attrs['complete']}")

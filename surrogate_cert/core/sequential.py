@@ -17,9 +17,8 @@ import torch
 
 from . import stats
 from .certificate import Certificate, abstention
-from .cohen import _noise_indices
 from .errors import InvalidParameterError, check_count, check_probability
-from .smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier, check_images
+from .smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier, check_images, noise_indices
 
 __all__ = ["EProcessCertifier", "POLICIES", "CLASS_CHOICES"]
 
@@ -234,7 +233,7 @@ class EProcessCertifier:
         started = time.perf_counter()
         x = check_images(x)
         num = x.shape[0]
-        idx = _noise_indices(indices, num)
+        idx = noise_indices(indices, num)
         alpha_arr = self._alpha_array(alpha, num)
         target = self._target_array(target_radius, num)
         a, b, w = self._prior_arrays(prior, num)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .cli_common import add_parser, command_line
-from .errors import InvalidParameterError
+from ..core.errors import InvalidParameterError
+from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
+from ..workflows.pipeline import FULL, QUICK, quickstart
+from .common import add_device_arg, add_parser, add_progress_arg, check_output_path, command_line
 
 
 def _limit(text: str) -> int | None:
@@ -19,9 +21,6 @@ def _limit(text: str) -> int | None:
 
 
 def register(sub) -> None:
-    from .bench import BENCH_FULL, BENCH_QUICK
-    from .pipeline import FULL, QUICK
-
     p = add_parser(
         sub, "quickstart",
         "the whole pipeline on the embedded digits data: base model, counts, surrogate, calibration, hybrid "
@@ -35,8 +34,8 @@ def register(sub) -> None:
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
                    help=f"test images to certify (default {FULL.test_limit}, {QUICK.test_limit} with --quick; "
                         "0 = all 397)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=run_quickstart)
 
     p = add_parser(
@@ -56,26 +55,21 @@ def register(sub) -> None:
                         "--quick; 0 = all 397)")
     p.add_argument("--tolerance", type=float, default=None, metavar="R",
                    help="best-radius tolerance of the sequential certifiers, l2 units (default: the certifier's)")
-    p.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_arg(p, default=None)
+    add_progress_arg(p)
     p.set_defaults(func=run_bench_command)
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    from .pipeline import FULL, QUICK, quickstart
-
     config = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
     out = args.out or ("surrogate-cert-quickstart-quick" if args.quick else "surrogate-cert-quickstart")
-    quickstart(out, config, progress=not args.no_progress, command=command_line())
+    quickstart(out, config, progress=not args.no_progress, command=command_line(args))
     return 0
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
-    from .cli_common import check_output_path
-
     check_output_path(args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
     if hasattr(args, "test_limit"):
@@ -85,5 +79,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--tolerance must be a radius >= 0 (l2 units), got {args.tolerance}")
         config = dataclasses.replace(config, tolerance=args.tolerance)
     run_bench(args.out, config, workdir=args.workdir, device=args.device, progress=not args.no_progress,
-              command=command_line())
+              command=command_line(args))
     return 0

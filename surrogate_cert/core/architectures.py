@@ -5,6 +5,9 @@ so every model file loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
 from typing import Sequence
 
 import torch
@@ -89,8 +92,6 @@ def save_checkpoint(
     ``torch.load(..., weights_only=True)``. ``meta`` (plain values: numbers, strings, lists, dicts)
     records how the model was made (e.g. ``sigma``, ``dataset``, metrics).
     """
-    import os
-
     if kind not in CHECKPOINT_KINDS:
         raise ModelError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
     if arch not in ARCHITECTURES:
@@ -137,10 +138,6 @@ def load_checkpoint(path, device=None) -> tuple[nn.Module, dict]:
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
     ``num_classes``, ``meta``, ...). Loaded with ``weights_only=True``: no pickled code runs.
     """
-    import os
-    import pickle
-    import zipfile
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"model file {path} does not exist; train one with `surrogate-cert train-base --out {path}`")

@@ -1,23 +1,26 @@
 """``surrogate-cert``: one console script, a thin layer over the Python API.
 
-Each sub-command lives in the module that owns its feature and registers itself here. Any
-``SurrogateCertError`` (bad input, bad file) becomes one line on stderr and exit code 2.
+One module per command group, each with ``register(subparsers)``; the options they share are
+defined once in ``common``. Any ``SurrogateCertError`` (bad input, bad file) becomes one line on
+stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# (module, purpose) in the order a user meets them; each module defines register(subparsers).
-COMMAND_MODULES = (
-    "surrogate_cert.cli_pipeline",   # quickstart, bench
-    "data_gen.cli",                  # train-base, datagen
-    "surrogate_cert.cli_surrogate",  # train, certify
-    "calibration.cli",               # calibrate
-    "calibration.cli_report",        # report
-    "surrogate_cert.cli_baselines",  # cohen, sequential
+from ..core import __version__
+from ..core.errors import SurrogateCertError
+from . import baselines, data, pipeline, report, surrogate
+
+COMMAND_GROUPS = (
+    pipeline,    # quickstart, bench
+    data,        # train-base, datagen
+    surrogate,   # train, calibrate, certify
+    report,      # report
+    baselines,   # cohen, sequential
 )
+"""In the order a user meets them."""
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -33,20 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Certified robustness by randomized smoothing: Cohen baseline, anytime-valid "
         "sequential certifier, and a conformally calibrated one-pass surrogate.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"surrogate-cert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SurrogateCertError
-
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # provenance records the command as given
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

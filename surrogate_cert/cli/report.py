@@ -1,10 +1,13 @@
-"""``surrogate-cert report``: the comparison report from results TSVs (a thin layer over calibration.report)."""
+"""``surrogate-cert report``: the comparison report from results TSVs (a thin layer over workflows.report)."""
 from __future__ import annotations
 
 import argparse
 
-from surrogate_cert.cli_common import add_parser, check_output_path
-from surrogate_cert.errors import InvalidParameterError
+from calibration.summary import offline_evaluations_from_counts
+
+from ..core.errors import InvalidParameterError
+from ..workflows.report import write_report
+from .common import add_parser, check_output_path
 
 
 def register(sub) -> None:
@@ -34,8 +37,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import offline_evaluations_from_counts, write_report
-
     check_output_path(args.out)
     offline = args.offline_evaluations
     if offline is not None and offline < 0:

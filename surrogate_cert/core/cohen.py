@@ -14,19 +14,27 @@ import torch
 
 from . import stats
 from .certificate import Certificate, abstention
-from .errors import InvalidInputError, check_count, check_probability
-from .smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier, check_images
+from .errors import check_count, check_probability
+from .smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier, check_images, noise_indices
 
-__all__ = ["CohenCertifier"]
+__all__ = ["CohenCertifier", "certificates_from_counts"]
 
 
-def _noise_indices(indices, num: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(num)
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.shape != (num,):
-        raise InvalidInputError(f"indices must have one entry per input ({num}), got shape {idx.shape}")
-    return idx
+def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
+                             seconds: float = 0.0) -> list[Certificate]:
+    """Cohen et al.'s CERTIFY on stored counts (``stats.cohen_certify``), as ``Certificate`` records.
+
+    Identical to ``CohenCertifier.certify`` when the counts come from the same noise streams
+    (``STREAM_SELECT`` and ``STREAM_ESTIMATE``, same seed and indices), as ``datagen --n0`` draws
+    them. With probability at least ``1 - alpha`` per input, a non-abstaining certificate is correct.
+    ``n_samples`` is ``n0 + n`` of each row; ``seconds`` is attributed to every input.
+    """
+    counts_select = np.asarray(counts_select)
+    counts = np.asarray(counts)
+    prediction, p_lower, radius = stats.cohen_certify(counts_select, counts, alpha, sigma)
+    spent = counts_select.sum(axis=1) + counts.sum(axis=1)
+    return [Certificate(int(c), float(r), "cohen", int(m), float(p), seconds) if c >= 0
+            else abstention(int(m), float(p), seconds) for c, p, r, m in zip(prediction, p_lower, radius, spent)]
 
 
 class CohenCertifier:
@@ -64,25 +72,13 @@ class CohenCertifier:
         n = check_count("n", n)
         alpha = check_probability("alpha", alpha)
         x = check_images(x)
-        idx = _noise_indices(indices, x.shape[0])
+        idx = noise_indices(indices, x.shape[0])
         if x.shape[0] == 0:
             return []
-
         counts_select = self.smooth.counts(x, n0, indices=idx, stream=STREAM_SELECT)
-        top = counts_select.argmax(axis=1)
-        counts_estimate = self.smooth.counts(x, n, indices=idx, stream=STREAM_ESTIMATE)
-        count_top = counts_estimate[np.arange(len(top)), top]
-        p_lower = np.atleast_1d(stats.lower_confidence_bound(count_top, n, alpha))
-        radii = np.atleast_1d(stats.radius(p_lower, self.smooth.sigma))
-
-        seconds = (time.perf_counter() - started) / len(top)
-        out = []
-        for cls, pl, r in zip(top, p_lower, radii):
-            if r > 0:
-                out.append(Certificate(int(cls), float(r), "cohen", n0 + n, float(pl), seconds))
-            else:
-                out.append(abstention(n0 + n, float(pl), seconds))
-        return out
+        counts = self.smooth.counts(x, n, indices=idx, stream=STREAM_ESTIMATE)
+        seconds = (time.perf_counter() - started) / x.shape[0]
+        return certificates_from_counts(counts_select, counts, alpha, self.smooth.sigma, seconds)
 
     def predict(
         self,
@@ -99,7 +95,7 @@ class CohenCertifier:
         n = check_count("n", n)
         alpha = check_probability("alpha", alpha)
         x = check_images(x)
-        idx = _noise_indices(indices, x.shape[0])
+        idx = noise_indices(indices, x.shape[0])
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
         counts = self.smooth.counts(x, n, indices=idx, stream=STREAM_ESTIMATE)

@@ -1,0 +1,106 @@
+"""Options and helpers shared by the sub-commands, defined once: dataset, model, device, output,
+progress; running a certifier over a split and writing its results with their provenance."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+import numpy as np
+import scipy
+import torch
+from tqdm.auto import tqdm
+
+from data_gen.datasets import DATASET_HELP, SPLITS
+
+from ..core import __version__
+from ..core.certificate import certified_accuracy, write_tsv
+from ..core.errors import InvalidParameterError
+
+MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
+              "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
+SUMMARY_RADII = (0.0, 0.25, 0.5, 0.75)
+"""Radii of the one-line summary a certifying command prints."""
+
+
+def add_parser(sub, name: str, help: str, example_cmd: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows its purpose and one example."""
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example_cmd}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = "test") -> None:
+    p.add_argument("--dataset", default="digits", help=f"{DATASET_HELP} (default digits, embedded)")
+    p.add_argument("--split", default=split_default, choices=SPLITS, required=split_default is None)
+    add_data_root_args(p)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+
+
+def add_data_root_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None, help="folder holding torchvision datasets (no download unless --download)")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download the dataset into --data-root")
+
+
+def add_model_arg(p: argparse.ArgumentParser, required: bool = True, help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", required=required, default=None, help=help)
+
+
+def add_device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """Device, noisy samples per forward pass, and the noise seed."""
+    add_device_arg(p)
+    p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; noise of image i depends only on (seed, i)")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_output_path(path: str) -> str:
+    """Refuse an output whose folder does not exist or is not writable, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder):
+        raise InvalidParameterError(f"output folder {folder} does not exist; create it first or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise InvalidParameterError(f"output folder {folder} is not writable; choose another --out")
+    return path
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that is running (as ``main`` received it), for provenance."""
+    return "surrogate-cert " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def provenance(args: argparse.Namespace, **fields) -> dict:
+    """The ``.meta.json`` of a results file: the command line and versions, then ``fields``."""
+    return dict(command=command_line(args), package_version=__version__, torch=torch.__version__,
+                numpy=np.__version__, scipy=scipy.__version__, **fields)
+
+
+def certify_split(data, certify, chunk: int, progress: bool, desc: str) -> list:
+    """``certify(x, indices)`` over a split in chunks of ``chunk`` images, with a progress bar."""
+    certificates = []
+    with tqdm(total=len(data), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, len(data), chunk):
+            hi = min(lo + chunk, len(data))
+            certificates.extend(certify(data.x[lo:hi], data.indices[lo:hi]))
+            bar.update(hi - lo)
+    return certificates
+
+
+def write_results(out: str, data, certificates, meta: dict) -> int:
+    """Write the results TSV (+ ``.meta.json``) and print a one-line summary; returns exit code 0."""
+    write_tsv(out, data.indices, data.y.tolist(), certificates, meta=meta)
+    rows = [dict(correct=int(c.prediction == y), radius=c.radius) for c, y in zip(certificates, data.y.tolist())]
+    accuracy = certified_accuracy(rows, SUMMARY_RADII)
+    samples = np.mean([c.n_samples for c in certificates]) if certificates else 0.0
+    seconds = sum(c.seconds for c in certificates)
+    summary = ", ".join(f"{a:.3f}@{r:g}" for a, r in zip(accuracy, SUMMARY_RADII))
+    print(f"wrote {out}: {len(certificates)} images; certified accuracy {summary}; "
+          f"mean samples {samples:.1f}; {seconds:.1f} s")
+    return 0

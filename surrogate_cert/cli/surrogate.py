@@ -1,0 +1,168 @@
+"""``surrogate-cert train``, ``calibrate`` and ``certify``: the one-pass workflow, from counts to certificates."""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from calibration.conformal import GUARANTEES, METHODS, calibrate
+from data_gen.datasets import load_split
+
+from ..core.architectures import ARCHITECTURES
+from ..core.one_pass import GROUPINGS
+from ..deploy.hybrid import HybridCertifier
+from ..workflows.report import write_calibration_report
+from ..workflows.training import train_surrogate
+from .common import (
+    add_dataset_args,
+    add_device_arg,
+    add_device_args,
+    add_parser,
+    add_progress_arg,
+    certify_split,
+    check_output_path,
+    provenance,
+    write_results,
+)
+
+HYBRID_CHUNK = 2048
+"""Inputs certified together: the sequential fallback shares forward passes within a chunk."""
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "train",
+                   "train the surrogate on a train-split counts file (soft-label cross-entropy against counts/n)",
+                   "surrogate-cert train --counts train.h5 --out surrogate.pt")
+    p.add_argument("--counts", required=True, metavar="H5", help="counts file of the train split (from datagen)")
+    p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
+                   help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
+    p.add_argument("--init-from-base", default=None, metavar="MODEL",
+                   help="start from the weights (and architecture) of a train-base checkpoint")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="maximum passes over the data (default 40 for small sets, else 15); early stopping on a held-out part")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 0.002)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step (default 64)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="share of the train split held out for early stopping and prior tuning (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, hold-out split and shuffling")
+    add_device_arg(p)
+    p.add_argument("--data-root", default=None, help="folder holding torchvision datasets")
+    add_progress_arg(p)
+    p.set_defaults(func=run_train)
+
+    p = add_parser(
+        sub, "calibrate",
+        "calibrate the surrogate's radius by split conformal prediction on a cal-split counts file",
+        "surrogate-cert calibrate --surrogate surrogate.pt --counts cal.h5 --epsilon 0.01 --alpha-mc 0.001 "
+        "--out calibration.json",
+    )
+    p.add_argument("--surrogate", required=True, metavar="PT", help="surrogate checkpoint (from train)")
+    p.add_argument("--counts", required=True, metavar="H5",
+                   help="counts file of the cal split (from datagen, n=10000 recommended)")
+    p.add_argument("--epsilon", type=float, default=0.01,
+                   help="target probability that a calibrated radius exceeds the reference radius (default 0.01)")
+    p.add_argument("--alpha-mc", type=float, default=1e-3,
+                   help="Clopper-Pearson level of the reference radius (default 0.001)")
+    p.add_argument("--guarantee", choices=GUARANTEES, default="marginal",
+                   help="marginal (default): in expectation over calibration draws; pac: with probability 1 - delta")
+    p.add_argument("--delta", type=float, default=0.05, help="PAC / LTT confidence parameter (default 0.05)")
+    p.add_argument("--groups", choices=GROUPINGS, default="none",
+                   help="Mondrian calibration per predicted class or per surrogate-confidence bin (default none)")
+    p.add_argument("--method", choices=METHODS, default="conformal",
+                   help="conformal (default): score quantile; ltt: Learn-then-Test on the rate among issued certificates")
+    p.add_argument("--data-root", default=None, help="folder holding torchvision datasets")
+    add_device_arg(p)
+    p.add_argument("--out", required=True, help="calibration.json to write")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the calibration report (HTML; .report.md and .report.json beside it)")
+    p.add_argument("--report-counts", default=None, metavar="H5",
+                   help="test-split counts for the report's held-out check of calibrated radii against MC")
+    p.set_defaults(func=run_calibrate)
+
+    p = add_parser(sub, "certify",
+                   "certify a split: calibrated surrogate in one pass, sequential E-process fallback for the rest",
+                   "surrogate-cert certify --surrogate surrogate.pt --calibration calibration.json --model base.pt "
+                   "--dataset digits --split test --out hybrid.tsv")
+    p.add_argument("--surrogate", required=True, metavar="PT", help="surrogate checkpoint (from train)")
+    p.add_argument("--calibration", required=True, metavar="JSON", help="calibration.json (from calibrate)")
+    p.add_argument("--model", default=None,
+                   help="base model for the fallback: the checkpoint / TorchScript the counts were made with")
+    add_dataset_args(p)
+    p.add_argument("--fallback", choices=("eprocess", "none"), default="eprocess",
+                   help="eprocess (default): sequential certifier where the surrogate does not certify; none: abstain")
+    p.add_argument("--alpha", type=float, default=1e-3, help="error probability of a sequential certificate (default 0.001)")
+    p.add_argument("--max-samples", type=int, default=10_000, help="sequential sample budget per input (default 10000)")
+    p.add_argument("--target-radius", type=float, default=None,
+                   help="required l2 radius: inputs the surrogate certifies less go to the fallback in target-radius mode")
+    p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
+    add_device_args(p)
+    add_progress_arg(p)
+    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json)")
+    p.set_defaults(func=run_certify)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    check_output_path(args.out)
+    surrogate = train_surrogate(
+        args.counts, args.out, arch=args.arch, init_from_base=args.init_from_base, epochs=args.epochs,
+        seed=args.seed, data_root=args.data_root, device=args.device, batch_size=args.batch_size, lr=args.lr,
+        holdout=args.holdout, progress=not args.no_progress,
+    )
+    meta = surrogate.meta
+    holdout = meta.get("holdout_loss")
+    print(f"saved {args.out}: {surrogate.arch} on {meta['dataset']} {meta['split']} ({meta['counts_rows']} images, "
+          f"n={meta['counts_n']}), {meta['epochs_run']} epochs (best {meta['best_epoch']}"
+          + (f", held-out loss {holdout:.4f}" if holdout is not None else "")
+          + f"), prior kappa={surrogate.kappa:g} w={surrogate.w:g}, {meta['seconds']:.1f} s")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    check_output_path(args.out)
+    if args.report:
+        check_output_path(args.report)
+    calibration = calibrate(
+        args.surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
+        groups=args.groups, method=args.method, data_root=args.data_root, device=args.device,
+    )
+    calibration.save(args.out)
+    d = calibration.diagnostics
+    q = calibration.pooled_offset
+    print(f"wrote {args.out}: {calibration.calibration_size} points (n_cal={calibration.n_cal}), "
+          f"{calibration.guarantee} {calibration.method}, groups {calibration.groups}; q^ {q:.4g} (pooled); "
+          f"certifies {d['certified_share']:.1%} of the calibration set; bound epsilon + alpha_mc = {calibration.bound:g}"
+          + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else ""))
+    if args.report:
+        paths = write_calibration_report(args.out, args.report, counts=args.report_counts,
+                                         surrogate=args.surrogate if args.report_counts else None,
+                                         data_root=args.data_root)
+        print(f"calibration report: {paths['html']}")
+    return 0
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    check_output_path(args.out)
+    hybrid = HybridCertifier.load(
+        args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
+        fallback=args.fallback, tolerance=args.tolerance, device=args.device, batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    calibration = hybrid.calibration
+    device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
+    meta = provenance(
+        args, method="hybrid" if args.fallback == "eprocess" else "surrogate", dataset=args.dataset, split=args.split,
+        limit=args.limit, images=len(data), sigma=hybrid.surrogate.sigma, epsilon=calibration.epsilon,
+        alpha_mc=calibration.alpha_mc, alpha=args.alpha, guarantee=calibration.guarantee,
+        calibration_method=calibration.method, groups=calibration.groups, fallback=args.fallback,
+        target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
+        surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
+    )
+    certificates = certify_split(
+        data, lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),
+        HYBRID_CHUNK, not args.no_progress, "certify",
+    )
+    code = write_results(args.out, data, certificates, meta)
+    methods = Counter(c.method for c in certificates)
+    print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain")))
+    return code

@@ -1,0 +1,194 @@
+"""Certificate records and the results TSV (Cohen et al.'s six columns first, then ours).
+
+A results file is two files: ``out.tsv``, whose first line is the header
+``idx label predict radius correct time method n_samples p_lower`` so that Cohen et al.'s analysis
+code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
+provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+from .errors import InvalidInputError
+
+COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+"""The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
+
+TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower")
+
+META_SUFFIX = ".meta.json"
+"""Provenance sidecar of a results file: ``<out>.meta.json``."""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One certifier's answer for one input.
+
+    Attributes
+    ----------
+    prediction : int
+        The certified class; -1 means abstain.
+    radius : float
+        Certified l2 radius in input units (pixels in [0, 1]); 0 when abstaining.
+    method : str
+        The path that made it: ``surrogate``, ``eprocess``, ``cohen`` or ``abstain``.
+    n_samples : int
+        Base-model evaluations spent on this input.
+    p_lower : float
+        The lower bound on ``p_A(x)`` the radius stands for (``Phi(radius / sigma)`` for the
+        surrogate).
+    seconds : float
+        Wall time attributed to this input.
+    """
+
+    prediction: int
+    radius: float
+    method: str
+    n_samples: int
+    p_lower: float
+    seconds: float
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction < 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -> Certificate:
+    """The abstain certificate: class -1, radius 0."""
+    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds))
+
+
+def meta_path(path: str | os.PathLike) -> str:
+    """Where the provenance of results file ``path`` lives: ``path + ".meta.json"``."""
+    return os.fspath(path) + META_SUFFIX
+
+
+def _replace_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_tsv(
+    path: str | os.PathLike,
+    indices: Sequence[int],
+    labels: Sequence[int],
+    certificates: Sequence[Certificate],
+    meta: Mapping | None = None,
+    *,
+    header_comment: str | None = None,
+) -> None:
+    """Write results as TSV plus its provenance sidecar, each atomically (temporary file, rename).
+
+    Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
+    line. ``meta`` (plain JSON values: command, versions, sigma, seed, device, ...) goes to
+    ``meta_path(path)``. ``header_comment`` is deprecated: its lines are stored in the sidecar
+    under ``"comment"``, never in the TSV.
+    """
+    path = os.fspath(path)
+    meta = dict(meta or {})
+    if header_comment is not None:
+        warnings.warn("write_tsv(header_comment=...) is deprecated: pass meta={...}; provenance now goes "
+                      "to the .meta.json sidecar", DeprecationWarning, stacklevel=2)
+        meta.setdefault("comment", header_comment.splitlines())
+    lines = ["\t".join(TSV_COLUMNS)]
+    for idx, label, c in zip(indices, labels, certificates):
+        correct = int(c.prediction == int(label))
+        lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
+                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}")
+    _replace_atomically(path, "\n".join(lines) + "\n")
+    _replace_atomically(meta_path(path), json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_tsv(path: str | os.PathLike) -> list[dict]:
+    """Read a results TSV into typed rows (ours, Cohen et al.'s, or an older one with ``#`` lines).
+
+    Columns beyond Cohen's six are optional: ``method`` defaults to ``cohen`` / ``abstain``,
+    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            lines = [line for line in fh if not line.startswith("#")]  # files of version 0.1 began with '#' lines
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read results file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{path} is not a text results TSV; give a file written by cohen / sequential / "
+                                "certify") from None
+    reader = csv.DictReader(lines, delimiter="\t")
+    missing = [c for c in COHEN_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InvalidInputError(f"{path} is not a results TSV: missing columns {missing}; give a file written by "
+                                "cohen / sequential / certify")
+    rows: list[dict] = []
+    try:
+        for r in reader:
+            rows.append(dict(
+                idx=int(r["idx"]),
+                label=int(r["label"]),
+                predict=int(r["predict"]),
+                radius=float(r["radius"]),
+                correct=int(r["correct"]),
+                time=_parse_seconds(r["time"]),
+                method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
+                n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
+                p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
+            ))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({exc}); regenerate the file") from None
+    return rows
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The provenance of results file ``path``: its ``.meta.json`` sidecar, or ``{}``.
+
+    Files of version 0.1 carried provenance as ``#`` lines at the top of the TSV; those lines are
+    returned as ``{"comment": [...]}``.
+    """
+    sidecar = meta_path(path)
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{sidecar} is not readable JSON ({exc}); regenerate the results") from None
+        if not isinstance(meta, dict):
+            raise InvalidInputError(f"{sidecar} must hold a JSON object; regenerate the results")
+        return meta
+    try:
+        with open(path, encoding="utf-8") as fh:
+            comments = [line[2:].rstrip("\n") for line in fh if line.startswith("#")]
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {"comment": comments} if comments else {}
+
+
+def _parse_seconds(text: str) -> float:
+    """Seconds from ``12.5`` (ours) or ``0:00:01.234567`` (Cohen et al.'s ``str(timedelta)``)."""
+    if ":" not in text:
+        return float(text)
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = 60 * seconds + float(part)
+    return seconds
+
+
+def certified_accuracy(rows: Iterable[dict], radii: Sequence[float]) -> list[float]:
+    """Share of rows whose prediction is correct with certified radius >= r, for each r in ``radii``."""
+    rows = list(rows)
+    if not rows:
+        return [0.0 for _ in radii]
+    return [sum(1 for r in rows if r["correct"] and r["radius"] >= rad) / len(rows) for rad in radii]

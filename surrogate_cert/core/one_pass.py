@@ -1,0 +1,145 @@
+"""The one-pass certifier: a calibrated surrogate certifies a batch in one forward pass.
+
+For each input the surrogate gives a class ``A`` and ``p~``; the calibration gives the offset ``q^``
+of the input's Mondrian group; the certificate is ``(A, R^)`` with ``R^ = R~ - q^``
+(``stats.calibrated_radius``) when ``R^ > 0``, else an abstention. No base-model evaluation.
+
+The group rule lives here, once: calibration fits one offset per group with it, and deployment
+looks the offset up with it, using the bin edges stored in the calibration (never a constant).
+A calibration is any object with the attributes of ``calibration.artifact.Calibration`` that this
+module reads: ``sigma``, ``groups``, ``bin_edges``, ``offsets``, ``pooled_offset``,
+``radius_cap``, ``epsilon``, ``alpha_mc`` and ``check_matches(surrogate)``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import stats
+from .certificate import Certificate, abstention
+from .errors import InvalidParameterError
+from .smoothing import noise_indices
+
+__all__ = ["SurrogateCertifier", "GROUPINGS", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
+           "all_group_keys", "group_offsets", "deployed_radius"]
+
+GROUPINGS = ("none", "class", "confidence")
+"""Mondrian groupings: one pooled group, one group per predicted class, or confidence bins."""
+
+POOLED = "all"
+"""Group key of the pooled (whole calibration set) offset."""
+
+DEFAULT_CONFIDENCE_EDGES = (1.0, 2.0, 3.0)
+"""Default bin edges of ``groups="confidence"`` on ``Phi^{-1}(p~)`` (the surrogate radius in sigma
+units), fixed in advance from the surrogate alone: ``p~`` below 0.841, up to 0.977, up to 0.9987,
+above. A calibration stores the edges it used in ``bin_edges``."""
+
+
+def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = None) -> np.ndarray:
+    """Mondrian group of each input (as strings): ``"all"``, the predicted class, or a confidence bin.
+
+    Depends on the surrogate's outputs only (and on ``edges`` fixed before calibration), so
+    calibration and test inputs in one group stay exchangeable.
+    """
+    predicted = np.asarray(predicted)
+    if groups == "none":
+        return np.full(len(predicted), POOLED, dtype=object)
+    if groups == "class":
+        return np.array([str(int(c)) for c in predicted], dtype=object)
+    if groups == "confidence":
+        bins = stats.confidence_bin(p_tilde, DEFAULT_CONFIDENCE_EDGES if edges is None else edges)
+        return np.array([str(int(b)) for b in bins], dtype=object)
+    raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
+
+
+def all_group_keys(groups: str, num_classes: int, edges: Sequence[float] | None = None) -> list[str]:
+    """Every group a deployment input can fall in (so an unseen one still has an offset)."""
+    if groups == "none":
+        return [POOLED]
+    if groups == "class":
+        return [str(c) for c in range(num_classes)]
+    if groups == "confidence":
+        return [str(b) for b in range(len(DEFAULT_CONFIDENCE_EDGES if edges is None else edges) + 1)]
+    raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
+
+
+def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
+    """``q^`` of each input's group, under the calibration's grouping and stored bin edges.
+
+    A group the calibration never saw gets the pooled offset; ``inf`` never certifies.
+    """
+    groups = calibration.groups
+    num = len(np.asarray(p_tilde).reshape(-1))
+    if groups == "none":
+        return np.full(num, float(calibration.pooled_offset))
+    if groups == "class":
+        ids = np.asarray(predicted, dtype=np.int64)
+        size = int(ids.max()) + 1 if ids.size else 0
+    elif groups == "confidence":
+        edges = calibration.bin_edges
+        if edges is None:
+            raise InvalidParameterError("a confidence-grouped calibration must store its bin_edges; re-run calibrate")
+        ids = stats.confidence_bin(p_tilde, edges)
+        size = len(edges) + 1
+    else:
+        raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
+    table = np.array([calibration.offsets.get(str(g), calibration.pooled_offset) for g in range(size)], dtype=float)
+    return table[ids] if num else np.zeros(0)
+
+
+def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
+    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0), l2 input units."""
+    offsets = group_offsets(calibration, predicted, p_tilde)
+    return np.atleast_1d(stats.calibrated_radius(p_tilde, calibration.sigma, calibration.radius_cap, offsets))
+
+
+class SurrogateCertifier:
+    """Certify a batch in one surrogate forward pass (``n_samples = 0``).
+
+    Marginally over the calibration set and an exchangeable test input, a non-abstaining
+    certificate is wrong with probability at most ``calibration.epsilon + calibration.alpha_mc``
+    (PAC, Mondrian and LTT calibrations state their own variant, see ``calibration.conformal``).
+
+    Parameters
+    ----------
+    surrogate : Surrogate
+        The trained surrogate (``core.surrogate.Surrogate``).
+    calibration : Calibration
+        Its calibration; refused (``CalibrationError``) if made for another surrogate.
+    """
+
+    def __init__(self, surrogate, calibration):
+        calibration.check_matches(surrogate)
+        self.surrogate = surrogate
+        self.calibration = calibration
+
+    @property
+    def sigma(self) -> float:
+        return self.surrogate.sigma
+
+    def radii(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A, p~, R^)`` per input: class, its surrogate probability, calibrated radius (may be <= 0)."""
+        classes, p_tilde = self.surrogate.predict(x)
+        return classes, p_tilde, deployed_radius(self.calibration, classes, p_tilde)
+
+    def certify(self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None) -> list[Certificate]:
+        """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain.
+
+        ``indices`` is accepted so every certifier has the same call, and checked (one per input),
+        but no noise is drawn: the one-pass certificate depends on the image alone.
+        """
+        started = time.perf_counter()
+        classes, _, radius = self.radii(x)
+        noise_indices(indices, len(classes))
+        seconds = (time.perf_counter() - started) / max(len(classes), 1)
+        return [self.certificate(int(c), float(r), seconds) for c, r in zip(classes, radius)]
+
+    def certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0) -> Certificate:
+        """The record of one surrogate decision: certified iff ``radius > 0``."""
+        if radius > 0:
+            p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
+            return Certificate(cls, radius, "surrogate", n_samples, p_lower, seconds)
+        return abstention(n_samples, 0.0, seconds)

@@ -1,0 +1,539 @@
+"""Statistics of certification: every formula of DESIGN.md, as pure functions on numbers.
+
+NumPy and SciPy only, no torch: the certifiers, the calibration and the reports call these and
+never compute a bound themselves, so the guarantees can be read against DESIGN.md in one place.
+
+Notation: ``k`` successes out of ``n`` (fixed sample) or ``s`` out of ``t`` (sequential); ``alpha``
+an error probability; ``sigma`` the noise level; every radius is in input l2 units (pixels in
+[0, 1]). Sections follow DESIGN.md: the fixed-sample (Cohen) bounds, the anytime-valid confidence
+sequence and its priors, and the split-conformal calibration of the surrogate radius.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as _st
+from scipy.optimize import elementwise as _elementwise
+from scipy.special import betaln, logsumexp
+
+from .errors import InvalidParameterError, check_probability
+
+__all__ = [
+    # fixed sample
+    "clopper_pearson", "lower_confidence_bound", "radius", "p_threshold", "max_radius",
+    "cohen_certify", "predict_test",
+    # anytime valid
+    "beta_binomial_cs", "running_intersection", "check_prior_weight", "surrogate_prior",
+    "prior_log_evidence",
+    # split conformal
+    "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
+    "confidence_bin", "conformal_rank", "conformal_quantile", "pac_conformal_rank",
+    "min_calibration_size",
+    # checking a bound
+    "binomial_allowance",
+]
+
+# Root brackets stop this far from 0 and 1; a bound beyond them is reported as 0 or 1 (conservative).
+_EDGE = 1e-15
+_XATOL = 1e-12
+
+
+def _check_alpha(alpha, name: str = "alpha"):
+    """``alpha`` (scalar or array) strictly inside (0, 1), as float or float array."""
+    arr = np.asarray(alpha, dtype=float)
+    if arr.ndim == 0:
+        return check_probability(name, float(arr))
+    if not np.all((arr > 0) & (arr < 1)):
+        bad = arr[~((arr > 0) & (arr < 1))].ravel()[0]
+        raise InvalidParameterError(f"{name} must lie strictly between 0 and 1 for every input, got {bad}")
+    return arr
+
+
+def _check_counts(k, n, k_name: str = "k", n_name: str = "n"):
+    """Successes ``0 <= k <= n`` as float arrays (integers stored as floats for SciPy)."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    if np.any(~np.isfinite(n)) or np.any(n < 0) or np.any(n != np.round(n)):
+        raise InvalidParameterError(f"{n_name} must be a whole number >= 0")
+    if np.any(~np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0) or np.any(k > n):
+        raise InvalidParameterError(f"{k_name} must be a whole number between 0 and {n_name}")
+    return k, n
+
+
+def _scalar_or_array(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value
+
+
+# --------------------------------------------------------------------------- fixed sample (Cohen)
+
+def clopper_pearson(k, n, alpha: float):
+    """Two-sided Clopper-Pearson interval at level ``alpha`` for ``k`` successes in ``n`` trials.
+
+    With probability at least ``1 - alpha`` the interval contains the success probability; each end
+    alone fails with probability at most ``alpha / 2``. Exact at ``k = 0`` (lower = 0) and ``k = n``
+    (upper = 1). Vectorised over ``k`` and ``n``.
+
+    Returns
+    -------
+    (lower, upper) : floats or arrays
+
+    Examples
+    --------
+    >>> lower, upper = clopper_pearson(5, 10, 0.05)
+    >>> round(lower, 4), round(upper, 4)
+    (0.187, 0.8129)
+    """
+    alpha = _check_alpha(alpha)
+    k, n = _check_counts(k, n)
+    with np.errstate(invalid="ignore"):
+        lower = np.where(k > 0, _st.beta.ppf(alpha / 2, k, n - k + 1), 0.0)
+        upper = np.where(k < n, _st.beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
+    return _scalar_or_array(lower), _scalar_or_array(upper)
+
+
+def lower_confidence_bound(k, n, alpha: float):
+    """One-sided Clopper-Pearson lower bound ``pL`` on ``p`` from ``k`` successes in ``n`` trials.
+
+    With probability at least ``1 - alpha``, ``p >= pL``: Cohen et al.'s bound (the lower end of the
+    two-sided interval at level ``2 * alpha``). 0 at ``k = 0``; ``alpha ** (1 / n)`` at ``k = n``.
+    Vectorised.
+
+    Examples
+    --------
+    >>> round(lower_confidence_bound(10_000, 10_000, 0.001), 6)
+    0.999309
+    >>> lower_confidence_bound(0, 100, 0.001)
+    0.0
+    """
+    alpha = _check_alpha(alpha)
+    k, n = _check_counts(k, n)
+    with np.errstate(invalid="ignore"):
+        lower = np.where(k > 0, _st.beta.ppf(alpha, k, n - k + 1), 0.0)
+    return _scalar_or_array(lower)
+
+
+def radius(p_lower, sigma: float):
+    """Certified l2 radius ``sigma * Phi^{-1}(p_lower)`` where ``p_lower > 1/2``, else 0 (abstain).
+
+    By Cohen et al.'s theorem, if ``p_A(x) >= p_lower > 1/2`` the smoothed classifier predicts ``A``
+    on the open l2 ball of this radius around ``x``. Vectorised.
+
+    Examples
+    --------
+    >>> round(radius(0.99, 0.25), 4)
+    0.5816
+    >>> radius(0.4, 0.25)
+    0.0
+    """
+    p_lower = np.asarray(p_lower, dtype=float)
+    with np.errstate(invalid="ignore"):
+        r = np.where(p_lower > 0.5, sigma * _st.norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
+    return _scalar_or_array(r)
+
+
+def p_threshold(target_radius, sigma: float):
+    """``Phi(r / sigma)``: the lower bound on ``p_A`` needed to certify radius ``r`` (inverse of ``radius``).
+
+    Examples
+    --------
+    >>> round(float(p_threshold(0.25, 0.25)), 4)
+    0.8413
+    """
+    return _scalar_or_array(_st.norm.cdf(np.asarray(target_radius, dtype=float) / sigma))
+
+
+def max_radius(n: int, alpha: float, sigma: float) -> float:
+    """The largest radius ``n`` samples can certify at level ``alpha``: all ``n`` agree.
+
+    ``sigma * Phi^{-1}(alpha^(1/n))``: Cohen-n's ceiling, and the cap on a calibration reference
+    radius made from ``n`` samples per point.
+
+    Examples
+    --------
+    >>> round(max_radius(10_000, 0.001, 0.25), 3)
+    0.802
+    """
+    return float(radius(lower_confidence_bound(n, n, alpha), sigma))
+
+
+def cohen_certify(counts_select, counts, alpha: float, sigma: float):
+    """Cohen et al.'s CERTIFY on class counts: ``(prediction, p_lower, radius)`` per input.
+
+    ``counts_select`` (``N x K``, the ``n0`` selection samples) picks ``A = argmax``;
+    ``counts`` (``N x K``, ``n`` *independent* estimation samples) gives ``k = counts[A]`` and
+    ``pL = lower_confidence_bound(k, n, alpha)``; the radius is ``radius(pL, sigma)`` and the
+    prediction is ``A``, or -1 (abstain) where the radius is 0. With probability at least
+    ``1 - alpha`` per input, a non-abstaining certificate is correct, because the selection and
+    estimation samples are independent.
+
+    Examples
+    --------
+    >>> prediction, p_lower, r = cohen_certify([[2, 98]], [[10, 990]], 0.001, 0.25)
+    >>> int(prediction[0]), round(float(r[0]), 3)
+    (1, 0.485)
+    """
+    counts_select = np.atleast_2d(np.asarray(counts_select))
+    counts = np.atleast_2d(np.asarray(counts))
+    if counts_select.shape != counts.shape:
+        raise InvalidParameterError(f"selection and estimation counts must have the same shape, got "
+                                    f"{counts_select.shape} and {counts.shape}")
+    top = counts_select.argmax(axis=1)
+    n = counts.sum(axis=1)
+    k = counts[np.arange(len(top)), top]
+    p_lower = np.atleast_1d(lower_confidence_bound(k, n, alpha))
+    r = np.atleast_1d(radius(p_lower, sigma))
+    return np.where(r > 0, top, -1).astype(np.int64), p_lower, r
+
+
+def predict_test(count_top: int, count_second: int, alpha: float) -> bool:
+    """Cohen et al.'s PREDICT: True if the top class may be returned, False to abstain.
+
+    Two-sided binomial test of ``count_top`` out of ``count_top + count_second`` against 1/2; the
+    returned class differs from ``g(x)`` with probability at most ``alpha``.
+
+    Examples
+    --------
+    >>> predict_test(62, 38, 0.05), predict_test(60, 40, 0.05)
+    (True, False)
+    """
+    total = int(count_top) + int(count_second)
+    if total == 0:
+        return False
+    return bool(_st.binomtest(int(count_top), total, 0.5).pvalue <= alpha)
+
+
+# --------------------------------------------------------------------------- anytime-valid (E-process)
+
+def _log_marginal(s, t, a, b, weights):
+    """log of the Beta-binomial mixture numerator ``sum_j w_j B(a_j + s, b_j + t - s) / B(a_j, b_j)``.
+
+    ``a``, ``b`` (and ``weights``) carry the mixture components on their last axis when
+    ``weights`` is given; otherwise they broadcast with ``s`` as a single prior.
+    """
+    if weights is None:
+        return betaln(a + s, b + t - s) - betaln(a, b)
+    s_ = np.expand_dims(s, -1)
+    t_ = np.expand_dims(t, -1)
+    terms = np.log(weights) + betaln(a + s_, b + t_ - s_) - betaln(a, b)
+    return logsumexp(terms, axis=-1)
+
+
+def _log_martingale_minus_level(q, s, t, log_marginal, log_level):
+    # log M_t(q) - log(1/alpha); positive means q is outside the confidence sequence.
+    return log_marginal - s * np.log(q) - (t - s) * np.log1p(-q) - log_level
+
+
+def _validate_prior(a, b, weights):
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if np.any(~np.isfinite(a)) or np.any(a <= 0) or np.any(~np.isfinite(b)) or np.any(b <= 0):
+        raise InvalidParameterError("prior parameters a and b must be finite and > 0, e.g. a=b=0.5 (KT)")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=float)
+        if np.any(weights < 0) or np.any(~np.isfinite(weights)) or np.any(weights.sum(axis=-1) <= 0):
+            raise InvalidParameterError("mixture weights must be finite, >= 0 and not all 0")
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return a, b, weights
+
+
+def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None):
+    """Ends ``(L_t, U_t)`` of the Beta-binomial mixture confidence sequence for a Bernoulli mean.
+
+    For i.i.d. Bernoulli(p) observations with ``s`` successes after ``t`` draws and a prior
+    ``Beta(a, b)`` (or a mixture ``sum_j weights_j Beta(a_j, b_j)``, components on the last axis)
+    fixed before sampling, ``M_t(q) = B(a + s, b + t - s) / B(a, b) / (q^s (1 - q)^(t - s))`` is a
+    non-negative martingale with mean 1 when ``p = q``. By Ville's inequality,
+    ``P(exists t: p not in (L_t, U_t)) <= alpha``, so the bound holds under any stopping rule.
+
+    ``L_t`` and ``U_t`` solve ``log M_t(q) = log(1/alpha)`` on either side of ``s / t``; each is
+    rounded outward (the returned interval contains the exact one). ``L_t = 0`` when ``s = 0`` and
+    ``U_t = 1`` when ``s = t``. Vectorised over ``s``, ``t``, ``alpha`` and the prior, with SciPy's
+    elementwise bracketing root finder (Chandrupatla's method), all in log space.
+
+    Examples
+    --------
+    >>> lower, upper = beta_binomial_cs(1000, 1000, 0.001)
+    >>> round(lower, 4), upper
+    (0.9914, 1.0)
+    """
+    s, t = _check_counts(s, t, "s", "t")
+    a, b, weights = _validate_prior(a, b, weights)
+    log_level = -np.log(_check_alpha(alpha))
+    with np.errstate(divide="ignore"):  # a zero mixture weight is a component that is not there
+        log_marginal = _log_marginal(s, t, a, b, weights)
+    s, t, log_marginal, log_level = np.broadcast_arrays(s, t, log_marginal, log_level)
+    shape = s.shape
+    s, t, log_marginal, log_level = (np.ravel(v).astype(float) for v in (s, t, log_marginal, log_level))
+
+    lower = np.zeros(s.shape)
+    upper = np.ones(s.shape)
+    centre = np.clip(np.where(t > 0, s / np.maximum(t, 1), 0.5), _EDGE, 1 - _EDGE)
+    lower = _solve_side(lower, s, t, log_marginal, log_level, np.full(s.shape, _EDGE), centre, keep="left")
+    upper = _solve_side(upper, s, t, log_marginal, log_level, centre, np.full(s.shape, 1 - _EDGE), keep="right")
+    if shape == ():
+        return float(lower[0]), float(upper[0])
+    return lower.reshape(shape), upper.reshape(shape)
+
+
+def _solve_side(default, s, t, log_marginal, log_level, lo, hi, keep):
+    """Root of ``log M_t - log(1/alpha)`` in ``(lo, hi)``, rounded to the bracket end outside the CS."""
+    out = default.copy()
+    f_lo = _log_martingale_minus_level(lo, s, t, log_marginal, log_level)
+    f_hi = _log_martingale_minus_level(hi, s, t, log_marginal, log_level)
+    # A root exists only where the function changes sign inside the bracket; elsewhere the bound
+    # lies beyond the edge and the default (0 or 1) is the conservative answer.
+    has_root = (t > 0) & (lo < hi) & (np.sign(f_lo) * np.sign(f_hi) < 0)
+    if np.any(has_root):
+        idx = np.flatnonzero(has_root)
+        res = _elementwise.find_root(
+            _log_martingale_minus_level,
+            (lo[idx], hi[idx]),
+            args=(s[idx], t[idx], log_marginal[idx], log_level[idx]),
+            tolerances=dict(xatol=_XATOL, xrtol=0.0),
+        )
+        xl, xr = res.bracket
+        # Left of s/t the function decreases, so the left bracket end is outside the CS (f > 0);
+        # right of s/t it increases, so the right end is. Either way the interval only widens.
+        out[idx] = xl if keep == "left" else xr
+    return out
+
+
+def running_intersection(lower_prev, upper_prev, lower, upper):
+    """``(max(L*_{t-1}, L_t), min(U*_{t-1}, U_t))``: the intersection of a CS over time stays valid.
+
+    Examples
+    --------
+    >>> running_intersection(0.6, 0.9, 0.55, 0.8)
+    (0.6, 0.8)
+    """
+    return _scalar_or_array(np.maximum(lower_prev, lower)), _scalar_or_array(np.minimum(upper_prev, upper))
+
+
+def check_prior_weight(w) -> float:
+    """The KT weight ``w`` of the surrogate mixture prior, checked to lie in [0, 1].
+
+    ``w = 1`` is the KT prior alone, ``w = 0`` the surrogate's Beta alone; both keep validity (any
+    prior fixed before sampling does), ``0 < w < 1`` guards power against a wrong surrogate.
+
+    Examples
+    --------
+    >>> check_prior_weight(0.1)
+    0.1
+    """
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"prior weight w must be a number in [0, 1], got {w!r}") from None
+    if not 0.0 <= w <= 1.0:
+        raise InvalidParameterError(f"KT mixture weight w must lie in [0, 1], got {w}; e.g. w=0.1")
+    return w
+
+
+def surrogate_prior(p_tilde, kappa: float, w: float):
+    """Mixture prior ``w * KT + (1 - w) * Beta(kappa p~, kappa (1 - p~))`` for each input.
+
+    Returns ``(a, b, weights)`` with the two components on the last axis, ready for
+    ``beta_binomial_cs``. Against either component the mixture loses at most ``log(1/w)`` or
+    ``log(1/(1-w))`` of evidence; validity never depends on the surrogate being right.
+
+    Examples
+    --------
+    >>> a, b, weights = surrogate_prior([0.9], kappa=100.0, w=0.2)
+    >>> a.tolist(), b.tolist(), weights.tolist()
+    ([[0.5, 90.0]], [[0.5, 10.000000000000002]], [[0.2, 0.8]])
+    """
+    kappa = float(kappa)
+    if not (0 < kappa < float("inf")):
+        raise InvalidParameterError(f"prior concentration kappa must be a finite number > 0, got {kappa}")
+    w = check_prior_weight(w)
+    p = np.asarray(p_tilde, dtype=float)
+    if np.any(~np.isfinite(p)):
+        raise InvalidParameterError("surrogate probabilities p_tilde must be finite")
+    # Clipping keeps both Beta parameters > 0; the prior only moves power, never validity.
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    half = np.full(p.shape, 0.5)
+    a = np.stack([half, kappa * p], axis=-1)
+    b = np.stack([half, kappa * (1 - p)], axis=-1)
+    weights = np.broadcast_to(np.array([w, 1 - w]), a.shape)
+    return a, b, weights
+
+
+def prior_log_evidence(counts_top, n, p_tilde, kappa: float, w: float) -> float:
+    """Sum over inputs of ``log P(k_i | n)`` under ``surrogate_prior(p~_i, kappa, w)``.
+
+    ``counts_top[i]`` successes of the surrogate's class out of ``n`` (the Beta-binomial marginal
+    likelihood). The sequential test's e-value is exactly this mixture likelihood divided by the
+    likelihood at the threshold, so the prior that best predicts fresh counts stops soonest.
+
+    Examples
+    --------
+    >>> good = prior_log_evidence([99, 98], 100, [0.99, 0.98], kappa=200.0, w=0.1)
+    >>> bad = prior_log_evidence([99, 98], 100, [0.5, 0.5], kappa=200.0, w=0.1)
+    >>> bool(good > bad)
+    True
+    """
+    a, b, weights = surrogate_prior(p_tilde, kappa, w)
+    k = np.asarray(counts_top, dtype=float)[:, None]
+    logpmf = _st.betabinom.logpmf(k, np.asarray(n)[..., None] if np.ndim(n) else n, a, b)
+    return float(np.sum(logsumexp(logpmf + np.log(weights), axis=1)))
+
+
+# --------------------------------------------------------------------------- split conformal
+
+P_CLIP = 1e-6
+"""Surrogate probabilities are clipped to ``[P_CLIP, 1 - P_CLIP]`` before ``Phi^{-1}``: radii stay finite."""
+
+
+def surrogate_radius(p_tilde, sigma: float, radius_cap: float = np.inf):
+    """``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)``: the uncalibrated surrogate radius.
+
+    A point estimate, not a certificate: it may be negative (``p~ < 1/2``), and it is only
+    conservative after the conformal offset (``calibrated_radius``). ``radius_cap`` is the largest
+    reference radius the calibration counts can express (``max_radius(n_cal, alpha_mc, sigma)``).
+
+    Examples
+    --------
+    >>> round(float(surrogate_radius(0.99, 0.25)), 4), float(surrogate_radius(0.99, 0.25, 0.5))
+    (0.5816, 0.5)
+    """
+    p = np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP)
+    return _scalar_or_array(np.minimum(sigma * _st.norm.ppf(p), radius_cap))
+
+
+def reference_radius(counts_top, n_cal, alpha_mc: float, sigma: float):
+    """``y = max(sigma * Phi^{-1}(pL), 0)``, ``pL`` the one-sided Clopper-Pearson bound at ``alpha_mc``.
+
+    ``counts_top`` are the calibration counts of the *surrogate's* class out of ``n_cal`` (scalar
+    or per point). For each point, with probability at least ``1 - alpha_mc``, ``y`` is at most the
+    true certified radius of that class (0 when the class is not the smoothed prediction), because
+    the class was fixed by the surrogate before the counts were drawn.
+
+    Examples
+    --------
+    >>> round(float(reference_radius(990, 1000, 0.001, 0.25)), 3)
+    0.485
+    """
+    return _scalar_or_array(np.asarray(radius(lower_confidence_bound(counts_top, n_cal, alpha_mc), sigma), dtype=float))
+
+
+def conformity_scores(radius_surrogate, reference):
+    """Scores ``R~ - y``: how far the surrogate radius overshoots the reference radius.
+
+    Examples
+    --------
+    >>> conformity_scores([0.5, 0.2], [0.4, 0.3]).round(2).tolist()
+    [0.1, -0.1]
+    """
+    return np.asarray(radius_surrogate, dtype=float) - np.asarray(reference, dtype=float)
+
+
+def calibrated_radius(p_tilde, sigma: float, radius_cap: float, offset):
+    """``R^ = R~ - q^``: the deployed one-pass radius; the surrogate certifies iff ``R^ > 0``.
+
+    ``offset`` is the conformal quantile ``q^`` of the input's group (scalar or per input; ``inf``
+    never certifies). If calibration and test inputs are exchangeable, ``P(R^ > y) <= epsilon``.
+
+    Examples
+    --------
+    >>> round(float(calibrated_radius(0.99, 0.25, 0.8, 0.1)), 4)
+    0.4816
+    """
+    return _scalar_or_array(np.asarray(surrogate_radius(p_tilde, sigma, radius_cap), dtype=float)
+                            - np.asarray(offset, dtype=float))
+
+
+def confidence_bin(p_tilde, edges):
+    """Mondrian bin of each input by surrogate confidence: ``digitize(Phi^{-1}(clip(p~)), edges)``.
+
+    ``edges`` are increasing cut points on the ``Phi^{-1}(p~)`` (sigma-units radius) scale, fixed
+    before calibration (from the surrogate or the train split alone), so that calibration and test
+    inputs in one bin stay exchangeable. Bin ``j`` holds ``edges[j-1] <= Phi^{-1}(p~) < edges[j]``.
+
+    Examples
+    --------
+    >>> confidence_bin([0.6, 0.9, 0.99, 0.9999], [1.0, 2.0, 3.0]).tolist()
+    [0, 1, 2, 3]
+    """
+    edges = np.asarray(edges, dtype=float)
+    if edges.ndim != 1 or np.any(~np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise InvalidParameterError(f"bin edges must be finite and strictly increasing, got {edges.tolist()}")
+    z = _st.norm.ppf(np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP))
+    return np.digitize(z, edges)
+
+
+def conformal_rank(m: int, epsilon: float) -> int:
+    """``ceil((m + 1)(1 - epsilon))``: the 1-based rank of the split-conformal score quantile.
+
+    If ``m`` calibration scores and a test score are exchangeable, the test score exceeds the score
+    of this rank with probability at most ``epsilon`` (marginally). A rank above ``m`` means the
+    quantile is infinite: ``m`` is too small for ``epsilon``.
+
+    Examples
+    --------
+    >>> conformal_rank(99, 0.1), conformal_rank(5, 0.1)
+    (90, 6)
+    """
+    check_probability("epsilon", epsilon)
+    return int(math.ceil((m + 1) * (1 - epsilon) - 1e-12))
+
+
+def conformal_quantile(scores, epsilon: float) -> float:
+    """The ``conformal_rank``-th smallest of ``scores``, or ``+inf`` if that rank exceeds ``m``.
+
+    Examples
+    --------
+    >>> conformal_quantile(range(99), 0.1), conformal_quantile(range(5), 0.1)
+    (89.0, inf)
+    """
+    scores = np.sort(np.asarray(scores, dtype=float))
+    k = conformal_rank(len(scores), epsilon)
+    return float("inf") if k > len(scores) else float(scores[k - 1])
+
+
+def pac_conformal_rank(m: int, epsilon: float, delta: float) -> int:
+    """Smallest rank ``k`` whose coverage is >= ``1 - epsilon`` with probability >= ``1 - delta``.
+
+    The coverage of the ``k``-th smallest of ``m`` exchangeable scores is ``Beta(k, m + 1 - k)``
+    distributed (Vovk 2012), so ``k`` is the smallest rank with ``BetaCDF(1 - epsilon) <= delta``.
+    Returns ``m + 1`` (infinite quantile) if no rank qualifies.
+
+    Examples
+    --------
+    >>> pac_conformal_rank(1000, 0.1, 0.01)
+    922
+    """
+    ks = np.arange(1, m + 1)
+    ok = _st.beta.cdf(1 - epsilon, ks, m + 1 - ks) <= delta
+    return int(ks[np.argmax(ok)]) if np.any(ok) else m + 1
+
+
+def min_calibration_size(epsilon: float, delta: float | None = None) -> int:
+    """Smallest calibration (group) size ``m`` whose quantile is finite (PAC when ``delta`` is given).
+
+    Examples
+    --------
+    >>> min_calibration_size(0.01), min_calibration_size(0.01, 0.05)
+    (99, 299)
+    """
+    if delta is None:
+        return int(math.ceil(1 / epsilon - 1 - 1e-12))
+    # The largest rank, m, has coverage Beta(m, 1): CDF(1 - eps) = (1 - eps)^m <= delta.
+    return int(math.ceil(math.log(delta) / math.log1p(-epsilon) - 1e-12))
+
+
+# --------------------------------------------------------------------------- checking a bound
+
+def binomial_allowance(num: int, rate: float, level: float = 0.999) -> int:
+    """Most wrong certificates out of ``num`` that a procedure wrong w.p. ``<= rate`` explains.
+
+    The ``level``-quantile of ``Binomial(num, rate)``: a valid procedure exceeds it with probability
+    at most ``1 - level``. Used by the soundness tests, the bench and the reports alike.
+
+    Examples
+    --------
+    >>> binomial_allowance(1000, 0.001), binomial_allowance(1000, 0.011)
+    (4, 22)
+    """
+    return int(_st.binom.ppf(level, int(num), float(rate))) if num else 0

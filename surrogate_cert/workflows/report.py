@@ -1,0 +1,211 @@
+"""Rendering of the comparison and calibration reports: one self-contained HTML file (a Jinja2
+template, figures embedded as base64 PNG so it opens offline), plus Markdown and JSON beside it.
+
+The numbers and tables come from ``calibration.summary.build_report`` / ``tables`` and the figures
+from ``calibration.figures``; this module only lays them out and writes the three files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jinja2
+import numpy as np
+
+from calibration.figures import figures as draw_figures
+from calibration.summary import build_report, tables
+
+from ..core.errors import InvalidParameterError
+
+__all__ = ["write_report", "write_calibration_report", "render_html", "render_markdown", "NOTES"]
+
+NOTES = {
+    "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
+                "(l2, input units). ACR: mean over all inputs of the radius of correct certificates (0 otherwise).",
+    "cost": "Base-model evaluations per input, in the format of the Halt Fast tables: over all inputs, over "
+            "certified inputs (a class and a radius > 0), over the rest (abstained). Certified accuracy at r = 0.",
+    "per_query": "Medians of the same evaluations; wall time per query from each file's time column; "
+                 "share of inputs decided by each path (surrogate: one pass, 0 evaluations; eprocess: "
+                 "sequential; cohen: fixed sample; abstain: no certificate).",
+    "amortisation": "Offline evaluations (counts for the surrogate's train and calibration splits) divided "
+                    "by evaluations saved per query against the costliest run: the number of queries after "
+                    "which the offline stage has paid for itself.",
+    "check": "On the test split's MC counts (never used for calibration): how often the calibrated surrogate "
+             "radius exceeds the Clopper-Pearson reference radius. Calibration bounds this rate by epsilon "
+             "(marginally); the allowance is the 0.999-quantile of Binomial(images, epsilon).",
+}
+"""What each table shows, printed above it in HTML and Markdown."""
+
+_SECTIONS = (
+    # (title, table keys, figure keys)
+    ("Certified accuracy", ("accuracy",), ("certified_accuracy",)),
+    ("Cost", ("cost", "per_query"), ("samples_histogram",)),
+    ("Calibration", ("calibration", "groups", "check"), ("calibration_scatter",)),
+    ("Amortisation", ("amortisation",), ()),
+    ("Environment", ("environment",), ()),
+)
+
+_MARKDOWN_HEADINGS = (
+    ("accuracy", "Certified accuracy"), ("cost", "Cost"), ("per_query", "Per query"),
+    ("calibration", "Calibration"), ("groups", "Calibration groups"),
+    ("check", "Held-out check of the calibration"), ("amortisation", "Amortisation"),
+    ("environment", "Environment"),
+)
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("surrogate_cert.workflows", "templates"),
+    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+)
+
+
+def _offline_line(report: dict) -> str:
+    offline = report["amortisation"]["offline_evaluations"]
+    if offline is None:
+        return ("Offline base-model evaluations: not given (pass --offline-evaluations N or --offline-counts "
+                "train.h5 cal.h5).")
+    return f"Offline base-model evaluations: {offline:,}."
+
+
+def _sections(report: dict, figures: dict[str, str]) -> list[dict]:
+    """The report as the template's sections: paragraphs, figures, tables with their notes."""
+    t = tables(report)
+    cal = report.get("calibration")
+    out = []
+    for title, table_keys, figure_keys in _SECTIONS:
+        section = dict(
+            title=title,
+            paragraphs=[_offline_line(report)] if title == "Amortisation" and "amortisation" in t else [],
+            figures=[(k, figures[k]) for k in figure_keys if k in figures],
+            tables=[dict(note=NOTES.get(k), header=t[k][0], rows=t[k][1]) for k in table_keys if k in t],
+            notes=[], preformatted=[],
+        )
+        if title == "Calibration" and cal and cal.get("check") is None:
+            section["notes"].append("No held-out check: pass the test split's counts and the surrogate "
+                                    "(--counts test.h5 --surrogate surrogate.pt) to measure calibrated radii "
+                                    "against MC.")
+        if title == "Environment":
+            section["preformatted"] = [dict(label=label, path=f["path"], text="\n".join(f["header"]))
+                                       for label, f in report["environment"]["files"].items() if f["header"]]
+            if cal:
+                section["preformatted"].append(dict(
+                    label="calibration", path=cal["path"],
+                    text=json.dumps(_jsonable(cal["raw"]), indent=1)[:20000]))
+        if section["figures"] or section["tables"]:
+            out.append(section)
+    return out
+
+
+def render_html(report: dict, figures: dict[str, str], title: str = "surrogate-cert report") -> str:
+    """The report as one HTML string (Jinja2 template ``report.html.j2``, autoescaped)."""
+    return _TEMPLATES.get_template("report.html.j2").render(
+        title=title, sigma=report.get("sigma"),
+        files=list(report["environment"]["files"].values()) if report["runs"] else [],
+        sections=_sections(report, figures),
+    )
+
+
+def render_markdown(report: dict, title: str = "surrogate-cert report") -> str:
+    """The report's tables as Markdown (the plots are in the HTML)."""
+    t = tables(report)
+
+    def row(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"# {title}", ""]
+    for key, heading in _MARKDOWN_HEADINGS:
+        if key in t:
+            header, rows = t[key]
+            lines += [f"## {heading}", ""]
+            if key in NOTES:
+                lines += [NOTES[key], ""]
+            if key == "amortisation":
+                lines += [_offline_line(report), ""]
+            lines += [row(header), "| " + " | ".join("---" for _ in header) + " |"] + [row(r) for r in rows] + [""]
+    for label, f in report["environment"]["files"].items():
+        if f["header"]:
+            lines += [f"`{label}` ({f['path']}):", "", "```"] + f["header"] + ["```", ""]
+    return "\n".join(lines)
+
+
+def _jsonable(value):
+    """Replace inf/nan by None and NumPy scalars/arrays by Python ones, so json.dumps is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_all(report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "") -> dict[str, str]:
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InvalidParameterError(f"output folder {out.parent} does not exist; create it first or choose another --out")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise InvalidParameterError(f"--out {out} must end in .html (the .md and .json are written beside it)")
+    stem = out.with_suffix("")
+    paths = dict(html=str(out), md=f"{stem}{beside}.md", json=f"{stem}{beside}.json")
+    taken = {os.path.realpath(p) for p in inputs if p is not None}
+    clash = [p for p in paths.values() if os.path.realpath(p) in taken]
+    if clash:
+        raise InvalidParameterError(f"writing the report would overwrite its input {clash[0]}; choose another --out")
+    contents = dict(html=render_html(report, draw_figures(report), title), md=render_markdown(report, title),
+                    json=json.dumps(_jsonable(report), indent=2, allow_nan=False))
+    for key, path in paths.items():
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(contents[key])
+        os.replace(tmp, path)
+    return paths
+
+
+def write_report(
+    results: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    calibration: str | os.PathLike | None = None,
+    counts: str | os.PathLike | None = None,
+    surrogate: str | os.PathLike | None = None,
+    offline_evaluations: int | None = None,
+    baseline: str | None = None,
+    title: str = "surrogate-cert report",
+    data_root: str | None = None,
+) -> dict[str, str]:
+    """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
+
+    Returns the three paths. ``counts`` and ``surrogate`` (both or neither) add the held-out check of
+    the calibration (images read from the dataset the counts file names, under ``data_root`` for
+    torchvision sets); ``offline_evaluations`` the amortisation figures.
+    """
+    if (counts is None) != (surrogate is None):
+        raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
+    if counts is not None and calibration is None:
+        raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
+    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root)
+    return _write_all(report, out, title, [*results, calibration, counts, surrogate])
+
+
+def write_calibration_report(
+    calibration_path: str | os.PathLike,
+    out: str | os.PathLike,
+    counts: str | os.PathLike | None = None,
+    surrogate: str | os.PathLike | None = None,
+    data_root: str | None = None,
+) -> dict[str, str]:
+    """The calibration section alone (``surrogate-cert calibrate --report``); returns the paths written.
+
+    Beside ``out`` (``calibration.html``) go ``calibration.report.md`` and ``calibration.report.json``,
+    so the report never replaces the calibration file it describes.
+    """
+    if (counts is None) != (surrogate is None):
+        raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")
+    report = build_report([], calibration_path, counts, surrogate, data_root=data_root)
+    return _write_all(report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate],
+                      beside=".report")

@@ -1,0 +1,92 @@
+"""Training the surrogate from a counts file: ``surrogate-cert train``.
+
+The surrogate model and its training on arrays are core (``core.surrogate``); this stage reads a
+``train`` counts file and the images it names, trains, tunes the fallback prior on the held-out
+part of the same split, records where everything came from, and saves the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from data_gen.store import read_counts
+
+from ..core.architectures import load_checkpoint
+from ..core.errors import InvalidInputError, InvalidParameterError
+from ..core.hashing import sha256_file
+from ..core.surrogate import Surrogate
+
+__all__ = ["train_surrogate"]
+
+
+def train_surrogate(
+    counts_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    init_from_base: str | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    holdout: float = 0.1,
+    progress: bool = True,
+) -> Surrogate:
+    """Train a surrogate on a ``train`` counts file and save it to ``out``; returns it.
+
+    The images are read from the dataset and split the counts file records (``load_split(...)
+    .take(indices)``). The default architecture follows the recorded input shape; ``init_from_base``
+    (a checkpoint from ``train-base``) starts from the base model's weights and architecture.
+    ``kappa`` and ``w`` of the fallback prior are tuned on the held-out part of this split.
+    """
+    started = time.perf_counter()
+    counts_file = read_counts(counts_path)
+    attrs = counts_file.attrs
+    if not attrs.get("complete", True):
+        raise InvalidInputError(
+            f"{counts_path} is incomplete ({len(counts_file)} rows committed); finish it with "
+            "`surrogate-cert datagen ... --resume` first"
+        )
+    if len(counts_file) < 2:
+        raise InvalidInputError(f"{counts_path} holds {len(counts_file)} rows; a surrogate needs at least 2")
+    images = counts_file.images(data_root)
+    input_shape = tuple(attrs.get("input_shape") or images.shape[1:])
+    num_classes = int(attrs["num_classes"])
+    base = None
+    if init_from_base is not None:
+        base_model, base_header = load_checkpoint(init_from_base)
+        if arch is not None and arch != base_header["arch"]:
+            raise InvalidParameterError(
+                f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
+            )
+        arch, base = base_header["arch"], base_model
+    surrogate = Surrogate.build(input_shape, num_classes, float(attrs["sigma"]), arch=arch, init_from=base,
+                                seed=seed, device=device)
+    surrogate.fit(images, counts_file.counts, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout,
+                  seed=seed, progress=progress)
+    tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
+    surrogate.tune_prior(images[tune_rows], counts_file.counts[tune_rows])
+    last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
+    surrogate.meta = dict(
+        dataset=str(attrs["dataset"]),
+        split=str(attrs["split"]),
+        counts_sha256=sha256_file(counts_path),
+        counts_n=int(attrs["n"]),
+        counts_rows=len(counts_file),
+        base_model_sha256=attrs.get("model_sha256"),
+        seed=int(seed),
+        epochs_run=len(surrogate.history_),
+        best_epoch=int(surrogate.best_epoch_),
+        train_loss=last.get("train_loss"),
+        holdout_loss=last.get("holdout_loss"),
+        init_from_base=os.path.abspath(init_from_base) if init_from_base else None,
+        prior_tuning=dict(criterion="log marginal likelihood of held-out train counts",
+                          rows=int(len(tune_rows)), table=surrogate.prior_table_),
+        seconds=time.perf_counter() - started,
+    )
+    surrogate.save(out)
+    return surrogate
