@@ -57,6 +57,15 @@ def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
     return best["kappa"], best["w"], table
 
 
+def weights_digest(header_json: str, state: dict) -> str:
+    """SHA-256 of a header (JSON text) and a state dict's tensors (names and bytes, in order)."""
+    digest = hashlib.sha256(header_json.encode())
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- the model wrapper
 
 class Surrogate:
@@ -264,11 +273,7 @@ class Surrogate:
         key = (json.dumps(self.header(), sort_keys=True),
                tuple((name, t.data_ptr(), t._version) for name, t in state.items()))
         if getattr(self, "_fingerprint_key", None) != key:
-            digest = hashlib.sha256(key[0].encode())
-            for name, tensor in state.items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint, self._fingerprint_key = digest.hexdigest(), key
+            self._fingerprint, self._fingerprint_key = weights_digest(key[0], state), key
         return self._fingerprint
 
     def save(self, path: str | os.PathLike) -> str:
