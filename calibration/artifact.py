@@ -115,7 +115,18 @@ class Calibration:
         return float(self.offsets.get(group, self.pooled_offset))
 
     def check_matches(self, surrogate) -> None:
-        """Refuse (``CalibrationError``) a surrogate this calibration was not made for."""
+        """Refuse (``CalibrationError``) a surrogate this calibration was not made for.
+
+        Parameters
+        ----------
+        surrogate : Surrogate
+            Checked for the same fingerprint (weights and metadata), sigma and class count.
+
+        Raises
+        ------
+        CalibrationError
+            If any of the three differs.
+        """
         if surrogate.fingerprint() != self.surrogate_sha256:
             raise CalibrationError(
                 "the calibration was made for another surrogate (SHA-256 mismatch); "
@@ -134,7 +145,16 @@ class Calibration:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
-        """The JSON content, with the integrity hash over everything else."""
+        """The JSON content, with the integrity hash over everything else.
+
+        Infinite offsets and non-finite diagnostics become ``null``; ``created`` is filled with the
+        current UTC time if unset; ``bound`` is added.
+
+        Returns
+        -------
+        dict
+            The keys of the module docstring, ``integrity_sha256`` last.
+        """
         content = asdict(self)
         content["offsets"] = {k: _encode_offset(v) for k, v in self.offsets.items()}
         content["pooled_offset"] = _encode_offset(self.pooled_offset)
@@ -148,7 +168,20 @@ class Calibration:
         return content
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write calibration.json atomically; returns the path."""
+        """Write calibration.json atomically; returns the path.
+
+        Sets ``created`` to the time written into the file if it was unset.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file to write (replaced if it exists).
+
+        Returns
+        -------
+        str
+            ``path``.
+        """
         path = os.fspath(path)
         content = self.to_dict()
         self.created = content["created"]
@@ -161,7 +194,24 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, content: dict) -> "Calibration":
-        """Rebuild from JSON content after checking its format and integrity hash."""
+        """Rebuild from JSON content after checking its format and integrity hash.
+
+        Parameters
+        ----------
+        content : dict
+            The parsed calibration.json (as ``to_dict`` made it).
+
+        Returns
+        -------
+        Calibration
+
+        Raises
+        ------
+        CalibrationError
+            If ``content`` is not a calibration of this format version, or its integrity hash does not
+            match. Missing required fields raise ``KeyError`` or ``TypeError`` here;
+            ``load_calibration`` turns them into ``CalibrationError``.
+        """
         if not isinstance(content, dict) or content.get("format") != FORMAT:
             raise CalibrationError("not a surrogate-cert calibration file; create one with `surrogate-cert calibrate`")
         if content.get("format_version") != FORMAT_VERSION:
@@ -190,6 +240,25 @@ def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
 
     ``surrogate`` (a ``Surrogate`` or a checkpoint path) is checked when given: same weights and
     metadata fingerprint, sigma and class count, else ``CalibrationError``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The calibration file.
+    surrogate : Surrogate or path, optional
+        The surrogate it must belong to.
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    CalibrationError
+        If the file cannot be read, is not valid JSON, lacks fields, is of another format version,
+        was modified after it was written, or belongs to another surrogate.
+    ModelError
+        If ``surrogate`` is a path that cannot be loaded as a surrogate.
     """
     try:
         with open(path) as fh:

@@ -93,6 +93,13 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
     its predicted class. ``predict(X)`` is ``surrogate_radius(X[:, 0], sigma, radius_cap)``. ``fit`` learns
     nothing (the surrogate was trained elsewhere); it only marks the estimator fitted, as MAPIE's
     ``prefit=True`` requires.
+
+    Parameters
+    ----------
+    sigma : float, optional
+        Noise level (l2, input units); default 0.25.
+    radius_cap : float, optional
+        ``r_max``: predicted radii are clipped to it (input l2 units); default ``inf`` (no cap).
     """
 
     def __init__(self, sigma: float = 0.25, radius_cap: float = np.inf):
@@ -111,7 +118,33 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
 
 
 def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: float | None = None) -> int:
-    """1-based rank of ``q^`` among ``m`` sorted scores; ``m + 1`` (or more) means ``q^ = +inf``."""
+    """1-based rank of ``q^`` among ``m`` sorted scores; ``m + 1`` (or more) means ``q^ = +inf``.
+
+    Marginal: ``stats.conformal_rank``, ``ceil((m + 1)(1 - epsilon))``. PAC:
+    ``stats.pac_conformal_rank``, the smallest rank whose coverage is at least ``1 - epsilon`` with
+    probability at least ``1 - delta`` over the calibration draw.
+
+    Parameters
+    ----------
+    m : int
+        Number of calibration scores.
+    epsilon : float
+        Target rate of ``R^ > y``, in (0, 1).
+    guarantee : {"marginal", "pac"}, optional
+        Any value other than ``"pac"`` gives the marginal rank.
+    delta : float, optional
+        PAC confidence parameter, in (0, 1); required with ``guarantee="pac"``.
+
+    Returns
+    -------
+    int
+        The rank ``k``; ``k > m`` means the offset is infinite (never certify).
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``epsilon`` is outside (0, 1) (checked on the marginal path).
+    """
     if guarantee == "pac":
         return stats.pac_conformal_rank(m, epsilon, delta)
     return stats.conformal_rank(m, epsilon)
@@ -122,6 +155,24 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
     """Smallest calibration (group) size with a finite offset: ``stats.min_calibration_size``.
 
     LTT needs as many points as PAC: with no error at all, ``(1 - epsilon)^m <= delta``.
+
+    Parameters
+    ----------
+    epsilon : float
+        Target rate of ``R^ > y``, in (0, 1).
+    guarantee : {"marginal", "pac"}, optional
+        The calibration's guarantee.
+    delta : float, optional
+        PAC / LTT confidence parameter, in (0, 1). Pass it whenever ``guarantee="pac"`` or
+        ``method="ltt"``: with ``delta=None`` the marginal size is returned, which is too small for
+        those.
+    method : {"conformal", "ltt"}, optional
+        The calibration method.
+
+    Returns
+    -------
+    int
+        The smallest number of calibration points ``m`` (in a group) whose offset is finite.
     """
     pac_like = guarantee == "pac" or method == "ltt"
     return stats.min_calibration_size(epsilon, delta if pac_like else None)
@@ -137,8 +188,27 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
     ``epsilon_k = 1 - (rank - 1/2) / (m + 1)``: the same rank as ``1 - 2 epsilon``, placed half a rank
     inside, so that float rounding in MAPIE's ``ceil((m + 1)(1 - epsilon))`` cannot move it at
     exact-integer edges (at ``m = 999, epsilon = 0.05`` the literal level gives rank 951, not 950).
-    Returns ``(q^, coverage)``: ``coverage`` is MAPIE's ``regression_coverage_score`` of its
-    two-sided intervals on the calibration set (for the report).
+
+    Parameters
+    ----------
+    p_tilde : array_like of float
+        The surrogate's probability of its class, per calibration point.
+    reference : array_like of float
+        Reference radius ``y_i`` per calibration point, input l2 units.
+    sigma : float
+        Noise level (l2, input units).
+    rank : int
+        1-based rank of the offset among the ``m`` scores (``quantile_rank``).
+    radius_cap : float, optional
+        ``r_max``: surrogate radii are clipped to it before scoring (input l2 units); default no cap.
+
+    Returns
+    -------
+    q_hat : float
+        The offset ``q^`` in input l2 units; ``+inf`` if ``rank > m``.
+    coverage : float
+        MAPIE's ``regression_coverage_score`` of its two-sided intervals on the calibration set
+        (for the report); NaN if ``rank > m`` or an interval is infinite.
     """
     X = np.asarray(p_tilde, dtype=float).reshape(-1, 1)
     y = np.asarray(reference, dtype=float)
@@ -188,7 +258,29 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     inputs with ``R~ - q > 0`` exceeds ``epsilon``" is tested with MAPIE's Hoeffding-Bentkus p-value;
     Bonferroni-Holm controls the family-wise error at ``delta``. With probability at least
     ``1 - delta`` every returned (valid) offset controls the rate; the smallest is returned, or
-    ``+inf`` if none is valid. Also returns the number of valid offsets.
+    ``+inf`` if none is valid.
+
+    Parameters
+    ----------
+    p_tilde : array_like of float
+        The surrogate's probability of its class, per calibration point.
+    reference : array_like of float
+        Reference radius ``y_i`` per calibration point, input l2 units.
+    sigma : float
+        Noise level (l2, input units); also the unit of the offset grid.
+    epsilon : float
+        Target rate of ``R^ > y`` among issued certificates, in (0, 1).
+    delta : float
+        Family-wise error level, in (0, 1).
+    radius_cap : float, optional
+        ``r_max``: surrogate radii are clipped to it (input l2 units); default no cap.
+
+    Returns
+    -------
+    offset : float
+        The smallest valid offset, input l2 units; ``+inf`` if none is valid.
+    num_valid : int
+        The number of valid offsets on the grid.
     """
     wrong_among_issued = BinaryRisk(
         risk_occurrence=lambda y_true, y_pred: y_pred == 1,
@@ -238,7 +330,33 @@ class OffsetFit:
 
 def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, delta: float | None,
                              groups: str, method: str) -> float | None:
-    """Validate the calibration options; returns ``delta`` (None where unused)."""
+    """Validate the calibration options; returns ``delta`` (None where unused).
+
+    Parameters
+    ----------
+    epsilon : float
+        Target rate of wrong surrogate radii, in (0, 0.5).
+    alpha_mc : float
+        Clopper-Pearson level of the reference radius, in (0, 1).
+    guarantee : {"marginal", "pac"}
+        The guarantee (``GUARANTEES``).
+    delta : float or None
+        PAC / LTT confidence parameter, in (0, 1); None means 0.05 where it is used.
+    groups : {"none", "class", "confidence"}
+        The Mondrian grouping (``GROUPINGS``).
+    method : {"conformal", "ltt"}
+        The calibration method (``METHODS``).
+
+    Returns
+    -------
+    float or None
+        The checked ``delta`` when ``guarantee="pac"`` or ``method="ltt"``, else None.
+
+    Raises
+    ------
+    InvalidParameterError
+        If an option is out of range or not one of its choices.
+    """
     epsilon = check_probability("epsilon", epsilon)
     if epsilon >= 0.5:
         raise InvalidParameterError(f"epsilon must be below 0.5 (a rate of wrong certificates), got {epsilon}; e.g. 0.01")
@@ -272,14 +390,56 @@ def fit_offsets(
 ) -> OffsetFit:
     """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
 
-    ``p_tilde`` is the surrogate's probability of its class ``predicted`` on each calibration input,
-    ``counts_top`` that class's count out of ``n_cal`` noisy evaluations of the base model. With
-    inputs exchangeable, the deployed radius ``R~ - q^`` exceeds the reference radius with
-    probability at most ``epsilon`` (marginal), or at rate ``<= epsilon`` with probability ``1 - delta``
-    over the calibration draw (PAC / LTT); see the module docstring. Groups smaller than needed use
-    the pooled offset and are listed in ``fallback_groups``. Raises ``CalibrationError`` when the
-    whole set is too small. ``bin_edges`` (``groups="confidence"``; default
-    ``DEFAULT_CONFIDENCE_EDGES``) must be fixed before the calibration data are seen.
+    With inputs exchangeable, the deployed radius ``R~ - q^`` exceeds the reference radius with
+    probability at most ``epsilon`` (marginal), or at rate ``<= epsilon`` with probability
+    ``1 - delta`` over the calibration draw (PAC / LTT); see the module docstring. Groups smaller
+    than needed use the pooled offset and are listed in ``fallback_groups`` (for them only the
+    pooled bound holds).
+
+    Parameters
+    ----------
+    p_tilde : array_like of float
+        The surrogate's probability of its class ``predicted``, per calibration input.
+    predicted : array_like of int
+        The surrogate's class, per calibration input.
+    counts_top : array_like of int
+        The count of that class out of ``n_cal`` noisy evaluations of the base model, drawn
+        independently of the surrogate.
+    n_cal : int
+        Noisy evaluations per calibration input (>= 1).
+    sigma : float
+        Noise level (l2, input units).
+    num_classes : int
+        Number of classes (the groups of ``groups="class"``).
+    epsilon : float
+        Target rate of ``R^ > y``, in (0, 0.5).
+    alpha_mc : float
+        Clopper-Pearson level of the reference radius, in (0, 1).
+    guarantee : {"marginal", "pac"}, optional
+        Marginal conformal, or PAC (with probability ``1 - delta``).
+    delta : float or None, optional
+        PAC / LTT confidence parameter, in (0, 1); unused for marginal conformal.
+    groups : {"none", "class", "confidence"}, optional
+        The Mondrian grouping.
+    method : {"conformal", "ltt"}, optional
+        Quantile of the scores, or Learn-then-Test.
+    bin_edges : sequence of float, optional
+        Bin edges of ``groups="confidence"`` (default ``DEFAULT_CONFIDENCE_EDGES``); they must be
+        fixed before the calibration data are seen.
+
+    Returns
+    -------
+    OffsetFit
+        Offsets per group and pooled (input l2 units, ``+inf`` = never certify), group sizes,
+        fallback groups, the minimum group size, ``radius_cap``, the bin edges and in-sample
+        diagnostics (for the report, not a guarantee).
+
+    Raises
+    ------
+    CalibrationError
+        If the whole calibration set is smaller than ``min_group_size``.
+    InvalidParameterError
+        If an option is out of range, or the three arrays differ in length.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if groups == "confidence" and bin_edges is None:
@@ -362,8 +522,37 @@ def calibrate_arrays(
 
     Every row of ``counts`` must hold the same number ``n_cal`` of noisy evaluations, drawn
     independently of the surrogate (the calibration split's counts). Runs the surrogate once,
-    then ``fit_offsets``; returns a ``Calibration`` bound to the surrogate's fingerprint, with any
-    ``provenance`` fields (``counts_sha256``, ``dataset``, ...) filled in.
+    then ``fit_offsets``, whose guarantee the result carries. ``method="ltt"`` is recorded with
+    ``guarantee="pac"``.
+
+    Parameters
+    ----------
+    surrogate : Surrogate
+        The trained surrogate.
+    x : torch.Tensor
+        ``N x C x H x W`` calibration images of the surrogate's input shape, pixels in [0, 1].
+    counts : array_like of int
+        ``N x K`` class counts of the base model under noise at the surrogate's sigma.
+    epsilon, alpha_mc, guarantee, delta, groups, method, bin_edges
+        As in ``fit_offsets``.
+    **provenance
+        ``Calibration`` fields to fill in (``counts_sha256``, ``base_model_sha256``, ``dataset``,
+        ``split``, ...).
+
+    Returns
+    -------
+    Calibration
+        Bound to the surrogate's fingerprint, sigma and class count.
+
+    Raises
+    ------
+    CalibrationError
+        If ``counts`` is not ``N x K``, its rows hold different sample numbers, its rows do not match
+        the images, or the set is too small.
+    InvalidParameterError
+        If an option is out of range.
+    InvalidInputError
+        If ``x`` is not a valid image batch of the surrogate's input shape.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if method == "ltt":
@@ -428,11 +617,41 @@ def calibrate(
 ) -> Calibration:
     """Calibrate ``surrogate`` on a calibration counts file: returns a ``Calibration``.
 
-    ``surrogate`` is a ``surrogate_cert.surrogate.Surrogate`` or a path to its checkpoint;
-    ``counts_file`` an HDF5 counts file of the ``cal`` split (at the surrogate's sigma and class
+    ``counts_file`` is an HDF5 counts file of the ``cal`` split (at the surrogate's sigma and class
     count, made with the surrogate's base model), whose images are read from the dataset it
     records. The guarantee is that of ``fit_offsets`` (module docstring); the result binds the
     surrogate, the counts file and every option, and ``Calibration.save`` writes calibration.json.
+
+    Parameters
+    ----------
+    surrogate : Surrogate or path
+        A ``surrogate_cert.core.surrogate.Surrogate``, or a path to its checkpoint.
+    counts_file : str or os.PathLike
+        Complete counts file of the calibration split.
+    epsilon, alpha_mc, guarantee, delta, groups, method, bin_edges
+        As in ``fit_offsets``.
+    data_root : str, optional
+        Where torchvision datasets are read from.
+    device : str, torch.device or None, optional
+        Where the surrogate runs, when loaded from a path.
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    CalibrationError
+        If the counts file is of another class count or sigma, is the surrogate's training split,
+        was made with another base model, is incomplete, or is too small.
+    InvalidParameterError
+        If an option is out of range.
+    StoreError
+        If the counts file is missing or unreadable.
+    ModelError
+        If the surrogate checkpoint cannot be loaded.
+    DatasetError
+        If the images the counts file names cannot be loaded.
     """
     check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if not isinstance(surrogate, Surrogate):

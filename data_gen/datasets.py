@@ -80,7 +80,23 @@ class SplitData:
         return int(self.x.shape[0])
 
     def take(self, indices: Sequence[int] | np.ndarray) -> "SplitData":
-        """The rows whose dataset indices are ``indices``, in that order (DatasetError if one is absent)."""
+        """The rows whose dataset indices are ``indices``, in that order (DatasetError if one is absent).
+
+        Parameters
+        ----------
+        indices : sequence of int or numpy.ndarray
+            Dataset indices, e.g. the ``indices`` of a counts file.
+
+        Returns
+        -------
+        SplitData
+            A new split with those rows (``x``, ``y``, ``indices``) in the order given.
+
+        Raises
+        ------
+        DatasetError
+            If an index is not in this split.
+        """
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         order = np.argsort(self.indices, kind="stable")
         if len(order):
@@ -260,6 +276,33 @@ def load_split(
     ``limit`` keeps the first ``limit`` rows of the split (a fixed random subset). torchvision sets
     are read from ``data_root`` and downloaded only when ``download`` is true; a missing dataset is
     a one-line ``DatasetError`` that names the files expected.
+
+    Parameters
+    ----------
+    dataset : str
+        ``digits``, ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` or ``npz:PATH``.
+    split : {"train", "cal", "test"}
+        The split; splits are disjoint and fixed by ``SPLIT_SEED``.
+    data_root : str, optional
+        Folder of the torchvision datasets; default ``DEFAULT_DATA_ROOT``.
+    download : bool, optional
+        Download a missing torchvision dataset.
+    limit : int, optional
+        Keep the first ``limit`` rows (>= 1); default all.
+
+    Returns
+    -------
+    SplitData
+        Images (float32, ``N x C x H x W``, in [0, 1]), labels (int64) and dataset indices.
+
+    Raises
+    ------
+    DatasetError
+        If the dataset or split is unknown, or its files are missing, unreadable or malformed.
+    InvalidParameterError
+        If ``limit`` is not an integer >= 1.
+    InvalidInputError
+        If an npz's images are not finite or not in [0, 1].
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

@@ -64,15 +64,75 @@ def generate_counts(
     commit_seconds: float = COMMIT_SECONDS,
     command: str | None = None,
 ) -> str:
-    """Write ``out``: for every image of ``split``, the class counts of ``n`` noisy evaluations of the
-    base model (``counts``) and, if ``n0 > 0``, of ``n0`` more from an independent selection stream
-    (``counts_select``). Returns ``out``.
+    """Write ``out``: the class counts of ``n`` noisy evaluations of the base model per image of ``split``.
 
-    Refuses an existing ``out`` unless ``resume``; a resumed file must have been started with the
-    same dataset, split, limit, model, sigma, n, n0, seed, noise scheme, device type and amp, and
-    continues from its last committed row. Rows are committed at least every ``commit_seconds``;
-    an interruption loses at most the rows since the last commit. Every failure is a one-line
-    ``SurrogateCertError`` raised before any existing file is changed.
+    For every image, ``counts`` holds the class counts of ``n`` noisy evaluations (stream
+    ``STREAM_ESTIMATE``) and, if ``n0 > 0``, ``counts_select`` those of ``n0`` more from the
+    independent selection stream (``STREAM_SELECT``). Refuses an existing ``out`` unless
+    ``resume``; a resumed file must have been started with the same dataset, split, limit, model,
+    sigma, n, n0, seed, noise scheme, device type and amp, and continues from its last committed
+    row. Rows are committed at least every ``commit_seconds``; an interruption loses at most the
+    rows since the last commit. Every failure is a one-line ``SurrogateCertError`` raised before
+    any existing file is changed.
+
+    Parameters
+    ----------
+    dataset : str
+        Dataset spec (``load_split``).
+    split : {"train", "cal", "test"}
+        The split to count.
+    model_spec : str
+        Base model spec (``load_model``).
+    sigma : float
+        Noise level (l2, input units), > 0.
+    n : int
+        Estimation samples per image (>= 1).
+    out : str
+        The HDF5 counts file to write.
+    n0 : int, optional
+        Selection samples per image (>= 0); 0 writes no ``counts_select``.
+    batch_size : int, optional
+        Noisy samples per forward pass (counts do not depend on it).
+    seed : int, optional
+        Seed of the noise streams.
+    limit : int, optional
+        Count the first ``limit`` images of the split only.
+    device : str, torch.device or None, optional
+        Where the base model runs.
+    amp : {None, "bf16"}, optional
+        bfloat16 autocast on CUDA (recorded: a resume must use the same).
+    resume : bool, optional
+        Continue an existing ``out`` made with the same settings.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    download : bool, optional
+        Download a missing torchvision dataset.
+    progress : bool, optional
+        Show a progress bar.
+    commit_seconds : float, optional
+        Most seconds between commits (>= 0).
+    command : str, optional
+        The command line recorded in the file.
+
+    Returns
+    -------
+    str
+        ``out``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``sigma``, ``n``, ``n0``, ``batch_size``, ``limit`` or ``commit_seconds`` is out of range,
+        or ``n + n0`` does not fit uint32 counts.
+    DatasetError
+        If the dataset cannot be loaded.
+    ModelError
+        If the model cannot be loaded or does not fit the dataset's images or classes.
+    StoreError
+        If ``out`` exists without ``resume``, is locked by another writer (``StoreLockedError``),
+        does not match the resume settings (``ResumeMismatchError``), or cannot be written.
+    InvalidInputError
+        If ``amp`` or ``device`` is not usable.
     """
     sigma = check_positive("sigma", sigma)
     n = check_count("n", n)

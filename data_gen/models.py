@@ -201,6 +201,28 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
 
     If ``num_classes`` is given and the file records a different class count, raises ModelError.
     Never unpickles code: every ``torch.load`` uses ``weights_only=True``.
+
+    Parameters
+    ----------
+    spec : str
+        A checkpoint, TorchScript or ``torch.export`` file, or ``module:factory[=weights.pt]``.
+    device : str, torch.device or None, optional
+        Where to load the model (``resolve_device``).
+    num_classes : int, optional
+        The class count the model must have, where the file records one.
+
+    Returns
+    -------
+    LoadedModel
+        The model in eval mode on ``device``, its SHA-256 and what the file records about it.
+
+    Raises
+    ------
+    ModelError
+        If the spec names no file or factory, the file or factory cannot be loaded, the weights do
+        not fit, or the recorded class count differs from ``num_classes``.
+    InvalidInputError
+        If CUDA is requested but unavailable.
     """
     device = resolve_device(device)
     spec = str(spec)
@@ -237,7 +259,31 @@ def _default_epochs(num_train: int) -> int:
 
 def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, draws: int = 8,
                    seed: int = 0, batch_size: int = 2048) -> float:
-    """Mean accuracy of ``argmax model(x + eps)``, ``eps ~ N(0, sigma^2 I)``, over ``draws`` noise draws."""
+    """Mean accuracy of ``argmax model(x + eps)``, ``eps ~ N(0, sigma^2 I)``, over ``draws`` noise draws.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier, in eval mode; inputs are moved to the device of its first parameter (the
+        CPU for a model without parameters).
+    x : torch.Tensor
+        ``N x C x H x W`` images on the CPU, pixels in [0, 1] (``N >= 1``).
+    y : torch.Tensor
+        ``N`` true labels on the CPU.
+    sigma : float
+        Noise level (l2, input units); 0 for clean accuracy.
+    draws : int, optional
+        Noise draws per image.
+    seed : int, optional
+        Seed of the noise (a private CPU generator; the global RNG is not touched).
+    batch_size : int, optional
+        Images per forward pass.
+
+    Returns
+    -------
+    float
+        The share of correct predictions over all ``draws * N`` noisy images.
+    """
     device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     correct = 0
@@ -266,12 +312,57 @@ def train_base(
     lr: float = 2e-3,
     download: bool = False,
 ) -> dict:
-    """Train the built-in base model on ``dataset``'s ``train`` split with Gaussian-noise augmentation
-    at ``sigma`` (fresh noise every step), and save it to ``out`` (``save_checkpoint``, kind ``base``).
+    """Train the built-in base model on ``dataset``'s ``train`` split and save it to ``out``.
 
-    Returns metrics: ``noisy_test_accuracy`` (accuracy on noisy ``test`` inputs at ``sigma``, mean
-    over 8 draws), ``clean_test_accuracy``, ``epochs``, ``seconds``, ``sha256`` and ``out``.
-    Deterministic for a given ``seed`` on one device; the caller's global RNG state is preserved.
+    Gaussian-noise augmentation at ``sigma`` (fresh noise every step); the checkpoint is written
+    with ``save_checkpoint``, kind ``base``. Deterministic for a given ``seed`` on one device; the
+    caller's global RNG state is preserved.
+
+    Parameters
+    ----------
+    dataset : str, optional
+        Dataset spec (``load_split``); default ``digits``.
+    sigma : float, optional
+        Noise level of the augmentation (l2, input units), > 0.
+    out : str, optional
+        Checkpoint file to write.
+    epochs : int, optional
+        Epochs (>= 1); default 25 for at most 5000 training images, else 15.
+    seed : int, optional
+        Seed of the initialisation, the batch order and the noise.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    device : str, torch.device or None, optional
+        Where to train (``resolve_device``).
+    progress : bool, optional
+        Show a progress bar.
+    arch : str, optional
+        Architecture name; default ``default_arch`` of the input shape.
+    batch_size : int, optional
+        Images per step.
+    lr : float, optional
+        Peak learning rate of the one-cycle AdamW schedule.
+    download : bool, optional
+        Download a missing torchvision dataset.
+
+    Returns
+    -------
+    dict
+        Metrics, also stored in the checkpoint: ``noisy_test_accuracy`` (accuracy on noisy ``test``
+        inputs at ``sigma``, mean over 8 draws), ``clean_test_accuracy``, ``epochs``, ``seconds``,
+        ``dataset``, ``sigma``, ``arch``, ``seed``, ``train_size``; plus ``sha256`` and ``out`` (the
+        absolute path written).
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``sigma`` or ``epochs`` is out of range.
+    DatasetError
+        If the dataset cannot be loaded.
+    ModelError
+        If ``arch`` is unknown or ``out`` cannot be written.
+    InvalidInputError
+        If CUDA is requested but unavailable.
     """
     sigma = check_positive("sigma", sigma)
     device = resolve_device(device)

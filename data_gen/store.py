@@ -90,8 +90,23 @@ class CountsFile:
         return int(self.attrs["n"])
 
     def images(self, data_root: str | None = None):
-        """The images of these rows (``N x C x H x W`` float tensor, in row order), read from the
-        dataset and split the file records (torchvision sets under ``data_root``)."""
+        """The images of these rows, read from the dataset and split the file records.
+
+        Parameters
+        ----------
+        data_root : str, optional
+            Folder of the torchvision datasets.
+
+        Returns
+        -------
+        torch.Tensor
+            ``N x C x H x W`` float32 images in [0, 1], in row order.
+
+        Raises
+        ------
+        DatasetError
+            If the dataset cannot be loaded or lacks one of the file's dataset indices.
+        """
         split = load_split(str(self.attrs["dataset"]), str(self.attrs["split"]), data_root=data_root)
         return split.take(self.indices).x
 
@@ -131,7 +146,25 @@ def _open_h5(path: str, mode: str) -> h5py.File:
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
-    """The attributes of a counts file (StoreError if it is missing or not a counts file)."""
+    """The attributes of a counts file (StoreError if it is missing or not a counts file).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The HDF5 counts file.
+
+    Returns
+    -------
+    dict
+        Plain Python values (see the module docstring); ``"none"`` is read back as None,
+        ``complete`` as bool and ``input_shape`` as a list of int.
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, not readable HDF5, not a counts file of this format version, or
+        lacks attributes or datasets.
+    """
     with _reader(path) as h5:
         return _checked_attrs(h5, path)
 
@@ -167,8 +200,22 @@ def _checked_attrs(h5: h5py.File, path) -> dict:
 def read_counts(path: str | os.PathLike) -> CountsFile:
     """Read the committed rows of a counts file (rows beyond the committed counter are ignored).
 
-    Raises StoreError if the file is missing, is not a counts file of this format version, or a
-    chunk fails its checksum.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The HDF5 counts file.
+
+    Returns
+    -------
+    CountsFile
+        ``indices``, ``labels``, ``counts`` and ``counts_select`` (None without selection samples)
+        as int64 arrays of the committed rows, and the attributes (as ``read_attrs``).
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, is not a counts file of this format version, or a chunk fails its
+        checksum.
     """
     with _reader(path) as h5:
         attrs = _checked_attrs(h5, path)
@@ -277,7 +324,37 @@ class CountsWriter:
         """Create ``path`` (refused if it exists, unless ``resume``) or resume it.
 
         A resumed file must have the same identity attributes (``IDENTITY_KEYS``) and the same
-        planned indices and labels; otherwise StoreError, and the file is left untouched.
+        planned indices and labels; otherwise StoreError, and the file is left untouched. The writer
+        holds the file's lock until it is closed; use it as a context manager.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The counts file.
+        indices : numpy.ndarray
+            Dataset index of every planned row.
+        labels : numpy.ndarray
+            True label of every planned row.
+        attrs : mapping
+            The file's attributes (at least ``IDENTITY_KEYS`` and ``package_version``; see the module
+            docstring).
+        resume : bool, optional
+            Continue an existing file instead of refusing it.
+
+        Returns
+        -------
+        CountsWriter
+            ``committed`` is the number of rows already in the file (0 for a new file).
+
+        Raises
+        ------
+        StoreLockedError
+            If another process is writing the file.
+        ResumeMismatchError
+            If a resumed file was made with other settings or plans other rows.
+        StoreError
+            If ``path`` is a folder, its folder is missing or not writable, it exists without
+            ``resume``, the split has no rows, or it cannot be created or read.
         """
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -356,7 +433,22 @@ class CountsWriter:
 
     # ---------------------------------------------------------------- writing
     def append(self, counts: np.ndarray, counts_select: np.ndarray | None = None) -> None:
-        """Write the next ``len(counts)`` rows, then (after they are flushed) advance ``rows``."""
+        """Write the next ``len(counts)`` rows, then (after they are flushed) advance ``rows``.
+
+        Parameters
+        ----------
+        counts : numpy.ndarray
+            ``rows x K`` class counts of the estimation stream, in planned row order, non-negative and
+            below 2**32 (stored as uint32 without a range check).
+        counts_select : numpy.ndarray, optional
+            The same rows' selection counts; given exactly when the file has ``n0 > 0``.
+
+        Raises
+        ------
+        StoreError
+            If the rows would exceed the planned rows, ``counts_select`` is given when it must not be
+            (or missing when it must), or writing fails (committed rows are kept).
+        """
         counts = np.asarray(counts)
         lo, hi = self.committed, self.committed + len(counts)
         if hi > self.total:

@@ -63,12 +63,38 @@ class Certificate:
 
 
 def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -> Certificate:
-    """The abstain certificate: class -1, radius 0."""
+    """The abstain certificate: class -1, radius 0.
+
+    Parameters
+    ----------
+    n_samples : int, optional
+        Base-model evaluations spent on the input.
+    p_lower : float, optional
+        The lower bound on ``p_A(x)`` reached, for the record.
+    seconds : float, optional
+        Wall time attributed to the input.
+
+    Returns
+    -------
+    Certificate
+        ``prediction = -1``, ``radius = 0.0``, method ``abstain``.
+    """
     return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds))
 
 
 def meta_path(path: str | os.PathLike) -> str:
-    """Where the provenance of results file ``path`` lives: ``path + ".meta.json"``."""
+    """Where the provenance of results file ``path`` lives: ``path + ".meta.json"``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results TSV.
+
+    Returns
+    -------
+    str
+        The sidecar's path.
+    """
     return os.fspath(path) + META_SUFFIX
 
 
@@ -95,9 +121,25 @@ def write_tsv(
     """Write results as TSV plus its provenance sidecar, each atomically (temporary file, rename).
 
     Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
-    line. ``meta`` (plain JSON values: command, versions, sigma, seed, device, ...) goes to
-    ``meta_path(path)``. ``header_comment`` is deprecated: its lines are stored in the sidecar
-    under ``"comment"``, never in the TSV.
+    line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
+    the label. ``meta`` goes to ``meta_path(path)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The TSV to write (replaced if it exists).
+    indices : sequence of int
+        Dataset index of each input.
+    labels : sequence of int
+        True label of each input.
+    certificates : sequence of Certificate
+        One per input. ``indices``, ``labels`` and ``certificates`` must have the same length (not
+        checked: rows beyond the shortest are dropped).
+    meta : mapping, optional
+        Provenance, plain JSON values (command, versions, sigma, seed, device, ...).
+    header_comment : str, optional
+        Deprecated: its lines are stored in the sidecar under ``"comment"``, never in the TSV
+        (emits a ``DeprecationWarning``).
     """
     path = os.fspath(path)
     meta = dict(meta or {})
@@ -119,6 +161,24 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
 
     Columns beyond Cohen's six are optional: ``method`` defaults to ``cohen`` / ``abstain``,
     ``n_samples`` to -1 (unknown), ``p_lower`` to NaN.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results TSV.
+
+    Returns
+    -------
+    list of dict
+        One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` (int),
+        ``radius`` (input l2 units), ``time`` (seconds, from ours or from Cohen et al.'s
+        ``H:MM:SS.ffffff``), ``p_lower`` (float) and ``method`` (str).
+
+    Raises
+    ------
+    InvalidInputError
+        If the file cannot be read, is not text, lacks one of Cohen's six columns, or has a
+        malformed row.
     """
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -157,6 +217,22 @@ def read_meta(path: str | os.PathLike) -> dict:
 
     Files of version 0.1 carried provenance as ``#`` lines at the top of the TSV; those lines are
     returned as ``{"comment": [...]}``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results TSV (not the sidecar).
+
+    Returns
+    -------
+    dict
+        The sidecar's object; else the old comment lines; else ``{}`` (also when neither file can
+        be read).
+
+    Raises
+    ------
+    InvalidInputError
+        If the sidecar exists but is not readable JSON holding an object.
     """
     sidecar = meta_path(path)
     if os.path.isfile(sidecar):
@@ -187,7 +263,21 @@ def _parse_seconds(text: str) -> float:
 
 
 def certified_accuracy(rows: Iterable[dict], radii: Sequence[float]) -> list[float]:
-    """Share of rows whose prediction is correct with certified radius >= r, for each r in ``radii``."""
+    """Share of rows whose prediction is correct with certified radius >= r, for each r in ``radii``.
+
+    Parameters
+    ----------
+    rows : iterable of dict
+        Rows as ``read_tsv`` returns them (keys ``correct`` and ``radius``).
+    radii : sequence of float
+        Radii ``r``, input l2 units.
+
+    Returns
+    -------
+    list of float
+        One share per radius, over all rows (abstentions count as not certified); zeros when there
+        are no rows.
+    """
     rows = list(rows)
     if not rows:
         return [0.0 for _ in radii]

@@ -24,10 +24,41 @@ def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
                              seconds: float = 0.0) -> list[Certificate]:
     """Cohen et al.'s CERTIFY on stored counts (``stats.cohen_certify``), as ``Certificate`` records.
 
+    With probability at least ``1 - alpha`` per input, over the noise, a non-abstaining certificate
+    is correct: the smoothed classifier ``g`` returns its ``prediction`` everywhere in the open l2
+    ball of its ``radius`` (input units). This rests on the selection and estimation counts being
+    independent draws, which this function cannot check.
+
     Identical to ``CohenCertifier.certify`` when the counts come from the same noise streams
     (``STREAM_SELECT`` and ``STREAM_ESTIMATE``, same seed and indices), as ``datagen --n0`` draws
-    them. With probability at least ``1 - alpha`` per input, a non-abstaining certificate is correct.
-    ``n_samples`` is ``n0 + n`` of each row; ``seconds`` is attributed to every input.
+    them.
+
+    Parameters
+    ----------
+    counts_select : array_like of int
+        ``N x K`` class counts of the ``n0`` selection samples; their argmax is the class ``A``.
+    counts : array_like of int
+        ``N x K`` class counts of the ``n`` estimation samples, drawn independently of
+        ``counts_select``.
+    alpha : float
+        Error probability per input, in (0, 1).
+    sigma : float
+        Noise level the counts were drawn at (l2, input units).
+    seconds : float, optional
+        Wall time attributed to every input (its ``seconds`` field); default 0.
+
+    Returns
+    -------
+    list of Certificate
+        One per row: method ``cohen`` with ``p_lower = pA`` (one-sided Clopper-Pearson bound) and
+        ``radius = sigma * Phi^{-1}(pA)`` in input l2 units, or an abstention (carrying its
+        ``p_lower``) where that radius is 0. ``n_samples`` is ``n0 + n`` of each row.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``alpha`` is outside (0, 1), the two count arrays differ in shape, or a count is not a
+        whole number between 0 and its row's total.
     """
     counts_select = np.asarray(counts_select)
     counts = np.asarray(counts)
@@ -64,8 +95,35 @@ class CohenCertifier:
         the open l2 ball of its ``radius`` around the input. The selection samples (``n0``, stream
         ``STREAM_SELECT``) and the estimation samples (``n``, stream ``STREAM_ESTIMATE``) are
         independent, which is what makes the Clopper-Pearson bound valid for the selected class.
-        ``indices`` name each input's noise (dataset indices; default ``0..N-1``).
-        ``n_samples = n0 + n``; ``seconds`` is the call's wall time shared equally.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n0 : int, optional
+            Selection samples per input (>= 1); default 100.
+        n : int, optional
+            Estimation samples per input (>= 1); default 10,000.
+        alpha : float, optional
+            Error probability per input, in (0, 1); default 0.001.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (dataset indices); default ``0..N-1``.
+
+        Returns
+        -------
+        list of Certificate
+            One per input, as ``certificates_from_counts`` makes them: method ``cohen`` with its radius
+            in input l2 units, or an abstention. ``n_samples = n0 + n``; ``seconds`` is the call's wall
+            time shared equally.
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``n0``, ``n`` or ``alpha`` is out of range.
+        InvalidInputError
+            If ``x`` is not a valid image batch, or ``indices`` does not hold one entry per input.
+        ModelError
+            If the base model's output width is not ``num_classes``.
         """
         started = time.perf_counter()
         n0 = check_count("n0", n0)
@@ -91,6 +149,32 @@ class CohenCertifier:
 
         For each input, the returned class differs from ``g(x)`` with probability at most
         ``alpha`` (two-sided binomial test of the top two counts of ``n`` samples against 1/2).
+        No radius is certified.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n : int
+            Samples per input (>= 1), drawn from stream ``STREAM_ESTIMATE``.
+        alpha : float
+            Error probability per input, in (0, 1).
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (dataset indices); default ``0..N-1``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(N,)``, int64: the predicted class, or -1 where the test abstains.
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``n`` or ``alpha`` is out of range.
+        InvalidInputError
+            If ``x`` is not a valid image batch, or ``indices`` does not hold one entry per input.
+        ModelError
+            If the base model's output width is not ``num_classes``.
         """
         n = check_count("n", n)
         alpha = check_probability("alpha", alpha)

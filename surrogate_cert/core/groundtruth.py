@@ -41,7 +41,21 @@ class LinearProblem:
     p1: np.ndarray             # P(f(x + eps) = 1)
 
     def wrong(self, predictions: Sequence[int], radii: Sequence[float]) -> np.ndarray:
-        """DESIGN.md's wrong certificate: ``R > 0`` and (``A != g(x)`` or ``R > true radius``)."""
+        """DESIGN.md's wrong certificate: ``R > 0`` and (``A != g(x)`` or ``R > true radius``).
+
+        Parameters
+        ----------
+        predictions : sequence of int
+            Certified class per input (-1 = abstain).
+        radii : sequence of float
+            Certified radius per input, input l2 units (0 = abstain).
+
+        Returns
+        -------
+        numpy.ndarray
+            Boolean, one per input. ``R > true radius`` allows a float slack of 1e-9 relative plus
+            1e-12 absolute.
+        """
         pred = np.asarray(predictions)
         rad = np.asarray(radii, dtype=float)
         return (rad > 0) & ((pred != self.true_class) | (rad > self.true_radius * (1 + 1e-9) + 1e-12))
@@ -61,7 +75,28 @@ def linear_problem(
 
     The hyperplane passes through the centre of the cube; points are the centre moved by the margin
     along the unit normal plus a small orthogonal jitter, so every pixel stays in [0, 1] for
-    ``max_margin_sigmas * sigma <= 0.75``.
+    ``max_margin_sigmas * sigma <= 0.75``. Pixels are clipped to [0, 1] regardless, and the margins
+    recomputed after clipping, so the recorded ground truth is exact.
+
+    Parameters
+    ----------
+    num_inputs : int
+        Number of points ``N``.
+    sigma : float, optional
+        Noise level (l2, input units); default 0.25.
+    max_margin_sigmas : float, optional
+        ``m``: margins are drawn uniformly from ``[-m * sigma, m * sigma]``; default 3.
+    input_shape : tuple of int, optional
+        ``(C, H, W)`` of one point; default ``(1, 2, 2)``.
+    seed : int, optional
+        Seed of the margins and the jitter.
+
+    Returns
+    -------
+    LinearProblem
+        The model ``f(x) = 1[w.x + b > 0]`` with ``w = (1, ..., 1) / sqrt(d)``, the points
+        (``N x C x H x W`` float32) and, for each, the exact ``p_1``, the smoothed class ``g(x)`` and
+        the true certified radius ``|w.x + b|`` (input l2 units).
     """
     rng = np.random.default_rng(seed)
     d = int(np.prod(input_shape))

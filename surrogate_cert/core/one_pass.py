@@ -43,6 +43,30 @@ def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = 
 
     Depends on the surrogate's outputs only (and on ``edges`` fixed before calibration), so
     calibration and test inputs in one group stay exchangeable.
+
+    Parameters
+    ----------
+    predicted : array_like of int
+        The surrogate's class of each input.
+    p_tilde : array_like of float
+        The surrogate's probability of that class (read for ``groups="confidence"`` only).
+    groups : {"none", "class", "confidence"}
+        The grouping (``GROUPINGS``).
+    edges : sequence of float, optional
+        Strictly increasing bin edges on ``Phi^{-1}(p~)`` for ``groups="confidence"``; default
+        ``DEFAULT_CONFIDENCE_EDGES``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Object array of keys, one per input: ``POOLED`` (``"all"``), the class or the bin number as
+        a string.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``groups`` is not one of ``GROUPINGS``, or ``edges`` are not finite and strictly
+        increasing.
     """
     predicted = np.asarray(predicted)
     if groups == "none":
@@ -56,7 +80,28 @@ def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = 
 
 
 def all_group_keys(groups: str, num_classes: int, edges: Sequence[float] | None = None) -> list[str]:
-    """Every group a deployment input can fall in (so an unseen one still has an offset)."""
+    """Every group a deployment input can fall in (so an unseen one still has an offset).
+
+    Parameters
+    ----------
+    groups : {"none", "class", "confidence"}
+        The grouping (``GROUPINGS``).
+    num_classes : int
+        Number of classes: the groups of ``groups="class"``.
+    edges : sequence of float, optional
+        Bin edges of ``groups="confidence"`` (``len(edges) + 1`` bins); default
+        ``DEFAULT_CONFIDENCE_EDGES``.
+
+    Returns
+    -------
+    list of str
+        The keys, in the form ``group_keys`` gives them.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``groups`` is not one of ``GROUPINGS``.
+    """
     if groups == "none":
         return [POOLED]
     if groups == "class":
@@ -70,6 +115,26 @@ def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
     """``q^`` of each input's group, under the calibration's grouping and stored bin edges.
 
     A group the calibration never saw gets the pooled offset; ``inf`` never certifies.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Read for ``groups``, ``bin_edges``, ``offsets`` and ``pooled_offset``.
+    predicted : array_like of int
+        The surrogate's class of each input.
+    p_tilde : array_like of float
+        The surrogate's probability of that class, per input.
+
+    Returns
+    -------
+    numpy.ndarray
+        Offsets ``q^`` (input l2 units), one per input; ``+inf`` where the group never certifies.
+
+    Raises
+    ------
+    InvalidParameterError
+        If the calibration's grouping is unknown, or a confidence-grouped calibration stores no
+        (or invalid) ``bin_edges``.
     """
     groups = calibration.groups
     num = len(np.asarray(p_tilde).reshape(-1))
@@ -91,7 +156,30 @@ def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
 
 
 def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
-    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0), l2 input units."""
+    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0), l2 input units.
+
+    ``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)`` with the calibration's ``sigma`` and
+    ``radius_cap`` (``stats.calibrated_radius``); ``q^`` comes from ``group_offsets``.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Read for ``sigma`` and ``radius_cap``, and as ``group_offsets`` reads it.
+    predicted : array_like of int
+        The surrogate's class of each input.
+    p_tilde : array_like of float
+        The surrogate's probability of that class, per input.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``R^`` per input, in input l2 units; ``<= 0`` (possibly ``-inf``) means no certificate.
+
+    Raises
+    ------
+    InvalidParameterError
+        As ``group_offsets``.
+    """
     offsets = group_offsets(calibration, predicted, p_tilde)
     return np.atleast_1d(stats.calibrated_radius(p_tilde, calibration.sigma, calibration.radius_cap, offsets))
 
@@ -121,15 +209,60 @@ class SurrogateCertifier:
         return self.surrogate.sigma
 
     def radii(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(A, p~, R^)`` per input: class, its surrogate probability, calibrated radius (may be <= 0)."""
+        """``(A, p~, R^)`` per input: class, its surrogate probability, calibrated radius (may be <= 0).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
+
+        Returns
+        -------
+        classes : numpy.ndarray
+            Shape ``(N,)``, int64: the surrogate's class ``A``.
+        p_tilde : numpy.ndarray
+            Shape ``(N,)``, float64: the surrogate's probability ``p~`` of ``A``.
+        radius : numpy.ndarray
+            Shape ``(N,)``: the calibrated radius ``R^`` in input l2 units (``deployed_radius``).
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of the surrogate's input shape.
+        InvalidParameterError
+            As ``group_offsets``.
+        """
         classes, p_tilde = self.surrogate.predict(x)
         return classes, p_tilde, deployed_radius(self.calibration, classes, p_tilde)
 
     def certify(self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None) -> list[Certificate]:
         """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain.
 
+        Each non-abstaining certificate carries the class's guarantee (wrong with probability at most
+        ``calibration.epsilon + calibration.alpha_mc``, marginally; see the class docstring).
         ``indices`` is accepted so every certifier has the same call, and checked (one per input),
         but no noise is drawn: the one-pass certificate depends on the image alone.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
+        indices : sequence of int or numpy.ndarray, optional
+            Noise names, checked for length only.
+
+        Returns
+        -------
+        list of Certificate
+            One per input (``certificate``): ``radius = R^`` in input l2 units, ``n_samples = 0``,
+            ``seconds`` the call's wall time shared equally.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of the surrogate's input shape, or ``indices`` does not
+            hold one entry per input.
+        InvalidParameterError
+            As ``group_offsets``.
         """
         started = time.perf_counter()
         classes, _, radius = self.radii(x)
@@ -138,7 +271,25 @@ class SurrogateCertifier:
         return [self.certificate(int(c), float(r), seconds) for c, r in zip(classes, radius)]
 
     def certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0) -> Certificate:
-        """The record of one surrogate decision: certified iff ``radius > 0``."""
+        """The record of one surrogate decision: certified iff ``radius > 0``.
+
+        Parameters
+        ----------
+        cls : int
+            The surrogate's class ``A``.
+        radius : float
+            The calibrated radius ``R^``, input l2 units.
+        seconds : float
+            Wall time attributed to the input.
+        n_samples : int, optional
+            Base-model evaluations to record: 0 on the one-pass path (the hybrid passes its fallback's).
+
+        Returns
+        -------
+        Certificate
+            Method ``surrogate`` with ``p_lower = Phi(radius / sigma)`` (the bound on ``p_A`` the radius
+            stands for) if ``radius > 0``; else an abstention with ``p_lower = 0``.
+        """
         if radius > 0:
             p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
             return Certificate(cls, radius, "surrogate", n_samples, p_lower, seconds)

@@ -54,7 +54,22 @@ def _per_input(name: str, value, num: int) -> np.ndarray:
 
 
 def default_schedule(batch_size: int, first: int = 32) -> list[int]:
-    """Samples per input per round: ``first``, doubling, up to ``batch_size`` (the last repeats)."""
+    """Samples per input per round: ``first``, doubling, up to ``batch_size`` (the last repeats).
+
+    Parameters
+    ----------
+    batch_size : int
+        Largest round (e.g. the engine's ``batch_size``).
+    first : int, optional
+        Size of the first round; default 32. Must be >= 1 (not checked here: with ``first < 1``
+        and ``batch_size >= 1`` the doubling never reaches ``batch_size``).
+
+    Returns
+    -------
+    list of int
+        The round sizes, e.g. ``[32, 64, 128, 250]`` for ``batch_size=250``; ``[batch_size]`` when
+        ``batch_size <= first``.
+    """
     sizes = [min(first, batch_size)]
     while sizes[-1] < batch_size:
         sizes.append(min(2 * sizes[-1], batch_size))
@@ -206,6 +221,28 @@ class EProcessCertifier:
         Must hold uniformly over time (``P(exists t: p outside) <= alpha``); that is what lets the
         stopping rule look after every batch. The tests override it with a fixed-n bound to show
         that such a bound, re-checked after every batch, breaks the guarantee.
+
+        Parameters
+        ----------
+        successes : numpy.ndarray
+            Draws so far that returned the tracked class, ``inputs x tracked classes``.
+        drawn : numpy.ndarray
+            Draws so far, broadcast against ``successes``.
+        alpha : numpy.ndarray
+            Error probability of each sequence, in (0, 1), broadcast against ``successes``.
+        a, b, weights : numpy.ndarray
+            The Beta mixture prior: parameters and weights of its components, on the last axis.
+
+        Returns
+        -------
+        lower, upper : numpy.ndarray
+            Ends of the confidence sequence for the tracked class's probability, shaped like
+            ``successes``.
+
+        Raises
+        ------
+        InvalidParameterError
+            If the counts, ``alpha`` or the prior are out of range.
         """
         return stats.beta_binomial_cs(successes, drawn, alpha, a, b, weights)
 
@@ -223,12 +260,47 @@ class EProcessCertifier:
 
         For each input, with probability at least ``1 - alpha`` (its own alpha) over the noise: a
         non-abstaining certificate is correct (``g`` returns ``prediction`` on the open l2 ball of
-        ``radius``). ``classes`` fixes ``A`` per input (no pilot cost), e.g. a surrogate's argmax;
-        ``prior`` is a per-input ``(a, b, weights)`` mixture with a row per input (as
-        ``stats.surrogate_prior`` returns); ``target_radius`` and ``alpha`` may be scalars or one
-        value per input (a NaN target means best radius for that input). ``indices`` name each
-        input's noise (default ``0..N-1``). ``n_samples`` counts pilot plus sequential samples;
-        ``seconds`` is the wall time of the rounds the input took part in, shared by samples.
+        ``radius``). This holds under any stopping rule, provided ``classes`` and ``prior`` are fixed
+        before the sequential samples (stream ``STREAM_SEQUENTIAL``) are drawn.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        classes : sequence of int or numpy.ndarray, optional
+            Fixes ``A`` per input (no pilot cost), e.g. a surrogate's argmax. Default: chosen as
+            ``class_choice`` says (argmax of ``n0`` pilot samples from the independent stream
+            ``STREAM_SELECT``, or one confidence sequence per class at ``alpha / K``).
+        prior : tuple of array_like, optional
+            A per-input mixture ``(a, b[, weights])`` with a row per input and the components on the
+            last axis, as ``stats.surrogate_prior`` returns; default the constructor's prior. A per-input
+            prior needs a chosen class: not allowed with ``class_choice="per_class"`` and no ``classes``.
+        target_radius : float or array_like, optional
+            Scalar or one value per input, input l2 units; a NaN target means best radius for that
+            input. Default: the constructor's ``target_radius`` under ``policy="target_radius"``, else
+            best radius.
+        alpha : float or array_like, optional
+            Error probability, scalar or one value per input, each in (0, 1); default the constructor's.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (default ``0..N-1``).
+
+        Returns
+        -------
+        list of Certificate
+            One per input: method ``eprocess`` with ``p_lower = L*`` (the running-intersection lower
+            bound) and ``radius = sigma * Phi^{-1}(L*)`` in input l2 units, or an abstention (carrying
+            ``L*``) where ``L* <= 1/2``. ``n_samples`` counts pilot plus sequential samples;
+            ``seconds`` is the wall time of the rounds the input took part in, shared by samples.
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``alpha``, ``target_radius``, ``prior`` or ``classes`` is malformed or out of range, or a
+            per-input prior is given without a chosen class.
+        InvalidInputError
+            If ``x`` is not a valid image batch, or ``indices`` does not hold one entry per input.
+        ModelError
+            If the base model's output width is not ``num_classes``.
         """
         started = time.perf_counter()
         x = check_images(x)

@@ -29,7 +29,24 @@ STREAM_SEQUENTIAL = 2
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    """The device to compute on: ``None`` or ``"auto"`` picks CUDA when present, else CPU.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``None`` or ``"auto"`` for the automatic choice, else anything ``torch.device`` accepts
+        (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+
+    Returns
+    -------
+    torch.device
+        The resolved device.
+
+    Raises
+    ------
+    InvalidInputError
+        If a CUDA device is requested but none is available.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -45,7 +62,28 @@ def block_seed(seed: int, index: int, stream: int, block: int) -> int:
 
 
 def noise_indices(indices: Sequence[int] | np.ndarray | None, num: int) -> np.ndarray:
-    """Each input's noise name (its dataset index) as int64, ``0..num-1`` when not given."""
+    """Each input's noise name (its dataset index) as int64, ``0..num-1`` when not given.
+
+    The noise of input ``i`` is seeded by its name (see the module docstring), so passing dataset
+    indices makes counts independent of batching, order and sharding.
+
+    Parameters
+    ----------
+    indices : sequence of int, numpy.ndarray or None
+        One noise name per input, or ``None`` for ``0..num-1``.
+    num : int
+        Number of inputs.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(num,)``, dtype int64.
+
+    Raises
+    ------
+    InvalidInputError
+        If ``indices`` does not hold exactly one entry per input.
+    """
     if indices is None:
         return np.arange(num, dtype=np.int64)
     idx = np.asarray(indices, dtype=np.int64)
@@ -55,7 +93,28 @@ def noise_indices(indices: Sequence[int] | np.ndarray | None, num: int) -> np.nd
 
 
 def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> torch.Tensor:
-    """Validate a batch of images: float tensor ``N x C x H x W`` (or the model's shape), finite, in [0, 1]."""
+    """Validate a batch of images: float tensor ``N x C x H x W`` (or the model's shape), finite, in [0, 1].
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The batch; pixels in [0, 1], before any normalisation (normalisation belongs inside the
+        model). An empty batch (``N = 0``) is valid.
+    input_shape : sequence of int, optional
+        The per-image shape the model expects, e.g. ``(C, H, W)``; compared with ``x.shape[1:]``
+        when given.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` itself (neither copied nor moved).
+
+    Raises
+    ------
+    InvalidInputError
+        If ``x`` is not a floating-point tensor, is not a batch, does not match ``input_shape``,
+        contains NaN or infinite values, or has pixels outside [0, 1].
+    """
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
@@ -80,7 +139,38 @@ class SmoothedClassifier:
     """A base classifier ``f`` and its Gaussian smoothing ``g`` at noise level ``sigma`` (l2, input units).
 
     The one job of this class is noise sampling and counting: ``counts`` returns, per input, the
-    K-vector of how often ``argmax f(x + eps)`` took each class. It computes no bound.
+    K-vector of how often ``argmax f(x + eps)``, ``eps ~ N(0, sigma^2 I)``, took each class. It
+    computes no bound.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The base classifier ``f``: pixels in [0, 1] (``N x C x H x W``) to ``N x K`` logits. It is
+        moved to ``device`` and put in eval mode.
+    num_classes : int
+        Number of classes ``K`` (>= 2); the model's output width is checked against it on the first
+        forward pass.
+    sigma : float
+        Noise level: standard deviation of the Gaussian noise per pixel, in input units (pixels in
+        [0, 1]); finite and > 0.
+    device : str, torch.device or None, optional
+        Where to compute (``resolve_device``); default CUDA when present, else CPU.
+    batch_size : int, optional
+        Noisy samples per forward pass (>= 1). Counts do not depend on it.
+    amp : {None, "none", "bf16"}, optional
+        ``"bf16"`` runs the forward passes under bfloat16 autocast (CUDA only); the noise is the same,
+        but the base model's answers, hence the counts, may differ from float32 ones.
+    seed : int, optional
+        Seed of every noise stream; with an input's noise name, the stream and the sample number it
+        fixes the noise.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``num_classes``, ``sigma`` or ``batch_size`` is out of range.
+    InvalidInputError
+        If ``amp`` is not supported, ``amp="bf16"`` is asked for off CUDA, or CUDA is requested but
+        unavailable.
     """
 
     def __init__(
@@ -139,11 +229,38 @@ class SmoothedClassifier:
     ) -> np.ndarray:
         """Class counts of ``n`` noisy evaluations of each input: an ``N x K`` int64 array.
 
-        ``x`` is ``N x C x H x W`` in [0, 1]. ``indices`` (default ``0..N-1``) name each input's noise
-        (use dataset indices); ``stream`` separates independent uses of one input; ``start`` skips
-        the first samples of the stream, so a sequential test can draw the next ones. ``n`` and
-        ``start`` may be per input. Noisy copies of several inputs share one forward pass; counts
-        stay on the device until the call ends, and only the counts are copied to the host.
+        Row ``i`` counts how often ``argmax f(x_i + sigma * eps_j)`` took each class, for the samples
+        ``j = start_i, ..., start_i + n_i - 1`` of stream ``stream`` of noise name ``indices[i]``. Noisy
+        copies of several inputs share one forward pass; counts stay on the device until the call
+        ends, and only the counts are copied to the host.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n : int or array_like of int
+            Samples per input (>= 0): one value for all inputs, or one per input.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (use dataset indices); default ``0..N-1``.
+        stream : int, optional
+            Separates independent uses of one input (``STREAM_SELECT``, ``STREAM_ESTIMATE``,
+            ``STREAM_SEQUENTIAL``); default ``STREAM_ESTIMATE``.
+        start : int or array_like of int, optional
+            First sample of the stream to draw (>= 0), one value or one per input: a sequential test
+            passes the samples drawn so far, so it draws the next ones and never reuses any.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``N x K`` int64 counts on the host; row ``i`` sums to ``n_i``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch (``check_images``), ``n`` or ``start`` is negative, or
+            ``indices`` does not hold one entry per input.
+        ModelError
+            If the model's output is not ``N x num_classes``.
         """
         x = check_images(x)
         num = x.shape[0]

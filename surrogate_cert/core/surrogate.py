@@ -50,7 +50,39 @@ DEFAULT_W = 0.2
 
 def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
                weights: Sequence[float] = W_GRID) -> tuple[float, float, list[dict]]:
-    """``(kappa, w, table)`` maximising ``stats.prior_log_evidence`` over the grid (train-split counts only)."""
+    """``(kappa, w, table)`` maximising ``stats.prior_log_evidence`` over the grid (train-split counts only).
+
+    The prior must be fixed before any sequential sample of a deployment input is drawn, so tune it
+    on counts the sequential test never sees (the train split); the choice moves the fallback's
+    power, never its validity.
+
+    Parameters
+    ----------
+    counts_top : array_like of int
+        Per input, the count of the surrogate's class out of ``n`` noisy evaluations.
+    n : int
+        Noisy evaluations per input.
+    p_tilde : array_like of float
+        The surrogate's probability of its class, per input.
+    kappas : sequence of float, optional
+        Candidate concentrations ``kappa`` (> 0); default ``KAPPA_GRID``.
+    weights : sequence of float, optional
+        Candidate KT weights ``w`` (in [0, 1]); default ``W_GRID``.
+
+    Returns
+    -------
+    kappa : float
+        The best concentration.
+    w : float
+        The best KT weight.
+    table : list of dict
+        One row per grid point: ``kappa``, ``w`` and ``log_evidence``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a grid value is out of range or ``p_tilde`` is not finite (counts are not checked).
+    """
     table = [dict(kappa=float(kappa), w=float(w), log_evidence=prior_log_evidence(counts_top, n, p_tilde, kappa, w))
              for kappa in kappas for w in weights]
     best = max(table, key=lambda row: row["log_evidence"])
@@ -58,7 +90,20 @@ def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
 
 
 def weights_digest(header_json: str, state: dict) -> str:
-    """SHA-256 of a header (JSON text) and a state dict's tensors (names and bytes, in order)."""
+    """SHA-256 of a header (JSON text) and a state dict's tensors (names and bytes, in order).
+
+    Parameters
+    ----------
+    header_json : str
+        The header as JSON text (canonical: sorted keys).
+    state : dict
+        Tensor name to tensor, e.g. ``module.state_dict()``; tensors are read on the CPU.
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
     digest = hashlib.sha256(header_json.encode())
     for name, tensor in state.items():
         digest.update(name.encode())
@@ -74,6 +119,39 @@ class Surrogate:
     ``predict_proba(x)`` gives ``N x K`` class probabilities (float64); ``predict(x)`` the class
     ``A = argmax`` and ``p~ = P(A)``. ``kappa`` and ``w`` parametrise the sequential fallback's
     prior. ``fingerprint()`` is a SHA-256 of the weights and metadata, which calibrations bind to.
+    The surrogate certifies nothing by itself.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network: pixels in [0, 1] (``N x C x H x W``) to ``N x K`` scores. It is moved to
+        ``device`` and put in eval mode.
+    arch : str
+        Architecture name (``core.architectures``), recorded in checkpoints.
+    input_shape : sequence of int
+        ``(C, H, W)`` of one image; inputs are checked against it.
+    num_classes : int
+        Number of classes ``K`` (>= 2).
+    sigma : float
+        Noise level the surrogate predicts for (l2, input units); finite and > 0.
+    kappa : float, optional
+        Concentration of the fallback prior's surrogate component: pseudo-samples the surrogate's
+        ``p~`` is worth (finite, > 0).
+    w : float, optional
+        Weight of the fallback prior's KT component, in [0, 1].
+    meta : dict, optional
+        Provenance stored in the checkpoint (dataset, counts and base-model hashes, ...).
+    device : str, torch.device or None, optional
+        Where to run (``resolve_device``).
+    batch_size : int, optional
+        Images per forward pass when predicting (>= 1).
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``num_classes``, ``sigma``, ``kappa``, ``w`` or ``batch_size`` is out of range.
+    InvalidInputError
+        If CUDA is requested but unavailable.
     """
 
     def __init__(
@@ -118,6 +196,36 @@ class Surrogate:
         """An untrained surrogate (``arch`` defaults to ``default_arch(input_shape)``), seeded.
 
         ``init_from`` copies the weights of a module of the same architecture (the base model).
+
+        Parameters
+        ----------
+        input_shape : sequence of int
+            ``(C, H, W)`` of one image.
+        num_classes : int
+            Number of classes ``K`` (>= 2).
+        sigma : float
+            Noise level the surrogate is for (l2, input units).
+        arch : str, optional
+            Architecture name; default ``default_arch(input_shape)``.
+        init_from : torch.nn.Module, optional
+            A module of architecture ``arch`` whose weights are copied.
+        seed : int, optional
+            Seed of the weight initialisation; the caller's global CPU RNG state is preserved.
+        device : str, torch.device or None, optional
+            Where to run (``resolve_device``).
+
+        Returns
+        -------
+        Surrogate
+            With the default ``kappa`` and ``w`` (``tune_prior`` sets them).
+
+        Raises
+        ------
+        ModelError
+            If ``arch`` is unknown, ``input_shape`` is not ``(C, H, W)``, or the weights of
+            ``init_from`` do not fit the architecture.
+        InvalidParameterError
+            If ``num_classes`` or ``sigma`` is out of range.
         """
         arch = arch or default_arch(input_shape)
         with torch.random.fork_rng(devices=[]):
@@ -139,7 +247,25 @@ class Surrogate:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw scores ``s(x)`` (``N x K``, float64, on the CPU), in batches of ``batch_size``."""
+        """Raw scores ``s(x)`` (``N x K``, float64, on the CPU), in batches of ``batch_size``.
+
+        The network runs in float32 on ``device``; its scores are returned as float64.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            ``N x K`` float64 scores on the CPU.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of ``input_shape``.
+        """
         x = self._check(x)
         self.model.eval()
         out = [self.model(x[lo:lo + self.batch_size].to(self.device, dtype=torch.float32)).double().cpu()
@@ -147,11 +273,45 @@ class Surrogate:
         return torch.cat(out) if out else torch.empty((0, self.num_classes), dtype=torch.float64)
 
     def predict_proba(self, x: torch.Tensor) -> np.ndarray:
-        """``softmax(s(x))``: ``N x K`` float64 (computed in float64, so ``p~`` near 1 is resolved)."""
+        """``softmax(s(x))``: ``N x K`` float64 (computed in float64, so ``p~`` near 1 is resolved).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+
+        Returns
+        -------
+        numpy.ndarray
+            ``N x K`` float64 class probabilities; each row sums to 1.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of ``input_shape``.
+        """
         return torch.softmax(self.logits(x), dim=1).numpy()
 
     def predict(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``(A, p~)``: the surrogate's class and its probability, per input."""
+        """``(A, p~)``: the surrogate's class and its probability, per input.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+
+        Returns
+        -------
+        classes : numpy.ndarray
+            Shape ``(N,)``, int64: ``A = argmax softmax(s(x))``.
+        p_tilde : numpy.ndarray
+            Shape ``(N,)``, float64: ``p~``, the probability of ``A``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of ``input_shape``.
+        """
         proba = self.predict_proba(x)
         classes = proba.argmax(axis=1)
         return classes.astype(np.int64), proba[np.arange(len(classes)), classes]
@@ -172,10 +332,44 @@ class Surrogate:
     ) -> "Surrogate":
         """Train on images ``x`` and their class ``counts`` (``N x K``): soft-label cross-entropy.
 
-        A seeded ``holdout`` share of the rows (at least one when ``N >= 10``) is kept out for early
-        stopping: the weights with the lowest held-out loss are kept, and training stops after
-        ``patience`` epochs without improvement. Sets ``history_`` (loss per epoch),
-        ``best_epoch_``, ``train_rows_`` and ``holdout_rows_``.
+        The target of row ``i`` is ``q_i = counts_i / sum(counts_i)``. A seeded ``holdout`` share of the
+        rows (at least one when ``N >= 10``) is kept out for early stopping: the weights with the lowest
+        held-out loss are kept, and training stops after ``patience`` epochs without improvement. Sets
+        ``history_`` (loss per epoch), ``best_epoch_``, ``train_rows_`` and ``holdout_rows_``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` float32 images of ``input_shape``, pixels in [0, 1].
+        counts : numpy.ndarray
+            ``N x K`` class counts of noisy base-model evaluations (>= 0, at least one sample per row).
+        epochs : int, optional
+            Most epochs to run (>= 1); default 40 for ``N <= 5000``, else 15.
+        batch_size : int, optional
+            Images per optimisation step.
+        lr : float, optional
+            AdamW learning rate (weight decay 1e-4).
+        holdout : float, optional
+            Share of the rows kept out for early stopping, in [0, 1); no holdout when ``N < 10``.
+        patience : int, optional
+            Epochs without held-out improvement before stopping.
+        seed : int, optional
+            Seeds the holdout split and the batch order.
+        progress : bool, optional
+            Show a progress bar.
+
+        Returns
+        -------
+        Surrogate
+            ``self``, holding the best held-out weights (the last ones without a holdout), in eval mode.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of ``input_shape``, or ``counts`` is not ``N x K``,
+            non-negative, with a sample in every row.
+        InvalidParameterError
+            If ``holdout`` or ``epochs`` is out of range.
         """
         x = self._check(x)
         counts = np.asarray(counts)
@@ -246,7 +440,32 @@ class Surrogate:
         """Set ``kappa`` and ``w`` from train-split counts (``tune_prior``); returns them.
 
         Pass the held-out rows (``holdout_rows_``): the surrogate was fitted on the others, and its
-        ``p~`` on them is what a deployment input's would be.
+        ``p~`` on them is what a deployment input's would be. Also sets ``prior_table_`` (the grid with
+        each point's log evidence).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+        counts : numpy.ndarray
+            ``N x K`` class counts, the same number of samples in every row.
+        **grid
+            ``kappas`` and / or ``weights``, to search instead of ``KAPPA_GRID`` / ``W_GRID``.
+
+        Returns
+        -------
+        kappa : float
+            The chosen concentration (now ``self.kappa``).
+        w : float
+            The chosen KT weight (now ``self.w``).
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch, or the rows of ``counts`` hold different numbers of
+            samples.
+        InvalidParameterError
+            If a grid value is out of range.
         """
         counts = np.asarray(counts)
         classes, p_tilde = self.predict(x)
@@ -268,6 +487,11 @@ class Surrogate:
 
         Cached: recomputed only when the header or a weight tensor changed (in-place updates bump a
         tensor's version counter), so checking a calibration against it costs one hash per load.
+
+        Returns
+        -------
+        str
+            Hex digest (``weights_digest`` of the sorted-key JSON of ``header()`` and the state dict).
         """
         state = self.model.state_dict()
         key = (json.dumps(self.header(), sort_keys=True),
@@ -277,7 +501,26 @@ class Surrogate:
         return self._fingerprint
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write a weights-only checkpoint (kind ``surrogate``) with ``meta`` plus sigma, kappa, w."""
+        """Write a weights-only checkpoint (kind ``surrogate``) with ``meta`` plus sigma, kappa, w.
+
+        The metadata also records the package version and ``fingerprint()``; ``file_sha256`` is set to
+        the SHA-256 of the written file.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Checkpoint file to write.
+
+        Returns
+        -------
+        str
+            ``path``.
+
+        Raises
+        ------
+        ModelError
+            If the file cannot be written.
+        """
         meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
                 "package_version": __version__, "fingerprint": self.fingerprint()}
         save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
@@ -287,7 +530,28 @@ class Surrogate:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Surrogate":
-        """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate."""
+        """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A checkpoint written by ``Surrogate.save``.
+        device : str, torch.device or None, optional
+            Where to run (``resolve_device``).
+
+        Returns
+        -------
+        Surrogate
+            With ``meta`` from the file and ``file_sha256`` set.
+
+        Raises
+        ------
+        ModelError
+            If the file is missing or not a loadable surrogate-cert checkpoint, is of another kind, or
+            lacks sigma, kappa or w in its metadata.
+        InvalidParameterError
+            If the stored sigma, kappa or w is out of range.
+        """
         model, header = load_checkpoint(path)
         if header.get("kind") != "surrogate":
             raise ModelError(f"{path} is a {header.get('kind')} model, not a surrogate; "

@@ -63,6 +63,15 @@ class HybridCertifier:
     best-radius otherwise); the larger of its radius and ``R^`` is returned, or an abstention when
     neither is positive. A certificate is wrong with probability at most
     ``epsilon + alpha_mc`` (surrogate, marginally) plus ``alpha`` (sequential, per input).
+
+    Parameters
+    ----------
+    surrogate_certifier : SurrogateCertifier
+        The calibrated surrogate (``core.one_pass``).
+    sequential : EProcessCertifier, optional
+        The fallback, over the base model at the surrogate's sigma. ``None`` (``fallback="none"``):
+        an input the surrogate does not certify enough gets the surrogate's certificate if
+        ``R^ > 0`` (below its required radius), else an abstention.
     """
 
     def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None):
@@ -99,6 +108,50 @@ class HybridCertifier:
         ``fallback="eprocess"``; when its SHA-256 is known it must be the model the surrogate's
         training counts were made with. Sigma comes from the surrogate. ``alpha``, ``max_samples``,
         ``tolerance`` and ``schedule`` configure the ``EProcessCertifier`` of the fallback.
+
+        Parameters
+        ----------
+        surrogate : Surrogate or path
+            The surrogate, or its checkpoint file.
+        calibration : Calibration or path
+            Its calibration, or its calibration.json; refused if made for another surrogate.
+        base_model : torch.nn.Module or str, optional
+            The base model (a spec is loaded and, when both hashes are known, checked against the
+            surrogate's ``base_model_sha256``; a module is used as given). Required for
+            ``fallback="eprocess"``.
+        alpha : float, optional
+            Error probability of a sequential certificate, per input, in (0, 1).
+        max_samples : int, optional
+            Sequential budget per fallback input (>= 1).
+        fallback : {"eprocess", "none"}, optional
+            What certifies the inputs the surrogate does not.
+        tolerance : float, optional
+            Best-radius stopping tolerance of the fallback, input l2 units (>= 0).
+        schedule : sequence of int, optional
+            Samples per fallback input per round (the last repeats); default ``FALLBACK_SCHEDULE``.
+        device : str, torch.device or None, optional
+            Where the surrogate and the base model run (``resolve_device``).
+        batch_size : int, optional
+            Noisy samples per base-model forward pass.
+        seed : int, optional
+            Seed of the fallback's noise streams.
+
+        Returns
+        -------
+        HybridCertifier
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance`` or ``schedule`` is invalid, or
+            ``fallback="eprocess"`` comes without ``base_model``.
+        ModelError
+            If the surrogate or the base model cannot be loaded, or the base model is not the one the
+            surrogate's training counts were made with.
+        CalibrationError
+            If the calibration file cannot be read, was modified, or belongs to another surrogate.
+        InvalidInputError
+            If CUDA is requested but unavailable.
         """
         if fallback not in FALLBACKS:
             raise InvalidParameterError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -144,6 +197,33 @@ class HybridCertifier:
         ``required_radius`` (scalar or one per input, input l2 units; NaN or None = none) routes an
         input whose surrogate radius is below it to the sequential certifier in target-radius mode.
         ``indices`` name each input's noise for the sequential certifier (default ``0..N-1``).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
+        required_radius : float or array_like, optional
+            Radius each input should be certified to, input l2 units; NaN or None for none.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (dataset indices) for the sequential fallback.
+
+        Returns
+        -------
+        list of Certificate
+            One per input, with the guarantee stated in the class docstring: method ``surrogate``
+            (``n_samples = 0``, or the fallback's samples when the surrogate's radius is kept over a
+            smaller sequential one), ``eprocess``, or an abstention. Radii in input l2 units; the
+            surrogate pass's wall time is shared equally and added to each fallback input's time.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of the surrogate's input shape, or ``indices`` does not
+            hold one entry per input.
+        InvalidParameterError
+            If ``required_radius`` is negative, infinite or of the wrong shape.
+        ModelError
+            If the base model's output width is not the surrogate's class count.
         """
         started = time.perf_counter()
         x = check_images(x, self.surrogate.input_shape)

@@ -111,7 +111,34 @@ BENCH_TINY = BenchConfig(offline=QUICK, test_limit=6, n0=20, cohen_n=(1000, 100)
 
 def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cfg: BenchConfig,
                alpha: float) -> dict[str, Callable]:
-    """Every method as ``f(x, indices) -> list[Certificate]`` over one shared ``SmoothedClassifier``."""
+    """Every method as ``f(x, indices) -> list[Certificate]`` over one shared ``SmoothedClassifier``.
+
+    Parameters
+    ----------
+    smooth : SmoothedClassifier
+        The base model and noise level shared by every sampling method.
+    surrogate : Surrogate
+        The trained surrogate.
+    calibration : Calibration
+        Its calibration.
+    cfg : BenchConfig
+        Cohen's sample sizes, the sequential budget, ``n0``, ``tolerance`` and ``extra_tolerances``.
+    alpha : float
+        Error probability per input of the Cohen and sequential certificates, in (0, 1).
+
+    Returns
+    -------
+    dict of str to callable
+        Keyed by method name: every name of ``METHOD_LABELS``, plus ``sequential_kt_tol<t>`` for each
+        extra tolerance. Each takes images (``N x C x H x W``, in [0, 1]) and their dataset indices.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``alpha``, the budget or a tolerance is out of range.
+    CalibrationError
+        If the calibration was made for another surrogate.
+    """
     cohen = CohenCertifier(smooth)
     policy = {} if cfg.tolerance is None else dict(tolerance=cfg.tolerance)
     kt = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, **policy)
@@ -183,6 +210,38 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     data. A certificate is wrong when it names the wrong class or a radius above the true distance
     to the hyperplane. Bounds: alpha (Cohen, sequential), epsilon + alpha_mc (surrogate, marginal),
     epsilon + alpha_mc + alpha (hybrid); the allowance is ``stats.binomial_allowance`` at 0.999.
+
+    Parameters
+    ----------
+    cfg : BenchConfig
+        ``linear_points`` (train, cal, test sizes), ``linear_n`` (train, cal samples),
+        ``linear_epochs`` and the methods to run (``methods``).
+    sigma : float
+        Noise level (l2, input units).
+    epsilon : float
+        Calibration target rate, in (0, 0.5).
+    alpha_mc : float
+        Clopper-Pearson level of the calibration's reference radius.
+    alpha : float
+        Error probability of the Cohen and sequential certificates.
+    seed : int, optional
+        Seed of the points, the noise and the surrogate.
+    device : str or None, optional
+        Where to run.
+
+    Returns
+    -------
+    dict
+        ``problem`` (sizes, input shape, the surrogate's pooled offset) and ``methods``: per
+        method, ``inputs``, ``certified``, ``wrong``, ``rate``, ``bound``, ``allowance``,
+        ``within_bound`` and ``mean_evaluations``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a parameter is out of range.
+    CalibrationError
+        If the cal points are too few for ``epsilon``.
     """
     n_train, n_cal, n_test = cfg.linear_points
     train, cal, test = (linear_problem(num, sigma, seed=seed + 1000 * part)
@@ -341,7 +400,40 @@ def run_bench(
 
     ``workdir`` holds the offline stage (default: the quickstart's folder for this size, so a
     finished quickstart is reused) and ``bench/`` with one results TSV per method and a report.html
-    comparing them. Returns the JSON content (also printed as a Markdown table).
+    comparing them. The JSON content is also printed as a Markdown table.
+
+    Parameters
+    ----------
+    out : str, os.PathLike or None, optional
+        JSON file to write (its folder must exist); None writes none.
+    config : BenchConfig, optional
+        Methods, sizes and budgets; default ``BENCH_FULL``.
+    workdir : str or os.PathLike, optional
+        Folder of the offline stage and of ``bench/``; default ``default_workdir(config.offline)``.
+    device : str, optional
+        Overrides the offline configuration's device.
+    progress : bool, optional
+        Show progress bars.
+    quiet : bool, optional
+        Print nothing.
+    command : str, optional
+        The command line recorded in the results' provenance.
+
+    Returns
+    -------
+    dict
+        ``setup``, ``methods`` (one row per method, with its ground-truth record when the linear
+        problem runs), ``linear_problem``, the optional ``triage`` / ``fallback_prior`` sections,
+        ``seconds``, ``report`` (path of report.html) and ``markdown``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a method is unknown, the folder of ``out`` does not exist, or triage is asked for without
+        ``cohen_10k``.
+    SurrogateCertError
+        Any typed error of the offline stage (``DatasetError``, ``ModelError``, ``StoreError``,
+        ``CalibrationError``, ...).
     """
     cfg = config if device is None else dataclasses.replace(
         config, offline=dataclasses.replace(config.offline, device=device))

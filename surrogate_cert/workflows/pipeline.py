@@ -293,9 +293,37 @@ def quickstart(
 ) -> dict:
     """Run (or resume) every stage into folder ``out``; returns the summary (also in quickstart.json).
 
-    The summary holds, per method, certified accuracy at radii 0, 0.25, ..., 1.0, mean base-model
-    evaluations per query, images per second, the speed-up of the hybrid over Cohen, the
-    break-even number of queries, the seconds of each stage and the paths of every output.
+    The summary holds, per method, certified accuracy at radii 0, 0.25, ..., 1.0 (l2, input units),
+    mean base-model evaluations per query, images per second, the speed-up of the hybrid over
+    Cohen, the break-even number of queries, the seconds of each stage and the paths of every
+    output.
+
+    Parameters
+    ----------
+    out : str or os.PathLike, optional
+        The output folder (created if missing).
+    config : QuickstartConfig, optional
+        Sizes and parameters; default ``FULL`` (``QUICK`` for the reduced run).
+    progress : bool, optional
+        Show progress bars.
+    quiet : bool, optional
+        Print nothing.
+    command : str, optional
+        The command line recorded in the outputs' provenance.
+
+    Returns
+    -------
+    dict
+        ``config``, ``methods``, ``speedup``, ``break_even_queries``, ``offline_evaluations``,
+        ``calibration_check``, ``stage_seconds``, ``total_seconds`` and ``paths``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``out`` cannot be created or written.
+    SurrogateCertError
+        Any typed error of a stage (``DatasetError``, ``ModelError``, ``StoreError``,
+        ``CalibrationError``, ...).
     """
     run = Pipeline(out, config, progress=progress, quiet=quiet, command=command)
     run.offline()

@@ -180,9 +180,46 @@ def write_report(
 ) -> dict[str, str]:
     """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
 
-    Returns the three paths. ``counts`` and ``surrogate`` (both or neither) add the held-out check of
-    the calibration (images read from the dataset the counts file names, under ``data_root`` for
-    torchvision sets); ``offline_evaluations`` the amortisation figures.
+    ``counts`` and ``surrogate`` (both or neither) add the held-out check of the calibration
+    (images read from the dataset the counts file names, under ``data_root`` for torchvision sets);
+    ``offline_evaluations`` the amortisation figures.
+
+    Parameters
+    ----------
+    results : sequence of str or os.PathLike
+        Results TSVs, one run each (labelled by file stem).
+    out : str or os.PathLike
+        The HTML file; must end in ``.html`` and its folder must exist.
+    calibration : str or os.PathLike, optional
+        calibration.json, for the calibration section (refused if tampered).
+    counts : str or os.PathLike, optional
+        A held-out (test) counts file, for the calibration check.
+    surrogate : str or os.PathLike, optional
+        The surrogate checkpoint, for the calibration check.
+    offline_evaluations : int, optional
+        Base-model evaluations spent offline, for the amortisation figures.
+    baseline : str, optional
+        Label of the run the others are compared with.
+    title : str, optional
+        Title of the report.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+
+    Returns
+    -------
+    dict of str to str
+        Paths written, keyed ``html``, ``md`` and ``json``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If only one of ``counts`` / ``surrogate`` is given, they come without ``calibration``,
+        ``out`` is not an ``.html`` in an existing folder, an output would overwrite an input, or
+        no results are given.
+    InvalidInputError
+        If a results file is unreadable or empty.
+    CalibrationError
+        If the calibration file is tampered with or does not match the surrogate or counts.
     """
     if (counts is None) != (surrogate is None):
         raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
@@ -203,6 +240,32 @@ def write_calibration_report(
 
     Beside ``out`` (``calibration.html``) go ``calibration.report.md`` and ``calibration.report.json``,
     so the report never replaces the calibration file it describes.
+
+    Parameters
+    ----------
+    calibration_path : str or os.PathLike
+        calibration.json (refused if tampered).
+    out : str or os.PathLike
+        The HTML file; must end in ``.html`` and its folder must exist.
+    counts : str or os.PathLike, optional
+        A held-out (test) counts file, for the calibration check (with ``surrogate``).
+    surrogate : str or os.PathLike, optional
+        The surrogate checkpoint, for the calibration check (with ``counts``).
+    data_root : str, optional
+        Folder of the torchvision datasets.
+
+    Returns
+    -------
+    dict of str to str
+        Paths written, keyed ``html``, ``md`` and ``json``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If only one of ``counts`` / ``surrogate`` is given, ``out`` is not an ``.html`` in an
+        existing folder, or an output would overwrite an input.
+    CalibrationError
+        If the calibration file is tampered with or does not match the surrogate or counts.
     """
     if (counts is None) != (surrogate is None):
         raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")

@@ -42,6 +42,52 @@ def train_surrogate(
     .take(indices)``). The default architecture follows the recorded input shape; ``init_from_base``
     (a checkpoint from ``train-base``) starts from the base model's weights and architecture.
     ``kappa`` and ``w`` of the fallback prior are tuned on the held-out part of this split.
+
+    Parameters
+    ----------
+    counts_path : str or os.PathLike
+        A complete counts file of the ``train`` split (at least 2 rows).
+    out : str or os.PathLike
+        The surrogate checkpoint to write.
+    arch : str, optional
+        Architecture name; must match the base model's with ``init_from_base``.
+    init_from_base : str, optional
+        A base-model checkpoint whose weights and architecture the surrogate starts from.
+    epochs : int, optional
+        Most epochs (``Surrogate.fit``).
+    seed : int, optional
+        Seed of the initialisation, the holdout split and the batch order.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    device : str, torch.device or None, optional
+        Where to train.
+    batch_size : int, optional
+        Images per optimisation step.
+    lr : float, optional
+        AdamW learning rate.
+    holdout : float, optional
+        Share of the rows kept out for early stopping and prior tuning, in [0, 1).
+    progress : bool, optional
+        Show a progress bar.
+
+    Returns
+    -------
+    Surrogate
+        The trained surrogate; its ``meta`` records the counts file, base model, training and
+        prior-tuning provenance.
+
+    Raises
+    ------
+    InvalidInputError
+        If the counts file is incomplete or has fewer than 2 rows.
+    InvalidParameterError
+        If ``arch`` contradicts the base model's, or a training option is out of range.
+    StoreError
+        If the counts file is missing or unreadable.
+    DatasetError
+        If the images it names cannot be loaded.
+    ModelError
+        If the base checkpoint cannot be loaded or ``out`` cannot be written.
     """
     started = time.perf_counter()
     counts_file = read_counts(counts_path)
