@@ -29,3 +29,18 @@ def test_train_base_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "noisy test accuracy" in capsys.readouterr().out
     model, header = load_checkpoint(out)
     assert header["meta"]["epochs"] == 1 and header["num_classes"] == 10 and header["input_shape"] == [1, 8, 8]
+
+
+def test_train_base_mlp_architecture_from_the_command_line(tmp_path, capsys):
+    """``train-base --arch mlp``: the 784-512-256-10 layout (here on 8x8 digits), loadable as a base model."""
+    from data_gen.models import load_model
+    from surrogate_cert.cli import main
+    from surrogate_cert.core.architectures import load_checkpoint
+
+    out = tmp_path / "mlp.pt"
+    assert main(["train-base", "--dataset", "digits", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "mlp on digits" in capsys.readouterr().out
+    model, header = load_checkpoint(out)
+    assert header["arch"] == "mlp" and [tuple(p.shape) for p in model.parameters()][::2] == [(512, 64), (256, 512), (10, 256)]
+    assert load_model(str(out), device="cpu").input_shape == (1, 8, 8)

@@ -8,6 +8,7 @@ from data_gen.generate import generate_counts
 from data_gen.models import train_base
 from data_gen.store import read_attrs
 
+from ..core.architectures import ARCHITECTURES
 from .common import (
     add_data_root_args,
     add_dataset_args,
@@ -28,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="digits", help=DATASET_HELP)
     p.add_argument("--sigma", type=float, default=0.25, help="noise level of the augmentation (l2, pixel units in [0, 1])")
     p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
+                   help="architecture: small_cnn (default up to 28x28 pixels), mlp (784-512-256-10 on MNIST: the "
+                        "cheapest on a CPU), resnet18 (default above 28x28)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default: 25 for small sets, else 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and noise")
     add_device_arg(p)
@@ -59,6 +63,7 @@ def register(sub) -> None:
 def run_train_base(args: argparse.Namespace) -> int:
     check_output_path(args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
+                         arch=args.arch,
                          data_root=args.data_root, device=args.device, progress=not args.no_progress,
                          download=args.download)
     print(f"saved {args.out}: {metrics['arch']} on {metrics['dataset']}, noisy test accuracy "

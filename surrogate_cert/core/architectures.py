@@ -40,6 +40,22 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (512, 256)) -> nn.Sequential:
+    """Flatten, then fully connected ReLU layers ``hidden`` and a linear head (784-512-256-10 on MNIST).
+
+    A plain ``nn.Sequential`` (parameter names ``1.weight``, ``1.bias``, ``3.weight``, ...), the
+    layout most users write, so such a model's weights load into it directly; on a CPU it is the
+    cheapest base model for MNIST-sized inputs.
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = int(torch.tensor(input_shape).prod())
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
 def _resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """torchvision ResNet-18 with a 3x3 stem for small (CIFAR-sized) images."""
     import torchvision
@@ -52,13 +68,14 @@ def _resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
 
 ARCHITECTURES = {
     "small_cnn": SmallCNN,
+    "mlp": mlp,
     "resnet18": _resnet18,
 }
 
 
 def default_arch(input_shape: Sequence[int]) -> str:
-    """``small_cnn`` for small inputs (up to 16 x 16 pixels), ``resnet18`` above."""
-    return "small_cnn" if max(input_shape[1:]) <= 16 else "resnet18"
+    """``small_cnn`` for small inputs (up to 28 x 28 pixels: digits, MNIST), ``resnet18`` above."""
+    return "small_cnn" if max(input_shape[1:]) <= 28 else "resnet18"
 
 
 def build(arch: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
