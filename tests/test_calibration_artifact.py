@@ -48,7 +48,7 @@ def test_round_trip_keeps_every_field_and_the_deployed_offsets(tmp_path, problem
     content = json.loads(open(path).read())
     for key in ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "delta", "guarantee", "method",
                 "groups", "offsets", "group_sizes", "fallback_groups", "calibration_size", "n_cal",
-                "counts_sha256", "package_version", "diagnostics", "integrity_sha256", "bound"):
+                "counts_sha256", "package_version", "diagnostics", "checksum_sha256", "bound"):
         assert key in content
     assert content["bound"] == pytest.approx(0.051)
     assert 0 <= content["diagnostics"]["violation_rate"] <= 1
@@ -62,7 +62,7 @@ def test_infinite_offset_survives_json(tmp_path, problem):
     loaded = load_calibration(path)
     assert loaded.fallback_groups == ["0", "1"]
     inf_cal = Calibration(**{**loaded.__dict__, "offsets": {"all": float("inf")}, "pooled_offset": float("inf"),
-                             "groups": "none", "created": None})
+                             "groups": "none", "created": None, "group_sizes": {"all": 20}, "fallback_groups": []})
     loaded2 = load_calibration(inf_cal.save(tmp_path / "inf.json"))
     assert np.isinf(loaded2.offset("all"))
 
