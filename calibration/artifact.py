@@ -220,8 +220,6 @@ def content_problems(content: dict) -> list[str]:
                 and all(b > a for a, b in zip(edges, edges[1:]))):
             p.append(f"bin_edges {edges!r} are not finite, strictly increasing numbers")
             return p
-    elif edges is not None:
-        p.append(f"bin_edges are given but groups is {content['groups']!r}")
     if not isinstance(offsets, dict):
         return p + ["offsets is not an object"]
     keys = all_group_keys(content["groups"], content["num_classes"], edges)

@@ -154,9 +154,9 @@ def read_checkpoint_header(payload) -> dict:
     if missing:
         raise ModelError(f"checkpoint lacks {missing}; the file is damaged, retrain it")
     problems = []
-    if payload["kind"] not in CHECKPOINT_KINDS:
+    if not (isinstance(payload["kind"], str) and payload["kind"] in CHECKPOINT_KINDS):
         problems.append(f"kind {payload['kind']!r} is not one of {CHECKPOINT_KINDS}")
-    if payload["arch"] not in ARCHITECTURES:
+    if not (isinstance(payload["arch"], str) and payload["arch"] in ARCHITECTURES):
         problems.append(f"architecture {payload['arch']!r} is unknown")
     shape = payload["input_shape"]
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3

@@ -42,9 +42,12 @@ _XATOL = 1e-12
 def _as_floats(value, name: str) -> np.ndarray:
     """``value`` as a float array; InvalidParameterError (never another exception) if it is not numbers."""
     try:
-        return np.asarray(value, dtype=float)
+        arr = np.asarray(value)
+        if arr.dtype.kind in "iuf":  # numbers only: not text, booleans, None or ragged lists
+            return arr.astype(float, copy=False)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidParameterError(f"{name} must be a number or an array of numbers, got {value!r:.80}") from None
+        pass
+    raise InvalidParameterError(f"{name} must be a number or an array of numbers, got {value!r:.80}")
 
 
 def _check_alpha(alpha, name: str = "alpha"):
