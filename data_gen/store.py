@@ -20,6 +20,13 @@ commits, so a crash (even SIGKILL) can only interrupt a commit, never leave rows
 readers return only the first ``rows`` rows. A new file is built under a temporary name and linked
 into place, so ``path`` never names a half-initialised file. A sidecar lock (``path + ".lock"``,
 ``fcntl.flock``) makes a second writer fail at once with ``StoreError``.
+
+Validation, once, here: ``read_counts`` / ``read_attrs`` recognise a file of another kind (text,
+JSON, a checkpoint) and refuse a file that contradicts its own attributes (rows that do not sum to
+``n`` / ``n0``, labels outside the classes, repeated indices, shapes); ``check_counts_for`` refuses a
+sound file that does not fit its consumer (dataset, sigma, classes, image shape, base model,
+completeness, images the consumer must not see, by dataset index); ``CountsWriter.append`` refuses
+rows that would break those invariants.
 """
 from __future__ import annotations
 

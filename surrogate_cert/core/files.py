@@ -16,7 +16,6 @@ writing it atomically.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import zipfile
 from typing import Iterable, Iterator
@@ -24,7 +23,7 @@ from typing import Iterable, Iterator
 from .errors import InvalidParameterError, OutputExistsError
 
 __all__ = ["sniff", "describe", "wrong_kind", "check_outputs", "atomic_output", "write_text_atomic",
-           "commit_outputs", "json_text", "MAKERS"]
+           "commit_outputs", "MAKERS"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -138,7 +137,7 @@ def wrong_kind(path: str | os.PathLike, kind: str, expected: str) -> str:
     Returns
     -------
     str
-        E.g. ``"cal.json is a JSON file, not a model checkpoint (made by ...); give ..."``.
+        E.g. ``"cal.json is a JSON file (a calibration JSON is made by ...), not a model checkpoint (made by ...)"``.
     """
     hint = {"hdf5": " (an HDF5 counts file is made by `surrogate-cert datagen`)",
             "json": " (a calibration JSON is made by `surrogate-cert calibrate`)"}.get(kind, "")
@@ -295,8 +294,3 @@ def commit_outputs(contents: dict[str, str], *, overwrite: bool = True) -> list[
             if os.path.lexists(tmp):
                 os.unlink(tmp)
     return paths
-
-
-def json_text(content, **kwargs) -> str:
-    """``json.dumps(content, indent=2, ...)`` plus a final newline: how every JSON output is written."""
-    return json.dumps(content, indent=2, **kwargs) + "\n"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from calibration.artifact import Calibration, load_calibration
-from data_gen.models import load_model
+from data_gen.models import check_model_fits, load_model
 
 from ..core import stats
 from ..core.certificate import Certificate
@@ -159,8 +159,9 @@ class HybridCertifier:
             If ``fallback``, ``alpha``, ``max_samples``, ``tolerance`` or ``schedule`` is invalid, or
             ``fallback="eprocess"`` comes without ``base_model``.
         ModelError
-            If the surrogate or the base model cannot be loaded, or the base model is not the one the
-            surrogate's training counts were made with.
+            If the surrogate or the base model cannot be loaded, the base model is not the one the
+            surrogate's training counts were made with, or it fails on the surrogate's input shape or
+            returns another number of classes.
         CalibrationError
             If the calibration file cannot be read, was modified, contradicts itself, belongs to another
             surrogate, or is not signed with the configured key (``SignatureError``).
@@ -183,6 +184,9 @@ class HybridCertifier:
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
                                         batch_size=batch_size, seed=seed)
+            # One clean pass now: a model of another input shape or width fails here, not mid-certification.
+            name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
+            check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
             sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
                                            schedule=schedule)
         return cls(SurrogateCertifier(surrogate, calibration, threads=threads), sequential)
