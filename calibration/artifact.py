@@ -1,14 +1,29 @@
 """The calibration artifact, ``calibration.json``: the offsets ``q^`` and everything they depend on.
 
 A calibration is only valid for the surrogate, noise level and class count it was computed for,
-so the file binds them, and ``load_calibration`` refuses another surrogate, sigma or class count,
-and a file whose content no longer matches its integrity hash (edited by hand or truncated).
+so the file binds them, and ``load_calibration`` refuses another surrogate, sigma or class count.
+It also refuses, with a ``CalibrationError`` naming the problem:
+
+- a file of another kind (an HDF5 counts file, a checkpoint, text that is not JSON);
+- a file whose content no longer matches its checksum (``checksum_sha256``: an unkeyed SHA-256,
+  which detects accidental change, a truncated copy or an edit by hand, but not a forger, who can
+  recompute it);
+- a file that contradicts itself: a missing field, a non-number or NaN where a number belongs,
+  ``epsilon`` outside (0, 0.5), an offset below the smallest score a calibration can produce, a
+  ``radius_cap`` other than ``stats.max_radius(n_cal, alpha_mc, sigma)``, a finite ``q^`` from
+  fewer points than ``epsilon`` needs, group keys or bin edges that do not fit ``groups``;
+- with a signing key configured (``core.signing``: ``--key-file``, ``SURROGATE_CERT_KEY_FILE`` or
+  ``SURROGATE_CERT_KEY``), an unsigned file, or one whose HMAC-SHA256 signature
+  (``signature_hmac_sha256``) does not verify under that key (``SignatureError``).
+
+Files of format version 1 (whose checksum was called ``integrity_sha256``, never signed) still load
+when no key is configured.
 
 Keys (stable; the HTML report reads them):
 
 ======================== =========================================================================
 ``format``               ``"surrogate-cert-calibration"``
-``format_version``       1
+``format_version``       2 (version 1 files still load)
 ``surrogate_sha256``     SHA-256 of the surrogate's weights and metadata (``Surrogate.fingerprint``)
 ``surrogate_file_sha256``SHA-256 of the surrogate checkpoint file, when calibrated from a file
 ``counts_sha256``        SHA-256 of the calibration counts file
@@ -41,7 +56,11 @@ Keys (stable; the HTML report reads them):
                          ``mean_reference_radius``, ``reference_positive_share``,
                          ``mapie_interval_coverage`` / ``mapie_interval_nominal`` (MAPIE's coverage
                          of its two-sided intervals, pooled), ``surrogate_agrees_with_counts``
-``integrity_sha256``     SHA-256 of the canonical JSON of every other key (sorted, compact)
+``signature_key_id``     which key signed the file (``core.signing.key_id``), or null when unsigned
+``checksum_sha256``      unkeyed SHA-256 of the canonical JSON of every other key (sorted, compact);
+                         called ``integrity_sha256`` in version 1 files
+``signature_hmac_sha256``HMAC-SHA256 of the same canonical JSON under the signing key; absent when
+                         unsigned
 ======================== =========================================================================
 """
 from __future__ import annotations
@@ -53,11 +72,27 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from surrogate_cert.core.errors import CalibrationError
+from surrogate_cert.core import stats
+from surrogate_cert.core.errors import CalibrationError, SignatureError
+from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
+from surrogate_cert.core.one_pass import GROUPINGS, all_group_keys
+from surrogate_cert.core.signing import key_id, resolve_key, sign, verify
 from surrogate_cert.core.surrogate import Surrogate
 
 FORMAT = "surrogate-cert-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+CHECKSUM_KEY = "checksum_sha256"
+LEGACY_CHECKSUM_KEY = "integrity_sha256"
+"""Version 1's name of the unkeyed checksum: it never guarded against anything but accidents."""
+SIGNATURE_KEY = "signature_hmac_sha256"
+
+GUARANTEES = ("marginal", "pac")
+METHODS = ("conformal", "ltt")
+
+_REQUIRED = ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "guarantee", "method", "groups",
+             "offsets", "pooled_offset", "calibration_size", "n_cal", "radius_cap")
 
 
 def _encode_offset(q: float) -> float | None:
@@ -68,9 +103,149 @@ def _decode_offset(q) -> float:
     return float("inf") if q is None else float(q)
 
 
+def _canonical(content: dict) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
 def _content_hash(content: dict) -> str:
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical(content)).hexdigest()
+
+
+# --------------------------------------------------------------------------- checks
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+def _whole(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def content_problems(content: dict) -> list[str]:
+    """What is wrong with a calibration's JSON content, checked against itself (empty when nothing).
+
+    Every value a deployment reads must be of its type and in its range, and the values must agree
+    with one another: the radius cap is the one ``n_cal`` samples give, a finite offset needs enough
+    points for ``epsilon``, offsets cannot lie below the smallest possible score, group keys and bin
+    edges fit the grouping.
+
+    Parameters
+    ----------
+    content : dict
+        The parsed calibration.json.
+
+    Returns
+    -------
+    list of str
+        One line per problem found (the checks stop early when a value the later checks need is bad).
+    """
+    missing = [k for k in _REQUIRED if k not in content]
+    if missing:
+        return [f"lacks the fields {missing}"]
+    p = []
+    if not (_finite(content["sigma"]) and content["sigma"] > 0):
+        p.append(f"sigma {content['sigma']!r} is not a finite number > 0")
+    if not _whole(content["num_classes"], 2):
+        p.append(f"num_classes {content['num_classes']!r} is not an integer >= 2")
+    if not (_finite(content["epsilon"]) and 0 < content["epsilon"] < 0.5):
+        p.append(f"epsilon {content['epsilon']!r} is not a number in (0, 0.5)")
+    if not (_finite(content["alpha_mc"]) and 0 < content["alpha_mc"] < 1):
+        p.append(f"alpha_mc {content['alpha_mc']!r} is not a number in (0, 1)")
+    delta = content.get("delta")
+    if delta is not None and not (_finite(delta) and 0 < delta < 1):
+        p.append(f"delta {delta!r} is not null or a number in (0, 1)")
+    if content["guarantee"] not in GUARANTEES:
+        p.append(f"guarantee {content['guarantee']!r} is not one of {GUARANTEES}")
+    elif content["guarantee"] == "pac" and delta is None:
+        p.append("a pac guarantee needs delta")
+    if content["method"] not in METHODS:
+        p.append(f"method {content['method']!r} is not one of {METHODS}")
+    elif content["method"] == "ltt" and content["guarantee"] != "pac":
+        p.append("an ltt calibration states a pac guarantee")
+    if content["groups"] not in GROUPINGS:
+        p.append(f"groups {content['groups']!r} is not one of {GROUPINGS}")
+    for key in ("calibration_size", "n_cal"):
+        if not _whole(content[key], 1):
+            p.append(f"{key} {content[key]!r} is not an integer >= 1")
+    if not isinstance(content["surrogate_sha256"], str):
+        p.append("surrogate_sha256 is not a string")
+    for key in ("surrogate_file_sha256", "counts_sha256", "base_model_sha256", "dataset", "split",
+                "package_version", "created", "signature_key_id"):
+        if content.get(key) is not None and not isinstance(content[key], str):
+            p.append(f"{key} is not a string")
+    if not isinstance(content.get("diagnostics", {}), dict):
+        p.append("diagnostics is not an object")
+    if p:
+        return p
+
+    sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
+    pac = content["guarantee"] == "pac"
+    cap = content["radius_cap"]
+    expected_cap = stats.max_radius(content["n_cal"], alpha_mc, sigma)
+    if not (_finite(cap) and math.isclose(cap, expected_cap, rel_tol=1e-9, abs_tol=1e-12)):
+        p.append(f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
+                 f"({expected_cap:.6g})")
+    bound = content.get("bound", epsilon + alpha_mc)
+    if not (_finite(bound) and math.isclose(bound, epsilon + alpha_mc, rel_tol=1e-9)):
+        p.append(f"bound {bound!r} is not epsilon + alpha_mc")
+    needed = stats.min_calibration_size(epsilon, delta if pac else None)
+    if "min_group_size" in content and content["min_group_size"] != needed:
+        p.append(f"min_group_size {content['min_group_size']!r} is not the {needed} points epsilon={epsilon} needs")
+
+    # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
+    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap
+    offsets = content["offsets"]
+
+    def bad_offset(q) -> str | None:
+        if q is None:
+            return None
+        if not _finite(q):
+            return f"{q!r} is not a finite number or null"
+        if q < lowest - 1e-9:
+            return f"{q!r} is below {lowest:.4g}, the smallest score a calibration can produce"
+        return None
+
+    problem = bad_offset(content["pooled_offset"])
+    if problem:
+        p.append(f"pooled_offset {problem}")
+    elif content["pooled_offset"] is not None and m < needed:
+        p.append(f"a finite q^ from {m} points, but epsilon={epsilon} needs {needed}")
+    edges = content.get("bin_edges")
+    if content["groups"] == "confidence":
+        if not (isinstance(edges, list) and edges and all(_finite(e) for e in edges)
+                and all(b > a for a, b in zip(edges, edges[1:]))):
+            p.append(f"bin_edges {edges!r} are not finite, strictly increasing numbers")
+            return p
+    if not isinstance(offsets, dict):
+        return p + ["offsets is not an object"]
+    keys = all_group_keys(content["groups"], content["num_classes"], edges)
+    if sorted(offsets) != sorted(keys):
+        p.append(f"offsets have groups {sorted(offsets)[:12]} but groups={content['groups']!r} has {keys[:12]}")
+    for group, q in offsets.items():
+        problem = bad_offset(q)
+        if problem:
+            p.append(f"offset of group {group!r} {problem}")
+    fallback = content.get("fallback_groups", [])
+    sizes = content.get("group_sizes", {})
+    if not (isinstance(fallback, list) and set(map(str, fallback)) <= set(keys)):
+        p.append(f"fallback_groups {fallback!r} are not groups of this calibration")
+    elif not (isinstance(sizes, dict) and set(sizes) <= set(keys) and all(_whole(v, 0) for v in sizes.values())
+              and (not sizes or sum(sizes.values()) == m)):
+        p.append(f"group_sizes do not split the {m} calibration points among the groups")
+    elif content["groups"] != "none" and not p:
+        for group, q in offsets.items():
+            own = str(group) not in set(map(str, fallback))
+            if own and q is not None and sizes.get(group, 0) < needed:
+                p.append(f"group {group!r} has its own finite q^ from {sizes.get(group, 0)} points; {needed} are needed")
+            if not own and q != content["pooled_offset"]:
+                p.append(f"group {group!r} falls back to the pooled q^ but has another offset")
+    elif content["groups"] == "none" and not p and offsets.get("all") != content["pooled_offset"]:
+        p.append("the one group's offset is not the pooled offset")
+    return p
 
 
 @dataclass
@@ -103,12 +278,18 @@ class Calibration:
     package_version: str | None = None
     created: str | None = None
     diagnostics: dict = field(default_factory=dict)
+    signature_key_id: str | None = None
 
     # ------------------------------------------------------------------ use
     @property
     def bound(self) -> float:
         """Probability that a surrogate certificate is wrong: at most ``epsilon + alpha_mc``."""
         return self.epsilon + self.alpha_mc
+
+    @property
+    def signed(self) -> bool:
+        """Whether this calibration was written (or read) with a signature; see ``signature_key_id``."""
+        return self.signature_key_id is not None
 
     def offset(self, group: str) -> float:
         """``q^`` of a group (the pooled one for a group never seen in calibration)."""
@@ -144,16 +325,22 @@ class Calibration:
             )
 
     # ------------------------------------------------------------------ files
-    def to_dict(self) -> dict:
-        """The JSON content, with the integrity hash over everything else.
+    def to_dict(self, *, key: bytes | None = None) -> dict:
+        """The JSON content, with its checksum and (given a key) its signature.
 
         Infinite offsets and non-finite diagnostics become ``null``; ``created`` is filled with the
-        current UTC time if unset; ``bound`` is added.
+        current UTC time if unset; ``bound`` is added. ``checksum_sha256`` (unkeyed) and, when ``key``
+        is given, ``signature_hmac_sha256`` (HMAC-SHA256) cover every other key.
+
+        Parameters
+        ----------
+        key : bytes, optional
+            Signing key; ``None`` writes an unsigned file (``signature_key_id`` null).
 
         Returns
         -------
         dict
-            The keys of the module docstring, ``integrity_sha256`` last.
+            The keys of the module docstring, checksum and signature last.
         """
         content = asdict(self)
         content["offsets"] = {k: _encode_offset(v) for k, v in self.offsets.items()}
@@ -163,43 +350,71 @@ class Calibration:
         content["bound"] = self.bound
         content["diagnostics"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                   for k, v in self.diagnostics.items()}
+        content["signature_key_id"] = key_id(key) if key is not None else None
         content = {"format": FORMAT, "format_version": FORMAT_VERSION, **content}
-        content["integrity_sha256"] = _content_hash(content)
+        message = _canonical(content)
+        content[CHECKSUM_KEY] = hashlib.sha256(message).hexdigest()
+        if key is not None:
+            content[SIGNATURE_KEY] = sign(message, key)
         return content
 
-    def save(self, path: str | os.PathLike) -> str:
-        """Write calibration.json atomically; returns the path.
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None, key_file=None,
+             overwrite: bool = True) -> str:
+        """Write calibration.json atomically, signed when a key is configured; returns the path.
 
-        Sets ``created`` to the time written into the file if it was unset.
+        The key is ``key``, else ``key_file``, else the environment (``core.signing.resolve_key``);
+        without one the file is unsigned. Sets ``created`` (if unset) and ``signature_key_id`` to what
+        was written.
 
         Parameters
         ----------
         path : str or os.PathLike
-            The file to write (replaced if it exists).
+            The file to write.
+        key : bytes or str, optional
+            Signing key.
+        key_file : str or os.PathLike, optional
+            File holding the signing key.
+        overwrite : bool, optional
+            Replace an existing file (default); if false, ``OutputExistsError`` and the file is kept.
 
         Returns
         -------
         str
             ``path``.
+
+        Raises
+        ------
+        CalibrationError
+            If the file cannot be written.
+        OutputExistsError
+            If ``path`` exists and ``overwrite`` is false.
+        InvalidParameterError
+            If the key is misconfigured (``resolve_key``).
         """
         path = os.fspath(path)
-        content = self.to_dict()
+        content = self.to_dict(key=resolve_key(key, key_file))
+        try:
+            with atomic_output(path, overwrite=overwrite) as tmp:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump(content, fh, indent=2, sort_keys=False)
+                    fh.write("\n")
+        except OSError as exc:
+            raise CalibrationError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out") from None
         self.created = content["created"]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(content, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
+        self.signature_key_id = content["signature_key_id"]
         return path
 
     @classmethod
-    def from_dict(cls, content: dict) -> "Calibration":
-        """Rebuild from JSON content after checking its format and integrity hash.
+    def from_dict(cls, content: dict, *, key: bytes | None = None) -> "Calibration":
+        """Rebuild from JSON content after checking its format, checksum, consistency and signature.
 
         Parameters
         ----------
         content : dict
-            The parsed calibration.json (as ``to_dict`` made it).
+            The parsed calibration.json (as ``to_dict`` made it; format version 1 or 2).
+        key : bytes, optional
+            When given, the content must carry a valid HMAC-SHA256 signature under it. ``None``
+            verifies no signature (``load_calibration`` takes the key from the environment).
 
         Returns
         -------
@@ -208,38 +423,64 @@ class Calibration:
         Raises
         ------
         CalibrationError
-            If ``content`` is not a calibration of this format version, or its integrity hash does not
-            match. Missing required fields raise ``KeyError`` or ``TypeError`` here;
-            ``load_calibration`` turns them into ``CalibrationError``.
+            If ``content`` is not a calibration of a readable format version, its checksum does not
+            match, or it contradicts itself (``content_problems``).
+        SignatureError
+            If ``key`` is given and the content is unsigned or its signature does not verify.
         """
         if not isinstance(content, dict) or content.get("format") != FORMAT:
             raise CalibrationError("not a surrogate-cert calibration file; create one with `surrogate-cert calibrate`")
-        if content.get("format_version") != FORMAT_VERSION:
+        version = content.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise CalibrationError(
-                f"calibration format version {content.get('format_version')} is not supported "
-                f"(this version reads {FORMAT_VERSION}); re-run `surrogate-cert calibrate`"
+                f"calibration format version {version!r} is not supported "
+                f"(this version reads {', '.join(map(str, READABLE_VERSIONS))}); re-run `surrogate-cert calibrate`"
             )
-        stored = content.get("integrity_sha256")
-        rest = {k: v for k, v in content.items() if k != "integrity_sha256"}
+        checksum_key = CHECKSUM_KEY if version >= 2 else LEGACY_CHECKSUM_KEY
+        stored = content.get(checksum_key)
+        signature = content.get(SIGNATURE_KEY)
+        rest = {k: v for k, v in content.items() if k not in (checksum_key, SIGNATURE_KEY)}
         if stored != _content_hash(rest):
             raise CalibrationError(
-                "the calibration file was modified after it was written (integrity hash mismatch); "
+                "the calibration file was modified after it was written (checksum mismatch); "
                 "re-run `surrogate-cert calibrate`"
             )
+        if key is not None:
+            _check_signature(rest, signature, key)
+        problems = content_problems(rest)
+        if problems:
+            raise CalibrationError("the calibration contradicts itself: " + "; ".join(problems[:3])
+                                   + "; re-run `surrogate-cert calibrate`")
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in rest.items() if k in names}
-        kwargs["offsets"] = {k: _decode_offset(v) for k, v in content["offsets"].items()}
-        kwargs["pooled_offset"] = _decode_offset(content["pooled_offset"])
-        kwargs["radius_cap"] = _decode_offset(content["radius_cap"])
-        kwargs["diagnostics"] = {k: (float("nan") if v is None else v) for k, v in content.get("diagnostics", {}).items()}
+        kwargs["offsets"] = {k: _decode_offset(v) for k, v in rest["offsets"].items()}
+        kwargs["pooled_offset"] = _decode_offset(rest["pooled_offset"])
+        kwargs["radius_cap"] = _decode_offset(rest["radius_cap"])
+        kwargs["diagnostics"] = {k: (float("nan") if v is None else v) for k, v in rest.get("diagnostics", {}).items()}
         return cls(**kwargs)
 
 
-def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
-    """Read calibration.json, refusing a tampered file or one made for another surrogate.
+def _check_signature(rest: dict, signature, key: bytes) -> None:
+    if signature is None:
+        raise SignatureError("the calibration is not signed but a signing key is configured; re-run "
+                             "`surrogate-cert calibrate` with the key (--key-file or SURROGATE_CERT_KEY_FILE)")
+    if not verify(_canonical(rest), signature, key):
+        other = rest.get("signature_key_id")
+        why = (f"it was signed with another key (key id {other}, yours is {key_id(key)})"
+               if other and other != key_id(key) else "it was altered after signing")
+        raise SignatureError(f"the calibration's signature does not verify under the configured key: {why}; "
+                             "use the right key, or re-run `surrogate-cert calibrate`")
+
+
+def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | str | None = None,
+                     key_file=None) -> Calibration:
+    """Read calibration.json, refusing a file of another kind, a changed, inconsistent or unsigned one, or
+    one made for another surrogate.
 
     ``surrogate`` (a ``Surrogate`` or a checkpoint path) is checked when given: same weights and
-    metadata fingerprint, sigma and class count, else ``CalibrationError``.
+    metadata fingerprint, sigma and class count, else ``CalibrationError``. The signing key is
+    ``key``, else ``key_file``, else the environment (``SURROGATE_CERT_KEY_FILE`` /
+    ``SURROGATE_CERT_KEY``); with one configured the file must carry a valid signature under it.
 
     Parameters
     ----------
@@ -247,6 +488,10 @@ def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
         The calibration file.
     surrogate : Surrogate or path, optional
         The surrogate it must belong to.
+    key : bytes or str, optional
+        The signing key.
+    key_file : str or os.PathLike, optional
+        A file holding the signing key.
 
     Returns
     -------
@@ -255,22 +500,39 @@ def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
     Raises
     ------
     CalibrationError
-        If the file cannot be read, is not valid JSON, lacks fields, is of another format version,
-        was modified after it was written, or belongs to another surrogate.
+        If the file cannot be read, is not a JSON calibration, was modified after it was written,
+        contradicts itself, or belongs to another surrogate.
+    SignatureError
+        If a key is configured and the file is unsigned or its signature does not verify.
     ModelError
         If ``surrogate`` is a path that cannot be loaded as a surrogate.
+    InvalidParameterError
+        If the key is misconfigured (``core.signing.resolve_key``).
     """
+    secret = resolve_key(key, key_file)
+    kind = sniff(path)
+    if kind == "missing":
+        raise CalibrationError(f"cannot read calibration file {path}: no such file; make one with "
+                               "`surrogate-cert calibrate`")
+    if kind not in ("json", "text", "empty"):
+        raise CalibrationError(wrong_kind(path, kind, "calibration"))
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             content = json.load(fh)
     except OSError as exc:
         raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"{path} is not valid JSON ({exc.msg}); re-run `surrogate-cert calibrate`") from None
+    except UnicodeDecodeError:
+        raise CalibrationError(wrong_kind(path, "binary", "calibration")) from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CalibrationError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); "
+                               "re-run `surrogate-cert calibrate`") from None
     try:
-        calibration = Calibration.from_dict(content)
-    except (KeyError, TypeError) as exc:
-        raise CalibrationError(f"{path} lacks calibration fields ({exc}); re-run `surrogate-cert calibrate`") from None
+        calibration = Calibration.from_dict(content, key=secret)
+    except CalibrationError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:  # a check missed a shape: still one line, never a traceback
+        raise CalibrationError(f"{path} lacks or mistypes calibration fields ({exc}); re-run `surrogate-cert calibrate`"
+                               ) from None
     if surrogate is not None:
         if not isinstance(surrogate, Surrogate):
             surrogate = Surrogate.load(surrogate)
@@ -278,4 +540,5 @@ def load_calibration(path: str | os.PathLike, surrogate=None) -> Calibration:
     return calibration
 
 
-__all__ = ["Calibration", "load_calibration", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["Calibration", "load_calibration", "content_problems", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS",
+           "GUARANTEES", "METHODS"]

@@ -47,7 +47,7 @@ from mapie.regression import SplitConformalRegressor
 from mapie.risk_control import BinaryClassificationController, BinaryRisk, FWERBonferroniHolm
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from data_gen.store import read_counts
+from data_gen.store import CountsMismatchError, check_counts_for, read_counts
 from surrogate_cert.core import __version__, stats
 from surrogate_cert.core.errors import (
     CalibrationError,
@@ -68,10 +68,7 @@ from surrogate_cert.core.one_pass import (
 from surrogate_cert.core.stats import P_CLIP, conformity_scores, reference_radius, surrogate_radius
 from surrogate_cert.core.surrogate import Surrogate
 
-from .artifact import Calibration
-
-GUARANTEES = ("marginal", "pac")
-METHODS = ("conformal", "ltt")
+from .artifact import GUARANTEES, METHODS, Calibration
 
 CONFIDENCE_EDGES = DEFAULT_CONFIDENCE_EDGES
 """Deprecated name of ``surrogate_cert.core.one_pass.DEFAULT_CONFIDENCE_EDGES``."""
@@ -163,9 +160,8 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
     guarantee : {"marginal", "pac"}, optional
         The calibration's guarantee.
     delta : float, optional
-        PAC / LTT confidence parameter, in (0, 1). Pass it whenever ``guarantee="pac"`` or
-        ``method="ltt"``: with ``delta=None`` the marginal size is returned, which is too small for
-        those.
+        PAC / LTT confidence parameter, in (0, 1); required when ``guarantee="pac"`` or
+        ``method="ltt"``.
     method : {"conformal", "ltt"}, optional
         The calibration method.
 
@@ -173,8 +169,16 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
     -------
     int
         The smallest number of calibration points ``m`` (in a group) whose offset is finite.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``delta`` is missing where it is required, or a parameter is out of range.
     """
     pac_like = guarantee == "pac" or method == "ltt"
+    if pac_like and delta is None:
+        raise InvalidParameterError(f"min_group_size: a {'pac' if guarantee == 'pac' else 'ltt'} calibration needs "
+                                    "delta (its size depends on it), e.g. delta=0.05")
     return stats.min_calibration_size(epsilon, delta if pac_like else None)
 
 
@@ -642,12 +646,13 @@ def calibrate(
     Raises
     ------
     CalibrationError
-        If the counts file is of another class count or sigma, is the surrogate's training split,
-        was made with another base model, is incomplete, or is too small.
+        If the counts file is of another dataset, class count, input shape or sigma, holds images
+        the surrogate was trained on (by dataset index, recorded in the checkpoint; or its training
+        split), was made with another base model, is incomplete, or is too small.
     InvalidParameterError
         If an option is out of range.
     StoreError
-        If the counts file is missing or unreadable.
+        If the counts file is missing, unreadable, not a counts file, or contradicts itself.
     ModelError
         If the surrogate checkpoint cannot be loaded.
     DatasetError
@@ -659,31 +664,23 @@ def calibrate(
     counts = read_counts(counts_file)
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
-    if int(attrs["num_classes"]) != surrogate.num_classes:
-        raise CalibrationError(
-            f"{counts_file} has {attrs['num_classes']} classes but the surrogate {surrogate.num_classes}; "
-            "use counts of the same dataset"
-        )
-    if not np.isclose(float(attrs["sigma"]), surrogate.sigma):
-        raise CalibrationError(
-            f"{counts_file} was made at sigma={attrs['sigma']} but the surrogate at sigma={surrogate.sigma}; "
-            "use counts made at the surrogate's sigma"
-        )
     if str(attrs.get("split")) == "train" or surrogate.meta.get("counts_sha256") == counts_sha256:
         raise CalibrationError(
             f"{counts_file} holds the surrogate's training split; calibrate on the separate cal split"
         )
-    base_sha = surrogate.meta.get("base_model_sha256")
-    if base_sha and attrs.get("model_sha256") and base_sha != attrs.get("model_sha256"):
+    trained_on = surrogate.meta.get("train_index_ranges")
+    if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
         raise CalibrationError(
-            f"{counts_file} was made with another base model than the surrogate's training counts; "
-            "use counts of the same base model"
+            f"the surrogate was trained on the {surrogate.meta.get('split')} split and records no training indices, "
+            "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
         )
-    if not attrs.get("complete", True):
-        raise CalibrationError(
-            f"{counts_file} is incomplete; finish it with `surrogate-cert datagen ... --resume` (a partial "
-            "split may not be exchangeable with the test split)"
-        )
+    try:
+        check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
+                         num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
+                         model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
+                         excluded_indices=trained_on)
+    except CountsMismatchError as exc:
+        raise CalibrationError(str(exc)) from None
     images = counts.images(data_root)
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,

@@ -12,6 +12,7 @@ Figures are in ``calibration.figures``; HTML and Markdown in ``surrogate_cert.wo
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data_gen.store import read_attrs, read_counts
+from data_gen.store import CountsMismatchError, check_counts_for, read_attrs, read_counts
 from surrogate_cert.core import stats
 from surrogate_cert.core.certificate import certified_accuracy, read_meta, read_tsv
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
@@ -100,12 +101,15 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
     return runs
 
 
-def load_calibration(path: str | os.PathLike) -> dict:
-    """The calibration JSON as a dict, after ``artifact.load_calibration`` has checked its integrity.
+def load_calibration(path: str | os.PathLike, key: bytes | None = None) -> dict:
+    """The calibration JSON as a dict, after ``artifact.load_calibration`` has checked it.
 
-    A tampered file is refused (``CalibrationError``) rather than reported as if it were valid.
+    A changed, inconsistent or (with a signing key configured: ``key``, else the environment)
+    unsigned file is refused (``CalibrationError``) rather than reported as if it were valid.
     """
-    return load_artifact(path).to_dict()
+    load_artifact(path, key=key)  # refuses the file unless it is a sound calibration (signed, if a key is set)
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike]) -> int:
@@ -235,10 +239,15 @@ def build_report(
     offline_evaluations: int | None = None,
     baseline: str | None = None,
     data_root: str | None = None,
+    key: bytes | None = None,
 ) -> dict:
-    """All numbers of the report as one JSON-ready dict (see the module docstring)."""
+    """All numbers of the report as one JSON-ready dict (see the module docstring).
+
+    ``key`` is the signing key the calibration must be signed with (default: the environment's, if
+    any; ``core.signing``).
+    """
     runs = load_results(results) if results else []
-    cal = load_calibration(calibration) if calibration is not None else None
+    cal = load_calibration(calibration, key) if calibration is not None else None
     sigmas = {r["header"]["sigma"] for r in runs if "sigma" in r["header"]}
     sigma = sigmas.pop() if len(sigmas) == 1 else None
     if sigma is None and cal is not None and not sigmas:
@@ -257,7 +266,7 @@ def build_report(
         section = calibration_summary(cal)
         section["path"] = os.fspath(calibration)
         if counts is not None and surrogate is not None:
-            section["check"] = calibration_check(calibration, counts, surrogate, data_root)
+            section["check"] = calibration_check(calibration, counts, surrogate, data_root, key)
         report["calibration"] = section
     report["_curves"] = {r["label"]: curve(r["rows"]) for r in runs}
     report["_samples"] = {r["label"]: [x["n_samples"] for x in r["rows"]] for r in runs
@@ -277,22 +286,29 @@ def curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
-                      surrogate: str | os.PathLike, data_root: str | None = None) -> dict:
+                      surrogate: str | os.PathLike, data_root: str | None = None,
+                      key: bytes | None = None) -> dict:
     """Calibrated surrogate radii on a held-out split against that split's MC reference.
 
-    For each image of ``counts`` (normally the test split; never the calibration counts): the
-    surrogate's class A, probability p~ and calibrated radius R^ (``calibration.conformal.
-    deployed_radius``); the reference y from the counts of A (``check_against_reference``).
+    For each image of ``counts`` (normally the test split; never the calibration counts, nor images
+    the surrogate was trained on): the surrogate's class A, probability p~ and calibrated radius R^
+    (``calibration.conformal.deployed_radius``); the reference y from the counts of A
+    (``check_against_reference``). The counts must be of the calibration's dataset, sigma, classes,
+    image shape and base model (``data_gen.store.check_counts_for``).
     """
     model = Surrogate.load(surrogate)
-    cal = load_artifact(calibration, surrogate=model)
+    cal = load_artifact(calibration, surrogate=model, key=key)
     held_out = read_counts(counts)
     attrs = held_out.attrs
     if cal.counts_sha256 and cal.counts_sha256 == sha256_file(counts):
         raise CalibrationError(f"{counts} is the calibration split itself; check on the test split's counts")
-    if int(attrs["num_classes"]) != cal.num_classes or not math.isclose(float(attrs["sigma"]), cal.sigma):
-        raise CalibrationError(f"{counts} was made at sigma={attrs['sigma']} with {attrs['num_classes']} classes, "
-                               f"the calibration at sigma={cal.sigma} with {cal.num_classes}; use matching counts")
+    try:
+        check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
+                         num_classes=cal.num_classes, input_shape=model.input_shape,
+                         model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=False,
+                         excluded_indices=model.meta.get("train_index_ranges"))
+    except CountsMismatchError as exc:
+        raise CalibrationError(f"the held-out check: {exc}") from None
     images = held_out.images(data_root)
     predicted, p_tilde = model.predict(images)
     predicted = np.asarray(predicted)

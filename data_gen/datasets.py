@@ -264,6 +264,30 @@ def _load_npz(path: str, split: str, limit):
 
 
 # --------------------------------------------------------------------------- public API
+def dataset_key(spec: str) -> str:
+    """A dataset spec in canonical form: ``npz:`` / ``imagefolder:`` paths made absolute and resolved.
+
+    Parameters
+    ----------
+    spec : str
+        A dataset spec as ``load_split`` takes it.
+
+    Returns
+    -------
+    str
+        The built-in name unchanged, or ``kind:/absolute/real/path``.
+    """
+    name, sep, path = str(spec).partition(":")
+    if sep and name in ("npz", "imagefolder") and path:
+        return f"{name}:{os.path.realpath(os.path.expanduser(path))}"
+    return str(spec)
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset specs name the same dataset (``dataset_key`` of both agree)."""
+    return dataset_key(a) == dataset_key(b)
+
+
 def load_split(
     dataset: str,
     split: str,

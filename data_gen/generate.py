@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from surrogate_cert.core import __version__
-from surrogate_cert.core.errors import InvalidParameterError, ModelError, check_count, check_positive
+from surrogate_cert.core.errors import InvalidParameterError, check_count, check_positive
 from surrogate_cert.core.smoothing import NOISE_SCHEME, STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
 
 from .datasets import load_split
-from .models import load_model
+from .models import check_model_fits, load_model
 from .store import CountsWriter
 
 BATCHES_PER_CALL = 8
@@ -29,18 +29,6 @@ BATCHES_PER_CALL = 8
 
 COMMIT_SECONDS = 2.0
 """Default time between commits: an interruption loses at most this much work."""
-
-
-def _probe(smooth: SmoothedClassifier, x: torch.Tensor, spec: str) -> None:
-    """One clean forward pass before any file is touched: catches wrong input shapes and output widths."""
-    try:
-        with torch.inference_mode():
-            smooth.predict_labels(x.to(smooth.device))
-    except ModelError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelError(f"model {spec} fails on inputs of shape {tuple(x.shape)} "
-                         f"({str(exc).strip().splitlines()[0][:160]}); use the model trained for this dataset") from None
 
 
 def generate_counts(
@@ -58,6 +46,7 @@ def generate_counts(
     device: str | torch.device | None = None,
     amp: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     data_root: str | None = None,
     download: bool = False,
     progress: bool = True,
@@ -103,6 +92,9 @@ def generate_counts(
         bfloat16 autocast on CUDA (recorded: a resume must use the same).
     resume : bool, optional
         Continue an existing ``out`` made with the same settings.
+    overwrite : bool, optional
+        Start an existing ``out`` again from its first row (it is replaced once the new file is
+        created); ignored with ``resume``.
     data_root : str, optional
         Folder of the torchvision datasets.
     download : bool, optional
@@ -129,7 +121,7 @@ def generate_counts(
     ModelError
         If the model cannot be loaded or does not fit the dataset's images or classes.
     StoreError
-        If ``out`` exists without ``resume``, is locked by another writer (``StoreLockedError``),
+        If ``out`` exists without ``resume`` or ``overwrite``, is locked by another writer (``StoreLockedError``),
         does not match the resume settings (``ResumeMismatchError``), or cannot be written.
     InvalidInputError
         If ``amp`` or ``device`` is not usable.
@@ -143,13 +135,10 @@ def generate_counts(
     if commit_seconds < 0 or not math.isfinite(commit_seconds):
         raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
     data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
-    loaded = load_model(model_spec, device=device, num_classes=data.num_classes)
-    if loaded.input_shape is not None and tuple(loaded.input_shape) != data.input_shape:
-        raise ModelError(f"model {model_spec} expects inputs {tuple(loaded.input_shape)} but {dataset} images are "
-                         f"{data.input_shape}; use the model trained for this dataset")
+    loaded = load_model(model_spec, device=device, num_classes=data.num_classes, input_shape=data.input_shape)
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=batch_size,
                                 amp=amp, seed=seed)
-    _probe(smooth, data.x[:1], model_spec)
+    check_model_fits(smooth, data.x[:1], model_spec)
 
     attrs = {
         "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
@@ -159,7 +148,8 @@ def generate_counts(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or "generate_counts()",
     }
-    with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume) as writer:
+    with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume,
+                           overwrite=overwrite) as writer:
         _fill(writer, smooth, data, n, n0, batch_size, commit_seconds, progress)
     return os.fspath(out)
 

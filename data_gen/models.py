@@ -24,12 +24,10 @@ import importlib
 import importlib.util
 import json
 import os
-import pickle
 import re
 import sys
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +35,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from surrogate_cert.core import __version__
-from surrogate_cert.core.architectures import build, default_arch, load_checkpoint, read_checkpoint_header, save_checkpoint
-from surrogate_cert.core.errors import ModelError, check_count, check_positive
+from surrogate_cert.core.architectures import (
+    CHECKPOINT_FILE_KINDS,
+    build,
+    default_arch,
+    load_checkpoint,
+    load_weights_file,
+    read_checkpoint_header,
+    save_checkpoint,
+)
+from surrogate_cert.core.errors import InvalidInputError, ModelError, check_count, check_positive
+from surrogate_cert.core.files import check_outputs, sniff, wrong_kind
 from surrogate_cert.core.hashing import sha256_bytes, sha256_file
 from surrogate_cert.core.smoothing import resolve_device
 
@@ -69,20 +76,6 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- loading
-def _archive_kind(path: str) -> str:
-    """``"torchscript"``, ``"export"`` (a ``torch.export`` program) or ``"checkpoint"`` (anything else)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return "checkpoint"
-    if any("/code/" in name or name.startswith("code/") for name in names):
-        return "torchscript"
-    if any(name.endswith("/archive_format") or name == "archive_format" for name in names):
-        return "export"
-    return "checkpoint"
-
-
 def _state_dict_sha256(model: nn.Module) -> str:
     parts = []
     for name, tensor in model.state_dict().items():
@@ -174,13 +167,12 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
         weights = os.path.expanduser(weights)
         if not os.path.isfile(weights):
             raise ModelError(f"model spec {spec!r}: weights file {weights} does not exist")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ModelError(f"cannot load {weights} as weights-only state dict "
-                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+        state = load_weights_file(weights, "a state dict saved with torch.save")
         if isinstance(state, dict) and state.get("format") is not None:
             header = read_checkpoint_header(state)
+            if header["kind"] != "base":
+                raise ModelError(f"model spec {spec!r}: {weights} is a {header['kind']} checkpoint, not a base model's "
+                                 "weights; give the base model's state dict")
             num_classes, input_shape = header["num_classes"], tuple(header["input_shape"])
             sigma = header["meta"].get("sigma")
             state = state["state_dict"]
@@ -196,11 +188,15 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
                        input_shape=input_shape, sigma=sigma, source=spec)
 
 
-def load_model(spec: str, device: str | torch.device | None = None, num_classes: int | None = None) -> LoadedModel:
+def load_model(spec: str, device: str | torch.device | None = None, num_classes: int | None = None,
+               input_shape=None) -> LoadedModel:
     """Load a base model from ``spec`` (see the module docstring) onto ``device`` (default: CUDA if present).
 
-    If ``num_classes`` is given and the file records a different class count, raises ModelError.
-    Never unpickles code: every ``torch.load`` uses ``weights_only=True``.
+    If ``num_classes`` (or ``input_shape``) is given and the file records a different one, raises
+    ModelError. A file is recognised by its content (``core.files.sniff``): text, JSON, HDF5 or
+    NumPy files are refused by name, and so is a surrogate checkpoint (made by ``train``): the
+    surrogate is never a base model. Never unpickles code: every ``torch.load`` uses
+    ``weights_only=True``.
 
     Parameters
     ----------
@@ -210,6 +206,8 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
         Where to load the model (``resolve_device``).
     num_classes : int, optional
         The class count the model must have, where the file records one.
+    input_shape : sequence of int, optional
+        The ``(C, H, W)`` of the images it will see, checked where the file records its input shape.
 
     Returns
     -------
@@ -219,8 +217,9 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     Raises
     ------
     ModelError
-        If the spec names no file or factory, the file or factory cannot be loaded, the weights do
-        not fit, or the recorded class count differs from ``num_classes``.
+        If the spec names no file or factory, the file is not a model (or is a surrogate), the file or
+        factory cannot be loaded, the weights do not fit, or the recorded class count or input shape
+        differs from ``num_classes`` / ``input_shape``.
     InvalidInputError
         If CUDA is requested but unavailable.
     """
@@ -228,13 +227,15 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     spec = str(spec)
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
-        kind = _archive_kind(path)
+        kind = sniff(path)
         if kind == "torchscript":
             loaded = _load_torchscript(path, device)
-        elif kind == "export":
+        elif kind == "torch-export":
             loaded = _load_exported(path, device)
+        elif kind not in CHECKPOINT_FILE_KINDS:
+            raise ModelError(wrong_kind(path, kind, "model"))
         else:
-            model, header = load_checkpoint(path, device=device)
+            model, header = load_checkpoint(path, device=device, kind="base")
             loaded = LoadedModel(
                 model=model, sha256=sha256_file(path), num_classes=int(header["num_classes"]),
                 input_shape=tuple(header["input_shape"]), sigma=header["meta"].get("sigma"),
@@ -248,7 +249,37 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     if num_classes is not None and loaded.num_classes is not None and loaded.num_classes != int(num_classes):
         raise ModelError(f"model {spec} has {loaded.num_classes} output classes but the dataset has {num_classes}; "
                          "use the model trained for this dataset")
+    if input_shape is not None and loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(input_shape):
+        raise ModelError(f"model {spec} expects inputs {tuple(loaded.input_shape)} but the images are "
+                         f"{tuple(input_shape)}; use the model trained for this dataset")
     return loaded
+
+
+def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
+    """One clean forward pass before any work or file: catches wrong input shapes and output widths.
+
+    Parameters
+    ----------
+    smooth : SmoothedClassifier
+        The model wrapped with its class count (its first pass checks the output width).
+    x : torch.Tensor
+        One or a few images of the dataset.
+    spec : str
+        The model spec, for the message.
+
+    Raises
+    ------
+    ModelError
+        If the model fails on these images or its output is not ``N x num_classes``.
+    """
+    try:
+        with torch.inference_mode():
+            smooth.predict_labels(x.to(smooth.device))
+    except ModelError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ModelError(f"model {spec} fails on inputs of shape {tuple(x.shape)} "
+                         f"({str(exc).strip().splitlines()[0][:160]}); use the model trained for this dataset") from None
 
 
 # --------------------------------------------------------------------------- training
@@ -283,7 +314,15 @@ def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: fl
     -------
     float
         The share of correct predictions over all ``draws * N`` noisy images.
+
+    Raises
+    ------
+    InvalidInputError
+        If ``x`` holds no image or ``y`` not one label per image.
     """
+    if len(x) == 0 or len(y) != len(x):
+        raise InvalidInputError(f"noisy_accuracy needs at least one image and one label per image, got {len(x)} "
+                                f"images and {len(y)} labels")
     device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     correct = 0
@@ -311,6 +350,7 @@ def train_base(
     batch_size: int = 64,
     lr: float = 2e-3,
     download: bool = False,
+    overwrite: bool = True,
 ) -> dict:
     """Train the built-in base model on ``dataset``'s ``train`` split and save it to ``out``.
 
@@ -344,6 +384,9 @@ def train_base(
         Peak learning rate of the one-cycle AdamW schedule.
     download : bool, optional
         Download a missing torchvision dataset.
+    overwrite : bool, optional
+        Replace an existing ``out`` (default); if false, an existing ``out`` is refused before training
+        (``OutputExistsError``) and kept.
 
     Returns
     -------
@@ -361,10 +404,14 @@ def train_base(
         If the dataset cannot be loaded.
     ModelError
         If ``arch`` is unknown or ``out`` cannot be written.
+    OutputExistsError
+        If ``out`` exists and ``overwrite`` is false.
     InvalidInputError
         If CUDA is requested but unavailable.
     """
     sigma = check_positive("sigma", sigma)
+    if not overwrite:
+        check_outputs([out], overwrite=False)
     device = resolve_device(device)
     train = load_split(dataset, "train", data_root=data_root, download=download)
     test = load_split(dataset, "test", data_root=data_root, download=download)
@@ -408,9 +455,9 @@ def train_base(
         "seconds": time.perf_counter() - started,
     }
     save_checkpoint(out, model, arch=arch, input_shape=train.input_shape, num_classes=train.num_classes,
-                    kind="base", meta={**metrics, "package_version": __version__})
+                    kind="base", meta={**metrics, "package_version": __version__}, overwrite=overwrite)
     metrics.update(out=os.path.abspath(out), sha256=sha256_file(out))
     return metrics
 
 
-__all__ = ["LoadedModel", "load_model", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "load_model", "check_model_fits", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

@@ -20,6 +20,13 @@ commits, so a crash (even SIGKILL) can only interrupt a commit, never leave rows
 readers return only the first ``rows`` rows. A new file is built under a temporary name and linked
 into place, so ``path`` never names a half-initialised file. A sidecar lock (``path + ".lock"``,
 ``fcntl.flock``) makes a second writer fail at once with ``StoreError``.
+
+Validation, once, here: ``read_counts`` / ``read_attrs`` recognise a file of another kind (text,
+JSON, a checkpoint) and refuse a file that contradicts its own attributes (rows that do not sum to
+``n`` / ``n0``, labels outside the classes, repeated indices, shapes); ``check_counts_for`` refuses a
+sound file that does not fit its consumer (dataset, sigma, classes, image shape, base model,
+completeness, images the consumer must not see, by dataset index); ``CountsWriter.append`` refuses
+rows that would break those invariants.
 """
 from __future__ import annotations
 
@@ -33,9 +40,10 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from surrogate_cert.core.errors import StoreError
+from surrogate_cert.core.errors import OutputExistsError, StoreError
+from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
 
-from .datasets import load_split
+from .datasets import load_split, same_dataset
 
 class StoreLockedError(StoreError):
     """Another process holds the file's writer lock (a second writer is refused, never queued)."""
@@ -43,6 +51,15 @@ class StoreLockedError(StoreError):
 
 class ResumeMismatchError(StoreError):
     """``--resume`` was asked for a file made with other settings (the file is left untouched)."""
+
+
+class CountsFileExistsError(StoreError, OutputExistsError):
+    """The counts file exists and neither ``resume`` nor ``overwrite`` was asked for (the file is kept)."""
+
+
+class CountsMismatchError(StoreError):
+    """A valid counts file that does not fit its consumer (another dataset, sigma, class count, input
+    shape or base model; an incomplete file; images the consumer must not see)."""
 
 
 FORMAT = "surrogate-cert-counts"
@@ -173,6 +190,9 @@ def _reader(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StoreError(f"counts file {path} does not exist; create it with `surrogate-cert datagen ... --out {path}`")
+    kind = sniff(path)
+    if kind != "hdf5":
+        raise StoreError(wrong_kind(path, kind, "counts"))
     try:
         return _open_h5(path, "r")
     except OSError as exc:
@@ -181,10 +201,11 @@ def _reader(path):
 
 
 def _checked_attrs(h5: h5py.File, path) -> dict:
+    """The file's attributes, checked against its format and against its own datasets (StoreError)."""
     attrs = {key: _plain(value) for key, value in h5.attrs.items()}
     if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is not a surrogate-cert counts file (no format={FORMAT!r} attribute); "
-                         "create one with `surrogate-cert datagen`")
+        raise StoreError(f"{path} is an HDF5 file but not a surrogate-cert counts file (no format={FORMAT!r} "
+                         "attribute); create one with `surrogate-cert datagen`")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path} has counts format version {attrs.get('format_version')}, this package reads "
                          f"version {FORMAT_VERSION}; regenerate it with this version's `surrogate-cert datagen`")
@@ -193,12 +214,85 @@ def _checked_attrs(h5: h5py.File, path) -> dict:
         raise StoreError(f"{path} is missing {missing or 'datasets'}; the file is damaged, regenerate it")
     attrs = {key: (None if value == "none" else value) for key, value in attrs.items()}
     attrs["complete"] = bool(attrs["complete"])
-    attrs["input_shape"] = [int(v) for v in attrs["input_shape"]]
+    problems = _attr_problems(attrs)
+    if not problems:
+        attrs["input_shape"] = [int(v) for v in attrs["input_shape"]]
+        problems = _layout_problems(h5, attrs)
+    if problems:
+        raise StoreError(f"{path} contradicts itself: " + "; ".join(problems)
+                         + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`")
     return attrs
 
 
+def _whole(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _attr_problems(attrs: dict) -> list[str]:
+    problems = []
+    sigma = attrs["sigma"]
+    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and np.isfinite(sigma) and sigma > 0):
+        problems.append(f"sigma {sigma!r} is not a finite number > 0")
+    for key, minimum in (("n", 1), ("n0", 0), ("num_classes", 2), ("rows", 0)):
+        if not _whole(attrs[key], minimum):
+            problems.append(f"{key} {attrs[key]!r} is not an integer >= {minimum}")
+    shape = attrs["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_whole(v, 1) for v in shape)):
+        problems.append(f"input_shape {shape!r} is not three positive integers (C, H, W)")
+    if _whole(attrs["n"], 1) and _whole(attrs["n0"], 0) and attrs["n"] + attrs["n0"] >= 2**32:
+        problems.append("n + n0 does not fit the uint32 counts")
+    return problems
+
+
+def _layout_problems(h5: h5py.File, attrs: dict) -> list[str]:
+    """The datasets' shapes and types against the attributes (no data read)."""
+    planned, k, rows = len(h5["indices"]), attrs["num_classes"], attrs["rows"]
+    problems = []
+    if h5["labels"].shape != (planned,) or h5["indices"].ndim != 1:
+        problems.append(f"indices {h5['indices'].shape} and labels {h5['labels'].shape} differ in length")
+    for name in ("counts", "counts_select"):
+        if name in h5:
+            if h5[name].shape != (planned, k):
+                problems.append(f"{name} has shape {h5[name].shape}, expected {planned} x {k} (rows x num_classes)")
+            if not np.issubdtype(h5[name].dtype, np.integer):
+                problems.append(f"{name} holds {h5[name].dtype}, not integer counts")
+    if ("counts_select" in h5) != (attrs["n0"] > 0):
+        problems.append(f"counts_select is {'present' if 'counts_select' in h5 else 'absent'} but n0 = {attrs['n0']}")
+    if rows > planned:
+        problems.append(f"rows = {rows} committed but only {planned} planned")
+    if attrs["complete"] and rows != planned:
+        problems.append(f"complete but only {rows} of {planned} rows committed")
+    return problems
+
+
+def _row_problems(counts: CountsFile) -> list[str]:
+    """The committed rows against the attributes: counts sum to n (n0), labels are classes, indices unique."""
+    problems = []
+    k = counts.num_classes
+    for name, table, total in (("counts", counts.counts, counts.n), ("counts_select", counts.counts_select,
+                                                                     int(counts.attrs["n0"]))):
+        if table is None or not len(table):
+            continue
+        sums = table.sum(axis=1)
+        bad = np.flatnonzero(sums != total)
+        if bad.size:
+            problems.append(f"{bad.size} of {len(table)} rows of {name} do not sum to "
+                            f"{'n' if name == 'counts' else 'n0'} = {total} (row {int(bad[0])} sums to {int(sums[bad[0]])})")
+    if len(counts.labels) and (counts.labels.min() < 0 or counts.labels.max() >= k):
+        bad = counts.labels[(counts.labels < 0) | (counts.labels >= k)]
+        problems.append(f"label {int(bad[0])} is not a class of {k}")
+    if len(counts.indices) and (counts.indices.min() < 0 or len(np.unique(counts.indices)) != len(counts.indices)):
+        problems.append("dataset indices are negative or repeated")
+    return problems
+
+
 def read_counts(path: str | os.PathLike) -> CountsFile:
-    """Read the committed rows of a counts file (rows beyond the committed counter are ignored).
+    """Read the committed rows of a counts file, checked against its own attributes.
+
+    Rows beyond the committed counter are ignored. Every committed row must be consistent with the
+    attributes: ``counts`` rows sum to ``n`` and ``counts_select`` rows to ``n0``, labels are classes
+    ``0..num_classes-1``, dataset indices are unique and >= 0, datasets have the recorded shapes.
+    Whether the file suits a consumer (its dataset, sigma, base model, ...) is ``check_counts_for``.
 
     Parameters
     ----------
@@ -214,24 +308,158 @@ def read_counts(path: str | os.PathLike) -> CountsFile:
     Raises
     ------
     StoreError
-        If the file is missing, is not a counts file of this format version, or a chunk fails its
-        checksum.
+        If the file is missing, is not a counts file of this format version (e.g. a JSON, text or
+        model file), contradicts its own attributes, or a chunk fails its checksum.
     """
     with _reader(path) as h5:
         attrs = _checked_attrs(h5, path)
         rows = int(attrs["rows"])
         try:
             counts_select = h5["counts_select"][:rows].astype(np.int64) if "counts_select" in h5 else None
-            return CountsFile(
+            counts = CountsFile(
                 indices=h5["indices"][:rows].astype(np.int64),
                 labels=h5["labels"][:rows].astype(np.int64),
                 counts=h5["counts"][:rows].astype(np.int64),
                 counts_select=counts_select,
                 attrs=attrs,
             )
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:
             raise StoreError(f"{path}: reading failed ({str(exc).splitlines()[0]}); the file is damaged, "
                              "regenerate it") from None
+    problems = _row_problems(counts)
+    if problems:
+        raise StoreError(f"{path} contradicts itself: " + "; ".join(problems)
+                         + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`")
+    return counts
+
+
+# --------------------------------------------------------------------------- consumers
+
+def index_ranges(indices) -> list[list[int]]:
+    """An exact, compact record of a set of dataset indices: sorted half-open ranges ``[[lo, hi], ...]``.
+
+    Contiguous indices (a torchvision training set, ``--limit`` of it) take one range; a random subset
+    takes about one range per index. Plain integers, so the record fits a checkpoint's metadata.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Dataset indices (any order, repeats allowed).
+
+    Returns
+    -------
+    list of [int, int]
+        Disjoint, sorted ``[lo, hi)`` ranges whose union is the set of ``indices``.
+
+    Examples
+    --------
+    >>> index_ranges([5, 0, 1, 2, 9, 6])
+    [[0, 3], [5, 7], [9, 10]]
+    """
+    values = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+    if not values.size:
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1)
+    starts = np.concatenate([[values[0]], values[breaks + 1]])
+    stops = np.concatenate([values[breaks], [values[-1]]]) + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def in_ranges(indices, ranges) -> np.ndarray:
+    """Which of ``indices`` lie in the ``index_ranges`` record ``ranges`` (a boolean array).
+
+    Raises
+    ------
+    StoreError
+        If ``ranges`` is not a list of ``[lo, hi]`` integer pairs with ``lo < hi``, sorted and disjoint.
+    """
+    try:
+        table = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        valid = bool(np.all(table[:, 0] < table[:, 1]) and np.all(table[1:, 0] >= table[:-1, 1]))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise StoreError("the recorded training indices are malformed (expected sorted [lo, hi) pairs); "
+                         "retrain the surrogate with `surrogate-cert train`")
+    values = np.asarray(indices, dtype=np.int64).reshape(-1)
+    slot = np.searchsorted(table[:, 0], values, side="right") - 1
+    inside = slot >= 0
+    inside[inside] = values[inside] < table[slot[inside], 1]
+    return inside
+
+
+def check_counts_for(
+    counts: CountsFile,
+    path: str | os.PathLike = "counts file",
+    *,
+    dataset: str | None = None,
+    sigma: float | None = None,
+    num_classes: int | None = None,
+    input_shape=None,
+    model_sha256: str | None = None,
+    complete: bool = True,
+    excluded_indices=None,
+    excluded_what: str = "the surrogate's training images",
+) -> None:
+    """Refuse a counts file that does not fit its consumer (one place for every such check).
+
+    Every argument left ``None`` is not checked; a model digest is compared only where the file
+    records one.
+
+    Parameters
+    ----------
+    counts : CountsFile
+        As ``read_counts`` returned it (already consistent with itself).
+    path : str or os.PathLike, optional
+        Its path, for the messages.
+    dataset : str, optional
+        The dataset the consumer was made from (``datasets.same_dataset`` decides).
+    sigma : float, optional
+        The noise level the consumer expects.
+    num_classes : int, optional
+        The class count the consumer expects.
+    input_shape : sequence of int, optional
+        The ``(C, H, W)`` the consumer expects.
+    model_sha256 : str, optional
+        The base model the consumer's other counts were made with.
+    complete : bool, optional
+        Require every planned row to be committed (default).
+    excluded_indices : list of [int, int], optional
+        ``index_ranges`` of images the consumer must not see in this file (the surrogate's training
+        images, for a calibration).
+    excluded_what : str, optional
+        What the excluded images are, for the message.
+
+    Raises
+    ------
+    CountsMismatchError
+        At the first mismatch, naming both values and what to do.
+    """
+    attrs = counts.attrs
+    if dataset is not None and not same_dataset(str(attrs["dataset"]), dataset):
+        raise CountsMismatchError(f"{path} holds counts of dataset {attrs['dataset']!r} but {dataset!r} is expected; "
+                                  "use counts of the same dataset")
+    if sigma is not None and not np.isclose(float(attrs["sigma"]), float(sigma), rtol=1e-9, atol=0.0):
+        raise CountsMismatchError(f"{path} was made at sigma={attrs['sigma']} but sigma={sigma} is expected; "
+                                  "use counts made at the same sigma")
+    if num_classes is not None and int(attrs["num_classes"]) != int(num_classes):
+        raise CountsMismatchError(f"{path} has {attrs['num_classes']} classes but {num_classes} are expected; "
+                                  "use counts of the same dataset")
+    if input_shape is not None and list(attrs["input_shape"]) != [int(v) for v in input_shape]:
+        raise CountsMismatchError(f"{path} holds images of shape {tuple(attrs['input_shape'])} but "
+                                  f"{tuple(int(v) for v in input_shape)} are expected; use counts of the same dataset")
+    if model_sha256 and attrs.get("model_sha256") and attrs["model_sha256"] != model_sha256:
+        raise CountsMismatchError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}"
+                                  f"... vs {model_sha256[:12]}...); use counts of the same base model")
+    if complete and not attrs.get("complete", True):
+        raise CountsMismatchError(f"{path} is incomplete ({len(counts)} rows committed); finish it with "
+                                  "`surrogate-cert datagen ... --resume`")
+    if excluded_indices is not None:
+        overlap = in_ranges(counts.indices, excluded_indices)
+        if overlap.any():
+            raise CountsMismatchError(
+                f"{path} holds {int(overlap.sum())} of {excluded_what} (dataset index {int(counts.indices[overlap][0])} "
+                f"and more); use counts of images disjoint from them (the cal split)")
 
 
 # --------------------------------------------------------------------------- writing
@@ -303,12 +531,18 @@ class CountsWriter:
     already in the file (non-zero on resume); ``append`` must receive the next rows in order.
     """
 
-    def __init__(self, path: str, lock: _Lock, committed: int, total: int, with_select: bool):
+    def __init__(self, path: str, lock: _Lock, committed: int, total: int, with_select: bool,
+                 attrs: Mapping[str, Any] | None = None):
         self.path = path
         self._lock = lock
         self.committed = committed
         self.total = total
         self.with_select = with_select
+        attrs = attrs or {}
+        # What every appended row must satisfy (None: not known, not checked).
+        self.num_classes = int(attrs["num_classes"]) if attrs.get("num_classes") is not None else None
+        self.n = int(attrs["n"]) if attrs.get("n") is not None else None
+        self.n0 = int(attrs.get("n0") or 0)
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -320,8 +554,9 @@ class CountsWriter:
         labels: np.ndarray,
         attrs: Mapping[str, Any],
         resume: bool = False,
+        overwrite: bool = False,
     ) -> "CountsWriter":
-        """Create ``path`` (refused if it exists, unless ``resume``) or resume it.
+        """Create ``path`` (refused if it exists, unless ``resume`` or ``overwrite``) or resume it.
 
         A resumed file must have the same identity attributes (``IDENTITY_KEYS``) and the same
         planned indices and labels; otherwise StoreError, and the file is left untouched. The writer
@@ -340,6 +575,10 @@ class CountsWriter:
             docstring).
         resume : bool, optional
             Continue an existing file instead of refusing it.
+        overwrite : bool, optional
+            Replace an existing file (start again from row 0); ignored with ``resume``. The old file
+            stays in place until the new one is complete enough to be linked in (its first, empty
+            commit), under the writer lock.
 
         Returns
         -------
@@ -366,26 +605,26 @@ class CountsWriter:
         lock = _Lock(path).acquire()
         try:
             with_select = int(attrs.get("n0", 0)) > 0
-            if os.path.exists(path):
-                if not resume:
-                    raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+            if os.path.exists(path) and resume:
                 committed = cls._check_resume(path, indices, labels, attrs)
+            elif os.path.exists(path) and not overwrite:
+                raise CountsFileExistsError(f"{path} already exists; pass --resume to continue it, --overwrite to start "
+                                            "it again, or choose another --out")
             else:
-                cls._create(path, indices, labels, attrs, with_select)
+                cls._create(path, indices, labels, attrs, with_select, replace=overwrite)
                 committed = 0
-            return cls(path, lock, committed, len(indices), with_select)
+            return cls(path, lock, committed, len(indices), with_select, attrs)
         except BaseException:
             lock.release()
             raise
 
     @staticmethod
-    def _create(path, indices, labels, attrs, with_select) -> None:
+    def _create(path, indices, labels, attrs, with_select, replace: bool = False) -> None:
         num_rows, k = len(indices), int(attrs["num_classes"])
         if num_rows < 1:
             raise StoreError("nothing to write: the split has no rows; check --limit and the dataset")
-        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            with h5py.File(tmp, "w") as h5:
+            with atomic_output(path, overwrite=replace) as tmp, h5py.File(tmp, "w") as h5:
                 h5.attrs["format"] = FORMAT
                 h5.attrs["format_version"] = FORMAT_VERSION
                 for key, value in attrs.items():
@@ -401,15 +640,12 @@ class CountsWriter:
                 for name in names:
                     h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE,
                                       chunks=(_chunk_rows(num_rows, k), k), fillvalue=0, **_filters())
-            # link() refuses an existing target, so a concurrent creator can never be overwritten.
-            os.link(tmp, path)
-        except FileExistsError:
-            raise StoreError(f"{path} appeared while it was being created; choose another --out") from None
+            # Without ``replace`` the file is linked into place, which refuses an existing target: a
+            # concurrent creator can never be overwritten.
+        except OutputExistsError as exc:
+            raise CountsFileExistsError(str(exc)) from None
         except OSError as exc:
             raise StoreError(f"cannot write {path} ({str(exc).splitlines()[0]}); choose a writable --out") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @staticmethod
     def _check_resume(path, indices, labels, attrs) -> int:
@@ -438,28 +674,34 @@ class CountsWriter:
         Parameters
         ----------
         counts : numpy.ndarray
-            ``rows x K`` class counts of the estimation stream, in planned row order, non-negative and
-            below 2**32 (stored as uint32 without a range check).
+            ``rows x K`` integer class counts of the estimation stream, in planned row order; every row
+            sums to the file's ``n``.
         counts_select : numpy.ndarray, optional
-            The same rows' selection counts; given exactly when the file has ``n0 > 0``.
+            The same rows' selection counts (each row sums to ``n0``); given exactly when the file has
+            ``n0 > 0``.
 
         Raises
         ------
         StoreError
             If the rows would exceed the planned rows, ``counts_select`` is given when it must not be
-            (or missing when it must), or writing fails (committed rows are kept).
+            (or missing when it must), a table is not ``rows x K`` non-negative integers summing to
+            ``n`` (``n0``) per row, or writing fails (committed rows are kept).
         """
-        counts = np.asarray(counts)
+        if self.with_select != (counts_select is not None):
+            raise StoreError(f"{self.path}: counts_select must be given exactly when n0 > 0")
+        counts = self._checked_rows(counts, "counts", self.n)
         lo, hi = self.committed, self.committed + len(counts)
         if hi > self.total:
             raise StoreError(f"{self.path}: {hi} rows exceed the {self.total} planned rows")
-        if self.with_select != (counts_select is not None):
-            raise StoreError(f"{self.path}: counts_select must be given exactly when n0 > 0")
+        if counts_select is not None:
+            counts_select = self._checked_rows(counts_select, "counts_select", self.n0)
+            if len(counts_select) != len(counts):
+                raise StoreError(f"{self.path}: {len(counts_select)} rows of counts_select for {len(counts)} of counts")
         try:
             with _open_h5(self.path, "r+") as h5:
-                h5["counts"][lo:hi] = counts.astype(COUNTS_DTYPE)
+                h5["counts"][lo:hi] = counts
                 if counts_select is not None:
-                    h5["counts_select"][lo:hi] = np.asarray(counts_select).astype(COUNTS_DTYPE)
+                    h5["counts_select"][lo:hi] = counts_select
                 h5.flush()
                 h5.attrs["rows"] = hi
                 if hi == self.total:
@@ -468,6 +710,22 @@ class CountsWriter:
             raise StoreError(f"cannot write {self.path} ({str(exc).splitlines()[0]}); committed rows are kept, "
                              "fix the problem and rerun with --resume") from None
         self.committed = hi
+
+    def _checked_rows(self, table, name: str, total: int | None) -> np.ndarray:
+        """``table`` as uint32 after checking it is rows x K of whole numbers >= 0 summing to ``total``."""
+        arr = np.asarray(table)
+        k = self.num_classes
+        if arr.ndim != 2 or (k is not None and arr.shape[1] != k):
+            raise StoreError(f"{self.path}: {name} must be rows x {k if k is not None else 'K'} (the file's classes), "
+                             f"got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise StoreError(f"{self.path}: {name} must hold integer counts, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= 2**32):
+            raise StoreError(f"{self.path}: {name} must lie in [0, 2**32), got {int(arr.min())}..{int(arr.max())}")
+        if total is not None and arr.size and np.any(arr.sum(axis=1) != total):
+            raise StoreError(f"{self.path}: every row of {name} must sum to {total} (the file's "
+                             f"{'n' if name == 'counts' else 'n0'})")
+        return arr.astype(COUNTS_DTYPE)
 
     @property
     def complete(self) -> bool:

@@ -42,6 +42,8 @@ _LAZY = {
     "ModelError": ".core.errors",
     "StoreError": ".core.errors",
     "CalibrationError": ".core.errors",
+    "SignatureError": ".core.errors",
+    "OutputExistsError": ".core.errors",
 }
 
 

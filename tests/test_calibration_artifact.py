@@ -10,7 +10,7 @@ import torch
 from calibration import calibrate_arrays, fit_offsets, load_calibration
 from calibration.artifact import Calibration
 from surrogate_cert.core import stats
-from surrogate_cert.core.errors import CalibrationError, InvalidParameterError
+from surrogate_cert.core.errors import CalibrationError, InvalidParameterError, SignatureError
 from surrogate_cert.core.groundtruth import linear_problem
 from surrogate_cert.core.surrogate import Surrogate
 
@@ -48,7 +48,7 @@ def test_round_trip_keeps_every_field_and_the_deployed_offsets(tmp_path, problem
     content = json.loads(open(path).read())
     for key in ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "delta", "guarantee", "method",
                 "groups", "offsets", "group_sizes", "fallback_groups", "calibration_size", "n_cal",
-                "counts_sha256", "package_version", "diagnostics", "integrity_sha256", "bound"):
+                "counts_sha256", "package_version", "diagnostics", "checksum_sha256", "bound"):
         assert key in content
     assert content["bound"] == pytest.approx(0.051)
     assert 0 <= content["diagnostics"]["violation_rate"] <= 1
@@ -62,7 +62,7 @@ def test_infinite_offset_survives_json(tmp_path, problem):
     loaded = load_calibration(path)
     assert loaded.fallback_groups == ["0", "1"]
     inf_cal = Calibration(**{**loaded.__dict__, "offsets": {"all": float("inf")}, "pooled_offset": float("inf"),
-                             "groups": "none", "created": None})
+                             "groups": "none", "created": None, "group_sizes": {"all": 20}, "fallback_groups": []})
     loaded2 = load_calibration(inf_cal.save(tmp_path / "inf.json"))
     assert np.isinf(loaded2.offset("all"))
 
@@ -137,3 +137,63 @@ def test_bad_images_are_refused(problem):
         calibrate_arrays(s, problem.x * 3, _counts(problem), 0.05, 1e-3)
     with pytest.raises(InvalidInputError):
         calibrate_arrays(s, torch.zeros(300, 1, 3, 3), _counts(problem), 0.05, 1e-3)
+
+
+def test_version_1_files_still_load(tmp_path, problem, calibration):
+    """A file written before signatures (checksum named integrity_sha256) loads when no key is set."""
+    import hashlib
+
+    content = calibration.to_dict()
+    for key in ("checksum_sha256", "signature_key_id"):
+        content.pop(key)
+    content["format_version"] = 1
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    content["integrity_sha256"] = hashlib.sha256(canonical).hexdigest()
+    (tmp_path / "v1.json").write_text(json.dumps(content))
+    loaded = load_calibration(tmp_path / "v1.json", surrogate=_surrogate(problem))
+    assert loaded.offsets == pytest.approx(calibration.offsets) and not loaded.signed
+    content["epsilon"] = 0.2
+    (tmp_path / "v1_edited.json").write_text(json.dumps(content))
+    with pytest.raises(CalibrationError, match="modified"):
+        load_calibration(tmp_path / "v1_edited.json")
+    with pytest.raises(SignatureError, match="not signed"):
+        load_calibration(tmp_path / "v1.json", key=b"k" * 32)
+
+
+def test_signature_round_trip_and_refusals(tmp_path, problem, calibration, monkeypatch):
+    from surrogate_cert.core.signing import ENV_KEY, ENV_KEY_FILE
+
+    monkeypatch.delenv(ENV_KEY, raising=False)
+    monkeypatch.delenv(ENV_KEY_FILE, raising=False)
+    key = b"0123456789abcdef0123456789abcdef"
+    path = calibration.save(tmp_path / "signed.json", key=key)
+    content = json.loads(open(path).read())
+    assert content["signature_hmac_sha256"] and content["signature_key_id"] == calibration.signature_key_id
+    assert load_calibration(path, key=key).signed
+    assert load_calibration(path).signed  # no key configured: the checksum is checked, the signature is not
+    (tmp_path / "key.txt").write_bytes(key + b"\n")
+    monkeypatch.setenv(ENV_KEY_FILE, str(tmp_path / "key.txt"))
+    load_calibration(path)  # the environment's key verifies it
+    with pytest.raises(SignatureError, match="another key"):
+        load_calibration(path, key=b"x" * 32)
+    unsigned = calibration.save(tmp_path / "unsigned.json", key=None)  # the environment's key signs it
+    assert json.loads(open(unsigned).read())["signature_key_id"] == calibration.signature_key_id
+    monkeypatch.delenv(ENV_KEY_FILE)
+    plain = calibration.save(tmp_path / "plain.json")
+    assert "signature_hmac_sha256" not in json.loads(open(plain).read())
+    monkeypatch.setenv(ENV_KEY, key.decode())
+    with pytest.raises(SignatureError, match="not signed"):
+        load_calibration(plain)
+    # Altered after signing, checksum recomputed (what someone without the key can do): refused.
+    import hashlib
+
+    content["offsets"] = {k: (v - 0.01 if v is not None else v) for k, v in content["offsets"].items()}
+    content["pooled_offset"] = content["pooled_offset"] - 0.01
+    body = {k: v for k, v in content.items() if k not in ("checksum_sha256", "signature_hmac_sha256")}
+    content["checksum_sha256"] = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
+    (tmp_path / "forged.json").write_text(json.dumps(content))
+    with pytest.raises(SignatureError, match="altered after signing"):
+        load_calibration(tmp_path / "forged.json")
+    with pytest.raises(InvalidParameterError, match="at least 16"):
+        load_calibration(path, key=b"short")

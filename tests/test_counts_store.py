@@ -95,7 +95,7 @@ def test_read_counts_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         read_counts(tmp_path / "nope.h5")
     (tmp_path / "junk.h5").write_text("not hdf5")
-    with pytest.raises(StoreError, match="not a readable HDF5"):
+    with pytest.raises(StoreError, match="is a text file, not an HDF5 counts file"):
         read_counts(tmp_path / "junk.h5")
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["counts"] = np.zeros((2, 2))

@@ -120,6 +120,12 @@ def test_existing_output_and_mismatched_resume_leave_the_file_unchanged(capsys, 
     assert_one_line_error(*datagen(capsys, **{"--resume": "", "--limit": "4"}), "cannot resume", "limit")
     assert sha256_file(tmp_path / "out.h5") == before
     assert not (tmp_path / "out.h5.lock").exists()
+    # --overwrite starts the file again with the new settings (and --resume with it is refused).
+    assert_one_line_error(*datagen(capsys, **{"--resume": "", "--overwrite": ""}), "one of them")
+    assert datagen(capsys, **{"--overwrite": "", "--n": "21"})[0] == 0
+    from data_gen.store import read_attrs
+    assert read_attrs(tmp_path / "out.h5")["n"] == 21
+    assert sorted(os.listdir(tmp_path)) == ["out.h5"]  # no lock, no temporary file left
 
 
 def test_train_base_bad_input(capsys, tmp_path):

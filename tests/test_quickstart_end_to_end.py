@@ -22,7 +22,8 @@ def quick_dir(tmp_path_factory):
 
 
 def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
-    assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"]) == 0
+    # --resume: the bench test may already have made the offline stage in this folder.
+    assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "certified accuracy at radius" in out and "report:" in out and "speed-up" in out
     for name in ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
@@ -48,8 +49,10 @@ def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
     assert summary["methods"]["hybrid"]["mean_evaluations_per_query"] < summary["methods"]["cohen-300"][
         "mean_evaluations_per_query"]
 
-    # Re-run: every stage is reused, nothing is recomputed.
-    assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"]) == 0
+    # Re-run: refused without --resume (the folder holds files); with it, every stage is reused.
+    assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress", "--resume"]) == 0
     again = capsys.readouterr().out
     assert again.count(": reused") == 8
     assert read_tsv(quick_dir / "hybrid.tsv") == hybrid
@@ -64,7 +67,7 @@ def test_cohen_from_stored_counts_equals_cohen_certifier(quick_dir):
     from surrogate_cert.core.cohen import certificates_from_counts
 
     if not (quick_dir / "test.h5").exists():
-        main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"])
+        main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress", "--resume"])
     counts = read_counts(quick_dir / "test.h5")
     rows = np.arange(4)
     from_counts = certificates_from_counts(counts.counts_select[rows], counts.counts[rows], QUICK.alpha, QUICK.sigma)

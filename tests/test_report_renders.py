@@ -15,6 +15,7 @@ from surrogate_cert.cli.report import register
 from surrogate_cert.workflows import report as rp
 from surrogate_cert.core.errors import CalibrationError
 from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError
+from surrogate_cert.core.stats import max_radius
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -40,13 +41,14 @@ HYBRID = (
     + "0\t1\t1\t0.9\t1\t0.001\tsurrogate\t0\t0.9998\n"
     + "1\t2\t2\t0.4\t1\t0.2\teprocess\t300\t0.9452\n"
     + "2\t3\t-1\t0\t0\t0.1\tabstain\t200\t0.3\n"
-    + "3\t4\t4\t0.1\t0\t0.001\tsurrogate\t0\t0.66\n"
+    + "3\t4\t5\t0.1\t0\t0.001\tsurrogate\t0\t0.66\n"
 )
 CALIBRATION = Calibration(
-    surrogate_sha256="ab" * 32, sigma=0.25, num_classes=10, epsilon=0.01, alpha_mc=0.001,
+    surrogate_sha256="ab" * 32, sigma=0.25, num_classes=3, epsilon=0.01, alpha_mc=0.001,
     guarantee="marginal", method="conformal", groups="class",
-    offsets={"0": 0.12, "1": 0.2, "2": float("inf")}, pooled_offset=0.15, calibration_size=400, n_cal=10_000,
-    group_sizes={"0": 300, "1": 99, "2": 1}, fallback_groups=["1"], min_group_size=99, radius_cap=0.77,
+    offsets={"0": 0.12, "1": 0.15, "2": float("inf")}, pooled_offset=0.15, calibration_size=400, n_cal=10_000,
+    group_sizes={"0": 300, "1": 98, "2": 2}, fallback_groups=["1"], min_group_size=99,
+    radius_cap=max_radius(10_000, 0.001, 0.25),
     counts_sha256="cd" * 32, package_version="0.1.0", diagnostics=dict(certified_share=0.8, violation_rate=0.005),
 ).to_dict()
 
@@ -139,8 +141,8 @@ def test_with_calibration_and_alone(files):
     _check_images(parser, 2)
     assert "Calibration" in parser.h2 and "Amortisation" in parser.h2
     i = parser.cells.index("0", parser.cells.index("uses pooled q^"))
-    assert parser.cells[i:i + 12] == ["0", "0.1200", "300", "no", "1", "0.2000", "99", "yes",
-                                      "2", "inf (never certifies)", "1", "no"]
+    assert parser.cells[i:i + 12] == ["0", "0.1200", "300", "no", "1", "0.1500", "98", "yes",
+                                      "2", "inf (never certifies)", "2", "no"]
     assert "0.0110" in parser.cells  # the bound epsilon + alpha_mc
     data = json.load(open(paths["json"]))
     assert data["calibration"]["epsilon"] == 0.01 and data["amortisation"]["offline_evaluations"] is None

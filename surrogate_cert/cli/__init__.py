@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, code 2), --help or --version: a code, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = argv  # provenance records the command as given
     if not getattr(args, "func", None):
         parser.print_help()

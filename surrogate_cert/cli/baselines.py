@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from data_gen.datasets import load_split
-from data_gen.models import load_model
+from data_gen.models import check_model_fits, load_model
 
 from ..core.cohen import CohenCertifier
 from ..core.errors import InvalidParameterError
@@ -18,11 +18,13 @@ from .common import (
     add_dataset_args,
     add_device_args,
     add_model_arg,
+    add_overwrite_arg,
     add_parser,
     add_progress_arg,
     certify_split,
-    check_output_path,
+    check_new_outputs,
     provenance,
+    results_paths,
     write_results,
 )
 
@@ -67,7 +69,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability per certificate (default 0.001)")
     add_device_args(p)
     add_progress_arg(p)
-    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json)")
+    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
+                                                "either exists")
+    add_overwrite_arg(p)
 
 
 def parse_prior(text: str):
@@ -83,14 +87,15 @@ def parse_prior(text: str):
 
 def _load(args: argparse.Namespace):
     """The split, the smoothed classifier and the provenance of a run."""
-    check_output_path(args.out)
+    check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
-    loaded = load_model(args.model, device=args.device, num_classes=data.num_classes)
+    loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)
     sigma = args.sigma if args.sigma is not None else loaded.sigma
     if sigma is None:
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=args.device,
                                 batch_size=args.batch_size, seed=args.seed)
+    check_model_fits(smooth, data.x[:1], args.model)
     meta = provenance(args, method=args.command, dataset=args.dataset, split=args.split, limit=args.limit,
                       images=len(data), sigma=sigma, alpha=args.alpha, model_sha256=loaded.sha256,
                       device=str(smooth.device), seed=args.seed)
@@ -104,7 +109,7 @@ def run_cohen(args: argparse.Namespace) -> int:
         data, lambda x, idx: certifier.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, indices=idx),
         COHEN_CHUNK, not args.no_progress, "cohen",
     )
-    return write_results(args.out, data, certificates, dict(meta, n0=args.n0, n=args.n))
+    return write_results(args.out, data, certificates, dict(meta, n0=args.n0, n=args.n), overwrite=args.overwrite)
 
 
 def run_sequential(args: argparse.Namespace) -> int:
@@ -119,4 +124,4 @@ def run_sequential(args: argparse.Namespace) -> int:
                                  SEQUENTIAL_CHUNK, not args.no_progress, "sequential")
     return write_results(args.out, data, certificates, dict(
         meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance,
-        max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0))
+        max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0), overwrite=args.overwrite)

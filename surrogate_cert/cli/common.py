@@ -1,9 +1,9 @@
-"""Options and helpers shared by the sub-commands, defined once: dataset, model, device, output,
-progress; running a certifier over a split and writing its results with their provenance."""
+"""Options and helpers shared by the sub-commands, defined once: dataset, model, device, output
+(``--out`` checks and ``--overwrite``), signing key (``--key-file``), progress; running a certifier over
+a split and writing its results with their provenance."""
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from data_gen.datasets import DATASET_HELP, SPLITS
 
 from ..core import __version__
-from ..core.certificate import certified_accuracy, write_tsv
-from ..core.errors import InvalidParameterError
+from ..core.certificate import certified_accuracy, meta_path, write_tsv
+from ..core.files import check_outputs
+from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
 
 MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
               "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
@@ -61,14 +62,46 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser, resumable: bool = False) -> None:
+    """``--overwrite``: the one switch that lets a command replace files it would otherwise refuse."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse them"
+                        + (", or continue them with --resume)" if resumable else ")"))
+
+
+def add_key_arg(p: argparse.ArgumentParser, action: str) -> None:
+    """``--key-file``: the HMAC-SHA256 key that signs (calibrate) or must have signed (the others) a calibration."""
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help=f"file holding the secret key that {action} the calibration (HMAC-SHA256); default: "
+                        f"${ENV_KEY_FILE} or ${ENV_KEY} if set, else no signature")
+
+
+def signing_key(args: argparse.Namespace) -> bytes | None:
+    """The key of ``--key-file``, else of the environment, else None (``core.signing.resolve_key``)."""
+    return resolve_key(key_file=getattr(args, "key_file", None))
+
+
 def check_output_path(path: str) -> str:
-    """Refuse an output whose folder does not exist or is not writable, before any work is done."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(folder):
-        raise InvalidParameterError(f"output folder {folder} does not exist; create it first or choose another --out")
-    if not os.access(folder, os.W_OK):
-        raise InvalidParameterError(f"output folder {folder} is not writable; choose another --out")
+    """Refuse an output whose folder does not exist or is not writable, before any work is done.
+
+    Deprecated in favour of ``check_new_outputs`` (which also refuses existing files); kept for callers.
+    """
+    check_outputs([path], overwrite=True)
     return path
+
+
+def check_new_outputs(args: argparse.Namespace, *paths, option: str = "--out", resumable: bool = False) -> list[str]:
+    """Refuse, before any work, outputs that exist (unless ``--overwrite``) or cannot be written.
+
+    ``paths`` are every file of one output (a TSV and its ``.meta.json``; a report's three files).
+    """
+    return check_outputs(paths, overwrite=bool(getattr(args, "overwrite", False)), option=option,
+                         resumable=resumable)
+
+
+def results_paths(out: str) -> tuple[str, str]:
+    """The two files of a results output: the TSV and its ``.meta.json``."""
+    return out, meta_path(out)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -93,9 +126,9 @@ def certify_split(data, certify, chunk: int, progress: bool, desc: str) -> list:
     return certificates
 
 
-def write_results(out: str, data, certificates, meta: dict) -> int:
+def write_results(out: str, data, certificates, meta: dict, overwrite: bool = False) -> int:
     """Write the results TSV (+ ``.meta.json``) and print a one-line summary; returns exit code 0."""
-    write_tsv(out, data.indices, data.y.tolist(), certificates, meta=meta)
+    write_tsv(out, data.indices, data.y.tolist(), certificates, meta=meta, overwrite=overwrite)
     rows = [dict(correct=int(c.prediction == y), radius=c.radius) for c, y in zip(certificates, data.y.tolist())]
     accuracy = certified_accuracy(rows, SUMMARY_RADII)
     samples = np.mean([c.n_samples for c in certificates]) if certificates else 0.0

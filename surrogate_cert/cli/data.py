@@ -9,15 +9,17 @@ from data_gen.models import train_base
 from data_gen.store import read_attrs
 
 from ..core.architectures import ARCHITECTURES
+from ..core.errors import InvalidParameterError
 from .common import (
     add_data_root_args,
     add_dataset_args,
     add_device_arg,
     add_device_args,
     add_model_arg,
+    add_overwrite_arg,
     add_parser,
     add_progress_arg,
-    check_output_path,
+    check_new_outputs,
     command_line,
 )
 
@@ -28,7 +30,8 @@ def register(sub) -> None:
                    "surrogate-cert train-base --dataset digits --sigma 0.25 --out base.pt")
     p.add_argument("--dataset", default="digits", help=DATASET_HELP)
     p.add_argument("--sigma", type=float, default=0.25, help="noise level of the augmentation (l2, pixel units in [0, 1])")
-    p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.pt); refused if it exists, unless --overwrite")
+    add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="architecture: small_cnn (default up to 28x28 pixels), mlp (784-512-256-10 on MNIST: the "
                         "cheapest on a CPU), resnet18 (default above 28x28)")
@@ -56,16 +59,18 @@ def register(sub) -> None:
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished rows to the file at least this often (default 2)")
     add_progress_arg(p)
-    p.add_argument("--out", required=True, help="HDF5 file to write (refused if it exists, unless --resume)")
+    p.add_argument("--out", required=True,
+                   help="HDF5 file to write (refused if it exists, unless --resume or --overwrite)")
+    add_overwrite_arg(p, resumable=True)
     p.set_defaults(func=run_datagen)
 
 
 def run_train_base(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    check_new_outputs(args, args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          arch=args.arch,
                          data_root=args.data_root, device=args.device, progress=not args.no_progress,
-                         download=args.download)
+                         download=args.download, overwrite=args.overwrite)
     print(f"saved {args.out}: {metrics['arch']} on {metrics['dataset']}, noisy test accuracy "
           f"{metrics['noisy_test_accuracy']:.3f} at sigma {metrics['sigma']} (clean {metrics['clean_test_accuracy']:.3f}), "
           f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s, sha256 {metrics['sha256'][:12]}")
@@ -73,10 +78,13 @@ def run_train_base(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    if args.resume and args.overwrite:
+        raise InvalidParameterError("--resume continues the file and --overwrite starts it again: give one of them")
+    if not args.resume:
+        check_new_outputs(args, args.out, resumable=True)
     generate_counts(args.dataset, args.split, args.model, args.sigma, args.n, args.out, n0=args.n0,
                     batch_size=args.batch_size, seed=args.seed, limit=args.limit, device=args.device, amp=args.amp,
-                    resume=args.resume, data_root=args.data_root, download=args.download,
+                    resume=args.resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
                     progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args))
     attrs = read_attrs(args.out)
     print(f"wrote {args.out}: {attrs['rows']} rows ({attrs['dataset']} {attrs['split']}) x {attrs['num_classes']} "

@@ -7,7 +7,7 @@ import dataclasses
 from ..core.errors import InvalidParameterError
 from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
 from ..workflows.pipeline import FULL, QUICK, quickstart
-from .common import add_device_arg, add_parser, add_progress_arg, check_output_path, command_line
+from .common import add_device_arg, add_overwrite_arg, add_parser, add_progress_arg, check_new_outputs, command_line
 
 
 def _limit(text: str) -> int | None:
@@ -28,7 +28,12 @@ def register(sub) -> None:
         "surrogate-cert quickstart --out surrogate-cert-quickstart",
     )
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for every output (default: surrogate-cert-quickstart, or ...-quick with --quick)")
+                   help="folder for every output (default: surrogate-cert-quickstart, or ...-quick with --quick); "
+                        "a folder that holds files is refused unless --resume or --overwrite")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the pipeline in an existing --out folder: finished stages are reused, an "
+                        "interrupted counts file resumes from its last committed row")
+    add_overwrite_arg(p, resumable=True)
     p.add_argument("--quick", action="store_true",
                    help="reduced sizes (under a minute on 2 CPU cores; the CI end-to-end check)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
@@ -47,7 +52,8 @@ def register(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only: seconds, Cohen n scaled down
-    p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
+    p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json); refused if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="folder of the offline stage (default: the quickstart's folder, whose work is reused)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
@@ -65,12 +71,15 @@ def run_quickstart(args: argparse.Namespace) -> int:
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
     out = args.out or ("surrogate-cert-quickstart-quick" if args.quick else "surrogate-cert-quickstart")
-    quickstart(out, config, progress=not args.no_progress, command=command_line(args))
+    if args.resume and args.overwrite:
+        raise InvalidParameterError("--resume reuses finished stages and --overwrite redoes them: give one of them")
+    quickstart(out, config, progress=not args.no_progress, command=command_line(args), resume=args.resume,
+               overwrite=args.overwrite)
     return 0
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    check_new_outputs(args, args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
@@ -79,5 +88,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--tolerance must be a radius >= 0 (l2 units), got {args.tolerance}")
         config = dataclasses.replace(config, tolerance=args.tolerance)
     run_bench(args.out, config, workdir=args.workdir, device=args.device, progress=not args.no_progress,
-              command=command_line(args))
+              command=command_line(args), overwrite=args.overwrite)
     return 0

@@ -6,8 +6,8 @@ import argparse
 from calibration.summary import offline_evaluations_from_counts
 
 from ..core.errors import InvalidParameterError
-from ..workflows.report import write_report
-from .common import add_parser, check_output_path
+from ..workflows.report import report_paths, write_report
+from .common import add_key_arg, add_overwrite_arg, add_parser, check_new_outputs, signing_key
 
 
 def register(sub) -> None:
@@ -32,12 +32,16 @@ def register(sub) -> None:
                          help="counts files made offline (train, cal): their rows x n are the offline evaluations")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="results file stem that savings are measured against (default: the costliest, e.g. cohen)")
-    p.add_argument("--out", default="report.html", help="HTML output; .md and .json are written beside it")
+    add_key_arg(p, "must have signed")
+    p.add_argument("--out", default="report.html",
+                   help="HTML output; .md and .json are written beside it (refused if any of the three exists)")
+    add_overwrite_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    key = signing_key(args)
+    check_new_outputs(args, *report_paths(args.out).values())
     offline = args.offline_evaluations
     if offline is not None and offline < 0:
         raise InvalidParameterError(f"--offline-evaluations must be >= 0, got {offline}")
@@ -45,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
         offline = offline_evaluations_from_counts(args.offline_counts)
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
-                         data_root=args.data_root)
+                         data_root=args.data_root, key=key, overwrite=args.overwrite)
     print(f"report: {paths['html']} (also {paths['md']}, {paths['json']})")
     return 0

@@ -5,22 +5,28 @@ import argparse
 from collections import Counter
 
 from calibration.conformal import GUARANTEES, METHODS, calibrate
-from data_gen.datasets import load_split
+from data_gen.datasets import load_split, same_dataset
 
 from ..core.architectures import ARCHITECTURES
+from ..core.errors import DatasetError
 from ..core.one_pass import GROUPINGS
+from ..core.signing import key_id
 from ..deploy.hybrid import HybridCertifier
-from ..workflows.report import write_calibration_report
+from ..workflows.report import report_paths, write_calibration_report
 from ..workflows.training import train_surrogate
 from .common import (
     add_dataset_args,
     add_device_arg,
     add_device_args,
+    add_key_arg,
+    add_overwrite_arg,
     add_parser,
     add_progress_arg,
     certify_split,
-    check_output_path,
+    check_new_outputs,
     provenance,
+    results_paths,
+    signing_key,
     write_results,
 )
 
@@ -33,7 +39,8 @@ def register(sub) -> None:
                    "train the surrogate on a train-split counts file (soft-label cross-entropy against counts/n)",
                    "surrogate-cert train --counts train.h5 --out surrogate.pt")
     p.add_argument("--counts", required=True, metavar="H5", help="counts file of the train split (from datagen)")
-    p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt)")
+    p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
     p.add_argument("--init-from-base", default=None, metavar="MODEL",
@@ -72,7 +79,9 @@ def register(sub) -> None:
                    help="conformal (default): score quantile; ltt: Learn-then-Test on the rate among issued certificates")
     p.add_argument("--data-root", default=None, help="folder holding torchvision datasets")
     add_device_arg(p)
-    p.add_argument("--out", required=True, help="calibration.json to write")
+    p.add_argument("--out", required=True, help="calibration.json to write; refused if it exists")
+    add_overwrite_arg(p)
+    add_key_arg(p, "signs")
     p.add_argument("--report", default=None, metavar="HTML",
                    help="also write the calibration report (HTML; .report.md and .report.json beside it)")
     p.add_argument("--report-counts", default=None, metavar="H5",
@@ -97,16 +106,19 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
     add_device_args(p)
     add_progress_arg(p)
-    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json)")
+    add_key_arg(p, "must have signed")
+    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
+                                                "either exists")
+    add_overwrite_arg(p)
     p.set_defaults(func=run_certify)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    check_new_outputs(args, args.out)
     surrogate = train_surrogate(
         args.counts, args.out, arch=args.arch, init_from_base=args.init_from_base, epochs=args.epochs,
         seed=args.seed, data_root=args.data_root, device=args.device, batch_size=args.batch_size, lr=args.lr,
-        holdout=args.holdout, progress=not args.no_progress,
+        holdout=args.holdout, progress=not args.no_progress, overwrite=args.overwrite,
     )
     meta = surrogate.meta
     holdout = meta.get("holdout_loss")
@@ -118,37 +130,41 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    key = signing_key(args)
+    check_new_outputs(args, args.out)
     if args.report:
-        check_output_path(args.report)
+        check_new_outputs(args, *report_paths(args.report, beside=".report").values(), option="--report")
     calibration = calibrate(
         args.surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
         groups=args.groups, method=args.method, data_root=args.data_root, device=args.device,
     )
-    calibration.save(args.out)
+    calibration.save(args.out, key=key, overwrite=args.overwrite)
     d = calibration.diagnostics
     q = calibration.pooled_offset
     print(f"wrote {args.out}: {calibration.calibration_size} points (n_cal={calibration.n_cal}), "
           f"{calibration.guarantee} {calibration.method}, groups {calibration.groups}; q^ {q:.4g} (pooled); "
           f"certifies {d['certified_share']:.1%} of the calibration set; bound epsilon + alpha_mc = {calibration.bound:g}"
-          + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else ""))
+          + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else "")
+          + (f"; signed (key id {calibration.signature_key_id})" if calibration.signed else "; unsigned"))
     if args.report:
         paths = write_calibration_report(args.out, args.report, counts=args.report_counts,
                                          surrogate=args.surrogate if args.report_counts else None,
-                                         data_root=args.data_root)
+                                         data_root=args.data_root, key=key, overwrite=args.overwrite)
         print(f"calibration report: {paths['html']}")
     return 0
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    check_output_path(args.out)
+    key = signing_key(args)
+    check_new_outputs(args, *results_paths(args.out))
     hybrid = HybridCertifier.load(
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
         fallback=args.fallback, tolerance=args.tolerance, device=args.device, batch_size=args.batch_size,
-        seed=args.seed,
+        seed=args.seed, key=key,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     calibration = hybrid.calibration
+    check_dataset_fits(args.dataset, data, hybrid)
     device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
     meta = provenance(
         args, method="hybrid" if args.fallback == "eprocess" else "surrogate", dataset=args.dataset, split=args.split,
@@ -157,12 +173,30 @@ def run_certify(args: argparse.Namespace) -> int:
         calibration_method=calibration.method, groups=calibration.groups, fallback=args.fallback,
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
+        calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
     )
     certificates = certify_split(
         data, lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),
         HYBRID_CHUNK, not args.no_progress, "certify",
     )
-    code = write_results(args.out, data, certificates, meta)
+    code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
     methods = Counter(c.method for c in certificates)
     print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain")))
     return code
+
+
+def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier) -> None:
+    """Refuse to certify images the surrogate and its calibration were not made for.
+
+    The surrogate's class count and image shape must be the dataset's, and the dataset the one the
+    calibration was computed on (its guarantee holds for inputs exchangeable with those).
+    """
+    surrogate, calibration = hybrid.surrogate, hybrid.calibration
+    if data.num_classes != surrogate.num_classes or tuple(data.input_shape) != tuple(surrogate.input_shape):
+        raise DatasetError(f"{dataset} has {data.num_classes} classes of {tuple(data.input_shape)} images but the "
+                           f"surrogate is for {surrogate.num_classes} classes of {tuple(surrogate.input_shape)}; "
+                           "certify the dataset the surrogate was trained on")
+    expected = calibration.dataset or surrogate.meta.get("dataset")
+    if expected and not same_dataset(dataset, expected):
+        raise DatasetError(f"the calibration was computed on {expected!r}, not {dataset!r}: its guarantee holds only for "
+                           "inputs like its own; certify that dataset, or calibrate on this one")

@@ -9,7 +9,9 @@ it), so a formula can be read and changed here without travelling:
 - ``cohen``, ``sequential``, ``one_pass``: the Cohen, E-process and one-pass certifiers;
 - ``surrogate``, ``architectures``: the surrogate model and its training on arrays;
 - ``groundtruth``: the exact linear problem the soundness checks use;
-- ``errors``, ``hashing``: typed errors, file digests.
+- ``errors``, ``hashing``: typed errors, file digests;
+- ``files``: what a file is (``sniff``), output checks (``--overwrite``) and atomic writes;
+- ``signing``: the HMAC-SHA256 key of calibration signatures (``--key-file``, environment).
 """
 from __future__ import annotations
 

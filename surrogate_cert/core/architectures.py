@@ -5,15 +5,15 @@ so every model file loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import math
 import os
-import pickle
-import zipfile
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, OutputExistsError
+from .files import atomic_output, describe, sniff, wrong_kind
 
 
 class SmallCNN(nn.Module):
@@ -102,12 +102,15 @@ def save_checkpoint(
     num_classes: int,
     kind: str,
     meta: dict,
+    overwrite: bool = True,
 ) -> None:
     """Write ``model``'s weights and how to rebuild it (``arch``, shapes) to ``path``, atomically.
 
     The file holds only tensors and plain values, so ``load_checkpoint`` reads it with
     ``torch.load(..., weights_only=True)``. ``meta`` (plain values: numbers, strings, lists, dicts)
-    records how the model was made (e.g. ``sigma``, ``dataset``, metrics).
+    records how the model was made (e.g. ``sigma``, ``dataset``, metrics). Written to a temporary
+    file and renamed into place (``core.files.atomic_output``): an interrupted save leaves no half
+    file; with ``overwrite=False`` an existing ``path`` is kept and ``OutputExistsError`` raised.
     """
     if kind not in CHECKPOINT_KINDS:
         raise ModelError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
@@ -124,19 +127,23 @@ def save_checkpoint(
         "meta": dict(meta),
     }
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            torch.save(payload, tmp)
+    except OutputExistsError:
+        raise
     except OSError as exc:
         raise ModelError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_checkpoint_header(payload) -> dict:
-    """Validate a loaded checkpoint dict; return it without ``state_dict`` (ModelError if malformed)."""
+    """Validate a loaded checkpoint dict; return it without ``state_dict`` (ModelError if malformed).
+
+    Checks the format and version, that every field is present and of its type: ``kind`` one of
+    ``CHECKPOINT_KINDS``, ``arch`` a known architecture, ``input_shape`` three positive integers,
+    ``num_classes`` an integer >= 2, ``state_dict`` a dict of tensors, ``meta`` a dict whose
+    ``sigma`` (when present) is a finite number > 0.
+    """
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError("not a surrogate-cert model checkpoint (no format='surrogate-cert-model'); "
                          "give a file written by `surrogate-cert train-base` / `train`, or a TorchScript file")
@@ -146,27 +153,111 @@ def read_checkpoint_header(payload) -> dict:
     missing = [k for k in ("kind", "arch", "input_shape", "num_classes", "state_dict", "meta") if k not in payload]
     if missing:
         raise ModelError(f"checkpoint lacks {missing}; the file is damaged, retrain it")
+    problems = []
+    if not (isinstance(payload["kind"], str) and payload["kind"] in CHECKPOINT_KINDS):
+        problems.append(f"kind {payload['kind']!r} is not one of {CHECKPOINT_KINDS}")
+    if not (isinstance(payload["arch"], str) and payload["arch"] in ARCHITECTURES):
+        problems.append(f"architecture {payload['arch']!r} is unknown")
+    shape = payload["input_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        problems.append(f"input_shape {shape!r} is not three positive integers (C, H, W)")
+    k = payload["num_classes"]
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 2):
+        problems.append(f"num_classes {k!r} is not an integer >= 2")
+    state = payload["state_dict"]
+    if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+        problems.append("state_dict is not a dict of tensors")
+    meta = payload["meta"]
+    if not isinstance(meta, dict):
+        problems.append("meta is not a dict")
+    elif meta.get("sigma") is not None and not _positive_number(meta["sigma"]):
+        problems.append(f"sigma {meta['sigma']!r} is not a finite number > 0")
+    if problems:
+        raise ModelError("checkpoint is inconsistent: " + "; ".join(problems) + "; the file is damaged, retrain it")
     return {k: v for k, v in payload.items() if k != "state_dict"}
 
 
-def load_checkpoint(path, device=None) -> tuple[nn.Module, dict]:
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+CHECKPOINT_FILE_KINDS = ("torch-zip", "pickle")
+"""What ``sniff`` calls a file ``torch.load`` can read: a zip ``torch.save`` file, or the legacy pickle one."""
+
+
+def load_weights_file(path: str | os.PathLike, expected: str = "model"):
+    """``torch.load(path, weights_only=True)`` of a file that ``sniff`` recognises as a ``torch.save`` file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    expected : str, optional
+        What the caller wanted (a key of ``core.files.MAKERS``), for the message.
+
+    Returns
+    -------
+    object
+        What the file holds (tensors and plain values only: no pickled code runs).
+
+    Raises
+    ------
+    ModelError
+        If the file is missing, of another kind (text, JSON, HDF5, NumPy, ...), or cannot be loaded.
+    """
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind == "missing":
+        raise ModelError(f"model file {path} does not exist; train one with `surrogate-cert train-base --out {path}`")
+    if kind not in CHECKPOINT_FILE_KINDS:
+        raise ModelError(wrong_kind(path, kind, expected))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (UnpicklingError, KeyError, EOFError, ...) on bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {path} ({describe(kind)}) as a weights-only checkpoint ({first[:160]}); "
+                         "the file is damaged or not a surrogate-cert model") from None
+
+
+def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
 
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
-    ``num_classes``, ``meta``, ...). Loaded with ``weights_only=True``: no pickled code runs.
+    ``num_classes``, ``meta``, ...). Loaded with ``weights_only=True``: no pickled code runs. A file
+    of another kind (text, JSON, HDF5, NumPy) is refused by name, before ``torch.load`` sees it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint.
+    device : str or torch.device, optional
+        Where to put the model.
+    kind : {"base", "surrogate"}, optional
+        Refuse a checkpoint of the other kind (``ModelError`` naming the command that makes the
+        right one).
+
+    Returns
+    -------
+    model : torch.nn.Module
+        In eval mode.
+    header : dict
+        The checkpoint without its weights.
+
+    Raises
+    ------
+    ModelError
+        If the file is missing, not a checkpoint, inconsistent, of the other ``kind``, or its weights do
+        not fit its architecture.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"model file {path} does not exist; train one with `surrogate-cert train-base --out {path}`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {path} as a weights-only checkpoint ({first[:160]})") from None
+    payload = load_weights_file(path, "surrogate" if kind == "surrogate" else "model")
     try:
         header = read_checkpoint_header(payload)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+    if kind is not None and header["kind"] != kind:
+        raise ModelError(_wrong_checkpoint_kind(path, header["kind"], kind))
     model = build(header["arch"], header["input_shape"], header["num_classes"])
     try:
         model.load_state_dict(payload["state_dict"])
@@ -177,3 +268,12 @@ def load_checkpoint(path, device=None) -> tuple[nn.Module, dict]:
     if device is not None:
         model.to(device)
     return model, header
+
+
+def _wrong_checkpoint_kind(path: str, have: str, want: str) -> str:
+    if want == "surrogate":
+        return (f"{path} is a {have} model, not a surrogate; train one with "
+                "`surrogate-cert train --counts train.h5 --out surrogate.pt`")
+    return (f"{path} is a surrogate checkpoint (made by `surrogate-cert train`), not a base model: the surrogate "
+            "predicts the base model's counts and is never a base model itself; give the checkpoint from "
+            "`surrogate-cert train-base` (or your own model)")

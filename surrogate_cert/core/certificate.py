@@ -15,7 +15,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidParameterError
+from .files import MAKERS, commit_outputs, sniff, wrong_kind
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 """The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
@@ -98,17 +99,6 @@ def meta_path(path: str | os.PathLike) -> str:
     return os.fspath(path) + META_SUFFIX
 
 
-def _replace_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_tsv(
     path: str | os.PathLike,
     indices: Sequence[int],
@@ -117,8 +107,13 @@ def write_tsv(
     meta: Mapping | None = None,
     *,
     header_comment: str | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Write results as TSV plus its provenance sidecar, each atomically (temporary file, rename).
+    """Write results as TSV plus its provenance sidecar: one output, written atomically.
+
+    Both files are written to temporary names and renamed into place only when complete, the
+    sidecar first: an interrupted call leaves no half file, and a TSV is never newer than its
+    sidecar.
 
     Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
     line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
@@ -127,21 +122,34 @@ def write_tsv(
     Parameters
     ----------
     path : str or os.PathLike
-        The TSV to write (replaced if it exists).
+        The TSV to write.
     indices : sequence of int
         Dataset index of each input.
     labels : sequence of int
         True label of each input.
     certificates : sequence of Certificate
-        One per input. ``indices``, ``labels`` and ``certificates`` must have the same length (not
-        checked: rows beyond the shortest are dropped).
+        One per input; ``indices``, ``labels`` and ``certificates`` have the same length.
     meta : mapping, optional
         Provenance, plain JSON values (command, versions, sigma, seed, device, ...).
     header_comment : str, optional
         Deprecated: its lines are stored in the sidecar under ``"comment"``, never in the TSV
         (emits a ``DeprecationWarning``).
+    overwrite : bool, optional
+        Replace an existing TSV and sidecar (default); if false, ``OutputExistsError`` when either
+        exists and nothing is written.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``indices``, ``labels`` and ``certificates`` differ in length.
+    OutputExistsError
+        If ``overwrite`` is false and the TSV or its sidecar exists.
     """
     path = os.fspath(path)
+    lengths = {len(indices), len(labels), len(certificates)}
+    if len(lengths) != 1:
+        raise InvalidParameterError(f"indices, labels and certificates must have one entry per input, got lengths "
+                                    f"{len(indices)}, {len(labels)} and {len(certificates)}")
     meta = dict(meta or {})
     if header_comment is not None:
         warnings.warn("write_tsv(header_comment=...) is deprecated: pass meta={...}; provenance now goes "
@@ -152,15 +160,19 @@ def write_tsv(
         correct = int(c.prediction == int(label))
         lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
                      f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}")
-    _replace_atomically(path, "\n".join(lines) + "\n")
-    _replace_atomically(meta_path(path), json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    sidecar = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+    commit_outputs({meta_path(path): sidecar, path: "\n".join(lines) + "\n"}, overwrite=overwrite)
 
 
 def read_tsv(path: str | os.PathLike) -> list[dict]:
     """Read a results TSV into typed rows (ours, Cohen et al.'s, or an older one with ``#`` lines).
 
     Columns beyond Cohen's six are optional: ``method`` defaults to ``cohen`` / ``abstain``,
-    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN.
+    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN. Every row is checked for consistency, so a
+    report never shows numbers a certifier could not have written: ``label >= 0``,
+    ``predict >= -1``, a finite ``radius >= 0`` that is 0 when abstaining, ``correct`` equal to
+    ``predict == label``, a finite ``time >= 0``, ``n_samples >= -1`` and ``p_lower`` in [0, 1]
+    (or NaN).
 
     Parameters
     ----------
@@ -177,39 +189,66 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     Raises
     ------
     InvalidInputError
-        If the file cannot be read, is not text, lacks one of Cohen's six columns, or has a
-        malformed row.
+        If the file cannot be read, is not a text TSV (e.g. an HDF5 or JSON file), lacks one of
+        Cohen's six columns, or has a malformed or inconsistent row.
     """
+    kind = sniff(path)
+    if kind == "missing":
+        raise InvalidInputError(f"cannot read results file {path}: no such file; write one with `surrogate-cert cohen` "
+                                "/ `sequential` / `certify`")
+    if kind not in ("text", "empty"):
+        raise InvalidInputError(wrong_kind(path, kind, "results"))
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             lines = [line for line in fh if not line.startswith("#")]  # files of version 0.1 began with '#' lines
     except OSError as exc:
         raise InvalidInputError(f"cannot read results file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise InvalidInputError(f"{path} is not a text results TSV; give a file written by cohen / sequential / "
-                                "certify") from None
-    reader = csv.DictReader(lines, delimiter="\t")
-    missing = [c for c in COHEN_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise InvalidInputError(f"{path} is not a results TSV: missing columns {missing}; give a file written by "
-                                "cohen / sequential / certify")
+        raise InvalidInputError(wrong_kind(path, "binary", "results")) from None
     rows: list[dict] = []
+    reader = csv.DictReader(lines, delimiter="\t")
+    try:
+        fieldnames = reader.fieldnames or []
+    except csv.Error as exc:
+        raise InvalidInputError(f"{path}: the header is malformed ({exc}); regenerate the file") from None
+    missing = [c for c in COHEN_COLUMNS if c not in fieldnames]
+    if missing:
+        raise InvalidInputError(f"{path} is not {MAKERS['results']}: missing columns {missing}")
     try:
         for r in reader:
-            rows.append(dict(
-                idx=int(r["idx"]),
-                label=int(r["label"]),
-                predict=int(r["predict"]),
-                radius=float(r["radius"]),
-                correct=int(r["correct"]),
-                time=_parse_seconds(r["time"]),
-                method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
-                n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
-                p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
-            ))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({exc}); regenerate the file") from None
+            rows.append(_typed_row(r))
+    except (TypeError, ValueError, csv.Error) as exc:
+        raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({str(exc)[:160]}); regenerate the file"
+                                ) from None
     return rows
+
+
+def _typed_row(r: dict) -> dict:
+    """One TSV row as typed values, checked for what a certifier can write (ValueError if not)."""
+    if None in r:
+        raise ValueError(f"{len(r[None])} cells more than the header's columns")
+    row = dict(
+        idx=int(r["idx"]),
+        label=int(r["label"]),
+        predict=int(r["predict"]),
+        radius=float(r["radius"]),
+        correct=int(r["correct"]),
+        time=_parse_seconds(r["time"]),
+        method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
+        n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
+        p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
+    )
+    if row["label"] < 0 or row["predict"] < -1 or row["idx"] < 0:
+        raise ValueError("idx and label must be >= 0 and predict >= -1")
+    if not (math.isfinite(row["radius"]) and row["radius"] >= 0) or (row["predict"] < 0 and row["radius"] != 0):
+        raise ValueError(f"radius {row['radius']} must be finite, >= 0, and 0 when abstaining (predict -1)")
+    if row["correct"] != int(row["predict"] == row["label"]):
+        raise ValueError(f"correct={row['correct']} but predict={row['predict']} and label={row['label']}")
+    if not (math.isfinite(row["time"]) and row["time"] >= 0):
+        raise ValueError(f"time {row['time']} must be a finite number of seconds >= 0")
+    if row["n_samples"] < -1 or not (math.isnan(row["p_lower"]) or 0.0 <= row["p_lower"] <= 1.0):
+        raise ValueError("n_samples must be >= -1 and p_lower in [0, 1]")
+    return row
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -34,6 +34,14 @@ class CalibrationError(SurrogateCertError):
     """A calibration is impossible (too few points) or a calibration file is tampered or mismatched."""
 
 
+class SignatureError(CalibrationError):
+    """A key is configured and a calibration file is unsigned, or signed with another key, or altered."""
+
+
+class OutputExistsError(SurrogateCertError):
+    """An output file already exists and replacing it was not asked for (``--overwrite``)."""
+
+
 def check_probability(name: str, value: float) -> float:
     """Return ``value`` as float if it lies strictly inside (0, 1); else raise InvalidParameterError."""
     try:
@@ -58,6 +66,10 @@ def check_positive(name: str, value: float) -> float:
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
     """Return ``value`` as int if it is an integer >= ``minimum``; else raise InvalidParameterError."""
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+    try:
+        whole = not isinstance(value, (bool, str, bytes)) and int(value) == value and int(value) >= minimum
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
         raise InvalidParameterError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)

@@ -61,15 +61,21 @@ def default_schedule(batch_size: int, first: int = 32) -> list[int]:
     batch_size : int
         Largest round (e.g. the engine's ``batch_size``).
     first : int, optional
-        Size of the first round; default 32. Must be >= 1 (not checked here: with ``first < 1``
-        and ``batch_size >= 1`` the doubling never reaches ``batch_size``).
+        Size of the first round; default 32.
 
     Returns
     -------
     list of int
         The round sizes, e.g. ``[32, 64, 128, 250]`` for ``batch_size=250``; ``[batch_size]`` when
         ``batch_size <= first``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``batch_size`` or ``first`` is not an integer >= 1 (the doubling would never end).
     """
+    batch_size = check_count("batch_size", batch_size)
+    first = check_count("first", first)
     sizes = [min(first, batch_size)]
     while sizes[-1] < batch_size:
         sizes.append(min(2 * sizes[-1], batch_size))

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, ModelError, check_count, check_positive
+from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
 
 NOISE_BLOCK = 256
 """Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
@@ -44,12 +44,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     Raises
     ------
+    InvalidParameterError
+        If ``device`` is not a device name torch knows (e.g. ``"gpu"``).
     InvalidInputError
         If a CUDA device is requested but none is available.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidParameterError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda was requested but no CUDA device is available; use --device cpu")
     return device
@@ -119,20 +124,37 @@ def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> t
         raise InvalidInputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
         raise InvalidInputError(f"inputs must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
+    if x.ndim < 2 or (input_shape is not None and x.ndim != len(input_shape) + 1):
+        raise InvalidInputError(f"inputs must be a batch (N x C x H x W), got shape {tuple(x.shape)}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise InvalidInputError(
             f"inputs have shape {tuple(x.shape)} but the model expects N x {' x '.join(map(str, input_shape))}"
         )
-    if x.ndim < 2:
-        raise InvalidInputError(f"inputs must be a batch (N x C x H x W), got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise InvalidInputError("inputs contain NaN or infinite values; clean or drop those images")
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise InvalidInputError(
-            f"inputs must lie in [0, 1] (pixels, before any normalisation), got range "
-            f"[{float(x.min()):.3g}, {float(x.max()):.3g}]; put normalisation inside the model"
-        )
+    if x.numel():
+        # One pass over the pixels: NaN fails both comparisons, +-inf one of them.
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (low >= 0.0 and high <= 1.0):
+            if not bool(torch.isfinite(x).all()):
+                raise InvalidInputError("inputs contain NaN or infinite values; clean or drop those images")
+            raise InvalidInputError(
+                f"inputs must lie in [0, 1] (pixels, before any normalisation), got range "
+                f"[{low:.3g}, {high:.3g}]; put normalisation inside the model"
+            )
     return x
+
+
+def _whole_per_input(name: str, value, num: int) -> np.ndarray:
+    """One whole number >= 0 for all inputs, or one per input, as an int64 array of shape ``(num,)``."""
+    try:
+        arr = np.asarray(value)
+        whole = arr.dtype != object and (np.issubdtype(arr.dtype, np.integer) or (
+            np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr) & (arr == np.round(arr))))))
+        arr = np.broadcast_to(arr, (num,))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or (num and arr.min() < 0):
+        raise InvalidParameterError(f"{name} must be a whole number >= 0 (one value, or one per input), got {value!r:.80}")
+    return arr.astype(np.int64)
 
 
 class SmoothedClassifier:
@@ -257,17 +279,17 @@ class SmoothedClassifier:
         Raises
         ------
         InvalidInputError
-            If ``x`` is not a valid image batch (``check_images``), ``n`` or ``start`` is negative, or
-            ``indices`` does not hold one entry per input.
+            If ``x`` is not a valid image batch (``check_images``), or ``indices`` does not hold one
+            entry per input.
+        InvalidParameterError
+            If ``n`` or ``start`` is not a whole number >= 0, or not one value or one per input.
         ModelError
             If the model's output is not ``N x num_classes``.
         """
         x = check_images(x)
         num = x.shape[0]
-        n_arr = np.broadcast_to(np.asarray(n, dtype=np.int64), (num,))
-        start_arr = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
-        if num and (n_arr.min() < 0 or start_arr.min() < 0):
-            raise InvalidInputError("n and start must be >= 0")
+        n_arr = _whole_per_input("n", n, num)
+        start_arr = _whole_per_input("start", start, num)
         idx_arr = noise_indices(indices, num)
 
         k = self.num_classes

@@ -15,9 +15,9 @@ import math
 import numpy as np
 from scipy import stats as _st
 from scipy.optimize import elementwise as _elementwise
-from scipy.special import betaln, logsumexp
+from scipy.special import betaln, logsumexp, ndtr, ndtri
 
-from .errors import InvalidParameterError, check_probability
+from .errors import InvalidParameterError, check_count, check_positive, check_probability
 
 __all__ = [
     # fixed sample
@@ -39,9 +39,20 @@ _EDGE = 1e-15
 _XATOL = 1e-12
 
 
+def _as_floats(value, name: str) -> np.ndarray:
+    """``value`` as a float array; InvalidParameterError (never another exception) if it is not numbers."""
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind in "iuf":  # numbers only: not text, booleans, None or ragged lists
+            return arr.astype(float, copy=False)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise InvalidParameterError(f"{name} must be a number or an array of numbers, got {value!r:.80}")
+
+
 def _check_alpha(alpha, name: str = "alpha"):
     """``alpha`` (scalar or array) strictly inside (0, 1), as float or float array."""
-    arr = np.asarray(alpha, dtype=float)
+    arr = _as_floats(alpha, name)
     if arr.ndim == 0:
         return check_probability(name, float(arr))
     if not np.all((arr > 0) & (arr < 1)):
@@ -52,11 +63,15 @@ def _check_alpha(alpha, name: str = "alpha"):
 
 def _check_counts(k, n, k_name: str = "k", n_name: str = "n"):
     """Successes ``0 <= k <= n`` as float arrays (integers stored as floats for SciPy)."""
-    k = np.asarray(k, dtype=float)
-    n = np.asarray(n, dtype=float)
+    k = _as_floats(k, k_name)
+    n = _as_floats(n, n_name)
     if np.any(~np.isfinite(n)) or np.any(n < 0) or np.any(n != np.round(n)):
         raise InvalidParameterError(f"{n_name} must be a whole number >= 0")
-    if np.any(~np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0) or np.any(k > n):
+    try:
+        bad_k = np.any(~np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0) or np.any(k > n)
+    except ValueError:  # shapes that do not broadcast
+        raise InvalidParameterError(f"{k_name} and {n_name} must have matching shapes, got {k.shape} and {n.shape}") from None
+    if bad_k:
         raise InvalidParameterError(f"{k_name} must be a whole number between 0 and {n_name}")
     return k, n
 
@@ -127,9 +142,10 @@ def radius(p_lower, sigma: float):
     >>> radius(0.4, 0.25)
     0.0
     """
-    p_lower = np.asarray(p_lower, dtype=float)
+    sigma = check_positive("sigma", sigma)
+    p_lower = _as_floats(p_lower, "p_lower")
     with np.errstate(invalid="ignore"):
-        r = np.where(p_lower > 0.5, sigma * _st.norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
+        r = np.where(p_lower > 0.5, sigma * ndtri(np.clip(p_lower, 0.5, 1.0)), 0.0)
     return _scalar_or_array(r)
 
 
@@ -141,7 +157,8 @@ def p_threshold(target_radius, sigma: float):
     >>> round(float(p_threshold(0.25, 0.25)), 4)
     0.8413
     """
-    return _scalar_or_array(_st.norm.cdf(np.asarray(target_radius, dtype=float) / sigma))
+    sigma = check_positive("sigma", sigma)
+    return _scalar_or_array(ndtr(_as_floats(target_radius, "target_radius") / sigma))
 
 
 def max_radius(n: int, alpha: float, sigma: float) -> float:
@@ -174,11 +191,13 @@ def cohen_certify(counts_select, counts, alpha: float, sigma: float):
     >>> int(prediction[0]), round(float(r[0]), 3)
     (1, 0.495)
     """
-    counts_select = np.atleast_2d(np.asarray(counts_select))
-    counts = np.atleast_2d(np.asarray(counts))
-    if counts_select.shape != counts.shape:
+    counts_select = np.atleast_2d(_as_floats(counts_select, "counts_select"))
+    counts = np.atleast_2d(_as_floats(counts, "counts"))
+    if counts_select.ndim != 2 or counts_select.shape != counts.shape or not counts.shape[1]:
         raise InvalidParameterError(f"selection and estimation counts must have the same shape, got "
                                     f"{counts_select.shape} and {counts.shape}")
+    _check_counts(counts_select, counts_select.sum(axis=1, keepdims=True), "counts_select", "n0")
+    _check_counts(counts, counts.sum(axis=1, keepdims=True), "counts", "n")
     top = counts_select.argmax(axis=1)
     n = counts.sum(axis=1)
     k = counts[np.arange(len(top)), top]
@@ -198,10 +217,12 @@ def predict_test(count_top: int, count_second: int, alpha: float) -> bool:
     >>> predict_test(62, 38, 0.05), predict_test(60, 40, 0.05)
     (True, False)
     """
-    total = int(count_top) + int(count_second)
-    if total == 0:
+    alpha = _check_alpha(alpha)
+    top = check_count("count_top", count_top, minimum=0)
+    second = check_count("count_second", count_second, minimum=0)
+    if top + second == 0:
         return False
-    return bool(_st.binomtest(int(count_top), total, 0.5).pvalue <= alpha)
+    return bool(_st.binomtest(top, top + second, 0.5).pvalue <= alpha)
 
 
 # --------------------------------------------------------------------------- anytime-valid (E-process)
@@ -226,12 +247,12 @@ def _log_martingale_minus_level(q, s, t, log_marginal, log_level):
 
 
 def _validate_prior(a, b, weights):
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
+    a = _as_floats(a, "prior a")
+    b = _as_floats(b, "prior b")
     if np.any(~np.isfinite(a)) or np.any(a <= 0) or np.any(~np.isfinite(b)) or np.any(b <= 0):
         raise InvalidParameterError("prior parameters a and b must be finite and > 0, e.g. a=b=0.5 (KT)")
     if weights is not None:
-        weights = np.asarray(weights, dtype=float)
+        weights = _as_floats(weights, "mixture weights")
         if np.any(weights < 0) or np.any(~np.isfinite(weights)) or np.any(weights.sum(axis=-1) <= 0):
             raise InvalidParameterError("mixture weights must be finite, >= 0 and not all 0")
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -344,11 +365,9 @@ def surrogate_prior(p_tilde, kappa: float, w: float):
     >>> a.round(6).tolist(), b.round(6).tolist(), weights.tolist()
     ([[0.5, 80.0]], [[0.5, 20.0]], [[0.2, 0.8]])
     """
-    kappa = float(kappa)
-    if not (0 < kappa < float("inf")):
-        raise InvalidParameterError(f"prior concentration kappa must be a finite number > 0, got {kappa}")
+    kappa = check_positive("prior concentration kappa", kappa)
     w = check_prior_weight(w)
-    p = np.asarray(p_tilde, dtype=float)
+    p = _as_floats(p_tilde, "p_tilde")
     if np.any(~np.isfinite(p)):
         raise InvalidParameterError("surrogate probabilities p_tilde must be finite")
     # Clipping keeps both Beta parameters > 0; the prior only moves power, never validity.
@@ -375,7 +394,11 @@ def prior_log_evidence(counts_top, n, p_tilde, kappa: float, w: float) -> float:
     True
     """
     a, b, weights = surrogate_prior(p_tilde, kappa, w)
-    k = np.asarray(counts_top, dtype=float)[:, None]
+    k, n_arr = _check_counts(counts_top, n, "counts_top", "n")
+    if k.ndim != 1 or a.shape[0] != k.shape[0]:
+        raise InvalidParameterError(f"counts_top and p_tilde must have one entry per input, got {k.shape} and "
+                                    f"{np.shape(p_tilde)}")
+    k = k[:, None]
     logpmf = _st.betabinom.logpmf(k, np.asarray(n)[..., None] if np.ndim(n) else n, a, b)
     return float(np.sum(logsumexp(logpmf + np.log(weights), axis=1)))
 
@@ -398,8 +421,9 @@ def surrogate_radius(p_tilde, sigma: float, radius_cap: float = np.inf):
     >>> round(float(surrogate_radius(0.99, 0.25)), 4), float(surrogate_radius(0.99, 0.25, 0.5))
     (0.5816, 0.5)
     """
-    p = np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP)
-    return _scalar_or_array(np.minimum(sigma * _st.norm.ppf(p), radius_cap))
+    sigma = check_positive("sigma", sigma)
+    p = np.clip(_as_floats(p_tilde, "p_tilde"), P_CLIP, 1 - P_CLIP)
+    return _scalar_or_array(np.minimum(sigma * ndtri(p), radius_cap))
 
 
 def reference_radius(counts_top, n_cal, alpha_mc: float, sigma: float):
@@ -456,10 +480,10 @@ def confidence_bin(p_tilde, edges):
     >>> confidence_bin([0.6, 0.9, 0.99, 0.9999], [1.0, 2.0, 3.0]).tolist()
     [0, 1, 2, 3]
     """
-    edges = np.asarray(edges, dtype=float)
+    edges = _as_floats(edges, "bin edges")
     if edges.ndim != 1 or np.any(~np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
         raise InvalidParameterError(f"bin edges must be finite and strictly increasing, got {edges.tolist()}")
-    z = _st.norm.ppf(np.clip(np.asarray(p_tilde, dtype=float), P_CLIP, 1 - P_CLIP))
+    z = ndtri(np.clip(_as_floats(p_tilde, "p_tilde"), P_CLIP, 1 - P_CLIP))
     return np.digitize(z, edges)
 
 
@@ -476,6 +500,7 @@ def conformal_rank(m: int, epsilon: float) -> int:
     (90, 6)
     """
     check_probability("epsilon", epsilon)
+    m = check_count("m", m, minimum=0)
     return int(math.ceil((m + 1) * (1 - epsilon) - 1e-12))
 
 
@@ -504,6 +529,9 @@ def pac_conformal_rank(m: int, epsilon: float, delta: float) -> int:
     >>> pac_conformal_rank(1000, 0.1, 0.01)
     922
     """
+    m = check_count("m", m, minimum=0)
+    epsilon = check_probability("epsilon", epsilon)
+    delta = check_probability("delta", delta)
     ks = np.arange(1, m + 1)
     ok = _st.beta.cdf(1 - epsilon, ks, m + 1 - ks) <= delta
     return int(ks[np.argmax(ok)]) if np.any(ok) else m + 1
@@ -517,8 +545,10 @@ def min_calibration_size(epsilon: float, delta: float | None = None) -> int:
     >>> min_calibration_size(0.01), min_calibration_size(0.01, 0.05)
     (99, 299)
     """
+    epsilon = check_probability("epsilon", epsilon)
     if delta is None:
         return int(math.ceil(1 / epsilon - 1 - 1e-12))
+    delta = check_probability("delta", delta)
     # The largest rank, m, has coverage Beta(m, 1): CDF(1 - eps) = (1 - eps)^m <= delta.
     return int(math.ceil(math.log(delta) / math.log1p(-epsilon) - 1e-12))
 
@@ -536,4 +566,9 @@ def binomial_allowance(num: int, rate: float, level: float = 0.999) -> int:
     >>> binomial_allowance(1000, 0.001), binomial_allowance(1000, 0.011)
     (5, 22)
     """
-    return int(_st.binom.ppf(level, int(num), float(rate))) if num else 0
+    num = check_count("num", num, minimum=0)
+    rate = _as_floats(rate, "rate")
+    if rate.ndim or not 0.0 <= float(rate) <= 1.0:
+        raise InvalidParameterError(f"rate must be a probability in [0, 1], got {rate}")
+    level = check_probability("level", level)
+    return int(_st.binom.ppf(level, num, float(rate))) if num else 0

@@ -246,7 +246,7 @@ class Surrogate:
         return check_images(x, self.input_shape)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Raw scores ``s(x)`` (``N x K``, float64, on the CPU), in batches of ``batch_size``.
 
         The network runs in float32 on ``device``; its scores are returned as float64.
@@ -255,6 +255,9 @@ class Surrogate:
         ----------
         x : torch.Tensor
             ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+        validate : bool, optional
+            Check ``x`` (``check_images``); pass False only for a batch already checked (the
+            certifiers check once per call).
 
         Returns
         -------
@@ -266,19 +269,28 @@ class Surrogate:
         InvalidInputError
             If ``x`` is not a valid image batch of ``input_shape``.
         """
-        x = self._check(x)
-        self.model.eval()
+        if validate:
+            x = self._check(x)
+        if self.model.training:  # fit() leaves eval mode on; someone else may not have
+            self.model.eval()
+        num = x.shape[0]
+        if num <= self.batch_size:  # the serving case: one pass, no list, no concatenation
+            if not num:
+                return torch.empty((0, self.num_classes), dtype=torch.float64)
+            return self.model(x.to(self.device, dtype=torch.float32)).double().cpu()
         out = [self.model(x[lo:lo + self.batch_size].to(self.device, dtype=torch.float32)).double().cpu()
-               for lo in range(0, x.shape[0], self.batch_size)]
-        return torch.cat(out) if out else torch.empty((0, self.num_classes), dtype=torch.float64)
+               for lo in range(0, num, self.batch_size)]
+        return torch.cat(out)
 
-    def predict_proba(self, x: torch.Tensor) -> np.ndarray:
+    def predict_proba(self, x: torch.Tensor, *, validate: bool = True) -> np.ndarray:
         """``softmax(s(x))``: ``N x K`` float64 (computed in float64, so ``p~`` near 1 is resolved).
 
         Parameters
         ----------
         x : torch.Tensor
             ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+        validate : bool, optional
+            Check ``x`` first (see ``logits``).
 
         Returns
         -------
@@ -290,15 +302,17 @@ class Surrogate:
         InvalidInputError
             If ``x`` is not a valid image batch of ``input_shape``.
         """
-        return torch.softmax(self.logits(x), dim=1).numpy()
+        return torch.softmax(self.logits(x, validate=validate), dim=1).numpy()
 
-    def predict(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: torch.Tensor, *, validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``(A, p~)``: the surrogate's class and its probability, per input.
 
         Parameters
         ----------
         x : torch.Tensor
             ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+        validate : bool, optional
+            Check ``x`` first (see ``logits``).
 
         Returns
         -------
@@ -312,7 +326,7 @@ class Surrogate:
         InvalidInputError
             If ``x`` is not a valid image batch of ``input_shape``.
         """
-        proba = self.predict_proba(x)
+        proba = self.predict_proba(x, validate=validate)
         classes = proba.argmax(axis=1)
         return classes.astype(np.int64), proba[np.arange(len(classes)), classes]
 
@@ -371,14 +385,16 @@ class Surrogate:
         InvalidParameterError
             If ``holdout`` or ``epochs`` is out of range.
         """
-        x = self._check(x)
+        x = self._check(x).to(dtype=torch.float32)  # the network's weights are float32, whatever the images
         counts = np.asarray(counts)
         if counts.ndim != 2 or counts.shape != (x.shape[0], self.num_classes):
             raise InvalidInputError(
                 f"counts must be N x K = {x.shape[0]} x {self.num_classes}, got shape {counts.shape}"
             )
+        if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+            raise InvalidInputError(f"counts must be numbers, got dtype {counts.dtype}")
         totals = counts.sum(axis=1, keepdims=True)
-        if np.any(counts < 0) or np.any(totals <= 0):
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(totals <= 0):
             raise InvalidInputError("counts must be >= 0 with at least one sample per row")
         if not 0 <= holdout < 1:
             raise InvalidParameterError(f"holdout must be a share in [0, 1), got {holdout}")
@@ -500,16 +516,18 @@ class Surrogate:
             self._fingerprint, self._fingerprint_key = weights_digest(key[0], state), key
         return self._fingerprint
 
-    def save(self, path: str | os.PathLike) -> str:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> str:
         """Write a weights-only checkpoint (kind ``surrogate``) with ``meta`` plus sigma, kappa, w.
 
         The metadata also records the package version and ``fingerprint()``; ``file_sha256`` is set to
-        the SHA-256 of the written file.
+        the SHA-256 of the written file. Written atomically (``save_checkpoint``).
 
         Parameters
         ----------
         path : str or os.PathLike
             Checkpoint file to write.
+        overwrite : bool, optional
+            Replace an existing file (default); if false, ``OutputExistsError`` and the file is kept.
 
         Returns
         -------
@@ -524,7 +542,7 @@ class Surrogate:
         meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
                 "package_version": __version__, "fingerprint": self.fingerprint()}
         save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
-                        num_classes=self.num_classes, kind="surrogate", meta=meta)
+                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite)
         self.file_sha256 = sha256_file(path)
         return os.fspath(path)
 
@@ -547,21 +565,21 @@ class Surrogate:
         Raises
         ------
         ModelError
-            If the file is missing or not a loadable surrogate-cert checkpoint, is of another kind, or
-            lacks sigma, kappa or w in its metadata.
+            If the file is missing, not a loadable surrogate-cert checkpoint (text, JSON, HDF5, ...), is
+            of another kind (a base model), or lacks sigma, kappa or w in its metadata.
         InvalidParameterError
             If the stored sigma, kappa or w is out of range.
         """
-        model, header = load_checkpoint(path)
-        if header.get("kind") != "surrogate":
-            raise ModelError(f"{path} is a {header.get('kind')} model, not a surrogate; "
-                             "train one with `surrogate-cert train --counts train.h5 --out surrogate.pt`")
+        model, header = load_checkpoint(path, kind="surrogate")
         meta = dict(header["meta"])
         for key in ("sigma", "kappa", "w"):
             if key not in meta:
                 raise ModelError(f"{path} lacks {key} in its metadata; retrain it with `surrogate-cert train`")
-        surrogate = cls(model, arch=header["arch"], input_shape=header["input_shape"],
-                        num_classes=header["num_classes"], sigma=meta["sigma"], kappa=meta["kappa"],
-                        w=meta["w"], meta=meta, device=device)
+        try:
+            surrogate = cls(model, arch=header["arch"], input_shape=header["input_shape"],
+                            num_classes=header["num_classes"], sigma=meta["sigma"], kappa=meta["kappa"],
+                            w=meta["w"], meta=meta, device=device)
+        except InvalidParameterError as exc:
+            raise ModelError(f"{path}: {exc}; the file is damaged, retrain it") from None
         surrogate.file_sha256 = sha256_file(path)
         return surrogate

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from calibration.artifact import Calibration, load_calibration
-from data_gen.models import load_model
+from data_gen.models import check_model_fits, load_model
 
 from ..core import stats
 from ..core.certificate import Certificate
@@ -101,6 +101,9 @@ class HybridCertifier:
         device: str | torch.device | None = None,
         batch_size: int = 1000,
         seed: int = 0,
+        key: bytes | str | None = None,
+        key_file: str | os.PathLike | None = None,
+        threads: int | str | None = "auto",
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -114,7 +117,9 @@ class HybridCertifier:
         surrogate : Surrogate or path
             The surrogate, or its checkpoint file.
         calibration : Calibration or path
-            Its calibration, or its calibration.json; refused if made for another surrogate.
+            Its calibration, or its calibration.json; refused if made for another surrogate, changed,
+            inconsistent, or (with a signing key configured) unsigned or signed with another key. A
+            ``Calibration`` object is used as given (its signature was checked when it was read).
         base_model : torch.nn.Module or str, optional
             The base model (a spec is loaded and, when both hashes are known, checked against the
             surrogate's ``base_model_sha256``; a module is used as given). Required for
@@ -135,6 +140,14 @@ class HybridCertifier:
             Noisy samples per base-model forward pass.
         seed : int, optional
             Seed of the fallback's noise streams.
+        key : bytes or str, optional
+            Signing key the calibration file must be signed with; default ``key_file``, else the
+            environment (``SURROGATE_CERT_KEY_FILE`` / ``SURROGATE_CERT_KEY``), else none.
+        key_file : str or os.PathLike, optional
+            File holding the signing key.
+        threads : int, "auto" or None, optional
+            Intra-op threads of the surrogate's forward pass (``SurrogateCertifier``); default
+            ``"auto"``: one thread for small batches.
 
         Returns
         -------
@@ -146,10 +159,12 @@ class HybridCertifier:
             If ``fallback``, ``alpha``, ``max_samples``, ``tolerance`` or ``schedule`` is invalid, or
             ``fallback="eprocess"`` comes without ``base_model``.
         ModelError
-            If the surrogate or the base model cannot be loaded, or the base model is not the one the
-            surrogate's training counts were made with.
+            If the surrogate or the base model cannot be loaded, the base model is not the one the
+            surrogate's training counts were made with, or it fails on the surrogate's input shape or
+            returns another number of classes.
         CalibrationError
-            If the calibration file cannot be read, was modified, or belongs to another surrogate.
+            If the calibration file cannot be read, was modified, contradicts itself, belongs to another
+            surrogate, or is not signed with the configured key (``SignatureError``).
         InvalidInputError
             If CUDA is requested but unavailable.
         """
@@ -160,7 +175,7 @@ class HybridCertifier:
         if not isinstance(surrogate, Surrogate):
             surrogate = Surrogate.load(surrogate, device=device)
         if not isinstance(calibration, Calibration):
-            calibration = load_calibration(calibration)
+            calibration = load_calibration(calibration, key=key, key_file=key_file)
         # SurrogateCertifier checks that the calibration belongs to this surrogate (one hash).
         sequential = None
         if fallback == "eprocess":
@@ -169,15 +184,19 @@ class HybridCertifier:
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
                                         batch_size=batch_size, seed=seed)
+            # One clean pass now: a model of another input shape or width fails here, not mid-certification.
+            name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
+            check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
             sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
                                            schedule=schedule)
-        return cls(SurrogateCertifier(surrogate, calibration), sequential)
+        return cls(SurrogateCertifier(surrogate, calibration, threads=threads), sequential)
 
     @staticmethod
     def _base_model(base_model, surrogate, device) -> torch.nn.Module:
         if isinstance(base_model, torch.nn.Module):
             return base_model
-        loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes)
+        loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes,
+                            input_shape=surrogate.input_shape)
         expected = surrogate.meta.get("base_model_sha256")
         if expected and loaded.sha256 and loaded.sha256 != expected:
             raise ModelError(
@@ -230,13 +249,15 @@ class HybridCertifier:
         num = x.shape[0]
         required = _required_radii(required_radius, num)
         idx = noise_indices(indices, num)
-        classes, p_tilde, radius = self.surrogate_certifier.radii(x)
+        classes, p_tilde, radius = self.surrogate_certifier.radii(x, validate=False)
+        p_lower = self.surrogate_certifier.p_lower(radius)
         per_input = (time.perf_counter() - started) / max(num, 1)
         make = self.surrogate_certifier.certificate
         with np.errstate(invalid="ignore"):
             enough = (radius > 0) & (np.isnan(required) | (radius >= required))
-        out: list[Certificate | None] = [make(int(c), float(r), per_input) if ok else None
-                                         for c, r, ok in zip(classes, radius, enough)]
+        out: list[Certificate | None] = [make(c, r, per_input, p_lower=p) if ok else None
+                                         for c, r, p, ok in zip(classes.tolist(), radius.tolist(), p_lower.tolist(),
+                                                                enough.tolist())]
         rest = np.flatnonzero(~enough)
         if rest.size and self.sequential is not None:
             prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)

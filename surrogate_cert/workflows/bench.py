@@ -49,6 +49,7 @@ from ..core import stats
 from ..core.certificate import Certificate, write_tsv
 from ..core.cohen import CohenCertifier
 from ..core.errors import InvalidParameterError
+from ..core.files import check_outputs, write_text_atomic
 from ..core.groundtruth import linear_problem
 from ..core.one_pass import SurrogateCertifier
 from ..core.sequential import EProcessCertifier
@@ -395,6 +396,7 @@ def run_bench(
     progress: bool = True,
     quiet: bool = False,
     command: str | None = None,
+    overwrite: bool = True,
 ) -> dict:
     """Run the configured methods on the same test images and on the linear problem; write ``out``.
 
@@ -418,6 +420,9 @@ def run_bench(
         Print nothing.
     command : str, optional
         The command line recorded in the results' provenance.
+    overwrite : bool, optional
+        Replace an existing ``out`` (default); if false it is refused before any work
+        (``OutputExistsError``). The files under ``workdir`` are the bench's own and always replaced.
 
     Returns
     -------
@@ -441,8 +446,8 @@ def run_bench(
     if unknown:
         raise InvalidParameterError(f"unknown bench methods {unknown}; choose from {sorted(METHOD_LABELS)}")
     workdir = Path(workdir if workdir is not None else default_workdir(config.offline))
-    if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise InvalidParameterError(f"output folder of {out} does not exist; create it first or choose another --out")
+    if out is not None:
+        check_outputs([out], overwrite=overwrite)
     started = time.perf_counter()
     ctx = prepare(cfg, workdir, progress=progress, quiet=quiet, command=command or "run_bench()")
     offline_seconds = time.perf_counter() - started
@@ -492,10 +497,7 @@ def run_bench(
     )
     content["markdown"] = markdown_table(content)
     if out is not None:
-        tmp = f"{out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(_finite(content), fh, indent=2, allow_nan=False)
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(_finite(content), indent=2, allow_nan=False), overwrite=overwrite)
     ctx.pipeline.say("\n" + content["markdown"] + f"\n\nJSON: {out}; per-method TSVs and report: {bench_dir}")
     return content
 

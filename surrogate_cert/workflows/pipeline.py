@@ -45,7 +45,8 @@ from data_gen.store import ResumeMismatchError, read_attrs, read_counts
 from ..core import __version__
 from ..core.certificate import Certificate, write_tsv
 from ..core.cohen import certificates_from_counts
-from ..core.errors import InvalidParameterError, StoreError
+from ..core.errors import InvalidParameterError, OutputExistsError, StoreError
+from ..core.files import write_text_atomic
 from ..core.hashing import sha256_file
 from ..core.smoothing import resolve_device
 from ..deploy.hybrid import HybridCertifier
@@ -136,9 +137,7 @@ class _Manifest:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str))
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -154,14 +153,25 @@ class Pipeline:
     ``offline()`` makes base.pt, train.h5, cal.h5, surrogate.pt and calibration.json (what a
     deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
     Cohen results and the reports.
+
+    The folder is the pipeline's own: a folder that already holds files is refused unless ``resume``
+    (continue it: finished stages are reused, an interrupted counts file resumes) or ``overwrite``
+    (redo every stage, replacing what is there).
     """
 
     FILES = ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
              "calibration-report.html", "hybrid.tsv", "report.html")
 
     def __init__(self, out: str | os.PathLike, config: QuickstartConfig = FULL, *, progress: bool = True,
-                 quiet: bool = False, command: str | None = None, total_stages: int = 9):
+                 quiet: bool = False, command: str | None = None, total_stages: int = 9, resume: bool = True,
+                 overwrite: bool = False):
         self.folder = Path(out)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InvalidParameterError(f"--out {self.folder} is a file; give a folder for the quickstart's outputs")
+        if not (resume or overwrite) and self.folder.is_dir() and any(self.folder.iterdir()):
+            raise OutputExistsError(f"{self.folder} already holds files; pass --resume to continue the pipeline there "
+                                    "(finished stages are reused), --overwrite to redo every stage, or choose another --out")
+        self.overwrite = overwrite
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -175,6 +185,8 @@ class Pipeline:
         self.command = command or "surrogate_cert.pipeline.quickstart()"
         self.total_stages = total_stages
         self.manifest = _Manifest(self.folder)
+        if overwrite:
+            self.manifest.data["stages"] = {}  # nothing is reused
         self.manifest.data["config"] = dataclasses.asdict(config)
         self.paths = {name: self.folder / name for name in self.FILES}
         # the report labels each curve by its file name
@@ -244,7 +256,7 @@ class Pipeline:
         key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(self.paths["base.pt"]))
         self.stage(f"datagen {split}", key, [target],
                    lambda: _run_datagen(cfg, split, n, n0, limit, target, self.paths["base.pt"], self.progress,
-                                        self.command),
+                                        self.command, fresh=self.overwrite),
                    f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
                    + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
 
@@ -290,6 +302,8 @@ def quickstart(
     progress: bool = True,
     quiet: bool = False,
     command: str | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run (or resume) every stage into folder ``out``; returns the summary (also in quickstart.json).
 
@@ -310,6 +324,11 @@ def quickstart(
         Print nothing.
     command : str, optional
         The command line recorded in the outputs' provenance.
+    resume : bool, optional
+        Continue a folder that already holds files (default, the Python API's behaviour; the command
+        line asks for ``--resume``): finished stages are reused.
+    overwrite : bool, optional
+        Redo every stage, replacing the folder's outputs.
 
     Returns
     -------
@@ -321,11 +340,13 @@ def quickstart(
     ------
     InvalidParameterError
         If ``out`` cannot be created or written.
+    OutputExistsError
+        If ``out`` already holds files and neither ``resume`` nor ``overwrite`` is set.
     SurrogateCertError
         Any typed error of a stage (``DatasetError``, ``ModelError``, ``StoreError``,
         ``CalibrationError``, ...).
     """
-    run = Pipeline(out, config, progress=progress, quiet=quiet, command=command)
+    run = Pipeline(out, config, progress=progress, quiet=quiet, command=command, resume=resume, overwrite=overwrite)
     run.offline()
     run.counts("test", config.test_n, config.test_n0, config.test_limit)
     run.certify_hybrid()
@@ -341,24 +362,25 @@ def quickstart(
 
 
 def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, target: Path, base: Path,
-                 progress: bool, command: str) -> dict:
-    """Counts for one split; an interrupted file of the same settings is resumed, any other replaced."""
+                 progress: bool, command: str, fresh: bool = False) -> dict:
+    """Counts for one split; an interrupted file of the same settings is resumed (unless ``fresh``), any
+    other replaced."""
     kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
                   data_root=cfg.data_root, progress=progress, command=command)
-    resume = target.exists()
+    resume = target.exists() and not fresh
     if resume:
         try:
             read_attrs(target)
         except StoreError:
-            target.unlink()  # not a counts file at all (e.g. a crash before the first commit)
-            resume = False
+            resume = False  # not a sound counts file (e.g. a crash before the first commit): start again
     try:
-        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, **kwargs)
+        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, overwrite=True,
+                        **kwargs)
     except ResumeMismatchError:
         # Made with other settings or another base model: start again. Any other store error (a
-        # second writer holding the lock, an unwritable folder) propagates and nothing is deleted.
-        target.unlink()
-        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, **kwargs)
+        # second writer holding the lock, an unwritable folder) propagates and nothing is replaced.
+        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, overwrite=True,
+                        **kwargs)
     attrs = read_attrs(target)
     return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
 

@@ -19,8 +19,9 @@ from calibration.figures import figures as draw_figures
 from calibration.summary import build_report, tables
 
 from ..core.errors import InvalidParameterError
+from ..core.files import commit_outputs
 
-__all__ = ["write_report", "write_calibration_report", "render_html", "render_markdown", "NOTES"]
+__all__ = ["write_report", "write_calibration_report", "report_paths", "render_html", "render_markdown", "NOTES"]
 
 NOTES = {
     "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
@@ -145,25 +146,47 @@ def _jsonable(value):
     return value
 
 
-def _write_all(report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "") -> dict[str, str]:
+def report_paths(out: str | os.PathLike, beside: str = "") -> dict[str, str]:
+    """The three files of a report written to ``out``: ``html`` (``out``), ``md`` and ``json`` beside it.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        The HTML file; must end in ``.html``.
+    beside : str, optional
+        Inserted before the ``.md`` / ``.json`` suffixes (``".report"`` for the calibration report).
+
+    Returns
+    -------
+    dict of str to str
+        Keyed ``html``, ``md`` and ``json``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``out`` does not end in ``.html``.
+    """
     out = Path(out)
-    if not out.parent.is_dir():
-        raise InvalidParameterError(f"output folder {out.parent} does not exist; create it first or choose another --out")
     if out.suffix.lower() not in (".html", ".htm"):
         raise InvalidParameterError(f"--out {out} must end in .html (the .md and .json are written beside it)")
     stem = out.with_suffix("")
-    paths = dict(html=str(out), md=f"{stem}{beside}.md", json=f"{stem}{beside}.json")
+    return dict(html=str(out), md=f"{stem}{beside}.md", json=f"{stem}{beside}.json")
+
+
+def _write_all(report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "",
+               overwrite: bool = True) -> dict[str, str]:
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InvalidParameterError(f"output folder {out.parent} does not exist; create it first or choose another --out")
+    paths = report_paths(out, beside)
     taken = {os.path.realpath(p) for p in inputs if p is not None}
     clash = [p for p in paths.values() if os.path.realpath(p) in taken]
     if clash:
         raise InvalidParameterError(f"writing the report would overwrite its input {clash[0]}; choose another --out")
     contents = dict(html=render_html(report, draw_figures(report), title), md=render_markdown(report, title),
                     json=json.dumps(_jsonable(report), indent=2, allow_nan=False))
-    for key, path in paths.items():
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(contents[key])
-        os.replace(tmp, path)
+    # One output: the HTML (named by --out) is renamed into place last.
+    commit_outputs({paths[k]: contents[k] for k in ("json", "md", "html")}, overwrite=overwrite)
     return paths
 
 
@@ -177,6 +200,9 @@ def write_report(
     baseline: str | None = None,
     title: str = "surrogate-cert report",
     data_root: str | None = None,
+    *,
+    key: bytes | None = None,
+    overwrite: bool = True,
 ) -> dict[str, str]:
     """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
 
@@ -204,6 +230,11 @@ def write_report(
         Title of the report.
     data_root : str, optional
         Folder of the torchvision datasets.
+    key : bytes, optional
+        Signing key the calibration must be signed with (default: the environment's, if any).
+    overwrite : bool, optional
+        Replace existing report files (default); if false, ``OutputExistsError`` when any of the
+        three exists, and nothing is written.
 
     Returns
     -------
@@ -225,8 +256,8 @@ def write_report(
         raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
     if counts is not None and calibration is None:
         raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
-    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root)
-    return _write_all(report, out, title, [*results, calibration, counts, surrogate])
+    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key)
+    return _write_all(report, out, title, [*results, calibration, counts, surrogate], overwrite=overwrite)
 
 
 def write_calibration_report(
@@ -235,6 +266,9 @@ def write_calibration_report(
     counts: str | os.PathLike | None = None,
     surrogate: str | os.PathLike | None = None,
     data_root: str | None = None,
+    *,
+    key: bytes | None = None,
+    overwrite: bool = True,
 ) -> dict[str, str]:
     """The calibration section alone (``surrogate-cert calibrate --report``); returns the paths written.
 
@@ -253,6 +287,10 @@ def write_calibration_report(
         The surrogate checkpoint, for the calibration check (with ``counts``).
     data_root : str, optional
         Folder of the torchvision datasets.
+    key : bytes, optional
+        Signing key the calibration must be signed with (default: the environment's, if any).
+    overwrite : bool, optional
+        Replace existing report files (default).
 
     Returns
     -------
@@ -269,6 +307,6 @@ def write_calibration_report(
     """
     if (counts is None) != (surrogate is None):
         raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")
-    report = build_report([], calibration_path, counts, surrogate, data_root=data_root)
+    report = build_report([], calibration_path, counts, surrogate, data_root=data_root, key=key)
     return _write_all(report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate],
-                      beside=".report")
+                      beside=".report", overwrite=overwrite)

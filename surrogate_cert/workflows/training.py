@@ -11,10 +11,11 @@ import time
 
 import torch
 
-from data_gen.store import read_counts
+from data_gen.store import CountsMismatchError, check_counts_for, index_ranges, read_counts
 
 from ..core.architectures import load_checkpoint
-from ..core.errors import InvalidInputError, InvalidParameterError
+from ..core.errors import InvalidInputError, InvalidParameterError, ModelError
+from ..core.files import check_outputs
 from ..core.hashing import sha256_file
 from ..core.surrogate import Surrogate
 
@@ -35,6 +36,7 @@ def train_surrogate(
     lr: float = 2e-3,
     holdout: float = 0.1,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> Surrogate:
     """Train a surrogate on a ``train`` counts file and save it to ``out``; returns it.
 
@@ -69,17 +71,24 @@ def train_surrogate(
         Share of the rows kept out for early stopping and prior tuning, in [0, 1).
     progress : bool, optional
         Show a progress bar.
+    overwrite : bool, optional
+        Replace an existing ``out`` (default); if false, an existing ``out`` is refused before
+        training (``OutputExistsError``) and kept.
 
     Returns
     -------
     Surrogate
         The trained surrogate; its ``meta`` records the counts file, base model, training and
-        prior-tuning provenance.
+        prior-tuning provenance, and the dataset indices of every image it was trained on
+        (``train_index_ranges``, as ``data_gen.store.index_ranges``), which ``calibrate`` keeps out
+        of the calibration.
 
     Raises
     ------
     InvalidInputError
         If the counts file is incomplete or has fewer than 2 rows.
+    OutputExistsError
+        If ``out`` exists and ``overwrite`` is false.
     InvalidParameterError
         If ``arch`` contradicts the base model's, or a training option is out of range.
     StoreError
@@ -87,16 +96,18 @@ def train_surrogate(
     DatasetError
         If the images it names cannot be loaded.
     ModelError
-        If the base checkpoint cannot be loaded or ``out`` cannot be written.
+        If the base checkpoint cannot be loaded, is not a base model, does not fit the counts' images
+        and classes, or ``out`` cannot be written.
     """
     started = time.perf_counter()
+    if not overwrite:
+        check_outputs([out], overwrite=False)
     counts_file = read_counts(counts_path)
     attrs = counts_file.attrs
-    if not attrs.get("complete", True):
-        raise InvalidInputError(
-            f"{counts_path} is incomplete ({len(counts_file)} rows committed); finish it with "
-            "`surrogate-cert datagen ... --resume` first"
-        )
+    try:
+        check_counts_for(counts_file, counts_path, complete=True)
+    except CountsMismatchError as exc:
+        raise InvalidInputError(str(exc)) from None
     if len(counts_file) < 2:
         raise InvalidInputError(f"{counts_path} holds {len(counts_file)} rows; a surrogate needs at least 2")
     images = counts_file.images(data_root)
@@ -104,7 +115,11 @@ def train_surrogate(
     num_classes = int(attrs["num_classes"])
     base = None
     if init_from_base is not None:
-        base_model, base_header = load_checkpoint(init_from_base)
+        base_model, base_header = load_checkpoint(init_from_base, kind="base")
+        if (tuple(base_header["input_shape"]) != input_shape or int(base_header["num_classes"]) != num_classes):
+            raise ModelError(f"--init-from-base {init_from_base} is a model for {tuple(base_header['input_shape'])} "
+                             f"images and {base_header['num_classes']} classes, but the counts are for {input_shape} and "
+                             f"{num_classes}; give the base model of this dataset")
         if arch is not None and arch != base_header["arch"]:
             raise InvalidParameterError(
                 f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
@@ -123,6 +138,7 @@ def train_surrogate(
         counts_sha256=sha256_file(counts_path),
         counts_n=int(attrs["n"]),
         counts_rows=len(counts_file),
+        train_index_ranges=index_ranges(counts_file.indices),
         base_model_sha256=attrs.get("model_sha256"),
         seed=int(seed),
         epochs_run=len(surrogate.history_),
@@ -134,5 +150,5 @@ def train_surrogate(
                           rows=int(len(tune_rows)), table=surrogate.prior_table_),
         seconds=time.perf_counter() - started,
     )
-    surrogate.save(out)
+    surrogate.save(out, overwrite=overwrite)
     return surrogate
