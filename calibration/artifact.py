@@ -41,6 +41,10 @@ Keys (stable; the HTML report reads them):
                          ``mean_reference_radius``, ``reference_positive_share``,
                          ``mapie_interval_coverage`` / ``mapie_interval_nominal`` (MAPIE's coverage
                          of its two-sided intervals, pooled), ``surrogate_agrees_with_counts``
+``monitor_reference``    optional: the surrogate's class ``predicted`` and probability ``p_tilde`` of
+                         every calibration image, in calibration order (``statistic`` names them):
+                         the reference sample of the drift monitor (``deploy.monitor``). Files
+                         written before it existed lack it; the monitor then asks to recalibrate.
 ``integrity_sha256``     SHA-256 of the canonical JSON of every other key (sorted, compact)
 ======================== =========================================================================
 """
@@ -103,6 +107,7 @@ class Calibration:
     package_version: str | None = None
     created: str | None = None
     diagnostics: dict = field(default_factory=dict)
+    monitor_reference: dict | None = None
 
     # ------------------------------------------------------------------ use
     @property
