@@ -1,7 +1,7 @@
 """Certificate records and the results TSV (Cohen et al.'s six columns first, then ours).
 
 A results file is two files: ``out.tsv``, whose first line is the header
-``idx label predict radius correct time method n_samples p_lower`` so that Cohen et al.'s analysis
+``idx label predict radius correct time method n_samples p_lower route`` so that Cohen et al.'s analysis
 code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
 provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
 """
@@ -20,7 +20,14 @@ from .errors import InvalidInputError
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 """The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
 
-TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower")
+TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower", "route")
+
+ROUTES = ("direct", "surrogate", "fallback", "required_radius", "drift_alarm", "audit_alarm")
+"""Why a certificate took its path (``Certificate.route``): ``direct`` (a certifier called by itself),
+or the hybrid's reason: ``surrogate`` (the one-pass radius sufficed, or no fallback), ``fallback`` (the
+one-pass radius was not positive), ``required_radius`` (it was below the required radius),
+``drift_alarm`` / ``audit_alarm`` (a deployment watcher had raised its alarm: the one-pass
+certificate was not trusted)."""
 
 META_SUFFIX = ".meta.json"
 """Provenance sidecar of a results file: ``<out>.meta.json``."""
@@ -45,6 +52,8 @@ class Certificate:
         surrogate).
     seconds : float
         Wall time attributed to this input.
+    route : str
+        Why it took its path (``ROUTES``); ``direct`` unless the hybrid routed it.
     """
 
     prediction: int
@@ -53,6 +62,7 @@ class Certificate:
     n_samples: int
     p_lower: float
     seconds: float
+    route: str = "direct"
 
     @property
     def abstained(self) -> bool:
@@ -120,8 +130,8 @@ def write_tsv(
 ) -> None:
     """Write results as TSV plus its provenance sidecar, each atomically (temporary file, rename).
 
-    Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
-    line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
+    Columns ``idx label predict radius correct time method n_samples p_lower route``, header on the
+    first line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
     the label. ``meta`` goes to ``meta_path(path)``.
 
     Parameters
@@ -151,7 +161,7 @@ def write_tsv(
     for idx, label, c in zip(indices, labels, certificates):
         correct = int(c.prediction == int(label))
         lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
-                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}")
+                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}\t{c.route}")
     _replace_atomically(path, "\n".join(lines) + "\n")
     _replace_atomically(meta_path(path), json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -160,7 +170,7 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     """Read a results TSV into typed rows (ours, Cohen et al.'s, or an older one with ``#`` lines).
 
     Columns beyond Cohen's six are optional: ``method`` defaults to ``cohen`` / ``abstain``,
-    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN.
+    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN, ``route`` to ``""`` (not recorded).
 
     Parameters
     ----------
@@ -172,7 +182,7 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     list of dict
         One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` (int),
         ``radius`` (input l2 units), ``time`` (seconds, from ours or from Cohen et al.'s
-        ``H:MM:SS.ffffff``), ``p_lower`` (float) and ``method`` (str).
+        ``H:MM:SS.ffffff``), ``p_lower`` (float), ``method`` and ``route`` (str).
 
     Raises
     ------
@@ -206,6 +216,7 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
                 method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
                 n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
                 p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
+                route=r.get("route") or "",
             ))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({exc}); regenerate the file") from None
