@@ -30,6 +30,8 @@ def register(sub) -> None:
                          help="base-model evaluations spent offline (for break-even queries)")
     offline.add_argument("--offline-counts", nargs="+", default=None, metavar="H5",
                          help="counts files made offline (train, cal): their rows x n are the offline evaluations")
+    p.add_argument("--monitor", default=None, metavar="JSON",
+                   help="a `surrogate-cert monitor` JSON: adds the deployment-monitor section")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="results file stem that savings are measured against (default: the costliest, e.g. cohen)")
     p.add_argument("--out", default="report.html", help="HTML output; .md and .json are written beside it")
@@ -45,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
         offline = offline_evaluations_from_counts(args.offline_counts)
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
-                         data_root=args.data_root)
+                         data_root=args.data_root, monitor=args.monitor)
     print(f"report: {paths['html']} (also {paths['md']}, {paths['json']})")
     return 0
