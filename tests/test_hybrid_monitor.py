@@ -79,7 +79,7 @@ def test_after_a_drift_alarm_every_query_goes_to_the_sequential_certifier(setup)
             assert c.route == "drift_alarm" and c.method in ("eprocess", "abstain") and c.n_samples > 0
     assert any(c.method == "surrogate" for c in certs[:at]) and any(radius[at:] > 0)
     later = hybrid.certify(normal.x[:5])
-    assert [c.route for c in later] == ["drift_alarm"] * 5 and monitor.queries == len(x)  # not fed after the alarm
+    assert [c.route for c in later] == ["drift_alarm"] * 5 and monitor.queries == len(x) + 5  # a full record
     hybrid.recalibrate(calibration)
     assert hybrid.alarm_reason is None and hybrid.monitor is not monitor and hybrid.monitor.queries == 0
     assert hybrid.monitor.delta == 0.01

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     for out in filter(None, (args.out, args.report)):
         if os.path.realpath(out) in inputs:
             raise InvalidParameterError(f"--out/--report {out} is one of the inputs; choose another file")
+    if args.report and not args.report.lower().endswith((".html", ".htm")):
+        raise InvalidParameterError(f"--report {args.report} must end in .html (the .md and .json are written beside it)")
     if args.n_audit is not None and args.audit_rate is None:
         raise InvalidParameterError("--n-audit needs --audit-rate")
     surrogate = Surrogate.load(args.surrogate, device=args.device)

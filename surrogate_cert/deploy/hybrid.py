@@ -242,15 +242,13 @@ class HybridCertifier:
             self.alarm_reason = "drift_alarm"
         if self.alarm_reason is None and self.audit is not None and self.audit.alarm:
             self.alarm_reason = "audit_alarm"
-        if self.alarm_reason is not None:
-            return 0, spent
-        cut = num
-        if self.monitor is not None:
+        cut = 0 if self.alarm_reason is not None else num
+        if self.monitor is not None:  # fed after an alarm too: its path stays a record of the whole stream
             before = self.monitor.queries
             self.monitor.update(classes, p_tilde)
-            if self.monitor.alarm:
+            if self.alarm_reason is None and self.monitor.alarm:
                 cut, self.alarm_reason = max(0, self.monitor.alarm_at - before), "drift_alarm"
-        if self.audit is not None and cut > 0:
+        if self.audit is not None and cut > 0:  # the audit checks one-pass certificates: none after an alarm
             before = self.audit.queries
             audited = self.audit.audit(x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut])
             spent[:cut][audited & (radius[:cut] > 0)] = self.audit.n_audit
