@@ -9,7 +9,8 @@ there on the first run), with the calibration reference of the calibration file:
   calibration reference only (no online update);
 - detection delay: the first 100 queries are test images in random order, from query 100 on they
   are shifted (pixels inverted, Gaussian blur, Gaussian noise of sigma 0.25 / 0.5, one class removed);
-  delay = alarm query - 100, over ``--shift-runs`` orders (``delta`` = 0.01);
+  delay = alarm query - 100, over ``--shift-runs`` orders (``delta`` = 0.01); digits has only 297
+  test images after the first 100, so its class removal is also run on 1400 draws with replacement;
 - soak (digits): ``--soak`` queries through the one-pass certifier with and without the monitor,
   timed in alternating chunks, and the resident memory before and after.
 
@@ -50,7 +51,7 @@ def shifts(x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
     size = 3 if x.shape[-1] <= 8 else 5
     return {
         "inverted": 1 - x,
-        "gaussian_blur_sigma1px": TF.gaussian_blur(x, [size, size], [1.0, 1.0]),
+        "gaussian_blur_sigma1px": TF.gaussian_blur(x, [size, size], [1.0, 1.0]).clamp(0, 1),
         "noise_sigma_0.25": (x + 0.25 * noise).clamp(0, 1),
         "noise_sigma_0.5": (x + 0.5 * noise).clamp(0, 1),
     }
@@ -88,7 +89,7 @@ def fixed_reference_max_log_martingale(reference, classes, p_tilde, num_classes,
 
 # --------------------------------------------------------------------------- one dataset
 
-def evaluate(name, surrogate, calibration, test, null_runs, shift_runs, max_after, seed=0) -> dict:
+def evaluate(name, surrogate, calibration, test, null_runs, shift_runs, max_after, seed=0, with_replacement=0) -> dict:
     started = time.perf_counter()
     reference = (calibration.monitor_reference["predicted"], calibration.monitor_reference["p_tilde"])
     k = calibration.num_classes
@@ -149,6 +150,24 @@ def evaluate(name, surrogate, calibration, test, null_runs, shift_runs, max_afte
             after = after[labels[after] != c][:max_after]
             return (base[0][before], base[1][before]), (base[0][after], base[1][after])
         per_class[str(c)] = delays_for(make, max(2, shift_runs // 2))
+    if with_replacement:
+        replaced = {}
+        for c in range(k):
+            keep = np.flatnonzero(labels != c)
+
+            def make(run, keep=keep):
+                draw = np.random.default_rng(run)
+                before, after = draw.integers(0, len(test), SHIFT_AT), keep[draw.integers(0, len(keep), with_replacement)]
+                return (base[0][before], base[1][before]), (base[0][after], base[1][after])
+            replaced[str(c)] = delays_for(make, max(2, shift_runs // 2))
+        shift_out["class_removed_with_replacement"] = dict(
+            per_class={c: {kk: v[kk] for kk in ("runs", "detected", "median_delay", "alarms_before_shift")}
+                       for c, v in replaced.items()},
+            detected=sum(v["detected"] for v in replaced.values()), runs=sum(v["runs"] for v in replaced.values()),
+            queries_after_shift=with_replacement,
+            note="test images drawn with replacement (before: all classes; after: the other classes), so that the "
+                 "stream is longer than the split; repeated images are themselves not exchangeable with the "
+                 "calibration images")
     runs_c = sum(v["runs"] for v in per_class.values())
     shift_out["class_removed"] = dict(
         per_class={c: {kk: v[kk] for kk in ("runs", "detected", "median_delay", "alarms_before_shift")}
@@ -183,11 +202,11 @@ def mnist_surrogate(folder, counts_dir, data_root, device="cpu"):
                               device=device)
         train = read_counts(os.path.join(counts_dir, "train_10k_n1000.h5"))
         t0 = time.perf_counter()
-        surrogate.fit(train.images(data_root).x, train.counts, epochs=8, seed=0)
+        surrogate.fit(train.images(data_root), train.counts, epochs=8, seed=0)
         notes["train_seconds"] = time.perf_counter() - t0
         torch.save(mlp.state_dict(), weights)
     cal = read_counts(os.path.join(counts_dir, "cal_5000_n10000.h5"))
-    calibration = calibrate_arrays(surrogate, cal.images(data_root).x, cal.counts, 0.01, 1e-3, dataset="mnist",
+    calibration = calibrate_arrays(surrogate, cal.images(data_root), cal.counts, 0.01, 1e-3, dataset="mnist",
                                    split="cal")
     notes.update(calibration_rows=int(len(cal.counts)), calibration_complete=bool(cal.attrs.get("complete", True)))
     return surrogate, calibration, notes
@@ -195,13 +214,19 @@ def mnist_surrogate(folder, counts_dir, data_root, device="cpu"):
 
 # --------------------------------------------------------------------------- soak
 
-def soak(surrogate, calibration, test, queries, chunk=1024, seed=0) -> dict:
+def soak(surrogate, calibration, test, queries, chunk=1000, seed=0) -> dict:
     """One-pass certifier alone vs with the monitor, on the same chunks, alternating; RSS before / after."""
     certifier = SurrogateCertifier(surrogate, calibration)
-    monitor = DriftMonitor.from_calibration(calibration, delta=0.01, seed=seed)
     rng = np.random.default_rng(seed)
-    certifier.certify(test.x[:chunk])  # warm-up
+    warm = DriftMonitor.from_calibration(calibration, delta=0.01, seed=seed + 1)
+    for _ in range(5):  # warm-up: the allocator's pools for every batch shape, on a throwaway monitor
+        x = test.x[torch.as_tensor(rng.integers(0, len(test), chunk))]
+        certifier.certify(x)
+        warm.update(*certifier.radii(x)[:2])
+    del warm
+    monitor = DriftMonitor.from_calibration(calibration, delta=0.01, seed=seed)
     rss_before = rss_mb()
+    rss_trace = []
     plain = watched = monitor_only = 0.0
     done = 0
     while done < queries:
@@ -219,11 +244,15 @@ def soak(surrogate, calibration, test, queries, chunk=1024, seed=0) -> dict:
         watched += t3 - t1
         monitor_only += t3 - t2
         done += n
+        if done % (10 * chunk) < chunk:
+            rss_trace.append((done, round(rss_mb(), 1)))
     rss_after = rss_mb()
+    own = sum(h.nbytes for h in monitor._history) + sum(a.nbytes for a in monitor._path)
     return dict(queries=queries, chunk=chunk, certifier_queries_per_second=queries / plain,
                 with_monitor_queries_per_second=queries / watched, ratio=plain / watched,
                 monitor_microseconds_per_query=1e6 * monitor_only / queries,
                 rss_before_mb=rss_before, rss_after_mb=rss_after, rss_growth_mb=rss_after - rss_before,
+                rss_trace_mb=rss_trace, monitor_arrays_mb=own / 2**20,
                 monitor_alarm=monitor.alarm, monitor_alarm_at=monitor.alarm_at,
                 note="queries drawn with replacement from the digits test split (repeated images are not "
                      "exchangeable with the calibration images, so an alarm here is not a false alarm)")
@@ -253,7 +282,7 @@ def main(argv=None) -> int:
         calibration = load_calibration(os.path.join(args.digits_dir, "calibration.json"), surrogate=surrogate)
         test = load_split("digits", "test")
         result["digits"] = evaluate("digits", surrogate, calibration, test, args.null_runs, args.shift_runs,
-                                    max_after=10**9)
+                                    max_after=10**9, with_replacement=1400)
         if args.soak:
             result["soak_digits"] = soak(surrogate, calibration, test, args.soak)
     if args.mnist_dir:
