@@ -56,6 +56,10 @@ Keys (stable; the HTML report reads them):
                          ``mean_reference_radius``, ``reference_positive_share``,
                          ``mapie_interval_coverage`` / ``mapie_interval_nominal`` (MAPIE's coverage
                          of its two-sided intervals, pooled), ``surrogate_agrees_with_counts``
+``monitor_reference``    optional: the surrogate's class ``predicted`` and probability ``p_tilde`` of
+                         every calibration image, in calibration order (``statistic`` names them):
+                         the reference sample of the drift monitor (``deploy.monitor``). Files
+                         written before it existed lack it; the monitor then asks to recalibrate.
 ``signature_key_id``     which key signed the file (``core.signing.key_id``), or null when unsigned
 ``checksum_sha256``      unkeyed SHA-256 of the canonical JSON of every other key (sorted, compact);
                          called ``integrity_sha256`` in version 1 files
@@ -245,6 +249,15 @@ def content_problems(content: dict) -> list[str]:
                 p.append(f"group {group!r} falls back to the pooled q^ but has another offset")
     elif content["groups"] == "none" and not p and offsets.get("all") != content["pooled_offset"]:
         p.append("the one group's offset is not the pooled offset")
+    reference = content.get("monitor_reference")
+    if reference is not None:
+        predicted = reference.get("predicted") if isinstance(reference, dict) else None
+        p_tilde = reference.get("p_tilde") if isinstance(reference, dict) else None
+        if not (isinstance(predicted, list) and isinstance(p_tilde, list) and len(predicted) == len(p_tilde) == m
+                and all(_whole(c, 0) and c < content["num_classes"] for c in predicted)
+                and all(_finite(v) and 0 <= v <= 1 for v in p_tilde)):
+            p.append(f"monitor_reference is not one class in 0..{content['num_classes'] - 1} and one probability "
+                     f"in [0, 1] for each of the {m} calibration points")
     return p
 
 
@@ -279,6 +292,7 @@ class Calibration:
     created: str | None = None
     diagnostics: dict = field(default_factory=dict)
     signature_key_id: str | None = None
+    monitor_reference: dict | None = None
 
     # ------------------------------------------------------------------ use
     @property

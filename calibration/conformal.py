@@ -507,6 +507,34 @@ def fit_offsets(
                      None if bin_edges is None else [float(e) for e in bin_edges])
 
 
+MONITOR_STATISTIC = "surrogate_class_and_probability"
+"""What ``Calibration.monitor_reference`` stores per calibration image: the surrogate's class and ``p~``."""
+
+
+def monitor_reference(predicted, p_tilde) -> dict:
+    """The drift monitor's reference sample: the surrogate's class and ``p~`` of each calibration image.
+
+    Stored in calibration.json (``Calibration.monitor_reference``) so that deployment can test
+    whether its queries are still exchangeable with the calibration images without reloading them.
+    Two numbers per image, in calibration order.
+
+    Parameters
+    ----------
+    predicted : array_like of int
+        The surrogate's class of each calibration image.
+    p_tilde : array_like of float
+        The surrogate's probability of that class.
+
+    Returns
+    -------
+    dict
+        ``{"statistic": MONITOR_STATISTIC, "predicted": [...], "p_tilde": [...]}`` (plain JSON values).
+    """
+    return dict(statistic=MONITOR_STATISTIC,
+                predicted=[int(c) for c in np.asarray(predicted).reshape(-1)],
+                p_tilde=[float(p) for p in np.asarray(p_tilde, dtype=float).reshape(-1)])
+
+
 # --------------------------------------------------------------------------- from files
 
 def calibrate_arrays(
@@ -601,6 +629,7 @@ def calibrate_arrays(
         n_cal=n_cal,
         package_version=__version__,
         diagnostics=fit.diagnostics,
+        monitor_reference=monitor_reference(predicted, p_tilde),
         **provenance,
     )
 
@@ -694,4 +723,5 @@ __all__ = [
     "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
     "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",
     "OffsetFit", "fit_offsets", "calibrate_arrays", "calibrate", "deployed_radius", "check_calibration_params",
+    "MONITOR_STATISTIC", "monitor_reference",
 ]

@@ -76,6 +76,40 @@ def figure_calibration_scatter(check: dict) -> str:
     return _png(fig)
 
 
+def figure_monitor(monitor: dict) -> str:
+    """Left: the drift monitor's log martingale per query with its alarm level log(1/delta);
+    right (with an audit): the audited rate's confidence sequence against the audit's threshold."""
+    audit = monitor.get("audit")
+    points = monitor.get("_audit_path") or []
+    panels = 2 if audit and points else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels + 1.6, 4.0), squeeze=False)
+    left = axes[0, 0]
+    path = np.asarray(monitor.get("_path") or [], dtype=float)
+    left.plot(np.arange(len(path)), path, linewidth=1.0, label="log martingale")
+    left.axhline(monitor["log_threshold"], color="crimson", linestyle="--", linewidth=1.0,
+                 label=f"alarm level log(1/delta), delta = {monitor['delta']:g}")
+    if monitor.get("drift_alarm_at") is not None:
+        left.axvline(monitor["drift_alarm_at"], color="grey", linewidth=0.8, label=f"alarm at query {monitor['drift_alarm_at']}")
+    left.set_xlabel("query")
+    left.set_ylabel("log martingale (drift evidence)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    if panels == 2:
+        right = axes[0, 1]
+        t = np.array([p["audited"] for p in points], dtype=float)
+        rate = np.array([p["exceedances"] for p in points], dtype=float) / np.maximum(t, 1)
+        right.fill_between(t, [p["lower"] for p in points], [p["upper"] for p in points], alpha=0.25,
+                           step="post", label=f"confidence sequence (level {audit['delta_sequence']:g})")
+        right.plot(t, rate, linewidth=1.0, label="audited rate of R^ > reference")
+        right.axhline(audit["threshold"], color="crimson", linestyle="--", linewidth=1.0, label="threshold")
+        right.set_xlabel("audited queries")
+        right.set_ylabel("rate")
+        right.set_ylim(0, min(1.0, max(0.05, 1.5 * max(audit["threshold"], float(rate.max(initial=0))))))
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
+    return _png(fig)
+
+
 def figures(report: dict) -> dict[str, str]:
     """Every figure the report calls for, by section key, as base64 PNG."""
     figures = {}
@@ -86,4 +120,6 @@ def figures(report: dict) -> dict[str, str]:
     cal = report.get("calibration")
     if cal and cal.get("check") and cal["check"].get("points"):
         figures["calibration_scatter"] = figure_calibration_scatter(cal["check"])
+    if report.get("monitor"):
+        figures["monitor"] = figure_monitor(report["monitor"])
     return figures

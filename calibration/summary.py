@@ -6,8 +6,10 @@ radius of correct certificates, 0 otherwise); the cost in base-model evaluations
 all / certified / other inputs (the Halt Fast table format), medians, wall time and the share of
 each path; the calibration's parameters, ``q^`` per group and, with the test split's counts and
 the surrogate, the held-out rate of calibrated radii above the Monte Carlo reference against its
-bound; the amortisation (break-even queries); the environment. ``tables(report)`` lays those
-numbers out as (header, rows) of display cells, the one source for every renderer.
+bound; the amortisation (break-even queries); the environment; with a ``surrogate-cert monitor``
+JSON, the deployment watchers (the drift martingale against its threshold ``log(1/delta)``, the
+audited rate with its confidence sequence against the audit's threshold). ``tables(report)`` lays
+those numbers out as (header, rows) of display cells, the one source for every renderer.
 Figures are in ``calibration.figures``; HTML and Markdown in ``surrogate_cert.workflows.report``.
 """
 from __future__ import annotations
@@ -231,6 +233,49 @@ def calibration_summary(cal: dict) -> dict:
     )
 
 
+MONITOR_FORMAT = "surrogate-cert-monitor"
+"""``format`` of the JSON ``surrogate-cert monitor`` writes (``surrogate_cert.workflows.monitoring``)."""
+
+
+def load_monitor(path: str | os.PathLike) -> dict:
+    """A ``surrogate-cert monitor`` JSON, checked for its format (``InvalidInputError`` otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read monitor file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidInputError(f"{path} is not valid JSON ({exc}); re-run `surrogate-cert monitor`") from None
+    if not isinstance(doc, dict) or doc.get("format") != MONITOR_FORMAT:
+        raise InvalidInputError(f"{path} is not a monitor file; write one with `surrogate-cert monitor`")
+    return doc
+
+
+def monitor_summary(doc: dict) -> dict:
+    """The watchers' numbers for the report: the drift martingale and the audit (keys of the monitor JSON).
+
+    ``path`` (the log martingale after every query) and the audit's bounds over time are kept for
+    the figure only.
+    """
+    lm = doc.get("log_martingale") or {}
+    audit = doc.get("audit")
+    return dict(
+        queries=doc.get("queries"),
+        delta=doc.get("delta"),
+        log_threshold=lm.get("threshold"),
+        log_martingale=lm.get("final"),
+        max_log_martingale=lm.get("max"),
+        drift_alarm=doc.get("drift_alarm"),
+        drift_alarm_at=doc.get("drift_alarm_at"),
+        reference_size=(doc.get("drift") or {}).get("reference_size"),
+        routes=doc.get("routes") or {},
+        one_pass_certificates=doc.get("one_pass_certificates"),
+        audit=None if audit is None else {k: v for k, v in audit.items() if k != "path"},
+        _path=lm.get("path") or [],
+        _audit_path=(audit or {}).get("path") or [],
+    )
+
+
 def build_report(
     results: Sequence[str | os.PathLike],
     calibration: str | os.PathLike | None = None,
@@ -240,6 +285,7 @@ def build_report(
     baseline: str | None = None,
     data_root: str | None = None,
     key: bytes | None = None,
+    monitor: str | os.PathLike | None = None,
 ) -> dict:
     """All numbers of the report as one JSON-ready dict (see the module docstring).
 
@@ -268,6 +314,10 @@ def build_report(
         if counts is not None and surrogate is not None:
             section["check"] = calibration_check(calibration, counts, surrogate, data_root, key)
         report["calibration"] = section
+    if monitor is not None:
+        section = monitor_summary(load_monitor(monitor))
+        section["path"] = os.fspath(monitor)
+        report["monitor"] = section
     report["_curves"] = {r["label"]: curve(r["rows"]) for r in runs}
     report["_samples"] = {r["label"]: [x["n_samples"] for x in r["rows"]] for r in runs
                           if summaries[r["label"]]["samples"]["all"] is not None}
@@ -481,6 +531,29 @@ def tables(report: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                 [[_fmt(check["num_images"]), _fmt(check["num_above"]), _fmt(check["rate_above"], 4),
                   _fmt(check["bound"], 4), _fmt(check["allowance"]), str(check["within_bound"]),
                   _pct(check["share_certified"])]],
+            )
+    mon = report.get("monitor")
+    if mon:
+        alarm = (f"yes, at query {mon['drift_alarm_at']:,}" if mon["drift_alarm"] else "no")
+        out["monitor"] = (["drift monitor", "value"], [
+            ["queries", _fmt(mon["queries"])],
+            ["reference (calibration images)", _fmt(mon["reference_size"])],
+            ["false-alarm probability delta (whole stream)", _fmt(mon["delta"], 4)],
+            ["alarm level log(1/delta)", _fmt(mon["log_threshold"])],
+            ["log martingale: final / largest", f"{_fmt(mon['log_martingale'])} / {_fmt(mon['max_log_martingale'])}"],
+            ["drift alarm", alarm],
+            ["one-pass certificates issued", _fmt(mon["one_pass_certificates"])],
+        ] + [[f"route {k}", _fmt(v)] for k, v in mon["routes"].items()])
+        audit = mon.get("audit")
+        if audit:
+            out["audit"] = (
+                ["audit rate", "audited", "re-checked (R^ > 0)", "R^ > reference", "rate", "confidence sequence",
+                 "threshold", "alarm", "base-model evaluations"],
+                [[_fmt(audit["rate"], 4), _fmt(audit["audited"]), _fmt(audit["sampled"]), _fmt(audit["exceedances"]),
+                  _fmt(audit["rate_observed"], 4), f"[{_fmt(audit['lower'], 4)}, {_fmt(audit['upper'], 4)}]",
+                  _fmt(audit["threshold"], 4),
+                  f"yes, at query {audit['alarm_at']:,}" if audit["alarm"] else "no",
+                  _fmt(audit["base_model_evaluations"])]],
             )
     env = report["environment"]
     out["environment"] = (

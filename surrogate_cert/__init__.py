@@ -7,6 +7,9 @@ Certifiers (each returns ``Certificate`` records):
 - ``SurrogateCertifier``: one forward pass, split-conformal calibration; wrong w.p. <= epsilon + alpha_mc.
 - ``HybridCertifier``: surrogate first, sequential fallback where the calibrated radius is not positive.
 
+Watchers of a deployment: ``DriftMonitor`` (alarms when queries stop being exchangeable with the
+calibration images) and ``CertificateAudit`` (re-checks a random share of one-pass certificates).
+
 The public names below are imported lazily (module ``__getattr__``), so ``import surrogate_cert``
 and importing its core never import the layers above the core. Layers, top down: ``cli``,
 ``workflows``, ``deploy``, the domain packages ``calibration`` and ``data_gen``, and ``core``
@@ -35,6 +38,8 @@ _LAZY = {
     "SurrogateCertifier": ".core.one_pass",
     "Surrogate": ".core.surrogate",
     "HybridCertifier": ".deploy.hybrid",
+    "DriftMonitor": ".deploy.monitor",
+    "CertificateAudit": ".deploy.monitor",
     "SurrogateCertError": ".core.errors",
     "InvalidParameterError": ".core.errors",
     "InvalidInputError": ".core.errors",

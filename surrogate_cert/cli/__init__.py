@@ -11,12 +11,13 @@ import sys
 
 from ..core import __version__
 from ..core.errors import SurrogateCertError
-from . import baselines, data, pipeline, report, surrogate
+from . import baselines, data, monitor, pipeline, report, surrogate
 
 COMMAND_GROUPS = (
     pipeline,    # quickstart, bench
     data,        # train-base, datagen
     surrogate,   # train, calibrate, certify
+    monitor,     # monitor
     report,      # report
     baselines,   # cohen, sequential
 )

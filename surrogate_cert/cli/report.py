@@ -30,6 +30,8 @@ def register(sub) -> None:
                          help="base-model evaluations spent offline (for break-even queries)")
     offline.add_argument("--offline-counts", nargs="+", default=None, metavar="H5",
                          help="counts files made offline (train, cal): their rows x n are the offline evaluations")
+    p.add_argument("--monitor", default=None, metavar="JSON",
+                   help="a `surrogate-cert monitor` JSON: adds the deployment-monitor section")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="results file stem that savings are measured against (default: the costliest, e.g. cohen)")
     add_key_arg(p, "must have signed")
@@ -49,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
         offline = offline_evaluations_from_counts(args.offline_counts)
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
-                         data_root=args.data_root, key=key, overwrite=args.overwrite)
+                         data_root=args.data_root, key=key, overwrite=args.overwrite, monitor=args.monitor)
     print(f"report: {paths['html']} (also {paths['md']}, {paths['json']})")
     return 0

@@ -1,7 +1,7 @@
 """Certificate records and the results TSV (Cohen et al.'s six columns first, then ours).
 
 A results file is two files: ``out.tsv``, whose first line is the header
-``idx label predict radius correct time method n_samples p_lower`` so that Cohen et al.'s analysis
+``idx label predict radius correct time method n_samples p_lower route`` so that Cohen et al.'s analysis
 code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
 provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
 """
@@ -21,7 +21,14 @@ from .files import MAKERS, commit_outputs, sniff, wrong_kind
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 """The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
 
-TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower")
+TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower", "route")
+
+ROUTES = ("direct", "surrogate", "fallback", "required_radius", "drift_alarm", "audit_alarm")
+"""Why a certificate took its path (``Certificate.route``): ``direct`` (a certifier called by itself),
+or the hybrid's reason: ``surrogate`` (the one-pass radius sufficed, or no fallback), ``fallback`` (the
+one-pass radius was not positive), ``required_radius`` (it was below the required radius),
+``drift_alarm`` / ``audit_alarm`` (a deployment watcher had raised its alarm: the one-pass
+certificate was not trusted)."""
 
 META_SUFFIX = ".meta.json"
 """Provenance sidecar of a results file: ``<out>.meta.json``."""
@@ -46,6 +53,8 @@ class Certificate:
         surrogate).
     seconds : float
         Wall time attributed to this input.
+    route : str
+        Why it took its path (``ROUTES``); ``direct`` unless the hybrid routed it.
     """
 
     prediction: int
@@ -54,6 +63,7 @@ class Certificate:
     n_samples: int
     p_lower: float
     seconds: float
+    route: str = "direct"
 
     @property
     def abstained(self) -> bool:
@@ -115,8 +125,8 @@ def write_tsv(
     sidecar first: an interrupted call leaves no half file, and a TSV is never newer than its
     sidecar.
 
-    Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
-    line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
+    Columns ``idx label predict radius correct time method n_samples p_lower route``, header on the
+    first line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
     the label. ``meta`` goes to ``meta_path(path)``.
 
     Parameters
@@ -159,7 +169,7 @@ def write_tsv(
     for idx, label, c in zip(indices, labels, certificates):
         correct = int(c.prediction == int(label))
         lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
-                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}")
+                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}\t{c.route}")
     sidecar = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     commit_outputs({meta_path(path): sidecar, path: "\n".join(lines) + "\n"}, overwrite=overwrite)
 
@@ -172,7 +182,7 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     report never shows numbers a certifier could not have written: ``label >= 0``,
     ``predict >= -1``, a finite ``radius >= 0`` that is 0 when abstaining, ``correct`` equal to
     ``predict == label``, a finite ``time >= 0``, ``n_samples >= -1`` and ``p_lower`` in [0, 1]
-    (or NaN).
+    (or NaN). ``route`` defaults to ``""`` (not recorded).
 
     Parameters
     ----------
@@ -184,7 +194,7 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     list of dict
         One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` (int),
         ``radius`` (input l2 units), ``time`` (seconds, from ours or from Cohen et al.'s
-        ``H:MM:SS.ffffff``), ``p_lower`` (float) and ``method`` (str).
+        ``H:MM:SS.ffffff``), ``p_lower`` (float), ``method`` and ``route`` (str).
 
     Raises
     ------
@@ -237,6 +247,7 @@ def _typed_row(r: dict) -> dict:
         method=r.get("method") or ("abstain" if int(r["predict"]) < 0 else "cohen"),
         n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
         p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
+        route=r.get("route") or "",
     )
     if row["label"] < 0 or row["predict"] < -1 or row["idx"] < 0:
         raise ValueError("idx and label must be >= 0 and predict >= -1")

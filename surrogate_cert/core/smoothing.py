@@ -26,6 +26,8 @@ never mixes two schemes. Change it whenever the noise of a given (seed, index, s
 STREAM_SELECT = 0
 STREAM_ESTIMATE = 1
 STREAM_SEQUENTIAL = 2
+STREAM_AUDIT = 3
+"""Noise of a deployment audit's re-check (``deploy.monitor.CertificateAudit``): shared with no other use."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -266,7 +268,7 @@ class SmoothedClassifier:
             Each input's noise name (use dataset indices); default ``0..N-1``.
         stream : int, optional
             Separates independent uses of one input (``STREAM_SELECT``, ``STREAM_ESTIMATE``,
-            ``STREAM_SEQUENTIAL``); default ``STREAM_ESTIMATE``.
+            ``STREAM_SEQUENTIAL``, ``STREAM_AUDIT``); default ``STREAM_ESTIMATE``.
         start : int or array_like of int, optional
             First sample of the stream to draw (>= 0), one value or one per input: a sequential test
             passes the samples drawn so far, so it draws the next ones and never reuses any.

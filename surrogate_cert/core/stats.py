@@ -11,6 +11,7 @@ sequence and its priors, and the split-conformal calibration of the surrogate ra
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 from scipy import stats as _st
@@ -30,6 +31,9 @@ __all__ = [
     "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
     "confidence_bin", "conformal_rank", "conformal_quantile", "pac_conformal_rank",
     "min_calibration_size",
+    # watching a deployment: drift (conformal test martingale) and audit
+    "smoothed_p_value", "online_p_values", "drift_windows", "drift_bets", "fixed_share_update", "beta_binomial_log_martingale",
+    "cs_lower_exceeds", "audit_threshold",
     # checking a bound
     "binomial_allowance",
 ]
@@ -551,6 +555,334 @@ def min_calibration_size(epsilon: float, delta: float | None = None) -> int:
     delta = check_probability("delta", delta)
     # The largest rank, m, has coverage Beta(m, 1): CDF(1 - eps) = (1 - eps)^m <= delta.
     return int(math.ceil(math.log(delta) / math.log1p(-epsilon) - 1e-12))
+
+
+# --------------------------------------------------------------------------- watching a deployment
+
+def smoothed_p_value(n_greater, n_equal, n_past, u):
+    """Smoothed conformal p-value ``(n_greater + u (n_equal + 1)) / (n_past + 1)`` of a new observation.
+
+    Of ``n_past`` earlier observations, ``n_greater`` are strictly more nonconforming than the new
+    one and ``n_equal`` tie with it (the ``+ 1`` is the new observation itself); ``u``, uniform on
+    [0, 1] and independent of the data, splits the ties. If the earlier observations and the new
+    one are exchangeable, the p-value is exactly Uniform(0, 1), whatever the ties. Computed for
+    every observation of a sequence against all observations before it, the p-values of an
+    exchangeable sequence are independent (Vovk, Gammerman and Shafer 2005, Sect. 7.1): the input
+    of a conformal test martingale. It is the formula of MAPIE's
+    ``OnlineMartingaleTest.compute_p_value``. Vectorised.
+
+    Examples
+    --------
+    >>> float(smoothed_p_value(3, 1, 9, 0.5))
+    0.4
+    """
+    n_greater = np.asarray(n_greater, dtype=float)
+    n_equal = np.asarray(n_equal, dtype=float)
+    return _scalar_or_array((n_greater + np.asarray(u, dtype=float) * (n_equal + 1)) / (np.asarray(n_past, dtype=float) + 1))
+
+
+_PAIRWISE_ROWS = 512  # rows of the within-batch comparison block: memory ~ rows x batch booleans
+
+
+def online_p_values(past_sorted, scores, u):
+    """Smoothed p-values of a batch of new nonconformity ``scores``, each against all that came before it.
+
+    ``scores[j]`` is compared with ``past_sorted`` (every earlier score, ascending) and with
+    ``scores[:j]``: exactly the p-values of feeding the batch one observation at a time, so the
+    guarantee of ``smoothed_p_value`` holds for the whole sequence. Larger scores are more
+    nonconforming (small p-values). Ranks against the past by binary search, within the batch by
+    comparisons in blocks: ``O(b log m + b^2)`` for ``b`` new scores and ``m`` earlier ones.
+
+    Parameters
+    ----------
+    past_sorted : array_like of float
+        Earlier scores, sorted ascending.
+    scores : array_like of float
+        The new scores, in arrival order.
+    u : array_like of float
+        One tie-breaking uniform per new score, independent of the data.
+
+    Returns
+    -------
+    numpy.ndarray
+        One p-value in [0, 1] per new score.
+
+    Examples
+    --------
+    >>> online_p_values([0.1, 0.5], [0.3, 0.3], [0.25, 0.75]).round(4).tolist()
+    [0.4167, 0.625]
+    """
+    past = np.asarray(past_sorted, dtype=float).reshape(-1)
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    u = np.asarray(u, dtype=float).reshape(-1)
+    b = len(s)
+    right = np.searchsorted(past, s, side="right")
+    greater = (len(past) - right).astype(float)
+    equal = (right - np.searchsorted(past, s, side="left")).astype(float)
+    for lo in range(0, b, _PAIRWISE_ROWS):
+        hi = min(lo + _PAIRWISE_ROWS, b)
+        earlier = np.arange(hi)[None, :] < np.arange(lo, hi)[:, None]   # column i came before row j
+        greater[lo:hi] += np.sum((s[None, :hi] > s[lo:hi, None]) & earlier, axis=1)
+        equal[lo:hi] += np.sum((s[None, :hi] == s[lo:hi, None]) & earlier, axis=1)
+    return np.asarray(smoothed_p_value(greater, equal, len(past) + np.arange(b), u), dtype=float).reshape(-1)
+
+
+DRIFT_POWERS = (0.25, 0.5, 0.75)
+"""Exponents ``kappa`` of the power bets ``kappa r^(kappa - 1)`` on the within-class p-value (``drift_bets``)."""
+
+DRIFT_EXCESS = 0.5
+"""Stake of a bet that a window of the class p-value is over-represented (``drift_bets``)."""
+
+DRIFT_DEFICIT = 0.8
+"""Stake of a bet that a window of the class p-value is under-represented (``drift_bets``)."""
+
+
+def drift_windows(num_bins: int) -> np.ndarray:
+    """The windows of the class p-value that ``drift_bets`` bets on: widths ``1 / B`` and ``1 / (2B)``, every half width.
+
+    A class's band of the class p-value is about ``1 / K`` wide where it starts, at a place that
+    depends on the class frequencies, and narrows as the stream grows once that class stops coming;
+    windows of two widths at half-width steps cover at least three quarters of a band of either
+    width. ``(2B - 1) + (4B - 1)`` rows ``(start, end)``, ``B = num_bins``.
+
+    Examples
+    --------
+    >>> drift_windows(2).tolist()
+    [[0.0, 0.5], [0.25, 0.75], [0.5, 1.0], [0.0, 0.25], [0.125, 0.375], [0.25, 0.5], [0.375, 0.625], [0.5, 0.75], [0.625, 0.875], [0.75, 1.0]]
+    """
+    num_bins = int(num_bins)
+    if num_bins < 2:
+        raise InvalidParameterError(f"num_bins must be >= 2, got {num_bins}")
+    rows = []
+    for bins in (num_bins, 2 * num_bins):
+        starts = np.arange(2 * bins - 1) / (2 * bins)
+        rows.append(np.stack([starts, starts + 1.0 / bins], axis=1))
+    return np.concatenate(rows)
+
+
+def drift_bets(q, r, num_bins: int, log: bool = False) -> np.ndarray:
+    """Densities on the unit square of the drift monitor's betting experts, at p-value pairs ``(q, r)``.
+
+    Each column is a probability density of the pair ``(q, r)`` on ``[0, 1]^2``, so under the null
+    (``q`` and ``r`` independent and uniform) each has expectation 1, and a product of them over
+    the queries is a test martingale. The columns, in order:
+
+    - ``0``: no bet (density 1);
+    - ``1 .. 3``: ``r`` small (queries less confident than usual for their class): ``kappa r^(kappa-1)``
+      for ``kappa`` in ``DRIFT_POWERS``;
+    - ``4 .. 6``: ``r`` large (more confident than usual): ``kappa (1-r)^(kappa-1)``;
+    - then, for each of the ``2B - 1`` wide windows ``W`` of ``drift_windows(B)`` (width ``w = 1/B``):
+      ``W`` over-represented (a class flooding in): ``1 + lam (1 - w) / w`` in ``W``, ``1 - lam``
+      elsewhere (``lam = DRIFT_EXCESS``);
+    - then, for every window (both widths): ``W`` under-represented (a class that stopped coming):
+      ``1 - lam`` in ``W``, ``1 + lam w / (1 - w)`` elsewhere (``lam = DRIFT_DEFICIT``).
+
+    ``7 + (2B - 1) + (6B - 2) = 4 + 8B`` columns. ``r`` is clipped to ``[1e-12, 1 - 1e-12]`` first (the
+    power bets then integrate to at most 1, which keeps the product a supermartingale).
+
+    Parameters
+    ----------
+    q, r : array_like of float
+        Class p-value and within-class p-value of each query, in [0, 1].
+    num_bins : int
+        ``B``: the wide windows of ``q`` are ``1 / B`` wide (>= 2).
+    log : bool, optional
+        Return the log densities (what a martingale multiplies).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``N x (4 + 8B)`` densities (>= 0), or their logs.
+
+    Examples
+    --------
+    >>> f = drift_bets([0.1], [0.01], 2)
+    >>> f.shape, round(float(f[0, 1]), 3), float(f[0, 7]), round(float(f[0, 10]), 3)
+    ((1, 20), 7.906, 1.5, 0.2)
+    """
+    windows = drift_windows(num_bins)
+    wide = 2 * int(num_bins) - 1
+    q = np.asarray(q, dtype=float).reshape(-1)
+    r = np.clip(np.asarray(r, dtype=float).reshape(-1), 1e-12, 1 - 1e-12)
+    if q.shape != r.shape:
+        raise InvalidParameterError("q and r must have one value per query")
+    kappa = np.asarray(DRIFT_POWERS)
+    log_low = np.log(kappa) + (kappa - 1) * np.log(r)[:, None]
+    log_high = np.log(kappa) + (kappa - 1) * np.log1p(-r)[:, None]
+    width = windows[:, 1] - windows[:, 0]
+    inside = (q[:, None] >= windows[None, :, 0]) & (q[:, None] < windows[None, :, 1])
+    inside |= (q[:, None] == 1.0) & (windows[None, :, 1] >= 1.0)  # q = 1 belongs to the windows ending at 1
+    w = width[:wide]
+    log_excess = np.where(inside[:, :wide], np.log1p(DRIFT_EXCESS * (1 - w) / w), math.log1p(-DRIFT_EXCESS))
+    log_deficit = np.where(inside, math.log1p(-DRIFT_DEFICIT), np.log1p(DRIFT_DEFICIT * width / (1 - width)))
+    out = np.concatenate([np.zeros((len(q), 1)), log_low, log_high, log_excess, log_deficit], axis=1)
+    return out if log else np.exp(out)
+
+
+def fixed_share_update(log_densities, log_weights, prior, jump: float | Callable[[int], float],
+                       start: int = 0, mix_every: int = 1):
+    """Log wealth of a fixed-share mixture of betting experts (a "jumper" test martingale), over a batch.
+
+    Wealth is spread over experts with weights ``w`` (summing to 1). Before query ``n`` (counted
+    from the start of the stream) whenever ``n % mix_every == 0``, a share ``J_k`` of the wealth
+    (``k = n // mix_every``; ``jump`` is ``J_k`` or the function ``k -> J_k``) is redistributed
+    by ``prior``: ``w <- (1 - J_k) w + J_k prior``; then each expert's wealth is multiplied by its
+    density at the query. Redistributing wealth already held is a bet fixed before the query, so
+    if every expert's density has expectation 1 under the null given the past, the total wealth
+    ``M_n`` is a test martingale, and by Ville's inequality ``P(exists n: M_n >= 1/delta) <= delta``.
+    Mixing lets the wealth move to the expert that fits a change whenever it happens (Vovk's
+    jumper; MAPIE's ``update_simple_jumper_martingale`` is the case of its three linear experts,
+    a uniform prior, ``mix_every = 1`` and ``J = 0.01``). Vectorised between mixing points.
+
+    Parameters
+    ----------
+    log_densities : array_like of float
+        ``N x E`` log densities of the ``E`` experts at the batch's ``N`` queries.
+    log_weights : array_like of float
+        ``E`` log weights before the batch (their exponentials sum to 1).
+    prior : array_like of float
+        ``E`` mixing weights, >= 0, summing to 1.
+    jump : float or callable
+        ``J_k`` in [0, 1), or a function of the mixing event ``k`` returning it.
+    start : int, optional
+        Queries before this batch (aligns the mixing events with the stream).
+    mix_every : int, optional
+        Queries between mixing events (>= 1).
+
+    Returns
+    -------
+    log_growth : numpy.ndarray
+        ``N`` values ``log(M_n / M_start)`` after each query of the batch.
+    log_weights : numpy.ndarray
+        ``E`` log weights after the batch.
+
+    Examples
+    --------
+    >>> f = np.log([[1.0, 1.5], [1.0, 1.5]])
+    >>> growth, w = fixed_share_update(f, np.log([0.5, 0.5]), [0.5, 0.5], 0.0)
+    >>> np.exp(growth).round(4).tolist()
+    [1.25, 1.625]
+    """
+    log_f = np.atleast_2d(np.asarray(log_densities, dtype=float))
+    lw = np.asarray(log_weights, dtype=float).reshape(-1).copy()
+    prior = np.asarray(prior, dtype=float).reshape(-1)
+    if log_f.shape[1] != lw.size or prior.size != lw.size:
+        raise InvalidParameterError("log_densities, log_weights and prior must describe the same experts")
+    if np.any(prior < 0) or not math.isclose(float(prior.sum()), 1.0, rel_tol=1e-9):
+        raise InvalidParameterError("prior must be >= 0 and sum to 1")
+    mix_every = int(mix_every)
+    if mix_every < 1:
+        raise InvalidParameterError(f"mix_every must be >= 1, got {mix_every}")
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(prior)
+    n, experts = log_f.shape
+    # Between mixing points each expert's log wealth is its start plus a cumulative sum; only the
+    # weights at the segment starts need a loop (over E-vectors), the rest is one vectorised pass.
+    cum = np.cumsum(log_f, axis=0)
+    starts = [0]
+    while starts[-1] < n:
+        query = int(start) + starts[-1]
+        starts.append(min(n, starts[-1] + mix_every - query % mix_every))
+    seg_weights = np.empty((len(starts) - 1, experts))
+    seg_base = np.zeros((len(starts) - 1, experts))
+    seg_total = np.zeros(len(starts) - 1)
+    total = 0.0
+    for k, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+        query = int(start) + lo
+        if query % mix_every == 0:
+            j = float(jump(query // mix_every) if callable(jump) else jump)
+            if not 0.0 <= j < 1.0:
+                raise InvalidParameterError(f"jump must lie in [0, 1), got {j}")
+            if j > 0:
+                lw = np.logaddexp(math.log1p(-j) + lw, math.log(j) + log_prior)
+        base = cum[lo - 1] if lo else np.zeros(experts)
+        seg_weights[k], seg_base[k], seg_total[k] = lw, base, total
+        end = lw + cum[hi - 1] - base
+        norm = _logsumexp_rows(end[None, :])[0]
+        total += norm
+        lw = end - norm
+    segment = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+    growth = seg_total[segment] + _logsumexp_rows(seg_weights[segment] + cum - seg_base[segment])
+    return growth, lw
+
+
+def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(x), axis=1))`` without SciPy's per-call overhead (called once per mixing segment)."""
+    top = np.max(x, axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return top + np.log(np.sum(np.exp(x - top[:, None]), axis=1))
+
+
+def beta_binomial_log_martingale(s, t, q, a=0.5, b=0.5):
+    """``log M_t(q)``: the Beta-binomial mixture martingale of DESIGN.md at the rate ``q``.
+
+    ``log B(a + s, b + t - s) - log B(a, b) - s log q - (t - s) log(1 - q)``; ``M_t(q)`` has mean 1
+    when the ``t`` Bernoulli observations (``s`` successes) have rate ``q``, and
+    ``beta_binomial_cs`` is the set ``{q : M_t(q) < 1/alpha}``. Vectorised.
+
+    Examples
+    --------
+    >>> round(float(beta_binomial_log_martingale(10, 100, 0.01)), 3)
+    11.914
+    """
+    s, t = _check_counts(s, t, "s", "t")
+    a, b, _ = _validate_prior(a, b, None)
+    q = np.asarray(q, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (betaln(a + s, b + t - s) - betaln(a, b) - np.where(s > 0, s * np.log(q), 0.0)
+               - np.where(t - s > 0, (t - s) * np.log1p(-q), 0.0))
+    return _scalar_or_array(out)
+
+
+def cs_lower_exceeds(s, t, threshold, alpha, a=0.5, b=0.5):
+    """Whether the Beta-binomial confidence sequence lies entirely above ``threshold``.
+
+    True where ``s > threshold * t`` and ``log M_t(threshold) >= log(1/alpha)``: the lower end
+    ``L_t`` of ``beta_binomial_cs(s, t, alpha)`` is above ``threshold`` (``M_t(q)`` decreases in ``q``
+    below ``s / t``). If the true rate is at most ``threshold``, then ``L_t > threshold`` puts the
+    true rate outside the sequence, so ``P(exists t: True) <= alpha``, under any stopping rule.
+    ``O(1)`` per time, no root finding. Vectorised.
+
+    Examples
+    --------
+    >>> cs_lower_exceeds([1, 10], [100, 100], 0.01, 0.01).tolist()
+    [False, True]
+    """
+    check_probability("alpha", alpha)
+    s, t = _check_counts(s, t, "s", "t")
+    threshold = np.asarray(threshold, dtype=float)
+    if np.any(~((threshold >= 0.0) & (threshold < 1.0))):
+        raise InvalidParameterError(f"threshold must be a rate in [0, 1), got {threshold}")
+    above = s > threshold * t
+    log_m = np.asarray(beta_binomial_log_martingale(s, t, threshold, a, b), dtype=float)
+    return _scalar_or_array(above & (log_m >= -math.log(alpha)))
+
+
+def audit_threshold(m: int, rank: int, delta: float) -> float:
+    """Upper ``1 - delta`` quantile of a split-conformal offset's exceedance rate, given its calibration set.
+
+    With ``m`` calibration scores and the offset their ``rank``-th smallest, the probability that a
+    new exchangeable score exceeds the offset, *conditionally on the calibration set*, is a random
+    rate: exactly ``Beta(m + 1 - rank, rank)`` for continuous i.i.d. scores, and stochastically
+    smaller with ties (Vovk 2012). Its mean is at most ``epsilon`` (the marginal guarantee), but one
+    calibration draw can sit above ``epsilon``; a long audit measures that conditional rate, so it
+    must be compared with this quantile, not with ``epsilon``: the rate exceeds it with probability
+    at most ``delta`` over the calibration draw. ``0.0`` when ``rank > m`` (infinite offset: never
+    certifies).
+
+    Examples
+    --------
+    >>> round(audit_threshold(400, conformal_rank(400, 0.01), 0.005), 4)
+    0.0272
+    """
+    m, rank = int(m), int(rank)
+    check_probability("delta", delta)
+    if m < 1 or rank < 1:
+        raise InvalidParameterError(f"need m >= 1 calibration scores and a rank >= 1, got m={m}, rank={rank}")
+    if rank > m:
+        return 0.0
+    return float(_st.beta.ppf(1.0 - delta, m + 1 - rank, rank))
 
 
 # --------------------------------------------------------------------------- checking a bound

@@ -6,10 +6,18 @@ inputs the surrogate cannot certify (or not to the radius a caller requires)
 go to ``EProcessCertifier`` with the surrogate's class and the prior
 ``w * KT + (1 - w) * Beta(kappa p~, kappa (1 - p~))`` (``stats.surrogate_prior``), both fixed before
 any sequential sample is drawn; a sequential certificate is wrong with probability at most
-``alpha`` for that input. Every certificate names the path that made it (``method``).
+``alpha`` for that input. Every certificate names the path that made it (``method``) and why it
+went there (``route``).
+
+Watchers (``deploy.monitor``): with a ``DriftMonitor`` and/or a ``CertificateAudit`` attached, once
+either raises its alarm the one-pass certificate is no longer trusted (its guarantee needs queries
+exchangeable with the calibration images): from the query that raised it on, every query goes to
+the sequential certifier, valid without exchangeability (route ``drift_alarm`` / ``audit_alarm``;
+an abstention when there is no fallback), until ``recalibrate`` resets them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Sequence
@@ -21,14 +29,15 @@ from calibration.artifact import Calibration, load_calibration
 from data_gen.models import check_model_fits, load_model
 
 from ..core import stats
-from ..core.certificate import Certificate
+from ..core.certificate import Certificate, abstention
 from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
 from ..core.one_pass import SurrogateCertifier
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
 from ..core.surrogate import Surrogate
+from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
-__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS"]
+__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "DriftMonitor", "CertificateAudit"]
 
 FALLBACKS = ("eprocess", "none")
 
@@ -72,11 +81,19 @@ class HybridCertifier:
         The fallback, over the base model at the surrogate's sigma. ``None`` (``fallback="none"``):
         an input the surrogate does not certify enough gets the surrogate's certificate if
         ``R^ > 0`` (below its required radius), else an abstention.
+    monitor : DriftMonitor, optional
+        Fed the surrogate's class and ``p~`` of every query, in order (``deploy.monitor``).
+    audit : CertificateAudit, optional
+        Re-checks a random share of the queries the one-pass path handles.
     """
 
-    def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None):
+    def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None, monitor: DriftMonitor | None = None,
+                 audit: CertificateAudit | None = None):
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
+        self.monitor = monitor
+        self.audit = audit
+        self.alarm_reason: str | None = None
 
     @property
     def surrogate(self):
@@ -104,6 +121,10 @@ class HybridCertifier:
         key: bytes | str | None = None,
         key_file: str | os.PathLike | None = None,
         threads: int | str | None = "auto",
+        drift_delta: float | None = None,
+        audit_rate: float | None = None,
+        n_audit: int | None = None,
+        audit_delta: float = DEFAULT_DELTA,
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -148,6 +169,16 @@ class HybridCertifier:
         threads : int, "auto" or None, optional
             Intra-op threads of the surrogate's forward pass (``SurrogateCertifier``); default
             ``"auto"``: one thread for small batches.
+            Seed of the fallback's noise streams (and of the watchers' randomness).
+        drift_delta : float, optional
+            Attach a ``DriftMonitor`` with this false-alarm probability (None: no monitor).
+        audit_rate : float, optional
+            Attach a ``CertificateAudit`` of this share of the queries (None: no audit); needs
+            ``base_model``.
+        n_audit : int, optional
+            Samples per audited certificate; must be the calibration's ``n_cal`` (the default).
+        audit_delta : float, optional
+            The audit's false-alarm probability.
 
         Returns
         -------
@@ -177,19 +208,72 @@ class HybridCertifier:
         if not isinstance(calibration, Calibration):
             calibration = load_calibration(calibration, key=key, key_file=key_file)
         # SurrogateCertifier checks that the calibration belongs to this surrogate (one hash).
-        sequential = None
-        if fallback == "eprocess":
+        sequential = smooth = None
+        if fallback == "eprocess" or audit_rate is not None:
             if base_model is None:
-                raise InvalidParameterError("fallback='eprocess' needs the base model (--model); or use --fallback none")
+                raise InvalidParameterError("fallback='eprocess' and the audit need the base model (--model); "
+                                            "or use --fallback none without an audit")
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
                                         batch_size=batch_size, seed=seed)
             # One clean pass now: a model of another input shape or width fails here, not mid-certification.
             name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
+        if fallback == "eprocess":
             sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
                                            schedule=schedule)
-        return cls(SurrogateCertifier(surrogate, calibration, threads=threads), sequential)
+        certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
+        monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
+        audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
+                                                                 delta=audit_delta, seed=seed)
+        return cls(certifier, sequential, monitor, audit)
+
+    def recalibrate(self, calibration) -> None:
+        """The explicit reset after an alarm: certify with ``calibration`` from now on; the watchers restart on it.
+
+        The new monitor's reference is the new calibration's sample and the audit's threshold its
+        law; each restarted watcher is a new test with its own false-alarm probability.
+
+        Parameters
+        ----------
+        calibration : Calibration or path
+            The new calibration of this surrogate.
+
+        Raises
+        ------
+        CalibrationError
+            If it cannot be read, was modified, belongs to another surrogate, or has no monitor
+            reference while a drift monitor is attached.
+        """
+        if not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration)
+        certifier = SurrogateCertifier(self.surrogate, calibration, threads=self.surrogate_certifier.threads)
+        monitor = None if self.monitor is None else DriftMonitor.from_calibration(calibration, **self.monitor.options)
+        audit = None if self.audit is None else CertificateAudit(calibration, self.audit.smooth, **self.audit.options)
+        self.surrogate_certifier, self.monitor, self.audit, self.alarm_reason = certifier, monitor, audit, None
+
+    def _watch(self, x, classes, p_tilde, radius, idx) -> tuple[int, np.ndarray]:
+        """Feed the watchers; returns the first query of the batch not to trust (``len`` if none) and
+        the base-model evaluations the audit spent on each query."""
+        num = len(radius)
+        spent = np.zeros(num, dtype=np.int64)
+        if self.alarm_reason is None and self.monitor is not None and self.monitor.alarm:
+            self.alarm_reason = "drift_alarm"
+        if self.alarm_reason is None and self.audit is not None and self.audit.alarm:
+            self.alarm_reason = "audit_alarm"
+        cut = 0 if self.alarm_reason is not None else num
+        if self.monitor is not None:  # fed after an alarm too: its path stays a record of the whole stream
+            before = self.monitor.queries
+            self.monitor.update(classes, p_tilde)
+            if self.alarm_reason is None and self.monitor.alarm:
+                cut, self.alarm_reason = max(0, self.monitor.alarm_at - before), "drift_alarm"
+        if self.audit is not None and cut > 0:  # the audit checks one-pass certificates: none after an alarm
+            before = self.audit.queries
+            audited = self.audit.audit(x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut])
+            spent[:cut][audited & (radius[:cut] > 0)] = self.audit.n_audit
+            if self.audit.alarm and self.audit.alarm_at - before < cut:
+                cut, self.alarm_reason = max(0, self.audit.alarm_at - before), "audit_alarm"
+        return cut, spent
 
     @staticmethod
     def _base_model(base_model, surrogate, device) -> torch.nn.Module:
@@ -233,6 +317,8 @@ class HybridCertifier:
             (``n_samples = 0``, or the fallback's samples when the surrogate's radius is kept over a
             smaller sequential one), ``eprocess``, or an abstention. Radii in input l2 units; the
             surrogate pass's wall time is shared equally and added to each fallback input's time.
+            ``route`` says why (``core.certificate.ROUTES``); an audited input's ``n_samples``
+            includes the audit's evaluations.
 
         Raises
         ------
@@ -251,13 +337,23 @@ class HybridCertifier:
         idx = noise_indices(indices, num)
         classes, p_tilde, radius = self.surrogate_certifier.radii(x, validate=False)
         p_lower = self.surrogate_certifier.p_lower(radius)
+        cut, audit_spent = self._watch(x, classes, p_tilde, radius, idx)
+        trusted = np.arange(num) < cut  # queries before a watcher's alarm
         per_input = (time.perf_counter() - started) / max(num, 1)
-        make = self.surrogate_certifier.certificate
+        surrogate_cert = self.surrogate_certifier.certificate
+
+        def make(i: int, seconds: float, n_samples: int = 0) -> Certificate:
+            return surrogate_cert(int(classes[i]), float(radius[i]), seconds, n_samples + int(audit_spent[i]),
+                                  p_lower=float(p_lower[i]))
+
         with np.errstate(invalid="ignore"):
-            enough = (radius > 0) & (np.isnan(required) | (radius >= required))
-        out: list[Certificate | None] = [make(c, r, per_input, p_lower=p) if ok else None
-                                         for c, r, p, ok in zip(classes.tolist(), radius.tolist(), p_lower.tolist(),
-                                                                enough.tolist())]
+            enough = trusted & (radius > 0) & (np.isnan(required) | (radius >= required))
+        if self.sequential is None:
+            route = np.where(trusted, "surrogate", self.alarm_reason or "")
+        else:
+            route = np.where(enough, "surrogate", np.where(radius > 0, "required_radius", "fallback"))
+            route = np.where(trusted, route, self.alarm_reason or "")
+        out: list[Certificate | None] = [make(i, per_input) if ok else None for i, ok in enumerate(enough)]
         rest = np.flatnonzero(~enough)
         if rest.size and self.sequential is not None:
             prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)
@@ -266,13 +362,14 @@ class HybridCertifier:
             )
             for i, cert in zip(rest, fallback):
                 # Both certificates are valid; keep the larger radius (the sequential one unless the
-                # surrogate's, below the required radius, is still larger).
-                if cert.radius > 0 and cert.radius >= radius[i]:
-                    out[i] = Certificate(cert.prediction, cert.radius, "eprocess", cert.n_samples,
-                                         cert.p_lower, cert.seconds + per_input)
+                # surrogate's, below the required radius, is still larger). After an alarm the
+                # surrogate's radius is not trusted: the sequential certificate stands alone.
+                if not trusted[i] or (cert.radius > 0 and cert.radius >= radius[i]):
+                    out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
+                                                 seconds=cert.seconds + per_input)
                 else:
-                    out[i] = make(int(classes[i]), float(radius[i]), cert.seconds + per_input, cert.n_samples)
+                    out[i] = make(i, cert.seconds + per_input, cert.n_samples)
         for i in rest:
             if out[i] is None:
-                out[i] = make(int(classes[i]), float(radius[i]), per_input)
-        return out
+                out[i] = make(i, per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
+        return [dataclasses.replace(c, route=str(r)) for c, r in zip(out, route)]

@@ -21,7 +21,8 @@ from calibration.summary import build_report, tables
 from ..core.errors import InvalidParameterError
 from ..core.files import commit_outputs
 
-__all__ = ["write_report", "write_calibration_report", "report_paths", "render_html", "render_markdown", "NOTES"]
+__all__ = ["write_report", "write_calibration_report", "write_monitor_report", "report_paths", "render_html",
+           "render_markdown", "NOTES"]
 
 NOTES = {
     "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
@@ -37,6 +38,13 @@ NOTES = {
     "check": "On the test split's MC counts (never used for calibration): how often the calibrated surrogate "
              "radius exceeds the Clopper-Pearson reference radius. Calibration bounds this rate by epsilon "
              "(marginally); the allowance is the 0.999-quantile of Binomial(images, epsilon).",
+    "monitor": "Drift monitor: a conformal test martingale on the surrogate's class and confidence of each query, "
+               "against the calibration images and every earlier query. If the queries are exchangeable with the "
+               "calibration images, the probability that it ever reaches the alarm level is at most delta.",
+    "audit": "Audit: a random share of the queries re-checked with n_cal base-model samples; the rate at which the "
+             "one-pass radius exceeds the audit's reference radius, with a confidence sequence valid at all times. "
+             "The alarm is raised when the sequence lies above the threshold (the upper quantile of the rate a "
+             "correct calibration can show).",
 }
 """What each table shows, printed above it in HTML and Markdown."""
 
@@ -46,6 +54,7 @@ _SECTIONS = (
     ("Cost", ("cost", "per_query"), ("samples_histogram",)),
     ("Calibration", ("calibration", "groups", "check"), ("calibration_scatter",)),
     ("Amortisation", ("amortisation",), ()),
+    ("Deployment monitor", ("monitor", "audit"), ("monitor",)),
     ("Environment", ("environment",), ()),
 )
 
@@ -53,6 +62,7 @@ _MARKDOWN_HEADINGS = (
     ("accuracy", "Certified accuracy"), ("cost", "Cost"), ("per_query", "Per query"),
     ("calibration", "Calibration"), ("groups", "Calibration groups"),
     ("check", "Held-out check of the calibration"), ("amortisation", "Amortisation"),
+    ("monitor", "Deployment monitor"), ("audit", "Audit of one-pass certificates"),
     ("environment", "Environment"),
 )
 
@@ -91,9 +101,12 @@ def _sections(report: dict, figures: dict[str, str]) -> list[dict]:
             section["preformatted"] = [dict(label=label, path=f["path"], text="\n".join(f["header"]))
                                        for label, f in report["environment"]["files"].items() if f["header"]]
             if cal:
+                raw = dict(cal["raw"])
+                if raw.get("monitor_reference"):  # thousands of numbers: summarised
+                    raw["monitor_reference"] = f"{len(raw['monitor_reference'].get('p_tilde') or [])} calibration images"
                 section["preformatted"].append(dict(
                     label="calibration", path=cal["path"],
-                    text=json.dumps(_jsonable(cal["raw"]), indent=1)[:20000]))
+                    text=json.dumps(_jsonable(raw), indent=1)[:20000]))
         if section["figures"] or section["tables"]:
             out.append(section)
     return out
@@ -203,6 +216,7 @@ def write_report(
     *,
     key: bytes | None = None,
     overwrite: bool = True,
+    monitor: str | os.PathLike | None = None,
 ) -> dict[str, str]:
     """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
 
@@ -235,6 +249,8 @@ def write_report(
     overwrite : bool, optional
         Replace existing report files (default); if false, ``OutputExistsError`` when any of the
         three exists, and nothing is written.
+    monitor : str or os.PathLike, optional
+        A ``surrogate-cert monitor`` JSON, for the deployment-monitor section.
 
     Returns
     -------
@@ -256,8 +272,9 @@ def write_report(
         raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
     if counts is not None and calibration is None:
         raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
-    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key)
-    return _write_all(report, out, title, [*results, calibration, counts, surrogate], overwrite=overwrite)
+    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key,
+                          monitor=monitor)
+    return _write_all(report, out, title, [*results, calibration, counts, surrogate, monitor], overwrite=overwrite)
 
 
 def write_calibration_report(
@@ -309,4 +326,34 @@ def write_calibration_report(
         raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")
     report = build_report([], calibration_path, counts, surrogate, data_root=data_root, key=key)
     return _write_all(report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate],
-                      beside=".report", overwrite=overwrite)
+                      beside=".report")
+
+
+def write_monitor_report(monitor: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = True) -> dict[str, str]:
+    """The deployment-monitor section alone (``surrogate-cert monitor --report``); returns the paths written.
+
+    Beside ``out`` (``monitor.html``) go ``monitor.report.md`` and ``monitor.report.json``, so the
+    report never replaces the monitor file it describes.
+
+    Parameters
+    ----------
+    monitor : str or os.PathLike
+        A ``surrogate-cert monitor`` JSON.
+    out : str or os.PathLike
+        The HTML file; must end in ``.html`` and its folder must exist.
+
+    Returns
+    -------
+    dict of str to str
+        Paths written, keyed ``html``, ``md`` and ``json``.
+
+    Raises
+    ------
+    InvalidInputError
+        If ``monitor`` is not a monitor JSON.
+    InvalidParameterError
+        If ``out`` is not an ``.html`` in an existing folder, or an output would overwrite the input.
+    """
+    report = build_report([], monitor=monitor)
+    return _write_all(report, out, "surrogate-cert deployment monitor", [monitor], beside=".report",
+                      overwrite=overwrite)
