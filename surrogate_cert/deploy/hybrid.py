@@ -99,7 +99,7 @@ class HybridCertifier:
         tolerance: float = 0.01,
         schedule: Sequence[int] = FALLBACK_SCHEDULE,
         device: str | torch.device | None = None,
-        batch_size: int = 1000,
+        batch_size: int | str = 1000,
         seed: int = 0,
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
@@ -131,8 +131,8 @@ class HybridCertifier:
             Samples per fallback input per round (the last repeats); default ``FALLBACK_SCHEDULE``.
         device : str, torch.device or None, optional
             Where the surrogate and the base model run (``resolve_device``).
-        batch_size : int, optional
-            Noisy samples per base-model forward pass.
+        batch_size : int or "auto", optional
+            Noisy samples per base-model forward pass; ``"auto"``: the largest that fits on the device.
         seed : int, optional
             Seed of the fallback's noise streams.
 
@@ -168,7 +168,7 @@ class HybridCertifier:
                 raise InvalidParameterError("fallback='eprocess' needs the base model (--model); or use --fallback none")
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
-                                        batch_size=batch_size, seed=seed)
+                                        batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape)
             sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
                                            schedule=schedule)
         return cls(SurrogateCertifier(surrogate, calibration), sequential)
