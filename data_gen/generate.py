@@ -263,7 +263,12 @@ def generate_counts(
             return os.fspath(out)
         writer, error = _first_error(lambda: open_shard(out, shard.rank, shard.world_size, indices=data.indices,
                                                         labels=labels, attrs=attrs, resume=resume))
-        shard.agree(error)
+        try:
+            shard.agree(error)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
         with writer:
             print(f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
                   f"committed, counting {writer.total - writer.committed}", file=sys.stderr, flush=True)

@@ -4,6 +4,10 @@ torchrun's own parser (Python 3.11's argparse reads abbreviations even after the
 for one-process use. Commands that run as one process refuse torchrun."""
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 from torch.distributed.run import get_args_parser
 
@@ -45,3 +49,28 @@ def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path):
     assert main(["train-base", "--out", str(tmp_path / "b.pt")]) == 2
     assert "train-base runs as one process: start it without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "b.pt").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def documented_torchrun_commands() -> list[str]:
+    """Every torchrun command of the README's bash blocks and of the Slurm example, as written."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        commands += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("torchrun")]
+    sbatch = (REPO / "examples" / "slurm_datagen.sbatch").read_text().replace("\\\n", " ")
+    commands += [line.strip().removeprefix("srun ") for line in sbatch.splitlines() if line.startswith("srun torchrun")]
+    return commands
+
+
+def test_documented_torchrun_commands_parse_as_written():
+    commands = documented_torchrun_commands()
+    assert len(commands) >= 5
+    ours = build_parser()
+    for command in commands:
+        words = shlex.split(re.sub(r"\$\{?\w+(:-[^}]*)?\}?", "1", command))  # shell variables -> a value
+        launched = get_args_parser().parse_args(words[1:])
+        assert launched.training_script == ("surrogate_cert" if launched.module else "surrogate-cert"), command
+        args = ours.parse_args(launched.training_script_args)
+        assert args.command in TORCHRUN_COMMANDS and args.torchrun, command

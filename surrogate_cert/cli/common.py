@@ -124,7 +124,8 @@ def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: S
     those of a one-process run.
     """
     positions = shard.positions(len(data))
-    x, indices = data.x[torch.as_tensor(positions)], data.indices[positions]
+    x, indices = ((data.x[torch.as_tensor(positions)], data.indices[positions]) if shard.distributed
+                  else (data.x, data.indices))
     certificates = []
     with tqdm(total=len(positions), desc=desc, unit="img", disable=not (progress and shard.is_main),
               file=sys.stderr) as bar:

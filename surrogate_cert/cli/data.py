@@ -51,7 +51,8 @@ def register(sub) -> None:
     add_device_args(p)
     add_engine_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --out from its last committed row (same settings required)")
+                   help="continue an interrupted --out (or its torchrun shards) from the last committed rows, same "
+                        "settings required; starts the job when there is nothing to continue")
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished rows to the file at least this often (default 2)")
     add_progress_arg(p)

@@ -6,10 +6,13 @@ unseeded noise, and across processes.
   (``seeding_overhead``): the engine with the current noise scheme (and with version 0.1's) against
   the same engine drawing unseeded noise, end to end and with a model that costs nothing (so only
   noise, packing and counting are left). Rounds are interleaved and the median round is reported,
-  so a noisy shared machine affects every side alike.
+  so a noisy shared machine affects every side alike; on a CPU with one thread the rates are per
+  second of this process's CPU time (the wall clock of a shared machine mostly measures the other
+  jobs), and the wall-clock figures are reported beside them.
 - ``measure_scaling``: ``W`` processes counting at once (``threads`` each, as ``torchrun`` shards a
   job) against one process with the same threads, from a common start: ``efficiency =
-  throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating.
+  throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating; with
+  each process's CPU time, to tell processes slowing each other from cores held by other jobs.
 
 ``benchmarks/datagen_throughput.py`` is the command line.
 """
@@ -62,6 +65,8 @@ GPU_CONFIGS = (
 
 NOISE_ONLY_SECONDS = 0.5
 """Least duration of one noise-only round (the work is repeated up to it)."""
+NOISE_ONLY_ROUNDS = 9
+"""Noise-only rounds are short: more of them."""
 
 
 class _NullModel(nn.Module):
@@ -90,12 +95,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(device: torch.device, work) -> float:
+def _timed(device: torch.device, work) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``work()``."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     work()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def machine_load() -> dict:
@@ -169,7 +175,7 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
         null[s].counts(x[:1], min(n, batch_size))
     forward()
     # Without a model a round is short: repeat it to at least NOISE_ONLY_SECONDS, so timer noise stays small.
-    once = _timed(dev, lambda: null[NOISE_SCHEME].counts(x, n, indices=idx))
+    once, _ = _timed(dev, lambda: null[NOISE_SCHEME].counts(x, n, indices=idx))
     repeat = max(1, int(np.ceil(NOISE_ONLY_SECONDS / max(once, 1e-6))))
 
     def noise_only(scheme: str) -> None:
@@ -179,16 +185,25 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
     sides = {f"engine/{s}": (lambda s=s: engines[s].counts(x, n, indices=idx)) for s in engines}
     sides.update({f"noise_only/{s}": (lambda s=s: noise_only(s)) for s in null})
     sides["forward"] = forward
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+    for round_ in range(max(rounds, NOISE_ONLY_ROUNDS)):
         for name, work in sides.items():
-            times[name].append(_timed(dev, work))
+            if round_ < rounds or name.startswith("noise_only/"):
+                seconds, cpu_seconds = _timed(dev, work)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+    # On a CPU shared with other jobs the wall clock mostly measures them; with one torch thread, this
+    # process's CPU time measures the work itself. On a GPU only the wall clock means anything.
+    timer = "process_cpu_time" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_clock"
+    times = cpu if timer == "process_cpu_time" else wall
     median = {name: statistics.median(t) for name, t in times.items()}
+    median_wall = {name: statistics.median(t) for name, t in wall.items()}
     engine_rate = samples / median[f"engine/{NOISE_SCHEME}"]
     forward_rate = samples / median["forward"]
 
-    def overhead(kind_: str, scheme: str) -> float:
-        return round(median[f"{kind_}/{scheme}"] / median[f"{kind_}/{NOISE_UNSEEDED}"] - 1.0, 3)
+    def overhead(kind_: str, scheme: str, table=median) -> float:
+        return round(table[f"{kind_}/{scheme}"] / table[f"{kind_}/{NOISE_UNSEEDED}"] - 1.0, 3)
 
     return {
         "model": config.name,
@@ -201,10 +216,18 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
         "amp": smooth.amp,
         "channels_last": smooth.channels_last,
         "compile": bool(compile),
+        "timer": timer,
         "engine_samples_per_s": round(engine_rate, 1),
         "forward_samples_per_s": round(forward_rate, 1),
         "ratio": round(engine_rate / forward_rate, 3),
         "goal_ratio": 0.9,
+        "wall_clock": {
+            "engine_samples_per_s": round(samples / median_wall[f"engine/{NOISE_SCHEME}"], 1),
+            "forward_samples_per_s": round(samples / median_wall["forward"], 1),
+            "ratio": round(median_wall["forward"] / median_wall[f"engine/{NOISE_SCHEME}"], 3),
+            "seeding_overhead_engine": overhead("engine", NOISE_SCHEME, median_wall),
+            "seeding_overhead_noise_only": overhead("noise_only", NOISE_SCHEME, median_wall),
+        },
         "engine_seconds_per_round": round(median[f"engine/{NOISE_SCHEME}"], 4),
         "seeding_overhead": {
             "noise_scheme": NOISE_SCHEME,
@@ -213,9 +236,10 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
             "engine_v1": overhead("engine", NOISE_SCHEME_V1),
             "noise_only_v1": overhead("noise_only", NOISE_SCHEME_V1),
             "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{NOISE_SCHEME}"], 1),
+            "noise_only_rounds": NOISE_ONLY_ROUNDS,
             "goal": 0.10,
         },
-        "round_seconds_spread": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
+        "round_seconds_range": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
     }
 
 
@@ -237,9 +261,9 @@ def _scaling_worker(rank: int, world_size: int, config: BenchModel, threads: int
             continue
         if active > 1:
             barrier.wait()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         smooth.counts(x, n, indices=idx)
-        results.put((rank, start, time.perf_counter()))
+        results.put((rank, start, time.perf_counter(), time.process_time() - start_cpu))
 
 
 def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, repeats: int = 5,
@@ -285,11 +309,12 @@ def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, re
         for _ in range(world_size):
             results.get(timeout=600)
 
-        def run(active: int) -> float:
+        def run(active: int) -> tuple[float, float]:
             for queue in commands:
                 queue.put(active)
             spans = [results.get(timeout=3600) for _ in range(active)]
-            return max(end for _, _, end in spans) - min(start for _, start, _ in spans)
+            wall = max(end for _, _, end, _ in spans) - min(start for _, start, _, _ in spans)
+            return wall, sum(cpu for *_, cpu in spans) / active
 
         one, many = [], []
         for _ in range(repeats):
@@ -300,21 +325,29 @@ def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, re
             queue.put(None)
         for worker in workers:
             worker.join(timeout=60)
-    efficiency = [a / b for a, b in zip(one, many)]
+    efficiency = [a[0] / b[0] for a, b in zip(one, many)]
     samples = images * n
+    one_wall, many_wall = statistics.median(w for w, _ in one), statistics.median(w for w, _ in many)
+    one_cpu, many_cpu = statistics.median(c for _, c in one), statistics.median(c for _, c in many)
     return {
         "model": config.name,
         "world_size": world_size,
         "threads_per_process": threads,
         "samples_per_process": samples,
         "repeats": repeats,
-        "one_process_samples_per_s": round(samples / statistics.median(one), 1),
-        "all_processes_samples_per_s": round(world_size * samples / statistics.median(many), 1),
+        "one_process_samples_per_s": round(samples / one_wall, 1),
+        "all_processes_samples_per_s": round(world_size * samples / many_wall, 1),
         "efficiency": round(statistics.median(efficiency), 3),
         "efficiency_runs": [round(e, 3) for e in efficiency],
         "speedup": round(world_size * statistics.median(efficiency), 3),
         "speedup_range": [round(world_size * min(efficiency), 3), round(world_size * max(efficiency), 3)],
         "goal_speedup": round(0.85 * world_size, 2),
+        # Where the wall-clock shortfall comes from: CPU seconds a process needs for its share (alone
+        # vs beside the others: > 1 means the processes slow each other, e.g. memory bandwidth), and
+        # the share of a core each process got (< 1 means other jobs held the cores).
+        "cpu_seconds_per_process": {"alone": round(one_cpu, 3), "beside_others": round(many_cpu, 3)},
+        "cpu_time_ratio": round(many_cpu / one_cpu, 3),
+        "core_share_per_process": {"alone": round(one_cpu / one_wall, 3), "beside_others": round(many_cpu / many_wall, 3)},
         "load_before": load_before,
         "load_after": machine_load(),
     }
