@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per side (median reported)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of the scaling measurement")
     parser.add_argument("--scaling-model", default=CONFIGS[0].name, choices=[c.name for c in CONFIGS])
+    parser.add_argument("--scaling-only", action="store_true", help="only the --world-size measurement (to repeat it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     settings = dict(device=device, rounds=args.rounds, scale=scale, channels_last=args.channels_last,
                     compile=args.compile)
     results = []
-    for config in CONFIGS + (GPU_CONFIGS if gpu else ()):
+    for config in () if args.scaling_only else CONFIGS + (GPU_CONFIGS if gpu else ()):
         for amp in ((None, "bf16") if gpu and args.amp else (args.amp,)):
             results.append(measure(config, amp=amp, **settings))
     not_measured = [] if gpu else [f"{c.name} on a GPU (fp32 and bf16): not measured, no CUDA device"

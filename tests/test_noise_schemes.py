@@ -102,3 +102,12 @@ def test_resume_continues_with_the_files_scheme_and_never_mixes(tmp_path, digits
     with pytest.raises(InvalidParameterError, match="unknown noise scheme"):
         generate_counts("digits", "test", model, 0.25, 300, str(tmp_path / "u.h5"), noise_scheme=NOISE_UNSEEDED,
                         **kwargs)
+
+
+def test_engine_keys_equal_the_documented_block_keys():
+    from surrogate_cert.core.smoothing import _block_key, _input_hash
+
+    for seed, index, stream in [(0, 0, 0), (3, 811, 1), (2**40, 2**33 + 5, 2)]:
+        blocks = np.arange(0, 3000, 7)
+        h = _input_hash(seed, index)
+        assert [_block_key(h, stream, int(b)) for b in blocks] == block_keys(seed, index, stream, blocks).tolist()

@@ -165,10 +165,25 @@ def block_keys(seed: int, index: int, stream: int, blocks: Sequence[int] | np.nd
         raise InvalidParameterError(f"stream must be in [0, {1 << _STREAM_BITS}), got {stream}")
     if blocks.size and (blocks.min() < 0 or blocks.max() >= (1 << _BLOCK_BITS)):
         raise InvalidParameterError(f"noise blocks must lie in [0, 2**{_BLOCK_BITS}) (2.7e11 samples per input)")
-    h = _splitmix64(_splitmix64(int(seed) & _M64) ^ (int(index) & _M64)) & ((1 << _BLOCK_BITS) - 1)
+    h = _input_hash(seed, index)
     words = (np.uint64(int(stream) << _BLOCK_BITS)
              | (np.uint64(h) ^ blocks.astype(np.uint64)) & np.uint64((1 << _BLOCK_BITS) - 1))
     return _fmix32(words)
+
+
+def _input_hash(seed: int, index: int) -> int:
+    """``h(seed, index)`` of ``block_keys``: the low 30 bits of a SplitMix64 hash."""
+    return _splitmix64(_splitmix64(int(seed) & _M64) ^ (int(index) & _M64)) & ((1 << _BLOCK_BITS) - 1)
+
+
+def _block_key(h: int, stream: int, block: int) -> int:
+    """``block_keys`` for one block, in plain integers: the engine's per-block cost is a few operations."""
+    x = (stream << _BLOCK_BITS) | ((h ^ block) & ((1 << _BLOCK_BITS) - 1))
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def check_noise_scheme(scheme: str, *, allow_unseeded: bool = False) -> str:
@@ -504,7 +519,10 @@ class SmoothedClassifier:
     # ------------------------------------------------------------------ counting
     def _block_keys(self, index: int, stream: int, first_block: int, end_block: int):
         if self.noise_scheme == NOISE_SCHEME_V2:
-            return block_keys(self.seed, index, stream, np.arange(first_block, end_block)).tolist()
+            if end_block > (1 << _BLOCK_BITS) or not 0 <= stream < (1 << _STREAM_BITS):
+                block_keys(self.seed, index, stream, [end_block - 1])  # raises the error that says why
+            h = _input_hash(self.seed, index)
+            return [_block_key(h, stream, b) for b in range(first_block, end_block)]
         if self.noise_scheme == NOISE_SCHEME_V1:
             return [block_seed(self.seed, index, stream, b) for b in range(first_block, end_block)]
         return None
