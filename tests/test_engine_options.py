@@ -112,9 +112,14 @@ def test_bf16_counts_are_checked_against_float32(tmp_path, digits):
     assert share.shape == (5,) and share.max() <= AMP_TOLERANCE
     tied = SmoothedClassifier(Tied(), 10, 0.25, device="cpu", amp="bf16").amp_disagreement(x, 500, indices=idx)
     assert tied.max() > 0.2
-    exported = torch.export.export(Tied(), (torch.rand(2, 1, 8, 8),),
-                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(exported, str(tmp_path / "tied.pt2"))
+    for name, model in (("spread", spread), ("tied", Tied())):
+        exported = torch.export.export(model, (torch.rand(2, 1, 8, 8),),
+                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(exported, str(tmp_path / f"{name}.pt2"))
+    generate_counts("digits", "test", str(tmp_path / "spread.pt2"), 0.25, 200, str(tmp_path / "s.h5"), amp="bf16",
+                    limit=3, device="cpu", progress=False)
+    attrs = read_attrs(tmp_path / "s.h5")
+    assert attrs["amp"] == "bf16" and 0 <= attrs["amp_disagreement"] <= AMP_TOLERANCE
     with pytest.raises(ModelError, match=r"bf16 autocast changes .* of the base model's noisy predictions"):
         generate_counts("digits", "test", str(tmp_path / "tied.pt2"), 0.25, 200, str(tmp_path / "c.h5"), amp="bf16",
                         limit=3, device="cpu", progress=False)
