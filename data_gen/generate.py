@@ -231,7 +231,7 @@ def generate_counts(
             + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
         }
         if smooth.amp:
-            attrs["amp_disagreement"] = _check_amp(smooth, data, n)
+            attrs["amp_disagreement"] = _check_amp(smooth, data)
         return data, positions, smooth, attrs
 
     if not shard.distributed:
@@ -284,10 +284,10 @@ def generate_counts(
     return os.fspath(out)
 
 
-def _check_amp(smooth: SmoothedClassifier, data, n: int) -> float:
+def _check_amp(smooth: SmoothedClassifier, data) -> float:
     """The largest share of predictions bf16 changes on the split's first images; ModelError above the tolerance."""
     rows = min(AMP_CHECK_IMAGES, len(data))
-    shares = smooth.amp_disagreement(data.x[:rows], min(n, AMP_CHECK_SAMPLES), indices=data.indices[:rows])
+    shares = smooth.amp_disagreement(data.x[:rows], AMP_CHECK_SAMPLES, indices=data.indices[:rows])
     worst = float(shares.max())
     if worst > AMP_TOLERANCE:
         raise ModelError(f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
