@@ -1,15 +1,18 @@
 """Offline Monte Carlo data generation: class counts of a base model under noise, for one split, in HDF5.
 
 ``generate_counts`` is the Python API behind ``surrogate-cert datagen``. Each image's noise comes from
-its own generator seeded by ``(seed, dataset index, stream)`` (see ``surrogate_cert.smoothing``), so
-the file's counts depend neither on ``batch_size`` nor on how often the job was interrupted and
-resumed: a resumed file is identical to one written in a single run.
+its own generator seeded by ``(seed, dataset index, stream)`` (see ``surrogate_cert.core.smoothing``),
+so the file's counts depend neither on ``batch_size``, nor on how often the job was interrupted and
+resumed, nor on how many torchrun processes shared it: a resumed or merged file is identical to one
+written in a single run.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -17,18 +20,53 @@ import torch
 from tqdm.auto import tqdm
 
 from surrogate_cert.core import __version__
-from surrogate_cert.core.errors import InvalidParameterError, check_count, check_positive
-from surrogate_cert.core.smoothing import NOISE_SCHEME, STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier
+from surrogate_cert.core.errors import (
+    InvalidParameterError,
+    ModelError,
+    SurrogateCertError,
+    check_count,
+    check_positive,
+)
+from surrogate_cert.core.smoothing import (
+    AMP_TOLERANCE,
+    NOISE_SCHEME,
+    STREAM_ESTIMATE,
+    STREAM_SELECT,
+    SmoothedClassifier,
+    check_noise_scheme,
+)
 
 from .datasets import load_split
+from .distributed import SINGLE, Shard
 from .models import check_model_fits, load_model
-from .store import CountsWriter
+from .store import (
+    CountsWriter,
+    check_no_shards,
+    check_sharded_job,
+    lock_counts_file,
+    merge_shards,
+    open_shard,
+    recorded_noise_scheme,
+    remove_shards,
+)
 
 BATCHES_PER_CALL = 8
 """Forward batches per engine call: progress updates this often; the last batch of a call may be partial."""
 
 COMMIT_SECONDS = 2.0
 """Default time between commits: an interruption loses at most this much work."""
+
+AMP_CHECK_IMAGES = 8
+AMP_CHECK_SAMPLES = 1024
+"""``--amp bf16`` is checked against float32 on this many of the split's first images and samples each."""
+
+
+def _first_error(step):
+    """``(step(), None)``, or ``(None, error)`` if it raised a SurrogateCertError (to share with the other ranks)."""
+    try:
+        return step(), None
+    except SurrogateCertError as exc:
+        return None, exc
 
 
 def generate_counts(
@@ -40,7 +78,7 @@ def generate_counts(
     out: str,
     *,
     n0: int = 0,
-    batch_size: int = 1000,
+    batch_size: int | str = 1000,
     seed: int = 0,
     limit: int | None = None,
     device: str | torch.device | None = None,
@@ -52,6 +90,10 @@ def generate_counts(
     progress: bool = True,
     commit_seconds: float = COMMIT_SECONDS,
     command: str | None = None,
+    noise_scheme: str | None = None,
+    channels_last: bool | None = None,
+    compile: bool | str = False,
+    shard: Shard | None = None,
 ) -> str:
     """Write ``out``: the class counts of ``n`` noisy evaluations of the base model per image of ``split``.
 
@@ -63,6 +105,11 @@ def generate_counts(
     row. Rows are committed at least every ``commit_seconds``; an interruption loses at most the
     rows since the last commit. Every failure is a one-line ``SurrogateCertError`` raised before
     any existing file is changed.
+
+    Under torchrun (``shard`` from ``data_gen.distributed.launch``), process ``r`` of ``W`` counts the
+    rows ``r, r + W, ...`` into its own shard file (``store.open_shard``, same rules), and rank 0
+    merges the shards into ``out`` once all are complete (``store.merge_shards``): the same file a
+    one-process run writes, but for the ``command`` and ``created_utc`` attributes.
 
     Parameters
     ----------
@@ -80,18 +127,22 @@ def generate_counts(
         The HDF5 counts file to write.
     n0 : int, optional
         Selection samples per image (>= 0); 0 writes no ``counts_select``.
-    batch_size : int, optional
-        Noisy samples per forward pass (counts do not depend on it).
+    batch_size : int or "auto", optional
+        Noisy samples per forward pass (counts do not depend on it); ``"auto"``: the largest that
+        fits (``SmoothedClassifier``).
     seed : int, optional
         Seed of the noise streams.
     limit : int, optional
         Count the first ``limit`` images of the split only.
     device : str, torch.device or None, optional
-        Where the base model runs.
+        Where the base model runs (under torchrun, ``cuda`` means ``cuda:LOCAL_RANK``).
     amp : {None, "bf16"}, optional
-        bfloat16 autocast on CUDA (recorded: a resume must use the same).
+        bfloat16 autocast (recorded: a resume must use the same). Refused when, on the split's first
+        ``AMP_CHECK_IMAGES`` images, it changes more than ``AMP_TOLERANCE`` of an image's
+        predictions against float32 on the same noise; the largest share is recorded as
+        ``amp_disagreement``.
     resume : bool, optional
-        Continue an existing ``out`` made with the same settings.
+        Continue an existing ``out`` (or its shards) made with the same settings.
     overwrite : bool, optional
         Start an existing ``out`` again from its first row (it is replaced once the new file is
         created); ignored with ``resume``.
@@ -100,11 +151,19 @@ def generate_counts(
     download : bool, optional
         Download a missing torchvision dataset.
     progress : bool, optional
-        Show a progress bar.
+        Show a progress bar (rank 0's, under torchrun).
     commit_seconds : float, optional
         Most seconds between commits (>= 0).
     command : str, optional
         The command line recorded in the file.
+    noise_scheme : str, optional
+        ``NOISE_SCHEMES``; default: the one a resumed file records, else ``NOISE_SCHEME``.
+    channels_last : bool, optional
+        ``channels_last`` memory for the model (default: on for convolutional models on CUDA).
+    compile : bool or str, optional
+        ``torch.compile`` the model (``True`` or a backend name).
+    shard : Shard, optional
+        This process's part of a torchrun job (``data_gen.distributed.launch``); default one process.
 
     Returns
     -------
@@ -114,44 +173,119 @@ def generate_counts(
     Raises
     ------
     InvalidParameterError
-        If ``sigma``, ``n``, ``n0``, ``batch_size``, ``limit`` or ``commit_seconds`` is out of range,
-        or ``n + n0`` does not fit uint32 counts.
+        If ``sigma``, ``n``, ``n0``, ``batch_size``, ``limit``, ``commit_seconds`` or
+        ``noise_scheme`` is out of range, ``n + n0`` does not fit uint32 counts, or there are more
+        processes than images.
     DatasetError
         If the dataset cannot be loaded.
     ModelError
-        If the model cannot be loaded or does not fit the dataset's images or classes.
+        If the model cannot be loaded, does not fit the dataset's images or classes, or bf16 changes
+        too many of its predictions.
     StoreError
-        If ``out`` exists without ``resume`` or ``overwrite``, is locked by another writer (``StoreLockedError``),
-        does not match the resume settings (``ResumeMismatchError``), or cannot be written.
+        If ``out`` exists without ``resume``, is locked by another writer (``StoreLockedError``),
+        does not match the resume settings (``ResumeMismatchError``), cannot be written, or its
+        shards are missing, unfinished or from another job (``ShardError``).
     InvalidInputError
         If ``amp`` or ``device`` is not usable.
     """
-    sigma = check_positive("sigma", sigma)
-    n = check_count("n", n)
-    n0 = check_count("n0", n0, minimum=0)
-    batch_size = check_count("batch_size", batch_size)
-    if n + n0 >= 2**32:
-        raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
-    if commit_seconds < 0 or not math.isfinite(commit_seconds):
-        raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
-    data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
-    loaded = load_model(model_spec, device=device, num_classes=data.num_classes, input_shape=data.input_shape)
-    smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=batch_size,
-                                amp=amp, seed=seed)
-    check_model_fits(smooth, data.x[:1], model_spec)
+    shard = shard or SINGLE
+    if shard.distributed and overwrite and not resume:
+        raise InvalidParameterError("--overwrite is not supported under torchrun: remove the old file (and its "
+                                    "shards) first, or continue it with --resume")
 
-    attrs = {
-        "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
-        "dataset": data.dataset, "split": split, "limit": limit, "model_sha256": loaded.sha256,
-        "model_source": loaded.source, "package_version": __version__, "noise_scheme": NOISE_SCHEME,
-        "device_type": smooth.device.type, "amp": smooth.amp, "input_shape": list(data.input_shape),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command or "generate_counts()",
-    }
-    with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume,
-                           overwrite=overwrite) as writer:
-        _fill(writer, smooth, data, n, n0, batch_size, commit_seconds, progress)
+    def setup():
+        nonlocal sigma, n, n0
+        sigma = check_positive("sigma", sigma)
+        n = check_count("n", n)
+        n0 = check_count("n0", n0, minimum=0)
+        if batch_size != "auto":
+            check_count("batch_size", batch_size)
+        if n + n0 >= 2**32:
+            raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
+        if commit_seconds < 0 or not math.isfinite(commit_seconds):
+            raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
+        scheme = check_noise_scheme(noise_scheme or (resume and recorded_noise_scheme(out)) or NOISE_SCHEME)
+        data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
+        positions = shard.positions(len(data))
+        here = shard.device(device)
+        loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
+        smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
+                                    amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
+                                    compile=compile, input_shape=data.input_shape)
+        check_model_fits(smooth, data.x[:1], model_spec)
+        attrs = {
+            "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
+            "dataset": data.dataset, "split": split, "limit": limit, "model_sha256": loaded.sha256,
+            "model_source": loaded.source, "package_version": __version__, "noise_scheme": scheme,
+            "device_type": smooth.device.type, "amp": smooth.amp, "input_shape": list(data.input_shape),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": (command or "generate_counts()")
+            + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
+        }
+        if smooth.amp:
+            attrs["amp_disagreement"] = _check_amp(smooth, data)
+        return data, positions, smooth, attrs
+
+    if not shard.distributed:
+        data, _, smooth, attrs = setup()
+        check_no_shards(out)
+        with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume,
+                               overwrite=overwrite) as writer:
+            _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
+        return os.fspath(out)
+
+    ready, error = _first_error(setup)
+    shard.agree(error)
+    data, positions, smooth, attrs = ready
+    labels = data.y.numpy()
+    job_lock = None
+    try:
+        def preflight() -> bool:
+            nonlocal job_lock
+            if not shard.is_main:
+                return False
+            job_lock = lock_counts_file(out)
+            return check_sharded_job(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs,
+                                     resume=resume)
+
+        done, error = _first_error(preflight)
+        shard.agree(error)
+        if shard.broadcast(done):
+            if shard.is_main:
+                remove_shards(out, shard.world_size)  # left over if a merge was cut short after linking out
+            return os.fspath(out)
+        writer, error = _first_error(lambda: open_shard(out, shard.rank, shard.world_size, indices=data.indices,
+                                                        labels=labels, attrs=attrs, resume=resume))
+        try:
+            shard.agree(error)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+        with writer:
+            print(f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
+                  f"committed, counting {writer.total - writer.committed}", file=sys.stderr, flush=True)
+            mine = replace(data, x=data.x[torch.as_tensor(positions)], y=data.y[torch.as_tensor(positions)],
+                           indices=data.indices[positions])
+            _fill(writer, smooth, mine, n, n0, smooth.batch_size, commit_seconds, progress and shard.is_main)
+        shard.barrier()
+        if shard.is_main:
+            merge_shards(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, lock_held=True)
+    finally:
+        if job_lock is not None:
+            job_lock.release()
     return os.fspath(out)
+
+
+def _check_amp(smooth: SmoothedClassifier, data) -> float:
+    """The largest share of predictions bf16 changes on the split's first images; ModelError above the tolerance."""
+    rows = min(AMP_CHECK_IMAGES, len(data))
+    shares = smooth.amp_disagreement(data.x[:rows], AMP_CHECK_SAMPLES, indices=data.indices[:rows])
+    worst = float(shares.max())
+    if worst > AMP_TOLERANCE:
+        raise ModelError(f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
+                         f"(tolerance {AMP_TOLERANCE:.0%}); run without --amp")
+    return worst
 
 
 def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: int, batch_size: int,

@@ -7,8 +7,12 @@ Model specs accepted by ``load_model`` (and ``--model``):
   architecture name and loaded with ``torch.load(..., weights_only=True)``;
 - ``model.ts``: a TorchScript file (``torch.jit.save``); an optional extra file
   ``surrogate_cert.json`` (``_extra_files``) may declare ``num_classes``, ``input_shape`` and ``sigma``;
-- ``model.pt2``: a ``torch.export`` program (``torch.export.save``; export it with a dynamic batch
-  dimension, since the engine evaluates batches of any size);
+- ``model.pt2``: a ``torch.export`` program (``torch.export.save``), the format PyTorch recommends now
+  that TorchScript is deprecated. Export it with a dynamic batch dimension (``dynamic_shapes=({0:
+  torch.export.Dim("batch", min=1)},)``), since the engine evaluates batches of any size; a program
+  with a static batch is refused. Its input shape and class count are read from the program, so the
+  same shape checks apply as for a checkpoint; the same optional ``surrogate_cert.json``
+  (``extra_files``) may declare ``sigma``;
 - ``package.module:factory=weights.pt``: ``factory()`` (called without arguments) builds the
   ``nn.Module`` and ``weights.pt`` holds its state dict (plain, or a surrogate-cert checkpoint),
   loaded with ``weights_only=True``; ``path/to/file.py:factory=weights.pt`` works too, and
@@ -92,12 +96,7 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
             model = torch.jit.load(path, map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as exc:
         raise ModelError(f"cannot load TorchScript file {path} ({str(exc).strip().splitlines()[0][:160]})") from None
-    meta = {}
-    if extra[TORCHSCRIPT_META]:
-        try:
-            meta = json.loads(extra[TORCHSCRIPT_META])
-        except (ValueError, TypeError):
-            raise ModelError(f"{path}: extra file {TORCHSCRIPT_META} is not valid JSON; fix or drop it") from None
+    meta = _read_meta(extra, path)
     shape = meta.get("input_shape")
     return LoadedModel(
         model=model.eval(), sha256=sha256_file(path),
@@ -108,15 +107,98 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
     )
 
 
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module. Its train / eval behaviour was fixed when it was exported
+    (exported modules refuse ``.eval()``), so ``train()`` / ``eval()`` only set the flag here."""
+
+    def __init__(self, program_module: nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = bool(mode)
+        return self
+
+
+def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int | None]:
+    """(input shape C x H x W, output classes) of an exported program; refuses one it cannot batch."""
+    signature = program.graph_signature
+    inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name in signature.user_inputs]
+    if len(inputs) != 1 or "val" not in inputs[0].meta:
+        raise ModelError(f"torch.export program {path} takes {len(inputs)} inputs; export a model of one image batch "
+                         "(N x C x H x W)")
+    shape = tuple(inputs[0].meta["val"].shape)
+    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (README: bringing your own "
+           "model)")
+    if len(shape) < 2:
+        raise ModelError(f"torch.export program {path} takes inputs of shape {shape}; export it on a batch N x C x H x W")
+    if not isinstance(shape[0], torch.SymInt):
+        raise ModelError(f"torch.export program {path} was exported with a static batch of {shape[0]}, but the engine "
+                         f"evaluates batches of any size; {fix}")
+    lowest = None
+    for symbol, bounds in program.range_constraints.items():
+        if str(symbol) == str(shape[0].node.expr):
+            lowest = bounds.lower
+    if lowest is not None and int(lowest) > 1:
+        raise ModelError(f"torch.export program {path} accepts batches of at least {lowest} only; {fix}")
+    rest = shape[1:]
+    input_shape = tuple(int(v) for v in rest) if all(isinstance(v, int) for v in rest) else None
+    num_classes = None
+    for node in program.graph.nodes:
+        if node.op == "output":
+            outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            value = getattr(outputs[0], "meta", {}).get("val") if outputs else None
+            if value is not None and value.ndim == 2 and isinstance(value.shape[1], int):
+                num_classes = int(value.shape[1])
+    return input_shape, num_classes
+
+
 def _load_exported(path: str, device: torch.device) -> LoadedModel:
+    extra = {TORCHSCRIPT_META: ""}
     try:
-        program = torch.export.load(path)
-        model = program.module().to(device)
+        program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # torch.export raises many types for malformed archives
         raise ModelError(f"cannot load torch.export program {path} ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
-    return LoadedModel(model=model, sha256=sha256_file(path), num_classes=None, input_shape=None, sigma=None,
-                       source=os.path.abspath(path))
+    input_shape, num_classes = _export_signature(program, path)
+    meta = _read_meta(extra, path)
+    if meta.get("input_shape") is not None and input_shape is not None and \
+            tuple(int(v) for v in meta["input_shape"]) != input_shape:
+        raise ModelError(f"{path}: {TORCHSCRIPT_META} declares input_shape {meta['input_shape']} but the program takes "
+                         f"{input_shape}; fix the extra file")
+    try:
+        if device.type != "cpu":
+            # Moves the constants the graph creates on a device too, which module().to() would miss.
+            program = torch.export.passes.move_to_device_pass(program, device)
+        model = ExportedModel(program.module()).to(device)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise ModelError(f"cannot prepare torch.export program {path} for {device} ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+    declared = meta.get("num_classes")
+    return LoadedModel(
+        model=model.eval(), sha256=sha256_file(path),
+        num_classes=num_classes if num_classes is not None else (int(declared) if declared is not None else None),
+        input_shape=input_shape if input_shape is not None else (
+            tuple(int(v) for v in meta["input_shape"]) if meta.get("input_shape") else None),
+        sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
+        source=os.path.abspath(path),
+    )
+
+
+def _read_meta(extra: dict, path: str) -> dict:
+    """The ``surrogate_cert.json`` extra file of a TorchScript or torch.export model, or {}."""
+    if not extra.get(TORCHSCRIPT_META):
+        return {}
+    try:
+        meta = json.loads(extra[TORCHSCRIPT_META])
+    except (ValueError, TypeError):
+        raise ModelError(f"{path}: extra file {TORCHSCRIPT_META} is not valid JSON; fix or drop it") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: extra file {TORCHSCRIPT_META} must hold a JSON object; fix or drop it")
+    return meta
 
 
 def _import_factory(module_part: str, factory_name: str, spec: str):
@@ -460,4 +542,4 @@ def train_base(
     return metrics
 
 
-__all__ = ["LoadedModel", "load_model", "check_model_fits", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

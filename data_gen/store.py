@@ -27,12 +27,21 @@ JSON, a checkpoint) and refuse a file that contradicts its own attributes (rows 
 sound file that does not fit its consumer (dataset, sigma, classes, image shape, base model,
 completeness, images the consumer must not see, by dataset index); ``CountsWriter.append`` refuses
 rows that would break those invariants.
+
+Shards (``torchrun``): process ``r`` of ``W`` writes the rows ``r, r + W, ...`` of the split to its own
+counts file ``path.shard-r-of-W`` (``shard_path``), with the same rules, plus the attributes
+``shard_rank`` and ``shard_count``. ``merge_shards`` checks that all ``W`` shards are there, complete,
+and made by this job (``IDENTITY_KEYS``, planned rows), then builds ``path`` under a temporary name,
+links it into place complete, and only then removes the shards: ``path`` is never written from an
+incomplete or foreign set, and a shard is never removed before its rows are in ``path``.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -44,6 +53,7 @@ from surrogate_cert.core.errors import OutputExistsError, StoreError
 from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
 
 from .datasets import load_split, same_dataset
+from .distributed import shard_positions
 
 class StoreLockedError(StoreError):
     """Another process holds the file's writer lock (a second writer is refused, never queued)."""
@@ -60,6 +70,8 @@ class CountsFileExistsError(StoreError, OutputExistsError):
 class CountsMismatchError(StoreError):
     """A valid counts file that does not fit its consumer (another dataset, sigma, class count, input
     shape or base model; an incomplete file; images the consumer must not see)."""
+class ShardError(StoreError):
+    """A shard is missing, unfinished, or from another job (another seed, model, sigma, split or world size)."""
 
 
 FORMAT = "surrogate-cert-counts"
@@ -72,6 +84,9 @@ IDENTITY_KEYS = (
 """Attributes a resumed job must match exactly: together they fix every row's counts."""
 
 REQUIRED_KEYS = IDENTITY_KEYS + ("package_version", "rows", "complete")
+
+SHARD_KEYS = ("shard_rank", "shard_count")
+"""Attributes of a shard file only: which process of how many wrote it."""
 
 COUNTS_DTYPE = np.uint32
 CHUNK_BYTES = 64 * 1024
@@ -464,7 +479,8 @@ def check_counts_for(
 
 # --------------------------------------------------------------------------- writing
 class _Lock:
-    """Exclusive, non-blocking ``flock`` on ``path + '.lock'``; removed again on release."""
+    """Exclusive, non-blocking ``flock`` on ``path + '.lock'`` (which holds the holder's process id);
+    removed again on release."""
 
     def __init__(self, target: str):
         self.path = target + ".lock"
@@ -492,6 +508,9 @@ class _Lock:
             try:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     self.fd = fd
+                    # The holder's process id, for people (and tests) looking for the writer.
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
                     return self
             except FileNotFoundError:
                 pass
@@ -620,32 +639,9 @@ class CountsWriter:
 
     @staticmethod
     def _create(path, indices, labels, attrs, with_select, replace: bool = False) -> None:
-        num_rows, k = len(indices), int(attrs["num_classes"])
-        if num_rows < 1:
+        if len(indices) < 1:
             raise StoreError("nothing to write: the split has no rows; check --limit and the dataset")
-        try:
-            with atomic_output(path, overwrite=replace) as tmp, h5py.File(tmp, "w") as h5:
-                h5.attrs["format"] = FORMAT
-                h5.attrs["format_version"] = FORMAT_VERSION
-                for key, value in attrs.items():
-                    if value is None:
-                        value = "none"
-                    h5.attrs[key] = value
-                h5.attrs["rows"] = 0
-                h5.attrs["complete"] = False
-                row_chunk = min(num_rows, 8192)
-                h5.create_dataset("indices", data=np.asarray(indices, np.int64), chunks=(row_chunk,), **_filters())
-                h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
-                names = ["counts"] + (["counts_select"] if with_select else [])
-                for name in names:
-                    h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE,
-                                      chunks=(_chunk_rows(num_rows, k), k), fillvalue=0, **_filters())
-            # Without ``replace`` the file is linked into place, which refuses an existing target: a
-            # concurrent creator can never be overwritten.
-        except OutputExistsError as exc:
-            raise CountsFileExistsError(str(exc)) from None
-        except OSError as exc:
-            raise StoreError(f"cannot write {path} ({str(exc).splitlines()[0]}); choose a writable --out") from None
+        _write_new(path, lambda tmp: _build(tmp, indices, labels, attrs, with_select), replace=replace)
 
     @staticmethod
     def _check_resume(path, indices, labels, attrs) -> int:
@@ -739,6 +735,361 @@ class CountsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _build(tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: bool, counts=None,
+           counts_select=None) -> None:
+    """Write a complete counts file at ``tmp``: no rows committed, or all of them when ``counts`` is given."""
+    num_rows, k = len(indices), int(attrs["num_classes"])
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["format"] = FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            if value is None:
+                value = "none"
+            h5.attrs[key] = value
+        h5.attrs["rows"] = 0 if counts is None else num_rows
+        h5.attrs["complete"] = counts is not None
+        row_chunk = min(num_rows, 8192)
+        h5.create_dataset("indices", data=np.asarray(indices, np.int64), chunks=(row_chunk,), **_filters())
+        h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
+        names = ["counts"] + (["counts_select"] if with_select else [])
+        for name, data in zip(names, (counts, counts_select)):
+            h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE, chunks=(_chunk_rows(num_rows, k), k),
+                              fillvalue=0, **_filters())
+            if data is not None:
+                h5[name][:] = np.asarray(data).astype(COUNTS_DTYPE)
+
+
+def _write_new(path: str, build, replace: bool = False) -> None:
+    """``build(tmp)`` a file under a temporary name, then put it at ``path`` (``core.files.atomic_output``).
+
+    Without ``replace`` the file is linked into place, which refuses an existing target: a concurrent
+    creator can never be overwritten (``CountsFileExistsError``).
+    """
+    try:
+        with atomic_output(path, overwrite=replace) as tmp:
+            build(tmp)
+    except OutputExistsError as exc:
+        raise CountsFileExistsError(str(exc)) from None
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} ({str(exc).splitlines()[0]}); choose a writable --out") from None
+
+
+# --------------------------------------------------------------------------- shards (torchrun)
+_SHARD_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)$")
+
+
+def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> str:
+    """The shard file of process ``rank`` of ``world_size`` for the counts file ``path``: ``path.shard-R-of-W``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file (``--out``).
+    rank : int
+        The process, ``0 <= rank < world_size``.
+    world_size : int
+        Processes of the job.
+
+    Returns
+    -------
+    str
+        The shard's path, in ``path``'s folder.
+    """
+    return f"{os.fspath(path)}.shard-{int(rank)}-of-{int(world_size)}"
+
+
+def find_shards(path: str | os.PathLike) -> dict[int, list[str]]:
+    """Shard files of ``path`` on disk, by world size (``{2: [path.shard-0-of-2, ...]}``); ``{}`` if none.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file.
+
+    Returns
+    -------
+    dict
+        World size -> sorted shard paths.
+    """
+    path = os.fspath(path)
+    found: dict[int, list[str]] = {}
+    for candidate in glob.glob(glob.escape(path) + ".shard-*-of-*"):
+        match = _SHARD_NAME.search(candidate[len(path):])
+        if match and candidate[len(path):] == match.group(0):
+            found.setdefault(int(match.group(2)), []).append(candidate)
+    return {size: sorted(paths) for size, paths in sorted(found.items())}
+
+
+def recorded_noise_scheme(path: str | os.PathLike) -> str | None:
+    """The ``noise_scheme`` of ``path`` or, failing that, of one of its shards; None if neither exists.
+
+    A resume continues with the scheme its file records, so old files resume as they were started.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The counts file (``--out``).
+
+    Returns
+    -------
+    str or None
+        The recorded scheme name.
+
+    Raises
+    ------
+    StoreError
+        If the file or shard exists but is not a readable counts file.
+    """
+    candidates = [os.fspath(path)] + [p for paths in find_shards(path).values() for p in paths]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return read_attrs(candidate)["noise_scheme"]
+    return None
+
+
+def check_no_shards(path: str | os.PathLike) -> None:
+    """StoreError if shards of a torchrun job exist for ``path``: a one-process run must not mix with them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The counts file a one-process job is about to write.
+
+    Raises
+    ------
+    ShardError
+        If any ``path.shard-*-of-*`` exists.
+    """
+    shards = find_shards(path)
+    if shards:
+        size, paths = next(iter(shards.items()))
+        raise ShardError(f"{path} has shards of an unfinished torchrun job with {size} processes ({paths[0]}, ...); "
+                         f"finish it with the same torchrun command (world size {size}) and --resume, or delete "
+                         f"{path}.shard-* to start over")
+
+
+def open_shard(
+    path: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    *,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    attrs: Mapping[str, Any],
+    resume: bool = False,
+) -> CountsWriter:
+    """``CountsWriter`` of process ``rank``'s shard: its rows (``rank, rank + W, ...``) of the planned ones.
+
+    Same rules as ``CountsWriter.open`` (refused if it exists without ``resume``, same settings on
+    resume, locked while open), with ``shard_rank`` and ``shard_count`` recorded.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file (``--out``); the shard is ``shard_path(path, rank, world_size)``.
+    rank, world_size : int
+        This process and the number of processes.
+    indices, labels : numpy.ndarray
+        Dataset index and label of every planned row of the whole job, in split order.
+    attrs : mapping
+        The job's attributes (as for ``CountsWriter.open``).
+    resume : bool, optional
+        Continue an existing shard.
+
+    Returns
+    -------
+    CountsWriter
+        The shard's writer.
+
+    Raises
+    ------
+    StoreError
+        As ``CountsWriter.open``.
+    """
+    rows = shard_positions(len(indices), rank, world_size)
+    return CountsWriter.open(shard_path(path, rank, world_size), indices=np.asarray(indices)[rows],
+                             labels=np.asarray(labels)[rows], attrs={**attrs, "shard_rank": int(rank),
+                                                                     "shard_count": int(world_size)},
+                             resume=resume)
+
+
+def remove_shards(path: str | os.PathLike, world_size: int, *, locked: bool = False) -> None:
+    """Remove the shards of a merged ``path`` (each under its lock unless the caller holds them).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file; call only once it is complete.
+    world_size : int
+        Processes of the job whose shards go.
+    locked : bool, optional
+        The caller holds every shard's lock.
+    """
+    for rank in range(world_size):
+        shard = shard_path(path, rank, world_size)
+        if not os.path.exists(shard):
+            continue
+        lock = None if locked else _Lock(shard).acquire()
+        try:
+            os.unlink(shard)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def check_sharded_job(path: str | os.PathLike, world_size: int, *, indices: np.ndarray, labels: np.ndarray,
+                      attrs: Mapping[str, Any], resume: bool) -> bool:
+    """Before a torchrun job starts: may it run, and is there anything left to do?
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file (``--out``).
+    world_size : int
+        Processes of the job.
+    indices, labels : numpy.ndarray
+        The job's planned rows.
+    attrs : mapping
+        The job's attributes.
+    resume : bool
+        ``--resume`` was given.
+
+    Returns
+    -------
+    bool
+        True if ``path`` already holds the finished job (a resume then has nothing to do).
+
+    Raises
+    ------
+    StoreError
+        If ``path`` exists without ``resume``; ``ResumeMismatchError`` if it was made with other
+        settings; ``ShardError`` if it is an unfinished one-process file, if shards of another world
+        size exist, or if shards of this one exist without ``resume``.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not resume:
+            raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+        committed = CountsWriter._check_resume(path, indices, labels, {**attrs, "format_version": FORMAT_VERSION})
+        if committed >= len(indices):
+            return True
+        raise ShardError(f"{path} is an unfinished one-process datagen file ({committed} of {len(indices)} rows); "
+                         "finish it without torchrun, with the same command and --resume")
+    shards = find_shards(path)
+    others = {size: paths for size, paths in shards.items() if size != world_size}
+    if others:
+        size, paths = next(iter(others.items()))
+        raise ShardError(f"{path} has shards of a torchrun job with {size} processes ({paths[0]}, ...), this one has "
+                         f"{world_size}; relaunch with {size} processes and --resume, or delete {path}.shard-* to "
+                         "start over")
+    if shards.get(world_size) and not resume:
+        raise ShardError(f"{path} has shards of an unfinished job ({shards[world_size][0]}, ...); pass --resume to "
+                         "continue them, or delete them to start over")
+    return False
+
+
+def lock_counts_file(path: str | os.PathLike):
+    """Take ``path``'s writer lock (as a writer does) without opening it: a torchrun job's rank 0 holds it
+    from start to merge, so no other job writes ``path`` meanwhile. Release it with ``.release()``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The counts file.
+
+    Returns
+    -------
+    object
+        The held lock (``release()`` frees it).
+
+    Raises
+    ------
+    StoreLockedError
+        If another process holds it.
+    """
+    return _Lock(os.fspath(path)).acquire()
+
+
+def merge_shards(path: str | os.PathLike, world_size: int, *, indices: np.ndarray, labels: np.ndarray,
+                 attrs: Mapping[str, Any], lock_held: bool = False) -> None:
+    """Merge the ``world_size`` shards of ``path`` into ``path``, in the split's row order, then remove them.
+
+    Every shard must exist, be complete, hold exactly its planned rows and match the job's
+    ``IDENTITY_KEYS``; otherwise nothing is written and every shard is left as it is. ``path`` is
+    built under a temporary name and linked into place complete, so it never holds a partial merge.
+    The merged file has the job's attributes (no shard attributes): the file a one-process run writes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The merged counts file to create (refused if it exists).
+    world_size : int
+        Processes of the job.
+    indices, labels : numpy.ndarray
+        The job's planned rows, in split order.
+    attrs : mapping
+        The job's attributes.
+    lock_held : bool, optional
+        The caller holds ``path``'s writer lock (``lock_counts_file``); else it is taken here.
+
+    Raises
+    ------
+    ShardError
+        If a shard is missing, unfinished, or from another job.
+    StoreLockedError
+        If a shard is still being written.
+    StoreError
+        If ``path`` exists or cannot be written.
+    """
+    path = os.fspath(path)
+    attrs = {**attrs, "format_version": FORMAT_VERSION}
+    want = _identity(attrs)
+    num_rows, k = len(indices), int(attrs["num_classes"])
+    with_select = int(attrs.get("n0", 0)) > 0
+    counts = np.zeros((num_rows, k), np.int64)
+    counts_select = np.zeros((num_rows, k), np.int64) if with_select else None
+    locks = []
+    try:
+        for rank in range(world_size):
+            shard = shard_path(path, rank, world_size)
+            if not os.path.isfile(shard):
+                raise ShardError(f"cannot merge {path}: shard {shard} is missing; relaunch the same torchrun "
+                                 "command with --resume to redo it")
+            locks.append(_Lock(shard).acquire())
+            part = read_counts(shard)
+            have = _identity(part.attrs)
+            diff = [f"{key} {have[key]!r} vs {want[key]!r}" for key in IDENTITY_KEYS if _differs(have[key], want[key])]
+            if diff or (part.attrs.get("shard_rank"), part.attrs.get("shard_count")) != (rank, world_size):
+                diff = diff or [f"shard_rank/shard_count {part.attrs.get('shard_rank')}/{part.attrs.get('shard_count')}"]
+                raise ShardError(f"cannot merge {path}: shard {shard} comes from another job ({'; '.join(diff)}); "
+                                 "delete it and relaunch with --resume")
+            rows = shard_positions(num_rows, rank, world_size)
+            if not part.attrs["complete"] or len(part) != len(rows):
+                raise ShardError(f"cannot merge {path}: shard {shard} has {len(part)} of {len(rows)} rows; relaunch "
+                                 "the same torchrun command with --resume to finish it")
+            if not (np.array_equal(part.indices, np.asarray(indices)[rows])
+                    and np.array_equal(part.labels, np.asarray(labels)[rows])):
+                raise ShardError(f"cannot merge {path}: shard {shard} holds other images than this job plans; "
+                                 "delete it and relaunch with --resume")
+            counts[rows] = part.counts
+            if with_select:
+                if part.counts_select is None:
+                    raise ShardError(f"cannot merge {path}: shard {shard} has no counts_select; the file is damaged")
+                counts_select[rows] = part.counts_select
+        if os.path.exists(path):
+            raise StoreError(f"cannot merge into {path}: it already exists; choose another --out")
+        lock = None if lock_held else _Lock(path).acquire()
+        try:
+            _write_new(path, lambda tmp: _build(tmp, indices, labels, attrs, with_select, counts, counts_select))
+        finally:
+            if lock is not None:
+                lock.release()
+        remove_shards(path, world_size, locked=True)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def _differs(a: Any, b: Any) -> bool:

@@ -56,7 +56,6 @@ def datagen(tmp_path, digits_untrained_model):
     ({"--n0": "-1"}, ["n0 must be an integer >= 0"]),
     ({"--batch-size": "0"}, ["batch_size"]),
     ({"--limit": "0"}, ["limit must be an integer >= 1"]),
-    ({"--amp": "bf16"}, ["CUDA"]),
 ])
 def test_bad_arguments(capsys, tmp_path, datagen, overrides, needles):
     assert_one_line_error(*datagen(capsys, **overrides), *needles)

@@ -55,7 +55,9 @@ def test_torch_export_program(tmp_path):
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(tmp_path / "m.pt2"))
     exported = load_model(str(tmp_path / "m.pt2"), device="cpu")
-    assert exported.num_classes is None and torch.allclose(exported.model(x[:3]), model(x[:3]))
+    # The program records its input shape and output width, so they are checked like a checkpoint's.
+    assert (exported.num_classes, exported.input_shape) == (10, (1, 8, 8))
+    assert torch.allclose(exported.model(x[:3]), model(x[:3]))
 
 
 def test_factory_specs(tmp_path, monkeypatch):

@@ -7,10 +7,13 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from data_gen.distributed import launch, torchrun_world_size
+
 from ..core import __version__
-from ..core.errors import SurrogateCertError
+from ..core.errors import InvalidParameterError, SurrogateCertError
 from . import baselines, data, monitor, pipeline, report, surrogate
 
 COMMAND_GROUPS = (
@@ -56,9 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result = args.func(args)
+        if torchrun_world_size() > 1 and not getattr(args, "torchrun", False):
+            if os.environ.get("RANK") != "0":
+                return 2  # rank 0 says why
+            raise InvalidParameterError(f"{args.command} runs as one process: start it without torchrun (torchrun "
+                                        "shares the work of datagen, cohen, sequential and certify)")
+        # Under torchrun: one shard of the work per process (data_gen.distributed); else the whole job.
+        with launch(getattr(args, "device", None)) as shard:
+            args.shard = shard
+            result = args.func(args)
     except SurrogateCertError as exc:
-        print(f"surrogate-cert {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "silent", False):  # another process's error, which rank 0 reports
+            print(f"surrogate-cert {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"surrogate-cert {args.command}: interrupted; committed work is kept (re-run with --resume where offered)",

@@ -13,14 +13,16 @@ from data_gen.models import check_model_fits, load_model
 from ..core.cohen import CohenCertifier
 from ..core.errors import InvalidParameterError
 from ..core.sequential import EProcessCertifier
-from ..core.smoothing import SmoothedClassifier
+from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
 from .common import (
     add_dataset_args,
     add_device_args,
+    add_engine_args,
     add_model_arg,
     add_overwrite_arg,
     add_parser,
     add_progress_arg,
+    add_samples_arg,
     certify_split,
     check_new_outputs,
     provenance,
@@ -38,11 +40,11 @@ def register(sub) -> None:
     p = add_parser(sub, "cohen",
                    "certify a split with Cohen et al.'s fixed-sample randomized smoothing (the baseline)",
                    "surrogate-cert cohen --model base.pt --dataset digits --split test --sigma 0.25 "
-                   "--n0 100 --n 10000 --alpha 0.001 --out cohen.tsv")
+                   "--n0 100 --samples 10000 --alpha 0.001 --out cohen.tsv")
     _common_args(p)
     p.add_argument("--n0", type=int, default=100, help="selection samples per input (default 100)")
-    p.add_argument("--n", type=int, default=10_000, help="estimation samples per input (default 10000)")
-    p.set_defaults(func=run_cohen)
+    add_samples_arg(p, 10_000, "estimation samples per input (default 10000; --n is an alias)")
+    p.set_defaults(func=run_cohen, torchrun=True)
 
     p = add_parser(sub, "sequential",
                    "certify a split with the anytime-valid sequential (E-process) certifier",
@@ -58,7 +60,7 @@ def register(sub) -> None:
     p.add_argument("--class-choice", choices=("pilot", "per_class"), default="pilot",
                    help="pilot: argmax of --n0 pilot samples; per_class: one confidence sequence per class at alpha/K")
     p.add_argument("--n0", type=int, default=100, help="pilot samples per input (class-choice pilot)")
-    p.set_defaults(func=run_sequential)
+    p.set_defaults(func=run_sequential, torchrun=True)
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="noise level (l2, pixel units in [0, 1]); default: the one recorded in the model")
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability per certificate (default 0.001)")
     add_device_args(p)
+    add_engine_args(p)
     add_progress_arg(p)
     p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
                                                 "either exists")
@@ -89,16 +92,19 @@ def _load(args: argparse.Namespace):
     """The split, the smoothed classifier and the provenance of a run."""
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
-    loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)
+    device = args.shard.device(args.device)
+    loaded = load_model(args.model, device=device, num_classes=data.num_classes, input_shape=data.input_shape)
     sigma = args.sigma if args.sigma is not None else loaded.sigma
     if sigma is None:
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
-    smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=args.device,
-                                batch_size=args.batch_size, seed=args.seed)
+    smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=args.batch_size,
+                                seed=args.seed, amp=args.amp, noise_scheme=args.noise_scheme or NOISE_SCHEME,
+                                channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape)
     check_model_fits(smooth, data.x[:1], args.model)
     meta = provenance(args, method=args.command, dataset=args.dataset, split=args.split, limit=args.limit,
                       images=len(data), sigma=sigma, alpha=args.alpha, model_sha256=loaded.sha256,
-                      device=str(smooth.device), seed=args.seed)
+                      device=str(smooth.device), seed=args.seed, noise_scheme=smooth.noise_scheme, amp=smooth.amp,
+                      batch_size=smooth.batch_size, world_size=args.shard.world_size)
     return data, smooth, meta
 
 
@@ -107,8 +113,10 @@ def run_cohen(args: argparse.Namespace) -> int:
     certifier = CohenCertifier(smooth)
     certificates = certify_split(
         data, lambda x, idx: certifier.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, indices=idx),
-        COHEN_CHUNK, not args.no_progress, "cohen",
+        COHEN_CHUNK, not args.no_progress, "cohen", args.shard,
     )
+    if certificates is None:
+        return 0  # rank 0 writes the merged results
     return write_results(args.out, data, certificates, dict(meta, n0=args.n0, n=args.n), overwrite=args.overwrite)
 
 
@@ -121,7 +129,9 @@ def run_sequential(args: argparse.Namespace) -> int:
         policy="best_radius" if args.target_radius is None else "target_radius",
     )
     certificates = certify_split(data, lambda x, idx: certifier.certify(x, indices=idx),
-                                 SEQUENTIAL_CHUNK, not args.no_progress, "sequential")
+                                 SEQUENTIAL_CHUNK, not args.no_progress, "sequential", args.shard)
+    if certificates is None:
+        return 0  # rank 0 writes the merged results
     return write_results(args.out, data, certificates, dict(
         meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance,
         max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0), overwrite=args.overwrite)

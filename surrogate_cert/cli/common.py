@@ -13,11 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from data_gen.datasets import DATASET_HELP, SPLITS
+from data_gen.distributed import SINGLE, Shard
 
 from ..core import __version__
 from ..core.certificate import certified_accuracy, meta_path, write_tsv
+from ..core.errors import InvalidParameterError
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
+from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES
 
 MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
               "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
@@ -51,11 +54,42 @@ def add_device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> 
     p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 
+def batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a positive integer, or ``auto`` (the largest that fits on the device)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or 'auto', got {text!r}") from None
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """Device, noisy samples per forward pass, and the noise seed."""
     add_device_arg(p)
-    p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+    p.add_argument("--batch-size", type=batch_size_arg, default=1000,
+                   help="noisy samples per forward pass, or auto: the largest that fits on the device, found once "
+                        "and recorded (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; noise of image i depends only on (seed, i)")
+
+
+def add_samples_arg(p: argparse.ArgumentParser, default: int, help: str) -> None:
+    """``--samples`` (alias ``--n``): torchrun's own parser mistakes ``--n`` for its ``--nnodes`` / ``--nproc-per-node``."""
+    p.add_argument("--samples", "--n", dest="n", type=int, default=default, metavar="N", help=help)
+
+
+def add_engine_args(p: argparse.ArgumentParser, amp: bool = True) -> None:
+    """How the counting engine runs the base model and draws noise: mixed precision, memory layout,
+    compilation, noise scheme."""
+    if amp:
+        p.add_argument("--amp", choices=("bf16",), default=None,
+                       help="bfloat16 autocast (GPUs; CPUs with bf16 support): checked against float32 first")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory for convolutional models (default: on with CUDA, off on the CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the base model (pays off on long GPU jobs)")
+    p.add_argument("--noise-scheme", choices=NOISE_SCHEMES, default=None,
+                   help=f"how noise is seeded (default {NOISE_SCHEME}, or the one of the file a --resume continues; "
+                        f"{NOISE_SCHEMES[0]} reproduces version 0.1)")
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
@@ -115,15 +149,32 @@ def provenance(args: argparse.Namespace, **fields) -> dict:
                 numpy=np.__version__, scipy=scipy.__version__, **fields)
 
 
-def certify_split(data, certify, chunk: int, progress: bool, desc: str) -> list:
-    """``certify(x, indices)`` over a split in chunks of ``chunk`` images, with a progress bar."""
+def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard = SINGLE) -> list | None:
+    """``certify(x, indices)`` over a split in chunks of ``chunk`` images, with a progress bar.
+
+    Under torchrun each process certifies its rows (``shard.positions``: ``rank, rank + W, ...``) and
+    rank 0 receives every process's certificates and returns them all in the split's order (the
+    others return None). Each input's noise is named by its dataset index, so the certificates are
+    those of a one-process run.
+    """
+    positions = shard.positions(len(data))
+    x, indices = ((data.x[torch.as_tensor(positions)], data.indices[positions]) if shard.distributed
+                  else (data.x, data.indices))
     certificates = []
-    with tqdm(total=len(data), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-        for lo in range(0, len(data), chunk):
-            hi = min(lo + chunk, len(data))
-            certificates.extend(certify(data.x[lo:hi], data.indices[lo:hi]))
+    with tqdm(total=len(positions), desc=desc, unit="img", disable=not (progress and shard.is_main),
+              file=sys.stderr) as bar:
+        for lo in range(0, len(positions), chunk):
+            hi = min(lo + chunk, len(positions))
+            certificates.extend(certify(x[lo:hi], indices[lo:hi]))
             bar.update(hi - lo)
-    return certificates
+    gathered = shard.gather((positions, certificates))
+    if gathered is None:
+        return None
+    merged = [None] * len(data)
+    for rows, part in gathered:
+        for row, certificate in zip(rows.tolist(), part):
+            merged[row] = certificate
+    return merged
 
 
 def write_results(out: str, data, certificates, meta: dict, overwrite: bool = False) -> int:

@@ -18,7 +18,9 @@ from .common import (
     add_model_arg,
     add_overwrite_arg,
     add_parser,
+    add_engine_args,
     add_progress_arg,
+    add_samples_arg,
     check_new_outputs,
     command_line,
 )
@@ -44,25 +46,27 @@ def register(sub) -> None:
 
     p = add_parser(sub, "datagen",
                    "store Monte Carlo class counts of a base model under Gaussian noise for one split, in HDF5",
-                   "surrogate-cert datagen --dataset digits --split train --model base.pt --sigma 0.25 --n 1000 "
-                   "--out train.h5")
+                   "surrogate-cert datagen --dataset digits --split train --model base.pt --sigma 0.25 --samples 1000 "
+                   "--out train.h5\n  torchrun --nproc-per-node=4 --no-python surrogate-cert datagen ... --resume "
+                   "(one shard per process, merged into --out)")
     add_dataset_args(p, split_default=None)
     add_model_arg(p)
     p.add_argument("--sigma", type=float, required=True, help="noise level (l2, pixel units in [0, 1])")
-    p.add_argument("--n", type=int, default=1000, help="noisy evaluations per image (dataset 'counts')")
+    add_samples_arg(p, 1000, "noisy evaluations per image (dataset 'counts'; --n is an alias)")
     p.add_argument("--n0", type=int, default=0,
                    help="extra selection-stream evaluations per image (dataset 'counts_select'; 0 = none)")
     add_device_args(p)
-    p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 autocast (CUDA only)")
+    add_engine_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --out from its last committed row (same settings required)")
+                   help="continue an interrupted --out (or its torchrun shards) from the last committed rows, same "
+                        "settings required; starts the job when there is nothing to continue")
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished rows to the file at least this often (default 2)")
     add_progress_arg(p)
     p.add_argument("--out", required=True,
                    help="HDF5 file to write (refused if it exists, unless --resume or --overwrite)")
     add_overwrite_arg(p, resumable=True)
-    p.set_defaults(func=run_datagen)
+    p.set_defaults(func=run_datagen, torchrun=True)
 
 
 def run_train_base(args: argparse.Namespace) -> int:
@@ -85,7 +89,11 @@ def run_datagen(args: argparse.Namespace) -> int:
     generate_counts(args.dataset, args.split, args.model, args.sigma, args.n, args.out, n0=args.n0,
                     batch_size=args.batch_size, seed=args.seed, limit=args.limit, device=args.device, amp=args.amp,
                     resume=args.resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
-                    progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args))
+                    progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args),
+                    noise_scheme=args.noise_scheme, channels_last=args.channels_last, compile=args.compile,
+                    shard=args.shard)
+    if not args.shard.is_main:
+        return 0  # rank 0 merges the shards and reports
     attrs = read_attrs(args.out)
     print(f"wrote {args.out}: {attrs['rows']} rows ({attrs['dataset']} {attrs['split']}) x {attrs['num_classes']} "
           f"classes, n={attrs['n']}, n0={attrs['n0']}, sigma={attrs['sigma']}, complete={attrs['complete']}")

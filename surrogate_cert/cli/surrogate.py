@@ -110,7 +110,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
                                                 "either exists")
     add_overwrite_arg(p)
-    p.set_defaults(func=run_certify)
+    p.set_defaults(func=run_certify, torchrun=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -157,9 +157,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_certify(args: argparse.Namespace) -> int:
     key = signing_key(args)
     check_new_outputs(args, *results_paths(args.out))
+    device = args.shard.device(args.device)
     hybrid = HybridCertifier.load(
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
-        fallback=args.fallback, tolerance=args.tolerance, device=args.device, batch_size=args.batch_size,
+        fallback=args.fallback, tolerance=args.tolerance, device=device, batch_size=args.batch_size,
         seed=args.seed, key=key,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
@@ -174,11 +175,15 @@ def run_certify(args: argparse.Namespace) -> int:
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
+        noise_scheme=hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None else None,
+        world_size=args.shard.world_size,
     )
     certificates = certify_split(
         data, lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),
-        HYBRID_CHUNK, not args.no_progress, "certify",
+        HYBRID_CHUNK, not args.no_progress, "certify", args.shard,
     )
+    if certificates is None:
+        return 0  # rank 0 writes the merged results
     code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
     methods = Counter(c.method for c in certificates)
     print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain")))

@@ -5,11 +5,32 @@ comes from block ``j // NOISE_BLOCK`` of a generator seeded by ``(seed, index_i,
 So counts do not depend on batch size, on which inputs share a forward pass, on sharding, or on
 where an interrupted job resumes; and two streams of one input (selection / estimation) are
 independent.
+
+How a block's generator is seeded is the *noise scheme*, recorded in every counts file
+(``noise_scheme``) so a resume never mixes two:
+
+- ``torch-generator-block256-v2`` (``NOISE_SCHEME``, the default): the block's 32-bit seed is a
+  bijective mix of ``stream`` (2 bits) and ``h(seed, index) XOR block`` (30 bits), computed for all
+  of a call's blocks at once in NumPy. PyTorch's CPU generator (MT19937) keeps only the low 32 bits
+  of any seed, so 32 bits are all a block can have; this layout spends them so that no two blocks of
+  one input (any stream, up to 2**30 blocks) ever share a seed.
+- ``torch-generator-block256-v1``: NumPy ``SeedSequence`` per block (``block_seed``). Kept, bit for
+  bit, to reproduce and resume files made with it. Its seeds are random 32-bit values once the CPU
+  generator truncates them, so two blocks of one input collide with probability about
+  ``blocks**2 / 2**33`` (e.g. 7e-5 per image at n = 100,000), and the per-block ``SeedSequence``
+  cost 14 us per block.
+
+Noise is drawn on the engine's device by that device's generator (MT19937 on the CPU, Philox on
+CUDA), so counts are reproducible for one device type; CUDA's kernels lay a block's values out by
+the GPU's multiprocessor count, so CUDA noise is reproducible on one GPU model.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,15 +40,42 @@ from .errors import InvalidInputError, InvalidParameterError, ModelError, check_
 NOISE_BLOCK = 256
 """Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
 
-NOISE_SCHEME = "torch-generator-block256-v1"
-"""Names how noise is derived from (seed, index, stream, sample); stored in counts files, so a resume
-never mixes two schemes. Change it whenever the noise of a given (seed, index, stream, j) changes."""
+NOISE_SCHEME_V1 = "torch-generator-block256-v1"
+"""Per-block NumPy ``SeedSequence`` seeds (``block_seed``): files of version 0.1."""
+
+NOISE_SCHEME_V2 = "torch-generator-block256-v2"
+"""Per-block 32-bit seeds, collision-free within an input (``block_keys``)."""
+
+NOISE_SCHEME = NOISE_SCHEME_V2
+"""The scheme new counts files and certifiers use. Stored in counts files, so a resume never mixes two
+schemes. A new scheme gets a new name whenever the noise of a given (seed, index, stream, j) changes."""
+
+NOISE_SCHEMES = (NOISE_SCHEME_V1, NOISE_SCHEME_V2)
+"""Every reproducible scheme this version can draw (and so resume)."""
+
+NOISE_UNSEEDED = "unseeded-benchmark-only"
+"""One generator per call, seeded once: NOT reproducible per input. Only the throughput benchmark uses
+it, to measure what per-block seeding costs; counts files refuse it."""
 
 STREAM_SELECT = 0
 STREAM_ESTIMATE = 1
 STREAM_SEQUENTIAL = 2
 STREAM_AUDIT = 3
 """Noise of a deployment audit's re-check (``deploy.monitor.CertificateAudit``): shared with no other use."""
+_STREAM_BITS = 2
+_BLOCK_BITS = 32 - _STREAM_BITS
+
+AMP_TOLERANCE = 0.01
+"""Largest share of an input's noisy predictions that bf16 autocast may change (total variation
+distance between its bf16 and float32 counts on the same noise, per input); see ``amp_disagreement``."""
+
+DEFAULT_BATCH_SIZE = 1000
+AUTO_BATCH_MAX = {"cpu": 1024, "cuda": 1 << 16}
+"""Largest batch the automatic search tries, per device type: on a GPU, the largest batch that fits
+is the fastest; on a CPU throughput is flat past a few hundred samples, so the search stops early."""
+
+CACHE_ENV = "SURROGATE_CERT_CACHE"
+"""Environment variable naming the cache folder (default ``~/.cache/surrogate-cert``)."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -63,9 +111,94 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def block_seed(seed: int, index: int, stream: int, block: int) -> int:
-    """64-bit seed of one noise block, mixed by NumPy's SeedSequence (no correlated neighbours)."""
+    """Seed of one noise block in scheme ``torch-generator-block256-v1`` (kept bit for bit for old files).
+
+    Mixed by NumPy's SeedSequence. It was meant as 64 bits but is 63 (``<< 31``), and the CPU
+    generator keeps only its low 32 bits; ``block_keys`` (v2) replaces it.
+    """
     state = np.random.SeedSequence([int(seed), int(index), int(stream), int(block)]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that scatters neighbouring values."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
+    x = x ^ (x >> np.uint64(13))
+    x = (x * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
+    return x ^ (x >> np.uint64(16))
+
+
+def block_keys(seed: int, index: int, stream: int, blocks: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Generator seeds of noise blocks ``blocks`` of one input and stream, scheme ``torch-generator-block256-v2``.
+
+    The seed of block ``b`` is ``fmix32(stream << 30 | (h(seed, index) XOR b))`` with ``h`` the low 30
+    bits of a SplitMix64 hash: a bijection of ``(stream, b)`` for a fixed input, so no two blocks of
+    one input share a seed. 32 bits because PyTorch's CPU generator keeps no more.
+
+    Parameters
+    ----------
+    seed : int
+        The job's noise seed.
+    index : int
+        The input's noise name (its dataset index).
+    stream : int
+        0 to 3 (``STREAM_SELECT``, ``STREAM_ESTIMATE``, ``STREAM_SEQUENTIAL``).
+    blocks : sequence of int or numpy.ndarray
+        Block numbers, each in ``[0, 2**30)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        One uint64 seed (below ``2**32``) per block.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``stream`` or a block number is out of range.
+    """
+    blocks = np.asarray(blocks, dtype=np.int64)
+    if not 0 <= int(stream) < (1 << _STREAM_BITS):
+        raise InvalidParameterError(f"stream must be in [0, {1 << _STREAM_BITS}), got {stream}")
+    if blocks.size and (blocks.min() < 0 or blocks.max() >= (1 << _BLOCK_BITS)):
+        raise InvalidParameterError(f"noise blocks must lie in [0, 2**{_BLOCK_BITS}) (2.7e11 samples per input)")
+    h = _input_hash(seed, index)
+    words = (np.uint64(int(stream) << _BLOCK_BITS)
+             | (np.uint64(h) ^ blocks.astype(np.uint64)) & np.uint64((1 << _BLOCK_BITS) - 1))
+    return _fmix32(words)
+
+
+def _input_hash(seed: int, index: int) -> int:
+    """``h(seed, index)`` of ``block_keys``: the low 30 bits of a SplitMix64 hash."""
+    return _splitmix64(_splitmix64(int(seed) & _M64) ^ (int(index) & _M64)) & ((1 << _BLOCK_BITS) - 1)
+
+
+def _block_key(h: int, stream: int, block: int) -> int:
+    """``block_keys`` for one block, in plain integers: the engine's per-block cost is a few operations."""
+    x = (stream << _BLOCK_BITS) | ((h ^ block) & ((1 << _BLOCK_BITS) - 1))
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def check_noise_scheme(scheme: str, *, allow_unseeded: bool = False) -> str:
+    """``scheme`` if this version can draw it; else InvalidParameterError naming the ones it can."""
+    known = NOISE_SCHEMES + ((NOISE_UNSEEDED,) if allow_unseeded else ())
+    if scheme not in known:
+        raise InvalidParameterError(f"unknown noise scheme {scheme!r}; this version draws {', '.join(NOISE_SCHEMES)}")
+    return scheme
 
 
 def noise_indices(indices: Sequence[int] | np.ndarray | None, num: int) -> np.ndarray:
@@ -159,6 +292,106 @@ def _whole_per_input(name: str, value, num: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _is_convolutional(model: torch.nn.Module) -> bool:
+    """Whether the model has 4-D (convolution) weights: then channels_last memory pays on GPUs."""
+    try:
+        return any(p.ndim == 4 for p in model.parameters())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _architecture_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's class and of its parameters' and buffers' names, shapes and dtypes: what
+    its memory use depends on (not the weights' values)."""
+    parts = [type(model).__qualname__]
+    try:
+        parts += [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()]
+    except (RuntimeError, AttributeError):
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def find_batch_size(fits: Callable[[int], bool], maximum: int, granularity: int = NOISE_BLOCK) -> int:
+    """The largest multiple of ``granularity`` up to ``maximum`` for which ``fits`` holds.
+
+    Doubles from ``granularity`` until ``fits`` fails (or ``maximum`` is reached), then bisects
+    between the last size that fitted and the first that did not: about ``2 log2(maximum /
+    granularity)`` calls. Assumes that a batch fits whenever a larger one does.
+
+    Parameters
+    ----------
+    fits : callable
+        ``fits(batch_size) -> bool``: runs one batch of that size and says whether it fitted in memory.
+    maximum : int
+        The largest batch size to try (>= ``granularity``).
+    granularity : int, optional
+        Batch sizes are multiples of it (default ``NOISE_BLOCK``).
+
+    Returns
+    -------
+    int
+        The batch size.
+
+    Raises
+    ------
+    ModelError
+        If not even ``granularity`` samples fit.
+    """
+    granularity = check_count("granularity", granularity)
+    maximum = max(check_count("maximum", maximum) // granularity * granularity, granularity)
+    if not fits(granularity):
+        raise ModelError(f"not even {granularity} noisy samples per forward pass fit in the device's memory; "
+                         "use a smaller model or a device with more memory")
+    good, bad = granularity, None
+    while good < maximum:
+        trial = min(2 * good, maximum)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+            break
+    while bad is not None and bad - good > granularity:
+        trial = (good + bad) // 2 // granularity * granularity
+        if trial <= good:
+            break
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    return good
+
+
+def _cache_folder() -> str:
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "surrogate-cert"))
+
+
+def _read_batch_cache(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_batch_cache(path: str, key: str, value: int) -> None:
+    """Best effort: a cache that cannot be written only means the next run searches again."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_batch_cache(path)
+        data[key] = int(value)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
 class SmoothedClassifier:
     """A base classifier ``f`` and its Gaussian smoothing ``g`` at noise level ``sigma`` (l2, input units).
 
@@ -178,23 +411,41 @@ class SmoothedClassifier:
         Noise level: standard deviation of the Gaussian noise per pixel, in input units (pixels in
         [0, 1]); finite and > 0.
     device : str, torch.device or None, optional
-        Where to compute (``resolve_device``); default CUDA when present, else CPU.
-    batch_size : int, optional
-        Noisy samples per forward pass (>= 1). Counts do not depend on it.
+        Where to compute (``resolve_device``); default CUDA when present, else CPU. The noise is drawn
+        there too.
+    batch_size : int or "auto", optional
+        Noisy samples per forward pass (>= 1). Counts do not depend on it. ``"auto"``: the largest
+        multiple of ``NOISE_BLOCK`` (up to ``AUTO_BATCH_MAX``) whose forward pass fits in the device's
+        memory, found once per (device, model architecture, input shape, settings) by
+        ``find_batch_size`` and recorded in ``$SURROGATE_CERT_CACHE/batch_size.json``; needs
+        ``input_shape``. ``batch_size_source`` says which.
     amp : {None, "none", "bf16"}, optional
-        ``"bf16"`` runs the forward passes under bfloat16 autocast (CUDA only); the noise is the same,
-        but the base model's answers, hence the counts, may differ from float32 ones.
+        ``"bf16"`` runs the forward passes under bfloat16 autocast (CUDA, or CPUs with bf16 support);
+        the noise is the same, but the base model's answers, hence the counts, may differ from
+        float32 ones: ``amp_disagreement`` measures by how much.
     seed : int, optional
         Seed of every noise stream; with an input's noise name, the stream and the sample number it
         fixes the noise.
+    noise_scheme : str, optional
+        How a noise block's generator is seeded (``NOISE_SCHEMES``; default ``NOISE_SCHEME``). Pass
+        ``NOISE_SCHEME_V1`` to reproduce counts of version 0.1.
+    channels_last : bool, optional
+        Run the model on ``channels_last`` memory (faster convolutions on GPUs). Default: on for a
+        convolutional model on CUDA, off otherwise. The counts do not depend on it beyond rounding.
+    compile : bool or str, optional
+        ``torch.compile`` the model (``True`` for the default backend, or a backend name); the first
+        batches of each new size pay the compilation.
+    input_shape : sequence of int, optional
+        ``(C, H, W)`` of the inputs; needed by ``batch_size="auto"``.
 
     Raises
     ------
     InvalidParameterError
-        If ``num_classes``, ``sigma`` or ``batch_size`` is out of range.
+        If ``num_classes``, ``sigma``, ``batch_size`` or ``noise_scheme`` is out of range.
     InvalidInputError
-        If ``amp`` is not supported, ``amp="bf16"`` is asked for off CUDA, or CUDA is requested but
-        unavailable.
+        If ``amp`` is not supported, or CUDA is requested but unavailable.
+    ModelError
+        If ``batch_size="auto"`` finds that not even ``NOISE_BLOCK`` samples fit.
     """
 
     def __init__(
@@ -204,27 +455,44 @@ class SmoothedClassifier:
         sigma: float,
         *,
         device: str | torch.device | None = None,
-        batch_size: int = 1000,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
         amp: str | None = None,
         seed: int = 0,
+        noise_scheme: str = NOISE_SCHEME,
+        channels_last: bool | None = None,
+        compile: bool | str = False,
+        input_shape: Sequence[int] | None = None,
     ):
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.sigma = check_positive("sigma", sigma)
-        self.batch_size = check_count("batch_size", batch_size)
         self.seed = int(seed)
+        self.noise_scheme = check_noise_scheme(noise_scheme, allow_unseeded=True)
         self.device = resolve_device(device)
         if amp not in (None, "none", "bf16"):
             raise InvalidInputError(f"amp must be 'bf16' or None, got {amp!r}")
-        if amp == "bf16" and self.device.type != "cuda":
-            raise InvalidInputError("--amp bf16 needs a CUDA device; drop --amp on the CPU")
         self.amp = amp if amp == "bf16" else None
-        self.model = model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        self.channels_last = (self.device.type == "cuda" and _is_convolutional(model)) if channels_last is None \
+            else bool(channels_last)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.compile = "inductor" if compile is True else (compile or None)
+        self._fingerprint = _architecture_fingerprint(model)
+        self.model = torch.compile(model, backend=self.compile) if self.compile else model
         self._checked_width = False
+        self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
+        if batch_size == "auto":
+            if self.input_shape is None:
+                raise InvalidParameterError("batch_size='auto' needs input_shape (C, H, W) to probe the device")
+            self.batch_size, self.batch_size_source = self._auto_batch_size()
+        else:
+            self.batch_size = check_count("batch_size", batch_size)
+            self.batch_size_source = "given"
 
     # ------------------------------------------------------------------ forward
     def _autocast(self):
         if self.amp == "bf16":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +508,47 @@ class SmoothedClassifier:
             self._checked_width = True
         return logits.argmax(dim=1)
 
+    # ------------------------------------------------------------------ batch size
+    def _auto_batch_size(self) -> tuple[int, str]:
+        device_name = (f"{torch.cuda.get_device_name(self.device)} "
+                       f"{torch.cuda.get_device_properties(self.device).total_memory}"
+                       if self.device.type == "cuda" else self.device.type)
+        key = json.dumps([device_name, torch.__version__, self._fingerprint, list(self.input_shape),
+                          self.num_classes, self.amp, self.channels_last, self.compile], separators=(",", ":"))
+        cache = os.path.join(_cache_folder(), "batch_size.json")
+        cached = _read_batch_cache(cache).get(key)
+        if isinstance(cached, int) and cached >= 1:
+            return cached, "auto (recorded)"
+        probe = torch.zeros((1, *self.input_shape))
+
+        def fits(size: int) -> bool:
+            self.batch_size = size
+            try:
+                self.counts(probe, size)
+                return True
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors mean "does not fit"
+                if not _is_out_of_memory(exc):
+                    raise
+                return False
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        found = find_batch_size(fits, AUTO_BATCH_MAX.get(self.device.type, AUTO_BATCH_MAX["cpu"]))
+        _write_batch_cache(cache, key, found)
+        return found, "auto (searched)"
+
     # ------------------------------------------------------------------ counting
+    def _block_keys(self, index: int, stream: int, first_block: int, end_block: int):
+        if self.noise_scheme == NOISE_SCHEME_V2:
+            if end_block > (1 << _BLOCK_BITS) or not 0 <= stream < (1 << _STREAM_BITS):
+                block_keys(self.seed, index, stream, [end_block - 1])  # raises the error that says why
+            h = _input_hash(self.seed, index)
+            return [_block_key(h, stream, b) for b in range(first_block, end_block)]
+        if self.noise_scheme == NOISE_SCHEME_V1:
+            return [block_seed(self.seed, index, stream, b) for b in range(first_block, end_block)]
+        return None
+
     @torch.inference_mode()
     def counts(
         self,
@@ -255,8 +563,9 @@ class SmoothedClassifier:
 
         Row ``i`` counts how often ``argmax f(x_i + sigma * eps_j)`` took each class, for the samples
         ``j = start_i, ..., start_i + n_i - 1`` of stream ``stream`` of noise name ``indices[i]``. Noisy
-        copies of several inputs share one forward pass; counts stay on the device until the call
-        ends, and only the counts are copied to the host.
+        copies of several inputs share one forward pass; noise is drawn on the device, straight into
+        the forward batch, counts stay on the device until the call ends, and only the counts are
+        copied to the host.
 
         Parameters
         ----------
@@ -294,33 +603,57 @@ class SmoothedClassifier:
         start_arr = _whole_per_input("start", start, num)
         idx_arr = noise_indices(indices, num)
 
-        k = self.num_classes
-        x_dev = x.to(self.device, dtype=torch.float32)
-        counts = torch.zeros(num * k, dtype=torch.int64, device=self.device)
+        k, shape, device = self.num_classes, tuple(x.shape[1:]), self.device
+        x_dev = x.to(device, dtype=torch.float32)
+        counts = torch.zeros(num * k, dtype=torch.int64, device=device)
         capacity = max(self.batch_size, NOISE_BLOCK)
-        noise = torch.empty((capacity + NOISE_BLOCK, *x.shape[1:]), device=self.device)
-        owners = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=self.device)
-        gen = torch.Generator(device=self.device)
+        noise = torch.empty((capacity + NOISE_BLOCK, *shape), device=device)
+        scratch = None
+        gen = torch.Generator(device=device)
+        unseeded = self.noise_scheme == NOISE_UNSEEDED
+        if unseeded:
+            gen.manual_seed(self.seed)
+        owner_ids: list[int] = []
+        owner_takes: list[int] = []
         filled = 0
 
         def flush(rows: int) -> None:
+            owners = torch.from_numpy(np.repeat(np.asarray(owner_ids, np.int64), owner_takes)).to(device)
+            owner_ids.clear()
+            owner_takes.clear()
+            if unseeded:
+                torch.randn((rows, *shape), generator=gen, out=noise[:rows])
             for lo in range(0, rows, self.batch_size):
                 hi = min(lo + self.batch_size, rows)
                 own = owners[lo:hi]
-                noisy = x_dev[own] + noise[lo:hi] * self.sigma
+                # In place, and bit for bit x[own] + noise * sigma (both operations round alike).
+                noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[own])
+                if self.channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
                 pred = self.predict_labels(noisy)
                 counts.add_(torch.bincount(own * k + pred, minlength=num * k))
 
         for i in range(num):
             first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
-            for block in range(first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK):
+            if last <= first:
+                continue
+            first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
+            keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
+            for j, block in enumerate(range(first_block, end_block)):
                 lo = max(first - block * NOISE_BLOCK, 0)
                 hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
-                gen.manual_seed(block_seed(self.seed, idx_arr[i], stream, block))
-                block_noise = torch.randn((NOISE_BLOCK, *x.shape[1:]), generator=gen, device=self.device)
                 take = hi - lo
-                noise[filled : filled + take] = block_noise[lo:hi]
-                owners[filled : filled + take] = i
+                if keys is not None:
+                    gen.manual_seed(keys[j])
+                    if take == NOISE_BLOCK:
+                        torch.randn((NOISE_BLOCK, *shape), generator=gen, out=noise[filled:filled + take])
+                    else:
+                        if scratch is None:
+                            scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
+                        torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+                        noise[filled:filled + take] = scratch[lo:hi]
+                owner_ids.append(i)
+                owner_takes.append(take)
                 filled += take
                 if filled >= capacity:
                     flush(filled)
@@ -328,3 +661,50 @@ class SmoothedClassifier:
         if filled:
             flush(filled)
         return counts.view(num, k).cpu().numpy()
+
+    def amp_disagreement(
+        self,
+        x: torch.Tensor,
+        n: int,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        stream: int = STREAM_ESTIMATE,
+    ) -> np.ndarray:
+        """Per input, the share of ``n`` noisy predictions that bf16 autocast moves to another class.
+
+        Counts the same noise twice, under this classifier's ``amp`` and in float32, and returns the
+        total variation distance of the two count vectors, ``|c_amp - c_fp32|_1 / (2 n)``: a lower
+        bound on the share of samples whose class changed, and an upper bound on how far any class
+        frequency moved. ``AMP_TOLERANCE`` is the share ``datagen --amp bf16`` accepts.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n : int
+            Samples per input (>= 1).
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name; default ``0..N-1``.
+        stream : int, optional
+            Noise stream to draw from.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N,)`` float64 shares in [0, 1].
+
+        Raises
+        ------
+        InvalidParameterError
+            If this classifier runs without ``amp``, or ``n`` is not >= 1.
+        """
+        n = check_count("n", n)
+        if self.amp is None:
+            raise InvalidParameterError("amp_disagreement compares bf16 with float32: build the classifier with amp='bf16'")
+        with_amp = self.counts(x, n, indices=indices, stream=stream)
+        saved, self.amp = self.amp, None
+        try:
+            fp32 = self.counts(x, n, indices=indices, stream=stream)
+        finally:
+            self.amp = saved
+        return np.abs(with_amp - fp32).sum(axis=1) / (2.0 * n)

@@ -116,7 +116,7 @@ class HybridCertifier:
         tolerance: float = 0.01,
         schedule: Sequence[int] = FALLBACK_SCHEDULE,
         device: str | torch.device | None = None,
-        batch_size: int = 1000,
+        batch_size: int | str = 1000,
         seed: int = 0,
         key: bytes | str | None = None,
         key_file: str | os.PathLike | None = None,
@@ -157,8 +157,8 @@ class HybridCertifier:
             Samples per fallback input per round (the last repeats); default ``FALLBACK_SCHEDULE``.
         device : str, torch.device or None, optional
             Where the surrogate and the base model run (``resolve_device``).
-        batch_size : int, optional
-            Noisy samples per base-model forward pass.
+        batch_size : int or "auto", optional
+            Noisy samples per base-model forward pass; ``"auto"``: the largest that fits on the device.
         seed : int, optional
             Seed of the fallback's noise streams.
         key : bytes or str, optional
@@ -215,7 +215,7 @@ class HybridCertifier:
                                             "or use --fallback none without an audit")
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
-                                        batch_size=batch_size, seed=seed)
+                                        batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape)
             # One clean pass now: a model of another input shape or width fails here, not mid-certification.
             name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)

@@ -3,7 +3,8 @@
 - ``training``: train the surrogate from a counts file (``surrogate-cert train``);
 - ``pipeline``: the whole pipeline in one folder, resumable (``surrogate-cert quickstart``);
 - ``bench``: every certifier side by side (``surrogate-cert bench`` and ``benchmarks/``);
-- ``throughput``: the counting engine against a raw forward pass (``benchmarks/datagen_throughput.py``);
+- ``throughput``: the counting engine against a raw forward pass and unseeded noise, and its scaling over
+  processes (``benchmarks/datagen_throughput.py``);
 - ``report``: HTML / Markdown / JSON rendering of ``calibration.summary`` numbers.
 
 Only the command line imports this layer.

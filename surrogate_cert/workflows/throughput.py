@@ -1,29 +1,93 @@
-"""Throughput of the counting engine against the raw forward pass of the same model: the same batch
-size, device and run, so the ratio measures what noise generation, packing and counting cost.
+"""Throughput of the counting engine: against the raw forward pass of the same model, against
+unseeded noise, and across processes.
 
-``measure`` interleaves engine and forward rounds and takes the median round, so a noisy shared
-machine affects both alike. ``benchmarks/datagen_throughput.py`` is its command line.
+- ``measure``: engine samples/s against ``argmax model(x)`` on the same number of samples at the same
+  batch size, device and settings (``ratio``, goal >= 0.9); and what per-block seeding costs
+  (``seeding_overhead``): the engine with the current noise scheme (and with version 0.1's) against
+  the same engine drawing unseeded noise, end to end and with a model that costs nothing (so only
+  noise, packing and counting are left). Rounds are interleaved and the median round is reported,
+  so a noisy shared machine affects every side alike; on a CPU with one thread the rates are per
+  second of this process's CPU time (the wall clock of a shared machine mostly measures the other
+  jobs), and the wall-clock figures are reported beside them.
+- ``measure_scaling``: ``W`` processes counting at once (``threads`` each, as ``torchrun`` shards a
+  job) against one process with the same threads, from a common start: ``efficiency =
+  throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating; with
+  each process's CPU time, to tell processes slowing each other from cores held by other jobs.
+
+``benchmarks/datagen_throughput.py`` is the command line.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core.architectures import build
-from ..core.smoothing import SmoothedClassifier
+from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEME_V1, NOISE_UNSEEDED, SmoothedClassifier
 
-__all__ = ["measure", "CONFIGS"]
+__all__ = ["measure", "measure_scaling", "BenchModel", "CONFIGS", "GPU_CONFIGS", "machine_load"]
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A benchmark model: architecture, input shape, classes, and sizes per device type."""
+
+    name: str
+    arch: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    batch_size: dict
+    samples_per_image: dict
+    images: dict
+
 
 CONFIGS = (
-    # (name, arch, input shape, classes, batch size on cpu / gpu, n per image, images on cpu / gpu)
-    ("digits_small_cnn", "small_cnn", (1, 8, 8), 10, (1000, 1000), 1000, (40, 400)),
-    ("resnet18_cifar", "resnet18", (3, 32, 32), 10, (64, 1000), (256, 1000), (2, 100)),
+    BenchModel("digits_small_cnn", "small_cnn", (1, 8, 8), 10, {"cpu": 1000, "cuda": 8192},
+               {"cpu": 1000, "cuda": 10_000}, {"cpu": 40, "cuda": 400}),
+    BenchModel("resnet18_cifar", "resnet18", (3, 32, 32), 10, {"cpu": 64, "cuda": 4096},
+               {"cpu": 256, "cuda": 10_000}, {"cpu": 2, "cuda": 40}),
 )
-"""The models the benchmark measures; sizes keep one CPU round to a few seconds."""
+"""The models measured on every device; sizes keep one CPU round to a few seconds."""
+
+GPU_CONFIGS = (
+    BenchModel("resnet50_imagenet", "resnet50", (3, 224, 224), 1000, {"cuda": 512},
+               {"cuda": 2048}, {"cuda": 8}),
+)
+"""Measured on CUDA only (a CPU round would take minutes); reported as not measured elsewhere."""
+
+
+NOISE_ONLY_SECONDS = 0.5
+"""Least duration of one noise-only round (the work is repeated up to it)."""
+NOISE_ONLY_ROUNDS = 15
+"""Noise-only rounds are short: more of them."""
+
+
+class _NullModel(nn.Module):
+    """Costs (almost) nothing: what remains of the engine's time is noise, packing and counting."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], self.num_classes))
+
+
+def _model(arch: str, input_shape, num_classes: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "resnet50":
+            import torchvision  # a benchmark-only architecture, not one the package trains
+
+            return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+        return build(arch, input_shape, num_classes)
 
 
 def _sync(device: torch.device) -> None:
@@ -31,58 +95,268 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, arch: str, input_shape, num_classes: int, *, device, amp, batch_size: int, n: int,
-            images: int, rounds: int) -> dict:
-    """Median-round samples/s of (a) ``SmoothedClassifier.counts`` on ``images`` inputs x ``n`` samples,
-    (b) ``argmax model(x)`` on the same number of samples in batches of ``batch_size``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build(arch, input_shape, num_classes)
-    smooth = SmoothedClassifier(model, num_classes, 0.25, device=device, batch_size=batch_size, amp=amp, seed=0)
-    x = torch.rand(images, *input_shape)
+def _timed(device: torch.device, work) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``work()``."""
+    _sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    work()
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def machine_load() -> dict:
+    """The machine's load while measuring: 1-minute load average and CPU count."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {"load_average_1min": round(load, 2), "cpu_count": os.cpu_count()}
+
+
+def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int = 3, scale: float = 1.0,
+            channels_last: bool | None = None, compile: bool = False) -> dict:
+    """Median-round samples/s of the engine and of the raw forward pass, and the seeding overhead.
+
+    Parameters
+    ----------
+    config : BenchModel
+        The model and its sizes (the entries of ``device``'s type).
+    device : str or torch.device
+        Where to run.
+    amp : {None, "bf16"}, optional
+        bfloat16 autocast, on both sides.
+    rounds : int, optional
+        Interleaved timing rounds per side.
+    scale : float, optional
+        Multiplies the number of images (``--quick`` uses 0.25).
+    channels_last, compile : optional
+        Engine settings (``SmoothedClassifier``), applied to both sides.
+
+    Returns
+    -------
+    dict
+        ``engine_samples_per_s``, ``forward_samples_per_s``, ``ratio`` (goal 0.9),
+        ``seeding_overhead`` (engine time with per-block seeding over unseeded, minus 1: ``engine``
+        with the model, ``noise_only`` with a model that costs nothing; for ``NOISE_SCHEME`` and
+        version 0.1's scheme) and the sizes.
+    """
+    kind = torch.device(device).type
+    batch_size, n = config.batch_size[kind], config.samples_per_image[kind]
+    images = max(int(config.images[kind] * scale), 1)
+    model = _model(config.arch, config.input_shape, config.num_classes)
+
+    def engine(scheme: str, net: nn.Module) -> SmoothedClassifier:
+        return SmoothedClassifier(net, config.num_classes, 0.25, device=device, batch_size=batch_size, amp=amp,
+                                  seed=0, noise_scheme=scheme, channels_last=channels_last, compile=compile)
+
+    engines = {scheme: engine(scheme, model) for scheme in (NOISE_SCHEME, NOISE_SCHEME_V1, NOISE_UNSEEDED)}
+    null = {scheme: engine(scheme, _NullModel(config.num_classes)) for scheme in engines}
+    smooth = engines[NOISE_SCHEME]
+    dev = smooth.device
+    x = torch.rand(images, *config.input_shape)
+    idx = np.arange(images)
     samples = images * n
-    batch = torch.rand(batch_size, *input_shape, device=smooth.device)
+    batch = torch.rand(batch_size, *config.input_shape, device=dev)
+    if smooth.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
     full, rest = divmod(samples, batch_size)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if smooth.amp == "bf16"
+    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if smooth.amp == "bf16"
                 else contextlib.nullcontext())
 
-    def engine() -> float:
-        _sync(smooth.device)
-        start = time.perf_counter()
-        smooth.counts(x, n, indices=np.arange(images))
-        _sync(smooth.device)
-        return time.perf_counter() - start
-
-    def forward() -> float:
-        _sync(smooth.device)
-        start = time.perf_counter()
+    def forward() -> None:
         with torch.inference_mode(), autocast:
             for _ in range(full):
                 smooth.model(batch).argmax(dim=1)
             if rest:
                 smooth.model(batch[:rest]).argmax(dim=1)
-        _sync(smooth.device)
-        return time.perf_counter() - start
 
-    smooth.counts(x[:1], min(n, batch_size))  # warm-up: kernels, allocator, width check
+    for s in engines:  # warm-up: kernels, allocator, width check, compilation
+        engines[s].counts(x[:1], min(n, batch_size))
+        null[s].counts(x[:1], min(n, batch_size))
     forward()
-    engine_times, forward_times = [], []
-    for _ in range(rounds):
-        engine_times.append(engine())
-        forward_times.append(forward())
-    engine_rate = samples / statistics.median(engine_times)
-    forward_rate = samples / statistics.median(forward_times)
+    # Without a model a round is short: repeat it to at least NOISE_ONLY_SECONDS, so timer noise stays small.
+    once, _ = _timed(dev, lambda: null[NOISE_SCHEME].counts(x, n, indices=idx))
+    repeat = max(1, int(np.ceil(NOISE_ONLY_SECONDS / max(once, 1e-6))))
+
+    def noise_only(scheme: str) -> None:
+        for _ in range(repeat):
+            null[scheme].counts(x, n, indices=idx)
+
+    sides = {f"engine/{s}": (lambda s=s: engines[s].counts(x, n, indices=idx)) for s in engines}
+    sides.update({f"noise_only/{s}": (lambda s=s: noise_only(s)) for s in null})
+    sides["forward"] = forward
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+    for round_ in range(max(rounds, NOISE_ONLY_ROUNDS)):
+        for name, work in sides.items():
+            if round_ < rounds or name.startswith("noise_only/"):
+                seconds, cpu_seconds = _timed(dev, work)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+    # On a CPU shared with other jobs the wall clock mostly measures them; with one torch thread, this
+    # process's CPU time measures the work itself. On a GPU only the wall clock means anything.
+    timer = "process_cpu_time" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_clock"
+    times = cpu if timer == "process_cpu_time" else wall
+    median = {name: statistics.median(t) for name, t in times.items()}
+    median_wall = {name: statistics.median(t) for name, t in wall.items()}
+    engine_rate = samples / median[f"engine/{NOISE_SCHEME}"]
+    forward_rate = samples / median["forward"]
+
+    def overhead(kind_: str, scheme: str, table=None) -> float:
+        """Median over rounds of (seeded / unseeded time) - 1: each round's pair ran back to back."""
+        table = times if table is None else table
+        pairs = [a / b for a, b in zip(table[f"{kind_}/{scheme}"], table[f"{kind_}/{NOISE_UNSEEDED}"])]
+        return round(statistics.median(pairs) - 1.0, 3)
+
+    def overhead_range(kind_: str, scheme: str) -> list[float]:
+        pairs = [a / b - 1.0 for a, b in zip(times[f"{kind_}/{scheme}"], times[f"{kind_}/{NOISE_UNSEEDED}"])]
+        return [round(min(pairs), 3), round(max(pairs), 3)]
+
     return {
-        "model": name,
-        "input_shape": list(input_shape),
+        "model": config.name,
+        "input_shape": list(config.input_shape),
         "batch_size": batch_size,
         "images": images,
         "samples_per_image": n,
         "base_model_evaluations_per_image": n,
         "rounds": rounds,
+        "amp": smooth.amp,
+        "channels_last": smooth.channels_last,
+        "compile": bool(compile),
+        "timer": timer,
         "engine_samples_per_s": round(engine_rate, 1),
         "forward_samples_per_s": round(forward_rate, 1),
         "ratio": round(engine_rate / forward_rate, 3),
-        "engine_seconds_per_round": round(statistics.median(engine_times), 4),
         "goal_ratio": 0.9,
+        "wall_clock": {
+            "engine_samples_per_s": round(samples / median_wall[f"engine/{NOISE_SCHEME}"], 1),
+            "forward_samples_per_s": round(samples / median_wall["forward"], 1),
+            "ratio": round(median_wall["forward"] / median_wall[f"engine/{NOISE_SCHEME}"], 3),
+            "seeding_overhead_engine": overhead("engine", NOISE_SCHEME, wall),
+            "seeding_overhead_noise_only": overhead("noise_only", NOISE_SCHEME, wall),
+        },
+        "engine_seconds_per_round": round(median[f"engine/{NOISE_SCHEME}"], 4),
+        "seeding_overhead": {
+            "noise_scheme": NOISE_SCHEME,
+            "engine": overhead("engine", NOISE_SCHEME),
+            "noise_only": overhead("noise_only", NOISE_SCHEME),
+            "engine_v1": overhead("engine", NOISE_SCHEME_V1),
+            "noise_only_v1": overhead("noise_only", NOISE_SCHEME_V1),
+            "noise_only_range": overhead_range("noise_only", NOISE_SCHEME),
+            "noise_only_v1_range": overhead_range("noise_only", NOISE_SCHEME_V1),
+            "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{NOISE_SCHEME}"], 1),
+            "noise_only_rounds": NOISE_ONLY_ROUNDS,
+            "goal": 0.10,
+        },
+        "round_seconds_range": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
+    }
+
+
+# --------------------------------------------------------------------------- scaling over processes
+def _scaling_worker(rank: int, world_size: int, config: BenchModel, threads: int, n: int, images: int,
+                    commands, results, barrier) -> None:
+    torch.set_num_threads(threads)
+    smooth = SmoothedClassifier(_model(config.arch, config.input_shape, config.num_classes), config.num_classes,
+                                0.25, device="cpu", batch_size=config.batch_size["cpu"], seed=0)
+    x = torch.rand(images, *config.input_shape)
+    idx = np.arange(rank, rank + images * world_size, world_size)  # a strided shard, as torchrun jobs take
+    smooth.counts(x[:1], min(n, smooth.batch_size))
+    results.put(("ready", rank))
+    while True:
+        active = commands.get()
+        if active is None:
+            return
+        if rank >= active:
+            continue
+        if active > 1:
+            barrier.wait()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        smooth.counts(x, n, indices=idx)
+        results.put((rank, start, time.perf_counter(), time.process_time() - start_cpu))
+
+
+def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, repeats: int = 5,
+                    scale: float = 1.0) -> dict:
+    """Throughput of ``world_size`` CPU processes counting at once against one process, same threads each.
+
+    Every process counts the same work (its own strided share of ``images`` images x ``n`` samples);
+    ``efficiency = throughput(W) / (W x throughput(1)) = t(1) / t(W)``, with ``t(W)`` the wall time
+    from the common start to the last process's end. One-process and ``W``-process runs alternate,
+    ``repeats`` times, so background load affects both; the median and the spread are reported.
+
+    Parameters
+    ----------
+    config : BenchModel
+        The model and its CPU sizes.
+    world_size : int
+        Processes (>= 2).
+    threads : int, optional
+        torch threads per process.
+    repeats : int, optional
+        Alternating measurements of each side.
+    scale : float, optional
+        Multiplies the number of images.
+
+    Returns
+    -------
+    dict
+        ``efficiency`` (median), ``efficiency_runs`` (every repeat), ``speedup`` (``W x efficiency``,
+        goal 1.7 for 2 processes), samples/s of both sides, and the machine's load before and after.
+    """
+    n, images = config.samples_per_image["cpu"], max(int(config.images["cpu"] * scale), 1)
+    context = multiprocessing.get_context("spawn")
+    commands = [context.Queue() for _ in range(world_size)]
+    results = context.Queue()
+    barrier = context.Barrier(world_size)
+    load_before = machine_load()
+    workers = [context.Process(target=_scaling_worker, args=(rank, world_size, config, threads, n, images,
+                                                             commands[rank], results, barrier), daemon=True)
+               for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(world_size):
+            results.get(timeout=600)
+
+        def run(active: int) -> tuple[float, float]:
+            for queue in commands:
+                queue.put(active)
+            spans = [results.get(timeout=3600) for _ in range(active)]
+            wall = max(end for _, _, end, _ in spans) - min(start for _, start, _, _ in spans)
+            return wall, sum(cpu for *_, cpu in spans) / active
+
+        one, many = [], []
+        for _ in range(repeats):
+            one.append(run(1))
+            many.append(run(world_size))
+    finally:
+        for queue in commands:
+            queue.put(None)
+        for worker in workers:
+            worker.join(timeout=60)
+    efficiency = [a[0] / b[0] for a, b in zip(one, many)]
+    samples = images * n
+    one_wall, many_wall = statistics.median(w for w, _ in one), statistics.median(w for w, _ in many)
+    one_cpu, many_cpu = statistics.median(c for _, c in one), statistics.median(c for _, c in many)
+    return {
+        "model": config.name,
+        "world_size": world_size,
+        "threads_per_process": threads,
+        "samples_per_process": samples,
+        "repeats": repeats,
+        "one_process_samples_per_s": round(samples / one_wall, 1),
+        "all_processes_samples_per_s": round(world_size * samples / many_wall, 1),
+        "efficiency": round(statistics.median(efficiency), 3),
+        "efficiency_runs": [round(e, 3) for e in efficiency],
+        "speedup": round(world_size * statistics.median(efficiency), 3),
+        "speedup_range": [round(world_size * min(efficiency), 3), round(world_size * max(efficiency), 3)],
+        "goal_speedup": round(0.85 * world_size, 2),
+        # Where the wall-clock shortfall comes from: CPU seconds a process needs for its share (alone
+        # vs beside the others: > 1 means the processes slow each other, e.g. memory bandwidth), and
+        # the share of a core each process got (< 1 means other jobs held the cores).
+        "cpu_seconds_per_process": {"alone": round(one_cpu, 3), "beside_others": round(many_cpu, 3)},
+        "cpu_time_ratio": round(many_cpu / one_cpu, 3),
+        "core_share_per_process": {"alone": round(one_cpu / one_wall, 3), "beside_others": round(many_cpu / many_wall, 3)},
+        "load_before": load_before,
+        "load_after": machine_load(),
     }
