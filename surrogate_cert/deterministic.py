@@ -9,11 +9,21 @@ Beside the probabilistic certifiers (randomized smoothing), this module bounds t
   exactly, zero padding included). Elementwise affine layers before it (normalisation) are folded
   in, so the first box is the tightest box around the image of the ball.
 - CROWN (Zhang et al. 2018, "Efficient neural network robustness certification with general
-  activation functions"): linear relaxations of every ReLU, propagated backwards from a
-  specification matrix ``C`` to the input, concretised over the ball as ``lam.x0 + c - r*||lam||_2``.
-  Intermediate (pre-activation) bounds come from the same backward pass for the neurons that a
-  cheap interval bound cannot already prove stable ("CROWN with IBP pruning"), and are intersected
-  with the interval bounds. Margins ``z_pred - z_j`` are bounded directly with ``C = e_pred - e_j``.
+  activation functions"): linear relaxations of every ReLU (the chord above, ``z`` or ``0`` below:
+  CROWN-Ada), propagated backwards from a specification matrix ``C`` to the input and concretised
+  over the ball as ``lam.x0 + c - r*||lam||_2``. Margins ``z_pred - z_j`` are bounded directly with
+  ``C = e_pred - e_j`` (not by subtracting logit intervals). Intermediate (pre-activation) bounds
+  come from backward passes too (full CROWN), but only for the neurons that cheaper valid bounds
+  cannot already prove stable; all bounds of a neuron are intersected.
+
+CROWN work-savers (none changes what is certified; each only skips work or tightens a bound):
+interval bounds and, when the input is smaller than the ReLU layers (small images, wide convs),
+forward-mode linear bounds prune the neurons that need backward passes; the rows of those passes
+stay sparse (index lists) through elementwise layers, ReLUs and the max-pool tournament and become
+dense at the first convolution (built from the kernel, not by a transposed convolution); the
+transposed convolution (``conv_transpose2d``) does the rest, batched over inputs and rows in
+chunks; a small first convolution is kept as a dense matrix. Convolutions are never converted to
+dense matrices otherwise, so large inputs only cost memory in proportion to the rows.
 
 Guarantee (all functions): for every input ``x0`` (a batch row, pixels) and every ``x`` with
 ``||x - x0||_2 <= r`` (Euclidean norm over all ``C*H*W`` input values, in input units, i.e. pixels
@@ -23,10 +33,14 @@ the statement holds for the whole ball, which is stronger.
 
 Numerics. Bounds are computed in float32 by default; floating-point rounding can move a bound by
 about 1e-6 of the magnitudes involved, so float32 bounds are exact up to that rounding
-(``dtype=torch.float64`` makes it ~1e-15). :func:`certified_radius` bisects in float32 and then
-re-checks every returned radius in float64 (with strict ``> 0``), shrinking it until the float64
-check passes, so a reported radius is certified up to float64 rounding. The model's own float32
-evaluation noise (a flip where the true margin is within ~1e-6 of 0) is outside any such bound.
+(``dtype=torch.float64`` makes it ~1e-15; no directed rounding is used, as in other verifiers).
+:func:`certified_radius` searches in float32, where a radius counts as certified only when every
+margin bound exceeds ``1e-5 * (1 + |margin|)``, and then re-checks each returned radius in float64
+near the boundary, where it matters: the final backward pass is recomputed in float64 from the
+float32 intermediate bounds widened outward by 1e-5 of their magnitude (about 100 times float32
+rounding), and the radius is cut to the largest one that this float64 bound certifies with a
+strict ``> 0``. The model's own float32 evaluation (a flip where the true margin is within ~1e-6
+of 0) is outside any such bound.
 
 Supported models: a straight chain (as read by ``torch.fx.symbolic_trace``; nested ``nn.Sequential``
 and custom modules whose ``forward`` just calls submodules in order, like
@@ -86,6 +100,9 @@ FORWARD_MODE = True
 is smaller than the ReLU layers), so that fewer neurons need backward passes. Sound either way."""
 DENSE_FIRST_LAYER = 2 ** 22
 """A first convolution with (input size x output size) up to this many entries is also kept dense."""
+SPARSE_ENTRIES = 64
+"""Rows of intermediate bounds stay sparse (index, coefficient lists) while they have at most this
+many entries; then they are made dense."""
 REFINE_MAXPOOL = True
 """Whether CROWN computes its own bounds of the max-pool differences ``a - b`` (tighter, slower)
 instead of interval bounds for them. Both are sound."""
@@ -139,6 +156,24 @@ def _signed(w: torch.Tensor, part):
     return w if part is None else (w.clamp(min=0) if part == "pos" else w.clamp(max=0))
 
 
+def _coalesce(idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse rows (N x S x k) with each index once: duplicates summed into their first entry."""
+    same = idx.unsqueeze(-1) == idx.unsqueeze(-2)  # N x S x k x k
+    total = (same * coef.unsqueeze(-2)).sum(-1)
+    repeated = torch.tril(same, diagonal=-1).any(-1)  # an earlier entry has the same index
+    return _compact(idx, torch.where(repeated, torch.zeros_like(total), total))
+
+
+def _compact(idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop zero entries of sparse rows (keeping the width of the fullest row)."""
+    nonzero = coef != 0
+    width = max(1, int(nonzero.sum(-1).max())) if coef.numel() else 1
+    if width == coef.shape[-1]:
+        return idx, coef
+    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :width]
+    return idx.gather(-1, order), coef.gather(-1, order)
+
+
 def _flat_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension after the first two (N x S x ... -> N x S)."""
     return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
@@ -152,7 +187,9 @@ def _flat_sum(t: torch.Tensor) -> torch.Tensor:
 #   linear_bounds(lo, hi) forward-mode rule for linear bounds in the input (used to prune CROWN work):
 #                         lo, hi are N x (1 + D0) x shape stacks [constant, coefficients of x - x0]
 #   backward(lam)         CROWN rule: lam (N x S x out) -> (lam A, lam.b) for the affine map A x + b
-#   rows(idx, coef)       optional: rows ``coef * e_idx^T A`` without building one-hot matrices
+#   sparse(idx, coef)     optional: the CROWN rule for sparse rows ``sum_e coef_e e_{idx_e}``, kept
+#                         sparse (idx, coef: N x S x k; returns idx, coef and the bias term)
+#   rows(idx, coef)       optional: sparse rows times A as dense rows, without one-hot matrices
 class _Layer:
     name = "layer"
     mixing = True  # False for elementwise layers and reshapes (they keep an ellipsoid an ellipsoid)
@@ -223,17 +260,11 @@ class _Linear(_Layer):
         return lam @ self.weight, _flat_sum(lam * self.bias)
 
     def rows(self, idx, coef):
-        n, s = idx.shape
-        out_features = self.weight.shape[0]
-        pre, o = idx // out_features, idx % out_features
-        w = coef.unsqueeze(-1) * self.weight[o]  # N x S x in_features
-        if len(self.in_shape) == 1:
-            lam = w
-        else:
-            positions = math.prod(self.in_shape[:-1])
-            lam = w.new_zeros(n * s, positions, self.weight.shape[1])
-            lam[torch.arange(n * s, device=idx.device), pre.reshape(-1)] = w.reshape(n * s, -1)
-        return lam.reshape(n, s, *self.in_shape), coef * self.bias[o]
+        if len(self.in_shape) != 1:
+            return None  # caller falls back to one-hot rows and backward
+        w = self.weight[idx]  # N x S x k x in_features
+        lam = (coef.unsqueeze(-1) * w).sum(2)
+        return lam, (coef * self.bias[idx]).sum(2)
 
 
 class _Conv(_Layer):
@@ -286,25 +317,28 @@ class _Conv(_Layer):
         return back.reshape(n, s, *self.in_shape), bias
 
     def rows(self, idx, coef):
-        n, s = idx.shape
+        n, s, k = idx.shape
         c_in, h, w = self.in_shape
         c_out, h_out, w_out = self.out_shape
         kh, kw = self.weight.shape[2:]
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         groups = self.groups
-        o, pos = idx.reshape(-1) // (h_out * w_out), idx.reshape(-1) % (h_out * w_out)
+        flat_idx = idx.reshape(-1)
+        o, pos = flat_idx // (h_out * w_out), flat_idx % (h_out * w_out)
         ho, wo = pos // w_out, pos % w_out
         group = o // (c_out // groups)
         extra_h = max(0, (h_out - 1) * sh + (kh - 1) * dh + 1 - (h + 2 * ph))
         extra_w = max(0, (w_out - 1) * sw + (kw - 1) * dw + 1 - (w + 2 * pw))
-        canvas = self.weight.new_zeros(n * s, groups, c_in // groups, h + 2 * ph + extra_h, w + 2 * pw + extra_w)
-        rows = torch.arange(n * s, device=idx.device)
-        weights = coef.reshape(-1, 1, 1, 1) * self.weight[o]  # (N S) x C_in/g x kh x kw
+        # channels last, so that one index_put per kernel tap writes all input channels
+        canvas = self.weight.new_zeros(n * s, groups, h + 2 * ph + extra_h, w + 2 * pw + extra_w, c_in // groups)
+        rows = torch.arange(n * s, device=idx.device).repeat_interleave(k)
+        weights = coef.reshape(-1, 1, 1, 1) * self.weight[o]  # (N S k) x C_in/g x kh x kw
         for a in range(kh):
             for b in range(kw):
-                canvas[rows, group, :, ho * sh + a * dh, wo * sw + b * dw] = weights[:, :, a, b]
-        lam = canvas[..., ph:ph + h, pw:pw + w].reshape(n, s, c_in, h, w)
-        return lam, coef * self.bias[o.reshape(n, s)]
+                canvas.index_put_((rows, group, ho * sh + a * dh, wo * sw + b * dw), weights[:, :, a, b],
+                                  accumulate=True)
+        lam = canvas[:, :, ph:ph + h, pw:pw + w].permute(0, 1, 4, 2, 3).reshape(n, s, c_in, h, w)
+        return lam, (coef * self.bias[o.reshape(n, s, k)]).sum(2)
 
 
 class _Elementwise(_Layer):
@@ -341,7 +375,7 @@ class _Elementwise(_Layer):
 
     def sparse(self, idx, coef):
         flat_scale, flat_shift = self.scale.reshape(-1), self.shift.reshape(-1)
-        return idx, coef * flat_scale[idx], coef * flat_shift[idx]
+        return idx, coef * flat_scale[idx], (coef * flat_shift[idx]).sum(2)
 
 
 class _Reshape(_Layer):
@@ -367,7 +401,7 @@ class _Reshape(_Layer):
         return lam.reshape(*lam.shape[:2], *self.in_shape), lam.new_zeros(lam.shape[:2])
 
     def sparse(self, idx, coef):  # flat (C-order) indices do not change under a reshape
-        return idx, coef, torch.zeros_like(coef)
+        return idx, coef, coef.new_zeros(coef.shape[:2])
 
 
 class _Gather(_Layer):
@@ -410,16 +444,20 @@ class _Gather(_Layer):
 
     def backward(self, lam):
         n, s = lam.shape[:2]
-        if self.windows is not None:
+        if self.windows is not None:  # each window cell back to its place (strided copies)
             (kh, kw), (c, h, w) = self.windows, self.in_shape
-            split = lam.reshape(n, s, kh, kw, c, h // kh, w // kw).permute(0, 1, 4, 5, 2, 6, 3)
-            return split.reshape(n, s, *self.in_shape), lam.new_zeros(n, s)
+            tiles = lam.reshape(n, s, kh * kw, c, h // kh, w // kw)
+            out = lam.new_empty(n, s, c, h, w)
+            for a in range(kh):
+                for b in range(kw):
+                    out[..., a::kh, b::kw] = tiles[:, :, a * kw + b]
+            return out, lam.new_zeros(n, s)
         out = lam.new_zeros(n, s, math.prod(self.in_shape))
         out.index_add_(2, self.index, lam.reshape(n, s, -1))
         return out.reshape(n, s, *self.in_shape), lam.new_zeros(n, s)
 
     def sparse(self, idx, coef):
-        return self.index[idx], coef, torch.zeros_like(coef)
+        return self.index[idx], coef, coef.new_zeros(coef.shape[:2])
 
 
 class _Stack(_Layer):
@@ -452,13 +490,14 @@ class _Stack(_Layer):
         back = torch.matmul(self.matrix.t(), lam.reshape(n * s, m, -1))  # small matrix, broadcast
         return back.reshape(n, s, *self.in_shape), lam.new_zeros(n, s)
 
-    def rows(self, idx, coef):
-        n, s = idx.shape
+    def sparse(self, idx, coef):
+        n, s, k = idx.shape
         m, rest = self.in_shape[0], math.prod(self.in_shape[1:])
-        i, pos = idx.reshape(-1) // rest, idx.reshape(-1) % rest
-        lam = self.matrix.new_zeros(n * s, m, rest)
-        lam[torch.arange(n * s, device=idx.device), :, pos] = coef.reshape(-1, 1) * self.matrix[i]
-        return lam.reshape(n, s, *self.in_shape), torch.zeros_like(coef)
+        i, pos = idx // rest, idx % rest
+        new_idx = pos.unsqueeze(-1) + torch.arange(m, device=idx.device) * rest  # N x S x k x m
+        new_coef = coef.unsqueeze(-1) * self.matrix[i]
+        idx, coef = _compact(new_idx.reshape(n, s, k * m), new_coef.reshape(n, s, k * m))
+        return idx, coef, coef.new_zeros(n, s)
 
 
 class _ReLU(_Layer):
@@ -511,6 +550,19 @@ class _ReLU(_Layer):
         new_lo = lo * relaxation.lower_slope.unsqueeze(1)
         new_hi = _shift_constant(hi * relaxation.upper_slope.unsqueeze(1), relaxation.upper_shift)
         return new_lo, new_hi
+
+    def sparse(self, idx, coef, relaxation: "_Relaxation"):
+        """The CROWN rule below for sparse rows (the entries of a row must have distinct indices)."""
+        n, s, k = idx.shape
+        flat_idx = idx.reshape(n, -1)
+
+        def at(t):
+            return t.reshape(n, -1).gather(1, flat_idx).reshape(n, s, k)
+
+        pos = coef.clamp(min=0)
+        neg = coef - pos
+        new = pos * at(relaxation.lower_slope) + neg * at(relaxation.upper_slope)
+        return idx, new, (neg * at(relaxation.upper_shift)).sum(2)
 
     def backward(self, lam, relaxation: "_Relaxation"):
         """CROWN rule: ``lam.relu(z) >= lam+ * lower_slope * z + lam- * (upper_slope * z + upper_shift)``.
@@ -789,19 +841,17 @@ def read_network(model: nn.Module, input_shape: Sequence[int], dtype=torch.float
     in_shape = tuple(int(v) for v in input_shape)
     probe = torch.rand(_PROBE_BATCH, *in_shape, generator=torch.Generator().manual_seed(0)).to(device)
     probe = probe.to(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+    shapes = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            ShapeProp(gm).propagate(probe)
+            shapes.run(probe)
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise InvalidInputError(f"the model cannot run on inputs of shape N x {' x '.join(map(str, in_shape))} "
                                 f"({first})") from None
 
     def shape_of(node) -> tuple[int, ...]:
-        meta = node.meta.get("tensor_meta")
-        shape = tuple(getattr(meta, "shape", ()))
+        shape = shapes.shapes.get(node, ())
         if len(shape) < 2 or shape[0] != _PROBE_BATCH:
             raise ModelError(f"{_describe(node, gm)} does not keep the batch dimension first "
                              f"(output shape {shape} for a batch of {_PROBE_BATCH}); {SUPPORTED}")
@@ -828,6 +878,21 @@ def read_network(model: nn.Module, input_shape: Sequence[int], dtype=torch.float
                     f"{float((got - expected).abs().max()):.3g}); it computes something else than its layer chain; "
                     f"{SUPPORTED}")
     return network
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the traced model once and records the shape of every tensor a node produces (like
+    torch.fx's ShapeProp, without importing its symbolic-shape machinery)."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = tuple(out.shape)
+        return out
 
 
 def _is_aux(node: torch.fx.Node, aux: set) -> bool:
@@ -1034,7 +1099,8 @@ class _Crown:
             self.output = None
             return
         s = _Set(center=x0, scale=torch.ones(1, *net.in_shape, dtype=x0.dtype, device=x0.device), radius=radius)
-        linear = _input_stack(x0) if net.forward_mode else None  # forward-mode linear bounds (lo, hi)
+        # forward-mode linear bounds (lo, hi); useless for a point (radius 0: every neuron is stable)
+        linear = _input_stack(x0) if net.forward_mode and bool((radius > 0).any()) else None
         relus, mixing = 0, 0  # ReLU layers so far, mixing affine layers since the last one
         pools = {}
         for i, layer in enumerate(net.crown_layers):
@@ -1093,24 +1159,39 @@ class _Crown:
         return lo.reshape(n, *layer.in_shape), hi.reshape(n, *layer.in_shape)
 
     def _rows_bound(self, i: int, idx, coef, batch: slice) -> torch.Tensor:
-        """Lower bounds of ``coef * z_i[idx]`` (input of layer i) over the ball, per row."""
-        bias = torch.zeros_like(coef)
-        j = i - 1
+        """Lower bounds of ``coef * z_i[idx]`` (input of layer i) over the ball, per row.
+
+        The one-hot rows stay sparse backwards through elementwise layers, reshapes, max-pool
+        gathers and tournaments and ReLUs (a few entries per row), and become dense rows at the
+        first convolution or linear layer: no transposed convolution of an almost empty tensor.
+        """
         layers = self.net.crown_layers
-        while j >= 0 and hasattr(layers[j], "sparse"):  # one-hot rows stay one-hot
-            idx, coef, shift = layers[j].sparse(idx, coef)
+        idx, coef = idx.unsqueeze(-1), coef.unsqueeze(-1)  # N x S x k, k = 1
+        bias = coef.new_zeros(coef.shape[:2])
+        j = i - 1
+        while j >= 0 and idx.shape[-1] <= SPARSE_ENTRIES:
+            layer = layers[j]
+            if isinstance(layer, _ReLU):
+                idx, coef = _coalesce(idx, coef)
+                idx, coef, shift = layer.sparse(idx, coef, self.relax[j][batch])
+            elif hasattr(layer, "sparse"):
+                idx, coef, shift = layer.sparse(idx, coef)
+            else:
+                break
             bias = bias + shift
             j -= 1
-        if j >= 0 and hasattr(layers[j], "rows"):
-            lam, shift = layers[j].rows(idx, coef)
-            bias = bias + shift
-            j -= 1
-        else:
+        # the sparse rows now multiply the output of layer j
+        lam = None
+        if j >= 0 and hasattr(layers[j], "rows") and idx.shape[-1] <= SPARSE_ENTRIES:
+            made = layers[j].rows(idx, coef)
+            if made is not None:
+                lam, shift = made
+                bias = bias + shift
+                j -= 1
+        if lam is None:
             shape = layers[j].out_shape if j >= 0 else self.net.in_shape
-            n, s = idx.shape
-            lam = coef.new_zeros(n * s, math.prod(shape))
-            lam[torch.arange(n * s, device=idx.device), idx.reshape(-1)] = coef.reshape(-1)
-            lam = lam.reshape(n, s, *shape)
+            n, s = idx.shape[:2]
+            lam = coef.new_zeros(n, s, math.prod(shape)).scatter_add_(2, idx, coef).reshape(n, s, *shape)
         return self._backward(lam, bias, j, batch)[0]
 
     def _backward(self, lam, bias, j: int, batch: slice):
@@ -1353,14 +1434,20 @@ def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *
                      verify_float64: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per input, ``argmax model(x)`` and the largest l2 radius (found by bisection) it is certified for.
 
-    A radius ``r`` is certified when every margin lower bound (:func:`margin_lower_bounds`) over the
-    ball of radius ``r`` is > 0: then no input within l2 distance ``r`` (input units) changes the
-    prediction. Bisection runs on the whole batch at once and only ever returns a radius that was
-    itself checked (the lower end of the bracket); with CROWN a failed check at ``r`` still certifies
-    ``min_j a_j / b_j`` from the same relaxation (valid for all smaller balls), which shrinks the
-    bracket from below. The CROWN/IBP bounds are not guaranteed monotone in ``r``, so the result is a
-    certified radius close to (within ``tol`` of) a radius where the check fails, not a supremum.
+    Guarantee: no input within l2 distance ``radius`` (input units, i.e. pixels before any
+    normalisation layer) of ``x[i]`` changes the network's prediction ``predictions[i]``: a linear
+    relaxation (CROWN) or interval bound (IBP) valid on that ball proves every margin
+    ``z_pred - z_j`` > 0 there. Every returned radius was itself checked (bisection keeps the lower,
+    certified end of its bracket; for CROWN a failed check at ``R`` also certifies
+    ``min_j a_j / b_j``, from the relaxation at ``R``, valid on every smaller ball).
 
+    The search runs on the whole batch at once (one batched bound evaluation per step, finished
+    inputs drop out): probes start at 1/8 of the distance to the linearised decision boundary and
+    double until a check fails; then a bracket wider than a factor 2 is halved on a log scale, and a
+    narrower one is cut at the false-position point of the smallest margin bound (Illinois rule).
+    ReLU bounds from the last failed check (a larger ball) prune the later checks.
+    CROWN/IBP bounds are not guaranteed monotone in the radius, so the result is a certified radius
+    within ``tol`` of one where the check fails, not a supremum.
     Parameters
     ----------
     model, x, method
@@ -1371,7 +1458,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *
     tol : float
         Stop once ``hi - lo <= tol * max(1, lo)`` (absolute below radius 1, relative above).
     iterations : int
-        Maximum number of bound evaluations of the bisection (each is one batched evaluation).
+        Maximum number of bound evaluations of the search (each is one batched evaluation).
     verify_float64 : bool
         Re-check the returned radii in float64 arithmetic (strict ``> 0``), shrinking any that fail.
 
@@ -1434,15 +1521,13 @@ def _bisect(net, x0, pred, method, cap, tol, iterations) -> torch.Tensor:
     n = x0.shape[0]
     lo = torch.zeros(n, dtype=x0.dtype, device=x0.device)
     hi = torch.full_like(lo, cap)
-    # the distance to the linearised decision boundary (CROWN at radius 0 = the gradients)
-    _, a, b, _ = _margins(net, x0, torch.zeros_like(lo), pred, "crown")
-    f_lo = (a - 1e-5 * (1 + a.abs())).min(1).values  # margin bound at radius 0
-    linear = torch.where(b > 0, a / b.clamp(min=1e-30), torch.full_like(a, math.inf)).min(1).values
+    margin, linear = _linear_distance(net, x0, pred)
+    f_lo = (margin - 1e-5 * (1 + margin.abs())).min(1).values  # margin (bound) at radius 0
     done = f_lo <= 0  # a tie or no margin at x itself: radius 0
     f_hi = torch.full_like(lo, -1.0)
     failed = torch.zeros_like(done)  # whether hi was checked (and failed)
     side = torch.zeros(n, dtype=torch.int8, device=x0.device)  # last bracket end moved: +1 lo, -1 hi
-    r = torch.minimum(linear / 16, hi)
+    r = torch.minimum(linear / 8, hi)
     prior: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     certifying: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the bounds that certified each lo
     for _ in range(iterations):
@@ -1467,8 +1552,26 @@ def _bisect(net, x0, pred, method, cap, tol, iterations) -> torch.Tensor:
         lo[idx] = new_lo
         done = done | (hi - lo <= tol * lo.clamp(min=1.0))
         t = (f_lo / (f_lo - f_hi).clamp(min=1e-30)).clamp(0.05, 0.95)
-        r = torch.where(failed, lo + t * (hi - lo), torch.minimum(2 * lo, hi))
+        # a bracket wider than a factor 2 is halved on a log scale first (false position crawls there)
+        wide = torch.where(lo > 0, (lo * hi).sqrt(), hi / 4)
+        narrow = lo + t * (hi - lo)
+        r = torch.where(failed, torch.where(hi > 2 * lo, wide, narrow), torch.minimum(2 * lo, hi))
     return lo, certifying
+
+
+def _linear_distance(net: _Network, x0, pred) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margins ``z_pred - z_j`` at ``x0`` (N x K-1) and the distance to the linearised decision
+    boundary ``min_j margin_j / ||grad margin_j||`` (N), by autograd through the layer chain."""
+    spec = _margin_spec(pred, net.num_classes, x0.dtype)
+    with torch.enable_grad():
+        x = x0.detach().clone().requires_grad_(True)
+        z = net.forward(x)
+        grads = torch.stack([torch.autograd.grad(z[:, k].sum(), x, retain_graph=True)[0].reshape(len(x), -1)
+                             for k in range(net.num_classes)], 1)  # N x K x D
+    margin = torch.einsum("nsk,nk->ns", spec, z.detach())
+    norm = torch.einsum("nsk,nkd->nsd", spec, grads).norm(dim=2)
+    distance = torch.where(norm > 0, margin / norm.clamp(min=1e-30), torch.full_like(margin, math.inf))
+    return margin, distance.min(1).values
 
 
 def _store(store: dict, bounds: dict, n: int, rows: torch.Tensor, mask: torch.Tensor) -> None:

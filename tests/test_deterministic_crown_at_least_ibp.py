@@ -104,3 +104,20 @@ def test_network_reproduces_model_and_maxpool_rewrite():
         assert torch.allclose(net.forward(x, crown=True), expected, atol=1e-12), pool
         lo, hi = interval_bounds(model.float(), x.float(), 0.3, "crown", dtype=torch.float64)
         assert (lo <= expected.numpy() + 1e-9).all() and (hi >= expected.numpy() - 1e-9).all()
+
+
+def test_sparse_rows_equal_dense_rows(monkeypatch):
+    """Intermediate-bound rows kept sparse through ReLUs, max-pool gathers (overlapping windows give
+    repeated indices) and tournaments give the same bounds as plain one-hot rows and backward passes."""
+    torch.manual_seed(8)
+    overlapping = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+                                nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                nn.Linear(16, 3)).eval()
+    x = images(4, seed=9)
+    r = np.array([0.05, 0.1, 0.2, 0.4])
+    for model in (cnn(seed=10), overlapping):
+        _, sparse = margin_lower_bounds(model, x, r, "crown", dtype=torch.float64)
+        with monkeypatch.context() as patch:
+            patch.setattr(det, "SPARSE_ENTRIES", 0)
+            _, dense = margin_lower_bounds(model, x, r, "crown", dtype=torch.float64)
+        assert np.allclose(sparse, dense, rtol=1e-9, atol=1e-9)
