@@ -98,6 +98,8 @@ CHUNK_ELEMENTS = 2 ** 24
 FORWARD_MODE = True
 """Whether CROWN first tightens intermediate boxes with forward-mode linear bounds (where the input
 is smaller than the ReLU layers), so that fewer neurons need backward passes. Sound either way."""
+FORWARD_MODE_ELEMENTS = 2 ** 26
+"""Forward-mode bounds of one input take (1 + input size) x (largest layer) values; above this, none."""
 DENSE_FIRST_LAYER = 2 ** 22
 """A first convolution with (input size x output size) up to this many entries is also kept dense."""
 SPARSE_ENTRIES = 64
@@ -761,7 +763,8 @@ class _Network:
         if isinstance(first, _Conv) and d_in * math.prod(first.out_shape) <= DENSE_FIRST_LAYER:
             eye = torch.eye(d_in, dtype=dtype, device=device).reshape(1, d_in, *self.in_shape)
             self.first_dense = first.apply(eye, None).reshape(d_in, -1).t().contiguous()  # D_out x D_in
-        self.forward_mode = FORWARD_MODE and bool(relu_sizes) and math.prod(self.in_shape) < max(relu_sizes)
+        self.forward_mode = (FORWARD_MODE and bool(relu_sizes) and math.prod(self.in_shape) < max(relu_sizes)
+                             and (1 + math.prod(self.in_shape)) * max(self.max_size) <= FORWARD_MODE_ELEMENTS)
 
     def to(self, dtype) -> "_Network":
         if dtype == self.dtype:
@@ -1058,10 +1061,15 @@ def _ibp_output(net: _Network, x0: torch.Tensor, radius: torch.Tensor) -> tuple[
 
 
 def _ibp_margins(net: _Network, x0, radius, spec) -> torch.Tensor:
-    """Lower bounds of ``spec @ z`` by IBP, merging ``spec`` into the last Linear layer (Gowal et al.'s
-    elision of the last layer) when the network ends with one acting on flat features."""
+    """Lower bounds of ``spec @ z`` by IBP (see :func:`_spec_bound`)."""
     out, before = _ibp_output(net, x0, radius)
-    last = net.layers[-1] if net.layers else None
+    return _spec_bound(net.layers[-1] if net.layers else None, out, before, spec, radius)
+
+
+def _spec_bound(last: _Layer | None, out: _Set, before: _Set, spec, radius) -> torch.Tensor:
+    """Lower bounds of ``spec @ z`` from interval sets: ``spec`` is merged into the last Linear layer
+    (Gowal et al.'s elision of the last layer) when the network ends with one on flat features, so
+    the box before it is used once; otherwise the output box ``out`` is used."""
     if isinstance(last, _Linear) and len(last.in_shape) == 1:
         weight = spec @ last.weight  # N x S x D
         bias = spec @ last.bias
@@ -1099,11 +1107,13 @@ class _Crown:
             self.output = None
             return
         s = _Set(center=x0, scale=torch.ones(1, *net.in_shape, dtype=x0.dtype, device=x0.device), radius=radius)
+        self.before_last = s
         # forward-mode linear bounds (lo, hi); useless for a point (radius 0: every neuron is stable)
         linear = _input_stack(x0) if net.forward_mode and bool((radius > 0).any()) else None
         relus, mixing = 0, 0  # ReLU layers so far, mixing affine layers since the last one
         pools = {}
         for i, layer in enumerate(net.crown_layers):
+            self.before_last = s  # the set before the last layer (for the elided interval bound)
             if getattr(layer, "pool_start", None) is not None:
                 pools[id(layer.pool_start)] = s.box()
             if isinstance(layer, _ReLU):
@@ -1280,7 +1290,12 @@ def _prepare(model, x, dtype) -> tuple[_Network, torch.Tensor]:
 
 
 def _radii(radius, n: int, like: torch.Tensor) -> torch.Tensor:
-    r = np.asarray(radius, dtype=float)
+    if isinstance(radius, torch.Tensor):
+        radius = radius.detach().cpu().double().numpy()
+    try:
+        r = np.asarray(radius, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"radius must be a number or one number per input, got {radius!r}") from None
     if r.ndim == 0:
         r = np.full(n, float(r))
     if r.shape != (n,) or not np.all(np.isfinite(r)) or np.any(r < 0):
@@ -1304,15 +1319,16 @@ def _margins(net: _Network, x0, radius, pred, method, prior=None):
     if method == "ibp":
         lb = _ibp_margins(net, x0, radius, spec)
         return lb, lb, torch.zeros_like(lb), {}
-    lb, a, b, lo, hi, bounds = _crown(net, x0, radius, spec, prior)
-    # the interval bound of the logits is valid too: keep the better of the two
-    box_lb = torch.einsum("nsk,nk->ns", spec.clamp(min=0), lo) + torch.einsum("nsk,nk->ns", spec.clamp(max=0), hi)
-    return torch.maximum(lb, box_lb), a, b, bounds
+    lb, a, b, elided, _, _, bounds = _crown(net, x0, radius, spec, prior)
+    # the interval bound (with CROWN's tighter intermediate boxes) is valid too: keep the better one,
+    # so CROWN's margins are never below IBP's
+    return torch.maximum(lb, elided), a, b, bounds
 
 
 def _crown(net: _Network, x0, radius, spec, prior=None):
-    """CROWN bounds of ``spec @ z`` (``lb = a - r b``), the output box and the ReLU input bounds,
-    in batch chunks (forward-mode stacks are large)."""
+    """CROWN bounds of ``spec @ z`` (``lb = a - r b``), the interval bound of ``spec @ z`` from the
+    same forward sweep, the output box and the ReLU input bounds, in batch chunks (forward-mode
+    stacks are large)."""
     n = x0.shape[0]
     step = n
     if net.forward_mode:
@@ -1322,7 +1338,8 @@ def _crown(net: _Network, x0, radius, spec, prior=None):
         sl = slice(b0, b0 + step)
         part_prior = None if prior is None else {i: (lo[sl], hi[sl]) for i, (lo, hi) in prior.items()}
         crown = _Crown(net, x0[sl], radius[sl], part_prior)
-        parts.append((*crown.bound(spec[sl]), *crown.output.box()))
+        elided = _spec_bound(net.crown_layers[-1], crown.output, crown.before_last, spec[sl], radius[sl])
+        parts.append((*crown.bound(spec[sl]), elided, *crown.output.box()))
         bounds.append(crown.bounds)
     out = tuple(torch.cat(t) for t in zip(*parts))
     merged = {i: (torch.cat([b[i][0] for b in bounds]), torch.cat([b[i][1] for b in bounds])) for i in bounds[0]}
@@ -1362,7 +1379,7 @@ def interval_bounds(model: nn.Module, x: torch.Tensor, radius: float | Sequence[
             lo, hi = _ibp_output(net, x0, r)[0].box()
         else:
             eye = torch.eye(k, dtype=dtype, device=x0.device)
-            lb, _, _, lo, hi, _ = _crown(net, x0, r, torch.cat([eye, -eye]).expand(n, 2 * k, k))
+            lb, _, _, _, lo, hi, _ = _crown(net, x0, r, torch.cat([eye, -eye]).expand(n, 2 * k, k))
             lo, hi = torch.maximum(lo, lb[:, :k]), torch.minimum(hi, -lb[:, k:])
             # two valid bounds can cross by a rounding error when the interval is a point (radius 0)
             lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
@@ -1447,7 +1464,10 @@ def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *
     narrower one is cut at the false-position point of the smallest margin bound (Illinois rule).
     ReLU bounds from the last failed check (a larger ball) prune the later checks.
     CROWN/IBP bounds are not guaranteed monotone in the radius, so the result is a certified radius
-    within ``tol`` of one where the check fails, not a supremum.
+    within ``tol`` of one where the check fails, not a supremum. For the same reason a fresh
+    :func:`margin_lower_bounds` call at the returned radius usually, but not always, proves it too:
+    the search intersects ReLU bounds of the ball with those computed for larger balls (valid on it
+    as well), which can only tighten CROWN's relaxation, whereas a fresh call starts from scratch.
     Parameters
     ----------
     model, x, method
@@ -1470,8 +1490,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *
     """
     _check_method(method)
     tol = _positive("tol", tol)
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
-        raise InvalidParameterError(f"iterations must be an integer >= 1, got {iterations!r}")
+    iterations = _integer("iterations", iterations)
     net, x0 = _prepare(model, x, torch.float32)
     n = x0.shape[0]
     pred = _targets(model, x0, net, None)
@@ -1483,6 +1502,12 @@ def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *
         if verify_float64:
             radii = _verify(net.to(torch.float64), x0.double(), pred, method, radii, certifying)
     return pred.cpu().numpy(), radii.double().cpu().numpy()
+
+
+def _integer(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidParameterError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _positive(name: str, value) -> float:
@@ -1651,6 +1676,16 @@ class DeterministicCertifier:
 
     The model is read (and checked) again on every call, so it may change between calls. Work runs on
     the model's device (CPU or CUDA), in float32 with a float64 re-check of every radius.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A supported classifier (see the module docstring), in eval mode.
+    method : {"crown", "ibp"}
+    max_radius, tol, iterations, verify_float64
+        As in :func:`certified_radius`.
+    batch_size : int
+        Inputs per batched radius search (bounds memory; each batch is one search).
     """
 
     def __init__(self, model: nn.Module, method: str = "crown", *, max_radius: float | None = None,
@@ -1660,13 +1695,11 @@ class DeterministicCertifier:
         self.model, self.method = model, _check_method(method)
         self.max_radius = None if max_radius is None else _positive("max_radius", max_radius)
         self.tol = _positive("tol", tol)
-        if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
-            raise InvalidParameterError(f"iterations must be an integer >= 1, got {iterations!r}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise InvalidParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.iterations, self.batch_size, self.verify_float64 = int(iterations), int(batch_size), verify_float64
+        self.iterations = _integer("iterations", iterations)
+        self.batch_size = _integer("batch_size", batch_size)
+        self.verify_float64 = bool(verify_float64)
 
-    def certify(self, x: torch.Tensor) -> list:
+    def certify(self, x: torch.Tensor) -> list[Certificate]:
         """One certificate per row of ``x`` (N x C x H x W, pixels in [0, 1])."""
         check_images(x)
         out = []

@@ -214,6 +214,8 @@ def test_attack_finds_no_margin_below_the_bound(name):
 
 
 def test_certified_radius_itself_certifies():
+    """A fresh margin bound at the returned radius proves it here (in general the search's own proof
+    may also use ReLU bounds of larger balls, see ``certified_radius``)."""
     model = make_cnn()
     x = inputs(8, seed=6)
     for method in ("ibp", "crown"):
@@ -241,3 +243,57 @@ def test_small_cnn_end_to_end_resists_attack():
     assert all(c.prediction == int(p) for c, p in zip(certs["crown"], pred))
     found = pgd_min_margin(model, x, pred, torch.as_tensor(crown_r), restarts=8, steps=25)
     assert (found > 0).all(), (crown_r, found)
+
+
+def random_architecture(seed: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """A random chain: optional Normalize, 1-2 conv blocks (random stride, padding, dilation, groups,
+    BatchNorm, max or average pooling), a dense head."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    c, h = int(rng.choice([1, 2])), int(rng.choice([7, 8, 9]))
+    layers: list[nn.Module] = []
+    if rng.random() < 0.5:
+        layers.append(Normalize([0.4] * c, [float(rng.uniform(0.2, 1.0))] * c))
+    shape = (c, h, h)
+    for _ in range(int(rng.choice([1, 2]))):
+        out = int(rng.choice([2, 4]))
+        groups = 2 if shape[0] % 2 == 0 and rng.random() < 0.4 else 1
+        conv = nn.Conv2d(shape[0], out, int(rng.choice([2, 3])), stride=int(rng.choice([1, 2])),
+                         padding=int(rng.choice([0, 1])), dilation=int(rng.choice([1, 2])), groups=groups)
+        candidate = [conv, nn.BatchNorm2d(out), nn.ReLU()]
+        candidate.append([nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.Identity()][int(rng.integers(4))])
+        try:
+            size = nn.Sequential(*layers, *candidate).eval()(torch.zeros(1, c, h, h)).shape[1:]
+        except RuntimeError:
+            continue
+        layers += candidate
+        shape = tuple(size)
+    _randomise_batchnorm(nn.Sequential(*layers), torch.Generator().manual_seed(seed))
+    n = int(np.prod(shape))
+    layers += [nn.Flatten(), nn.Linear(n, 10), nn.ReLU(), nn.Linear(10, int(rng.choice([2, 3, 5])))]
+    return nn.Sequential(*layers).eval(), (c, h, h)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_architectures_are_sound(seed):
+    """Both methods' logit and margin bounds contain every sampled point of the ball, CROWN's radius
+    is at least IBP's, and an attack at the CROWN radius changes no prediction."""
+    model, shape = random_architecture(seed)
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(seed))
+    radius = np.array([0.03, 0.2, 1.0])
+    pts = ball_points(x, radius, 1000, seed=seed)
+    with torch.no_grad():
+        z = model.double()(pts.reshape(-1, *shape)).reshape(3, 1000, -1).numpy()
+        model.float()
+    for method in ("ibp", "crown"):
+        lower, upper = interval_bounds(model, x, radius, method, dtype=torch.float64)
+        assert (z >= lower[:, None] - 1e-9).all() and (z <= upper[:, None] + 1e-9).all(), method
+        pred, lb = margin_lower_bounds(model, x, radius, method, dtype=torch.float64)
+        margins = z[np.arange(3), :, pred][:, :, None] - z
+        finite = np.isfinite(lb)
+        assert (margins.min(1)[finite] >= lb[finite] - 1e-9).all(), method
+    pred, crown = certified_radius(model, x, "crown")
+    _, ibp = certified_radius(model, x, "ibp")
+    assert (crown >= ibp - 1e-3 * np.maximum(1, ibp)).all(), (crown, ibp)
+    found = pgd_min_margin(model, x, torch.as_tensor(pred), torch.as_tensor(crown), restarts=8, steps=25)
+    assert (found[crown > 0] > 0).all()
