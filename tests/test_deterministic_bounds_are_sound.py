@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torchvision.transforms import Normalize
 
-from surrogate_cert.architectures import build
-from surrogate_cert.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
+from surrogate_cert.core.architectures import build
+from surrogate_cert.core.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
                                           margin_lower_bounds)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from surrogate_cert.certificate import Certificate
-from surrogate_cert.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
+from surrogate_cert.core.certificate import Certificate
+from surrogate_cert.core.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
                                           margin_lower_bounds)
-from surrogate_cert.errors import InvalidInputError, InvalidParameterError, ModelError
+from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError, ModelError
 
 
 def small_net(seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import surrogate_cert.deterministic as det
-from surrogate_cert.deterministic import certified_radius, interval_bounds, margin_lower_bounds, read_network
+import surrogate_cert.core.deterministic as det
+from surrogate_cert.core.deterministic import certified_radius, interval_bounds, margin_lower_bounds, read_network
 
 
 def mlp(seed=0):

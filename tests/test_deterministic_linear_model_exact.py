@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.transforms import Normalize
 
-from surrogate_cert.deterministic import certified_radius, interval_bounds, margin_lower_bounds
+from surrogate_cert.core.deterministic import certified_radius, interval_bounds, margin_lower_bounds
 
 
 def linear_model(d_shape=(1, 8, 8), k=4, seed=0, normalize=None):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import Normalize
 
-from surrogate_cert.deterministic import certified_radius, interval_bounds, read_network
-from surrogate_cert.errors import InvalidInputError, ModelError
+from surrogate_cert.core.deterministic import certified_radius, interval_bounds, read_network
+from surrogate_cert.core.errors import InvalidInputError, ModelError
 
 X = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -11,11 +11,14 @@ from data_gen.datasets import load_split
 from data_gen.models import check_model_fits, load_model
 
 from ..core.cohen import CohenCertifier
+from ..core.deterministic import METHODS as DETERMINISTIC_METHODS
+from ..core.deterministic import DeterministicCertifier
 from ..core.errors import InvalidParameterError
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
 from .common import (
     add_dataset_args,
+    add_device_arg,
     add_device_args,
     add_engine_args,
     add_model_arg,
@@ -32,6 +35,8 @@ from .common import (
 
 COHEN_CHUNK = 256
 """Inputs per Cohen call (each spends n0 + n samples; the chunk only paces the progress bar)."""
+DETERMINISTIC_CHUNK = 256
+"""Inputs per radius search of the deterministic certifier (bounds its memory)."""
 SEQUENTIAL_CHUNK = 2048
 """Inputs certified together by the sequential certifier: more inputs, fuller forward passes."""
 
@@ -61,6 +66,24 @@ def register(sub) -> None:
                    help="pilot: argmax of --n0 pilot samples; per_class: one confidence sequence per class at alpha/K")
     p.add_argument("--n0", type=int, default=100, help="pilot samples per input (class-choice pilot)")
     p.set_defaults(func=run_sequential, torchrun=True)
+
+    p = add_parser(sub, "deterministic",
+                   "certify a split deterministically (probability 1, no sampling): IBP or CROWN l2 bounds on the "
+                   "base network itself (not its smoothed version)",
+                   "surrogate-cert deterministic --model base.pt --dataset digits --split test --method crown "
+                   "--out crown.tsv")
+    add_model_arg(p)
+    add_dataset_args(p)
+    p.add_argument("--method", choices=DETERMINISTIC_METHODS, default="crown",
+                   help="crown (default: linear relaxations, tighter) or ibp (interval bounds, faster)")
+    p.add_argument("--max-radius", type=float, default=None, metavar="R",
+                   help="largest radius the search tries, l2 input units (default: found by doubling)")
+    add_device_arg(p)
+    add_progress_arg(p)
+    p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
+                                                "either exists")
+    add_overwrite_arg(p)
+    p.set_defaults(func=run_deterministic)
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -135,3 +158,16 @@ def run_sequential(args: argparse.Namespace) -> int:
     return write_results(args.out, data, certificates, dict(
         meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance,
         max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0), overwrite=args.overwrite)
+
+
+def run_deterministic(args: argparse.Namespace) -> int:
+    check_new_outputs(args, *results_paths(args.out))
+    data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)
+    certifier = DeterministicCertifier(loaded.model, args.method, max_radius=args.max_radius)
+    certificates = certify_split(data, lambda x, idx: certifier.certify(x, idx), DETERMINISTIC_CHUNK,
+                                 not args.no_progress, args.method)
+    meta = provenance(args, method=args.method, dataset=args.dataset, split=args.split, limit=args.limit,
+                      images=len(data), model_sha256=loaded.sha256, max_radius=args.max_radius,
+                      guarantee="deterministic: the base network's prediction is constant on the l2 ball")
+    return write_results(args.out, data, certificates, meta, overwrite=args.overwrite)

@@ -44,7 +44,7 @@ of 0) is outside any such bound.
 
 Supported models: a straight chain (as read by ``torch.fx.symbolic_trace``; nested ``nn.Sequential``
 and custom modules whose ``forward`` just calls submodules in order, like
-:class:`surrogate_cert.architectures.SmallCNN`, are fine) of ``nn.Linear``, ``nn.Conv2d`` (zero
+:class:`surrogate_cert.core.architectures.SmallCNN`, are fine) of ``nn.Linear``, ``nn.Conv2d`` (zero
 padding, any stride, dilation and groups), ``nn.ReLU`` (also ``F.relu``/``torch.relu``/``x.relu()``),
 ``nn.MaxPool2d``, ``nn.AvgPool2d`` (``ceil_mode=False``; padding only with
 ``count_include_pad=True``), ``nn.AdaptiveAvgPool2d`` (only when it is a uniform average pooling for
@@ -52,7 +52,7 @@ the input size, e.g. 8x8 -> 4x4), ``nn.BatchNorm1d/2d`` in eval mode (running st
 ``nn.Flatten`` / ``flatten`` / ``view`` / ``reshape`` (keeping the batch dimension), ``nn.Identity``,
 ``nn.Dropout*`` (eval mode: identity) and a normalisation layer. Anything else (residual adds,
 concatenations, other activations, torchvision ResNets, TorchScript modules) raises
-:class:`~surrogate_cert.errors.ModelError` naming the first unsupported layer or operation.
+:class:`~surrogate_cert.core.errors.ModelError` naming the first unsupported layer or operation.
 
 Normalisation layers. A module is read as ``(x - mean) / std`` when it has attributes ``mean`` and
 ``std`` (tensors, buffers, numbers or sequences of numbers), e.g. ``torchvision.transforms.Normalize``
@@ -86,9 +86,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surrogate_cert.certificate import Certificate, abstention
-from surrogate_cert.errors import InvalidInputError, InvalidParameterError, ModelError
-from surrogate_cert.smoothing import check_images
+from .certificate import Certificate, abstention
+from .errors import InvalidInputError, InvalidParameterError, ModelError
+from .smoothing import check_images, noise_indices
 
 METHODS = ("ibp", "crown")
 SUPPORTED = ("supported: a straight chain of Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d "
@@ -1666,7 +1666,7 @@ def _verify_full(net64: _Network, x64, pred, method, radii) -> torch.Tensor:
 class DeterministicCertifier:
     """Deterministic l2 certificates (IBP or CROWN) for a PyTorch classifier.
 
-    ``certify(x)`` returns one :class:`~surrogate_cert.certificate.Certificate` per input with
+    ``certify(x)`` returns one :class:`~surrogate_cert.core.certificate.Certificate` per input with
     ``prediction = argmax model(x)``, ``radius`` from :func:`certified_radius` (the prediction of the
     network itself provably does not change within that l2 distance, input units), ``method`` =
     ``"ibp"`` or ``"crown"``, ``n_samples = 0`` (no sampling) and ``p_lower = nan``: the certificate is
@@ -1699,9 +1699,14 @@ class DeterministicCertifier:
         self.batch_size = _integer("batch_size", batch_size)
         self.verify_float64 = bool(verify_float64)
 
-    def certify(self, x: torch.Tensor) -> list[Certificate]:
-        """One certificate per row of ``x`` (N x C x H x W, pixels in [0, 1])."""
+    def certify(self, x: torch.Tensor, indices=None) -> list[Certificate]:
+        """One certificate per row of ``x`` (N x C x H x W, pixels in [0, 1]).
+
+        ``indices`` is accepted so every certifier has the same call, and checked (one per input);
+        no noise is drawn.
+        """
         check_images(x)
+        noise_indices(indices, x.shape[0])
         out = []
         for start in range(0, x.shape[0], self.batch_size):
             t0 = time.perf_counter()
