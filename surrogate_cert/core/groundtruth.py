@@ -27,6 +27,14 @@ class LinearBinaryModel(nn.Module):
         z = x.flatten(1) @ self.w + self.b
         return torch.stack([-z, z], dim=1)
 
+    def as_sequential(self) -> nn.Sequential:
+        """The same logits as ``Flatten -> Linear(d, 2)``: the form bound propagation reads."""
+        linear = nn.Linear(self.w.numel(), 2)
+        with torch.no_grad():
+            linear.weight.copy_(torch.stack([-self.w, self.w]))
+            linear.bias.copy_(torch.stack([-self.b, self.b]))
+        return nn.Sequential(nn.Flatten(), linear).eval()
+
 
 @dataclass
 class LinearProblem:

@@ -478,6 +478,7 @@ class SmoothedClassifier:
             model = model.to(memory_format=torch.channels_last)
         self.compile = "inductor" if compile is True else (compile or None)
         self._fingerprint = _architecture_fingerprint(model)
+        self.base_model = model  # uncompiled: what bound propagation and hashing read
         self.model = torch.compile(model, backend=self.compile) if self.compile else model
         self._checked_width = False
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None

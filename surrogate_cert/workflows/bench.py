@@ -11,6 +11,9 @@
 ``sequential_surrogate``     E-process, class and mixture prior from the surrogate (no pilot)
 ``surrogate``                calibrated surrogate alone: one forward pass, no base-model samples
 ``hybrid``                   surrogate where it certifies, else ``sequential_surrogate``
+``ibp``, ``crown``           deterministic l2 bounds on the base network itself (``core.deterministic``):
+                             probability 1, no samples; a different claim (the base model, not
+                             its smoothed version), shown for comparison
 ===========================  ===============================================================
 
 For each: certified accuracy at radii 0, 0.25, 0.5, 0.75, 1.0 and ACR on the dataset's test
@@ -48,6 +51,7 @@ from data_gen.models import load_model
 from ..core import stats
 from ..core.certificate import Certificate, write_tsv
 from ..core.cohen import CohenCertifier
+from ..core.deterministic import DeterministicCertifier
 from ..core.errors import InvalidParameterError
 from ..core.files import check_outputs, write_text_atomic
 from ..core.groundtruth import linear_problem
@@ -59,13 +63,14 @@ from ..deploy.hybrid import HybridCertifier
 from .pipeline import FULL, QUICK, Pipeline, QuickstartConfig, provenance
 from .report import write_report
 
-METHODS = ("cohen_10k", "cohen_1k", "sequential_kt", "sequential_surrogate", "surrogate", "hybrid")
+METHODS = ("cohen_10k", "cohen_1k", "sequential_kt", "sequential_surrogate", "surrogate", "hybrid", "ibp", "crown")
 """The methods of ``surrogate-cert bench``, in table order."""
 
 METHOD_LABELS = {
     "cohen_10k": "Cohen-10k", "cohen_1k": "Cohen-1k", "sequential_kt": "Sequential (KT prior)",
     "sequential_target": "Sequential (target r = sigma)",
     "sequential_surrogate": "Sequential (surrogate prior)", "surrogate": "Surrogate only", "hybrid": "Hybrid",
+    "ibp": "IBP (deterministic)", "crown": "CROWN (deterministic)",
 }
 LABELS = METHOD_LABELS  # name of version 0.1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -111,7 +116,7 @@ BENCH_TINY = BenchConfig(offline=QUICK, test_limit=6, n0=20, cohen_n=(1000, 100)
 # --------------------------------------------------------------------------- the certifiers
 
 def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cfg: BenchConfig,
-               alpha: float) -> dict[str, Callable]:
+               alpha: float, base_model: torch.nn.Module | None = None) -> dict[str, Callable]:
     """Every method as ``f(x, indices) -> list[Certificate]`` over one shared ``SmoothedClassifier``.
 
     Parameters
@@ -126,6 +131,9 @@ def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cf
         Cohen's sample sizes, the sequential budget, ``n0``, ``tolerance`` and ``extra_tolerances``.
     alpha : float
         Error probability per input of the Cohen and sequential certificates, in (0, 1).
+    base_model : torch.nn.Module, optional
+        The base network in a form bound propagation reads (default: ``smooth.base_model``); the
+        ``ibp`` and ``crown`` rows certify it.
 
     Returns
     -------
@@ -148,6 +156,10 @@ def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cf
     guided = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, **policy)
     one_pass = SurrogateCertifier(surrogate, calibration)
     hybrid = HybridCertifier(one_pass, guided)
+    # Deterministic rows certify the base network itself (probability 1, no noise drawn).
+    base_model = smooth.base_model if base_model is None else base_model
+    ibp = DeterministicCertifier(base_model, "ibp")
+    crown = DeterministicCertifier(base_model, "crown")
 
     def sequential_surrogate(x, idx):
         classes, p_tilde = surrogate.predict(x)
@@ -163,6 +175,8 @@ def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cf
         "sequential_surrogate": sequential_surrogate,
         "surrogate": lambda x, idx: one_pass.certify(x, indices=idx),
         "hybrid": lambda x, idx: hybrid.certify(x, indices=idx),
+        "ibp": ibp.certify,
+        "crown": crown.certify,
     }
     for tol in cfg.extra_tolerances:
         seq = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, tolerance=tol)
@@ -210,7 +224,7 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     +-3 sigma); the surrogate is trained on train counts and calibrated on cal counts as on real
     data. A certificate is wrong when it names the wrong class or a radius above the true distance
     to the hyperplane. Bounds: alpha (Cohen, sequential), epsilon + alpha_mc (surrogate, marginal),
-    epsilon + alpha_mc + alpha (hybrid); the allowance is ``stats.binomial_allowance`` at 0.999.
+    epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is ``stats.binomial_allowance`` at 0.999.
 
     Parameters
     ----------
@@ -258,10 +272,12 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     surrogate.tune_prior(train.x[tune], counts_train[tune])
     calibration = calibrate_arrays(surrogate, cal.x, counts_cal, epsilon, alpha_mc, dataset="linear_problem",
                                    split="cal")
-    bounds = dict(surrogate=epsilon + alpha_mc, hybrid=epsilon + alpha_mc + alpha)
+    # The linear base model's own decision boundary is the smoothed one, so a deterministic
+    # certificate is judged against the same true radius, with bound 0 (it holds always).
+    bounds = dict(surrogate=epsilon + alpha_mc, hybrid=epsilon + alpha_mc + alpha, ibp=0.0, crown=0.0)
     results = {}
     idx = offsets[2] + np.arange(n_test)
-    methods = certifiers(smooth, surrogate, calibration, cfg, alpha)
+    methods = certifiers(smooth, surrogate, calibration, cfg, alpha, base_model=test.model.as_sequential())
     for name in cfg.methods:
         certificates, _ = timed(methods[name], test.x, idx)
         wrong = int(test.wrong_certificates(certificates).sum())
