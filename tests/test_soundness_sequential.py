@@ -44,7 +44,7 @@ def certifier(problem, cls=EProcessCertifier, seed=0, **kwargs):
 class PeekingClopperPearson(EProcessCertifier):
     """BROKEN: a fixed-n Clopper-Pearson interval, recomputed and intersected after every batch."""
 
-    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+    def confidence_sequence(self, successes, drawn, alpha, log_marginal):
         lower = stats.lower_confidence_bound(successes, drawn, alpha)
         upper = 1 - stats.lower_confidence_bound(drawn - successes, drawn, alpha)
         return lower, upper
@@ -53,7 +53,7 @@ class PeekingClopperPearson(EProcessCertifier):
 class PlugIn(EProcessCertifier):
     """BROKEN: the point estimate s / t used as a bound."""
 
-    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+    def confidence_sequence(self, successes, drawn, alpha, log_marginal):
         p_hat = successes / drawn
         return p_hat, p_hat
 

@@ -1,7 +1,7 @@
 """Certificate records and the results TSV (Cohen et al.'s six columns first, then ours).
 
 A results file is two files: ``out.tsv``, whose first line is the header
-``idx label predict radius correct time method n_samples p_lower`` so that Cohen et al.'s analysis
+``idx label predict radius correct time method n_samples p_lower stop_time`` so that Cohen et al.'s analysis
 code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
 provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
 """
@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 """The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
 
-TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower")
+TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower", "stop_time")
 
 META_SUFFIX = ".meta.json"
 """Provenance sidecar of a results file: ``<out>.meta.json``."""
@@ -45,6 +45,10 @@ class Certificate:
         surrogate).
     seconds : float
         Wall time attributed to this input.
+    stop_time : int, optional
+        Base-model evaluations spent when the stopping rule fired (pilot samples included); at most
+        ``n_samples``, the difference being samples drawn in the same batch after the decision.
+        Default (None): ``n_samples``, the stop of a fixed-sample procedure.
     """
 
     prediction: int
@@ -53,6 +57,11 @@ class Certificate:
     n_samples: int
     p_lower: float
     seconds: float
+    stop_time: int | None = None
+
+    def __post_init__(self):
+        if self.stop_time is None:
+            object.__setattr__(self, "stop_time", int(self.n_samples))
 
     @property
     def abstained(self) -> bool:
@@ -62,7 +71,8 @@ class Certificate:
         return asdict(self)
 
 
-def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -> Certificate:
+def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0,
+               stop_time: int | None = None) -> Certificate:
     """The abstain certificate: class -1, radius 0.
 
     Parameters
@@ -73,13 +83,16 @@ def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -
         The lower bound on ``p_A(x)`` reached, for the record.
     seconds : float, optional
         Wall time attributed to the input.
+    stop_time : int, optional
+        Evaluations spent when the stopping rule fired; default ``n_samples``.
 
     Returns
     -------
     Certificate
         ``prediction = -1``, ``radius = 0.0``, method ``abstain``.
     """
-    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds))
+    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds),
+                       None if stop_time is None else int(stop_time))
 
 
 def meta_path(path: str | os.PathLike) -> str:
@@ -120,9 +133,10 @@ def write_tsv(
 ) -> None:
     """Write results as TSV plus its provenance sidecar, each atomically (temporary file, rename).
 
-    Columns ``idx label predict radius correct time method n_samples p_lower``, header on the first
-    line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
-    the label. ``meta`` goes to ``meta_path(path)``.
+    Columns ``idx label predict radius correct time method n_samples p_lower stop_time``, header on
+    the first line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict``
+    equals the label, ``stop_time`` the evaluations spent when the stopping rule fired (``n_samples``
+    for fixed-sample methods). ``meta`` goes to ``meta_path(path)``.
 
     Parameters
     ----------
@@ -151,7 +165,7 @@ def write_tsv(
     for idx, label, c in zip(indices, labels, certificates):
         correct = int(c.prediction == int(label))
         lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
-                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}")
+                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}\t{c.stop_time}")
     _replace_atomically(path, "\n".join(lines) + "\n")
     _replace_atomically(meta_path(path), json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -160,7 +174,8 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     """Read a results TSV into typed rows (ours, Cohen et al.'s, or an older one with ``#`` lines).
 
     Columns beyond Cohen's six are optional: ``method`` defaults to ``cohen`` / ``abstain``,
-    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN.
+    ``n_samples`` to -1 (unknown), ``p_lower`` to NaN, ``stop_time`` to ``n_samples`` (files written
+    before it existed: the stop is not known to be earlier than the last sample).
 
     Parameters
     ----------
@@ -170,7 +185,8 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     Returns
     -------
     list of dict
-        One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` (int),
+        One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` and
+        ``stop_time`` (int),
         ``radius`` (input l2 units), ``time`` (seconds, from ours or from Cohen et al.'s
         ``H:MM:SS.ffffff``), ``p_lower`` (float) and ``method`` (str).
 
@@ -207,6 +223,8 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
                 n_samples=int(r["n_samples"]) if r.get("n_samples") not in (None, "") else -1,
                 p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
             ))
+            rows[-1]["stop_time"] = (int(r["stop_time"]) if r.get("stop_time") not in (None, "")
+                                     else rows[-1]["n_samples"])
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({exc}); regenerate the file") from None
     return rows

@@ -9,6 +9,7 @@ independent.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -59,6 +60,12 @@ def block_seed(seed: int, index: int, stream: int, block: int) -> int:
     """64-bit seed of one noise block, mixed by NumPy's SeedSequence (no correlated neighbours)."""
     state = np.random.SeedSequence([int(seed), int(index), int(stream), int(block)]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_block_seed(seed: int, index: int, stream: int, block: int) -> int:
+    """``block_seed``, remembered: a sequential test draws one block over several rounds."""
+    return block_seed(seed, index, stream, block)
 
 
 def noise_indices(indices: Sequence[int] | np.ndarray | None, num: int) -> np.ndarray:
@@ -304,3 +311,93 @@ class SmoothedClassifier:
         if filled:
             flush(filled)
         return counts.view(num, k).cpu().numpy()
+
+    # ------------------------------------------------------------------ per-sample outcomes
+    @torch.inference_mode()
+    def sample_predictions(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] | np.ndarray,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        stream: int = STREAM_ESTIMATE,
+        start: int | Sequence[int] | np.ndarray = 0,
+    ) -> np.ndarray:
+        """The class ``argmax f(x_i + sigma * eps_j)`` of every noisy sample, in order: ``N x max(n)``.
+
+        Row ``i`` holds samples ``j = start_i, ..., start_i + n_i - 1`` of stream ``stream`` of noise
+        name ``indices[i]``, then -1 where ``n_i < max(n)``. The noise is that of ``counts`` (same
+        blocks, same seeding per (seed, index, stream, block)), so
+        ``counts(x, n, ...)[i] == bincount(sample_predictions(x, n, ...)[i, :n_i])``: a sequential test
+        that reads outcomes one by one sees exactly the samples a count would have summed. Noisy
+        copies of several inputs share forward passes, as in ``counts``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n : int or array_like of int
+            Samples per input (>= 0): one value for all inputs, or one per input.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (use dataset indices); default ``0..N-1``.
+        stream : int, optional
+            Which independent noise stream (``STREAM_SELECT``, ``STREAM_ESTIMATE``, ``STREAM_SEQUENTIAL``).
+        start : int or array_like of int, optional
+            First sample of the stream to draw (>= 0), one value or one per input.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``N x max(n)`` int32 class indices on the host, -1 past each row's ``n_i``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch, ``n`` or ``start`` is negative, or ``indices`` does not
+            hold one entry per input.
+        ModelError
+            If the model's output is not ``N x num_classes``.
+        """
+        x = check_images(x)
+        num = x.shape[0]
+        n_arr = np.broadcast_to(np.asarray(n, dtype=np.int64), (num,))
+        start_arr = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
+        if num and (n_arr.min() < 0 or start_arr.min() < 0):
+            raise InvalidInputError("n and start must be >= 0")
+        idx_arr = noise_indices(indices, num)
+        width = int(n_arr.max()) if num else 0
+
+        x_dev = x.to(self.device, dtype=torch.float32)
+        out = torch.full((num * width,), -1, dtype=torch.int32, device=self.device)
+        capacity = max(self.batch_size, NOISE_BLOCK)
+        noise = torch.empty((capacity + NOISE_BLOCK, *x.shape[1:]), device=self.device)
+        owners = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=self.device)
+        slots = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=self.device)
+        gen = torch.Generator(device=self.device)
+        offsets = torch.arange(NOISE_BLOCK, device=self.device)
+        filled = 0
+
+        def flush(rows: int) -> None:
+            for lo in range(0, rows, self.batch_size):
+                hi = min(lo + self.batch_size, rows)
+                noisy = x_dev[owners[lo:hi]] + noise[lo:hi] * self.sigma
+                out[slots[lo:hi]] = self.predict_labels(noisy).to(torch.int32)
+
+        for i in range(num):
+            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
+            for block in range(first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK):
+                lo = max(first - block * NOISE_BLOCK, 0)
+                hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
+                gen.manual_seed(_cached_block_seed(self.seed, int(idx_arr[i]), stream, block))
+                block_noise = torch.randn((NOISE_BLOCK, *x.shape[1:]), generator=gen, device=self.device)
+                take = hi - lo
+                noise[filled : filled + take] = block_noise[lo:hi]
+                owners[filled : filled + take] = i
+                slots[filled : filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - first)
+                filled += take
+                if filled >= capacity:
+                    flush(filled)
+                    filled = 0
+        if filled:
+            flush(filled)
+        return out.view(num, width).cpu().numpy()
