@@ -60,7 +60,7 @@ class GeometricSchedule:
     smaller forward passes). With ``predict``, an input on track for a target-radius certificate
     (``s / t > p0``) draws in one round up to the index where the test would fire if every further
     sample agreed: a lower bound on its stop, so an all-agreeing input stops exactly at the end of a
-    round; the jump is capped at doubling what the input has drawn.
+    round; that round is at least a quarter of the usual one and at most doubles what was drawn.
 
     Parameters
     ----------
@@ -219,8 +219,9 @@ class EProcessCertifier:
         The priced best-radius rule: radius (input l2 units) a user would give up per 1,000 samples.
         An input stops once, for every look-ahead ``h`` of ``stats.priced_horizons``, the expected
         radius gain of ``h`` more samples (``stats.expected_radius_gain``: the confidence sequence at
-        the counts expected under the plug-in estimate) is below ``price * h / 1000``. A stopping
-        rule, so validity is untouched. None (default): the tolerance rule alone.
+        the counts expected under the plug-in estimate ``s / t``, minus the radius now) is below
+        ``price * h / 1000``. A stopping rule, so validity is untouched. None (default): the
+        tolerance rule alone (which also stays in force with a price).
     truncated_weight : float
         Weight of the upper component of the truncated prior, in (0, 1]; default ``TRUNCATED_WEIGHT``.
     """
@@ -554,7 +555,10 @@ class EProcessCertifier:
         if self.schedule.predict and np.any(on_track):
             rows = act[on_track]
             jump = self._optimistic_stop(rows, state, threshold, alpha_cs, prior, budget)
-            step[on_track] = np.maximum(step[on_track], np.minimum(jump, np.maximum(step[on_track], drawn[on_track])))
+            usual = step[on_track]
+            # The predicted stop, but never under a quarter of the usual round (rounds stay few) and
+            # never more than doubling what was drawn (a failure makes the prediction too early).
+            step[on_track] = np.clip(jump, np.maximum(usual // 4, 1), np.maximum(usual, drawn[on_track]))
         return np.minimum(step, remaining)
 
     def _hopeless_failures(self, threshold, alpha_cs, prior, budget) -> np.ndarray:
@@ -668,12 +672,33 @@ class EProcessCertifier:
         state.stop[rows] = np.where(fired, state.drawn[rows] - step + first + 1, -1)
 
     def _worth_more(self, s, t, lower, alpha, prior, budget) -> np.ndarray:
-        """The priced rule at every index: True where some look-ahead is worth its price."""
-        horizons = stats.priced_horizons(t[..., 0].astype(np.int64), budget)[:, :, None, :]   # rows x B x 1 x H
-        gains = stats.expected_radius_gain(
-            s[..., None], t[..., None], horizons, lower[..., None], alpha[..., None], self.smooth.sigma,
-            *(v[..., None, :] for v in prior))
-        return stats.priced_continue(gains, np.broadcast_to(horizons, gains.shape), self.price).any(axis=2)
+        """The priced rule at every index: True where some look-ahead is worth its price.
+
+        Horizons are weighed shortest first, each only where no shorter one was worth it.
+        """
+        shape = s.shape                                                   # rows x B x W
+        t = np.broadcast_to(t, shape)
+        horizons = stats.priced_horizons(t.astype(np.int64), budget)     # rows x B x W x H
+        row_of = np.broadcast_to(np.arange(shape[0])[:, None, None], shape).ravel()
+        prior_rows = tuple(v.reshape(shape[0], -1) for v in prior)
+        alpha_rows = alpha.reshape(-1)
+        flat_s, flat_t, flat_lower = s.ravel(), t.ravel(), lower.ravel()
+        worth = np.zeros(s.size, dtype=bool)
+        previous = np.zeros(s.size, dtype=np.int64)
+        for h in range(horizons.shape[-1]):
+            ahead = horizons[..., h].ravel()
+            cells = np.flatnonzero(~worth & (ahead > previous))
+            previous = ahead
+            if cells.size == 0:
+                continue
+            r = row_of[cells]
+            # stats.expected_radius_gain, through the same seams as the certificate's bound.
+            s_ahead, t_ahead = stats.lookahead_counts(flat_s[cells], flat_t[cells], ahead[cells])
+            m = self.log_marginal(s_ahead, t_ahead, tuple(v[r] for v in prior_rows))
+            lower_ahead, _ = self.confidence_sequence(s_ahead, t_ahead, alpha_rows[r], m)
+            gain = stats.radius_gain(flat_lower[cells], lower_ahead, self.smooth.sigma)
+            worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], self.price)
+        return worth.reshape(shape).any(axis=2)
 
 
 def _chunks(rows: int, cells_per_row: int):

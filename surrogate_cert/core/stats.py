@@ -25,7 +25,7 @@ __all__ = [
     # anytime valid
     "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
     "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "sample_floor",
-    "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
+    "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
     "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
@@ -299,10 +299,11 @@ def beta_mixture_log_marginal(s, t, a=0.5, b=0.5, weights=None, support_lo=0.0, 
         s, t = np.expand_dims(s, -1), np.expand_dims(t, -1)
     f = t - s
     truncated = bool(np.any(lo > 0) or np.any(hi < 1))
-    with np.errstate(divide="ignore"):  # a zero weight or an empty tail is a component that is not there
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero weight or an empty tail: no component
         terms = betaln(a + s, b + f) - betaln(a, b)
         if truncated:
             terms = terms + _log_mass(a + s, b + f, lo, hi) - _log_mass(a, b, lo, hi)
+            terms = np.where(np.isnan(terms), -np.inf, terms)  # an empty prior component carries nothing
         if weights is None:
             return _scalar_or_array(terms)
         if weights.shape[-1] == 1:
@@ -565,15 +566,47 @@ def sample_floor(alpha, target_radius, sigma: float):
     return _scalar_or_array(-np.log(_check_alpha(alpha)) / -np.log(p0))
 
 
+def lookahead_counts(s, t, lookahead):
+    """Counts expected after ``lookahead`` more draws under the plug-in estimate: ``(s', t')``.
+
+    ``s' = s + lookahead * s / t`` (not whole in general) and ``t' = t + lookahead``: the certainty
+    equivalent of the draws to come, at which the priced rule reads the confidence sequence.
+
+    Examples
+    --------
+    >>> lookahead_counts(90, 100, 50)
+    (135.0, 150.0)
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    lookahead = np.asarray(lookahead, dtype=float)
+    return _scalar_or_array(s + lookahead * s / np.maximum(t, 1.0)), _scalar_or_array(t + lookahead)
+
+
+def radius_gain(lower_now, lower_ahead, sigma: float):
+    """``radius(max(L*, L')) - radius(L*)``: the radius a later lower bound ``L'`` would add (>= 0).
+
+    Examples
+    --------
+    >>> round(float(radius_gain(0.9, 0.95, 0.25)), 4), float(radius_gain(0.9, 0.8, 0.25))
+    (0.0908, 0.0)
+    """
+    now = np.asarray(lower_now, dtype=float)
+    ahead = np.asarray(lower_ahead, dtype=float)
+    with np.errstate(invalid="ignore"):
+        gain = np.where(ahead > now, np.asarray(radius(ahead, sigma)) - np.asarray(radius(now, sigma)), 0.0)
+    return _scalar_or_array(np.where(np.isnan(gain), 0.0, gain))
+
+
 def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5, b=0.5, weights=None,
                          support_lo=0.0, support_hi=1.0):
     """Expected increase of the certified radius from ``lookahead`` more draws (certainty equivalent).
 
     The draws to come are replaced by their expected successes under the plug-in estimate
-    ``p^ = s / t``: ``s' = s + lookahead * p^``, ``t' = t + lookahead``; ``L'`` is the confidence
-    sequence's lower end there (same prior and ``alpha``), and the gain is
-    ``sigma * (Phi^-1(max(L*, L')) - Phi^-1(L*))`` with the radius 0 at or below 1/2. A stopping
-    rule, so it never touches validity: it only decides when to stop.
+    ``p^ = s / t`` (``lookahead_counts``); ``L'`` is the confidence sequence's lower end there (same
+    prior and ``alpha``), and the gain is ``radius_gain(L*, L', sigma)``: ``sigma * (Phi^-1(max(L*, L'))
+    - Phi^-1(L*))`` with the radius 0 at or below 1/2. It feeds a stopping rule, so it never touches
+    validity: it only decides when to stop.
 
     Parameters
     ----------
@@ -600,35 +633,30 @@ def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5,
     >>> round(float(expected_radius_gain(1000, 1000, 1000, 0.9891, 0.001, 0.25)), 4)
     0.0603
     """
-    s = np.asarray(s, dtype=float)
-    t = np.asarray(t, dtype=float)
-    lookahead = np.asarray(lookahead, dtype=float)
-    p_hat = s / np.maximum(t, 1.0)
-    s_ahead = s + lookahead * p_hat
-    t_ahead = t + lookahead
+    s_ahead, t_ahead = lookahead_counts(s, t, lookahead)
     m = beta_mixture_log_marginal(s_ahead, t_ahead, a, b, weights, support_lo, support_hi)
     lower_ahead, _ = confidence_sequence_ends(s_ahead, t_ahead, m, alpha)
-    now = np.asarray(lower_now, dtype=float)
-    return _scalar_or_array(np.asarray(radius(np.maximum(now, lower_ahead), sigma)) - np.asarray(radius(now, sigma)))
+    return radius_gain(lower_now, lower_ahead, sigma)
 
 
-def priced_horizons(t, budget):
-    """Look-ahead sizes the priced rule weighs: ``t/4, t/2, t, 2t, 4t, 8t`` and the rest of the budget.
+def priced_horizons(t, budget: int):
+    """Look-ahead sizes the priced rule weighs: ``t/4, t/2, t, 2t, 4t, ...`` up to the rest of the budget.
 
-    Returns an array with a new last axis (horizons), each clipped to ``budget - t`` (>= 0). Weighing
-    several horizons, not only the next batch, keeps the rule from quitting where the radius only
-    starts to grow after a while (``L*`` still below 1/2, or a gain that is convex early on).
+    Returns an integer array with a new last axis (horizons, ``ceil(log2(budget)) + 3`` of them),
+    each clipped to ``budget - t`` (>= 0; repeated entries are the rest of the budget). Weighing every
+    horizon, not only the next batch, keeps the rule from quitting where the radius only starts to
+    grow after a while (``L*`` still at or below 1/2: the gain curve is convex before it is concave).
 
     Examples
     --------
     >>> priced_horizons(np.array([100]), 1000).tolist()
-    [[25, 50, 100, 200, 400, 800, 900]]
+    [[25, 50, 100, 200, 400, 800, 900, 900, 900, 900, 900, 900, 900]]
     """
     t = np.asarray(t, dtype=np.int64)
-    remaining = np.maximum(np.asarray(budget, dtype=np.int64) - t, 0)
-    factors = 2.0 ** np.arange(-2, 4)
+    budget = int(budget)
+    remaining = np.maximum(budget - t, 0)
+    factors = 2.0 ** np.arange(-2, max(int(np.ceil(np.log2(max(budget, 2)))), 1) + 1)
     steps = np.ceil(t[..., None] * factors).astype(np.int64)
-    steps = np.concatenate([steps, np.broadcast_to(remaining[..., None], t.shape + (1,))], axis=-1)
     return np.minimum(steps, remaining[..., None])
 
 

@@ -10,6 +10,7 @@ any sequential sample is drawn; a sequential certificate is wrong with probabili
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Sequence
@@ -24,18 +25,59 @@ from ..core import stats
 from ..core.certificate import Certificate
 from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
 from ..core.one_pass import SurrogateCertifier
-from ..core.sequential import EProcessCertifier
+from ..core.sequential import DEFAULT_SCHEDULE, EProcessCertifier, GeometricSchedule
 from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
 from ..core.surrogate import Surrogate
 
-__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS"]
+__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHEDULE", "fallback_certifier"]
 
 FALLBACKS = ("eprocess", "none")
 
-FALLBACK_SCHEDULE = (32, 64, 128, 256)
-"""Samples per fallback input per round (the last repeats): growth stops at 256 so an input stops
-at most 256 samples after its evidence suffices. The fallback inputs are few, so the small rounds
-cost little, and the savings of the surrogate prior are not lost to a doubling schedule's overshoot."""
+FALLBACK_SCHEDULE = DEFAULT_SCHEDULE
+"""The fallback's rounds: the sequential certifier's default ``GeometricSchedule`` (16 samples, then
++15% of what was drawn per round). The stopping rule is evaluated at every sample, so an input stops
+where its evidence suffices and draws only the rest of its round beyond that; version 0.1's fixed
+rounds ``(32, 64, 128, 256)`` still work as ``schedule=``."""
+
+
+def fallback_certifier(
+    smooth: SmoothedClassifier,
+    alpha: float = 1e-3,
+    *,
+    max_samples: int = 10_000,
+    tolerance: float = 0.01,
+    schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
+    price: float | None = None,
+) -> EProcessCertifier:
+    """The deployed hybrid's sequential fallback: what ``HybridCertifier.load`` builds (and the bench runs).
+
+    Parameters
+    ----------
+    smooth : SmoothedClassifier
+        The base model at the surrogate's sigma.
+    alpha : float, optional
+        Error probability of a sequential certificate, per input.
+    max_samples : int, optional
+        Sequential budget per fallback input.
+    tolerance : float, optional
+        Best-radius tolerance, input l2 units.
+    schedule : GeometricSchedule or sequence of int, optional
+        Rounds; default ``FALLBACK_SCHEDULE``.
+    price : float, optional
+        Priced best-radius rule (radius per 1,000 samples); None for the tolerance rule alone.
+
+    Returns
+    -------
+    EProcessCertifier
+        Its prior is replaced per input by the surrogate prior when the hybrid calls it.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a parameter is out of range.
+    """
+    return EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance, schedule=schedule,
+                             price=price)
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -97,7 +139,8 @@ class HybridCertifier:
         max_samples: int = 10_000,
         fallback: str = "eprocess",
         tolerance: float = 0.01,
-        schedule: Sequence[int] = FALLBACK_SCHEDULE,
+        schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
+        price: float | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 1000,
         seed: int = 0,
@@ -107,7 +150,9 @@ class HybridCertifier:
         ``base_model`` (a module, or a model spec for ``data_gen.models.load_model``) is needed for
         ``fallback="eprocess"``; when its SHA-256 is known it must be the model the surrogate's
         training counts were made with. Sigma comes from the surrogate. ``alpha``, ``max_samples``,
-        ``tolerance`` and ``schedule`` configure the ``EProcessCertifier`` of the fallback.
+        ``tolerance``, ``schedule`` and ``price`` configure the ``EProcessCertifier`` of the fallback
+        (``fallback_certifier``); the fallback always tests the surrogate's class with the surrogate
+        prior, so it draws no pilot samples.
 
         Parameters
         ----------
@@ -127,8 +172,11 @@ class HybridCertifier:
             What certifies the inputs the surrogate does not.
         tolerance : float, optional
             Best-radius stopping tolerance of the fallback, input l2 units (>= 0).
-        schedule : sequence of int, optional
-            Samples per fallback input per round (the last repeats); default ``FALLBACK_SCHEDULE``.
+        schedule : GeometricSchedule or sequence of int, optional
+            Samples per fallback input per round; default ``FALLBACK_SCHEDULE``.
+        price : float, optional
+            Priced best-radius rule of the fallback: radius (input l2 units) worth 1,000 samples
+            (``EProcessCertifier``); None: the tolerance rule alone.
         device : str, torch.device or None, optional
             Where the surrogate and the base model run (``resolve_device``).
         batch_size : int, optional
@@ -143,7 +191,7 @@ class HybridCertifier:
         Raises
         ------
         InvalidParameterError
-            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance`` or ``schedule`` is invalid, or
+            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule`` or ``price`` is invalid, or
             ``fallback="eprocess"`` comes without ``base_model``.
         ModelError
             If the surrogate or the base model cannot be loaded, or the base model is not the one the
@@ -169,8 +217,8 @@ class HybridCertifier:
             model = cls._base_model(base_model, surrogate, device)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
                                         batch_size=batch_size, seed=seed)
-            sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
-                                           schedule=schedule)
+            sequential = fallback_certifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
+                                            schedule=schedule, price=price)
         return cls(SurrogateCertifier(surrogate, calibration), sequential)
 
     @staticmethod
@@ -248,9 +296,10 @@ class HybridCertifier:
                 # surrogate's, below the required radius, is still larger).
                 if cert.radius > 0 and cert.radius >= radius[i]:
                     out[i] = Certificate(cert.prediction, cert.radius, "eprocess", cert.n_samples,
-                                         cert.p_lower, cert.seconds + per_input)
+                                         cert.p_lower, cert.seconds + per_input, cert.stop_time)
                 else:
-                    out[i] = make(int(classes[i]), float(radius[i]), cert.seconds + per_input, cert.n_samples)
+                    kept = make(int(classes[i]), float(radius[i]), cert.seconds + per_input, cert.n_samples)
+                    out[i] = dataclasses.replace(kept, stop_time=cert.stop_time)
         for i in rest:
             if out[i] is None:
                 out[i] = make(int(classes[i]), float(radius[i]), per_input)

@@ -54,7 +54,7 @@ from ..core.one_pass import SurrogateCertifier
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import SmoothedClassifier
 from ..core.surrogate import Surrogate
-from ..deploy.hybrid import HybridCertifier
+from ..deploy.hybrid import HybridCertifier, fallback_certifier
 from .pipeline import FULL, QUICK, Pipeline, QuickstartConfig, provenance
 from .report import write_report
 
@@ -144,7 +144,8 @@ def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cf
     kt = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, **policy)
     target = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, policy="target_radius",
                                target_radius=smooth.sigma)
-    guided = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, **policy)
+    # The deployed configuration: what HybridCertifier.load builds for its fallback.
+    guided = fallback_certifier(smooth, alpha, max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg))
     one_pass = SurrogateCertifier(surrogate, calibration)
     hybrid = HybridCertifier(one_pass, guided)
 
@@ -192,6 +193,7 @@ def summarise(certificates: list[Certificate], labels, seconds: float) -> dict:
         certified_accuracy={f"{r:g}": a for r, a in zip(RADII, summary["certified_accuracy"])},
         acr=summary["acr"],
         mean_evaluations={k: summary["samples"][k]["mean"] for k in ("all", "certified", "rest")},
+        mean_stop_time=float(np.mean([c.stop_time for c in certificates])) if certificates else None,
         median_evaluations={k: summary["samples"][k]["median"] for k in ("all", "certified", "rest")},
         images_per_second=len(rows) / seconds if seconds > 0 else None,
         seconds=seconds,
@@ -469,7 +471,8 @@ def run_bench(
     extra = {}
     if cfg.triage_radii or cfg.prior_comparison:
         hybrid = HybridCertifier(SurrogateCertifier(ctx.surrogate, ctx.calibration),
-                                 EProcessCertifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples))
+                                 fallback_certifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples,
+                                                    tolerance=guided_tolerance(cfg)))
         if cfg.triage_radii:
             reference = dict(certificates=certificates.get("cohen_10k") or [],
                              mean_evaluations=(results.get("cohen_10k") or {}).get("mean_evaluations", {}).get("all"))
