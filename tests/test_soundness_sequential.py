@@ -92,6 +92,7 @@ POLICIES = {
     "per_class_target_truncated": (dict(class_choice="per_class", policy="target_radius", target_radius=SIGMA),
                                    dict()),
     "priced": (dict(price=0.05), dict()),
+    "priced_radius_prior": (dict(price=0.05, prior="radius"), dict()),
     "target_radius_zero": (dict(policy="target_radius", target_radius=0.0), dict()),
     "per_class": (dict(class_choice="per_class"), dict()),
     "fixed_beta_prior": (dict(prior=(30.0, 1.0)), dict()),

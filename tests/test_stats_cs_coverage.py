@@ -66,6 +66,13 @@ def test_truncated_prior_confidence_sequence_covers_uniformly(p0):
     assert _misses(0.9, lower, upper, seed=13) <= _allowed(ALPHA)
 
 
+@pytest.mark.parametrize("p", [0.995, 0.7])  # near 1, where it puts its mass, and far from it
+def test_radius_prior_confidence_sequence_covers_uniformly(p):
+    a, b, w, lo, hi = stats.radius_prior()
+    lower, upper = _table(ALPHA, stats.beta_binomial_cs, a=a, b=b, weights=w, support_lo=lo, support_hi=hi)
+    assert _misses(p, lower, upper, seed=19) <= _allowed(ALPHA)
+
+
 @pytest.mark.parametrize("p", [0.84, 0.8])  # on the boundary p = p0 and below it
 def test_truncated_test_of_p_above_p0_rejects_at_most_alpha_of_the_time(p):
     # Under p <= p0 the test fires (certifies p >= p0) on at most an alpha share of the streams, at any time.

@@ -63,8 +63,9 @@ def register(sub) -> None:
                         "R (l2 units) per 1,000 samples, e.g. 0.05 (default: the --tolerance rule alone)")
     p.add_argument("--prior", default="auto",
                    help="prior of the E-process: auto (default: truncated with --target-radius, else kt), kt, "
-                        "truncated (mass above Phi(r*/sigma); needs --target-radius), surrogate (needs --class-from "
-                        "a surrogate checkpoint), or a,b (a Beta prior, e.g. 20,1)")
+                        "truncated (mass above Phi(r*/sigma); needs --target-radius), radius (KT + log-uniform "
+                        "failure rate: best radius of confident inputs), surrogate (needs --class-from a surrogate "
+                        "checkpoint), or a,b (a Beta prior, e.g. 20,1)")
     p.add_argument("--class-from", default=None, metavar="MODEL_OR_SURROGATE",
                    help="fix each input's class before sampling, with no pilot: a surrogate checkpoint (its argmax) "
                         "or a base model (its prediction on the clean input, e.g. the --model itself)")
@@ -86,7 +87,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json)")
 
 
-PRIOR_NAMES = ("auto", "kt", "truncated", "surrogate")
+PRIOR_NAMES = ("auto", "kt", "truncated", "radius", "surrogate")
 
 
 def parse_prior(text: str):

@@ -36,10 +36,11 @@ __all__ = ["EProcessCertifier", "GeometricSchedule", "DEFAULT_SCHEDULE", "POLICI
 
 POLICIES = ("best_radius", "target_radius")
 CLASS_CHOICES = ("pilot", "per_class")
-PRIORS = ("auto", "kt", "truncated")
+PRIORS = ("auto", "kt", "truncated", "radius")
 """Named constructor priors: ``kt`` = Beta(1/2, 1/2); ``truncated`` = ``stats.truncated_prior`` at each
-input's ``Phi(r*/sigma)`` (KT where no target radius is asked); ``auto`` = truncated for a target-radius
-input, KT for best radius. A pair ``(a, b)`` is a fixed Beta prior."""
+input's ``Phi(r*/sigma)`` (KT where no target radius is asked); ``radius`` = ``stats.radius_prior`` (KT
+mixed with a log-uniform failure rate: for the best radius of inputs whose samples mostly agree);
+``auto`` = truncated for a target-radius input, KT for best radius. A pair ``(a, b)`` is a fixed Beta."""
 KT = (0.5, 0.5)
 """The Krichevsky-Trofimov prior Beta(1/2, 1/2): the input-agnostic prior of the best-radius policy."""
 TRUNCATED_WEIGHT = 0.9
@@ -185,10 +186,12 @@ class EProcessCertifier:
         Base classifier and noise level ``sigma`` (l2, input units).
     alpha : float
         Error probability per input, in (0, 1).
-    prior : "auto", "kt", "truncated" or (a, b)
+    prior : "auto", "kt", "truncated", "radius" or (a, b)
         Prior of the mixture martingale (``PRIORS``); changes power (samples spent), never validity.
         ``auto`` (default): ``stats.truncated_prior`` at ``Phi(r*/sigma)`` for a target-radius input
-        (it certifies near the floor ``stats.sample_floor``), KT for best radius.
+        (it certifies near the floor ``stats.sample_floor``), KT for best radius. ``radius``:
+        ``stats.radius_prior`` for every input (best radius close to the fixed-n Clopper-Pearson
+        radius where the samples agree).
     policy : "best_radius" or "target_radius"
         ``target_radius``: certify as soon as the test of ``p >= Phi(r*/sigma)`` fires
         (``stats.threshold_test``, i.e. ``L* >= Phi(r*/sigma)``), give up as soon as it shows
@@ -322,6 +325,8 @@ class EProcessCertifier:
         else:
             a, b = KT
         one = np.ones((num, 2))
+        if self.prior == "radius":
+            return tuple(np.tile(v, (num, 1)) for v in stats.radius_prior())
         prior = (a * one, b * one, np.tile([1.0, 0.0], (num, 1)), 0.0 * one, one.copy())
         if self.prior in ("auto", "truncated"):
             has = ~np.isnan(threshold)

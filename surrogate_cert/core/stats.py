@@ -24,7 +24,8 @@ __all__ = [
     "cohen_certify", "predict_test",
     # anytime valid
     "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
-    "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "sample_floor",
+    "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
+    "radius_prior", "sample_floor",
     "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
@@ -549,6 +550,46 @@ def truncated_prior(p0, w: float = 0.9, a: float = 0.5, b: float = 0.5):
     hi = np.stack([np.ones(p0.shape), p0], axis=-1)
     weights = np.broadcast_to(np.array([w, 1 - w]), shape).copy()
     return np.full(shape, float(a)), np.full(shape, float(b)), weights, lo, hi
+
+
+RADIUS_PRIOR_EPS = 1e-12
+"""Smallest failure rate ``1 - q`` the radius prior covers: radii up to ``sigma * Phi^-1(1 - 1e-12)`` = 7.03 sigma."""
+
+
+def radius_prior(w: float = 0.5, eps_min: float = RADIUS_PRIOR_EPS, b0: float = 1e-3):
+    """Prior for the best radius: ``w * KT + (1 - w) * Beta(1, b0 | [1/2, 1 - eps_min])``.
+
+    The second component has density ``~ 1 / (1 - q)`` on ``[1/2, 1 - eps_min]``: the failure rate
+    ``1 - q`` is log-uniform, so every order of magnitude of ``1 - q`` (roughly, every radius from 0
+    to 7 sigma) gets the same mass. Where every draw agrees, ``M_t`` then loses only about
+    ``log(1/(1-w)) + log(log(1/eps_min) / (log(1/eps_min) - log t))`` nats against the point ``q = 1``
+    instead of KT's ``log(pi t) / 2``, so the lower bound tracks the fixed-n Clopper-Pearson bound
+    closely; KT (weight ``w``) keeps power where ``p`` is far from 1. Returns ``(a, b, weights,
+    support_lo, support_hi)`` with two components on the last axis. Validity needs only that it is
+    fixed before sampling.
+
+    Parameters
+    ----------
+    w : float
+        KT weight, in [0, 1).
+    eps_min : float
+        Lower end of the log-uniform failure rate, in (0, 1/2).
+    b0 : float
+        Beta(1, b0) stands in for the improper ``1 / (1 - q)`` (> 0, small).
+
+    Examples
+    --------
+    >>> a, b, weights, lo, hi = radius_prior()
+    >>> a.tolist(), b.tolist(), weights.tolist(), lo.tolist(), hi.tolist()
+    ([0.5, 1.0], [0.5, 0.001], [0.5, 0.5], [0.0, 0.5], [1.0, 0.999999999999])
+    """
+    w = float(w)
+    if not 0.0 <= w < 1.0:
+        raise InvalidParameterError(f"radius prior KT weight w must lie in [0, 1), got {w}; e.g. w=0.5")
+    if not 0.0 < float(eps_min) < 0.5 or not float(b0) > 0:
+        raise InvalidParameterError("radius prior needs 0 < eps_min < 1/2 and b0 > 0")
+    return (np.array([0.5, 1.0]), np.array([0.5, float(b0)]), np.array([w, 1.0 - w]), np.array([0.0, 0.5]),
+            np.array([1.0, 1.0 - float(eps_min)]))
 
 
 def sample_floor(alpha, target_radius, sigma: float):
