@@ -153,6 +153,15 @@ def test_priced_rule_trades_radius_for_samples(problem):
     assert np.mean([f.radius for f in free]) >= np.mean([p.radius for p in plain]) - 0.02
 
 
+def test_empty_batch_and_unreachable_target_draw_nothing(problem):
+    smooth = smoothed(problem.model)
+    assert EProcessCertifier(smooth, 0.01).certify(problem.x[:0]) == []
+    # 5 sigma needs more than 10 samples even if all agree: given up before the first sample.
+    certs = EProcessCertifier(smooth, 0.01, policy="target_radius", target_radius=5 * SIGMA, max_samples=10).certify(
+        problem.x[:3], classes=problem.true_class[:3])
+    assert [(c.n_samples, c.stop_time, c.prediction) for c in certs] == [(0, 0, -1)] * 3
+
+
 def test_geometric_schedule_checks_its_parameters():
     assert GeometricSchedule(first=8, growth=1.5, largest=64).sizes(np.array([0, 8, 100, 1000])).tolist() == [8, 8, 50, 64]
     for bad in (dict(growth=1.0), dict(first=0), dict(first=64, largest=32)):

@@ -479,10 +479,10 @@ class EProcessCertifier:
         sigma = self.smooth.sigma
         threshold = np.where(np.isnan(target), np.nan, stats.p_threshold(np.nan_to_num(target), sigma))
         prior_arrays = self._prior_arrays(prior, num, threshold)
-        present = prior_arrays[2].max(axis=0) > 0  # drop components no input uses (KT alone: one)
-        prior_arrays = tuple(v[:, present] for v in prior_arrays)
         if num == 0:
             return []
+        present = prior_arrays[2].max(axis=0) > 0  # drop components no input uses (KT alone: one)
+        prior_arrays = tuple(v[:, present] for v in prior_arrays)
         k = self.smooth.num_classes
         per_class = classes is None and self.class_choice == "per_class"
         if per_class and prior is not None:

@@ -598,13 +598,14 @@ class ParetoConfig:
 
     ``dataset``: ``linear`` (the exact linear problem, ``linear_points`` points with margins uniform in
     +-``linear_margin`` sigma; its true radii also give wrong-certificate counts; its surrogate is
-    trained and calibrated here on ``linear_offline`` = (train points, cal points, train n, cal n)), ``digits`` (the
-    quickstart's base model and surrogate, from ``workdir``) or any ``load_split`` dataset with
-    ``model`` (e.g. ``mnist`` with an MLP). ``limit`` test images; Cohen-n for each ``cohen_n`` (the
-    estimation stream is recorded up to the largest); sequential budget ``max_samples``; target rows at
-    ``target_multiples`` x sigma; priced best-radius rows at ``prices``. ``surrogate`` (a checkpoint;
-    for linear and digits it is made here) adds the surrogate-prior rows; a calibration adds the
-    comparison on the hybrid's fallback inputs.
+    trained (``linear_epochs``) and calibrated here on ``linear_offline`` = (train points, cal points,
+    train n, cal n)), ``digits`` (the quickstart's base model and surrogate, from ``workdir``) or any
+    ``load_split`` dataset with ``model`` (e.g. ``mnist`` with an MLP). ``limit`` test images; Cohen-n
+    for each ``cohen_n`` (the estimation stream is recorded up to the largest); sequential budget
+    ``max_samples``; target rows at ``target_multiples`` x sigma (and, with the class f(x), at the
+    smaller budgets ``target_budgets``: the budget is the target mode's price knob); priced best-radius
+    rows at ``prices``. ``surrogate`` (a checkpoint; for linear and digits it is made here) adds the
+    surrogate-prior rows; a calibration adds the comparison on the hybrid's fallback inputs.
     """
 
     dataset: str = "linear"
@@ -617,6 +618,7 @@ class ParetoConfig:
     tolerance: float = 0.01
     prices: tuple[float, ...] = PARETO_PRICES
     target_multiples: tuple[float, ...] = PARETO_MULTIPLES
+    target_budgets: tuple[int, ...] = (1_000, 3_000)
     model: str | None = None
     data_root: str | None = None
     surrogate: str | None = None
@@ -822,7 +824,8 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
         sur_prior = stats.surrogate_prior(p_tilde, inp.surrogate.kappa, inp.surrogate.w)
 
     def run(name, label, family, init, classes=None, prior=None, **info):
-        certifier = EProcessCertifier(replay, alpha, max_samples=cfg.max_samples, n0=cfg.n0, **init)
+        init = {"max_samples": cfg.max_samples, **init}
+        certifier = EProcessCertifier(replay, alpha, n0=cfg.n0, **init)
         started = time.perf_counter()
         certs = certifier.certify(inp.x, classes=classes, prior=prior, indices=inp.indices)
         rows[name] = _pareto_row(certs, inp, cfg, family, label=label, **info)
@@ -846,6 +849,12 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
             name = f"target_{m:g}sigma_{key}"
             certs = run(name, f"target {m:g} sigma: {text}", "target", {**target, **init}, classes, prior,
                         target_multiple=m, variant=key)
+            if key == "truncated_model":
+                for budget in cfg.target_budgets:
+                    if budget < cfg.max_samples:
+                        run(f"{name}_budget{budget}", f"target {m:g} sigma: truncated, class f(x), budget {budget:,}",
+                            "target", {**target, **init, "max_samples": budget}, classes, prior,
+                            target_multiple=m, variant="truncated_budget", budget=budget)
             if key.startswith("truncated"):
                 per_class = key.endswith("per_class")
                 floor_checks[name] = _floor_check(certs, rec[STREAM_SEQUENTIAL], r, cfg,
@@ -1003,6 +1012,7 @@ def _pareto_targets(rows: dict, floor: dict, fallback: dict | None, cfg: ParetoC
 
 _TARGET_MARKERS = {"v01": ("x", "tab:gray"), "kt_pilot": ("o", "tab:orange"), "truncated_pilot": ("o", "tab:blue"),
                    "truncated_model": ("^", "tab:blue"), "truncated_per_class": ("v", "tab:cyan"),
+                   "truncated_budget": ("<", "tab:brown"),
                    "surrogate": ("*", "tab:purple")}
 
 
