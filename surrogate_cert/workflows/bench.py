@@ -46,6 +46,7 @@ from calibration.conformal import calibrate_arrays
 from calibration.summary import environment, offline_evaluations_from_counts, summarize_run
 from data_gen.datasets import load_split
 from data_gen.models import load_model
+from data_gen.store import read_counts
 
 from ..core import stats
 from ..core.certificate import Certificate, write_tsv
@@ -606,6 +607,8 @@ class ParetoConfig:
     smaller budgets ``target_budgets``: the budget is the target mode's price knob); priced best-radius
     rows at ``prices``. ``surrogate`` (a checkpoint; for linear and digits it is made here) adds the
     surrogate-prior rows; a calibration adds the comparison on the hybrid's fallback inputs.
+    ``reference_counts`` (a counts file of the same model, split, sigma and seed, e.g. from ``datagen``)
+    is compared with the recorded streams: its ``counts`` / ``counts_select`` must be their prefixes.
     """
 
     dataset: str = "linear"
@@ -623,6 +626,7 @@ class ParetoConfig:
     data_root: str | None = None
     surrogate: str | None = None
     calibration: str | None = None
+    reference_counts: str | None = None
     linear_points: int = 1000
     linear_margin: float = 4.0
     linear_offline: tuple[int, int, int, int] = (1000, 1000, 1000, 10_000)
@@ -726,11 +730,22 @@ class ParetoInputs:
     note: str = ""
 
 
-def _linear_inputs(cfg: ParetoConfig) -> ParetoInputs:
+def _linear_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
     sigma = cfg.sigma
     test = linear_problem(cfg.linear_points, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed + 2000)
     smooth = SmoothedClassifier(test.model, 2, sigma, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed)
-    # A surrogate trained and calibrated on points of its own, as the bench's ground-truth section does.
+    note = (f"{cfg.linear_points} points, margins uniform in +-{cfg.linear_margin:g} sigma, labels = the true "
+            "smoothed class")
+    indices = 20_000_000 + np.arange(cfg.linear_points, dtype=np.int64)
+    # A surrogate trained and calibrated on points of its own, as the bench's ground-truth section does;
+    # kept in the work folder, so a re-run replays every row without redoing it.
+    key = hashlib.sha256(repr((sigma, cfg.linear_margin, cfg.linear_offline, cfg.linear_epochs, cfg.seed)).encode())
+    stem = workdir / f"linear-surrogate-{key.hexdigest()[:12]}"
+    if stem.with_suffix(".pt").exists() and stem.with_suffix(".json").exists():
+        surrogate = Surrogate.load(stem.with_suffix(".pt"), device=cfg.device)
+        calibration = load_calibration(stem.with_suffix(".json"), surrogate)
+        return ParetoInputs("linear", test.x, test.true_class.astype(np.int64), indices, smooth, truth=test,
+                            surrogate=surrogate, calibration=calibration, note=note)
     n_train, n_cal, samples_train, samples_cal = cfg.linear_offline
     train = linear_problem(n_train, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed)
     cal = linear_problem(n_cal, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed + 1000)
@@ -741,11 +756,11 @@ def _linear_inputs(cfg: ParetoConfig) -> ParetoInputs:
     tune = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
     surrogate.tune_prior(train.x[tune], counts_train[tune])
     calibration = calibrate_arrays(surrogate, cal.x, counts_cal, 0.01, 1e-3, dataset="linear_problem", split="cal")
-    return ParetoInputs("linear", test.x, test.true_class.astype(np.int64),
-                        20_000_000 + np.arange(cfg.linear_points, dtype=np.int64), smooth, truth=test,
-                        surrogate=surrogate, calibration=calibration,
-                        note=f"{cfg.linear_points} points, margins uniform in +-{cfg.linear_margin:g} sigma, "
-                             "labels = the true smoothed class")
+    surrogate.save(stem.with_suffix(".pt"))
+    calibration.save(stem.with_suffix(".json"))
+    calibration = load_calibration(stem.with_suffix(".json"), surrogate)
+    return ParetoInputs("linear", test.x, test.true_class.astype(np.int64), indices, smooth, truth=test,
+                        surrogate=surrogate, calibration=calibration, note=note)
 
 
 def _image_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
@@ -799,7 +814,7 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
     """Every row of the Pareto benchmark on one dataset, its targets, and the figure's data."""
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    inp = _linear_inputs(cfg) if cfg.dataset == "linear" else _image_inputs(cfg, workdir)
+    inp = _linear_inputs(cfg, workdir) if cfg.dataset == "linear" else _image_inputs(cfg, workdir)
     num, sigma, alpha = len(inp.labels), cfg.sigma, cfg.alpha
     lengths = {STREAM_SELECT: cfg.n0, STREAM_ESTIMATE: max(cfg.cohen_n), STREAM_SEQUENTIAL: cfg.max_samples}
     cache = workdir / f"pareto-{cfg.dataset}-{num}-s{cfg.seed}-sigma{sigma:g}-{_model_key(inp)}.npz"
@@ -808,6 +823,7 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
     record_seconds = time.perf_counter() - t0
     replay = RecordedSmoothed(inp.smooth, inp.indices, rec)
     rows: dict[str, dict] = {}
+    reference = _reference_check(cfg, inp, rec) if cfg.reference_counts else None
 
     # Cohen-n: class from the n0 selection samples, k from the first n estimation samples.
     select = np.stack([(rec[STREAM_SELECT] == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
@@ -880,8 +896,27 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
     fallback = _fallback_comparison(inp, replay, cfg) if inp.calibration is not None else None
     return dict(dataset=cfg.dataset, inputs=num, note=inp.note, sigma=sigma, alpha=alpha, n0=cfg.n0,
                 max_samples=cfg.max_samples, rows=rows, floor=floor_checks, fallback_prior=fallback,
+                reference_counts=reference,
                 targets=_pareto_targets(rows, floor_checks, fallback, cfg),
                 seconds=dict(recording=record_seconds, total=time.perf_counter() - t0))
+
+
+def _reference_check(cfg: ParetoConfig, inp: ParetoInputs, rec: dict) -> dict:
+    """Do the recorded streams reproduce a stored counts file (its rows of the same inputs)?"""
+    stored = read_counts(cfg.reference_counts)
+    rows = {int(i): r for r, i in enumerate(stored.indices)}
+    mine = [i for i, name in enumerate(inp.indices) if int(name) in rows]
+    theirs = [rows[int(inp.indices[i])] for i in mine]
+    n, n0 = int(stored.attrs["n"]), int(stored.attrs.get("n0") or 0)
+    k = inp.smooth.num_classes
+    out = dict(path=cfg.reference_counts, inputs=len(mine), n=n, n0=n0)
+    if n <= rec[STREAM_ESTIMATE].shape[1]:
+        counts = np.stack([(rec[STREAM_ESTIMATE][mine, :n] == c).sum(axis=1) for c in range(k)], axis=1)
+        out["counts_equal"] = bool(np.array_equal(counts, stored.counts[theirs]))
+    if n0 and stored.counts_select is not None and n0 <= rec[STREAM_SELECT].shape[1]:
+        select = np.stack([(rec[STREAM_SELECT][mine, :n0] == c).sum(axis=1) for c in range(k)], axis=1)
+        out["counts_select_equal"] = bool(np.array_equal(select, stored.counts_select[theirs]))
+    return out
 
 
 def _model_key(inp: ParetoInputs) -> str:
