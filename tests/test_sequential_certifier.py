@@ -18,10 +18,17 @@ class SpySmoothed(SmoothedClassifier):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def counts(self, x, n, *, indices=None, stream=1, start=0):
-        self.calls.append(dict(inputs=len(x), n=np.broadcast_to(n, len(x)).copy(), stream=stream,
+    def _record(self, kind, x, n, indices, stream, start):
+        self.calls.append(dict(kind=kind, inputs=len(x), n=np.broadcast_to(n, len(x)).copy(), stream=stream,
                                start=np.broadcast_to(start, len(x)).copy(), indices=np.asarray(indices).copy()))
+
+    def counts(self, x, n, *, indices=None, stream=1, start=0):
+        self._record("counts", x, n, indices, stream, start)
         return super().counts(x, n, indices=indices, stream=stream, start=start)
+
+    def sample_predictions(self, x, n, *, indices=None, stream=1, start=0):
+        self._record("sample_predictions", x, n, indices, stream, start)
+        return super().sample_predictions(x, n, indices=indices, stream=stream, start=start)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +103,24 @@ def test_per_input_target_and_alpha(problem, smooth):
     assert easy and all(c.n_samples <= 96 for c in easy)
 
 
-def test_best_radius_at_budget_reports_the_confidence_sequence_bound(problem, smooth):
+def _running_lower(problem, n, alpha, classes=None):
+    """max over t <= n of L_t, from the per-sample outcomes of the sequential stream (seed 1)."""
+    preds = SmoothedClassifier(problem.model, 2, 0.25, device="cpu", seed=1).sample_predictions(
+        problem.x, n, stream=STREAM_SEQUENTIAL)
+    cls = np.arange(2)[None, None, :] if classes is None else np.asarray(classes)[:, None, None]
+    s = np.cumsum(preds[:, :, None] == cls, axis=1)
+    lower, _ = stats.beta_binomial_cs(s, np.arange(1, n + 1)[None, :, None], alpha)
+    return lower.max(axis=1), lower[:, -1]
+
+
+def test_best_radius_at_budget_reports_the_running_intersection_over_every_sample(problem, smooth):
     budget = 500
     certs = EProcessCertifier(smooth, 0.05, max_samples=budget, tolerance=0.0, schedule=[500]).certify(
         problem.x, classes=problem.true_class)
-    counts = SmoothedClassifier(problem.model, 2, 0.25, device="cpu", seed=1).counts(
-        problem.x, budget, stream=STREAM_SEQUENTIAL)
-    k = counts[np.arange(30), problem.true_class]
-    lower, _ = stats.beta_binomial_cs(k, budget, 0.05)
-    for c, lo in zip(certs, lower):
-        assert c.n_samples == budget and c.p_lower == pytest.approx(lo)
+    running, at_budget = _running_lower(problem, budget, 0.05, problem.true_class)
+    for c, lo, end in zip(certs, running[:, 0], at_budget[:, 0]):
+        assert c.n_samples == budget == c.stop_time and c.p_lower == pytest.approx(lo)
+        assert c.p_lower >= end  # never looser than the bound at the last sample
         assert c.radius == pytest.approx(stats.radius(lo, 0.25))
         assert c.method == ("eprocess" if lo > 0.5 else "abstain")
     assert sum(c.seconds for c in certs) > 0
@@ -114,18 +129,16 @@ def test_best_radius_at_budget_reports_the_confidence_sequence_bound(problem, sm
 def test_per_class_uses_alpha_over_k(problem, smooth):
     certs = EProcessCertifier(smooth, 0.05, max_samples=300, schedule=[300], class_choice="per_class").certify(
         problem.x)
-    counts = SmoothedClassifier(problem.model, 2, 0.25, device="cpu", seed=1).counts(
-        problem.x, 300, stream=STREAM_SEQUENTIAL)
-    lower, _ = stats.beta_binomial_cs(counts, 300, 0.05 / 2)
-    np.testing.assert_allclose([c.p_lower for c in certs], lower.max(axis=1))
-    assert all(c.n_samples == 300 for c in certs)  # no pilot
-    assert all(c.prediction in (-1, int(np.argmax(row))) for c, row in zip(certs, lower))
+    running, _ = _running_lower(problem, 300, 0.05 / 2)
+    np.testing.assert_allclose([c.p_lower for c in certs], running.max(axis=1))
+    assert all(c.n_samples == 300 for c in certs)  # no pilot, one round
+    assert all(c.prediction in (-1, int(np.argmax(row))) for c, row in zip(certs, running))
 
 
 def test_informative_prior_saves_samples(problem, smooth):
     p_a = np.where(problem.true_class == 1, problem.p1, 1 - problem.p1)
     kw = dict(policy="target_radius", target_radius=0.05, max_samples=3000)
-    kt = EProcessCertifier(smooth, 0.001, **kw).certify(problem.x, classes=problem.true_class)
+    kt = EProcessCertifier(smooth, 0.001, prior="kt", **kw).certify(problem.x, classes=problem.true_class)
     prior = stats.surrogate_prior(p_a, kappa=300.0, w=0.1)
     informed = EProcessCertifier(smooth, 0.001, **kw).certify(problem.x, classes=problem.true_class, prior=prior)
     assert sum(c.n_samples for c in informed) < sum(c.n_samples for c in kt)

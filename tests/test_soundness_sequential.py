@@ -2,9 +2,12 @@
 
 Exact ground truth from the linear binary model (``groundtruth.linear_problem``), margins spread over
 -3 sigma .. 3 sigma. The wrong-certificate count over N inputs must not exceed the 0.999-quantile of
-Binomial(N, alpha), for each stopping policy, class choice and prior (an informative one and a
-deliberately misleading one). Teeth: the same machinery with a fixed-n Clopper-Pearson bound
-re-checked after every batch (peeking), or with the plug-in estimate, fails the same check.
+Binomial(N, alpha), for each stopping policy (tolerance, target radius, priced best radius), class
+choice and prior (KT, a fixed Beta, the truncated prior, an informative surrogate prior and a
+deliberately misleading one). The stopping rule is read after every sample. A hard case puts every
+input's target radius just above its true radius, so that any certificate reaching the target is wrong.
+Teeth: the same machinery with a fixed-n Clopper-Pearson bound re-checked after every sample
+(peeking), with the plug-in estimate, or with a prior fitted on the same samples, fails the same check.
 """
 from __future__ import annotations
 
@@ -44,7 +47,9 @@ def certifier(problem, cls=EProcessCertifier, seed=0, **kwargs):
 class PeekingClopperPearson(EProcessCertifier):
     """BROKEN: a fixed-n Clopper-Pearson interval, recomputed and intersected after every batch."""
 
-    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+    def confidence_sequence(self, successes, drawn, alpha, log_marginal):
+        # The priced rule's look-ahead asks at expected (fractional) counts: round them down.
+        successes, drawn = np.floor(successes), np.round(drawn)
         lower = stats.lower_confidence_bound(successes, drawn, alpha)
         upper = 1 - stats.lower_confidence_bound(drawn - successes, drawn, alpha)
         return lower, upper
@@ -53,9 +58,24 @@ class PeekingClopperPearson(EProcessCertifier):
 class PlugIn(EProcessCertifier):
     """BROKEN: the point estimate s / t used as a bound."""
 
-    def confidence_sequence(self, successes, drawn, alpha, a, b, weights):
+    def confidence_sequence(self, successes, drawn, alpha, log_marginal):
         p_hat = successes / drawn
         return p_hat, p_hat
+
+
+class FittedPrior(EProcessCertifier):
+    """BROKEN: a prior fitted on the same samples. Its Beta components are re-centred on the running
+    estimate s / t (concentration 10^4; supports and weights kept): the truncated prior's component above
+    p0 where there is one (what a tuner chasing evidence for the certificate would fit), else all of them.
+    A prior concentrated at the estimate makes M_t(q) the likelihood ratio of the best fit: the most any
+    fitted prior can extract, so its excess over alpha (about log log t) is the margin these tests show."""
+
+    def log_marginal(self, successes, drawn, prior):
+        a, b, w, lo, hi = prior
+        p_hat = np.clip(np.asarray(successes, dtype=float) / np.maximum(drawn, 1), 1e-6, 1 - 1e-6)[..., None]
+        fit = (lo > 0) if np.any(lo > 0) else np.ones(np.shape(lo), dtype=bool)
+        return stats.beta_mixture_log_marginal(successes, drawn, np.where(fit, 1e4 * p_hat, a),
+                                               np.where(fit, 1e4 * (1 - p_hat), b), w, lo, hi)
 
 
 def p_true_class(problem):
@@ -65,7 +85,14 @@ def p_true_class(problem):
 POLICIES = {
     "best_radius_pilot_kt": (dict(), dict()),
     "best_radius_zero_tolerance": (dict(tolerance=0.0), dict()),
-    "target_radius_sigma": (dict(policy="target_radius", target_radius=SIGMA), dict()),
+    "target_radius_sigma_kt": (dict(policy="target_radius", target_radius=SIGMA, prior="kt"), dict()),
+    "target_truncated_sigma": (dict(policy="target_radius", target_radius=SIGMA, prior="truncated"), dict()),
+    "target_truncated_2sigma_default_schedule": (
+        dict(policy="target_radius", target_radius=2 * SIGMA, prior="truncated", schedule=None), dict()),
+    "per_class_target_truncated": (dict(class_choice="per_class", policy="target_radius", target_radius=SIGMA),
+                                   dict()),
+    "priced": (dict(price=0.05), dict()),
+    "priced_radius_prior": (dict(price=0.05, prior="radius"), dict()),
     "target_radius_zero": (dict(policy="target_radius", target_radius=0.0), dict()),
     "per_class": (dict(class_choice="per_class"), dict()),
     "fixed_beta_prior": (dict(prior=(30.0, 1.0)), dict()),
@@ -120,11 +147,45 @@ def test_surrogate_priors_keep_validity(problem, kind):
     assert wrong.sum() <= allowed(N_INPUTS)
 
 
-def test_teeth_peeking_at_a_fixed_n_bound_fails(problem):
-    certs = certifier(problem, cls=PeekingClopperPearson).certify(problem.x)
+@pytest.mark.parametrize("rule", [dict(), dict(price=0.002)], ids=["tolerance", "priced"])
+def test_teeth_peeking_at_a_fixed_n_bound_fails(problem, rule):
+    certs = certifier(problem, cls=PeekingClopperPearson, **rule).certify(problem.x)
     assert problem.wrong_certificates(certs).sum() > 1.5 * allowed(N_INPUTS)
 
 
-def test_teeth_plug_in_estimate_fails(problem):
-    certs = certifier(problem, cls=PlugIn).certify(problem.x)
+@pytest.mark.parametrize("rule", [dict(), dict(price=0.05)], ids=["tolerance", "priced"])
+def test_teeth_plug_in_estimate_fails(problem, rule):
+    certs = certifier(problem, cls=PlugIn, **rule).certify(problem.x)
     assert problem.wrong_certificates(certs).sum() > 2 * allowed(N_INPUTS)
+
+
+HARD_BUDGET = 1000
+
+
+@pytest.fixture(scope="module")
+def hard_case():
+    """Every input asks for a radius 0.02 sigma above its true radius (its true class is given): p0 sits
+    just above p, so reaching the target is always wrong and the test runs long near its boundary."""
+    hard = linear_problem(N_INPUTS, sigma=SIGMA, max_margin_sigmas=2.0, seed=11)
+    return hard, hard.true_radius + 0.02 * SIGMA
+
+
+def _hard_wrong(hard, targets, cls):
+    certs = certifier(hard, cls=cls, max_samples=HARD_BUDGET, prior="truncated").certify(
+        hard.x, classes=hard.true_class, target_radius=targets)
+    return int(hard.wrong_certificates(certs).sum())
+
+
+def test_targets_just_above_the_truth_are_certified_at_most_alpha_of_the_time(hard_case):
+    hard, targets = hard_case
+    assert _hard_wrong(hard, targets, EProcessCertifier) <= allowed(N_INPUTS)
+
+
+def test_teeth_a_prior_fitted_on_the_same_samples_fails(hard_case):
+    hard, targets = hard_case
+    assert _hard_wrong(hard, targets, FittedPrior) > 1.5 * allowed(N_INPUTS)
+
+
+def test_teeth_a_fitted_prior_fails_in_best_radius_mode_too(problem):
+    certs = certifier(problem, cls=FittedPrior).certify(problem.x)
+    assert problem.wrong_certificates(certs).sum() > 1.3 * allowed(N_INPUTS)

@@ -6,16 +6,22 @@ or ``EProcessCertifier`` over chunks of inputs, write the TSV and its ``.meta.js
 from __future__ import annotations
 
 import argparse
+import os
+
+import numpy as np
+import torch
 
 from data_gen.datasets import load_split
 from data_gen.models import check_model_fits, load_model
 
+from ..core import stats
 from ..core.cohen import CohenCertifier
 from ..core.deterministic import METHODS as DETERMINISTIC_METHODS
 from ..core.deterministic import DeterministicCertifier
-from ..core.errors import InvalidParameterError
+from ..core.errors import InvalidParameterError, ModelError
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
+from ..core.surrogate import Surrogate
 from .common import (
     add_dataset_args,
     add_device_arg,
@@ -61,9 +67,20 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="best-radius policy: stop once the radius can grow by at most this much (l2 units)")
     p.add_argument("--max-samples", type=int, default=10_000, help="sequential sample budget per input (default 10000)")
-    p.add_argument("--prior", default="kt", help="Beta prior of the E-process: kt (default) or a,b (e.g. 20,1)")
-    p.add_argument("--class-choice", choices=("pilot", "per_class"), default="pilot",
-                   help="pilot: argmax of --n0 pilot samples; per_class: one confidence sequence per class at alpha/K")
+    p.add_argument("--price", type=float, default=None, metavar="R",
+                   help="best-radius policy: stop once the expected radius gain of more samples is worth less than "
+                        "R (l2 units) per 1,000 samples, e.g. 0.05 (default: the --tolerance rule alone)")
+    p.add_argument("--prior", default="auto",
+                   help="prior of the E-process: auto (default: truncated with --target-radius, else kt), kt, "
+                        "truncated (mass above Phi(r*/sigma); needs --target-radius), radius (KT + log-uniform "
+                        "failure rate: best radius of confident inputs), surrogate (needs --class-from a surrogate "
+                        "checkpoint), or a,b (a Beta prior, e.g. 20,1)")
+    p.add_argument("--class-from", default=None, metavar="MODEL_OR_SURROGATE",
+                   help="fix each input's class before sampling, with no pilot: a surrogate checkpoint (its argmax) "
+                        "or a base model (its prediction on the clean input, e.g. the --model itself)")
+    p.add_argument("--class-choice", choices=("pilot", "per_class"), default=None,
+                   help="without --class-from: pilot (default, argmax of --n0 pilot samples) or per_class (no pilot: "
+                        "one confidence sequence per class at alpha/K, stopping when any class certifies)")
     p.add_argument("--n0", type=int, default=100, help="pilot samples per input (class-choice pilot)")
     p.set_defaults(func=run_sequential, torchrun=True)
 
@@ -100,15 +117,54 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     add_overwrite_arg(p)
 
 
+PRIOR_NAMES = ("auto", "kt", "truncated", "radius", "surrogate")
+
+
 def parse_prior(text: str):
-    """``kt`` or ``a,b`` (two positive numbers) -> the certifier's ``prior`` argument."""
-    if text.strip().lower() == "kt":
-        return "kt"
+    """A name of ``PRIOR_NAMES`` or ``a,b`` (two positive numbers) -> the certifier's ``prior`` argument."""
+    name = text.strip().lower()
+    if name in PRIOR_NAMES:
+        return name
     try:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
-        raise InvalidParameterError(f"--prior must be kt or a,b (two numbers > 0, e.g. 20,1), got {text!r}") from None
+        raise InvalidParameterError(f"--prior must be one of {', '.join(PRIOR_NAMES)} or a,b (two numbers > 0, "
+                                    f"e.g. 20,1), got {text!r}") from None
     return a, b
+
+
+def load_class_source(spec: str, device, num_classes: int, input_shape):
+    """``--class-from``: a surrogate checkpoint or a base model, as ``(kind, object)``.
+
+    A surrogate gives its argmax (and, for ``--prior surrogate``, its prior); a base model its
+    prediction on the clean input. Either fixes the class before any sequential sample is drawn,
+    which is all the guarantee needs.
+    """
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        try:
+            surrogate = Surrogate.load(path, device=device)
+        except ModelError:
+            surrogate = None  # not a surrogate checkpoint: try it as a base model
+        if surrogate is not None:
+            if surrogate.num_classes != num_classes or tuple(surrogate.input_shape) != tuple(input_shape):
+                raise InvalidParameterError(
+                    f"--class-from {spec} is a surrogate for {surrogate.num_classes} classes of shape "
+                    f"{tuple(surrogate.input_shape)}, but the dataset has {num_classes} of shape {tuple(input_shape)}")
+            return "surrogate", surrogate
+    elif ":" not in spec:
+        raise InvalidParameterError(f"--class-from {spec} does not exist; give a surrogate checkpoint or a base model")
+    loaded = load_model(spec, device=device, num_classes=num_classes)
+    return "model", SmoothedClassifier(loaded.model, num_classes, 1.0, device=device)
+
+
+def classes_from(kind: str, source, x: torch.Tensor):
+    """``(classes, p_tilde)`` of a batch: the surrogate's argmax and probability, or ``f(x)`` (p_tilde None)."""
+    if kind == "surrogate":
+        return source.predict(x)
+    with torch.inference_mode():
+        classes = source.predict_labels(x.to(source.device, dtype=torch.float32)).cpu().numpy()
+    return classes.astype(np.int64), None
 
 
 def _load(args: argparse.Namespace):
@@ -145,19 +201,50 @@ def run_cohen(args: argparse.Namespace) -> int:
 
 def run_sequential(args: argparse.Namespace) -> int:
     prior = parse_prior(args.prior)
+    if args.class_from is not None and args.class_choice is not None:
+        raise InvalidParameterError("--class-from fixes the class: drop --class-choice (or drop --class-from)")
+    if prior == "surrogate" and args.class_from is None:
+        raise InvalidParameterError("--prior surrogate needs --class-from SURROGATE.pt (the surrogate gives the prior)")
+    if prior == "truncated" and args.target_radius is None:
+        raise InvalidParameterError("--prior truncated is for a target radius: add --target-radius (or use --prior kt)")
+    if args.price is not None and args.target_radius is not None:
+        raise InvalidParameterError("--price is a best-radius rule: drop it or drop --target-radius")
+    class_choice = args.class_choice or "pilot"
     data, smooth, meta = _load(args)
+    source = None
+    if args.class_from is not None:
+        source = load_class_source(args.class_from, args.shard.device(args.device), data.num_classes, tuple(data.x.shape[1:]))
+        if prior == "surrogate" and source[0] != "surrogate":
+            raise InvalidParameterError(f"--prior surrogate needs --class-from a surrogate checkpoint; "
+                                        f"{args.class_from} is a base model")
+        if prior == "surrogate" and not np.isclose(source[1].sigma, smooth.sigma):
+            raise InvalidParameterError(f"--prior surrogate: the surrogate was trained at sigma={source[1].sigma:g}, "
+                                        f"not {smooth.sigma:g}; use --prior auto or kt")
     certifier = EProcessCertifier(
-        smooth, args.alpha, prior=prior, tolerance=args.tolerance, max_samples=args.max_samples,
-        class_choice=args.class_choice, n0=args.n0, target_radius=args.target_radius,
-        policy="best_radius" if args.target_radius is None else "target_radius",
+        smooth, args.alpha, prior="auto" if prior == "surrogate" else prior, tolerance=args.tolerance,
+        max_samples=args.max_samples, class_choice=class_choice, n0=args.n0, target_radius=args.target_radius,
+        policy="best_radius" if args.target_radius is None else "target_radius", price=args.price,
     )
-    certificates = certify_split(data, lambda x, idx: certifier.certify(x, indices=idx),
-                                 SEQUENTIAL_CHUNK, not args.no_progress, "sequential", args.shard)
+
+    def certify(x, idx):
+        if source is None:
+            return certifier.certify(x, indices=idx)
+        classes, p_tilde = classes_from(*source, x)
+        per_input = None
+        if prior == "surrogate":
+            per_input = stats.surrogate_prior(p_tilde, source[1].kappa, source[1].w)
+        return certifier.certify(x, classes=classes, prior=per_input, indices=idx)
+
+    certificates = certify_split(data, certify, SEQUENTIAL_CHUNK, not args.no_progress, "sequential", args.shard)
     if certificates is None:
         return 0  # rank 0 writes the merged results
     return write_results(args.out, data, certificates, dict(
-        meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance,
-        max_samples=args.max_samples, class_choice=args.class_choice, n0=args.n0), overwrite=args.overwrite)
+        meta, prior=args.prior, target_radius=args.target_radius, tolerance=args.tolerance, price=args.price,
+        max_samples=args.max_samples, class_choice=None if source else class_choice,
+        class_from=args.class_from, class_source=source[0] if source else None,
+        n0=args.n0 if source is None and class_choice == "pilot" else 0,
+        mean_stop_time=float(np.mean([c.stop_time for c in certificates])) if certificates else None),
+        overwrite=args.overwrite)
 
 
 def run_deterministic(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Certificate records and the results TSV (Cohen et al.'s six columns first, then ours).
 
 A results file is two files: ``out.tsv``, whose first line is the header
-``idx label predict radius correct time method n_samples p_lower route`` so that Cohen et al.'s analysis
+``idx label predict radius correct time method n_samples stop_time p_lower route`` so that Cohen et al.'s analysis
 code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
 provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
 """
@@ -21,7 +21,7 @@ from .files import MAKERS, commit_outputs, sniff, wrong_kind
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 """The columns of Cohen et al.'s ``certify.py`` output, in their order: always first."""
 
-TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "p_lower", "route")
+TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "stop_time", "p_lower", "route")
 
 ROUTES = ("direct", "surrogate", "fallback", "required_radius", "drift_alarm", "audit_alarm")
 """Why a certificate took its path (``Certificate.route``): ``direct`` (a certifier called by itself),
@@ -55,6 +55,10 @@ class Certificate:
         Wall time attributed to this input.
     route : str
         Why it took its path (``ROUTES``); ``direct`` unless the hybrid routed it.
+    stop_time : int, optional
+        Base-model evaluations spent when the stopping rule fired (pilot samples included); at most
+        ``n_samples``, the difference being samples drawn in the same batch after the decision.
+        Default (None): ``n_samples``, the stop of a fixed-sample procedure.
     """
 
     prediction: int
@@ -64,6 +68,11 @@ class Certificate:
     p_lower: float
     seconds: float
     route: str = "direct"
+    stop_time: int | None = None  # after route: route was the seventh positional field first
+
+    def __post_init__(self):
+        if self.stop_time is None:
+            object.__setattr__(self, "stop_time", int(self.n_samples))
 
     @property
     def abstained(self) -> bool:
@@ -73,7 +82,8 @@ class Certificate:
         return asdict(self)
 
 
-def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -> Certificate:
+def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0,
+               stop_time: int | None = None) -> Certificate:
     """The abstain certificate: class -1, radius 0.
 
     Parameters
@@ -84,13 +94,16 @@ def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0) -
         The lower bound on ``p_A(x)`` reached, for the record.
     seconds : float, optional
         Wall time attributed to the input.
+    stop_time : int, optional
+        Evaluations spent when the stopping rule fired; default ``n_samples``.
 
     Returns
     -------
     Certificate
         ``prediction = -1``, ``radius = 0.0``, method ``abstain``.
     """
-    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds))
+    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds),
+                       stop_time=None if stop_time is None else int(stop_time))
 
 
 def meta_path(path: str | os.PathLike) -> str:
@@ -125,9 +138,10 @@ def write_tsv(
     sidecar first: an interrupted call leaves no half file, and a TSV is never newer than its
     sidecar.
 
-    Columns ``idx label predict radius correct time method n_samples p_lower route``, header on the
-    first line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff ``predict`` equals
-    the label. ``meta`` goes to ``meta_path(path)``.
+    Columns ``idx label predict radius correct time method n_samples stop_time p_lower route``, header
+    on the first line; ``radius`` in input l2 units, ``time`` in seconds, ``correct`` is 1 iff
+    ``predict`` equals the label, ``stop_time`` the evaluations spent when the stopping rule fired
+    (``n_samples`` for fixed-sample methods). ``meta`` goes to ``meta_path(path)``.
 
     Parameters
     ----------
@@ -169,7 +183,7 @@ def write_tsv(
     for idx, label, c in zip(indices, labels, certificates):
         correct = int(c.prediction == int(label))
         lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
-                     f"{c.method}\t{c.n_samples}\t{c.p_lower:.6g}\t{c.route}")
+                     f"{c.method}\t{c.n_samples}\t{c.stop_time}\t{c.p_lower:.6g}\t{c.route}")
     sidecar = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     commit_outputs({meta_path(path): sidecar, path: "\n".join(lines) + "\n"}, overwrite=overwrite)
 
@@ -182,7 +196,9 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     report never shows numbers a certifier could not have written: ``label >= 0``,
     ``predict >= -1``, a finite ``radius >= 0`` that is 0 when abstaining, ``correct`` equal to
     ``predict == label``, a finite ``time >= 0``, ``n_samples >= -1`` and ``p_lower`` in [0, 1]
-    (or NaN). ``route`` defaults to ``""`` (not recorded).
+    (or NaN). ``route`` defaults to ``""`` (not recorded), ``stop_time`` to ``n_samples`` (files
+    written before it existed: the stop is not known to be earlier than the last sample), and
+    ``stop_time`` must lie in ``[0, n_samples]`` when both are known.
 
     Parameters
     ----------
@@ -192,7 +208,8 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     Returns
     -------
     list of dict
-        One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` (int),
+        One per row, with keys ``idx``, ``label``, ``predict``, ``correct``, ``n_samples`` and
+        ``stop_time`` (int),
         ``radius`` (input l2 units), ``time`` (seconds, from ours or from Cohen et al.'s
         ``H:MM:SS.ffffff``), ``p_lower`` (float), ``method`` and ``route`` (str).
 
@@ -249,6 +266,7 @@ def _typed_row(r: dict) -> dict:
         p_lower=float(r["p_lower"]) if r.get("p_lower") not in (None, "") else math.nan,
         route=r.get("route") or "",
     )
+    row["stop_time"] = int(r["stop_time"]) if r.get("stop_time") not in (None, "") else row["n_samples"]
     if row["label"] < 0 or row["predict"] < -1 or row["idx"] < 0:
         raise ValueError("idx and label must be >= 0 and predict >= -1")
     if not (math.isfinite(row["radius"]) and row["radius"] >= 0) or (row["predict"] < 0 and row["radius"] != 0):
@@ -259,6 +277,8 @@ def _typed_row(r: dict) -> dict:
         raise ValueError(f"time {row['time']} must be a finite number of seconds >= 0")
     if row["n_samples"] < -1 or not (math.isnan(row["p_lower"]) or 0.0 <= row["p_lower"] <= 1.0):
         raise ValueError("n_samples must be >= -1 and p_lower in [0, 1]")
+    if row["n_samples"] >= 0 and not 0 <= row["stop_time"] <= row["n_samples"]:
+        raise ValueError(f"stop_time {row['stop_time']} must lie in [0, n_samples={row['n_samples']}]")
     return row
 
 

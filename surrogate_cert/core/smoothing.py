@@ -709,3 +709,103 @@ class SmoothedClassifier:
         finally:
             self.amp = saved
         return np.abs(with_amp - fp32).sum(axis=1) / (2.0 * n)
+
+    # ------------------------------------------------------------------ per-sample outcomes
+    @torch.inference_mode()
+    def sample_predictions(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] | np.ndarray,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        stream: int = STREAM_ESTIMATE,
+        start: int | Sequence[int] | np.ndarray = 0,
+    ) -> np.ndarray:
+        """The class ``argmax f(x_i + sigma * eps_j)`` of every noisy sample, in order: ``N x max(n)``.
+
+        Row ``i`` holds samples ``j = start_i, ..., start_i + n_i - 1`` of stream ``stream`` of noise
+        name ``indices[i]``, then -1 where ``n_i < max(n)``. The noise is that of ``counts`` (same
+        blocks, same keys, same arithmetic), so
+        ``counts(x, n, ...)[i] == bincount(sample_predictions(x, n, ...)[i, :n_i])``: a sequential test
+        that reads outcomes one by one sees exactly the samples a count would have summed. Noisy
+        copies of several inputs share forward passes, as in ``counts``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images, pixels in [0, 1].
+        n : int or array_like of int
+            Samples per input (>= 0): one value for all inputs, or one per input.
+        indices : sequence of int or numpy.ndarray, optional
+            Each input's noise name (use dataset indices); default ``0..N-1``.
+        stream : int, optional
+            Which independent noise stream (``STREAM_SELECT``, ``STREAM_ESTIMATE``, ``STREAM_SEQUENTIAL``).
+        start : int or array_like of int, optional
+            First sample of the stream to draw (>= 0), one value or one per input.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``N x max(n)`` int32 class indices on the host, -1 past each row's ``n_i``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch, or ``indices`` does not hold one entry per input.
+        InvalidParameterError
+            If ``n`` or ``start`` is not a whole number >= 0, or the noise scheme is unseeded (its
+            samples cannot be replayed in order).
+        ModelError
+            If the model's output is not ``N x num_classes``.
+        """
+        if self.noise_scheme == NOISE_UNSEEDED:
+            raise InvalidParameterError("sample_predictions needs a seeded noise scheme (v1 or v2), not 'unseeded'")
+        x = check_images(x)
+        num = x.shape[0]
+        n_arr = _whole_per_input("n", n, num)
+        start_arr = _whole_per_input("start", start, num)
+        idx_arr = noise_indices(indices, num)
+        width = int(n_arr.max()) if num else 0
+
+        shape, device = tuple(x.shape[1:]), self.device
+        x_dev = x.to(device, dtype=torch.float32)
+        out = torch.full((num * width,), -1, dtype=torch.int32, device=device)
+        capacity = max(self.batch_size, NOISE_BLOCK)
+        noise = torch.empty((capacity + NOISE_BLOCK, *shape), device=device)
+        scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
+        owners = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=device)
+        slots = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=device)
+        offsets = torch.arange(NOISE_BLOCK, device=device)
+        gen = torch.Generator(device=device)
+        filled = 0
+
+        def flush(rows: int) -> None:
+            for lo in range(0, rows, self.batch_size):
+                hi = min(lo + self.batch_size, rows)
+                noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[owners[lo:hi]])  # as in counts, bit for bit
+                if self.channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                out[slots[lo:hi]] = self.predict_labels(noisy).to(torch.int32)
+
+        for i in range(num):
+            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
+            if last <= first:
+                continue
+            first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
+            keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
+            for j, block in enumerate(range(first_block, end_block)):
+                lo = max(first - block * NOISE_BLOCK, 0)
+                hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
+                take = hi - lo
+                gen.manual_seed(keys[j])
+                torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+                noise[filled:filled + take] = scratch[lo:hi]
+                owners[filled:filled + take] = i
+                slots[filled:filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - first)
+                filled += take
+                if filled >= capacity:
+                    flush(filled)
+                    filled = 0
+        if filled:
+            flush(filled)
+        return out.view(num, width).cpu().numpy()

@@ -15,8 +15,7 @@ from typing import Callable
 
 import numpy as np
 from scipy import stats as _st
-from scipy.optimize import elementwise as _elementwise
-from scipy.special import betaln, logsumexp, ndtr, ndtri
+from scipy.special import betainc, betaln, logsumexp, ndtr, ndtri
 
 from .errors import InvalidParameterError, check_count, check_positive, check_probability
 
@@ -25,7 +24,10 @@ __all__ = [
     "clopper_pearson", "lower_confidence_bound", "radius", "p_threshold", "max_radius",
     "cohen_certify", "predict_test",
     # anytime valid
-    "beta_binomial_cs", "running_intersection", "check_prior_weight", "surrogate_prior",
+    "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
+    "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
+    "radius_prior", "sample_floor",
+    "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
     "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
@@ -38,9 +40,6 @@ __all__ = [
     "binomial_allowance",
 ]
 
-# Root brackets stop this far from 0 and 1; a bound beyond them is reported as 0 or 1 (conservative).
-_EDGE = 1e-15
-_XATOL = 1e-12
 
 
 def _as_floats(value, name: str) -> np.ndarray:
@@ -230,27 +229,42 @@ def predict_test(count_top: int, count_second: int, alpha: float) -> bool:
 
 
 # --------------------------------------------------------------------------- anytime-valid (E-process)
+#
+# Every prior here is a mixture of Beta laws, each possibly truncated to an interval
+# [support_lo, support_hi] of [0, 1]; components sit on the last axis of a, b, weights and the support
+# ends. The mixture likelihood ("log marginal") of s successes in t draws is all a prior contributes:
+# for ANY prior fixed before sampling, M_t(q) = marginal / (q^s (1 - q)^(t - s)) is a non-negative
+# martingale with mean 1 when p = q, so Ville's inequality makes {q : M_t(q) < 1/alpha} a confidence
+# sequence. Priors change power (samples spent), never validity.
 
-def _log_marginal(s, t, a, b, weights):
-    """log of the Beta-binomial mixture numerator ``sum_j w_j B(a_j + s, b_j + t - s) / B(a_j, b_j)``.
+def _log_mass(a, b, lo, hi):
+    """``log P(lo <= Q <= hi)`` for ``Q ~ Beta(a, b)``, by the regularised incomplete beta.
 
-    ``a``, ``b`` (and ``weights``) carry the mixture components on their last axis when
-    ``weights`` is given; otherwise they broadcast with ``s`` as a single prior.
+    Each tail is taken from the side that does not cancel: ``P(Q <= hi) = I_hi(a, b)`` below and
+    ``P(Q >= lo) = I_{1-lo}(b, a)`` above (``1 - Q ~ Beta(b, a)``; SciPy's ``betainc`` is much faster
+    than ``betaincc`` there). Upper tails are read at the float ``1 - lo``: a truncation point moved
+    by rounding, the same for the prior and the posterior, so still a prior fixed before sampling.
+    An underflow gives ``-inf``: a component with no mass where the data are, never more evidence.
     """
-    if weights is None:
-        return betaln(a + s, b + t - s) - betaln(a, b)
-    s_ = np.expand_dims(s, -1)
-    t_ = np.expand_dims(t, -1)
-    terms = np.log(weights) + betaln(a + s_, b + t_ - s_) - betaln(a, b)
-    return logsumexp(terms, axis=-1)
+    a, b, lo, hi = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, lo, hi)))
+    out = np.zeros(a.shape)
+    below = (lo <= 0) & (hi < 1)       # [0, hi]
+    above = (lo > 0) & (hi >= 1)       # [lo, 1]
+    inner = (lo > 0) & (hi < 1)        # [lo, hi]
+    with np.errstate(divide="ignore"):
+        if np.any(below):
+            out[below] = np.log(betainc(a[below], b[below], hi[below]))
+        if np.any(above):
+            out[above] = np.log(betainc(b[above], a[above], 1.0 - lo[above]))
+        if np.any(inner):
+            ai, bi, li, hi_ = a[inner], b[inner], lo[inner], hi[inner]
+            mass = np.where(li >= 0.5, betainc(bi, ai, 1.0 - li) - betainc(bi, ai, 1.0 - hi_),
+                            betainc(ai, bi, hi_) - betainc(ai, bi, li))
+            out[inner] = np.log(np.maximum(mass, 0.0))
+    return out
 
 
-def _log_martingale_minus_level(q, s, t, log_marginal, log_level):
-    # log M_t(q) - log(1/alpha); positive means q is outside the confidence sequence.
-    return log_marginal - s * np.log(q) - (t - s) * np.log1p(-q) - log_level
-
-
-def _validate_prior(a, b, weights):
+def _validate_prior(a, b, weights, support_lo=0.0, support_hi=1.0):
     a = _as_floats(a, "prior a")
     b = _as_floats(b, "prior b")
     if np.any(~np.isfinite(a)) or np.any(a <= 0) or np.any(~np.isfinite(b)) or np.any(b <= 0):
@@ -260,22 +274,193 @@ def _validate_prior(a, b, weights):
         if np.any(weights < 0) or np.any(~np.isfinite(weights)) or np.any(weights.sum(axis=-1) <= 0):
             raise InvalidParameterError("mixture weights must be finite, >= 0 and not all 0")
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return a, b, weights
+    lo = _as_floats(support_lo, "prior support_lo")
+    hi = _as_floats(support_hi, "prior support_hi")
+    if np.any(~(lo >= 0)) or np.any(~(hi <= 1)) or np.any(~(lo < hi)):
+        raise InvalidParameterError("prior support must satisfy 0 <= support_lo < support_hi <= 1 for every component")
+    return a, b, weights, lo, hi
 
 
-def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None):
+def beta_mixture_log_marginal(s, t, a=0.5, b=0.5, weights=None, support_lo=0.0, support_hi=1.0):
+    """log of the mixture likelihood ``E_pi[q^s (1 - q)^(t - s)]`` of a truncated Beta mixture prior.
+
+    The prior is ``pi = sum_j w_j Beta(a_j, b_j | [lo_j, hi_j])``: each Beta restricted to its
+    support and renormalised. Each component contributes
+    ``B(a + s, b + f) / B(a, b) * P(lo <= Beta(a + s, b + f) <= hi) / P(lo <= Beta(a, b) <= hi)``
+    with ``f = t - s`` (the regularised incomplete beta, ``scipy.special.betainc``). Dividing by the
+    likelihood at ``q`` gives ``M_t(q)`` (``log_martingale``): a mean-1 martingale when ``p = q``,
+    whatever the prior, as long as it is fixed before sampling. Rounding only lowers the result
+    (an underflowing component counts as 0), which only widens the confidence sequence.
+
+    Parameters
+    ----------
+    s, t : array_like
+        Successes and draws, ``0 <= s <= t`` (need not be whole: a look-ahead uses expected counts).
+    a, b : float or array_like
+        Beta parameters (> 0). With ``weights``, the mixture components are on the last axis.
+    weights : array_like, optional
+        Mixture weights (>= 0, normalised here); None for a single component broadcast with ``s``.
+    support_lo, support_hi : float or array_like
+        Support of each component, ``0 <= lo < hi <= 1``; default the whole unit interval.
+
+    Returns
+    -------
+    float or numpy.ndarray
+        The log mixture likelihood, shaped like ``s`` broadcast with the prior (minus its last axis
+        when ``weights`` is given).
+
+    Examples
+    --------
+    >>> round(float(beta_mixture_log_marginal(10, 10)), 4)   # KT: B(10.5, 0.5) / B(0.5, 0.5)
+    -1.7362
+    >>> full = beta_mixture_log_marginal(10, 10, 1.0, 1.0)                     # uniform: 1 / 11
+    >>> upper = beta_mixture_log_marginal(10, 10, 1.0, 1.0, support_lo=0.9)    # uniform on [0.9, 1]
+    >>> round(float(np.exp(full)), 4), round(float(np.exp(upper)), 4)
+    (0.0909, 0.6238)
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    a, b, weights, lo, hi = _validate_prior(a, b, weights, support_lo, support_hi)
+    if weights is not None:
+        s, t = np.expand_dims(s, -1), np.expand_dims(t, -1)
+    f = t - s
+    truncated = bool(np.any(lo > 0) or np.any(hi < 1))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero weight or an empty tail: no component
+        terms = betaln(a + s, b + f) - betaln(a, b)
+        if truncated:
+            terms = terms + _log_mass(a + s, b + f, lo, hi) - _log_mass(a, b, lo, hi)
+            terms = np.where(np.isnan(terms), -np.inf, terms)  # an empty prior component carries nothing
+        if weights is None:
+            return _scalar_or_array(terms)
+        if weights.shape[-1] == 1:
+            return _scalar_or_array(terms[..., 0])
+        return _scalar_or_array(logsumexp(terms + np.log(weights), axis=-1))
+
+
+def log_martingale(s, t, q, log_marginal):
+    """``log M_t(q) = log_marginal - s log q - (t - s) log(1 - q)``: the evidence against ``p = q``.
+
+    ``M_t(q)`` is a non-negative martingale with mean 1 under ``p = q`` (for any prior fixed before
+    sampling), so ``P(exists t: M_t(q) >= 1/alpha) <= alpha`` (Ville). Vectorised; ``q`` in (0, 1).
+
+    Examples
+    --------
+    >>> m = beta_mixture_log_marginal(48, 48)                 # KT prior, 48 agreeing draws
+    >>> round(float(log_martingale(48, 48, 0.8413, m)), 3)   # vs log(1/0.001) = 6.908
+    5.784
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    q = np.asarray(q, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = log_marginal - np.where(s > 0, s * np.log(q), 0.0) - np.where(t > s, (t - s) * np.log1p(-q), 0.0)
+    return _scalar_or_array(value)
+
+
+_NEWTON_ITERATIONS = 60
+_NEWTON_RTOL = 4e-16
+_OUTWARD = 1e-14
+
+
+def _newton_end(c, n_near, n_far):
+    """Root ``x < 0`` of ``c - n_near * x - n_far * log(1 - e^x) = 0``, approached from below.
+
+    With ``x = log q`` this is the lower end of the CS (``n_near = s``, ``n_far = f``); with
+    ``x = log(1 - q)`` the upper end (roles swapped). The function is convex and decreasing left of
+    the root, and the start ``c / n_near`` is left of it (the ``n_far`` term is >= 0), so Newton's
+    iterates increase monotonically towards the root and every iterate is outside the confidence
+    set: stopping early only widens the interval. Exact in one step when ``n_far = 0``.
+    """
+    x = c / n_near
+    pos = np.flatnonzero(n_far > 0)
+    xv, cv, nn, nf = x[pos], c[pos], n_near[pos], n_far[pos]
+    for _ in range(_NEWTON_ITERATIONS):
+        if pos.size == 0:
+            break
+        one_minus = -np.expm1(xv)
+        g = cv - nn * xv - nf * np.log(one_minus)
+        step = g / (nn - nf * np.exp(xv) / one_minus)
+        step[~(step > 0)] = 0.0  # converged (g = 0) or rounding: never step inward
+        xv += step
+        moving = step > _NEWTON_RTOL * np.abs(xv)
+        if not moving.all():
+            x[pos[~moving]] = xv[~moving]
+            if moving.sum() * 4 < moving.size * 3 or not moving.any():
+                pos, xv, cv, nn, nf = pos[moving], xv[moving], cv[moving], nn[moving], nf[moving]
+            else:
+                x[pos] = xv
+    x[pos] = xv
+    return x
+
+
+def confidence_sequence_ends(s, t, log_marginal, alpha):
+    """Ends ``(L_t, U_t)`` of ``{q : M_t(q) < 1/alpha}`` for a given mixture likelihood.
+
+    ``log M_t(q)`` is convex in ``q`` with its minimum at ``s / t`` (where ``M_t <= 1``), so the set
+    is an interval; its ends solve ``log M_t(q) = log(1/alpha)``. Solved by Newton's method in
+    ``log q`` (lower end) and ``log(1 - q)`` (upper end) from the outside, then moved out by 1e-14:
+    the returned interval contains the exact one. Closed form where ``s = t`` (``L = exp(c / t)``,
+    ``U = 1``) or ``s = 0``. With probability at least ``1 - alpha`` the interval contains ``p`` at
+    every ``t`` at once (Ville), so any stopping rule may read it. Vectorised.
+
+    Parameters
+    ----------
+    s, t : array_like
+        Successes and draws, ``0 <= s <= t``.
+    log_marginal : array_like
+        ``beta_mixture_log_marginal(s, t, ...)`` of a prior fixed before sampling.
+    alpha : float or array_like
+        Error probability, in (0, 1).
+
+    Returns
+    -------
+    lower, upper : float or numpy.ndarray
+        ``L_t`` (0 when ``s = 0``) and ``U_t`` (1 when ``s = t``); ``(0, 1)`` when ``t = 0``.
+
+    Examples
+    --------
+    >>> lower, upper = confidence_sequence_ends(1000, 1000, beta_mixture_log_marginal(1000, 1000), 0.001)
+    >>> round(lower, 4), upper
+    (0.9891, 1.0)
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    log_level = -np.log(_check_alpha(alpha))
+    s, t, log_marginal, log_level = np.broadcast_arrays(s, t, np.asarray(log_marginal, dtype=float), log_level)
+    shape = s.shape
+    s, t, m, ell = (np.ravel(v).astype(float) for v in (s, t, log_marginal, log_level))
+    f = t - s
+    c = m - ell  # log M_t(q) - log(1/alpha) = c - s log q - f log(1 - q)
+    lower = np.zeros(s.shape)
+    upper = np.ones(s.shape)
+    # c = -inf: the prior puts no mass near the data; the set is all of [0, 1] (conservative).
+    ok = np.isfinite(c) & (t > 0)
+    lo_idx = np.flatnonzero(ok & (s > 0))
+    if lo_idx.size:
+        x = _newton_end(c[lo_idx], s[lo_idx], f[lo_idx])
+        lower[lo_idx] = np.maximum(np.exp(x) - _OUTWARD, 0.0)
+    up_idx = np.flatnonzero(ok & (f > 0))
+    if up_idx.size:
+        x = _newton_end(c[up_idx], f[up_idx], s[up_idx])
+        upper[up_idx] = np.minimum(-np.expm1(x) + _OUTWARD, 1.0)
+    if shape == ():
+        return float(lower[0]), float(upper[0])
+    return lower.reshape(shape), upper.reshape(shape)
+
+
+def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None, *, support_lo=0.0, support_hi=1.0):
     """Ends ``(L_t, U_t)`` of the Beta-binomial mixture confidence sequence for a Bernoulli mean.
 
     For i.i.d. Bernoulli(p) observations with ``s`` successes after ``t`` draws and a prior
-    ``Beta(a, b)`` (or a mixture ``sum_j weights_j Beta(a_j, b_j)``, components on the last axis)
-    fixed before sampling, ``M_t(q) = B(a + s, b + t - s) / B(a, b) / (q^s (1 - q)^(t - s))`` is a
+    ``Beta(a, b)`` (or a mixture ``sum_j weights_j Beta(a_j, b_j)``, components on the last axis,
+    each optionally truncated to ``[support_lo, support_hi]``) fixed before sampling,
+    ``M_t(q) = B(a + s, b + t - s) / B(a, b) / (q^s (1 - q)^(t - s))`` (``log_martingale``) is a
     non-negative martingale with mean 1 when ``p = q``. By Ville's inequality,
     ``P(exists t: p not in (L_t, U_t)) <= alpha``, so the bound holds under any stopping rule.
 
-    ``L_t`` and ``U_t`` solve ``log M_t(q) = log(1/alpha)`` on either side of ``s / t``; each is
-    rounded outward (the returned interval contains the exact one). ``L_t = 0`` when ``s = 0`` and
-    ``U_t = 1`` when ``s = t``. Vectorised over ``s``, ``t``, ``alpha`` and the prior, with SciPy's
-    elementwise bracketing root finder (Chandrupatla's method), all in log space.
+    ``L_t`` and ``U_t`` solve ``log M_t(q) = log(1/alpha)`` on either side of ``s / t``
+    (``confidence_sequence_ends``); each is rounded outward. ``L_t = 0`` when ``s = 0`` and
+    ``U_t = 1`` when ``s = t``. Vectorised over ``s``, ``t``, ``alpha`` and the prior.
 
     Examples
     --------
@@ -284,45 +469,36 @@ def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None):
     (0.9891, 1.0)
     """
     s, t = _check_counts(s, t, "s", "t")
-    a, b, weights = _validate_prior(a, b, weights)
-    log_level = -np.log(_check_alpha(alpha))
-    with np.errstate(divide="ignore"):  # a zero mixture weight is a component that is not there
-        log_marginal = _log_marginal(s, t, a, b, weights)
-    s, t, log_marginal, log_level = np.broadcast_arrays(s, t, log_marginal, log_level)
-    shape = s.shape
-    s, t, log_marginal, log_level = (np.ravel(v).astype(float) for v in (s, t, log_marginal, log_level))
-
-    lower = np.zeros(s.shape)
-    upper = np.ones(s.shape)
-    centre = np.clip(np.where(t > 0, s / np.maximum(t, 1), 0.5), _EDGE, 1 - _EDGE)
-    lower = _solve_side(lower, s, t, log_marginal, log_level, np.full(s.shape, _EDGE), centre, keep="left")
-    upper = _solve_side(upper, s, t, log_marginal, log_level, centre, np.full(s.shape, 1 - _EDGE), keep="right")
-    if shape == ():
-        return float(lower[0]), float(upper[0])
-    return lower.reshape(shape), upper.reshape(shape)
+    alpha = _check_alpha(alpha)
+    return confidence_sequence_ends(s, t, beta_mixture_log_marginal(s, t, a, b, weights, support_lo, support_hi),
+                                    alpha)
 
 
-def _solve_side(default, s, t, log_marginal, log_level, lo, hi, keep):
-    """Root of ``log M_t - log(1/alpha)`` in ``(lo, hi)``, rounded to the bracket end outside the CS."""
-    out = default.copy()
-    f_lo = _log_martingale_minus_level(lo, s, t, log_marginal, log_level)
-    f_hi = _log_martingale_minus_level(hi, s, t, log_marginal, log_level)
-    # A root exists only where the function changes sign inside the bracket; elsewhere the bound
-    # lies beyond the edge and the default (0 or 1) is the conservative answer.
-    has_root = (t > 0) & (lo < hi) & (np.sign(f_lo) * np.sign(f_hi) < 0)
-    if np.any(has_root):
-        idx = np.flatnonzero(has_root)
-        res = _elementwise.find_root(
-            _log_martingale_minus_level,
-            (lo[idx], hi[idx]),
-            args=(s[idx], t[idx], log_marginal[idx], log_level[idx]),
-            tolerances=dict(xatol=_XATOL, xrtol=0.0),
-        )
-        xl, xr = res.bracket
-        # Left of s/t the function decreases, so the left bracket end is outside the CS (f > 0);
-        # right of s/t it increases, so the right end is. Either way the interval only widens.
-        out[idx] = xl if keep == "left" else xr
-    return out
+def threshold_test(s, t, p0, alpha, log_marginal):
+    """Decision of the sequential test of ``p >= p0`` at level ``alpha``, with no root finding.
+
+    +1 where ``M_t(p0) >= 1/alpha`` and ``s / t > p0``: every ``q <= p0`` is outside the confidence
+    sequence (``log M_t`` decreases in ``q`` left of ``s / t``), so ``p > p0`` with probability at
+    least ``1 - alpha`` over the whole run. -1 where ``M_t(p0) >= 1/alpha`` and ``s / t < p0``
+    (``p < p0`` shown: give up). 0: continue. Where ``p0 >= 1`` it never certifies. Vectorised.
+
+    Examples
+    --------
+    >>> s = np.array([48, 40, 10])
+    >>> m = beta_mixture_log_marginal(s, 48, *truncated_prior(np.full(3, 0.8413)))
+    >>> threshold_test(s, 48, 0.8413, 0.001, m).tolist()
+    [1, 0, -1]
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    p0 = np.asarray(p0, dtype=float)
+    inside = (p0 > 0) & (p0 < 1)
+    q = np.where(inside, p0, 0.5)
+    strong = inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_hat = np.where(t > 0, s / np.maximum(t, 1e-300), 0.5)
+    out = np.where(strong & (p_hat > p0), 1, np.where(strong & (p_hat < p0), -1, 0))
+    return _scalar_or_array(out.astype(np.int64))
 
 
 def running_intersection(lower_prev, upper_prev, lower, upper):
@@ -334,6 +510,242 @@ def running_intersection(lower_prev, upper_prev, lower, upper):
     (0.6, 0.8)
     """
     return _scalar_or_array(np.maximum(lower_prev, lower)), _scalar_or_array(np.minimum(upper_prev, upper))
+
+
+def cumulative_intersection(lower, upper, lower_prev=0.0, upper_prev=1.0, axis: int = -1):
+    """Running intersection ``(L*_t, U*_t)`` at every index along ``axis`` (the sample axis).
+
+    ``L*_t = max(lower_prev, L_1, ..., L_t)`` and ``U*_t = min(upper_prev, U_1, ..., U_t)``: on the
+    event that the confidence sequence holds at every time (probability >= 1 - alpha), ``p`` lies in
+    every ``(L_s, U_s)``, hence in their intersection; so the running intersection is as valid as
+    the sequence and never looser. ``lower_prev`` / ``upper_prev`` carry the intersection of earlier
+    batches (broadcast against ``lower`` without the sample axis).
+
+    Examples
+    --------
+    >>> lo, up = cumulative_intersection(np.array([0.5, 0.7, 0.6]), np.array([0.9, 0.95, 0.8]), 0.55)
+    >>> lo.tolist(), up.tolist()
+    ([0.55, 0.7, 0.7], [0.9, 0.9, 0.8])
+    """
+    lower = np.asarray(lower, dtype=float)
+    upper = np.asarray(upper, dtype=float)
+    lo_prev = np.expand_dims(np.asarray(lower_prev, dtype=float), axis)
+    up_prev = np.expand_dims(np.asarray(upper_prev, dtype=float), axis)
+    lower = np.maximum.accumulate(np.maximum(lower, lo_prev), axis=axis)
+    upper = np.minimum.accumulate(np.minimum(upper, up_prev), axis=axis)
+    return lower, upper
+
+
+def truncated_prior(p0, w: float = 0.9, a: float = 0.5, b: float = 0.5):
+    """Prior for the test of ``p >= p0``: ``w * Beta(a, b | [p0, 1]) + (1 - w) * Beta(a, b | [0, p0])``.
+
+    The component above ``p0`` spends its mass where a certificate needs evidence, so
+    ``M_t(p0)`` grows faster than under the untruncated Beta: with every draw a success,
+    ``log M_t(p0) ~ t log(1/p0) - b log(t (1 - p0)) - log(1/w)`` instead of KT's
+    ``t log(1/p0) - log(t) / 2 - log(pi) / 2``. The component below ``p0`` (weight ``1 - w``) lets the
+    same confidence sequence rule out ``p0`` from below (give up). Returns ``(a, b, weights,
+    support_lo, support_hi)``, two components on the last axis, for ``beta_mixture_log_marginal``.
+    Validity needs only that ``p0`` and ``w`` are fixed before sampling (e.g. from the requested
+    radius); on its own, the upper component is also a supermartingale under every ``p <= p0``.
+
+    Parameters
+    ----------
+    p0 : float or array_like
+        ``Phi(r* / sigma)`` per input, clipped into ``[1e-12, 1 - 1e-12]``.
+    w : float
+        Weight of the upper component, in (0, 1].
+    a, b : float
+        The Beta law being truncated (default KT).
+
+    Examples
+    --------
+    >>> a, b, weights, lo, hi = truncated_prior([0.8413], w=0.9)
+    >>> weights.round(6).tolist(), lo.tolist(), hi.tolist()
+    ([[0.9, 0.1]], [[0.8413, 0.0]], [[1.0, 0.8413]])
+    """
+    w = float(w)
+    if not 0.0 < w <= 1.0:
+        raise InvalidParameterError(f"truncated prior weight w must lie in (0, 1], got {w}; e.g. w=0.9")
+    p0 = np.asarray(p0, dtype=float)
+    if np.any(~np.isfinite(p0)):
+        raise InvalidParameterError("truncation point p0 must be finite (Phi(target_radius / sigma))")
+    p0 = np.clip(p0, 1e-12, 1 - 1e-12)
+    shape = p0.shape + (2,)
+    lo = np.stack([p0, np.zeros(p0.shape)], axis=-1)
+    hi = np.stack([np.ones(p0.shape), p0], axis=-1)
+    weights = np.broadcast_to(np.array([w, 1 - w]), shape).copy()
+    return np.full(shape, float(a)), np.full(shape, float(b)), weights, lo, hi
+
+
+RADIUS_PRIOR_EPS = 1e-12
+"""Smallest failure rate ``1 - q`` the radius prior covers: radii up to ``sigma * Phi^-1(1 - 1e-12)`` = 7.03 sigma."""
+
+
+def radius_prior(w: float = 0.5, eps_min: float = RADIUS_PRIOR_EPS, b0: float = 1e-3):
+    """Prior for the best radius: ``w * KT + (1 - w) * Beta(1, b0 | [1/2, 1 - eps_min])``.
+
+    The second component has density ``~ 1 / (1 - q)`` on ``[1/2, 1 - eps_min]``: the failure rate
+    ``1 - q`` is log-uniform, so every order of magnitude of ``1 - q`` (roughly, every radius from 0
+    to 7 sigma) gets the same mass. Where every draw agrees, ``M_t`` then loses only about
+    ``log(1/(1-w)) + log(log(1/eps_min) / (log(1/eps_min) - log t))`` nats against the point ``q = 1``
+    instead of KT's ``log(pi t) / 2``, so the lower bound tracks the fixed-n Clopper-Pearson bound
+    closely; KT (weight ``w``) keeps power where ``p`` is far from 1. Returns ``(a, b, weights,
+    support_lo, support_hi)`` with two components on the last axis. Validity needs only that it is
+    fixed before sampling.
+
+    Parameters
+    ----------
+    w : float
+        KT weight, in [0, 1).
+    eps_min : float
+        Lower end of the log-uniform failure rate, in (0, 1/2).
+    b0 : float
+        Beta(1, b0) stands in for the improper ``1 / (1 - q)`` (> 0, small).
+
+    Examples
+    --------
+    >>> a, b, weights, lo, hi = radius_prior()
+    >>> a.tolist(), b.tolist(), weights.tolist(), lo.tolist(), hi.tolist()
+    ([0.5, 1.0], [0.5, 0.001], [0.5, 0.5], [0.0, 0.5], [1.0, 0.999999999999])
+    """
+    w = float(w)
+    if not 0.0 <= w < 1.0:
+        raise InvalidParameterError(f"radius prior KT weight w must lie in [0, 1), got {w}; e.g. w=0.5")
+    if not 0.0 < float(eps_min) < 0.5 or not float(b0) > 0:
+        raise InvalidParameterError("radius prior needs 0 < eps_min < 1/2 and b0 > 0")
+    return (np.array([0.5, 1.0]), np.array([0.5, float(b0)]), np.array([w, 1.0 - w]), np.array([0.0, 0.5]),
+            np.array([1.0, 1.0 - float(eps_min)]))
+
+
+def sample_floor(alpha, target_radius, sigma: float):
+    """``log(1/alpha) / log(1/Phi(r*/sigma))``: fewest draws any level-alpha test needs to certify ``r*``.
+
+    With ``t`` draws all returning the class, no likelihood ratio against ``p0 = Phi(r*/sigma)``
+    exceeds ``p0^-t``, so no anytime-valid (or fixed-n) test at level ``alpha`` certifies sooner.
+
+    Examples
+    --------
+    >>> round(float(sample_floor(0.001, 0.25, 0.25)), 1), round(float(sample_floor(0.001, 0.5, 0.25)), 1)
+    (40.0, 300.2)
+    """
+    p0 = np.asarray(p_threshold(target_radius, sigma), dtype=float)
+    return _scalar_or_array(-np.log(_check_alpha(alpha)) / -np.log(p0))
+
+
+def lookahead_counts(s, t, lookahead):
+    """Counts expected after ``lookahead`` more draws under the plug-in estimate: ``(s', t')``.
+
+    ``s' = s + lookahead * s / t`` (not whole in general) and ``t' = t + lookahead``: the certainty
+    equivalent of the draws to come, at which the priced rule reads the confidence sequence.
+
+    Examples
+    --------
+    >>> lookahead_counts(90, 100, 50)
+    (135.0, 150.0)
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    lookahead = np.asarray(lookahead, dtype=float)
+    return _scalar_or_array(s + lookahead * s / np.maximum(t, 1.0)), _scalar_or_array(t + lookahead)
+
+
+def radius_gain(lower_now, lower_ahead, sigma: float):
+    """``radius(max(L*, L')) - radius(L*)``: the radius a later lower bound ``L'`` would add (>= 0).
+
+    Examples
+    --------
+    >>> round(float(radius_gain(0.9, 0.95, 0.25)), 4), float(radius_gain(0.9, 0.8, 0.25))
+    (0.0908, 0.0)
+    """
+    now = np.asarray(lower_now, dtype=float)
+    ahead = np.asarray(lower_ahead, dtype=float)
+    with np.errstate(invalid="ignore"):
+        gain = np.where(ahead > now, np.asarray(radius(ahead, sigma)) - np.asarray(radius(now, sigma)), 0.0)
+    return _scalar_or_array(np.where(np.isnan(gain), 0.0, gain))
+
+
+def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5, b=0.5, weights=None,
+                         support_lo=0.0, support_hi=1.0):
+    """Expected increase of the certified radius from ``lookahead`` more draws (certainty equivalent).
+
+    The draws to come are replaced by their expected successes under the plug-in estimate
+    ``p^ = s / t`` (``lookahead_counts``); ``L'`` is the confidence sequence's lower end there (same
+    prior and ``alpha``), and the gain is ``radius_gain(L*, L', sigma)``: ``sigma * (Phi^-1(max(L*, L'))
+    - Phi^-1(L*))`` with the radius 0 at or below 1/2. It feeds a stopping rule, so it never touches
+    validity: it only decides when to stop.
+
+    Parameters
+    ----------
+    s, t : array_like
+        Successes and draws so far (``t >= 1``).
+    lookahead : array_like
+        More draws considered (>= 0), broadcast against ``s``.
+    lower_now : array_like
+        The running lower bound ``L*`` now.
+    alpha : float or array_like
+        Error probability of the confidence sequence.
+    sigma : float
+        Noise level (radius units per ``Phi^-1`` unit).
+    a, b, weights, support_lo, support_hi : optional
+        The prior, as in ``beta_mixture_log_marginal``.
+
+    Returns
+    -------
+    numpy.ndarray or float
+        Gain in input l2 units (>= 0).
+
+    Examples
+    --------
+    >>> round(float(expected_radius_gain(1000, 1000, 1000, 0.9891, 0.001, 0.25)), 4)
+    0.0603
+    """
+    s_ahead, t_ahead = lookahead_counts(s, t, lookahead)
+    m = beta_mixture_log_marginal(s_ahead, t_ahead, a, b, weights, support_lo, support_hi)
+    lower_ahead, _ = confidence_sequence_ends(s_ahead, t_ahead, m, alpha)
+    return radius_gain(lower_now, lower_ahead, sigma)
+
+
+def priced_horizons(t, budget: int):
+    """Look-ahead sizes the priced rule weighs: ``t/4, t/2, t, 2t, 4t, ...`` up to the rest of the budget.
+
+    Returns an integer array with a new last axis (horizons, ``ceil(log2(budget)) + 3`` of them),
+    each clipped to ``budget - t`` (>= 0; repeated entries are the rest of the budget). Weighing every
+    horizon, not only the next batch, keeps the rule from quitting where the radius only starts to
+    grow after a while (``L*`` still at or below 1/2: the gain curve is convex before it is concave).
+
+    Examples
+    --------
+    >>> priced_horizons(np.array([100]), 1000).tolist()
+    [[25, 50, 100, 200, 400, 800, 900, 900, 900, 900, 900, 900, 900]]
+    """
+    t = np.asarray(t, dtype=np.int64)
+    budget = int(budget)
+    remaining = np.maximum(budget - t, 0)
+    factors = 2.0 ** np.arange(-2, max(int(np.ceil(np.log2(max(budget, 2)))), 1) + 1)
+    steps = np.ceil(t[..., None] * factors).astype(np.int64)
+    return np.minimum(steps, remaining[..., None])
+
+
+def priced_continue(gains, horizons, price: float):
+    """The priced best-radius rule: True (keep sampling) where some horizon's gain beats its cost.
+
+    ``gains[..., h]`` is ``expected_radius_gain`` for ``horizons[..., h]`` more draws; the cost of
+    ``n`` draws is ``price * n / 1000`` (``price``: radius, input l2 units, a user would give up per
+    1,000 draws). Stop where no horizon is worth its cost. A stopping rule: validity is untouched.
+
+    Examples
+    --------
+    >>> priced_continue(np.array([[0.01, 0.05]]), np.array([[100, 1000]]), price=0.04).tolist()
+    [True]
+    >>> priced_continue(np.array([[0.01, 0.05]]), np.array([[100, 1000]]), price=0.2).tolist()
+    [False]
+    """
+    price = float(price)
+    if not (0 <= price < np.inf):
+        raise InvalidParameterError(f"price must be a finite radius >= 0 per 1,000 samples, got {price}")
+    gains = np.asarray(gains, dtype=float)
+    horizons = np.asarray(horizons, dtype=float)
+    return np.any((horizons > 0) & (gains > price * horizons / 1000.0), axis=-1)
 
 
 def check_prior_weight(w) -> float:
@@ -827,7 +1239,7 @@ def beta_binomial_log_martingale(s, t, q, a=0.5, b=0.5):
     11.914
     """
     s, t = _check_counts(s, t, "s", "t")
-    a, b, _ = _validate_prior(a, b, None)
+    a, b, *_ = _validate_prior(a, b, None)
     q = np.asarray(q, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = (betaln(a + s, b + t - s) - betaln(a, b) - np.where(s > 0, s * np.log(q), 0.0)

@@ -32,19 +32,61 @@ from ..core import stats
 from ..core.certificate import Certificate, abstention
 from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
 from ..core.one_pass import SurrogateCertifier
-from ..core.sequential import EProcessCertifier
+from ..core.sequential import DEFAULT_SCHEDULE, EProcessCertifier, GeometricSchedule
 from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
 from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
-__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "DriftMonitor", "CertificateAudit"]
+__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHEDULE", "fallback_certifier", "DriftMonitor",
+           "CertificateAudit"]
 
 FALLBACKS = ("eprocess", "none")
 
-FALLBACK_SCHEDULE = (32, 64, 128, 256)
-"""Samples per fallback input per round (the last repeats): growth stops at 256 so an input stops
-at most 256 samples after its evidence suffices. The fallback inputs are few, so the small rounds
-cost little, and the savings of the surrogate prior are not lost to a doubling schedule's overshoot."""
+FALLBACK_SCHEDULE = DEFAULT_SCHEDULE
+"""The fallback's rounds: the sequential certifier's default ``GeometricSchedule`` (16 samples, then
++15% of what was drawn per round). The stopping rule is evaluated at every sample, so an input stops
+where its evidence suffices and draws only the rest of its round beyond that; version 0.1's fixed
+rounds ``(32, 64, 128, 256)`` still work as ``schedule=``."""
+
+
+def fallback_certifier(
+    smooth: SmoothedClassifier,
+    alpha: float = 1e-3,
+    *,
+    max_samples: int = 10_000,
+    tolerance: float = 0.01,
+    schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
+    price: float | None = None,
+) -> EProcessCertifier:
+    """The deployed hybrid's sequential fallback: what ``HybridCertifier.load`` builds (and the bench runs).
+
+    Parameters
+    ----------
+    smooth : SmoothedClassifier
+        The base model at the surrogate's sigma.
+    alpha : float, optional
+        Error probability of a sequential certificate, per input.
+    max_samples : int, optional
+        Sequential budget per fallback input.
+    tolerance : float, optional
+        Best-radius tolerance, input l2 units.
+    schedule : GeometricSchedule or sequence of int, optional
+        Rounds; default ``FALLBACK_SCHEDULE``.
+    price : float, optional
+        Priced best-radius rule (radius per 1,000 samples); None for the tolerance rule alone.
+
+    Returns
+    -------
+    EProcessCertifier
+        Its prior is replaced per input by the surrogate prior when the hybrid calls it.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a parameter is out of range.
+    """
+    return EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance, schedule=schedule,
+                             price=price)
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -114,7 +156,8 @@ class HybridCertifier:
         max_samples: int = 10_000,
         fallback: str = "eprocess",
         tolerance: float = 0.01,
-        schedule: Sequence[int] = FALLBACK_SCHEDULE,
+        schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
+        price: float | None = None,
         device: str | torch.device | None = None,
         batch_size: int | str = 1000,
         seed: int = 0,
@@ -131,7 +174,9 @@ class HybridCertifier:
         ``base_model`` (a module, or a model spec for ``data_gen.models.load_model``) is needed for
         ``fallback="eprocess"``; when its SHA-256 is known it must be the model the surrogate's
         training counts were made with. Sigma comes from the surrogate. ``alpha``, ``max_samples``,
-        ``tolerance`` and ``schedule`` configure the ``EProcessCertifier`` of the fallback.
+        ``tolerance``, ``schedule`` and ``price`` configure the ``EProcessCertifier`` of the fallback
+        (``fallback_certifier``); the fallback always tests the surrogate's class with the surrogate
+        prior, so it draws no pilot samples.
 
         Parameters
         ----------
@@ -153,8 +198,11 @@ class HybridCertifier:
             What certifies the inputs the surrogate does not.
         tolerance : float, optional
             Best-radius stopping tolerance of the fallback, input l2 units (>= 0).
-        schedule : sequence of int, optional
-            Samples per fallback input per round (the last repeats); default ``FALLBACK_SCHEDULE``.
+        schedule : GeometricSchedule or sequence of int, optional
+            Samples per fallback input per round; default ``FALLBACK_SCHEDULE``.
+        price : float, optional
+            Priced best-radius rule of the fallback: radius (input l2 units) worth 1,000 samples
+            (``EProcessCertifier``); None: the tolerance rule alone.
         device : str, torch.device or None, optional
             Where the surrogate and the base model run (``resolve_device``).
         batch_size : int or "auto", optional
@@ -187,7 +235,7 @@ class HybridCertifier:
         Raises
         ------
         InvalidParameterError
-            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance`` or ``schedule`` is invalid, or
+            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule`` or ``price`` is invalid, or
             ``fallback="eprocess"`` comes without ``base_model``.
         ModelError
             If the surrogate or the base model cannot be loaded, the base model is not the one the
@@ -220,8 +268,8 @@ class HybridCertifier:
             name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
         if fallback == "eprocess":
-            sequential = EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
-                                           schedule=schedule)
+            sequential = fallback_certifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
+                                            schedule=schedule, price=price)
         certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
         monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
         audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
@@ -368,7 +416,8 @@ class HybridCertifier:
                     out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
                                                  seconds=cert.seconds + per_input)
                 else:
-                    out[i] = make(i, cert.seconds + per_input, cert.n_samples)
+                    out[i] = dataclasses.replace(make(i, cert.seconds + per_input, cert.n_samples),
+                                                 stop_time=cert.stop_time)
         for i in rest:
             if out[i] is None:
                 out[i] = make(i, per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
