@@ -36,18 +36,25 @@ HYBRID_CHUNK = 2048
 
 def register(sub) -> None:
     p = add_parser(sub, "train",
-                   "train the surrogate on a train-split counts file (soft-label cross-entropy against counts/n)",
-                   "surrogate-cert train --counts train.h5 --out surrogate.pt")
-    p.add_argument("--counts", required=True, metavar="H5", help="counts file of the train split (from datagen)")
+                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
+                   "surrogate split, whose images the built-in base model never saw",
+                   "surrogate-cert train --counts surrogate.h5 train.h5 --init-from-base base.pt --out surrogate.pt")
+    p.add_argument("--counts", required=True, nargs="+", metavar="H5",
+                   help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
+                        "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
+                        "refuses calibration images the surrogate was trained on")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
     p.add_argument("--init-from-base", default=None, metavar="MODEL",
-                   help="start from the weights (and architecture) of a train-base checkpoint")
+                   help="start from the base model's weights: a train-base checkpoint (its architecture is used), or "
+                        "a TorchScript / torch.export / factory model whose weights fit --arch in order (e.g. --arch "
+                        "mlp for a 784-512-256-10 MLP); refused when the shapes do not match")
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum passes over the data (default 40 for small sets, else 15); early stopping on a held-out part")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 0.002)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default 0.001 with --init-from-base, else 0.002)")
     p.add_argument("--batch-size", type=int, default=64, help="images per training step (default 64)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the train split held out for early stopping and prior tuning (default 0.1)")
