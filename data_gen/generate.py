@@ -286,6 +286,9 @@ def top_up_counts(
     if planned_max is None:
         planned_max = int(stored_max) if stored_max is not None else n + extra
     planned_max = check_count("planned_max", planned_max, minimum=n)
+    if stored_max is not None and planned_max != int(stored_max):
+        raise StoreError(f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
+                         f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it")
     samples = counts.samples_per_row().copy()
     counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
     every = counts.counts + counts_topup
