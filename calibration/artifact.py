@@ -17,13 +17,17 @@ It also refuses, with a ``CalibrationError`` naming the problem:
   (``signature_hmac_sha256``) does not verify under that key (``SignatureError``).
 
 Files of format version 1 (whose checksum was called ``integrity_sha256``, never signed) still load
-when no key is configured.
+when no key is configured; files of version 2 load as the ``residual`` score with a Clopper-Pearson
+reference and no required-radius thresholds (what they are). Version 3 added ``score``,
+``score_params``, ``partition``, ``reference``, ``radius_thresholds`` and ``bin_edges_source``; a
+reader of version 2 refuses a version-3 file by its version number, so a shifted score is never
+deployed without its shifts.
 
 Keys (stable; the HTML report reads them):
 
 ======================== =========================================================================
 ``format``               ``"surrogate-cert-calibration"``
-``format_version``       2 (version 1 files still load)
+``format_version``       3 (versions 1 and 2 still load)
 ``surrogate_sha256``     SHA-256 of the surrogate's weights and metadata (``Surrogate.fingerprint``)
 ``surrogate_file_sha256``SHA-256 of the surrogate checkpoint file, when calibrated from a file
 ``counts_sha256``        SHA-256 of the calibration counts file
@@ -44,8 +48,25 @@ Keys (stable; the HTML report reads them):
 ``min_group_size``       points a group needs for its own ``q^``
 ``radius_cap``           ``r_max``: surrogate radii are clipped here before the offset (the largest
                          reference radius ``n_cal`` samples can express)
-``bin_edges``            confidence-bin edges on ``Phi^{-1}(p~)`` (``groups="confidence"``), else null
-``calibration_size``     number of calibration points ``m``
+``bin_edges``            confidence-bin edges on ``z~ = Phi^{-1}(p~)`` (``groups="confidence"``), else null
+``bin_edges_source``     where those edges came from: ``rule`` (default, given, or equal-mass quantiles of
+                         ``z~`` on another split's images, with that file's ``file_sha256``, ``split``,
+                         ``images``, ``bins``), or null
+``score``                the best-radius conformity score: ``"residual"`` (``R~ - y``) or ``"shifted"``
+                         (``R~ - t_b - y``); the quantile rule is ``guarantee`` / ``method``
+``score_params``         ``shifted``: ``bins``, ``bin_edges`` (on ``z~``), ``bin_offsets`` (``t_b``, l2
+                         units) and the rules that chose them on the tuning part; ``{}`` for ``residual``
+``partition``            ``shifted``: the seeded split of the cal split into a tuning and a calibration
+                         part: ``seed``, ``tune_share``, ``tune_size``, ``calibration_size``,
+                         ``tune_indices_sha256``, ``rule``; null otherwise
+``reference``            the reference radius: ``{"bound": "clopper-pearson"}``, or for a topped-up counts
+                         file ``"clopper-pearson+confidence-sequence"`` with ``planned_max_samples``,
+                         ``prior``, ``alpha_split``, ``topped_up_points``
+``radius_thresholds``    required-radius thresholds: ``grid`` (radii, l2 units), ``tau`` (``z~`` thresholds,
+                         null = never certifies), ``score``, ``rule``, ``guarantee``, ``epsilon``,
+                         ``calibration_size``, ``points_per_sigma``; null when not fitted
+``calibration_size``     number of calibration points ``m`` in the offsets' quantile (the calibration part
+                         of a ``shifted`` score)
 ``n_cal``                noisy samples per calibration point
 ``bound``                the guarantee in numbers: ``epsilon + alpha_mc`` (surrogate certificates)
 ``package_version``      surrogate-cert version that wrote the file
@@ -84,8 +105,8 @@ from surrogate_cert.core.signing import key_id, resolve_key, sign, verify
 from surrogate_cert.core.surrogate import Surrogate
 
 FORMAT = "surrogate-cert-calibration"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 CHECKSUM_KEY = "checksum_sha256"
 LEGACY_CHECKSUM_KEY = "integrity_sha256"
@@ -94,6 +115,9 @@ SIGNATURE_KEY = "signature_hmac_sha256"
 
 GUARANTEES = ("marginal", "pac")
 METHODS = ("conformal", "ltt")
+SCORES = ("residual", "shifted")
+REFERENCE_CP = "clopper-pearson"
+REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
 
 _REQUIRED = ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "guarantee", "method", "groups",
              "offsets", "pooled_offset", "calibration_size", "n_cal", "radius_cap")
@@ -189,7 +213,11 @@ def content_problems(content: dict) -> list[str]:
     sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
     pac = content["guarantee"] == "pac"
     cap = content["radius_cap"]
-    expected_cap = stats.max_radius(content["n_cal"], alpha_mc, sigma)
+    reference = content.get("reference") or {"bound": REFERENCE_CP}
+    problem = _reference_problem(reference, content["n_cal"])
+    if problem:
+        return p + [problem]
+    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma)
     if not (_finite(cap) and math.isclose(cap, expected_cap, rel_tol=1e-9, abs_tol=1e-12)):
         p.append(f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
                  f"({expected_cap:.6g})")
@@ -200,8 +228,24 @@ def content_problems(content: dict) -> list[str]:
     if "min_group_size" in content and content["min_group_size"] != needed:
         p.append(f"min_group_size {content['min_group_size']!r} is not the {needed} points epsilon={epsilon} needs")
 
+    score = content.get("score", "residual")
+    params = content.get("score_params") or {}
+    if score not in SCORES:
+        return p + [f"score {score!r} is not one of {SCORES}"]
+    largest_shift = 0.0
+    if score == "shifted":
+        problem = _shifted_problem(params, content)
+        if problem:
+            return p + [problem]
+        largest_shift = max(params["bin_offsets"])
+    thresholds = content.get("radius_thresholds")
+    if thresholds is not None:
+        problem = _thresholds_problem(thresholds, expected_cap)
+        if problem:
+            p.append(problem)
+
     # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
-    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap
+    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap - max(largest_shift, 0.0)
     offsets = content["offsets"]
 
     def bad_offset(q) -> str | None:
@@ -261,6 +305,68 @@ def content_problems(content: dict) -> list[str]:
     return p
 
 
+def _reference_problem(reference, n_cal) -> str | None:
+    if not isinstance(reference, dict) or reference.get("bound") not in (REFERENCE_CP, REFERENCE_TOPUP):
+        return f"reference {reference!r:.80} names no known bound ({REFERENCE_CP!r} or {REFERENCE_TOPUP!r})"
+    if reference["bound"] == REFERENCE_TOPUP:
+        top, prior = reference.get("planned_max_samples"), reference.get("prior")
+        if not (_whole(top, 1) and top >= n_cal):
+            return f"reference planned_max_samples {top!r} is not an integer >= n_cal"
+        if not (isinstance(prior, dict) and all(isinstance(prior.get(k), list) and prior[k]
+                                                and all(_finite(v) and v >= 0 for v in prior[k])
+                                                for k in ("a", "b", "weights"))
+                and len({len(prior[k]) for k in ("a", "b", "weights")}) == 1
+                and min(prior["a"] + prior["b"]) > 0 and sum(prior["weights"]) > 0):
+            return "reference prior is not a Beta mixture (lists a, b, weights of one length, a, b > 0)"
+    return None
+
+
+def _expected_cap(reference: dict, n_cal: int, alpha_mc: float, sigma: float) -> float:
+    if reference["bound"] == REFERENCE_CP:
+        return stats.max_radius(n_cal, alpha_mc, sigma)
+    prior = reference["prior"]
+    return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
+                                  (prior["a"], prior["b"], prior["weights"]))
+
+
+def _increasing(values) -> bool:
+    return (isinstance(values, list) and all(_finite(v) for v in values)
+            and all(b > a for a, b in zip(values, values[1:])))
+
+
+def _shifted_problem(params: dict, content: dict) -> str | None:
+    edges, offsets = params.get("bin_edges"), params.get("bin_offsets")
+    if not _increasing(edges):
+        return f"score_params bin_edges {edges!r:.80} are not finite, strictly increasing numbers"
+    if not (isinstance(offsets, list) and len(offsets) == len(edges) + 1 and all(_finite(t) for t in offsets)):
+        return "score_params bin_offsets are not one finite offset per bin"
+    if content["groups"] != "none" or content["method"] != "conformal":
+        return "a shifted score is calibrated with groups none and the conformal method"
+    part = content.get("partition")
+    if not (isinstance(part, dict) and _whole(part.get("seed"), 0) and _finite(part.get("tune_share"))
+            and 0 < part["tune_share"] < 1 and _whole(part.get("tune_size"), 1)
+            and part.get("calibration_size") == content["calibration_size"]):
+        return "a shifted score needs its partition (seed, tune_share, tune_size, calibration_size)"
+    return None
+
+
+def _thresholds_problem(table, cap: float) -> str | None:
+    if not isinstance(table, dict):
+        return "radius_thresholds is not an object"
+    grid, tau = table.get("grid"), table.get("tau")
+    if not (_increasing(grid) and grid and grid[0] > 0 and grid[-1] <= cap * (1 + 1e-9) + 1e-12):
+        return "radius_thresholds grid is not strictly increasing radii in (0, radius_cap]"
+    if not (isinstance(tau, list) and len(tau) == len(grid)
+            and all(t is None or (_finite(t) and -stats.Z_MAX - 1 - 1e-9 <= t <= stats.Z_MAX) for t in tau)):
+        return "radius_thresholds tau is not one threshold (a z~ value or null) per grid radius"
+    finite = [math.inf if t is None else t for t in tau]
+    if any(b < a for a, b in zip(finite, finite[1:])):
+        return "radius_thresholds tau decreases with the radius (the rule makes it non-decreasing)"
+    if not (_finite(table.get("epsilon")) and 0 < table["epsilon"] < 0.5):
+        return "radius_thresholds epsilon is not a number in (0, 0.5)"
+    return None
+
+
 @dataclass
 class Calibration:
     """A calibrated surrogate's offsets ``q^`` with their provenance (see the module docstring)."""
@@ -293,12 +399,23 @@ class Calibration:
     diagnostics: dict = field(default_factory=dict)
     signature_key_id: str | None = None
     monitor_reference: dict | None = None
+    score: str = "residual"
+    score_params: dict = field(default_factory=dict)
+    partition: dict | None = None
+    reference: dict = field(default_factory=lambda: {"bound": REFERENCE_CP})
+    radius_thresholds: dict | None = None
+    bin_edges_source: dict | None = None
 
     # ------------------------------------------------------------------ use
     @property
     def bound(self) -> float:
         """Probability that a surrogate certificate is wrong: at most ``epsilon + alpha_mc``."""
         return self.epsilon + self.alpha_mc
+
+    @property
+    def threshold_epsilon(self) -> float | None:
+        """``epsilon`` of the required-radius thresholds (None without them); their bound adds ``alpha_mc``."""
+        return None if not self.radius_thresholds else float(self.radius_thresholds["epsilon"])
 
     @property
     def signed(self) -> bool:

@@ -36,6 +36,7 @@ Against the true radius, that conditional rate gains at most ``alpha_mc / P(issu
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -61,6 +62,7 @@ from surrogate_cert.core.one_pass import (
     DEFAULT_CONFIDENCE_EDGES,
     GROUPINGS,
     POOLED,
+    SCORES,
     all_group_keys,
     deployed_radius,
     group_keys,
@@ -87,9 +89,10 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
     """sklearn-style regressor exposing the surrogate radius to MAPIE.
 
     ``X`` holds precomputed surrogate outputs: column 0 is ``p~``, the surrogate's probability of
-    its predicted class. ``predict(X)`` is ``surrogate_radius(X[:, 0], sigma, radius_cap)``. ``fit`` learns
-    nothing (the surrogate was trained elsewhere); it only marks the estimator fitted, as MAPIE's
-    ``prefit=True`` requires.
+    its predicted class; column 1, when present, a per-input shift ``t_b`` fixed before calibration
+    (the ``shifted`` score). ``predict(X)`` is ``surrogate_radius(X[:, 0], sigma, radius_cap) - X[:, 1]``.
+    ``fit`` learns nothing (the surrogate was trained elsewhere); it only marks the estimator fitted,
+    as MAPIE's ``prefit=True`` requires.
 
     Parameters
     ----------
@@ -111,7 +114,8 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         X = np.asarray(X, dtype=float)
         p_tilde = X if X.ndim == 1 else X[:, 0]
-        return surrogate_radius(p_tilde, self.sigma, self.radius_cap)
+        radius = np.asarray(surrogate_radius(p_tilde, self.sigma, self.radius_cap), dtype=float)
+        return radius - X[:, 1] if X.ndim == 2 and X.shape[1] > 1 else radius
 
 
 def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: float | None = None) -> int:
@@ -184,7 +188,8 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
 
 # --------------------------------------------------------------------------- MAPIE: quantile and LTT
 
-def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf) -> tuple[float, float]:
+def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf,
+                 shift=None) -> tuple[float, float]:
     """``q^`` = the ``rank``-th smallest score ``R~_i - y_i``, computed by MAPIE.
 
     ``SplitConformalRegressor(prefit=True)`` with ``AbsoluteConformityScore(sym=False)``, read for
@@ -205,6 +210,9 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
         1-based rank of the offset among the ``m`` scores (``quantile_rank``).
     radius_cap : float, optional
         ``r_max``: surrogate radii are clipped to it before scoring (input l2 units); default no cap.
+    shift : array_like of float, optional
+        A per-point shift ``t_b`` subtracted from the surrogate radius before scoring (the ``shifted``
+        score ``R~ - t_b - y``), fixed before calibration.
 
     Returns
     -------
@@ -215,6 +223,8 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
         (for the report); NaN if ``rank > m`` or an interval is infinite.
     """
     X = np.asarray(p_tilde, dtype=float).reshape(-1, 1)
+    if shift is not None:
+        X = np.column_stack([X[:, 0], np.asarray(shift, dtype=float).reshape(-1)])
     y = np.asarray(reference, dtype=float)
     m = len(y)
     if rank > m:
@@ -391,6 +401,9 @@ def fit_offsets(
     groups: str = "none",
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
+    z=None,
+    references: "ReferenceRadii | None" = None,
+    shift=None,
 ) -> OffsetFit:
     """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
 
@@ -430,6 +443,14 @@ def fit_offsets(
     bin_edges : sequence of float, optional
         Bin edges of ``groups="confidence"`` (default ``DEFAULT_CONFIDENCE_EDGES``); they must be
         fixed before the calibration data are seen.
+    z : array_like of float, optional
+        ``z~`` per point (``Surrogate.predict_z``), binned by ``groups="confidence"`` instead of
+        ``Phi^{-1}(clip(p~))``.
+    references : ReferenceRadii, optional
+        Precomputed reference radii and radius cap (``reference_radii``: a topped-up calibration);
+        default the Clopper-Pearson reference of ``counts_top`` out of ``n_cal``.
+    shift : array_like of float, optional
+        Per-point shift ``t_b`` of the ``shifted`` score, fixed before calibration (``fit_shifted``).
 
     Returns
     -------
@@ -464,17 +485,26 @@ def fit_offsets(
             "add calibration images or raise epsilon"
         )
 
-    reference = reference_radius(counts_top, n_cal, alpha_mc, sigma)
-    cap = radius_cap(n_cal, alpha_mc, sigma)
+    if references is None:
+        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma)
+        cap = radius_cap(n_cal, alpha_mc, sigma)
+    else:
+        reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
+        if len(reference) != m:
+            raise InvalidParameterError("references must hold one radius per calibration input")
+    shift_arr = np.zeros(m) if shift is None else np.asarray(shift, dtype=float).reshape(-1)
+    if shift is not None and method == "ltt":
+        raise InvalidParameterError("the shifted score is calibrated by its conformal quantile; use method='conformal'")
 
     def offset_of(mask: np.ndarray) -> tuple[float, float]:
         if method == "ltt":
             return ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap)[0], float("nan")
         rank = quantile_rank(int(mask.sum()), epsilon, guarantee, delta)
-        return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap)
+        return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap,
+                            shift=None if shift is None else shift_arr[mask])
 
     pooled_offset, pooled_coverage = offset_of(np.ones(m, dtype=bool))
-    keys = group_keys(predicted, p_tilde, groups, bin_edges)
+    keys = group_keys(predicted, p_tilde, groups, bin_edges, z=z)
     offsets: dict[str, float] = {}
     sizes: dict[str, int] = {}
     fallbacks: list[str] = []
@@ -490,7 +520,7 @@ def fit_offsets(
             fallbacks.append(key)
 
     # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee).
-    deployed = surrogate_radius(p_tilde, sigma, cap) - np.array([offsets[k] for k in keys])
+    deployed = surrogate_radius(p_tilde, sigma, cap) - shift_arr - np.array([offsets[k] for k in keys])
     certified = deployed > 0
     diagnostics = dict(
         certified_share=float(certified.mean()),
@@ -535,6 +565,307 @@ def monitor_reference(predicted, p_tilde) -> dict:
                 p_tilde=[float(p) for p in np.asarray(p_tilde, dtype=float).reshape(-1)])
 
 
+# --------------------------------------------------------------------------- references past the cap
+
+@dataclass
+class ReferenceRadii:
+    """Reference radius ``y_i`` per calibration point, the radius cap, and how they were made (``record``)."""
+
+    radius: np.ndarray
+    cap: float
+    record: dict
+
+
+REFERENCE_CP = "clopper-pearson"
+REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
+REFERENCE_BOUNDS = (REFERENCE_CP, REFERENCE_TOPUP)
+
+
+def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float, *, counts_topup=None,
+                    samples=None, planned_max: int | None = None) -> ReferenceRadii:
+    """The calibration's reference radii: Clopper-Pearson, or the topped-up bound of a topped-up file.
+
+    Without a top-up: ``y_i = reference_radius(counts_i[A_i], n_cal, alpha_mc, sigma)`` and the cap
+    ``max_radius(n_cal, alpha_mc, sigma)``. For a topped-up counts file (``planned_max`` given: the
+    file records a top-up plan, whatever its outcome): ``y_i = stats.topup_reference_radius`` (the
+    Clopper-Pearson bound on the first ``n_cal`` samples and the confidence sequence over all of them,
+    at ``alpha_mc / 2`` each, prior ``stats.TOPUP_PRIOR``) and the cap ``stats.topup_max_radius`` of the
+    planned maximum: both fixed functions of what was planned before calibration. Either way
+    ``P(y_i > true radius of A_i) <= alpha_mc`` per point.
+
+    Parameters
+    ----------
+    predicted : array_like of int
+        The surrogate's class ``A_i`` per point (fixed before the counts were drawn).
+    counts : array_like of int
+        ``N x K`` counts of the first ``n_cal`` estimation samples.
+    n_cal : int
+        Samples in ``counts`` per row.
+    alpha_mc : float
+        Error level of the reference, in (0, 1).
+    sigma : float
+        Noise level (l2, input units).
+    counts_topup : array_like of int, optional
+        ``N x K`` counts of the samples beyond ``n_cal`` (a topped-up file's ``counts_topup``).
+    samples : array_like of int, optional
+        Samples per row in all (``n_cal`` plus the top-up).
+    planned_max : int, optional
+        The top-up plan's most samples per row; given exactly for a topped-up file.
+
+    Returns
+    -------
+    ReferenceRadii
+    """
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    counts = np.asarray(counts)
+    rows = np.arange(len(predicted))
+    first = counts[rows, predicted]
+    if planned_max is None:
+        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma)).astype(float),
+                              radius_cap(n_cal, alpha_mc, sigma), dict(bound=REFERENCE_CP))
+    topup = np.zeros_like(counts) if counts_topup is None else np.asarray(counts_topup)
+    samples = np.full(len(predicted), n_cal) if samples is None else np.asarray(samples, dtype=np.int64)
+    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma)
+    cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma)
+    a, b, w = stats.TOPUP_PRIOR
+    record = dict(bound=REFERENCE_TOPUP, planned_max_samples=int(planned_max), alpha_split="alpha_mc / 2 each",
+                  prior=dict(a=list(a), b=list(b), weights=list(w)),
+                  topped_up_points=int(np.sum(samples > n_cal)), max_samples_seen=int(samples.max(initial=n_cal)))
+    return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
+
+
+def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float) -> float:
+    """The radius cap a calibration with this ``reference`` record must have (see ``reference_radii``)."""
+    if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
+        return radius_cap(n_cal, alpha_mc, sigma)
+    prior = reference["prior"]
+    return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
+                                  (prior["a"], prior["b"], prior["weights"]))
+
+
+# --------------------------------------------------------------------------- the tuned (shifted) score
+
+PARTITION_SEED = 0
+"""Default seed of the tuning / calibration partition of the cal split (``partition_rows``)."""
+
+TUNE_SHARE = 0.5
+"""Default share of the cal split that tunes the shifted score's bins and offsets."""
+
+SHIFT_BINS = 8
+"""Default number of confidence bins of the shifted score (equal mass on the tuning part)."""
+
+
+def partition_rows(indices, tune_share: float = TUNE_SHARE, seed: int = PARTITION_SEED) -> np.ndarray:
+    """Which calibration rows tune (True) and which calibrate (False): a seeded split by dataset index.
+
+    The sorted distinct dataset indices are permuted by ``numpy.random.default_rng(seed)`` and the
+    first ``round(tune_share * m)`` of them tune; so the partition depends on the set of images and
+    the seed only (not on row order or on any count), and is fixed before any score is computed.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Dataset index of each calibration row.
+    tune_share : float, optional
+        Share of the rows that tune, in (0, 1).
+    seed : int, optional
+        Seed of the permutation.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask over the rows: True = tuning part.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if not 0 < tune_share < 1:
+        raise InvalidParameterError(f"tune_share must lie strictly between 0 and 1, got {tune_share}")
+    ordered = np.unique(indices)
+    perm = np.random.default_rng(int(seed)).permutation(len(ordered))
+    tune = ordered[perm[: int(round(tune_share * len(ordered)))]]
+    return np.isin(indices, tune)
+
+
+def partition_record(indices, tune: np.ndarray, tune_share: float, seed: int) -> dict:
+    """What the artifact records of a partition: seed, share, sizes and a digest of the tuning indices."""
+    indices = np.asarray(indices, dtype=np.int64)
+    digest = hashlib.sha256(np.sort(indices[tune]).astype("<i8").tobytes()).hexdigest()
+    return dict(seed=int(seed), tune_share=float(tune_share), tune_size=int(tune.sum()),
+                calibration_size=int((~tune).sum()), tune_indices_sha256=digest,
+                rule="numpy default_rng(seed).permutation of the sorted dataset indices; the first "
+                     "round(tune_share * m) tune")
+
+
+def allocate_bin_offsets(radius_surrogate, reference, bins, num_bins: int, epsilon: float, weight=None) -> np.ndarray:
+    """Per-bin offsets ``t_b`` on tuning data: spread ``floor(epsilon N)`` violations to maximise radius.
+
+    Start with no violation allowed in any bin (``t_b`` = the bin's largest score ``R~ - y``); then,
+    one at a time, allow one more violation in the bin where that raises
+    ``sum_i max(R~_i - t_b, 0) * weight_i`` the most (``weight``: e.g. 1 where the surrogate's class is
+    the label), until ``floor(epsilon N)`` are spent. A heuristic that only shapes the score; validity
+    comes from the conformal shift fitted afterwards on other points (``fit_shifted``). An empty bin
+    gets the largest offset of the others.
+
+    Parameters
+    ----------
+    radius_surrogate, reference : array_like of float
+        ``R~`` and ``y`` of the tuning points.
+    bins : array_like of int
+        Bin of each tuning point, ``0 .. num_bins - 1``.
+    num_bins : int
+        Number of bins.
+    epsilon : float
+        Target rate; sets the violation budget.
+    weight : array_like of float, optional
+        Weight of each point's radius in the objective; default 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``t_b``, one finite offset per bin (input l2 units).
+    """
+    radius_surrogate = np.asarray(radius_surrogate, dtype=float)
+    scores = radius_surrogate - np.asarray(reference, dtype=float)
+    bins = np.asarray(bins, dtype=np.int64)
+    weight = np.ones(len(scores)) if weight is None else np.asarray(weight, dtype=float)
+    ranked = [np.sort(scores[bins == b])[::-1] for b in range(num_bins)]
+    members = [(radius_surrogate[bins == b], weight[bins == b]) for b in range(num_bins)]
+    allowed = np.zeros(num_bins, dtype=np.int64)
+
+    def offset(b: int, v: int) -> float:
+        return float(ranked[b][v]) if v < len(ranked[b]) else float(ranked[b][-1])
+
+    def value(b: int, v: int) -> float:
+        r, w = members[b]
+        return float(np.sum(np.maximum(r - offset(b, v), 0.0) * w))
+
+    for _ in range(int(np.floor(epsilon * len(scores)))):
+        gains = [value(b, allowed[b] + 1) - value(b, allowed[b]) if allowed[b] + 1 < len(ranked[b]) else -1.0
+                 for b in range(num_bins)]
+        best = int(np.argmax(gains))
+        if gains[best] <= 0:
+            break
+        allowed[best] += 1
+    t = np.array([offset(b, allowed[b]) if len(ranked[b]) else np.nan for b in range(num_bins)])
+    if np.all(np.isnan(t)):
+        return np.zeros(num_bins)
+    return np.where(np.isnan(t), np.nanmax(t), t)
+
+
+@dataclass
+class ShiftedScore:
+    """The ``shifted`` score's parts fitted on the tuning part: bin edges on ``z~`` and offsets ``t_b``."""
+
+    bin_edges: np.ndarray
+    bin_offsets: np.ndarray
+
+    def shift(self, z) -> np.ndarray:
+        """``t_b`` of each point (bin = ``digitize(z~, bin_edges)``), as ``one_pass.bin_shifts`` computes it."""
+        return self.bin_offsets[np.digitize(np.asarray(z, dtype=float), self.bin_edges)]
+
+    def params(self, bins: int) -> dict:
+        return dict(bins=int(bins), bin_edges=[float(e) for e in self.bin_edges],
+                    bin_offsets=[float(t) for t in self.bin_offsets],
+                    edges_rule="equal-mass quantiles of z~ on the tuning part",
+                    offsets_rule="greedy spread of floor(epsilon * tuning size) violations across bins, maximising "
+                                 "the summed radius of points whose class is the label (tuning part)")
+
+
+def fit_shifted(z, radius_surrogate, reference, epsilon: float, bins: int = SHIFT_BINS, weight=None) -> ShiftedScore:
+    """Fit the ``shifted`` score ``R~ - t_b(x) - y`` on TUNING points (never the calibration part).
+
+    Bin edges: ``stats.equal_mass_edges`` of ``z~`` into ``bins`` bins; offsets: ``allocate_bin_offsets``.
+    Both depend on tuning points only, so on the calibration part (and at deployment) ``t_b(x)`` is a
+    fixed function of the surrogate's output: the conformal shift ``q^`` of ``R~ - t_b - y`` over the
+    calibration part (``fit_offsets(shift=...)``) then gives ``P(R~ - t_b - q^ > y) <= epsilon``.
+
+    Parameters
+    ----------
+    z, radius_surrogate, reference : array_like of float
+        ``z~``, ``R~`` and ``y`` of the tuning points.
+    epsilon : float
+        Target rate (the tuning's violation budget).
+    bins : int, optional
+        Number of bins (equal mass on the tuning points).
+    weight : array_like of float, optional
+        Objective weight per tuning point (``allocate_bin_offsets``).
+
+    Returns
+    -------
+    ShiftedScore
+    """
+    edges = stats.equal_mass_edges(z, bins)
+    which = np.digitize(np.asarray(z, dtype=float), edges)
+    offsets = allocate_bin_offsets(radius_surrogate, reference, which, len(edges) + 1, epsilon, weight)
+    return ShiftedScore(np.asarray(edges, dtype=float), offsets)
+
+
+# --------------------------------------------------------------------------- required-radius thresholds
+
+THRESHOLD_POINTS_PER_SIGMA = 50
+"""Grid density of the required-radius thresholds: one radius every sigma / 50 (0.005 at sigma 0.25)."""
+
+TAU_BELOW_ALL = -(stats.Z_MAX + 1.0)
+"""How a threshold of ``-inf`` (every input certifies at that radius) is stored: below every ``z~``."""
+
+
+def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float, *, guarantee: str = "marginal",
+                          delta: float | None = None,
+                          points_per_sigma: int = THRESHOLD_POINTS_PER_SIGMA) -> dict:
+    """Required-radius thresholds ``tau(r)`` on a radius grid up to the cap (the artifact's ``radius_thresholds``).
+
+    For each grid radius ``r``: ``tau(r)`` = the conformal quantile (``quantile_rank``: the marginal rank
+    ``ceil((m+1)(1-epsilon))``, or the PAC rank) of the scores ``stats.threshold_scores(z~, y, r)``
+    (``z~_i`` where ``y_i < r``, else ``-inf``). Certifying ``(A, r*)`` iff ``z~ > tau(r+)`` is then wrong
+    with probability at most ``epsilon + alpha_mc`` for each fixed ``r*`` (``one_pass.certified_at_required``).
+    ``tau`` is non-decreasing in ``r`` (the scores only grow with ``r``).
+
+    MAPIE has no piece for this: it is a conformal quantile of a score transformed by the target
+    (censored to ``-inf`` where ``y >= r``), one quantile per radius, which MAPIE's regressors (scores
+    of the form ``y - f(x)``) and its risk controllers (a loss over a parameter grid) do not express;
+    the order statistic is ``stats.conformal_quantile``'s (same rank as MAPIE's split conformal).
+
+    Parameters
+    ----------
+    z : array_like of float
+        ``z~`` per calibration point.
+    reference : array_like of float
+        ``y`` per calibration point (input l2 units).
+    cap : float
+        The calibration's radius cap: the grid ends there.
+    sigma : float
+        Noise level (the grid's unit).
+    epsilon : float
+        Target rate, in (0, 0.5).
+    guarantee : {"marginal", "pac"}, optional
+        The quantile rule.
+    delta : float, optional
+        PAC confidence parameter.
+    points_per_sigma : int, optional
+        Grid density.
+
+    Returns
+    -------
+    dict
+        ``grid`` (radii), ``tau`` (``null`` = ``+inf``: never certifies; ``TAU_BELOW_ALL`` = ``-inf``),
+        ``score``, ``rule``, ``epsilon``, ``calibration_size``, ``points_per_sigma``.
+    """
+    z = np.asarray(z, dtype=float).reshape(-1)
+    reference = np.asarray(reference, dtype=float).reshape(-1)
+    m = len(z)
+    grid = stats.radius_grid(cap, sigma, points_per_sigma)
+    rank = quantile_rank(m, epsilon, guarantee, delta)
+    tau = []
+    for r in grid:
+        scores = np.sort(stats.threshold_scores(z, reference, r))
+        value = float("inf") if rank > m else float(scores[rank - 1])
+        tau.append(None if value == float("inf") else max(value, TAU_BELOW_ALL))
+    rule = ("marginal conformal quantile, rank ceil((m + 1)(1 - epsilon))" if guarantee != "pac"
+            else f"PAC conformal quantile (delta = {delta})")
+    return dict(grid=[float(r) for r in grid], tau=tau, score="z~ where y < r, else -inf (stats.threshold_scores)",
+                rule=rule, guarantee="pac" if guarantee == "pac" else "marginal", epsilon=float(epsilon),
+                calibration_size=int(m), points_per_sigma=int(points_per_sigma))
+
+
 # --------------------------------------------------------------------------- from files
 
 def calibrate_arrays(
@@ -548,14 +879,33 @@ def calibrate_arrays(
     groups: str = "none",
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
+    *,
+    score: str = "residual",
+    bins: int = SHIFT_BINS,
+    tune_share: float = TUNE_SHARE,
+    partition_seed: int = PARTITION_SEED,
+    indices=None,
+    labels=None,
+    thresholds: bool = True,
+    counts_topup=None,
+    samples=None,
+    planned_max: int | None = None,
+    bin_edges_source: dict | None = None,
     **provenance,
 ) -> Calibration:
     """Calibrate ``surrogate`` on calibration images ``x`` and their class ``counts`` (``N x K``).
 
     Every row of ``counts`` must hold the same number ``n_cal`` of noisy evaluations, drawn
-    independently of the surrogate (the calibration split's counts). Runs the surrogate once,
-    then ``fit_offsets``, whose guarantee the result carries. ``method="ltt"`` is recorded with
-    ``guarantee="pac"``.
+    independently of the surrogate (the calibration split's counts); a topped-up file adds
+    ``counts_topup``, ``samples`` and ``planned_max`` (``reference_radii``). Runs the surrogate once, then:
+
+    - the best-radius offsets: ``score="residual"`` fits ``fit_offsets`` on every point (groups,
+      guarantee and method as given); ``score="shifted"`` splits the points (``partition_rows``), fits
+      the bins and offsets ``t_b`` on the tuning part (``fit_shifted``) and the conformal shift on the
+      calibration part (``fit_offsets(shift=...)``, pooled);
+    - with ``thresholds``, the required-radius thresholds on every point (``fit_radius_thresholds``).
+
+    ``method="ltt"`` is recorded with ``guarantee="pac"``.
 
     Parameters
     ----------
@@ -567,6 +917,25 @@ def calibrate_arrays(
         ``N x K`` class counts of the base model under noise at the surrogate's sigma.
     epsilon, alpha_mc, guarantee, delta, groups, method, bin_edges
         As in ``fit_offsets``.
+    score : {"residual", "shifted"}, optional
+        The best-radius score (``core.one_pass.SCORES``); ``shifted`` needs ``groups="none"`` and
+        ``method="conformal"``.
+    bins : int, optional
+        Bins of the shifted score.
+    tune_share : float, optional
+        Share of the points that tune the shifted score.
+    partition_seed : int, optional
+        Seed of the tuning / calibration partition.
+    indices : array_like of int, optional
+        Dataset index of each row (the partition's key); default ``0 .. N-1``.
+    labels : array_like of int, optional
+        True labels: the shifted score's tuning maximises the radius of correctly classified points.
+    thresholds : bool, optional
+        Also fit the required-radius thresholds (default).
+    counts_topup, samples, planned_max
+        A topped-up file's extra counts, samples per row and planned maximum (``reference_radii``).
+    bin_edges_source : dict, optional
+        Where ``bin_edges`` came from (recorded).
     **provenance
         ``Calibration`` fields to fill in (``counts_sha256``, ``base_model_sha256``, ``dataset``,
         ``split``, ...).
@@ -580,13 +949,17 @@ def calibrate_arrays(
     ------
     CalibrationError
         If ``counts`` is not ``N x K``, its rows hold different sample numbers, its rows do not match
-        the images, or the set is too small.
+        the images, or the set (or the calibration part) is too small.
     InvalidParameterError
-        If an option is out of range.
+        If an option is out of range or options contradict each other.
     InvalidInputError
         If ``x`` is not a valid image batch of the surrogate's input shape.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if score not in SCORES:
+        raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "shifted" and (groups != "none" or method != "conformal"):
+        raise InvalidParameterError("the shifted score has its own bins: use it with groups='none' and method='conformal'")
     if method == "ltt":
         guarantee = "pac"  # LTT's statement holds with probability 1 - delta over the calibration draw
     counts = np.asarray(counts)
@@ -597,20 +970,40 @@ def calibrate_arrays(
     totals = counts.sum(axis=1)
     if len(totals) and np.any(totals != totals[0]):
         raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
-    predicted, p_tilde = surrogate.predict(x)
+    predicted, p_tilde, z = surrogate.predict_z(x)
     if len(predicted) != len(counts):
         raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
     n_cal = int(totals[0]) if len(totals) else 1
-    fit = fit_offsets(
-        p_tilde, predicted, counts[np.arange(len(predicted)), predicted], n_cal,
-        sigma=surrogate.sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
-        guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges,
-    )
+    sigma = float(surrogate.sigma)
+    refs = reference_radii(predicted, counts, n_cal, alpha_mc, sigma, counts_topup=counts_topup, samples=samples,
+                           planned_max=planned_max)
+    options = dict(sigma=sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
+                   guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges)
+    rows = np.arange(len(predicted))
+    partition, score_params = None, {}
+    if score == "shifted":
+        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
+        tune = partition_rows(indices, tune_share, partition_seed)
+        partition = partition_record(indices, tune, tune_share, partition_seed)
+        radius_tilde = np.asarray(surrogate_radius(p_tilde, sigma, refs.cap), dtype=float)
+        weight = None if labels is None else (predicted == np.asarray(labels)).astype(float)
+        shifted = fit_shifted(z[tune], radius_tilde[tune], refs.radius[tune], epsilon, bins,
+                              None if weight is None else weight[tune])
+        score_params = shifted.params(bins)
+        part = ~tune
+        fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
+                          references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
+                          shift=shifted.shift(z[part]), **options)
+    else:
+        fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
+        part = np.ones(len(rows), dtype=bool)
     fit.diagnostics["surrogate_agrees_with_counts"] = float(np.mean(predicted == counts.argmax(axis=1)))
+    radius_thresholds = (fit_radius_thresholds(z, refs.radius, refs.cap, sigma, epsilon, guarantee=guarantee,
+                                               delta=delta) if thresholds else None)
     return Calibration(
         surrogate_sha256=surrogate.fingerprint(),
         surrogate_file_sha256=getattr(surrogate, "file_sha256", None),
-        sigma=float(surrogate.sigma),
+        sigma=sigma,
         num_classes=int(surrogate.num_classes),
         epsilon=float(epsilon),
         alpha_mc=float(alpha_mc),
@@ -625,13 +1018,69 @@ def calibrate_arrays(
         min_group_size=fit.min_group_size,
         radius_cap=fit.radius_cap,
         bin_edges=fit.bin_edges,
-        calibration_size=len(p_tilde),
+        calibration_size=int(part.sum()),
         n_cal=n_cal,
         package_version=__version__,
         diagnostics=fit.diagnostics,
-        monitor_reference=monitor_reference(predicted, p_tilde),
+        score=score,
+        score_params=score_params,
+        partition=partition,
+        reference=refs.record,
+        radius_thresholds=radius_thresholds,
+        bin_edges_source=bin_edges_source,
+        monitor_reference=monitor_reference(predicted[part], p_tilde[part]),  # the points m counts
         **provenance,
     )
+
+
+def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None = None) -> tuple[list[float], dict]:
+    """Confidence-bin edges chosen on another split: equal-mass quantiles of ``z~`` over its images.
+
+    For ``groups="confidence"``: the surrogate's outputs on the images of ``counts_file`` (its own
+    training split, whose counts it was fitted on) fix ``bins - 1`` edges (``stats.equal_mass_edges``)
+    before any calibration score is seen; only the images are read, never their counts.
+
+    Parameters
+    ----------
+    surrogate : Surrogate
+        The surrogate being calibrated.
+    counts_file : str or os.PathLike
+        A counts file of a split other than the calibration's (e.g. the surrogate's training file).
+    bins : int
+        Number of bins (>= 2).
+    data_root : str, optional
+        Where torchvision datasets are read from.
+
+    Returns
+    -------
+    edges : list of float
+        Strictly increasing edges on ``z~``.
+    source : dict
+        What the artifact records: the file's SHA-256 and split, the rule, ``bins``, and the number of images.
+
+    Raises
+    ------
+    CalibrationError
+        If the file is of the cal or test split (the edges would be fitted where the guarantee is measured),
+        of another dataset, or gives fewer than two distinct bins.
+    """
+    bins = check_count("bins", bins, minimum=2)
+    counts = read_counts(counts_file)
+    split = str(counts.attrs["split"])
+    if split in ("cal", "test"):
+        raise CalibrationError(f"--edges-from {counts_file} is of the {split} split; choose the bin edges on the "
+                               "surrogate's training split (its counts file), never where the guarantee is measured")
+    try:
+        check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), num_classes=surrogate.num_classes,
+                         input_shape=surrogate.input_shape, complete=False)
+    except CountsMismatchError as exc:
+        raise CalibrationError(str(exc)) from None
+    _, _, z = surrogate.predict_z(counts.images(data_root))
+    edges = [float(e) for e in stats.equal_mass_edges(z, bins)]
+    if not edges:
+        raise CalibrationError(f"the surrogate's confidence on {counts_file} takes one value: no bins to form")
+    return edges, dict(file_sha256=sha256_file(counts_file), split=split, images=int(len(z)), bins=int(bins),
+                       rule="equal-mass quantiles of z~ on the images of this file")
 
 
 def calibrate(
@@ -645,6 +1094,12 @@ def calibrate(
     method: str = "conformal",
     *,
     bin_edges: Sequence[float] | None = None,
+    edges_from: str | None = None,
+    bins: int | None = None,
+    score: str = "residual",
+    tune_share: float = TUNE_SHARE,
+    partition_seed: int = PARTITION_SEED,
+    thresholds: bool = True,
     data_root: str | None = None,
     device=None,
 ) -> Calibration:
@@ -652,8 +1107,9 @@ def calibrate(
 
     ``counts_file`` is an HDF5 counts file of the ``cal`` split (at the surrogate's sigma and class
     count, made with the surrogate's base model), whose images are read from the dataset it
-    records. The guarantee is that of ``fit_offsets`` (module docstring); the result binds the
-    surrogate, the counts file and every option, and ``Calibration.save`` writes calibration.json.
+    records; a topped-up file's extra samples enter the reference radii (``reference_radii``). The
+    guarantee is that of ``calibrate_arrays``; the result binds the surrogate, the counts file and
+    every option, and ``Calibration.save`` writes calibration.json.
 
     Parameters
     ----------
@@ -663,6 +1119,13 @@ def calibrate(
         Complete counts file of the calibration split.
     epsilon, alpha_mc, guarantee, delta, groups, method, bin_edges
         As in ``fit_offsets``.
+    edges_from : str, optional
+        ``groups="confidence"``: choose ``bins`` equal-mass edges on the images of this counts file (the
+        surrogate's training split; ``edges_from_counts``) instead of ``bin_edges``.
+    bins : int, optional
+        Bins of ``edges_from`` (default 5) or of the shifted score (default ``SHIFT_BINS``).
+    score, tune_share, partition_seed, thresholds
+        As in ``calibrate_arrays``.
     data_root : str, optional
         Where torchvision datasets are read from.
     device : str, torch.device or None, optional
@@ -675,9 +1138,9 @@ def calibrate(
     Raises
     ------
     CalibrationError
-        If the counts file is of another dataset, class count, input shape or sigma, holds images
-        the surrogate was trained on (by dataset index, recorded in the checkpoint; or its training
-        split), was made with another base model, is incomplete, or is too small.
+        If the counts file is of the train or surrogate split, of another dataset, class count, input
+        shape or sigma, holds images the surrogate was trained on (by dataset index, recorded in the
+        checkpoint; or its training split), was made with another base model, is incomplete, or is too small.
     InvalidParameterError
         If an option is out of range.
     StoreError
@@ -688,14 +1151,20 @@ def calibrate(
         If the images the counts file names cannot be loaded.
     """
     check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if edges_from is not None and groups != "confidence":
+        raise InvalidParameterError("--edges-from chooses confidence-bin edges: use it with --groups confidence")
+    if edges_from is not None and bin_edges is not None:
+        raise InvalidParameterError("give bin edges or a file to choose them on (edges_from), not both")
     if not isinstance(surrogate, Surrogate):
         surrogate = Surrogate.load(surrogate, device=device)
     counts = read_counts(counts_file)
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
-    if str(attrs.get("split")) == "train" or surrogate.meta.get("counts_sha256") == counts_sha256:
+    trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
+    if str(attrs.get("split")) in ("train", "surrogate") or counts_sha256 in trained_files:
         raise CalibrationError(
-            f"{counts_file} holds the surrogate's training split; calibrate on the separate cal split"
+            f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
+            "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
         )
     trained_on = surrogate.meta.get("train_index_ranges")
     if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
@@ -710,18 +1179,31 @@ def calibrate(
                          excluded_indices=trained_on)
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
+    source = None
+    if edges_from is not None:
+        bin_edges, source = edges_from_counts(surrogate, edges_from, bins or 5, data_root)
+    elif groups == "confidence":
+        source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
     images = counts.images(data_root)
+    topped = attrs.get("topup_planned_max") is not None
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
-        method=method, bin_edges=bin_edges, counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
+        method=method, bin_edges=bin_edges, score=score, bins=bins or SHIFT_BINS, tune_share=tune_share,
+        partition_seed=partition_seed, indices=counts.indices, labels=counts.labels, thresholds=thresholds,
+        counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
+        planned_max=counts.planned_max_samples if topped else None, bin_edges_source=source,
+        counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
         dataset=str(attrs["dataset"]), split=str(attrs["split"]),
     )
 
 
 __all__ = [
-    "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS",
+    "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS", "SCORES",
     "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
     "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",
     "OffsetFit", "fit_offsets", "calibrate_arrays", "calibrate", "deployed_radius", "check_calibration_params",
+    "ReferenceRadii", "reference_radii", "expected_radius_cap", "REFERENCE_BOUNDS", "partition_rows",
+    "partition_record", "allocate_bin_offsets", "ShiftedScore", "fit_shifted", "fit_radius_thresholds",
+    "edges_from_counts", "TUNE_SHARE", "PARTITION_SEED", "SHIFT_BINS", "THRESHOLD_POINTS_PER_SIGMA",
     "MONITOR_STATISTIC", "monitor_reference",
 ]

@@ -1,4 +1,4 @@
-"""Datasets and their fixed, seeded, disjoint splits ``train`` / ``cal`` / ``test``.
+"""Datasets and their fixed, seeded, disjoint splits ``train`` / ``surrogate`` / ``cal`` / ``test``.
 
 Every image keeps its **dataset index**, an integer unique within the dataset, which seeds its
 noise in the counting engine; so the same image gets the same noise whichever split, batch or
@@ -8,19 +8,33 @@ shard it is read in.
 spec               shape         splits (dataset indices)
 =================  ============  =====================================================================
 ``digits``         1 x 8 x 8     scikit-learn's bundled 8x8 digits (1797 images, no download); a fixed
-                                 random permutation split 1000 / 400 / 397.
-``mnist``          1 x 28 x 28   torchvision, from ``data_root``. ``train`` = the official training
-``cifar10``        3 x 32 x 32   set (indices ``0..N_train-1``); ``cal`` and ``test`` = fixed random
-``cifar100``       3 x 32 x 32   halves of the official test set (indices ``N_train + j``).
+                                 random permutation split 750 / 250 / 400 / 397.
+``mnist``          1 x 28 x 28   torchvision, from ``data_root``. ``surrogate`` = a fixed seeded random
+``cifar10``        3 x 32 x 32   sixth of the official training set (10,000 MNIST images), ``train`` =
+``cifar100``       3 x 32 x 32   the rest of it (indices in ``0..N_train-1``); ``cal`` and ``test`` =
+                                 fixed random halves of the official test set (indices ``N_train + j``).
 ``imagefolder:P``  C x H x W     torchvision ``ImageFolder`` at ``P`` (one class per sub-folder, all
-                                 images the same size); random split 60 / 20 / 20 %.
+                                 images the same size); random split 45 / 15 / 20 / 20 %.
 ``npz:P``          C x H x W     ``np.load(P)`` with arrays ``x`` (N x C x H x W floats in [0, 1]) and
-                                 ``y`` (N ints), optional scalar ``num_classes``; split 60 / 20 / 20 %.
+                                 ``y`` (N ints), optional scalar ``num_classes``; split 45 / 15 / 20 / 20 %.
 =================  ============  =====================================================================
 
 ``cal`` and ``test`` are random halves of one source, so they are exchangeable: the assumption
 split conformal calibration rests on. Within a split, rows come in the split's (random) order, so
-``limit`` takes a random subset of fixed size.
+``limit`` takes a random subset of fixed size (the torchvision ``train`` split keeps ascending
+dataset indices).
+
+``surrogate`` holds images the built-in base model never sees (``train-base`` trains on ``train``
+only): the surrogate learns the base model's behaviour on unseen images there, which is what a
+deployment input is. A surrogate trained on images the base model fitted learns that hard images
+do not exist (on MNIST the Monte Carlo majority equals the label on 99.8 % of the base model's own
+training images against 98.8 % of unseen ones) and its calibrated radius comes out smaller. Using
+your own base model that saw these images gains nothing (validity is unaffected either way).
+
+Before the ``surrogate`` split existed, its images belonged to ``train`` (digits: 1000 images; torchvision:
+the whole official training set; one-source sets: 60 %). Counts files of the old ``train`` split keep
+their recorded dataset indices and still read (``load_images`` finds each image by its index); they
+cannot be resumed (``--resume`` refuses them with a message).
 """
 from __future__ import annotations
 
@@ -35,17 +49,28 @@ import torch
 from surrogate_cert.core.errors import DatasetError, InvalidInputError, InvalidParameterError
 from surrogate_cert.core.smoothing import check_images
 
-SPLITS = ("train", "cal", "test")
+SPLITS = ("train", "surrogate", "cal", "test")
 """Split names, disjoint within every dataset."""
 
 SPLIT_SEED = 20_190_208
 """Seed of every split permutation (fixed forever: changing it changes every split)."""
 
 DIGITS_SIZES = (1000, 400)
-"""Sizes of digits' ``train`` and ``cal`` splits; ``test`` gets the remaining 397 images."""
+"""Sizes of digits' train block (``train`` + ``surrogate``) and of ``cal``; ``test`` gets the remaining 397."""
 
 SINGLE_SOURCE_FRACTIONS = (0.6, 0.2)
-"""``train`` and ``cal`` fractions of a one-source dataset (imagefolder, npz); ``test`` gets the rest."""
+"""Fractions of a one-source dataset (imagefolder, npz) in the train block (``train`` + ``surrogate``) and in
+``cal``; ``test`` gets the rest."""
+
+SURROGATE_SHARE_SINGLE_SOURCE = 0.25
+"""Share of a one-source dataset's train block that forms the ``surrogate`` split (its last quarter, in the
+fixed permutation's order): 250 of digits' 1000."""
+
+SURROGATE_SHARE_TORCHVISION = 1 / 6
+"""Share of a torchvision training set in the ``surrogate`` split: 10,000 of MNIST's 60,000."""
+
+SURROGATE_SEED = SPLIT_SEED + 1
+"""Seed of the random block of a torchvision training set that forms the ``surrogate`` split."""
 
 TORCHVISION = {
     # name: (torchvision class, number of classes, files expected under data_root)
@@ -120,18 +145,40 @@ def _permutation(n: int) -> np.ndarray:
 
 
 def _single_source_split(n: int, split: str, sizes: tuple[int, int] | None = None) -> np.ndarray:
-    """Dataset indices of ``split`` for a one-source dataset of ``n`` images (a fixed permutation)."""
+    """Dataset indices of ``split`` for a one-source dataset of ``n`` images (a fixed permutation).
+
+    The permutation's first block is the train block (``sizes[0]`` images): ``train`` its first three
+    quarters, ``surrogate`` its last quarter (``SURROGATE_SHARE_SINGLE_SOURCE``); then ``cal``, then ``test``.
+    """
     if sizes is None:
-        n_train = int(round(n * SINGLE_SOURCE_FRACTIONS[0]))
+        n_block = int(round(n * SINGLE_SOURCE_FRACTIONS[0]))
         n_cal = int(round(n * SINGLE_SOURCE_FRACTIONS[1]))
     else:
-        n_train, n_cal = sizes
-    if min(n_train, n_cal, n - n_train - n_cal) < 1:
-        raise DatasetError(f"a dataset of {n} images is too small to split into train / cal / test; use at least 5 images")
+        n_block, n_cal = sizes
+    n_surrogate = int(round(n_block * SURROGATE_SHARE_SINGLE_SOURCE))
+    n_train = n_block - n_surrogate
+    if min(n_train, n_surrogate, n_cal, n - n_block - n_cal) < 1:
+        raise DatasetError(f"a dataset of {n} images is too small to split into train / surrogate / cal / test; "
+                           "use at least 7 images")
     perm = _permutation(n)
-    bounds = {"train": (0, n_train), "cal": (n_train, n_train + n_cal), "test": (n_train + n_cal, n)}
+    bounds = {"train": (0, n_train), "surrogate": (n_train, n_block), "cal": (n_block, n_block + n_cal),
+              "test": (n_block + n_cal, n)}
     lo, hi = bounds[split]
     return perm[lo:hi]
+
+
+def _torchvision_train_block(n_train: int, split: str) -> np.ndarray:
+    """``train`` / ``surrogate`` of a torchvision set: a seeded random sixth of the official training set
+    is ``surrogate`` (in random order), the rest ``train`` (ascending indices)."""
+    n_surrogate = int(round(n_train * SURROGATE_SHARE_TORCHVISION))
+    if min(n_surrogate, n_train - n_surrogate) < 1:
+        raise DatasetError(f"a training set of {n_train} images is too small to split into train / surrogate")
+    surrogate = np.random.default_rng(SURROGATE_SEED).permutation(n_train)[:n_surrogate].astype(np.int64)
+    if split == "surrogate":
+        return surrogate
+    keep = np.ones(n_train, dtype=bool)
+    keep[surrogate] = False
+    return np.flatnonzero(keep).astype(np.int64)
 
 
 def _test_halves(n_train: int, n_test: int, split: str) -> np.ndarray:
@@ -196,8 +243,8 @@ def _load_torchvision(name: str, split: str, data_root, download, limit):
     train_set = _torchvision_set(name, True, data_root, download)
     n_train = len(train_set)
     num_classes = TORCHVISION[name][1]
-    if split == "train":
-        source, idx = train_set, _apply_limit(np.arange(n_train, dtype=np.int64), limit)
+    if split in ("train", "surrogate"):
+        source, idx = train_set, _apply_limit(_torchvision_train_block(n_train, split), limit)
         local = idx
     else:
         source = _torchvision_set(name, False, data_root, download)
@@ -305,8 +352,8 @@ def load_split(
     ----------
     dataset : str
         ``digits``, ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` or ``npz:PATH``.
-    split : {"train", "cal", "test"}
-        The split; splits are disjoint and fixed by ``SPLIT_SEED``.
+    split : {"train", "surrogate", "cal", "test"}
+        The split; splits are disjoint and fixed by ``SPLIT_SEED`` (and ``SURROGATE_SEED``).
     data_root : str, optional
         Folder of the torchvision datasets; default ``DEFAULT_DATA_ROOT``.
     download : bool, optional
@@ -344,3 +391,51 @@ def load_split(
         raise DatasetError(f"unknown dataset {spec!r}; choose {DATASET_HELP}")
     return SplitData(dataset=spec, split=split, x=x.contiguous(), y=y, indices=np.asarray(idx, dtype=np.int64),
                      num_classes=int(k))
+
+
+OLD_TRAIN_SPLITS = {"train": ("train", "surrogate")}
+"""Splits whose images, before version 0.3, lay in one split: an old ``train`` counts file may name
+images of today's ``surrogate`` split."""
+
+
+def load_images(dataset: str, split: str, indices, data_root: str | None = None, download: bool = False) -> SplitData:
+    """The images of ``split`` with dataset indices ``indices``, in that order (as ``load_split(...).take``).
+
+    A counts file of the ``train`` split written before the ``surrogate`` split was carved out of the
+    train block names images of both: they are looked up in the union of the two (see the module
+    docstring), so such files still read.
+
+    Parameters
+    ----------
+    dataset : str
+        Dataset spec (``load_split``).
+    split : str
+        The split the indices were drawn from.
+    indices : array_like of int
+        Dataset indices, e.g. the ``indices`` of a counts file.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    download : bool, optional
+        Download a missing torchvision dataset.
+
+    Returns
+    -------
+    SplitData
+        Those rows, in the order given.
+
+    Raises
+    ------
+    DatasetError
+        If the dataset cannot be loaded or an index is in none of the splits looked at.
+    """
+    data = load_split(dataset, split, data_root=data_root, download=download)
+    try:
+        return data.take(indices)
+    except DatasetError:
+        if split not in OLD_TRAIN_SPLITS:
+            raise
+    parts = [data] + [load_split(dataset, s, data_root=data_root, download=download)
+                      for s in OLD_TRAIN_SPLITS[split] if s != split]
+    union = replace(data, x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]),
+                    indices=np.concatenate([p.indices for p in parts]))
+    return union.take(indices)

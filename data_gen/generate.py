@@ -23,6 +23,7 @@ from surrogate_cert.core import __version__
 from surrogate_cert.core.errors import (
     InvalidParameterError,
     ModelError,
+    StoreError,
     SurrogateCertError,
     check_count,
     check_positive,
@@ -41,13 +42,16 @@ from .distributed import SINGLE, Shard
 from .models import check_model_fits, load_model
 from .store import (
     CountsWriter,
+    check_counts_for,
     check_no_shards,
     check_sharded_job,
     lock_counts_file,
     merge_shards,
     open_shard,
+    read_counts,
     recorded_noise_scheme,
     remove_shards,
+    write_topup,
 )
 
 BATCHES_PER_CALL = 8
@@ -333,3 +337,129 @@ def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: in
         raise
     finally:
         bar.close()
+
+
+TOPUP_RULES = ("all-agree",)
+"""Which rows a top-up extends: ``all-agree``, the rows whose estimation samples so far all returned one class
+(where the calibration's reference radius is capped by the sample size, not by the base model)."""
+
+
+def top_up_counts(
+    path: str | os.PathLike,
+    model_spec: str,
+    extra: int,
+    *,
+    planned_max: int | None = None,
+    rule: str = "all-agree",
+    batch_size: int | str = 1000,
+    device: str | torch.device | None = None,
+    data_root: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Draw ``extra`` more estimation samples for the rows of a complete counts file that ``rule`` picks.
+
+    The samples continue each row's estimation stream (samples ``samples[i] .. samples[i] + extra - 1``,
+    the engine's ``start``), so they are fresh and independent of the first ones, and a rerun draws the
+    same. ``counts`` is left as it is (``n`` samples per row); the extra counts go to ``counts_topup``
+    and the per-row total to ``samples`` (``store.write_topup``). A row never goes past ``planned_max``
+    samples, the number the calibration's radius cap is computed from: fixed by the first top-up
+    (default ``n + extra``) and kept by later ones, which continue the rows that still all agree.
+
+    Which rows get more samples depends on their counts, so only an anytime-valid bound may use the
+    extra samples (``stats.topup_reference_radius``); Cohen's bound and every other consumer keep
+    reading ``counts`` alone.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A complete counts file.
+    model_spec : str
+        The base model the file was made with (checked by SHA-256).
+    extra : int
+        Samples to add per picked row (>= 1; fewer where ``planned_max`` is reached).
+    planned_max : int, optional
+        The most estimation samples any row may reach; default: the file's, else ``n + extra``.
+    rule : {"all-agree"}, optional
+        Which rows to extend (``TOPUP_RULES``).
+    batch_size : int or "auto", optional
+        Noisy samples per forward pass.
+    device : str, torch.device or None, optional
+        Where the base model runs; must be of the device type the file was made on (the noise of a
+        sample depends on it).
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    progress : bool, optional
+        Show a progress bar.
+    command : str, optional
+        The command line, recorded in the file's ``topup_history``.
+
+    Returns
+    -------
+    dict
+        ``rows`` topped up, ``samples`` drawn, ``planned_max``, ``seconds``.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``extra``, ``planned_max`` or ``rule`` is out of range.
+    StoreError
+        If the file is missing, incomplete, of another base model, noise scheme or device type, or is
+        being written by another process.
+    ModelError
+        If the model cannot be loaded or does not fit.
+    """
+    extra = check_count("extra", extra)
+    if rule not in TOPUP_RULES:
+        raise InvalidParameterError(f"top-up rule must be one of {TOPUP_RULES}, got {rule!r}")
+    started = time.perf_counter()
+    counts = read_counts(path)
+    attrs = counts.attrs
+    check_counts_for(counts, path, complete=True)
+    try:  # continue the file's own streams: the scheme it records (v1 or v2), never the default
+        scheme = check_noise_scheme(attrs.get("noise_scheme"))
+    except InvalidParameterError:
+        raise StoreError(f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
+                         f"replay: a top-up would not continue its streams; regenerate it") from None
+    n = counts.n
+    stored_max = attrs.get("topup_planned_max")
+    if planned_max is None:
+        planned_max = int(stored_max) if stored_max is not None else n + extra
+    planned_max = check_count("planned_max", planned_max, minimum=n)
+    if stored_max is not None and planned_max != int(stored_max):
+        raise StoreError(f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
+                         f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it")
+    samples = counts.samples_per_row().copy()
+    counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
+    every = counts.counts + counts_topup
+    picked = np.flatnonzero((every.max(axis=1) == samples) & (samples < planned_max))
+    draw = np.minimum(extra, planned_max - samples[picked])
+    loaded = load_model(model_spec, device=device, num_classes=counts.num_classes,
+                        input_shape=tuple(attrs["input_shape"]))
+    if attrs.get("model_sha256") and loaded.sha256 != attrs["model_sha256"]:
+        raise StoreError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}... vs "
+                         f"{loaded.sha256[:12]}...); top it up with the model it was made with")
+    smooth = SmoothedClassifier(loaded.model, counts.num_classes, counts.sigma, device=device, batch_size=batch_size,
+                                amp=attrs.get("amp"), seed=int(attrs["seed"]), noise_scheme=scheme,
+                                input_shape=tuple(attrs["input_shape"]))
+    if smooth.device.type != attrs.get("device_type"):
+        raise StoreError(f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
+                         f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it")
+    if picked.size:
+        images = counts.images(data_root)
+        check_model_fits(smooth, images[:1], model_spec)
+        chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
+        bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
+        for lo in range(0, picked.size, chunk):
+            rows = picked[lo:lo + chunk]
+            counts_topup[rows] += smooth.counts(images[rows], draw[lo:lo + chunk], indices=counts.indices[rows],
+                                                stream=STREAM_ESTIMATE, start=samples[rows])
+            bar.update(len(rows))
+        bar.close()
+        samples[picked] += draw
+    record = dict(rule=rule, extra=int(extra), rows=int(picked.size), samples_drawn=int(draw.sum()),
+                  planned_max=int(planned_max), command=command or "top_up_counts()",
+                  created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
+    return dict(rows=int(picked.size), samples=int(draw.sum()), planned_max=int(planned_max),
+                seconds=time.perf_counter() - started)

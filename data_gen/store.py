@@ -6,10 +6,20 @@ Schema (``FORMAT_VERSION`` 1)::
     labels         int64   N        true label of each row (written up front)
     counts         uint32  N x K    class counts of n noisy evaluations (estimation stream)
     counts_select  uint32  N x K    class counts of n0 noisy evaluations (selection stream), if n0 > 0
+    samples        int64   N        estimation samples drawn per row: n, plus any top-up (only in topped-up files)
+    counts_topup   uint32  N x K    class counts of the samples n+1 .. samples[i] of the estimation stream
+                                    (only in topped-up files; a zero row where a row was not topped up)
 
     attributes: format, format_version, sigma, n, n0, num_classes, seed, dataset, split, limit,
     model_sha256, model_source, package_version, noise_scheme, device_type, amp, input_shape,
-    rows (committed rows), complete, command
+    rows (committed rows), complete, command; in topped-up files also topup_rule, topup_planned_max
+    (the most estimation samples any row may reach, fixed before the top-up) and topup_history
+
+Top-up (``datagen --top-up N``, ``data_gen.generate.top_up_counts``): rows whose samples so far all
+agree get ``N`` more samples of the same estimation stream (the engine's ``start``), so ``counts``
+itself (``n`` samples per row, a fixed number: what Cohen's bound and every consumer read) never
+changes and the extra samples sit in ``counts_topup``. Which rows were topped up depends on their
+counts: only an anytime-valid bound may use them (``stats.topup_reference_radius``).
 
 Datasets are chunked with explicit chunk shapes and compressed (shuffle + gzip) with Fletcher-32
 checksums, so a damaged chunk is reported, never read silently.
@@ -40,8 +50,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -52,7 +64,7 @@ import numpy as np
 from surrogate_cert.core.errors import OutputExistsError, StoreError
 from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
 
-from .datasets import load_split, same_dataset
+from .datasets import load_images, load_split, same_dataset
 from .distributed import shard_positions
 
 class StoreLockedError(StoreError):
@@ -105,6 +117,8 @@ class CountsFile:
     counts: np.ndarray
     counts_select: np.ndarray | None
     attrs: dict = field(default_factory=dict)
+    samples: np.ndarray | None = None
+    counts_topup: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -120,6 +134,24 @@ class CountsFile:
     @property
     def n(self) -> int:
         return int(self.attrs["n"])
+
+    @property
+    def topped_up(self) -> bool:
+        """Whether any row has estimation samples beyond ``n`` (``samples`` and ``counts_topup``)."""
+        return self.samples is not None and bool(np.any(self.samples > self.n))
+
+    @property
+    def planned_max_samples(self) -> int:
+        """The most estimation samples a row may hold: ``topup_planned_max`` of a topped-up file, else ``n``."""
+        return int(self.attrs.get("topup_planned_max") or self.n)
+
+    def samples_per_row(self) -> np.ndarray:
+        """Estimation samples of each row: ``samples`` where recorded, else ``n`` for every row."""
+        return self.samples if self.samples is not None else np.full(len(self), self.n, dtype=np.int64)
+
+    def counts_all(self) -> np.ndarray:
+        """Class counts over every estimation sample of each row (``counts`` plus ``counts_topup``)."""
+        return self.counts if self.counts_topup is None else self.counts + self.counts_topup
 
     def images(self, data_root: str | None = None):
         """The images of these rows, read from the dataset and split the file records.
@@ -139,8 +171,7 @@ class CountsFile:
         DatasetError
             If the dataset cannot be loaded or lacks one of the file's dataset indices.
         """
-        split = load_split(str(self.attrs["dataset"]), str(self.attrs["split"]), data_root=data_root)
-        return split.take(self.indices).x
+        return load_images(str(self.attrs["dataset"]), str(self.attrs["split"]), self.indices, data_root=data_root).x
 
 
 # --------------------------------------------------------------------------- reading
@@ -273,6 +304,18 @@ def _layout_problems(h5: h5py.File, attrs: dict) -> list[str]:
                 problems.append(f"{name} holds {h5[name].dtype}, not integer counts")
     if ("counts_select" in h5) != (attrs["n0"] > 0):
         problems.append(f"counts_select is {'present' if 'counts_select' in h5 else 'absent'} but n0 = {attrs['n0']}")
+    if ("samples" in h5) != ("counts_topup" in h5):
+        problems.append("samples and counts_topup must come together (a topped-up file has both)")
+    elif "samples" in h5:
+        if h5["samples"].shape != (planned,) or not np.issubdtype(h5["samples"].dtype, np.integer):
+            problems.append(f"samples has shape {h5['samples'].shape} ({h5['samples'].dtype}), expected {planned} integers")
+        if h5["counts_topup"].shape != (planned, k) or not np.issubdtype(h5["counts_topup"].dtype, np.integer):
+            problems.append(f"counts_topup has shape {h5['counts_topup'].shape}, expected {planned} x {k} integer counts")
+        top = attrs.get("topup_planned_max")
+        if not (_whole(top, 1) and top >= attrs["n"]):
+            problems.append(f"topup_planned_max {top!r} is not an integer >= n = {attrs['n']}")
+        if not attrs["complete"]:
+            problems.append("a topped-up file must be complete")
     if rows > planned:
         problems.append(f"rows = {rows} committed but only {planned} planned")
     if attrs["complete"] and rows != planned:
@@ -293,6 +336,16 @@ def _row_problems(counts: CountsFile) -> list[str]:
         if bad.size:
             problems.append(f"{bad.size} of {len(table)} rows of {name} do not sum to "
                             f"{'n' if name == 'counts' else 'n0'} = {total} (row {int(bad[0])} sums to {int(sums[bad[0]])})")
+    if counts.samples is not None and len(counts.samples):
+        n, top = counts.n, int(counts.attrs["topup_planned_max"])
+        low, high = int(counts.samples.min()), int(counts.samples.max())
+        if low < n or high > top:
+            problems.append(f"samples per row lie in {low}..{high}, outside n = {n} .. topup_planned_max = {top}")
+        sums = counts.counts_topup.sum(axis=1)
+        bad = np.flatnonzero(sums != counts.samples - n)
+        if bad.size:
+            problems.append(f"{bad.size} rows of counts_topup do not sum to samples - n (row {int(bad[0])} sums to "
+                            f"{int(sums[bad[0]])}, expected {int(counts.samples[bad[0]] - n)})")
     if len(counts.labels) and (counts.labels.min() < 0 or counts.labels.max() >= k):
         bad = counts.labels[(counts.labels < 0) | (counts.labels >= k)]
         problems.append(f"label {int(bad[0])} is not a class of {k}")
@@ -337,6 +390,8 @@ def read_counts(path: str | os.PathLike) -> CountsFile:
                 counts=h5["counts"][:rows].astype(np.int64),
                 counts_select=counts_select,
                 attrs=attrs,
+                samples=h5["samples"][:rows].astype(np.int64) if "samples" in h5 else None,
+                counts_topup=h5["counts_topup"][:rows].astype(np.int64) if "counts_topup" in h5 else None,
             )
         except (OSError, TypeError, ValueError) as exc:
             raise StoreError(f"{path}: reading failed ({str(exc).splitlines()[0]}); the file is damaged, "
@@ -475,6 +530,82 @@ def check_counts_for(
             raise CountsMismatchError(
                 f"{path} holds {int(overlap.sum())} of {excluded_what} (dataset index {int(counts.indices[overlap][0])} "
                 f"and more); use counts of images disjoint from them (the cal split)")
+
+
+# --------------------------------------------------------------------------- top-up
+
+def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.ndarray, *, planned_max: int,
+                rule: str, record: dict) -> CountsFile:
+    """Store the top-up of a complete counts file: per-row ``samples`` and the extra counts ``counts_topup``.
+
+    The file is copied, the copy updated and renamed into place under the writer lock, so an
+    interruption leaves the previous file intact. A top-up only adds samples: every row keeps at least
+    its earlier ``samples`` and ``counts_topup`` (a second top-up continues the first).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A complete counts file.
+    samples : numpy.ndarray
+        Estimation samples per row after the top-up (``n`` where a row got none), each ``<= planned_max``.
+    counts_topup : numpy.ndarray
+        ``N x K`` counts of each row's samples beyond ``n``; row ``i`` sums to ``samples[i] - n``.
+    planned_max : int
+        The most estimation samples a row may ever reach (fixed before the top-up; the calibration's
+        radius cap is computed from it).
+    rule : str
+        The rule that picked the rows (recorded; e.g. ``"all-agree"``).
+    record : dict
+        What this top-up did (appended to the JSON attribute ``topup_history``).
+
+    Returns
+    -------
+    CountsFile
+        The file as read back (validated).
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, incomplete, locked by another writer, or the top-up would remove samples
+        or contradict the file.
+    """
+    path = os.fspath(path)
+    lock = _Lock(path).acquire()
+    try:
+        before = read_counts(path)
+        if not before.attrs["complete"]:
+            raise StoreError(f"{path} is incomplete; finish it with `surrogate-cert datagen ... --resume` before a top-up")
+        samples = np.asarray(samples, dtype=np.int64)
+        counts_topup = np.asarray(counts_topup, dtype=np.int64)
+        n, rows = before.n, len(before)
+        if samples.shape != (rows,) or counts_topup.shape != before.counts.shape:
+            raise StoreError(f"{path}: a top-up needs {rows} sample numbers and {rows} x {before.num_classes} counts")
+        old_samples = before.samples_per_row()
+        old_topup = before.counts_topup if before.counts_topup is not None else np.zeros_like(before.counts)
+        if np.any(samples < old_samples) or np.any(counts_topup < old_topup):
+            raise StoreError(f"{path}: a top-up may only add samples")
+        if np.any(counts_topup.sum(axis=1) != samples - n) or samples.max(initial=n) > planned_max:
+            raise StoreError(f"{path}: top-up counts must sum to samples - n and stay within planned_max={planned_max}")
+        if before.attrs.get("topup_planned_max") not in (None, int(planned_max)):
+            raise StoreError(f"{path} was topped up with planned maximum {before.attrs['topup_planned_max']} samples; "
+                             f"a further top-up must keep it (asked {planned_max}): the calibration's cap depends on it")
+        history = json.loads(before.attrs.get("topup_history") or "[]") + [record]
+        with atomic_output(path, overwrite=True) as tmp:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "r+") as h5:
+                for name in ("samples", "counts_topup"):
+                    if name in h5:
+                        del h5[name]
+                chunk = min(rows, 8192)
+                h5.create_dataset("samples", data=samples, chunks=(chunk,), **_filters())
+                h5.create_dataset("counts_topup", data=counts_topup.astype(COUNTS_DTYPE),
+                                  chunks=(_chunk_rows(rows, before.num_classes), before.num_classes), **_filters())
+                h5.attrs["topup_rule"] = rule
+                h5.attrs["topup_planned_max"] = int(planned_max)
+                h5.attrs["topup_history"] = json.dumps(history)
+        return read_counts(path)
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- writing
@@ -657,6 +788,12 @@ class CountsWriter:
             same_rows = (len(h5["indices"]) == len(indices) and np.array_equal(h5["indices"][:], indices)
                          and np.array_equal(h5["labels"][:], labels))
             if not same_rows:
+                if stored.get("split") == "train" and not np.isin(h5["indices"][:], indices).all():
+                    raise ResumeMismatchError(
+                        f"cannot resume {path}: it was started before the surrogate split was carved out of the train "
+                        "block (version 0.3), so it plans images that are no longer in the train split; its committed "
+                        "rows still read (train, calibrate and report accept it), but to finish it start it again "
+                        "with --overwrite, or count the new train and surrogate splits")
                 raise ResumeMismatchError(f"cannot resume {path}: it plans different images ({len(h5['indices'])} rows) than "
                                  f"this request ({len(indices)} rows); use the same --dataset/--split/--limit")
             if ("counts_select" in h5) != (int(stored["n0"]) > 0):

@@ -52,7 +52,7 @@ def test_datagen_file_matches_exact_probabilities(tmp_path):
     generate_counts(f"npz:{tmp_path / 'linear.npz'}", "train", str(tmp_path / "linear.ts"), SIGMA, n, str(out),
                     n0=100, device="cpu", progress=False)
     counts = read_counts(out)
-    assert len(counts) == 36 and counts.num_classes == 2
+    assert len(counts) == 27 and counts.num_classes == 2  # the train split: 45 % of 60
     p1 = problem.p1[counts.indices]
     assert np.array_equal(counts.labels, problem.true_class[counts.indices])
     assert chi2_pvalue(counts.counts[:, 1], n, p1) > 1e-3

@@ -1,6 +1,8 @@
 """One-pass surrogate certificates and the hybrid's routing to the sequential fallback, on exact ground truth."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from scipy import stats as st
 from calibration import calibrate_arrays
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError, ModelError
 from surrogate_cert.core.groundtruth import LinearBinaryModel, linear_problem
-from surrogate_cert.core.one_pass import SurrogateCertifier
+from surrogate_cert.core.one_pass import SurrogateCertifier, certified_at_required
 from surrogate_cert.deploy.hybrid import HybridCertifier
 from surrogate_cert.core.sequential import EProcessCertifier
 from surrogate_cert.core.smoothing import SmoothedClassifier
@@ -88,7 +90,9 @@ def test_hybrid_sends_only_uncertified_inputs_to_the_sequential_certifier(setup)
 
 def test_required_radius_routes_short_surrogate_radii_to_target_mode(setup):
     surrogate, calibration, test = setup
-    hybrid = _hybrid(surrogate, calibration, test.model)
+    # A calibration without required-radius thresholds (made before they existed): R^ >= r* certifies.
+    legacy = dataclasses.replace(calibration, radius_thresholds=None)
+    hybrid = _hybrid(surrogate, legacy, test.model)
     _, _, radius = hybrid.surrogate_certifier.radii(test.x)
     required = np.where(np.arange(40) % 2 == 0, 0.05, np.nan)  # half the inputs ask for 0.05
     certs = hybrid.certify(test.x, required_radius=required)
@@ -97,6 +101,19 @@ def test_required_radius_routes_short_surrogate_radii_to_target_mode(setup):
             assert c.method == "surrogate"
         else:
             assert c.n_samples > 0
+    # With thresholds: (A, r*) iff z~ > tau(r+), never the best-radius R^; the rest go to target mode.
+    hybrid = _hybrid(surrogate, calibration, test.model)
+    classes, _, z, radius = hybrid.surrogate_certifier.evaluate(test.x)
+    certs = hybrid.certify(test.x, required_radius=required)
+    asked = ~np.isnan(required)
+    by_threshold = certified_at_required(calibration, z[asked], required[asked])
+    for c, ok, cls in zip([c for c, a in zip(certs, asked) if a], by_threshold, classes[asked]):
+        if ok:
+            assert (c.method, c.prediction, c.radius, c.n_samples) == ("surrogate", cls, 0.05, 0)
+        else:
+            assert c.method in ("eprocess", "abstain") and c.n_samples > 0
+    for c, r in zip([c for c, a in zip(certs, asked) if not a], radius[~asked]):
+        assert (c.method == "surrogate") == (r > 0)
     # Target mode stops once the target is reached: cheaper than the best-radius policy.
     fallback = [i for i in range(40) if radius[i] <= 0]
     target = hybrid.certify(test.x[fallback], required_radius=0.01)

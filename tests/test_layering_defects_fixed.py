@@ -78,7 +78,8 @@ def test_results_tsv_first_line_is_cohens_header_and_provenance_is_a_sidecar(tmp
 
 def test_old_results_with_comment_lines_still_read(tmp_path):
     path = tmp_path / "old.tsv"
-    path.write_text("# surrogate-cert cohen --sigma 0.5 --seed 3\n" + "\t".join(TSV_COLUMNS) + "\n"
+    old_columns = COHEN_COLUMNS + ("method", "n_samples", "p_lower")  # version 0.1's header
+    path.write_text("# surrogate-cert cohen --sigma 0.5 --seed 3\n" + "\t".join(old_columns) + "\n"
                     "0\t1\t1\t0.4\t1\t0.1\tcohen\t10100\t0.9\n")
     assert read_tsv(path)[0]["radius"] == 0.4
     assert read_meta(path) == {"comment": ["surrogate-cert cohen --sigma 0.5 --seed 3"]}

@@ -185,8 +185,9 @@ def test_thread_setting_is_restored_after_each_call(problem):
         torch.set_num_threads(2)
         certifier = SurrogateCertifier(surrogate, calibration)  # "auto": one thread for small batches
         seen = []
-        original = surrogate.predict
-        surrogate.predict = lambda x, validate=True: (seen.append(torch.get_num_threads()), original(x, validate=validate))[1]
+        original = surrogate.predict_z  # the certifier's forward pass (class, p~ and the tail-accurate z~)
+        surrogate.predict_z = lambda x, validate=True: (seen.append(torch.get_num_threads()),
+                                                        original(x, validate=validate))[1]
         certifier.certify(problem.x[:4])
         assert seen == [1] and torch.get_num_threads() == 2
         SurrogateCertifier(surrogate, calibration, threads=None).certify(problem.x[:4])

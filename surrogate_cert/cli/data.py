@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from data_gen.datasets import DATASET_HELP
-from data_gen.generate import generate_counts
+from data_gen.generate import TOPUP_RULES, generate_counts, top_up_counts
 from data_gen.models import train_base
 from data_gen.store import read_attrs
 
@@ -60,6 +61,15 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --out (or its torchrun shards) from the last committed rows, same "
                         "settings required; starts the job when there is nothing to continue")
+    p.add_argument("--top-up", type=int, default=None, metavar="N",
+                   help="then draw N more samples of the same noise stream for every row whose samples so far all "
+                        "agree (references past the radius cap n samples allow; only the calibration's anytime-valid "
+                        "reference uses them). On an existing complete --out, give the command that made it plus "
+                        "--top-up: the file is continued, no --resume needed")
+    p.add_argument("--top-up-max", type=int, default=None, metavar="M",
+                   help="the most samples any row may reach over all top-ups (fixed by the first top-up; default "
+                        "n + N); the calibration's radius cap is computed from it")
+    p.add_argument("--top-up-rule", choices=TOPUP_RULES, default="all-agree", help=argparse.SUPPRESS)
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished rows to the file at least this often (default 2)")
     add_progress_arg(p)
@@ -84,11 +94,20 @@ def run_train_base(args: argparse.Namespace) -> int:
 def run_datagen(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise InvalidParameterError("--resume continues the file and --overwrite starts it again: give one of them")
-    if not args.resume:
+    if args.top_up is not None and args.top_up < 1:
+        raise InvalidParameterError(f"--top-up must be a number of samples >= 1, got {args.top_up}")
+    if args.top_up_max is not None and args.top_up is None:
+        raise InvalidParameterError("--top-up-max bounds a top-up: give --top-up N too")
+    if args.top_up is not None and args.shard.world_size > 1:
+        raise InvalidParameterError("--top-up runs in one process: make the file with torchrun, then top it up "
+                                    "without torchrun (same command plus --top-up)")
+    # A top-up continues an existing file (its rows are checked against this command's settings).
+    resume = args.resume or (args.top_up is not None and not args.overwrite and os.path.exists(args.out))
+    if not resume:
         check_new_outputs(args, args.out, resumable=True)
     generate_counts(args.dataset, args.split, args.model, args.sigma, args.n, args.out, n0=args.n0,
                     batch_size=args.batch_size, seed=args.seed, limit=args.limit, device=args.device, amp=args.amp,
-                    resume=args.resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
+                    resume=resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
                     progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args),
                     noise_scheme=args.noise_scheme, channels_last=args.channels_last, compile=args.compile,
                     shard=args.shard)
@@ -97,4 +116,10 @@ def run_datagen(args: argparse.Namespace) -> int:
     attrs = read_attrs(args.out)
     print(f"wrote {args.out}: {attrs['rows']} rows ({attrs['dataset']} {attrs['split']}) x {attrs['num_classes']} "
           f"classes, n={attrs['n']}, n0={attrs['n0']}, sigma={attrs['sigma']}, complete={attrs['complete']}")
+    if args.top_up is not None:
+        done = top_up_counts(args.out, args.model, args.top_up, planned_max=args.top_up_max, rule=args.top_up_rule,
+                             batch_size=args.batch_size, device=args.device, data_root=args.data_root,
+                             progress=not args.no_progress, command=command_line(args))
+        print(f"topped up {args.out}: {done['rows']} rows whose samples all agreed got {done['samples']:,} more samples "
+              f"(at most {done['planned_max']:,} per row)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from calibration.conformal import GUARANTEES, METHODS, calibrate
+from calibration.conformal import GUARANTEES, METHODS, SCORES, SHIFT_BINS, TUNE_SHARE, calibrate
 from data_gen.datasets import load_split, same_dataset
 
 from ..core.architectures import ARCHITECTURES
@@ -36,18 +36,25 @@ HYBRID_CHUNK = 2048
 
 def register(sub) -> None:
     p = add_parser(sub, "train",
-                   "train the surrogate on a train-split counts file (soft-label cross-entropy against counts/n)",
-                   "surrogate-cert train --counts train.h5 --out surrogate.pt")
-    p.add_argument("--counts", required=True, metavar="H5", help="counts file of the train split (from datagen)")
+                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
+                   "surrogate split, whose images the built-in base model never saw",
+                   "surrogate-cert train --counts surrogate.h5 train.h5 --init-from-base base.pt --out surrogate.pt")
+    p.add_argument("--counts", required=True, nargs="+", metavar="H5",
+                   help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
+                        "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
+                        "refuses calibration images the surrogate was trained on")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
     p.add_argument("--init-from-base", default=None, metavar="MODEL",
-                   help="start from the weights (and architecture) of a train-base checkpoint")
+                   help="start from the base model's weights: a train-base checkpoint (its architecture is used), or "
+                        "a TorchScript / torch.export / factory model whose weights fit --arch in order (e.g. --arch "
+                        "mlp for a 784-512-256-10 MLP); refused when the shapes do not match")
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum passes over the data (default 40 for small sets, else 15); early stopping on a held-out part")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 0.002)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default 0.001 with --init-from-base, else 0.002)")
     p.add_argument("--batch-size", type=int, default=64, help="images per training step (default 64)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the train split held out for early stopping and prior tuning (default 0.1)")
@@ -77,6 +84,18 @@ def register(sub) -> None:
                    help="Mondrian calibration per predicted class or per surrogate-confidence bin (default none)")
     p.add_argument("--method", choices=METHODS, default="conformal",
                    help="conformal (default): score quantile; ltt: Learn-then-Test on the rate among issued certificates")
+    p.add_argument("--score", choices=SCORES, default="residual",
+                   help="residual (default): R~ - y; shifted: per-bin offsets tuned on one part of the cal split "
+                        f"(--tune-share, default {TUNE_SHARE:g}), then the conformal shift on the other part")
+    p.add_argument("--bins", type=int, default=None,
+                   help=f"bins of the shifted score (default {SHIFT_BINS}) or of --edges-from (default 5)")
+    p.add_argument("--tune-share", type=float, default=TUNE_SHARE,
+                   help=f"share of the cal split that tunes the shifted score (default {TUNE_SHARE:g})")
+    p.add_argument("--edges-from", default=None, metavar="H5",
+                   help="--groups confidence: choose equal-mass bin edges on the images of this counts file (the "
+                        "surrogate's own training split), never on the calibration points")
+    p.add_argument("--no-thresholds", action="store_true",
+                   help="skip the required-radius thresholds (certify --target-radius then uses the best radius)")
     p.add_argument("--data-root", default=None, help="folder holding torchvision datasets")
     add_device_arg(p)
     p.add_argument("--out", required=True, help="calibration.json to write; refused if it exists")
@@ -137,6 +156,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibration = calibrate(
         args.surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
         groups=args.groups, method=args.method, data_root=args.data_root, device=args.device,
+        score=args.score, bins=args.bins, tune_share=args.tune_share, edges_from=args.edges_from,
+        thresholds=not args.no_thresholds,
     )
     calibration.save(args.out, key=key, overwrite=args.overwrite)
     d = calibration.diagnostics

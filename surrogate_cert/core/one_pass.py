@@ -1,14 +1,22 @@
 """The one-pass certifier: a calibrated surrogate certifies a batch in one forward pass.
 
-For each input the surrogate gives a class ``A`` and ``p~``; the calibration gives the offset ``q^``
-of the input's Mondrian group; the certificate is ``(A, R^)`` with ``R^ = R~ - q^``
-(``stats.calibrated_radius``) when ``R^ > 0``, else an abstention. No base-model evaluation.
+For each input the surrogate gives a class ``A``, ``p~`` and ``z~ = Phi^{-1}(p~)`` (tail-accurate,
+``Surrogate.predict_z``); the calibration gives the offset ``q^`` of the input's Mondrian group
+(and, for the ``shifted`` score, the offset ``t_b`` of its confidence bin); the certificate is
+``(A, R^)`` with ``R^ = R~ - t_b - q^`` when ``R^ > 0``, else an abstention. No base-model evaluation.
 
-The group rule lives here, once: calibration fits one offset per group with it, and deployment
-looks the offset up with it, using the bin edges stored in the calibration (never a constant).
-A calibration is any object with the attributes of ``calibration.artifact.Calibration`` that this
-module reads: ``sigma``, ``groups``, ``bin_edges``, ``offsets``, ``pooled_offset``,
-``radius_cap``, ``epsilon``, ``alpha_mc`` and ``check_matches(surrogate)``.
+Asked for a required radius ``r*`` (and holding required-radius thresholds), the certificate is
+``(A, r*)`` iff ``z~ > tau(r+)``, ``r+`` the first calibrated grid radius ``>= r*``
+(``required_thresholds``); otherwise an abstention (the hybrid then runs its sequential fallback in
+target mode). The best-radius ``R^`` is not used in that mode: one rule per certificate keeps its
+bound at ``epsilon + alpha_mc``.
+
+The rules that say which offset, bin or threshold an input gets live here, once: calibration fits
+with them and deployment looks up with them, using the edges, offsets and grid stored in the
+calibration (never a constant). A calibration is any object with the attributes of
+``calibration.artifact.Calibration`` that this module reads: ``sigma``, ``groups``, ``bin_edges``,
+``offsets``, ``pooled_offset``, ``radius_cap``, ``epsilon``, ``alpha_mc``, ``check_matches(surrogate)``
+and, where present, ``score``, ``score_params`` and ``radius_thresholds``.
 """
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ from .certificate import Certificate, abstention
 from .errors import InvalidParameterError
 from .smoothing import check_images, noise_indices
 
-__all__ = ["SurrogateCertifier", "GROUPINGS", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
-           "all_group_keys", "group_offsets", "deployed_radius", "SMALL_BATCH", "intra_op_threads"]
+__all__ = ["SurrogateCertifier", "GROUPINGS", "SCORES", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
+           "all_group_keys", "group_offsets", "bin_shifts", "deployed_radius", "required_thresholds",
+           "certified_at_required", "required_radii", "SMALL_BATCH", "intra_op_threads"]
 
 SMALL_BATCH = 1024
 """``threads="auto"``: batches of fewer images than this run the surrogate with one intra-op thread.
@@ -54,6 +63,42 @@ def intra_op_threads(num: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def required_radii(required_radius, num: int) -> np.ndarray:
+    """Per-input required radius, validated: NaN where none is required.
+
+    A required radius of 0 asks for the class only: the one-pass path answers it with the best-radius
+    rule (``R^ > 0``), the sequential fallback in target mode.
+
+    Parameters
+    ----------
+    required_radius : None, float or array_like of float
+        One radius for all inputs or one per input, input l2 units.
+    num : int
+        Number of inputs.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(num,)``, float: the radius, or NaN.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a radius is negative or infinite, or the shape is not one value or one per input.
+    """
+    if required_radius is None:
+        return np.full(num, np.nan)
+    arr = np.asarray(required_radius, dtype=float)
+    if arr.ndim == 0:
+        arr = np.full(num, float(arr))
+    if arr.shape != (num,):
+        raise InvalidParameterError(f"required_radius must be a scalar or one value per input ({num}), got shape {arr.shape}")
+    finite = ~np.isnan(arr)
+    if np.any(np.isinf(arr)) or np.any(arr[finite] < 0):
+        raise InvalidParameterError("required_radius must be a finite radius >= 0 (input l2 units), or NaN for none")
+    return arr
+
+
 def _check_threads(threads) -> int | str | None:
     if threads is None or threads == "auto":
         return threads
@@ -64,6 +109,11 @@ def _check_threads(threads) -> int | str | None:
 GROUPINGS = ("none", "class", "confidence")
 """Mondrian groupings: one pooled group, one group per predicted class, or confidence bins."""
 
+SCORES = ("residual", "shifted")
+"""Conformity scores of the best-radius calibration: ``residual`` ``R~ - y`` (one offset per group), or
+``shifted`` ``R~ - t_b - y`` with per-bin offsets ``t_b`` fitted on a tuning part of the calibration split
+(bins of ``z~``, edges and offsets stored in ``score_params``) and one conformal shift ``q^``."""
+
 POOLED = "all"
 """Group key of the pooled (whole calibration set) offset."""
 
@@ -73,7 +123,7 @@ units), fixed in advance from the surrogate alone: ``p~`` below 0.841, up to 0.9
 above. A calibration stores the edges it used in ``bin_edges``."""
 
 
-def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = None) -> np.ndarray:
+def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = None, z=None) -> np.ndarray:
     """Mondrian group of each input (as strings): ``"all"``, the predicted class, or a confidence bin.
 
     Depends on the surrogate's outputs only (and on ``edges`` fixed before calibration), so
@@ -90,6 +140,9 @@ def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = 
     edges : sequence of float, optional
         Strictly increasing bin edges on ``Phi^{-1}(p~)`` for ``groups="confidence"``; default
         ``DEFAULT_CONFIDENCE_EDGES``.
+    z : array_like of float, optional
+        ``z~`` per input (``Surrogate.predict_z``); binned instead of ``Phi^{-1}(clip(p~))``, which
+        ties above ``p~ = 1 - P_CLIP``.
 
     Returns
     -------
@@ -109,7 +162,7 @@ def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = 
     if groups == "class":
         return np.array([str(int(c)) for c in predicted], dtype=object)
     if groups == "confidence":
-        bins = stats.confidence_bin(p_tilde, DEFAULT_CONFIDENCE_EDGES if edges is None else edges)
+        bins = stats.confidence_bin(p_tilde, DEFAULT_CONFIDENCE_EDGES if edges is None else edges, z=z)
         return np.array([str(int(b)) for b in bins], dtype=object)
     raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
 
@@ -146,7 +199,7 @@ def all_group_keys(groups: str, num_classes: int, edges: Sequence[float] | None 
     raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
 
 
-def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
+def group_offsets(calibration, predicted, p_tilde, z=None) -> np.ndarray:
     """``q^`` of each input's group, under the calibration's grouping and stored bin edges.
 
     A group the calibration never saw gets the pooled offset; ``inf`` never certifies.
@@ -159,6 +212,8 @@ def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
         The surrogate's class of each input.
     p_tilde : array_like of float
         The surrogate's probability of that class, per input.
+    z : array_like of float, optional
+        ``z~`` per input, binned for ``groups="confidence"`` (see ``group_keys``).
 
     Returns
     -------
@@ -182,7 +237,7 @@ def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
         edges = calibration.bin_edges
         if edges is None:
             raise InvalidParameterError("a confidence-grouped calibration must store its bin_edges; re-run calibrate")
-        ids = stats.confidence_bin(p_tilde, edges)
+        ids = stats.confidence_bin(p_tilde, edges, z=z)
         size = len(edges) + 1
     else:
         raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
@@ -190,20 +245,62 @@ def group_offsets(calibration, predicted, p_tilde) -> np.ndarray:
     return table[ids] if num else np.zeros(0)
 
 
-def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
-    """``R^ = R~ - q^(group)`` for each input: the calibrated radius (certify iff > 0), l2 input units.
+def bin_shifts(calibration, z) -> np.ndarray:
+    """``t_b`` of each input under a ``shifted``-score calibration (0 under ``residual``), l2 input units.
 
-    ``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)`` with the calibration's ``sigma`` and
-    ``radius_cap`` (``stats.calibrated_radius``); ``q^`` comes from ``group_offsets``.
+    The bin is ``digitize(z~, bin_edges)`` with the edges stored in ``score_params`` (chosen on the
+    tuning part of the calibration split); ``+inf`` (stored as null) never certifies.
 
     Parameters
     ----------
     calibration : Calibration
-        Read for ``sigma`` and ``radius_cap``, and as ``group_offsets`` reads it.
+        Read for ``score`` and ``score_params`` (``bin_edges``, ``bin_offsets``).
+    z : array_like of float
+        ``z~`` per input (``Surrogate.predict_z``).
+
+    Returns
+    -------
+    numpy.ndarray
+        One shift per input.
+
+    Raises
+    ------
+    InvalidParameterError
+        If the score is unknown, or a ``shifted`` calibration lacks its edges or offsets.
+    """
+    z = np.atleast_1d(np.asarray(z, dtype=float))
+    score = getattr(calibration, "score", "residual") or "residual"
+    if score == "residual":
+        return np.zeros(len(z))
+    if score != "shifted":
+        raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
+    params = getattr(calibration, "score_params", None) or {}
+    edges, offsets = params.get("bin_edges"), params.get("bin_offsets")
+    if edges is None or offsets is None or len(offsets) != len(edges) + 1:
+        raise InvalidParameterError("a shifted-score calibration must store bin_edges and one bin_offset per bin; "
+                                    "re-run calibrate")
+    table = np.array([np.inf if t is None else float(t) for t in offsets])
+    return table[np.digitize(z, np.asarray(edges, dtype=float))]
+
+
+def deployed_radius(calibration, predicted, p_tilde, z=None) -> np.ndarray:
+    """``R^ = R~ - t_b - q^(group)`` for each input: the calibrated radius (certify iff > 0), l2 input units.
+
+    ``R~ = min(sigma * Phi^{-1}(clip(p~)), radius_cap)`` with the calibration's ``sigma`` and
+    ``radius_cap`` (``stats.calibrated_radius``); ``q^`` comes from ``group_offsets`` and ``t_b`` from
+    ``bin_shifts`` (0 for the ``residual`` score).
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Read for ``sigma`` and ``radius_cap``, and as ``group_offsets`` and ``bin_shifts`` read it.
     predicted : array_like of int
         The surrogate's class of each input.
     p_tilde : array_like of float
         The surrogate's probability of that class, per input.
+    z : array_like of float, optional
+        ``z~`` per input (``Surrogate.predict_z``); needed by a ``shifted`` score and used by confidence
+        groups. Default: ``Phi^{-1}(clip(p~))`` (equal below ``p~ = 1 - P_CLIP``).
 
     Returns
     -------
@@ -215,8 +312,70 @@ def deployed_radius(calibration, predicted, p_tilde) -> np.ndarray:
     InvalidParameterError
         As ``group_offsets``.
     """
-    offsets = group_offsets(calibration, predicted, p_tilde)
+    if z is None:
+        z = stats.probit_confidence(np.log(np.clip(p_tilde, stats.P_CLIP, 1 - stats.P_CLIP)),
+                                    np.log1p(-np.clip(p_tilde, stats.P_CLIP, 1 - stats.P_CLIP)))
+    offsets = group_offsets(calibration, predicted, p_tilde, z=z) + bin_shifts(calibration, z)
     return np.atleast_1d(stats.calibrated_radius(p_tilde, calibration.sigma, calibration.radius_cap, offsets))
+
+
+def required_thresholds(calibration, required_radius) -> np.ndarray:
+    """``tau(r+)`` for each required radius ``r*``: the ``z~`` an input must exceed to be certified at ``r*``.
+
+    ``r+`` is the first radius of the calibration's grid at least ``r*`` (``stats.grid_point_at_least``):
+    ``tau`` is non-decreasing in ``r``, so rounding up is conservative. Beyond the grid (``r*`` above the
+    radius cap) the threshold is ``+inf``: the one-pass certifier never claims a radius no calibration
+    point could confirm.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Read for ``radius_thresholds`` (``grid``, ``tau``; null = ``+inf``).
+    required_radius : float or array_like of float
+        ``r* > 0`` per input (or one for all), input l2 units.
+
+    Returns
+    -------
+    numpy.ndarray
+        One threshold per required radius.
+
+    Raises
+    ------
+    InvalidParameterError
+        If the calibration holds no required-radius thresholds.
+    """
+    table = getattr(calibration, "radius_thresholds", None)
+    if not table:
+        raise InvalidParameterError("this calibration holds no required-radius thresholds; re-run calibrate with "
+                                    "this version (they are fitted by default)")
+    grid = np.asarray(table["grid"], dtype=float)
+    tau = np.array([np.inf if t is None else float(t) for t in table["tau"]] + [np.inf])
+    return tau[stats.grid_point_at_least(grid, np.atleast_1d(np.asarray(required_radius, dtype=float)))]
+
+
+def certified_at_required(calibration, z, required_radius) -> np.ndarray:
+    """Whether the one-pass rule certifies ``(A, r*)``: ``z~ > tau(r+)`` (``required_thresholds``), per input.
+
+    With calibration and test inputs exchangeable, for each fixed ``r*`` a certificate is wrong with
+    probability at most ``epsilon + alpha_mc`` (``stats.threshold_scores``).
+
+    Parameters
+    ----------
+    calibration : Calibration
+        With ``radius_thresholds``.
+    z : array_like of float
+        ``z~`` per input.
+    required_radius : float or array_like of float
+        ``r* > 0``, one for all inputs or one per input.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, one per input.
+    """
+    z = np.atleast_1d(np.asarray(z, dtype=float))
+    thresholds = np.broadcast_to(required_thresholds(calibration, required_radius), z.shape)
+    return z > thresholds
 
 
 class SurrogateCertifier:
@@ -280,14 +439,43 @@ class SurrogateCertifier:
         InvalidParameterError
             As ``group_offsets``.
         """
+        classes, p_tilde, _, radius = self.evaluate(x, validate=validate)
+        return classes, p_tilde, radius
+
+    def evaluate(self, x: torch.Tensor, *, validate: bool = True):
+        """``(A, p~, z~, R^)`` per input: ``radii`` plus the tail-accurate ``z~`` the thresholds use.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
+        validate : bool, optional
+            Check ``x`` (``check_images``).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            Classes (int64), ``p~`` (float64), ``z~`` (float64), ``R^`` (input l2 units).
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of the surrogate's input shape.
+        """
         if validate:
             x = check_images(x, self.surrogate.input_shape)
         with intra_op_threads(self._threads_for(x.shape[0])):
-            classes, p_tilde = self.surrogate.predict(x, validate=False)
-        return classes, p_tilde, deployed_radius(self.calibration, classes, p_tilde)
+            classes, p_tilde, z = self.surrogate.predict_z(x, validate=False)
+        return classes, p_tilde, z, deployed_radius(self.calibration, classes, p_tilde, z)
 
-    def certify(self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None) -> list[Certificate]:
+    def certify(self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None,
+                required_radius=None) -> list[Certificate]:
         """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain.
+
+        With ``required_radius`` (``r* > 0``, scalar or per input; NaN or None = none) and a
+        calibration holding required-radius thresholds, an input gets ``(A, r*)`` iff
+        ``z~ > tau(r+)`` (``certified_at_required``), else an abstention; calibrations without
+        thresholds (made before they existed) certify ``(A, R^)`` where ``R^ >= r*``.
 
         Each non-abstaining certificate carries the class's guarantee (wrong with probability at most
         ``calibration.epsilon + calibration.alpha_mc``, marginally; see the class docstring).
@@ -300,6 +488,8 @@ class SurrogateCertifier:
             ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
         indices : sequence of int or numpy.ndarray, optional
             Noise names, checked for length only.
+        required_radius : float or array_like of float, optional
+            Radius each input must be certified to (input l2 units).
 
         Returns
         -------
@@ -316,12 +506,35 @@ class SurrogateCertifier:
             As ``group_offsets``.
         """
         started = time.perf_counter()
-        classes, _, radius = self.radii(x)
+        classes, _, z, radius = self.evaluate(x)
         noise_indices(indices, len(classes))
+        required = required_radii(required_radius, len(classes))
+        radius = self.radius_for(z, radius, required)
         p_lower = self.p_lower(radius)
         seconds = (time.perf_counter() - started) / max(len(classes), 1)
         return [self.certificate(c, r, seconds, p_lower=p)
                 for c, r, p in zip(classes.tolist(), radius.tolist(), p_lower.tolist())]
+
+    @property
+    def has_thresholds(self) -> bool:
+        """Whether the calibration holds required-radius thresholds."""
+        return bool(getattr(self.calibration, "radius_thresholds", None))
+
+    def radius_for(self, z, radius, required) -> np.ndarray:
+        """The one-pass radius of each input given its required radius: ``R^`` where none (NaN) or 0 is
+        required; where ``r* > 0`` is, ``r*`` if certified at it (thresholds) and 0 otherwise, or (a
+        calibration without thresholds) ``R^`` if ``R^ >= r*`` and 0 otherwise."""
+        radius = np.asarray(radius, dtype=float).copy()
+        with np.errstate(invalid="ignore"):
+            asked = required > 0  # NaN (none) and 0 (the class only) keep the best-radius rule
+        if not asked.any():
+            return radius
+        if self.has_thresholds:
+            ok = certified_at_required(self.calibration, np.asarray(z)[asked], required[asked])
+            radius[asked] = np.where(ok, required[asked], 0.0)
+        else:
+            radius[asked] = np.where(radius[asked] >= required[asked], radius[asked], 0.0)
+        return radius
 
     def p_lower(self, radius) -> np.ndarray:
         """``Phi(R^ / sigma)`` where ``R^ > 0`` (the bound on ``p_A`` each radius stands for), else 0."""

@@ -36,6 +36,9 @@ __all__ = [
     # watching a deployment: drift (conformal test martingale) and audit
     "smoothed_p_value", "online_p_values", "drift_windows", "drift_bets", "fixed_share_update", "beta_binomial_log_martingale",
     "cs_lower_exceeds", "audit_threshold",
+    # one-pass scores beyond the pooled residual (issue 10)
+    "Z_MAX", "probit_confidence", "equal_mass_edges", "radius_grid", "threshold_scores", "grid_point_at_least",
+    "TOPUP_PRIOR", "topup_reference_radius", "topup_max_radius",
     # checking a bound
     "binomial_allowance",
 ]
@@ -884,12 +887,14 @@ def calibrated_radius(p_tilde, sigma: float, radius_cap: float, offset):
                             - np.asarray(offset, dtype=float))
 
 
-def confidence_bin(p_tilde, edges):
+def confidence_bin(p_tilde, edges, z=None):
     """Mondrian bin of each input by surrogate confidence: ``digitize(Phi^{-1}(clip(p~)), edges)``.
 
     ``edges`` are increasing cut points on the ``Phi^{-1}(p~)`` (sigma-units radius) scale, fixed
     before calibration (from the surrogate or the train split alone), so that calibration and test
     inputs in one bin stay exchangeable. Bin ``j`` holds ``edges[j-1] <= Phi^{-1}(p~) < edges[j]``.
+    ``z`` (``probit_confidence``, accurate where ``p~`` rounds to 1) replaces ``Phi^{-1}(clip(p~))``
+    when given; the two agree below ``p~ = 1 - P_CLIP``.
 
     Examples
     --------
@@ -899,8 +904,9 @@ def confidence_bin(p_tilde, edges):
     edges = _as_floats(edges, "bin edges")
     if edges.ndim != 1 or np.any(~np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
         raise InvalidParameterError(f"bin edges must be finite and strictly increasing, got {edges.tolist()}")
-    z = ndtri(np.clip(_as_floats(p_tilde, "p_tilde"), P_CLIP, 1 - P_CLIP))
-    return np.digitize(z, edges)
+    if z is None:
+        z = ndtri(np.clip(_as_floats(p_tilde, "p_tilde"), P_CLIP, 1 - P_CLIP))
+    return np.digitize(_as_floats(z, "z"), edges)
 
 
 def conformal_rank(m: int, epsilon: float) -> int:
@@ -1295,6 +1301,153 @@ def audit_threshold(m: int, rank: int, delta: float) -> float:
     if rank > m:
         return 0.0
     return float(_st.beta.ppf(1.0 - delta, m + 1 - rank, rank))
+# --------------------------------------------------------------------------- one-pass: probit scale, thresholds, top-up
+
+Z_MAX = 37.5
+"""``|Phi^{-1}(p~)|`` is clipped here: the probit of the smallest positive double (``exp(-745)``)."""
+
+
+def probit_confidence(log_p, log_1mp):
+    """``z~ = Phi^{-1}(p~)`` from ``log p~`` and ``log(1 - p~)``, accurate in both tails (float64).
+
+    Near ``p~ = 1`` the probability itself rounds to 1 in float64 (``1 - p~ < 1.1e-16``), so the upper
+    tail is computed as ``-Phi^{-1}(1 - p~)`` from ``log(1 - p~)`` (a log-sum-exp of the other classes'
+    logits). A point estimate, not a bound: calibration turns it into one. Clipped to
+    ``[-Z_MAX, Z_MAX]``.
+
+    Examples
+    --------
+    >>> import math
+    >>> round(float(probit_confidence(math.log(0.975), math.log(0.025))), 4)
+    1.96
+    >>> round(float(probit_confidence(0.0, -60.0)), 3)  # p~ = 1 - 8.8e-27: beyond float64's 1 - p~
+    10.65
+    """
+    log_p = _as_floats(log_p, "log_p")
+    log_1mp = _as_floats(log_1mp, "log_1mp")
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        upper = -ndtri(np.exp(np.minimum(log_1mp, 0.0)))
+        lower = ndtri(np.exp(np.minimum(log_p, 0.0)))
+        z = np.where(log_1mp < log_p, upper, lower)
+    return _scalar_or_array(np.clip(np.nan_to_num(z, nan=0.0), -Z_MAX, Z_MAX))
+
+
+def equal_mass_edges(values, bins: int):
+    """``bins - 1`` cut points splitting ``values`` into ``bins`` groups of equal mass (duplicates dropped).
+
+    The quantiles at ``j / bins``, ``j = 1 .. bins - 1``, rounded to 1e-6 and made strictly increasing.
+    Used on data that the calibration points never enter (a tuning part, the train split), so the bins
+    are fixed before the calibration scores are computed.
+
+    Examples
+    --------
+    >>> equal_mass_edges(range(100), 4).tolist()
+    [24.75, 49.5, 74.25]
+    >>> equal_mass_edges([1.0] * 10, 3).tolist()
+    [1.0]
+    """
+    values = _as_floats(values, "values").reshape(-1)
+    bins = check_count("bins", bins, minimum=1)
+    if bins == 1 or not values.size:
+        return np.zeros(0)
+    cuts = np.quantile(values, np.arange(1, bins) / bins)
+    return np.unique(np.round(cuts, 6))
+
+
+def radius_grid(radius_cap: float, sigma: float, points_per_sigma: int = 50):
+    """Radii ``r_j = j * sigma / points_per_sigma`` up to ``radius_cap``, then ``radius_cap`` itself.
+
+    The radii at which required-radius thresholds are calibrated (input l2 units); a required radius
+    ``r*`` uses the first grid radius ``>= r*`` (``grid_point_at_least``), so the grid only rounds up.
+
+    Examples
+    --------
+    >>> radius_grid(0.8, 0.25, 4).tolist()
+    [0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8]
+    """
+    sigma = check_positive("sigma", sigma)
+    cap = check_positive("radius_cap", radius_cap)
+    step = sigma / check_count("points_per_sigma", points_per_sigma)
+    grid = step * np.arange(1, int(np.floor(cap / step + 1e-9)) + 1)
+    if not grid.size or grid[-1] < cap - 1e-12:
+        grid = np.append(grid, cap)
+    return np.round(grid, 12)
+
+
+def grid_point_at_least(grid, radius):
+    """Index of the first grid radius ``>= radius`` (``len(grid)`` where none is: beyond the grid).
+
+    Examples
+    --------
+    >>> grid_point_at_least([0.1, 0.2, 0.3], [0.05, 0.2, 0.21, 0.4]).tolist()
+    [0, 1, 2, 3]
+    """
+    grid = _as_floats(grid, "grid")
+    return np.searchsorted(grid, _as_floats(radius, "radius") - 1e-12, side="left")
+
+
+def threshold_scores(z, reference, target_radius: float):
+    """Scores of the required-radius rule at radius ``r``: ``z~_i`` where ``y_i < r``, else ``-inf``.
+
+    A point whose reference radius reaches ``r`` cannot be wrong at ``r`` and scores ``-inf``. If ``m``
+    calibration points and a test point are exchangeable and ``tau(r)`` is the conformal quantile of the
+    ``m`` scores at level ``epsilon`` (``conformal_quantile``), then
+    ``P(z~ > tau(r) and y < r) <= epsilon`` for the test point: certifying ``(A, r)`` iff
+    ``z~ > tau(r)`` is wrong with probability at most ``epsilon + alpha_mc`` (``y`` is below the true
+    radius but with probability ``alpha_mc``). Valid for each fixed ``r``.
+
+    Examples
+    --------
+    >>> threshold_scores([3.0, 1.0, 2.0], [0.5, 0.1, 0.3], 0.4).tolist()
+    [-inf, 1.0, 2.0]
+    """
+    z = _as_floats(z, "z")
+    reference = _as_floats(reference, "reference")
+    return np.where(reference < float(target_radius), z, -np.inf)
+
+
+TOPUP_PRIOR = ((0.5, 1.0), (0.5, 0.01), (0.5, 0.5))
+"""``(a, b, weights)`` of the confidence sequence of a topped-up reference: ``0.5 KT + 0.5 Beta(1, 0.01)``,
+fixed in advance (the second component puts its mass near ``p = 1``, where topped-up points lie)."""
+
+
+def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float, sigma: float,
+                           prior=TOPUP_PRIOR):
+    """Reference radius of a calibration point whose samples were topped up by a data-dependent rule.
+
+    ``y = radius(max(CP_{alpha_mc/2}(k_first, n_first), CS_{alpha_mc/2}(successes, samples)))``: the
+    one-sided Clopper-Pearson bound on the first ``n_first`` samples (a fixed number) and the
+    Beta-binomial mixture confidence sequence (``beta_binomial_cs`` with ``prior``, fixed in advance)
+    on all ``samples`` drawn. The CS holds at any stopping time (Ville's inequality), so whatever rule
+    decided how many samples to add after looking at the first ones, ``y`` exceeds the true radius
+    with probability at most ``alpha_mc / 2 + alpha_mc / 2``. A Clopper-Pearson bound on all samples
+    would not be valid under such a rule.
+
+    Examples
+    --------
+    >>> round(float(topup_reference_radius(10_000, 10_000, 30_000, 30_000, 0.001, 0.25)), 3)
+    0.863
+    >>> round(float(topup_reference_radius(9_990, 10_000, 9_990, 10_000, 0.001, 0.25)), 3)
+    0.701
+    """
+    a, b, weights = (np.asarray(v, dtype=float) for v in prior)
+    half = _check_alpha(alpha_mc) / 2
+    cp = lower_confidence_bound(k_first, n_first, half)
+    successes, samples = _check_counts(successes, samples, "successes", "samples")
+    cs, _ = beta_binomial_cs(successes, samples, half, a, b, weights)
+    return _scalar_or_array(np.asarray(radius(np.maximum(cp, cs), sigma), dtype=float))
+
+
+def topup_max_radius(n_first: int, max_samples: int, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR) -> float:
+    """The radius cap of a topped-up calibration: ``topup_reference_radius`` of a point whose
+    ``max_samples`` samples (the planned maximum, fixed before calibration) all agree.
+
+    Examples
+    --------
+    >>> round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3), round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3)
+    (0.793, 0.941)
+    """
+    return float(topup_reference_radius(n_first, n_first, max_samples, max_samples, alpha_mc, sigma, prior))
 
 
 # --------------------------------------------------------------------------- checking a bound

@@ -32,9 +32,9 @@ from .architectures import build, default_arch, load_checkpoint, save_checkpoint
 from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
 from .hashing import sha256_file
 from .smoothing import check_images, resolve_device
-from .stats import check_prior_weight, prior_log_evidence
+from .stats import check_prior_weight, prior_log_evidence, probit_confidence
 
-__all__ = ["Surrogate", "tune_prior", "KAPPA_GRID", "W_GRID"]
+__all__ = ["Surrogate", "tune_prior", "copy_weights", "KAPPA_GRID", "W_GRID"]
 
 KAPPA_GRID = (2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 """Candidate prior concentrations ``kappa`` (pseudo-samples the surrogate's ``p~`` is worth)."""
@@ -60,8 +60,8 @@ def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
     ----------
     counts_top : array_like of int
         Per input, the count of the surrogate's class out of ``n`` noisy evaluations.
-    n : int
-        Noisy evaluations per input.
+    n : int or array_like of int
+        Noisy evaluations per input (one number, or one per input).
     p_tilde : array_like of float
         The surrogate's probability of its class, per input.
     kappas : sequence of float, optional
@@ -109,6 +109,61 @@ def weights_digest(header_json: str, state: dict) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architecture") -> str:
+    """Copy ``source``'s weights into ``target``: by name, or in order where only the shapes match.
+
+    A built-in base checkpoint has the surrogate's parameter names; a TorchScript or ``torch.export``
+    model of the same layout (e.g. a user's 784-512-256-10 MLP against ``--arch mlp``) may name them
+    differently, and is mapped tensor by tensor in ``state_dict`` order when every shape matches. Only
+    the starting point of training changes, never a guarantee (calibration measures the surrogate it
+    gets).
+
+    Parameters
+    ----------
+    target : torch.nn.Module
+        The surrogate network (its weights are replaced).
+    source : torch.nn.Module
+        The base model.
+    arch : str, optional
+        The target's architecture name, for the message.
+
+    Returns
+    -------
+    str
+        ``"by name"`` or ``"in order"``.
+
+    Raises
+    ------
+    ModelError
+        If neither the names nor the ordered shapes match (the first difference is named).
+    """
+    try:
+        source_state = source.state_dict()
+    except Exception as exc:  # a scripted or exported module of any kind: say what failed, in one line
+        raise ModelError(f"--init-from-base: cannot read the base model's weights ({type(exc).__name__}); "
+                         "drop --init-from-base") from None
+    target_state = target.state_dict()
+    source_shapes = [(k, tuple(v.shape)) for k, v in source_state.items()]
+    target_shapes = [(k, tuple(v.shape)) for k, v in target_state.items()]
+    if source_shapes == target_shapes:
+        target.load_state_dict(source_state)
+        return "by name"
+    if [s for _, s in source_shapes] == [s for _, s in target_shapes]:
+        with torch.no_grad():
+            for (name, tensor), value in zip(target_state.items(), source_state.values()):
+                tensor.copy_(value.to(tensor.dtype))
+        return "in order"
+    for i, ((t_name, t_shape), (s_name, s_shape)) in enumerate(zip(target_shapes, source_shapes)):
+        if t_shape != s_shape:
+            where = f"tensor {i} is {s_name} {s_shape} in the base model but {t_name} {t_shape} in {arch}"
+            break
+    else:
+        where = f"the base model has {len(source_shapes)} tensors, {arch} has {len(target_shapes)}"
+    raise ModelError(f"--init-from-base: the base model's weights do not fit architecture {arch} ({where}); "
+                     "choose the --arch of the base model's layout (e.g. --arch mlp for a 784-512-256-10 MLP), "
+                     "or drop --init-from-base")
 
 
 # --------------------------------------------------------------------------- the model wrapper
@@ -208,7 +263,8 @@ class Surrogate:
         arch : str, optional
             Architecture name; default ``default_arch(input_shape)``.
         init_from : torch.nn.Module, optional
-            A module of architecture ``arch`` whose weights are copied.
+            A module whose weights are copied (``copy_weights``: by name, or in order where only the
+            shapes match: a TorchScript or ``torch.export`` base model of the same layout).
         seed : int, optional
             Seed of the weight initialisation; the caller's global CPU RNG state is preserved.
         device : str, torch.device or None, optional
@@ -223,7 +279,7 @@ class Surrogate:
         ------
         ModelError
             If ``arch`` is unknown, ``input_shape`` is not ``(C, H, W)``, or the weights of
-            ``init_from`` do not fit the architecture.
+            ``init_from`` do not fit the architecture (by name or in order).
         InvalidParameterError
             If ``num_classes`` or ``sigma`` is out of range.
         """
@@ -231,15 +287,10 @@ class Surrogate:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = build(arch, input_shape, num_classes)
+        surrogate = cls(model, arch=arch, input_shape=input_shape, num_classes=num_classes, sigma=sigma, device=device)
         if init_from is not None:
-            try:
-                model.load_state_dict(init_from.state_dict())
-            except RuntimeError:
-                raise ModelError(
-                    f"--init-from-base: the base model's weights do not fit architecture {arch} for "
-                    f"{tuple(input_shape)} / {num_classes} classes; drop --arch or --init-from-base"
-                ) from None
-        return cls(model, arch=arch, input_shape=input_shape, num_classes=num_classes, sigma=sigma, device=device)
+            surrogate.init_mapping_ = copy_weights(model, init_from, arch)
+        return surrogate
 
     # ------------------------------------------------------------------ prediction
     def _check(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,9 +377,49 @@ class Surrogate:
         InvalidInputError
             If ``x`` is not a valid image batch of ``input_shape``.
         """
-        proba = self.predict_proba(x, validate=validate)
-        classes = proba.argmax(axis=1)
-        return classes.astype(np.int64), proba[np.arange(len(classes)), classes]
+        # One computation of p~ everywhere (predict_z's): the drift monitor compares deployment's p~
+        # with the calibration's stored ones, so they must be the same function of the logits.
+        classes, p_tilde, _ = self.predict_z(x, validate=validate)
+        return classes, p_tilde
+
+    def predict_z(self, x: torch.Tensor, *, validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A, p~, z~)``: class, its probability and ``z~ = Phi^{-1}(p~)`` accurate in the upper tail.
+
+        ``z~`` comes from the float64 log-softmax through ``log(1 - p~)`` (``stats.probit_confidence``),
+        so it keeps ranking inputs whose ``p~`` rounds to 1 in float64: the confidence bins, the
+        shifted score and the required-radius thresholds are on this scale.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
+        validate : bool, optional
+            Check ``x`` first (see ``logits``).
+
+        Returns
+        -------
+        classes : numpy.ndarray
+            Shape ``(N,)``, int64.
+        p_tilde : numpy.ndarray
+            Shape ``(N,)``, float64.
+        z : numpy.ndarray
+            Shape ``(N,)``, float64, in ``[-stats.Z_MAX, stats.Z_MAX]``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``x`` is not a valid image batch of ``input_shape``.
+        """
+        log_proba = torch.log_softmax(self.logits(x, validate=validate), dim=1)
+        classes = log_proba.argmax(dim=1)
+        rows = torch.arange(len(classes))
+        log_p = log_proba[rows, classes]
+        others = log_proba.clone()
+        others[rows, classes] = -math.inf
+        log_1mp = torch.logsumexp(others, dim=1)
+        p_tilde = torch.exp(log_p).numpy()
+        z = np.atleast_1d(probit_confidence(log_p.numpy(), log_1mp.numpy()))
+        return classes.numpy().astype(np.int64), p_tilde, z
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -464,7 +555,7 @@ class Surrogate:
         x : torch.Tensor
             ``N x C x H x W`` images of ``input_shape``, pixels in [0, 1].
         counts : numpy.ndarray
-            ``N x K`` class counts, the same number of samples in every row.
+            ``N x K`` class counts (rows may hold different numbers of samples).
         **grid
             ``kappas`` and / or ``weights``, to search instead of ``KAPPA_GRID`` / ``W_GRID``.
 
@@ -478,17 +569,18 @@ class Surrogate:
         Raises
         ------
         InvalidInputError
-            If ``x`` is not a valid image batch, or the rows of ``counts`` hold different numbers of
-            samples.
+            If ``x`` is not a valid image batch, or ``counts`` has a row without samples.
         InvalidParameterError
             If a grid value is out of range.
         """
         counts = np.asarray(counts)
         classes, p_tilde = self.predict(x)
-        n = counts.sum(axis=1)
-        if np.any(n != n[0]):
-            raise InvalidInputError("tune_prior needs the same number of samples in every row")
-        self.kappa, self.w, table = tune_prior(counts[np.arange(len(classes)), classes], int(n[0]), p_tilde, **grid)
+        n = counts.sum(axis=1).astype(np.int64)
+        if len(n) != len(classes) or np.any(n < 1):
+            raise InvalidInputError("tune_prior needs one row of counts per image, each with at least one sample")
+        # Rows of several counts files may hold different sample numbers: the evidence is per row.
+        n_arg = int(n[0]) if np.all(n == n[0]) else n
+        self.kappa, self.w, table = tune_prior(counts[np.arange(len(classes)), classes], n_arg, p_tilde, **grid)
         self.prior_table_ = table
         return self.kappa, self.w
 

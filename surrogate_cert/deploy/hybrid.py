@@ -31,7 +31,7 @@ from data_gen.models import check_model_fits, load_model
 from ..core import stats
 from ..core.certificate import Certificate, abstention
 from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
-from ..core.one_pass import SurrogateCertifier
+from ..core.one_pass import SurrogateCertifier, required_radii
 from ..core.sequential import DEFAULT_SCHEDULE, EProcessCertifier, GeometricSchedule
 from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
 from ..core.surrogate import Surrogate
@@ -90,30 +90,27 @@ def fallback_certifier(
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
-    """Per-input required radius (NaN = none required), validated."""
-    if required_radius is None:
-        return np.full(num, np.nan)
-    arr = np.asarray(required_radius, dtype=float)
-    if arr.ndim == 0:
-        arr = np.full(num, float(arr))
-    if arr.shape != (num,):
-        raise InvalidParameterError(f"required_radius must be a scalar or one value per input ({num}), got shape {arr.shape}")
-    finite = ~np.isnan(arr)
-    if np.any(np.isinf(arr)) or np.any(arr[finite] < 0):
-        raise InvalidParameterError("required_radius must be a finite radius >= 0 (input l2 units), or NaN for none")
-    return arr
+    """Per-input required radius (NaN = none required), validated (``core.one_pass.required_radii``)."""
+    return required_radii(required_radius, num)
 
 
 class HybridCertifier:
     """Surrogate first; the sequential certifier where the surrogate does not certify enough.
 
-    For each input: if the calibrated surrogate radius ``R^`` is positive (and at least its
-    required radius, when one is given), the surrogate certificate is returned (0 base-model
-    evaluations). Otherwise, with ``fallback="eprocess"``, ``EProcessCertifier`` tests the
-    surrogate's class with the surrogate prior (target-radius policy where a radius is required,
-    best-radius otherwise); the larger of its radius and ``R^`` is returned, or an abstention when
-    neither is positive. A certificate is wrong with probability at most
-    ``epsilon + alpha_mc`` (surrogate, marginally) plus ``alpha`` (sequential, per input).
+    For each input: if the calibrated surrogate radius ``R^`` is positive, the surrogate certificate
+    is returned (0 base-model evaluations). Otherwise, with ``fallback="eprocess"``,
+    ``EProcessCertifier`` tests the surrogate's class with the surrogate prior (best-radius policy);
+    the larger of its radius and ``R^`` is returned, or an abstention when neither is positive.
+
+    Asked for a required radius ``r* > 0``: with a calibration that holds required-radius thresholds,
+    the surrogate certifies ``(A, r*)`` iff ``z~ > tau(r+)`` (``core.one_pass.certified_at_required``),
+    and every other input goes to the fallback in target-radius mode at ``r*``, whose certificate is
+    returned as it is (the best-radius ``R^`` is not used in this mode, so the one-pass part keeps one
+    rule and its bound). A calibration without thresholds keeps the older rule: the surrogate's
+    ``(A, R^)`` where ``R^ >= r*``, else the fallback, keeping the larger radius.
+
+    A certificate is wrong with probability at most ``epsilon + alpha_mc`` (surrogate, marginally;
+    for each fixed ``r*`` in required-radius mode) plus ``alpha`` (sequential, per input).
 
     Parameters
     ----------
@@ -383,7 +380,10 @@ class HybridCertifier:
         num = x.shape[0]
         required = _required_radii(required_radius, num)
         idx = noise_indices(indices, num)
-        classes, p_tilde, radius = self.surrogate_certifier.radii(x, validate=False)
+        classes, p_tilde, z, radius = self.surrogate_certifier.evaluate(x, validate=False)
+        # With required-radius thresholds an asked input's one-pass radius is r* or 0 (never R^), so
+        # an input the thresholds do not certify carries nothing from the surrogate into the merge below.
+        radius = self.surrogate_certifier.radius_for(z, radius, required)
         p_lower = self.surrogate_certifier.p_lower(radius)
         cut, audit_spent = self._watch(x, classes, p_tilde, radius, idx)
         trusted = np.arange(num) < cut  # queries before a watcher's alarm
@@ -410,8 +410,8 @@ class HybridCertifier:
             )
             for i, cert in zip(rest, fallback):
                 # Both certificates are valid; keep the larger radius (the sequential one unless the
-                # surrogate's, below the required radius, is still larger). After an alarm the
-                # surrogate's radius is not trusted: the sequential certificate stands alone.
+                # surrogate's, below the required radius, is still larger; in threshold mode it is 0).
+                # After an alarm the surrogate's radius is not trusted: the sequential certificate stands alone.
                 if not trusted[i] or (cert.radius > 0 and cert.radius >= radius[i]):
                     out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
                                                  seconds=cert.seconds + per_input)

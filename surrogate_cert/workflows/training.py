@@ -1,29 +1,33 @@
-"""Training the surrogate from a counts file: ``surrogate-cert train``.
+"""Training the surrogate from counts files: ``surrogate-cert train``.
 
-The surrogate model and its training on arrays are core (``core.surrogate``); this stage reads a
-``train`` counts file and the images it names, trains, tunes the fallback prior on the held-out
-part of the same split, records where everything came from, and saves the checkpoint.
+The surrogate model and its training on arrays are core (``core.surrogate``); this stage reads one
+or more counts files (the ``surrogate`` split, whose images the built-in base model never saw, and
+optionally the ``train`` split) and the images they name, trains, tunes the fallback prior on the
+held-out rows, records where everything came from (each file, and every image by dataset index),
+and saves the checkpoint.
 """
 from __future__ import annotations
 
 import os
 import time
 
+import numpy as np
 import torch
 
+from data_gen.models import load_model
 from data_gen.store import CountsMismatchError, check_counts_for, index_ranges, read_counts
 
-from ..core.architectures import load_checkpoint
+from ..core.architectures import CHECKPOINT_FILE_KINDS, default_arch, load_checkpoint
 from ..core.errors import InvalidInputError, InvalidParameterError, ModelError
-from ..core.files import check_outputs
+from ..core.files import check_outputs, sniff
 from ..core.hashing import sha256_file
 from ..core.surrogate import Surrogate
 
-__all__ = ["train_surrogate"]
+__all__ = ["train_surrogate", "builtin_base_arch"]
 
 
 def train_surrogate(
-    counts_path: str | os.PathLike,
+    counts_path,
     out: str | os.PathLike,
     *,
     arch: str | None = None,
@@ -33,28 +37,34 @@ def train_surrogate(
     data_root: str | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float | None = None,
     holdout: float = 0.1,
+    patience: int = 8,
     progress: bool = True,
     overwrite: bool = True,
 ) -> Surrogate:
-    """Train a surrogate on a ``train`` counts file and save it to ``out``; returns it.
+    """Train a surrogate on one or more counts files and save it to ``out``; returns it.
 
-    The images are read from the dataset and split the counts file records (``load_split(...)
-    .take(indices)``). The default architecture follows the recorded input shape; ``init_from_base``
-    (a checkpoint from ``train-base``) starts from the base model's weights and architecture.
-    ``kappa`` and ``w`` of the fallback prior are tuned on the held-out part of this split.
+    ``counts_path`` is one counts file or a list of them (e.g. the ``surrogate`` split, optionally with
+    the ``train`` split): of one dataset, sigma, class count, image shape and base model, complete,
+    with no image twice. Rows may hold different sample numbers (the soft label of a row is
+    ``counts / its sum``). The images are read from the dataset and split each file records. The
+    default architecture follows the input shape; ``init_from_base`` (any base model spec:
+    a ``train-base`` checkpoint, whose architecture is then used, or a TorchScript / ``torch.export`` /
+    factory model whose weights are mapped onto ``arch``, see ``core.surrogate.copy_weights``) sets
+    the starting weights. ``kappa`` and ``w`` of the fallback prior are tuned on the held-out rows.
 
     Parameters
     ----------
-    counts_path : str or os.PathLike
-        A complete counts file of the ``train`` split (at least 2 rows).
+    counts_path : str, os.PathLike or list of them
+        Complete counts files (at least 2 rows in all); ``calibrate`` later refuses calibration images
+        the surrogate was trained on (by dataset index).
     out : str or os.PathLike
         The surrogate checkpoint to write.
     arch : str, optional
-        Architecture name; must match the base model's with ``init_from_base``.
+        Architecture name; with a built-in ``init_from_base`` it must be the base model's.
     init_from_base : str, optional
-        A base-model checkpoint whose weights and architecture the surrogate starts from.
+        A base model spec whose weights the surrogate starts from.
     epochs : int, optional
         Most epochs (``Surrogate.fit``).
     seed : int, optional
@@ -66,9 +76,11 @@ def train_surrogate(
     batch_size : int, optional
         Images per optimisation step.
     lr : float, optional
-        AdamW learning rate.
+        AdamW learning rate; default 1e-3 when starting from the base model (fine-tuning), else 2e-3.
     holdout : float, optional
         Share of the rows kept out for early stopping and prior tuning, in [0, 1).
+    patience : int, optional
+        Epochs without held-out improvement before stopping.
     progress : bool, optional
         Show a progress bar.
     overwrite : bool, optional
@@ -78,77 +90,129 @@ def train_surrogate(
     Returns
     -------
     Surrogate
-        The trained surrogate; its ``meta`` records the counts file, base model, training and
-        prior-tuning provenance, and the dataset indices of every image it was trained on
-        (``train_index_ranges``, as ``data_gen.store.index_ranges``), which ``calibrate`` keeps out
-        of the calibration.
+        The trained surrogate; its ``meta`` records each counts file (``counts_files``), base model,
+        training and prior-tuning provenance, and the dataset indices of every image it was trained
+        on (``train_index_ranges``, as ``data_gen.store.index_ranges``), which ``calibrate`` keeps
+        out of the calibration.
 
     Raises
     ------
     InvalidInputError
-        If the counts file is incomplete or has fewer than 2 rows.
+        If a counts file is incomplete, the files disagree (dataset, sigma, classes, image shape, base
+        model) or share images, or they hold fewer than 2 rows.
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
     InvalidParameterError
-        If ``arch`` contradicts the base model's, or a training option is out of range.
+        If ``arch`` contradicts a built-in base model's, or a training option is out of range.
     StoreError
-        If the counts file is missing or unreadable.
+        If a counts file is missing or unreadable.
     DatasetError
         If the images it names cannot be loaded.
     ModelError
-        If the base checkpoint cannot be loaded, is not a base model, does not fit the counts' images
-        and classes, or ``out`` cannot be written.
+        If the base model cannot be loaded, is not a base model, does not fit the counts' images and
+        classes or the architecture, or ``out`` cannot be written.
     """
     started = time.perf_counter()
     if not overwrite:
         check_outputs([out], overwrite=False)
-    counts_file = read_counts(counts_path)
-    attrs = counts_file.attrs
+    paths = [counts_path] if isinstance(counts_path, (str, os.PathLike)) else list(counts_path)
+    if not paths:
+        raise InvalidInputError("give at least one counts file to train on")
+    files = [read_counts(p) for p in paths]
+    first, attrs = files[0], files[0].attrs
     try:
-        check_counts_for(counts_file, counts_path, complete=True)
+        for path, counts_file in zip(paths, files):
+            check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
+                             num_classes=int(attrs["num_classes"]), input_shape=attrs["input_shape"],
+                             model_sha256=attrs.get("model_sha256"), complete=True)
     except CountsMismatchError as exc:
-        raise InvalidInputError(str(exc)) from None
-    if len(counts_file) < 2:
-        raise InvalidInputError(f"{counts_path} holds {len(counts_file)} rows; a surrogate needs at least 2")
-    images = counts_file.images(data_root)
+        raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
+    indices = np.concatenate([f.indices for f in files])
+    if len(np.unique(indices)) != len(indices):
+        raise InvalidInputError("the training counts files share images (the same dataset index twice); give each "
+                                "split once")
+    if len(indices) < 2:
+        raise InvalidInputError(f"{', '.join(map(str, paths))} hold {len(indices)} rows; a surrogate needs at least 2")
+    images = torch.cat([f.images(data_root) for f in files])
+    # Soft labels: each row's counts over its own sample number, so files of different n mix.
+    counts = np.concatenate([f.counts for f in files])
     input_shape = tuple(attrs.get("input_shape") or images.shape[1:])
     num_classes = int(attrs["num_classes"])
-    base = None
+    base, mapping = None, None
     if init_from_base is not None:
-        base_model, base_header = load_checkpoint(init_from_base, kind="base")
-        if (tuple(base_header["input_shape"]) != input_shape or int(base_header["num_classes"]) != num_classes):
-            raise ModelError(f"--init-from-base {init_from_base} is a model for {tuple(base_header['input_shape'])} "
-                             f"images and {base_header['num_classes']} classes, but the counts are for {input_shape} and "
-                             f"{num_classes}; give the base model of this dataset")
-        if arch is not None and arch != base_header["arch"]:
-            raise InvalidParameterError(
-                f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
-            )
-        arch, base = base_header["arch"], base_model
+        base, arch = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
     surrogate = Surrogate.build(input_shape, num_classes, float(attrs["sigma"]), arch=arch, init_from=base,
                                 seed=seed, device=device)
-    surrogate.fit(images, counts_file.counts, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout,
+    mapping = getattr(surrogate, "init_mapping_", None)
+    if lr is None:
+        lr = 1e-3 if base is not None else 2e-3
+    surrogate.fit(images, counts, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout, patience=patience,
                   seed=seed, progress=progress)
     tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
-    surrogate.tune_prior(images[tune_rows], counts_file.counts[tune_rows])
+    surrogate.tune_prior(images[tune_rows], counts[tune_rows])
     last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
+    file_records = [dict(path=os.path.abspath(p), sha256=sha256_file(p), split=str(f.attrs["split"]), rows=len(f),
+                         n=int(f.attrs["n"])) for p, f in zip(paths, files)]
+    splits = "+".join(dict.fromkeys(r["split"] for r in file_records))
     surrogate.meta = dict(
         dataset=str(attrs["dataset"]),
-        split=str(attrs["split"]),
-        counts_sha256=sha256_file(counts_path),
-        counts_n=int(attrs["n"]),
-        counts_rows=len(counts_file),
-        train_index_ranges=index_ranges(counts_file.indices),
+        split=splits,
+        counts_sha256=file_records[0]["sha256"],
+        counts_files=file_records,
+        counts_n=int(attrs["n"]) if len(files) == 1 else max(r["n"] for r in file_records),
+        counts_rows=int(len(indices)),
+        train_index_ranges=index_ranges(indices),
         base_model_sha256=attrs.get("model_sha256"),
         seed=int(seed),
         epochs_run=len(surrogate.history_),
         best_epoch=int(surrogate.best_epoch_),
         train_loss=last.get("train_loss"),
         holdout_loss=last.get("holdout_loss"),
-        init_from_base=os.path.abspath(init_from_base) if init_from_base else None,
+        init_from_base=os.path.abspath(init_from_base) if init_from_base and os.path.exists(init_from_base)
+        else init_from_base,
+        init_mapping=mapping,
+        training=dict(lr=lr, batch_size=batch_size, holdout=holdout, patience=patience),
         prior_tuning=dict(criterion="log marginal likelihood of held-out train counts",
                           rows=int(len(tune_rows)), table=surrogate.prior_table_),
         seconds=time.perf_counter() - started,
     )
     surrogate.save(out, overwrite=overwrite)
     return surrogate
+
+
+def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, device):
+    """The base model whose weights start the surrogate, and the surrogate's architecture.
+
+    A built-in checkpoint brings its architecture (``arch`` must agree); any other model spec
+    (TorchScript, ``torch.export``, factory) is mapped onto ``arch`` (default ``default_arch``) by
+    ``core.surrogate.copy_weights``, which refuses a layout that does not fit.
+    """
+    builtin = os.path.isfile(spec) and sniff(spec) in CHECKPOINT_FILE_KINDS
+    if builtin:
+        base_model, base_header = load_checkpoint(spec, kind="base")
+        if tuple(base_header["input_shape"]) != tuple(input_shape) or int(base_header["num_classes"]) != num_classes:
+            raise ModelError(f"--init-from-base {spec} is a model for {tuple(base_header['input_shape'])} "
+                             f"images and {base_header['num_classes']} classes, but the counts are for "
+                             f"{tuple(input_shape)} and {num_classes}; give the base model of this dataset")
+        if arch is not None and arch != base_header["arch"]:
+            raise InvalidParameterError(
+                f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
+            )
+        return base_model, base_header["arch"]
+    loaded = load_model(spec, device="cpu", num_classes=num_classes, input_shape=input_shape)
+    return loaded.model, arch or default_arch(input_shape)
+
+
+def builtin_base_arch(spec: str | os.PathLike) -> str | None:
+    """The architecture of a built-in base checkpoint (``train-base``), or None for any other model spec.
+
+    The pipeline starts the surrogate from the base model's weights when the two architectures agree.
+    """
+    spec = os.fspath(spec)
+    if not (os.path.isfile(spec) and sniff(spec) in CHECKPOINT_FILE_KINDS):
+        return None
+    try:
+        _, header = load_checkpoint(spec, kind="base")
+    except ModelError:
+        return None
+    return str(header["arch"])
