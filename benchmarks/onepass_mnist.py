@@ -1,6 +1,6 @@
 """One-pass certificates on real data (issue 10): Cohen-10k, one-pass, hybrid and required-radius mode.
 
-A configuration of ``surrogate_cert.workflows.bench.run_onepass``: the base model (built in,
+A configuration of ``surrogate_cert.workflows.onepass_case.run_onepass``: the base model (built in,
 ``train-base --arch mlp``, or ``--model`` your own), counts of the surrogate / cal / test splits cached by
 content in ``--cache`` (dataset, split, model hash, sigma, n, n0, seed, limit; ``--reuse DIR`` copies
 matching files from elsewhere, never writing there), the surrogate started from the base model and
@@ -24,7 +24,7 @@ import dataclasses
 import json
 import sys
 
-from surrogate_cert.workflows.bench import (
+from surrogate_cert.workflows.onepass_case import (
     ONEPASS_DIGITS,
     ONEPASS_MNIST_CPU,
     ONEPASS_MNIST_GPU,

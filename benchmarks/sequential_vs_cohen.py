@@ -1,6 +1,6 @@
 """Pareto benchmark: samples per input against certified accuracy, sequential certifier vs Cohen-n.
 
-A configuration of the bench harness (``surrogate_cert.workflows.bench.run_pareto``): on the exact
+A configuration of ``surrogate_cert.workflows.pareto.run_pareto``: on the exact
 linear ground truth, on digits (the quickstart's base model and surrogate, made in ``--workdir`` if
 absent) and on MNIST (``--mnist-model``, ``--data-root``; ``--mnist-surrogate`` adds the surrogate
 rows), certified accuracy at r = sigma, 2 sigma, 3 sigma and ACR against base-model evaluations per
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from surrogate_cert.workflows.bench import PARETO_COHEN_N, PARETO_PRICES, ParetoConfig, run_pareto
+from surrogate_cert.workflows.pareto import PARETO_COHEN_N, PARETO_PRICES, ParetoConfig, run_pareto
 
 
 def _numbers(text: str, kind=float) -> tuple:

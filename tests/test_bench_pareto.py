@@ -10,7 +10,7 @@ import pytest
 from surrogate_cert.core.groundtruth import linear_problem
 from surrogate_cert.core.sequential import EProcessCertifier
 from surrogate_cert.core.smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier
-from surrogate_cert.workflows.bench import ParetoConfig, RecordedSmoothed, record_streams, run_pareto
+from surrogate_cert.workflows.pareto import ParetoConfig, RecordedSmoothed, record_streams, run_pareto
 
 
 def test_replayed_streams_give_the_certificates_of_a_live_run(tmp_path):
