@@ -550,6 +550,23 @@ class SmoothedClassifier:
             return [block_seed(self.seed, index, stream, b) for b in range(first_block, end_block)]
         return None
 
+    def _noise_blocks(self, start_arr: np.ndarray, n_arr: np.ndarray, idx_arr: np.ndarray, stream: int):
+        """Walk the noise blocks that samples ``start_i .. start_i + n_i - 1`` of each input fall in.
+
+        Yields ``(i, block, key, lo, hi)``: input ``i`` uses rows ``lo:hi`` of noise block ``block``,
+        whose generator seed is ``key`` (None for the unseeded scheme). ``counts`` and
+        ``sample_predictions`` both walk the streams this way, so they see the same samples.
+        """
+        for i in range(len(n_arr)):
+            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
+            if last <= first:
+                continue
+            first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
+            keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
+            for j, block in enumerate(range(first_block, end_block)):
+                yield (i, block, None if keys is None else keys[j], max(first - block * NOISE_BLOCK, 0),
+                       min(last - block * NOISE_BLOCK, NOISE_BLOCK))
+
     @torch.inference_mode()
     def counts(
         self,
@@ -634,31 +651,23 @@ class SmoothedClassifier:
                 pred = self.predict_labels(noisy)
                 counts.add_(torch.bincount(own * k + pred, minlength=num * k))
 
-        for i in range(num):
-            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
-            if last <= first:
-                continue
-            first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
-            keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
-            for j, block in enumerate(range(first_block, end_block)):
-                lo = max(first - block * NOISE_BLOCK, 0)
-                hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
-                take = hi - lo
-                if keys is not None:
-                    gen.manual_seed(keys[j])
-                    if take == NOISE_BLOCK:
-                        torch.randn((NOISE_BLOCK, *shape), generator=gen, out=noise[filled:filled + take])
-                    else:
-                        if scratch is None:
-                            scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
-                        torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
-                        noise[filled:filled + take] = scratch[lo:hi]
-                owner_ids.append(i)
-                owner_takes.append(take)
-                filled += take
-                if filled >= capacity:
-                    flush(filled)
-                    filled = 0
+        for i, _, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
+            take = hi - lo
+            if key is not None:
+                gen.manual_seed(key)
+                if take == NOISE_BLOCK:
+                    torch.randn((NOISE_BLOCK, *shape), generator=gen, out=noise[filled:filled + take])
+                else:
+                    if scratch is None:
+                        scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
+                    torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+                    noise[filled:filled + take] = scratch[lo:hi]
+            owner_ids.append(i)
+            owner_takes.append(take)
+            filled += take
+            if filled >= capacity:
+                flush(filled)
+                filled = 0
         if filled:
             flush(filled)
         return counts.view(num, k).cpu().numpy()
@@ -787,25 +796,18 @@ class SmoothedClassifier:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 out[slots[lo:hi]] = self.predict_labels(noisy).to(torch.int32)
 
-        for i in range(num):
-            first, last = int(start_arr[i]), int(start_arr[i] + n_arr[i])
-            if last <= first:
-                continue
-            first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
-            keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
-            for j, block in enumerate(range(first_block, end_block)):
-                lo = max(first - block * NOISE_BLOCK, 0)
-                hi = min(last - block * NOISE_BLOCK, NOISE_BLOCK)
-                take = hi - lo
-                gen.manual_seed(keys[j])
-                torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
-                noise[filled:filled + take] = scratch[lo:hi]
-                owners[filled:filled + take] = i
-                slots[filled:filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - first)
-                filled += take
-                if filled >= capacity:
-                    flush(filled)
-                    filled = 0
+        for i, block, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
+            take = hi - lo
+            gen.manual_seed(key)
+            torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+            noise[filled:filled + take] = scratch[lo:hi]
+            owners[filled:filled + take] = i
+            # column of sample (block * NOISE_BLOCK + lo) in row i: its offset from start_i
+            slots[filled:filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - int(start_arr[i]))
+            filled += take
+            if filled >= capacity:
+                flush(filled)
+                filled = 0
         if filled:
             flush(filled)
         return out.view(num, width).cpu().numpy()
