@@ -46,4 +46,7 @@ def test_tiny_pareto_run_reports_rows_targets_and_a_figure(tmp_path):
         assert set(row["certified_accuracy"]) == {"0", "1sigma", "2sigma", "3sigma"}
         assert row["wrong"] <= row["allowance"]
     assert (tmp_path / "pareto_linear.png").stat().st_size > 0
+    report = (tmp_path / "pareto.html").read_text()
+    assert content["report"] == str(tmp_path / "pareto.html") and "data:image/png;base64," in report
+    assert "Cohen-100" in report and "overshoot" in report
     assert "overshoot" in data["datasets"]["linear"]["targets"] and "| Cohen-100 |" in content["markdown"]

@@ -5,6 +5,7 @@ bench harness's (``workflows.bench``).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import jinja2
 import matplotlib
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from ..core import stats
 from ..core.certificate import Certificate
 from ..core.cohen import certificates_from_counts
 from ..core.errors import InvalidParameterError
+from ..core.files import write_text_atomic
 from ..core.groundtruth import linear_problem
 from ..core.one_pass import SurrogateCertifier
 from ..core.sequential import EProcessCertifier, default_schedule
@@ -579,7 +582,8 @@ def pareto_markdown(result: dict) -> str:
 
 def run_pareto(out: str | os.PathLike | None, configs: list[ParetoConfig], *, workdir: str | os.PathLike,
                say: Callable[[str], None] = print, command: str | None = None) -> dict:
-    """The Pareto benchmark over ``configs`` (one per dataset): JSON to ``out``, a PNG per dataset beside it.
+    """The Pareto benchmark over ``configs`` (one per dataset): JSON to ``out``, a PNG per dataset and an
+    HTML report (``<out stem>.html``: figures, rows, targets) beside it.
 
     Parameters
     ----------
@@ -623,12 +627,26 @@ def run_pareto(out: str | os.PathLike | None, configs: list[ParetoConfig], *, wo
     content["setup"]["load_average_end"] = list(os.getloadavg())
     content["markdown"] = "\n\n".join(pareto_markdown(r) for r in content["datasets"].values())
     if out is not None:
-        tmp = f"{out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(json_safe(content), fh, indent=2, allow_nan=False)
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=True)
+        content["report"] = write_text_atomic(Path(out).with_suffix(".html"), pareto_html(content), overwrite=True)
     return content
 
 
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("surrogate_cert.workflows", "templates"),
+    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
+)
+
+
+def pareto_html(content: dict) -> str:
+    """The Pareto report: per dataset its figure (embedded), every row and the targets, met or missed."""
+    figures = {}
+    for name, path in content.get("figures", {}).items():
+        with open(path, "rb") as fh:
+            figures[name] = base64.b64encode(fh.read()).decode("ascii")
+    return _TEMPLATES.get_template("pareto.html.j2").render(
+        command=content["setup"].get("command"), datasets=json_safe(content["datasets"]), figures=figures)
+
+
 __all__ = ["ParetoConfig", "RecordedSmoothed", "record_streams", "pareto_dataset", "run_pareto", "pareto_markdown",
-           "pareto_figure", "PARETO_COHEN_N", "PARETO_PRICES"]
+           "pareto_figure", "pareto_html", "PARETO_COHEN_N", "PARETO_PRICES"]
