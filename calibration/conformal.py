@@ -61,7 +61,6 @@ from surrogate_cert.core.hashing import sha256_file
 from surrogate_cert.core.one_pass import (
     DEFAULT_CONFIDENCE_EDGES,
     GROUPINGS,
-    POOLED,
     SCORES,
     all_group_keys,
     deployed_radius,

@@ -64,7 +64,7 @@ import numpy as np
 from surrogate_cert.core.errors import OutputExistsError, StoreError
 from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
 
-from .datasets import load_images, load_split, same_dataset
+from .datasets import load_images, same_dataset
 from .distributed import shard_positions
 
 class StoreLockedError(StoreError):

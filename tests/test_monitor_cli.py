@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from calibration import calibrate_arrays
 from calibration.artifact import _content_hash

@@ -17,7 +17,6 @@ from data_gen.distributed import SINGLE, Shard
 
 from ..core import __version__
 from ..core.certificate import certified_accuracy, meta_path, write_tsv
-from ..core.errors import InvalidParameterError
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
 from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from typing import Sequence
 
 import numpy as np

@@ -119,7 +119,7 @@ def train_surrogate(
     if not paths:
         raise InvalidInputError("give at least one counts file to train on")
     files = [read_counts(p) for p in paths]
-    first, attrs = files[0], files[0].attrs
+    attrs = files[0].attrs
     try:
         for path, counts_file in zip(paths, files):
             check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
