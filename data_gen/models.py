@@ -8,7 +8,8 @@ Model specs accepted by ``load_model`` (and ``--model``):
 - ``model.ts``: a TorchScript file (``torch.jit.save``); an optional extra file
   ``surrogate_cert.json`` (``_extra_files``) may declare ``num_classes``, ``input_shape`` and ``sigma``;
 - ``model.pt2``: a ``torch.export`` program (``torch.export.save``), the format PyTorch recommends now
-  that TorchScript is deprecated. Export it with a dynamic batch dimension (``dynamic_shapes=({0:
+  that TorchScript is deprecated. Read by ``data_gen.pt2.load_exported_program``, never by
+  ``torch.export.load``, which unpickles parts of the archive: nothing in the file is run. Export it with a dynamic batch dimension (``dynamic_shapes=({0:
   torch.export.Dim("batch", min=1)},)``), since the engine evaluates batches of any size; a program
   with a static batch is refused. Its input shape and class count are read from the program, so the
   same shape checks apply as for a checkpoint; the same optional ``surrogate_cert.json``
@@ -54,6 +55,7 @@ from surrogate_cert.core.hashing import sha256_bytes, sha256_file
 from surrogate_cert.core.smoothing import resolve_device
 
 from .datasets import load_split
+from .pt2 import load_exported_program
 
 _FACTORY_MODULE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*|.+\.py")
 """The part before ':' of a factory spec: a dotted module name, or a path to a .py file."""
@@ -157,12 +159,8 @@ def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int |
 
 
 def _load_exported(path: str, device: torch.device) -> LoadedModel:
-    extra = {TORCHSCRIPT_META: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception as exc:  # torch.export raises many types for malformed archives
-        raise ModelError(f"cannot load torch.export program {path} ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+    # Never torch.export.load: it unpickles parts of the archive and evaluates strings of it (pt2.py).
+    program, extra = load_exported_program(path)
     input_shape, num_classes = _export_signature(program, path)
     meta = _read_meta(extra, path)
     if meta.get("input_shape") is not None and input_shape is not None and \
