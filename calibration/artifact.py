@@ -455,6 +455,42 @@ class Calibration:
                 "re-calibrate"
             )
 
+    def check_fresh(self, *, dataset: str | None = None, split: str | None = None,
+                    counts_sha256: str | None = None, what: str = "these images") -> None:
+        """Refuse (``CalibrationError``) to use this calibration on its own calibration images.
+
+        The guarantee holds for inputs exchangeable with the calibration images and not among them:
+        evaluated on the calibration set itself, every calibrated radius was fitted to its own point.
+        One rule for every consumer: the held-out check of ``report`` / ``calibrate --report-counts``
+        (a counts file) and ``certify`` (a dataset split).
+
+        Parameters
+        ----------
+        dataset : str, optional
+            The dataset spec of the images (``data_gen.datasets.same_dataset`` compares it).
+        split : str, optional
+            Their split; the same split of the same dataset as the calibration's is its images.
+        counts_sha256 : str, optional
+            SHA-256 of the counts file about to be used; the calibration's own counts file is refused.
+        what : str, optional
+            What the images are, for the message.
+
+        Raises
+        ------
+        CalibrationError
+            If the counts file is the calibration's, or the split is the calibration's split of its dataset.
+        """
+        from data_gen.datasets import same_dataset  # the split names are the dataset layer's
+
+        if counts_sha256 and self.counts_sha256 and counts_sha256 == self.counts_sha256:
+            raise CalibrationError(f"{what} is the calibration's own counts file: the guarantee needs images the "
+                                   "calibration never saw; use the test split")
+        if split is not None and self.split is not None and str(split) == str(self.split) and (
+                dataset is None or self.dataset is None or same_dataset(str(dataset), str(self.dataset))):
+            raise CalibrationError(f"{what} is the {split} split of {self.dataset or dataset}, the calibration images "
+                                   "themselves: the guarantee needs images the calibration never saw; use the test "
+                                   "split")
+
     # ------------------------------------------------------------------ files
     def to_dict(self, *, key: bytes | None = None) -> dict:
         """The JSON content, with its checksum and (given a key) its signature.

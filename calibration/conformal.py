@@ -1032,7 +1032,8 @@ def calibrate_arrays(
     )
 
 
-def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None = None) -> tuple[list[float], dict]:
+def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None = None, *,
+                      key: bytes | str | None = None) -> tuple[list[float], dict]:
     """Confidence-bin edges chosen on another split: equal-mass quantiles of ``z~`` over its images.
 
     For ``groups="confidence"``: the surrogate's outputs on the images of ``counts_file`` (its own
@@ -1071,7 +1072,7 @@ def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None =
                                "surrogate's training split (its counts file), never where the guarantee is measured")
     try:
         check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), num_classes=surrogate.num_classes,
-                         input_shape=surrogate.input_shape, complete=False)
+                         input_shape=surrogate.input_shape, complete=False, key=key)
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
     _, _, z = surrogate.predict_z(counts.images(data_root))
@@ -1101,6 +1102,7 @@ def calibrate(
     thresholds: bool = True,
     data_root: str | None = None,
     device=None,
+    key: bytes | str | None = None,
 ) -> Calibration:
     """Calibrate ``surrogate`` on a calibration counts file: returns a ``Calibration``.
 
@@ -1129,6 +1131,9 @@ def calibrate(
         Where torchvision datasets are read from.
     device : str, torch.device or None, optional
         Where the surrogate runs, when loaded from a path.
+    key : bytes or str, optional
+        Signing key (default: the environment's, ``core.signing.resolve_key``): with one, the counts
+        files (and a surrogate given as a path) must be signed under it. ``Calibration.save`` signs.
 
     Returns
     -------
@@ -1137,28 +1142,36 @@ def calibrate(
     Raises
     ------
     CalibrationError
-        If the counts file is of the train or surrogate split, of another dataset, class count, input
+        If the counts file is of the train, surrogate or test split (the test split is certified: its
+        images must not be the calibration's), of another dataset, class count, input
         shape or sigma, holds images the surrogate was trained on (by dataset index, recorded in the
         checkpoint; or its training split), was made with another base model, is incomplete, or is too small.
     InvalidParameterError
-        If an option is out of range.
+        If an option is out of range (``bins`` included: a whole number >= 1, never replaced by a default).
     StoreError
-        If the counts file is missing, unreadable, not a counts file, or contradicts itself.
+        If the counts file is missing, unreadable, not a counts file, contradicts itself, or (with a key)
+        is not signed under it.
     ModelError
         If the surrogate checkpoint cannot be loaded.
     DatasetError
         If the images the counts file names cannot be loaded.
     """
     check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    if bins is not None:
+        bins = check_count("bins", bins, minimum=2 if edges_from is not None else 1)
     if edges_from is not None and groups != "confidence":
         raise InvalidParameterError("--edges-from chooses confidence-bin edges: use it with --groups confidence")
     if edges_from is not None and bin_edges is not None:
         raise InvalidParameterError("give bin edges or a file to choose them on (edges_from), not both")
     if not isinstance(surrogate, Surrogate):
-        surrogate = Surrogate.load(surrogate, device=device)
+        surrogate = Surrogate.load(surrogate, device=device, key=key)
     counts = read_counts(counts_file)
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
+    if str(attrs.get("split")) == "test":
+        raise CalibrationError(f"{counts_file} holds the test split: its images are the ones `certify --split test` "
+                               "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
+                               "on the cal split")
     trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
     if str(attrs.get("split")) in ("train", "surrogate") or counts_sha256 in trained_files:
         raise CalibrationError(
@@ -1175,19 +1188,20 @@ def calibrate(
         check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
                          num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=trained_on)
+                         excluded_indices=trained_on, key=key)
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
     source = None
     if edges_from is not None:
-        bin_edges, source = edges_from_counts(surrogate, edges_from, bins or 5, data_root)
+        bin_edges, source = edges_from_counts(surrogate, edges_from, 5 if bins is None else bins, data_root, key=key)
     elif groups == "confidence":
         source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
     images = counts.images(data_root)
     topped = attrs.get("topup_planned_max") is not None
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
-        method=method, bin_edges=bin_edges, score=score, bins=bins or SHIFT_BINS, tune_share=tune_share,
+        method=method, bin_edges=bin_edges, score=score, bins=SHIFT_BINS if bins is None else bins,
+        tune_share=tune_share,
         partition_seed=partition_seed, indices=counts.indices, labels=counts.labels, thresholds=thresholds,
         counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
         planned_max=counts.planned_max_samples if topped else None, bin_edges_source=source,

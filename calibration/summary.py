@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data_gen.store import CountsMismatchError, check_counts_for, read_attrs, read_counts
+from data_gen.store import CountsMismatchError, check_counts_for, read_counts
 from surrogate_cert.core import stats
 from surrogate_cert.core.certificate import certified_accuracy, read_meta, read_tsv
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
@@ -114,12 +114,21 @@ def load_calibration(path: str | os.PathLike, key: bytes | None = None) -> dict:
         return json.load(fh)
 
 
-def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike]) -> int:
-    """Base-model evaluations spent to make counts files: committed rows x (n + n0), summed."""
+def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike], key: bytes | None = None) -> int:
+    """Base-model evaluations spent to make counts files: rows x (n + n0), summed.
+
+    Each file is read whole and checked (``read_counts``: rows summing to ``n``, ...; ``check_counts_for``:
+    complete, and signed when a key is configured), so a damaged or edited file is refused, not counted.
+    """
     total = 0
     for path in paths:
-        attrs = read_attrs(path)
-        total += int(attrs["rows"]) * (int(attrs["n"]) + int(attrs.get("n0") or 0))
+        counts = read_counts(path)
+        try:
+            check_counts_for(counts, path, complete=True, key=key)
+        except CountsMismatchError as exc:
+            raise CalibrationError(f"--offline-counts: {exc}") from None
+        attrs = counts.attrs
+        total += len(counts) * (int(attrs["n"]) + int(attrs.get("n0") or 0))
     return total
 
 
@@ -343,22 +352,12 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     For each image of ``counts`` (normally the test split; never the calibration counts, nor images
     the surrogate was trained on): the surrogate's class A, probability p~ and calibrated radius R^
     (``calibration.conformal.deployed_radius``); the reference y from the counts of A
-    (``check_against_reference``). The counts must be of the calibration's dataset, sigma, classes,
-    image shape and base model (``data_gen.store.check_counts_for``).
+    (``check_against_reference``). The counts are refused unless ``held_out_counts`` accepts them.
     """
-    model = Surrogate.load(surrogate)
+    model = Surrogate.load(surrogate, key=key)
     cal = load_artifact(calibration, surrogate=model, key=key)
-    held_out = read_counts(counts)
+    held_out = held_out_counts(counts, model, cal, key=key)
     attrs = held_out.attrs
-    if cal.counts_sha256 and cal.counts_sha256 == sha256_file(counts):
-        raise CalibrationError(f"{counts} is the calibration split itself; check on the test split's counts")
-    try:
-        check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
-                         num_classes=cal.num_classes, input_shape=model.input_shape,
-                         model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=False,
-                         excluded_indices=model.meta.get("train_index_ranges"))
-    except CountsMismatchError as exc:
-        raise CalibrationError(f"the held-out check: {exc}") from None
     images = held_out.images(data_root)
     predicted, p_tilde = model.predict(images)
     predicted = np.asarray(predicted)
@@ -368,6 +367,28 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
                                     cal.epsilon, cal.alpha_mc)
     check.update(counts_path=os.fspath(counts), split=str(attrs["split"]), n=int(attrs["n"]))
     return check
+
+
+def held_out_counts(counts: str | os.PathLike, model: Surrogate, cal, key: bytes | None = None):
+    """The counts file of the held-out check, read and refused unless it fits (``CalibrationError``).
+
+    It must be a complete, self-consistent counts file (``read_counts``), not the calibration's own
+    images (``Calibration.check_fresh``), of the calibration's dataset, sigma, classes, image shape and
+    base model, without images the surrogate was trained on, and signed when a key is configured
+    (``check_counts_for``). ``calibrate --report-counts`` calls it before anything is written.
+    """
+    held_out = read_counts(counts)
+    attrs = held_out.attrs
+    cal.check_fresh(dataset=str(attrs["dataset"]), split=str(attrs["split"]), counts_sha256=sha256_file(counts),
+                    what=os.fspath(counts))
+    try:
+        check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
+                         num_classes=cal.num_classes, input_shape=model.input_shape,
+                         model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=True,
+                         excluded_indices=model.meta.get("train_index_ranges"), key=key)
+    except CountsMismatchError as exc:
+        raise CalibrationError(f"the held-out check: {exc}") from None
+    return held_out
 
 
 def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, sigma: float,

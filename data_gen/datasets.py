@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from surrogate_cert.core.errors import DatasetError, InvalidInputError, InvalidParameterError
+from surrogate_cert.core.files import read_npz
 from surrogate_cert.core.smoothing import check_images
 
 SPLITS = ("train", "surrogate", "cal", "test")
@@ -284,16 +285,20 @@ def _load_imagefolder(path: str, split: str, limit):
 
 
 def _load_npz(path: str, split: str, limit):
-    if not os.path.isfile(path):
-        raise DatasetError(f"npz:{path}: no such file; give an .npz with arrays x (N x C x H x W in [0, 1]) and y")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data or "y" not in data:
-                raise DatasetError(f"npz:{path}: needs arrays named x and y, found {sorted(data.files)}")
-            x, y = data["x"], data["y"]
-            num_classes = int(data["num_classes"]) if "num_classes" in data else None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"npz:{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+        data = read_npz(path, "npz", DatasetError)
+    except DatasetError as exc:
+        raise DatasetError(f"npz:{exc}") from None
+    if "x" not in data or "y" not in data:
+        raise DatasetError(f"npz:{path}: needs arrays named x and y, found {sorted(data)}")
+    x, y = data["x"], data["y"]
+    num_classes = None
+    if "num_classes" in data:
+        k = data["num_classes"]
+        if k.ndim != 0 or not np.issubdtype(k.dtype, np.integer) or int(k) < 2:
+            raise DatasetError(f"npz:{path}: num_classes must be one integer >= 2, got an array of shape {k.shape} "
+                               f"and dtype {k.dtype}; store it as a plain integer (np.savez(..., num_classes=10))")
+        num_classes = int(k)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
         raise DatasetError(f"npz:{path}: x must be N x C x H x W and y of length N, got x {x.shape} and y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):

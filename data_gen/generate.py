@@ -26,8 +26,10 @@ from surrogate_cert.core.errors import (
     StoreError,
     SurrogateCertError,
     check_count,
-    check_positive,
+    check_seed,
+    check_sigma,
 )
+from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.smoothing import (
     AMP_TOLERANCE,
     NOISE_SCHEME,
@@ -51,6 +53,7 @@ from .store import (
     read_counts,
     recorded_noise_scheme,
     remove_shards,
+    sign_counts,
     write_topup,
 )
 
@@ -98,6 +101,7 @@ def generate_counts(
     channels_last: bool | None = None,
     compile: bool | str = False,
     shard: Shard | None = None,
+    key: bytes | str | None = None,
 ) -> str:
     """Write ``out``: the class counts of ``n`` noisy evaluations of the base model per image of ``split``.
 
@@ -168,6 +172,9 @@ def generate_counts(
         ``torch.compile`` the model (``True`` or a backend name).
     shard : Shard, optional
         This process's part of a torchrun job (``data_gen.distributed.launch``); default one process.
+    key : bytes or str, optional
+        Signing key (default: the environment's, ``core.signing.resolve_key``): with one, the complete
+        file is signed (``store.sign_counts``), so consumers with the key refuse any later edit.
 
     Returns
     -------
@@ -197,9 +204,12 @@ def generate_counts(
         raise InvalidParameterError("--overwrite is not supported under torchrun: remove the old file (and its "
                                     "shards) first, or continue it with --resume")
 
+    secret = resolve_key(key)
+
     def setup():
         nonlocal sigma, n, n0
-        sigma = check_positive("sigma", sigma)
+        sigma = check_sigma(sigma)
+        check_seed(seed)
         n = check_count("n", n)
         n0 = check_count("n0", n0, minimum=0)
         if batch_size != "auto":
@@ -236,6 +246,7 @@ def generate_counts(
         with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume,
                                overwrite=overwrite) as writer:
             _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
+        sign_counts(out, secret)
         return os.fspath(out)
 
     ready, error = _first_error(setup)
@@ -257,6 +268,7 @@ def generate_counts(
         if shard.broadcast(done):
             if shard.is_main:
                 remove_shards(out, shard.world_size)  # left over if a merge was cut short after linking out
+                sign_counts(out, secret, lock_held=True)
             return os.fspath(out)
         writer, error = _first_error(lambda: open_shard(out, shard.rank, shard.world_size, indices=data.indices,
                                                         labels=labels, attrs=attrs, resume=resume))
@@ -275,6 +287,7 @@ def generate_counts(
         shard.barrier()
         if shard.is_main:
             merge_shards(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, lock_held=True)
+            sign_counts(out, secret, lock_held=True)
     finally:
         if job_lock is not None:
             job_lock.release()
@@ -356,6 +369,7 @@ def top_up_counts(
     data_root: str | None = None,
     progress: bool = True,
     command: str | None = None,
+    key: bytes | str | None = None,
 ) -> dict:
     """Draw ``extra`` more estimation samples for the rows of a complete counts file that ``rule`` picks.
 
@@ -393,6 +407,9 @@ def top_up_counts(
         Show a progress bar.
     command : str, optional
         The command line, recorded in the file's ``topup_history``.
+    key : bytes or str, optional
+        Signing key (default: the environment's): with one, the file must be signed before the top-up
+        and is signed again after it.
 
     Returns
     -------
@@ -413,9 +430,10 @@ def top_up_counts(
     if rule not in TOPUP_RULES:
         raise InvalidParameterError(f"top-up rule must be one of {TOPUP_RULES}, got {rule!r}")
     started = time.perf_counter()
+    secret = resolve_key(key)
     counts = read_counts(path)
     attrs = counts.attrs
-    check_counts_for(counts, path, complete=True)
+    check_counts_for(counts, path, complete=True, key=secret)
     try:  # continue the file's own streams: the scheme it records (v1 or v2), never the default
         scheme = check_noise_scheme(attrs.get("noise_scheme"))
     except InvalidParameterError:
@@ -461,5 +479,6 @@ def top_up_counts(
                   planned_max=int(planned_max), command=command or "top_up_counts()",
                   created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
+    sign_counts(path, secret)
     return dict(rows=int(picked.size), samples=int(draw.sum()), planned_max=int(planned_max),
                 seconds=time.perf_counter() - started)

@@ -43,15 +43,25 @@ from surrogate_cert.core import __version__
 from surrogate_cert.core.architectures import (
     CHECKPOINT_FILE_KINDS,
     build,
+    check_finite_outputs,
+    check_finite_weights,
     default_arch,
     load_checkpoint,
     load_weights_file,
     read_checkpoint_header,
     save_checkpoint,
 )
-from surrogate_cert.core.errors import InvalidInputError, ModelError, check_count, check_positive
-from surrogate_cert.core.files import check_outputs, sniff, wrong_kind
+from surrogate_cert.core.errors import (
+    InvalidInputError,
+    ModelError,
+    check_count,
+    check_positive,
+    check_seed,
+    check_sigma,
+)
+from surrogate_cert.core.files import check_outputs, file_problem, sniff, wrong_kind
 from surrogate_cert.core.hashing import sha256_bytes, sha256_file
+from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.smoothing import resolve_device
 
 from .datasets import load_split
@@ -269,14 +279,16 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
 
 
 def load_model(spec: str, device: str | torch.device | None = None, num_classes: int | None = None,
-               input_shape=None) -> LoadedModel:
+               input_shape=None, *, key: bytes | str | None = None) -> LoadedModel:
     """Load a base model from ``spec`` (see the module docstring) onto ``device`` (default: CUDA if present).
 
     If ``num_classes`` (or ``input_shape``) is given and the file records a different one, raises
     ModelError. A file is recognised by its content (``core.files.sniff``): text, JSON, HDF5 or
     NumPy files are refused by name, and so is a surrogate checkpoint (made by ``train``): the
     surrogate is never a base model. Never unpickles code: every ``torch.load`` uses
-    ``weights_only=True``.
+    ``weights_only=True``, and a ``torch.export`` archive is read by ``data_gen.pt2`` (no pickle, no
+    evaluated string). A model whose logits on a probe batch of images in [0, 1] are NaN or infinite is
+    refused (``core.architectures.check_finite_outputs``).
 
     Parameters
     ----------
@@ -288,6 +300,8 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
         The class count the model must have, where the file records one.
     input_shape : sequence of int, optional
         The ``(C, H, W)`` of the images it will see, checked where the file records its input shape.
+    key : bytes or str, optional
+        Signing key for a built-in checkpoint (default: the environment's): a signed one must verify.
 
     Returns
     -------
@@ -298,8 +312,9 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     ------
     ModelError
         If the spec names no file or factory, the file is not a model (or is a surrogate), the file or
-        factory cannot be loaded, the weights do not fit, or the recorded class count or input shape
-        differs from ``num_classes`` / ``input_shape``.
+        factory cannot be loaded (a ``.pt2`` that needs code to run included), the weights do not fit,
+        the recorded class count or input shape differs from ``num_classes`` / ``input_shape``, or its
+        logits on the probe batch are not finite.
     InvalidInputError
         If CUDA is requested but unavailable.
     """
@@ -315,12 +330,14 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
         elif kind not in CHECKPOINT_FILE_KINDS:
             raise ModelError(wrong_kind(path, kind, "model"))
         else:
-            model, header = load_checkpoint(path, device=device, kind="base")
+            model, header = load_checkpoint(path, device=device, kind="base", key=key)
             loaded = LoadedModel(
                 model=model, sha256=sha256_file(path), num_classes=int(header["num_classes"]),
                 input_shape=tuple(header["input_shape"]), sigma=header["meta"].get("sigma"),
                 source=os.path.abspath(path),
             )
+    elif os.path.lexists(path):  # a symbolic-link loop or a dangling link: say what the OS says
+        raise ModelError(f"model file {spec} {file_problem(path)}; give a readable model file")
     elif ":" in spec and _FACTORY_MODULE.fullmatch(spec.partition(":")[0]):
         loaded = _load_factory(spec, device)
     else:
@@ -332,11 +349,17 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     if input_shape is not None and loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(input_shape):
         raise ModelError(f"model {spec} expects inputs {tuple(loaded.input_shape)} but the images are "
                          f"{tuple(input_shape)}; use the model trained for this dataset")
+    probe_shape = loaded.input_shape or (tuple(input_shape) if input_shape is not None else None)
+    if probe_shape is not None and not (os.path.isfile(path) and kind in CHECKPOINT_FILE_KINDS):
+        check_finite_outputs(loaded.model, probe_shape, f"model {spec}", device=device)  # checkpoints: at load
     return loaded
 
 
 def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
-    """One clean forward pass before any work or file: catches wrong input shapes and output widths.
+    """Forward passes before any work or file: catch wrong input shapes, output widths and non-finite logits.
+
+    The images are evaluated clean and with one draw of noise at the classifier's sigma (a private
+    generator); every logit must be finite.
 
     Parameters
     ----------
@@ -350,16 +373,24 @@ def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
     Raises
     ------
     ModelError
-        If the model fails on these images or its output is not ``N x num_classes``.
+        If the model fails on these images, its output is not ``N x num_classes``, or a logit is NaN or infinite.
     """
     try:
         with torch.inference_mode():
-            smooth.predict_labels(x.to(smooth.device))
+            x = x.to(smooth.device)
+            smooth.predict_labels(x)
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            noisy = x + smooth.sigma * torch.randn(x.shape, generator=gen).to(smooth.device)
+            logits = smooth.model(torch.cat([x, noisy]))
     except ModelError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise ModelError(f"model {spec} fails on inputs of shape {tuple(x.shape)} "
                          f"({str(exc).strip().splitlines()[0][:160]}); use the model trained for this dataset") from None
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelError(f"model {spec} returns NaN or infinite logits on the dataset's images (clean or with noise at "
+                         f"sigma={smooth.sigma:g}); a certificate computed from them would be meaningless; fix or "
+                         "retrain the model")
 
 
 # --------------------------------------------------------------------------- training
@@ -431,6 +462,7 @@ def train_base(
     lr: float = 2e-3,
     download: bool = False,
     overwrite: bool = True,
+    key: bytes | str | None = None,
 ) -> dict:
     """Train the built-in base model on ``dataset``'s ``train`` split and save it to ``out``.
 
@@ -467,6 +499,8 @@ def train_base(
     overwrite : bool, optional
         Replace an existing ``out`` (default); if false, an existing ``out`` is refused before training
         (``OutputExistsError``) and kept.
+    key : bytes or str, optional
+        Signing key (default: the environment's, ``core.signing.resolve_key``; none: unsigned).
 
     Returns
     -------
@@ -479,7 +513,7 @@ def train_base(
     Raises
     ------
     InvalidParameterError
-        If ``sigma`` or ``epochs`` is out of range.
+        If ``sigma`` (``core.errors.check_sigma``), ``epochs``, ``seed``, ``batch_size`` or ``lr`` is out of range.
     DatasetError
         If the dataset cannot be loaded.
     ModelError
@@ -489,7 +523,11 @@ def train_base(
     InvalidInputError
         If CUDA is requested but unavailable.
     """
-    sigma = check_positive("sigma", sigma)
+    sigma = check_sigma(sigma)
+    seed = check_seed(seed)
+    batch_size = check_count("batch_size", batch_size)
+    lr = check_positive("lr", lr)
+    key = resolve_key(key)
     if not overwrite:
         check_outputs([out], overwrite=False)
     device = resolve_device(device)
@@ -523,6 +561,7 @@ def train_base(
             total += loss.item() * len(rows)
         bar.set_postfix(loss=f"{total / len(train):.3f}")
     model.eval()
+    check_finite_weights(model.state_dict(), f"the base model trained for {out}")
     metrics = {
         "dataset": dataset,
         "sigma": sigma,
@@ -535,7 +574,7 @@ def train_base(
         "seconds": time.perf_counter() - started,
     }
     save_checkpoint(out, model, arch=arch, input_shape=train.input_shape, num_classes=train.num_classes,
-                    kind="base", meta={**metrics, "package_version": __version__}, overwrite=overwrite)
+                    kind="base", meta={**metrics, "package_version": __version__}, overwrite=overwrite, key=key)
     metrics.update(out=os.path.abspath(out), sha256=sha256_file(out))
     return metrics
 

@@ -61,11 +61,13 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from surrogate_cert.core.errors import OutputExistsError, StoreError
-from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
+from surrogate_cert.core.errors import SIGMA_MAX, SIGMA_MIN, OutputExistsError, StoreError
+from surrogate_cert.core.signing import resolve_key
+from surrogate_cert.core.files import atomic_output, file_problem, sniff, wrong_kind
 
 from .datasets import load_images, same_dataset
 from .distributed import shard_positions
+from .signatures import SIGNATURE_ATTRS, check_counts_signature, signature_attrs
 
 class StoreLockedError(StoreError):
     """Another process holds the file's writer lock (a second writer is refused, never queued)."""
@@ -235,7 +237,8 @@ def read_attrs(path: str | os.PathLike) -> dict:
 def _reader(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise StoreError(f"counts file {path} does not exist; create it with `surrogate-cert datagen ... --out {path}`")
+        problem = file_problem(path) if os.path.lexists(path) else "does not exist"
+        raise StoreError(f"counts file {path} {problem}; create it with `surrogate-cert datagen ... --out {path}`")
     kind = sniff(path)
     if kind != "hdf5":
         raise StoreError(wrong_kind(path, kind, "counts"))
@@ -277,8 +280,8 @@ def _whole(value, minimum: int) -> bool:
 def _attr_problems(attrs: dict) -> list[str]:
     problems = []
     sigma = attrs["sigma"]
-    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and np.isfinite(sigma) and sigma > 0):
-        problems.append(f"sigma {sigma!r} is not a finite number > 0")
+    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and SIGMA_MIN <= sigma <= SIGMA_MAX):
+        problems.append(f"sigma {sigma!r} is not a noise level in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (core.errors.check_sigma)")
     for key, minimum in (("n", 1), ("n0", 0), ("num_classes", 2), ("rows", 0)):
         if not _whole(attrs[key], minimum):
             problems.append(f"{key} {attrs[key]!r} is not an integer >= {minimum}")
@@ -331,6 +334,9 @@ def _row_problems(counts: CountsFile) -> list[str]:
                                                                      int(counts.attrs["n0"]))):
         if table is None or not len(table):
             continue
+        if table.min() < 0:  # a signed dtype can hide a negative count in a row that still sums to n
+            problems.append(f"{name} holds a negative count ({int(table.min())}, row {int(np.argmin(table.min(axis=1)))})")
+            continue
         sums = table.sum(axis=1)
         bad = np.flatnonzero(sums != total)
         if bad.size:
@@ -341,6 +347,8 @@ def _row_problems(counts: CountsFile) -> list[str]:
         low, high = int(counts.samples.min()), int(counts.samples.max())
         if low < n or high > top:
             problems.append(f"samples per row lie in {low}..{high}, outside n = {n} .. topup_planned_max = {top}")
+        if counts.counts_topup.size and counts.counts_topup.min() < 0:
+            problems.append(f"counts_topup holds a negative count ({int(counts.counts_topup.min())})")
         sums = counts.counts_topup.sum(axis=1)
         bad = np.flatnonzero(sums != counts.samples - n)
         if bad.size:
@@ -470,6 +478,7 @@ def check_counts_for(
     complete: bool = True,
     excluded_indices=None,
     excluded_what: str = "the surrogate's training images",
+    key: bytes | str | None = None,
 ) -> None:
     """Refuse a counts file that does not fit its consumer (one place for every such check).
 
@@ -499,12 +508,20 @@ def check_counts_for(
         images, for a calibration).
     excluded_what : str, optional
         What the excluded images are, for the message.
+    key : bytes or str, optional
+        The signing key (default: the environment's, ``core.signing.resolve_key``); with one, the file
+        must be signed under it (``data_gen.signatures.check_counts_signature``).
 
     Raises
     ------
     CountsMismatchError
         At the first mismatch, naming both values and what to do.
+    CountsSignatureError
+        If a key is configured and the file is unsigned, signed with another key, or edited after signing.
     """
+    secret = resolve_key(key)
+    if secret is not None:
+        check_counts_signature(counts, path, secret)
     attrs = counts.attrs
     if dataset is not None and not same_dataset(str(attrs["dataset"]), dataset):
         raise CountsMismatchError(f"{path} holds counts of dataset {attrs['dataset']!r} but {dataset!r} is expected; "
@@ -603,9 +620,63 @@ def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.n
                 h5.attrs["topup_rule"] = rule
                 h5.attrs["topup_planned_max"] = int(planned_max)
                 h5.attrs["topup_history"] = json.dumps(history)
+                for name in SIGNATURE_ATTRS:  # the content changed: the caller signs it again (sign_counts)
+                    if name in h5.attrs:
+                        del h5.attrs[name]
         return read_counts(path)
     finally:
         lock.release()
+
+
+def sign_counts(path: str | os.PathLike, key: bytes | str | None = None, *, lock_held: bool = False) -> bool:
+    """Sign a complete counts file under the configured key (``data_gen.signatures``); False without a key.
+
+    A file already signed is checked first (``check_counts_signature``), so a file edited after its
+    signature is refused rather than signed again.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A complete counts file.
+    key : bytes or str, optional
+        The signing key (default: the environment's).
+    lock_held : bool, optional
+        The caller holds ``path``'s writer lock (``lock_counts_file``); else it is taken here.
+
+    Returns
+    -------
+    bool
+        Whether the file was signed (a key was configured).
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, incomplete, contradicts itself, or is being written by another process.
+    CountsSignatureError
+        If it carries a signature that does not verify under the key.
+    """
+    secret = resolve_key(key)
+    if secret is None:
+        return False
+    path = os.fspath(path)
+    lock = None if lock_held else _Lock(path).acquire()
+    try:
+        counts = read_counts(path)
+        if not counts.attrs["complete"]:
+            raise StoreError(f"{path} is incomplete: only a complete counts file is signed; finish it with "
+                             "`surrogate-cert datagen ... --resume`")
+        if counts.attrs.get(SIGNATURE_ATTRS[1]) is not None:
+            check_counts_signature(counts, path, secret)
+        try:
+            with _open_h5(path, "r+") as h5:
+                for name, value in signature_attrs(counts, secret).items():
+                    h5.attrs[name] = value
+        except OSError as exc:
+            raise StoreError(f"cannot sign {path} ({str(exc).splitlines()[0]})") from None
+    finally:
+        if lock is not None:
+            lock.release()
+    return True
 
 
 # --------------------------------------------------------------------------- writing

@@ -27,6 +27,7 @@ from surrogate_cert.cli import main
 from surrogate_cert.core.certificate import write_tsv
 from surrogate_cert.core.cohen import certificates_from_counts
 from surrogate_cert.core.signing import ENV_KEY, ENV_KEY_FILE
+from surrogate_cert.core.surrogate import Surrogate
 from surrogate_cert.workflows.training import train_surrogate
 
 KEY_A = "a" * 32
@@ -105,12 +106,12 @@ def work(tmp_path_factory, digits_untrained_model):
     ):
         f[name] = str(root / name)
         Path(f[name]).write_text(json.dumps(forged))
-    os.environ[ENV_KEY] = KEY_B  # signed with key B, then checked against key A below
-    try:
-        f["cal_signed_b.json"] = str(root / "cal_signed_b.json")
-        calibrate(f["surrogate.pt"], f["cal.h5"], 0.05, 1e-3, device="cpu").save(f["cal_signed_b.json"])
-    finally:
-        del os.environ[ENV_KEY]
+    # Signed with key B, then checked against key A below, with the surrogate signed with key A (with a key
+    # configured the surrogate must be signed too); the same weights, so the calibration still fits it.
+    f["cal_signed_b.json"] = str(root / "cal_signed_b.json")
+    calibrate(f["surrogate.pt"], f["cal.h5"], 0.05, 1e-3, device="cpu").save(f["cal_signed_b.json"], key=KEY_B)
+    f["surrogate_a.pt"] = str(root / "surrogate_a.pt")
+    Surrogate.load(f["surrogate.pt"]).save(f["surrogate_a.pt"], key=KEY_A)
     # Outputs that already exist (each command must leave them alone).
     f["exists.out"] = str(root / "exists.out")
     Path(f["exists.out"]).write_text("precious\n")
@@ -253,7 +254,7 @@ CASES = [
      ["computed on 'digits'"], None),
     ("certify/unsigned-with-key", CERTIFY + ["--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}",
                                              "--out", "OUT:h.tsv"], ["not signed"], {ENV_KEY: KEY_A}),
-    ("certify/signed-with-another-key", CERTIFY + ["--surrogate", "{surrogate.pt}", "--calibration",
+    ("certify/signed-with-another-key", CERTIFY + ["--surrogate", "{surrogate_a.pt}", "--calibration",
                                                    "{cal_signed_b.json}", "--out", "OUT:h.tsv", "--key-file",
                                                    "{key_a}"], ["another key"], None),
     ("certify/both-key-variables", CERTIFY + ["--surrogate", "{surrogate.pt}", "--calibration",

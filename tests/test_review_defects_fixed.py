@@ -151,7 +151,7 @@ def test_check_images_says_batch_before_comparing_shapes():
 
 
 def test_hybrid_load_verifies_the_signature_and_takes_a_thread_setting(tmp_path, problem, monkeypatch):
-    from surrogate_cert.core.errors import SignatureError
+    from surrogate_cert.core.errors import ArtifactSignatureError, SignatureError
     from surrogate_cert.core.signing import ENV_KEY, ENV_KEY_FILE
     from surrogate_cert.deploy.hybrid import HybridCertifier
 
@@ -159,14 +159,14 @@ def test_hybrid_load_verifies_the_signature_and_takes_a_thread_setting(tmp_path,
     monkeypatch.delenv(ENV_KEY_FILE, raising=False)
     surrogate = Surrogate.build(SHAPE, 2, 0.25, seed=0, device="cpu")
     surrogate.fit(problem.x[:100], _counts(problem)[:100], epochs=1)
-    surrogate.save(tmp_path / "s.pt")
+    surrogate.save(tmp_path / "s.pt", key="k" * 16)  # with a key configured, the surrogate must be signed too
     calibration = calibrate_arrays(surrogate, problem.x, _counts(problem), 0.05, 1e-3)
     calibration.save(tmp_path / "signed.json", key="k" * 16)
     calibration.save(tmp_path / "plain.json")
     hybrid = HybridCertifier.load(tmp_path / "s.pt", tmp_path / "signed.json", fallback="none", key="k" * 16,
                                   threads=1)
     assert hybrid.surrogate_certifier.threads == 1 and len(hybrid.certify(problem.x[:3])) == 3
-    with pytest.raises(SignatureError, match="another key"):
+    with pytest.raises(ArtifactSignatureError, match="another key"):  # the surrogate's, first
         HybridCertifier.load(tmp_path / "s.pt", tmp_path / "signed.json", fallback="none", key="j" * 16)
     monkeypatch.setenv(ENV_KEY, "k" * 16)
     with pytest.raises(SignatureError, match="not signed"):

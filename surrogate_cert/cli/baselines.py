@@ -18,7 +18,8 @@ from ..core import stats
 from ..core.cohen import CohenCertifier
 from ..core.deterministic import METHODS as DETERMINISTIC_METHODS
 from ..core.deterministic import DeterministicCertifier
-from ..core.errors import InvalidParameterError, ModelError
+from ..core.errors import CheckpointSignatureError, InvalidParameterError, ModelError
+from ..core.files import file_problem
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
 from ..core.surrogate import Surrogate
@@ -27,6 +28,7 @@ from .common import (
     add_device_arg,
     add_device_args,
     add_engine_args,
+    add_key_arg,
     add_model_arg,
     add_overwrite_arg,
     add_parser,
@@ -35,7 +37,9 @@ from .common import (
     certify_split,
     check_new_outputs,
     provenance,
+    radius_arg,
     results_paths,
+    signing_key,
     write_results,
 )
 
@@ -62,7 +66,7 @@ def register(sub) -> None:
                    "surrogate-cert sequential --model base.pt --dataset digits --split test --sigma 0.25 "
                    "--alpha 0.001 --target-radius 0.25 --out seq.tsv")
     _common_args(p)
-    p.add_argument("--target-radius", type=float, default=None,
+    p.add_argument("--target-radius", type=radius_arg, default=None,
                    help="stop as soon as this l2 radius is certified or ruled out (default: best-radius policy)")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="best-radius policy: stop once the radius can grow by at most this much (l2 units)")
@@ -82,6 +86,7 @@ def register(sub) -> None:
                    help="without --class-from: pilot (default, argmax of --n0 pilot samples) or per_class (no pilot: "
                         "one confidence sequence per class at alpha/K, stopping when any class certifies)")
     p.add_argument("--n0", type=int, default=100, help="pilot samples per input (class-choice pilot)")
+    add_key_arg(p, "must have signed", "a --class-from surrogate")
     p.set_defaults(func=run_sequential, torchrun=True)
 
     p = add_parser(sub, "deterministic",
@@ -133,7 +138,7 @@ def parse_prior(text: str):
     return a, b
 
 
-def load_class_source(spec: str, device, num_classes: int, input_shape):
+def load_class_source(spec: str, device, num_classes: int, input_shape, key: bytes | None = None):
     """``--class-from``: a surrogate checkpoint or a base model, as ``(kind, object)``.
 
     A surrogate gives its argmax (and, for ``--prior surrogate``, its prior); a base model its
@@ -143,7 +148,9 @@ def load_class_source(spec: str, device, num_classes: int, input_shape):
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
         try:
-            surrogate = Surrogate.load(path, device=device)
+            surrogate = Surrogate.load(path, device=device, key=key)
+        except CheckpointSignatureError:
+            raise
         except ModelError:
             surrogate = None  # not a surrogate checkpoint: try it as a base model
         if surrogate is not None:
@@ -152,8 +159,9 @@ def load_class_source(spec: str, device, num_classes: int, input_shape):
                     f"--class-from {spec} is a surrogate for {surrogate.num_classes} classes of shape "
                     f"{tuple(surrogate.input_shape)}, but the dataset has {num_classes} of shape {tuple(input_shape)}")
             return "surrogate", surrogate
-    elif ":" not in spec:
-        raise InvalidParameterError(f"--class-from {spec} does not exist; give a surrogate checkpoint or a base model")
+    elif ":" not in spec or os.path.lexists(path):
+        problem = file_problem(path) if os.path.lexists(path) else "does not exist"
+        raise InvalidParameterError(f"--class-from {spec} {problem}; give a surrogate checkpoint or a base model")
     loaded = load_model(spec, device=device, num_classes=num_classes)
     return "model", SmoothedClassifier(loaded.model, num_classes, 1.0, device=device)
 
@@ -213,7 +221,8 @@ def run_sequential(args: argparse.Namespace) -> int:
     data, smooth, meta = _load(args)
     source = None
     if args.class_from is not None:
-        source = load_class_source(args.class_from, args.shard.device(args.device), data.num_classes, tuple(data.x.shape[1:]))
+        source = load_class_source(args.class_from, args.shard.device(args.device), data.num_classes,
+                                   tuple(data.x.shape[1:]), key=signing_key(args))
         if prior == "surrogate" and source[0] != "surrogate":
             raise InvalidParameterError(f"--prior surrogate needs --class-from a surrogate checkpoint; "
                                         f"{args.class_from} is a base model")

@@ -17,6 +17,7 @@ from data_gen.distributed import SINGLE, Shard
 
 from ..core import __version__
 from ..core.certificate import certified_accuracy, meta_path, write_tsv
+from ..core.errors import SurrogateCertError, check_radius, check_seed
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
 from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES
@@ -63,13 +64,31 @@ def batch_size_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'auto', got {text!r}") from None
 
 
+def _checked_type(convert, check):
+    """An argparse type: ``convert`` the text, then a core checker; its message becomes argparse's one line."""
+    def parse(text: str):
+        try:
+            return check(convert(text))
+        except (ValueError, OverflowError) as exc:  # InvalidParameterError is a ValueError
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, SurrogateCertError)
+                                             else f"expected a number, got {text!r}") from None
+    return parse
+
+
+seed_arg = _checked_type(int, check_seed)
+"""``--seed``: a whole number in [0, 2**63 - 1] (refused by argparse, before any work)."""
+
+radius_arg = _checked_type(float, lambda v: check_radius(v, "the value"))
+"""``--target-radius``: a finite radius >= 0 in input l2 units (``nan`` and ``inf`` refused)."""
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """Device, noisy samples per forward pass, and the noise seed."""
     add_device_arg(p)
     p.add_argument("--batch-size", type=batch_size_arg, default=1000,
                    help="noisy samples per forward pass, or auto: the largest that fits on the device, found once "
                         "and recorded (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; noise of image i depends only on (seed, i)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="noise seed; noise of image i depends only on (seed, i)")
 
 
 def add_samples_arg(p: argparse.ArgumentParser, default: int, help: str) -> None:
@@ -102,10 +121,11 @@ def add_overwrite_arg(p: argparse.ArgumentParser, resumable: bool = False) -> No
                         + (", or continue them with --resume)" if resumable else ")"))
 
 
-def add_key_arg(p: argparse.ArgumentParser, action: str) -> None:
-    """``--key-file``: the HMAC-SHA256 key that signs (calibrate) or must have signed (the others) a calibration."""
+def add_key_arg(p: argparse.ArgumentParser, action: str, what: str = "the calibration") -> None:
+    """``--key-file``: the HMAC-SHA256 key that signs (the writers) or must have signed (the readers) the
+    artifacts a guarantee depends on: counts files, surrogate checkpoints, the calibration (docs/security.md)."""
     p.add_argument("--key-file", default=None, metavar="FILE",
-                   help=f"file holding the secret key that {action} the calibration (HMAC-SHA256); default: "
+                   help=f"file holding the secret key that {action} {what} (HMAC-SHA256); default: "
                         f"${ENV_KEY_FILE} or ${ENV_KEY} if set, else no signature")
 
 

@@ -20,10 +20,13 @@ from .common import (
     add_overwrite_arg,
     add_parser,
     add_engine_args,
+    add_key_arg,
     add_progress_arg,
     add_samples_arg,
     check_new_outputs,
     command_line,
+    seed_arg,
+    signing_key,
 )
 
 
@@ -39,10 +42,11 @@ def register(sub) -> None:
                    help="architecture: small_cnn (default up to 28x28 pixels), mlp (784-512-256-10 on MNIST: the "
                         "cheapest on a CPU), resnet18 (default above 28x28)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default: 25 for small sets, else 15)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and noise")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of initialisation, shuffling and noise")
     add_device_arg(p)
     add_data_root_args(p)
     add_progress_arg(p)
+    add_key_arg(p, "signs", "the checkpoint")
     p.set_defaults(func=run_train_base)
 
     p = add_parser(sub, "datagen",
@@ -76,15 +80,17 @@ def register(sub) -> None:
     p.add_argument("--out", required=True,
                    help="HDF5 file to write (refused if it exists, unless --resume or --overwrite)")
     add_overwrite_arg(p, resumable=True)
+    add_key_arg(p, "signs", "the complete counts file")
     p.set_defaults(func=run_datagen, torchrun=True)
 
 
 def run_train_base(args: argparse.Namespace) -> int:
+    key = signing_key(args)
     check_new_outputs(args, args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          arch=args.arch,
                          data_root=args.data_root, device=args.device, progress=not args.no_progress,
-                         download=args.download, overwrite=args.overwrite)
+                         download=args.download, overwrite=args.overwrite, key=key)
     print(f"saved {args.out}: {metrics['arch']} on {metrics['dataset']}, noisy test accuracy "
           f"{metrics['noisy_test_accuracy']:.3f} at sigma {metrics['sigma']} (clean {metrics['clean_test_accuracy']:.3f}), "
           f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s, sha256 {metrics['sha256'][:12]}")
@@ -98,6 +104,10 @@ def run_datagen(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--top-up must be a number of samples >= 1, got {args.top_up}")
     if args.top_up_max is not None and args.top_up is None:
         raise InvalidParameterError("--top-up-max bounds a top-up: give --top-up N too")
+    if args.top_up_max is not None and args.top_up_max < args.n:
+        raise InvalidParameterError(f"--top-up-max {args.top_up_max} is below --samples {args.n}: it is the most samples "
+                                    "a row may reach over all top-ups, counting the first n; give at least n")
+    key = signing_key(args)
     if args.top_up is not None and args.shard.world_size > 1:
         raise InvalidParameterError("--top-up runs in one process: make the file with torchrun, then top it up "
                                     "without torchrun (same command plus --top-up)")
@@ -110,7 +120,7 @@ def run_datagen(args: argparse.Namespace) -> int:
                     resume=resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
                     progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args),
                     noise_scheme=args.noise_scheme, channels_last=args.channels_last, compile=args.compile,
-                    shard=args.shard)
+                    shard=args.shard, key=key)
     if not args.shard.is_main:
         return 0  # rank 0 merges the shards and reports
     attrs = read_attrs(args.out)
@@ -119,7 +129,7 @@ def run_datagen(args: argparse.Namespace) -> int:
     if args.top_up is not None:
         done = top_up_counts(args.out, args.model, args.top_up, planned_max=args.top_up_max, rule=args.top_up_rule,
                              batch_size=args.batch_size, device=args.device, data_root=args.data_root,
-                             progress=not args.no_progress, command=command_line(args))
+                             progress=not args.no_progress, command=command_line(args), key=key)
         print(f"topped up {args.out}: {done['rows']} rows whose samples all agreed got {done['samples']:,} more samples "
               f"(at most {done['planned_max']:,} per row)")
     return 0

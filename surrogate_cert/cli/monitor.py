@@ -16,6 +16,7 @@ from .common import (
     add_progress_arg,
     check_new_outputs,
     provenance,
+    seed_arg,
     signing_key,
 )
 
@@ -40,14 +41,14 @@ def register(sub) -> None:
                    help="noisy samples per audited certificate (default and only value: the calibration's n_cal)")
     p.add_argument("--delta", type=float, default=0.01, metavar="D",
                    help="false-alarm probability of each watcher over the whole stream (default 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking, the audit's selection and its noise")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the tie-breaking, the audit's selection and its noise")
     add_device_arg(p)
     p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass of the audit")
     add_progress_arg(p)
     p.add_argument("--out", required=True, metavar="JSON", help="the monitor's JSON to write")
     p.add_argument("--report", default=None, metavar="HTML",
                    help="also write the monitor report (HTML; .report.md and .report.json beside it)")
-    add_key_arg(p, "must have signed")
+    add_key_arg(p, "must have signed", "the surrogate and the calibration")
     add_overwrite_arg(p)
     p.set_defaults(func=run)
 
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         check_new_outputs(args, *report_paths(args.report, beside=".report").values(), option="--report")
     if args.n_audit is not None and args.audit_rate is None:
         raise InvalidParameterError("--n-audit needs --audit-rate")
-    surrogate = Surrogate.load(args.surrogate, device=args.device)
-    x, y = load_stream(args.stream, surrogate.input_shape)
+    surrogate = Surrogate.load(args.surrogate, device=args.device, key=key)
+    x, y = load_stream(args.stream, surrogate.input_shape, surrogate.num_classes)
     doc = monitor_stream(surrogate, args.calibration, x, y, base_model=args.model, audit_rate=args.audit_rate,
                          n_audit=args.n_audit, delta=args.delta, seed=args.seed, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress, key=key)

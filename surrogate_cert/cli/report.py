@@ -34,7 +34,7 @@ def register(sub) -> None:
                    help="a `surrogate-cert monitor` JSON: adds the deployment-monitor section")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="results file stem that savings are measured against (default: the costliest, e.g. cohen)")
-    add_key_arg(p, "must have signed")
+    add_key_arg(p, "must have signed", "the calibration, the surrogate and the counts files")
     p.add_argument("--out", default="report.html",
                    help="HTML output; .md and .json are written beside it (refused if any of the three exists)")
     add_overwrite_arg(p)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if offline is not None and offline < 0:
         raise InvalidParameterError(f"--offline-evaluations must be >= 0, got {offline}")
     if args.offline_counts:
-        offline = offline_evaluations_from_counts(args.offline_counts)
+        offline = offline_evaluations_from_counts(args.offline_counts, key=key)
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
                          data_root=args.data_root, key=key, overwrite=args.overwrite, monitor=args.monitor)

@@ -5,12 +5,15 @@ import argparse
 from collections import Counter
 
 from calibration.conformal import GUARANTEES, METHODS, SCORES, SHIFT_BINS, TUNE_SHARE, calibrate
+from calibration.summary import held_out_counts
 from data_gen.datasets import load_split, same_dataset
+from data_gen.store import in_ranges
 
 from ..core.architectures import ARCHITECTURES
-from ..core.errors import DatasetError
+from ..core.errors import DatasetError, InvalidParameterError
 from ..core.one_pass import GROUPINGS
 from ..core.signing import key_id
+from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
 from ..workflows.report import report_paths, write_calibration_report
 from ..workflows.training import train_surrogate
@@ -25,7 +28,9 @@ from .common import (
     certify_split,
     check_new_outputs,
     provenance,
+    radius_arg,
     results_paths,
+    seed_arg,
     signing_key,
     write_results,
 )
@@ -58,10 +63,11 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per training step (default 64)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the train split held out for early stopping and prior tuning (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, hold-out split and shuffling")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of initialisation, hold-out split and shuffling")
     add_device_arg(p)
     p.add_argument("--data-root", default=None, help="folder holding torchvision datasets")
     add_progress_arg(p)
+    add_key_arg(p, "must have signed the counts files and signs", "the surrogate")
     p.set_defaults(func=run_train)
 
     p = add_parser(
@@ -100,7 +106,7 @@ def register(sub) -> None:
     add_device_arg(p)
     p.add_argument("--out", required=True, help="calibration.json to write; refused if it exists")
     add_overwrite_arg(p)
-    add_key_arg(p, "signs")
+    add_key_arg(p, "signs the calibration (and must have signed the surrogate and the counts files):", "the key")
     p.add_argument("--report", default=None, metavar="HTML",
                    help="also write the calibration report (HTML; .report.md and .report.json beside it)")
     p.add_argument("--report-counts", default=None, metavar="H5",
@@ -120,12 +126,12 @@ def register(sub) -> None:
                    help="eprocess (default): sequential certifier where the surrogate does not certify; none: abstain")
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability of a sequential certificate (default 0.001)")
     p.add_argument("--max-samples", type=int, default=10_000, help="sequential sample budget per input (default 10000)")
-    p.add_argument("--target-radius", type=float, default=None,
+    p.add_argument("--target-radius", type=radius_arg, default=None,
                    help="required l2 radius: inputs the surrogate certifies less go to the fallback in target-radius mode")
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
     add_device_args(p)
     add_progress_arg(p)
-    add_key_arg(p, "must have signed")
+    add_key_arg(p, "must have signed", "the surrogate and the calibration")
     p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
                                                 "either exists")
     add_overwrite_arg(p)
@@ -133,11 +139,12 @@ def register(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    key = signing_key(args)
     check_new_outputs(args, args.out)
     surrogate = train_surrogate(
         args.counts, args.out, arch=args.arch, init_from_base=args.init_from_base, epochs=args.epochs,
         seed=args.seed, data_root=args.data_root, device=args.device, batch_size=args.batch_size, lr=args.lr,
-        holdout=args.holdout, progress=not args.no_progress, overwrite=args.overwrite,
+        holdout=args.holdout, progress=not args.no_progress, overwrite=args.overwrite, key=key,
     )
     meta = surrogate.meta
     holdout = meta.get("holdout_loss")
@@ -151,14 +158,22 @@ def run_train(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     key = signing_key(args)
     check_new_outputs(args, args.out)
+    if args.report_counts and not args.report:
+        raise InvalidParameterError("--report-counts is the held-out check of the calibration report: add --report HTML")
+    if args.bins is not None and args.score != "shifted" and args.edges_from is None:
+        raise InvalidParameterError("--bins sets the bins of --score shifted or of --edges-from: add one of them, or "
+                                    "drop --bins")
     if args.report:
         check_new_outputs(args, *report_paths(args.report, beside=".report").values(), option="--report")
+    surrogate = Surrogate.load(args.surrogate, device=args.device, key=key)
     calibration = calibrate(
-        args.surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
+        surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
         groups=args.groups, method=args.method, data_root=args.data_root, device=args.device,
         score=args.score, bins=args.bins, tune_share=args.tune_share, edges_from=args.edges_from,
-        thresholds=not args.no_thresholds,
+        thresholds=not args.no_thresholds, key=key,
     )
+    if args.report_counts:  # refused now, before the calibration file is written
+        held_out_counts(args.report_counts, surrogate, calibration, key=key)
     calibration.save(args.out, key=key, overwrite=args.overwrite)
     d = calibration.diagnostics
     q = calibration.pooled_offset
@@ -186,7 +201,7 @@ def run_certify(args: argparse.Namespace) -> int:
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     calibration = hybrid.calibration
-    check_dataset_fits(args.dataset, data, hybrid)
+    check_dataset_fits(args.dataset, data, hybrid, split=args.split)
     device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
     meta = provenance(
         args, method="hybrid" if args.fallback == "eprocess" else "surrogate", dataset=args.dataset, split=args.split,
@@ -211,11 +226,13 @@ def run_certify(args: argparse.Namespace) -> int:
     return code
 
 
-def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier) -> None:
-    """Refuse to certify images the surrogate and its calibration were not made for.
+def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier, split: str | None = None) -> None:
+    """Refuse to certify images the surrogate and its calibration were not made for, or were made on.
 
     The surrogate's class count and image shape must be the dataset's, and the dataset the one the
-    calibration was computed on (its guarantee holds for inputs exchangeable with those).
+    calibration was computed on (its guarantee holds for inputs exchangeable with those), but the
+    images must be neither the calibration images (``Calibration.check_fresh``, the rule the report's
+    held-out check applies) nor images the surrogate was trained on (by dataset index).
     """
     surrogate, calibration = hybrid.surrogate, hybrid.calibration
     if data.num_classes != surrogate.num_classes or tuple(data.input_shape) != tuple(surrogate.input_shape):
@@ -226,3 +243,11 @@ def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier) -> None:
     if expected and not same_dataset(dataset, expected):
         raise DatasetError(f"the calibration was computed on {expected!r}, not {dataset!r}: its guarantee holds only for "
                            "inputs like its own; certify that dataset, or calibrate on this one")
+    calibration.check_fresh(dataset=dataset, split=split, what=f"--split {split}")
+    trained = surrogate.meta.get("train_index_ranges")
+    if trained is not None and same_dataset(dataset, surrogate.meta.get("dataset") or dataset):
+        seen = in_ranges(data.indices, trained)
+        if seen.any():
+            raise DatasetError(f"--split {split} holds {int(seen.sum())} images the surrogate was trained on (dataset "
+                               f"index {int(data.indices[seen][0])} and more): the guarantee needs images it never saw; "
+                               "certify the test split")

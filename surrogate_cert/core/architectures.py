@@ -5,6 +5,8 @@ so every model file loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from typing import Sequence
@@ -12,8 +14,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import ModelError, OutputExistsError
-from .files import atomic_output, describe, sniff, wrong_kind
+from .errors import CheckpointSignatureError, ModelError, OutputExistsError
+from .files import atomic_output, describe, sniff, unreadable, wrong_kind
+from .signing import KEY_ID_FIELD, SIGNATURE_FIELD, check_signature, key_id, resolve_key, sign
 
 
 class SmallCNN(nn.Module):
@@ -103,6 +106,7 @@ def save_checkpoint(
     kind: str,
     meta: dict,
     overwrite: bool = True,
+    key: bytes | str | None = None,
 ) -> None:
     """Write ``model``'s weights and how to rebuild it (``arch``, shapes) to ``path``, atomically.
 
@@ -111,6 +115,11 @@ def save_checkpoint(
     records how the model was made (e.g. ``sigma``, ``dataset``, metrics). Written to a temporary
     file and renamed into place (``core.files.atomic_output``): an interrupted save leaves no half
     file; with ``overwrite=False`` an existing ``path`` is kept and ``OutputExistsError`` raised.
+
+    Every checkpoint carries ``checksum_sha256`` (unkeyed: an edit that does not recompute it is
+    refused at load) and, when a signing key is configured (``key``, else the environment:
+    ``core.signing.resolve_key``), ``signature_hmac_sha256`` and ``signature_key_id`` over the same
+    content (``checkpoint_message``: every field and every tensor).
     """
     if kind not in CHECKPOINT_KINDS:
         raise ModelError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
@@ -126,6 +135,12 @@ def save_checkpoint(
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
         "meta": dict(meta),
     }
+    secret = resolve_key(key)
+    payload[KEY_ID_FIELD] = key_id(secret) if secret is not None else None
+    message = checkpoint_message(payload)
+    payload[CHECKSUM_FIELD] = hashlib.sha256(message).hexdigest()
+    if secret is not None:
+        payload[SIGNATURE_FIELD] = sign(message, secret)
     path = os.fspath(path)
     try:
         with atomic_output(path, overwrite=overwrite) as tmp:
@@ -171,11 +186,141 @@ def read_checkpoint_header(payload) -> dict:
     meta = payload["meta"]
     if not isinstance(meta, dict):
         problems.append("meta is not a dict")
-    elif meta.get("sigma") is not None and not _positive_number(meta["sigma"]):
-        problems.append(f"sigma {meta['sigma']!r} is not a finite number > 0")
+    else:
+        if meta.get("sigma") is not None and not _positive_number(meta["sigma"]):
+            problems.append(f"sigma {meta['sigma']!r} is not a finite number > 0")
+        surrogate_fields = sorted(SURROGATE_ONLY_META & set(meta))
+        if payload["kind"] == "base" and surrogate_fields:
+            problems.append(f"kind is 'base' but meta holds a surrogate's fields {surrogate_fields} (the kind was "
+                            "edited: a surrogate is never a base model)")
     if problems:
         raise ModelError("checkpoint is inconsistent: " + "; ".join(problems) + "; the file is damaged, retrain it")
     return {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+SURROGATE_ONLY_META = frozenset({"kappa", "w", "fingerprint", "train_index_ranges", "counts_sha256", "counts_files",
+                                 "prior_tuning", "base_model_sha256"})
+"""Metadata only ``Surrogate.save`` writes: a checkpoint of kind ``base`` that holds any was relabelled."""
+
+CHECKSUM_FIELD = "checksum_sha256"
+"""The unkeyed SHA-256 of ``checkpoint_message``: detects an edit that did not recompute it (not a forger)."""
+
+
+def checkpoint_message(payload: dict) -> bytes:
+    """The canonical content a checkpoint's checksum and signature cover: every field and every tensor.
+
+    Every field but ``state_dict``, the checksum and the signature, as sorted compact JSON, then each
+    tensor by sorted name: name, dtype, shape and raw bytes; hashed into one SHA-256 (so a large model
+    is never held twice in memory).
+
+    Parameters
+    ----------
+    payload : dict
+        A checkpoint as ``torch.load`` returns it (or as ``save_checkpoint`` builds it).
+
+    Returns
+    -------
+    bytes
+        ``b"surrogate-cert checkpoint\\0"`` and the hex digest.
+    """
+    header = {k: v for k, v in payload.items() if k not in ("state_dict", CHECKSUM_FIELD, SIGNATURE_FIELD)}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=True,
+                                       default=repr).encode("utf-8"))
+    state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else {}
+    for name in sorted(state, key=str):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            digest.update(f"\0{name}\0{tensor!r}".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"surrogate-cert checkpoint\0" + digest.hexdigest().encode()
+
+
+def check_checkpoint_integrity(payload: dict, path: str, key: bytes | None) -> None:
+    """Refuse a checkpoint edited after it was written: its checksum, then (with ``key``) its signature.
+
+    Parameters
+    ----------
+    payload : dict
+        The loaded checkpoint.
+    path : str
+        Its file, for the messages.
+    key : bytes or None
+        The configured signing key. With one, a surrogate checkpoint must be signed under it; a base
+        checkpoint (base models come from anywhere: TorchScript, torch.export, factories) is checked
+        only if it is signed.
+
+    Raises
+    ------
+    ModelError
+        If the stored checksum does not match the content.
+    CheckpointSignatureError
+        If a key is configured and the checkpoint is an unsigned surrogate, or its signature does not verify.
+    """
+    try:
+        message = checkpoint_message(payload)
+    except (TypeError, ValueError, RuntimeError) as exc:  # fields of types save_checkpoint never writes
+        raise ModelError(f"{path}: checkpoint fields cannot be read ({type(exc).__name__}); the file is damaged, "
+                         "retrain it") from None
+    stored = payload.get(CHECKSUM_FIELD)
+    if stored is not None and stored != hashlib.sha256(message).hexdigest():
+        raise ModelError(f"{path} was modified after it was written (checksum mismatch); restore the original or "
+                         "retrain it")
+    if key is None:
+        return
+    kind = payload.get("kind")
+    make = "`surrogate-cert train`" if kind == "surrogate" else "`surrogate-cert train-base`"
+    check_signature(message, payload.get(SIGNATURE_FIELD), payload.get(KEY_ID_FIELD), key, what=path,
+                    fix=f"use the right key (--key-file), or re-run {make} with it", error=CheckpointSignatureError,
+                    required=kind != "base")
+
+
+def check_finite_weights(state: dict, path: str) -> None:
+    """Refuse (``ModelError``) weights holding NaN or infinity: no certificate may come out of them."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: weight {name} holds NaN or infinite values; the model is broken (training "
+                             "diverged?), retrain it")
+
+
+def check_finite_outputs(model: nn.Module, input_shape: Sequence[int], what: str, device=None) -> None:
+    """One forward pass on a fixed probe batch in [0, 1]; ``ModelError`` unless every logit is finite.
+
+    The probe is four images (all 0, all 1, all 0.5 and a seeded uniform one): a model whose answers
+    are NaN or infinite there would make argmax pick class 0 and certify it, so it is refused at load.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        In eval mode.
+    input_shape : sequence of int
+        ``(C, H, W)`` of its inputs.
+    what : str
+        The model, for the message.
+    device : str or torch.device, optional
+        Where the model is (default: its first parameter's device, else the CPU).
+
+    Raises
+    ------
+    ModelError
+        If a logit of the probe batch is NaN or infinite (a model failing on the probe is left to the
+        callers' shape checks).
+    """
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = tuple(int(v) for v in input_shape)
+    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5), torch.rand(shape, generator=gen)])
+    try:
+        with torch.inference_mode():
+            logits = model(probe.to(device))
+    except Exception:  # noqa: BLE001 - a model that cannot run on the probe fails the callers' own fit check
+        return
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and not bool(torch.isfinite(logits).all()):
+        raise ModelError(f"{what} returns NaN or infinite logits on a probe batch of images in [0, 1]; a certificate "
+                         "computed from it would be meaningless (argmax of NaN); fix or retrain the model")
 
 
 def _positive_number(value) -> bool:
@@ -210,6 +355,8 @@ def load_weights_file(path: str | os.PathLike, expected: str = "model"):
     kind = sniff(path)
     if kind == "missing":
         raise ModelError(f"model file {path} does not exist; train one with `surrogate-cert train-base --out {path}`")
+    if kind == "unreadable":
+        raise ModelError(unreadable(path, expected))
     if kind not in CHECKPOINT_FILE_KINDS:
         raise ModelError(wrong_kind(path, kind, expected))
     try:
@@ -220,7 +367,8 @@ def load_weights_file(path: str | os.PathLike, expected: str = "model"):
                          "the file is damaged or not a surrogate-cert model") from None
 
 
-def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.Module, dict]:
+def load_checkpoint(path, device=None, *, kind: str | None = None,
+                    key: bytes | str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
 
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
@@ -236,6 +384,10 @@ def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.M
     kind : {"base", "surrogate"}, optional
         Refuse a checkpoint of the other kind (``ModelError`` naming the command that makes the
         right one).
+    key : bytes or str, optional
+        The signing key (default: the environment's, ``core.signing.resolve_key``); with one, a
+        surrogate checkpoint must be signed under it and a signed base checkpoint must verify
+        (``check_checkpoint_integrity``).
 
     Returns
     -------
@@ -247,11 +399,17 @@ def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.M
     Raises
     ------
     ModelError
-        If the file is missing, not a checkpoint, inconsistent, of the other ``kind``, or its weights do
-        not fit its architecture.
+        If the file is missing, not a checkpoint, inconsistent, edited after it was written (checksum), of
+        the other ``kind``, its weights do not fit its architecture or are not finite, or its logits on
+        a probe batch are not finite.
+    CheckpointSignatureError
+        If a key is configured and the checkpoint is an unsigned surrogate or its signature does not verify.
     """
     path = os.fspath(path)
+    secret = resolve_key(key)
     payload = load_weights_file(path, "surrogate" if kind == "surrogate" else "model")
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        check_checkpoint_integrity(payload, path, secret)  # first: an edited file says so, whatever the edit
     try:
         header = read_checkpoint_header(payload)
     except ModelError as exc:
@@ -264,7 +422,9 @@ def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.M
     except (RuntimeError, KeyError) as exc:
         raise ModelError(f"{path}: weights do not fit architecture {header['arch']} "
                          f"({str(exc).splitlines()[0][:160]}); the file is damaged") from None
+    check_finite_weights(payload["state_dict"], path)
     model.eval()
+    check_finite_outputs(model, header["input_shape"], path, device="cpu")
     if device is not None:
         model.to(device)
     return model, header

@@ -34,8 +34,23 @@ class CalibrationError(SurrogateCertError):
     """A calibration is impossible (too few points) or a calibration file is tampered or mismatched."""
 
 
-class SignatureError(CalibrationError):
+class ArtifactSignatureError(SurrogateCertError):
+    """A signing key is configured and an artifact is unsigned, signed with another key, or altered after signing.
+
+    The base of the three artifact-specific errors below: catch it to catch any signature failure.
+    """
+
+
+class SignatureError(CalibrationError, ArtifactSignatureError):
     """A key is configured and a calibration file is unsigned, or signed with another key, or altered."""
+
+
+class CountsSignatureError(StoreError, ArtifactSignatureError):
+    """A key is configured and a complete counts file is unsigned, or signed with another key, or altered."""
+
+
+class CheckpointSignatureError(ModelError, ArtifactSignatureError):
+    """A key is configured and a surrogate checkpoint is unsigned, or a checkpoint's signature does not verify."""
 
 
 class OutputExistsError(SurrogateCertError):
@@ -61,6 +76,59 @@ def check_positive(name: str, value: float) -> float:
         raise InvalidParameterError(f"{name} must be a positive number, got {value!r}") from None
     if not (value > 0.0 and value < float("inf")):
         raise InvalidParameterError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+SIGMA_MIN = 1e-4
+SIGMA_MAX = 1e3
+"""The noise levels accepted for inputs in [0, 1], set by float32 arithmetic, in which every sample is computed:
+below ``SIGMA_MIN`` the noise added to a pixel near 1 is rounded to a few of float32's steps there (6e-8), so
+the samples are no longer Gaussian; above ``SIGMA_MAX`` noise values (up to ~6 sigma) are so large that
+float32 no longer resolves an 8-bit pixel step (1/255) beside them, so the image is lost in rounding (and
+far above, the noise overflows to infinity)."""
+
+SEED_MAX = 2**63 - 1
+"""Largest seed: seeds are stored as int64 in counts files and feed 64-bit generators."""
+
+
+def check_sigma(value: float, name: str = "sigma") -> float:
+    """Return ``value`` as float if it is a noise level in [``SIGMA_MIN``, ``SIGMA_MAX``]; else InvalidParameterError.
+
+    The message says why the range is what it is: pixels lie in [0, 1] and every sample is float32.
+    """
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be a noise level (a number), got {value!r}") from None
+    if not SIGMA_MIN <= value <= SIGMA_MAX:
+        raise InvalidParameterError(
+            f"{name} must lie in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] for pixels in [0, 1], got {value:g}: with float32 "
+            f"samples, noise below {SIGMA_MIN:g} is lost in the rounding of the pixels and noise above "
+            f"{SIGMA_MAX:g} loses the image in rounding (or overflows), so no certificate would mean anything; "
+            "typical values are 0.12 to 1")
+    return value
+
+
+def check_seed(value: int, name: str = "seed") -> int:
+    """Return ``value`` as int if it is a whole number in [0, ``SEED_MAX``]; else InvalidParameterError."""
+    try:
+        whole = not isinstance(value, (bool, str, bytes, float)) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or not 0 <= int(value) <= SEED_MAX:
+        raise InvalidParameterError(f"{name} must be a whole number in [0, 2**63 - 1] (it is stored as int64), "
+                                    f"got {value!r}")
+    return int(value)
+
+
+def check_radius(value: float, name: str = "radius") -> float:
+    """Return ``value`` as float if it is a finite radius >= 0 (input l2 units); else InvalidParameterError."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be a radius (a number >= 0, input l2 units), got {value!r}") from None
+    if not (value >= 0.0 and value < float("inf")):
+        raise InvalidParameterError(f"{name} must be a finite radius >= 0 (input l2 units), got {value}")
     return value
 
 

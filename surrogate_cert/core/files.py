@@ -20,10 +20,12 @@ import os
 import zipfile
 from typing import Iterable, Iterator
 
-from .errors import InvalidParameterError, OutputExistsError
+import numpy as np
 
-__all__ = ["sniff", "describe", "wrong_kind", "check_outputs", "atomic_output", "write_text_atomic",
-           "commit_outputs", "MAKERS"]
+from .errors import InvalidInputError, InvalidParameterError, OutputExistsError
+
+__all__ = ["sniff", "describe", "wrong_kind", "unreadable", "file_problem", "read_npz", "check_outputs", "atomic_output",
+           "write_text_atomic", "commit_outputs", "MAKERS"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -41,11 +43,13 @@ MAKERS = {
 
 _DESCRIPTIONS = {
     "missing": "missing",
+    "unreadable": "unreadable",
     "folder": "a folder",
     "empty": "an empty file",
     "hdf5": "an HDF5 file",
     "json": "a JSON file",
     "npz": "a NumPy .npz archive",
+    "npy": "a NumPy .npy array (one unnamed array, not an .npz of named arrays)",
     "torchscript": "a TorchScript archive",
     "torch-export": "a torch.export program",
     "torch-zip": "a PyTorch checkpoint",
@@ -67,9 +71,11 @@ def sniff(path: str | os.PathLike) -> str:
     Returns
     -------
     str
-        One of ``missing``, ``folder``, ``empty``, ``hdf5``, ``json``, ``npz``, ``torchscript``,
-        ``torch-export``, ``torch-zip`` (a ``torch.save`` file), ``zip``, ``pickle``, ``text`` or
-        ``binary``. ``json`` means the file starts like a JSON object or array, not that it parses.
+        One of ``missing``, ``unreadable`` (the operating system refused to open it: permissions, a
+        symbolic-link loop, ...; ``unreadable`` says why), ``folder``, ``empty``, ``hdf5``, ``json``,
+        ``npz``, ``npy``, ``torchscript``, ``torch-export``, ``torch-zip`` (a ``torch.save`` file),
+        ``zip``, ``pickle``, ``text`` or ``binary``. ``json`` means the file starts like a JSON object
+        or array, not that it parses.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -80,13 +86,15 @@ def sniff(path: str | os.PathLike) -> str:
     except FileNotFoundError:
         return "missing"
     except OSError:
-        return "binary"
+        return "unreadable"
     if not head:
         return "empty"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
     if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP):
         return _zip_kind(path)
+    if head.startswith(b"\x93NUMPY"):  # np.save: one array, not an archive of named arrays
+        return "npy"
     if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy (non-zip) format
         return "pickle"
     stripped = head.lstrip()
@@ -117,6 +125,79 @@ def _zip_kind(path: str) -> str:
     return "zip"
 
 
+def file_problem(path: str | os.PathLike) -> str | None:
+    """What keeps ``path`` from being read as a file, in the operating system's words; None if nothing does.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Any path.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"does not exist"``, ``"is a symbolic link to x.pt, which does not exist"``, ``"is a
+        folder"``, ``"cannot be read (Permission denied)"``, ``"cannot be read (Too many levels of
+        symbolic links)"``; None for a readable file.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return "is a folder"
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def unreadable(path: str | os.PathLike, expected: str) -> str:
+    """The one-line message for a file the operating system refused to open: its own reason, and what to do."""
+    problem = file_problem(path) or "cannot be read"
+    return (f"{os.fspath(path)} {problem}; fix its permissions or give another file "
+            f"({MAKERS.get(expected, expected)})")
+
+
+def read_npz(path: str | os.PathLike, what: str = "npz", error: type[Exception] = InvalidInputError) -> dict:
+    """Every array of an ``.npz`` archive (``np.load(allow_pickle=False)``), after ``sniff`` says it is one.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    what : str, optional
+        What it should be (a key of ``MAKERS`` or words), for the messages.
+    error : type, optional
+        The exception to raise (a ``SurrogateCertError`` subclass).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+
+    Raises
+    ------
+    error
+        If the file is missing, unreadable, of another kind (a plain ``.npy`` array, text, ...), or not a
+        readable archive.
+    """
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind == "missing":
+        problem = file_problem(path) if os.path.islink(path) else "no such file"
+        raise error(f"{path}: {problem}; give {MAKERS.get(what, what)}")
+    if kind != "npz":
+        raise error(wrong_kind(path, kind, what))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path} is not a readable .npz archive ({first}); give {MAKERS.get(what, what)}") from None
+
+
 def describe(kind: str) -> str:
     """Words for a ``sniff`` result, e.g. ``"an HDF5 file"``."""
     return _DESCRIPTIONS.get(kind, kind)
@@ -139,6 +220,8 @@ def wrong_kind(path: str | os.PathLike, kind: str, expected: str) -> str:
     str
         E.g. ``"cal.json is a JSON file (a calibration JSON is made by ...), not a model checkpoint (made by ...)"``.
     """
+    if kind == "unreadable":
+        return unreadable(path, expected)
     hint = {"hdf5": " (an HDF5 counts file is made by `surrogate-cert datagen`)",
             "json": " (a calibration JSON is made by `surrogate-cert calibrate`)"}.get(kind, "")
     return f"{os.fspath(path)} is {describe(kind)}{hint}, not {MAKERS.get(expected, expected)}"

@@ -23,7 +23,8 @@ from typing import Mapping
 
 from .errors import InvalidParameterError
 
-__all__ = ["ENV_KEY", "ENV_KEY_FILE", "MIN_KEY_BYTES", "resolve_key", "sign", "key_id", "verify"]
+__all__ = ["ENV_KEY", "ENV_KEY_FILE", "MIN_KEY_BYTES", "resolve_key", "sign", "key_id", "verify", "check_signature",
+           "SIGNATURE_FIELD", "KEY_ID_FIELD"]
 
 ENV_KEY = "SURROGATE_CERT_KEY"
 """Environment variable holding the signing key itself (at least ``MIN_KEY_BYTES`` bytes)."""
@@ -110,3 +111,48 @@ def key_id(key: bytes) -> str:
 def verify(message: bytes, signature: str, key: bytes) -> bool:
     """Whether ``signature`` is the HMAC-SHA256 of ``message`` under ``key`` (constant-time comparison)."""
     return isinstance(signature, str) and hmac.compare_digest(sign(message, key), signature)
+
+
+SIGNATURE_FIELD = "signature_hmac_sha256"
+"""Where an artifact keeps its HMAC-SHA256 signature (a JSON key, a checkpoint field, an HDF5 attribute)."""
+
+KEY_ID_FIELD = "signature_key_id"
+"""Where an artifact names the key that signed it (``key_id``; part of the signed content)."""
+
+
+def check_signature(message: bytes, signature, signed_key_id, key: bytes, *, what: str, fix: str,
+                    error: type[Exception], required: bool = True) -> None:
+    """Refuse an artifact whose signature does not verify under ``key`` (one wording for every artifact).
+
+    Parameters
+    ----------
+    message : bytes
+        The artifact's signed content (canonical bytes, without the signature itself).
+    signature : str or None
+        The stored signature.
+    signed_key_id : str or None
+        The stored ``KEY_ID_FIELD``, to say "another key" rather than "altered" where it differs.
+    key : bytes
+        The configured key.
+    what : str
+        The artifact, for the message (e.g. ``"surrogate.pt"``).
+    fix : str
+        What to do, for the message (e.g. ``"re-run `surrogate-cert train` with the key"``).
+    error : type
+        The exception to raise (an ``ArtifactSignatureError`` subclass).
+    required : bool, optional
+        Refuse an unsigned artifact (default); if false, only a present signature is checked.
+
+    Raises
+    ------
+    error
+        If the artifact is unsigned (and ``required``), signed with another key, or altered after signing.
+    """
+    if signature is None:
+        if required:
+            raise error(f"{what} is not signed but a signing key is configured; {fix}")
+        return
+    if not verify(message, signature, key):
+        why = (f"it was signed with another key (key id {signed_key_id}, yours is {key_id(key)})"
+               if signed_key_id and signed_key_id != key_id(key) else "it was altered after signing")
+        raise error(f"{what}: the signature does not verify under the configured key: {why}; {fix}")

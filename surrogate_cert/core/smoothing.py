@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
+from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed, check_sigma
 
 NOISE_BLOCK = 256
 """Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
@@ -464,8 +464,8 @@ class SmoothedClassifier:
         input_shape: Sequence[int] | None = None,
     ):
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
-        self.sigma = check_positive("sigma", sigma)
-        self.seed = int(seed)
+        self.sigma = check_sigma(sigma)
+        self.seed = check_seed(seed)
         self.noise_scheme = check_noise_scheme(noise_scheme, allow_unseeded=True)
         self.device = resolve_device(device)
         if amp not in (None, "none", "bf16"):
@@ -496,18 +496,44 @@ class SmoothedClassifier:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
-        """``argmax f(x)`` for a batch already on the device (no noise added)."""
+    def predict_labels(self, x: torch.Tensor, nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+        """``argmax f(x)`` for a batch already on the device (no noise added).
+
+        ``nonfinite`` (a 0-d int64 tensor on the device), when given, is increased by the number of rows
+        whose logits hold NaN or infinity, on the device (no host synchronisation): the counting
+        engine reads it once per call and refuses the counts (argmax of NaN is class 0).
+        """
         with self._autocast():
             logits = self.model(x)
-        if not self._checked_width:
-            if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-                raise ModelError(
-                    f"the model outputs shape {tuple(logits.shape)} but num_classes={self.num_classes}; "
-                    "pass the model trained for this dataset or fix --num-classes"
-                )
-            self._checked_width = True
+        # The width is host metadata: checking it on every batch costs nothing and keeps a model whose
+        # output changes width from writing its answers into another input's counts.
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
+            raise ModelError(
+                f"the model outputs shape {tuple(logits.shape)} for {x.shape[0]} inputs but num_classes="
+                f"{self.num_classes}; pass the model trained for this dataset or fix --num-classes"
+            )
+        self._checked_width = True
+        if nonfinite is not None:
+            nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
         return logits.argmax(dim=1)
+
+    def _checked_result(self, table: torch.Tensor, totals: np.ndarray | None, nonfinite: torch.Tensor) -> np.ndarray:
+        """``table`` on the host, after the engine's own checks (computed on the device, read once per call).
+
+        Refuses (``ModelError``) the result of a call where the model returned NaN or infinite logits, or
+        whose rows do not sum to the samples asked (``totals``): no certificate may come from them.
+        """
+        wrong = (table.sum(dim=1) != torch.from_numpy(totals).to(table.device)).sum() if totals is not None \
+            else torch.zeros_like(nonfinite)
+        bad_rows, bad_sums = torch.stack([nonfinite, wrong]).tolist()
+        if bad_rows:
+            raise ModelError(f"the base model returned NaN or infinite logits on {bad_rows} noisy samples (sigma="
+                             f"{self.sigma:g}); counts from them would certify class 0 by accident, so none are "
+                             "returned; fix the model (or lower sigma)")
+        if bad_sums:
+            raise ModelError(f"{bad_sums} inputs' counts do not sum to the samples drawn for them (the model's answers "
+                             "fell outside its classes or samples were lost); no counts are returned")
+        return table.cpu().numpy()
 
     # ------------------------------------------------------------------ batch size
     def _auto_batch_size(self) -> tuple[int, str]:
@@ -603,7 +629,7 @@ class SmoothedClassifier:
         Returns
         -------
         numpy.ndarray
-            ``N x K`` int64 counts on the host; row ``i`` sums to ``n_i``.
+            ``N x K`` int64 counts on the host; row ``i`` sums to ``n_i`` (checked here, on the device).
 
         Raises
         ------
@@ -613,7 +639,8 @@ class SmoothedClassifier:
         InvalidParameterError
             If ``n`` or ``start`` is not a whole number >= 0, or not one value or one per input.
         ModelError
-            If the model's output is not ``N x num_classes``.
+            If the model's output is not ``N x num_classes``, a logit is NaN or infinite, or a row of counts
+            does not sum to its ``n_i``.
         """
         x = check_images(x)
         num = x.shape[0]
@@ -624,6 +651,7 @@ class SmoothedClassifier:
         k, shape, device = self.num_classes, tuple(x.shape[1:]), self.device
         x_dev = x.to(device, dtype=torch.float32)
         counts = torch.zeros(num * k, dtype=torch.int64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         capacity = max(self.batch_size, NOISE_BLOCK)
         noise = torch.empty((capacity + NOISE_BLOCK, *shape), device=device)
         scratch = None
@@ -648,7 +676,7 @@ class SmoothedClassifier:
                 noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[own])
                 if self.channels_last:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
-                pred = self.predict_labels(noisy)
+                pred = self.predict_labels(noisy, nonfinite)
                 counts.add_(torch.bincount(own * k + pred, minlength=num * k))
 
         for i, _, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
@@ -670,7 +698,8 @@ class SmoothedClassifier:
                 filled = 0
         if filled:
             flush(filled)
-        return counts.view(num, k).cpu().numpy()
+        # Row sums against n, and the model's non-finite answers, checked on the device: one copy per call.
+        return self._checked_result(counts.view(num, k), n_arr, nonfinite)
 
     def amp_disagreement(
         self,
@@ -779,6 +808,7 @@ class SmoothedClassifier:
         shape, device = tuple(x.shape[1:]), self.device
         x_dev = x.to(device, dtype=torch.float32)
         out = torch.full((num * width,), -1, dtype=torch.int32, device=device)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         capacity = max(self.batch_size, NOISE_BLOCK)
         noise = torch.empty((capacity + NOISE_BLOCK, *shape), device=device)
         scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
@@ -794,7 +824,7 @@ class SmoothedClassifier:
                 noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[owners[lo:hi]])  # as in counts, bit for bit
                 if self.channels_last:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
-                out[slots[lo:hi]] = self.predict_labels(noisy).to(torch.int32)
+                out[slots[lo:hi]] = self.predict_labels(noisy, nonfinite).to(torch.int32)
 
         for i, block, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
@@ -810,4 +840,4 @@ class SmoothedClassifier:
                 filled = 0
         if filled:
             flush(filled)
-        return out.view(num, width).cpu().numpy()
+        return self._checked_result(out.view(num, width), None, nonfinite)

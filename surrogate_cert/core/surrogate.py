@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .architectures import build, default_arch, load_checkpoint, save_checkpoint
-from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
+from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive, check_sigma
 from .hashing import sha256_file
 from .smoothing import check_images, resolve_device
 from .stats import check_prior_weight, prior_log_evidence, probit_confidence
 
-__all__ = ["Surrogate", "tune_prior", "copy_weights", "KAPPA_GRID", "W_GRID"]
+__all__ = ["Surrogate", "tune_prior", "copy_weights", "meta_problems", "KAPPA_GRID", "W_GRID"]
 
 KAPPA_GRID = (2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 """Candidate prior concentrations ``kappa`` (pseudo-samples the surrogate's ``p~`` is worth)."""
@@ -108,6 +108,48 @@ def weights_digest(header_json: str, state: dict) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def meta_problems(meta: dict) -> list[str]:
+    """What in a surrogate's metadata contradicts the rest of it (what the unkeyed checks can catch).
+
+    A surrogate written by ``train`` records its training files (``counts_files``: path, SHA-256,
+    split, rows), their splits joined as ``split``, the number of training images ``counts_rows`` and
+    the images themselves (``train_index_ranges``). Files written before those fields existed lack them
+    all and are judged by ``calibrate`` on ``split`` alone; a file with ``counts_files`` but without
+    training indices, or whose ``split`` / ``counts_rows`` disagree with its files, was edited. A
+    consistent edit of every field is beyond these checks (a keyed signature catches it).
+
+    Parameters
+    ----------
+    meta : dict
+        The checkpoint's ``meta``.
+
+    Returns
+    -------
+    list of str
+        One phrase per contradiction (empty when none).
+    """
+    files = meta.get("counts_files")
+    if files is None:
+        return []
+    if not (isinstance(files, list) and files and all(isinstance(f, dict) for f in files)):
+        return ["counts_files is not a list of file records"]
+    problems = []
+    ranges = meta.get("train_index_ranges")
+    if ranges is None:
+        problems.append("it names its training files but records no training indices")
+    splits = "+".join(dict.fromkeys(str(f.get("split")) for f in files))
+    if meta.get("split") != splits:
+        problems.append(f"split {meta.get('split')!r} but its training files are of {splits!r}")
+    rows = sum(int(f.get("rows") or 0) for f in files)
+    if meta.get("counts_rows") is not None and meta.get("counts_rows") != rows:
+        problems.append(f"counts_rows {meta.get('counts_rows')!r} but its training files hold {rows} rows")
+    if isinstance(ranges, list) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in ranges):
+        covered = sum(int(hi) - int(lo) for lo, hi in ranges)
+        if covered != rows:
+            problems.append(f"train_index_ranges cover {covered} images but its training files hold {rows} rows")
+    return problems
 
 
 def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architecture") -> str:
@@ -225,7 +267,7 @@ class Surrogate:
         self.arch = str(arch)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
-        self.sigma = check_positive("sigma", sigma)
+        self.sigma = check_sigma(sigma)
         self.kappa = check_positive("kappa", kappa)
         self.w = check_prior_weight(w)
         self.meta = dict(meta or {})
@@ -473,7 +515,7 @@ class Surrogate:
             If ``x`` is not a valid image batch of ``input_shape``, or ``counts`` is not ``N x K``,
             non-negative, with a sample in every row.
         InvalidParameterError
-            If ``holdout`` or ``epochs`` is out of range.
+            If ``holdout``, ``epochs``, ``lr`` (finite > 0) or ``batch_size`` (>= 1) is out of range.
         """
         x = self._check(x).to(dtype=torch.float32)  # the network's weights are float32, whatever the images
         counts = np.asarray(counts)
@@ -488,6 +530,8 @@ class Surrogate:
             raise InvalidInputError("counts must be >= 0 with at least one sample per row")
         if not 0 <= holdout < 1:
             raise InvalidParameterError(f"holdout must be a share in [0, 1), got {holdout}")
+        lr = check_positive("lr", lr)
+        batch_size = check_count("batch_size", batch_size)
         num = x.shape[0]
         epochs = (40 if num <= 5_000 else 15) if epochs is None else check_count("epochs", epochs)
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -607,11 +651,12 @@ class Surrogate:
             self._fingerprint, self._fingerprint_key = weights_digest(key[0], state), key
         return self._fingerprint
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> str:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True, key: bytes | str | None = None) -> str:
         """Write a weights-only checkpoint (kind ``surrogate``) with ``meta`` plus sigma, kappa, w.
 
         The metadata also records the package version and ``fingerprint()``; ``file_sha256`` is set to
-        the SHA-256 of the written file. Written atomically (``save_checkpoint``).
+        the SHA-256 of the written file. Written atomically (``save_checkpoint``), with a checksum and,
+        when a signing key is configured, a keyed signature.
 
         Parameters
         ----------
@@ -619,6 +664,8 @@ class Surrogate:
             Checkpoint file to write.
         overwrite : bool, optional
             Replace an existing file (default); if false, ``OutputExistsError`` and the file is kept.
+        key : bytes or str, optional
+            Signing key (default: the environment's, ``core.signing.resolve_key``; none: unsigned).
 
         Returns
         -------
@@ -633,13 +680,18 @@ class Surrogate:
         meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
                 "package_version": __version__, "fingerprint": self.fingerprint()}
         save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
-                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite)
+                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite, key=key)
         self.file_sha256 = sha256_file(path)
         return os.fspath(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Surrogate":
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+             key: bytes | str | None = None) -> "Surrogate":
         """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate.
+
+        Besides the checkpoint's own checks (``load_checkpoint``: checksum, finite weights, with a key its
+        signature), the metadata must be one ``train`` writes (``meta_problems``): a relabelled training
+        split or deleted training indices are refused where they contradict the rest of the record.
 
         Parameters
         ----------
@@ -647,6 +699,8 @@ class Surrogate:
             A checkpoint written by ``Surrogate.save``.
         device : str, torch.device or None, optional
             Where to run (``resolve_device``).
+        key : bytes or str, optional
+            Signing key (default: the environment's): with one, the checkpoint must be signed under it.
 
         Returns
         -------
@@ -657,15 +711,22 @@ class Surrogate:
         ------
         ModelError
             If the file is missing, not a loadable surrogate-cert checkpoint (text, JSON, HDF5, ...), is
-            of another kind (a base model), or lacks sigma, kappa or w in its metadata.
+            of another kind (a base model), was edited (checksum, or metadata that contradicts itself),
+            or lacks sigma, kappa or w in its metadata.
+        CheckpointSignatureError
+            If a key is configured and the checkpoint is unsigned or its signature does not verify.
         InvalidParameterError
             If the stored sigma, kappa or w is out of range.
         """
-        model, header = load_checkpoint(path, kind="surrogate")
+        model, header = load_checkpoint(path, kind="surrogate", key=key)
         meta = dict(header["meta"])
-        for key in ("sigma", "kappa", "w"):
-            if key not in meta:
-                raise ModelError(f"{path} lacks {key} in its metadata; retrain it with `surrogate-cert train`")
+        for name in ("sigma", "kappa", "w"):
+            if name not in meta:
+                raise ModelError(f"{path} lacks {name} in its metadata; retrain it with `surrogate-cert train`")
+        problems = meta_problems(meta)
+        if problems:
+            raise ModelError(f"{path}: the surrogate's record contradicts itself ({'; '.join(problems)}): it was "
+                             "edited; retrain it with `surrogate-cert train`")
         try:
             surrogate = cls(model, arch=header["arch"], input_shape=header["input_shape"],
                             num_classes=header["num_classes"], sigma=meta["sigma"], kappa=meta["kappa"],

@@ -33,6 +33,7 @@ from ..core.certificate import Certificate, abstention
 from ..core.errors import InvalidParameterError, ModelError, check_count, check_probability
 from ..core.one_pass import SurrogateCertifier, required_radii
 from ..core.sequential import DEFAULT_SCHEDULE, EProcessCertifier, GeometricSchedule
+from ..core.signing import resolve_key
 from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
 from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
@@ -207,8 +208,9 @@ class HybridCertifier:
         seed : int, optional
             Seed of the fallback's noise streams.
         key : bytes or str, optional
-            Signing key the calibration file must be signed with; default ``key_file``, else the
-            environment (``SURROGATE_CERT_KEY_FILE`` / ``SURROGATE_CERT_KEY``), else none.
+            Signing key the calibration file and the surrogate checkpoint (given as paths) must be signed
+            with; default ``key_file``, else the environment (``SURROGATE_CERT_KEY_FILE`` /
+            ``SURROGATE_CERT_KEY``), else none.
         key_file : str or os.PathLike, optional
             File holding the signing key.
         threads : int, "auto" or None, optional
@@ -248,17 +250,18 @@ class HybridCertifier:
             raise InvalidParameterError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         alpha = check_probability("alpha", alpha)
         max_samples = check_count("max_samples", max_samples)
+        secret = resolve_key(key, key_file)
         if not isinstance(surrogate, Surrogate):
-            surrogate = Surrogate.load(surrogate, device=device)
+            surrogate = Surrogate.load(surrogate, device=device, key=secret)
         if not isinstance(calibration, Calibration):
-            calibration = load_calibration(calibration, key=key, key_file=key_file)
+            calibration = load_calibration(calibration, key=secret)
         # SurrogateCertifier checks that the calibration belongs to this surrogate (one hash).
         sequential = smooth = None
         if fallback == "eprocess" or audit_rate is not None:
             if base_model is None:
                 raise InvalidParameterError("fallback='eprocess' and the audit need the base model (--model); "
                                             "or use --fallback none without an audit")
-            model = cls._base_model(base_model, surrogate, device)
+            model = cls._base_model(base_model, surrogate, device, secret)
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
                                         batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape)
             # One clean pass now: a model of another input shape or width fails here, not mid-certification.
@@ -321,11 +324,11 @@ class HybridCertifier:
         return cut, spent
 
     @staticmethod
-    def _base_model(base_model, surrogate, device) -> torch.nn.Module:
+    def _base_model(base_model, surrogate, device, key: bytes | None = None) -> torch.nn.Module:
         if isinstance(base_model, torch.nn.Module):
             return base_model
         loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes,
-                            input_shape=surrogate.input_shape)
+                            input_shape=surrogate.input_shape, key=key)
         expected = surrogate.meta.get("base_model_sha256")
         if expected and loaded.sha256 and loaded.sha256 != expected:
             raise ModelError(

@@ -25,7 +25,7 @@ from calibration.artifact import Calibration, load_calibration
 
 from ..core import __version__
 from ..core.errors import InvalidInputError, InvalidParameterError
-from ..core.files import commit_outputs
+from ..core.files import commit_outputs, read_npz
 from ..core.smoothing import check_images
 from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
@@ -40,7 +40,8 @@ STREAM_CHUNK = 1024
 """Queries handed to the certifier and the watchers at once (results do not depend on it)."""
 
 
-def load_stream(path: str | os.PathLike, input_shape) -> tuple[torch.Tensor, np.ndarray | None]:
+def load_stream(path: str | os.PathLike, input_shape,
+                num_classes: int | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
     """The images (and labels, if any) of a stream NPZ, checked whole before any work.
 
     Parameters
@@ -50,6 +51,9 @@ def load_stream(path: str | os.PathLike, input_shape) -> tuple[torch.Tensor, np.
         (``N`` integer labels).
     input_shape : sequence of int
         ``(C, H, W)`` the surrogate expects.
+    num_classes : int, optional
+        The surrogate's class count: every label must be a class ``0 .. num_classes - 1`` (a label
+        outside would make the reported accuracy wrong).
 
     Returns
     -------
@@ -61,14 +65,11 @@ def load_stream(path: str | os.PathLike, input_shape) -> tuple[torch.Tensor, np.
     Raises
     ------
     InvalidInputError
-        If the file cannot be read as NPZ, lacks ``x``, is empty, has images of another shape, non-
-        float, non-finite or out-of-range pixels, or labels that are not one integer per image.
+        If the file cannot be read as NPZ (a plain ``.npy`` array included), lacks ``x``, is empty, has
+        images of another shape, non-float, non-finite or out-of-range pixels, or labels that are not one
+        class per image.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InvalidInputError(f"cannot read stream {path} as an NPZ file ({exc})") from None
+    arrays = read_npz(path, "a stream .npz with arrays x (N x C x H x W in [0, 1]) and optional y")
     if "x" not in arrays:
         raise InvalidInputError(f"stream {path} has no array 'x' (N x C x H x W images in [0, 1]); it has "
                                 f"{sorted(arrays) or 'nothing'}")
@@ -88,6 +89,10 @@ def load_stream(path: str | os.PathLike, input_shape) -> tuple[torch.Tensor, np.
             raise InvalidInputError(f"stream {path}: y must hold one integer label per image, got shape {y.shape} "
                                     f"and dtype {y.dtype}")
         y = y.astype(np.int64)
+        outside = (y < 0) | (y >= num_classes) if num_classes is not None else (y < 0)
+        if outside.any():
+            raise InvalidInputError(f"stream {path}: label {int(y[outside][0])} (query {int(np.flatnonzero(outside)[0])}) "
+                                    f"is not a class of 0..{(num_classes or 1) - 1}; fix y (labels are class indices)")
     return images, y
 
 

@@ -17,13 +17,21 @@ import torch
 from data_gen.models import load_model
 from data_gen.store import CountsMismatchError, check_counts_for, index_ranges, read_counts
 
-from ..core.architectures import CHECKPOINT_FILE_KINDS, default_arch, load_checkpoint
-from ..core.errors import InvalidInputError, InvalidParameterError, ModelError
+from ..core.architectures import CHECKPOINT_FILE_KINDS, check_finite_weights, default_arch, load_checkpoint
+from ..core.errors import (
+    InvalidInputError,
+    InvalidParameterError,
+    ModelError,
+    check_count,
+    check_positive,
+    check_seed,
+)
 from ..core.files import check_outputs, sniff
 from ..core.hashing import sha256_file
+from ..core.signing import resolve_key
 from ..core.surrogate import Surrogate
 
-__all__ = ["train_surrogate", "builtin_base_arch"]
+__all__ = ["train_surrogate", "builtin_base_arch", "check_training_options"]
 
 
 def train_surrogate(
@@ -42,6 +50,7 @@ def train_surrogate(
     patience: int = 8,
     progress: bool = True,
     overwrite: bool = True,
+    key: bytes | str | None = None,
 ) -> Surrogate:
     """Train a surrogate on one or more counts files and save it to ``out``; returns it.
 
@@ -86,6 +95,9 @@ def train_surrogate(
     overwrite : bool, optional
         Replace an existing ``out`` (default); if false, an existing ``out`` is refused before
         training (``OutputExistsError``) and kept.
+    key : bytes or str, optional
+        Signing key (default: the environment's, ``core.signing.resolve_key``): with one, every counts
+        file must be signed under it and the surrogate is signed.
 
     Returns
     -------
@@ -103,7 +115,10 @@ def train_surrogate(
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
     InvalidParameterError
-        If ``arch`` contradicts a built-in base model's, or a training option is out of range.
+        If ``arch`` contradicts a built-in base model's, or a training option (``lr``, ``batch_size``,
+        ``epochs``, ``holdout``, ``patience``, ``seed``) is out of range.
+    CountsSignatureError
+        If a key is configured and a counts file is not signed under it.
     StoreError
         If a counts file is missing or unreadable.
     DatasetError
@@ -113,6 +128,8 @@ def train_surrogate(
         classes or the architecture, or ``out`` cannot be written.
     """
     started = time.perf_counter()
+    check_training_options(lr=lr, batch_size=batch_size, epochs=epochs, holdout=holdout, patience=patience, seed=seed)
+    secret = resolve_key(key)
     if not overwrite:
         check_outputs([out], overwrite=False)
     paths = [counts_path] if isinstance(counts_path, (str, os.PathLike)) else list(counts_path)
@@ -124,7 +141,7 @@ def train_surrogate(
         for path, counts_file in zip(paths, files):
             check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
                              num_classes=int(attrs["num_classes"]), input_shape=attrs["input_shape"],
-                             model_sha256=attrs.get("model_sha256"), complete=True)
+                             model_sha256=attrs.get("model_sha256"), complete=True, key=secret)
     except CountsMismatchError as exc:
         raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
     indices = np.concatenate([f.indices for f in files])
@@ -176,8 +193,23 @@ def train_surrogate(
                           rows=int(len(tune_rows)), table=surrogate.prior_table_),
         seconds=time.perf_counter() - started,
     )
-    surrogate.save(out, overwrite=overwrite)
+    check_finite_weights(surrogate.model.state_dict(), f"the surrogate trained for {out}")
+    surrogate.save(out, overwrite=overwrite, key=secret)
     return surrogate
+
+
+def check_training_options(*, lr: float | None, batch_size: int, epochs: int | None, holdout: float,
+                           patience: int, seed: int) -> None:
+    """Refuse (``InvalidParameterError``) a training option out of range, before any file is read."""
+    if lr is not None:
+        check_positive("lr", lr)
+    check_count("batch_size", batch_size)
+    if epochs is not None:
+        check_count("epochs", epochs)
+    check_count("patience", patience)
+    check_seed(seed)
+    if not 0 <= holdout < 1:
+        raise InvalidParameterError(f"holdout must be a share in [0, 1), got {holdout}")
 
 
 def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, device):
