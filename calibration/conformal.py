@@ -1168,10 +1168,6 @@ def calibrate(
     counts = read_counts(counts_file)
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
-    if str(attrs.get("split")) == "test":
-        raise CalibrationError(f"{counts_file} holds the test split: its images are the ones `certify --split test` "
-                               "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
-                               "on the cal split")
     trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
     if str(attrs.get("split")) in ("train", "surrogate") or counts_sha256 in trained_files:
         raise CalibrationError(
@@ -1191,6 +1187,10 @@ def calibrate(
                          excluded_indices=trained_on, key=key)
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
+    if str(attrs.get("split")) == "test":
+        raise CalibrationError(f"{counts_file} holds the test split: its images are the ones `certify --split test` "
+                               "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
+                               "on the cal split")
     source = None
     if edges_from is not None:
         bin_edges, source = edges_from_counts(surrogate, edges_from, 5 if bins is None else bins, data_root, key=key)

@@ -9,7 +9,8 @@ Model specs accepted by ``load_model`` (and ``--model``):
   ``surrogate_cert.json`` (``_extra_files``) may declare ``num_classes``, ``input_shape`` and ``sigma``;
 - ``model.pt2``: a ``torch.export`` program (``torch.export.save``), the format PyTorch recommends now
   that TorchScript is deprecated. Read by ``data_gen.pt2.load_exported_program``, never by
-  ``torch.export.load``, which unpickles parts of the archive: nothing in the file is run. Export it with a dynamic batch dimension (``dynamic_shapes=({0:
+  ``torch.export.load``, which unpickles parts of the archive: nothing in the file is run.
+  Export it with a dynamic batch dimension (``dynamic_shapes=({0:
   torch.export.Dim("batch", min=1)},)``), since the engine evaluates batches of any size; a program
   with a static batch is refused. Its input shape and class count are read from the program, so the
   same shape checks apply as for a checkpoint; the same optional ``surrogate_cert.json``
@@ -43,6 +44,7 @@ from surrogate_cert.core import __version__
 from surrogate_cert.core.architectures import (
     CHECKPOINT_FILE_KINDS,
     build,
+    check_checkpoint_integrity,
     check_finite_outputs,
     check_finite_weights,
     default_arch,
@@ -259,6 +261,7 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
             raise ModelError(f"model spec {spec!r}: weights file {weights} does not exist")
         state = load_weights_file(weights, "a state dict saved with torch.save")
         if isinstance(state, dict) and state.get("format") is not None:
+            check_checkpoint_integrity(state, weights, resolve_key(None))
             header = read_checkpoint_header(state)
             if header["kind"] != "base":
                 raise ModelError(f"model spec {spec!r}: {weights} is a {header['kind']} checkpoint, not a base model's "

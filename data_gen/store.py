@@ -281,7 +281,8 @@ def _attr_problems(attrs: dict) -> list[str]:
     problems = []
     sigma = attrs["sigma"]
     if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and SIGMA_MIN <= sigma <= SIGMA_MAX):
-        problems.append(f"sigma {sigma!r} is not a noise level in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (core.errors.check_sigma)")
+        problems.append(f"sigma {sigma!r} is not a noise level in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] "
+                        "(core.errors.check_sigma)")
     for key, minimum in (("n", 1), ("n0", 0), ("num_classes", 2), ("rows", 0)):
         if not _whole(attrs[key], minimum):
             problems.append(f"{key} {attrs[key]!r} is not an integer >= {minimum}")
@@ -335,7 +336,8 @@ def _row_problems(counts: CountsFile) -> list[str]:
         if table is None or not len(table):
             continue
         if table.min() < 0:  # a signed dtype can hide a negative count in a row that still sums to n
-            problems.append(f"{name} holds a negative count ({int(table.min())}, row {int(np.argmin(table.min(axis=1)))})")
+            row = int(np.argmin(table.min(axis=1)))
+            problems.append(f"{name} holds a negative count ({int(table.min())}, row {row})")
             continue
         sums = table.sum(axis=1)
         bad = np.flatnonzero(sums != total)

@@ -329,7 +329,8 @@ def work(tmp_path_factory, digits_untrained_model):
     torch.export.save(program, p("good.pt2"))
     for name, (poison, _) in MALICIOUS.items():
         marker = os.path.join(f["markers"], name)
-        _rewrite(f["good.pt2"], p(f"{name}.pt2"), lambda files, r, poison=poison, marker=marker: poison(files, r, marker))
+        _rewrite(f["good.pt2"], p(f"{name}.pt2"),
+                 lambda files, r, poison=poison, marker=marker: poison(files, r, marker))
     guard_marker = os.path.join(f["markers"], "guards-code")
     _rewrite(f["good.pt2"], p("guards-code.pt2"), lambda files, r: _guards(files, r, guard_marker))
 
@@ -488,7 +489,8 @@ CASES = [
     ("3/calibrate/negative-int64-counts", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{negative.h5}",
                                                        "--out", "OUT:c.json"], ["negative count"], None),
     ("3/report/incomplete-counts", REPORT + ["--calibration", "{calibration.json}", "--surrogate", "{surrogate.pt}",
-                                             "--counts", "{incomplete.h5}", "--out", "OUT:r.html"], ["incomplete"], None),
+                                             "--counts", "{incomplete.h5}", "--out", "OUT:r.html"],
+     ["incomplete"], None),
     ("3/report/offline-counts-row-sums", REPORT + ["--offline-counts", "{rowsums.h5}", "--out", "OUT:r.html"],
      ["do not sum to n"], None),
     ("3/monitor/label-minus-1", MONITOR + ["--stream", "{stream_minus1.npz}", "--out", "OUT:m.json"],

@@ -78,7 +78,7 @@ def _checked_type(convert, check):
 seed_arg = _checked_type(int, check_seed)
 """``--seed``: a whole number in [0, 2**63 - 1] (refused by argparse, before any work)."""
 
-radius_arg = _checked_type(float, lambda v: check_radius(v, "the value"))
+radius_arg = _checked_type(float, lambda v: check_radius(v, "target_radius"))
 """``--target-radius``: a finite radius >= 0 in input l2 units (``nan`` and ``inf`` refused)."""
 
 

@@ -105,8 +105,8 @@ def run_datagen(args: argparse.Namespace) -> int:
     if args.top_up_max is not None and args.top_up is None:
         raise InvalidParameterError("--top-up-max bounds a top-up: give --top-up N too")
     if args.top_up_max is not None and args.top_up_max < args.n:
-        raise InvalidParameterError(f"--top-up-max {args.top_up_max} is below --samples {args.n}: it is the most samples "
-                                    "a row may reach over all top-ups, counting the first n; give at least n")
+        raise InvalidParameterError(f"--top-up-max {args.top_up_max} is below --samples {args.n}: it is the most "
+                                    "samples a row may reach over all top-ups, counting the first n; give at least n")
     key = signing_key(args)
     if args.top_up is not None and args.shard.world_size > 1:
         raise InvalidParameterError("--top-up runs in one process: make the file with torchrun, then top it up "

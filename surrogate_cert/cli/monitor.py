@@ -41,7 +41,8 @@ def register(sub) -> None:
                    help="noisy samples per audited certificate (default and only value: the calibration's n_cal)")
     p.add_argument("--delta", type=float, default=0.01, metavar="D",
                    help="false-alarm probability of each watcher over the whole stream (default 0.01)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the tie-breaking, the audit's selection and its noise")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of the tie-breaking, the audit's selection and its noise")
     add_device_arg(p)
     p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass of the audit")
     add_progress_arg(p)

@@ -159,21 +159,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
     key = signing_key(args)
     check_new_outputs(args, args.out)
     if args.report_counts and not args.report:
-        raise InvalidParameterError("--report-counts is the held-out check of the calibration report: add --report HTML")
+        raise InvalidParameterError("--report-counts is the held-out check of the calibration report: add "
+                                    "--report HTML")
     if args.bins is not None and args.score != "shifted" and args.edges_from is None:
         raise InvalidParameterError("--bins sets the bins of --score shifted or of --edges-from: add one of them, or "
                                     "drop --bins")
     if args.report:
         check_new_outputs(args, *report_paths(args.report, beside=".report").values(), option="--report")
-    surrogate = Surrogate.load(args.surrogate, device=args.device, key=key)
     calibration = calibrate(
-        surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
+        args.surrogate, args.counts, args.epsilon, args.alpha_mc, guarantee=args.guarantee, delta=args.delta,
         groups=args.groups, method=args.method, data_root=args.data_root, device=args.device,
         score=args.score, bins=args.bins, tune_share=args.tune_share, edges_from=args.edges_from,
         thresholds=not args.no_thresholds, key=key,
     )
     if args.report_counts:  # refused now, before the calibration file is written
-        held_out_counts(args.report_counts, surrogate, calibration, key=key)
+        held_out_counts(args.report_counts, Surrogate.load(args.surrogate, key=key), calibration, key=key)
     calibration.save(args.out, key=key, overwrite=args.overwrite)
     d = calibration.diagnostics
     q = calibration.pooled_offset
@@ -248,6 +248,6 @@ def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier, split: str |
     if trained is not None and same_dataset(dataset, surrogate.meta.get("dataset") or dataset):
         seen = in_ranges(data.indices, trained)
         if seen.any():
-            raise DatasetError(f"--split {split} holds {int(seen.sum())} images the surrogate was trained on (dataset "
-                               f"index {int(data.indices[seen][0])} and more): the guarantee needs images it never saw; "
-                               "certify the test split")
+            raise DatasetError(f"--split {split} holds {int(seen.sum())} images the surrogate was trained on "
+                               f"(dataset index {int(data.indices[seen][0])} and more): the guarantee needs images it "
+                               "never saw; certify the test split")

@@ -312,7 +312,8 @@ def check_finite_outputs(model: nn.Module, input_shape: Sequence[int], what: str
         device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = tuple(int(v) for v in input_shape)
-    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5), torch.rand(shape, generator=gen)])
+    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5),
+                         torch.rand(shape, generator=gen)])
     try:
         with torch.inference_mode():
             logits = model(probe.to(device))

@@ -24,8 +24,8 @@ import numpy as np
 
 from .errors import InvalidInputError, InvalidParameterError, OutputExistsError
 
-__all__ = ["sniff", "describe", "wrong_kind", "unreadable", "file_problem", "read_npz", "check_outputs", "atomic_output",
-           "write_text_atomic", "commit_outputs", "MAKERS"]
+__all__ = ["sniff", "describe", "wrong_kind", "unreadable", "file_problem", "read_npz", "check_outputs",
+           "atomic_output", "write_text_atomic", "commit_outputs", "MAKERS"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -1,5 +1,10 @@
 """Keyed signatures (HMAC-SHA256, standard library ``hmac``) of artifacts, and where the key comes from.
 
+Signed, with a key configured: counts files (``data_gen.signatures``), model checkpoints
+(``core.architectures.save_checkpoint``; verification is required of surrogates, and of a base
+checkpoint only when it carries a signature) and calibration files (``calibration.artifact``).
+``check_signature`` words every refusal the same way (docs/security.md).
+
 Two digests, for two threats:
 
 - the **checksum** (unkeyed SHA-256 of the content) detects accidental change (a truncated copy, a

@@ -91,8 +91,10 @@ def load_stream(path: str | os.PathLike, input_shape,
         y = y.astype(np.int64)
         outside = (y < 0) | (y >= num_classes) if num_classes is not None else (y < 0)
         if outside.any():
-            raise InvalidInputError(f"stream {path}: label {int(y[outside][0])} (query {int(np.flatnonzero(outside)[0])}) "
-                                    f"is not a class of 0..{(num_classes or 1) - 1}; fix y (labels are class indices)")
+            first = int(np.flatnonzero(outside)[0])
+            classes = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+            raise InvalidInputError(f"stream {path}: label {int(y[first])} (query {first}) is not a class of "
+                                    f"{classes}; fix y (labels are class indices)")
     return images, y
 
 
