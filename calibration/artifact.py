@@ -702,7 +702,7 @@ def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | st
                                ) from None
     if surrogate is not None:
         if not isinstance(surrogate, Surrogate):
-            surrogate = Surrogate.load(surrogate)
+            surrogate = Surrogate.load(surrogate, key=secret)
         calibration.check_matches(surrogate)
     return calibration
 

@@ -151,7 +151,7 @@ def monitor_stream(
     """
     started = time.perf_counter()
     if not isinstance(surrogate, Surrogate):
-        surrogate = Surrogate.load(surrogate, device=device)
+        surrogate = Surrogate.load(surrogate, device=device, key=key)
     if not isinstance(calibration, Calibration):
         calibration = load_calibration(calibration, key=key)
     audit_rate = None if not audit_rate else audit_rate
@@ -159,7 +159,7 @@ def monitor_stream(
         raise InvalidParameterError("--audit-rate needs the base model (--model) to re-check certificates")
     hybrid = HybridCertifier.load(surrogate, calibration, base_model=base_model, fallback="none", device=device,
                                   batch_size=batch_size, seed=seed, drift_delta=delta, audit_rate=audit_rate,
-                                  n_audit=n_audit, audit_delta=delta)
+                                  n_audit=n_audit, audit_delta=delta, key=key)
     certificates = []
     with tqdm(total=len(x), desc="monitor", unit="img", disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(x), chunk):
