@@ -707,3 +707,34 @@ def test_absurd_settings_are_typed_errors_in_python(work):
         load_model(work["nan.pt"], device="cpu")
     with pytest.raises(ModelError, match="probe batch"):
         load_model(work["overflow.pt"], device="cpu")
+
+
+def test_the_allowlists_keep_legitimate_programs(tmp_path):
+    """What ``sympy.srepr`` prints for shape arithmetic passes; attribute access, calls of other names, strings
+    that are not symbol names, subscripts and lambdas do not; a program with symbolic reshapes loads."""
+    import sympy
+    from torch.utils._sympy.functions import CeilDiv, FloorDiv, Mod
+
+    from data_gen.pt2 import _expression_ok
+
+    s0 = sympy.Symbol("s0", positive=True, integer=True)
+    for expr in (2 * s0, s0 + 1, sympy.Max(1, s0), FloorDiv(s0, 2), Mod(s0, 3), sympy.Rational(1, 2) * s0,
+                 sympy.Float(0.5) * s0, CeilDiv(s0, 4), sympy.Eq(s0, 3), sympy.Le(s0, 4096), -s0):
+        assert _expression_ok(sympy.srepr(expr)), sympy.srepr(expr)
+    for text in ("__import__('os')", "Symbol('s0').__class__", "exec('1')", "Symbol('a b')", "[s0][0]",
+                 "(lambda: 0)()", "Symbol(\"s0\")", "preview(s0)", "Integer(1" + "0" * 60 + ")"):
+        assert not _expression_ok(text), text
+
+    class Reshaping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1).reshape(-1, 32)).reshape(x.shape[0], 2, 10).mean(1)
+
+    program = torch.export.export(Reshaping().eval(), (torch.rand(4, 1, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(tmp_path / "reshaping.pt2"))
+    loaded = load_model(str(tmp_path / "reshaping.pt2"), device="cpu", num_classes=10, input_shape=(1, 8, 8))
+    assert loaded.model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
