@@ -97,6 +97,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from data_gen.datasets import same_dataset
 from surrogate_cert.core import stats
 from surrogate_cert.core.errors import CalibrationError, SignatureError
 from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
@@ -480,8 +481,6 @@ class Calibration:
         CalibrationError
             If the counts file is the calibration's, or the split is the calibration's split of its dataset.
         """
-        from data_gen.datasets import same_dataset  # the split names are the dataset layer's
-
         if counts_sha256 and self.counts_sha256 and counts_sha256 == self.counts_sha256:
             raise CalibrationError(f"{what} is the calibration's own counts file: the guarantee needs images the "
                                    "calibration never saw; use the test split")

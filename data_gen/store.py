@@ -62,8 +62,8 @@ import h5py
 import numpy as np
 
 from surrogate_cert.core.errors import SIGMA_MAX, SIGMA_MIN, OutputExistsError, StoreError
-from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.files import atomic_output, file_problem, sniff, wrong_kind
+from surrogate_cert.core.signing import resolve_key
 
 from .datasets import load_images, same_dataset
 from .distributed import shard_positions
