@@ -71,7 +71,7 @@ STREAM_LIMIT = 4
 BLOCK_LIMIT = 1 << 32
 """Blocks lie in ``[0, BLOCK_LIMIT)``: 1.1e12 samples per input and stream."""
 MAX_ABS_NORMAL = math.sqrt(66.0 * math.log(2.0))
-"""Largest ``|z|`` a Gaussian can take: Box-Muller's radius at the smallest uniform, ``2**-33``."""
+"""Box-Muller's radius at the smallest uniform, ``2**-33``: every ``|z| <= MAX_ABS_NORMAL + MAX_ABS_ERROR``."""
 MAX_ABS_ERROR = 1e-6
 """Bound on ``|z - z_exact|`` of every Gaussian (largest seen: 6.6e-7; see the module docstring)."""
 
@@ -246,7 +246,7 @@ def box_muller(radius_words: torch.Tensor, angle_words: torch.Tensor,
     Returns
     -------
     (torch.Tensor, torch.Tensor)
-        float32 ``(z_cos, z_sin)``, each ``|z| <= MAX_ABS_NORMAL``.
+        float32 ``(z_cos, z_sin)``, each ``|z| <= MAX_ABS_NORMAL + MAX_ABS_ERROR``.
 
     Examples
     --------
