@@ -89,7 +89,7 @@ def philox4x32(counter: Sequence[torch.Tensor], key: tuple[int, int],
     counter : sequence of 4 torch.Tensor
         The counter words ``(c0, c1, c2, c3)``: int64 tensors holding values in ``[0, 2**32)``, of
         shapes that broadcast together (a lane that is constant along a dimension may have size 1
-        there: it is broadcast by the first rounds for free).
+        there: the first rounds then cost less).
     key : (int, int)
         The key words ``(k0, k1)``, each in ``[0, 2**32)``.
     rounds : int, optional
@@ -98,8 +98,7 @@ def philox4x32(counter: Sequence[torch.Tensor], key: tuple[int, int],
     Returns
     -------
     tuple of 4 torch.Tensor
-        The output words, int64 with values in ``[0, 2**32)``, broadcast to the counter's shape
-        (the first two rounds broadcast every lane).
+        The output words, int64 with values in ``[0, 2**32)``, broadcast to the counter's shape.
 
     Examples
     --------
@@ -119,6 +118,7 @@ def philox4x32(counter: Sequence[torch.Tensor], key: tuple[int, int],
         c0 = torch.bitwise_xor(p1.bitwise_right_shift_(32), c1).bitwise_xor_(k0).bitwise_and_(_M32)
         c2 = torch.bitwise_xor(p0.bitwise_right_shift_(32), c3).bitwise_xor_(k1).bitwise_and_(_M32)
         c1, c3 = lo1, lo0
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)  # views: a lane may still have size 1 after 2 rounds
     return c0, c1, c2, c3
 
 
