@@ -30,10 +30,12 @@ Precision: the integer-to-float steps and the range reductions (``frexp`` of ``u
 largest values). Uniforms have 32 bits, so ``|z| <= sqrt(66 ln 2) = 6.76`` (``MAX_ABS_NORMAL``): the
 tails beyond 6.76 standard deviations (probability 1.4e-11) are cut, as in every 32-bit Box-Muller.
 
-Determinism: only integer operations and the IEEE-754 correctly rounded ``+ - * / sqrt`` (plus the
-exact ``floor``, ``frexp`` and conversions) are used, each as its own tensor operation, never a
-library ``log`` / ``sin`` (whose vectorised and scalar code paths may round differently). So a value's
-bits do not depend on how many values one call computes, on vectorisation or on threads. torch's
+Determinism: only integer operations, the IEEE-754 correctly rounded ``+ - * /``, the exact ``frexp``
+and conversions, and a square root made correctly rounded (``_radius``) are used, each as its own
+tensor operation, never a library ``log`` / ``sin`` / ``sqrt`` result as is (vectorised and scalar code
+paths may round those differently), and every constant is a float32 value. So a value's bits are
+those of IEEE arithmetic step for step: they do not depend on how many values one call computes, on
+vectorisation, threads or the device. torch's
 int64 multiply wraps modulo 2**64 (two's complement), so the 32 x 32 -> 64-bit product of Philox
 is read from it with a shift and a mask; the Random123 known-answer vectors pin this down.
 """
@@ -266,23 +268,43 @@ def box_muller(radius_words: torch.Tensor, angle_words: torch.Tensor,
     return out
 
 
+def _f32(value: float) -> float:
+    """``value`` rounded to float32: every constant of the transform is one, so eager torch (which rounds a
+    Python scalar to the tensor's float32) and a compiled kernel use the same number."""
+    return float(np.float32(value))
+
+
+_SPLIT = _f32(math.sqrt(0.5))
+"""Where the mantissa range is cut (``[1/2, 1)`` to ``[SPLIT, 2 SPLIT)``): a float32 value, exact in float64."""
+_ATANH_SERIES = tuple(_f32(1.0 / k) for k in (9, 7, 5, 3, 1))
+_MINUS_2_LN2 = _f32(-2.0 * math.log(2.0))
+_THETA_UNIT = _f32(math.pi / 2 * 2.0 ** -30)
+_SIN_SERIES = tuple(_f32(c) for c in (1.0 / 362880, -1.0 / 5040, 1.0 / 120, -1.0 / 6, 1.0))
+_COS_SERIES = tuple(_f32(c) for c in (-1.0 / 3628800, 1.0 / 40320, -1.0 / 720, 1.0 / 24, -0.5, 1.0))
+
+
 def _radius(words: torch.Tensor) -> torch.Tensor:
     """``sqrt(-2 ln u)``, ``u = (w + 1/2) 2**-32``, float32."""
     u = words.to(torch.float64).add_(0.5).mul_(2.0 ** -32)  # exact: 33 significant bits
     mantissa, exponent = torch.frexp(u)  # u = mantissa 2**exponent, mantissa in [1/2, 1)
-    low = mantissa < math.sqrt(0.5)
-    mantissa = torch.where(low, mantissa * 2.0, mantissa)  # now in [sqrt(1/2), sqrt(2)): |s| <= 0.1716
+    low = mantissa < _SPLIT
+    mantissa = torch.where(low, mantissa * 2.0, mantissa)  # now in [SPLIT, 2 SPLIT): |s| <= 0.1716
     exponent = exponent.sub_(low.to(exponent.dtype))
     # ln m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), s = (m - 1)/(m + 1): computed in float64, s keeps
     # its relative precision in float32 even when u is near 1; the series after s^9 is below 2**-28.
     s = (mantissa - 1.0).div_(mantissa.add_(1.0)).to(torch.float32)
     s2 = s * s
-    series = s2 * (1.0 / 9) + (1.0 / 7)
-    for coefficient in (1.0 / 5, 1.0 / 3, 1.0):
+    series = s2 * _ATANH_SERIES[0] + _ATANH_SERIES[1]
+    for coefficient in _ATANH_SERIES[2:]:
         series.mul_(s2).add_(coefficient)
     ln_mantissa = series.mul_(s)  # ln m / 2
     # -2 ln u = -2 (e ln 2 + ln m)
-    return exponent.to(torch.float32).mul_(-2.0 * math.log(2.0)).sub_(ln_mantissa.mul_(4.0)).sqrt_()
+    square = exponent.to(torch.float32).mul_(_MINUS_2_LN2).sub_(ln_mantissa.mul_(4.0))
+    # torch's vectorised sqrt is not correctly rounded on every CPU (1 ulp off for 15% of float32 values on
+    # AVX-512), so its result could depend on which code path a value took. The square root of a float32
+    # lies at least 2**-50 (relative) from every float32 rounding midpoint, so a float64 square root within
+    # 2 ulps, rounded to float32, is the correctly rounded float32 square root, on every path.
+    return square.to(torch.float64).sqrt_().to(torch.float32)
 
 
 def _cos_sin_quarter(offset: torch.Tensor, odd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,14 +313,14 @@ def _cos_sin_quarter(offset: torch.Tensor, odd: torch.Tensor) -> tuple[torch.Ten
     ``offset`` lies in ``[-2**29, 2**29)``, so ``|theta| <= pi/4``: Taylor series to ``theta**10``, whose
     next terms are below 2**-28. A quarter turn further, ``(cos, sin)`` becomes ``(-sin, cos)``.
     """
-    theta = offset.to(torch.float32).mul_(math.pi / 2 * 2.0 ** -30)
+    theta = offset.to(torch.float32).mul_(_THETA_UNIT)
     t2 = theta * theta
-    sin = t2 * (1.0 / 362880) - (1.0 / 5040)
-    for coefficient in (1.0 / 120, -1.0 / 6, 1.0):
+    sin = t2 * _SIN_SERIES[0] + _SIN_SERIES[1]
+    for coefficient in _SIN_SERIES[2:]:
         sin.mul_(t2).add_(coefficient)
     sin.mul_(theta)
-    cos = t2 * (-1.0 / 3628800) + (1.0 / 40320)
-    for coefficient in (-1.0 / 720, 1.0 / 24, -0.5, 1.0):
+    cos = t2 * _COS_SERIES[0] + _COS_SERIES[1]
+    for coefficient in _COS_SERIES[2:]:
         cos.mul_(t2).add_(coefficient)
     return torch.where(odd, sin.neg(), cos), torch.where(odd, cos, sin)
 
