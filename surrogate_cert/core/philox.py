@@ -4,7 +4,9 @@ A counter-based generator computes its output as a pure function of a key and a 
 noise of any set of samples is drawn in one vectorised pass, with no generator state and no work per
 block (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011). This module is the
 noise of scheme ``philox4x32-block256-v3`` (``core.smoothing.NOISE_SCHEME_V3``); it is written in
-plain torch tensor operations, so the same code runs on every device.
+plain torch tensor operations, so the same code runs on every device. On CUDA, a fused Triton kernel
+of the same operations (``core.philox_triton``) replaces the ~200 kernel launches of a batch by one,
+once it has reproduced this reference bit for bit on a probe of keys (``FUSED_ENV=0`` turns it off).
 
 Layout (all words unsigned 32-bit): sample ``j`` of stream ``stream`` of the input named ``index``
 lies in noise block ``block = j // 256`` at position ``s = j % 256``. Its word ``m``
@@ -42,6 +44,8 @@ is read from it with a shift and a mask; the Random123 known-answer vectors pin 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -52,7 +56,7 @@ from .errors import InvalidParameterError
 __all__ = [
     "PHILOX_ROUNDS", "BLOCK_SAMPLES", "MAX_WORDS", "INDEX_LIMIT", "STREAM_LIMIT", "BLOCK_LIMIT",
     "MAX_ABS_ERROR", "MAX_ABS_NORMAL", "philox4x32", "check_keys", "keyed_words", "keyed_normal",
-    "fill_keyed_normal", "box_muller",
+    "fill_keyed_normal", "box_muller", "FUSED_ENV",
 ]
 
 PHILOX_ROUNDS = 10
@@ -387,6 +391,14 @@ def fill_keyed_normal(out: torch.Tensor, seed: int, indices: torch.Tensor, strea
     The counting engine's entry: no host round trip, no check per call. ``out`` is a contiguous
     float32 ``R x ...`` tensor, ``indices`` and ``samples`` int64 tensors of length ``R`` on its device.
     """
+    fused = _fused_fill(out.device)
+    if fused is not None:
+        return fused(out, seed, indices, stream, samples)
+    return _fill_eager(out, seed, indices, stream, samples)
+
+
+def _fill_eager(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, samples: torch.Tensor) -> torch.Tensor:
+    """The reference: ``fill_keyed_normal`` in eager torch operations, chunk by chunk."""
     rows = out.shape[0]
     size = out[0].numel() if rows else 0
     groups = (size + 3) // 4
@@ -394,6 +406,45 @@ def fill_keyed_normal(out: torch.Tensor, seed: int, indices: torch.Tensor, strea
     for lo, hi in _chunks(rows, groups, out.device):
         _normal_rows(flat[lo:hi], indices[lo:hi], samples[lo:hi], stream, groups, _seed_key(seed))
     return out
+
+
+FUSED_ENV = "SURROGATE_CERT_FUSED_NOISE"
+"""Environment variable: ``0`` keeps the eager path on CUDA (default: the fused kernel, once verified)."""
+_FUSED: dict = {}
+
+
+def _fused_fill(device: torch.device):
+    """The fused Triton kernel for ``device`` (CUDA; or any device under ``TRITON_INTERPRET=1``, for tests) if
+    it reproduces the eager reference bit for bit on a probe of keys, else None (with a warning if it ran)."""
+    if os.environ.get(FUSED_ENV, "1") == "0" or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return None
+    if str(device) not in _FUSED:
+        _FUSED[str(device)] = _verified_kernel(device)
+    return _FUSED[str(device)]
+
+
+def _verified_kernel(device: torch.device):
+    try:
+        from . import philox_triton
+    except Exception:  # noqa: BLE001 - no Triton (or none for this platform): the eager path serves
+        return None
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([[0, INDEX_LIMIT - 1, 2**32 - 1, 2**32], rng.integers(0, INDEX_LIMIT, 1020)])
+    smp = np.concatenate([[0, BLOCK_LIMIT * BLOCK_SAMPLES - 1, 255, 256], rng.integers(0, 2**40, 1020)])
+    idx_t, smp_t = torch.from_numpy(idx).to(device), torch.from_numpy(smp).to(device)
+    try:
+        for seed, stream, shape in ((0, 0, (77,)), (2**64 - 1, 3, (1, 8, 8)), (12345, 1, (3, 2, 2))):
+            want = _fill_eager(torch.empty((idx.size, *shape), device=device), seed, idx_t, stream, smp_t)
+            got = philox_triton.fill(torch.empty_like(want), seed, idx_t, stream, smp_t)
+            if not torch.equal(got, want):
+                warnings.warn(f"the fused noise kernel differs from the reference on {device} "
+                              f"({int((got != want).sum())} of {want.numel()} values); using the eager path")
+                return None
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or run here: the eager path serves
+        warnings.warn(f"the fused noise kernel cannot run on {device} ({type(exc).__name__}: {exc}); "
+                      "using the eager path")
+        return None
+    return philox_triton.fill
 
 
 def _normal_rows(flat: torch.Tensor, idx: torch.Tensor, smp: torch.Tensor, stream: int, groups: int,

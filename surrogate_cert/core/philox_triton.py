@@ -10,6 +10,8 @@ otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,7 @@ def fill(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, sampl
     if total:
         k0, k1 = _ref._seed_key(seed)
         grid = (triton.cdiv(total, _BLOCK),)
-        _keyed_normal_kernel[grid](out, indices, samples, total, size, groups, k0, k1, stream, BLOCK=_BLOCK,
-                                   enable_fp_fusion=False)
+        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():  # e.g. cuda:LOCAL_RANK
+            _keyed_normal_kernel[grid](out, indices, samples, total, size, groups, k0, k1, stream, BLOCK=_BLOCK,
+                                       enable_fp_fusion=False)
     return out
