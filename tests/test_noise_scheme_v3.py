@@ -27,7 +27,6 @@ from surrogate_cert.core.smoothing import (
 )
 
 
-
 def spread_model() -> nn.Module:
     """A fixed linear 64 -> 10 classifier whose noisy predictions spread over several classes."""
     gen = torch.Generator().manual_seed(0)
@@ -64,7 +63,8 @@ def assert_same_file(a, b):
     for name in ("indices", "labels", "counts", "counts_select"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     timing = {"created_utc", "command"}
-    assert {k: v for k, v in a.attrs.items() if k not in timing} == {k: v for k, v in b.attrs.items() if k not in timing}
+    assert ({k: v for k, v in a.attrs.items() if k not in timing}
+            == {k: v for k, v in b.attrs.items() if k not in timing})
 
 
 class Recorder(nn.Module):

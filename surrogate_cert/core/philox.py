@@ -156,11 +156,13 @@ def check_keys(indices, samples, stream: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     smp = np.asarray(samples, dtype=np.int64).reshape(-1)
     if idx.shape != smp.shape:
-        raise InvalidParameterError(f"indices and samples must have one entry per row each, got {idx.size} and {smp.size}")
+        raise InvalidParameterError(f"indices and samples must have one entry per row each, "
+                                    f"got {idx.size} and {smp.size}")
     if not 0 <= int(stream) < STREAM_LIMIT:
         raise InvalidParameterError(f"stream must be in [0, {STREAM_LIMIT}), got {stream}")
     if idx.size and (idx.min() < 0 or idx.max() >= INDEX_LIMIT):
-        raise InvalidParameterError(f"noise names (dataset indices) must lie in [0, 2**62), got {idx.min()}..{idx.max()}")
+        raise InvalidParameterError(f"noise names (dataset indices) must lie in [0, 2**62), "
+                                    f"got {idx.min()}..{idx.max()}")
     if smp.size and (smp.min() < 0 or smp.max() >= BLOCK_LIMIT * BLOCK_SAMPLES):
         raise InvalidParameterError("sample numbers must lie in [0, 2**40) (1.1e12 samples per input and stream)")
     return idx, smp
@@ -397,7 +399,8 @@ def fill_keyed_normal(out: torch.Tensor, seed: int, indices: torch.Tensor, strea
     return _fill_eager(out, seed, indices, stream, samples)
 
 
-def _fill_eager(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, samples: torch.Tensor) -> torch.Tensor:
+def _fill_eager(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int,
+                samples: torch.Tensor) -> torch.Tensor:
     """The reference: ``fill_keyed_normal`` in eager torch operations, chunk by chunk."""
     rows = out.shape[0]
     size = out[0].numel() if rows else 0

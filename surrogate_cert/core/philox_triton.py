@@ -21,6 +21,12 @@ from . import philox as _ref
 _BLOCK = 256
 """Philox counters per Triton program (each gives 4 values)."""
 
+# The transform's constants: philox's float32 values (compile-time constants of the kernel).
+SPLIT, MINUS_2_LN2, THETA_UNIT = (tl.constexpr(v) for v in (_ref._SPLIT, _ref._MINUS_2_LN2, _ref._THETA_UNIT))
+A9, A7, A5, A3, A1 = (tl.constexpr(v) for v in _ref._ATANH_SERIES)
+S9, S7, S5, S3, S1 = (tl.constexpr(v) for v in _ref._SIN_SERIES)
+C10, C8, C6, C4, C2, C0 = (tl.constexpr(v) for v in _ref._COS_SERIES)
+
 
 @triton.jit
 def _radius(words):
@@ -88,18 +94,6 @@ def _keyed_normal_kernel(out_ptr, idx_ptr, smp_ptr, total, size, groups, k0, k1,
     tl.store(out_ptr + base + 1, z1, mask=live & (first + 1 < size))
     tl.store(out_ptr + base + 2, z2, mask=live & (first + 2 < size))
     tl.store(out_ptr + base + 3, z3, mask=live & (first + 3 < size))
-
-
-def _constants() -> dict:
-    """The transform's float32 constants, as the kernel's globals (``philox``'s, so both use the same)."""
-    a = dict(zip(("A9", "A7", "A5", "A3", "A1"), _ref._ATANH_SERIES))
-    s = dict(zip(("S9", "S7", "S5", "S3", "S1"), _ref._SIN_SERIES))
-    c = dict(zip(("C10", "C8", "C6", "C4", "C2", "C0"), _ref._COS_SERIES))
-    return {**a, **s, **c, "SPLIT": _ref._SPLIT, "MINUS_2_LN2": _ref._MINUS_2_LN2, "THETA_UNIT": _ref._THETA_UNIT}
-
-
-for _name, _value in _constants().items():
-    globals()[_name] = tl.constexpr(_value)
 
 
 def fill(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, samples: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,10 @@ unseeded noise, and across processes.
   batch size, device and settings (``ratio``, goal >= 0.9), for each seeded noise scheme side by side
   (v2's generator per block, v3's counter-based Philox, v1's) and against the same engine drawing
   unseeded noise, end to end and with a model that costs nothing (so only noise, packing and
-  counting are left); ``v3_vs_v2`` is the speed of v3 over v2 (goal >= 1). Rounds are interleaved and the median round is reported,
-  so a noisy shared machine affects every side alike; on a CPU with one thread the rates are per
-  second of this process's CPU time (the wall clock of a shared machine mostly measures the other
-  jobs), and the wall-clock figures are reported beside them.
+  counting are left); ``v3_vs_v2`` is the speed of v3 over v2 (goal >= 1). Rounds are interleaved
+  and the median round is reported, so a noisy shared machine affects every side alike; on a CPU
+  with one thread the rates are per second of this process's CPU time (the wall clock of a shared
+  machine mostly measures the other jobs), and the wall-clock figures are reported beside them.
 - ``measure_scaling``: ``W`` processes counting at once (``threads`` each, as ``torchrun`` shards a
   job) against one process with the same threads, from a common start: ``efficiency =
   throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating; with
