@@ -6,7 +6,8 @@ block (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011). T
 noise of scheme ``philox4x32-block256-v3`` (``core.smoothing.NOISE_SCHEME_V3``); it is written in
 plain torch tensor operations, so the same code runs on every device. On CUDA, a fused Triton kernel
 of the same operations (``core.philox_triton``) replaces the ~200 kernel launches of a batch by one,
-once it has reproduced this reference bit for bit on a probe of keys (``FUSED_ENV=0`` turns it off).
+once it has reproduced this reference bit for bit on a probe of keys
+(``SURROGATE_CERT_FUSED_NOISE=0`` turns it off).
 
 Layout (all words unsigned 32-bit): sample ``j`` of stream ``stream`` of the input named ``index``
 lies in noise block ``block = j // 256`` at position ``s = j % 256``. Its word ``m``
@@ -37,9 +38,10 @@ and conversions, and a square root made correctly rounded (``_radius``) are used
 tensor operation, never a library ``log`` / ``sin`` / ``sqrt`` result as is (vectorised and scalar code
 paths may round those differently), and every constant is a float32 value. So a value's bits are
 those of IEEE arithmetic step for step: they do not depend on how many values one call computes, on
-vectorisation, threads or the device. torch's
-int64 multiply wraps modulo 2**64 (two's complement), so the 32 x 32 -> 64-bit product of Philox
-is read from it with a shift and a mask; the Random123 known-answer vectors pin this down.
+vectorisation or threads, and by construction not on the device either (checked on CPUs only).
+torch's int64 multiply wraps modulo 2**64 (two's complement), so the 32 x 32 -> 64-bit product of
+Philox is read from it with a shift and a mask (splitting into 16-bit halves would avoid the wrap
+but cost half as much again); the Random123 known-answer vectors, whose products wrap, pin this down.
 """
 from __future__ import annotations
 
