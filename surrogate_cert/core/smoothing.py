@@ -14,14 +14,20 @@ How a block's generator is seeded is the *noise scheme*, recorded in every count
   of a call's blocks at once in NumPy. PyTorch's CPU generator (MT19937) keeps only the low 32 bits
   of any seed, so 32 bits are all a block can have; this layout spends them so that no two blocks of
   one input (any stream, up to 2**30 blocks) ever share a seed.
+- ``philox4x32-block256-v3`` (``NOISE_SCHEME_V3``): no generator per block. Every sample's noise
+  is computed from its key by the counter-based Philox4x32-10 (``core.philox``: key = the seed,
+  counter = (position in the block and word, block, index, stream)), Gaussians by Box-Muller from
+  exactly rounded operations only, for all the blocks of a batch in one vectorised pass. No two
+  samples of any inputs or streams share a counter, and the values do not depend on the device's
+  generator or vectorisation.
 - ``torch-generator-block256-v1``: NumPy ``SeedSequence`` per block (``block_seed``). Kept, bit for
   bit, to reproduce and resume files made with it. Its seeds are random 32-bit values once the CPU
   generator truncates them, so two blocks of one input collide with probability about
   ``blocks**2 / 2**33`` (e.g. 7e-5 per image at n = 100,000), and the per-block ``SeedSequence``
   cost 14 us per block.
 
-Noise is drawn on the engine's device by that device's generator (MT19937 on the CPU, Philox on
-CUDA), so counts are reproducible for one device type; CUDA's kernels lay a block's values out by
+With v1 and v2, noise is drawn on the engine's device by that device's generator (MT19937 on the
+CPU, Philox on CUDA), so counts are reproducible for one device type; CUDA's kernels lay a block's values out by
 the GPU's multiprocessor count, so CUDA noise is reproducible on one GPU model.
 """
 from __future__ import annotations
@@ -36,9 +42,10 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed, check_sigma
+from .philox import BLOCK_SAMPLES, check_keys, fill_keyed_normal
 
-NOISE_BLOCK = 256
-"""Samples per noise block: the unit of reproducibility (and of per-block seeding cost)."""
+NOISE_BLOCK = BLOCK_SAMPLES
+"""Samples per noise block (256): the unit of reproducibility (and of per-block seeding cost)."""
 
 NOISE_SCHEME_V1 = "torch-generator-block256-v1"
 """Per-block NumPy ``SeedSequence`` seeds (``block_seed``): files of version 0.1."""
@@ -46,11 +53,15 @@ NOISE_SCHEME_V1 = "torch-generator-block256-v1"
 NOISE_SCHEME_V2 = "torch-generator-block256-v2"
 """Per-block 32-bit seeds, collision-free within an input (``block_keys``)."""
 
+NOISE_SCHEME_V3 = "philox4x32-block256-v3"
+"""Counter-based noise: each sample's Gaussians are a function of (seed, index, stream, block, position),
+drawn for many blocks at once (``core.philox``)."""
+
 NOISE_SCHEME = NOISE_SCHEME_V2
 """The scheme new counts files and certifiers use. Stored in counts files, so a resume never mixes two
 schemes. A new scheme gets a new name whenever the noise of a given (seed, index, stream, j) changes."""
 
-NOISE_SCHEMES = (NOISE_SCHEME_V1, NOISE_SCHEME_V2)
+NOISE_SCHEMES = (NOISE_SCHEME_V1, NOISE_SCHEME_V2, NOISE_SCHEME_V3)
 """Every reproducible scheme this version can draw (and so resume)."""
 
 NOISE_UNSEEDED = "unseeded-benchmark-only"
@@ -392,6 +403,22 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
+def _keyed_segments(start: np.ndarray, n: np.ndarray, capacity: int):
+    """Cut samples ``start_i .. start_i + n_i - 1`` of every input, inputs in order, into batches of at most
+    ``capacity`` rows. Yields ``(inputs, first_samples, takes)`` per batch: input ``inputs[s]`` gives the
+    batch ``takes[s]`` rows, its samples ``first_samples[s], first_samples[s] + 1, ...``."""
+    ends = np.cumsum(n)
+    begins = ends - n
+    total = int(ends[-1]) if n.size else 0
+    for lo in range(0, total, capacity):
+        hi = min(lo + capacity, total)
+        inputs = np.arange(np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi - 1, side="right") + 1)
+        seg_lo, seg_hi = np.maximum(begins[inputs], lo), np.minimum(ends[inputs], hi)
+        keep = seg_hi > seg_lo  # inputs with n_i = 0 take no rows
+        inputs, seg_lo, seg_hi = inputs[keep], seg_lo[keep], seg_hi[keep]
+        yield inputs, start[inputs] + seg_lo - begins[inputs], seg_hi - seg_lo
+
+
 class SmoothedClassifier:
     """A base classifier ``f`` and its Gaussian smoothing ``g`` at noise level ``sigma`` (l2, input units).
 
@@ -593,6 +620,29 @@ class SmoothedClassifier:
                 yield (i, block, None if keys is None else keys[j], max(first - block * NOISE_BLOCK, 0),
                        min(last - block * NOISE_BLOCK, NOISE_BLOCK))
 
+    def _keyed_batches(self, noise: torch.Tensor, start_arr: np.ndarray, n_arr: np.ndarray, idx_arr: np.ndarray,
+                       stream: int, capacity: int):
+        """Scheme v3: fill ``noise`` with batches of at most ``capacity`` noisy-sample rows, inputs in order.
+
+        Yields ``(rows, owners, samples)``: rows ``0 .. rows - 1`` of ``noise`` hold samples ``samples``
+        (stream numbers) of inputs ``owners`` (positions in the call), both int64 tensors on the device.
+        Every row's noise is a pure function of its key (``core.philox``), so all the blocks of a batch
+        are drawn in one pass; ``counts`` and ``sample_predictions`` both walk the streams this way.
+        """
+        live = n_arr > 0
+        check_keys(idx_arr[live], (start_arr + n_arr - 1)[live], stream)  # the largest sample is the one to check
+        device = noise.device
+        names = torch.from_numpy(idx_arr).to(device)
+        for inputs, firsts, takes in _keyed_segments(start_arr, n_arr, capacity):
+            rows = int(takes.sum())
+            takes_t = torch.from_numpy(takes).to(device)
+            owners = torch.repeat_interleave(torch.from_numpy(inputs).to(device), takes_t, output_size=rows)
+            # sample of row r: firsts[s] + (r - first row of segment s)
+            shift = torch.from_numpy(firsts - (np.cumsum(takes) - takes)).to(device)
+            samples = torch.arange(rows, device=device) + torch.repeat_interleave(shift, takes_t, output_size=rows)
+            fill_keyed_normal(noise[:rows], self.seed, names[owners], stream, samples)
+            yield rows, owners, samples
+
     @torch.inference_mode()
     def counts(
         self,
@@ -663,10 +713,11 @@ class SmoothedClassifier:
         owner_takes: list[int] = []
         filled = 0
 
-        def flush(rows: int) -> None:
-            owners = torch.from_numpy(np.repeat(np.asarray(owner_ids, np.int64), owner_takes)).to(device)
-            owner_ids.clear()
-            owner_takes.clear()
+        def flush(rows: int, owners: torch.Tensor | None = None) -> None:
+            if owners is None:
+                owners = torch.from_numpy(np.repeat(np.asarray(owner_ids, np.int64), owner_takes)).to(device)
+                owner_ids.clear()
+                owner_takes.clear()
             if unseeded:
                 torch.randn((rows, *shape), generator=gen, out=noise[:rows])
             for lo in range(0, rows, self.batch_size):
@@ -679,6 +730,10 @@ class SmoothedClassifier:
                 pred = self.predict_labels(noisy, nonfinite)
                 counts.add_(torch.bincount(own * k + pred, minlength=num * k))
 
+        if self.noise_scheme == NOISE_SCHEME_V3:
+            for rows, owners, _ in self._keyed_batches(noise, start_arr, n_arr, idx_arr, stream, capacity):
+                flush(rows, owners)
+            return self._checked_result(counts.view(num, k), n_arr, nonfinite)
         for i, _, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
             if key is not None:
@@ -797,7 +852,7 @@ class SmoothedClassifier:
             If the model's output is not ``N x num_classes``.
         """
         if self.noise_scheme == NOISE_UNSEEDED:
-            raise InvalidParameterError("sample_predictions needs a seeded noise scheme (v1 or v2), not 'unseeded'")
+            raise InvalidParameterError("sample_predictions needs a seeded noise scheme (v1, v2 or v3), not 'unseeded'")
         x = check_images(x)
         num = x.shape[0]
         n_arr = _whole_per_input("n", n, num)
@@ -826,6 +881,13 @@ class SmoothedClassifier:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 out[slots[lo:hi]] = self.predict_labels(noisy, nonfinite).to(torch.int32)
 
+        if self.noise_scheme == NOISE_SCHEME_V3:
+            firsts = torch.from_numpy(start_arr).to(device)
+            for rows, own, samples in self._keyed_batches(noise, start_arr, n_arr, idx_arr, stream, capacity):
+                owners[:rows] = own
+                slots[:rows] = own * width + samples - firsts[own]  # column: the sample's offset from start_i
+                flush(rows)
+            return self._checked_result(out.view(num, width), None, nonfinite)
         for i, block, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
             gen.manual_seed(key)

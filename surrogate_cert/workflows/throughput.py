@@ -2,13 +2,13 @@
 unseeded noise, and across processes.
 
 - ``measure``: engine samples/s against ``argmax model(x)`` on the same number of samples at the same
-  batch size, device and settings (``ratio``, goal >= 0.9); and what per-block seeding costs
-  (``seeding_overhead``): the engine with the current noise scheme (and with version 0.1's) against
-  the same engine drawing unseeded noise, end to end and with a model that costs nothing (so only
-  noise, packing and counting are left). Rounds are interleaved and the median round is reported,
-  so a noisy shared machine affects every side alike; on a CPU with one thread the rates are per
-  second of this process's CPU time (the wall clock of a shared machine mostly measures the other
-  jobs), and the wall-clock figures are reported beside them.
+  batch size, device and settings (``ratio``, goal >= 0.9), for each seeded noise scheme side by side
+  (v2's generator per block, v3's counter-based Philox, v1's) and against the same engine drawing
+  unseeded noise, end to end and with a model that costs nothing (so only noise, packing and
+  counting are left); ``v3_vs_v2`` is the speed of v3 over v2 (goal >= 1). Rounds are interleaved
+  and the median round is reported, so a noisy shared machine affects every side alike; on a CPU
+  with one thread the rates are per second of this process's CPU time (the wall clock of a shared
+  machine mostly measures the other jobs), and the wall-clock figures are reported beside them.
 - ``measure_scaling``: ``W`` processes counting at once (``threads`` each, as ``torchrun`` shards a
   job) against one process with the same threads, from a common start: ``efficiency =
   throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating; with
@@ -30,9 +30,16 @@ import torch
 from torch import nn
 
 from ..core.architectures import build
-from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEME_V1, NOISE_UNSEEDED, SmoothedClassifier
+from ..core.smoothing import (
+    NOISE_SCHEME,
+    NOISE_SCHEME_V1,
+    NOISE_SCHEME_V2,
+    NOISE_SCHEME_V3,
+    NOISE_UNSEEDED,
+    SmoothedClassifier,
+)
 
-__all__ = ["measure", "measure_scaling", "BenchModel", "CONFIGS", "GPU_CONFIGS", "machine_load"]
+__all__ = ["measure", "measure_scaling", "BenchModel", "CONFIGS", "GPU_CONFIGS", "COMPARED_SCHEMES", "machine_load"]
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,13 @@ def machine_load() -> dict:
     return {"load_average_1min": round(load, 2), "cpu_count": os.cpu_count()}
 
 
+COMPARED_SCHEMES = (NOISE_SCHEME_V2, NOISE_SCHEME_V3, NOISE_SCHEME_V1)
+"""The seeded noise schemes every ``measure`` times side by side (with unseeded noise as the floor)."""
+
+
 def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int = 3, scale: float = 1.0,
             channels_last: bool | None = None, compile: bool = False) -> dict:
-    """Median-round samples/s of the engine and of the raw forward pass, and the seeding overhead.
+    """Median-round samples/s of the engine (per noise scheme) and of the raw forward pass, side by side.
 
     Parameters
     ----------
@@ -135,10 +146,11 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
     Returns
     -------
     dict
-        ``engine_samples_per_s``, ``forward_samples_per_s``, ``ratio`` (goal 0.9),
-        ``seeding_overhead`` (engine time with per-block seeding over unseeded, minus 1: ``engine``
-        with the model, ``noise_only`` with a model that costs nothing; for ``NOISE_SCHEME`` and
-        version 0.1's scheme) and the sizes.
+        ``engine_samples_per_s`` and ``ratio`` (engine / forward, goal 0.9) of ``NOISE_SCHEME``,
+        ``forward_samples_per_s``; ``schemes``: per scheme of ``COMPARED_SCHEMES``, its engine samples/s,
+        ratio, noise-only samples/s (a model that costs nothing: noise, packing and counting) and its
+        cost over unseeded noise; ``v3_vs_v2``: speed of v3 over v2 (> 1: v3 is faster), end to end
+        and noise only, medians of per-round ratios with their ranges; ``seeding_overhead`` as before.
     """
     kind = torch.device(device).type
     batch_size, n = config.batch_size[kind], config.samples_per_image[kind]
@@ -149,13 +161,48 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
         return SmoothedClassifier(net, config.num_classes, 0.25, device=device, batch_size=batch_size, amp=amp,
                                   seed=0, noise_scheme=scheme, channels_last=channels_last, compile=compile)
 
-    engines = {scheme: engine(scheme, model) for scheme in (NOISE_SCHEME, NOISE_SCHEME_V1, NOISE_UNSEEDED)}
-    null = {scheme: engine(scheme, _NullModel(config.num_classes)) for scheme in engines}
+    schemes = COMPARED_SCHEMES + (NOISE_UNSEEDED,)
+    engines = {scheme: engine(scheme, model) for scheme in schemes}
+    null = {scheme: engine(scheme, _NullModel(config.num_classes)) for scheme in schemes}
     smooth = engines[NOISE_SCHEME]
-    dev = smooth.device
-    x = torch.rand(images, *config.input_shape)
-    idx = np.arange(images)
+    x, idx = torch.rand(images, *config.input_shape), np.arange(images)
+    forward = _forward_side(smooth, config, batch_size, images * n)
+    for s in schemes:  # warm-up: kernels, allocator, width check, compilation
+        engines[s].counts(x[:1], min(n, batch_size))
+        null[s].counts(x[:1], min(n, batch_size))
+    forward()
+    # Without a model a round is short: repeat it to at least NOISE_ONLY_SECONDS, so timer noise stays small.
+    once, _ = _timed(smooth.device, lambda: null[NOISE_SCHEME].counts(x, n, indices=idx))
+    repeat = max(1, int(np.ceil(NOISE_ONLY_SECONDS / max(once, 1e-6))))
+
+    def noise_only(scheme: str) -> None:
+        for _ in range(repeat):
+            null[scheme].counts(x, n, indices=idx)
+
+    sides = {f"engine/{s}": (lambda s=s: engines[s].counts(x, n, indices=idx)) for s in schemes}
+    sides.update({f"noise_only/{s}": (lambda s=s: noise_only(s)) for s in schemes})
+    sides["forward"] = forward
+    wall, cpu = _interleaved_rounds(smooth.device, sides, rounds)
+    # On a CPU shared with other jobs the wall clock mostly measures them; with one torch thread, this
+    # process's CPU time measures the work itself. On a GPU only the wall clock means anything.
+    timer = "process_cpu_time" if smooth.device.type == "cpu" and torch.get_num_threads() == 1 else "wall_clock"
+    times = cpu if timer == "process_cpu_time" else wall
     samples = images * n
+    return {
+        "model": config.name, "input_shape": list(config.input_shape), "batch_size": batch_size, "images": images,
+        "samples_per_image": n, "base_model_evaluations_per_image": n, "rounds": rounds, "amp": smooth.amp,
+        "channels_last": smooth.channels_last, "compile": bool(compile), "timer": timer,
+        **_summary(times, samples, repeat, NOISE_SCHEME),
+        "goal_ratio": 0.9,
+        "wall_clock": {key: value for key, value in _summary(wall, samples, repeat, NOISE_SCHEME).items()
+                       if key in ("engine_samples_per_s", "forward_samples_per_s", "ratio", "v3_vs_v2")},
+        "round_seconds_range": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
+    }
+
+
+def _forward_side(smooth: SmoothedClassifier, config: BenchModel, batch_size: int, samples: int):
+    """The raw forward pass: ``argmax model(x)`` over ``samples`` rows at the engine's batch size and settings."""
+    dev = smooth.device
     batch = torch.rand(batch_size, *config.input_shape, device=dev)
     if smooth.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -170,85 +217,63 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
             if rest:
                 smooth.model(batch[:rest]).argmax(dim=1)
 
-    for s in engines:  # warm-up: kernels, allocator, width check, compilation
-        engines[s].counts(x[:1], min(n, batch_size))
-        null[s].counts(x[:1], min(n, batch_size))
-    forward()
-    # Without a model a round is short: repeat it to at least NOISE_ONLY_SECONDS, so timer noise stays small.
-    once, _ = _timed(dev, lambda: null[NOISE_SCHEME].counts(x, n, indices=idx))
-    repeat = max(1, int(np.ceil(NOISE_ONLY_SECONDS / max(once, 1e-6))))
+    return forward
 
-    def noise_only(scheme: str) -> None:
-        for _ in range(repeat):
-            null[scheme].counts(x, n, indices=idx)
 
-    sides = {f"engine/{s}": (lambda s=s: engines[s].counts(x, n, indices=idx)) for s in engines}
-    sides.update({f"noise_only/{s}": (lambda s=s: noise_only(s)) for s in null})
-    sides["forward"] = forward
+def _interleaved_rounds(device: torch.device, sides: dict, rounds: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds of every side per round, sides interleaved within each round (noise-only
+    sides, being short, get ``NOISE_ONLY_ROUNDS``)."""
     wall: dict[str, list[float]] = {name: [] for name in sides}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     for round_ in range(max(rounds, NOISE_ONLY_ROUNDS)):
         for name, work in sides.items():
             if round_ < rounds or name.startswith("noise_only/"):
-                seconds, cpu_seconds = _timed(dev, work)
+                seconds, cpu_seconds = _timed(device, work)
                 wall[name].append(seconds)
                 cpu[name].append(cpu_seconds)
-    # On a CPU shared with other jobs the wall clock mostly measures them; with one torch thread, this
-    # process's CPU time measures the work itself. On a GPU only the wall clock means anything.
-    timer = "process_cpu_time" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_clock"
-    times = cpu if timer == "process_cpu_time" else wall
+    return wall, cpu
+
+
+def _pair_ratios(times: dict, a: str, b: str) -> list[float]:
+    """Per round, time of side ``a`` over time of side ``b`` (each round's pair ran close together)."""
+    return [x / y for x, y in zip(times[a], times[b])]
+
+
+def _summary(times: dict, samples: int, repeat: int, default: str) -> dict:
+    """Rates, ratios and per-scheme figures from the per-round seconds of every side."""
     median = {name: statistics.median(t) for name, t in times.items()}
-    median_wall = {name: statistics.median(t) for name, t in wall.items()}
-    engine_rate = samples / median[f"engine/{NOISE_SCHEME}"]
     forward_rate = samples / median["forward"]
 
-    def overhead(kind_: str, scheme: str, table=None) -> float:
-        """Median over rounds of (seeded / unseeded time) - 1: each round's pair ran back to back."""
-        table = times if table is None else table
-        pairs = [a / b for a, b in zip(table[f"{kind_}/{scheme}"], table[f"{kind_}/{NOISE_UNSEEDED}"])]
-        return round(statistics.median(pairs) - 1.0, 3)
+    def cost(kind: str, scheme: str) -> float:
+        return round(statistics.median(_pair_ratios(times, f"{kind}/{scheme}", f"{kind}/{NOISE_UNSEEDED}")) - 1, 3)
 
-    def overhead_range(kind_: str, scheme: str) -> list[float]:
-        pairs = [a / b - 1.0 for a, b in zip(times[f"{kind_}/{scheme}"], times[f"{kind_}/{NOISE_UNSEEDED}"])]
-        return [round(min(pairs), 3), round(max(pairs), 3)]
+    schemes = {scheme: {
+        "engine_samples_per_s": round(samples / median[f"engine/{scheme}"], 1),
+        "ratio": round(median["forward"] / median[f"engine/{scheme}"], 3),
+        "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{scheme}"], 1),
+        "cost_over_unseeded_engine": cost("engine", scheme),
+        "cost_over_unseeded_noise_only": cost("noise_only", scheme),
+    } for scheme in COMPARED_SCHEMES}
+
+    def speed(kind: str) -> dict:
+        pairs = _pair_ratios(times, f"{kind}/{NOISE_SCHEME_V2}", f"{kind}/{NOISE_SCHEME_V3}")
+        return {"median": round(statistics.median(pairs), 3), "range": [round(min(pairs), 3), round(max(pairs), 3)]}
 
     return {
-        "model": config.name,
-        "input_shape": list(config.input_shape),
-        "batch_size": batch_size,
-        "images": images,
-        "samples_per_image": n,
-        "base_model_evaluations_per_image": n,
-        "rounds": rounds,
-        "amp": smooth.amp,
-        "channels_last": smooth.channels_last,
-        "compile": bool(compile),
-        "timer": timer,
-        "engine_samples_per_s": round(engine_rate, 1),
+        "engine_samples_per_s": schemes[default]["engine_samples_per_s"],
         "forward_samples_per_s": round(forward_rate, 1),
-        "ratio": round(engine_rate / forward_rate, 3),
-        "goal_ratio": 0.9,
-        "wall_clock": {
-            "engine_samples_per_s": round(samples / median_wall[f"engine/{NOISE_SCHEME}"], 1),
-            "forward_samples_per_s": round(samples / median_wall["forward"], 1),
-            "ratio": round(median_wall["forward"] / median_wall[f"engine/{NOISE_SCHEME}"], 3),
-            "seeding_overhead_engine": overhead("engine", NOISE_SCHEME, wall),
-            "seeding_overhead_noise_only": overhead("noise_only", NOISE_SCHEME, wall),
-        },
-        "engine_seconds_per_round": round(median[f"engine/{NOISE_SCHEME}"], 4),
+        "ratio": schemes[default]["ratio"],
+        "engine_seconds_per_round": round(median[f"engine/{default}"], 4),
+        "schemes": schemes,
+        # time of v2 over time of v3, per round: > 1 means v3 is faster
+        "v3_vs_v2": {"engine_speed": speed("engine"), "noise_only_speed": speed("noise_only"), "goal": 1.0},
         "seeding_overhead": {
-            "noise_scheme": NOISE_SCHEME,
-            "engine": overhead("engine", NOISE_SCHEME),
-            "noise_only": overhead("noise_only", NOISE_SCHEME),
-            "engine_v1": overhead("engine", NOISE_SCHEME_V1),
-            "noise_only_v1": overhead("noise_only", NOISE_SCHEME_V1),
-            "noise_only_range": overhead_range("noise_only", NOISE_SCHEME),
-            "noise_only_v1_range": overhead_range("noise_only", NOISE_SCHEME_V1),
-            "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{NOISE_SCHEME}"], 1),
+            "noise_scheme": default,
+            "engine": cost("engine", default),
+            "noise_only": cost("noise_only", default),
+            "noise_only_samples_per_s": schemes[default]["noise_only_samples_per_s"],
             "noise_only_rounds": NOISE_ONLY_ROUNDS,
-            "goal": 0.10,
         },
-        "round_seconds_range": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
     }
 
 
