@@ -7,21 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from data_gen.datasets import load_split
-from data_gen.models import check_model_fits, load_model
-
-from ..core import stats
-from ..core.cohen import CohenCertifier
-from ..core.deterministic import METHODS as DETERMINISTIC_METHODS
-from ..core.deterministic import DeterministicCertifier
 from ..core.errors import InvalidParameterError, ModelError
-from ..core.sequential import EProcessCertifier
-from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
-from ..core.surrogate import Surrogate
+from .choices import DETERMINISTIC_METHODS
 from .common import (
     add_dataset_args,
     add_device_arg,
@@ -38,6 +27,9 @@ from .common import (
     results_paths,
     write_results,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 COHEN_CHUNK = 256
 """Inputs per Cohen call (each spends n0 + n samples; the chunk only paces the progress bar)."""
@@ -140,6 +132,11 @@ def load_class_source(spec: str, device, num_classes: int, input_shape):
     prediction on the clean input. Either fixes the class before any sequential sample is drawn,
     which is all the guarantee needs.
     """
+    from data_gen.models import load_model
+
+    from ..core.smoothing import SmoothedClassifier
+    from ..core.surrogate import Surrogate
+
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
         try:
@@ -160,6 +157,9 @@ def load_class_source(spec: str, device, num_classes: int, input_shape):
 
 def classes_from(kind: str, source, x: torch.Tensor):
     """``(classes, p_tilde)`` of a batch: the surrogate's argmax and probability, or ``f(x)`` (p_tilde None)."""
+    import numpy as np
+    import torch
+
     if kind == "surrogate":
         return source.predict(x)
     with torch.inference_mode():
@@ -169,6 +169,11 @@ def classes_from(kind: str, source, x: torch.Tensor):
 
 def _load(args: argparse.Namespace):
     """The split, the smoothed classifier and the provenance of a run."""
+    from data_gen.datasets import load_split
+    from data_gen.models import check_model_fits, load_model
+
+    from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
+
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     device = args.shard.device(args.device)
@@ -188,6 +193,8 @@ def _load(args: argparse.Namespace):
 
 
 def run_cohen(args: argparse.Namespace) -> int:
+    from ..core.cohen import CohenCertifier
+
     data, smooth, meta = _load(args)
     certifier = CohenCertifier(smooth)
     certificates = certify_split(
@@ -200,6 +207,11 @@ def run_cohen(args: argparse.Namespace) -> int:
 
 
 def run_sequential(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core import stats
+    from ..core.sequential import EProcessCertifier
+
     prior = parse_prior(args.prior)
     if args.class_from is not None and args.class_choice is not None:
         raise InvalidParameterError("--class-from fixes the class: drop --class-choice (or drop --class-from)")
@@ -248,6 +260,11 @@ def run_sequential(args: argparse.Namespace) -> int:
 
 
 def run_deterministic(args: argparse.Namespace) -> int:
+    from data_gen.datasets import load_split
+    from data_gen.models import load_model
+
+    from ..core.deterministic import DeterministicCertifier
+
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)

@@ -4,13 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_gen.datasets import DATASET_HELP
-from data_gen.generate import TOPUP_RULES, generate_counts, top_up_counts
-from data_gen.models import train_base
-from data_gen.store import read_attrs
-
-from ..core.architectures import ARCHITECTURES
 from ..core.errors import InvalidParameterError
+from .choices import ARCHITECTURES, DATASET_HELP, TOPUP_RULES
 from .common import (
     add_data_root_args,
     add_dataset_args,
@@ -80,6 +75,8 @@ def register(sub) -> None:
 
 
 def run_train_base(args: argparse.Namespace) -> int:
+    from data_gen.models import train_base
+
     check_new_outputs(args, args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          arch=args.arch,
@@ -92,6 +89,9 @@ def run_train_base(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
+    from data_gen.generate import generate_counts, top_up_counts
+    from data_gen.store import read_attrs
+
     if args.resume and args.overwrite:
         raise InvalidParameterError("--resume continues the file and --overwrite starts it again: give one of them")
     if args.top_up is not None and args.top_up < 1:

@@ -5,9 +5,6 @@ import argparse
 import os
 
 from ..core.errors import InvalidParameterError
-from ..core.surrogate import Surrogate
-from ..workflows.monitoring import load_stream, monitor_stream, write_monitor
-from ..workflows.report import report_paths, write_monitor_report
 from .common import (
     add_device_arg,
     add_key_arg,
@@ -53,6 +50,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.surrogate import Surrogate
+    from ..workflows.monitoring import load_stream, monitor_stream, write_monitor
+    from ..workflows.report import report_paths, write_monitor_report
+
     key = signing_key(args)
     inputs = {os.path.realpath(p) for p in (args.surrogate, args.calibration, args.stream, args.model) if p}
     for out in filter(None, (args.out, args.report)):

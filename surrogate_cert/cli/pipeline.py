@@ -5,8 +5,7 @@ import argparse
 import dataclasses
 
 from ..core.errors import InvalidParameterError
-from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
-from ..workflows.pipeline import FULL, QUICK, quickstart
+from .choices import BENCH_QUICK_TEST_LIMIT, BENCH_TEST_LIMIT, QUICKSTART_QUICK_TEST_LIMIT, QUICKSTART_TEST_LIMIT
 from .common import add_device_arg, add_overwrite_arg, add_parser, add_progress_arg, check_new_outputs, command_line
 
 
@@ -37,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="reduced sizes (under a minute on 2 CPU cores; the CI end-to-end check)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
-                   help=f"test images to certify (default {FULL.test_limit}, {QUICK.test_limit} with --quick; "
+                   help=f"test images to certify (default {QUICKSTART_TEST_LIMIT}, {QUICKSTART_QUICK_TEST_LIMIT} with --quick; "
                         "0 = all 397)")
     add_device_arg(p)
     add_progress_arg(p)
@@ -57,7 +56,7 @@ def register(sub) -> None:
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="folder of the offline stage (default: the quickstart's folder, whose work is reused)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
-                   help=f"test images to certify (default {BENCH_FULL.test_limit}, {BENCH_QUICK.test_limit} with "
+                   help=f"test images to certify (default {BENCH_TEST_LIMIT}, {BENCH_QUICK_TEST_LIMIT} with "
                         "--quick; 0 = all 397)")
     p.add_argument("--tolerance", type=float, default=None, metavar="R",
                    help="best-radius tolerance of the sequential certifiers, l2 units (default: the certifier's)")
@@ -67,6 +66,8 @@ def register(sub) -> None:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    from ..workflows.pipeline import FULL, QUICK, quickstart
+
     config = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
@@ -79,6 +80,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
+
     check_new_outputs(args, args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
     if hasattr(args, "test_limit"):

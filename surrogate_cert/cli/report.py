@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from calibration.summary import offline_evaluations_from_counts
-
 from ..core.errors import InvalidParameterError
-from ..workflows.report import report_paths, write_report
 from .common import add_key_arg, add_overwrite_arg, add_parser, check_new_outputs, signing_key
 
 
@@ -42,6 +39,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calibration.summary import offline_evaluations_from_counts
+
+    from ..workflows.report import report_paths, write_report
+
     key = signing_key(args)
     check_new_outputs(args, *report_paths(args.out).values())
     offline = args.offline_evaluations

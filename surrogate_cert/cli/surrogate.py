@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from calibration.conformal import GUARANTEES, METHODS, SCORES, SHIFT_BINS, TUNE_SHARE, calibrate
-from data_gen.datasets import load_split, same_dataset
-
-from ..core.architectures import ARCHITECTURES
 from ..core.errors import DatasetError
-from ..core.one_pass import GROUPINGS
 from ..core.signing import key_id
-from ..deploy.hybrid import HybridCertifier
-from ..workflows.report import report_paths, write_calibration_report
-from ..workflows.training import train_surrogate
+from .choices import ARCHITECTURES, GROUPINGS, GUARANTEES, SCORES, SHIFT_BINS, TUNE_SHARE
+from .choices import CALIBRATION_METHODS as METHODS
 from .common import (
     add_dataset_args,
     add_device_arg,
@@ -29,6 +24,9 @@ from .common import (
     signing_key,
     write_results,
 )
+
+if TYPE_CHECKING:
+    from ..deploy.hybrid import HybridCertifier
 
 HYBRID_CHUNK = 2048
 """Inputs certified together: the sequential fallback shares forward passes within a chunk."""
@@ -133,6 +131,8 @@ def register(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..workflows.training import train_surrogate
+
     check_new_outputs(args, args.out)
     surrogate = train_surrogate(
         args.counts, args.out, arch=args.arch, init_from_base=args.init_from_base, epochs=args.epochs,
@@ -149,6 +149,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from calibration.conformal import calibrate
+
+    from ..workflows.report import report_paths, write_calibration_report
+
     key = signing_key(args)
     check_new_outputs(args, args.out)
     if args.report:
@@ -176,6 +180,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_certify(args: argparse.Namespace) -> int:
+    from data_gen.datasets import load_split
+
+    from ..deploy.hybrid import HybridCertifier
+
     key = signing_key(args)
     check_new_outputs(args, *results_paths(args.out))
     device = args.shard.device(args.device)
@@ -217,6 +225,8 @@ def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier) -> None:
     The surrogate's class count and image shape must be the dataset's, and the dataset the one the
     calibration was computed on (its guarantee holds for inputs exchangeable with those).
     """
+    from data_gen.datasets import same_dataset
+
     surrogate, calibration = hybrid.surrogate, hybrid.calibration
     if data.num_classes != surrogate.num_classes or tuple(data.input_shape) != tuple(surrogate.input_shape):
         raise DatasetError(f"{dataset} has {data.num_classes} classes of {tuple(data.input_shape)} images but the "
