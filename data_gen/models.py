@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from surrogate_cert.core import __version__
 from surrogate_cert.core.architectures import (
     CHECKPOINT_FILE_KINDS,
+    ExportedModel,
     build,
     default_arch,
     load_checkpoint,
@@ -48,7 +50,7 @@ from surrogate_cert.core.architectures import (
     read_checkpoint_header,
     save_checkpoint,
 )
-from surrogate_cert.core.errors import InvalidInputError, ModelError, check_count, check_positive
+from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive
 from surrogate_cert.core.files import check_outputs, sniff, wrong_kind
 from surrogate_cert.core.hashing import sha256_bytes, sha256_file
 from surrogate_cert.core.smoothing import resolve_device
@@ -105,22 +107,6 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
         sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
         source=os.path.abspath(path),
     )
-
-
-class ExportedModel(nn.Module):
-    """A ``torch.export`` program as a module. Its train / eval behaviour was fixed when it was exported
-    (exported modules refuse ``.eval()``), so ``train()`` / ``eval()`` only set the flag here."""
-
-    def __init__(self, program_module: nn.Module):
-        super().__init__()
-        self.program = program_module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-    def train(self, mode: bool = True) -> "ExportedModel":
-        self.training = bool(mode)
-        return self
 
 
 def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int | None]:
@@ -337,6 +323,39 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     return loaded
 
 
+SIGMA_FLAG = "--allow-sigma-mismatch"
+"""The command-line switch that accepts a noise level other than the one a model declares."""
+
+
+def check_sigma_agrees(loaded: LoadedModel, sigma: float, spec: str, allow: bool = False) -> None:
+    """Refuse a noise level other than the one the model declares it was trained at, unless ``allow``.
+
+    A model trained with noise at one sigma and smoothed at another gives valid but much smaller
+    radii (or none): almost always a slip of the command line, so it is refused before any work.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model; ``loaded.sigma`` is None when the file declares none (nothing is checked then).
+    sigma : float
+        The noise level asked for (l2, input units).
+    spec : str
+        The model spec, for the message.
+    allow : bool, optional
+        Accept the difference (the command line's ``--allow-sigma-mismatch``).
+
+    Raises
+    ------
+    InvalidParameterError
+        If the model declares another sigma and ``allow`` is false.
+    """
+    if allow or loaded.sigma is None or math.isclose(float(loaded.sigma), float(sigma), rel_tol=1e-9):
+        return
+    raise InvalidParameterError(f"model {spec} declares sigma {float(loaded.sigma):g} (the noise it was trained at) but "
+                                f"--sigma is {float(sigma):g}; use --sigma {float(loaded.sigma):g}, or add "
+                                f"{SIGMA_FLAG} to smooth it at another noise level anyway")
+
+
 def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
     """One clean forward pass before any work or file: catches wrong input shapes and output widths.
 
@@ -542,4 +561,4 @@ def train_base(
     return metrics
 
 
-__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "SIGMA_FLAG", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

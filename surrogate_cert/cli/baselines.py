@@ -100,6 +100,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument("--sigma", type=float, default=None,
                    help="noise level (l2, pixel units in [0, 1]); default: the one recorded in the model")
+    p.add_argument("--allow-sigma-mismatch", action="store_true",
+                   help="accept a --sigma other than the one the model declares it was trained at")
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability per certificate (default 0.001)")
     add_device_args(p)
     add_engine_args(p)
@@ -170,7 +172,7 @@ def classes_from(kind: str, source, x: torch.Tensor):
 def _load(args: argparse.Namespace):
     """The split, the smoothed classifier and the provenance of a run."""
     from data_gen.datasets import load_split
-    from data_gen.models import check_model_fits, load_model
+    from data_gen.models import check_model_fits, check_sigma_agrees, load_model
 
     from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
 
@@ -181,6 +183,7 @@ def _load(args: argparse.Namespace):
     sigma = args.sigma if args.sigma is not None else loaded.sigma
     if sigma is None:
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
+    check_sigma_agrees(loaded, sigma, args.model, args.allow_sigma_mismatch)
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=args.batch_size,
                                 seed=args.seed, amp=args.amp, noise_scheme=args.noise_scheme or NOISE_SCHEME,
                                 channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape)

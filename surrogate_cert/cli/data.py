@@ -47,7 +47,10 @@ def register(sub) -> None:
                    "(one shard per process, merged into --out)")
     add_dataset_args(p, split_default=None)
     add_model_arg(p)
-    p.add_argument("--sigma", type=float, required=True, help="noise level (l2, pixel units in [0, 1])")
+    p.add_argument("--sigma", type=float, required=True,
+                   help="noise level (l2, pixel units in [0, 1]); refused if the model declares another one")
+    p.add_argument("--allow-sigma-mismatch", action="store_true",
+                   help="accept a --sigma other than the one the model declares it was trained at")
     add_samples_arg(p, 1000, "noisy evaluations per image (dataset 'counts'; --n is an alias)")
     p.add_argument("--n0", type=int, default=0,
                    help="extra selection-stream evaluations per image (dataset 'counts_select'; 0 = none)")
@@ -110,7 +113,7 @@ def run_datagen(args: argparse.Namespace) -> int:
                     resume=resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
                     progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args),
                     noise_scheme=args.noise_scheme, channels_last=args.channels_last, compile=args.compile,
-                    shard=args.shard)
+                    shard=args.shard, allow_sigma_mismatch=args.allow_sigma_mismatch)
     if not args.shard.is_main:
         return 0  # rank 0 merges the shards and reports
     attrs = read_attrs(args.out)

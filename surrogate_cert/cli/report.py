@@ -53,5 +53,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
                          data_root=args.data_root, key=key, overwrite=args.overwrite, monitor=args.monitor)
+    for warning in paths.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"report: {paths['html']} (also {paths['md']}, {paths['json']})")
     return 0

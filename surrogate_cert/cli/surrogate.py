@@ -36,7 +36,7 @@ def register(sub) -> None:
     p = add_parser(sub, "train",
                    "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
                    "surrogate split, whose images the built-in base model never saw",
-                   "surrogate-cert train --counts surrogate.h5 train.h5 --init-from-base base.pt --out surrogate.pt")
+                   "surrogate-cert train --counts surrogate.h5 --out surrogate.pt   (starts from the counts' base model)")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
                    help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
                         "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
@@ -44,11 +44,18 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
-                   help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
-    p.add_argument("--init-from-base", default=None, metavar="MODEL",
-                   help="start from the base model's weights: a train-base checkpoint (its architecture is used), or "
-                        "a TorchScript / torch.export / factory model whose weights fit --arch in order (e.g. --arch "
-                        "mlp for a 784-512-256-10 MLP); refused when the shapes do not match")
+                   help="built-in architecture (default: the base model's own, whatever it is; without a base "
+                        "model small_cnn up to 28x28 pixels, resnet18 above); a TorchScript / torch.export / "
+                        "factory base model's weights are then mapped onto it in order (e.g. --arch mlp for a "
+                        "784-512-256-10 MLP)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init-from-base", default="auto", metavar="MODEL",
+                      help="start from this base model's weights and layout: a train-base checkpoint, a TorchScript "
+                           "or torch.export (.pt2) file, or package.module:factory=weights.pt (exported with "
+                           "torch.export). Default: the base model the counts were made with, when its file is "
+                           "still there unchanged (the measured best flow)")
+    init.add_argument("--no-init-from-base", dest="init_from_base", action="store_const", const=None,
+                      help="train from random weights (default architecture: --arch, else by image size)")
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum passes over the data (default 40 for small sets, else 15); early stopping on a held-out part")
     p.add_argument("--lr", type=float, default=None,
@@ -141,6 +148,14 @@ def run_train(args: argparse.Namespace) -> int:
     )
     meta = surrogate.meta
     holdout = meta.get("holdout_loss")
+    if meta.get("init_from_base"):
+        print(f"started from the base model {meta['init_from_base']} ({meta.get('init_mapping')})")
+    elif meta.get("init_skipped"):
+        print(f"note: trained from random weights: {meta['init_skipped']}; starting from the base model makes "
+              "tighter one-pass certificates (--init-from-base MODEL)")
+    if "surrogate" not in meta["split"].split("+"):
+        print("note: trained on counts of the " + meta["split"] + " split only; counts of the surrogate split "
+              "(images the base model never saw: datagen --split surrogate) make tighter one-pass certificates")
     print(f"saved {args.out}: {surrogate.arch} on {meta['dataset']} {meta['split']} ({meta['counts_rows']} images, "
           f"n={meta['counts_n']}), {meta['epochs_run']} epochs (best {meta['best_epoch']}"
           + (f", held-out loss {holdout:.4f}" if holdout is not None else "")
@@ -171,6 +186,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
           f"certifies {d['certified_share']:.1%} of the calibration set; bound epsilon + alpha_mc = {calibration.bound:g}"
           + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else "")
           + (f"; signed (key id {calibration.signature_key_id})" if calibration.signed else "; unsigned"))
+    cap = calibration.radius_cap
+    print(f"radius cap {cap:.4g} ({cap / calibration.sigma:.2f} sigma): the largest reference radius the calibration "
+          f"counts can show (n_cal={calibration.n_cal:,} samples per image, alpha_mc={calibration.alpha_mc:g}); no "
+          "calibrated radius can exceed it (more samples per calibration image lift it: datagen --samples, or "
+          "--top-up)")
     if args.report:
         paths = write_calibration_report(args.out, args.report, counts=args.report_counts,
                                          surrogate=args.surrogate if args.report_counts else None,

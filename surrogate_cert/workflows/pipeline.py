@@ -354,7 +354,7 @@ def quickstart(
     report_paths = run.reports()
     summary = _summary(report_paths["json"], config, run.timings, time.perf_counter() - run.started)
     summary["paths"] = {**{k: str(v) for k, v in run.paths.items()},
-                        **{f"report.{k}": v for k, v in report_paths.items()}}
+                        **{f"report.{k}": v for k, v in report_paths.items() if k != "warnings"}}
     run.manifest.data["summary"] = summary
     run.manifest.save()
     run.say(format_summary(summary))
