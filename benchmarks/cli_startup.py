@@ -8,6 +8,7 @@ building the parser imported torch, SciPy, MAPIE or matplotlib (it must not). Pr
 
     python benchmarks/cli_startup.py [--repeats 7] [--out benchmarks/results/cli_startup.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def run_once(args: list[str]) -> float:
 
 
 def heavy_modules_after_parser() -> list[str]:
-    code = ("import sys, json; import surrogate_cert.cli as cli; cli.build_parser(); "
-            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    code = (
+        "import sys, json; import surrogate_cert.cli as cli; cli.build_parser(); "
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -57,8 +60,10 @@ def main() -> None:
     load_after = os.getloadavg()
     result = {
         "goal": "--help and one-line argument errors under 1 s (wall clock, fresh interpreter)",
-        "cases": {name: dict(median_s=round(statistics.median(t), 3), min_s=round(min(t), 3), max_s=round(max(t), 3))
-                  for name, t in times.items()},
+        "cases": {
+            name: dict(median_s=round(statistics.median(t), 3), min_s=round(min(t), 3), max_s=round(max(t), 3))
+            for name, t in times.items()
+        },
         "heavy_modules_imported_by_the_parser": heavy_modules_after_parser(),
         "repeats": args.repeats,
         "load_average_1min": dict(before=round(load_before[0], 2), after=round(load_after[0], 2)),

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from importlib.metadata import PackageNotFoundError, version
 import platform
 import re
 import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

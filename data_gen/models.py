@@ -117,8 +117,7 @@ def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int |
         raise ModelError(f"torch.export program {path} takes {len(inputs)} inputs; export a model of one image batch "
                          "(N x C x H x W)")
     shape = tuple(inputs[0].meta["val"].shape)
-    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (README: bringing your own "
-           "model)")
+    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (docs: bring your own model)")
     if len(shape) < 2:
         raise ModelError(f"torch.export program {path} takes inputs of shape {shape}; export it on a batch N x C x H x W")
     if not isinstance(shape[0], torch.SymInt):
@@ -351,8 +350,8 @@ def check_sigma_agrees(loaded: LoadedModel, sigma: float, spec: str, allow: bool
     """
     if allow or loaded.sigma is None or math.isclose(float(loaded.sigma), float(sigma), rel_tol=1e-9):
         return
-    raise InvalidParameterError(f"model {spec} declares sigma {float(loaded.sigma):g} (the noise it was trained at) but "
-                                f"--sigma is {float(sigma):g}; use --sigma {float(loaded.sigma):g}, or add "
+    raise InvalidParameterError(f"model {spec} declares sigma {float(loaded.sigma):g} (the noise it was trained at) "
+                                f"but --sigma is {float(sigma):g}; use --sigma {float(loaded.sigma):g}, or add "
                                 f"{SIGMA_FLAG} to smooth it at another noise level anyway")
 
 
@@ -561,4 +560,5 @@ def train_base(
     return metrics
 
 
-__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "SIGMA_FLAG", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "SIGMA_FLAG",
+           "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

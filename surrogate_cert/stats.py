@@ -2,6 +2,7 @@
 
 The same module object, not a copy: importing this one puts ``core.stats`` in its place.
 """
+
 from __future__ import annotations
 
 import sys

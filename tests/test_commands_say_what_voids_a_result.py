@@ -1,6 +1,7 @@
 """What a newcomer would get wrong, said by the command itself: a --sigma other than the model's is
 refused (unless asked for), a report of runs on different images warns in its output and in the
 report, the monitor takes a dataset split as its stream."""
+
 from __future__ import annotations
 
 import json
@@ -17,41 +18,128 @@ from surrogate_cert.core.surrogate import Surrogate
 
 def test_datagen_and_cohen_refuse_a_sigma_the_model_does_not_declare(digits_untrained_model, tmp_path, capsys):
     out = tmp_path / "c.h5"
-    assert main(["datagen", "--dataset", "digits", "--split", "cal", "--model", digits_untrained_model,
-                 "--sigma", "0.5", "--samples", "20", "--limit", "3", "--device", "cpu", "--no-progress",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "datagen",
+                "--dataset",
+                "digits",
+                "--split",
+                "cal",
+                "--model",
+                digits_untrained_model,
+                "--sigma",
+                "0.5",
+                "--samples",
+                "20",
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "declares sigma 0.25" in err and "--sigma is 0.5" in err and "--allow-sigma-mismatch" in err
     assert not out.exists()
-    assert main(["cohen", "--model", digits_untrained_model, "--sigma", "0.5", "--samples", "50", "--limit", "2",
-                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "c.tsv")]) == 2
+    assert (
+        main(
+            [
+                "cohen",
+                "--model",
+                digits_untrained_model,
+                "--sigma",
+                "0.5",
+                "--samples",
+                "50",
+                "--limit",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "c.tsv"),
+            ]
+        )
+        == 2
+    )
     assert "declares sigma 0.25" in capsys.readouterr().err and not (tmp_path / "c.tsv").exists()
     # Asked for explicitly: done.
-    assert main(["datagen", "--dataset", "digits", "--split", "cal", "--model", digits_untrained_model,
-                 "--sigma", "0.5", "--allow-sigma-mismatch", "--samples", "20", "--limit", "3", "--device", "cpu",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "datagen",
+                "--dataset",
+                "digits",
+                "--split",
+                "cal",
+                "--model",
+                digits_untrained_model,
+                "--sigma",
+                "0.5",
+                "--allow-sigma-mismatch",
+                "--samples",
+                "20",
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
 
 def _results(path, indices):
-    certificates = [Certificate(prediction=1, radius=0.3, method="cohen", n_samples=100, p_lower=0.9, seconds=0.01)
-                    for _ in indices]
+    certificates = [
+        Certificate(prediction=1, radius=0.3, method="cohen", n_samples=100, p_lower=0.9, seconds=0.01) for _ in indices
+    ]
     write_tsv(path, indices, [1] * len(indices), certificates, meta={"sigma": 0.25})
 
 
 def test_report_warns_when_the_runs_certified_different_images(tmp_path, capsys):
     _results(tmp_path / "cohen.tsv", range(10))
     _results(tmp_path / "hybrid.tsv", range(40))
-    assert main(["report", "--results", str(tmp_path / "cohen.tsv"), str(tmp_path / "hybrid.tsv"),
-                 "--out", str(tmp_path / "r.html")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--results",
+                str(tmp_path / "cohen.tsv"),
+                str(tmp_path / "hybrid.tsv"),
+                "--out",
+                str(tmp_path / "r.html"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "warning: the compared runs certified different images (cohen on 10, hybrid on 40; 10 in common)" in out
     assert "Warning:" in (tmp_path / "r.html").read_text() and "Warning:" in (tmp_path / "r.md").read_text()
     assert json.loads((tmp_path / "r.json").read_text())["image_sets"]["same"] is False
     # The same images: no warning.
     _results(tmp_path / "other.tsv", range(10))
-    assert main(["report", "--results", str(tmp_path / "cohen.tsv"), str(tmp_path / "other.tsv"),
-                 "--out", str(tmp_path / "s.html")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--results",
+                str(tmp_path / "cohen.tsv"),
+                str(tmp_path / "other.tsv"),
+                "--out",
+                str(tmp_path / "s.html"),
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().out
     assert "Warning:" not in (tmp_path / "s.html").read_text()
 
@@ -71,8 +159,14 @@ def monitored(tmp_path_factory):
 
 
 def test_monitor_streams_a_dataset_split(monitored, capsys):
-    args = ["monitor", "--surrogate", str(monitored / "surrogate.pt"), "--calibration",
-            str(monitored / "calibration.json"), "--no-progress"]
+    args = [
+        "monitor",
+        "--surrogate",
+        str(monitored / "surrogate.pt"),
+        "--calibration",
+        str(monitored / "calibration.json"),
+        "--no-progress",
+    ]
     assert main([*args, "--stream", "test", "--limit", "60", "--out", str(monitored / "m.json")]) == 0
     doc = json.loads((monitored / "m.json").read_text())
     assert doc["queries"] == 60

@@ -2,6 +2,7 @@
 a user's torch.export program (.pt2), a TorchScript file and a factory model; by default from the
 base model the counts were made with. The network travels inside the surrogate's checkpoint (loaded
 with weights_only=True), is part of its fingerprint, and calibration and certification use it."""
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,13 @@ def user_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user")
     model = user_net()
     program = torch.export.export(model, (torch.rand(4, 1, 8, 8),), dynamic_shapes=({0: BATCH},))
-    torch.export.save(program, str(folder / "mine.pt2"), extra_files={"surrogate_cert.json": json.dumps({"sigma": 0.25})})
+    torch.export.save(
+        program, str(folder / "mine.pt2"), extra_files={"surrogate_cert.json": json.dumps({"sigma": 0.25})}
+    )
     torch.jit.save(torch.jit.script(model), str(folder / "mine.ts"))
     torch.save(model.state_dict(), folder / "weights.pt")
-    (folder / "user_factory.py").write_text(textwrap.dedent('''
+    (folder / "user_factory.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -80,19 +84,54 @@ def user_models(tmp_path_factory):
 
         def build():
             return UserNet()
-    '''))
+    """)
+    )
     run = lambda *args: main([*args, "--no-progress"])  # noqa: E731
     for split, n, limit in (("surrogate", 50, 80), ("cal", 400, 120)):
-        assert run("datagen", "--dataset", "digits", "--split", split, "--model", str(folder / "mine.pt2"),
-                   "--sigma", "0.25", "--samples", str(n), "--limit", str(limit), "--device", "cpu",
-                   "--out", str(folder / f"{split}.h5")) == 0
+        assert (
+            run(
+                "datagen",
+                "--dataset",
+                "digits",
+                "--split",
+                split,
+                "--model",
+                str(folder / "mine.pt2"),
+                "--sigma",
+                "0.25",
+                "--samples",
+                str(n),
+                "--limit",
+                str(limit),
+                "--device",
+                "cpu",
+                "--out",
+                str(folder / f"{split}.h5"),
+            )
+            == 0
+        )
     return folder, model
 
 
 def test_train_defaults_to_the_users_exported_model_and_its_layout(user_models, capsys):
     folder, model = user_models
-    assert main(["train", "--counts", str(folder / "surrogate.h5"), "--out", str(folder / "s.pt"), "--epochs", "2",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--counts",
+                str(folder / "surrogate.h5"),
+                "--out",
+                str(folder / "s.pt"),
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "started from the base model" in capsys.readouterr().out
     surrogate = Surrogate.load(folder / "s.pt", device="cpu")
     assert surrogate.arch == "torch-export"
@@ -104,12 +143,50 @@ def test_train_defaults_to_the_users_exported_model_and_its_layout(user_models, 
     # Trained: its weights moved away from the base model's, within the base model's layout.
     assert surrogate.model.state_dict().keys() == {f"program.{k}" for k in model.state_dict()}
     # Calibrate and certify with it (one pass), end to end through the command line.
-    assert main(["calibrate", "--surrogate", str(folder / "s.pt"), "--counts", str(folder / "cal.h5"),
-                 "--epsilon", "0.05", "--out", str(folder / "c.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--surrogate",
+                str(folder / "s.pt"),
+                "--counts",
+                str(folder / "cal.h5"),
+                "--epsilon",
+                "0.05",
+                "--out",
+                str(folder / "c.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "radius cap" in capsys.readouterr().out  # no calibrated radius can pass what n_cal samples show
-    assert main(["certify", "--surrogate", str(folder / "s.pt"), "--calibration", str(folder / "c.json"),
-                 "--fallback", "none", "--dataset", "digits", "--split", "test", "--limit", "20", "--device", "cpu",
-                 "--no-progress", "--out", str(folder / "h.tsv")]) == 0
+    assert (
+        main(
+            [
+                "certify",
+                "--surrogate",
+                str(folder / "s.pt"),
+                "--calibration",
+                str(folder / "c.json"),
+                "--fallback",
+                "none",
+                "--dataset",
+                "digits",
+                "--split",
+                "test",
+                "--limit",
+                "20",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(folder / "h.tsv"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_the_carried_network_is_part_of_the_fingerprint(user_models):
@@ -125,11 +202,12 @@ def test_the_carried_network_is_part_of_the_fingerprint(user_models):
 def test_torchscript_and_factory_models_start_the_surrogate_in_their_layout(user_models, monkeypatch):
     folder, model = user_models
     x = torch.rand(5, 1, 8, 8)
-    for name, spec, arch in (("ts", str(folder / "mine.ts"), "torchscript"),
-                             ("factory", f"{folder / 'user_factory.py'}:build={folder / 'weights.pt'}", "torch-export")):
+    factory = f"{folder / 'user_factory.py'}:build={folder / 'weights.pt'}"
+    for name, spec, arch in (("ts", str(folder / "mine.ts"), "torchscript"), ("factory", factory, "torch-export")):
         out = folder / f"{name}.pt"
-        surrogate = train_surrogate(folder / "surrogate.h5", out, init_from_base=spec, epochs=1, lr=1e-12,
-                                    device="cpu", progress=False)
+        surrogate = train_surrogate(
+            folder / "surrogate.h5", out, init_from_base=spec, epochs=1, lr=1e-12, device="cpu", progress=False
+        )
         assert surrogate.arch == arch
         loaded, header = load_checkpoint(out, kind="surrogate")
         # lr ~ 0: the surrogate is still the base model, so the carried network is the user's own.
@@ -140,8 +218,15 @@ def test_torchscript_and_factory_models_start_the_surrogate_in_their_layout(user
 def test_a_mapped_built_in_arch_still_works_and_a_wrong_one_is_refused(user_models):
     folder, _ = user_models
     with pytest.raises(ModelError, match="do not fit architecture mlp"):
-        train_surrogate(folder / "surrogate.h5", folder / "x.pt", arch="mlp", init_from_base=str(folder / "mine.pt2"),
-                        epochs=1, device="cpu", progress=False)
+        train_surrogate(
+            folder / "surrogate.h5",
+            folder / "x.pt",
+            arch="mlp",
+            init_from_base=str(folder / "mine.pt2"),
+            epochs=1,
+            device="cpu",
+            progress=False,
+        )
     assert not (folder / "x.pt").exists()
 
 
@@ -152,12 +237,49 @@ def test_default_start_falls_back_to_random_weights_when_the_base_model_is_gone(
     model = user_net()
     program = torch.export.export(model, (torch.rand(4, 1, 8, 8),), dynamic_shapes=({0: BATCH},))
     torch.export.save(program, str(moved))
-    assert main(["datagen", "--dataset", "digits", "--split", "surrogate", "--model", str(moved), "--sigma", "0.25",
-                 "--samples", "20", "--limit", "30", "--device", "cpu", "--no-progress",
-                 "--out", str(tmp_path / "s.h5")]) == 0
+    assert (
+        main(
+            [
+                "datagen",
+                "--dataset",
+                "digits",
+                "--split",
+                "surrogate",
+                "--model",
+                str(moved),
+                "--sigma",
+                "0.25",
+                "--samples",
+                "20",
+                "--limit",
+                "30",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "s.h5"),
+            ]
+        )
+        == 0
+    )
     moved.unlink()
-    assert main(["train", "--counts", str(tmp_path / "s.h5"), "--out", str(tmp_path / "s.pt"), "--epochs", "1",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--counts",
+                str(tmp_path / "s.h5"),
+                "--out",
+                str(tmp_path / "s.pt"),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "trained from random weights" in out and "is not there any more" in out
     assert Surrogate.load(tmp_path / "s.pt", device="cpu").arch == "small_cnn"

@@ -2,8 +2,8 @@
 
 One module per command group, each with ``register(subparsers)``; the options they share are
 defined once in ``common``, the choices they offer in ``choices`` (torch-free copies). Each command
-imports what it needs when it runs, so the parser alone loads no torch, SciPy, MAPIE or matplotlib. Any ``SurrogateCertError`` (bad input, bad file) becomes one line on
-stderr and exit code 2.
+imports what it needs when it runs, so the parser alone loads no torch, SciPy, MAPIE or matplotlib.
+Any ``SurrogateCertError`` (bad input, bad file) becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Each name below copies a constant of a heavy module (named beside it); the ownin
 source of truth and ``tests/test_cli_imports_are_lazy.py`` fails when a copy drifts from it. When
 you add a choice there (a noise scheme, a guarantee, ...), add it here too.
 """
+
 from __future__ import annotations
 
 SPLITS = ("train", "surrogate", "cal", "test")

@@ -83,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
         dataset = args.dataset or surrogate.meta.get("dataset")
         if not dataset:
             raise InvalidParameterError(f"--stream {args.stream}: give --dataset (the surrogate does not record one)")
-        x, y = load_stream_split(dataset, args.stream, surrogate.input_shape, data_root=args.data_root,
-                                 download=args.download, limit=args.limit)
+        stream: tuple = load_stream_split(dataset, args.stream, surrogate.input_shape, data_root=args.data_root,
+                                   download=args.download, limit=args.limit)
     else:
-        x, y = load_stream(args.stream, surrogate.input_shape)
+        stream = load_stream(args.stream, surrogate.input_shape)
+    x, y = stream
     doc = monitor_stream(surrogate, args.calibration, x, y, base_model=args.model, audit_rate=args.audit_rate,
                          n_audit=args.n_audit, delta=args.delta, seed=args.seed, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress, key=key)

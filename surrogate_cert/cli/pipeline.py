@@ -22,8 +22,9 @@ def _limit(text: str) -> int | None:
 def register(sub) -> None:
     p = add_parser(
         sub, "quickstart",
-        "the whole pipeline on the embedded digits data: base model, counts, surrogate, calibration, hybrid "
-        "and Cohen-10k certification, report (re-runnable: finished stages are reused)",
+        "the whole pipeline on the embedded digits data, in the measured best flow: base model, counts (the "
+        "surrogate split, cal, test), surrogate started from the base model, calibration, hybrid and Cohen-10k "
+        "certification, report (re-runnable: finished stages are reused)",
         "surrogate-cert quickstart --out surrogate-cert-quickstart",
     )
     p.add_argument("--out", default=None, metavar="DIR",
@@ -36,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="reduced sizes (under a minute on 2 CPU cores; the CI end-to-end check)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
-                   help=f"test images to certify (default {QUICKSTART_TEST_LIMIT}, {QUICKSTART_QUICK_TEST_LIMIT} with --quick; "
+                   help=f"test images to certify (default {QUICKSTART_TEST_LIMIT}, {QUICKSTART_QUICK_TEST_LIMIT} with "
+                        "--quick; "
                         "0 = all 397)")
     add_device_arg(p)
     add_progress_arg(p)
@@ -45,8 +47,8 @@ def register(sub) -> None:
     p = add_parser(
         sub, "bench",
         "every certifier side by side on the same images and base model (Cohen-10k, Cohen-1k, sequential KT, "
-        "sequential surrogate prior, surrogate only, hybrid), plus wrong-certificate rates on the exact linear "
-        "problem; JSON out",
+        "sequential surrogate prior, surrogate only, hybrid, and the deterministic IBP and CROWN), plus "
+        "wrong-certificate rates on the exact linear problem; JSON out",
         "surrogate-cert bench --quick --out bench.json",
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")

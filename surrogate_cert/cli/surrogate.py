@@ -36,7 +36,8 @@ def register(sub) -> None:
     p = add_parser(sub, "train",
                    "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
                    "surrogate split, whose images the built-in base model never saw",
-                   "surrogate-cert train --counts surrogate.h5 --out surrogate.pt   (starts from the counts' base model)")
+                   "surrogate-cert train --counts surrogate.h5 --out surrogate.pt   (starts from the counts' base "
+                   "model)")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
                    help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
                         "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
@@ -119,7 +120,8 @@ def register(sub) -> None:
     p.add_argument("--surrogate", required=True, metavar="PT", help="surrogate checkpoint (from train)")
     p.add_argument("--calibration", required=True, metavar="JSON", help="calibration.json (from calibrate)")
     p.add_argument("--model", default=None,
-                   help="base model for the fallback: the checkpoint / TorchScript the counts were made with")
+                   help="base model for the fallback, the one the counts were made with: a train-base checkpoint, "
+                        "a torch.export program (.pt2), a TorchScript file or package.module:factory=weights.pt")
     add_dataset_args(p)
     p.add_argument("--fallback", choices=("eprocess", "none"), default="eprocess",
                    help="eprocess (default): sequential certifier where the surrogate does not certify; none: abstain")

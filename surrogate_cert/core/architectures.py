@@ -12,7 +12,7 @@ import io
 import math
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -96,7 +96,7 @@ class ExportedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.program(x)
 
-    def train(self, mode: bool = True) -> "ExportedModel":
+    def train(self, mode: bool = True) -> ExportedModel:
         self.training = bool(mode)
         return self
 
@@ -128,7 +128,9 @@ def load_program(arch: str, data: bytes, device: str | torch.device | None = Non
         if arch == "torch-export":
             program = torch.export.load(io.BytesIO(data))
             if device.type != "cpu":
-                program = torch.export.passes.move_to_device_pass(program, device)
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
             return ExportedModel(program.module()).to(device)
         if arch == "torchscript":
             with warnings.catch_warnings():
@@ -343,8 +345,9 @@ def load_checkpoint(path, device=None, *, kind: str | None = None) -> tuple[nn.M
     """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
 
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
-    ``num_classes``, ``meta``, ...; for a program architecture also ``network``, its bytes). Loaded with ``weights_only=True``: no pickled code runs. A file
-    of another kind (text, JSON, HDF5, NumPy) is refused by name, before ``torch.load`` sees it.
+    ``num_classes``, ``meta``, ...; for a program architecture also ``network``, its bytes). Loaded
+    with ``weights_only=True``: no pickled code runs. A file of another kind (text, JSON, HDF5, NumPy)
+    is refused by name, before ``torch.load`` sees it.
 
     Parameters
     ----------

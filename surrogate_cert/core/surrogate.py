@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -239,6 +239,7 @@ class Surrogate:
         self.batch_size = check_count("batch_size", batch_size)
         self.model = model.to(self.device).eval()
         self.file_sha256: str | None = None
+        self.init_mapping_: str | None = None  # how ``build`` set the starting weights, if it did
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -253,7 +254,7 @@ class Surrogate:
         seed: int = 0,
         device: str | torch.device | None = None,
         network: bytes | None = None,
-    ) -> "Surrogate":
+    ) -> Surrogate:
         """An untrained surrogate (``arch`` defaults to ``default_arch(input_shape)``), seeded.
 
         ``init_from`` copies the weights of a module of the same architecture (the base model). With
@@ -452,7 +453,7 @@ class Surrogate:
         patience: int = 8,
         seed: int = 0,
         progress: bool = False,
-    ) -> "Surrogate":
+    ) -> Surrogate:
         """Train on images ``x`` and their class ``counts`` (``N x K``): soft-label cross-entropy.
 
         The target of row ``i`` is ``q_i = counts_i / sum(counts_i)``. A seeded ``holdout`` share of the
@@ -661,7 +662,7 @@ class Surrogate:
         return os.fspath(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Surrogate":
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Surrogate:
         """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate.
 
         Parameters

@@ -6,6 +6,7 @@ counts its strided share of every job's split with one thread (``data_gen.genera
 each file), and writes ``{"seconds": [...], "error": null | {"type", "message", "silent"}}`` to
 ``RESULT_PATH``, so the parent raises a worker's error with its type.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,24 @@ def run(spec: dict) -> list[float]:
     with launch("cpu") as shard:
         for job in spec["jobs"]:
             started = time.perf_counter()
-            generate_counts(spec["dataset"], job["split"], spec["base"], spec["sigma"], job["n"], job["out"],
-                            n0=job["n0"], batch_size=spec["batch_size"], seed=spec["seed"], limit=job["limit"],
-                            device="cpu", data_root=spec["data_root"], progress=spec["progress"],
-                            command=spec["command"], resume=True, shard=shard)
+            generate_counts(
+                spec["dataset"],
+                job["split"],
+                spec["base"],
+                spec["sigma"],
+                job["n"],
+                job["out"],
+                n0=job["n0"],
+                batch_size=spec["batch_size"],
+                seed=spec["seed"],
+                limit=job["limit"],
+                device="cpu",
+                data_root=spec["data_root"],
+                progress=spec["progress"],
+                command=spec["command"],
+                resume=True,
+                shard=shard,
+            )
             seconds.append(time.perf_counter() - started)
     return seconds
 

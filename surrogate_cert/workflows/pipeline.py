@@ -26,6 +26,7 @@ and starts from the base model's weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy
@@ -44,10 +45,10 @@ import torch
 from tqdm.auto import tqdm
 
 from calibration.conformal import calibrate
+from calibration.summary import offline_evaluations_from_counts
 from data_gen.datasets import load_split
 from data_gen.generate import generate_counts
 from data_gen.models import load_model, train_base
-from calibration.summary import offline_evaluations_from_counts
 from data_gen.store import ResumeMismatchError, find_shards, read_attrs, read_counts, remove_shards
 
 from ..core import __version__
@@ -303,10 +304,9 @@ class Pipeline:
         workers = cfg.count_workers()
         if workers == 1 or not pending:
             for split, n, n0, limit, target, key, what in pending:
-                self.stage(f"datagen {split}", key, [target],
-                           lambda s=split, n=n, n0=n0, lim=limit, t=target: _run_datagen(
-                               cfg, s, n, n0, lim, t, base, self.progress, self.command, fresh=self.overwrite),
-                           what)
+                run = functools.partial(_run_datagen, cfg, split, n, n0, limit, target, base, self.progress,
+                                        self.command, fresh=self.overwrite)
+                self.stage(f"datagen {split}", key, [target], run, what)
             return
         for number, (split, *_, what) in enumerate(pending, start=len(self.timings) + 1):
             self.say(f"[{number}/{self.total_stages}] datagen {split}: {what}"
@@ -314,7 +314,7 @@ class Pipeline:
         specs = [dict(split=split, n=n, n0=n0, limit=limit, out=str(target))
                  for split, n, n0, limit, target, _, _ in pending]
         seconds = _count_in_workers(cfg, specs, str(base), workers, self.progress, self.command, fresh=self.overwrite)
-        for (split, n, n0, limit, target, key, _), spent in zip(pending, seconds):
+        for (split, n, n0, _, target, key, _), spent in zip(pending, seconds):
             attrs = read_attrs(target)
             self.timings[f"datagen {split}"] = spent
             self.manifest.record(f"datagen {split}", key, spent, outputs={target.name: _file_key(target)},
@@ -503,7 +503,7 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
                 process.wait()
             raise
         reports = []
-        for (process, result), code in zip(processes, codes):
+        for (_, result), code in zip(processes, codes):
             try:
                 with open(result, encoding="utf-8") as fh:
                     reports.append(json.load(fh))

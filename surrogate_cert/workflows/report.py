@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -224,7 +225,7 @@ def write_report(
     key: bytes | None = None,
     overwrite: bool = True,
     monitor: str | os.PathLike | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
 
     ``counts`` and ``surrogate`` (both or neither) add the held-out check of the calibration
@@ -283,8 +284,7 @@ def write_report(
     report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key,
                           monitor=monitor)
     paths = _write_all(report, out, title, [*results, calibration, counts, surrogate, monitor], overwrite=overwrite)
-    paths["warnings"] = report_warnings(report)
-    return paths
+    return {**paths, "warnings": report_warnings(report)}
 
 
 def write_calibration_report(

@@ -19,8 +19,6 @@ from data_gen.store import CountsMismatchError, check_counts_for, index_ranges, 
 
 from ..core.architectures import (
     CHECKPOINT_FILE_KINDS,
-    PROGRAM_ARCHITECTURES,
-    default_arch,
     export_program,
     load_checkpoint,
 )
