@@ -484,6 +484,9 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
     # Fresh interpreters (``python -m surrogate_cert.workflows.count_worker``), not multiprocessing: a
     # caller's script is never re-imported, and no process forks one that holds torch's threads.
     port = _free_port()
+    # The workers import this package from where this process did, whatever put it on sys.path here.
+    root = str(Path(__file__).resolve().parents[2])
+    python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     spec = dict(jobs=jobs, base=base, dataset=cfg.dataset, sigma=cfg.sigma, seed=cfg.seed,
                 batch_size=cfg.batch_size, data_root=cfg.data_root, command=command, progress=progress)
     with tempfile.TemporaryDirectory(prefix="surrogate-cert-workers-") as folder:
@@ -491,7 +494,7 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
         for rank in range(workers):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS="1")
+                       OMP_NUM_THREADS="1", PYTHONPATH=python_path)
             result = os.path.join(folder, f"rank{rank}.json")
             processes.append((subprocess.Popen(
                 [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
