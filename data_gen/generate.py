@@ -39,7 +39,7 @@ from surrogate_cert.core.smoothing import (
 
 from .datasets import load_split
 from .distributed import SINGLE, Shard
-from .models import check_model_fits, check_sigma_agrees, load_model
+from .models import check_model_fits, load_model
 from .store import (
     CountsWriter,
     check_counts_for,
@@ -98,7 +98,6 @@ def generate_counts(
     channels_last: bool | None = None,
     compile: bool | str = False,
     shard: Shard | None = None,
-    allow_sigma_mismatch: bool = False,
 ) -> str:
     """Write ``out``: the class counts of ``n`` noisy evaluations of the base model per image of ``split``.
 
@@ -169,8 +168,6 @@ def generate_counts(
         ``torch.compile`` the model (``True`` or a backend name).
     shard : Shard, optional
         This process's part of a torchrun job (``data_gen.distributed.launch``); default one process.
-    allow_sigma_mismatch : bool, optional
-        Accept a ``sigma`` other than the one the model declares (``models.check_sigma_agrees``).
 
     Returns
     -------
@@ -194,8 +191,6 @@ def generate_counts(
         shards are missing, unfinished or from another job (``ShardError``).
     InvalidInputError
         If ``amp`` or ``device`` is not usable.
-    InvalidParameterError
-        Also if the model declares another sigma and ``allow_sigma_mismatch`` is false.
     """
     shard = shard or SINGLE
     if shard.distributed and overwrite and not resume:
@@ -218,7 +213,6 @@ def generate_counts(
         positions = shard.positions(len(data))
         here = shard.device(device)
         loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
-        check_sigma_agrees(loaded, sigma, model_spec, allow_sigma_mismatch)
         smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
                                     amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
                                     compile=compile, input_shape=data.input_shape)

@@ -33,6 +33,7 @@ import re
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -326,16 +327,60 @@ SIGMA_FLAG = "--allow-sigma-mismatch"
 """The command-line switch that accepts a noise level other than the one a model declares."""
 
 
-def check_sigma_agrees(loaded: LoadedModel, sigma: float, spec: str, allow: bool = False) -> None:
-    """Refuse a noise level other than the one the model declares it was trained at, unless ``allow``.
+def declared_sigma(spec: str) -> float | None:
+    """The noise level a model file declares it was trained at, read from its metadata only, or None.
 
-    A model trained with noise at one sigma and smoothed at another gives valid but much smaller
-    radii (or none): almost always a slip of the command line, so it is refused before any work.
+    A ``train-base`` checkpoint's ``meta``, a ``.pt2`` / TorchScript file's ``surrogate_cert.json`` extra
+    file (read from the archive: nothing is built or run), a factory's weights file when it is a
+    surrogate-cert checkpoint. A file that cannot be read says nothing here: the command's own loader
+    reports it.
 
     Parameters
     ----------
-    loaded : LoadedModel
-        The model; ``loaded.sigma`` is None when the file declares none (nothing is checked then).
+    spec : str
+        A model spec (``load_model``).
+
+    Returns
+    -------
+    float or None
+        The declared sigma (l2, input units), or None when nothing is declared.
+    """
+    spec = str(spec)
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+        weights = spec.partition(":")[2].partition("=")[2]
+        path = os.path.expanduser(weights)
+        if not weights or not os.path.isfile(path):
+            return None
+    try:
+        kind = sniff(path)
+        if kind in ("torchscript", "torch-export"):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("extra/" + TORCHSCRIPT_META)]
+                meta = _read_meta({TORCHSCRIPT_META: archive.read(names[0]).decode()}, path) if names else {}
+        elif kind in CHECKPOINT_FILE_KINDS:
+            payload = load_weights_file(path)
+            is_checkpoint = isinstance(payload, dict) and payload.get("format") is not None
+            meta = read_checkpoint_header(payload)["meta"] if is_checkpoint else {}
+        else:
+            return None
+    except (ModelError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    sigma = meta.get("sigma")
+    return float(sigma) if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) else None
+
+
+def check_sigma_agrees(declared: float | None, sigma: float, spec: str, allow: bool = False) -> None:
+    """Refuse a noise level other than the one the model declares it was trained at, unless ``allow``.
+
+    A model trained with noise at one sigma and smoothed at another gives valid but much smaller
+    radii (or none): almost always a slip of the command line, so the commands refuse it before any
+    work (the Python API leaves the choice to its caller).
+
+    Parameters
+    ----------
+    declared : float or None
+        The sigma the model declares (``declared_sigma``, or ``LoadedModel.sigma``); None: nothing to check.
     sigma : float
         The noise level asked for (l2, input units).
     spec : str
@@ -348,10 +393,10 @@ def check_sigma_agrees(loaded: LoadedModel, sigma: float, spec: str, allow: bool
     InvalidParameterError
         If the model declares another sigma and ``allow`` is false.
     """
-    if allow or loaded.sigma is None or math.isclose(float(loaded.sigma), float(sigma), rel_tol=1e-9):
+    if allow or declared is None or math.isclose(float(declared), float(sigma), rel_tol=1e-9):
         return
-    raise InvalidParameterError(f"model {spec} declares sigma {float(loaded.sigma):g} (the noise it was trained at) "
-                                f"but --sigma is {float(sigma):g}; use --sigma {float(loaded.sigma):g}, or add "
+    raise InvalidParameterError(f"model {spec} declares sigma {float(declared):g} (the noise it was trained at) "
+                                f"but --sigma is {float(sigma):g}; use --sigma {float(declared):g}, or add "
                                 f"{SIGMA_FLAG} to smooth it at another noise level anyway")
 
 
@@ -560,5 +605,5 @@ def train_base(
     return metrics
 
 
-__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "SIGMA_FLAG",
-           "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "declared_sigma",
+           "SIGMA_FLAG", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

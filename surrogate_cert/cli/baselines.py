@@ -183,7 +183,7 @@ def _load(args: argparse.Namespace):
     sigma = args.sigma if args.sigma is not None else loaded.sigma
     if sigma is None:
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
-    check_sigma_agrees(loaded, sigma, args.model, args.allow_sigma_mismatch)
+    check_sigma_agrees(loaded.sigma, sigma, args.model, args.allow_sigma_mismatch)
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=args.batch_size,
                                 seed=args.seed, amp=args.amp, noise_scheme=args.noise_scheme or NOISE_SCHEME,
                                 channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape)

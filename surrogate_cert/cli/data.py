@@ -93,6 +93,7 @@ def run_train_base(args: argparse.Namespace) -> int:
 
 def run_datagen(args: argparse.Namespace) -> int:
     from data_gen.generate import generate_counts, top_up_counts
+    from data_gen.models import check_sigma_agrees, declared_sigma
     from data_gen.store import read_attrs
 
     if args.resume and args.overwrite:
@@ -104,6 +105,7 @@ def run_datagen(args: argparse.Namespace) -> int:
     if args.top_up is not None and args.shard.world_size > 1:
         raise InvalidParameterError("--top-up runs in one process: make the file with torchrun, then top it up "
                                     "without torchrun (same command plus --top-up)")
+    check_sigma_agrees(declared_sigma(args.model), args.sigma, args.model, args.allow_sigma_mismatch)
     # A top-up continues an existing file (its rows are checked against this command's settings).
     resume = args.resume or (args.top_up is not None and not args.overwrite and os.path.exists(args.out))
     if not resume:
@@ -113,7 +115,7 @@ def run_datagen(args: argparse.Namespace) -> int:
                     resume=resume, overwrite=args.overwrite, data_root=args.data_root, download=args.download,
                     progress=not args.no_progress, commit_seconds=args.commit_every, command=command_line(args),
                     noise_scheme=args.noise_scheme, channels_last=args.channels_last, compile=args.compile,
-                    shard=args.shard, allow_sigma_mismatch=args.allow_sigma_mismatch)
+                    shard=args.shard)
     if not args.shard.is_main:
         return 0  # rank 0 merges the shards and reports
     attrs = read_attrs(args.out)

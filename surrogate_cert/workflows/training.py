@@ -227,6 +227,9 @@ def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, d
     loaded = load_model(spec, device="cpu", num_classes=num_classes, input_shape=input_shape)
     if arch is not None:
         return loaded.model, arch, None
+    if not any(p.requires_grad for p in loaded.model.parameters()):
+        raise ModelError(f"--init-from-base {spec} has no trainable parameters (fixed weights), so a surrogate of its "
+                         "layout cannot learn; give --arch to train a built-in architecture, or --no-init-from-base")
     _check_output_width(loaded.model, input_shape, num_classes, spec)
     kind = sniff(spec) if os.path.isfile(spec) else "factory"
     if kind in ("torchscript", "torch-export"):
