@@ -26,7 +26,7 @@ def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
     assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "certified accuracy at radius" in out and "report:" in out and "speed-up" in out
-    for name in ("base.pt", "surrogate.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
+    for name in ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
                  "calibration-report.html", "hybrid.tsv", "cohen-300.tsv", "report.html", "report.md", "report.json"):
         assert (quick_dir / name).stat().st_size > 0, name
 

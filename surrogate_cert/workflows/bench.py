@@ -487,7 +487,7 @@ def run_bench(
         problem, truth_seconds = truth["problem"], time.perf_counter() - t0
 
     paths = ctx.pipeline.paths
-    offline_evaluations = offline_evaluations_from_counts([paths["surrogate.h5"], paths["cal.h5"]])
+    offline_evaluations = offline_evaluations_from_counts([ctx.pipeline.surrogate_counts, paths["cal.h5"]])
     compare(results, offline_evaluations)
     extra = {}
     if cfg.triage_radii or cfg.prior_comparison:

@@ -41,7 +41,7 @@ def run(spec: dict) -> list[float]:
                 data_root=spec["data_root"],
                 progress=spec["progress"],
                 command=spec["command"],
-                resume=True,
+                resume=job["resume"],
                 shard=shard,
             )
             seconds.append(time.perf_counter() - started)

@@ -5,8 +5,8 @@ was made from the same inputs and settings, so an interrupted or repeated run pi
 stopped)::
 
     train-base   -> base.pt           small CNN, Gaussian-noise augmentation at sigma (train split)
-    datagen      -> surrogate.h5 cal.h5 test.h5   MC counts (interrupted counts resume from their last row)
-    train        -> surrogate.pt      soft-label cross-entropy on surrogate.h5, started from base.pt
+    datagen      -> train.h5 cal.h5 test.h5   MC counts (interrupted counts resume from their last row)
+    train        -> surrogate.pt      soft-label cross-entropy on train.h5, started from base.pt
     calibrate    -> calibration.json  split conformal on cal.h5 (+ calibration-report.html)
     certify      -> hybrid.tsv        surrogate first, sequential fallback, on the test images
     cohen        -> cohen-10k.tsv     Cohen-10k on the same test images
@@ -19,9 +19,10 @@ those of ``surrogate-cert cohen --n0 100 --n 10000``, and the same counts serve 
 reference that checks the calibration on held-out images. Its wall time per query is the time
 spent drawing those samples.
 
-The surrogate follows the measured best flow (README, one-pass benchmark): it learns from counts of
-the ``surrogate`` split, images the base model never saw (100 samples each are as good as 10^4),
-and starts from the base model's weights.
+The surrogate follows the flow measured best on this data (``benchmarks/surrogate_training_data.py``):
+it starts from the base model's weights and learns from 100 samples per image (as good as 10^4) of
+the largest split it may see, ``train`` (750 images; the ``surrogate`` split's 250 unseen images
+made larger offsets here, although unseen images win on MNIST, where there are 10,000 of them).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class QuickstartConfig:
     """Sizes and parameters of the pipeline (defaults: the full digits run, under 5 minutes on 2 cores).
 
     ``*_n``: noisy samples per image for each split's counts; ``*_limit``: images used from a split
-    (None = all); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images;
+    (None = all); ``surrogate_data``: the split whose counts the surrogate learns from (``surrogate_n``
+    samples each); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images;
     ``init_from_base``: the surrogate starts from the base model's weights; ``threads``: torch's
     intra-op threads while the pipeline runs (None: torch's default).
     """
@@ -79,6 +81,7 @@ class QuickstartConfig:
     dataset: str = "digits"
     sigma: float = 0.25
     base_epochs: int | None = 20
+    surrogate_data: str = "train"
     surrogate_n: int = 100
     surrogate_limit: int | None = None
     cal_n: int = 10_000
@@ -175,8 +178,8 @@ def _say(message: str, quiet: bool) -> None:
 class Pipeline:
     """The stages of the quickstart over one folder, each skipped when already done (see module doc).
 
-    ``offline()`` makes base.pt, surrogate.h5, cal.h5, surrogate.pt and calibration.json (what a
-    deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
+    ``offline()`` makes base.pt, train.h5 (``surrogate_data``), cal.h5, surrogate.pt and calibration.json
+    (what a deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
     Cohen results and the reports.
 
     The folder is the pipeline's own: a folder that already holds files is refused unless ``resume``
@@ -184,7 +187,7 @@ class Pipeline:
     (redo every stage, replacing what is there).
     """
 
-    FILES = ("base.pt", "surrogate.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
+    FILES = ("base.pt", "train.h5", "surrogate.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
              "calibration-report.html", "hybrid.tsv", "report.html")
 
     def __init__(self, out: str | os.PathLike, config: QuickstartConfig = FULL, *, progress: bool = True,
@@ -219,6 +222,11 @@ class Pipeline:
         self.timings: dict[str, float | str] = {}
         self.started = time.perf_counter()
 
+    @property
+    def surrogate_counts(self) -> Path:
+        """The counts file the surrogate learns from (``QuickstartConfig.surrogate_data``)."""
+        return self.paths[f"{self.cfg.surrogate_data}.h5"]
+
     def say(self, message: str) -> None:
         _say(message, self.quiet)
 
@@ -251,23 +259,23 @@ class Pipeline:
 
         self.stage("train-base", _key("base", cfg.dataset, cfg.sigma, cfg.base_epochs, cfg.seed), [paths["base.pt"]],
                    run_base, f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}")
-        jobs = [("surrogate", cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
+        jobs = [(cfg.surrogate_data, cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
         if test_counts:
             jobs.append(("test", cfg.test_n, cfg.test_n0, cfg.test_limit))
         self.counts_together(jobs)
 
         def run_train():
-            surrogate = train_surrogate(paths["surrogate.h5"], paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
+            surrogate = train_surrogate(self.surrogate_counts, paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
                                         seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
                                         init_from_base=str(paths["base.pt"]) if cfg.init_from_base else None,
                                         progress=self.progress)
             self.say(f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on held-out "
-                     "surrogate-split counts)")
+                     f"{cfg.surrogate_data}-split counts)")
 
-        self.stage("train", _key("train", _file_key(paths["surrogate.h5"]), _file_key(paths["base.pt"]),
+        self.stage("train", _key("train", _file_key(self.surrogate_counts), _file_key(paths["base.pt"]),
                                  cfg.surrogate_epochs, cfg.init_from_base, cfg.seed),
                    [paths["surrogate.pt"]], run_train,
-                   "surrogate on surrogate.h5 (images the base model never saw), "
+                   f"surrogate on {self.surrogate_counts.name} (soft-label cross-entropy), "
                    + ("started from base.pt" if cfg.init_from_base else "from random weights"))
 
         def run_calibrate():
@@ -347,7 +355,7 @@ class Pipeline:
         t0 = time.perf_counter()
         write_calibration_report(paths["calibration.json"], paths["calibration-report.html"],
                                  counts=paths["test.h5"], surrogate=paths["surrogate.pt"], data_root=cfg.data_root)
-        offline = offline_evaluations_from_counts([paths["surrogate.h5"], paths["cal.h5"]])
+        offline = offline_evaluations_from_counts([self.surrogate_counts, paths["cal.h5"]])
         report_paths = write_report([paths["cohen.tsv"], paths["hybrid.tsv"]], paths["report.html"],
                                     calibration=paths["calibration.json"], counts=paths["test.h5"],
                                     surrogate=paths["surrogate.pt"], offline_evaluations=offline,
@@ -462,12 +470,14 @@ def _count_in_workers(cfg: QuickstartConfig, jobs: list[dict], base: str, worker
     """
     for job in jobs:
         _clear_for_workers(job["out"], workers, fresh)
+        job["resume"] = workers in find_shards(job["out"])  # continue this job's shards, else start them
     try:
         return _spawn_counts(cfg, jobs, base, workers, progress, command)
     except ResumeMismatchError:
         # Shards of the same process count but other settings (another base model, sample size): again.
         for job in jobs:
             _clear_for_workers(job["out"], workers, fresh=True)
+            job["resume"] = False
         return _spawn_counts(cfg, jobs, base, workers, progress, command)
 
 
@@ -477,6 +487,17 @@ def _clear_for_workers(out: str, workers: int, fresh: bool) -> None:
             remove_shards(out, size)
     if os.path.exists(out):
         os.unlink(out)  # the stage is not done (else it was reused): a stale or one-process partial file
+
+
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+"""glibc's allocator settings for the counting processes (ignored elsewhere). By default every noise batch
+of a few hundred KB is mapped from the kernel and handed back, so each one page-faults afresh: on the
+digits CNN that was a quarter of the counting CPU time in the kernel (60 million minor faults in one
+quickstart), and keeping the memory cut a single process's time per sample by 25-45%."""
 
 
 def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool,
@@ -492,9 +513,9 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
     with tempfile.TemporaryDirectory(prefix="surrogate-cert-workers-") as folder:
         processes = []
         for rank in range(workers):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+            env = dict(MALLOC_SETTINGS, **os.environ)  # the caller's own settings win
+            env.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(workers),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=python_path)
             result = os.path.join(folder, f"rank{rank}.json")
             processes.append((subprocess.Popen(
                 [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
