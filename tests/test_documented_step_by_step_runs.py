@@ -58,6 +58,6 @@ def test_step_by_step_runs_as_documented(tmp_path, monkeypatch, digits_base_mode
     assert "started from the base model base.pt" in out or "started from the base model" in out
     assert "radius cap" in out and "warning" not in out
     surrogate = Surrogate.load(tmp_path / "surrogate.pt", device="cpu")
-    assert surrogate.meta["split"] == "surrogate" and surrogate.meta["init_from_base"]
+    assert surrogate.meta["split"] == "train" and surrogate.meta["init_from_base"]
     assert json.loads((tmp_path / "report.json").read_text())["image_sets"]["same"]
     assert json.loads((tmp_path / "monitor.json").read_text())["queries"] == 397

@@ -34,14 +34,14 @@ HYBRID_CHUNK = 2048
 
 def register(sub) -> None:
     p = add_parser(sub, "train",
-                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
-                   "surrogate split, whose images the built-in base model never saw",
-                   "surrogate-cert train --counts surrogate.h5 --out surrogate.pt   (starts from the counts' base "
-                   "model)")
+                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), starting from "
+                   "the base model the counts were made with",
+                   "surrogate-cert train --counts train.h5 --out surrogate.pt   (starts from the counts' base model)")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
-                   help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
-                        "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
-                        "refuses calibration images the surrogate was trained on")
+                   help="one or more counts files (from datagen) of one dataset, sigma and base model, ~100 samples "
+                        "per image, as many images as you can: the surrogate split (images the base model never saw) "
+                        "when it is large (torchvision sets: 10,000), the train split on small sets (digits); "
+                        "calibrate refuses calibration images the surrogate was trained on")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
@@ -155,9 +155,6 @@ def run_train(args: argparse.Namespace) -> int:
     elif meta.get("init_skipped"):
         print(f"note: trained from random weights: {meta['init_skipped']}; starting from the base model makes "
               "tighter one-pass certificates (--init-from-base MODEL)")
-    if "surrogate" not in meta["split"].split("+"):
-        print("note: trained on counts of the " + meta["split"] + " split only; counts of the surrogate split "
-              "(images the base model never saw: datagen --split surrogate) make tighter one-pass certificates")
     print(f"saved {args.out}: {surrogate.arch} on {meta['dataset']} {meta['split']} ({meta['counts_rows']} images, "
           f"n={meta['counts_n']}), {meta['epochs_run']} epochs (best {meta['best_epoch']}"
           + (f", held-out loss {holdout:.4f}" if holdout is not None else "")
