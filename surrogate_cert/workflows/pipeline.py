@@ -519,7 +519,9 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
             result = os.path.join(folder, f"rank{rank}.json")
             processes.append((subprocess.Popen(
                 [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if rank else None), result))
+                # Rank 0 speaks for all (progress bar, its shard line); every error comes back through `result`.
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if rank else None,
+                stderr=subprocess.DEVNULL if rank else None), result))
         try:
             codes = [process.wait() for process, _ in processes]
         except BaseException:  # Ctrl-C: the workers got it too and commit their rows; wait for them
