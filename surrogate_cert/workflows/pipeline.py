@@ -121,7 +121,7 @@ class QuickstartConfig:
 FULL = QuickstartConfig()
 
 QUICK = QuickstartConfig(
-    base_epochs=4, surrogate_n=100, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
+    base_epochs=4, surrogate_n=100, surrogate_limit=300, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
     test_limit=20, surrogate_epochs=6, max_samples=300, workers=1,
 )
 """The reduced run (``quickstart --quick``; the CI end-to-end check): under a minute on 2 cores."""
