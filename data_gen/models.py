@@ -395,6 +395,8 @@ def check_sigma_agrees(declared: float | None, sigma: float, spec: str, allow: b
     """
     if allow or declared is None or math.isclose(float(declared), float(sigma), rel_tol=1e-9):
         return
+    if not (math.isfinite(float(sigma)) and float(sigma) > 0):
+        return  # not a noise level at all: the command's own check says so
     raise InvalidParameterError(f"model {spec} declares sigma {float(declared):g} (the noise it was trained at) "
                                 f"but --sigma is {float(sigma):g}; use --sigma {float(declared):g}, or add "
                                 f"{SIGMA_FLAG} to smooth it at another noise level anyway")
