@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from importlib.metadata import PackageNotFoundError, version
 import platform
 import re
 import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +102,36 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
         runs.append(dict(label=label, path=os.fspath(path), rows=rows, comments=_meta_lines(meta),
                          header=provenance(meta)))
     return runs
+
+
+def image_sets(runs: Sequence[dict]) -> dict:
+    """Whether the runs certified the same images (by dataset index), and a warning when they did not.
+
+    Certified accuracies of runs on different images are not comparable (Cohen on the first 100 test
+    images and the hybrid on all 397 measure two populations), so the report says so above its tables.
+
+    Parameters
+    ----------
+    runs : sequence of dict
+        ``load_results``'s runs (``label`` and ``rows``, each row with ``idx``).
+
+    Returns
+    -------
+    dict
+        ``same`` (bool), ``images`` (run label -> number of images), ``shared`` (images every run
+        certified) and ``warning`` (a sentence, or None when the sets are equal).
+    """
+    sets = {r["label"]: {int(row["idx"]) for row in r["rows"]} for r in runs}
+    if not sets:
+        return dict(same=True, images={}, shared=0, warning=None)
+    shared = set.intersection(*sets.values())
+    same = all(s == shared for s in sets.values())
+    counts = {label: len(s) for label, s in sets.items()}
+    warning = None if same else (
+        "the compared runs certified different images (" + ", ".join(f"{k} on {v}" for k, v in counts.items())
+        + f"; {len(shared)} in common), so their certified accuracies and costs are not comparable: certify the "
+        "same split with the same --limit")
+    return dict(same=same, images=counts, shared=len(shared), warning=warning)
 
 
 def load_calibration(path: str | os.PathLike, key: bytes | None = None) -> dict:
@@ -316,6 +347,7 @@ def build_report(
         amortisation=amortisation(summaries, offline_evaluations, baseline) if runs else None,
         calibration=None,
         environment=environment(runs, cal),
+        image_sets=image_sets(runs),
     )
     if cal is not None:
         section = calibration_summary(cal)

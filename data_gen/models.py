@@ -8,7 +8,7 @@ Model specs accepted by ``load_model`` (and ``--model``):
 - ``model.ts``: a TorchScript file (``torch.jit.save``); an optional extra file
   ``surrogate_cert.json`` (``_extra_files``) may declare ``num_classes``, ``input_shape`` and ``sigma``;
 - ``model.pt2``: a ``torch.export`` program (``torch.export.save``), the format PyTorch recommends now
-  that TorchScript is deprecated. Read by ``data_gen.pt2.load_exported_program``, never by
+  that TorchScript is deprecated. Read by ``surrogate_cert.core.pt2.load_exported_program``, never by
   ``torch.export.load``, which unpickles parts of the archive: nothing in the file is run.
   Export it with a dynamic batch dimension (``dynamic_shapes=({0:
   torch.export.Dim("batch", min=1)},)``), since the engine evaluates batches of any size; a program
@@ -29,11 +29,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,7 @@ from tqdm.auto import tqdm
 from surrogate_cert.core import __version__
 from surrogate_cert.core.architectures import (
     CHECKPOINT_FILE_KINDS,
+    ExportedModel,
     build,
     check_checkpoint_integrity,
     check_finite_outputs,
@@ -55,6 +58,7 @@ from surrogate_cert.core.architectures import (
 )
 from surrogate_cert.core.errors import (
     InvalidInputError,
+    InvalidParameterError,
     ModelError,
     check_count,
     check_positive,
@@ -63,11 +67,11 @@ from surrogate_cert.core.errors import (
 )
 from surrogate_cert.core.files import check_outputs, file_problem, sniff, wrong_kind
 from surrogate_cert.core.hashing import sha256_bytes, sha256_file
+from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.smoothing import resolve_device
 
 from .datasets import load_split
-from .pt2 import load_exported_program
 
 _FACTORY_MODULE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*|.+\.py")
 """The part before ':' of a factory spec: a dotted module name, or a path to a .py file."""
@@ -121,22 +125,6 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
     )
 
 
-class ExportedModel(nn.Module):
-    """A ``torch.export`` program as a module. Its train / eval behaviour was fixed when it was exported
-    (exported modules refuse ``.eval()``), so ``train()`` / ``eval()`` only set the flag here."""
-
-    def __init__(self, program_module: nn.Module):
-        super().__init__()
-        self.program = program_module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-    def train(self, mode: bool = True) -> "ExportedModel":
-        self.training = bool(mode)
-        return self
-
-
 def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int | None]:
     """(input shape C x H x W, output classes) of an exported program; refuses one it cannot batch."""
     signature = program.graph_signature
@@ -145,8 +133,7 @@ def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int |
         raise ModelError(f"torch.export program {path} takes {len(inputs)} inputs; export a model of one image batch "
                          "(N x C x H x W)")
     shape = tuple(inputs[0].meta["val"].shape)
-    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (README: bringing your own "
-           "model)")
+    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (docs: bring your own model)")
     if len(shape) < 2:
         raise ModelError(f"torch.export program {path} takes inputs of shape {shape}; export it on a batch N x C x H x W")
     if not isinstance(shape[0], torch.SymInt):
@@ -289,7 +276,7 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     ModelError. A file is recognised by its content (``core.files.sniff``): text, JSON, HDF5 or
     NumPy files are refused by name, and so is a surrogate checkpoint (made by ``train``): the
     surrogate is never a base model. Never unpickles code: every ``torch.load`` uses
-    ``weights_only=True``, and a ``torch.export`` archive is read by ``data_gen.pt2`` (no pickle, no
+    ``weights_only=True``, and a ``torch.export`` archive is read by ``surrogate_cert.core.pt2`` (no pickle, no
     evaluated string). A model whose logits on a probe batch of images in [0, 1] are NaN or infinite is
     refused (``core.architectures.check_finite_outputs``).
 
@@ -356,6 +343,84 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     if probe_shape is not None and not (os.path.isfile(path) and kind in CHECKPOINT_FILE_KINDS):
         check_finite_outputs(loaded.model, probe_shape, f"model {spec}", device=device)  # checkpoints: at load
     return loaded
+
+
+SIGMA_FLAG = "--allow-sigma-mismatch"
+"""The command-line switch that accepts a noise level other than the one a model declares."""
+
+
+def declared_sigma(spec: str) -> float | None:
+    """The noise level a model file declares it was trained at, read from its metadata only, or None.
+
+    A ``train-base`` checkpoint's ``meta``, a ``.pt2`` / TorchScript file's ``surrogate_cert.json`` extra
+    file (read from the archive: nothing is built or run), a factory's weights file when it is a
+    surrogate-cert checkpoint. A file that cannot be read says nothing here: the command's own loader
+    reports it.
+
+    Parameters
+    ----------
+    spec : str
+        A model spec (``load_model``).
+
+    Returns
+    -------
+    float or None
+        The declared sigma (l2, input units), or None when nothing is declared.
+    """
+    spec = str(spec)
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+        weights = spec.partition(":")[2].partition("=")[2]
+        path = os.path.expanduser(weights)
+        if not weights or not os.path.isfile(path):
+            return None
+    try:
+        kind = sniff(path)
+        if kind in ("torchscript", "torch-export"):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("extra/" + TORCHSCRIPT_META)]
+                meta = _read_meta({TORCHSCRIPT_META: archive.read(names[0]).decode()}, path) if names else {}
+        elif kind in CHECKPOINT_FILE_KINDS:
+            payload = load_weights_file(path)
+            is_checkpoint = isinstance(payload, dict) and payload.get("format") is not None
+            meta = read_checkpoint_header(payload)["meta"] if is_checkpoint else {}
+        else:
+            return None
+    except (ModelError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    sigma = meta.get("sigma")
+    return float(sigma) if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) else None
+
+
+def check_sigma_agrees(declared: float | None, sigma: float, spec: str, allow: bool = False) -> None:
+    """Refuse a noise level other than the one the model declares it was trained at, unless ``allow``.
+
+    A model trained with noise at one sigma and smoothed at another gives valid but much smaller
+    radii (or none): almost always a slip of the command line, so the commands refuse it before any
+    work (the Python API leaves the choice to its caller).
+
+    Parameters
+    ----------
+    declared : float or None
+        The sigma the model declares (``declared_sigma``, or ``LoadedModel.sigma``); None: nothing to check.
+    sigma : float
+        The noise level asked for (l2, input units).
+    spec : str
+        The model spec, for the message.
+    allow : bool, optional
+        Accept the difference (the command line's ``--allow-sigma-mismatch``).
+
+    Raises
+    ------
+    InvalidParameterError
+        If the model declares another sigma and ``allow`` is false.
+    """
+    check_sigma(sigma)  # an absurd noise level is refused as such, whatever the model declares
+    if allow or declared is None or math.isclose(float(declared), float(sigma), rel_tol=1e-9):
+        return
+    raise InvalidParameterError(f"model {spec} declares sigma {float(declared):g} (the noise it was trained at) "
+                                f"but --sigma is {float(sigma):g}; use --sigma {float(declared):g}, or add "
+                                f"{SIGMA_FLAG} to smooth it at another noise level anyway")
 
 
 def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
@@ -582,4 +647,5 @@ def train_base(
     return metrics
 
 
-__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "declared_sigma",
+           "SIGMA_FLAG", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]

@@ -18,13 +18,12 @@ and importing its core never import the layers above the core. Layers, top down:
 from __future__ import annotations
 
 import importlib
-import sys
 
 from . import _moved
-from .core import __version__, stats
+from .core import __version__
 
-# ``import surrogate_cert.stats`` is public API (DESIGN.md: ``sc.stats.clopper_pearson``).
-sys.modules.setdefault(__name__ + ".stats", stats)
+# ``surrogate_cert.stats`` is public API (DESIGN.md: ``sc.stats.clopper_pearson``): the module
+# ``surrogate_cert/stats.py`` is ``core.stats`` itself, imported on first use (SciPy loads then).
 _moved.install()
 
 _LAZY = {
@@ -53,13 +52,15 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "stats":
+        return importlib.import_module(".stats", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'surrogate_cert' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"stats"})
 
 
 __all__ = ["__version__", "stats", *_LAZY]

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from surrogate_cert.core.certificate import read_tsv
 from surrogate_cert.cli import main
+from surrogate_cert.core.certificate import read_tsv
 from surrogate_cert.workflows.pipeline import QUICK
 
 pytestmark = pytest.mark.slow

@@ -55,9 +55,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def documented_torchrun_commands() -> list[str]:
-    """Every torchrun command of the README's bash blocks and of the Slurm example, as written."""
+    """Every torchrun command of the README's and the docs' bash blocks and of the Slurm example, as written."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))])
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         commands += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("torchrun")]
     sbatch = (REPO / "examples" / "slurm_datagen.sbatch").read_text().replace("\\\n", " ")
     commands += [line.strip().removeprefix("srun ") for line in sbatch.splitlines() if line.startswith("srun torchrun")]

@@ -41,11 +41,11 @@ from torch import nn
 from calibration.conformal import calibrate
 from data_gen.generate import generate_counts
 from data_gen.models import load_model
-from data_gen.pt2 import load_exported_program
 from data_gen.store import CountsWriter, read_counts
 from surrogate_cert.cli import main
-from surrogate_cert.core.architectures import CHECKSUM_FIELD, checkpoint_message
+from surrogate_cert.core.architectures import CHECKSUM_FIELD, checkpoint_message, save_checkpoint
 from surrogate_cert.core.certificate import write_tsv
+from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.cohen import certificates_from_counts
 from surrogate_cert.core.errors import (
     ArtifactSignatureError,
@@ -426,6 +426,17 @@ def test_the_python_loaders_refuse_malicious_archives_with_a_typed_error(work, a
     assert not os.path.exists(os.path.join(work["out_dir"], "py.pt"))
 
 
+@pytest.mark.parametrize("archive", list(MALICIOUS))
+def test_a_surrogate_carrying_a_malicious_program_runs_nothing_and_is_refused(work, archive, tmp_path):
+    """A surrogate started from a user's ``.pt2`` carries that program: it is read as data like any model file."""
+    path = str(tmp_path / f"surrogate-{archive}.pt")
+    save_checkpoint(path, _Tiny(), arch="torch-export", input_shape=(1, 8, 8), num_classes=10, kind="surrogate",
+                    meta={"sigma": 0.25, "kappa": 10.0, "w": 0.5}, network=Path(work[f"{archive}.pt2"]).read_bytes())
+    with pytest.raises(ModelError, match="refused"):
+        Surrogate.load(path, device="cpu")
+    assert not os.listdir(work["markers"]), f"loading a surrogate ran the payload of {archive}"
+
+
 def test_guards_code_is_dropped_not_run_and_good_archives_still_certify(work, capsys):
     """``torch.export`` exec-utes an archive's guards_code when it makes a module: it is dropped here."""
     for name in ("good.pt2", "guards-code.pt2"):
@@ -715,7 +726,7 @@ def test_the_allowlists_keep_legitimate_programs(tmp_path):
     import sympy
     from torch.utils._sympy.functions import CeilDiv, FloorDiv, Mod
 
-    from data_gen.pt2 import _expression_ok
+    from surrogate_cert.core.pt2 import _expression_ok
 
     s0 = sympy.Symbol("s0", positive=True, integer=True)
     for expr in (2 * s0, s0 + 1, sympy.Max(1, s0), FloorDiv(s0, 2), Mod(s0, 3), sympy.Rational(1, 2) * s0,

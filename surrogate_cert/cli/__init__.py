@@ -1,16 +1,15 @@
 """``surrogate-cert``: one console script, a thin layer over the Python API.
 
 One module per command group, each with ``register(subparsers)``; the options they share are
-defined once in ``common``. Any ``SurrogateCertError`` (bad input, bad file) becomes one line on
-stderr and exit code 2.
+defined once in ``common``, the choices they offer in ``choices`` (torch-free copies). Each command
+imports what it needs when it runs, so the parser alone loads no torch, SciPy, MAPIE or matplotlib.
+Any ``SurrogateCertError`` (bad input, bad file) becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
-from data_gen.distributed import launch, torchrun_world_size
 
 from ..core import __version__
 from ..core.errors import InvalidParameterError, SurrogateCertError
@@ -58,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Imported once a command runs: building the parser loads no torch, SciPy, MAPIE or matplotlib
+    # (`--help` and argument errors answer at once; benchmarks/cli_startup.py measures it).
+    from data_gen.distributed import launch, torchrun_world_size
+
     try:
         if torchrun_world_size() > 1 and not getattr(args, "torchrun", False):
             if os.environ.get("RANK") != "0":

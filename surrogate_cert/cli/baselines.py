@@ -7,22 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from data_gen.datasets import load_split
-from data_gen.models import check_model_fits, load_model
-
-from ..core import stats
-from ..core.cohen import CohenCertifier
-from ..core.deterministic import METHODS as DETERMINISTIC_METHODS
-from ..core.deterministic import DeterministicCertifier
 from ..core.errors import CheckpointSignatureError, InvalidParameterError, ModelError
 from ..core.files import file_problem
-from ..core.sequential import EProcessCertifier
-from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
-from ..core.surrogate import Surrogate
+from .choices import DETERMINISTIC_METHODS
 from .common import (
     add_dataset_args,
     add_device_arg,
@@ -42,6 +31,9 @@ from .common import (
     signing_key,
     write_results,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 COHEN_CHUNK = 256
 """Inputs per Cohen call (each spends n0 + n samples; the chunk only paces the progress bar)."""
@@ -113,6 +105,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument("--sigma", type=float, default=None,
                    help="noise level (l2, pixel units in [0, 1]); default: the one recorded in the model")
+    p.add_argument("--allow-sigma-mismatch", action="store_true",
+                   help="accept a --sigma other than the one the model declares it was trained at")
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability per certificate (default 0.001)")
     add_device_args(p)
     add_engine_args(p)
@@ -145,6 +139,11 @@ def load_class_source(spec: str, device, num_classes: int, input_shape, key: byt
     prediction on the clean input. Either fixes the class before any sequential sample is drawn,
     which is all the guarantee needs.
     """
+    from data_gen.models import load_model
+
+    from ..core.smoothing import SmoothedClassifier
+    from ..core.surrogate import Surrogate
+
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
         try:
@@ -168,6 +167,9 @@ def load_class_source(spec: str, device, num_classes: int, input_shape, key: byt
 
 def classes_from(kind: str, source, x: torch.Tensor):
     """``(classes, p_tilde)`` of a batch: the surrogate's argmax and probability, or ``f(x)`` (p_tilde None)."""
+    import numpy as np
+    import torch
+
     if kind == "surrogate":
         return source.predict(x)
     with torch.inference_mode():
@@ -177,6 +179,11 @@ def classes_from(kind: str, source, x: torch.Tensor):
 
 def _load(args: argparse.Namespace):
     """The split, the smoothed classifier and the provenance of a run."""
+    from data_gen.datasets import load_split
+    from data_gen.models import check_model_fits, check_sigma_agrees, load_model
+
+    from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier
+
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     device = args.shard.device(args.device)
@@ -184,6 +191,7 @@ def _load(args: argparse.Namespace):
     sigma = args.sigma if args.sigma is not None else loaded.sigma
     if sigma is None:
         raise InvalidParameterError(f"--sigma is required: model {args.model} does not record the noise level it was trained at")
+    check_sigma_agrees(loaded.sigma, sigma, args.model, args.allow_sigma_mismatch)
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=args.batch_size,
                                 seed=args.seed, amp=args.amp, noise_scheme=args.noise_scheme or NOISE_SCHEME,
                                 channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape)
@@ -196,6 +204,8 @@ def _load(args: argparse.Namespace):
 
 
 def run_cohen(args: argparse.Namespace) -> int:
+    from ..core.cohen import CohenCertifier
+
     data, smooth, meta = _load(args)
     certifier = CohenCertifier(smooth)
     certificates = certify_split(
@@ -208,6 +218,11 @@ def run_cohen(args: argparse.Namespace) -> int:
 
 
 def run_sequential(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core import stats
+    from ..core.sequential import EProcessCertifier
+
     prior = parse_prior(args.prior)
     if args.class_from is not None and args.class_choice is not None:
         raise InvalidParameterError("--class-from fixes the class: drop --class-choice (or drop --class-from)")
@@ -257,6 +272,11 @@ def run_sequential(args: argparse.Namespace) -> int:
 
 
 def run_deterministic(args: argparse.Namespace) -> int:
+    from data_gen.datasets import load_split
+    from data_gen.models import load_model
+
+    from ..core.deterministic import DeterministicCertifier
+
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)

@@ -6,21 +6,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-
-import numpy as np
-import scipy
-import torch
-from tqdm.auto import tqdm
-
-from data_gen.datasets import DATASET_HELP, SPLITS
-from data_gen.distributed import SINGLE, Shard
+from typing import TYPE_CHECKING
 
 from ..core import __version__
-from ..core.certificate import certified_accuracy, meta_path, write_tsv
 from ..core.errors import SurrogateCertError, check_radius, check_seed
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
-from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES
+from .choices import DATASET_HELP, NOISE_SCHEME, NOISE_SCHEMES, SPLITS
+
+if TYPE_CHECKING:
+    from data_gen.distributed import Shard
 
 MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
               "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
@@ -154,6 +149,8 @@ def check_new_outputs(args: argparse.Namespace, *paths, option: str = "--out", r
 
 def results_paths(out: str) -> tuple[str, str]:
     """The two files of a results output: the TSV and its ``.meta.json``."""
+    from ..core.certificate import meta_path
+
     return out, meta_path(out)
 
 
@@ -164,18 +161,28 @@ def command_line(args: argparse.Namespace) -> str:
 
 def provenance(args: argparse.Namespace, **fields) -> dict:
     """The ``.meta.json`` of a results file: the command line and versions, then ``fields``."""
+    import numpy as np
+    import scipy
+    import torch
+
     return dict(command=command_line(args), package_version=__version__, torch=torch.__version__,
                 numpy=np.__version__, scipy=scipy.__version__, **fields)
 
 
-def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard = SINGLE) -> list | None:
+def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard | None = None) -> list | None:
     """``certify(x, indices)`` over a split in chunks of ``chunk`` images, with a progress bar.
 
     Under torchrun each process certifies its rows (``shard.positions``: ``rank, rank + W, ...``) and
     rank 0 receives every process's certificates and returns them all in the split's order (the
     others return None). Each input's noise is named by its dataset index, so the certificates are
-    those of a one-process run.
+    those of a one-process run. ``shard`` None: the whole job in this process.
     """
+    import torch
+    from tqdm.auto import tqdm
+
+    from data_gen.distributed import SINGLE
+
+    shard = SINGLE if shard is None else shard
     positions = shard.positions(len(data))
     x, indices = ((data.x[torch.as_tensor(positions)], data.indices[positions]) if shard.distributed
                   else (data.x, data.indices))
@@ -198,6 +205,10 @@ def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: S
 
 def write_results(out: str, data, certificates, meta: dict, overwrite: bool = False) -> int:
     """Write the results TSV (+ ``.meta.json``) and print a one-line summary; returns exit code 0."""
+    import numpy as np
+
+    from ..core.certificate import certified_accuracy, write_tsv
+
     write_tsv(out, data.indices, data.y.tolist(), certificates, meta=meta, overwrite=overwrite)
     rows = [dict(correct=int(c.prediction == y), radius=c.radius) for c, y in zip(certificates, data.y.tolist())]
     accuracy = certified_accuracy(rows, SUMMARY_RADII)

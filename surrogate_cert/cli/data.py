@@ -4,22 +4,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_gen.datasets import DATASET_HELP
-from data_gen.generate import TOPUP_RULES, generate_counts, top_up_counts
-from data_gen.models import train_base
-from data_gen.store import read_attrs
-
-from ..core.architectures import ARCHITECTURES
 from ..core.errors import InvalidParameterError
+from .choices import ARCHITECTURES, DATASET_HELP, TOPUP_RULES
 from .common import (
     add_data_root_args,
     add_dataset_args,
     add_device_arg,
     add_device_args,
+    add_engine_args,
     add_model_arg,
     add_overwrite_arg,
     add_parser,
-    add_engine_args,
     add_key_arg,
     add_progress_arg,
     add_samples_arg,
@@ -56,7 +51,10 @@ def register(sub) -> None:
                    "(one shard per process, merged into --out)")
     add_dataset_args(p, split_default=None)
     add_model_arg(p)
-    p.add_argument("--sigma", type=float, required=True, help="noise level (l2, pixel units in [0, 1])")
+    p.add_argument("--sigma", type=float, required=True,
+                   help="noise level (l2, pixel units in [0, 1]); refused if the model declares another one")
+    p.add_argument("--allow-sigma-mismatch", action="store_true",
+                   help="accept a --sigma other than the one the model declares it was trained at")
     add_samples_arg(p, 1000, "noisy evaluations per image (dataset 'counts'; --n is an alias)")
     p.add_argument("--n0", type=int, default=0,
                    help="extra selection-stream evaluations per image (dataset 'counts_select'; 0 = none)")
@@ -86,6 +84,8 @@ def register(sub) -> None:
 
 def run_train_base(args: argparse.Namespace) -> int:
     key = signing_key(args)
+    from data_gen.models import train_base
+
     check_new_outputs(args, args.out)
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          arch=args.arch,
@@ -98,6 +98,10 @@ def run_train_base(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
+    from data_gen.generate import generate_counts, top_up_counts
+    from data_gen.models import check_sigma_agrees, declared_sigma
+    from data_gen.store import read_attrs
+
     if args.resume and args.overwrite:
         raise InvalidParameterError("--resume continues the file and --overwrite starts it again: give one of them")
     if args.top_up is not None and args.top_up < 1:
@@ -111,6 +115,7 @@ def run_datagen(args: argparse.Namespace) -> int:
     if args.top_up is not None and args.shard.world_size > 1:
         raise InvalidParameterError("--top-up runs in one process: make the file with torchrun, then top it up "
                                     "without torchrun (same command plus --top-up)")
+    check_sigma_agrees(declared_sigma(args.model), args.sigma, args.model, args.allow_sigma_mismatch)
     # A top-up continues an existing file (its rows are checked against this command's settings).
     resume = args.resume or (args.top_up is not None and not args.overwrite and os.path.exists(args.out))
     if not resume:

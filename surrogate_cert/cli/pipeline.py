@@ -5,8 +5,7 @@ import argparse
 import dataclasses
 
 from ..core.errors import InvalidParameterError
-from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
-from ..workflows.pipeline import FULL, QUICK, quickstart
+from .choices import BENCH_QUICK_TEST_LIMIT, BENCH_TEST_LIMIT, QUICKSTART_QUICK_TEST_LIMIT, QUICKSTART_TEST_LIMIT
 from .common import add_device_arg, add_overwrite_arg, add_parser, add_progress_arg, check_new_outputs, command_line
 
 
@@ -23,8 +22,9 @@ def _limit(text: str) -> int | None:
 def register(sub) -> None:
     p = add_parser(
         sub, "quickstart",
-        "the whole pipeline on the embedded digits data: base model, counts, surrogate, calibration, hybrid "
-        "and Cohen-10k certification, report (re-runnable: finished stages are reused)",
+        "the whole pipeline on the embedded digits data, in the measured best flow: base model, counts (the "
+        "surrogate split, cal, test), surrogate started from the base model, calibration, hybrid and Cohen-10k "
+        "certification, report (re-runnable: finished stages are reused)",
         "surrogate-cert quickstart --out surrogate-cert-quickstart",
     )
     p.add_argument("--out", default=None, metavar="DIR",
@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="reduced sizes (under a minute on 2 CPU cores; the CI end-to-end check)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
-                   help=f"test images to certify (default {FULL.test_limit}, {QUICK.test_limit} with --quick; "
+                   help=f"test images to certify (default {QUICKSTART_TEST_LIMIT}, {QUICKSTART_QUICK_TEST_LIMIT} with "
+                        "--quick; "
                         "0 = all 397)")
     add_device_arg(p)
     add_progress_arg(p)
@@ -46,8 +47,8 @@ def register(sub) -> None:
     p = add_parser(
         sub, "bench",
         "every certifier side by side on the same images and base model (Cohen-10k, Cohen-1k, sequential KT, "
-        "sequential surrogate prior, surrogate only, hybrid), plus wrong-certificate rates on the exact linear "
-        "problem; JSON out",
+        "sequential surrogate prior, surrogate only, hybrid, and the deterministic IBP and CROWN), plus "
+        "wrong-certificate rates on the exact linear problem; JSON out",
         "surrogate-cert bench --quick --out bench.json",
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
@@ -57,7 +58,7 @@ def register(sub) -> None:
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="folder of the offline stage (default: the quickstart's folder, whose work is reused)")
     p.add_argument("--test-limit", type=_limit, default=argparse.SUPPRESS, metavar="N",
-                   help=f"test images to certify (default {BENCH_FULL.test_limit}, {BENCH_QUICK.test_limit} with "
+                   help=f"test images to certify (default {BENCH_TEST_LIMIT}, {BENCH_QUICK_TEST_LIMIT} with "
                         "--quick; 0 = all 397)")
     p.add_argument("--tolerance", type=float, default=None, metavar="R",
                    help="best-radius tolerance of the sequential certifiers, l2 units (default: the certifier's)")
@@ -67,6 +68,8 @@ def register(sub) -> None:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    from ..workflows.pipeline import FULL, QUICK, quickstart
+
     config = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
@@ -79,6 +82,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    from ..workflows.bench import BENCH_FULL, BENCH_QUICK, BENCH_TINY, run_bench
+
     check_new_outputs(args, args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
     if hasattr(args, "test_limit"):

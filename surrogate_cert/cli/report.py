@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from calibration.summary import offline_evaluations_from_counts
-
 from ..core.errors import InvalidParameterError
-from ..workflows.report import report_paths, write_report
 from .common import add_key_arg, add_overwrite_arg, add_parser, check_new_outputs, signing_key
 
 
@@ -42,6 +39,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calibration.summary import offline_evaluations_from_counts
+
+    from ..workflows.report import report_paths, write_report
+
     key = signing_key(args)
     check_new_outputs(args, *report_paths(args.out).values())
     offline = args.offline_evaluations
@@ -52,5 +53,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(args.results, args.out, calibration=args.calibration, counts=args.counts,
                          surrogate=args.surrogate, offline_evaluations=offline, baseline=args.baseline,
                          data_root=args.data_root, key=key, overwrite=args.overwrite, monitor=args.monitor)
+    for warning in paths.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"report: {paths['html']} (also {paths['md']}, {paths['json']})")
     return 0

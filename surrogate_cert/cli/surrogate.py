@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from calibration.conformal import GUARANTEES, METHODS, SCORES, SHIFT_BINS, TUNE_SHARE, calibrate
-from calibration.summary import held_out_counts
-from data_gen.datasets import load_split, same_dataset
-from data_gen.store import in_ranges
-
-from ..core.architectures import ARCHITECTURES
 from ..core.errors import DatasetError, InvalidParameterError
-from ..core.one_pass import GROUPINGS
 from ..core.signing import key_id
-from ..core.surrogate import Surrogate
-from ..deploy.hybrid import HybridCertifier
-from ..workflows.report import report_paths, write_calibration_report
-from ..workflows.training import train_surrogate
+from .choices import ARCHITECTURES, GROUPINGS, GUARANTEES, SCORES, SHIFT_BINS, TUNE_SHARE
+from .choices import CALIBRATION_METHODS as METHODS
 from .common import (
     add_dataset_args,
     add_device_arg,
@@ -35,27 +27,38 @@ from .common import (
     write_results,
 )
 
+if TYPE_CHECKING:
+    from ..deploy.hybrid import HybridCertifier
+
 HYBRID_CHUNK = 2048
 """Inputs certified together: the sequential fallback shares forward passes within a chunk."""
 
 
 def register(sub) -> None:
     p = add_parser(sub, "train",
-                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), e.g. of the "
-                   "surrogate split, whose images the built-in base model never saw",
-                   "surrogate-cert train --counts surrogate.h5 train.h5 --init-from-base base.pt --out surrogate.pt")
+                   "train the surrogate on counts files (soft-label cross-entropy against counts/n), starting from "
+                   "the base model the counts were made with",
+                   "surrogate-cert train --counts train.h5 --out surrogate.pt   (starts from the counts' base model)")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
-                   help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
-                        "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
-                        "refuses calibration images the surrogate was trained on")
+                   help="one or more counts files (from datagen) of one dataset, sigma and base model, ~100 samples "
+                        "per image, as many images as you can: the surrogate split (images the base model never saw) "
+                        "when it is large (torchvision sets: 10,000), the train split on small sets (digits); "
+                        "calibrate refuses calibration images the surrogate was trained on")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
-                   help="architecture (default: small_cnn up to 16x16 pixels, resnet18 above)")
-    p.add_argument("--init-from-base", default=None, metavar="MODEL",
-                   help="start from the base model's weights: a train-base checkpoint (its architecture is used), or "
-                        "a TorchScript / torch.export / factory model whose weights fit --arch in order (e.g. --arch "
-                        "mlp for a 784-512-256-10 MLP); refused when the shapes do not match")
+                   help="built-in architecture (default: the base model's own, whatever it is; without a base "
+                        "model small_cnn up to 28x28 pixels, resnet18 above); a TorchScript / torch.export / "
+                        "factory base model's weights are then mapped onto it in order (e.g. --arch mlp for a "
+                        "784-512-256-10 MLP)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init-from-base", default="auto", metavar="MODEL",
+                      help="start from this base model's weights and layout: a train-base checkpoint, a TorchScript "
+                           "or torch.export (.pt2) file, or package.module:factory=weights.pt (exported with "
+                           "torch.export). Default: the base model the counts were made with, when its file is "
+                           "still there unchanged (the measured best flow)")
+    init.add_argument("--no-init-from-base", dest="init_from_base", action="store_const", const=None,
+                      help="train from random weights (default architecture: --arch, else by image size)")
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum passes over the data (default 40 for small sets, else 15); early stopping on a held-out part")
     p.add_argument("--lr", type=float, default=None,
@@ -120,7 +123,8 @@ def register(sub) -> None:
     p.add_argument("--surrogate", required=True, metavar="PT", help="surrogate checkpoint (from train)")
     p.add_argument("--calibration", required=True, metavar="JSON", help="calibration.json (from calibrate)")
     p.add_argument("--model", default=None,
-                   help="base model for the fallback: the checkpoint / TorchScript the counts were made with")
+                   help="base model for the fallback, the one the counts were made with: a train-base checkpoint, "
+                        "a torch.export program (.pt2), a TorchScript file or package.module:factory=weights.pt")
     add_dataset_args(p)
     p.add_argument("--fallback", choices=("eprocess", "none"), default="eprocess",
                    help="eprocess (default): sequential certifier where the surrogate does not certify; none: abstain")
@@ -140,6 +144,8 @@ def register(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     key = signing_key(args)
+    from ..workflows.training import train_surrogate
+
     check_new_outputs(args, args.out)
     surrogate = train_surrogate(
         args.counts, args.out, arch=args.arch, init_from_base=args.init_from_base, epochs=args.epochs,
@@ -148,6 +154,11 @@ def run_train(args: argparse.Namespace) -> int:
     )
     meta = surrogate.meta
     holdout = meta.get("holdout_loss")
+    if meta.get("init_from_base"):
+        print(f"started from the base model {meta['init_from_base']} ({meta.get('init_mapping')})")
+    elif meta.get("init_skipped"):
+        print(f"note: trained from random weights: {meta['init_skipped']}; starting from the base model makes "
+              "tighter one-pass certificates (--init-from-base MODEL)")
     print(f"saved {args.out}: {surrogate.arch} on {meta['dataset']} {meta['split']} ({meta['counts_rows']} images, "
           f"n={meta['counts_n']}), {meta['epochs_run']} epochs (best {meta['best_epoch']}"
           + (f", held-out loss {holdout:.4f}" if holdout is not None else "")
@@ -156,6 +167,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from calibration.conformal import calibrate
+    from calibration.summary import held_out_counts
+
+    from ..core.surrogate import Surrogate
+    from ..workflows.report import report_paths, write_calibration_report
+
     key = signing_key(args)
     check_new_outputs(args, args.out)
     if args.report_counts and not args.report:
@@ -182,6 +199,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
           f"certifies {d['certified_share']:.1%} of the calibration set; bound epsilon + alpha_mc = {calibration.bound:g}"
           + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else "")
           + (f"; signed (key id {calibration.signature_key_id})" if calibration.signed else "; unsigned"))
+    cap = calibration.radius_cap
+    print(f"radius cap {cap:.4g} ({cap / calibration.sigma:.2f} sigma): the largest reference radius the calibration "
+          f"counts can show (n_cal={calibration.n_cal:,} samples per image, alpha_mc={calibration.alpha_mc:g}); no "
+          "calibrated radius can exceed it (more samples per calibration image lift it: datagen --samples, or "
+          "--top-up)")
     if args.report:
         paths = write_calibration_report(args.out, args.report, counts=args.report_counts,
                                          surrogate=args.surrogate if args.report_counts else None,
@@ -191,6 +213,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_certify(args: argparse.Namespace) -> int:
+    from data_gen.datasets import load_split
+
+    from ..deploy.hybrid import HybridCertifier
+
     key = signing_key(args)
     check_new_outputs(args, *results_paths(args.out))
     device = args.shard.device(args.device)
@@ -234,6 +260,9 @@ def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier, split: str |
     images must be neither the calibration images (``Calibration.check_fresh``, the rule the report's
     held-out check applies) nor images the surrogate was trained on (by dataset index).
     """
+    from data_gen.datasets import same_dataset
+    from data_gen.store import in_ranges
+
     surrogate, calibration = hybrid.surrogate, hybrid.calibration
     if data.num_classes != surrogate.num_classes or tuple(data.input_shape) != tuple(surrogate.input_shape):
         raise DatasetError(f"{dataset} has {data.num_classes} classes of {tuple(data.input_shape)} images but the "

@@ -1,21 +1,27 @@
 """Network architectures shared by base models and surrogates, built from (input shape, classes).
 
 A checkpoint stores ``arch`` (a name here) and ``input_shape`` / ``num_classes``, never pickled code,
-so every model file loads with ``torch.load(..., weights_only=True)``.
+so every model file loads with ``torch.load(..., weights_only=True)``. Besides the built-in
+architectures, a checkpoint may carry its network itself (``PROGRAM_ARCHITECTURES``): the serialized
+``torch.export`` program or TorchScript module of a user's base model, as bytes, so a surrogate
+started from any base model keeps that model's layout.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-from typing import Sequence
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .errors import CheckpointSignatureError, ModelError, OutputExistsError
 from .files import atomic_output, describe, sniff, unreadable, wrong_kind
+from .pt2 import load_exported_program
 from .signing import KEY_ID_FIELD, SIGNATURE_FIELD, check_signature, key_id, resolve_key, sign
 
 
@@ -75,6 +81,110 @@ ARCHITECTURES = {
     "resnet18": _resnet18,
 }
 
+PROGRAM_ARCHITECTURES = ("torch-export", "torchscript")
+"""Architectures a checkpoint carries itself (its ``network`` entry: the serialized program as a uint8
+tensor; ``state_dict`` holds the weights that replace the program's own). ``torch-export``: a
+``torch.export`` program (a user's ``.pt2``, or a factory model exported when training starts);
+``torchscript``: a TorchScript module."""
+
+
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module. Its train / eval behaviour was fixed when it was exported
+    (exported modules refuse ``.eval()``), so ``train()`` / ``eval()`` only set the flag here. Its
+    parameters are ordinary ones: gradients flow through the program, so it can be trained."""
+
+    def __init__(self, program_module: nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = bool(mode)
+        return self
+
+
+def load_program(arch: str, data: bytes, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a network of ``PROGRAM_ARCHITECTURES`` from its serialized bytes.
+
+    Parameters
+    ----------
+    arch : {"torch-export", "torchscript"}
+        What the bytes are.
+    data : bytes
+        A ``torch.export.save`` archive or a ``torch.jit.save`` file.
+    device : str or torch.device, optional
+        Where to put it (a program's constants are moved too); default the CPU.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network, with the weights it was serialized with.
+
+    Raises
+    ------
+    ModelError
+        If ``arch`` is not a program architecture or the bytes do not load.
+    """
+    device = torch.device("cpu" if device is None else device)
+    try:
+        if arch == "torch-export":
+            # Never torch.export.load: it unpickles parts of the archive and evaluates strings of it (pt2.py).
+            program, _ = load_exported_program("the torch.export network of the checkpoint", data)
+            if device.type != "cpu":
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
+            return ExportedModel(program.module()).to(device)
+        if arch == "torchscript":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)  # TorchScript is deprecated, still supported
+                return torch.jit.load(io.BytesIO(data), map_location=device)
+    except ModelError:
+        raise  # the archive reader's own refusal says what was wrong
+    except Exception as exc:  # torch.export / TorchScript raise many types for malformed archives
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot rebuild the {arch} network stored in the checkpoint ({first}); the file is "
+                         "damaged") from None
+    raise ModelError(f"{arch!r} is not a program architecture ({', '.join(PROGRAM_ARCHITECTURES)})")
+
+
+def export_program(model: nn.Module, input_shape: Sequence[int]) -> bytes:
+    """``model`` as a ``torch.export`` archive with a dynamic batch dimension (bytes).
+
+    Used for a factory base model, whose code is not data: the surrogate keeps the exported graph.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (exported in eval mode, on the CPU).
+    input_shape : sequence of int
+        ``(C, H, W)`` of one image.
+
+    Returns
+    -------
+    bytes
+        What ``torch.export.save`` writes.
+
+    Raises
+    ------
+    ModelError
+        If ``torch.export`` cannot capture the model.
+    """
+    model = model.to("cpu").eval()
+    example = torch.rand(2, *(int(v) for v in input_shape))
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+    except Exception as exc:  # torch.export raises many types for code it cannot capture
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot export the base model with torch.export ({type(exc).__name__}: {first}); export it "
+                         "yourself to a .pt2 file, or give --arch to map its weights onto a built-in "
+                         "architecture") from None
+    return buffer.getvalue()
+
 
 def default_arch(input_shape: Sequence[int]) -> str:
     """``small_cnn`` for small inputs (up to 28 x 28 pixels: digits, MNIST), ``resnet18`` above."""
@@ -107,8 +217,12 @@ def save_checkpoint(
     meta: dict,
     overwrite: bool = True,
     key: bytes | str | None = None,
+    network: bytes | None = None,
 ) -> None:
     """Write ``model``'s weights and how to rebuild it (``arch``, shapes) to ``path``, atomically.
+
+    For an ``arch`` of ``PROGRAM_ARCHITECTURES``, ``network`` is the serialized program (its bytes are
+    stored as a uint8 tensor, so the file still loads with ``weights_only=True``).
 
     The file holds only tensors and plain values, so ``load_checkpoint`` reads it with
     ``torch.load(..., weights_only=True)``. ``meta`` (plain values: numbers, strings, lists, dicts)
@@ -123,8 +237,11 @@ def save_checkpoint(
     """
     if kind not in CHECKPOINT_KINDS:
         raise ModelError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES and arch not in PROGRAM_ARCHITECTURES:
         raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if (arch in PROGRAM_ARCHITECTURES) != (network is not None):
+        raise ModelError(f"architecture {arch!r} " + ("needs its serialized network" if network is None
+                                                      else "is built in: it takes no serialized network"))
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -135,6 +252,8 @@ def save_checkpoint(
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
         "meta": dict(meta),
     }
+    if network is not None:
+        payload["network"] = torch.frombuffer(bytearray(network), dtype=torch.uint8)
     secret = resolve_key(key)
     payload[KEY_ID_FIELD] = key_id(secret) if secret is not None else None
     message = checkpoint_message(payload)
@@ -171,8 +290,14 @@ def read_checkpoint_header(payload) -> dict:
     problems = []
     if not (isinstance(payload["kind"], str) and payload["kind"] in CHECKPOINT_KINDS):
         problems.append(f"kind {payload['kind']!r} is not one of {CHECKPOINT_KINDS}")
-    if not (isinstance(payload["arch"], str) and payload["arch"] in ARCHITECTURES):
+    if not (isinstance(payload["arch"], str) and (payload["arch"] in ARCHITECTURES
+                                                  or payload["arch"] in PROGRAM_ARCHITECTURES)):
         problems.append(f"architecture {payload['arch']!r} is unknown")
+    elif payload["arch"] in PROGRAM_ARCHITECTURES:
+        network = payload.get("network")
+        if not (isinstance(network, torch.Tensor) and network.dtype == torch.uint8 and network.ndim == 1
+                and network.numel() > 0):
+            problems.append(f"architecture {payload['arch']} lacks its serialized network (a uint8 tensor)")
     shape = payload["input_shape"]
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
@@ -195,7 +320,7 @@ def read_checkpoint_header(payload) -> dict:
                             "edited: a surrogate is never a base model)")
     if problems:
         raise ModelError("checkpoint is inconsistent: " + "; ".join(problems) + "; the file is damaged, retrain it")
-    return {k: v for k, v in payload.items() if k != "state_dict"}
+    return {k: v for k, v in payload.items() if k not in ("state_dict", "network")}
 
 
 SURROGATE_ONLY_META = frozenset({"kappa", "w", "fingerprint", "train_index_ranges", "counts_sha256", "counts_files",
@@ -209,8 +334,9 @@ CHECKSUM_FIELD = "checksum_sha256"
 def checkpoint_message(payload: dict) -> bytes:
     """The canonical content a checkpoint's checksum and signature cover: every field and every tensor.
 
-    Every field but ``state_dict``, the checksum and the signature, as sorted compact JSON, then each
-    tensor by sorted name: name, dtype, shape and raw bytes; hashed into one SHA-256 (so a large model
+    Every field but ``state_dict``, ``network``, the checksum and the signature, as sorted compact JSON,
+    then each tensor (the weights, and a carried program's bytes) by sorted name: name, dtype, shape and
+    raw bytes; hashed into one SHA-256 (so a large model
     is never held twice in memory).
 
     Parameters
@@ -223,10 +349,12 @@ def checkpoint_message(payload: dict) -> bytes:
     bytes
         ``b"surrogate-cert checkpoint\\0"`` and the hex digest.
     """
-    header = {k: v for k, v in payload.items() if k not in ("state_dict", CHECKSUM_FIELD, SIGNATURE_FIELD)}
+    header = {k: v for k, v in payload.items() if k not in ("state_dict", "network", CHECKSUM_FIELD, SIGNATURE_FIELD)}
     digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=True,
                                        default=repr).encode("utf-8"))
     state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else {}
+    if "network" in payload:  # a carried program is covered byte for byte, like the weights
+        state = {**state, "\0network": payload["network"]}
     for name in sorted(state, key=str):
         tensor = state[name]
         if not isinstance(tensor, torch.Tensor):
@@ -373,8 +501,9 @@ def load_checkpoint(path, device=None, *, kind: str | None = None,
     """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
 
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
-    ``num_classes``, ``meta``, ...). Loaded with ``weights_only=True``: no pickled code runs. A file
-    of another kind (text, JSON, HDF5, NumPy) is refused by name, before ``torch.load`` sees it.
+    ``num_classes``, ``meta``, ...; for a program architecture also ``network``, its bytes). Loaded
+    with ``weights_only=True``: no pickled code runs. A file of another kind (text, JSON, HDF5, NumPy)
+    is refused by name, before ``torch.load`` sees it.
 
     Parameters
     ----------
@@ -417,7 +546,11 @@ def load_checkpoint(path, device=None, *, kind: str | None = None,
         raise ModelError(f"{path}: {exc}") from None
     if kind is not None and header["kind"] != kind:
         raise ModelError(_wrong_checkpoint_kind(path, header["kind"], kind))
-    model = build(header["arch"], header["input_shape"], header["num_classes"])
+    if header["arch"] in PROGRAM_ARCHITECTURES:
+        header["network"] = payload["network"].numpy().tobytes()
+        model = load_program(header["arch"], header["network"], device)
+    else:
+        model = build(header["arch"], header["input_shape"], header["num_classes"])
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:
@@ -425,9 +558,9 @@ def load_checkpoint(path, device=None, *, kind: str | None = None,
                          f"({str(exc).splitlines()[0][:160]}); the file is damaged") from None
     check_finite_weights(payload["state_dict"], path)
     model.eval()
-    check_finite_outputs(model, header["input_shape"], path, device="cpu")
     if device is not None:
         model.to(device)
+    check_finite_outputs(model, header["input_shape"], path)
     return model, header
 
 

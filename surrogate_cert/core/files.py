@@ -20,7 +20,6 @@ import os
 import zipfile
 from typing import Iterable, Iterator
 
-import numpy as np
 
 from .errors import InvalidInputError, InvalidParameterError, OutputExistsError
 
@@ -191,6 +190,8 @@ def read_npz(path: str | os.PathLike, what: str = "npz", error: type[Exception] 
     if kind != "npz":
         raise error(wrong_kind(path, kind, what))
     try:
+        import numpy as np  # here, not at the top: the command line's --help must not load NumPy
+
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .architectures import build, default_arch, load_checkpoint, save_checkpoint
+from .architectures import PROGRAM_ARCHITECTURES, build, default_arch, load_checkpoint, load_program, save_checkpoint
 from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive, check_sigma
 from .hashing import sha256_file
 from .smoothing import check_images, resolve_device
@@ -241,6 +241,10 @@ class Surrogate:
         Where to run (``resolve_device``).
     batch_size : int, optional
         Images per forward pass when predicting (>= 1).
+    network : bytes, optional
+        For an ``arch`` of ``core.architectures.PROGRAM_ARCHITECTURES`` (a surrogate with the layout of
+        a user's base model): the serialized program ``model`` was rebuilt from, saved with it; its
+        SHA-256 is part of ``header()`` and so of the fingerprint.
 
     Raises
     ------
@@ -263,8 +267,10 @@ class Surrogate:
         meta: dict | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 1024,
+        network: bytes | None = None,
     ):
         self.arch = str(arch)
+        self.network = network
         self.input_shape = tuple(int(v) for v in input_shape)
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.sigma = check_sigma(sigma)
@@ -275,6 +281,7 @@ class Surrogate:
         self.batch_size = check_count("batch_size", batch_size)
         self.model = model.to(self.device).eval()
         self.file_sha256: str | None = None
+        self.init_mapping_: str | None = None  # how ``build`` set the starting weights, if it did
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -288,10 +295,13 @@ class Surrogate:
         init_from: nn.Module | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
-    ) -> "Surrogate":
+        network: bytes | None = None,
+    ) -> Surrogate:
         """An untrained surrogate (``arch`` defaults to ``default_arch(input_shape)``), seeded.
 
-        ``init_from`` copies the weights of a module of the same architecture (the base model).
+        ``init_from`` copies the weights of a module of the same architecture (the base model). With
+        ``network`` (``arch`` one of ``PROGRAM_ARCHITECTURES``) the surrogate is that serialized base
+        model itself: its layout and its weights are the starting point.
 
         Parameters
         ----------
@@ -310,6 +320,8 @@ class Surrogate:
             Seed of the weight initialisation; the caller's global CPU RNG state is preserved.
         device : str, torch.device or None, optional
             Where to run (``resolve_device``).
+        network : bytes, optional
+            A serialized ``torch.export`` program or TorchScript module (``arch`` says which).
 
         Returns
         -------
@@ -325,6 +337,14 @@ class Surrogate:
             If ``num_classes`` or ``sigma`` is out of range.
         """
         arch = arch or default_arch(input_shape)
+        if arch in PROGRAM_ARCHITECTURES:
+            if network is None:
+                raise ModelError(f"architecture {arch} is a user's network: give its serialized program")
+            model = load_program(arch, network)
+            surrogate = cls(model, arch=arch, input_shape=input_shape, num_classes=num_classes, sigma=sigma,
+                            device=device, network=network)
+            surrogate.init_mapping_ = "the base model itself"
+            return surrogate
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = build(arch, input_shape, num_classes)
@@ -475,7 +495,7 @@ class Surrogate:
         patience: int = 8,
         seed: int = 0,
         progress: bool = False,
-    ) -> "Surrogate":
+    ) -> Surrogate:
         """Train on images ``x`` and their class ``counts`` (``N x K``): soft-label cross-entropy.
 
         The target of row ``i`` is ``q_i = counts_i / sum(counts_i)``. A seeded ``holdout`` share of the
@@ -629,9 +649,12 @@ class Surrogate:
 
     # ------------------------------------------------------------------ identity and files
     def header(self) -> dict:
-        """The metadata a calibration depends on (plain values)."""
-        return dict(arch=self.arch, input_shape=list(self.input_shape), num_classes=self.num_classes,
-                    sigma=self.sigma, kappa=self.kappa, w=self.w)
+        """The metadata a calibration depends on (plain values; a carried network by its SHA-256)."""
+        header = dict(arch=self.arch, input_shape=list(self.input_shape), num_classes=self.num_classes,
+                      sigma=self.sigma, kappa=self.kappa, w=self.w)
+        if self.network is not None:
+            header["network_sha256"] = hashlib.sha256(self.network).hexdigest()
+        return header
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights (names and bytes, in order) and ``header()``.
@@ -680,13 +703,14 @@ class Surrogate:
         meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
                 "package_version": __version__, "fingerprint": self.fingerprint()}
         save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
-                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite, key=key)
+                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite, key=key,
+                        network=self.network)
         self.file_sha256 = sha256_file(path)
         return os.fspath(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-             key: bytes | str | None = None) -> "Surrogate":
+             key: bytes | str | None = None) -> Surrogate:
         """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate.
 
         Besides the checkpoint's own checks (``load_checkpoint``: checksum, finite weights, with a key its
@@ -718,7 +742,8 @@ class Surrogate:
         InvalidParameterError
             If the stored sigma, kappa or w is out of range.
         """
-        model, header = load_checkpoint(path, kind="surrogate", key=key)
+        # On the device from the start: a torch.export network's constants move with it (load_program).
+        model, header = load_checkpoint(path, device=resolve_device(device), kind="surrogate", key=key)
         meta = dict(header["meta"])
         for name in ("sigma", "kappa", "w"):
             if name not in meta:
@@ -730,7 +755,7 @@ class Surrogate:
         try:
             surrogate = cls(model, arch=header["arch"], input_shape=header["input_shape"],
                             num_classes=header["num_classes"], sigma=meta["sigma"], kappa=meta["kappa"],
-                            w=meta["w"], meta=meta, device=device)
+                            w=meta["w"], meta=meta, device=device, network=header.get("network"))
         except InvalidParameterError as exc:
             raise ModelError(f"{path}: {exc}; the file is damaged, retrain it") from None
         surrogate.file_sha256 = sha256_file(path)

@@ -34,9 +34,9 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -104,8 +104,8 @@ class BenchConfig:
 
 
 BENCH_FULL = BenchConfig()
-QUICK_OFFLINE = dataclasses.replace(FULL, base_epochs=8, train_n=100, cal_n=1000, test_limit=10)
-"""``bench --quick``'s offline stage: every train / cal image, fewer samples (0.5M evaluations)."""
+QUICK_OFFLINE = dataclasses.replace(FULL, base_epochs=8, cal_n=1000, test_limit=10)
+"""``bench --quick``'s offline stage: every surrogate / cal image, fewer samples (0.4M evaluations)."""
 
 BENCH_QUICK = BenchConfig(offline=QUICK_OFFLINE, test_limit=10, linear_points=(300, 300, 300), linear_epochs=20)
 BENCH_TINY = BenchConfig(offline=QUICK, test_limit=6, n0=20, cohen_n=(1000, 100), max_samples=500,
@@ -487,7 +487,7 @@ def run_bench(
         problem, truth_seconds = truth["problem"], time.perf_counter() - t0
 
     paths = ctx.pipeline.paths
-    offline_evaluations = offline_evaluations_from_counts([paths["train.h5"], paths["cal.h5"]])
+    offline_evaluations = offline_evaluations_from_counts([ctx.pipeline.surrogate_counts, paths["cal.h5"]])
     compare(results, offline_evaluations)
     extra = {}
     if cfg.triage_radii or cfg.prior_comparison:

@@ -31,7 +31,7 @@ from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
 from ..deploy.monitor import DEFAULT_DELTA
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_stream", "monitor_stream", "write_monitor"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_stream", "load_stream_split", "monitor_stream", "write_monitor"]
 
 FORMAT = "surrogate-cert-monitor"
 FORMAT_VERSION = 1
@@ -96,6 +96,53 @@ def load_stream(path: str | os.PathLike, input_shape,
             raise InvalidInputError(f"stream {path}: label {int(y[first])} (query {first}) is not a class of "
                                     f"{classes}; fix y (labels are class indices)")
     return images, y
+
+
+def load_stream_split(dataset: str, split: str, input_shape, *, data_root: str | None = None,
+                      download: bool = False, limit: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """A dataset split as a stream of queries, in the split's (random, fixed) order.
+
+    The ``test`` split is exchangeable with ``cal`` (both are random halves of one source), so the
+    drift monitor stays quiet on it with probability at least ``1 - delta``: the way to try the
+    monitor before a real stream exists.
+
+    Parameters
+    ----------
+    dataset : str
+        Dataset spec (``data_gen.datasets.load_split``).
+    split : str
+        ``train``, ``surrogate``, ``cal`` or ``test``.
+    input_shape : sequence of int
+        ``(C, H, W)`` the surrogate expects.
+    data_root : str, optional
+        Folder of the torchvision datasets.
+    download : bool, optional
+        Download a missing torchvision dataset.
+    limit : int, optional
+        The first ``limit`` images of the split only.
+
+    Returns
+    -------
+    x : torch.Tensor
+        ``N x C x H x W`` float32 images in [0, 1].
+    y : numpy.ndarray
+        int64 labels.
+
+    Raises
+    ------
+    DatasetError
+        If the dataset or split cannot be loaded.
+    InvalidInputError
+        If its images are not of ``input_shape``.
+    """
+    from data_gen.datasets import load_split
+
+    data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
+    if tuple(data.input_shape) != tuple(input_shape):
+        expected = " x ".join(map(str, input_shape))
+        raise InvalidInputError(f"{dataset} {split} has images of shape {tuple(data.input_shape)} but the surrogate "
+                                f"expects {expected}; stream the dataset the surrogate was trained on")
+    return data.x.to(torch.float32), data.y.numpy().astype(np.int64)
 
 
 def monitor_stream(

@@ -4,9 +4,9 @@ Stages (each writes files into one folder and is skipped when its output is alre
 was made from the same inputs and settings, so an interrupted or repeated run picks up where it
 stopped)::
 
-    train-base   -> base.pt           small CNN, Gaussian-noise augmentation at sigma
+    train-base   -> base.pt           small CNN, Gaussian-noise augmentation at sigma (train split)
     datagen      -> train.h5 cal.h5 test.h5   MC counts (interrupted counts resume from their last row)
-    train        -> surrogate.pt      soft-label cross-entropy on train.h5
+    train        -> surrogate.pt      soft-label cross-entropy on train.h5, started from base.pt
     calibrate    -> calibration.json  split conformal on cal.h5 (+ calibration-report.html)
     certify      -> hybrid.tsv        surrogate first, sequential fallback, on the test images
     cohen        -> cohen-10k.tsv     Cohen-10k on the same test images
@@ -18,17 +18,27 @@ estimation counts are drawn from the same noise streams as ``CohenCertifier`` wi
 those of ``surrogate-cert cohen --n0 100 --n 10000``, and the same counts serve as the Monte Carlo
 reference that checks the calibration on held-out images. Its wall time per query is the time
 spent drawing those samples.
+
+The surrogate follows the flow measured best on this data (``benchmarks/surrogate_training_data.py``):
+it starts from the base model's weights and learns from 100 samples per image (as good as 10^4) of
+the largest split it may see, ``train`` (750 images; the ``surrogate`` split's 250 unseen images
+made larger offsets here, although unseen images win on MNIST, where there are 10,000 of them).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy
@@ -36,11 +46,11 @@ import torch
 from tqdm.auto import tqdm
 
 from calibration.conformal import calibrate
+from calibration.summary import offline_evaluations_from_counts
 from data_gen.datasets import load_split
 from data_gen.generate import generate_counts
 from data_gen.models import load_model, train_base
-from calibration.summary import offline_evaluations_from_counts
-from data_gen.store import ResumeMismatchError, read_attrs, read_counts
+from data_gen.store import ResumeMismatchError, find_shards, read_attrs, read_counts, remove_shards
 
 from ..core import __version__
 from ..core.certificate import Certificate, write_tsv
@@ -59,31 +69,49 @@ MANIFEST = "quickstart.json"
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """Sizes and parameters of the pipeline (defaults: the full digits run, <= 10 minutes on 2 cores).
+    """Sizes and parameters of the pipeline (defaults: the full digits run, under 5 minutes on 2 cores).
 
     ``*_n``: noisy samples per image for each split's counts; ``*_limit``: images used from a split
-    (None = all); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images.
+    (None = all); ``surrogate_data``: the split whose counts the surrogate learns from (``surrogate_n``
+    samples each); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images;
+    ``init_from_base``: the surrogate starts from the base model's weights; ``threads``: torch's
+    intra-op threads while the pipeline runs (None: torch's default).
     """
 
     dataset: str = "digits"
     sigma: float = 0.25
     base_epochs: int | None = 20
-    train_n: int = 1000
-    train_limit: int | None = None
+    surrogate_data: str = "train"
+    surrogate_n: int = 100
+    surrogate_limit: int | None = None
     cal_n: int = 10_000
     cal_limit: int | None = None
     test_n0: int = 100
     test_n: int = 10_000
     test_limit: int | None = 100
     surrogate_epochs: int | None = None
+    init_from_base: bool = True
     epsilon: float = 0.01
     alpha_mc: float = 0.001
     alpha: float = 0.001
     max_samples: int = 10_000
     seed: int = 0
-    batch_size: int = 2048  # noisy samples per forward pass: the fastest on 2 CPU cores for the digits CNN
+    batch_size: int = 2048  # noisy samples per forward pass: the fastest with one thread for the digits CNN
     device: str = "auto"
     data_root: str | None = None
+    threads: int | None = 1
+    workers: int | None = None
+
+    def count_workers(self) -> int:
+        """Processes that share the counts (``workers``; default one per CPU core, at most 4, and one
+        on a GPU): each counts a strided share of every split's rows with one thread, the torchrun
+        path on one machine. One thread per process: on a small CPU, OpenMP's hand-off between two
+        threads costs more than a small model's forward pass (measured twice as slow under load)."""
+        if self.workers is not None:
+            return max(int(self.workers), 1)
+        if resolve_device(self.device).type != "cpu":
+            return 1
+        return max(1, min(4, os.cpu_count() or 1))
 
     @property
     def cohen_label(self) -> str:
@@ -93,8 +121,8 @@ class QuickstartConfig:
 FULL = QuickstartConfig()
 
 QUICK = QuickstartConfig(
-    base_epochs=4, train_n=100, train_limit=300, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
-    test_limit=20, surrogate_epochs=6, max_samples=300,
+    base_epochs=4, surrogate_n=100, surrogate_limit=300, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
+    test_limit=20, surrogate_epochs=6, max_samples=300, workers=1,
 )
 """The reduced run (``quickstart --quick``; the CI end-to-end check): under a minute on 2 cores."""
 
@@ -150,8 +178,8 @@ def _say(message: str, quiet: bool) -> None:
 class Pipeline:
     """The stages of the quickstart over one folder, each skipped when already done (see module doc).
 
-    ``offline()`` makes base.pt, train.h5, cal.h5, surrogate.pt and calibration.json (what a
-    deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
+    ``offline()`` makes base.pt, train.h5 (``surrogate_data``), cal.h5, surrogate.pt and calibration.json
+    (what a deployment needs; ``bench`` reuses it); ``quickstart()`` adds the test counts, the hybrid and
     Cohen results and the reports.
 
     The folder is the pipeline's own: a folder that already holds files is refused unless ``resume``
@@ -159,7 +187,7 @@ class Pipeline:
     (redo every stage, replacing what is there).
     """
 
-    FILES = ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
+    FILES = ("base.pt", "train.h5", "surrogate.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
              "calibration-report.html", "hybrid.tsv", "report.html")
 
     def __init__(self, out: str | os.PathLike, config: QuickstartConfig = FULL, *, progress: bool = True,
@@ -194,6 +222,11 @@ class Pipeline:
         self.timings: dict[str, float | str] = {}
         self.started = time.perf_counter()
 
+    @property
+    def surrogate_counts(self) -> Path:
+        """The counts file the surrogate learns from (``QuickstartConfig.surrogate_data``)."""
+        return self.paths[f"{self.cfg.surrogate_data}.h5"]
+
     def say(self, message: str) -> None:
         _say(message, self.quiet)
 
@@ -212,8 +245,9 @@ class Pipeline:
         self.manifest.record(name, key, seconds, outputs={p.name: _file_key(p) for p in outputs}, **extra)
 
     # ------------------------------------------------------------------ offline stages
-    def offline(self) -> None:
-        """Base model, train / cal counts, surrogate, calibration."""
+    def offline(self, test_counts: bool = False) -> None:
+        """Base model, surrogate / cal counts (and the test split's, with ``test_counts``: counted in the
+        same worker processes), surrogate, calibration."""
         cfg, paths = self.cfg, self.paths
 
         def run_base():
@@ -225,17 +259,24 @@ class Pipeline:
 
         self.stage("train-base", _key("base", cfg.dataset, cfg.sigma, cfg.base_epochs, cfg.seed), [paths["base.pt"]],
                    run_base, f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}")
-        self.counts("train", cfg.train_n, 0, cfg.train_limit)
-        self.counts("cal", cfg.cal_n, 0, cfg.cal_limit)
+        jobs = [(cfg.surrogate_data, cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
+        if test_counts:
+            jobs.append(("test", cfg.test_n, cfg.test_n0, cfg.test_limit))
+        self.counts_together(jobs)
 
         def run_train():
-            surrogate = train_surrogate(paths["train.h5"], paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
+            surrogate = train_surrogate(self.surrogate_counts, paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
                                         seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
+                                        init_from_base=str(paths["base.pt"]) if cfg.init_from_base else None,
                                         progress=self.progress)
-            self.say(f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on train counts)")
+            self.say(f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on held-out "
+                     f"{cfg.surrogate_data}-split counts)")
 
-        self.stage("train", _key("train", _file_key(paths["train.h5"]), cfg.surrogate_epochs, cfg.seed),
-                   [paths["surrogate.pt"]], run_train, "surrogate on train.h5 (soft-label cross-entropy)")
+        self.stage("train", _key("train", _file_key(self.surrogate_counts), _file_key(paths["base.pt"]),
+                                 cfg.surrogate_epochs, cfg.init_from_base, cfg.seed),
+                   [paths["surrogate.pt"]], run_train,
+                   f"surrogate on {self.surrogate_counts.name} (soft-label cross-entropy), "
+                   + ("started from base.pt" if cfg.init_from_base else "from random weights"))
 
         def run_calibrate():
             calibration = calibrate(str(paths["surrogate.pt"]), str(paths["cal.h5"]), cfg.epsilon, cfg.alpha_mc,
@@ -252,13 +293,41 @@ class Pipeline:
 
     def counts(self, split: str, n: int, n0: int, limit: int | None) -> None:
         """``datagen`` for one split (resumed where an interrupted run of the same settings stopped)."""
-        cfg, target = self.cfg, self.paths[f"{split}.h5"]
-        key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(self.paths["base.pt"]))
-        self.stage(f"datagen {split}", key, [target],
-                   lambda: _run_datagen(cfg, split, n, n0, limit, target, self.paths["base.pt"], self.progress,
-                                        self.command, fresh=self.overwrite),
-                   f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
-                   + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
+        self.counts_together([(split, n, n0, limit)])
+
+    def counts_together(self, jobs: list[tuple[str, int, int, int | None]]) -> None:
+        """``datagen`` for several splits ``(split, n, n0, limit)``: in this process, or, with more than one
+        ``count_workers()``, in that many processes started once for every split still to do."""
+        cfg, base = self.cfg, self.paths["base.pt"]
+        pending = []
+        for split, n, n0, limit in jobs:
+            target = self.paths[f"{split}.h5"]
+            key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(base))
+            what = (f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
+                    + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
+            if self.manifest.done(f"datagen {split}", key, [target]):
+                self.stage(f"datagen {split}", key, [target], lambda: None, what)  # says "reused"
+            else:
+                pending.append((split, n, n0, limit, target, key, what))
+        workers = cfg.count_workers()
+        if workers == 1 or not pending:
+            for split, n, n0, limit, target, key, what in pending:
+                run = functools.partial(_run_datagen, cfg, split, n, n0, limit, target, base, self.progress,
+                                        self.command, fresh=self.overwrite)
+                self.stage(f"datagen {split}", key, [target], run, what)
+            return
+        for number, (split, *_, what) in enumerate(pending, start=len(self.timings) + 1):
+            self.say(f"[{number}/{self.total_stages}] datagen {split}: {what}"
+                     + (f" ({workers} processes)" if number == len(self.timings) + 1 else ""))
+        specs = [dict(split=split, n=n, n0=n0, limit=limit, out=str(target))
+                 for split, n, n0, limit, target, _, _ in pending]
+        seconds = _count_in_workers(cfg, specs, str(base), workers, self.progress, self.command, fresh=self.overwrite)
+        for (split, n, n0, _, target, key, _), spent in zip(pending, seconds):
+            attrs = read_attrs(target)
+            self.timings[f"datagen {split}"] = spent
+            self.manifest.record(f"datagen {split}", key, spent, outputs={target.name: _file_key(target)},
+                                 rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0),
+                                 workers=workers)
 
     # ------------------------------------------------------------------ online stages
     def certify_hybrid(self) -> None:
@@ -286,7 +355,7 @@ class Pipeline:
         t0 = time.perf_counter()
         write_calibration_report(paths["calibration.json"], paths["calibration-report.html"],
                                  counts=paths["test.h5"], surrogate=paths["surrogate.pt"], data_root=cfg.data_root)
-        offline = offline_evaluations_from_counts([paths["train.h5"], paths["cal.h5"]])
+        offline = offline_evaluations_from_counts([self.surrogate_counts, paths["cal.h5"]])
         report_paths = write_report([paths["cohen.tsv"], paths["hybrid.tsv"]], paths["report.html"],
                                     calibration=paths["calibration.json"], counts=paths["test.h5"],
                                     surrogate=paths["surrogate.pt"], offline_evaluations=offline,
@@ -347,14 +416,19 @@ def quickstart(
         ``CalibrationError``, ...).
     """
     run = Pipeline(out, config, progress=progress, quiet=quiet, command=command, resume=resume, overwrite=overwrite)
-    run.offline()
-    run.counts("test", config.test_n, config.test_n0, config.test_limit)
-    run.certify_hybrid()
-    run.cohen()
-    report_paths = run.reports()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        run.offline(test_counts=True)
+        run.certify_hybrid()
+        run.cohen()
+        report_paths = run.reports()
+    finally:
+        torch.set_num_threads(threads)
     summary = _summary(report_paths["json"], config, run.timings, time.perf_counter() - run.started)
     summary["paths"] = {**{k: str(v) for k, v in run.paths.items()},
-                        **{f"report.{k}": v for k, v in report_paths.items()}}
+                        **{f"report.{k}": v for k, v in report_paths.items() if k != "warnings"}}
     run.manifest.data["summary"] = summary
     run.manifest.save()
     run.say(format_summary(summary))
@@ -383,6 +457,109 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
                         **kwargs)
     attrs = read_attrs(target)
     return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
+
+
+def _count_in_workers(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool,
+                      command: str, fresh: bool = False) -> list[float]:
+    """Count every job's split in ``workers`` processes (the torchrun path on this machine); seconds per job.
+
+    Each process takes the rows ``rank, rank + W, ...`` of every split into its shard, and rank 0 merges
+    them (``data_gen.generate``): the files are those of a one-process run. What a job left behind
+    that cannot be continued (a file of another run, shards of another process count, or ``fresh``)
+    is removed first: the folder is the pipeline's own. A worker's error is raised here, typed.
+    """
+    for job in jobs:
+        _clear_for_workers(job["out"], workers, fresh)
+        job["resume"] = workers in find_shards(job["out"])  # continue this job's shards, else start them
+    try:
+        return _spawn_counts(cfg, jobs, base, workers, progress, command)
+    except ResumeMismatchError:
+        # Shards of the same process count but other settings (another base model, sample size): again.
+        for job in jobs:
+            _clear_for_workers(job["out"], workers, fresh=True)
+            job["resume"] = False
+        return _spawn_counts(cfg, jobs, base, workers, progress, command)
+
+
+def _clear_for_workers(out: str, workers: int, fresh: bool) -> None:
+    for size in find_shards(out):
+        if fresh or size != workers:
+            remove_shards(out, size)
+    if os.path.exists(out):
+        os.unlink(out)  # the stage is not done (else it was reused): a stale or one-process partial file
+
+
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+"""glibc's allocator settings for the counting processes (ignored elsewhere). By default every noise batch
+of a few hundred KB is mapped from the kernel and handed back, so each one page-faults afresh: on the
+digits CNN that was a quarter of the counting CPU time in the kernel (60 million minor faults in one
+quickstart), and keeping the memory cut a single process's time per sample by 25-45%."""
+
+
+def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool,
+                  command: str) -> list[float]:
+    # Fresh interpreters (``python -m surrogate_cert.workflows.count_worker``), not multiprocessing: a
+    # caller's script is never re-imported, and no process forks one that holds torch's threads.
+    port = _free_port()
+    # The workers import this package from where this process did, whatever put it on sys.path here.
+    root = str(Path(__file__).resolve().parents[2])
+    python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    spec = dict(jobs=jobs, base=base, dataset=cfg.dataset, sigma=cfg.sigma, seed=cfg.seed,
+                batch_size=cfg.batch_size, data_root=cfg.data_root, command=command, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="surrogate-cert-workers-") as folder:
+        processes = []
+        for rank in range(workers):
+            env = dict(MALLOC_SETTINGS, **os.environ)  # the caller's own settings win
+            env.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(workers),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+            result = os.path.join(folder, f"rank{rank}.json")
+            processes.append((subprocess.Popen(
+                [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
+                # Rank 0 speaks for all (progress bar, its shard line); every error comes back through `result`.
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if rank else None,
+                stderr=subprocess.DEVNULL if rank else None), result))
+        try:
+            codes = [process.wait() for process, _ in processes]
+        except BaseException:  # Ctrl-C: the workers got it too and commit their rows; wait for them
+            for process, _ in processes:
+                process.wait()
+            raise
+        reports = []
+        for (_, result), code in zip(processes, codes):
+            try:
+                with open(result, encoding="utf-8") as fh:
+                    reports.append(json.load(fh))
+            except (OSError, ValueError):
+                reports.append(dict(seconds=[], error=dict(type="StoreError", message=(
+                    f"a counting process stopped (exit code {code}); committed rows are kept: run the quickstart "
+                    "again with --resume"))))
+    errors = [r["error"] for r in reports if r.get("error")]
+    if errors:
+        first = next((e for e in errors if not e.get("silent")), errors[0])
+        raise _typed_error(first["type"], first["message"])
+    return reports[0]["seconds"]
+
+
+def _typed_error(name: str, message: str) -> Exception:
+    """The project's error type of that name (``core.errors`` or the store's), else ``SurrogateCertError``."""
+    from data_gen import store
+
+    from ..core import errors
+
+    kind = getattr(errors, name, None) or getattr(store, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.SurrogateCertError)):
+        kind = errors.SurrogateCertError
+    return kind(message)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def provenance(command: str, method: str, **fields) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -22,7 +23,7 @@ from ..core.errors import InvalidParameterError
 from ..core.files import commit_outputs
 
 __all__ = ["write_report", "write_calibration_report", "write_monitor_report", "report_paths", "render_html",
-           "render_markdown", "NOTES"]
+           "render_markdown", "report_warnings", "NOTES"]
 
 NOTES = {
     "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
@@ -112,12 +113,18 @@ def _sections(report: dict, figures: dict[str, str]) -> list[dict]:
     return out
 
 
+def report_warnings(report: dict) -> list[str]:
+    """Sentences the report puts above its tables (and ``surrogate-cert report`` prints): runs on different images."""
+    warning = (report.get("image_sets") or {}).get("warning")
+    return [warning] if warning else []
+
+
 def render_html(report: dict, figures: dict[str, str], title: str = "surrogate-cert report") -> str:
     """The report as one HTML string (Jinja2 template ``report.html.j2``, autoescaped)."""
     return _TEMPLATES.get_template("report.html.j2").render(
         title=title, sigma=report.get("sigma"),
         files=list(report["environment"]["files"].values()) if report["runs"] else [],
-        sections=_sections(report, figures),
+        sections=_sections(report, figures), warnings=report_warnings(report),
     )
 
 
@@ -129,6 +136,7 @@ def render_markdown(report: dict, title: str = "surrogate-cert report") -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     lines = [f"# {title}", ""]
+    lines += [line for warning in report_warnings(report) for line in (f"**Warning:** {warning}", "")]
     for key, heading in _MARKDOWN_HEADINGS:
         if key in t:
             header, rows = t[key]
@@ -217,7 +225,7 @@ def write_report(
     key: bytes | None = None,
     overwrite: bool = True,
     monitor: str | os.PathLike | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Write the comparison report for ``results`` to ``out`` (HTML) and ``.md`` / ``.json`` beside it.
 
     ``counts`` and ``surrogate`` (both or neither) add the held-out check of the calibration
@@ -254,8 +262,9 @@ def write_report(
 
     Returns
     -------
-    dict of str to str
-        Paths written, keyed ``html``, ``md`` and ``json``.
+    dict
+        Paths written, keyed ``html``, ``md`` and ``json``; and ``warnings``, the sentences printed above
+        the report's tables (``report_warnings``: runs that certified different images).
 
     Raises
     ------
@@ -274,7 +283,8 @@ def write_report(
         raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
     report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key,
                           monitor=monitor)
-    return _write_all(report, out, title, [*results, calibration, counts, surrogate, monitor], overwrite=overwrite)
+    paths = _write_all(report, out, title, [*results, calibration, counts, surrogate, monitor], overwrite=overwrite)
+    return {**paths, "warnings": report_warnings(report)}
 
 
 def write_calibration_report(

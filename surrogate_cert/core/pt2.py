@@ -37,7 +37,7 @@ import zipfile
 
 import torch
 
-from surrogate_cert.core.errors import ModelError
+from .errors import ModelError
 
 __all__ = ["load_exported_program", "ALLOWED_EXPR_NAMES"]
 
@@ -371,10 +371,10 @@ def _payload(archive: "_Archive", config_name: str, folder: str, prefix: str, wh
 class _Archive:
     """The records of a ``.pt2`` zip, by name below its root folder."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, data: bytes | None = None):
         self.path = path
         try:
-            self.zip = zipfile.ZipFile(path)
+            self.zip = zipfile.ZipFile(path if data is None else io.BytesIO(data))
             names = self.zip.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise ModelError(f"{path}: not a readable torch.export archive ({exc})") from None
@@ -429,13 +429,15 @@ def _check_layout(archive: _Archive) -> None:
         raise _refuse(archive.path, f"stores its weights in the legacy pickle {legacy[0]}")
 
 
-def load_exported_program(path: str) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
+def load_exported_program(path: str, data: bytes | None = None) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
     """Read a ``torch.export.save`` archive without running anything in it.
 
     Parameters
     ----------
     path : str
-        The ``.pt2`` file.
+        The ``.pt2`` file (with ``data``: only the name the messages give it).
+    data : bytes, optional
+        The archive's bytes, when it is held in memory (a program carried inside a surrogate checkpoint).
 
     Returns
     -------
@@ -456,7 +458,7 @@ def load_exported_program(path: str) -> tuple[torch.export.ExportedProgram, dict
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
-    archive = _Archive(path)
+    archive = _Archive(path, data)
     try:
         _check_layout(archive)
         _check_sample_inputs(archive)
