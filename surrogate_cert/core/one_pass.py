@@ -24,7 +24,7 @@ with them and deployment looks up with them, using the edges, offsets and grid s
 calibration (never a constant). A calibration is any object with the attributes of
 ``calibration.artifact.Calibration`` that this module reads: ``sigma``, ``groups``, ``bin_edges``,
 ``offsets``, ``pooled_offset``, ``radius_cap``, ``epsilon``, ``alpha_mc``, ``check_matches(surrogate)``
-and, where present, ``score``, ``score_params`` and ``radius_thresholds``.
+and, where present, ``fallback_groups``, ``score``, ``score_params`` and ``radius_thresholds``.
 """
 from __future__ import annotations
 
