@@ -16,7 +16,7 @@ What a one-pass certificate guarantees (calibration and test inputs exchangeable
 with the ``marginal`` guarantee, ``P(wrong) <= epsilon + alpha_mc`` over the calibration draw and a
 random test input, *including the inputs it does not certify*; among the inputs the surrogate does
 certify, the rate of wrong certificates can be larger (about ``epsilon / P(certified)`` at worst).
-The ``issued`` guarantee (``calibration.conformal.issued_offset``) bounds that rate itself: with
+The ``issued`` guarantee (``calibration.conformal.ltt_offset``) bounds that rate itself: with
 probability at least ``1 - delta`` over the calibration draw, ``P(wrong | certified) <= epsilon + alpha_mc``.
 
 The rules that say which offset, bin or threshold an input gets live here, once: calibration fits
@@ -101,7 +101,10 @@ def check_required_radius(required_radius) -> float | None:
     """
     if required_radius is None:
         return None
-    arr = np.asarray(required_radius, dtype=float) if not isinstance(required_radius, str) else np.zeros(2)
+    try:
+        arr = np.asarray(required_radius, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"required_radius must be a radius (a number), got {required_radius!r}") from None
     if arr.ndim != 0:
         raise InvalidParameterError(
             "required_radius must be one radius for the whole batch (a setting fixed before the inputs are seen), "
