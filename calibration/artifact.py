@@ -21,13 +21,18 @@ when no key is configured; files of version 2 load as the ``residual`` score wit
 reference and no required-radius thresholds (what they are). Version 3 added ``score``,
 ``score_params``, ``partition``, ``reference``, ``radius_thresholds`` and ``bin_edges_source``; a
 reader of version 2 refuses a version-3 file by its version number, so a shifted score is never
-deployed without its shifts.
+deployed without its shifts. Version 4 adds the ``issued`` guarantee (``method`` ``ltt``, LTT with the
+fallback procedure; version 3 recorded LTT as ``pac``), stores ``null`` (never certifies) as the offset
+of a Mondrian group too small for its own (version 3 stored the pooled offset there; deployment now
+reads such a group as never certifying whatever the version, since the pooled offset voids the bound),
+and records the top-up's ``stages`` in ``reference`` (so an audit can rebuild reference radii the same
+way; a version-3 topped-up calibration cannot be audited). A reader of version 3 refuses version 4.
 
 Keys (stable; the HTML report reads them):
 
 ======================== =========================================================================
 ``format``               ``"surrogate-cert-calibration"``
-``format_version``       3 (versions 1 and 2 still load)
+``format_version``       4 (versions 1 to 3 still load)
 ``surrogate_sha256``     SHA-256 of the surrogate's weights and metadata (``Surrogate.fingerprint``)
 ``surrogate_file_sha256``SHA-256 of the surrogate checkpoint file, when calibrated from a file
 ``counts_sha256``        SHA-256 of the calibration counts file
@@ -37,14 +42,15 @@ Keys (stable; the HTML report reads them):
 ``num_classes``          number of classes
 ``epsilon``              target rate of ``R^ > reference``
 ``alpha_mc``             Clopper-Pearson level of the reference radius
-``delta``                PAC / LTT confidence parameter (``null`` for marginal conformal)
-``guarantee``            ``"marginal"`` or ``"pac"``
-``method``               ``"conformal"`` or ``"ltt"``
+``delta``                PAC / issued confidence parameter (``null`` for marginal conformal)
+``guarantee``            ``"marginal"``, ``"pac"`` or ``"issued"`` (what ``bound`` means: ``guarantee_statement``)
+``method``               ``"conformal"`` or ``"ltt"`` (``ltt`` with ``issued``; ``pac`` in version 3)
 ``groups``               ``"none"``, ``"class"`` or ``"confidence"``
 ``offsets``              ``{group: q^}``; ``null`` = infinite (that group never certifies)
 ``pooled_offset``        ``q^`` of the whole calibration set (``null`` = infinite)
 ``group_sizes``          ``{group: calibration points in it}``
-``fallback_groups``      groups too small for their own ``q^`` (they use ``pooled_offset``)
+``fallback_groups``      groups too small for their own ``q^``: never certified by the surrogate (offset null;
+                         version 3 stored ``pooled_offset``, read as never certifying too)
 ``min_group_size``       points a group needs for its own ``q^``
 ``radius_cap``           ``r_max``: surrogate radii are clipped here before the offset (the largest
                          reference radius ``n_cal`` samples can express)
@@ -61,14 +67,17 @@ Keys (stable; the HTML report reads them):
                          ``tune_indices_sha256``, ``rule``; null otherwise
 ``reference``            the reference radius: ``{"bound": "clopper-pearson"}``, or for a topped-up counts
                          file ``"clopper-pearson+confidence-sequence"`` with ``planned_max_samples``,
-                         ``prior``, ``alpha_split``, ``topped_up_points``
+                         ``prior``, ``alpha_split``, ``topped_up_points`` and (version 4) ``stages`` (samples
+                         after each top-up round) and ``rule`` (``"all-agree"``)
 ``radius_thresholds``    required-radius thresholds: ``grid`` (radii, l2 units), ``tau`` (``z~`` thresholds,
-                         null = never certifies), ``score``, ``rule``, ``guarantee``, ``epsilon``,
-                         ``calibration_size``, ``points_per_sigma``; null when not fitted
+                         null = never certifies), ``score``, ``rule``, ``guarantee`` (``issued``: with
+                         ``delta``; ``tau`` need not be monotone), ``epsilon``, ``calibration_size``,
+                         ``points_per_sigma``; null when not fitted
 ``calibration_size``     number of calibration points ``m`` in the offsets' quantile (the calibration part
                          of a ``shifted`` score)
 ``n_cal``                noisy samples per calibration point
-``bound``                the guarantee in numbers: ``epsilon + alpha_mc`` (surrogate certificates)
+``bound``                the guarantee in numbers: ``epsilon + alpha_mc`` (surrogate certificates; marginal,
+                         PAC or among issued certificates as ``guarantee`` says)
 ``package_version``      surrogate-cert version that wrote the file
 ``created``              UTC time of writing (ISO 8601)
 ``diagnostics``          in-sample summary numbers: ``certified_share``, ``violation_rate`` (share
@@ -106,15 +115,15 @@ from surrogate_cert.core.signing import key_id, resolve_key, sign, verify
 from surrogate_cert.core.surrogate import Surrogate
 
 FORMAT = "surrogate-cert-calibration"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 CHECKSUM_KEY = "checksum_sha256"
 LEGACY_CHECKSUM_KEY = "integrity_sha256"
 """Version 1's name of the unkeyed checksum: it never guarded against anything but accidents."""
 SIGNATURE_KEY = "signature_hmac_sha256"
 
-GUARANTEES = ("marginal", "pac")
+GUARANTEES = ("marginal", "pac", "issued")
 METHODS = ("conformal", "ltt")
 SCORES = ("residual", "shifted")
 REFERENCE_CP = "clopper-pearson"
@@ -122,6 +131,33 @@ REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
 
 _REQUIRED = ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "guarantee", "method", "groups",
              "offsets", "pooled_offset", "calibration_size", "n_cal", "radius_cap")
+
+
+def guarantee_statement(guarantee: str, epsilon: float, alpha_mc: float, delta: float | None = None,
+                        groups: str = "none", method: str = "conformal") -> str:
+    """The precise meaning of a calibration's bound ``epsilon + alpha_mc``, in one sentence (reports, CLI).
+
+    Examples
+    --------
+    >>> print(guarantee_statement("marginal", 0.01, 0.001))  # doctest: +NORMALIZE_WHITESPACE
+    P(wrong one-pass certificate) <= 0.011 over the calibration draw and a random test input, counting
+    inputs that get no certificate; among certified inputs the rate can be higher (use --guarantee issued
+    for that rate); required radius r* fixed before the input is seen
+    """
+    bound = f"{epsilon + alpha_mc:.4g}"
+    where = " in each Mondrian group with its own offset (other groups are never certified)" if groups != "none" else ""
+    if guarantee == "issued" or (method == "ltt" and guarantee == "pac"):
+        text = (f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, P(wrong | the surrogate "
+                f"issued the certificate) <= {bound}{where}")
+    elif guarantee == "pac":
+        text = (f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, "
+                f"P(wrong one-pass certificate) <= {bound} for a random test input{where}, counting inputs that get no certificate; among certified "
+                "inputs the rate can be higher")
+    else:
+        text = (f"P(wrong one-pass certificate) <= {bound} over the calibration draw and a random test input{where}, "
+                "counting inputs that get no certificate; among certified inputs the rate can be higher (use "
+                "--guarantee issued for that rate)")
+    return text + "; required radius r* fixed before the input is seen"
 
 
 def _encode_offset(q: float) -> float | None:
@@ -187,14 +223,18 @@ def content_problems(content: dict) -> list[str]:
     delta = content.get("delta")
     if delta is not None and not (_finite(delta) and 0 < delta < 1):
         p.append(f"delta {delta!r} is not null or a number in (0, 1)")
-    if content["guarantee"] not in GUARANTEES:
+    version = content.get("format_version", FORMAT_VERSION)
+    ltt_guarantee = "issued" if version >= 4 else "pac"
+    if content["guarantee"] not in GUARANTEES or (content["guarantee"] == "issued" and version < 4):
         p.append(f"guarantee {content['guarantee']!r} is not one of {GUARANTEES}")
-    elif content["guarantee"] == "pac" and delta is None:
-        p.append("a pac guarantee needs delta")
+    elif content["guarantee"] in ("pac", "issued") and delta is None:
+        p.append(f"a {content['guarantee']} guarantee needs delta")
     if content["method"] not in METHODS:
         p.append(f"method {content['method']!r} is not one of {METHODS}")
-    elif content["method"] == "ltt" and content["guarantee"] != "pac":
-        p.append("an ltt calibration states a pac guarantee")
+    elif content["method"] == "ltt" and content["guarantee"] != ltt_guarantee:
+        p.append(f"an ltt calibration states the {ltt_guarantee} guarantee")
+    elif content["guarantee"] == "issued" and content["method"] != "ltt":
+        p.append("an issued guarantee is calibrated by ltt")
     if content["groups"] not in GROUPINGS:
         p.append(f"groups {content['groups']!r} is not one of {GROUPINGS}")
     for key in ("calibration_size", "n_cal"):
@@ -212,7 +252,7 @@ def content_problems(content: dict) -> list[str]:
         return p
 
     sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
-    pac = content["guarantee"] == "pac"
+    pac = content["guarantee"] in ("pac", "issued")
     cap = content["radius_cap"]
     reference = content.get("reference") or {"bound": REFERENCE_CP}
     problem = _reference_problem(reference, content["n_cal"])
@@ -290,8 +330,9 @@ def content_problems(content: dict) -> list[str]:
             own = str(group) not in set(map(str, fallback))
             if own and q is not None and sizes.get(group, 0) < needed:
                 p.append(f"group {group!r} has its own finite q^ from {sizes.get(group, 0)} points; {needed} are needed")
-            if not own and q != content["pooled_offset"]:
-                p.append(f"group {group!r} falls back to the pooled q^ but has another offset")
+            legacy = content.get("format_version", FORMAT_VERSION) < 4  # stored the pooled q^, read as never
+            if not own and q is not None and not (legacy and q == content["pooled_offset"]):
+                p.append(f"group {group!r} is too small for its own q^ but has a finite offset (it must never certify)")
     elif content["groups"] == "none" and not p and offsets.get("all") != content["pooled_offset"]:
         p.append("the one group's offset is not the pooled offset")
     reference = content.get("monitor_reference")
@@ -319,6 +360,11 @@ def _reference_problem(reference, n_cal) -> str | None:
                 and len({len(prior[k]) for k in ("a", "b", "weights")}) == 1
                 and min(prior["a"] + prior["b"]) > 0 and sum(prior["weights"]) > 0):
             return "reference prior is not a Beta mixture (lists a, b, weights of one length, a, b > 0)"
+        stages = reference.get("stages")
+        if stages is not None and not (isinstance(stages, list) and stages and all(_whole(v, 1) for v in stages)
+                                       and stages[0] == n_cal and all(b > a for a, b in zip(stages, stages[1:]))
+                                       and stages[-1] <= top):
+            return f"reference stages {stages!r:.80} do not rise strictly from n_cal to at most planned_max_samples"
     return None
 
 
@@ -361,7 +407,10 @@ def _thresholds_problem(table, cap: float) -> str | None:
             and all(t is None or (_finite(t) and -stats.Z_MAX - 1 - 1e-9 <= t <= stats.Z_MAX) for t in tau)):
         return "radius_thresholds tau is not one threshold (a z~ value or null) per grid radius"
     finite = [math.inf if t is None else t for t in tau]
-    if any(b < a for a, b in zip(finite, finite[1:])):
+    if table.get("guarantee") == "issued":
+        if not (_finite(table.get("delta")) and 0 < table["delta"] < 1):
+            return "radius_thresholds of the issued guarantee need their delta in (0, 1)"
+    elif any(b < a for a, b in zip(finite, finite[1:])):
         return "radius_thresholds tau decreases with the radius (the rule makes it non-decreasing)"
     if not (_finite(table.get("epsilon")) and 0 < table["epsilon"] < 0.5):
         return "radius_thresholds epsilon is not a number in (0, 0.5)"
@@ -410,8 +459,13 @@ class Calibration:
     # ------------------------------------------------------------------ use
     @property
     def bound(self) -> float:
-        """Probability that a surrogate certificate is wrong: at most ``epsilon + alpha_mc``."""
+        """``epsilon + alpha_mc``: the bound on wrong surrogate certificates, in the sense ``statement`` gives."""
         return self.epsilon + self.alpha_mc
+
+    @property
+    def statement(self) -> str:
+        """What ``bound`` means for this calibration, in one sentence (``guarantee_statement``)."""
+        return guarantee_statement(self.guarantee, self.epsilon, self.alpha_mc, self.delta, self.groups, self.method)
 
     @property
     def threshold_epsilon(self) -> float | None:
@@ -424,8 +478,10 @@ class Calibration:
         return self.signature_key_id is not None
 
     def offset(self, group: str) -> float:
-        """``q^`` of a group (the pooled one for a group never seen in calibration)."""
-        return float(self.offsets.get(group, self.pooled_offset))
+        """``q^`` of a group: ``+inf`` (never certifies) for a group without its own offset or never seen."""
+        if self.groups != "none" and str(group) in {str(g) for g in self.fallback_groups or []}:
+            return float("inf")
+        return float(self.offsets.get(group, float("inf")))
 
     def check_matches(self, surrogate) -> None:
         """Refuse (``CalibrationError``) a surrogate this calibration was not made for.
@@ -707,4 +763,4 @@ def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | st
 
 
 __all__ = ["Calibration", "load_calibration", "content_problems", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS",
-           "GUARANTEES", "METHODS"]
+           "GUARANTEES", "METHODS", "guarantee_statement"]

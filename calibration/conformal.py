@@ -20,23 +20,38 @@ The pieces, in MAPIE's vocabulary:
   (marginal, ``stats.conformal_rank``) or the PAC rank (``stats.pac_conformal_rank``); ``+inf`` if
   ``k > m``. The deployed radius is ``R^ = R~ - q^``; the surrogate certifies iff ``R^ > 0``.
 
-Guarantee (calibration and test inputs exchangeable): ``P(R^ > y) <= epsilon`` (marginal), or with
-probability ``1 - delta`` over the calibration draw the rate of ``R^ > y`` is ``<= epsilon`` (PAC);
-``P(y > true radius) <= alpha_mc`` (Clopper-Pearson, valid because the class comes from the
-surrogate, not from the counts). So a surrogate certificate is wrong with probability at most
-``epsilon + alpha_mc``. Mondrian groups hold the bound within each group large enough to calibrate;
-a smaller group uses the pooled ``q^`` (recorded in ``fallback_groups``), for which only the pooled
-bound holds.
+Guarantees (calibration and test inputs exchangeable; the full statements with proofs are in
+docs/guarantees.md). A certificate is *wrong* when ``R^ > 0`` and the class is not the smoothed
+classifier's or ``R^`` exceeds its true radius. ``P(y > true radius) <= alpha_mc`` for each input
+(Clopper-Pearson, valid because the class comes from the surrogate, not from the counts), and a
+certificate with ``R^ <= y`` is correct unless ``y`` is, so wrong implies ``R^ > y`` or ``y > true``:
 
-``method="ltt"`` replaces the quantile with Learn-then-Test (``mapie.risk_control``): the smallest
-offset on a fixed grid such that, with probability ``1 - delta``, the rate of ``R^ > y`` *among the
-issued certificates* is ``<= epsilon`` (Bonferroni-Holm over the grid, Hoeffding-Bentkus p-values).
-Against the true radius, that conditional rate gains at most ``alpha_mc / P(issued)``. It is a
-"with probability 1 - delta" statement, so an LTT calibration records ``guarantee="pac"``.
+- ``marginal`` (default): ``P(R^ > y) <= epsilon``, so ``P(wrong) <= epsilon + alpha_mc``, the
+  probability taken over the calibration draw *and* a random test input, whether or not it is
+  certified. It is not a statement about the inputs that do get a certificate: among those the
+  wrong rate is ``P(R^ > y) / P(R^ > 0)``, which may exceed ``epsilon`` (an audit of the statistics
+  measured 0.064 among surrogate-routed inputs against 0.051 overall).
+- ``pac``: with probability at least ``1 - delta`` over the calibration draw, ``P(R^ > y | calibration)
+  <= epsilon`` (the Beta law of conformal coverage), same caveat.
+- ``issued`` (``method="ltt"``, ``ltt_offset``): with probability at least ``1 - delta`` over the
+  calibration draw, ``P(R^ > y | R^ > 0, calibration) <= epsilon``. Certifying depends on the input
+  only and ``y``'s error on the counts only, so ``P(y > true | R^ > 0) <= alpha_mc`` too, and
+  ``P(wrong | certified) <= epsilon + alpha_mc``: the statement a holder of a certificate wants.
+- Mondrian ``groups``: each statement within each group with ``min_group_size`` points or more.
+  A smaller group (``fallback_groups``) has no valid offset and is never certified by the surrogate
+  (offset ``+inf``; the hybrid's sequential fallback answers it). Routing is chosen over merging small
+  groups into their neighbours: a merge decided from the calibration points' group sizes is itself a
+  function of the calibration data (no longer a fixed partition), and the fallback is valid per input.
+- Required-radius thresholds: each statement holds for an ``r*`` fixed before the input is seen
+  (``core.one_pass.check_required_radius``), not for one chosen from the surrogate's output.
+
+``q^`` is the exact order statistic of the scores (``mapie_offset`` cross-checks MAPIE's value), so
+ties at ``q^`` never count as over it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -45,7 +60,14 @@ import numpy as np
 from mapie.conformity_scores import AbsoluteConformityScore
 from mapie.metrics.regression import regression_coverage_score
 from mapie.regression import SplitConformalRegressor
-from mapie.risk_control import BinaryClassificationController, BinaryRisk, FWERBonferroniHolm
+from mapie.risk_control import (
+    BinaryClassificationController,
+    BinaryRisk,
+    FWERBonferroniHolm,
+    FWERProcedure,
+    control_fwer,
+)
+from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from data_gen.store import CountsMismatchError, check_counts_for, read_counts
@@ -145,7 +167,7 @@ def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: fl
     InvalidParameterError
         If ``epsilon`` is outside (0, 1) (checked on the marginal path).
     """
-    if guarantee == "pac":
+    if guarantee in ("pac", "issued"):
         return stats.pac_conformal_rank(m, epsilon, delta)
     return stats.conformal_rank(m, epsilon)
 
@@ -178,24 +200,35 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
     InvalidParameterError
         If ``delta`` is missing where it is required, or a parameter is out of range.
     """
-    pac_like = guarantee == "pac" or method == "ltt"
+    pac_like = guarantee in ("pac", "issued") or method == "ltt"
     if pac_like and delta is None:
-        raise InvalidParameterError(f"min_group_size: a {'pac' if guarantee == 'pac' else 'ltt'} calibration needs "
-                                    "delta (its size depends on it), e.g. delta=0.05")
+        raise InvalidParameterError(f"min_group_size: a {guarantee if guarantee != 'marginal' else 'ltt'} calibration "
+                                    "needs delta (its size depends on it), e.g. delta=0.05")
     return stats.min_calibration_size(epsilon, delta if pac_like else None)
 
 
 # --------------------------------------------------------------------------- MAPIE: quantile and LTT
 
+MAPIE_TOLERANCE = 1e-9
+"""Largest disagreement (input l2 units) between MAPIE's offset and the exact order statistic before
+``mapie_offset`` refuses to calibrate: MAPIE reads ``q^`` back as ``R~ - (R~ - q^)``, a few ulps off."""
+
+
 def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf,
                  shift=None) -> tuple[float, float]:
-    """``q^`` = the ``rank``-th smallest score ``R~_i - y_i``, computed by MAPIE.
+    """``q^`` = the ``rank``-th smallest score ``R~_i - y_i``: MAPIE's split-conformal quantile, returned exactly.
 
     ``SplitConformalRegressor(prefit=True)`` with ``AbsoluteConformityScore(sym=False)``, read for
     its lower bound ``R~ - q^``. The confidence level is ``1 - 2 epsilon_k`` with
     ``epsilon_k = 1 - (rank - 1/2) / (m + 1)``: the same rank as ``1 - 2 epsilon``, placed half a rank
     inside, so that float rounding in MAPIE's ``ceil((m + 1)(1 - epsilon))`` cannot move it at
     exact-integer edges (at ``m = 999, epsilon = 0.05`` the literal level gives rank 951, not 950).
+
+    The offset returned is the exact order statistic of the scores as deployment computes them
+    (``(R~ - shift) - y``), checked against MAPIE's to ``MAPIE_TOLERANCE``. MAPIE's own value is read
+    back through a subtraction and can land an ulp below a tied ``rank``-th score; every point tied
+    with it would then count as over the reference (with many ties, far more than ``epsilon``). With
+    the exact score, ``#{i : s_i > q^} <= m - rank`` holds exactly.
 
     Parameters
     ----------
@@ -236,7 +269,12 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
         prefit=True,
     ).conformalize(X, y)
     radius_surrogate, intervals = regressor.predict_interval(X, allow_infinite_bounds=True)
-    q_hat = float(np.min(radius_surrogate - intervals[:, 0, 0]))  # the same for every row
+    q_mapie = float(np.min(radius_surrogate - intervals[:, 0, 0]))  # the same for every row, up to rounding
+    scores = SurrogateRadiusRegressor(sigma, radius_cap).predict(X) - y  # as deployment computes R~ - t_b
+    q_hat = float(np.partition(scores, rank - 1)[rank - 1])
+    if not abs(q_mapie - q_hat) <= MAPIE_TOLERANCE * max(1.0, abs(q_hat)):
+        raise CalibrationError(f"MAPIE's conformal offset {q_mapie!r} is not the order statistic {q_hat!r} of rank "
+                               f"{rank} of {m}; this MAPIE version reads the quantile differently: report it")
     coverage = float(regression_coverage_score(y, intervals)[0]) if np.all(np.isfinite(intervals)) else float("nan")
     return q_hat, coverage
 
@@ -250,7 +288,7 @@ def _ltt_predictions(X, offset):
 
 
 def _holm_nan_as_one():
-    """MAPIE's Bonferroni-Holm, with a NaN p-value counted as 1.
+    """MAPIE's Bonferroni-Holm, with a NaN p-value counted as 1 (calibrations of format version 3 and older).
 
     An offset that issues no certificate has an undefined risk, for which MAPIE 1.6 returns a NaN
     p-value; ``np.argmin`` picks NaN first and would stop Holm before any test. Counting it as 1
@@ -263,15 +301,87 @@ def _holm_nan_as_one():
     return HolmNanAsOne()
 
 
-def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
-               radius_cap: float = np.inf) -> tuple[float, int]:
-    """Smallest grid offset ``q`` controlling the wrong rate among issued certificates (LTT).
+class FallbackProcedure(FWERProcedure):
+    """Wiens' fallback procedure on MAPIE's FWER interface: the hypotheses in the order given, level
+    ``delta / G`` each, and a rejected hypothesis hands its level on to the next one not yet rejected.
 
-    For each candidate ``q`` in ``sigma * LTT_GRID_SIGMAS``, the null "rate of ``R~ - q > y`` among
-    inputs with ``R~ - q > 0`` exceeds ``epsilon``" is tested with MAPIE's Hoeffding-Bentkus p-value;
-    Bonferroni-Holm controls the family-wise error at ``delta``. With probability at least
-    ``1 - delta`` every returned (valid) offset controls the rate; the smallest is returned, or
-    ``+inf`` if none is valid.
+    It is the chain graph of Bretz et al.'s graphical procedures (2009), so it controls the family-wise
+    error rate at ``delta`` (strongly): whatever the set ``I`` of true nulls, a true null is only ever
+    tested at a level no larger than its level in the graph with every false null removed, and those
+    levels sum to at most ``delta`` over ``I``; a union bound over ``I`` finishes the proof. Unlike
+    fixed-sequence testing it does not stop at the first hypothesis it cannot reject (an offset that
+    issues no calibration certificate at all, NaN p-value, counts as 1); unlike Holm, the level flows
+    along the order, so the hypotheses after a run of rejections are tested at nearly ``delta``. The
+    order (conservative first) is fixed before any data is seen: MAPIE's own fixed-sequence class would
+    reverse it when the observed risk decreases, a data-dependent choice.
+    """
+
+    def _init_state(self, n_lambdas: int, delta: float):
+        self._levels = np.full(n_lambdas, float(delta) / n_lambdas)
+        self._rejected = np.zeros(n_lambdas, dtype=bool)
+
+    def _select_next_hypothesis(self, p_values):
+        p = np.nan_to_num(np.asarray(p_values, dtype=float), nan=1.0)
+        ready = np.flatnonzero(~self._rejected & (p <= self._levels))
+        return int(ready[0]) if ready.size else None
+
+    def _local_significance_levels(self):
+        return self._levels
+
+    def _update_on_reject(self, hypothesis_index: int):
+        self._rejected[hypothesis_index] = True
+        later = np.flatnonzero(~self._rejected[hypothesis_index + 1:])
+        if later.size:
+            self._levels[hypothesis_index + 1 + later[0]] += self._levels[hypothesis_index]
+        self._levels[hypothesis_index] = 0.0
+
+
+ISSUED_GRID_STEP = 1.0 / 50
+"""Spacing of the issued-guarantee offsets (units of sigma; ``sigma / 50`` = 0.005 at sigma = 0.25)."""
+
+ISSUED_Z_GRID = np.round(np.arange(10.0, -1.0 - 1e-9, -0.05), 10)
+"""Candidate ``z~`` thresholds of the issued-guarantee required-radius rule, conservative (high) first."""
+
+
+def issued_offset_grid(radius_cap: float, sigma: float) -> np.ndarray:
+    """Candidate offsets of the issued guarantee, conservative first: ``r_max - j sigma / 50`` down to ``-sigma``.
+
+    Fixed before the calibration data are seen (they depend on the radius cap, itself fixed by
+    ``n_cal``, ``alpha_mc``, sigma and the top-up plan). The first candidate certifies only inputs at
+    the cap, with radius ``sigma / 50``; each later one certifies more inputs with larger radii.
+
+    Parameters
+    ----------
+    radius_cap : float
+        ``r_max`` (input l2 units), finite.
+    sigma : float
+        Noise level (l2, input units).
+
+    Returns
+    -------
+    numpy.ndarray
+        Decreasing offsets (input l2 units).
+    """
+    step = check_positive("sigma", sigma) * ISSUED_GRID_STEP
+    count = int(np.floor((float(radius_cap) + sigma) / step + 1e-9))
+    return float(radius_cap) - step * np.arange(1, count + 1)
+
+
+def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
+               radius_cap: float = np.inf, *, fwer: str = "fallback") -> tuple[float, int]:
+    """Smallest grid offset ``q`` controlling the wrong rate among issued certificates (Learn-then-Test).
+
+    For each candidate ``q`` the null hypothesis is ``H_q``: "among inputs with ``R~ - q > 0`` (the
+    certificates this offset issues), the rate of ``R~ - q > y`` exceeds ``epsilon``". MAPIE's
+    ``BinaryClassificationController`` computes, from the ``n_q`` calibration points ``q`` issues and
+    the ``k_q`` of them over their reference, the binomial p-value ``P(Binomial(n_q, epsilon) <= k_q)``
+    (its Bentkus p-value for a binary loss): given ``n_q``, those points are i.i.d. draws from the
+    inputs ``q`` certifies, so ``k_q ~ Binomial(n_q, rate_q)`` and the p-value is valid under ``H_q``.
+    ``fwer="fallback"`` (the issued guarantee) tests the candidates ``issued_offset_grid`` with
+    ``FallbackProcedure``; ``fwer="holm"`` is the grid ``sigma * LTT_GRID_SIGMAS`` with Bonferroni-Holm
+    (calibrations of format version 3 and older). Either way, with probability at least ``1 - delta``
+    over the calibration draw no true ``H_q`` is rejected, so every rejected offset, and the smallest
+    one returned, has ``P(R^ > y | R^ > 0) <= epsilon``; ``+inf`` if none is rejected.
 
     Parameters
     ----------
@@ -286,7 +396,9 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     delta : float
         Family-wise error level, in (0, 1).
     radius_cap : float, optional
-        ``r_max``: surrogate radii are clipped to it (input l2 units); default no cap.
+        ``r_max``: surrogate radii are clipped to it (input l2 units); finite for ``fwer="fallback"``.
+    fwer : {"fallback", "holm"}, optional
+        The multiple-testing procedure and its grid.
 
     Returns
     -------
@@ -295,6 +407,12 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     num_valid : int
         The number of valid offsets on the grid.
     """
+    if fwer == "fallback":
+        grid, procedure = issued_offset_grid(radius_cap, sigma), FallbackProcedure()
+    elif fwer == "holm":
+        grid, procedure = sigma * LTT_GRID_SIGMAS, _holm_nan_as_one()
+    else:
+        raise InvalidParameterError(f"fwer must be 'fallback' or 'holm', got {fwer!r}")
     wrong_among_issued = BinaryRisk(
         risk_occurrence=lambda y_true, y_pred: y_pred == 1,
         risk_condition=lambda y_true, y_pred: ~np.isnan(y_pred),
@@ -306,15 +424,14 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
         higher_is_better=False,
     )
     X = np.column_stack([surrogate_radius(p_tilde, sigma, radius_cap), np.asarray(reference, dtype=float)])
-    grid = (sigma * LTT_GRID_SIGMAS).reshape(-1, 1)
     controller = BinaryClassificationController(
         predict_function=_ltt_predictions,
         risk=wrong_among_issued,
         target_level=float(epsilon),
         confidence_level=1.0 - float(delta),
         best_predict_param_choice=abstention,
-        list_predict_params=grid,
-        fwer_method=_holm_nan_as_one(),
+        list_predict_params=np.asarray(grid, dtype=float).reshape(-1, 1),
+        fwer_method=procedure,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an offset that issues nothing makes the risk undefined; LTT skips it
@@ -323,6 +440,39 @@ def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
     if valid.size == 0:
         return float("inf"), 0
     return float(valid.min()), int(valid.size)
+
+
+def issued_threshold(z, reference, r: float, epsilon: float, delta: float) -> float:
+    """``tau(r)`` of the issued guarantee: the lowest ``z~`` threshold of ``ISSUED_Z_GRID`` that LTT validates.
+
+    For each candidate ``tau``, ``H_tau``: "among inputs with ``z~ > tau``, the rate of ``y < r`` exceeds
+    ``epsilon``", tested with MAPIE's binomial (Bentkus, binary-loss) p-value on the ``n`` calibration
+    points with ``z~ > tau`` and the ``k`` of them with ``y < r``, and ``FallbackProcedure`` over the grid
+    (conservative first) at family-wise level ``delta``. With probability at least ``1 - delta`` over the
+    calibration draw, ``P(y < r | z~ > tau(r)) <= epsilon``, for this fixed ``r``.
+
+    Parameters
+    ----------
+    z, reference : array_like of float
+        ``z~`` and ``y`` (input l2 units) per calibration point.
+    r : float
+        The required radius (input l2 units), fixed in advance (a grid radius).
+    epsilon, delta : float
+        Target rate among certified inputs and family-wise error level, in (0, 1).
+
+    Returns
+    -------
+    float
+        ``tau(r)``; ``+inf`` if no candidate is validated (never certifies at ``r``).
+    """
+    z_sorted = np.sort(np.asarray(z, dtype=float))
+    wrong_sorted = np.sort(np.asarray(z, dtype=float)[np.asarray(reference, dtype=float) < r])
+    issued = len(z_sorted) - np.searchsorted(z_sorted, ISSUED_Z_GRID, side="right")
+    wrong = len(wrong_sorted) - np.searchsorted(wrong_sorted, ISSUED_Z_GRID, side="right")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = compute_hoeffding_bentkus_p_value(wrong / issued, issued.astype(float), float(epsilon), binary=True)[:, 0]
+    valid = control_fwer(np.where(issued > 0, p, 1.0), float(delta), fwer_method=FallbackProcedure())
+    return float(ISSUED_Z_GRID[valid].min()) if len(valid) else float("inf")
 
 
 # --------------------------------------------------------------------------- calibration on arrays
@@ -351,19 +501,19 @@ def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, de
         Target rate of wrong surrogate radii, in (0, 0.5).
     alpha_mc : float
         Clopper-Pearson level of the reference radius, in (0, 1).
-    guarantee : {"marginal", "pac"}
-        The guarantee (``GUARANTEES``).
+    guarantee : {"marginal", "pac", "issued"}
+        The guarantee (``GUARANTEES``); ``issued`` is calibrated by Learn-then-Test (``method="ltt"``).
     delta : float or None
-        PAC / LTT confidence parameter, in (0, 1); None means 0.05 where it is used.
+        PAC / issued confidence parameter, in (0, 1); None means 0.05 where it is used.
     groups : {"none", "class", "confidence"}
         The Mondrian grouping (``GROUPINGS``).
     method : {"conformal", "ltt"}
-        The calibration method (``METHODS``).
+        The calibration method (``METHODS``); ``ltt`` states the ``issued`` guarantee.
 
     Returns
     -------
     float or None
-        The checked ``delta`` when ``guarantee="pac"`` or ``method="ltt"``, else None.
+        The checked ``delta`` when the guarantee is ``pac`` or ``issued`` or ``method="ltt"``, else None.
 
     Raises
     ------
@@ -380,9 +530,25 @@ def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, de
         raise InvalidParameterError(f"method must be one of {METHODS}, got {method!r}")
     if groups not in GROUPINGS:
         raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
-    if guarantee == "pac" or method == "ltt":
+    if guarantee in ("pac", "issued") or method == "ltt":
         return check_probability("delta", 0.05 if delta is None else delta)
     return None
+
+
+def resolve_guarantee(guarantee: str, method: str) -> tuple[str, str]:
+    """The (guarantee, method) a calibration records: ``issued`` and ``ltt`` come together.
+
+    ``guarantee="issued"`` is calibrated by Learn-then-Test on the rate among issued certificates
+    (``ltt_offset`` with ``FallbackProcedure``), and ``method="ltt"`` states exactly that guarantee, so
+    either option gives ``("issued", "ltt")``. (Files of format version 3 and older recorded an LTT
+    calibration as ``"pac"``; they still load with that label.)
+    """
+    if guarantee == "issued" or method == "ltt":
+        if guarantee == "pac":
+            raise InvalidParameterError("method='ltt' states the issued guarantee (the rate among issued certificates, "
+                                        "with probability 1 - delta); use guarantee='issued', not 'pac'")
+        return "issued", "ltt"
+    return guarantee, method
 
 
 def fit_offsets(
@@ -408,9 +574,11 @@ def fit_offsets(
 
     With inputs exchangeable, the deployed radius ``R~ - q^`` exceeds the reference radius with
     probability at most ``epsilon`` (marginal), or at rate ``<= epsilon`` with probability
-    ``1 - delta`` over the calibration draw (PAC / LTT); see the module docstring. Groups smaller
-    than needed use the pooled offset and are listed in ``fallback_groups`` (for them only the
-    pooled bound holds).
+    ``1 - delta`` over the calibration draw (PAC), or at rate ``<= epsilon`` among the inputs it
+    certifies with probability ``1 - delta`` (issued, by LTT); see the module docstring. Mondrian
+    groups hold the statement within each group. A group with fewer points than ``min_group_size``
+    has no valid offset of its own: its offset is ``+inf`` (the surrogate never certifies it; the
+    hybrid's fallback does) and it is listed in ``fallback_groups``.
 
     Parameters
     ----------
@@ -431,20 +599,20 @@ def fit_offsets(
         Target rate of ``R^ > y``, in (0, 0.5).
     alpha_mc : float
         Clopper-Pearson level of the reference radius, in (0, 1).
-    guarantee : {"marginal", "pac"}, optional
-        Marginal conformal, or PAC (with probability ``1 - delta``).
+    guarantee : {"marginal", "pac", "issued"}, optional
+        Marginal conformal, PAC (with probability ``1 - delta``), or issued (LTT, ``resolve_guarantee``).
     delta : float or None, optional
-        PAC / LTT confidence parameter, in (0, 1); unused for marginal conformal.
+        PAC / issued confidence parameter, in (0, 1); unused for marginal conformal.
     groups : {"none", "class", "confidence"}, optional
         The Mondrian grouping.
     method : {"conformal", "ltt"}, optional
-        Quantile of the scores, or Learn-then-Test.
+        Quantile of the scores, or Learn-then-Test (the issued guarantee).
     bin_edges : sequence of float, optional
         Bin edges of ``groups="confidence"`` (default ``DEFAULT_CONFIDENCE_EDGES``); they must be
         fixed before the calibration data are seen.
     z : array_like of float, optional
-        ``z~`` per point (``Surrogate.predict_z``), binned by ``groups="confidence"`` instead of
-        ``Phi^{-1}(clip(p~))``.
+        ``z~`` per point (``Surrogate.predict_z``), binned by ``groups="confidence"``
+        (``core.one_pass.group_keys``; default ``stats.probit_of_probability(p~)``).
     references : ReferenceRadii, optional
         Precomputed reference radii and radius cap (``reference_radii``: a topped-up calibration);
         default the Clopper-Pearson reference of ``counts_top`` out of ``n_cal``.
@@ -466,6 +634,7 @@ def fit_offsets(
         If an option is out of range, or the three arrays differ in length.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    guarantee, method = resolve_guarantee(guarantee, method)
     if groups == "confidence" and bin_edges is None:
         bin_edges = DEFAULT_CONFIDENCE_EDGES
     sigma = check_positive("sigma", sigma)
@@ -478,7 +647,7 @@ def fit_offsets(
         raise InvalidParameterError("p_tilde, predicted and counts_top must have one entry per calibration input")
     needed = min_group_size(epsilon, guarantee, delta, method)
     if m < needed:
-        what = f"epsilon={epsilon}" + (f", delta={delta}" if delta is not None and (guarantee == "pac" or method == "ltt") else "")
+        what = f"epsilon={epsilon}" + (f", delta={delta}" if delta is not None else "")
         raise CalibrationError(
             f"calibration set has {m} points but {needed} are needed for {what}; "
             "add calibration images or raise epsilon"
@@ -497,7 +666,8 @@ def fit_offsets(
 
     def offset_of(mask: np.ndarray) -> tuple[float, float]:
         if method == "ltt":
-            return ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap)[0], float("nan")
+            offset = ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap, fwer="fallback")[0]
+            return offset, float("nan")
         rank = quantile_rank(int(mask.sum()), epsilon, guarantee, delta)
         return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap,
                             shift=None if shift is None else shift_arr[mask])
@@ -514,17 +684,20 @@ def fit_offsets(
             offsets[key] = pooled_offset
         elif sizes[key] >= needed:
             offsets[key] = offset_of(mask)[0]
-        else:
-            offsets[key] = pooled_offset
+        else:  # no valid offset of its own: never certified by the surrogate (the pooled q^ would void the bound)
+            offsets[key] = float("inf")
             fallbacks.append(key)
 
-    # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee).
-    deployed = surrogate_radius(p_tilde, sigma, cap) - shift_arr - np.array([offsets[k] for k in keys])
+    # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee). Exceedance is
+    # read on the scores (R~ - t_b) - y > q^, the event the quantile counts, free of rounding in R~ - q^.
+    offset = np.array([offsets[k] for k in keys])
+    deployed = surrogate_radius(p_tilde, sigma, cap) - shift_arr - offset
     certified = deployed > 0
+    over = (surrogate_radius(p_tilde, sigma, cap) - shift_arr) - reference > offset
     diagnostics = dict(
         certified_share=float(certified.mean()),
-        violation_rate=float(np.mean(deployed > reference)),
-        violation_rate_among_certified=float(np.mean((deployed > reference)[certified])) if certified.any() else 0.0,
+        violation_rate=float(np.mean(over)),
+        violation_rate_among_certified=float(np.mean(over[certified])) if certified.any() else 0.0,
         mean_certified_radius=float(deployed[certified].mean()) if certified.any() else 0.0,
         mean_surrogate_radius=float(np.mean(np.maximum(surrogate_radius(p_tilde, sigma, cap), 0.0))),
         mean_reference_radius=float(reference.mean()),
@@ -581,7 +754,7 @@ REFERENCE_BOUNDS = (REFERENCE_CP, REFERENCE_TOPUP)
 
 
 def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float, *, counts_topup=None,
-                    samples=None, planned_max: int | None = None) -> ReferenceRadii:
+                    samples=None, planned_max: int | None = None, stages=None) -> ReferenceRadii:
     """The calibration's reference radii: Clopper-Pearson, or the topped-up bound of a topped-up file.
 
     Without a top-up: ``y_i = reference_radius(counts_i[A_i], n_cal, alpha_mc, sigma)`` and the cap
@@ -610,6 +783,9 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
         Samples per row in all (``n_cal`` plus the top-up).
     planned_max : int, optional
         The top-up plan's most samples per row; given exactly for a topped-up file.
+    stages : sequence of int, optional
+        The top-up's sample stages (``topup_stages``), recorded so that an audit can draw its reference
+        samples by the same plan (``ReferencePlan``); without them the audit refuses the calibration.
 
     Returns
     -------
@@ -630,6 +806,8 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     record = dict(bound=REFERENCE_TOPUP, planned_max_samples=int(planned_max), alpha_split="alpha_mc / 2 each",
                   prior=dict(a=list(a), b=list(b), weights=list(w)),
                   topped_up_points=int(np.sum(samples > n_cal)), max_samples_seen=int(samples.max(initial=n_cal)))
+    if stages is not None:
+        record.update(stages=[int(v) for v in check_stages(stages, n_cal, int(planned_max))], rule=TOPUP_RULE)
     return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
 
 
@@ -640,6 +818,169 @@ def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sig
     prior = reference["prior"]
     return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
                                   (prior["a"], prior["b"], prior["weights"]))
+
+
+TOPUP_RULE = "all-agree"
+"""The top-up rule a recorded plan replays (``data_gen.generate.TOPUP_RULES``): a row gets the next stage's
+samples iff every estimation sample it has so far returned one class."""
+
+
+def check_stages(stages, n_cal: int, planned_max: int) -> tuple[int, ...]:
+    """``stages`` validated: strictly increasing sample counts from ``n_cal`` to at most ``planned_max``."""
+    out = tuple(int(v) for v in stages)
+    if not out or out[0] != n_cal or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > planned_max:
+        raise CalibrationError(f"top-up stages {list(out)[:8]} must rise strictly from n_cal = {n_cal} to at most the "
+                               f"planned maximum {planned_max}")
+    return out
+
+
+def topup_stages(n_cal: int, history, planned_max: int) -> tuple[int, ...]:
+    """The samples a row holds after each top-up round of a counts file: ``(n_cal, s_1, s_2, ...)``.
+
+    Round ``j`` (``history[j-1]``, one record per ``datagen --top-up``) gave ``min(extra_j, planned_max - s)``
+    more samples to every row whose samples so far all agreed, so a row holds ``s_j = min(s_{j-1} + extra_j,
+    planned_max)`` after it; a row that stopped agreeing stays where it is. This is the plan an audit replays.
+
+    Parameters
+    ----------
+    n_cal : int
+        Samples of every row before any top-up.
+    history : sequence of dict
+        The file's ``topup_history`` (each with ``extra`` and ``rule``).
+    planned_max : int
+        The file's ``topup_planned_max``.
+
+    Returns
+    -------
+    tuple of int
+
+    Raises
+    ------
+    CalibrationError
+        If a record lacks its ``extra`` or names another rule.
+
+    Examples
+    --------
+    >>> topup_stages(1000, [dict(extra=4000, rule="all-agree"), dict(extra=4000, rule="all-agree")], 7000)
+    (1000, 5000, 7000)
+    """
+    stages = [int(n_cal)]
+    for record in history:
+        extra = record.get("extra") if isinstance(record, dict) else None
+        if not isinstance(extra, int) or extra < 1 or record.get("rule", TOPUP_RULE) != TOPUP_RULE:
+            raise CalibrationError(f"the counts file's top-up history has a record {record!r:.80} this version cannot "
+                                   "replay; recalibrate on a file topped up by this version's `datagen --top-up`")
+        nxt = min(stages[-1] + extra, int(planned_max))
+        if nxt > stages[-1]:
+            stages.append(nxt)
+    return tuple(stages)
+
+
+def check_topup_follows_stages(counts, counts_topup, samples, stages) -> None:
+    """Refuse (``CalibrationError``) a topped-up file whose rows did not follow the plan ``stages``.
+
+    Each row must hold a stage's samples; a row below the last stage must disagree somewhere (else the
+    rule would have topped it up); a row past ``n_cal`` must have agreed on its first ``n_cal``.
+    """
+    counts = np.asarray(counts)
+    every = counts + np.asarray(counts_topup)
+    samples = np.asarray(samples, dtype=np.int64)
+    stages_arr = np.asarray(stages, dtype=np.int64)
+    n_cal = int(stages_arr[0])
+    bad = ~np.isin(samples, stages_arr)
+    bad |= (samples < stages_arr[-1]) & (every.max(axis=1) == samples)
+    bad |= (samples > n_cal) & (counts.max(axis=1) != n_cal)
+    if bad.any():
+        raise CalibrationError(f"{int(bad.sum())} rows of the topped-up counts do not follow the recorded top-up plan "
+                               f"(stages {list(stages)[:6]}, rule {TOPUP_RULE}), e.g. row "
+                               f"{int(np.flatnonzero(bad)[0])}; "
+                               "regenerate the top-up with `datagen --top-up`")
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """How a calibration made each point's reference radius, replayable on a new input (``CertificateAudit``).
+
+    ``n_cal`` samples of the surrogate's class first; then, where the calibration counts were topped up,
+    the same stages by the same rule (``topup_stages``: on to the next stage while every sample so far
+    agrees), and the same bound (``reference_radii``: Clopper-Pearson at ``alpha_mc``, or for a top-up
+    Clopper-Pearson on the first ``n_cal`` and the confidence sequence on all, ``alpha_mc / 2`` each, cap of
+    the planned maximum). A query's ``(R~, y)`` made this way is distributed exactly like a calibration
+    point's, which is what the audit's threshold assumes.
+
+    Attributes
+    ----------
+    n_cal : int
+    alpha_mc, sigma : float
+    stages : tuple of int
+        ``(n_cal,)`` without a top-up.
+    planned_max : int or None
+        None without a top-up.
+    """
+
+    n_cal: int
+    alpha_mc: float
+    sigma: float
+    stages: tuple
+    planned_max: int | None = None
+
+    @classmethod
+    def from_calibration(cls, calibration) -> "ReferencePlan":
+        """The plan of ``calibration``; ``CalibrationError`` for a topped-up one that does not record its stages."""
+        reference = getattr(calibration, "reference", None) or {"bound": REFERENCE_CP}
+        n_cal, alpha_mc, sigma = int(calibration.n_cal), float(calibration.alpha_mc), float(calibration.sigma)
+        if reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
+            return cls(n_cal, alpha_mc, sigma, (n_cal,))
+        if not reference.get("stages") or reference.get("rule", TOPUP_RULE) != TOPUP_RULE:
+            raise CalibrationError("this calibration's reference radii come from topped-up counts but it does not "
+                                   "record the top-up's stages, so an audit cannot make its references the same way; "
+                                   "re-run `surrogate-cert calibrate` with this version")
+        a, b, w = stats.TOPUP_PRIOR
+        if reference.get("prior") not in (None, dict(a=list(a), b=list(b), weights=list(w))):
+            raise CalibrationError("this calibration's top-up reference uses another prior than this version's "
+                                   "stats.TOPUP_PRIOR; re-run `surrogate-cert calibrate` with this version")
+        planned = int(reference["planned_max_samples"])
+        return cls(n_cal, alpha_mc, sigma, check_stages(reference["stages"], n_cal, planned), planned)
+
+    def more(self, samples, counts_all) -> np.ndarray:
+        """Samples each row still needs by the plan: to the next stage if all its samples agree, else 0."""
+        samples = np.asarray(samples, dtype=np.int64)
+        stages = np.asarray(self.stages, dtype=np.int64)
+        nxt = np.searchsorted(stages, samples, side="right")
+        agree = np.asarray(counts_all).max(axis=1) == samples
+        target = np.where((nxt < len(stages)) & agree, stages[np.minimum(nxt, len(stages) - 1)], samples)
+        return target - samples
+
+    def collect(self, draw, num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Draw every row's samples by the plan: ``draw(rows, start, n)`` returns the class counts of samples
+        ``start .. start + n - 1`` of each row's stream (``len(rows) x K``).
+
+        Returns
+        -------
+        counts_first, counts_all : numpy.ndarray
+            ``num x K`` counts of the first ``n_cal`` samples and of all samples.
+        samples : numpy.ndarray
+            Samples drawn per row.
+        """
+        rows = np.arange(num)
+        first = np.asarray(draw(rows, np.zeros(num, dtype=np.int64), np.full(num, self.n_cal)), dtype=np.int64)
+        every = first.copy()
+        samples = np.full(num, self.n_cal, dtype=np.int64)
+        while True:
+            extra = self.more(samples, every)
+            go = np.flatnonzero(extra > 0)
+            if not go.size:
+                return first, every, samples
+            every[go] += np.asarray(draw(go, samples[go], extra[go]), dtype=np.int64)
+            samples[go] += extra[go]
+
+    def reference(self, predicted, counts_first, counts_all, samples) -> np.ndarray:
+        """``y`` per row, by the calibration's own function (``reference_radii``) on the plan's samples."""
+        counts_first = np.asarray(counts_first)
+        topped = self.planned_max is not None
+        return reference_radii(predicted, counts_first, self.n_cal, self.alpha_mc, self.sigma,
+                               counts_topup=np.asarray(counts_all) - counts_first if topped else None,
+                               samples=samples if topped else None, planned_max=self.planned_max).radius
 
 
 # --------------------------------------------------------------------------- the tuned (shifted) score
@@ -815,8 +1156,14 @@ def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float
     For each grid radius ``r``: ``tau(r)`` = the conformal quantile (``quantile_rank``: the marginal rank
     ``ceil((m+1)(1-epsilon))``, or the PAC rank) of the scores ``stats.threshold_scores(z~, y, r)``
     (``z~_i`` where ``y_i < r``, else ``-inf``). Certifying ``(A, r*)`` iff ``z~ > tau(r+)`` is then wrong
-    with probability at most ``epsilon + alpha_mc`` for each fixed ``r*`` (``one_pass.certified_at_required``).
+    with probability at most ``epsilon + alpha_mc`` for each ``r*`` fixed before the input is seen
+    (``one_pass.certified_at_required``); not for an ``r*`` chosen from the input's own surrogate output.
     ``tau`` is non-decreasing in ``r`` (the scores only grow with ``r``).
+
+    ``guarantee="issued"``: ``tau(r)`` is ``issued_threshold`` instead (Learn-then-Test over ``z~``
+    thresholds): for each fixed ``r*``, with probability at least ``1 - delta`` over the calibration draw,
+    ``P(y < r+ | z~ > tau(r+)) <= epsilon``, so a certificate *issued* at ``r*`` is wrong with probability
+    at most ``epsilon + alpha_mc``. Those ``tau`` need not be monotone in ``r``.
 
     MAPIE has no piece for this: it is a conformal quantile of a score transformed by the target
     (censored to ``-inf`` where ``y >= r``), one quantile per radius, which MAPIE's regressors (scores
@@ -835,10 +1182,10 @@ def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float
         Noise level (the grid's unit).
     epsilon : float
         Target rate, in (0, 0.5).
-    guarantee : {"marginal", "pac"}, optional
-        The quantile rule.
+    guarantee : {"marginal", "pac", "issued"}, optional
+        The quantile rule, or LTT among issued certificates.
     delta : float, optional
-        PAC confidence parameter.
+        PAC / issued confidence parameter.
     points_per_sigma : int, optional
         Grid density.
 
@@ -855,14 +1202,19 @@ def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float
     rank = quantile_rank(m, epsilon, guarantee, delta)
     tau = []
     for r in grid:
-        scores = np.sort(stats.threshold_scores(z, reference, r))
-        value = float("inf") if rank > m else float(scores[rank - 1])
+        if guarantee == "issued":
+            value = issued_threshold(z, reference, float(r), epsilon, delta)
+        else:
+            scores = np.sort(stats.threshold_scores(z, reference, r))
+            value = float("inf") if rank > m else float(scores[rank - 1])
         tau.append(None if value == float("inf") else max(value, TAU_BELOW_ALL))
-    rule = ("marginal conformal quantile, rank ceil((m + 1)(1 - epsilon))" if guarantee != "pac"
-            else f"PAC conformal quantile (delta = {delta})")
+    rule = {"marginal": "marginal conformal quantile, rank ceil((m + 1)(1 - epsilon))",
+            "pac": f"PAC conformal quantile (delta = {delta})",
+            "issued": f"Learn-then-Test over z~ thresholds ISSUED_Z_GRID, binomial p-values, fallback procedure "
+                      f"(delta = {delta}): the rate of y < r among inputs with z~ > tau(r)"}[guarantee]
     return dict(grid=[float(r) for r in grid], tau=tau, score="z~ where y < r, else -inf (stats.threshold_scores)",
-                rule=rule, guarantee="pac" if guarantee == "pac" else "marginal", epsilon=float(epsilon),
-                calibration_size=int(m), points_per_sigma=int(points_per_sigma))
+                rule=rule, guarantee=guarantee, epsilon=float(epsilon), calibration_size=int(m),
+                points_per_sigma=int(points_per_sigma), **({"delta": float(delta)} if guarantee == "issued" else {}))
 
 
 # --------------------------------------------------------------------------- from files
@@ -889,6 +1241,7 @@ def calibrate_arrays(
     counts_topup=None,
     samples=None,
     planned_max: int | None = None,
+    topup_stages: Sequence[int] | None = None,
     bin_edges_source: dict | None = None,
     **provenance,
 ) -> Calibration:
@@ -904,7 +1257,8 @@ def calibrate_arrays(
       calibration part (``fit_offsets(shift=...)``, pooled);
     - with ``thresholds``, the required-radius thresholds on every point (``fit_radius_thresholds``).
 
-    ``method="ltt"`` is recorded with ``guarantee="pac"``.
+    ``guarantee="issued"`` and ``method="ltt"`` are one option (``resolve_guarantee``); its thresholds are
+    fitted by LTT too.
 
     Parameters
     ----------
@@ -933,6 +1287,10 @@ def calibrate_arrays(
         Also fit the required-radius thresholds (default).
     counts_topup, samples, planned_max
         A topped-up file's extra counts, samples per row and planned maximum (``reference_radii``).
+    topup_stages : sequence of int, optional
+        The top-up's stages (``topup_stages``): recorded, and checked against the rows
+        (``check_topup_follows_stages``), so that an audit can replay the plan; without them a topped-up
+        calibration cannot be audited.
     bin_edges_source : dict, optional
         Where ``bin_edges`` came from (recorded).
     **provenance
@@ -955,12 +1313,12 @@ def calibrate_arrays(
         If ``x`` is not a valid image batch of the surrogate's input shape.
     """
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
+    guarantee, method = resolve_guarantee(guarantee, method)
     if score not in SCORES:
         raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
     if score == "shifted" and (groups != "none" or method != "conformal"):
-        raise InvalidParameterError("the shifted score has its own bins: use it with groups='none' and method='conformal'")
-    if method == "ltt":
-        guarantee = "pac"  # LTT's statement holds with probability 1 - delta over the calibration draw
+        raise InvalidParameterError("the shifted score has its own bins and a conformal shift: use it with "
+                                    "groups='none' and the marginal or pac guarantee (not issued / ltt)")
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
         raise CalibrationError(
@@ -974,8 +1332,12 @@ def calibrate_arrays(
         raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
     n_cal = int(totals[0]) if len(totals) else 1
     sigma = float(surrogate.sigma)
+    if topup_stages is not None and planned_max is not None:
+        check_topup_follows_stages(counts, np.zeros_like(counts) if counts_topup is None else counts_topup,
+                                   np.full(len(counts), n_cal) if samples is None else samples,
+                                   check_stages(topup_stages, n_cal, int(planned_max)))
     refs = reference_radii(predicted, counts, n_cal, alpha_mc, sigma, counts_topup=counts_topup, samples=samples,
-                           planned_max=planned_max)
+                           planned_max=planned_max, stages=topup_stages if planned_max is not None else None)
     options = dict(sigma=sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
                    guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges)
     rows = np.arange(len(predicted))
@@ -1198,13 +1560,15 @@ def calibrate(
         source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
     images = counts.images(data_root)
     topped = attrs.get("topup_planned_max") is not None
+    stages = (topup_stages(counts.n, json.loads(attrs.get("topup_history") or "[]"), counts.planned_max_samples)
+              if topped else None)
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
         method=method, bin_edges=bin_edges, score=score, bins=SHIFT_BINS if bins is None else bins,
         tune_share=tune_share,
         partition_seed=partition_seed, indices=counts.indices, labels=counts.labels, thresholds=thresholds,
         counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
-        planned_max=counts.planned_max_samples if topped else None, bin_edges_source=source,
+        planned_max=counts.planned_max_samples if topped else None, topup_stages=stages, bin_edges_source=source,
         counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
         dataset=str(attrs["dataset"]), split=str(attrs["split"]),
     )
@@ -1218,5 +1582,7 @@ __all__ = [
     "ReferenceRadii", "reference_radii", "expected_radius_cap", "REFERENCE_BOUNDS", "partition_rows",
     "partition_record", "allocate_bin_offsets", "ShiftedScore", "fit_shifted", "fit_radius_thresholds",
     "edges_from_counts", "TUNE_SHARE", "PARTITION_SEED", "SHIFT_BINS", "THRESHOLD_POINTS_PER_SIGMA",
-    "MONITOR_STATISTIC", "monitor_reference",
+    "MONITOR_STATISTIC", "monitor_reference", "resolve_guarantee", "FallbackProcedure", "issued_offset_grid",
+    "issued_threshold", "ISSUED_GRID_STEP", "ISSUED_Z_GRID", "MAPIE_TOLERANCE", "ReferencePlan", "topup_stages",
+    "check_stages", "check_topup_follows_stages", "TOPUP_RULE",
 ]

@@ -36,6 +36,7 @@ from surrogate_cert.core.hashing import sha256_file
 from surrogate_cert.core.one_pass import deployed_radius
 from surrogate_cert.core.surrogate import Surrogate
 
+from .artifact import guarantee_statement
 from .artifact import load_calibration as load_artifact
 
 STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -268,6 +269,9 @@ def calibration_summary(cal: dict) -> dict:
         min_group_size=cal.get("min_group_size"),
         radius_cap=cal.get("radius_cap"),
         bound=cal.get("bound"),
+        statement=guarantee_statement(cal.get("guarantee") or "marginal", cal.get("epsilon") or 0.0,
+                                      cal.get("alpha_mc") or 0.0, cal.get("delta"), cal.get("groups") or "none",
+                                      cal.get("method") or "conformal") if cal.get("epsilon") is not None else None,
         diagnostics=cal.get("diagnostics") or {},
         raw=cal,
     )
@@ -391,12 +395,13 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     held_out = held_out_counts(counts, model, cal, key=key)
     attrs = held_out.attrs
     images = held_out.images(data_root)
-    predicted, p_tilde = model.predict(images)
+    predicted, p_tilde, z = model.predict_z(images)
     predicted = np.asarray(predicted)
-    calibrated = deployed_radius(cal, predicted, p_tilde)
+    calibrated = deployed_radius(cal, predicted, p_tilde, z)
     counts_top = held_out.counts[np.arange(len(predicted)), predicted]
     check = check_against_reference(p_tilde, calibrated, counts_top, int(attrs["n"]), cal.sigma,
-                                    cal.epsilon, cal.alpha_mc)
+                                    cal.epsilon, cal.alpha_mc,
+                                    guarantee=cal.guarantee if cal.method != "ltt" else "issued")
     check.update(counts_path=os.fspath(counts), split=str(attrs["split"]), n=int(attrs["n"]))
     return check
 
@@ -424,14 +429,16 @@ def held_out_counts(counts: str | os.PathLike, model: Surrogate, cal, key: bytes
 
 
 def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, sigma: float,
-                            epsilon: float, alpha_mc: float) -> dict:
+                            epsilon: float, alpha_mc: float, guarantee: str = "marginal") -> dict:
     """The held-out check on numbers: calibrated radii ``R^`` against the MC reference radii ``y``.
 
     ``counts_top[i]`` is how often the base model returned the surrogate's class among ``n`` noisy
     evaluations of image ``i``. ``y = max(sigma Phi^-1(pL), 0)``, ``pL`` the one-sided
-    Clopper-Pearson bound at ``alpha_mc`` (DESIGN.md). Calibration promises ``P(R^ > y) <= epsilon``
-    marginally, so the count of ``R^ > y`` should not exceed the 0.999-quantile of
-    ``Binomial(images, epsilon)`` (the allowance) but in one time out of a thousand.
+    Clopper-Pearson bound at ``alpha_mc`` (DESIGN.md). A marginal or PAC calibration promises
+    ``P(R^ > y) <= epsilon`` over all images, certified or not, so the count of ``R^ > y`` should not
+    exceed the 0.999-quantile of ``Binomial(images, epsilon)`` (the allowance) but in one time out of a
+    thousand; the ``issued`` guarantee promises it among certified images, so there the allowance is
+    that of ``Binomial(certified images, epsilon)``. Both rates are reported.
     """
     p_surrogate = np.asarray(p_surrogate, dtype=float)
     calibrated_radius = np.asarray(calibrated_radius, dtype=float)
@@ -439,11 +446,14 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
     reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma))
     above = (calibrated_radius > 0) & (calibrated_radius > reference)
     m = int(above.size)
-    allowance = stats.binomial_allowance(m, epsilon)
+    certified = int((calibrated_radius > 0).sum())
+    allowance = stats.binomial_allowance(certified if guarantee == "issued" else m, epsilon)
     return dict(
         num_images=m,
         num_above=int(above.sum()),
         rate_above=float(above.mean()) if m else None,
+        rate_above_among_certified=float(above.sum() / certified) if certified else None,
+        guarantee=guarantee,
         bound=float(epsilon),
         allowance=allowance,
         within_bound=bool(above.sum() <= allowance),
@@ -565,17 +575,21 @@ def tables(report: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                   ["smallest group with its own q^", _fmt(cal["min_group_size"])],
                   ["radius cap before the offset (largest reference radius n_cal samples can show)",
                    _fmt(cal["radius_cap"], 4)],
-                  ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)]]
+                  ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)],
+                  ["what the bound means", _fmt(cal.get("statement"))]]
         diag = cal["diagnostics"]
         for key, text in (("certified_share", "share certified by the surrogate (calibration set)"),
                           ("violation_rate", "rate of calibrated radius > reference (calibration set, in-sample)"),
+                          ("violation_rate_among_certified",
+                           "the same among certified calibration points (in-sample; the issued guarantee's rate)"),
                           ("mean_certified_radius", "mean calibrated radius of certified inputs"),
                           ("surrogate_agrees_with_counts", "surrogate class = MC argmax (calibration set)"),
                           ("mapie_interval_coverage", "MAPIE interval coverage (calibration set)")):
             if key in diag:
                 params.append([text, _fmt(diag[key], 4)])
         out["calibration"] = (["parameter", "value"], params)
-        out["groups"] = (["group", "q^", "calibration images", "uses pooled q^"], _group_rows(cal))
+        out["groups"] = (["group", "q^", "calibration images", "too small: never certified by the surrogate"],
+                         _group_rows(cal))
         check = cal.get("check")
         if check:
             out["check"] = (
@@ -624,8 +638,8 @@ def _group_rows(cal: dict) -> list[list[str]]:
     q_hat = cal["q_hat"] or {}
     sizes = cal["group_sizes"] or {}
     pooled = {str(g) for g in (cal["fallback_groups"] or [])}
-    rows = [[str(g), "inf (never certifies)" if q is None else _fmt(float(q), 4), _fmt(sizes.get(g)),
-             "yes" if str(g) in pooled else "no"] for g, q in q_hat.items()]
+    rows = [[str(g), "inf (never certifies)" if q is None or str(g) in pooled else _fmt(float(q), 4),
+             _fmt(sizes.get(g)), "yes" if str(g) in pooled else "no"] for g, q in q_hat.items()]
     if len(q_hat) != 1 or cal["groups"] not in (None, "none"):
         q = cal["pooled_q_hat"]
         rows.append(["pooled (all)", "inf (never certifies)" if q is None else _fmt(float(q), 4),

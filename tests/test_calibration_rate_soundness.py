@@ -163,7 +163,8 @@ def test_ltt_rate_among_issued_certificates_controlled_with_probability_one_minu
     for r in radii:
         issued = r > 0
         if issued.any():
-            # Against the truth the conditional rate may gain alpha_mc / P(issued).
-            failures += _conditional_wrong(r, issued) > epsilon + ALPHA_MC / issued.mean()
+            # Against the truth the conditional rate gains at most alpha_mc: whether a certificate is issued
+            # depends on the input alone, and the reference errs with probability <= alpha_mc for each input.
+            failures += _conditional_wrong(r, issued) > epsilon + ALPHA_MC
     assert failures <= st.binom.ppf(0.999, REDRAWS, delta), failures
     assert np.mean([np.mean(r > 0) for r in radii]) > 0.3  # it does certify

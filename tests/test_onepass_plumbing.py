@@ -166,7 +166,7 @@ def test_format_3_records_score_and_rules_and_refuses_inconsistent_parts_and_ver
     problem = linear_problem(300, sigma=SIGMA, input_shape=(1, 2, 2), seed=9)
     shifted = _cal(problem, score="shifted", bins=3, indices=np.arange(300) + 7)
     content = shifted.to_dict()
-    assert content["format_version"] == 3 and content["score"] == "shifted"
+    assert content["format_version"] == 4 and content["score"] == "shifted"  # version 4 keeps version 3's fields
     assert content["partition"]["tune_size"] + content["partition"]["calibration_size"] == 300
     assert len(content["score_params"]["bin_offsets"]) == len(content["score_params"]["bin_edges"]) + 1
     assert content["radius_thresholds"]["rule"].startswith("marginal") and content["reference"]["bound"] == "clopper-pearson"

@@ -46,7 +46,7 @@ HYBRID = (
 CALIBRATION = Calibration(
     surrogate_sha256="ab" * 32, sigma=0.25, num_classes=3, epsilon=0.01, alpha_mc=0.001,
     guarantee="marginal", method="conformal", groups="class",
-    offsets={"0": 0.12, "1": 0.15, "2": float("inf")}, pooled_offset=0.15, calibration_size=400, n_cal=10_000,
+    offsets={"0": 0.12, "1": float("inf"), "2": float("inf")}, pooled_offset=0.15, calibration_size=400, n_cal=10_000,
     group_sizes={"0": 300, "1": 98, "2": 2}, fallback_groups=["1"], min_group_size=99,
     radius_cap=max_radius(10_000, 0.001, 0.25),
     counts_sha256="cd" * 32, package_version="0.1.0", diagnostics=dict(certified_share=0.8, violation_rate=0.005),
@@ -140,10 +140,11 @@ def test_with_calibration_and_alone(files):
     parser = _parse(paths["html"])
     _check_images(parser, 2)
     assert "Calibration" in parser.h2 and "Amortisation" in parser.h2
-    i = parser.cells.index("0", parser.cells.index("uses pooled q^"))
-    assert parser.cells[i:i + 12] == ["0", "0.1200", "300", "no", "1", "0.1500", "98", "yes",
+    i = parser.cells.index("0", parser.cells.index("too small: never certified by the surrogate"))
+    assert parser.cells[i:i + 12] == ["0", "0.1200", "300", "no", "1", "inf (never certifies)", "98", "yes",
                                       "2", "inf (never certifies)", "2", "no"]
     assert "0.0110" in parser.cells  # the bound epsilon + alpha_mc
+    assert any("counting inputs that get no certificate" in c for c in parser.cells)  # and what it means
     data = json.load(open(paths["json"]))
     assert data["calibration"]["epsilon"] == 0.01 and data["amortisation"]["offline_evaluations"] is None
 

@@ -24,7 +24,7 @@ NOISE_SCHEMES = ("torch-generator-block256-v1", "torch-generator-block256-v2", "
 NOISE_SCHEME = "torch-generator-block256-v2"
 """``core.smoothing.NOISE_SCHEME``: the scheme new files use."""
 
-GUARANTEES = ("marginal", "pac")
+GUARANTEES = ("marginal", "pac", "issued")
 """``calibration.conformal.GUARANTEES``."""
 
 CALIBRATION_METHODS = ("conformal", "ltt")

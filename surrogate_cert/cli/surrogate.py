@@ -87,12 +87,16 @@ def register(sub) -> None:
     p.add_argument("--alpha-mc", type=float, default=1e-3,
                    help="Clopper-Pearson level of the reference radius (default 0.001)")
     p.add_argument("--guarantee", choices=GUARANTEES, default="marginal",
-                   help="marginal (default): in expectation over calibration draws; pac: with probability 1 - delta")
-    p.add_argument("--delta", type=float, default=0.05, help="PAC / LTT confidence parameter (default 0.05)")
+                   help="marginal (default): P(wrong) <= epsilon + alpha_mc over calibration draws and test inputs, "
+                        "certified or not; pac: the same rate, with probability 1 - delta over the calibration draw; "
+                        "issued: P(wrong | the surrogate issued the certificate) <= epsilon + alpha_mc with "
+                        "probability 1 - delta (Learn-then-Test; certifies fewer inputs)")
+    p.add_argument("--delta", type=float, default=0.05, help="pac / issued confidence parameter (default 0.05)")
     p.add_argument("--groups", choices=GROUPINGS, default="none",
                    help="Mondrian calibration per predicted class or per surrogate-confidence bin (default none)")
     p.add_argument("--method", choices=METHODS, default="conformal",
-                   help="conformal (default): score quantile; ltt: Learn-then-Test on the rate among issued certificates")
+                   help="conformal (default): score quantile; ltt: Learn-then-Test on the rate among issued "
+                        "certificates (the same as --guarantee issued)")
     p.add_argument("--score", choices=SCORES, default="residual",
                    help="residual (default): R~ - y; shifted: per-bin offsets tuned on one part of the cal split "
                         f"(--tune-share, default {TUNE_SHARE:g}), then the conformal shift on the other part")
@@ -131,7 +135,8 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=1e-3, help="error probability of a sequential certificate (default 0.001)")
     p.add_argument("--max-samples", type=int, default=10_000, help="sequential sample budget per input (default 10000)")
     p.add_argument("--target-radius", type=radius_arg, default=None,
-                   help="required l2 radius: inputs the surrogate certifies less go to the fallback in target-radius mode")
+                   help="required l2 radius for every input, fixed before seeing them: inputs the surrogate does not "
+                        "certify at it go to the fallback in target-radius mode")
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
     add_device_args(p)
     add_progress_arg(p)
@@ -196,8 +201,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     q = calibration.pooled_offset
     print(f"wrote {args.out}: {calibration.calibration_size} points (n_cal={calibration.n_cal}), "
           f"{calibration.guarantee} {calibration.method}, groups {calibration.groups}; q^ {q:.4g} (pooled); "
-          f"certifies {d['certified_share']:.1%} of the calibration set; bound epsilon + alpha_mc = {calibration.bound:g}"
-          + (f"; groups on the pooled q^: {', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else "")
+          f"certifies {d['certified_share']:.1%} of the calibration set; {calibration.statement}"
+          + (f"; groups too small for their own q^ (never certified by the surrogate): "
+             f"{', '.join(calibration.fallback_groups)}" if calibration.fallback_groups else "")
           + (f"; signed (key id {calibration.signature_key_id})" if calibration.signed else "; unsigned"))
     cap = calibration.radius_cap
     print(f"radius cap {cap:.4g} ({cap / calibration.sigma:.2f} sigma): the largest reference radius the calibration "

@@ -9,14 +9,22 @@ Asked for a required radius ``r*`` (and holding required-radius thresholds), the
 ``(A, r*)`` iff ``z~ > tau(r+)``, ``r+`` the first calibrated grid radius ``>= r*``
 (``required_thresholds``); otherwise an abstention (the hybrid then runs its sequential fallback in
 target mode). The best-radius ``R^`` is not used in that mode: one rule per certificate keeps its
-bound at ``epsilon + alpha_mc``.
+bound at ``epsilon + alpha_mc``. ``r*`` is one number per call (``check_required_radius``): the
+thresholds hold for an ``r*`` fixed before the input is seen, not for one chosen from its output.
+
+What a one-pass certificate guarantees (calibration and test inputs exchangeable; docs/guarantees.md):
+with the ``marginal`` guarantee, ``P(wrong) <= epsilon + alpha_mc`` over the calibration draw and a
+random test input, *including the inputs it does not certify*; among the inputs the surrogate does
+certify, the rate of wrong certificates can be larger (about ``epsilon / P(certified)`` at worst).
+The ``issued`` guarantee (``calibration.conformal.ltt_offset``) bounds that rate itself: with
+probability at least ``1 - delta`` over the calibration draw, ``P(wrong | certified) <= epsilon + alpha_mc``.
 
 The rules that say which offset, bin or threshold an input gets live here, once: calibration fits
 with them and deployment looks up with them, using the edges, offsets and grid stored in the
 calibration (never a constant). A calibration is any object with the attributes of
 ``calibration.artifact.Calibration`` that this module reads: ``sigma``, ``groups``, ``bin_edges``,
 ``offsets``, ``pooled_offset``, ``radius_cap``, ``epsilon``, ``alpha_mc``, ``check_matches(surrogate)``
-and, where present, ``score``, ``score_params`` and ``radius_thresholds``.
+and, where present, ``fallback_groups``, ``score``, ``score_params`` and ``radius_thresholds``.
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ from .smoothing import check_images, noise_indices
 
 __all__ = ["SurrogateCertifier", "GROUPINGS", "SCORES", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
            "all_group_keys", "group_offsets", "bin_shifts", "deployed_radius", "required_thresholds",
-           "certified_at_required", "required_radii", "SMALL_BATCH", "intra_op_threads"]
+           "certified_at_required", "required_radii", "check_required_radius", "never_certifying_groups",
+           "SMALL_BATCH", "intra_op_threads"]
 
 SMALL_BATCH = 1024
 """``threads="auto"``: batches of fewer images than this run the surrogate with one intra-op thread.
@@ -63,40 +72,61 @@ def intra_op_threads(num: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def required_radii(required_radius, num: int) -> np.ndarray:
-    """Per-input required radius, validated: NaN where none is required.
+def check_required_radius(required_radius) -> float | None:
+    """One required radius ``r*`` for a whole batch (input l2 units), validated; None where none is asked.
 
-    A required radius of 0 asks for the class only: the one-pass path answers it with the best-radius
-    rule (``R^ > 0``), the sequential fallback in target mode.
+    The required-radius thresholds hold for an ``r*`` fixed before the input is seen: certifying
+    ``(A, r*)`` iff ``z~ > tau(r+)`` is wrong with probability at most ``epsilon + alpha_mc`` for each
+    such ``r*``. An ``r*`` chosen per input from the surrogate's own output (say, the largest radius its
+    threshold passes) is not covered, and is wrong far more often (``tests/test_required_radius_is_fixed.py``
+    measures 0.6 on the linear ground truth). So the one-pass and hybrid certifiers take one number per
+    call (a setting of the batch), never one per input; to ask different radii, make one call per radius
+    with radii chosen without looking at the inputs. A required radius of 0 (or NaN, or None) asks for the
+    class only: the best-radius rule answers it.
 
     Parameters
     ----------
-    required_radius : None, float or array_like of float
-        One radius for all inputs or one per input, input l2 units.
-    num : int
-        Number of inputs.
+    required_radius : None or float
+        ``r* >= 0`` for every input of the call.
 
     Returns
     -------
-    numpy.ndarray
-        Shape ``(num,)``, float: the radius, or NaN.
+    float or None
+        ``r*``, or None where none is required (None, NaN).
 
     Raises
     ------
     InvalidParameterError
-        If a radius is negative or infinite, or the shape is not one value or one per input.
+        If it is not one number (an array of radii per input is refused), or is negative or infinite.
     """
     if required_radius is None:
-        return np.full(num, np.nan)
-    arr = np.asarray(required_radius, dtype=float)
-    if arr.ndim == 0:
-        arr = np.full(num, float(arr))
-    if arr.shape != (num,):
-        raise InvalidParameterError(f"required_radius must be a scalar or one value per input ({num}), got shape {arr.shape}")
-    finite = ~np.isnan(arr)
-    if np.any(np.isinf(arr)) or np.any(arr[finite] < 0):
-        raise InvalidParameterError("required_radius must be a finite radius >= 0 (input l2 units), or NaN for none")
-    return arr
+        return None
+    try:
+        arr = np.asarray(required_radius, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"required_radius must be a radius (a number), got {required_radius!r}") from None
+    if arr.ndim != 0:
+        raise InvalidParameterError(
+            "required_radius must be one radius for the whole batch (a setting fixed before the inputs are seen), "
+            f"got an array of shape {arr.shape}; the thresholds do not hold for a radius chosen per input")
+    value = float(arr)
+    if np.isnan(value):
+        return None
+    if np.isinf(value) or value < 0:
+        raise InvalidParameterError(f"required_radius must be a finite radius >= 0 (input l2 units), got {value}")
+    return value
+
+
+def required_radii(required_radius, num: int) -> np.ndarray:
+    """``check_required_radius`` broadcast to the ``num`` inputs of a call: shape ``(num,)``, NaN where none.
+
+    Raises
+    ------
+    InvalidParameterError
+        As ``check_required_radius`` (one radius per input is refused).
+    """
+    value = check_required_radius(required_radius)
+    return np.full(num, np.nan if value is None else value)
 
 
 def _check_threads(threads) -> int | str | None:
@@ -141,8 +171,9 @@ def group_keys(predicted, p_tilde, groups: str, edges: Sequence[float] | None = 
         Strictly increasing bin edges on ``Phi^{-1}(p~)`` for ``groups="confidence"``; default
         ``DEFAULT_CONFIDENCE_EDGES``.
     z : array_like of float, optional
-        ``z~`` per input (``Surrogate.predict_z``); binned instead of ``Phi^{-1}(clip(p~))``, which
-        ties above ``p~ = 1 - P_CLIP``.
+        ``z~`` per input (``Surrogate.predict_z``). This function is the one rule that bins inputs, for
+        calibration, deployment and the audit alike; each passes the surrogate's tail-accurate ``z~``.
+        Without it, ``stats.probit_of_probability(p~)`` (the same wherever ``p~`` is representable).
 
     Returns
     -------
@@ -199,10 +230,26 @@ def all_group_keys(groups: str, num_classes: int, edges: Sequence[float] | None 
     raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
 
 
+def never_certifying_groups(calibration) -> set[str]:
+    """Groups of a Mondrian calibration whose inputs the surrogate never certifies (``offset = +inf``).
+
+    A group without a valid offset of its own (fewer calibration points than ``min_group_size``, listed
+    in ``fallback_groups``) never certifies by the surrogate: its inputs go to the sequential fallback,
+    or abstain. The pooled offset is not a valid offset for such a group (an audit of the statistics
+    measured a hard low-confidence bin on the pooled offset wrong 12% of the time at epsilon = 0.01),
+    and it also voids the pooled bound (0.0137 overall against 0.011). Files of format version 3 and
+    older stored the pooled offset for those groups; they are read with this rule too.
+    """
+    if calibration.groups == "none":
+        return set()
+    return {str(g) for g in (getattr(calibration, "fallback_groups", None) or [])}
+
+
 def group_offsets(calibration, predicted, p_tilde, z=None) -> np.ndarray:
     """``q^`` of each input's group, under the calibration's grouping and stored bin edges.
 
-    A group the calibration never saw gets the pooled offset; ``inf`` never certifies.
+    A group without its own valid offset (``never_certifying_groups``), or one the calibration does not
+    list, gets ``+inf``: the surrogate never certifies it (the hybrid's fallback does).
 
     Parameters
     ----------
@@ -213,7 +260,7 @@ def group_offsets(calibration, predicted, p_tilde, z=None) -> np.ndarray:
     p_tilde : array_like of float
         The surrogate's probability of that class, per input.
     z : array_like of float, optional
-        ``z~`` per input, binned for ``groups="confidence"`` (see ``group_keys``).
+        ``z~`` per input (``Surrogate.predict_z``), binned for ``groups="confidence"`` (see ``group_keys``).
 
     Returns
     -------
@@ -241,7 +288,9 @@ def group_offsets(calibration, predicted, p_tilde, z=None) -> np.ndarray:
         size = len(edges) + 1
     else:
         raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
-    table = np.array([calibration.offsets.get(str(g), calibration.pooled_offset) for g in range(size)], dtype=float)
+    never = never_certifying_groups(calibration)
+    table = np.array([np.inf if str(g) in never else calibration.offsets.get(str(g), np.inf) for g in range(size)],
+                     dtype=float)
     return table[ids] if num else np.zeros(0)
 
 
@@ -300,7 +349,7 @@ def deployed_radius(calibration, predicted, p_tilde, z=None) -> np.ndarray:
         The surrogate's probability of that class, per input.
     z : array_like of float, optional
         ``z~`` per input (``Surrogate.predict_z``); needed by a ``shifted`` score and used by confidence
-        groups. Default: ``Phi^{-1}(clip(p~))`` (equal below ``p~ = 1 - P_CLIP``).
+        groups. Default: ``stats.probit_of_probability(p~)`` (equal wherever ``p~`` is representable).
 
     Returns
     -------
@@ -313,8 +362,7 @@ def deployed_radius(calibration, predicted, p_tilde, z=None) -> np.ndarray:
         As ``group_offsets``.
     """
     if z is None:
-        z = stats.probit_confidence(np.log(np.clip(p_tilde, stats.P_CLIP, 1 - stats.P_CLIP)),
-                                    np.log1p(-np.clip(p_tilde, stats.P_CLIP, 1 - stats.P_CLIP)))
+        z = stats.probit_of_probability(p_tilde)
     offsets = group_offsets(calibration, predicted, p_tilde, z=z) + bin_shifts(calibration, z)
     return np.atleast_1d(stats.calibrated_radius(p_tilde, calibration.sigma, calibration.radius_cap, offsets))
 
@@ -323,7 +371,8 @@ def required_thresholds(calibration, required_radius) -> np.ndarray:
     """``tau(r+)`` for each required radius ``r*``: the ``z~`` an input must exceed to be certified at ``r*``.
 
     ``r+`` is the first radius of the calibration's grid at least ``r*`` (``stats.grid_point_at_least``):
-    ``tau`` is non-decreasing in ``r``, so rounding up is conservative. Beyond the grid (``r*`` above the
+    the certificate claims ``r* <= r+`` while ``tau(r+)`` bounds the rate of references below ``r+``, so
+    rounding up is conservative (whether or not ``tau`` is monotone in ``r``). Beyond the grid (``r*`` above the
     radius cap) the threshold is ``+inf``: the one-pass certifier never claims a radius no calibration
     point could confirm.
 
@@ -356,8 +405,10 @@ def required_thresholds(calibration, required_radius) -> np.ndarray:
 def certified_at_required(calibration, z, required_radius) -> np.ndarray:
     """Whether the one-pass rule certifies ``(A, r*)``: ``z~ > tau(r+)`` (``required_thresholds``), per input.
 
-    With calibration and test inputs exchangeable, for each fixed ``r*`` a certificate is wrong with
-    probability at most ``epsilon + alpha_mc`` (``stats.threshold_scores``).
+    With calibration and test inputs exchangeable, for each ``r*`` fixed before the input is seen, a
+    certificate is wrong with probability at most ``epsilon + alpha_mc`` (``stats.threshold_scores``;
+    over the inputs it certifies, with probability ``1 - delta``, for thresholds fitted with the
+    ``issued`` guarantee). Not for an ``r*`` derived from the input's own surrogate output.
 
     Parameters
     ----------
@@ -365,25 +416,38 @@ def certified_at_required(calibration, z, required_radius) -> np.ndarray:
         With ``radius_thresholds``.
     z : array_like of float
         ``z~`` per input.
-    required_radius : float or array_like of float
-        ``r* > 0``, one for all inputs or one per input.
+    required_radius : float
+        ``r* > 0``, one radius for every input (``check_required_radius``), input l2 units.
 
     Returns
     -------
     numpy.ndarray
         Boolean, one per input.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``required_radius`` is not one radius, or the calibration holds no thresholds.
     """
     z = np.atleast_1d(np.asarray(z, dtype=float))
-    thresholds = np.broadcast_to(required_thresholds(calibration, required_radius), z.shape)
-    return z > thresholds
+    radius = check_required_radius(required_radius)
+    if radius is None:
+        raise InvalidParameterError("certified_at_required needs a required radius r* > 0")
+    return z > required_thresholds(calibration, radius)[0]
 
 
 class SurrogateCertifier:
     """Certify a batch in one surrogate forward pass (``n_samples = 0``).
 
-    Marginally over the calibration set and an exchangeable test input, a non-abstaining
-    certificate is wrong with probability at most ``calibration.epsilon + calibration.alpha_mc``
-    (PAC, Mondrian and LTT calibrations state their own variant, see ``calibration.conformal``).
+    With the calibration and test inputs exchangeable, a certificate is wrong (``R > 0`` and the class
+    or radius not true) with probability at most ``calibration.epsilon + calibration.alpha_mc``. What
+    that probability is over depends on ``calibration.guarantee``: ``marginal``, over the calibration
+    draw and a random test input whether or not it gets a certificate (conditional on a certificate
+    being issued the rate can be larger); ``pac``, over a random test input, for all but a share
+    ``delta`` of calibration draws; ``issued``, over a random test input *that gets a certificate*, for
+    all but a share ``delta`` of calibration draws. Mondrian calibrations hold their statement within
+    each group with an offset of its own; the other groups are never certified by the surrogate.
+    Required-radius certificates hold for each ``r*`` fixed before the input is seen.
 
     Parameters
     ----------
@@ -478,7 +542,8 @@ class SurrogateCertifier:
         thresholds (made before they existed) certify ``(A, R^)`` where ``R^ >= r*``.
 
         Each non-abstaining certificate carries the class's guarantee (wrong with probability at most
-        ``calibration.epsilon + calibration.alpha_mc``, marginally; see the class docstring).
+        ``calibration.epsilon + calibration.alpha_mc``, in the sense of ``calibration.guarantee``; see the
+        class docstring).
         ``indices`` is accepted so every certifier has the same call, and checked (one per input),
         but no noise is drawn: the one-pass certificate depends on the image alone.
 
@@ -488,8 +553,9 @@ class SurrogateCertifier:
             ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
         indices : sequence of int or numpy.ndarray, optional
             Noise names, checked for length only.
-        required_radius : float or array_like of float, optional
-            Radius each input must be certified to (input l2 units).
+        required_radius : float, optional
+            ``r*``: the radius every input of the call must be certified to (input l2 units), fixed
+            before the inputs are seen (``check_required_radius``; one radius per input is refused).
 
         Returns
         -------
@@ -503,7 +569,7 @@ class SurrogateCertifier:
             If ``x`` is not a valid image batch of the surrogate's input shape, or ``indices`` does not
             hold one entry per input.
         InvalidParameterError
-            As ``group_offsets``.
+            As ``group_offsets``; or ``required_radius`` is not one radius >= 0.
         """
         started = time.perf_counter()
         classes, _, z, radius = self.evaluate(x)
@@ -530,7 +596,8 @@ class SurrogateCertifier:
         if not asked.any():
             return radius
         if self.has_thresholds:
-            ok = certified_at_required(self.calibration, np.asarray(z)[asked], required[asked])
+            radii = np.unique(required[asked])  # one radius per call (required_radii): an array is refused below
+            ok = certified_at_required(self.calibration, np.asarray(z)[asked], radii[0] if radii.size == 1 else radii)
             radius[asked] = np.where(ok, required[asked], 0.0)
         else:
             radius[asked] = np.where(radius[asked] >= required[asked], radius[asked], 0.0)

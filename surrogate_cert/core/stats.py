@@ -31,7 +31,7 @@ __all__ = [
     "prior_log_evidence",
     # split conformal
     "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
-    "confidence_bin", "conformal_rank", "conformal_quantile", "pac_conformal_rank",
+    "probit_of_probability", "confidence_bin", "conformal_rank", "conformal_quantile", "pac_conformal_rank",
     "min_calibration_size",
     # watching a deployment: drift (conformal test martingale) and audit
     "smoothed_p_value", "online_p_values", "drift_windows", "drift_bets", "fixed_share_update", "beta_binomial_log_martingale",
@@ -887,26 +887,48 @@ def calibrated_radius(p_tilde, sigma: float, radius_cap: float, offset):
                             - np.asarray(offset, dtype=float))
 
 
-def confidence_bin(p_tilde, edges, z=None):
-    """Mondrian bin of each input by surrogate confidence: ``digitize(Phi^{-1}(clip(p~)), edges)``.
+def probit_of_probability(p_tilde):
+    """``z~ = Phi^{-1}(p~)`` of probabilities given as numbers, tail-accurate and unclipped (``probit_confidence``).
 
-    ``edges`` are increasing cut points on the ``Phi^{-1}(p~)`` (sigma-units radius) scale, fixed
-    before calibration (from the surrogate or the train split alone), so that calibration and test
-    inputs in one bin stay exchangeable. Bin ``j`` holds ``edges[j-1] <= Phi^{-1}(p~) < edges[j]``.
-    ``z`` (``probit_confidence``, accurate where ``p~`` rounds to 1) replaces ``Phi^{-1}(clip(p~))``
-    when given; the two agree below ``p~ = 1 - P_CLIP``.
+    Equal to the surrogate's ``z~`` (``Surrogate.predict_z``) wherever ``p~`` itself is representable
+    (``1 - p~ >= 1.1e-16``, ``z~ < 8.2``); beyond that ``p~`` rounds to 1 and only the surrogate's own
+    ``z~`` (from its log-softmax) still ranks inputs. Never ``Phi^{-1}(clip(p~, P_CLIP))``: that clip
+    moves every ``p~ > 1 - 1e-6`` to ``z = 4.75`` and would bin such inputs apart from deployment.
+
+    Examples
+    --------
+    >>> round(float(probit_of_probability(1 - 1e-9)), 3), round(float(probit_of_probability(0.975)), 3)
+    (5.998, 1.96)
+    """
+    p = _as_floats(p_tilde, "p_tilde")
+    with np.errstate(divide="ignore"):
+        return probit_confidence(np.log(p), np.log1p(-p))
+
+
+def confidence_bin(p_tilde, edges, z=None):
+    """Mondrian bin of each input by surrogate confidence: ``digitize(z~, edges)``, ``z~ = Phi^{-1}(p~)``.
+
+    ``edges`` are increasing cut points on the ``z~`` (sigma-units radius) scale, fixed before
+    calibration (from the surrogate or the train split alone), so that calibration and test inputs in
+    one bin stay exchangeable. Bin ``j`` holds ``edges[j-1] <= z~ < edges[j]``. ``z`` is the surrogate's
+    tail-accurate ``z~`` (``Surrogate.predict_z``): pass it wherever it exists (calibration,
+    deployment and the audit all do, through ``core.one_pass.group_keys``). Without it ``z~`` is
+    ``probit_of_probability(p~)``, which equals it wherever ``p~`` is representable (never the
+    clipped ``Phi^{-1}(clip(p~))``, which would bin ``p~ > 1 - 1e-6`` elsewhere than deployment).
 
     Examples
     --------
     >>> confidence_bin([0.6, 0.9, 0.99, 0.9999], [1.0, 2.0, 3.0]).tolist()
     [0, 1, 2, 3]
+    >>> confidence_bin([1 - 1e-9], [5.0]).tolist()  # z~ = 6.0: above the edge, as at deployment
+    [1]
     """
     edges = _as_floats(edges, "bin edges")
     if edges.ndim != 1 or np.any(~np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
         raise InvalidParameterError(f"bin edges must be finite and strictly increasing, got {edges.tolist()}")
     if z is None:
-        z = ndtri(np.clip(_as_floats(p_tilde, "p_tilde"), P_CLIP, 1 - P_CLIP))
-    return np.digitize(_as_floats(z, "z"), edges)
+        z = probit_of_probability(p_tilde)
+    return np.digitize(np.atleast_1d(_as_floats(z, "z")), edges)
 
 
 def conformal_rank(m: int, epsilon: float) -> int:

@@ -110,8 +110,10 @@ class HybridCertifier:
     rule and its bound). A calibration without thresholds keeps the older rule: the surrogate's
     ``(A, R^)`` where ``R^ >= r*``, else the fallback, keeping the larger radius.
 
-    A certificate is wrong with probability at most ``epsilon + alpha_mc`` (surrogate, marginally;
-    for each fixed ``r*`` in required-radius mode) plus ``alpha`` (sequential, per input).
+    A surrogate certificate is wrong with probability at most ``epsilon + alpha_mc`` in the sense of the
+    calibration's guarantee (``Calibration.statement``: marginal over inputs, certified or not; PAC; or
+    among issued certificates), for each ``r*`` fixed before the inputs are seen in required-radius mode;
+    a sequential one with probability at most ``alpha``, for each input.
 
     Parameters
     ----------
@@ -300,7 +302,7 @@ class HybridCertifier:
         audit = None if self.audit is None else CertificateAudit(calibration, self.audit.smooth, **self.audit.options)
         self.surrogate_certifier, self.monitor, self.audit, self.alarm_reason = certifier, monitor, audit, None
 
-    def _watch(self, x, classes, p_tilde, radius, idx) -> tuple[int, np.ndarray]:
+    def _watch(self, x, classes, p_tilde, radius, idx, z=None) -> tuple[int, np.ndarray]:
         """Feed the watchers; returns the first query of the batch not to trust (``len`` if none) and
         the base-model evaluations the audit spent on each query."""
         num = len(radius)
@@ -317,8 +319,9 @@ class HybridCertifier:
                 cut, self.alarm_reason = max(0, self.monitor.alarm_at - before), "drift_alarm"
         if self.audit is not None and cut > 0:  # the audit checks one-pass certificates: none after an alarm
             before = self.audit.queries
-            audited = self.audit.audit(x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut])
-            spent[:cut][audited & (radius[:cut] > 0)] = self.audit.n_audit
+            self.audit.audit(x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut],
+                             z=None if z is None else z[:cut])
+            spent[:cut] = self.audit.last_spent
             if self.audit.alarm and self.audit.alarm_at - before < cut:
                 cut, self.alarm_reason = max(0, self.audit.alarm_at - before), "audit_alarm"
         return cut, spent
@@ -345,16 +348,20 @@ class HybridCertifier:
     ) -> list[Certificate]:
         """One ``Certificate`` per input of ``x`` (``N x C x H x W``, float, finite, in [0, 1]).
 
-        ``required_radius`` (scalar or one per input, input l2 units; NaN or None = none) routes an
-        input whose surrogate radius is below it to the sequential certifier in target-radius mode.
+        ``required_radius`` (one radius for the whole batch, input l2 units, fixed before the inputs are
+        seen; NaN or None = none) routes an input whose surrogate radius is below it to the sequential
+        certifier in target-radius mode. One radius per input is refused
+        (``core.one_pass.check_required_radius``): the one-pass thresholds do not hold for a radius
+        chosen from the input's own surrogate output.
         ``indices`` name each input's noise for the sequential certifier (default ``0..N-1``).
 
         Parameters
         ----------
         x : torch.Tensor
             ``N x C x H x W`` images of the surrogate's input shape, pixels in [0, 1].
-        required_radius : float or array_like, optional
-            Radius each input should be certified to, input l2 units; NaN or None for none.
+        required_radius : float, optional
+            ``r*``: the radius every input of the batch should be certified to, input l2 units; NaN or
+            None for none.
         indices : sequence of int or numpy.ndarray, optional
             Each input's noise name (dataset indices) for the sequential fallback.
 
@@ -374,7 +381,7 @@ class HybridCertifier:
             If ``x`` is not a valid image batch of the surrogate's input shape, or ``indices`` does not
             hold one entry per input.
         InvalidParameterError
-            If ``required_radius`` is negative, infinite or of the wrong shape.
+            If ``required_radius`` is negative, infinite, or not one number for the batch.
         ModelError
             If the base model's output width is not the surrogate's class count.
         """
@@ -388,7 +395,7 @@ class HybridCertifier:
         # an input the thresholds do not certify carries nothing from the surrogate into the merge below.
         radius = self.surrogate_certifier.radius_for(z, radius, required)
         p_lower = self.surrogate_certifier.p_lower(radius)
-        cut, audit_spent = self._watch(x, classes, p_tilde, radius, idx)
+        cut, audit_spent = self._watch(x, classes, p_tilde, radius, idx, z)
         trusted = np.arange(num) < cut  # queries before a watcher's alarm
         per_input = (time.perf_counter() - started) / max(num, 1)
         surrogate_cert = self.surrogate_certifier.certificate

@@ -58,7 +58,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from calibration.conformal import MONITOR_STATISTIC, quantile_rank
+from calibration.conformal import MONITOR_STATISTIC, ReferencePlan, quantile_rank
 
 from ..core import stats
 from ..core.errors import CalibrationError, InvalidInputError, InvalidParameterError, check_probability
@@ -348,12 +348,16 @@ class AuditPlan:
         Probability of a false alarm over the calibration draw and the whole stream.
     groups : frozenset of str or None
         Mondrian groups audited (those with their own offset); None = every query.
+    population : {"all", "issued"}
+        Whose outcomes the rate is over: every selected query (marginal and PAC calibrations), or the
+        selected queries the surrogate certifies (the issued guarantee).
     """
 
     threshold: float
     delta_sequence: float
     false_alarm_bound: float
     groups: frozenset | None
+    population: str = "all"
 
 
 def audit_plan(calibration, delta: float = DEFAULT_DELTA) -> AuditPlan:
@@ -365,9 +369,10 @@ def audit_plan(calibration, delta: float = DEFAULT_DELTA) -> AuditPlan:
     the confidence sequence gets the other ``delta / 2``. With Mondrian groups, each group with its
     own offset gets ``delta / 2`` split equally, the threshold is the largest group's quantile, and
     queries of groups on the pooled offset are not audited (no per-group statement covers them).
-    Learn-then-Test calibrations state ``rate <= epsilon`` with probability ``1 - calibration.delta``
-    per group: the threshold is ``epsilon``, the sequence gets all of ``delta``, and the bound adds
-    ``calibration.delta`` per group.
+    Learn-then-Test calibrations (the ``issued`` guarantee) state ``rate <= epsilon`` *among certified
+    queries* with probability ``1 - calibration.delta`` per group: the audited population is the selected
+    queries the surrogate certifies, the threshold is ``epsilon``, the sequence gets all of ``delta``, and
+    the bound adds ``calibration.delta`` per group.
 
     Parameters
     ----------
@@ -388,7 +393,7 @@ def audit_plan(calibration, delta: float = DEFAULT_DELTA) -> AuditPlan:
     groups = frozenset(own) if grouped else None
     if calibration.method == "ltt":
         count = len(own) if grouped else 1
-        return AuditPlan(float(eps), delta, delta + count * float(calibration.delta or 0.0), groups)
+        return AuditPlan(float(eps), delta, delta + count * float(calibration.delta or 0.0), groups, "issued")
     half = delta / 2
     sizes = own if grouped else {"all": int(calibration.calibration_size)}
     per_group = half / len(sizes)
@@ -401,15 +406,20 @@ class CertificateAudit:
     """Random audit of one-pass certificates: re-checks a share of the queries with ``n_audit`` base-model samples.
 
     Each query is selected with probability ``rate``, by a generator of its own, before and
-    independently of its certificate. A selected query whose calibrated radius ``R^`` is positive
-    (it receives a one-pass certificate) gets ``n_audit`` fresh noisy evaluations of the base model
-    (noise stream ``STREAM_AUDIT``, shared with no other use) and the reference radius
-    ``y_audit = stats.reference_radius`` of the surrogate's class; its outcome is ``R^ > y_audit``.
-    A selected query with ``R^ <= 0`` cannot exceed (``y >= 0``): outcome 0, no evaluation. The
-    audited rate is over all selected queries, the population the calibration's statement is about.
+    independently of its certificate (its Mondrian group, where it matters, from the same
+    ``core.one_pass.group_keys`` on the same tail-accurate ``z~`` as deployment). A selected query whose
+    calibrated radius ``R^`` is positive (it receives a one-pass certificate) gets fresh noisy
+    evaluations of the base model (noise stream ``STREAM_AUDIT``, shared with no other use) drawn by the
+    calibration's own sample plan, and the reference radius ``y_audit`` of the surrogate's class made by
+    the calibration's own rule (``calibration.conformal.ReferencePlan``: ``n_cal`` samples and
+    Clopper-Pearson at ``alpha_mc``; for topped-up calibration counts, the same top-up stages, rule and
+    anytime-valid bound); its outcome is ``R^ > y_audit``. A selected query with ``R^ <= 0`` cannot
+    exceed (``y >= 0``): outcome 0, no evaluation. The audited rate is over all selected queries (or,
+    for the issued guarantee, over the selected queries that are certified), the population the
+    calibration's statement is about.
 
-    Threshold (why not ``epsilon + alpha_mc``): with ``n_audit = n_cal`` and the calibration's
-    ``alpha_mc``, an audited query's ``(R~, y_audit)`` is made exactly like a calibration point's
+    Threshold (why not ``epsilon + alpha_mc``): with the calibration's sample plan and bound, an audited
+    query's ``(R~, y_audit)`` is made exactly like a calibration point's
     ``(R~_i, y_i)``, so with exchangeable queries ``P(R^ > y_audit) <= epsilon`` with no ``alpha_mc``
     term (``alpha_mc`` bounds ``y`` against the *true* radius, which the audit never sees). But the
     audit measures the rate *given this calibration set*, a random rate with mean ``<= epsilon`` and
@@ -420,7 +430,10 @@ class CertificateAudit:
     the false-alarm probability over the calibration draw and an unbounded stream of i.i.d.
     queries is at most ``plan.false_alarm_bound`` (``delta`` for conformal calibrations). Any
     other ``n_audit`` changes the reference radius's law (fewer samples give smaller ``y`` and a
-    lower cap, so a correct calibration would fail), hence it is refused.
+    lower cap, so a correct calibration would fail), hence it is refused; so is a topped-up calibration
+    that does not record its top-up stages (format version 3): a Clopper-Pearson reference on ``n_cal``
+    samples tops out far below the topped-up cap (0.616 against 0.896 at ``n_cal = 1000``), and an audit
+    of a correct calibration would alarm every time.
 
     Parameters
     ----------
@@ -442,6 +455,8 @@ class CertificateAudit:
     InvalidParameterError
         If ``rate`` or ``delta`` is out of range, ``n_audit`` differs from ``n_cal``, or ``smooth``
         has another sigma than the calibration.
+    CalibrationError
+        If the calibration's reference radii cannot be rebuilt (``ReferencePlan.from_calibration``).
     """
 
     def __init__(self, calibration, smooth: SmoothedClassifier | None = None, *, rate: float,
@@ -462,6 +477,7 @@ class CertificateAudit:
         if smooth is not None and not math.isclose(float(smooth.sigma), float(calibration.sigma), rel_tol=1e-9):
             raise InvalidParameterError(f"the base model is smoothed at sigma={smooth.sigma} but the calibration is "
                                         f"for sigma={calibration.sigma}")
+        self.reference_plan = ReferencePlan.from_calibration(calibration)
         self.calibration = calibration
         self.smooth = smooth
         self.rate = rate
@@ -477,6 +493,7 @@ class CertificateAudit:
         self.evaluations = 0
         self.lower, self.upper = 0.0, 1.0
         self.alarm_at: int | None = None
+        self.last_spent = np.zeros(0, dtype=np.int64)  # base-model evaluations per query of the last batch
         self._history: list[tuple[int, int, int, float, float]] = []
 
     @property
@@ -497,17 +514,24 @@ class CertificateAudit:
     def rate_observed(self) -> float | None:
         return self.exceedances / self.audited if self.audited else None
 
-    def select(self, classes, p_tilde) -> np.ndarray:
-        """Which of the next queries are audited (random, drawn before any outcome is known)."""
+    def select(self, classes, p_tilde, z=None) -> np.ndarray:
+        """Which of the next queries are audited (random, drawn before any outcome is known).
+
+        ``z`` is each query's ``z~`` (``Surrogate.predict_z``), binned as deployment bins it
+        (``group_keys``); required for a confidence-grouped calibration.
+        """
         classes = np.asarray(classes).reshape(-1)
         chosen = self._rng.random(len(classes)) < self.rate
         if self.plan.groups is not None and len(classes):
-            keys = group_keys(classes, p_tilde, self.calibration.groups, self.calibration.bin_edges)
+            if self.calibration.groups == "confidence" and z is None:
+                raise InvalidParameterError("a confidence-grouped calibration bins queries by the surrogate's z~: pass "
+                                            "z (SurrogateCertifier.evaluate) to the audit")
+            keys = group_keys(classes, p_tilde, self.calibration.groups, self.calibration.bin_edges, z=z)
             chosen &= np.isin(keys.astype(str), list(self.plan.groups))
         return chosen
 
-    def audit(self, x: torch.Tensor, classes, p_tilde, radius, indices: Sequence[int] | np.ndarray | None = None
-              ) -> np.ndarray:
+    def audit(self, x: torch.Tensor, classes, p_tilde, radius, indices: Sequence[int] | np.ndarray | None = None,
+              *, z=None) -> np.ndarray:
         """Select, sample and record the next queries (in arrival order); returns which were audited.
 
         Parameters
@@ -520,6 +544,8 @@ class CertificateAudit:
             The calibrated radius ``R^`` per query (input l2 units; <= 0 = no one-pass certificate).
         indices : sequence of int, optional
             Each query's noise name (default: the query's position in the stream).
+        z : array_like of float, optional
+            ``z~`` per query (``SurrogateCertifier.evaluate``); required for confidence groups.
 
         Returns
         -------
@@ -529,25 +555,31 @@ class CertificateAudit:
         Raises
         ------
         InvalidParameterError
-            If a query must be sampled and the audit has no base model.
+            If a query must be sampled and the audit has no base model, or ``z`` is missing for a
+            confidence-grouped calibration.
         """
         radius = np.asarray(radius, dtype=float).reshape(-1)
         classes = np.asarray(classes).reshape(-1)
         n = len(radius)
         idx = noise_indices(indices, n) if indices is not None else self.queries + np.arange(n, dtype=np.int64)
-        audited = self.select(classes, p_tilde)
-        sample = audited & (radius > 0)
-        counts_top = np.zeros(int(sample.sum()), dtype=np.int64)
-        if sample.any():
+        audited = self.select(classes, p_tilde, z)
+        sample = np.flatnonzero(audited & (radius > 0))
+        reference, drawn = np.zeros(0), None
+        if sample.size:
             if self.smooth is None:
                 raise InvalidParameterError("the audit needs the base model (--model) to re-check certificates")
-            counts = self.smooth.counts(x[torch.as_tensor(np.flatnonzero(sample))], self.n_audit,
-                                        indices=idx[sample], stream=STREAM_AUDIT)
-            counts_top = counts[np.arange(len(counts)), classes[sample]]
-        self.record(audited, radius, counts_top)
+            images = x[torch.as_tensor(sample)]
+
+            def draw(rows, start, count):
+                return self.smooth.counts(images[torch.as_tensor(rows)], count, indices=idx[sample][rows],
+                                          stream=STREAM_AUDIT, start=start)
+
+            first, every, samples = self.reference_plan.collect(draw, sample.size)
+            reference, drawn = self.reference_plan.reference(classes[sample], first, every, samples), samples
+        self.record(audited, radius, reference=reference, samples=drawn)
         return audited
 
-    def record(self, audited, radius, counts_top) -> None:
+    def record(self, audited, radius, counts_top=None, *, reference=None, samples=None) -> None:
         """Record the outcomes of the next queries from numbers (``audit`` does the sampling).
 
         Parameters
@@ -556,18 +588,42 @@ class CertificateAudit:
             Which of the queries were selected.
         radius : array_like of float
             ``R^`` per query.
-        counts_top : array_like of int
+        counts_top : array_like of int, optional
             For each selected query with ``R^ > 0``, in order: the count of the surrogate's class
-            among ``n_audit`` fresh noisy evaluations.
+            among ``n_audit`` fresh noisy evaluations. Only for a calibration whose references are
+            Clopper-Pearson on ``n_cal`` samples (no top-up); otherwise give ``reference``.
+        reference : array_like of float, optional
+            For each selected query with ``R^ > 0``, in order: its reference radius made by the
+            calibration's plan (``ReferencePlan.collect`` and ``ReferencePlan.reference``).
+        samples : array_like of int, optional
+            Base-model evaluations each of those queries took (default ``n_audit``).
+
+        Raises
+        ------
+        InvalidParameterError
+            If neither or both of ``counts_top`` and ``reference`` are given, their length is not the
+            number of selected queries with ``R^ > 0``, or ``counts_top`` is given for a topped-up
+            calibration.
         """
         audited = np.asarray(audited, dtype=bool).reshape(-1)
         radius = np.asarray(radius, dtype=float).reshape(-1)
         sample = audited & (radius > 0)
-        counts_top = np.asarray(counts_top).reshape(-1)
-        if counts_top.size != int(sample.sum()):
-            raise InvalidParameterError("counts_top must hold one count per audited query with a positive radius")
-        cal = self.calibration
-        reference = np.atleast_1d(stats.reference_radius(counts_top, self.n_audit, cal.alpha_mc, cal.sigma))
+        if (counts_top is None) == (reference is None):
+            raise InvalidParameterError("give the audited queries' counts_top or their reference radii, one of the two")
+        if counts_top is not None:
+            if self.reference_plan.planned_max is not None:
+                raise InvalidParameterError("this calibration's references were topped up: give the audit's reference "
+                                            "radii made by its ReferencePlan, not counts of n_cal samples")
+            counts_top = np.asarray(counts_top).reshape(-1)
+            first = np.zeros((counts_top.size, 1), dtype=np.int64)
+            first[:, 0] = counts_top
+            reference = self.reference_plan.reference(np.zeros(counts_top.size, dtype=np.int64), first, first,
+                                                      np.full(counts_top.size, self.n_audit))
+        reference = np.atleast_1d(np.asarray(reference, dtype=float)).reshape(-1)
+        if reference.size != int(sample.sum()):
+            raise InvalidParameterError("give one count or reference radius per audited query with a positive radius")
+        if self.plan.population == "issued":
+            audited = sample  # the issued guarantee is about certified queries only
         exceeded = np.zeros(len(radius), dtype=bool)
         exceeded[sample] = radius[sample] > reference
         positions = np.flatnonzero(audited)
@@ -590,8 +646,11 @@ class CertificateAudit:
             self.lower, self.upper = float(lower[-1]), float(upper[-1])
             self.exceedances = int(s[-1])
             self.audited = int(t[-1])
+        spent = np.zeros(len(radius), dtype=np.int64)
+        spent[sample] = self.n_audit if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        self.last_spent = spent
         self.sampled += int(sample.sum())
-        self.evaluations += int(sample.sum()) * self.n_audit
+        self.evaluations += int(spent.sum())
         self.queries += len(radius)
 
     def summary(self, path: bool = False) -> dict:

@@ -61,7 +61,7 @@ class OnePassConfig:
     ``frontier_images`` retrains on the first N surrogate-split images for each N; ``controls`` adds the
     lever controls (surrogate trained on the base model's own train images; surrogate not started from
     the base model). ``cal_topup`` > 0 tops the calibration counts up (``datagen --top-up``) and adds
-    the topped-up calibration.
+    the topped-up calibration. ``issued`` adds the issued guarantee beside the marginal rule (``issued_rows``).
     """
 
     dataset: str = "mnist"
@@ -95,6 +95,7 @@ class OnePassConfig:
     mondrian_bins: int = 5
     cal_topup: int = 0
     cal_topup_max: int | None = None
+    issued: bool = True
     seed: int = 0
     batch_size: int = 4096
     device: str = "cpu"
@@ -282,7 +283,7 @@ class OnePassBench:
         for scheme in schemes:
             options = dict(pooled={}, shifted=dict(score="shifted", bins=cfg.shift_bins),
                            mondrian_train=dict(groups="confidence", edges_from=str(edges_from),
-                                               bins=cfg.mondrian_bins))[scheme]
+                                               bins=cfg.mondrian_bins), issued=dict(guarantee="issued"))[scheme]
             out[scheme] = self.timed("calibrate", lambda: calibrate(surrogate, str(cal), epsilon, cfg.alpha_mc,
                                                                     data_root=cfg.data_root, **options))
         return out
@@ -321,7 +322,8 @@ def evaluate_one_pass(surrogate: Surrogate, calibration, data: OnePassData, cfg:
                acr=_acr(prediction, radius, data.labels), certified_share=float(certified.mean()),
                over_radius=int(over.sum()), over_radius_rate=float(over.mean()), over_radius_bound=bound,
                over_radius_allowance=stats.binomial_allowance(len(radius), bound), q_hat=calibration.pooled_offset,
-               radius_cap=calibration.radius_cap, mean_evaluations=0.0)
+               radius_cap=calibration.radius_cap, mean_evaluations=0.0, guarantee=calibration.guarantee,
+               **among_certified(over, certified, bound))
     required = {}
     for s in cfg.required_sigmas:
         r = s * sigma
@@ -329,9 +331,72 @@ def evaluate_one_pass(surrogate: Surrogate, calibration, data: OnePassData, cfg:
         wrong_ref = ok & (reference < r)
         required[f"{s:g}"] = dict(radius=r, certified_accuracy=float(np.mean(ok & (classes == data.labels))),
                                   certified_share=float(ok.mean()), below_reference=int(wrong_ref.sum()),
+                                  **among_certified(wrong_ref, ok, bound),
                                   legacy_rule_accuracy=float(np.mean((radius >= r) & (classes == data.labels))))
     row["required_radius"] = required
     return row
+
+
+def among_certified(over, certified, bound: float) -> dict:
+    """The over-radius rate among the certified test images, the rate the ``issued`` guarantee bounds, with its
+    allowance (the 0.999-quantile of Binomial(certified images, bound)); a marginal calibration bounds only the
+    rate over all images."""
+    count = int(np.sum(certified))
+    return dict(certified_images=count,
+                over_radius_among_certified=float(np.sum(over) / count) if count else 0.0,
+                over_radius_allowance_among_certified=stats.binomial_allowance(count, bound))
+
+
+def issued_rows(bench: "OnePassBench", surrogate: Surrogate, cal: Path, sur_counts: Path, data: OnePassData, base,
+                content: dict) -> dict:
+    """The ``issued`` guarantee beside the marginal (pooled) rule, per epsilon: the one-pass certificate at its best
+    radius and at each required radius, the hybrid in both modes, and the over-radius rate among certified images
+    (what the issued guarantee bounds; the marginal rule's pooled rows are ``content``'s)."""
+    cfg = bench.cfg
+    out = {}
+    for epsilon in cfg.epsilons:
+        e = f"{epsilon:g}"
+        calibration = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("issued",))["issued"]
+        row = evaluate_one_pass(surrogate, calibration, data, cfg)
+        row["statement"] = calibration.statement
+        row["hybrid"] = bench.timed("hybrid", lambda: evaluate_hybrid(surrogate, calibration, data, base, cfg))
+        for s in cfg.required_sigmas:
+            row["required_radius"][f"{s:g}"]["hybrid"] = bench.timed("hybrid", lambda s=s: evaluate_hybrid(
+                surrogate, calibration, data, base, cfg, required=s * cfg.sigma))
+        marginal = content["one_pass"][e]["pooled"]
+        out[e] = dict(issued=row, marginal=dict(
+            one_pass=marginal, hybrid=content["hybrid"][e]["pooled"],
+            required_radius={s: dict(one_pass=marginal["required_radius"][s], hybrid=r)
+                             for s, r in content["required_radius"][e].items()}))
+    return out
+
+
+def issued_markdown(content: dict) -> str:
+    """The table of the issued guarantee beside the marginal rule (``issued_rows``)."""
+    setup, rows = content["setup"], content.get("issued") or {}
+    sigma = setup["sigma"]
+    lines = ["| ε | guarantee | r* | one-pass acc. | share certified | over-radius among certified (allowed) | "
+             "over-radius, all images | hybrid acc. | hybrid evals/query |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for e, both in rows.items():
+        issued, marginal = both["issued"], both["marginal"]
+        for name, one_pass, hybrid in (("marginal", marginal["one_pass"], marginal["hybrid"]),
+                                       ("issued", issued, issued["hybrid"])):
+            lines.append(f"| {e} | {name} | best | {100 * one_pass['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
+                         f"{100 * one_pass['certified_share']:.1f}% | {one_pass['over_radius']}/"
+                         f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
+                         f"{one_pass['over_radius']}/{setup['test_images']} | "
+                         f"{100 * hybrid['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
+                         f"{hybrid['mean_evaluations']:,.1f} |")
+        for s, r in issued["required_radius"].items():
+            for name, one_pass, hybrid in (("marginal", marginal["required_radius"][s]["one_pass"],
+                                            marginal["required_radius"][s]["hybrid"]), ("issued", r, r["hybrid"])):
+                lines.append(f"| {e} | {name} | {s}σ | {100 * one_pass['certified_accuracy']:.1f} | "
+                             f"{100 * one_pass['certified_share']:.1f}% | {one_pass['below_reference']}/"
+                             f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
+                             f"{one_pass['below_reference']}/{setup['test_images']} | "
+                             f"{100 * hybrid['accuracy_at_required']:.1f} | {hybrid['mean_evaluations']:,.1f} |")
+    return "\n".join(lines)
 
 
 def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, cfg: OnePassConfig,
@@ -430,6 +495,8 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
             c = bench.calibrations(sur, cal, epsilon, sur_counts, schemes=("pooled",))["pooled"]
             content["levers"][name] = evaluate_one_pass(sur, c, data, cfg)
             content["levers"][name]["surrogate_agrees_with_counts"] = c.diagnostics.get("surrogate_agrees_with_counts")
+    if cfg.issued:
+        content["issued"] = issued_rows(bench, surrogate, cal, sur_counts, data, base, content)
     if cfg.cal_topup:
         topped = bench.topped_up(model, cal)
         c = bench.calibrations(surrogate, topped, epsilon, sur_counts, schemes=("pooled", "shifted"))
@@ -447,6 +514,8 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
         load_average=list(os.getloadavg()), versions=env["versions"], config=dataclasses.asdict(cfg))
     content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
     content["markdown"] = onepass_markdown(content)
+    if content.get("issued"):
+        content["markdown"] += "\n\nThe issued guarantee beside the marginal rule:\n\n" + issued_markdown(content)
     if out is not None:
         write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=overwrite)
     bench.say("\n" + content["markdown"])
@@ -490,4 +559,5 @@ def onepass_markdown(content: dict) -> str:
 
 
 __all__ = ["OnePassConfig", "ONEPASS_MNIST_CPU", "ONEPASS_MNIST_GPU", "ONEPASS_DIGITS", "ONEPASS_TINY", "run_onepass",
-            "counts_key", "cached_counts", "evaluate_one_pass", "evaluate_hybrid", "onepass_markdown"]
+            "counts_key", "cached_counts", "evaluate_one_pass", "evaluate_hybrid", "onepass_markdown", "issued_rows",
+           "issued_markdown", "among_certified"]

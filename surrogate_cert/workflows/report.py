@@ -37,8 +37,10 @@ NOTES = {
                     "by evaluations saved per query against the costliest run: the number of queries after "
                     "which the offline stage has paid for itself.",
     "check": "On the test split's MC counts (never used for calibration): how often the calibrated surrogate "
-             "radius exceeds the Clopper-Pearson reference radius. Calibration bounds this rate by epsilon "
-             "(marginally); the allowance is the 0.999-quantile of Binomial(images, epsilon).",
+             "radius exceeds the Clopper-Pearson reference radius. A marginal or PAC calibration bounds this "
+             "rate by epsilon over all test images, certified or not; the issued guarantee bounds it among the "
+             "certified ones. The allowance is the 0.999-quantile of Binomial(images, epsilon), over certified "
+             "images for the issued guarantee.",
     "monitor": "Drift monitor: a conformal test martingale on the surrogate's class and confidence of each query, "
                "against the calibration images and every earlier query. If the queries are exchangeable with the "
                "calibration images, the probability that it ever reaches the alarm level is at most delta.",
