@@ -538,16 +538,7 @@ class Surrogate:
             If ``holdout``, ``epochs``, ``lr`` (finite > 0) or ``batch_size`` (>= 1) is out of range.
         """
         x = self._check(x).to(dtype=torch.float32)  # the network's weights are float32, whatever the images
-        counts = np.asarray(counts)
-        if counts.ndim != 2 or counts.shape != (x.shape[0], self.num_classes):
-            raise InvalidInputError(
-                f"counts must be N x K = {x.shape[0]} x {self.num_classes}, got shape {counts.shape}"
-            )
-        if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
-            raise InvalidInputError(f"counts must be numbers, got dtype {counts.dtype}")
-        totals = counts.sum(axis=1, keepdims=True)
-        if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(totals <= 0):
-            raise InvalidInputError("counts must be >= 0 with at least one sample per row")
+        counts, totals = self._checked_counts(counts, x.shape[0])
         if not 0 <= holdout < 1:
             raise InvalidParameterError(f"holdout must be a share in [0, 1), got {holdout}")
         lr = check_positive("lr", lr)
@@ -555,33 +546,49 @@ class Surrogate:
         num = x.shape[0]
         epochs = (40 if num <= 5_000 else 15) if epochs is None else check_count("epochs", epochs)
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.holdout_rows_, self.train_rows_ = self._holdout_split(num, holdout, gen)
+        target = torch.from_numpy(counts / totals).float()
+        self._train(x, target, gen, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                    progress=progress)
+        self.model.eval()
+        return self
+
+    def _checked_counts(self, counts, num: int) -> tuple[np.ndarray, np.ndarray]:
+        """``counts`` as an array and its row totals; InvalidInputError unless ``num x K``, >= 0, no empty row."""
+        counts = np.asarray(counts)
+        if counts.ndim != 2 or counts.shape != (num, self.num_classes):
+            raise InvalidInputError(
+                f"counts must be N x K = {num} x {self.num_classes}, got shape {counts.shape}"
+            )
+        if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+            raise InvalidInputError(f"counts must be numbers, got dtype {counts.dtype}")
+        totals = counts.sum(axis=1, keepdims=True)
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(totals <= 0):
+            raise InvalidInputError("counts must be >= 0 with at least one sample per row")
+        return counts, totals
+
+    @staticmethod
+    def _holdout_split(num: int, holdout: float, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded ``(holdout rows, train rows)``, sorted: a ``holdout`` share, at least one row when ``num >= 10``."""
         order = torch.randperm(num, generator=gen).numpy()
         n_hold = int(round(holdout * num)) if num >= 10 else 0
         n_hold = min(max(n_hold, 1 if holdout > 0 and num >= 10 else 0), num - 1)
-        self.holdout_rows_ = np.sort(order[:n_hold])
-        self.train_rows_ = np.sort(order[n_hold:])
-        target = torch.from_numpy(counts / totals).float()
+        return np.sort(order[:n_hold]), np.sort(order[n_hold:])
 
+    def _train(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, epochs: int, batch_size: int,
+               lr: float, patience: int, progress: bool) -> None:
+        """AdamW epochs on ``train_rows_``, early-stopped on ``holdout_rows_``: sets ``history_`` and
+        ``best_epoch_`` and leaves the best held-out weights (the last ones without a holdout) in the model."""
         model = self.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         train_rows = torch.as_tensor(self.train_rows_)
+        n_hold = len(self.holdout_rows_)
         self.history_: list[dict] = []
         best_loss, best_state, self.best_epoch_, stale = math.inf, None, 0, 0
         bar = tqdm(range(epochs), desc="train surrogate", unit="epoch", disable=not progress)
         for epoch in bar:
-            model.train()
-            total = 0.0
-            perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
-            for lo in range(0, len(perm), batch_size):
-                rows = perm[lo:lo + batch_size]
-                logits = model(x[rows].to(self.device))
-                # Soft-label cross-entropy: torch's cross_entropy with class-probability targets.
-                loss = nn.functional.cross_entropy(logits, target[rows].to(self.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(rows)
-            record = dict(epoch=epoch + 1, train_loss=total / max(len(perm), 1))
+            record = dict(epoch=epoch + 1, train_loss=self._train_epoch(optimizer, x, target, train_rows, gen,
+                                                                        batch_size))
             if n_hold:
                 record["holdout_loss"] = self._soft_ce(x[self.holdout_rows_], target[self.holdout_rows_])
                 if record["holdout_loss"] < best_loss - 1e-6:
@@ -597,8 +604,24 @@ class Surrogate:
             model.load_state_dict(best_state)
         else:
             self.best_epoch_ = len(self.history_)
-        model.eval()
-        return self
+
+    def _train_epoch(self, optimizer, x: torch.Tensor, target: torch.Tensor, train_rows: torch.Tensor,
+                     gen: torch.Generator, batch_size: int) -> float:
+        """One pass over ``train_rows`` in a seeded random order; returns the mean training loss."""
+        model = self.model
+        model.train()
+        total = 0.0
+        perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
+        for lo in range(0, len(perm), batch_size):
+            rows = perm[lo:lo + batch_size]
+            logits = model(x[rows].to(self.device))
+            # Soft-label cross-entropy: torch's cross_entropy with class-probability targets.
+            loss = nn.functional.cross_entropy(logits, target[rows].to(self.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(rows)
+        return total / max(len(perm), 1)
 
     @torch.inference_mode()
     def _soft_ce(self, x: torch.Tensor, target: torch.Tensor) -> float:

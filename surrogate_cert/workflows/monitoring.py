@@ -201,18 +201,38 @@ def monitor_stream(
         surrogate = Surrogate.load(surrogate, device=device, key=key)
     if not isinstance(calibration, Calibration):
         calibration = load_calibration(calibration, key=key)
+    hybrid = _watched_certifier(surrogate, calibration, base_model=base_model, audit_rate=audit_rate,
+                                n_audit=n_audit, delta=delta, seed=seed, device=device, batch_size=batch_size,
+                                key=key)
+    certificates = _certify_stream(hybrid, x, chunk=chunk, progress=progress)
+    return _monitor_document(hybrid, calibration, certificates, y, started)
+
+
+def _watched_certifier(surrogate: Surrogate, calibration: Calibration, *, base_model, audit_rate, n_audit, delta,
+                       seed, device, batch_size, key) -> HybridCertifier:
+    """The one-pass certifier with no fallback, its drift monitor and (given ``audit_rate``) its audit attached."""
     audit_rate = None if not audit_rate else audit_rate
     if audit_rate is not None and base_model is None:
         raise InvalidParameterError("--audit-rate needs the base model (--model) to re-check certificates")
-    hybrid = HybridCertifier.load(surrogate, calibration, base_model=base_model, fallback="none", device=device,
-                                  batch_size=batch_size, seed=seed, drift_delta=delta, audit_rate=audit_rate,
-                                  n_audit=n_audit, audit_delta=delta, key=key)
+    return HybridCertifier.load(surrogate, calibration, base_model=base_model, fallback="none", device=device,
+                                batch_size=batch_size, seed=seed, drift_delta=delta, audit_rate=audit_rate,
+                                n_audit=n_audit, audit_delta=delta, key=key)
+
+
+def _certify_stream(hybrid: HybridCertifier, x: torch.Tensor, *, chunk: int, progress: bool) -> list:
+    """The stream's certificates, in arrival order, handed to the certifier ``chunk`` queries at a time."""
     certificates = []
     with tqdm(total=len(x), desc="monitor", unit="img", disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(x), chunk):
             hi = min(lo + chunk, len(x))
             certificates.extend(hybrid.certify(x[lo:hi], indices=np.arange(lo, hi)))
             bar.update(hi - lo)
+    return certificates
+
+
+def _monitor_document(hybrid: HybridCertifier, calibration: Calibration, certificates: list,
+                      y: np.ndarray | None, started: float) -> dict:
+    """The monitor document: the watchers' state after the stream, the routes taken and the calibration used."""
     monitor, audit = hybrid.monitor, hybrid.audit
     drift = monitor.summary(path=True)
     path = drift.pop("path")
