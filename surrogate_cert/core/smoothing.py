@@ -580,21 +580,18 @@ def _digits(words: torch.Tensor) -> torch.Tensor:
     return torch.stack(((wide & 0xFFFF), (wide >> 16) & 0xFFFF), dim=1).view(-1).to(torch.int32).to(torch.int16)
 
 
-def _true_positions(mask: torch.Tensor) -> torch.Tensor:
-    """``mask.nonzero()`` of a sparse boolean vector whose length is a multiple of 8, scanning 8 flags at a time."""
-    groups = mask.view(torch.uint8).view(torch.int64).nonzero().squeeze(1)
-    candidates = (groups[:, None] * 8 + torch.arange(8, device=mask.device)).view(-1)
-    return candidates[mask[candidates]]
-
-
 class GridSampler:
     """Draws blocks of the sound scheme's noise, as grid offsets ``j`` (noise ``j / 255``), on one device.
 
-    Each pixel reads a 64-bit uniform integer ``U`` as four 16-bit digits, lazily: the first digit
-    (half of a word of the block's stream) decides the offset through a table whenever its slice of
-    the 64-bit range holds no threshold (about 99 % of pixels); the others read three more digits from
-    the words after the block's first ``count / 2`` (pixel by pixel, in order) and compare ``U`` with the
-    thresholds. The offset is always ``first + #{T <= U}``: the law of ``core.grid_noise`` exactly.
+    Each pixel reads a 64-bit uniform integer ``U`` as four 16-bit digits, most significant first,
+    lazily: the first digit (pixel ``i`` takes the ``i``-th digit of the block's first ``count / 2``
+    words, low half of each word first) decides the offset through a table whenever its slice of the
+    64-bit range holds no threshold (about 99 % of pixels); the pixels whose slice holds one read their
+    three further digits from the words after those, three by three in pixel order, and compare ``U``
+    with the thresholds. The offset is always ``first + #{T <= U}``: the law of ``core.grid_noise``
+    exactly. On the CPU the work is done in NumPy (few calls per block); on CUDA in torch, with enough
+    words read for every pixel so that no per-block count crosses to the host (``dense``); both give
+    the same offsets from the same words.
 
     Parameters
     ----------
@@ -602,50 +599,57 @@ class GridSampler:
         The thresholds (``grid_table``); any ``bits`` up to 64.
     device : torch.device
         Where to draw.
+    dense : bool, optional
+        Use the torch path (default: on CUDA only; the tests run it on the CPU against the NumPy path).
     """
 
-    def __init__(self, table: GridTable, device: torch.device):
+    def __init__(self, table: GridTable, device: torch.device, dense: bool | None = None):
         self.table, self.device = table, torch.device(device)
-        wide = np.array(table.scaled(64), dtype=np.uint64)
+        self.wide = np.array(table.scaled(64), dtype=np.uint64)
         starts = np.arange(1 << 16, dtype=np.uint64) << np.uint64(48)
-        below = np.searchsorted(wide, starts, side="right")
-        upto = np.searchsorted(wide, starts + np.uint64((1 << 48) - 1), side="right")
-        first = np.where(below == upto, table.first + below, _IMPURE).astype(np.int16)
-        # indexed by the digit's int16 value + 32768, i.e. digit XOR 0x8000
-        self.lut = torch.from_numpy(np.roll(first, 1 << 15)).to(self.device)
-        self.thresholds = torch.tensor([t - (1 << 63) for t in table.scaled(64)], dtype=torch.int64, device=self.device)
-        self.dense = self.device.type == "cuda"  # no host round trip per block on a GPU
+        below = np.searchsorted(self.wide, starts, side="right")
+        upto = np.searchsorted(self.wide, starts + np.uint64((1 << 48) - 1), side="right")
+        self.first_digit = np.where(below == upto, table.first + below, _IMPURE).astype(np.int16)
+        self.dense = self.device.type == "cuda" if dense is None else bool(dense)
+        if self.dense:
+            # torch has no uint16 indexing: the table is indexed by the digit's int16 value + 32768
+            self.lut = torch.from_numpy(np.roll(self.first_digit, 1 << 15)).to(self.device)
+            self.thresholds = torch.tensor([t - (1 << 63) for t in table.scaled(64)], dtype=torch.int64,
+                                           device=self.device)
 
     def draw(self, key: int, out: torch.Tensor, stream: WordStream) -> torch.Tensor:
-        """Fill ``out`` (float32, an even number of elements) with the offsets of block ``key``; returns ``out``."""
+        """Fill ``out`` (contiguous float32, an even number of elements) with block ``key``'s offsets."""
+        if self.dense:
+            return self._draw_dense(key, out, stream)
+        flat = out.view(-1).numpy()
+        count = flat.size
+        digits = _digits(block_uniform_words(key, count // 2, self.device, stream=stream)).numpy().view(np.uint16)
+        offsets = self.first_digit.take(digits)
+        flat[:] = offsets
+        where = np.flatnonzero(offsets == _IMPURE)
+        if where.size:
+            more = _digits(block_uniform_words(key, (3 * where.size + 1) // 2, self.device, start=count // 2,
+                                               stream=stream)).numpy().view(np.uint16)
+            rest = more[:3 * where.size].reshape(-1, 3).astype(np.uint64)
+            wide = ((digits[where].astype(np.uint64) << np.uint64(48)) | (rest[:, 0] << np.uint64(32))
+                    | (rest[:, 1] << np.uint64(16)) | rest[:, 2])
+            flat[where] = np.searchsorted(self.wide, wide, side="right") + self.table.first
+        return out
+
+    def _draw_dense(self, key: int, out: torch.Tensor, stream: WordStream) -> torch.Tensor:
         flat = out.view(-1)
         count = flat.numel()
         digits = _digits(block_uniform_words(key, count // 2, self.device, stream=stream))
         offsets = torch.index_select(self.lut, 0, digits.to(torch.int32).add_(1 << 15))
-        flat.copy_(offsets)
         impure = offsets == _IMPURE
-        if self.dense:
-            self._refine_dense(key, count, digits, impure, flat, stream)
-            return out
-        where = _true_positions(impure)
-        if where.numel():
-            more = _digits(block_uniform_words(key, (3 * where.numel() + 1) // 2, self.device, start=count // 2,
-                                               stream=stream))
-            flat[where] = self._refined(digits[where], more[:3 * where.numel()].view(-1, 3))
-        return out
-
-    def _refine_dense(self, key, count, digits, impure, flat, stream) -> None:
-        """As the sparse path, without a data-dependent size: reads enough words for every pixel to be impure."""
         more = _digits(block_uniform_words(key, (3 * count + 1) // 2, self.device, start=count // 2, stream=stream))
         rank = torch.cumsum(impure.to(torch.int64), 0).sub_(1).clamp_(min=0)
-        refined = self._refined(digits, more[:3 * count].view(-1, 3)[rank])
-        flat.copy_(torch.where(impure, refined, flat))
-
-    def _refined(self, first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        """``first + #{T <= U}`` for ``U`` of digits (first, rest[:, 0], rest[:, 1], rest[:, 2]), as float32."""
-        digit = [first.to(torch.int64) & 0xFFFF] + [rest[:, i].to(torch.int64) & 0xFFFF for i in range(3)]
-        signed = (digit[0] - (1 << 15)) * (1 << 48) + digit[1] * (1 << 32) + digit[2] * (1 << 16) + digit[3]
-        return (torch.searchsorted(self.thresholds, signed, right=True) + self.table.first).to(torch.float32)
+        rest = more[:3 * count].view(-1, 3)[rank].to(torch.int64) & 0xFFFF
+        head = digits.to(torch.int64) & 0xFFFF
+        signed = (head - (1 << 15)) * (1 << 48) + rest[:, 0] * (1 << 32) + rest[:, 1] * (1 << 16) + rest[:, 2]
+        refined = torch.searchsorted(self.thresholds, signed, right=True) + self.table.first
+        flat.copy_(torch.where(impure, refined, offsets.to(torch.int64)))
+        return out
 
 
 class SmoothedClassifier:
