@@ -66,6 +66,7 @@ from surrogate_cert.core.one_pass import (
     deployed_radius,
     group_keys,
 )
+from surrogate_cert.core.smoothing import NOISE_SCHEME_V2, noise_slack
 from surrogate_cert.core.stats import P_CLIP, conformity_scores, reference_radius, surrogate_radius
 from surrogate_cert.core.surrogate import Surrogate
 
@@ -581,7 +582,7 @@ REFERENCE_BOUNDS = (REFERENCE_CP, REFERENCE_TOPUP)
 
 
 def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float, *, counts_topup=None,
-                    samples=None, planned_max: int | None = None) -> ReferenceRadii:
+                    samples=None, planned_max: int | None = None, slack: float = 0.0) -> ReferenceRadii:
     """The calibration's reference radii: Clopper-Pearson, or the topped-up bound of a topped-up file.
 
     Without a top-up: ``y_i = reference_radius(counts_i[A_i], n_cal, alpha_mc, sigma)`` and the cap
@@ -610,6 +611,9 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
         Samples per row in all (``n_cal`` plus the top-up).
     planned_max : int, optional
         The top-up plan's most samples per row; given exactly for a topped-up file.
+    slack : float, optional
+        The counts' noise scheme's radius slack (``CountsFile.radius_slack``; 0 for float noise): ``y_i``
+        and the cap are radii of the law the counts were drawn from (``stats.grid_radius``).
 
     Returns
     -------
@@ -620,12 +624,13 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     rows = np.arange(len(predicted))
     first = counts[rows, predicted]
     if planned_max is None:
-        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma)).astype(float),
-                              radius_cap(n_cal, alpha_mc, sigma), dict(bound=REFERENCE_CP))
+        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma, slack=slack)).astype(float),
+                              radius_cap(n_cal, alpha_mc, sigma, slack=slack), dict(bound=REFERENCE_CP))
     topup = np.zeros_like(counts) if counts_topup is None else np.asarray(counts_topup)
     samples = np.full(len(predicted), n_cal) if samples is None else np.asarray(samples, dtype=np.int64)
-    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma)
-    cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma)
+    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma,
+                                     slack=slack)
+    cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma, slack=slack)
     a, b, w = stats.TOPUP_PRIOR
     record = dict(bound=REFERENCE_TOPUP, planned_max_samples=int(planned_max), alpha_split="alpha_mc / 2 each",
                   prior=dict(a=list(a), b=list(b), weights=list(w)),
@@ -633,13 +638,14 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
 
 
-def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float) -> float:
+def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *,
+                        slack: float = 0.0) -> float:
     """The radius cap a calibration with this ``reference`` record must have (see ``reference_radii``)."""
     if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
-        return radius_cap(n_cal, alpha_mc, sigma)
+        return radius_cap(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
     return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
-                                  (prior["a"], prior["b"], prior["weights"]))
+                                  (prior["a"], prior["b"], prior["weights"]), slack=slack)
 
 
 # --------------------------------------------------------------------------- the tuned (shifted) score
@@ -890,6 +896,7 @@ def calibrate_arrays(
     samples=None,
     planned_max: int | None = None,
     bin_edges_source: dict | None = None,
+    noise_scheme: str | None = None,
     **provenance,
 ) -> Calibration:
     """Calibrate ``surrogate`` on calibration images ``x`` and their class ``counts`` (``N x K``).
@@ -935,6 +942,10 @@ def calibrate_arrays(
         A topped-up file's extra counts, samples per row and planned maximum (``reference_radii``).
     bin_edges_source : dict, optional
         Where ``bin_edges`` came from (recorded).
+    noise_scheme : str, optional
+        The scheme the counts were drawn with (None: float noise). The sound scheme's reference radii
+        take its slack (``smoothing.noise_slack``); both are recorded, and deployment draws its fallback
+        samples with the same scheme.
     **provenance
         ``Calibration`` fields to fill in (``counts_sha256``, ``base_model_sha256``, ``dataset``,
         ``split``, ...).
@@ -974,8 +985,9 @@ def calibrate_arrays(
         raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
     n_cal = int(totals[0]) if len(totals) else 1
     sigma = float(surrogate.sigma)
+    slack = noise_slack(noise_scheme, sigma, surrogate.input_shape)
     refs = reference_radii(predicted, counts, n_cal, alpha_mc, sigma, counts_topup=counts_topup, samples=samples,
-                           planned_max=planned_max)
+                           planned_max=planned_max, slack=slack)
     options = dict(sigma=sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
                    guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges)
     rows = np.arange(len(predicted))
@@ -1028,6 +1040,8 @@ def calibrate_arrays(
         radius_thresholds=radius_thresholds,
         bin_edges_source=bin_edges_source,
         monitor_reference=monitor_reference(predicted[part], p_tilde[part]),  # the points m counts
+        noise_scheme=noise_scheme,
+        noise_slack=slack,
         **provenance,
     )
 
@@ -1175,7 +1189,7 @@ def calibrate(
         check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
                          num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=trained_on)
+                         excluded_indices=trained_on, noise_scheme=surrogate_noise_scheme(surrogate))
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
     source = None
@@ -1192,8 +1206,13 @@ def calibrate(
         counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
         planned_max=counts.planned_max_samples if topped else None, bin_edges_source=source,
         counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
-        dataset=str(attrs["dataset"]), split=str(attrs["split"]),
+        dataset=str(attrs["dataset"]), split=str(attrs["split"]), noise_scheme=counts.noise_scheme,
     )
+
+
+def surrogate_noise_scheme(surrogate) -> str:
+    """The noise scheme of the counts a surrogate was trained on (float v2 for checkpoints older than the field)."""
+    return surrogate.meta.get("noise_scheme") or NOISE_SCHEME_V2
 
 
 __all__ = [

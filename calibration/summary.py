@@ -33,6 +33,7 @@ from surrogate_cert.core.certificate import certified_accuracy, read_meta, read_
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
 from surrogate_cert.core.hashing import sha256_file
 from surrogate_cert.core.one_pass import deployed_radius
+from surrogate_cert.core.smoothing import NOISE_SCHEME_V2
 from surrogate_cert.core.surrogate import Surrogate
 
 from .artifact import load_calibration as load_artifact
@@ -356,7 +357,8 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
         check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
                          num_classes=cal.num_classes, input_shape=model.input_shape,
                          model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=False,
-                         excluded_indices=model.meta.get("train_index_ranges"))
+                         excluded_indices=model.meta.get("train_index_ranges"),
+                         noise_scheme=cal.noise_scheme or NOISE_SCHEME_V2)
     except CountsMismatchError as exc:
         raise CalibrationError(f"the held-out check: {exc}") from None
     images = held_out.images(data_root)
@@ -365,13 +367,13 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     calibrated = deployed_radius(cal, predicted, p_tilde)
     counts_top = held_out.counts[np.arange(len(predicted)), predicted]
     check = check_against_reference(p_tilde, calibrated, counts_top, int(attrs["n"]), cal.sigma,
-                                    cal.epsilon, cal.alpha_mc)
+                                    cal.epsilon, cal.alpha_mc, slack=held_out.radius_slack)
     check.update(counts_path=os.fspath(counts), split=str(attrs["split"]), n=int(attrs["n"]))
     return check
 
 
 def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, sigma: float,
-                            epsilon: float, alpha_mc: float) -> dict:
+                            epsilon: float, alpha_mc: float, *, slack: float = 0.0) -> dict:
     """The held-out check on numbers: calibrated radii ``R^`` against the MC reference radii ``y``.
 
     ``counts_top[i]`` is how often the base model returned the surrogate's class among ``n`` noisy
@@ -383,7 +385,7 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
     p_surrogate = np.asarray(p_surrogate, dtype=float)
     calibrated_radius = np.asarray(calibrated_radius, dtype=float)
     counts_top = np.asarray(counts_top, dtype=float)
-    reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma))
+    reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma, slack=slack))
     above = (calibrated_radius > 0) & (calibrated_radius > reference)
     m = int(above.size)
     allowance = stats.binomial_allowance(m, epsilon)

@@ -19,7 +19,8 @@ from ..core import __version__
 from ..core.certificate import certified_accuracy, meta_path, write_tsv
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
-from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES
+from ..core.errors import InvalidParameterError
+from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEME_SOUND, NOISE_SCHEMES, check_noise_scheme, grid_shift
 
 MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
               "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
@@ -86,9 +87,30 @@ def add_engine_args(p: argparse.ArgumentParser, amp: bool = True) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory for convolutional models (default: on with CUDA, off on the CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the base model (pays off on long GPU jobs)")
-    p.add_argument("--noise-scheme", choices=NOISE_SCHEMES, default=None,
-                   help=f"how noise is seeded (default {NOISE_SCHEME}, or the one of the file a --resume continues; "
-                        f"{NOISE_SCHEMES[0]} reproduces version 0.1)")
+    add_noise_scheme_arg(p)
+
+
+NOISE_SCHEME_HELP = (f"the noise: {NOISE_SCHEME} (default: float Gaussian, as in the literature), sound "
+                     f"(= {NOISE_SCHEME_SOUND}: the Gaussian rounded to the 1/255 grid, drawn from exact integer "
+                     "thresholds: certificates hold for the law actually sampled; images off the grid are rounded "
+                     f"to it), or {NOISE_SCHEMES[0]} (reproduces version 0.1)")
+
+
+RESUME_HELP = "datagen --resume continues the scheme of its file"
+
+
+def add_noise_scheme_arg(p: argparse.ArgumentParser, default_help: str = "") -> None:
+    """``--noise-scheme``: a scheme of ``NOISE_SCHEMES`` or an alias (``sound``), resolved by ``noise_scheme_arg``."""
+    p.add_argument("--noise-scheme", type=noise_scheme_arg, default=None, metavar="SCHEME",
+                   help=f"{NOISE_SCHEME_HELP}; {default_help or RESUME_HELP}")
+
+
+def noise_scheme_arg(text: str) -> str:
+    """``--noise-scheme``: the scheme's full name (``check_noise_scheme`` resolves aliases)."""
+    try:
+        return check_noise_scheme(text.strip())
+    except InvalidParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
@@ -146,6 +168,16 @@ def provenance(args: argparse.Namespace, **fields) -> dict:
     """The ``.meta.json`` of a results file: the command line and versions, then ``fields``."""
     return dict(command=command_line(args), package_version=__version__, torch=torch.__version__,
                 numpy=np.__version__, scipy=scipy.__version__, **fields)
+
+
+def noise_provenance(smooth, data) -> dict:
+    """What a results sidecar records about the sound scheme: the radius slack of its certificates and how far
+    the images were moved onto the 1/255 grid (the certificates are those of the rounded images); {} otherwise."""
+    if smooth is None or not smooth.sound:
+        return {}
+    return dict(noise_slack=smooth.radius_slack(data.input_shape),
+                grid_shift_max=float(grid_shift(data.x).max()) if len(data) else 0.0,
+                guarantee_scope="grid images within the radius of the image rounded to the 1/255 grid")
 
 
 def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard = SINGLE) -> list | None:

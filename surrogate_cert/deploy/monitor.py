@@ -63,7 +63,7 @@ from calibration.conformal import MONITOR_STATISTIC, quantile_rank
 from ..core import stats
 from ..core.errors import CalibrationError, InvalidInputError, InvalidParameterError, check_probability
 from ..core.one_pass import group_keys
-from ..core.smoothing import STREAM_AUDIT, SmoothedClassifier, noise_indices
+from ..core.smoothing import STREAM_AUDIT, SmoothedClassifier, check_same_noise, noise_indices
 
 __all__ = ["DriftMonitor", "CertificateAudit", "AuditPlan", "audit_plan", "DEFAULT_DELTA", "MIX_EVERY",
            "drift_prior", "drift_jump"]
@@ -462,6 +462,9 @@ class CertificateAudit:
         if smooth is not None and not math.isclose(float(smooth.sigma), float(calibration.sigma), rel_tol=1e-9):
             raise InvalidParameterError(f"the base model is smoothed at sigma={smooth.sigma} but the calibration is "
                                         f"for sigma={calibration.sigma}")
+        if smooth is not None:
+            check_same_noise(smooth.noise_scheme, calibration.noise_scheme, "the audit's base model",
+                             "audit with the calibration's noise scheme")
         self.calibration = calibration
         self.smooth = smooth
         self.rate = rate
@@ -567,7 +570,8 @@ class CertificateAudit:
         if counts_top.size != int(sample.sum()):
             raise InvalidParameterError("counts_top must hold one count per audited query with a positive radius")
         cal = self.calibration
-        reference = np.atleast_1d(stats.reference_radius(counts_top, self.n_audit, cal.alpha_mc, cal.sigma))
+        reference = np.atleast_1d(stats.reference_radius(counts_top, self.n_audit, cal.alpha_mc, cal.sigma,
+                                                         slack=cal.noise_slack))
         exceeded = np.zeros(len(radius), dtype=bool)
         exceeded[sample] = radius[sample] > reference
         positions = np.flatnonzero(audited)

@@ -21,6 +21,7 @@ from ..core.architectures import CHECKPOINT_FILE_KINDS, default_arch, load_check
 from ..core.errors import InvalidInputError, InvalidParameterError, ModelError
 from ..core.files import check_outputs, sniff
 from ..core.hashing import sha256_file
+from ..core.smoothing import NOISE_SCHEME_V2
 from ..core.surrogate import Surrogate
 
 __all__ = ["train_surrogate", "builtin_base_arch"]
@@ -124,7 +125,8 @@ def train_surrogate(
         for path, counts_file in zip(paths, files):
             check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
                              num_classes=int(attrs["num_classes"]), input_shape=attrs["input_shape"],
-                             model_sha256=attrs.get("model_sha256"), complete=True)
+                             model_sha256=attrs.get("model_sha256"), complete=True,
+                             noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2)
     except CountsMismatchError as exc:
         raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
     indices = np.concatenate([f.indices for f in files])
@@ -163,6 +165,7 @@ def train_surrogate(
         counts_rows=int(len(indices)),
         train_index_ranges=index_ranges(indices),
         base_model_sha256=attrs.get("model_sha256"),
+        noise_scheme=attrs.get("noise_scheme"),  # calibrate and certify refuse counts of the other family
         seed=int(seed),
         epochs_run=len(surrogate.history_),
         best_epoch=int(surrogate.best_epoch_),
