@@ -48,7 +48,7 @@ from ..core.cohen import certificates_from_counts
 from ..core.errors import InvalidParameterError, OutputExistsError, StoreError
 from ..core.files import write_text_atomic
 from ..core.hashing import sha256_file
-from ..core.smoothing import resolve_device
+from ..core.smoothing import NOISE_SCHEME, check_noise_scheme, resolve_device
 from ..deploy.hybrid import HybridCertifier
 from .report import write_calibration_report, write_report
 from .training import train_surrogate
@@ -62,7 +62,9 @@ class QuickstartConfig:
     """Sizes and parameters of the pipeline (defaults: the full digits run, <= 10 minutes on 2 cores).
 
     ``*_n``: noisy samples per image for each split's counts; ``*_limit``: images used from a split
-    (None = all); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images.
+    (None = all); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images;
+    ``noise_scheme``: the noise of every count and sequential sample (``sound``: the sound scheme, the
+    digits rounded to the 1/255 grid).
     """
 
     dataset: str = "digits"
@@ -84,6 +86,7 @@ class QuickstartConfig:
     batch_size: int = 2048  # noisy samples per forward pass: the fastest on 2 CPU cores for the digits CNN
     device: str = "auto"
     data_root: str | None = None
+    noise_scheme: str = NOISE_SCHEME
 
     @property
     def cohen_label(self) -> str:
@@ -253,7 +256,8 @@ class Pipeline:
     def counts(self, split: str, n: int, n0: int, limit: int | None) -> None:
         """``datagen`` for one split (resumed where an interrupted run of the same settings stopped)."""
         cfg, target = self.cfg, self.paths[f"{split}.h5"]
-        key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(self.paths["base.pt"]))
+        key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(self.paths["base.pt"]),
+                   *(() if cfg.noise_scheme == NOISE_SCHEME else (check_noise_scheme(cfg.noise_scheme),)))
         self.stage(f"datagen {split}", key, [target],
                    lambda: _run_datagen(cfg, split, n, n0, limit, target, self.paths["base.pt"], self.progress,
                                         self.command, fresh=self.overwrite),
@@ -366,7 +370,7 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
     """Counts for one split; an interrupted file of the same settings is resumed (unless ``fresh``), any
     other replaced."""
     kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
-                  data_root=cfg.data_root, progress=progress, command=command)
+                  data_root=cfg.data_root, progress=progress, command=command, noise_scheme=cfg.noise_scheme)
     resume = target.exists() and not fresh
     if resume:
         try:
@@ -393,7 +397,8 @@ def provenance(command: str, method: str, **fields) -> dict:
 
 def _meta(cfg: QuickstartConfig, command: str, method: str, **fields) -> dict:
     return provenance(command, method, dataset=cfg.dataset, split="test", limit=cfg.test_limit, sigma=cfg.sigma,
-                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)), **fields)
+                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)),
+                      noise_scheme=check_noise_scheme(cfg.noise_scheme), **fields)
 
 
 def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str) -> dict:
@@ -402,7 +407,7 @@ def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str
     base = load_model(str(paths["base.pt"]), device=cfg.device)
     hybrid = HybridCertifier.load(str(paths["surrogate.pt"]), str(paths["calibration.json"]), base_model=base.model,
                                   alpha=cfg.alpha, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, device=cfg.device)
+                                  seed=cfg.seed, device=cfg.device, off_grid="quantise")
     certificates: list[Certificate] = []
     chunk = 50
     bar = tqdm(total=len(data), unit="img", desc="certify", disable=not progress, dynamic_ncols=True)
@@ -421,7 +426,7 @@ def _run_cohen(cfg: QuickstartConfig, paths: dict, datagen_seconds: float | None
     test = read_counts(paths["test.h5"])
     seconds = (datagen_seconds or 0.0) / max(len(test), 1)
     certificates = certificates_from_counts(test.counts_select, test.counts, cfg.alpha, float(test.attrs["sigma"]),
-                                            seconds)
+                                            seconds, slack=test.radius_slack)
     write_tsv(paths["cohen.tsv"], test.indices, test.labels, certificates,
               meta=_meta(cfg, command, cfg.cohen_label, n0=int(test.attrs["n0"]), n=int(test.attrs["n"]),
                          note="Cohen et al. CERTIFY from test.h5, the noise streams of `surrogate-cert cohen` "
