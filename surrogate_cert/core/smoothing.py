@@ -469,8 +469,9 @@ def grid_shift(x: torch.Tensor) -> np.ndarray:
     A certificate of the rounded image ``q(x)`` with radius ``R`` holds around ``x`` itself for grid
     points within ``R - grid_shift(x)`` (triangle inequality); at most ``sqrt(d) / 510``.
     """
-    x = x.detach().to("cpu", torch.float64)
-    return torch.linalg.vector_norm((x - torch.round(x * GRID_LEVELS) / GRID_LEVELS).flatten(1), dim=1).numpy()
+    x = x.detach().to("cpu", torch.float32)
+    moved = x.double() - quantise_to_grid(x).double()  # to the float32 grid point the engine certifies
+    return torch.linalg.vector_norm(moved.flatten(1), dim=1).numpy()
 
 
 def quantise_to_grid(x: torch.Tensor) -> torch.Tensor:
