@@ -479,7 +479,8 @@ class Calibration:
         expected = noise_slack(self.noise_scheme, self.sigma, surrogate.input_shape)
         if not math.isclose(expected, float(self.noise_slack), rel_tol=1e-9, abs_tol=0.0):
             raise CalibrationError(f"the calibration records noise slack {self.noise_slack!r} but its scheme gives "
-                                   f"{expected!r} for the surrogate's {tuple(surrogate.input_shape)} images; re-calibrate")
+                                   f"{expected!r} for the surrogate's {tuple(surrogate.input_shape)} images; "
+                                   "re-calibrate")
 
     # ------------------------------------------------------------------ files
     def to_dict(self, *, key: bytes | None = None) -> dict:

@@ -151,7 +151,7 @@ class CountsFile:
 
     @property
     def radius_slack(self) -> float:
-        """The ``slack`` every radius computed from these counts takes (``smoothing.noise_slack``): 0 for float noise."""
+        """The ``slack`` of every radius computed from these counts (``smoothing.noise_slack``): 0 for float noise."""
         return noise_slack(self.noise_scheme, self.sigma, self.attrs["input_shape"])
 
     @property

@@ -35,8 +35,8 @@ def made(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixing")
     problem = grid_linear_problem(600, sigma=SIGMA, seed=5)
     np.savez(folder / "grid.npz", x=problem.x.numpy(), y=problem.true_class, num_classes=2)
-    torch.jit.script(problem.model).save(str(folder / "base.ts"),
-                                         _extra_files={TORCHSCRIPT_META: '{"num_classes": 2, "input_shape": [1, 2, 2]}'})
+    meta = '{"num_classes": 2, "input_shape": [1, 2, 2]}'
+    torch.jit.script(problem.model).save(str(folder / "base.ts"), _extra_files={TORCHSCRIPT_META: meta})
     dataset, model = f"npz:{folder / 'grid.npz'}", str(folder / "base.ts")
     files = {}
     for scheme in ("float", "sound"):
@@ -89,8 +89,8 @@ def test_certifying_with_the_other_scheme_is_refused(made, tmp_path, capsys):
     with pytest.raises(InvalidInputError, match="never mix"):
         HybridCertifier.load(made["surrogate"], made["calibration"], base_model=made["model"], device="cpu",
                              noise_scheme="float")
-    code = main(["certify", "--surrogate", str(folder / "sur-sound.pt"), "--calibration", str(folder / "cal-sound.json"),
-                 "--model", made["model"], "--dataset", made["dataset"], "--split", "test", "--limit", "5",
+    code = main(["certify", "--surrogate", str(folder / "sur-sound.pt"),
+                 "--calibration", str(folder / "cal-sound.json"), "--model", made["model"], "--dataset", made["dataset"], "--split", "test", "--limit", "5",
                  "--noise-scheme", NOISE_SCHEME_V2, "--out", str(tmp_path / "h.tsv"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "never mix" in err and len(err.splitlines()) == 1

@@ -172,6 +172,7 @@ def test_off_grid_images_are_refused_or_counted_rounded(grid_images):
 def test_scheme_names_slack_and_alias():
     assert check_noise_scheme("sound") == NOISE_SCHEME_SOUND
     assert noise_slack("torch-generator-block256-v2", 0.25, (1, 28, 28)) == 0.0
-    small, large = noise_slack(NOISE_SCHEME_SOUND, 0.25, (1, 28, 28)), noise_slack(NOISE_SCHEME_SOUND, 0.25, (3, 32, 32))
+    small = noise_slack(NOISE_SCHEME_SOUND, 0.25, (1, 28, 28))
+    large = noise_slack(NOISE_SCHEME_SOUND, 0.25, (3, 32, 32))
     assert 0 < small < large < 1e-13
     assert large == pytest.approx(small * 3072 / 784, rel=1e-6)

@@ -97,7 +97,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     check_new_outputs(args, args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
     if args.noise_scheme:
-        config = dataclasses.replace(config, offline=dataclasses.replace(config.offline, noise_scheme=args.noise_scheme))
+        offline = dataclasses.replace(config.offline, noise_scheme=args.noise_scheme)
+        config = dataclasses.replace(config, offline=offline)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
     if args.tolerance is not None:

@@ -199,7 +199,8 @@ def run_certify(args: argparse.Namespace) -> int:
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
-        noise_scheme=hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None else calibration.noise_scheme,
+        noise_scheme=(hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None
+                      else calibration.noise_scheme),
         world_size=args.shard.world_size,
         **noise_provenance(hybrid.sequential.smooth if hybrid.sequential is not None else None, data),
     )

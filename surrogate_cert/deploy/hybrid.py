@@ -137,6 +137,10 @@ class HybridCertifier:
                  audit: CertificateAudit | None = None):
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
+        if sequential is not None:  # the offsets hold for the law of the calibration counts: never the other family
+            check_same_noise(getattr(sequential.smooth, "noise_scheme", None),
+                             getattr(surrogate_certifier.calibration, "noise_scheme", None), "the fallback",
+                             "draw it with the calibration's noise scheme")
         self.monitor = monitor
         self.audit = audit
         self.alarm_reason: str | None = None

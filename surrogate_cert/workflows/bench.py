@@ -267,7 +267,8 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     n_train, n_cal, n_test = cfg.linear_points
     scheme = check_noise_scheme(noise_scheme)
     problem = grid_linear_problem if noise_family(scheme) == "grid" else linear_problem
-    train, cal, test = (problem(num, sigma, seed=seed + 1000 * part) for part, num in enumerate((n_train, n_cal, n_test)))
+    train, cal, test = (problem(num, sigma, seed=seed + 1000 * part)
+                        for part, num in enumerate((n_train, n_cal, n_test)))
     offsets = (0, 10_000_000, 20_000_000)  # disjoint noise indices per split
     smooth = SmoothedClassifier(test.model, 2, sigma, device=device, seed=seed, noise_scheme=scheme)
     counts_train = smooth.counts(train.x, cfg.linear_n[0], indices=offsets[0] + np.arange(n_train))

@@ -472,7 +472,8 @@ def onepass_markdown(content: dict) -> str:
     head = "| method | " + " | ".join(f"r={float(r) / sigma:g}σ" for r in radii) + " | ACR | evals/query | q^ | cap | over-radius (allowed) |"
     rule = "| --- |" + " ---: |" * (len(radii) + 5)
     pct = lambda row: " | ".join(f"{100 * a:.1f}" for a in row["certified_accuracy"].values())  # noqa: E731
-    lines = [f"{setup['dataset']}: {setup['test_images']} test images, noise {setup.get('noise_scheme', NOISE_SCHEME)}, "
+    noise = setup.get("noise_scheme", NOISE_SCHEME)
+    lines = [f"{setup['dataset']}: {setup['test_images']} test images, noise {noise}, "
              f"sigma = {sigma}, alpha = {setup['alpha']}, "
              f"alpha_mc = {setup['alpha_mc']}; {setup['surrogate_images']} surrogate-split images, "
              f"{setup['cal_images']} cal images x {setup['config']['cal_n']:,}", "", head, rule]
