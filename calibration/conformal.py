@@ -404,6 +404,7 @@ def fit_offsets(
     z=None,
     references: "ReferenceRadii | None" = None,
     shift=None,
+    slack: float = 0.0,
 ) -> OffsetFit:
     """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
 
@@ -451,6 +452,8 @@ def fit_offsets(
         default the Clopper-Pearson reference of ``counts_top`` out of ``n_cal``.
     shift : array_like of float, optional
         Per-point shift ``t_b`` of the ``shifted`` score, fixed before calibration (``fit_shifted``).
+    slack : float, optional
+        The counts' noise scheme's radius slack for the default reference (``reference_radii``).
 
     Returns
     -------
@@ -486,8 +489,8 @@ def fit_offsets(
         )
 
     if references is None:
-        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma)
-        cap = radius_cap(n_cal, alpha_mc, sigma)
+        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack)
+        cap = radius_cap(n_cal, alpha_mc, sigma, slack=slack)
     else:
         reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
         if len(reference) != m:

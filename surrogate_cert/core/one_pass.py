@@ -569,6 +569,6 @@ class SurrogateCertifier:
         """
         if radius > 0:
             if p_lower is None:
-                p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
+                p_lower = float(np.ravel(self.p_lower(radius))[0])  # the p_A bound this radius stands for
             return Certificate(int(cls), float(radius), "surrogate", int(n_samples), float(p_lower), float(seconds))
         return abstention(n_samples, 0.0, seconds)
