@@ -63,3 +63,16 @@ def test_cohen_from_stored_counts_is_cohen_live(tmp_path, digits_untrained_model
     live = CohenCertifier(smooth).certify(data.x, n0=N0, n=N, alpha=0.01, indices=data.indices)
     assert [(c.prediction, c.radius, c.p_lower) for c in stored] == [(c.prediction, c.radius, c.p_lower) for c in live]
     assert torch.equal(torch.as_tensor(counts.indices), torch.as_tensor(data.indices))
+
+
+def test_cohen_command_records_the_scheme_and_the_grid_shift(tmp_path, digits_untrained_model):
+    from surrogate_cert.cli import main
+    from surrogate_cert.core.certificate import read_meta
+
+    out = tmp_path / "cohen.tsv"
+    assert main(["cohen", "--model", digits_untrained_model, "--dataset", "digits", "--limit", "3", "--n0", "10",
+                 "--samples", "100", "--sigma", "0.25", "--noise-scheme", "sound", "--out", str(out),
+                 "--no-progress"]) == 0
+    meta = read_meta(str(out))
+    assert meta["noise_scheme"] == NOISE_SCHEME_SOUND and 0 < meta["noise_slack"] < 1e-13
+    assert 0 < meta["grid_shift_max"] <= 8 / 510 and "rounded to the 1/255 grid" in meta["guarantee_scope"]
