@@ -8,12 +8,13 @@ noise any such comparison carries. With ``--onepass FLOAT.json SOUND.json`` (two
 compared too, at the radii those runs report. Prints JSON (``--out`` also writes it) and a Markdown
 table on stderr.
 
-    python benchmarks/noise_scheme_accuracy.py --data-root DATA --model BASE.pt --cache CACHE \\
+    python benchmarks/noise_scheme_accuracy.py --data-root DATA --cache CACHE [--model BASE.pt] \\
         [--limit 500] [--seeds 0,1] [--onepass float.json sound.json] --out accuracy.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from data_gen.models import load_model
 from data_gen.store import read_counts
 from surrogate_cert.core import __version__, stats
 from surrogate_cert.core.smoothing import NOISE_SCHEME, NOISE_SCHEME_SOUND
-from surrogate_cert.workflows.onepass_case import cached_counts, counts_key
+from surrogate_cert.workflows.onepass_case import ONEPASS_MNIST_CPU, OnePassBench, cached_counts, counts_key
 
 SCHEMES = {"float": NOISE_SCHEME, "sound": NOISE_SCHEME_SOUND}
 GOAL_PP = 0.5
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--model", required=True, help="the base model (the one-pass case's cached train-base MLP)")
+    p.add_argument("--model", default=None,
+                   help="the base model (default: the one-pass case's built-in MLP, trained once into --cache)")
     p.add_argument("--cache", required=True, help="counts cache folder (shared with the one-pass runs)")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--limit", type=int, default=500, help="test images")
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.model is None:  # the one-pass case's base model, cached where its runs look for it
+        cfg = dataclasses.replace(ONEPASS_MNIST_CPU, dataset=args.dataset, data_root=args.data_root, sigma=args.sigma)
+        args.model = OnePassBench(cfg, Path(args.cache) / "work", cache_dir=args.cache).base_model()
     radii = [round(args.sigma * k / 4, 10) for k in range(int(4 * args.sigma_max) + 1)]
     rows = cohen_rows(args, radii)
     diffs = {f"sound - float, seed {s}": differences(rows[f"sound_seed{s}"], rows[f"float_seed{s}"])
