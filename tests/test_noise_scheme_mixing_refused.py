@@ -90,7 +90,8 @@ def test_certifying_with_the_other_scheme_is_refused(made, tmp_path, capsys):
         HybridCertifier.load(made["surrogate"], made["calibration"], base_model=made["model"], device="cpu",
                              noise_scheme="float")
     code = main(["certify", "--surrogate", str(folder / "sur-sound.pt"),
-                 "--calibration", str(folder / "cal-sound.json"), "--model", made["model"], "--dataset", made["dataset"], "--split", "test", "--limit", "5",
+                 "--calibration", str(folder / "cal-sound.json"), "--model", made["model"],
+                 "--dataset", made["dataset"], "--split", "test", "--limit", "5",
                  "--noise-scheme", NOISE_SCHEME_V2, "--out", str(tmp_path / "h.tsv"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "never mix" in err and len(err.splitlines()) == 1
