@@ -11,6 +11,7 @@ trained on the surrogate split, every calibration scheme at epsilon 0.01 and 0.0
     python benchmarks/onepass_mnist.py --data-root ../shared/data --workdir onepass-mnist --out mnist.json
     python benchmarks/onepass_mnist.py --dataset digits --workdir onepass-digits --out digits.json
     python benchmarks/onepass_mnist.py --size gpu --device cuda --data-root DATA ...   # the full size
+    python benchmarks/onepass_mnist.py --noise-scheme sound --cache CACHE ...   # the sound scheme (same base model)
 
 Sizes: ``cpu`` (default for MNIST: 10,000 surrogate-split images x 100, 5,000 cal x 10^4, 500 test
 x (100 + 10^4); under 45 minutes end to end on 2 idle CPU cores, with torch at one thread on a busy
@@ -52,12 +53,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-controls", action="store_true", help="skip the lever controls")
     p.add_argument("--cal-topup", type=int, default=None, help="top the cal counts up by N samples (0 = none)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--noise-scheme", default=None,
+                   help="noise of every count and fallback sample: the float default, or sound (the Gaussian rounded "
+                        "to the 1/255 grid, drawn exactly); share --cache between the two: the base model is reused")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     cfg = SIZES[args.size or ("digits" if args.dataset == "digits" else "cpu")]
     changes = dict(dataset=args.dataset if args.size != "tiny" else cfg.dataset)
     for name, value in (("data_root", args.data_root), ("model", args.model), ("device", args.device),
-                        ("cal_topup", args.cal_topup)):
+                        ("cal_topup", args.cal_topup), ("noise_scheme", args.noise_scheme)):
         if value is not None:
             changes[name] = value
     if args.test_limit is not None:

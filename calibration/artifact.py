@@ -86,6 +86,12 @@ Keys (stable; the HTML report reads them):
                          ``mean_reference_radius``, ``reference_positive_share``,
                          ``mapie_interval_coverage`` / ``mapie_interval_nominal`` (MAPIE's coverage
                          of its two-sided intervals, pooled), ``surrogate_agrees_with_counts``
+``noise_scheme``         optional: the noise scheme of the calibration counts (``core.smoothing``); absent or
+                         null in files older than the field, which are float noise. Deployment draws its
+                         fallback samples with a scheme of the same family and refuses the other
+``noise_slack``          optional (absent = 0): the radius slack of that scheme for the surrogate's input
+                         size (``smoothing.noise_slack``, ``stats.grid_radius``); the reference radii and
+                         ``radius_cap`` are radii of the law the counts were drawn from
 ``monitor_reference``    optional: the surrogate's class ``predicted`` and probability ``p_tilde`` of
                          every calibration image, in calibration order (``statistic`` names them):
                          the reference sample of the drift monitor (``deploy.monitor``). Files
@@ -112,6 +118,7 @@ from surrogate_cert.core.errors import CalibrationError, SignatureError
 from surrogate_cert.core.files import atomic_output, sniff, wrong_kind
 from surrogate_cert.core.one_pass import GROUPINGS, all_group_keys
 from surrogate_cert.core.signing import key_id, resolve_key, sign, verify
+from surrogate_cert.core.smoothing import NOISE_SCHEMES, noise_family, noise_slack
 from surrogate_cert.core.surrogate import Surrogate
 
 FORMAT = "surrogate-cert-calibration"
@@ -248,6 +255,7 @@ def content_problems(content: dict) -> list[str]:
             p.append(f"{key} is not a string")
     if not isinstance(content.get("diagnostics", {}), dict):
         p.append("diagnostics is not an object")
+    p += _noise_problems(content)
     if p:
         return p
 
@@ -258,7 +266,7 @@ def content_problems(content: dict) -> list[str]:
     problem = _reference_problem(reference, content["n_cal"])
     if problem:
         return p + [problem]
-    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma)
+    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
     if not (_finite(cap) and math.isclose(cap, expected_cap, rel_tol=1e-9, abs_tol=1e-12)):
         p.append(f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
                  f"({expected_cap:.6g})")
@@ -368,12 +376,24 @@ def _reference_problem(reference, n_cal) -> str | None:
     return None
 
 
-def _expected_cap(reference: dict, n_cal: int, alpha_mc: float, sigma: float) -> float:
+def _expected_cap(reference: dict, n_cal: int, alpha_mc: float, sigma: float, slack: float = 0.0) -> float:
     if reference["bound"] == REFERENCE_CP:
-        return stats.max_radius(n_cal, alpha_mc, sigma)
+        return stats.max_radius(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
     return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
-                                  (prior["a"], prior["b"], prior["weights"]))
+                                  (prior["a"], prior["b"], prior["weights"]), slack=slack)
+
+
+def _noise_problems(content: dict) -> list[str]:
+    """The optional noise fields: a known scheme, and a slack that is 0 exactly for float noise."""
+    scheme, slack = content.get("noise_scheme"), content.get("noise_slack", 0.0)
+    if scheme is not None and scheme not in NOISE_SCHEMES:
+        return [f"noise_scheme {scheme!r} is not one of {NOISE_SCHEMES}"]
+    if not (_finite(slack) and 0 <= slack < 0.25):
+        return [f"noise_slack {slack!r} is not a number in [0, 0.25)"]
+    if (noise_family(scheme) == "grid") != (slack > 0):
+        return [f"noise_slack {slack!r} does not fit noise_scheme {scheme!r} (positive exactly for the sound scheme)"]
+    return []
 
 
 def _increasing(values) -> bool:
@@ -455,6 +475,8 @@ class Calibration:
     reference: dict = field(default_factory=lambda: {"bound": REFERENCE_CP})
     radius_thresholds: dict | None = None
     bin_edges_source: dict | None = None
+    noise_scheme: str | None = None
+    noise_slack: float = 0.0
 
     # ------------------------------------------------------------------ use
     @property
@@ -511,6 +533,11 @@ class Calibration:
                 f"the calibration is for {self.num_classes} classes but the surrogate has {surrogate.num_classes}; "
                 "re-calibrate"
             )
+        expected = noise_slack(self.noise_scheme, self.sigma, surrogate.input_shape)
+        if not math.isclose(expected, float(self.noise_slack), rel_tol=1e-9, abs_tol=0.0):
+            raise CalibrationError(f"the calibration records noise slack {self.noise_slack!r} but its scheme gives "
+                                   f"{expected!r} for the surrogate's {tuple(surrogate.input_shape)} images; "
+                                   "re-calibrate")
 
     def check_fresh(self, *, dataset: str | None = None, split: str | None = None,
                     counts_sha256: str | None = None, what: str = "these images") -> None:

@@ -88,6 +88,7 @@ from surrogate_cert.core.one_pass import (
     deployed_radius,
     group_keys,
 )
+from surrogate_cert.core.smoothing import NOISE_SCHEME_V2, noise_slack
 from surrogate_cert.core.stats import P_CLIP, conformity_scores, reference_radius, surrogate_radius
 from surrogate_cert.core.surrogate import Surrogate
 
@@ -569,6 +570,7 @@ def fit_offsets(
     z=None,
     references: "ReferenceRadii | None" = None,
     shift=None,
+    slack: float = 0.0,
 ) -> OffsetFit:
     """Calibrate the offset ``q^`` from surrogate outputs and calibration counts (arrays only).
 
@@ -618,6 +620,8 @@ def fit_offsets(
         default the Clopper-Pearson reference of ``counts_top`` out of ``n_cal``.
     shift : array_like of float, optional
         Per-point shift ``t_b`` of the ``shifted`` score, fixed before calibration (``fit_shifted``).
+    slack : float, optional
+        The counts' noise scheme's radius slack for the default reference (``reference_radii``).
 
     Returns
     -------
@@ -654,8 +658,8 @@ def fit_offsets(
         )
 
     if references is None:
-        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma)
-        cap = radius_cap(n_cal, alpha_mc, sigma)
+        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack)
+        cap = radius_cap(n_cal, alpha_mc, sigma, slack=slack)
     else:
         reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
         if len(reference) != m:
@@ -754,7 +758,7 @@ REFERENCE_BOUNDS = (REFERENCE_CP, REFERENCE_TOPUP)
 
 
 def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float, *, counts_topup=None,
-                    samples=None, planned_max: int | None = None, stages=None) -> ReferenceRadii:
+                    samples=None, planned_max: int | None = None, stages=None, slack: float = 0.0) -> ReferenceRadii:
     """The calibration's reference radii: Clopper-Pearson, or the topped-up bound of a topped-up file.
 
     Without a top-up: ``y_i = reference_radius(counts_i[A_i], n_cal, alpha_mc, sigma)`` and the cap
@@ -786,6 +790,9 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     stages : sequence of int, optional
         The top-up's sample stages (``topup_stages``), recorded so that an audit can draw its reference
         samples by the same plan (``ReferencePlan``); without them the audit refuses the calibration.
+    slack : float, optional
+        The counts' noise scheme's radius slack (``CountsFile.radius_slack``; 0 for float noise): ``y_i``
+        and the cap are radii of the law the counts were drawn from (``stats.grid_radius``).
 
     Returns
     -------
@@ -796,12 +803,13 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     rows = np.arange(len(predicted))
     first = counts[rows, predicted]
     if planned_max is None:
-        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma)).astype(float),
-                              radius_cap(n_cal, alpha_mc, sigma), dict(bound=REFERENCE_CP))
+        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma, slack=slack)).astype(float),
+                              radius_cap(n_cal, alpha_mc, sigma, slack=slack), dict(bound=REFERENCE_CP))
     topup = np.zeros_like(counts) if counts_topup is None else np.asarray(counts_topup)
     samples = np.full(len(predicted), n_cal) if samples is None else np.asarray(samples, dtype=np.int64)
-    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma)
-    cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma)
+    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma,
+                                     slack=slack)
+    cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma, slack=slack)
     a, b, w = stats.TOPUP_PRIOR
     record = dict(bound=REFERENCE_TOPUP, planned_max_samples=int(planned_max), alpha_split="alpha_mc / 2 each",
                   prior=dict(a=list(a), b=list(b), weights=list(w)),
@@ -811,13 +819,14 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
 
 
-def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float) -> float:
+def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *,
+                        slack: float = 0.0) -> float:
     """The radius cap a calibration with this ``reference`` record must have (see ``reference_radii``)."""
     if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
-        return radius_cap(n_cal, alpha_mc, sigma)
+        return radius_cap(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
     return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
-                                  (prior["a"], prior["b"], prior["weights"]))
+                                  (prior["a"], prior["b"], prior["weights"]), slack=slack)
 
 
 TOPUP_RULE = "all-agree"
@@ -916,6 +925,8 @@ class ReferencePlan:
         ``(n_cal,)`` without a top-up.
     planned_max : int or None
         None without a top-up.
+    slack : float
+        The noise scheme's radius slack (``calibration.noise_slack``; 0 for float noise).
     """
 
     n_cal: int
@@ -923,14 +934,16 @@ class ReferencePlan:
     sigma: float
     stages: tuple
     planned_max: int | None = None
+    slack: float = 0.0
 
     @classmethod
     def from_calibration(cls, calibration) -> "ReferencePlan":
         """The plan of ``calibration``; ``CalibrationError`` for a topped-up one that does not record its stages."""
         reference = getattr(calibration, "reference", None) or {"bound": REFERENCE_CP}
         n_cal, alpha_mc, sigma = int(calibration.n_cal), float(calibration.alpha_mc), float(calibration.sigma)
+        slack = float(getattr(calibration, "noise_slack", 0.0) or 0.0)
         if reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
-            return cls(n_cal, alpha_mc, sigma, (n_cal,))
+            return cls(n_cal, alpha_mc, sigma, (n_cal,), slack=slack)
         if not reference.get("stages") or reference.get("rule", TOPUP_RULE) != TOPUP_RULE:
             raise CalibrationError("this calibration's reference radii come from topped-up counts but it does not "
                                    "record the top-up's stages, so an audit cannot make its references the same way; "
@@ -940,7 +953,7 @@ class ReferencePlan:
             raise CalibrationError("this calibration's top-up reference uses another prior than this version's "
                                    "stats.TOPUP_PRIOR; re-run `surrogate-cert calibrate` with this version")
         planned = int(reference["planned_max_samples"])
-        return cls(n_cal, alpha_mc, sigma, check_stages(reference["stages"], n_cal, planned), planned)
+        return cls(n_cal, alpha_mc, sigma, check_stages(reference["stages"], n_cal, planned), planned, slack)
 
     def more(self, samples, counts_all) -> np.ndarray:
         """Samples each row still needs by the plan: to the next stage if all its samples agree, else 0."""
@@ -980,7 +993,8 @@ class ReferencePlan:
         topped = self.planned_max is not None
         return reference_radii(predicted, counts_first, self.n_cal, self.alpha_mc, self.sigma,
                                counts_topup=np.asarray(counts_all) - counts_first if topped else None,
-                               samples=samples if topped else None, planned_max=self.planned_max).radius
+                               samples=samples if topped else None, planned_max=self.planned_max,
+                               slack=self.slack).radius
 
 
 # --------------------------------------------------------------------------- the tuned (shifted) score
@@ -1243,6 +1257,7 @@ def calibrate_arrays(
     planned_max: int | None = None,
     topup_stages: Sequence[int] | None = None,
     bin_edges_source: dict | None = None,
+    noise_scheme: str | None = None,
     **provenance,
 ) -> Calibration:
     """Calibrate ``surrogate`` on calibration images ``x`` and their class ``counts`` (``N x K``).
@@ -1293,6 +1308,10 @@ def calibrate_arrays(
         calibration cannot be audited.
     bin_edges_source : dict, optional
         Where ``bin_edges`` came from (recorded).
+    noise_scheme : str, optional
+        The scheme the counts were drawn with (None: float noise). The sound scheme's reference radii
+        take its slack (``smoothing.noise_slack``); both are recorded, and deployment draws its fallback
+        samples with the same scheme.
     **provenance
         ``Calibration`` fields to fill in (``counts_sha256``, ``base_model_sha256``, ``dataset``,
         ``split``, ...).
@@ -1336,8 +1355,10 @@ def calibrate_arrays(
         check_topup_follows_stages(counts, np.zeros_like(counts) if counts_topup is None else counts_topup,
                                    np.full(len(counts), n_cal) if samples is None else samples,
                                    check_stages(topup_stages, n_cal, int(planned_max)))
+    slack = noise_slack(noise_scheme, sigma, surrogate.input_shape)
     refs = reference_radii(predicted, counts, n_cal, alpha_mc, sigma, counts_topup=counts_topup, samples=samples,
-                           planned_max=planned_max, stages=topup_stages if planned_max is not None else None)
+                           planned_max=planned_max, stages=topup_stages if planned_max is not None else None,
+                           slack=slack)
     options = dict(sigma=sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
                    guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges)
     rows = np.arange(len(predicted))
@@ -1390,6 +1411,8 @@ def calibrate_arrays(
         radius_thresholds=radius_thresholds,
         bin_edges_source=bin_edges_source,
         monitor_reference=monitor_reference(predicted[part], p_tilde[part]),  # the points m counts
+        noise_scheme=noise_scheme,
+        noise_slack=slack,
         **provenance,
     )
 
@@ -1546,7 +1569,7 @@ def calibrate(
         check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
                          num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=trained_on, key=key)
+                         excluded_indices=trained_on, key=key, noise_scheme=surrogate_noise_scheme(surrogate))
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
     if str(attrs.get("split")) == "test":
@@ -1570,8 +1593,13 @@ def calibrate(
         counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
         planned_max=counts.planned_max_samples if topped else None, topup_stages=stages, bin_edges_source=source,
         counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
-        dataset=str(attrs["dataset"]), split=str(attrs["split"]),
+        dataset=str(attrs["dataset"]), split=str(attrs["split"]), noise_scheme=counts.noise_scheme,
     )
+
+
+def surrogate_noise_scheme(surrogate) -> str:
+    """The noise scheme of the counts a surrogate was trained on (float v2 for checkpoints older than the field)."""
+    return surrogate.meta.get("noise_scheme") or NOISE_SCHEME_V2
 
 
 __all__ = [

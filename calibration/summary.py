@@ -34,6 +34,7 @@ from surrogate_cert.core.certificate import certified_accuracy, read_meta, read_
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
 from surrogate_cert.core.hashing import sha256_file
 from surrogate_cert.core.one_pass import deployed_radius
+from surrogate_cert.core.smoothing import NOISE_SCHEME_V2
 from surrogate_cert.core.surrogate import Surrogate
 
 from .artifact import guarantee_statement
@@ -401,7 +402,8 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     counts_top = held_out.counts[np.arange(len(predicted)), predicted]
     check = check_against_reference(p_tilde, calibrated, counts_top, int(attrs["n"]), cal.sigma,
                                     cal.epsilon, cal.alpha_mc,
-                                    guarantee=cal.guarantee if cal.method != "ltt" else "issued")
+                                    guarantee=cal.guarantee if cal.method != "ltt" else "issued",
+                                    slack=held_out.radius_slack)
     check.update(counts_path=os.fspath(counts), split=str(attrs["split"]), n=int(attrs["n"]))
     return check
 
@@ -422,14 +424,16 @@ def held_out_counts(counts: str | os.PathLike, model: Surrogate, cal, key: bytes
         check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
                          num_classes=cal.num_classes, input_shape=model.input_shape,
                          model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=model.meta.get("train_index_ranges"), key=key)
+                         excluded_indices=model.meta.get("train_index_ranges"), key=key,
+                         noise_scheme=cal.noise_scheme or NOISE_SCHEME_V2)
     except CountsMismatchError as exc:
         raise CalibrationError(f"the held-out check: {exc}") from None
     return held_out
 
 
 def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, sigma: float,
-                            epsilon: float, alpha_mc: float, guarantee: str = "marginal") -> dict:
+                            epsilon: float, alpha_mc: float, guarantee: str = "marginal", *,
+                            slack: float = 0.0) -> dict:
     """The held-out check on numbers: calibrated radii ``R^`` against the MC reference radii ``y``.
 
     ``counts_top[i]`` is how often the base model returned the surrogate's class among ``n`` noisy
@@ -443,7 +447,7 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
     p_surrogate = np.asarray(p_surrogate, dtype=float)
     calibrated_radius = np.asarray(calibrated_radius, dtype=float)
     counts_top = np.asarray(counts_top, dtype=float)
-    reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma))
+    reference = np.atleast_1d(stats.reference_radius(counts_top, n, alpha_mc, sigma, slack=slack))
     above = (calibrated_radius > 0) & (calibrated_radius > reference)
     m = int(above.size)
     certified = int((calibrated_radius > 0).sum())

@@ -35,8 +35,10 @@ from surrogate_cert.core.smoothing import (
     NOISE_SCHEME,
     STREAM_ESTIMATE,
     STREAM_SELECT,
+    SOUND_SCHEMES,
     SmoothedClassifier,
     check_noise_scheme,
+    grid_shift,
 )
 
 from .datasets import load_split
@@ -165,7 +167,10 @@ def generate_counts(
     command : str, optional
         The command line recorded in the file.
     noise_scheme : str, optional
-        ``NOISE_SCHEMES``; default: the one a resumed file records, else ``NOISE_SCHEME``.
+        ``NOISE_SCHEMES`` or an alias (``"sound"``); default: the one a resumed file records, else
+        ``NOISE_SCHEME``. With the sound scheme, images off the 1/255 grid (``digits``: ``v / 16``) are
+        counted rounded to it, and the file records how far they moved (``grid_shift_max``) and the
+        radius slack of its counts (``noise_slack``).
     channels_last : bool, optional
         ``channels_last`` memory for the model (default: on for convolutional models on CUDA).
     compile : bool or str, optional
@@ -225,7 +230,7 @@ def generate_counts(
         loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
         smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
                                     amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
-                                    compile=compile, input_shape=data.input_shape)
+                                    compile=compile, input_shape=data.input_shape, off_grid="quantise")
         check_model_fits(smooth, data.x[:1], model_spec)
         attrs = {
             "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
@@ -236,6 +241,9 @@ def generate_counts(
             "command": (command or "generate_counts()")
             + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
         }
+        if scheme in SOUND_SCHEMES:  # images off the 1/255 grid are counted rounded to it: say how far
+            attrs["grid_shift_max"] = float(grid_shift(data.x).max()) if len(data) else 0.0
+            attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
         if smooth.amp:
             attrs["amp_disagreement"] = _check_amp(smooth, data)
         return data, positions, smooth, attrs
@@ -434,7 +442,7 @@ def top_up_counts(
     counts = read_counts(path)
     attrs = counts.attrs
     check_counts_for(counts, path, complete=True, key=secret)
-    try:  # continue the file's own streams: the scheme it records (v1, v2 or v3), never the default
+    try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
         scheme = check_noise_scheme(attrs.get("noise_scheme"))
     except InvalidParameterError:
         raise StoreError(f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
@@ -459,7 +467,7 @@ def top_up_counts(
                          f"{loaded.sha256[:12]}...); top it up with the model it was made with")
     smooth = SmoothedClassifier(loaded.model, counts.num_classes, counts.sigma, device=device, batch_size=batch_size,
                                 amp=attrs.get("amp"), seed=int(attrs["seed"]), noise_scheme=scheme,
-                                input_shape=tuple(attrs["input_shape"]))
+                                input_shape=tuple(attrs["input_shape"]), off_grid="quantise")
     if smooth.device.type != attrs.get("device_type"):
         raise StoreError(f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
                          f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it")

@@ -13,7 +13,10 @@ Schema (``FORMAT_VERSION`` 1)::
     attributes: format, format_version, sigma, n, n0, num_classes, seed, dataset, split, limit,
     model_sha256, model_source, package_version, noise_scheme, device_type, amp, input_shape,
     rows (committed rows), complete, command; in topped-up files also topup_rule, topup_planned_max
-    (the most estimation samples any row may reach, fixed before the top-up) and topup_history
+    (the most estimation samples any row may reach, fixed before the top-up) and topup_history; in files
+    of the sound noise scheme (``noise_scheme`` ``rounded-gaussian-grid255-v1``) also grid_shift_max (the
+    largest l2 distance of an image to the 1/255 grid: the counts are those of the images rounded to it,
+    0 for 8-bit datasets) and noise_slack (the radius slack of ``stats.grid_radius`` for these images)
 
 Top-up (``datagen --top-up N``, ``data_gen.generate.top_up_counts``): rows whose samples so far all
 agree get ``N`` more samples of the same estimation stream (the engine's ``start``), so ``counts``
@@ -64,6 +67,7 @@ import numpy as np
 from surrogate_cert.core.errors import SIGMA_MAX, SIGMA_MIN, OutputExistsError, StoreError
 from surrogate_cert.core.files import atomic_output, file_problem, sniff, wrong_kind
 from surrogate_cert.core.signing import resolve_key
+from surrogate_cert.core.smoothing import noise_family, noise_slack
 
 from .datasets import load_images, same_dataset
 from .distributed import shard_positions
@@ -141,6 +145,16 @@ class CountsFile:
     def topped_up(self) -> bool:
         """Whether any row has estimation samples beyond ``n`` (``samples`` and ``counts_topup``)."""
         return self.samples is not None and bool(np.any(self.samples > self.n))
+
+    @property
+    def noise_scheme(self) -> str | None:
+        """The scheme the counts were drawn with (None in files older than the attribute: float noise)."""
+        return self.attrs.get("noise_scheme")
+
+    @property
+    def radius_slack(self) -> float:
+        """The ``slack`` of every radius computed from these counts (``smoothing.noise_slack``): 0 for float noise."""
+        return noise_slack(self.noise_scheme, self.sigma, self.attrs["input_shape"])
 
     @property
     def planned_max_samples(self) -> int:
@@ -481,6 +495,7 @@ def check_counts_for(
     excluded_indices=None,
     excluded_what: str = "the surrogate's training images",
     key: bytes | str | None = None,
+    noise_scheme: str | None = None,
 ) -> None:
     """Refuse a counts file that does not fit its consumer (one place for every such check).
 
@@ -513,6 +528,9 @@ def check_counts_for(
     key : bytes or str, optional
         The signing key (default: the environment's, ``core.signing.resolve_key``); with one, the file
         must be signed under it (``data_gen.signatures.check_counts_signature``).
+    noise_scheme : str, optional
+        A scheme of the family the consumer was made with (``smoothing.noise_family``: float or sound);
+        the file's must be of the same family (v1 and v2 files mix; sound files mix with no float one).
 
     Raises
     ------
@@ -540,6 +558,10 @@ def check_counts_for(
     if model_sha256 and attrs.get("model_sha256") and attrs["model_sha256"] != model_sha256:
         raise CountsMismatchError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}"
                                   f"... vs {model_sha256[:12]}...); use counts of the same base model")
+    if noise_scheme is not None and noise_family(attrs.get("noise_scheme")) != noise_family(noise_scheme):
+        raise CountsMismatchError(f"{path} was drawn with noise scheme {attrs.get('noise_scheme')} but "
+                                  f"{noise_scheme} is expected: certificates never mix float and sound (grid) "
+                                  f"noise; make the counts with datagen --noise-scheme {noise_scheme}")
     if complete and not attrs.get("complete", True):
         raise CountsMismatchError(f"{path} is incomplete ({len(counts)} rows committed); finish it with "
                                   "`surrogate-cert datagen ... --resume`")

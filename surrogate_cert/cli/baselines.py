@@ -25,6 +25,7 @@ from .common import (
     add_samples_arg,
     certify_split,
     check_new_outputs,
+    noise_provenance,
     provenance,
     radius_arg,
     results_paths,
@@ -194,12 +195,13 @@ def _load(args: argparse.Namespace):
     check_sigma_agrees(loaded.sigma, sigma, args.model, args.allow_sigma_mismatch)
     smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=device, batch_size=args.batch_size,
                                 seed=args.seed, amp=args.amp, noise_scheme=args.noise_scheme or NOISE_SCHEME,
-                                channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape)
+                                channels_last=args.channels_last, compile=args.compile, input_shape=data.input_shape,
+                                off_grid="quantise")
     check_model_fits(smooth, data.x[:1], args.model)
     meta = provenance(args, method=args.command, dataset=args.dataset, split=args.split, limit=args.limit,
                       images=len(data), sigma=sigma, alpha=args.alpha, model_sha256=loaded.sha256,
                       device=str(smooth.device), seed=args.seed, noise_scheme=smooth.noise_scheme, amp=smooth.amp,
-                      batch_size=smooth.batch_size, world_size=args.shard.world_size)
+                      batch_size=smooth.batch_size, world_size=args.shard.world_size, **noise_provenance(smooth, data))
     return data, smooth, meta
 
 

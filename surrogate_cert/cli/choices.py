@@ -18,8 +18,15 @@ DATASET_HELP = "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH"
 ARCHITECTURES = ("mlp", "resnet18", "small_cnn")
 """``sorted(core.architectures.ARCHITECTURES)``."""
 
-NOISE_SCHEMES = ("torch-generator-block256-v1", "torch-generator-block256-v2", "philox4x32-block256-v3")
+NOISE_SCHEMES = ("torch-generator-block256-v1", "torch-generator-block256-v2", "philox4x32-block256-v3",
+                 "rounded-gaussian-grid255-v1")
 """``core.smoothing.NOISE_SCHEMES``."""
+
+NOISE_SCHEME_SOUND = "rounded-gaussian-grid255-v1"
+"""``core.smoothing.NOISE_SCHEME_SOUND``."""
+
+NOISE_ALIASES = {"sound": NOISE_SCHEME_SOUND, "float": "torch-generator-block256-v2"}
+"""``core.smoothing.NOISE_ALIASES``."""
 
 NOISE_SCHEME = "torch-generator-block256-v2"
 """``core.smoothing.NOISE_SCHEME``: the scheme new files use."""
@@ -65,6 +72,8 @@ COPIES = {
     "DATASET_HELP": ("data_gen.datasets", "DATASET_HELP"),
     "NOISE_SCHEMES": ("surrogate_cert.core.smoothing", "NOISE_SCHEMES"),
     "NOISE_SCHEME": ("surrogate_cert.core.smoothing", "NOISE_SCHEME"),
+    "NOISE_SCHEME_SOUND": ("surrogate_cert.core.smoothing", "NOISE_SCHEME_SOUND"),
+    "NOISE_ALIASES": ("surrogate_cert.core.smoothing", "NOISE_ALIASES"),
     "GUARANTEES": ("calibration.conformal", "GUARANTEES"),
     "CALIBRATION_METHODS": ("calibration.conformal", "METHODS"),
     "SCORES": ("calibration.conformal", "SCORES"),

@@ -12,7 +12,7 @@ from ..core import __version__
 from ..core.errors import SurrogateCertError, check_radius, check_seed
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
-from .choices import DATASET_HELP, NOISE_SCHEME, NOISE_SCHEMES, SPLITS
+from .choices import DATASET_HELP, NOISE_ALIASES, NOISE_SCHEME, NOISE_SCHEME_SOUND, NOISE_SCHEMES, SPLITS
 
 if TYPE_CHECKING:
     from data_gen.distributed import Shard
@@ -100,9 +100,31 @@ def add_engine_args(p: argparse.ArgumentParser, amp: bool = True) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory for convolutional models (default: on with CUDA, off on the CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the base model (pays off on long GPU jobs)")
-    p.add_argument("--noise-scheme", choices=NOISE_SCHEMES, default=None,
-                   help=f"how noise is seeded (default {NOISE_SCHEME}, or the one of the file a --resume continues; "
-                        f"{NOISE_SCHEMES[0]} reproduces version 0.1)")
+    add_noise_scheme_arg(p)
+
+
+NOISE_SCHEME_HELP = (f"the noise: {NOISE_SCHEME} (default: float Gaussian, as in the literature), sound "
+                     f"(= {NOISE_SCHEME_SOUND}: the Gaussian rounded to the 1/255 grid, drawn from exact integer "
+                     "thresholds: certificates hold for the law actually sampled; images off the grid are rounded "
+                     f"to it), or {NOISE_SCHEMES[0]} (reproduces version 0.1)")
+
+
+RESUME_HELP = "datagen --resume continues the scheme of its file"
+
+
+def add_noise_scheme_arg(p: argparse.ArgumentParser, default_help: str = "") -> None:
+    """``--noise-scheme``: a scheme of ``NOISE_SCHEMES`` or an alias (``sound``), resolved by ``noise_scheme_arg``."""
+    p.add_argument("--noise-scheme", type=noise_scheme_arg, default=None, metavar="SCHEME",
+                   help=f"{NOISE_SCHEME_HELP}; {default_help or RESUME_HELP}")
+
+
+def noise_scheme_arg(text: str) -> str:
+    """``--noise-scheme``: the scheme's full name (``check_noise_scheme`` resolves aliases)."""
+    scheme = NOISE_ALIASES.get(text.strip(), text.strip())
+    if scheme not in NOISE_SCHEMES:  # the message of core.smoothing.check_noise_scheme, without importing torch
+        raise argparse.ArgumentTypeError(f"unknown noise scheme {scheme!r}; this version draws "
+                                         f"{', '.join(NOISE_SCHEMES)} (aliases: {', '.join(NOISE_ALIASES)})")
+    return scheme
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
@@ -167,6 +189,18 @@ def provenance(args: argparse.Namespace, **fields) -> dict:
 
     return dict(command=command_line(args), package_version=__version__, torch=torch.__version__,
                 numpy=np.__version__, scipy=scipy.__version__, **fields)
+
+
+def noise_provenance(smooth, data) -> dict:
+    """What a results sidecar records about the sound scheme: the radius slack of its certificates and how far
+    the images were moved onto the 1/255 grid (the certificates are those of the rounded images); {} otherwise."""
+    if smooth is None or not smooth.sound:
+        return {}
+    from ..core.smoothing import grid_shift
+
+    return dict(noise_slack=smooth.radius_slack(data.input_shape),
+                grid_shift_max=float(grid_shift(data.x).max()) if len(data) else 0.0,
+                guarantee_scope="grid images within the radius of the image rounded to the 1/255 grid")
 
 
 def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard | None = None) -> list | None:

@@ -6,7 +6,15 @@ import dataclasses
 
 from ..core.errors import InvalidParameterError
 from .choices import BENCH_QUICK_TEST_LIMIT, BENCH_TEST_LIMIT, QUICKSTART_QUICK_TEST_LIMIT, QUICKSTART_TEST_LIMIT
-from .common import add_device_arg, add_overwrite_arg, add_parser, add_progress_arg, check_new_outputs, command_line
+from .common import (
+    add_device_arg,
+    add_noise_scheme_arg,
+    add_overwrite_arg,
+    add_parser,
+    add_progress_arg,
+    check_new_outputs,
+    command_line,
+)
 
 
 def _limit(text: str) -> int | None:
@@ -41,6 +49,7 @@ def register(sub) -> None:
                         "--quick; "
                         "0 = all 397)")
     add_device_arg(p)
+    add_noise_scheme_arg(p, "default float; sound writes to ...-sound folders by default")
     add_progress_arg(p)
     p.set_defaults(func=run_quickstart)
 
@@ -63,17 +72,23 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=None, metavar="R",
                    help="best-radius tolerance of the sequential certifiers, l2 units (default: the certifier's)")
     add_device_arg(p, default=None)
+    add_noise_scheme_arg(p, "default float; with sound the offline stage is the sound quickstart's")
     add_progress_arg(p)
     p.set_defaults(func=run_bench_command)
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    from ..core.smoothing import noise_family
     from ..workflows.pipeline import FULL, QUICK, quickstart
 
     config = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
-    out = args.out or ("surrogate-cert-quickstart-quick" if args.quick else "surrogate-cert-quickstart")
+    if args.noise_scheme:
+        config = dataclasses.replace(config, noise_scheme=args.noise_scheme)
+    sound = bool(args.noise_scheme) and noise_family(args.noise_scheme) == "grid"
+    out = args.out or ("surrogate-cert-quickstart-quick" if args.quick else "surrogate-cert-quickstart") + (
+        "-sound" if sound else "")
     if args.resume and args.overwrite:
         raise InvalidParameterError("--resume reuses finished stages and --overwrite redoes them: give one of them")
     quickstart(out, config, progress=not args.no_progress, command=command_line(args), resume=args.resume,
@@ -86,6 +101,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     check_new_outputs(args, args.out)
     config = BENCH_TINY if args.tiny else BENCH_QUICK if args.quick else BENCH_FULL
+    if args.noise_scheme:
+        offline = dataclasses.replace(config.offline, noise_scheme=args.noise_scheme)
+        config = dataclasses.replace(config, offline=offline)
     if hasattr(args, "test_limit"):
         config = dataclasses.replace(config, test_limit=args.test_limit)
     if args.tolerance is not None:

@@ -16,9 +16,11 @@ from .common import (
     add_key_arg,
     add_overwrite_arg,
     add_parser,
+    add_noise_scheme_arg,
     add_progress_arg,
     certify_split,
     check_new_outputs,
+    noise_provenance,
     provenance,
     radius_arg,
     results_paths,
@@ -139,6 +141,7 @@ def register(sub) -> None:
                         "certify at it go to the fallback in target-radius mode")
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
     add_device_args(p)
+    add_noise_scheme_arg(p, "default: the calibration's; a scheme of the other family is refused")
     add_progress_arg(p)
     add_key_arg(p, "must have signed", "the surrogate and the calibration")
     p.add_argument("--out", required=True, help="results TSV to write (provenance goes to OUT.meta.json); refused if "
@@ -229,7 +232,7 @@ def run_certify(args: argparse.Namespace) -> int:
     hybrid = HybridCertifier.load(
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
         fallback=args.fallback, tolerance=args.tolerance, device=device, batch_size=args.batch_size,
-        seed=args.seed, key=key,
+        seed=args.seed, key=key, noise_scheme=args.noise_scheme, off_grid="quantise",
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     calibration = hybrid.calibration
@@ -243,8 +246,10 @@ def run_certify(args: argparse.Namespace) -> int:
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
-        noise_scheme=hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None else None,
+        noise_scheme=(hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None
+                      else calibration.noise_scheme),
         world_size=args.shard.world_size,
+        **noise_provenance(hybrid.sequential.smooth if hybrid.sequential is not None else None, data),
     )
     certificates = certify_split(
         data, lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),

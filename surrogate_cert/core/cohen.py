@@ -21,7 +21,7 @@ __all__ = ["CohenCertifier", "certificates_from_counts"]
 
 
 def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
-                             seconds: float = 0.0) -> list[Certificate]:
+                             seconds: float = 0.0, *, slack: float = 0.0) -> list[Certificate]:
     """Cohen et al.'s CERTIFY on stored counts (``stats.cohen_certify``), as ``Certificate`` records.
 
     With probability at least ``1 - alpha`` per input, over the noise, a non-abstaining certificate
@@ -46,6 +46,9 @@ def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
         Noise level the counts were drawn at (l2, input units).
     seconds : float, optional
         Wall time attributed to every input (its ``seconds`` field); default 0.
+    slack : float, optional
+        The noise scheme's radius slack (``SmoothedClassifier.radius_slack``, ``smoothing.noise_slack``):
+        0 for the float schemes; for the sound scheme the radius is ``stats.grid_radius``.
 
     Returns
     -------
@@ -62,7 +65,7 @@ def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
     """
     counts_select = np.asarray(counts_select)
     counts = np.asarray(counts)
-    prediction, p_lower, radius = stats.cohen_certify(counts_select, counts, alpha, sigma)
+    prediction, p_lower, radius = stats.cohen_certify(counts_select, counts, alpha, sigma, slack=slack)
     spent = counts_select.sum(axis=1) + counts.sum(axis=1)
     return [Certificate(int(c), float(r), "cohen", int(m), float(p), seconds) if c >= 0
             else abstention(int(m), float(p), seconds) for c, p, r, m in zip(prediction, p_lower, radius, spent)]
@@ -136,7 +139,8 @@ class CohenCertifier:
         counts_select = self.smooth.counts(x, n0, indices=idx, stream=STREAM_SELECT)
         counts = self.smooth.counts(x, n, indices=idx, stream=STREAM_ESTIMATE)
         seconds = (time.perf_counter() - started) / x.shape[0]
-        return certificates_from_counts(counts_select, counts, alpha, self.smooth.sigma, seconds)
+        return certificates_from_counts(counts_select, counts, alpha, self.smooth.sigma, seconds,
+                                        slack=self.smooth.radius_slack(x.shape[1:]))
 
     def predict(
         self,

@@ -125,3 +125,101 @@ def linear_problem(
         true_radius=np.abs(margin),
         p1=_st.norm.cdf(margin / sigma),
     )
+
+
+# --------------------------------------------------------------------------- the sound (grid) noise scheme
+
+def grid_sum_tail(table, pixels: int) -> tuple[int, np.ndarray]:
+    """Law of ``S = j_1 + ... + j_pixels`` for i.i.d. offsets of the sound scheme's table (``core.grid_noise``).
+
+    Returns ``(lowest, tail)`` with ``tail[i] = P(S >= lowest + i)``, from the exact sampled masses
+    (float64 convolutions: accurate to about 1e-15).
+    """
+    pmf = np.array(table.pmf())
+    law = np.array([1.0])
+    for _ in range(int(pixels)):
+        law = np.convolve(law, pmf)
+    return int(pixels) * table.first, np.cumsum(law[::-1])[::-1]
+
+
+def grid_flip_distance(steps, pixels: int) -> np.ndarray:
+    """Shortest l2 distance (input units) between grid images whose pixel sums differ by ``steps`` (grid units).
+
+    Spread ``D = q * pixels + r`` as evenly as integers allow: ``sqrt(r (q+1)^2 + (pixels - r) q^2) / 255``.
+    """
+    steps = np.abs(np.asarray(steps, dtype=np.int64))
+    q, r = np.divmod(steps, int(pixels))
+    return np.sqrt(r * (q + 1.0) ** 2 + (int(pixels) - r) * q ** 2.0) / 255.0
+
+
+def grid_linear_problem(
+    num_inputs: int,
+    sigma: float = 0.25,
+    max_margin_sigmas: float = 3.0,
+    input_shape: tuple[int, int, int] = (1, 2, 2),
+    seed: int = 0,
+    table=None,
+) -> LinearProblem:
+    """Grid images and a linear model whose smoothed class and robustness under the sound scheme are exact.
+
+    ``f(y) = 1[sum(y) > (T0 - 1/2) / 255]`` with ``T0 = 255 d / 2`` (``d`` pixels), so on a noisy grid image
+    ``(a + j) / 255`` the class is ``1[sum(a) + S >= T0]``, ``S`` the sum of the ``d`` offsets, whose law
+    ``grid_sum_tail`` gives exactly. The sampled law is symmetric, so the smoothed class of a grid image
+    is ``1[sum(a) >= T0]`` and the nearest grid image of the other class lies at
+    ``grid_flip_distance`` of the pixel-sum gap: ``true_radius`` is that distance, the radius beyond
+    which an explicit adversarial example (on the grid) refutes a certificate. ``p1`` is the exact
+    ``P(f(x + eps) = 1)`` under the sampled law. Pixel sums are spread uniformly over
+    ``T0 +- max_margin_sigmas * sigma * 255 * sqrt(d)``.
+
+    Parameters
+    ----------
+    num_inputs : int
+        Number of images.
+    sigma : float, optional
+        Noise level of the sound scheme (input units).
+    max_margin_sigmas : float, optional
+        Spread of the pixel sums, in standard deviations of ``S``.
+    input_shape : tuple of int, optional
+        ``(C, H, W)``; default 4 pixels.
+    seed : int, optional
+        Seed of the sums and of how they are split into pixels.
+    table : GridTable, optional
+        The thresholds (default ``grid_table(sigma)``, the scheme's own).
+
+    Returns
+    -------
+    LinearProblem
+        ``x`` on the grid (float32 ``a / 255``), ``true_class``, ``true_radius`` (flip distance, input l2
+        units), ``p1`` (exact), ``margin`` (signed pixel-sum gap, grid units).
+    """
+    from .grid_noise import grid_table  # the table is pure Python: imported where it is needed
+
+    table = table if table is not None else grid_table(float(sigma))
+    rng = np.random.default_rng(seed)
+    d = int(np.prod(input_shape))
+    t0 = 255 * d // 2
+    spread = int(max_margin_sigmas * sigma * 255 * np.sqrt(d))
+    sums = t0 + rng.integers(-spread, spread + 1, size=num_inputs)
+    sums = np.clip(sums, 0, 255 * d)
+    pixels = np.repeat((sums // d)[:, None], d, axis=1)
+    pixels[np.arange(d)[None, :] < (sums % d)[:, None]] += 1
+    if d > 1:  # move a few steps between the first two pixels: the sum (hence the truth) stays
+        move = np.clip(rng.integers(-8, 9, size=num_inputs), -np.minimum(255 - pixels[:, 0], pixels[:, 1]),
+                       np.minimum(pixels[:, 0], 255 - pixels[:, 1]))
+        pixels[:, 0] -= move
+        pixels[:, 1] += move
+    lowest, tail = grid_sum_tail(table, d)
+    cut = np.clip(t0 - sums - lowest, 0, len(tail))
+    p1 = np.where(cut < len(tail), tail[np.minimum(cut, len(tail) - 1)], 0.0)
+    true_class = (sums >= t0).astype(int)
+    gap = np.where(true_class == 1, sums - (t0 - 1), t0 - sums)
+    model = LinearBinaryModel(torch.ones(d), -(t0 - 0.5) / 255.0)
+    return LinearProblem(
+        model=model,
+        sigma=float(sigma),
+        x=torch.tensor(pixels.reshape(num_inputs, *input_shape), dtype=torch.float32) / 255.0,
+        margin=(sums - t0 + 0.5),
+        true_class=true_class,
+        true_radius=grid_flip_distance(gap, d),
+        p1=p1,
+    )

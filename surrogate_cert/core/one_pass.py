@@ -604,9 +604,12 @@ class SurrogateCertifier:
         return radius
 
     def p_lower(self, radius) -> np.ndarray:
-        """``Phi(R^ / sigma)`` where ``R^ > 0`` (the bound on ``p_A`` each radius stands for), else 0."""
+        """``Phi(R^ / sigma)`` where ``R^ > 0`` (the bound on ``p_A`` each radius stands for), else 0; under the sound
+        noise scheme the inverse of its radius (``stats.grid_p_threshold`` with the calibration's slack)."""
         radius = np.asarray(radius, dtype=float)
-        return np.where(radius > 0, np.atleast_1d(stats.p_threshold(np.maximum(radius, 0.0), self.sigma)), 0.0)
+        slack = float(getattr(self.calibration, "noise_slack", 0.0) or 0.0)
+        return np.where(radius > 0, np.atleast_1d(stats.p_threshold(np.maximum(radius, 0.0), self.sigma,
+                                                                    slack=slack)), 0.0)
 
     def certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0,
                     p_lower: float | None = None) -> Certificate:
@@ -633,6 +636,6 @@ class SurrogateCertifier:
         """
         if radius > 0:
             if p_lower is None:
-                p_lower = float(stats.p_threshold(radius, self.sigma))  # the p_A bound this radius stands for
+                p_lower = float(np.ravel(self.p_lower(radius))[0])  # the p_A bound this radius stands for
             return Certificate(int(cls), float(radius), "surrogate", int(n_samples), float(p_lower), float(seconds))
         return abstention(n_samples, 0.0, seconds)

@@ -169,6 +169,7 @@ class _State:
     certified: np.ndarray    # num x W: the target test fired for this class
     stop: np.ndarray         # num: sequential samples when the rule fired (-1: not yet)
     hopeless_failures: np.ndarray  # num: failures after which the target test cannot fire in the budget
+    slack: float = 0.0             # the noise scheme's radius slack (``stats.radius``): 0 for float noise
 
 
 class EProcessCertifier:
@@ -483,7 +484,10 @@ class EProcessCertifier:
         alpha_arr = self._alpha_array(alpha, num)
         target = self._target_array(target_radius, num)
         sigma = self.smooth.sigma
-        threshold = np.where(np.isnan(target), np.nan, stats.p_threshold(np.nan_to_num(target), sigma))
+        # the radius of the law the samples come from (sound scheme: stats.grid_radius); 0 for float noise
+        slack = self.smooth.radius_slack(x.shape[1:])
+        threshold = np.where(np.isnan(target), np.nan,
+                             stats.p_threshold(np.nan_to_num(target), sigma, slack=slack))
         prior_arrays = self._prior_arrays(prior, num, threshold)
         if num == 0:
             return []
@@ -513,7 +517,8 @@ class EProcessCertifier:
         state = _State(successes=np.zeros((num, width)), drawn=np.zeros(num, dtype=np.int64),
                        lower=np.zeros((num, width)), upper=np.ones((num, width)),
                        certified=np.zeros((num, width), dtype=bool), stop=np.full(num, -1, dtype=np.int64),
-                       hopeless_failures=self._hopeless_failures(threshold, alpha_cs, prior_arrays, budget))
+                       hopeless_failures=self._hopeless_failures(threshold, alpha_cs, prior_arrays, budget),
+                       slack=slack)
         # Largest lower bound the budget can reach: where the best radius could grow to at most.
         cap = stats.confidence_sequence_ends(
             budget, budget, self.log_marginal(np.full(num, float(budget)), float(budget), prior_arrays), alpha_cs)[0]
@@ -541,7 +546,7 @@ class EProcessCertifier:
         if per_class:
             chosen = lower.argmax(axis=1)
         p_lower = lower.max(axis=1)
-        radii = np.atleast_1d(stats.radius(p_lower, sigma))
+        radii = np.atleast_1d(stats.radius(p_lower, sigma, slack=slack))
         n_samples = pilot + state.drawn
         stop_time = pilot + state.stop
         out = []
@@ -664,8 +669,9 @@ class EProcessCertifier:
         best = ~has_target
         if np.any(best):
             br = np.flatnonzero(best)
-            r_lower = stats.radius(best_lower[br], self.smooth.sigma)
-            gap = stats.radius(np.minimum(best_upper[br], cap[rows[br]][:, None]), self.smooth.sigma) - r_lower
+            r_lower = stats.radius(best_lower[br], self.smooth.sigma, slack=state.slack)
+            gap = stats.radius(np.minimum(best_upper[br], cap[rows[br]][:, None]), self.smooth.sigma,
+                               slack=state.slack) - r_lower
             fire[br] |= gap <= self.tolerance
             if self.price is not None:
                 fire[br] |= ~self._worth_more(s[br], t3[br], lower[br], a3[br], tuple(v[br] for v in p3), budget)

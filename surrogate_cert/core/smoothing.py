@@ -29,6 +29,15 @@ How a block's generator is seeded is the *noise scheme*, recorded in every count
 With v1 and v2, noise is drawn on the engine's device by that device's generator (MT19937 on the
 CPU, Philox on CUDA), so counts are reproducible for one device type; CUDA's kernels lay a block's values out by
 the GPU's multiprocessor count, so CUDA noise is reproducible on one GPU model.
+
+The schemes above draw float Gaussian noise, whose law is not the Gaussian the certificates assume
+(Voracek and Hein, ICLR 2023, build classifiers whose float-noise certificates are false). The
+sound scheme, ``rounded-gaussian-grid255-v1`` (``NOISE_SCHEME_SOUND``, alias ``sound``), draws per
+pixel an integer offset ``j`` from exact integer thresholds (``core.grid_noise``) with fair 32-bit
+words of the block's generator (``block_uniform_words``, seeded by the v2 keys), and evaluates the
+model on ``(round(255 x) + j) / 255``: an integer sum rounded once, a function of the grid point
+alone. The law sampled is known exactly, and ``noise_slack`` / ``stats.grid_radius`` give the radius
+for it. Inputs must lie on the 1/255 grid (``off_grid``).
 """
 from __future__ import annotations
 
@@ -36,12 +45,16 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed, check_sigma
+from . import stats
+from .errors import (InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive, check_seed,
+                     check_sigma)
+from .grid_noise import GRID_LEVELS, GridTable, grid_table
 from .philox import BLOCK_SAMPLES, check_keys, fill_keyed_normal
 
 NOISE_BLOCK = BLOCK_SAMPLES
@@ -61,8 +74,21 @@ NOISE_SCHEME = NOISE_SCHEME_V2
 """The scheme new counts files and certifiers use. Stored in counts files, so a resume never mixes two
 schemes. A new scheme gets a new name whenever the noise of a given (seed, index, stream, j) changes."""
 
-NOISE_SCHEMES = (NOISE_SCHEME_V1, NOISE_SCHEME_V2, NOISE_SCHEME_V3)
+NOISE_SCHEME_SOUND = "rounded-gaussian-grid255-v1"
+"""The sound scheme: the Gaussian rounded to the 1/255 grid, drawn from exact integer thresholds with fair bits."""
+
+NOISE_SCHEMES = (NOISE_SCHEME_V1, NOISE_SCHEME_V2, NOISE_SCHEME_V3, NOISE_SCHEME_SOUND)
 """Every reproducible scheme this version can draw (and so resume)."""
+
+NOISE_ALIASES = {"sound": NOISE_SCHEME_SOUND, "float": NOISE_SCHEME_V2}
+"""Short names the command line accepts for ``--noise-scheme``."""
+
+SOUND_SCHEMES = (NOISE_SCHEME_SOUND,)
+"""Schemes whose sampled law is known exactly (inputs on the grid; radius ``stats.grid_radius``)."""
+
+OFF_GRID_CHOICES = ("refuse", "quantise")
+"""What the sound scheme does with an input off the 1/255 grid: refuse it (the library's default), or certify
+the input rounded to the grid (``quantise_to_grid``; the command line's choice, recorded with its l2 shift)."""
 
 NOISE_UNSEEDED = "unseeded-benchmark-only"
 """One generator per call, seeded once: NOT reproducible per input. Only the throughput benchmark uses
@@ -205,10 +231,12 @@ def _block_key(h: int, stream: int, block: int) -> int:
 
 
 def check_noise_scheme(scheme: str, *, allow_unseeded: bool = False) -> str:
-    """``scheme`` if this version can draw it; else InvalidParameterError naming the ones it can."""
+    """``scheme`` (or the scheme an alias names) if this version can draw it; else InvalidParameterError."""
+    scheme = NOISE_ALIASES.get(scheme, scheme)
     known = NOISE_SCHEMES + ((NOISE_UNSEEDED,) if allow_unseeded else ())
     if scheme not in known:
-        raise InvalidParameterError(f"unknown noise scheme {scheme!r}; this version draws {', '.join(NOISE_SCHEMES)}")
+        raise InvalidParameterError(f"unknown noise scheme {scheme!r}; this version draws {', '.join(NOISE_SCHEMES)} "
+                                    f"(aliases: {', '.join(NOISE_ALIASES)})")
     return scheme
 
 
@@ -417,6 +445,238 @@ def _keyed_segments(start: np.ndarray, n: np.ndarray, capacity: int):
         keep = seg_hi > seg_lo  # inputs with n_i = 0 take no rows
         inputs, seg_lo, seg_hi = inputs[keep], seg_lo[keep], seg_hi[keep]
         yield inputs, start[inputs] + seg_lo - begins[inputs], seg_hi - seg_lo
+# --------------------------------------------------------------------------- the sound scheme (grid noise)
+
+def noise_family(scheme: str | None) -> str:
+    """``"grid"`` for a sound scheme, ``"float"`` for the float-Gaussian ones (``None``: a file older than the
+    field, which was float). Artifacts of one family may be combined; of two, never (``check_same_noise``)."""
+    return "grid" if scheme in SOUND_SCHEMES else "float"
+
+
+def check_same_noise(have: str | None, want: str | None, what: str, fix: str) -> None:
+    """InvalidInputError unless ``have`` and ``want`` are of one family: certificates never mix the two laws.
+
+    Parameters
+    ----------
+    have, want : str or None
+        Noise schemes (None: recorded by no field, i.e. float).
+    what : str
+        What is being combined, for the message (e.g. ``"the counts file cal.h5"``).
+    fix : str
+        What to do, for the message.
+    """
+    if noise_family(have) != noise_family(want):
+        raise InvalidInputError(f"{what} uses noise scheme {have or NOISE_SCHEME_V2 + ' (float)'} but "
+                                f"{want or NOISE_SCHEME_V2 + ' (float)'} is expected; certificates never mix the "
+                                f"float and the sound (grid) noise: {fix}")
+
+
+def noise_slack(scheme: str | None, sigma: float, input_shape: Sequence[int] | int) -> float:
+    """The slack ``delta`` of ``stats.grid_radius`` for inputs of ``input_shape`` (0 for the float schemes).
+
+    ``stats.grid_slack`` of the scheme's per-pixel total variation bound (``GridTable.tv_bound``) over
+    ``prod(input_shape)`` pixels. The float schemes carry no such accounting and return 0, i.e. the
+    certificates of the literature (not sound in floating point).
+
+    Examples
+    --------
+    >>> noise_slack("rounded-gaussian-grid255-v1", 0.25, (1, 28, 28)) < 1e-13, noise_slack(None, 0.25, (1, 28, 28))
+    (True, 0.0)
+    """
+    if noise_family(scheme) != "grid":
+        return 0.0
+    pixels = int(np.prod(input_shape)) if not isinstance(input_shape, (int, np.integer)) else int(input_shape)
+    return stats.grid_slack(grid_table(float(sigma)).tv_bound, pixels)
+
+
+def grid_shift(x: torch.Tensor) -> np.ndarray:
+    """Per image, the l2 distance to its rounding to the 1/255 grid (0 for 8-bit images read as ``v / 255``).
+
+    A certificate of the rounded image ``q(x)`` with radius ``R`` holds around ``x`` itself for grid
+    points within ``R - grid_shift(x)`` (triangle inequality); at most ``sqrt(d) / 510``.
+    """
+    x = x.detach().to("cpu", torch.float32)
+    moved = x.double() - quantise_to_grid(x).double()  # to the float32 grid point the engine certifies
+    return torch.linalg.vector_norm(moved.flatten(1), dim=1).numpy()
+
+
+def quantise_to_grid(x: torch.Tensor) -> torch.Tensor:
+    """``round(255 x) / 255`` in float32: the grid point the sound scheme certifies for an off-grid image."""
+    return (torch.round(x.to(torch.float32) * GRID_LEVELS) / GRID_LEVELS).to(x.dtype)
+
+
+def grid_integers(x: torch.Tensor, off_grid: str = "refuse") -> torch.Tensor:
+    """The pixels ``round(255 x)`` as float32 integers, checking that ``x`` lies on the grid.
+
+    On the grid means ``float32(round(255 x) / 255) == x`` bit for bit, which is how 8-bit images read
+    as ``v / 255`` (torchvision, ``ToTensor``) come. ``off_grid="quantise"`` accepts other images and
+    certifies their rounding instead (``grid_shift`` says how far it moved them).
+
+    Raises
+    ------
+    InvalidInputError
+        If an image is off the grid and ``off_grid`` is ``"refuse"``.
+    """
+    if off_grid not in OFF_GRID_CHOICES:
+        raise InvalidParameterError(f"off_grid must be one of {OFF_GRID_CHOICES}, got {off_grid!r}")
+    levels = torch.round(x.to(torch.float32) * GRID_LEVELS)
+    if off_grid == "refuse" and x.numel() and not bool(torch.equal(levels / GRID_LEVELS, x.to(torch.float32))):
+        worst = float(grid_shift(x).max())
+        raise InvalidInputError(
+            f"the sound noise scheme needs pixels on the 1/255 grid (8-bit images read as v/255), but an image lies "
+            f"{worst:.3g} (l2) off it; round the images first (x = round(255 x) / 255: quantise_to_grid), or pass "
+            "off_grid='quantise' to certify the rounded image (radius around x smaller by that distance)")
+    return levels
+
+
+class WordStream:
+    """The fair 32-bit words of one noise block, read in order; word ``i`` is a function of ``(key, i)`` alone.
+
+    Backed by the device's ``torch.Generator`` seeded with the block's key: ``random_`` over the full
+    int64 range returns the generator's 64-bit outputs unchanged (no modulo), each split into two
+    words, low half first. Reading words ``start .. start + count - 1`` right after words
+    ``.. start - 1`` continues the generator (an odd word left over is kept for the next read); any
+    other start re-seeds and skips.
+    """
+
+    def __init__(self, device: torch.device, generator: torch.Generator | None = None):
+        self.device = torch.device(device)
+        self.generator = generator if generator is not None else torch.Generator(device=self.device)
+        self.key: int | None = None
+        self.position = 0
+        self._spare: torch.Tensor | None = None  # word number ``position`` when a read ended inside a pair
+
+    def read(self, key: int, start: int, count: int) -> torch.Tensor:
+        if self.key != key or self.position != start:
+            self.generator.manual_seed(int(key))
+            self.key, self.position, self._spare = int(key), 0, None
+            if start:
+                self.read(key, 0, start)
+        parts = []
+        if count and self._spare is not None:
+            parts.append(self._spare)
+            self._spare, count, self.position = None, count - 1, self.position + 1
+        if count:
+            pairs = torch.empty((count + 1) // 2, dtype=torch.int64, device=self.device)
+            pairs.random_(-(1 << 63), None, generator=self.generator)
+            words = pairs.view(torch.int32) if sys.byteorder == "little" else _split_pairs(pairs)
+            if count % 2:
+                words, self._spare = words[:count], words[count:]
+            parts.append(words)
+            self.position += count
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=self.device)
+
+
+def _split_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """64-bit values as 32-bit words, low half first, on a big-endian host (where ``view`` orders them otherwise)."""
+    low = (pairs & 0xFFFFFFFF).to(torch.int64)
+    high = (pairs >> 32) & 0xFFFFFFFF
+    both = torch.stack((low, high), dim=1).view(-1)
+    return torch.where(both >= 1 << 31, both - (1 << 32), both).to(torch.int32)
+
+
+def block_uniform_words(key: int, count: int, device: str | torch.device = "cpu", *, start: int = 0,
+                        stream: WordStream | None = None) -> torch.Tensor:
+    """Words ``start .. start + count - 1`` of noise block ``key``'s stream of fair 32-bit words.
+
+    The one place the sound scheme draws randomness: an int32 tensor whose bit patterns are
+    independent uniform 32-bit words, a pure function of ``(key, start, count)`` on one device type.
+    Pass the same ``stream`` to read a block's words in order without re-seeding.
+
+    Examples
+    --------
+    >>> a = block_uniform_words(7, 7)
+    >>> bool(torch.equal(a[3:], block_uniform_words(7, 4, start=3))), a.dtype
+    (True, torch.int32)
+    """
+    stream = stream if stream is not None else WordStream(torch.device(device))
+    return stream.read(int(key), int(start), check_count("count", count, minimum=0))
+
+
+_IMPURE = -(1 << 15)
+"""Marks a first digit whose 2**48-wide slice of the 64-bit range straddles a threshold (refined with 3 more digits)."""
+
+
+def _digits(words: torch.Tensor) -> torch.Tensor:
+    """The 16-bit digits of 32-bit words as int16, low half of each word first (on every host)."""
+    if sys.byteorder == "little":
+        return words.view(torch.int16)
+    wide = words.to(torch.int64)
+    return torch.stack(((wide & 0xFFFF), (wide >> 16) & 0xFFFF), dim=1).view(-1).to(torch.int32).to(torch.int16)
+
+
+class GridSampler:
+    """Draws blocks of the sound scheme's noise, as grid offsets ``j`` (noise ``j / 255``), on one device.
+
+    Each pixel reads a 64-bit uniform integer ``U`` as four 16-bit digits, most significant first,
+    lazily: the first digit (pixel ``i`` takes the ``i``-th digit of the block's first ``count / 2``
+    words, low half of each word first) decides the offset through a table whenever its slice of the
+    64-bit range holds no threshold (about 99 % of pixels); the pixels whose slice holds one read their
+    three further digits from the words after those, three by three in pixel order, and compare ``U``
+    with the thresholds. The offset is always ``first + #{T <= U}``: the law of ``core.grid_noise``
+    exactly. On the CPU the work is done in NumPy (few calls per block); on CUDA in torch, with enough
+    words read for every pixel so that no per-block count crosses to the host (``dense``); both give
+    the same offsets from the same words.
+
+    Parameters
+    ----------
+    table : GridTable
+        The thresholds (``grid_table``); any ``bits`` up to 64.
+    device : torch.device
+        Where to draw.
+    dense : bool, optional
+        Use the torch path (default: on CUDA only; the tests run it on the CPU against the NumPy path).
+    """
+
+    def __init__(self, table: GridTable, device: torch.device, dense: bool | None = None):
+        self.table, self.device = table, torch.device(device)
+        self.wide = np.array(table.scaled(64), dtype=np.uint64)
+        starts = np.arange(1 << 16, dtype=np.uint64) << np.uint64(48)
+        below = np.searchsorted(self.wide, starts, side="right")
+        upto = np.searchsorted(self.wide, starts + np.uint64((1 << 48) - 1), side="right")
+        self.first_digit = np.where(below == upto, table.first + below, _IMPURE).astype(np.int16)
+        self.dense = self.device.type == "cuda" if dense is None else bool(dense)
+        if self.dense:
+            # torch has no uint16 indexing: the table is indexed by the digit's int16 value + 32768
+            self.lut = torch.from_numpy(np.roll(self.first_digit, 1 << 15)).to(self.device)
+            self.thresholds = torch.tensor([t - (1 << 63) for t in table.scaled(64)], dtype=torch.int64,
+                                           device=self.device)
+
+    def draw(self, key: int, out: torch.Tensor, stream: WordStream) -> torch.Tensor:
+        """Fill ``out`` (contiguous float32, an even number of elements) with block ``key``'s offsets."""
+        if self.dense:
+            return self._draw_dense(key, out, stream)
+        flat = out.view(-1).numpy()
+        count = flat.size
+        digits = _digits(block_uniform_words(key, count // 2, self.device, stream=stream)).numpy().view(np.uint16)
+        offsets = self.first_digit.take(digits)
+        flat[:] = offsets
+        where = np.flatnonzero(offsets == _IMPURE)
+        if where.size:
+            more = _digits(block_uniform_words(key, (3 * where.size + 1) // 2, self.device, start=count // 2,
+                                               stream=stream)).numpy().view(np.uint16)
+            rest = more[:3 * where.size].reshape(-1, 3).astype(np.uint64)
+            wide = ((digits[where].astype(np.uint64) << np.uint64(48)) | (rest[:, 0] << np.uint64(32))
+                    | (rest[:, 1] << np.uint64(16)) | rest[:, 2])
+            flat[where] = np.searchsorted(self.wide, wide, side="right") + self.table.first
+        return out
+
+    def _draw_dense(self, key: int, out: torch.Tensor, stream: WordStream) -> torch.Tensor:
+        flat = out.view(-1)
+        count = flat.numel()
+        digits = _digits(block_uniform_words(key, count // 2, self.device, stream=stream))
+        offsets = torch.index_select(self.lut, 0, digits.to(torch.int32).add_(1 << 15))
+        impure = offsets == _IMPURE
+        more = _digits(block_uniform_words(key, (3 * count + 1) // 2, self.device, start=count // 2, stream=stream))
+        rank = torch.cumsum(impure.to(torch.int64), 0).sub_(1).clamp_(min=0)
+        rest = more[:3 * count].view(-1, 3)[rank].to(torch.int64) & 0xFFFF
+        head = digits.to(torch.int64) & 0xFFFF
+        signed = (head - (1 << 15)) * (1 << 48) + rest[:, 0] * (1 << 32) + rest[:, 1] * (1 << 16) + rest[:, 2]
+        refined = torch.searchsorted(self.thresholds, signed, right=True) + self.table.first
+        flat.copy_(torch.where(impure, refined, offsets.to(torch.int64)))
+        return out
 
 
 class SmoothedClassifier:
@@ -455,7 +715,8 @@ class SmoothedClassifier:
         fixes the noise.
     noise_scheme : str, optional
         How a noise block's generator is seeded (``NOISE_SCHEMES``; default ``NOISE_SCHEME``). Pass
-        ``NOISE_SCHEME_V1`` to reproduce counts of version 0.1.
+        ``NOISE_SCHEME_V1`` to reproduce counts of version 0.1, ``NOISE_SCHEME_SOUND`` (alias ``"sound"``)
+        for noise whose law is known exactly (inputs on the 1/255 grid; radii by ``radius_slack``).
     channels_last : bool, optional
         Run the model on ``channels_last`` memory (faster convolutions on GPUs). Default: on for a
         convolutional model on CUDA, off otherwise. The counts do not depend on it beyond rounding.
@@ -464,6 +725,9 @@ class SmoothedClassifier:
         batches of each new size pay the compilation.
     input_shape : sequence of int, optional
         ``(C, H, W)`` of the inputs; needed by ``batch_size="auto"``.
+    off_grid : {"refuse", "quantise"}, optional
+        The sound scheme only: refuse inputs off the 1/255 grid (default), or count the rounded input
+        ``quantise_to_grid(x)`` instead (the certificate is then about that image).
 
     Raises
     ------
@@ -489,11 +753,16 @@ class SmoothedClassifier:
         channels_last: bool | None = None,
         compile: bool | str = False,
         input_shape: Sequence[int] | None = None,
+        off_grid: str = "refuse",
     ):
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.sigma = check_sigma(sigma)
         self.seed = check_seed(seed)
         self.noise_scheme = check_noise_scheme(noise_scheme, allow_unseeded=True)
+        if off_grid not in OFF_GRID_CHOICES:
+            raise InvalidParameterError(f"off_grid must be one of {OFF_GRID_CHOICES}, got {off_grid!r}")
+        self.off_grid = off_grid
+        self._sampler: GridSampler | None = None
         self.device = resolve_device(device)
         if amp not in (None, "none", "bf16"):
             raise InvalidInputError(f"amp must be 'bf16' or None, got {amp!r}")
@@ -594,7 +863,7 @@ class SmoothedClassifier:
 
     # ------------------------------------------------------------------ counting
     def _block_keys(self, index: int, stream: int, first_block: int, end_block: int):
-        if self.noise_scheme == NOISE_SCHEME_V2:
+        if self.noise_scheme in (NOISE_SCHEME_V2, NOISE_SCHEME_SOUND):
             if end_block > (1 << _BLOCK_BITS) or not 0 <= stream < (1 << _STREAM_BITS):
                 block_keys(self.seed, index, stream, [end_block - 1])  # raises the error that says why
             h = _input_hash(self.seed, index)
@@ -602,6 +871,43 @@ class SmoothedClassifier:
         if self.noise_scheme == NOISE_SCHEME_V1:
             return [block_seed(self.seed, index, stream, b) for b in range(first_block, end_block)]
         return None
+
+    # ------------------------------------------------------------------ what a noise scheme does
+    @property
+    def sound(self) -> bool:
+        """Whether the noise is the sound scheme's (law known exactly; certify with ``radius_slack``)."""
+        return self.noise_scheme in SOUND_SCHEMES
+
+    def radius_slack(self, input_shape: Sequence[int] | int) -> float:
+        """``noise_slack`` of this classifier's scheme and sigma for inputs of ``input_shape``: the ``slack``
+        every radius computed from its counts takes (``stats.radius``); 0 for the float schemes."""
+        return noise_slack(self.noise_scheme, self.sigma, input_shape)
+
+    def _engine_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What noise is added to, on the device: the pixels, or for the sound scheme ``round(255 x)``."""
+        if self.sound:
+            return grid_integers(x, self.off_grid).to(self.device)
+        return x.to(self.device, dtype=torch.float32)
+
+    def _block_noise(self, words: WordStream, key: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (``NOISE_BLOCK`` samples) with block ``key``'s noise: N(0, 1) floats, or grid offsets."""
+        if self.sound:
+            if self._sampler is None:
+                self._sampler = GridSampler(grid_table(self.sigma), self.device)
+            self._sampler.draw(key, out, words)
+            return
+        words.generator.manual_seed(key)
+        torch.randn(out.shape, generator=words.generator, out=out)
+
+    def _noisy(self, noise: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The model's input, in place in ``noise``: ``x + sigma * noise``, or ``(round(255 x) + j) / 255``.
+
+        Both round alike wherever they run. The sound scheme's sum is an exact integer (float32 holds
+        integers up to 2**24), divided once: the model sees a function of the grid point alone.
+        """
+        if self.sound:
+            return noise.add_(clean).div_(GRID_LEVELS)
+        return noise.mul_(self.sigma).add_(clean)
 
     def _noise_blocks(self, start_arr: np.ndarray, n_arr: np.ndarray, idx_arr: np.ndarray, stream: int):
         """Walk the noise blocks that samples ``start_i .. start_i + n_i - 1`` of each input fall in.
@@ -699,13 +1005,14 @@ class SmoothedClassifier:
         idx_arr = noise_indices(indices, num)
 
         k, shape, device = self.num_classes, tuple(x.shape[1:]), self.device
-        x_dev = x.to(device, dtype=torch.float32)
+        x_dev = self._engine_inputs(x)
         counts = torch.zeros(num * k, dtype=torch.int64, device=device)
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         capacity = max(self.batch_size, NOISE_BLOCK)
         noise = torch.empty((capacity + NOISE_BLOCK, *shape), device=device)
         scratch = None
-        gen = torch.Generator(device=device)
+        words = WordStream(device)
+        gen = words.generator
         unseeded = self.noise_scheme == NOISE_UNSEEDED
         if unseeded:
             gen.manual_seed(self.seed)
@@ -723,8 +1030,7 @@ class SmoothedClassifier:
             for lo in range(0, rows, self.batch_size):
                 hi = min(lo + self.batch_size, rows)
                 own = owners[lo:hi]
-                # In place, and bit for bit x[own] + noise * sigma (both operations round alike).
-                noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[own])
+                noisy = self._noisy(noise[lo:hi], x_dev[own])
                 if self.channels_last:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 pred = self.predict_labels(noisy, nonfinite)
@@ -737,13 +1043,12 @@ class SmoothedClassifier:
         for i, _, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
             if key is not None:
-                gen.manual_seed(key)
                 if take == NOISE_BLOCK:
-                    torch.randn((NOISE_BLOCK, *shape), generator=gen, out=noise[filled:filled + take])
+                    self._block_noise(words, key, noise[filled:filled + take])
                 else:
                     if scratch is None:
                         scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
-                    torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+                    self._block_noise(words, key, scratch)
                     noise[filled:filled + take] = scratch[lo:hi]
             owner_ids.append(i)
             owner_takes.append(take)
@@ -861,7 +1166,7 @@ class SmoothedClassifier:
         width = int(n_arr.max()) if num else 0
 
         shape, device = tuple(x.shape[1:]), self.device
-        x_dev = x.to(device, dtype=torch.float32)
+        x_dev = self._engine_inputs(x)
         out = torch.full((num * width,), -1, dtype=torch.int32, device=device)
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         capacity = max(self.batch_size, NOISE_BLOCK)
@@ -870,13 +1175,13 @@ class SmoothedClassifier:
         owners = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=device)
         slots = torch.empty(capacity + NOISE_BLOCK, dtype=torch.int64, device=device)
         offsets = torch.arange(NOISE_BLOCK, device=device)
-        gen = torch.Generator(device=device)
+        words = WordStream(device)
         filled = 0
 
         def flush(rows: int) -> None:
             for lo in range(0, rows, self.batch_size):
                 hi = min(lo + self.batch_size, rows)
-                noisy = noise[lo:hi].mul_(self.sigma).add_(x_dev[owners[lo:hi]])  # as in counts, bit for bit
+                noisy = self._noisy(noise[lo:hi], x_dev[owners[lo:hi]])  # as in counts, bit for bit
                 if self.channels_last:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 out[slots[lo:hi]] = self.predict_labels(noisy, nonfinite).to(torch.int32)
@@ -890,8 +1195,7 @@ class SmoothedClassifier:
             return self._checked_result(out.view(num, width), None, nonfinite)
         for i, block, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
-            gen.manual_seed(key)
-            torch.randn((NOISE_BLOCK, *shape), generator=gen, out=scratch)
+            self._block_noise(words, key, scratch)
             noise[filled:filled + take] = scratch[lo:hi]
             owners[filled:filled + take] = i
             # column of sample (block * NOISE_BLOCK + lo) in row i: its offset from start_i

@@ -22,6 +22,8 @@ from .errors import InvalidParameterError, check_count, check_positive, check_pr
 __all__ = [
     # fixed sample
     "clopper_pearson", "lower_confidence_bound", "radius", "p_threshold", "max_radius",
+    # the sound (grid) noise scheme: radius of the distribution actually sampled
+    "grid_slack", "grid_radius", "grid_p_threshold",
     "cohen_certify", "predict_test",
     # anytime valid
     "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
@@ -135,11 +137,13 @@ def lower_confidence_bound(k, n, alpha: float):
     return _scalar_or_array(lower)
 
 
-def radius(p_lower, sigma: float):
+def radius(p_lower, sigma: float, *, slack: float = 0.0):
     """Certified l2 radius ``sigma * Phi^{-1}(p_lower)`` where ``p_lower > 1/2``, else 0 (abstain).
 
     By Cohen et al.'s theorem, if ``p_A(x) >= p_lower > 1/2`` the smoothed classifier predicts ``A``
-    on the open l2 ball of this radius around ``x``. Vectorised.
+    on the open l2 ball of this radius around ``x``. ``slack`` > 0 is the noise scheme's distance
+    from its ideal law (``grid_slack``): the radius is then ``grid_radius(p_lower, sigma, slack)``.
+    Vectorised.
 
     Examples
     --------
@@ -149,14 +153,18 @@ def radius(p_lower, sigma: float):
     0.0
     """
     sigma = check_positive("sigma", sigma)
+    if slack:
+        return grid_radius(p_lower, sigma, slack)
     p_lower = _as_floats(p_lower, "p_lower")
     with np.errstate(invalid="ignore"):
         r = np.where(p_lower > 0.5, sigma * ndtri(np.clip(p_lower, 0.5, 1.0)), 0.0)
     return _scalar_or_array(r)
 
 
-def p_threshold(target_radius, sigma: float):
+def p_threshold(target_radius, sigma: float, *, slack: float = 0.0):
     """``Phi(r / sigma)``: the lower bound on ``p_A`` needed to certify radius ``r`` (inverse of ``radius``).
+
+    With ``slack`` > 0 it is ``grid_p_threshold(r, sigma, slack)``, the inverse of ``grid_radius``.
 
     Examples
     --------
@@ -164,24 +172,26 @@ def p_threshold(target_radius, sigma: float):
     0.8413
     """
     sigma = check_positive("sigma", sigma)
+    if slack:
+        return grid_p_threshold(target_radius, sigma, slack)
     return _scalar_or_array(ndtr(_as_floats(target_radius, "target_radius") / sigma))
 
 
-def max_radius(n: int, alpha: float, sigma: float) -> float:
+def max_radius(n: int, alpha: float, sigma: float, *, slack: float = 0.0) -> float:
     """The largest radius ``n`` samples can certify at level ``alpha``: all ``n`` agree.
 
     ``sigma * Phi^{-1}(alpha^(1/n))``: Cohen-n's ceiling, and the cap on a calibration reference
-    radius made from ``n`` samples per point.
+    radius made from ``n`` samples per point (``slack``: see ``radius``).
 
     Examples
     --------
     >>> round(max_radius(10_000, 0.001, 0.25), 3)
     0.8
     """
-    return float(radius(lower_confidence_bound(n, n, alpha), sigma))
+    return float(radius(lower_confidence_bound(n, n, alpha), sigma, slack=slack))
 
 
-def cohen_certify(counts_select, counts, alpha: float, sigma: float):
+def cohen_certify(counts_select, counts, alpha: float, sigma: float, *, slack: float = 0.0):
     """Cohen et al.'s CERTIFY on class counts: ``(prediction, p_lower, radius)`` per input.
 
     ``counts_select`` (``N x K``, the ``n0`` selection samples) picks ``A = argmax``;
@@ -189,7 +199,7 @@ def cohen_certify(counts_select, counts, alpha: float, sigma: float):
     ``pL = lower_confidence_bound(k, n, alpha)``; the radius is ``radius(pL, sigma)`` and the
     prediction is ``A``, or -1 (abstain) where the radius is 0. With probability at least
     ``1 - alpha`` per input, a non-abstaining certificate is correct, because the selection and
-    estimation samples are independent.
+    estimation samples are independent. ``slack``: the noise scheme's (``radius``).
 
     Examples
     --------
@@ -208,7 +218,7 @@ def cohen_certify(counts_select, counts, alpha: float, sigma: float):
     n = counts.sum(axis=1)
     k = counts[np.arange(len(top)), top]
     p_lower = np.atleast_1d(lower_confidence_bound(k, n, alpha))
-    r = np.atleast_1d(radius(p_lower, sigma))
+    r = np.atleast_1d(radius(p_lower, sigma, slack=slack))
     return np.where(r > 0, top, -1).astype(np.int64), p_lower, r
 
 
@@ -229,6 +239,84 @@ def predict_test(count_top: int, count_second: int, alpha: float) -> bool:
     if top + second == 0:
         return False
     return bool(_st.binomtest(top, top + second, 0.5).pvalue <= alpha)
+
+
+# --------------------------------------------------------------------------- the sound (grid) noise scheme
+#
+# The sound scheme (``core.grid_noise``) samples, per pixel, a law pi^ within total variation tv of the
+# Gaussian rounded to the 1/255 grid, pi. For an image on the grid, smoothing with pi is Gaussian smoothing
+# of f o round, so Cohen et al.'s theorem holds for pi exactly. The certificate is about the classifier
+# actually sampled, g^ (noise pi^), and the counts estimate p^_A = P_{pi^}(f(x + eps) = A). Over d pixels
+# TV(pi^d, pi^d) <= d tv =: delta (coupling), so p_A >= p^_A - delta; Cohen's theorem for pi gives
+# p_A(x') >= Phi(Phi^{-1}(p^_A - delta) - |x' - x| / sigma); and p^_A(x') >= p_A(x') - delta > 1/2 while
+# |x' - x| < sigma (Phi^{-1}(p^_A - delta) - Phi^{-1}(1/2 + delta)). Any lower bound on p^_A may replace it.
+
+def grid_slack(tv_per_pixel: float, pixels: int) -> float:
+    """``delta = min(1, pixels * tv)``: total variation between the sampled and the ideal law of a whole input.
+
+    The noise of the ``pixels`` coordinates is independent, so a coupling of each coordinate (each
+    failing with probability at most ``tv_per_pixel``) fails with probability at most their sum.
+    Rounded up (one ulp) so the float never understates the product.
+
+    Examples
+    --------
+    >>> grid_slack(1e-17, 784) > 7.8e-15
+    True
+    >>> grid_slack(0.3, 4)
+    1.0
+    """
+    tv = float(tv_per_pixel)
+    if not (math.isfinite(tv) and tv >= 0):
+        raise InvalidParameterError(f"tv_per_pixel must be a number >= 0, got {tv_per_pixel!r}")
+    pixels = check_count("pixels", pixels)
+    return min(1.0, math.nextafter(tv * pixels, math.inf)) if tv else 0.0
+
+
+def grid_radius(p_lower, sigma: float, slack: float):
+    """Certified l2 radius of the law actually sampled: ``sigma (Phi^{-1}(pL - delta) - Phi^{-1}(1/2 + delta))``.
+
+    ``p_lower`` bounds ``p^_A`` (the sampled law's probability of class ``A``) from below and
+    ``delta = slack`` bounds the total variation between the sampled law and the rounded Gaussian of
+    the same ``sigma`` over the whole input (``grid_slack``). For an input on the grid, the classifier
+    smoothed with the sampled law returns ``A`` at every grid point of the open l2 ball of this radius
+    (the argument is in the comment above and in ``docs/noise-schemes.md``). 0 (abstain) unless
+    ``p_lower > 1/2 + 2 delta``. With ``delta = 0`` it is ``sigma * Phi^{-1}(p_lower)``. Vectorised.
+
+    Examples
+    --------
+    >>> round(float(grid_radius(0.99, 0.25, 0.0)), 4), round(float(grid_radius(0.99, 0.25, 0.01)), 4)
+    (0.5816, 0.5072)
+    >>> float(grid_radius(0.52, 0.25, 0.01))
+    0.0
+    """
+    sigma = check_positive("sigma", sigma)
+    delta = float(slack)
+    if not (0 <= delta < 0.25):
+        raise InvalidParameterError(f"slack must lie in [0, 0.25) to certify anything, got {slack!r}")
+    p_lower = _as_floats(p_lower, "p_lower")
+    with np.errstate(invalid="ignore"):
+        ok = p_lower - delta > 0.5 + delta
+        r = sigma * (ndtri(np.clip(p_lower - delta, 0.5, 1.0)) - ndtri(0.5 + delta))
+    return _scalar_or_array(np.where(ok & (r > 0), r, 0.0))
+
+
+def grid_p_threshold(target_radius, sigma: float, slack: float):
+    """The smallest ``p_lower`` whose ``grid_radius`` reaches ``r``: ``Phi(r / sigma + Phi^{-1}(1/2 + delta)) + delta``.
+
+    Capped at 1 (a radius no bound below 1 can certify). With ``delta = 0`` it is ``Phi(r / sigma)``.
+
+    Examples
+    --------
+    >>> p = grid_p_threshold(0.25, 0.25, 0.01)
+    >>> round(float(p), 4), round(float(grid_radius(p, 0.25, 0.01)), 6)
+    (0.8573, 0.25)
+    """
+    sigma = check_positive("sigma", sigma)
+    delta = float(slack)
+    if not (0 <= delta < 0.25):
+        raise InvalidParameterError(f"slack must lie in [0, 0.25) to certify anything, got {slack!r}")
+    r = _as_floats(target_radius, "target_radius")
+    return _scalar_or_array(np.minimum(ndtr(r / sigma + ndtri(0.5 + delta)) + delta, 1.0))
 
 
 # --------------------------------------------------------------------------- anytime-valid (E-process)
@@ -845,20 +933,22 @@ def surrogate_radius(p_tilde, sigma: float, radius_cap: float = np.inf):
     return _scalar_or_array(np.minimum(sigma * ndtri(p), radius_cap))
 
 
-def reference_radius(counts_top, n_cal, alpha_mc: float, sigma: float):
+def reference_radius(counts_top, n_cal, alpha_mc: float, sigma: float, *, slack: float = 0.0):
     """``y = max(sigma * Phi^{-1}(pL), 0)``, ``pL`` the one-sided Clopper-Pearson bound at ``alpha_mc``.
 
     ``counts_top`` are the calibration counts of the *surrogate's* class out of ``n_cal`` (scalar
     or per point). For each point, with probability at least ``1 - alpha_mc``, ``y`` is at most the
     true certified radius of that class (0 when the class is not the smoothed prediction), because
-    the class was fixed by the surrogate before the counts were drawn.
+    the class was fixed by the surrogate before the counts were drawn. ``slack``: the noise scheme's
+    (``radius``), so that ``y`` is a radius of the distribution the counts were drawn from.
 
     Examples
     --------
     >>> round(float(reference_radius(990, 1000, 0.001, 0.25)), 3)
     0.495
     """
-    return _scalar_or_array(np.asarray(radius(lower_confidence_bound(counts_top, n_cal, alpha_mc), sigma), dtype=float))
+    return _scalar_or_array(np.asarray(radius(lower_confidence_bound(counts_top, n_cal, alpha_mc), sigma,
+                                              slack=slack), dtype=float))
 
 
 def conformity_scores(radius_surrogate, reference):
@@ -1434,7 +1524,7 @@ fixed in advance (the second component puts its mass near ``p = 1``, where toppe
 
 
 def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float, sigma: float,
-                           prior=TOPUP_PRIOR):
+                           prior=TOPUP_PRIOR, *, slack: float = 0.0):
     """Reference radius of a calibration point whose samples were topped up by a data-dependent rule.
 
     ``y = radius(max(CP_{alpha_mc/2}(k_first, n_first), CS_{alpha_mc/2}(successes, samples)))``: the
@@ -1443,7 +1533,7 @@ def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float
     on all ``samples`` drawn. The CS holds at any stopping time (Ville's inequality), so whatever rule
     decided how many samples to add after looking at the first ones, ``y`` exceeds the true radius
     with probability at most ``alpha_mc / 2 + alpha_mc / 2``. A Clopper-Pearson bound on all samples
-    would not be valid under such a rule.
+    would not be valid under such a rule. ``slack``: the noise scheme's (``radius``).
 
     Examples
     --------
@@ -1457,10 +1547,11 @@ def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float
     cp = lower_confidence_bound(k_first, n_first, half)
     successes, samples = _check_counts(successes, samples, "successes", "samples")
     cs, _ = beta_binomial_cs(successes, samples, half, a, b, weights)
-    return _scalar_or_array(np.asarray(radius(np.maximum(cp, cs), sigma), dtype=float))
+    return _scalar_or_array(np.asarray(radius(np.maximum(cp, cs), sigma, slack=slack), dtype=float))
 
 
-def topup_max_radius(n_first: int, max_samples: int, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR) -> float:
+def topup_max_radius(n_first: int, max_samples: int, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR, *,
+                     slack: float = 0.0) -> float:
     """The radius cap of a topped-up calibration: ``topup_reference_radius`` of a point whose
     ``max_samples`` samples (the planned maximum, fixed before calibration) all agree.
 
@@ -1469,7 +1560,8 @@ def topup_max_radius(n_first: int, max_samples: int, alpha_mc: float, sigma: flo
     >>> round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3), round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3)
     (0.793, 0.941)
     """
-    return float(topup_reference_radius(n_first, n_first, max_samples, max_samples, alpha_mc, sigma, prior))
+    return float(topup_reference_radius(n_first, n_first, max_samples, max_samples, alpha_mc, sigma, prior,
+                                        slack=slack))
 
 
 # --------------------------------------------------------------------------- checking a bound

@@ -34,7 +34,14 @@ from ..core.errors import InvalidParameterError, ModelError, check_count, check_
 from ..core.one_pass import SurrogateCertifier, required_radii
 from ..core.sequential import DEFAULT_SCHEDULE, EProcessCertifier, GeometricSchedule
 from ..core.signing import resolve_key
-from ..core.smoothing import SmoothedClassifier, check_images, noise_indices
+from ..core.smoothing import (
+    NOISE_SCHEME,
+    SmoothedClassifier,
+    check_images,
+    check_noise_scheme,
+    check_same_noise,
+    noise_indices,
+)
 from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
@@ -133,6 +140,10 @@ class HybridCertifier:
                  audit: CertificateAudit | None = None):
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
+        if sequential is not None:  # the offsets hold for the law of the calibration counts: never the other family
+            check_same_noise(getattr(sequential.smooth, "noise_scheme", None),
+                             getattr(surrogate_certifier.calibration, "noise_scheme", None), "the fallback",
+                             "draw it with the calibration's noise scheme")
         self.monitor = monitor
         self.audit = audit
         self.alarm_reason: str | None = None
@@ -168,6 +179,8 @@ class HybridCertifier:
         audit_rate: float | None = None,
         n_audit: int | None = None,
         audit_delta: float = DEFAULT_DELTA,
+        noise_scheme: str | None = None,
+        off_grid: str = "refuse",
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -228,6 +241,13 @@ class HybridCertifier:
             Samples per audited certificate; must be the calibration's ``n_cal`` (the default).
         audit_delta : float, optional
             The audit's false-alarm probability.
+        noise_scheme : str, optional
+            The fallback's and the audit's noise scheme; default the calibration's (``noise_scheme``; float
+            v2 for files older than the field). A scheme of the other family (float vs sound) is refused:
+            the calibrated offsets hold for the law the calibration counts were drawn from.
+        off_grid : {"refuse", "quantise"}, optional
+            The sound scheme only: what the fallback does with inputs off the 1/255 grid
+            (``SmoothedClassifier``).
 
         Returns
         -------
@@ -264,8 +284,12 @@ class HybridCertifier:
                 raise InvalidParameterError("fallback='eprocess' and the audit need the base model (--model); "
                                             "or use --fallback none without an audit")
             model = cls._base_model(base_model, surrogate, device, secret)
+            scheme = check_noise_scheme(noise_scheme or calibration.noise_scheme or NOISE_SCHEME)
+            check_same_noise(scheme, calibration.noise_scheme, "the fallback",
+                             "drop --noise-scheme (the calibration's is used) or calibrate on counts of this scheme")
             smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
-                                        batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape)
+                                        batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape,
+                                        noise_scheme=scheme, off_grid=off_grid)
             # One clean pass now: a model of another input shape or width fails here, not mid-certification.
             name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)

@@ -63,7 +63,7 @@ from calibration.conformal import MONITOR_STATISTIC, ReferencePlan, quantile_ran
 from ..core import stats
 from ..core.errors import CalibrationError, InvalidInputError, InvalidParameterError, check_probability
 from ..core.one_pass import group_keys
-from ..core.smoothing import STREAM_AUDIT, SmoothedClassifier, noise_indices
+from ..core.smoothing import STREAM_AUDIT, SmoothedClassifier, check_same_noise, noise_indices
 
 __all__ = ["DriftMonitor", "CertificateAudit", "AuditPlan", "audit_plan", "DEFAULT_DELTA", "MIX_EVERY",
            "drift_prior", "drift_jump"]
@@ -478,6 +478,9 @@ class CertificateAudit:
             raise InvalidParameterError(f"the base model is smoothed at sigma={smooth.sigma} but the calibration is "
                                         f"for sigma={calibration.sigma}")
         self.reference_plan = ReferencePlan.from_calibration(calibration)
+        if smooth is not None:
+            check_same_noise(smooth.noise_scheme, calibration.noise_scheme, "the audit's base model",
+                             "audit with the calibration's noise scheme")
         self.calibration = calibration
         self.smooth = smooth
         self.rate = rate

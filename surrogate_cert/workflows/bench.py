@@ -54,10 +54,10 @@ from ..core.cohen import CohenCertifier
 from ..core.deterministic import DeterministicCertifier
 from ..core.errors import InvalidParameterError
 from ..core.files import check_outputs, write_text_atomic
-from ..core.groundtruth import linear_problem
+from ..core.groundtruth import grid_linear_problem, linear_problem
 from ..core.one_pass import SurrogateCertifier
 from ..core.sequential import EProcessCertifier
-from ..core.smoothing import SmoothedClassifier
+from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier, check_noise_scheme, noise_family
 from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier, fallback_certifier
 from .pipeline import FULL, QUICK, Pipeline, QuickstartConfig, provenance
@@ -219,7 +219,7 @@ def summarise(certificates: list[Certificate], labels, seconds: float) -> dict:
 # --------------------------------------------------------------------------- linear ground truth
 
 def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc: float, alpha: float,
-                        seed: int = 0, device=None) -> dict:
+                        seed: int = 0, device=None, noise_scheme: str = NOISE_SCHEME) -> dict:
     """Wrong-certificate count of every method on the exact linear problem, against its bound.
 
     Train / cal / test points are independent draws of ``linear_problem`` (margins uniform in
@@ -227,6 +227,8 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     data. A certificate is wrong when it names the wrong class or a radius above the true distance
     to the hyperplane. Bounds: alpha (Cohen, sequential), epsilon + alpha_mc (surrogate, marginal),
     epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is ``stats.binomial_allowance`` at 0.999.
+    Under the sound scheme the points are grid images (``grid_linear_problem``) and the true radius is the
+    distance to the nearest grid image of the other smoothed class.
 
     Parameters
     ----------
@@ -245,6 +247,8 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
         Seed of the points, the noise and the surrogate.
     device : str or None, optional
         Where to run.
+    noise_scheme : str, optional
+        The noise of every count and sample.
 
     Returns
     -------
@@ -261,10 +265,12 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
         If the cal points are too few for ``epsilon``.
     """
     n_train, n_cal, n_test = cfg.linear_points
-    train, cal, test = (linear_problem(num, sigma, seed=seed + 1000 * part)
+    scheme = check_noise_scheme(noise_scheme)
+    problem = grid_linear_problem if noise_family(scheme) == "grid" else linear_problem
+    train, cal, test = (problem(num, sigma, seed=seed + 1000 * part)
                         for part, num in enumerate((n_train, n_cal, n_test)))
     offsets = (0, 10_000_000, 20_000_000)  # disjoint noise indices per split
-    smooth = SmoothedClassifier(test.model, 2, sigma, device=device, seed=seed)
+    smooth = SmoothedClassifier(test.model, 2, sigma, device=device, seed=seed, noise_scheme=scheme)
     counts_train = smooth.counts(train.x, cfg.linear_n[0], indices=offsets[0] + np.arange(n_train))
     counts_cal = smooth.counts(cal.x, cfg.linear_n[1], indices=offsets[1] + np.arange(n_cal))
 
@@ -273,7 +279,7 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     tune = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
     surrogate.tune_prior(train.x[tune], counts_train[tune])
     calibration = calibrate_arrays(surrogate, cal.x, counts_cal, epsilon, alpha_mc, dataset="linear_problem",
-                                   split="cal")
+                                   split="cal", noise_scheme=scheme)
     # The linear base model's own decision boundary is the smoothed one, so a deterministic
     # certificate is judged against the same true radius, with bound 0 (it holds always).
     bounds = dict(surrogate=epsilon + alpha_mc, hybrid=epsilon + alpha_mc + alpha, ibp=0.0, crown=0.0)
@@ -291,7 +297,7 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
             mean_evaluations=float(np.mean([c.n_samples for c in certificates])),
         )
     return dict(problem=dict(points=cfg.linear_points, n_train=cfg.linear_n[0], n_cal=cfg.linear_n[1],
-                             input_shape=list(train.x.shape[1:]), margins_in_sigmas=3.0,
+                             input_shape=list(train.x.shape[1:]), margins_in_sigmas=3.0, noise_scheme=scheme,
                              surrogate_offset=calibration.pooled_offset), methods=results)
 
 
@@ -361,7 +367,8 @@ def prepare(cfg: BenchConfig, workdir, *, progress: bool, quiet: bool, command: 
     surrogate = Surrogate.load(paths["surrogate.pt"], device=offline.device)
     calibration = load_calibration(paths["calibration.json"], surrogate)
     smooth = SmoothedClassifier(base.model, surrogate.num_classes, offline.sigma, device=offline.device,
-                                batch_size=offline.batch_size, seed=offline.seed)
+                                batch_size=offline.batch_size, seed=offline.seed, noise_scheme=offline.noise_scheme,
+                                off_grid="quantise")
     data = load_split(offline.dataset, "test", data_root=offline.data_root, limit=cfg.test_limit)
     return BenchContext(pipeline, smooth, surrogate, calibration, data, offline.alpha)
 
@@ -481,7 +488,8 @@ def run_bench(
         ctx.pipeline.say("linear ground-truth problem: wrong certificates of each method against its bound")
         t0 = time.perf_counter()
         truth = linear_ground_truth(cfg, cfg.offline.sigma, ctx.calibration.epsilon, ctx.calibration.alpha_mc,
-                                    ctx.alpha, seed=cfg.offline.seed, device=cfg.offline.device)
+                                    ctx.alpha, seed=cfg.offline.seed, device=cfg.offline.device,
+                                    noise_scheme=cfg.offline.noise_scheme)
         for name, record in truth["methods"].items():
             results[name]["ground_truth"] = record
         problem, truth_seconds = truth["problem"], time.perf_counter() - t0
@@ -525,7 +533,8 @@ def _setup(cfg: BenchConfig, ctx: BenchContext, offline_evaluations: int, workdi
     env = environment()
     offline = cfg.offline
     return dict(
-        dataset=offline.dataset, sigma=offline.sigma, alpha=ctx.alpha, epsilon=ctx.calibration.epsilon,
+        dataset=offline.dataset, sigma=offline.sigma, noise_scheme=ctx.smooth.noise_scheme, alpha=ctx.alpha,
+        epsilon=ctx.calibration.epsilon,
         alpha_mc=ctx.calibration.alpha_mc, q_hat=ctx.calibration.pooled_offset,
         radius_cap=ctx.calibration.radius_cap, test_images=len(ctx.data), n0=cfg.n0, cohen_n=list(cfg.cohen_n),
         max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg), offline_evaluations=offline_evaluations,
@@ -546,9 +555,13 @@ def guided_tolerance(cfg: BenchConfig) -> float:
 
 def default_workdir(offline: QuickstartConfig) -> str:
     """The quickstart's default folder for this size (the bench reuses its offline stage), else its own."""
-    if offline == FULL:
-        return "surrogate-cert-quickstart"
-    return "surrogate-cert-quickstart-quick" if offline == QUICK else "surrogate-cert-bench-quick"
+    sound = noise_family(check_noise_scheme(offline.noise_scheme)) == "grid"
+    plain = dataclasses.replace(offline, noise_scheme=NOISE_SCHEME)
+    if plain == FULL:
+        folder = "surrogate-cert-quickstart"
+    else:
+        folder = "surrogate-cert-quickstart-quick" if plain == QUICK else "surrogate-cert-bench-quick"
+    return folder + ("-sound" if sound else "")
 
 
 def json_safe(value):

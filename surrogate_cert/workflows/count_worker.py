@@ -41,6 +41,7 @@ def run(spec: dict) -> list[float]:
                 data_root=spec["data_root"],
                 progress=spec["progress"],
                 command=spec["command"],
+                noise_scheme=spec.get("noise_scheme"),
                 resume=job["resume"],
                 shard=shard,
             )

@@ -29,7 +29,7 @@ from ..core.files import check_outputs, write_text_atomic
 from ..core.hashing import sha256_file
 from ..core.one_pass import SurrogateCertifier, certified_at_required
 from ..core.sequential import EProcessCertifier
-from ..core.smoothing import NOISE_SCHEME, NOISE_SCHEMES, SmoothedClassifier
+from ..core.smoothing import NOISE_SCHEME, SmoothedClassifier, check_noise_scheme, noise_family
 from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
 from .bench import json_safe
@@ -62,6 +62,8 @@ class OnePassConfig:
     lever controls (surrogate trained on the base model's own train images; surrogate not started from
     the base model). ``cal_topup`` > 0 tops the calibration counts up (``datagen --top-up``) and adds
     the topped-up calibration. ``issued`` adds the issued guarantee beside the marginal rule (``issued_rows``).
+    ``noise_scheme`` draws every count and fallback sample (``sound``: the sound scheme, images rounded to
+    the 1/255 grid; the base model is the same either way).
     """
 
     dataset: str = "mnist"
@@ -99,6 +101,7 @@ class OnePassConfig:
     seed: int = 0
     batch_size: int = 4096
     device: str = "cpu"
+    noise_scheme: str = NOISE_SCHEME
 
 
 ONEPASS_MNIST_CPU = OnePassConfig()
@@ -122,11 +125,12 @@ ONEPASS_TINY = OnePassConfig(dataset="digits", base_arch=None, base_epochs=3, su
 
 
 def counts_key(dataset: str, split: str, model_sha256: str, sigma: float, n: int, n0: int, seed: int,
-               limit: int | None) -> dict:
+               limit: int | None, noise_scheme: str = NOISE_SCHEME) -> dict:
     """What a counts file's content depends on (the cache key): dataset, split, base model, sigma, n, n0,
-    seed, limit and the noise scheme (a file of any seeded scheme matches: ``_matches``)."""
+    seed, limit and the noise scheme (a file of any float scheme serves a float key: ``_matches``)."""
     return dict(dataset=dataset_key(dataset), split=split, model_sha256=model_sha256, sigma=float(sigma), n=int(n),
-                n0=int(n0), seed=int(seed), limit=None if limit is None else int(limit), noise_scheme=NOISE_SCHEME)
+                n0=int(n0), seed=int(seed), limit=None if limit is None else int(limit),
+                noise_scheme=check_noise_scheme(noise_scheme))
 
 
 def _matches(attrs: dict, key: dict) -> bool:
@@ -134,8 +138,10 @@ def _matches(attrs: dict, key: dict) -> bool:
                 model_sha256=attrs.get("model_sha256"), sigma=float(attrs.get("sigma", -1)), n=attrs.get("n"),
                 n0=attrs.get("n0"), seed=attrs.get("seed"), limit=attrs.get("limit"),
                 noise_scheme=attrs.get("noise_scheme"))
-    # Any seeded scheme serves: its counts are as valid, only not bit-identical to the other scheme's.
-    have["noise_scheme"] = key["noise_scheme"] if have["noise_scheme"] in NOISE_SCHEMES else have["noise_scheme"]
+    # Any float scheme serves a float key: its counts are as valid, only not bit-identical to the other's. The
+    # sound scheme's law differs (and its images are rounded to the grid): only its own files serve it.
+    if noise_family(have["noise_scheme"]) == noise_family(key["noise_scheme"]) == "float":
+        have["noise_scheme"] = key["noise_scheme"]
     return have == key and bool(attrs.get("complete"))
 
 
@@ -233,7 +239,7 @@ class OnePassBench:
     def counts(self, model: str, split: str, n: int, n0: int = 0, limit: int | None = None) -> Path:
         cfg = self.cfg
         sha = load_model(model, device="cpu").sha256
-        key = counts_key(cfg.dataset, split, sha, cfg.sigma, n, n0, cfg.seed, limit)
+        key = counts_key(cfg.dataset, split, sha, cfg.sigma, n, n0, cfg.seed, limit, cfg.noise_scheme)
 
         def make(path: Path) -> None:
             self.say(f"      datagen {split}: {'all' if limit is None else limit} images x {n:,}"
@@ -241,7 +247,7 @@ class OnePassBench:
             self.timed(f"datagen {split}", lambda: generate_counts(
                 cfg.dataset, split, model, cfg.sigma, n, str(path), n0=n0, batch_size=cfg.batch_size, seed=cfg.seed,
                 limit=limit, device=cfg.device, data_root=cfg.data_root, progress=self.progress,
-                resume=path.exists(), command="bench one-pass case"))
+                resume=path.exists(), command="bench one-pass case", noise_scheme=cfg.noise_scheme))
 
         return cached_counts(self.cache, key, make, self.extra, self.say)
 
@@ -291,7 +297,8 @@ class OnePassBench:
     def test_data(self, test: Path) -> OnePassData:
         counts = read_counts(test)
         x = counts.images(self.cfg.data_root)
-        prediction, _, radius = stats.cohen_certify(counts.counts_select, counts.counts, self.cfg.alpha, counts.sigma)
+        prediction, _, radius = stats.cohen_certify(counts.counts_select, counts.counts, self.cfg.alpha, counts.sigma,
+                                                    slack=counts.radius_slack)
         return OnePassData(x, counts.labels, counts.indices, counts.counts, counts.n, prediction, radius)
 
 
@@ -315,7 +322,7 @@ def evaluate_one_pass(surrogate: Surrogate, calibration, data: OnePassData, cfg:
     prediction = np.where(certified, classes, -1)
     radius = np.where(certified, radius, 0.0)
     reference = np.atleast_1d(stats.reference_radius(data.counts[np.arange(len(classes)), classes], data.n,
-                                                     cfg.alpha_mc, sigma))
+                                                     cfg.alpha_mc, sigma, slack=calibration.noise_slack))
     over = certified & (radius > reference)
     bound = calibration.epsilon + calibration.alpha_mc
     row = dict(certified_accuracy=_accuracy(prediction, radius, data.labels, radii),
@@ -404,7 +411,7 @@ def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, 
     """The hybrid on the test images, its sequential fallback run on the base model (best radius, or target
     mode at ``required``): certified accuracy, ACR, mean base-model evaluations per query, seconds."""
     smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
-                                seed=cfg.seed)
+                                seed=cfg.seed, noise_scheme=cfg.noise_scheme, off_grid="quantise")
     hybrid = HybridCertifier(SurrogateCertifier(surrogate, calibration),
                              EProcessCertifier(smooth, cfg.alpha, max_samples=cfg.max_samples, tolerance=cfg.tolerance))
     t0 = time.perf_counter()
@@ -505,6 +512,7 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
     env = environment()
     content["setup"] = dict(
         dataset=cfg.dataset, sigma=sigma, alpha=cfg.alpha, alpha_mc=cfg.alpha_mc, base_model=model,
+        noise_scheme=check_noise_scheme(cfg.noise_scheme),
         base_model_sha256=sha256_of(model), test_images=len(data.labels), cal_images=int(_rows(cal)),
         surrogate_images=int(_rows(sur_counts)), cohen_n=data.n, n0=cfg.test_n0, max_samples=cfg.max_samples,
         tolerance=cfg.tolerance, surrogate=dict(arch=surrogate.arch, init=surrogate.meta.get("init_mapping"),
@@ -534,7 +542,9 @@ def onepass_markdown(content: dict) -> str:
     head = "| method | " + " | ".join(f"r={float(r) / sigma:g}σ" for r in radii) + " | ACR | evals/query | q^ | cap | over-radius (allowed) |"
     rule = "| --- |" + " ---: |" * (len(radii) + 5)
     pct = lambda row: " | ".join(f"{100 * a:.1f}" for a in row["certified_accuracy"].values())  # noqa: E731
-    lines = [f"{setup['dataset']}: {setup['test_images']} test images, sigma = {sigma}, alpha = {setup['alpha']}, "
+    noise = setup.get("noise_scheme", NOISE_SCHEME)
+    lines = [f"{setup['dataset']}: {setup['test_images']} test images, noise {noise}, "
+             f"sigma = {sigma}, alpha = {setup['alpha']}, "
              f"alpha_mc = {setup['alpha_mc']}; {setup['surrogate_images']} surrogate-split images, "
              f"{setup['cal_images']} cal images x {setup['config']['cal_n']:,}", "", head, rule]
     c = content["cohen_10k"]

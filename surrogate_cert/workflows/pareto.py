@@ -116,6 +116,7 @@ class RecordedSmoothed:
     def __init__(self, smooth: SmoothedClassifier, names: np.ndarray, recordings: dict[int, np.ndarray]):
         self.num_classes, self.sigma, self.batch_size = smooth.num_classes, smooth.sigma, smooth.batch_size
         self.device, self.seed, self.model = smooth.device, smooth.seed, smooth.model
+        self.radius_slack = smooth.radius_slack  # the recordings' noise scheme decides the radius
         order = np.argsort(names)
         self._names, self._rows = np.asarray(names)[order], order
         self.recordings = recordings

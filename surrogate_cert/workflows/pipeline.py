@@ -58,7 +58,7 @@ from ..core.cohen import certificates_from_counts
 from ..core.errors import InvalidParameterError, OutputExistsError, StoreError
 from ..core.files import write_text_atomic
 from ..core.hashing import sha256_file
-from ..core.smoothing import resolve_device
+from ..core.smoothing import NOISE_SCHEME, check_noise_scheme, resolve_device
 from ..deploy.hybrid import HybridCertifier
 from .report import write_calibration_report, write_report
 from .training import train_surrogate
@@ -75,7 +75,8 @@ class QuickstartConfig:
     (None = all); ``surrogate_data``: the split whose counts the surrogate learns from (``surrogate_n``
     samples each); ``test_n0``/``test_n``: Cohen's selection / estimation samples on the test images;
     ``init_from_base``: the surrogate starts from the base model's weights; ``threads``: torch's
-    intra-op threads while the pipeline runs (None: torch's default).
+    intra-op threads while the pipeline runs (None: torch's default); ``noise_scheme``: the noise of
+    every count and sequential sample (``sound``: the sound scheme, the digits rounded to the 1/255 grid).
     """
 
     dataset: str = "digits"
@@ -101,6 +102,7 @@ class QuickstartConfig:
     data_root: str | None = None
     threads: int | None = 1
     workers: int | None = None
+    noise_scheme: str = NOISE_SCHEME
 
     def count_workers(self) -> int:
         """Processes that share the counts (``workers``; default one per CPU core, at most 4, and one
@@ -302,7 +304,8 @@ class Pipeline:
         pending = []
         for split, n, n0, limit in jobs:
             target = self.paths[f"{split}.h5"]
-            key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(base))
+            key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(base),
+                       *(() if cfg.noise_scheme == NOISE_SCHEME else (check_noise_scheme(cfg.noise_scheme),)))
             what = (f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
                     + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
             if self.manifest.done(f"datagen {split}", key, [target]):
@@ -440,7 +443,7 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
     """Counts for one split; an interrupted file of the same settings is resumed (unless ``fresh``), any
     other replaced."""
     kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
-                  data_root=cfg.data_root, progress=progress, command=command)
+                  data_root=cfg.data_root, progress=progress, command=command, noise_scheme=cfg.noise_scheme)
     resume = target.exists() and not fresh
     if resume:
         try:
@@ -509,7 +512,8 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
     root = str(Path(__file__).resolve().parents[2])
     python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     spec = dict(jobs=jobs, base=base, dataset=cfg.dataset, sigma=cfg.sigma, seed=cfg.seed,
-                batch_size=cfg.batch_size, data_root=cfg.data_root, command=command, progress=progress)
+                batch_size=cfg.batch_size, data_root=cfg.data_root, command=command, progress=progress,
+                noise_scheme=cfg.noise_scheme)
     with tempfile.TemporaryDirectory(prefix="surrogate-cert-workers-") as folder:
         processes = []
         for rank in range(workers):
@@ -570,7 +574,8 @@ def provenance(command: str, method: str, **fields) -> dict:
 
 def _meta(cfg: QuickstartConfig, command: str, method: str, **fields) -> dict:
     return provenance(command, method, dataset=cfg.dataset, split="test", limit=cfg.test_limit, sigma=cfg.sigma,
-                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)), **fields)
+                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)),
+                      noise_scheme=check_noise_scheme(cfg.noise_scheme), **fields)
 
 
 def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str) -> dict:
@@ -579,7 +584,7 @@ def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str
     base = load_model(str(paths["base.pt"]), device=cfg.device)
     hybrid = HybridCertifier.load(str(paths["surrogate.pt"]), str(paths["calibration.json"]), base_model=base.model,
                                   alpha=cfg.alpha, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, device=cfg.device)
+                                  seed=cfg.seed, device=cfg.device, off_grid="quantise")
     certificates: list[Certificate] = []
     chunk = 50
     bar = tqdm(total=len(data), unit="img", desc="certify", disable=not progress, dynamic_ncols=True)
@@ -598,7 +603,7 @@ def _run_cohen(cfg: QuickstartConfig, paths: dict, datagen_seconds: float | None
     test = read_counts(paths["test.h5"])
     seconds = (datagen_seconds or 0.0) / max(len(test), 1)
     certificates = certificates_from_counts(test.counts_select, test.counts, cfg.alpha, float(test.attrs["sigma"]),
-                                            seconds)
+                                            seconds, slack=test.radius_slack)
     write_tsv(paths["cohen.tsv"], test.indices, test.labels, certificates,
               meta=_meta(cfg, command, cfg.cohen_label, n0=int(test.attrs["n0"]), n=int(test.attrs["n"]),
                          note="Cohen et al. CERTIFY from test.h5, the noise streams of `surrogate-cert cohen` "

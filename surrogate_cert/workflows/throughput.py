@@ -9,6 +9,8 @@ unseeded noise, and across processes.
   and the median round is reported, so a noisy shared machine affects every side alike; on a CPU
   with one thread the rates are per second of this process's CPU time (the wall clock of a shared
   machine mostly measures the other jobs), and the wall-clock figures are reported beside them.
+- ``measure_schemes``: the engine under the float scheme and under the sound one (``NOISE_SCHEME_SOUND``),
+  same model, images (on the 1/255 grid) and batches, rounds interleaved: what exact sampling costs.
 - ``measure_scaling``: ``W`` processes counting at once (``threads`` each, as ``torchrun`` shards a
   job) against one process with the same threads, from a common start: ``efficiency =
   throughput(W) / (W x throughput(1))``, repeated, one-process and W-process runs alternating; with
@@ -32,6 +34,7 @@ from torch import nn
 from ..core.architectures import build
 from ..core.smoothing import (
     NOISE_SCHEME,
+    NOISE_SCHEME_SOUND,
     NOISE_SCHEME_V1,
     NOISE_SCHEME_V2,
     NOISE_SCHEME_V3,
@@ -39,7 +42,8 @@ from ..core.smoothing import (
     SmoothedClassifier,
 )
 
-__all__ = ["measure", "measure_scaling", "BenchModel", "CONFIGS", "GPU_CONFIGS", "COMPARED_SCHEMES", "machine_load"]
+__all__ = ["measure", "measure_scaling", "measure_schemes", "BenchModel", "CONFIGS", "GPU_CONFIGS", "SCHEME_CONFIGS",
+           "COMPARED_SCHEMES", "machine_load"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,13 @@ GPU_CONFIGS = (
 )
 """Measured on CUDA only (a CPU round would take minutes); reported as not measured elsewhere."""
 
+
+SCHEME_CONFIGS = CONFIGS + (
+    BenchModel("mnist_mlp", "mlp", (1, 28, 28), 10, {"cpu": 4096, "cuda": 65_536},
+               {"cpu": 4096, "cuda": 65_536}, {"cpu": 8, "cuda": 64}),
+)
+"""The models of ``measure_schemes``: the MNIST MLP (784 pixels, 12 us a sample on one CPU thread) is where
+drawing the noise weighs most against the forward pass."""
 
 NOISE_ONLY_SECONDS = 0.5
 """Least duration of one noise-only round (the work is repeated up to it)."""
@@ -275,6 +286,71 @@ def _summary(times: dict, samples: int, repeat: int, default: str) -> dict:
             "noise_only_rounds": NOISE_ONLY_ROUNDS,
         },
     }
+
+
+def measure_schemes(config: BenchModel, *, device, rounds: int = 5, scale: float = 1.0,
+                    schemes=(NOISE_SCHEME, NOISE_SCHEME_SOUND)) -> dict:
+    """Engine samples/s under each noise scheme, side by side: the cost of the sound scheme's exact sampling.
+
+    The same model, grid images (``v / 255``, so both schemes accept them), sample numbers and batch size;
+    rounds interleaved (scheme after scheme), median round reported, CPU time of this process on a CPU
+    with one thread (as ``measure``), else the wall clock. ``ratio_to_first`` is the median over rounds
+    of (first scheme's time / this scheme's time): throughput relative to the first scheme, goal >= 0.9.
+    ``noise_only`` repeats the measurement with a model that costs nothing (noise, packing, counting).
+
+    Parameters
+    ----------
+    config : BenchModel
+        The model and its sizes.
+    device : str or torch.device
+        Where to run.
+    rounds : int, optional
+        Interleaved rounds per scheme.
+    scale : float, optional
+        Multiplies the number of images.
+    schemes : sequence of str, optional
+        The schemes compared; the first is the reference.
+
+    Returns
+    -------
+    dict
+        Per scheme ``engine_samples_per_s``, ``noise_only_samples_per_s``, ``ratio_to_first`` (with the
+        model and without) and the per-round range; the sizes and the timer.
+    """
+    kind = torch.device(device).type
+    batch_size, n = config.batch_size[kind], config.samples_per_image[kind]
+    images = max(int(config.images[kind] * scale), 1)
+    model = _model(config.arch, config.input_shape, config.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        x = torch.randint(0, 256, (images, *config.input_shape)).float() / 255.0
+    idx = np.arange(images)
+    engines = {(s, kind_): SmoothedClassifier(net, config.num_classes, 0.25, device=device, batch_size=batch_size,
+                                              seed=0, noise_scheme=s)
+               for s in schemes for kind_, net in (("engine", model), ("noise_only", _NullModel(config.num_classes)))}
+    dev = next(iter(engines.values())).device
+    for smooth in engines.values():
+        smooth.counts(x[:1], min(n, batch_size))
+    timer = "process_cpu_time" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_clock"
+    times: dict = {key: [] for key in engines}
+    for _ in range(rounds):
+        for key, smooth in engines.items():
+            wall, cpu = _timed(dev, lambda smooth=smooth: smooth.counts(x, n, indices=idx))
+            times[key].append(cpu if timer == "process_cpu_time" else wall)
+    samples = images * n
+    out = {"model": config.name, "input_shape": list(config.input_shape), "batch_size": batch_size,
+           "images": images, "samples_per_image": n, "rounds": rounds, "timer": timer, "goal_ratio": 0.9,
+           "schemes": {}}
+    first = schemes[0]
+    for s in schemes:
+        row = {}
+        for kind_ in ("engine", "noise_only"):
+            ratios = [a / b for a, b in zip(times[(first, kind_)], times[(s, kind_)])]
+            row[f"{kind_}_samples_per_s"] = round(samples / statistics.median(times[(s, kind_)]), 1)
+            row[f"{kind_}_ratio_to_first"] = round(statistics.median(ratios), 3)
+            row[f"{kind_}_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        out["schemes"][s] = row
+    return out
 
 
 # --------------------------------------------------------------------------- scaling over processes

@@ -29,6 +29,7 @@ from ..core.errors import (
 from ..core.files import check_outputs, sniff
 from ..core.hashing import sha256_file
 from ..core.signing import resolve_key
+from ..core.smoothing import NOISE_SCHEME_V2
 from ..core.surrogate import Surrogate
 
 __all__ = ["train_surrogate", "builtin_base_arch", "check_training_options", "counts_base_model", "AUTO"]
@@ -152,7 +153,8 @@ def train_surrogate(
         for path, counts_file in zip(paths, files):
             check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
                              num_classes=int(attrs["num_classes"]), input_shape=attrs["input_shape"],
-                             model_sha256=attrs.get("model_sha256"), complete=True, key=secret)
+                             model_sha256=attrs.get("model_sha256"), complete=True, key=secret,
+                             noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2)
     except CountsMismatchError as exc:
         raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
     indices = np.concatenate([f.indices for f in files])
@@ -198,6 +200,7 @@ def train_surrogate(
         counts_rows=int(len(indices)),
         train_index_ranges=index_ranges(indices),
         base_model_sha256=attrs.get("model_sha256"),
+        noise_scheme=attrs.get("noise_scheme"),  # calibrate and certify refuse counts of the other family
         seed=int(seed),
         epochs_run=len(surrogate.history_),
         best_epoch=int(surrogate.best_epoch_),
