@@ -32,7 +32,7 @@ from .errors import InvalidParameterError, check_count, check_probability
 from .smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier, check_images, noise_indices
 
 __all__ = ["EProcessCertifier", "GeometricSchedule", "DEFAULT_SCHEDULE", "POLICIES", "CLASS_CHOICES", "PRIORS",
-           "TRUNCATED_WEIGHT", "default_schedule"]
+           "TRUNCATED_WEIGHT", "GIVE_UPS", "default_schedule"]
 
 POLICIES = ("best_radius", "target_radius")
 CLASS_CHOICES = ("pilot", "per_class")
@@ -45,7 +45,12 @@ KT = (0.5, 0.5)
 """The Krichevsky-Trofimov prior Beta(1/2, 1/2): the input-agnostic prior of the best-radius policy."""
 TRUNCATED_WEIGHT = 0.9
 """Weight of the component above ``p0`` in the truncated prior: it costs log(1/0.9) = 0.1 nats of
-evidence to certify, and log(1/0.1) = 2.3 nats to give up (the component below ``p0``)."""
+evidence to certify (the component below ``p0`` keeps the confidence sequence informative there)."""
+GIVE_UPS = ("dedicated", "mixture")
+"""When target mode gives up. ``dedicated`` (default): a one-sided test of ``p < p0`` of its own
+(``stats.give_up_test`` with ``stats.give_up_prior``) at the full ``alpha``, beside the certifying test.
+``mixture`` (version 0.3): when the certifying mixture's evidence shows ``p < p0`` or its upper end falls
+below ``p0``; its lower component holds a tenth of the prior, so giving up pays log(10) = 2.3 nats more."""
 
 _CHUNK_ELEMENTS = 1 << 20
 """Per-sample statistics are evaluated over chunks of inputs of at most this many (sample, class) cells."""
@@ -233,6 +238,10 @@ class EProcessCertifier:
         tolerance rule alone (which also stays in force with a price).
     truncated_weight : float
         Weight of the upper component of the truncated prior, in (0, 1]; default ``TRUNCATED_WEIGHT``.
+    give_up : "dedicated" or "mixture"
+        How a target-radius input gives up (``GIVE_UPS``): a stopping rule, so certificates keep their
+        guarantee either way; with ``dedicated`` a wrong give-up (``p >= Phi(r*/sigma)``) also has
+        probability at most ``alpha``.
     """
 
     def __init__(
@@ -250,6 +259,7 @@ class EProcessCertifier:
         schedule: GeometricSchedule | Sequence[int] | None = None,
         price: float | None = None,
         truncated_weight: float = TRUNCATED_WEIGHT,
+        give_up: str = "dedicated",
     ):
         self.smooth = smooth
         self.alpha = check_probability("alpha", alpha)
@@ -287,6 +297,9 @@ class EProcessCertifier:
         self.truncated_weight = float(truncated_weight)
         if not 0.0 < self.truncated_weight <= 1.0:
             raise InvalidParameterError(f"truncated_weight must lie in (0, 1], got {truncated_weight}")
+        if give_up not in GIVE_UPS:
+            raise InvalidParameterError(f"give_up must be one of {', '.join(GIVE_UPS)}, got {give_up!r}")
+        self.give_up = give_up
 
     @staticmethod
     def _check_radius(r):
@@ -489,6 +502,8 @@ class EProcessCertifier:
             return []
         present = prior_arrays[2].max(axis=0) > 0  # drop components no input uses (KT alone: one)
         prior_arrays = tuple(v[:, present] for v in prior_arrays)
+        # The give-up test's prior on [0, p0] (a dummy [0, 1/2] where no target is asked: never read there).
+        give_up = stats.give_up_prior(np.where(np.isnan(threshold), 0.5, threshold))
         k = self.smooth.num_classes
         per_class = classes is None and self.class_choice == "per_class"
         if per_class and prior is not None:
@@ -530,7 +545,7 @@ class EProcessCertifier:
                                                    start=state.drawn[act])
             for rows in _chunks(len(act), preds.shape[1] * width):
                 self._advance(act[rows], preds[rows], step[rows], state, chosen, per_class, threshold, alpha_cs,
-                              prior_arrays, cap, budget)
+                              prior_arrays, cap, budget, give_up)
             active[act[state.stop[act] >= 0]] = False
             seconds[act] += (time.perf_counter() - tick) * step / max(step.sum(), 1)
             round_ += 1
@@ -627,7 +642,8 @@ class EProcessCertifier:
             lo = np.where(open_ & ~fires, mid, lo)
         return np.maximum(hi, 1)
 
-    def _advance(self, rows, preds, step, state, chosen, per_class, threshold, alpha_cs, prior, cap, budget):
+    def _advance(self, rows, preds, step, state, chosen, per_class, threshold, alpha_cs, prior, cap, budget,
+                 give_up_prior=None):
         """Fold one round's per-sample outcomes of ``rows`` into the state; fire the stopping rule."""
         n_rows, width_b = preds.shape
         if per_class:
@@ -657,7 +673,9 @@ class EProcessCertifier:
             thr3 = thr[tr][:, None, None]
             decision = stats.threshold_test(s[tr], t3[tr], thr3, a3[tr], m[tr])
             certified[tr] = np.logical_or.accumulate(decision == 1, axis=1) | state.certified[rows[tr]][:, None, :]
-            ruled_out = np.logical_or.accumulate(decision == -1, axis=1) | (upper[tr] < thr3)
+            ruled_out = self._gives_up(s[tr], t3[tr], thr3, a3[tr], decision, upper[tr],
+                                       None if give_up_prior is None else tuple(v[rows[tr]][:, None, None, :]
+                                                                                for v in give_up_prior))
             # Even if every sample agreed until the budget, the test could not fire: give up now.
             hopeless = (t3[tr] - s[tr]) >= state.hopeless_failures[rows[tr]][:, None, None]
             fire[tr] |= certified[tr].any(axis=2) | (ruled_out | hopeless).all(axis=2)
@@ -681,6 +699,18 @@ class EProcessCertifier:
         at_stop = np.where(fired, first, last)
         state.certified[rows] = certified[np.arange(n_rows), at_stop]
         state.stop[rows] = np.where(fired, state.drawn[rows] - step + first + 1, -1)
+
+    def _gives_up(self, s, t, p0, alpha, decision, upper, give_up_prior) -> np.ndarray:
+        """Where a target-radius input gives up, at each index (``GIVE_UPS``); accumulated along the samples.
+
+        ``dedicated``: the one-sided test of ``p < p0`` (``stats.give_up_test``) with its own prior, at
+        the full ``alpha`` (under ``p >= p0`` it fires with probability at most ``alpha``). ``mixture``:
+        the certifying mixture shows ``p < p0`` (``decision == -1``) or its upper end lies below ``p0``.
+        """
+        if self.give_up == "dedicated" and give_up_prior is not None:
+            fires = stats.give_up_test(s, t, p0, alpha, self.log_marginal(s, t, give_up_prior))
+            return np.logical_or.accumulate(np.asarray(fires, dtype=bool), axis=1)
+        return np.logical_or.accumulate(decision == -1, axis=1) | (upper < p0)
 
     def _worth_more(self, s, t, lower, alpha, prior, budget) -> np.ndarray:
         """The priced rule at every index: True where some look-ahead is worth its price.

@@ -27,6 +27,8 @@ __all__ = [
     "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
     "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
     "radius_prior", "sample_floor",
+    # the give-up side of the target test, and the hybrid's refinement of best radii (issue 21)
+    "GIVE_UP_B0", "give_up_prior", "give_up_test", "refine_gain",
     "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
@@ -633,6 +635,88 @@ def sample_floor(alpha, target_radius, sigma: float):
     """
     p0 = np.asarray(p_threshold(target_radius, sigma), dtype=float)
     return _scalar_or_array(-np.log(_check_alpha(alpha)) / -np.log(p0))
+
+
+GIVE_UP_B0 = 1e-3
+"""``b`` of the give-up prior ``Beta(1, b)``: close to 0, so its density is about ``1 / (1 - q)``."""
+
+
+def give_up_prior(p0, b0: float = GIVE_UP_B0):
+    """Prior of the dedicated give-up test of ``p < p0``: ``Beta(1, b0)`` restricted to ``[0, p0]``.
+
+    Its density is about ``1 / (1 - q)``: the failure rate ``1 - q`` is log-uniform on ``[1 - p0, 1]``,
+    so an input just below the threshold (the costly case: ``1 - p`` a few times ``1 - p0``) gets as
+    much prior mass as one far below it, where KT puts little. Validity needs only that it is fixed
+    before sampling (``p0`` from the requested radius). Returns ``(a, b, weights, support_lo,
+    support_hi)`` with one component on the last axis, for ``beta_mixture_log_marginal``.
+
+    Parameters
+    ----------
+    p0 : float or array_like
+        ``Phi(r* / sigma)`` per input, clipped into ``[1e-12, 1 - 1e-12]``.
+    b0 : float
+        The second Beta parameter (> 0, small).
+
+    Examples
+    --------
+    >>> a, b, weights, lo, hi = give_up_prior([0.9772])
+    >>> a.tolist(), b.tolist(), weights.tolist(), lo.tolist(), hi.tolist()
+    ([[1.0]], [[0.001]], [[1.0]], [[0.0]], [[0.9772]])
+    """
+    b0 = check_positive("give-up prior b0", b0)
+    p0 = np.asarray(p0, dtype=float)
+    if np.any(~np.isfinite(p0)):
+        raise InvalidParameterError("truncation point p0 must be finite (Phi(target_radius / sigma))")
+    p0 = np.clip(p0, 1e-12, 1 - 1e-12)[..., None]
+    one = np.ones(p0.shape)
+    return one.copy(), b0 * one, one.copy(), np.zeros(p0.shape), p0
+
+
+def give_up_test(s, t, p0, alpha, log_marginal):
+    """Where the one-sided test of ``H0: p >= p0`` rejects: give up on certifying ``p >= p0``.
+
+    ``E_t = m_t / (p0^s (1 - p0)^(t - s))``, with ``m_t = log_marginal`` the mixture likelihood of a
+    prior on ``[0, p0]`` (``give_up_prior``), is a product of per-sample factors whose mean is
+    ``p q / p0 + (1 - p)(1 - q) / (1 - p0) <= 1`` for every ``q <= p0`` and ``p >= p0``: a non-negative
+    supermartingale under ``H0``, so ``P(E_t >= 1/alpha for some t) <= alpha`` (Ville). The test fires
+    where ``E_t >= 1/alpha`` and ``s / t < p0``. It decides when to stop and never makes a certificate;
+    the certifying test (``threshold_test``) runs beside it at the full ``alpha`` too, with no split:
+    under any ``p`` only one of the two errors is possible (certifying needs ``p < p0``, giving up
+    wrongly ``p >= p0``), so the decision is wrong with probability at most ``alpha`` either way.
+
+    Parameters
+    ----------
+    s, t : array_like
+        Successes and draws.
+    p0 : float or array_like
+        The threshold ``Phi(r* / sigma)``.
+    alpha : float or array_like
+        Level of the give-up test, in (0, 1).
+    log_marginal : array_like
+        ``beta_mixture_log_marginal(s, t, *give_up_prior(p0))``.
+
+    Returns
+    -------
+    bool or numpy.ndarray
+        True where the test fires (give up).
+
+    Examples
+    --------
+    >>> p0 = 0.9772
+    >>> s = np.array([80, 95, 100])
+    >>> m = beta_mixture_log_marginal(s, 100, *(v[0] for v in give_up_prior([p0])))
+    >>> give_up_test(s, 100, p0, 0.001, m).tolist()
+    [True, False, False]
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    p0 = np.asarray(p0, dtype=float)
+    inside = (p0 > 0) & (p0 < 1)
+    q = np.where(inside, p0, 0.5)
+    strong = inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = (t > 0) & (s < p0 * t)
+    return _scalar_or_array(strong & below)
 
 
 def lookahead_counts(s, t, lookahead):
