@@ -32,7 +32,7 @@ class PeekingGiveUp(EProcessCertifier):
     """BROKEN: gives up when a fixed-n Clopper-Pearson upper bound (level alpha), re-checked after every
     sample, lies below p0: a fixed-n bound read at every time is not a sequential test."""
 
-    def _gives_up(self, s, t, p0, alpha, decision, upper, give_up_prior):
+    def _gives_up(self, s, t, p0, alpha, decision, upper, give_up):
         t = np.broadcast_to(t, s.shape)
         cp_upper = 1 - stats.lower_confidence_bound(t - s, t, np.broadcast_to(alpha, s.shape))
         return np.logical_or.accumulate(cp_upper < p0, axis=1)

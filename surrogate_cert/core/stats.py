@@ -792,6 +792,58 @@ def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5,
     return radius_gain(lower_now, lower_ahead, sigma)
 
 
+def refine_gain(p_tilde, horizons, radius_now, alpha, sigma: float, a=0.5, b=0.5, weights=None, support_lo=0.0,
+                support_hi=1.0):
+    """Radius ``h`` sequential samples are expected to add to ``radius_now``, before any is drawn.
+
+    The certainty equivalent of the surrogate's prediction: ``h`` draws of which ``h p~`` succeed; ``L``
+    is the confidence sequence's lower end there (the sequential certifier's prior and ``alpha``), and the
+    gain is ``radius_gain(Phi(radius_now / sigma), L, sigma)``. The hybrid refines a one-pass radius only
+    where some horizon's gain beats its price (``priced_continue``): a routing decision made from the
+    surrogate's output alone, so it touches no guarantee.
+
+    Parameters
+    ----------
+    p_tilde : array_like
+        The surrogate's probability of its class, per input (``N``).
+    horizons : array_like of int
+        Samples considered, ``N x H`` or ``H`` (shared).
+    radius_now : array_like
+        The radius already held per input (e.g. the one-pass ``R^``; <= 0 for none), input l2 units.
+    alpha : float or array_like
+        Error probability of the sequential certificate.
+    sigma : float
+        Noise level.
+    a, b, weights, support_lo, support_hi : optional
+        The sequential prior, as ``beta_mixture_log_marginal`` takes it; per-input arrays have a row per
+        input and the components on the last axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``N x H`` gains, input l2 units (>= 0).
+
+    Examples
+    --------
+    >>> refine_gain([0.99999, 0.9], [100, 1000], [0.25, 0.25], 0.001, 0.25).round(3).tolist()
+    [[0.08, 0.323], [0.0, 0.01]]
+    """
+    p = np.clip(_as_floats(p_tilde, "p_tilde").reshape(-1), 0.0, 1.0)
+    h = np.broadcast_to(np.asarray(horizons, dtype=float), (p.size, np.shape(horizons)[-1])).astype(float)
+    now = np.broadcast_to(_as_floats(radius_now, "radius_now").reshape(-1), p.shape)
+    prior = [np.asarray(v, dtype=float) for v in (a, b)]
+    extra = [None if weights is None else np.asarray(weights, dtype=float),
+             np.asarray(support_lo, dtype=float), np.asarray(support_hi, dtype=float)]
+    if weights is not None:  # per-input mixtures: rows x components -> rows x 1 x components
+        prior = [v[:, None, :] if v.ndim == 2 else v for v in prior]
+        extra = [v[:, None, :] if v is not None and v.ndim == 2 else v for v in extra]
+    s = h * p[:, None]
+    m = beta_mixture_log_marginal(s, h, prior[0], prior[1], *extra)
+    lower, _ = confidence_sequence_ends(s, h, m, alpha)
+    now_p = np.where(now > 0, np.asarray(p_threshold(np.maximum(now, 0.0), sigma)), 0.0)
+    return np.asarray(radius_gain(now_p[:, None], lower, sigma), dtype=float).reshape(p.size, -1)
+
+
 def priced_horizons(t, budget: int):
     """Look-ahead sizes the priced rule weighs: ``t/4, t/2, t, 2t, 4t, ...`` up to the rest of the budget.
 

@@ -38,9 +38,24 @@ from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
 __all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHEDULE", "fallback_certifier", "DriftMonitor",
-           "CertificateAudit"]
+           "CertificateAudit", "COMBINES", "refine_horizons"]
 
 FALLBACKS = ("eprocess", "none")
+
+COMBINES = ("sequential", "max")
+"""How a refined best radius is reported (``HybridCertifier(refine=True)``). ``sequential`` (default): once
+sampling starts the certificate is the sequential certifier's alone, wrong with probability at most
+``alpha`` for that input, whatever the one-pass radius was. ``max``: the larger of the one-pass ``R^`` and the
+sequential radius; it is wrong when either is, so only the marginal bound ``epsilon + alpha_mc + alpha`` (a
+union bound) holds for it, as for every hybrid certificate, and no per-input one."""
+
+
+def refine_horizons(max_samples: int) -> np.ndarray:
+    """Look-ahead sizes weighed before refining a one-pass radius: 16, 32, 64, ... below ``max_samples``, then it."""
+    sizes = [16]
+    while sizes[-1] * 2 < max_samples:
+        sizes.append(sizes[-1] * 2)
+    return np.array(sizes + [int(max_samples)], dtype=np.int64)
 
 FALLBACK_SCHEDULE = DEFAULT_SCHEDULE
 """The fallback's rounds: the sequential certifier's default ``GeometricSchedule`` (16 samples, then
@@ -112,6 +127,15 @@ class HybridCertifier:
     A certificate is wrong with probability at most ``epsilon + alpha_mc`` (surrogate, marginally;
     for each fixed ``r*`` in required-radius mode) plus ``alpha`` (sequential, per input).
 
+    Refining best radii (``refine=True``, needs a fallback with a ``price``): an input the surrogate
+    certifies in best-radius mode is also sampled where, before any sample is drawn, the radius the
+    sequential certifier is expected to reach beyond ``R^`` (``stats.refine_gain``: the certainty equivalent
+    of the surrogate's ``p~`` under its own prior) is worth its price at some horizon
+    (``stats.priced_continue``); the run then counts only gains above ``R^`` (``baseline_radius``). The
+    decision reads the surrogate's output only and the prior is fixed before sampling, so the sequential
+    certificate keeps its per-input ``alpha``. ``combine`` (``COMBINES``) says what is reported: the
+    sequential certificate (default), or the larger of the two radii (marginal bound only). Route ``refined``.
+
     Parameters
     ----------
     surrogate_certifier : SurrogateCertifier
@@ -124,14 +148,25 @@ class HybridCertifier:
         Fed the surrogate's class and ``p~`` of every query, in order (``deploy.monitor``).
     audit : CertificateAudit, optional
         Re-checks a random share of the queries the one-pass path handles.
+    refine : bool, optional
+        Refine one-pass best radii by sampling where it is worth the fallback's ``price``.
+    combine : {"sequential", "max"}, optional
+        What a refined input reports (``COMBINES``).
     """
 
     def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None, monitor: DriftMonitor | None = None,
-                 audit: CertificateAudit | None = None):
+                 audit: CertificateAudit | None = None, *, refine: bool = False, combine: str = "sequential"):
+        if combine not in COMBINES:
+            raise InvalidParameterError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if refine and (sequential is None or getattr(sequential, "price", None) is None):
+            raise InvalidParameterError("refining best radii needs the sequential fallback with a price (--price P: the "
+                                        "radius, input l2 units, worth 1,000 samples)")
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
         self.monitor = monitor
         self.audit = audit
+        self.refine = bool(refine)
+        self.combine = combine
         self.alarm_reason: str | None = None
 
     @property
@@ -165,6 +200,8 @@ class HybridCertifier:
         audit_rate: float | None = None,
         n_audit: int | None = None,
         audit_delta: float = DEFAULT_DELTA,
+        refine: bool = False,
+        combine: str = "sequential",
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -224,6 +261,10 @@ class HybridCertifier:
             Samples per audited certificate; must be the calibration's ``n_cal`` (the default).
         audit_delta : float, optional
             The audit's false-alarm probability.
+        refine : bool, optional
+            Refine one-pass best radii where sampling is worth ``price`` (see the class docstring).
+        combine : {"sequential", "max"}, optional
+            What a refined input reports (``COMBINES``).
 
         Returns
         -------
@@ -232,8 +273,8 @@ class HybridCertifier:
         Raises
         ------
         InvalidParameterError
-            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule`` or ``price`` is invalid, or
-            ``fallback="eprocess"`` comes without ``base_model``.
+            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule``, ``price`` or ``combine`` is
+            invalid, ``fallback="eprocess"`` comes without ``base_model``, or ``refine`` without a price.
         ModelError
             If the surrogate or the base model cannot be loaded, the base model is not the one the
             surrogate's training counts were made with, or it fails on the surrogate's input shape or
@@ -271,7 +312,7 @@ class HybridCertifier:
         monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
         audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
                                                                  delta=audit_delta, seed=seed)
-        return cls(certifier, sequential, monitor, audit)
+        return cls(certifier, sequential, monitor, audit, refine=refine, combine=combine)
 
     def recalibrate(self, calibration) -> None:
         """The explicit reset after an alarm: certify with ``calibration`` from now on; the watchers restart on it.
@@ -296,6 +337,33 @@ class HybridCertifier:
         monitor = None if self.monitor is None else DriftMonitor.from_calibration(calibration, **self.monitor.options)
         audit = None if self.audit is None else CertificateAudit(calibration, self.audit.smooth, **self.audit.options)
         self.surrogate_certifier, self.monitor, self.audit, self.alarm_reason = certifier, monitor, audit, None
+
+    def worth_refining(self, p_tilde, radius) -> np.ndarray:
+        """Which one-pass best radii sampling is expected to raise at the fallback's price (before any sample).
+
+        For each input, the gain ``stats.refine_gain`` over ``refine_horizons`` (the surrogate's ``p~`` and
+        prior, the fallback's ``alpha``) against the cost ``price * h / 1000`` (``stats.priced_continue``).
+
+        Parameters
+        ----------
+        p_tilde : array_like
+            The surrogate's probability of its class, per input.
+        radius : array_like
+            The one-pass radius ``R^`` per input, input l2 units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Boolean, one per input.
+        """
+        p_tilde = np.asarray(p_tilde, dtype=float).reshape(-1)
+        if p_tilde.size == 0 or self.sequential is None or self.sequential.price is None:
+            return np.zeros(p_tilde.size, dtype=bool)
+        seq = self.sequential
+        horizons = refine_horizons(seq.max_samples)
+        prior = stats.surrogate_prior(p_tilde, self.surrogate.kappa, self.surrogate.w)
+        gains = stats.refine_gain(p_tilde, horizons, radius, seq.alpha, self.surrogate.sigma, *prior)
+        return np.asarray(stats.priced_continue(gains, horizons[None, :], seq.price), dtype=bool).reshape(-1)
 
     def _watch(self, x, classes, p_tilde, radius, idx) -> tuple[int, np.ndarray]:
         """Feed the watchers; returns the first query of the batch not to trust (``len`` if none) and
@@ -396,10 +464,16 @@ class HybridCertifier:
 
         with np.errstate(invalid="ignore"):
             enough = trusted & (radius > 0) & (np.isnan(required) | (radius >= required))
+        refine = np.zeros(num, dtype=bool)
+        if self.refine and self.sequential is not None:
+            asked = np.flatnonzero(enough & np.isnan(required))
+            refine[asked] = self.worth_refining(p_tilde[asked], radius[asked])
+            enough &= ~refine
         if self.sequential is None:
             route = np.where(trusted, "surrogate", self.alarm_reason or "")
         else:
-            route = np.where(enough, "surrogate", np.where(radius > 0, "required_radius", "fallback"))
+            route = np.where(enough, "surrogate", np.where(refine, "refined",
+                                                           np.where(radius > 0, "required_radius", "fallback")))
             route = np.where(trusted, route, self.alarm_reason or "")
         out: list[Certificate | None] = [make(i, per_input) if ok else None for i, ok in enumerate(enough)]
         rest = np.flatnonzero(~enough)
@@ -407,12 +481,17 @@ class HybridCertifier:
             prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)
             fallback = self.sequential.certify(
                 x[rest], classes=classes[rest], prior=prior, target_radius=required[rest], indices=idx[rest],
+                baseline_radius=np.where(refine[rest], radius[rest], np.nan) if refine.any() else None,
             )
             for i, cert in zip(rest, fallback):
                 # Both certificates are valid; keep the larger radius (the sequential one unless the
                 # surrogate's, below the required radius, is still larger; in threshold mode it is 0).
                 # After an alarm the surrogate's radius is not trusted: the sequential certificate stands alone.
-                if not trusted[i] or (cert.radius > 0 and cert.radius >= radius[i]):
+                # A refined input reports the sequential certificate alone unless combine="max".
+                sequential_wins = cert.radius > 0 and cert.radius >= radius[i]
+                if refine[i] and self.combine == "sequential":
+                    sequential_wins = True
+                if not trusted[i] or sequential_wins:
                     out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
                                                  seconds=cert.seconds + per_input)
                 else:
