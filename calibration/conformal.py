@@ -48,6 +48,7 @@ from mapie.regression import SplitConformalRegressor
 from mapie.risk_control import BinaryClassificationController, BinaryRisk, FWERBonferroniHolm
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from data_gen.datasets import dataset_key
 from data_gen.store import CountsMismatchError, check_counts_for, read_counts
 from surrogate_cert.core import __version__, stats
 from surrogate_cert.core.errors import (
@@ -57,7 +58,7 @@ from surrogate_cert.core.errors import (
     check_positive,
     check_probability,
 )
-from surrogate_cert.core.hashing import sha256_file
+from surrogate_cert.core.hashing import image_hashes, sha256_file, unpack_hashes
 from surrogate_cert.core.one_pass import (
     DEFAULT_CONFIDENCE_EDGES,
     GROUPINGS,
@@ -1160,30 +1161,30 @@ def calibrate(
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
     trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
-    if str(attrs.get("split")) in ("train", "surrogate") or counts_sha256 in trained_files:
+    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
         raise CalibrationError(
             f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
             "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
         )
-    trained_on = surrogate.meta.get("train_index_ranges")
-    if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
-        raise CalibrationError(
-            f"the surrogate was trained on the {surrogate.meta.get('split')} split and records no training indices, "
-            "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
-        )
+    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
+    by_content = "image_hashes" in surrogate.meta
     try:
-        check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
-                         num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
+        # A surrogate trained on other sources (an unlabeled pool, a query log) may calibrate on any dataset;
+        # one trained before sources could mix is held to its own dataset.
+        check_counts_for(counts, counts_file, dataset=None if by_content else surrogate.meta.get("dataset"),
+                         sigma=surrogate.sigma, num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
                          excluded_indices=trained_on)
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
+    images = counts.images(data_root)
+    if by_content:
+        check_not_trained_on(surrogate, images, counts_file)
     source = None
     if edges_from is not None:
         bin_edges, source = edges_from_counts(surrogate, edges_from, bins or 5, data_root)
     elif groups == "confidence":
         source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
-    images = counts.images(data_root)
     topped = attrs.get("topup_planned_max") is not None
     return calibrate_arrays(
         surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
@@ -1196,7 +1197,47 @@ def calibrate(
     )
 
 
+def _trained_indices(surrogate, dataset: str):
+    """Index ranges of the surrogate's training images in ``dataset`` (None: none recorded there).
+
+    ``train_index_ranges_by_dataset`` (sources may mix) where recorded; else ``train_index_ranges`` (one
+    dataset), refusing a surrogate that records neither and was not trained on the train split.
+    """
+    by_dataset = surrogate.meta.get("train_index_ranges_by_dataset")
+    if by_dataset is not None:
+        return by_dataset.get(dataset_key(dataset))
+    trained_on = surrogate.meta.get("train_index_ranges")
+    if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
+        raise CalibrationError(
+            f"the surrogate was trained on the {surrogate.meta.get('split')} split and records no training indices, "
+            "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
+        )
+    return trained_on
+
+
+def check_not_trained_on(surrogate, images, what="the calibration counts") -> None:
+    """Refuse calibration images the surrogate was trained on, by content (``core.hashing.image_hashes``).
+
+    Raises
+    ------
+    CalibrationError
+        If one of ``images`` has the content hash of a training image, or the record is malformed.
+    """
+    try:
+        trained = unpack_hashes(surrogate.meta["image_hashes"])
+    except (KeyError, ValueError, TypeError):
+        raise CalibrationError("the surrogate's record of its training images (image_hashes) is malformed; retrain it "
+                               "with `surrogate-cert train`") from None
+    overlap = np.isin(image_hashes(images), trained)
+    if overlap.any():
+        raise CalibrationError(
+            f"{what} holds {int(overlap.sum())} images the surrogate was trained on (same content, first at row "
+            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, e.g. the cal split "
+            "with a pool that excludes it")
+
+
 __all__ = [
+    "check_not_trained_on",
     "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS", "SCORES",
     "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
     "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",

@@ -12,7 +12,7 @@ import scipy
 import torch
 from tqdm.auto import tqdm
 
-from data_gen.datasets import DATASET_HELP, SPLITS
+from data_gen.datasets import ALL_SPLITS, DATASET_HELP
 from data_gen.distributed import SINGLE, Shard
 
 from ..core import __version__
@@ -35,7 +35,8 @@ def add_parser(sub, name: str, help: str, example_cmd: str) -> argparse.Argument
 
 def add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = "test") -> None:
     p.add_argument("--dataset", default="digits", help=f"{DATASET_HELP} (default digits, embedded)")
-    p.add_argument("--split", default=split_default, choices=SPLITS, required=split_default is None)
+    p.add_argument("--split", default=split_default, choices=ALL_SPLITS, required=split_default is None,
+                   help="train, surrogate, cal, test; pool for an unlabeled source (npz without y, images:FOLDER)")
     add_data_root_args(p)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
 

@@ -185,6 +185,7 @@ def run_certify(args: argparse.Namespace) -> int:
         seed=args.seed, key=key,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    data.require_labels("the results file (its label and correct columns: certified accuracy)")
     calibration = hybrid.calibration
     check_dataset_fits(args.dataset, data, hybrid)
     device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
