@@ -338,6 +338,39 @@ class HybridCertifier:
         audit = None if self.audit is None else CertificateAudit(calibration, self.audit.smooth, **self.audit.options)
         self.surrogate_certifier, self.monitor, self.audit, self.alarm_reason = certifier, monitor, audit, None
 
+    def replace_surrogate(self, surrogate: Surrogate, calibration) -> None:
+        """Certify with a new surrogate and its own calibration from now on; the watchers restart on it.
+
+        For learning from the fallback (``workflows.learning``): a surrogate retrained on queries the
+        fallback sampled, recalibrated on the untouched calibration split. Given the queries it was trained
+        on, the calibration images and the queries still to come are exchangeable, so its calibration holds
+        for them; the new drift monitor's reference is the new calibration's sample seen through the new
+        surrogate (each restart is a new test with its own false-alarm probability).
+
+        Parameters
+        ----------
+        surrogate : Surrogate
+            The new surrogate (same sigma, classes and input shape).
+        calibration : Calibration or path
+            Its calibration; refused (``CalibrationError``) if made for another surrogate.
+
+        Raises
+        ------
+        CalibrationError
+            If the calibration belongs to another surrogate or cannot be read.
+        InvalidParameterError
+            If the new surrogate differs in sigma, class count or input shape.
+        """
+        old = self.surrogate
+        if (not np.isclose(surrogate.sigma, old.sigma) or surrogate.num_classes != old.num_classes
+                or tuple(surrogate.input_shape) != tuple(old.input_shape)):
+            raise InvalidParameterError("the new surrogate must have the old one's sigma, classes and input shape")
+        if not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration)
+        threads = self.surrogate_certifier.threads
+        self.surrogate_certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
+        self.recalibrate(calibration)
+
     def worth_refining(self, p_tilde, radius) -> np.ndarray:
         """Which one-pass best radii sampling is expected to raise at the fallback's price (before any sample).
 
