@@ -123,6 +123,15 @@ def register(sub) -> None:
     p.add_argument("--target-radius", type=float, default=None,
                    help="required l2 radius: inputs the surrogate certifies less go to the fallback in target-radius mode")
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
+    p.add_argument("--price", type=float, default=None, metavar="P",
+                   help="priced best-radius rule of the fallback: stop when the radius more samples are expected to "
+                        "add is worth less than P (l2 units) per 1,000 samples")
+    p.add_argument("--refine", action="store_true",
+                   help="also sample one-pass best radii that sampling is expected to raise at --price (the "
+                        "surrogate as prior); a refined input reports the sequential certificate (per-input alpha)")
+    p.add_argument("--combine", choices=("sequential", "max"), default="sequential",
+                   help="what a refined input reports: the sequential certificate (default), or the larger of the two "
+                        "radii (then only the marginal bound epsilon + alpha_mc + alpha holds for it)")
     add_device_args(p)
     add_progress_arg(p)
     add_key_arg(p, "must have signed")
@@ -182,7 +191,7 @@ def run_certify(args: argparse.Namespace) -> int:
     hybrid = HybridCertifier.load(
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
         fallback=args.fallback, tolerance=args.tolerance, device=device, batch_size=args.batch_size,
-        seed=args.seed, key=key,
+        seed=args.seed, key=key, price=args.price, refine=args.refine, combine=args.combine,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     data.require_labels("the results file (its label and correct columns: certified accuracy)")
@@ -195,6 +204,7 @@ def run_certify(args: argparse.Namespace) -> int:
         alpha_mc=calibration.alpha_mc, alpha=args.alpha, guarantee=calibration.guarantee,
         calibration_method=calibration.method, groups=calibration.groups, fallback=args.fallback,
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
+        price=args.price, refine=args.refine, combine=args.combine if args.refine else None,
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
         noise_scheme=hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None else None,
@@ -208,7 +218,8 @@ def run_certify(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes the merged results
     code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
     methods = Counter(c.method for c in certificates)
-    print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain")))
+    print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain"))
+          + (f"; refined {sum(c.route == 'refined' for c in certificates)}" if args.refine else ""))
     return code
 
 
