@@ -958,8 +958,9 @@ def calibrate_arrays(
     delta = check_calibration_params(epsilon, alpha_mc, guarantee, delta, groups, method)
     if score not in SCORES:
         raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
-    if score == "shifted" and (groups != "none" or method != "conformal"):
-        raise InvalidParameterError("the shifted score has its own bins: use it with groups='none' and method='conformal'")
+    if score in ("shifted", "shaped") and (groups != "none" or method != "conformal"):
+        raise InvalidParameterError(f"the {score} score is one pooled rule: use it with groups='none' and "
+                                    "method='conformal'")
     if method == "ltt":
         guarantee = "pac"  # LTT's statement holds with probability 1 - delta over the calibration draw
     counts = np.asarray(counts)
@@ -994,6 +995,18 @@ def calibrate_arrays(
         fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
                           references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
                           shift=shifted.shift(z[part]), **options)
+    elif score == "shaped":
+        from .shaped import fit_shaped  # shaped builds on this module's thresholds
+
+        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
+        tune = partition_rows(indices, tune_share, partition_seed)
+        partition = partition_record(indices, tune, tune_share, partition_seed)
+        part = ~tune
+        score_params = fit_shaped(z[tune], refs.radius[tune], z[part], refs.radius[part], refs.cap, sigma, epsilon,
+                                  guarantee=guarantee, delta=delta)
+        # The residual offsets of the calibration part stay in the artifact for its diagnostics only.
+        fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
+                          references=ReferenceRadii(refs.radius[part], refs.cap, refs.record), **options)
     else:
         fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
         part = np.ones(len(rows), dtype=bool)

@@ -28,7 +28,7 @@ __all__ = [
     "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
     "radius_prior", "sample_floor",
     # the give-up side of the target test, and the hybrid's refinement of best radii (issue 21)
-    "GIVE_UP_B0", "give_up_prior", "give_up_test", "refine_gain",
+    "GIVE_UP_B0", "give_up_prior", "give_up_test", "refine_gain", "shaped_scores", "shaped_radius",
     "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
@@ -1540,6 +1540,50 @@ def threshold_scores(z, reference, target_radius: float):
     z = _as_floats(z, "z")
     reference = _as_floats(reference, "reference")
     return np.where(reference < float(target_radius), z, -np.inf)
+
+
+def _shape_table(shape) -> np.ndarray:
+    """A shape (one threshold per grid radius, None / nan = never) as floats with ``+inf``, then ``+inf`` past the grid."""
+    return np.array([np.inf if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in shape]
+                    + [np.inf])
+
+
+def shaped_scores(z, reference, grid, shape):
+    """Scores of the ``shaped`` best radius: ``z~_i - g(r+(y_i))``, ``r+(y)`` the first grid radius above ``y``.
+
+    The best radius ``R(x) = max{r in grid : z~ > g(r) + c}`` (``shaped_radius``), with a non-decreasing
+    shape ``g`` fixed before these points are seen (fitted on other points), exceeds ``y`` iff it
+    certifies ``r+(y)``, i.e. iff ``z~ - g(r+(y)) > c``. So ``c`` = the conformal quantile of these scores
+    (rank ``ceil((m + 1)(1 - epsilon))``) makes ``P(R > y) <= epsilon`` for an exchangeable test point, one
+    shift for every radius at once; ``-inf`` where ``y`` is at or beyond the grid's end or ``g`` is ``+inf``
+    there (never wrong).
+
+    Examples
+    --------
+    >>> shaped_scores([3.0, 2.0, 1.0], [0.3, 0.05, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 1.0, 1.5, None]).tolist()
+    [-inf, 1.5, -inf]
+    """
+    z = _as_floats(z, "z")
+    grid = _as_floats(grid, "grid")
+    table = _shape_table(shape)
+    above = np.searchsorted(grid, _as_floats(reference, "reference") + 1e-12, side="left")
+    return z - table[np.minimum(above, len(grid))]
+
+
+def shaped_radius(z, grid, shape, shift):
+    """The ``shaped`` best radius: the largest grid radius ``r`` with ``z~ > g(r) + shift``, else 0 (l2 units).
+
+    Examples
+    --------
+    >>> shaped_radius([0.5, 1.2, 3.0], [0.1, 0.2, 0.3], [0.0, 1.0, None], 0.1).tolist()
+    [0.1, 0.2, 0.2]
+    """
+    z = _as_floats(z, "z").reshape(-1)
+    grid = _as_floats(grid, "grid")
+    table = _shape_table(shape)[:-1] + (np.inf if shift is None else float(shift))
+    # g is non-decreasing, so the radii certified form a prefix of the grid.
+    count = np.searchsorted(np.maximum.accumulate(table), z, side="left")
+    return np.where(count > 0, grid[np.maximum(count - 1, 0)], 0.0)
 
 
 TOPUP_PRIOR = ((0.5, 1.0), (0.5, 0.01), (0.5, 0.5))

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibration.conformal import calibrate
 from data_gen.datasets import load_split
 from data_gen.generate import generate_counts
 from data_gen.models import load_model
@@ -195,6 +196,8 @@ def _surrogate_rows(bench, pcfg, model, cal, data, files_by_pool) -> tuple[dict,
         files = [files_by_pool[p] for p in combo]
         surrogate = bench.surrogate(model, files, name.replace("+", "-"))
         cals = bench.calibrations(surrogate, cal, cfg.epsilons[0], files[0])
+        cals["shaped"] = bench.timed("calibrate", lambda: calibrate(surrogate, str(cal), cfg.epsilons[0], cfg.alpha_mc,
+                                                                    data_root=cfg.data_root, score="shaped"))
         rows[name] = {s: evaluate_one_pass(surrogate, c, data, cfg) for s, c in cals.items()}
         info[name] = dict(images=int(surrogate.meta.get("counts_rows", 0)), q_hat=cals["pooled"].pooled_offset,
                           agrees_with_counts=cals["pooled"].diagnostics.get("surrogate_agrees_with_counts"),
