@@ -42,7 +42,8 @@ def setup(tmp_path_factory, digits_base_model):
 def test_sampled_queries_are_logged_retrained_on_and_recalibrated(setup):
     folder, train, cal, hybrid, base = setup
     learner = FallbackLearner(hybrid, folder / "queries.h5", [train], cal, folder / "retrained", init_from_base=base,
-                              config=LearningConfig(retrain_every=100, epsilon=0.1, epochs=2), source_dataset="digits")
+                              config=LearningConfig(retrain_every=100, epsilon=0.1, epochs=2, log_weight=2),
+                              source_dataset="digits")
     test = load_split("digits", "test")
     first_sha = hybrid.calibration.surrogate_sha256
     sampled, logged_before = 0, []
@@ -58,7 +59,7 @@ def test_sampled_queries_are_logged_retrained_on_and_recalibrated(setup):
     assert len(learner.history) == 2 and hybrid.calibration.surrogate_sha256 != first_sha
     # Retraining k used the log as it stood after query 100 k: queries 100 k + 1.. were certified by it.
     first = Surrogate.load(learner.history[0]["surrogate"])
-    assert first.meta["counts_rows"] == 60 + learner.history[0]["logged_rows"]
+    assert first.meta["counts_rows"] == 60 + 2 * learner.history[0]["logged_rows"]  # the log counts twice
     assert learner.history[0]["logged_rows"] == logged_before[2]
     logged_idx = set(log.indices[:learner.history[0]["logged_rows"]].tolist())
     assert logged_idx <= set(test.indices[:100].tolist())

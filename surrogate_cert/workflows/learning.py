@@ -89,6 +89,9 @@ class LearningConfig:
     """
 
     retrain_every: int = 1000
+    log_weight: int = 10
+    """Times each logged query counts in training (its rows repeated): the log holds a few hundred
+    deployment images among tens of thousands of pool images, and it is the deployment distribution."""
     epsilon: float = 0.01
     alpha_mc: float = 1e-3
     calibrate_options: dict = field(default_factory=dict)
@@ -171,7 +174,8 @@ class FallbackLearner:
         k = len(self.history) + 1
         self.workdir.mkdir(parents=True, exist_ok=True)
         out = self.workdir / f"surrogate-{k}.pt"
-        surrogate = train_surrogate(self.train_counts + [self.log.path], out, init_from_base=self.init_from_base,
+        files = self.train_counts + [self.log.path] * max(1, int(cfg.log_weight))
+        surrogate = train_surrogate(files, out, init_from_base=self.init_from_base,
                                     epochs=cfg.epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
                                     batch_size=cfg.batch_size, patience=cfg.patience, progress=False)
         surrogate = Surrogate.load(out, device=cfg.device)
