@@ -40,9 +40,10 @@ def register(sub) -> None:
                    "surrogate split, whose images the built-in base model never saw",
                    "surrogate-cert train --counts surrogate.h5 train.h5 --init-from-base base.pt --out surrogate.pt")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
-                   help="one or more counts files (from datagen) of one dataset, sigma and base model: best the "
-                        "surrogate split (many images x ~100 samples), optionally plus the train split; calibrate "
-                        "refuses calibration images the surrogate was trained on")
+                   help="one or more counts files (from datagen) of one sigma and base model: best the surrogate "
+                        "split (many images x ~100 samples) and unlabeled pools of images the base model never saw "
+                        "(datagen --split pool), optionally the train split or a query log of the hybrid's fallback; "
+                        "calibrate refuses calibration images the surrogate was trained on (by index and content)")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
