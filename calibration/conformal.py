@@ -1182,9 +1182,7 @@ def calibrate(
     trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
     by_content = "image_hashes" in surrogate.meta
     try:
-        # A surrogate trained on other sources (an unlabeled pool, a query log) may calibrate on any dataset;
-        # one trained before sources could mix is held to its own dataset.
-        check_counts_for(counts, counts_file, dataset=None if by_content else surrogate.meta.get("dataset"),
+        check_counts_for(counts, counts_file, dataset=_calibration_dataset(surrogate),
                          sigma=surrogate.sigma, num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
                          excluded_indices=trained_on)
@@ -1226,6 +1224,16 @@ def _trained_indices(surrogate, dataset: str):
             "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
         )
     return trained_on
+
+
+def _calibration_dataset(surrogate) -> str | None:
+    """The dataset a surrogate's calibration must come from: that of its labelled training files (a split of a
+    dataset), or any (None) when it was trained on unlabeled pools and query logs alone."""
+    files = surrogate.meta.get("counts_files") or []
+    labelled = [r.get("dataset") for r in files if r.get("split") not in ("pool", "queries") and r.get("dataset")]
+    if labelled:
+        return labelled[0]
+    return None if files and "image_hashes" in surrogate.meta else surrogate.meta.get("dataset")
 
 
 def check_not_trained_on(surrogate, images, what="the calibration counts") -> None:

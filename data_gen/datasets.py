@@ -324,7 +324,8 @@ def _load_npz(path: str, split: str, limit):
     try:
         with np.load(path, allow_pickle=False) as data:
             if "x" not in data:
-                raise DatasetError(f"npz:{path}: needs an array named x (and y for labels), found {sorted(data.files)}")
+                raise DatasetError(f"npz:{path}: needs arrays named x and y (x alone: an unlabeled pool), found "
+                                   f"{sorted(data.files)}")
             x = data["x"]
             y = data["y"] if "y" in data else None
             num_classes = int(data["num_classes"]) if "num_classes" in data else None
