@@ -30,7 +30,8 @@ from ..core import stats
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import STREAM_SEQUENTIAL
 
-__all__ = ["BernoulliSmoothed", "published_thresholds", "published_stop_times", "GiveUpConfig", "run_give_up"]
+__all__ = ["BernoulliSmoothed", "published_thresholds", "published_stop_times", "GiveUpConfig", "run_give_up",
+           "give_up_markdown"]
 
 BLOCK = 4096
 """Samples per reproducible block of a Bernoulli stream."""
@@ -210,6 +211,7 @@ def run_give_up(cfg: GiveUpConfig = GiveUpConfig(), real_inputs: dict | None = N
                 f"{side} {row['dedicated'][f'ratio_{side}_side']}" for side in ("certify", "reject")))
     content["summary"] = give_up_summary(content)
     content["seconds"] = time.perf_counter() - started
+    content["markdown"] = give_up_markdown(content)
     return content
 
 
@@ -233,3 +235,23 @@ def give_up_summary(content: dict) -> dict:
         out[rule]["met"] = bool(ratios["certify"] and ratios["reject"] and max(ratios["certify"]) <= 1.0
                                 and max(ratios["reject"]) <= 1.0)
     return out
+
+
+def give_up_markdown(content: dict) -> str:
+    """The side-by-side tables (docs/one-pass.md): mean samples to the decision per grid point and real set."""
+    lines = ["| r* | p | side | published | dedicated (alpha) | ratio | dedicated, give-up at 2 alpha | ratio | "
+             "version 0.3 mixture | ratio |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [(f"{r['radius_sigmas']:g}σ", f"Φ({r['radius_sigmas'] + r['offset_sigmas']:g})", r)
+            for r in content["grid"].values()]
+    rows += [(k[1:] + "σ", name, r) for name, per in content.get("real", {}).items() for k, r in per.items()]
+    for radius, p, r in rows:
+        for side in ("certify", "reject"):
+            ref = r["published"][f"stop_{side}_side"]
+            if ref is None:
+                continue
+            cells = [f"{ref:,.0f}"]
+            for rule in OURS:
+                ours, ratio = r[rule][f"stop_{side}_side"], r[rule][f"ratio_{side}_side"]
+                cells += [f"{ours:,.0f}", f"{ratio:.2f}"]
+            lines.append(f"| {radius} | {p} | {side} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -39,7 +39,7 @@ from .learning import FallbackLearner, LearningConfig
 from .onepass_case import OnePassBench
 from .pretrained_case import PRETRAINED_MNIST, PRETRAINED_TINY, PretrainedConfig, pool_counts
 
-__all__ = ["LearningCaseConfig", "LEARNING_MNIST", "LEARNING_TINY", "run_learning_case"]
+__all__ = ["LearningCaseConfig", "LEARNING_MNIST", "LEARNING_TINY", "run_learning_case", "learning_markdown"]
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,25 @@ def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogat
                             config=dataclasses.asdict(lc), torch_threads=torch.get_num_threads(),
                             load_average=list(os.getloadavg()))
     content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
+    content["markdown"] = learning_markdown(content)
     if out is not None:
         write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=True)
     return content
+
+
+def learning_markdown(content: dict) -> str:
+    """The stream table (docs/one-pass.md): per block, with and without learning."""
+    control = {b["first_query"]: b for b in content.get("control", {}).get("blocks", [])}
+    lines = ["| queries | evals/query (learning) | audit evals/query | one-pass share | q^ | evals/query (no "
+             "learning) | one-pass share (no learning) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for b in content["learning"]["blocks"]:
+        c = control.get(b["first_query"])
+        lines.append(f"| {b['first_query']}-{b['first_query'] + b['queries']} | {b['evaluations']:,.0f} | "
+                     f"{b['audit_evaluations']:,.0f} | {100 * b['one_pass_share']:.1f}% | {b['q_hat']:.3f} | "
+                     + (f"{c['evaluations']:,.0f} | {100 * c['one_pass_share']:.1f}% |" if c else " | |"))
+    t = content["targets"]
+    lines += ["", f"first 1,000: {t['evaluations']['first']['evaluations']:,.0f} evals/query; last 1,000: "
+                  f"{t['evaluations']['last']['evaluations']:,.0f} (ratio {t['evaluations']['ratio']:.2f}); one-pass "
+                  f"share {100 * t['one_pass_share']['first']:.1f}% -> {100 * t['one_pass_share']['last']:.1f}%; "
+                  f"audited over-radius {t['audited_over_radius']['exceedances']}/{t['audited_over_radius']['audited']}"]
+    return "\n".join(lines)
