@@ -143,14 +143,24 @@ OURS = {"dedicated": dict(give_up="dedicated"), "dedicated_give_up_2alpha": dict
 
 
 def _ours(smooth, p, target, alpha, cap, give_up, give_up_level=1.0):
-    """``EProcessCertifier`` in target mode on inputs ``0..N-1`` of ``smooth``: stop times and decisions."""
+    """``EProcessCertifier`` in target mode on inputs ``0..N-1`` of ``smooth``: stop times and decisions.
+
+    Decision +1 (certified), -1 (gave up: for the dedicated rule, its test fired at the stop, found by
+    replaying the stream to the stop; for the mixture rule, any stop before the cap), 0 (the budget: the cap,
+    or "no run can certify within the cap any more")."""
     certifier = EProcessCertifier(smooth, alpha, max_samples=cap, give_up=give_up, give_up_alpha=give_up_level * alpha)
     x = torch.zeros(len(p), 1, 1, 1)
     certs = certifier.certify(x, classes=np.zeros(len(p), dtype=np.int64), target_radius=target)
     certified = np.array([c.radius >= target * (1 - 1e-9) for c in certs])
     stop = np.array([c.stop_time for c in certs], dtype=np.int64)
-    decided = certified | (stop < cap)
-    return stop, np.where(certified, 1, np.where(decided, -1, 0)), np.array([c.n_samples for c in certs])
+    gave_up = ~certified & (stop < cap)
+    if give_up == "dedicated":
+        p0 = float(norm.cdf(target))
+        for i in np.flatnonzero(gave_up):
+            s = float(smooth.stream(i, 0, int(stop[i])).sum())
+            m = stats.beta_mixture_log_marginal(s, float(stop[i]), *(v[0] for v in stats.give_up_prior([p0])))
+            gave_up[i] = bool(stats.give_up_test(s, float(stop[i]), p0, give_up_level * alpha, m))
+    return stop, np.where(certified, 1, np.where(gave_up, -1, 0)), np.array([c.n_samples for c in certs])
 
 
 def measure_inputs(p, radius: float, cfg: GiveUpConfig, seed: int, published=None) -> dict:
@@ -173,7 +183,9 @@ def measure_inputs(p, radius: float, cfg: GiveUpConfig, seed: int, published=Non
         wrong = ((r["decision"] == 1) & ~above) | ((r["decision"] == -1) & above)
         out[name] = dict(stop_certify_side=_mean(r["stop"][above]), stop_reject_side=_mean(r["stop"][~above]),
                          samples_certify_side=_mean(r["samples"][above]), samples_reject_side=_mean(r["samples"][~above]),
-                         wrong_decisions=int(wrong.sum()), undecided=int(np.sum(r["decision"] == 0)))
+                         wrong_decisions=int(wrong.sum()), wrong_certify=int(np.sum((r["decision"] == 1) & ~above)),
+                         wrong_give_up=int(np.sum((r["decision"] == -1) & above)),
+                         undecided=int(np.sum(r["decision"] == 0)))
     for name in OURS:
         for side in ("certify", "reject"):
             ours, ref = out[name][f"stop_{side}_side"], out["published"][f"stop_{side}_side"]
