@@ -91,3 +91,17 @@ def test_refining_needs_a_price():
         HybridCertifier(SurrogateCertifier(surrogate, calibration), EProcessCertifier(smooth, ALPHA), refine=True)
     with pytest.raises(InvalidParameterError, match="combine"):
         HybridCertifier(SurrogateCertifier(surrogate, calibration), None, combine="mean")
+
+
+def test_a_radius_of_interest_stops_a_best_radius_run_once_it_is_certified():
+    problem = linear_problem(40, sigma=SIGMA, input_shape=SHAPE, max_margin_sigmas=3.0, seed=34)
+    far = np.flatnonzero(problem.true_radius > 2.5 * SIGMA)[:8]
+    smooth = SmoothedClassifier(problem.model, 2, SIGMA, device="cpu", batch_size=8192, seed=5)
+    runs = {}
+    for roi in (None, SIGMA):
+        certifier = EProcessCertifier(smooth, 1e-3, max_samples=3000, radius_of_interest=roi)
+        runs[roi] = certifier.certify(problem.x[far], classes=problem.true_class[far], indices=far)
+    assert all(c.radius >= SIGMA for c in runs[SIGMA])
+    assert sum(c.n_samples for c in runs[SIGMA]) < 0.2 * sum(c.n_samples for c in runs[None])
+    with pytest.raises(InvalidParameterError, match="radius_of_interest"):
+        EProcessCertifier(smooth, 1e-3, radius_of_interest=-1.0)

@@ -130,9 +130,12 @@ def register(sub) -> None:
     p.add_argument("--refine", action="store_true",
                    help="also sample one-pass best radii that sampling is expected to raise at --price (the "
                         "surrogate as prior); a refined input reports the sequential certificate (per-input alpha)")
-    p.add_argument("--combine", choices=("sequential", "max"), default="sequential",
-                   help="what a refined input reports: the sequential certificate (default), or the larger of the two "
-                        "radii (then only the marginal bound epsilon + alpha_mc + alpha holds for it)")
+    p.add_argument("--combine", choices=("max", "sequential"), default="max",
+                   help="what a refined input reports: the larger of the two radii (default; the hybrid's marginal "
+                        "bound epsilon + alpha_mc + alpha), or the sequential certificate alone (per-input alpha)")
+    p.add_argument("--radius-of-interest", type=float, default=None, metavar="R",
+                   help="the largest radius worth sampling for (l2 units): the fallback's best-radius rules and "
+                        "--refine count no gain above it")
     add_device_args(p)
     add_progress_arg(p)
     add_key_arg(p, "must have signed")
@@ -193,6 +196,7 @@ def run_certify(args: argparse.Namespace) -> int:
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
         fallback=args.fallback, tolerance=args.tolerance, device=device, batch_size=args.batch_size,
         seed=args.seed, key=key, price=args.price, refine=args.refine, combine=args.combine,
+        radius_of_interest=args.radius_of_interest,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     data.require_labels("the results file (its label and correct columns: certified accuracy)")
@@ -206,6 +210,7 @@ def run_certify(args: argparse.Namespace) -> int:
         calibration_method=calibration.method, groups=calibration.groups, fallback=args.fallback,
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
         price=args.price, refine=args.refine, combine=args.combine if args.refine else None,
+        radius_of_interest=args.radius_of_interest,
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
         noise_scheme=hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None else None,

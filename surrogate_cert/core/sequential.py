@@ -242,6 +242,10 @@ class EProcessCertifier:
         How a target-radius input gives up (``GIVE_UPS``): a stopping rule, so certificates keep their
         guarantee either way; with ``dedicated`` a wrong give-up (``p >= Phi(r*/sigma)``) also has
         probability at most the give-up level.
+    radius_of_interest : float, optional
+        The largest radius worth sampling for, input l2 units: the best-radius rules (tolerance and price)
+        count no gain above it, so a run stops once it certifies it. A stopping rule only; None (default):
+        every radius counts.
     give_up_alpha : float, optional
         Level of the dedicated give-up test, in (0, 1); default each input's ``alpha`` (then the decision
         "is p >= Phi(r*/sigma)?" is wrong with probability at most ``alpha`` whichever way it goes). A
@@ -266,6 +270,7 @@ class EProcessCertifier:
         truncated_weight: float = TRUNCATED_WEIGHT,
         give_up: str = "dedicated",
         give_up_alpha: float | None = None,
+        radius_of_interest: float | None = None,
     ):
         self.smooth = smooth
         self.alpha = check_probability("alpha", alpha)
@@ -307,6 +312,12 @@ class EProcessCertifier:
             raise InvalidParameterError(f"give_up must be one of {', '.join(GIVE_UPS)}, got {give_up!r}")
         self.give_up = give_up
         self.give_up_alpha = None if give_up_alpha is None else check_probability("give_up_alpha", give_up_alpha)
+        if radius_of_interest is not None:
+            radius_of_interest = float(radius_of_interest)
+            if not 0 < radius_of_interest < np.inf:
+                raise InvalidParameterError(f"radius_of_interest must be a finite radius > 0 (input l2 units), got "
+                                            f"{radius_of_interest}")
+        self.radius_of_interest = radius_of_interest
 
     @staticmethod
     def _check_radius(r):
@@ -712,7 +723,8 @@ class EProcessCertifier:
             # Gains count above what the caller already holds (the baseline, a probability; 0 for none).
             base = np.zeros(len(br)) if baseline is None else baseline[rows[br]]
             r_lower = stats.radius(np.maximum(best_lower[br], base[:, None]), self.smooth.sigma)
-            gap = stats.radius(np.minimum(best_upper[br], cap[rows[br]][:, None]), self.smooth.sigma) - r_lower
+            reach = np.minimum(best_upper[br], np.minimum(cap[rows[br]], self._interest_p())[:, None])
+            gap = stats.radius(reach, self.smooth.sigma) - r_lower
             fire[br] |= gap <= self.tolerance
             if self.price is not None:
                 fire[br] |= ~self._worth_more(s[br], t3[br], np.maximum(lower[br], base[:, None, None]), a3[br],
@@ -729,6 +741,12 @@ class EProcessCertifier:
         at_stop = np.where(fired, first, last)
         state.certified[rows] = certified[np.arange(n_rows), at_stop]
         state.stop[rows] = np.where(fired, state.drawn[rows] - step + first + 1, -1)
+
+    def _interest_p(self) -> float:
+        """``Phi(radius_of_interest / sigma)``: the bound on ``p`` past which no radius counts (1 without one)."""
+        if self.radius_of_interest is None:
+            return 1.0
+        return float(stats.p_threshold(self.radius_of_interest, self.smooth.sigma))
 
     def _gives_up(self, s, t, p0, alpha, decision, upper, give_up) -> np.ndarray:
         """Where a target-radius input gives up, at each index (``GIVE_UPS``); accumulated along the samples.
@@ -769,6 +787,8 @@ class EProcessCertifier:
             s_ahead, t_ahead = stats.lookahead_counts(flat_s[cells], flat_t[cells], ahead[cells])
             m = self.log_marginal(s_ahead, t_ahead, tuple(v[r] for v in prior_rows))
             lower_ahead, _ = self.confidence_sequence(s_ahead, t_ahead, alpha_rows[r], m)
+            # Radii above the radius of interest are worth nothing (no cap: _interest_p() is 1).
+            lower_ahead = np.minimum(lower_ahead, self._interest_p())
             gain = stats.radius_gain(flat_lower[cells], lower_ahead, self.smooth.sigma)
             worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], self.price)
         return worth.reshape(shape).any(axis=2)

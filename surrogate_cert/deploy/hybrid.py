@@ -42,12 +42,14 @@ __all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHED
 
 FALLBACKS = ("eprocess", "none")
 
-COMBINES = ("sequential", "max")
-"""How a refined best radius is reported (``HybridCertifier(refine=True)``). ``sequential`` (default): once
-sampling starts the certificate is the sequential certifier's alone, wrong with probability at most
-``alpha`` for that input, whatever the one-pass radius was. ``max``: the larger of the one-pass ``R^`` and the
-sequential radius; it is wrong when either is, so only the marginal bound ``epsilon + alpha_mc + alpha`` (a
-union bound) holds for it, as for every hybrid certificate, and no per-input one."""
+COMBINES = ("max", "sequential")
+"""How a refined best radius is reported (``HybridCertifier(refine=True)``). ``max`` (default): the larger of
+the one-pass ``R^`` and the sequential radius; it is wrong when either is, so the marginal bound
+``epsilon + alpha_mc + alpha`` holds for it (a union bound: the hybrid's bound for every certificate), and no
+per-input one. ``sequential``: once sampling starts the certificate is the sequential certifier's alone,
+wrong with probability at most ``alpha`` for that input whatever the one-pass radius was; it loses the
+one-pass radius where sampling stopped below it (the surrogate's ``p~`` promised more than the samples
+showed)."""
 
 
 def refine_horizons(max_samples: int) -> np.ndarray:
@@ -72,6 +74,7 @@ def fallback_certifier(
     tolerance: float = 0.01,
     schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
     price: float | None = None,
+    radius_of_interest: float | None = None,
 ) -> EProcessCertifier:
     """The deployed hybrid's sequential fallback: what ``HybridCertifier.load`` builds (and the bench runs).
 
@@ -89,6 +92,8 @@ def fallback_certifier(
         Rounds; default ``FALLBACK_SCHEDULE``.
     price : float, optional
         Priced best-radius rule (radius per 1,000 samples); None for the tolerance rule alone.
+    radius_of_interest : float, optional
+        The largest radius worth sampling for (``EProcessCertifier``), input l2 units.
 
     Returns
     -------
@@ -101,7 +106,7 @@ def fallback_certifier(
         If a parameter is out of range.
     """
     return EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance, schedule=schedule,
-                             price=price)
+                             price=price, radius_of_interest=radius_of_interest)
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -133,8 +138,9 @@ class HybridCertifier:
     of the surrogate's ``p~`` under its own prior) is worth its price at some horizon
     (``stats.priced_continue``); the run then counts only gains above ``R^`` (``baseline_radius``). The
     decision reads the surrogate's output only and the prior is fixed before sampling, so the sequential
-    certificate keeps its per-input ``alpha``. ``combine`` (``COMBINES``) says what is reported: the
-    sequential certificate (default), or the larger of the two radii (marginal bound only). Route ``refined``.
+    certificate keeps its per-input ``alpha``. ``combine`` (``COMBINES``) says what is reported: the larger
+    of the two radii (default; the marginal bound ``epsilon + alpha_mc + alpha``), or the sequential
+    certificate alone (per-input ``alpha``). Route ``refined``.
 
     Parameters
     ----------
@@ -150,12 +156,12 @@ class HybridCertifier:
         Re-checks a random share of the queries the one-pass path handles.
     refine : bool, optional
         Refine one-pass best radii by sampling where it is worth the fallback's ``price``.
-    combine : {"sequential", "max"}, optional
+    combine : {"max", "sequential"}, optional
         What a refined input reports (``COMBINES``).
     """
 
     def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None, monitor: DriftMonitor | None = None,
-                 audit: CertificateAudit | None = None, *, refine: bool = False, combine: str = "sequential"):
+                 audit: CertificateAudit | None = None, *, refine: bool = False, combine: str = "max"):
         if combine not in COMBINES:
             raise InvalidParameterError(f"combine must be one of {COMBINES}, got {combine!r}")
         if refine and (sequential is None or getattr(sequential, "price", None) is None):
@@ -201,7 +207,8 @@ class HybridCertifier:
         n_audit: int | None = None,
         audit_delta: float = DEFAULT_DELTA,
         refine: bool = False,
-        combine: str = "sequential",
+        combine: str = "max",
+        radius_of_interest: float | None = None,
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -263,8 +270,11 @@ class HybridCertifier:
             The audit's false-alarm probability.
         refine : bool, optional
             Refine one-pass best radii where sampling is worth ``price`` (see the class docstring).
-        combine : {"sequential", "max"}, optional
+        combine : {"max", "sequential"}, optional
             What a refined input reports (``COMBINES``).
+        radius_of_interest : float, optional
+            The largest radius worth sampling for, input l2 units (the fallback's best-radius rules and the
+            refining decision count no gain above it).
 
         Returns
         -------
@@ -307,7 +317,7 @@ class HybridCertifier:
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
         if fallback == "eprocess":
             sequential = fallback_certifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
-                                            schedule=schedule, price=price)
+                                            schedule=schedule, price=price, radius_of_interest=radius_of_interest)
         certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
         monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
         audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
@@ -396,6 +406,10 @@ class HybridCertifier:
         horizons = refine_horizons(seq.max_samples)
         prior = stats.surrogate_prior(p_tilde, self.surrogate.kappa, self.surrogate.w)
         gains = stats.refine_gain(p_tilde, horizons, radius, seq.alpha, self.surrogate.sigma, *prior)
+        roi = getattr(seq, "radius_of_interest", None)
+        if roi is not None:  # no radius above the radius of interest is worth anything
+            now = np.maximum(np.asarray(radius, dtype=float), 0.0)[:, None]
+            gains = np.maximum(np.minimum(now + gains, roi) - now, 0.0)
         return np.asarray(stats.priced_continue(gains, horizons[None, :], seq.price), dtype=bool).reshape(-1)
 
     def _watch(self, x, classes, p_tilde, radius, idx) -> tuple[int, np.ndarray]:

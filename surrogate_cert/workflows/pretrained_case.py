@@ -71,9 +71,12 @@ class PretrainedConfig:
     pools: tuple[tuple[str, ...], ...] = (("seen",), ("augmented",), ("test_pool",), ("seen", "augmented"),
                                           ("seen", "augmented", "test_pool"))
     recommended: tuple[str, ...] = ("seen", "augmented", "test_pool")
-    prices: tuple[float, ...] = (0.02, 0.05, 0.1)
+    refine_rules: tuple[tuple[float, str, float | None], ...] = (
+        (0.05, "sequential", None), (0.02, "max", None), (0.05, "max", None), (0.1, "max", None),
+        (0.02, "max", 2.0), (0.05, "max", 2.0), (0.1, "max", 2.0))
+    """Refining rules: (price in sigma per 1,000 samples, combine, radius of interest in sigma or None)."""
     refine_max_samples: int = 2000
-    required_budgets: tuple[int, ...] = (10_000, 2000)
+    required_budgets: tuple[int, ...] = (10_000, 7000, 2000)
     """Sequential budgets of the required-radius fallback: the default, and one that trades accuracy at the
     boundary (inputs whose ``p`` is too close to ``Phi(r*/sigma)`` to decide in the budget) for samples."""
 
@@ -88,7 +91,7 @@ PRETRAINED_TINY = PretrainedConfig(
                                            batch_size=2048, shift_bins=3, mondrian_bins=2, controls=False),
                              base_splits=("train", "surrogate")),
     pool_n=20, augmented=60, pools=(("seen",), ("augmented", "test_pool")), recommended=("augmented", "test_pool"),
-    prices=(0.1,), refine_max_samples=200, required_budgets=(300,))
+    refine_rules=((0.1, "sequential", None), (0.1, "max", 2.0)), refine_max_samples=200, required_budgets=(300,))
 """Test-only: every section in seconds on digits."""
 
 
@@ -149,15 +152,16 @@ def pool_counts(bench: OnePassBench, pcfg: PretrainedConfig, model: str, name: s
 
 
 def evaluate_hybrid_rule(surrogate, calibration, data, base, cfg: OnePassConfig, *, price=None, refine=False,
-                         combine="sequential", required=None, max_samples=None) -> dict:
+                         combine="max", required=None, max_samples=None, radius_of_interest=None) -> dict:
     """The hybrid on the test images with a given fallback rule: accuracy, ACR, evaluations, routes, seconds.
 
-    ``price`` is in input l2 units per 1,000 samples; ``refine`` refines one-pass best radii at that price.
+    ``price`` and ``radius_of_interest`` are in input l2 units (price per 1,000 samples); ``refine`` refines
+    one-pass best radii at that price.
     """
     smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
                                 seed=cfg.seed)
     sequential = EProcessCertifier(smooth, cfg.alpha, max_samples=max_samples or cfg.max_samples,
-                                   tolerance=cfg.tolerance, price=price)
+                                   tolerance=cfg.tolerance, price=price, radius_of_interest=radius_of_interest)
     hybrid = HybridCertifier(SurrogateCertifier(surrogate, calibration), sequential, refine=refine, combine=combine)
     t0 = time.perf_counter()
     certs = hybrid.certify(data.x, required_radius=required, indices=data.indices)
@@ -171,7 +175,8 @@ def evaluate_hybrid_rule(surrogate, calibration, data, base, cfg: OnePassConfig,
                acr=_acr(prediction, radius, data.labels), mean_evaluations=float(samples.mean()),
                curve=_curve(prediction, radius, data.labels, cfg.sigma),
                routes={r: routes.count(r) for r in sorted(set(routes))}, seconds=seconds,
-               price=price, refine=refine, combine=combine, max_samples=sequential.max_samples)
+               price=price, refine=refine, combine=combine, max_samples=sequential.max_samples,
+               radius_of_interest=radius_of_interest)
     if required is not None:
         row["accuracy_at_required"] = float(np.mean((prediction == data.labels) & (radius >= required - 1e-12)))
         row["radius"] = required
@@ -213,14 +218,13 @@ def _hybrid_rows(bench, pcfg, surrogate, calibration, data, base) -> dict:
     """The recommended surrogate's hybrid: fallback only, then refined best radii at each price, both combines."""
     cfg = bench.cfg
     out = {"fallback": bench.timed("hybrid", lambda: evaluate_hybrid_rule(surrogate, calibration, data, base, cfg))}
-    for price in pcfg.prices:
-        for combine in ("sequential", "max"):
-            row = bench.timed("hybrid", lambda: evaluate_hybrid_rule(
-                surrogate, calibration, data, base, cfg, price=price * cfg.sigma, refine=True, combine=combine,
-                max_samples=pcfg.refine_max_samples))
-            out[f"refine_price{price:g}sigma_{combine}"] = row
-            bench.say(f"      hybrid refine price {price:g} sigma ({combine}): "
-                      f"{row['mean_evaluations']:.0f} evals/query, ACR {row['acr']:.3f}")
+    for price, combine, roi in pcfg.refine_rules:
+        row = bench.timed("hybrid", lambda: evaluate_hybrid_rule(
+            surrogate, calibration, data, base, cfg, price=price * cfg.sigma, refine=True, combine=combine,
+            max_samples=pcfg.refine_max_samples, radius_of_interest=None if roi is None else roi * cfg.sigma))
+        name = f"refine_price{price:g}sigma_{combine}" + ("" if roi is None else f"_upto{roi:g}sigma")
+        out[name] = row
+        bench.say(f"      hybrid {name}: {row['mean_evaluations']:.0f} evals/query, ACR {row['acr']:.3f}")
     return out
 
 
