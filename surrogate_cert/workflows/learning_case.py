@@ -2,8 +2,9 @@
 
 The pretrained case's base model (every training image seen) and calibration counts; the initial surrogate
 trained on pools that hold no stream image (``initial_pools`` of ``workflows.pretrained_case``); a stream of
-the ``test`` split's images in the split's (random) order, disjoint from the calibration images. The hybrid
-(fallback in best-radius mode) runs with a drift monitor and an audit attached, through a
+the ``test`` split's images in the split's (random) order, disjoint from the calibration images, each asking
+for a required radius (``required_sigma``; the thresholds first, the fallback in target mode for the rest). The
+hybrid runs with a drift monitor and an audit attached, through a
 ``FallbackLearner`` that logs what its fallback samples and retrains every ``retrain_every`` queries. A
 control runs the same stream without learning (and without the audit, which never changes a certificate),
 so a drop in evaluations can be told from a stream that merely gets easier.
@@ -49,6 +50,11 @@ class LearningCaseConfig:
     pretrained: PretrainedConfig = dataclasses.replace(
         PRETRAINED_MNIST, case=dataclasses.replace(PRETRAINED_MNIST.case, sigma=0.5))
     initial_pools: tuple[str, ...] = ("seen", "augmented")
+    required_sigma: float | None = 2.0
+    """Each query asks for this radius (sigma units; the thresholds, then the fallback in target mode); None:
+    best radius. Learning moves the work the surrogate's quality decides: in best-radius mode the fallback
+    holds only queries the surrogate cannot certify at all (about 2 % on MNIST, most of them unfixable)."""
+    max_samples: int | None = 2000
     stream: int = 5000
     block: int = 250
     retrain_every: int = 1000
@@ -58,18 +64,21 @@ class LearningCaseConfig:
 
 
 LEARNING_MNIST = LearningCaseConfig()
-"""MNIST at sigma 0.5: 5,000 test-split queries, retraining every 1,000, a tenth of the queries audited."""
+"""MNIST at sigma 0.5: 5,000 test-split queries asking for 2 sigma (fallback budget 2,000), retraining every
+1,000, a tenth of the queries audited."""
 
 LEARNING_TINY = LearningCaseConfig(
     pretrained=PRETRAINED_TINY,
-    initial_pools=("seen",), stream=120, block=40, retrain_every=60, audit_rate=0.2)
+    initial_pools=("seen",), stream=120, block=40, retrain_every=60, audit_rate=0.2, required_sigma=1.0,
+    max_samples=300)
 """Test-only: digits, seconds."""
 
 
 def _hybrid(surrogate, calibration, base, cfg, lc: LearningCaseConfig, watched: bool) -> HybridCertifier:
     smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
                                 seed=cfg.seed)
-    sequential = EProcessCertifier(smooth, cfg.alpha, max_samples=cfg.max_samples, tolerance=cfg.tolerance)
+    sequential = EProcessCertifier(smooth, cfg.alpha, max_samples=lc.max_samples or cfg.max_samples,
+                                   tolerance=cfg.tolerance)
     monitor = DriftMonitor.from_calibration(calibration, delta=lc.drift_delta, seed=cfg.seed) if watched else None
     audit = (CertificateAudit(calibration, smooth, rate=lc.audit_rate, delta=lc.drift_delta, seed=cfg.seed)
              if watched and lc.audit_rate else None)
@@ -171,10 +180,12 @@ def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogat
     base = load_model(model, device=cfg.device).model
     test = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=lc.stream)
     content: dict = dict(stream=len(test), initial_pools=list(lc.initial_pools), initial_q_hat=calibration.pooled_offset)
+    required = None if lc.required_sigma is None else lc.required_sigma * cfg.sigma
     if lc.control:
         say("      control: the same stream, no learning")
         hybrid = _hybrid(surrogate, calibration, base, cfg, dataclasses.replace(lc, audit_rate=0.0), watched=False)
-        blocks, _ = _stream(hybrid, lambda x, i: hybrid.certify(x, indices=i), test.x, test.indices, lc, say)
+        blocks, _ = _stream(hybrid, lambda x, i: hybrid.certify(x, required_radius=required, indices=i), test.x,
+                            test.indices, lc, say)
         content["control"] = dict(blocks=blocks, first=_window(blocks, True, 1000), last=_window(blocks, False, 1000))
     say("      learning from the fallback")
     hybrid = _hybrid(surrogate, calibration, base, cfg, lc, watched=True)
@@ -184,7 +195,8 @@ def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogat
                                                     alpha_mc=cfg.alpha_mc, epochs=cfg.surrogate_epochs,
                                                     batch_size=cfg.surrogate_batch_size, seed=cfg.seed,
                                                     data_root=cfg.data_root, device=cfg.device))
-    blocks, audits = _stream(hybrid, lambda x, i: learner.certify(x, indices=i), test.x, test.indices, lc, say)
+    blocks, audits = _stream(hybrid, lambda x, i: learner.certify(x, indices=i, required_radius=required), test.x,
+                             test.indices, lc, say)
     content["learning"] = dict(blocks=blocks, retrainings=learner.history, logged_rows=learner.log.rows)
     content["targets"] = learning_targets(blocks, audits, cfg.epsilons[0], cfg.alpha_mc)
     content["setup"] = dict(dataset=cfg.dataset, sigma=cfg.sigma, alpha=cfg.alpha, alpha_mc=cfg.alpha_mc,
