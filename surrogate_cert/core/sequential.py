@@ -758,7 +758,9 @@ class EProcessCertifier:
         """
         if self.give_up == "dedicated" and give_up is not None:
             prior, level = give_up
-            fires = stats.give_up_test(s, t, p0, level, self.log_marginal(s, t, prior))
+            # Its own evidence, not the certifying test's seam (log_marginal): the give-up test is a stopping
+            # rule and has a test of its own (tests/test_give_up_test_soundness.py).
+            fires = stats.give_up_test(s, t, p0, level, stats.beta_mixture_log_marginal(s, t, *prior))
             return np.logical_or.accumulate(np.asarray(fires, dtype=bool), axis=1)
         return np.logical_or.accumulate(decision == -1, axis=1) | (upper < p0)
 
