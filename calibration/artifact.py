@@ -58,11 +58,15 @@ Keys (stable; the HTML report reads them):
 ``bin_edges_source``     where those edges came from: ``rule`` (default, given, or equal-mass quantiles of
                          ``z~`` on another split's images, with that file's ``file_sha256``, ``split``,
                          ``images``, ``bins``), or null
-``score``                the best-radius conformity score: ``"residual"`` (``R~ - y``) or ``"shifted"``
-                         (``R~ - t_b - y``); the quantile rule is ``guarantee`` / ``method``
+``score``                the best-radius conformity score: ``"residual"`` (``R~ - y``), ``"shifted"``
+                         (``R~ - t_b - y``) or ``"shaped"`` (``z~ - g(r+(y))``, ``calibration.shaped``);
+                         the quantile rule is ``guarantee`` / ``method``
 ``score_params``         ``shifted``: ``bins``, ``bin_edges`` (on ``z~``), ``bin_offsets`` (``t_b``, l2
-                         units) and the rules that chose them on the tuning part; ``{}`` for ``residual``
-``partition``            ``shifted``: the seeded split of the cal split into a tuning and a calibration
+                         units) and the rules that chose them on the tuning part; ``shaped``: ``grid``,
+                         ``shape`` (``g``, fitted on the tuning part), ``shift`` (``c``, ``z~`` units), ``rule``
+                         (the offsets then are the calibration part's residual ones, for diagnostics only);
+                         ``{}`` for ``residual``
+``partition``            ``shifted`` and ``shaped``: the seeded split of the cal split into a tuning and a calibration
                          part: ``seed``, ``tune_share``, ``tune_size``, ``calibration_size``,
                          ``tune_indices_sha256``, ``rule``; null otherwise
 ``reference``            the reference radius: ``{"bound": "clopper-pearson"}``, or for a topped-up counts
@@ -132,7 +136,7 @@ SIGNATURE_KEY = "signature_hmac_sha256"
 
 GUARANTEES = ("marginal", "pac", "issued")
 METHODS = ("conformal", "ltt")
-SCORES = ("residual", "shifted")
+SCORES = ("residual", "shifted", "shaped")
 REFERENCE_CP = "clopper-pearson"
 REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
 
@@ -287,6 +291,10 @@ def content_problems(content: dict) -> list[str]:
         if problem:
             return p + [problem]
         largest_shift = max(params["bin_offsets"])
+    if score == "shaped":
+        problem = _shaped_problem(params, content, expected_cap)
+        if problem:
+            return p + [problem]
     thresholds = content.get("radius_thresholds")
     if thresholds is not None:
         problem = _thresholds_problem(thresholds, expected_cap)
@@ -399,6 +407,21 @@ def _noise_problems(content: dict) -> list[str]:
 def _increasing(values) -> bool:
     return (isinstance(values, list) and all(_finite(v) for v in values)
             and all(b > a for a, b in zip(values, values[1:])))
+
+
+def _shaped_problem(params: dict, content: dict, cap: float) -> str | None:
+    """A ``shaped`` score's parameters (``calibration.shaped``): grid, non-decreasing shape, shift, partition."""
+    grid, shape, shift = params.get("grid"), params.get("shape"), params.get("shift")
+    if not (_increasing(grid) and grid and grid[0] > 0 and grid[-1] <= cap * (1 + 1e-9)):
+        return "score_params grid is not strictly increasing radii in (0, radius_cap]"
+    if not (isinstance(shape, list) and len(shape) == len(grid) and all(v is None or _finite(v) for v in shape)):
+        return "score_params shape is not one threshold (a z~ value or null) per grid radius"
+    finite = [float("inf") if v is None else v for v in shape]
+    if any(b < a for a, b in zip(finite, finite[1:])):
+        return "score_params shape decreases with the radius (the rule needs it non-decreasing)"
+    if not (shift is None or _finite(shift)):
+        return f"score_params shift {shift!r} is not a finite number or null"
+    return _shifted_problem(dict(bin_edges=[0.0], bin_offsets=[0.0, 0.0]), content)
 
 
 def _shifted_problem(params: dict, content: dict) -> str | None:

@@ -70,6 +70,7 @@ from mapie.risk_control import (
 from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from data_gen.datasets import dataset_key
 from data_gen.store import CountsMismatchError, check_counts_for, read_counts
 from surrogate_cert.core import __version__, stats
 from surrogate_cert.core.errors import (
@@ -79,7 +80,7 @@ from surrogate_cert.core.errors import (
     check_positive,
     check_probability,
 )
-from surrogate_cert.core.hashing import sha256_file
+from surrogate_cert.core.hashing import image_hashes, sha256_file, unpack_hashes
 from surrogate_cert.core.one_pass import (
     DEFAULT_CONFIDENCE_EDGES,
     GROUPINGS,
@@ -1335,8 +1336,8 @@ def calibrate_arrays(
     guarantee, method = resolve_guarantee(guarantee, method)
     if score not in SCORES:
         raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
-    if score == "shifted" and (groups != "none" or method != "conformal"):
-        raise InvalidParameterError("the shifted score has its own bins and a conformal shift: use it with "
+    if score in ("shifted", "shaped") and (groups != "none" or method != "conformal"):
+        raise InvalidParameterError(f"the {score} score is one pooled rule with a conformal shift: use it with "
                                     "groups='none' and the marginal or pac guarantee (not issued / ltt)")
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
@@ -1376,6 +1377,18 @@ def calibrate_arrays(
         fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
                           references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
                           shift=shifted.shift(z[part]), **options)
+    elif score == "shaped":
+        from .shaped import fit_shaped  # shaped builds on this module's thresholds
+
+        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
+        tune = partition_rows(indices, tune_share, partition_seed)
+        partition = partition_record(indices, tune, tune_share, partition_seed)
+        part = ~tune
+        score_params = fit_shaped(z[tune], refs.radius[tune], z[part], refs.radius[part], refs.cap, sigma, epsilon,
+                                  guarantee=guarantee, delta=delta)
+        # The residual offsets of the calibration part stay in the artifact for its diagnostics only.
+        fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
+                          references=ReferenceRadii(refs.radius[part], refs.cap, refs.record), **options)
     else:
         fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
         part = np.ones(len(rows), dtype=bool)
@@ -1554,20 +1567,16 @@ def calibrate(
     attrs = counts.attrs
     counts_sha256 = sha256_file(counts_file)
     trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
-    if str(attrs.get("split")) in ("train", "surrogate") or counts_sha256 in trained_files:
+    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
         raise CalibrationError(
             f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
             "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
         )
-    trained_on = surrogate.meta.get("train_index_ranges")
-    if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
-        raise CalibrationError(
-            f"the surrogate was trained on the {surrogate.meta.get('split')} split and records no training indices, "
-            "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
-        )
+    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
+    by_content = "image_hashes" in surrogate.meta
     try:
-        check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), sigma=surrogate.sigma,
-                         num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
+        check_counts_for(counts, counts_file, dataset=_calibration_dataset(surrogate),
+                         sigma=surrogate.sigma, num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
                          model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
                          excluded_indices=trained_on, key=key, noise_scheme=surrogate_noise_scheme(surrogate))
     except CountsMismatchError as exc:
@@ -1576,12 +1585,14 @@ def calibrate(
         raise CalibrationError(f"{counts_file} holds the test split: its images are the ones `certify --split test` "
                                "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
                                "on the cal split")
+    images = counts.images(data_root)
+    if by_content:
+        check_not_trained_on(surrogate, images, counts_file)
     source = None
     if edges_from is not None:
         bin_edges, source = edges_from_counts(surrogate, edges_from, 5 if bins is None else bins, data_root, key=key)
     elif groups == "confidence":
         source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
-    images = counts.images(data_root)
     topped = attrs.get("topup_planned_max") is not None
     stages = (topup_stages(counts.n, json.loads(attrs.get("topup_history") or "[]"), counts.planned_max_samples)
               if topped else None)
@@ -1600,9 +1611,57 @@ def calibrate(
 def surrogate_noise_scheme(surrogate) -> str:
     """The noise scheme of the counts a surrogate was trained on (float v2 for checkpoints older than the field)."""
     return surrogate.meta.get("noise_scheme") or NOISE_SCHEME_V2
+def _trained_indices(surrogate, dataset: str):
+    """Index ranges of the surrogate's training images in ``dataset`` (None: none recorded there).
+
+    ``train_index_ranges_by_dataset`` (sources may mix) where recorded; else ``train_index_ranges`` (one
+    dataset), refusing a surrogate that records neither and was not trained on the train split.
+    """
+    by_dataset = surrogate.meta.get("train_index_ranges_by_dataset")
+    if by_dataset is not None:
+        return by_dataset.get(dataset_key(dataset))
+    trained_on = surrogate.meta.get("train_index_ranges")
+    if trained_on is None and surrogate.meta.get("split") not in (None, "train"):
+        raise CalibrationError(
+            f"the surrogate was trained on the {surrogate.meta.get('split')} split and records no training indices, "
+            "so a leak into the calibration cannot be ruled out; retrain it with this version's `surrogate-cert train`"
+        )
+    return trained_on
+
+
+def _calibration_dataset(surrogate) -> str | None:
+    """The dataset a surrogate's calibration must come from: that of its labelled training files (a split of a
+    dataset), or any (None) when it was trained on unlabeled pools and query logs alone."""
+    files = surrogate.meta.get("counts_files") or []
+    labelled = [r.get("dataset") for r in files if r.get("split") not in ("pool", "queries") and r.get("dataset")]
+    if labelled:
+        return labelled[0]
+    return None if files and "image_hashes" in surrogate.meta else surrogate.meta.get("dataset")
+
+
+def check_not_trained_on(surrogate, images, what="the calibration counts") -> None:
+    """Refuse calibration images the surrogate was trained on, by content (``core.hashing.image_hashes``).
+
+    Raises
+    ------
+    CalibrationError
+        If one of ``images`` has the content hash of a training image, or the record is malformed.
+    """
+    try:
+        trained = unpack_hashes(surrogate.meta["image_hashes"])
+    except (KeyError, ValueError, TypeError):
+        raise CalibrationError("the surrogate's record of its training images (image_hashes) is malformed; retrain it "
+                               "with `surrogate-cert train`") from None
+    overlap = np.isin(image_hashes(images), trained)
+    if overlap.any():
+        raise CalibrationError(
+            f"{what} holds {int(overlap.sum())} images the surrogate was trained on (same content, first at row "
+            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, e.g. the cal split "
+            "with a pool that excludes it")
 
 
 __all__ = [
+    "check_not_trained_on",
     "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS", "SCORES",
     "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
     "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",

@@ -17,7 +17,18 @@ spec               shape         splits (dataset indices)
                                  images the same size); random split 45 / 15 / 20 / 20 %.
 ``npz:P``          C x H x W     ``np.load(P)`` with arrays ``x`` (N x C x H x W floats in [0, 1]) and
                                  ``y`` (N ints), optional scalar ``num_classes``; split 45 / 15 / 20 / 20 %.
+                                 Without ``y``: an unlabeled pool (below).
+``images:P``       C x H x W     every image file under folder ``P`` (sub-folders too, no classes; one
+                                 size), in sorted path order: an unlabeled pool (below).
 =================  ============  =====================================================================
+
+**Unlabeled pools.** The surrogate learns the base model's counts, which need no label, so it can
+train on any images from the deployment distribution that the base model never saw: an ``npz`` without
+``y`` or an ``images:`` folder. Such a source has one split, ``pool`` (all its images, ``y`` None);
+its counts files carry no ``labels`` (``data_gen.store``), and whatever needs labels (training a base
+model, certified accuracy) says so and stops. A torchvision split serves as a pool as it is (its labels
+are stored and never read by ``train``). The calibration later refuses calibration images the
+surrogate was trained on by content (``image_hashes``), so a pool made of copies of them is caught.
 
 ``cal`` and ``test`` are random halves of one source, so they are exchangeable: the assumption
 split conformal calibration rests on. Within a split, rows come in the split's (random) order, so
@@ -51,7 +62,16 @@ from surrogate_cert.core.files import read_npz
 from surrogate_cert.core.smoothing import check_images
 
 SPLITS = ("train", "surrogate", "cal", "test")
-"""Split names, disjoint within every dataset."""
+"""Split names of a labeled dataset, disjoint within it."""
+
+POOL_SPLIT = "pool"
+"""The one split of an unlabeled source (npz without ``y``, ``images:``): all its images."""
+
+ALL_SPLITS = SPLITS + (POOL_SPLIT,)
+"""Every split name ``load_split`` takes."""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+"""File name endings an ``images:`` folder's images may have (case-insensitive); other files are skipped."""
 
 SPLIT_SEED = 20_190_208
 """Seed of every split permutation (fixed forever: changing it changes every split)."""
@@ -80,7 +100,8 @@ TORCHVISION = {
     "cifar100": ("CIFAR100", 100, "cifar-100-python/train and test"),
 }
 
-DATASET_HELP = "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH"
+DATASET_HELP = ("digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
+                "npz:PATH without y, images:FOLDER")
 
 DEFAULT_DATA_ROOT = os.path.join("~", ".cache", "surrogate-cert", "data")
 """Where torchvision datasets are looked for when no ``data_root`` is given."""
@@ -89,18 +110,31 @@ DEFAULT_DATA_ROOT = os.path.join("~", ".cache", "surrogate-cert", "data")
 @dataclass
 class SplitData:
     """One split of a dataset, in memory: images ``x`` (float32, N x C x H x W, in [0, 1]),
-    labels ``y`` (int64), and each row's dataset index (``indices``, NumPy int64)."""
+    labels ``y`` (int64; None for an unlabeled pool), and each row's dataset index (``indices``, NumPy
+    int64). ``num_classes`` is None for an unlabeled source that does not declare it (the base model's
+    output width then decides)."""
 
     dataset: str
     split: str
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     indices: np.ndarray
-    num_classes: int
+    num_classes: int | None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.x.shape[1:])
+
+    @property
+    def labeled(self) -> bool:
+        return self.y is not None
+
+    def require_labels(self, what: str) -> torch.Tensor:
+        """``y``, or a DatasetError naming what needed the labels (an unlabeled pool has none)."""
+        if self.y is None:
+            raise DatasetError(f"{self.dataset} ({self.split}) is an unlabeled pool: {what} needs labels; use it to "
+                               "train the surrogate (datagen, train), and labelled data for this")
+        return self.y
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -137,7 +171,7 @@ class SplitData:
                 f"{self.dataset}; check that the counts file and the dataset/split/limit match"
             )
         rows = torch.as_tensor(rows)
-        return replace(self, x=self.x[rows], y=self.y[rows], indices=wanted.copy())
+        return replace(self, x=self.x[rows], y=None if self.y is None else self.y[rows], indices=wanted.copy())
 
 
 # --------------------------------------------------------------------------- split rules
@@ -289,9 +323,10 @@ def _load_npz(path: str, split: str, limit):
         data = read_npz(path, "npz", DatasetError)
     except DatasetError as exc:
         raise DatasetError(f"npz:{exc}") from None
-    if "x" not in data or "y" not in data:
-        raise DatasetError(f"npz:{path}: needs arrays named x and y, found {sorted(data)}")
-    x, y = data["x"], data["y"]
+    if "x" not in data:
+        raise DatasetError(f"npz:{path}: needs arrays named x and y (x alone: an unlabeled pool), found {sorted(data)}")
+    x = data["x"]
+    y = data["y"] if "y" in data else None
     num_classes = None
     if "num_classes" in data:
         k = data["num_classes"]
@@ -299,6 +334,8 @@ def _load_npz(path: str, split: str, limit):
             raise DatasetError(f"npz:{path}: num_classes must be one integer >= 2, got an array of shape {k.shape} "
                                f"and dtype {k.dtype}; store it as a plain integer (np.savez(..., num_classes=10))")
         num_classes = int(k)
+    if y is None:
+        return _unlabeled(f"npz:{path}", x, split, limit, num_classes)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
         raise DatasetError(f"npz:{path}: x must be N x C x H x W and y of length N, got x {x.shape} and y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
@@ -313,6 +350,56 @@ def _load_npz(path: str, split: str, limit):
         raise DatasetError(f"npz:{path}: label {int(y.max())} >= num_classes {num_classes}; fix y or num_classes")
     idx = _apply_limit(_single_source_split(len(y), split), limit)
     return torch.from_numpy(x[idx].astype(np.float32)), torch.from_numpy(y[idx].astype(np.int64)), idx, num_classes
+
+
+def _unlabeled(spec: str, x: np.ndarray, split: str, limit, num_classes: int | None):
+    """An unlabeled pool: every image in split ``pool`` (dataset indices ``0..N-1``), no labels."""
+    if split != POOL_SPLIT:
+        raise DatasetError(f"{spec} has no labels: it is an unlabeled pool, whose only split is pool (for datagen and "
+                           f"train); {split} needs a labelled dataset")
+    if x.ndim != 4 or len(x) < 1:
+        raise DatasetError(f"{spec}: x must be N x C x H x W with N >= 1, got shape {x.shape}")
+    if num_classes is not None and num_classes < 2:
+        raise DatasetError(f"{spec}: num_classes must be >= 2, got {num_classes}")
+    try:
+        check_images(torch.from_numpy(np.ascontiguousarray(x)))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{spec}: x: {exc}") from None
+    idx = _apply_limit(np.arange(len(x), dtype=np.int64), limit)
+    return torch.from_numpy(x[idx].astype(np.float32)), None, idx, num_classes
+
+
+def _image_files(folder: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(files, key=lambda f: os.path.relpath(f, folder))
+
+
+def _load_images_folder(path: str, split: str, limit):
+    """``images:PATH``: every image file under the folder, in sorted relative-path order, unlabeled."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not os.path.isdir(path):
+        raise DatasetError(f"images:{path}: no such folder; give a folder of image files (sub-folders allowed)")
+    files = _image_files(path)
+    if not files:
+        raise DatasetError(f"images:{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    if split != POOL_SPLIT:
+        raise DatasetError(f"images:{path} has no labels: it is an unlabeled pool, whose only split is pool")
+    idx = _apply_limit(np.arange(len(files), dtype=np.int64), limit)
+    images = []
+    for i in idx:
+        try:
+            with Image.open(files[int(i)]) as img:
+                images.append(pil_to_tensor(img.convert("L") if img.mode in ("1", "L", "P", "I;16") else img.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DatasetError(f"images:{path}: cannot read {files[int(i)]} ({exc}); remove or fix that file") from None
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) > 1:
+        raise DatasetError(f"images:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first")
+    return torch.stack(images).float() / 255.0, None, idx, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -330,7 +417,7 @@ def dataset_key(spec: str) -> str:
         The built-in name unchanged, or ``kind:/absolute/real/path``.
     """
     name, sep, path = str(spec).partition(":")
-    if sep and name in ("npz", "imagefolder") and path:
+    if sep and name in ("npz", "imagefolder", "images") and path:
         return f"{name}:{os.path.realpath(os.path.expanduser(path))}"
     return str(spec)
 
@@ -357,8 +444,9 @@ def load_split(
     ----------
     dataset : str
         ``digits``, ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` or ``npz:PATH``.
-    split : {"train", "surrogate", "cal", "test"}
-        The split; splits are disjoint and fixed by ``SPLIT_SEED`` (and ``SURROGATE_SEED``).
+    split : {"train", "surrogate", "cal", "test", "pool"}
+        The split; splits are disjoint and fixed by ``SPLIT_SEED`` (and ``SURROGATE_SEED``); ``pool`` is
+        the one split of an unlabeled source (npz without ``y``, ``images:``).
     data_root : str, optional
         Folder of the torchvision datasets; default ``DEFAULT_DATA_ROOT``.
     download : bool, optional
@@ -369,21 +457,25 @@ def load_split(
     Returns
     -------
     SplitData
-        Images (float32, ``N x C x H x W``, in [0, 1]), labels (int64) and dataset indices.
+        Images (float32, ``N x C x H x W``, in [0, 1]), labels (int64; None for a pool) and dataset indices.
 
     Raises
     ------
     DatasetError
-        If the dataset or split is unknown, or its files are missing, unreadable or malformed.
+        If the dataset or split is unknown (``pool`` of a labelled dataset, a labelled split of a pool), or
+        its files are missing, unreadable or malformed.
     InvalidParameterError
         If ``limit`` is not an integer >= 1.
     InvalidInputError
         If an npz's images are not finite or not in [0, 1].
     """
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split not in ALL_SPLITS:
+        raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(ALL_SPLITS)}")
     spec = str(dataset)
     name, _, path = spec.partition(":")
+    if split == POOL_SPLIT and not (name in ("npz", "images") and path):
+        raise DatasetError(f"{spec} is labelled: its splits are {', '.join(SPLITS)} (pool is the split of an "
+                           "unlabeled source: npz:PATH without y, or images:FOLDER); any of them may serve as a pool")
     if spec == "digits":
         x, y, idx, k = _load_digits(split, limit)
     elif spec in TORCHVISION:
@@ -392,10 +484,12 @@ def load_split(
         x, y, idx, k = _load_imagefolder(os.path.expanduser(path), split, limit)
     elif name == "npz" and path:
         x, y, idx, k = _load_npz(os.path.expanduser(path), split, limit)
+    elif name == "images" and path:
+        x, y, idx, k = _load_images_folder(os.path.expanduser(path), split, limit)
     else:
         raise DatasetError(f"unknown dataset {spec!r}; choose {DATASET_HELP}")
     return SplitData(dataset=spec, split=split, x=x.contiguous(), y=y, indices=np.asarray(idx, dtype=np.int64),
-                     num_classes=int(k))
+                     num_classes=None if k is None else int(k))
 
 
 OLD_TRAIN_SPLITS = {"train": ("train", "surrogate")}
@@ -441,6 +535,6 @@ def load_images(dataset: str, split: str, indices, data_root: str | None = None,
             raise
     parts = [data] + [load_split(dataset, s, data_root=data_root, download=download)
                       for s in OLD_TRAIN_SPLITS[split] if s != split]
-    union = replace(data, x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]),
+    union = replace(data, x=torch.cat([p.x for p in parts]), y=torch.cat([p.require_labels("a union") for p in parts]),
                     indices=np.concatenate([p.indices for p in parts]))
     return union.take(indices)

@@ -228,6 +228,7 @@ def generate_counts(
         positions = shard.positions(len(data))
         here = shard.device(device)
         loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
+        data = _with_class_count(data, loaded, here)
         smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
                                     amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
                                     compile=compile, input_shape=data.input_shape, off_grid="quantise")
@@ -251,7 +252,7 @@ def generate_counts(
     if not shard.distributed:
         data, _, smooth, attrs = setup()
         check_no_shards(out)
-        with CountsWriter.open(out, indices=data.indices, labels=data.y.numpy(), attrs=attrs, resume=resume,
+        with CountsWriter.open(out, indices=data.indices, labels=_labels(data), attrs=attrs, resume=resume,
                                overwrite=overwrite) as writer:
             _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
         sign_counts(out, secret)
@@ -260,7 +261,7 @@ def generate_counts(
     ready, error = _first_error(setup)
     shard.agree(error)
     data, positions, smooth, attrs = ready
-    labels = data.y.numpy()
+    labels = _labels(data)
     job_lock = None
     try:
         def preflight() -> bool:
@@ -289,7 +290,8 @@ def generate_counts(
         with writer:
             print(f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
                   f"committed, counting {writer.total - writer.committed}", file=sys.stderr, flush=True)
-            mine = replace(data, x=data.x[torch.as_tensor(positions)], y=data.y[torch.as_tensor(positions)],
+            mine = replace(data, x=data.x[torch.as_tensor(positions)],
+                           y=None if data.y is None else data.y[torch.as_tensor(positions)],
                            indices=data.indices[positions])
             _fill(writer, smooth, mine, n, n0, smooth.batch_size, commit_seconds, progress and shard.is_main)
         shard.barrier()
@@ -300,6 +302,28 @@ def generate_counts(
         if job_lock is not None:
             job_lock.release()
     return os.fspath(out)
+
+
+def _labels(data) -> np.ndarray | None:
+    """The labels to store: None for an unlabeled pool (its counts file has no ``labels``)."""
+    return None if data.y is None else data.y.numpy()
+
+
+def _with_class_count(data, loaded, device):
+    """``data`` with its class count: the dataset's, else (an unlabeled pool that declares none) the model's.
+
+    A model that does not record it tells it by its output width on the first image.
+    """
+    if data.num_classes is not None:
+        return data
+    k = loaded.num_classes
+    if k is None:
+        with torch.inference_mode():
+            out = loaded.model(data.x[:1].to(device))
+        k = int(out.shape[-1]) if out.ndim == 2 else 0
+    if k < 2:
+        raise ModelError(f"the base model returns {k} class scores per image; a classifier needs at least 2")
+    return replace(data, num_classes=int(k))
 
 
 def _check_amp(smooth: SmoothedClassifier, data) -> float:

@@ -36,8 +36,10 @@ import sys
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -515,6 +517,19 @@ def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: fl
     return correct / (draws * len(x))
 
 
+def _training_images(dataset: str, splits: Sequence[str], data_root, download: bool):
+    """The images ``train_base`` fits: the union of ``splits`` (never ``cal`` or ``test``)."""
+    splits = tuple(splits)
+    if not splits or any(s not in ("train", "surrogate") for s in splits) or len(set(splits)) != len(splits):
+        raise InvalidParameterError(f"train-base trains on the train and/or surrogate split, got {list(splits)}; "
+                                    "cal and test must stay unseen (the guarantee and the evaluation live there)")
+    parts = [load_split(dataset, s, data_root=data_root, download=download) for s in splits]
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[0], split="+".join(splits), x=torch.cat([p.x for p in parts]),
+                   y=torch.cat([p.y for p in parts]), indices=np.concatenate([p.indices for p in parts]))
+
+
 def train_base(
     dataset: str = "digits",
     sigma: float = 0.25,
@@ -531,8 +546,9 @@ def train_base(
     download: bool = False,
     overwrite: bool = True,
     key: bytes | str | None = None,
+    splits: Sequence[str] = ("train",),
 ) -> dict:
-    """Train the built-in base model on ``dataset``'s ``train`` split and save it to ``out``.
+    """Train the built-in base model on ``dataset``'s ``train`` split (or ``splits``) and save it to ``out``.
 
     Gaussian-noise augmentation at ``sigma`` (fresh noise every step); the checkpoint is written
     with ``save_checkpoint``, kind ``base``. Deterministic for a given ``seed`` on one device; the
@@ -569,11 +585,16 @@ def train_base(
         (``OutputExistsError``) and kept.
     key : bytes or str, optional
         Signing key (default: the environment's, ``core.signing.resolve_key``; none: unsigned).
+    splits : sequence of str, optional
+        The splits trained on (default ``("train",)``). ``("train", "surrogate")`` trains on every
+        training image, as a user's own model usually is: then no training image is unseen, and a
+        surrogate needs an unlabeled pool (``pool:`` datasets) for unseen images. ``cal`` and ``test``
+        are refused (the guarantee and the evaluation are measured there).
 
     Returns
     -------
     dict
-        Metrics, also stored in the checkpoint: ``noisy_test_accuracy`` (accuracy on noisy ``test``
+        Metrics, also stored in the checkpoint: ``train_splits``, ``noisy_test_accuracy`` (accuracy on noisy ``test``
         inputs at ``sigma``, mean over 8 draws), ``clean_test_accuracy``, ``epochs``, ``seconds``,
         ``dataset``, ``sigma``, ``arch``, ``seed``, ``train_size``; plus ``sha256`` and ``out`` (the
         absolute path written).
@@ -599,7 +620,7 @@ def train_base(
     if not overwrite:
         check_outputs([out], overwrite=False)
     device = resolve_device(device)
-    train = load_split(dataset, "train", data_root=data_root, download=download)
+    train = _training_images(dataset, splits, data_root, download)
     test = load_split(dataset, "test", data_root=data_root, download=download)
     epochs = _default_epochs(len(train)) if epochs is None else check_count("epochs", epochs)
     arch = arch or default_arch(train.input_shape)
@@ -636,6 +657,7 @@ def train_base(
         "arch": arch,
         "epochs": epochs,
         "seed": int(seed),
+        "train_splits": list(splits),
         "train_size": len(train),
         "noisy_test_accuracy": noisy_accuracy(model, test.x, test.y, sigma, seed=int(seed) + 1),
         "clean_test_accuracy": noisy_accuracy(model, test.x, test.y, 0.0, draws=1),

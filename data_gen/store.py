@@ -1,9 +1,10 @@
 """The HDF5 counts store: Monte Carlo class counts of a base model under noise, one row per image.
 
-Schema (``FORMAT_VERSION`` 1)::
+Schema (``FORMAT_VERSION`` 1; ``UNLABELED_VERSION`` 2 is the same without ``labels``: counts of an
+unlabeled pool)::
 
     indices        int64   N        dataset index of each row (all planned rows, written up front)
-    labels         int64   N        true label of each row (written up front)
+    labels         int64   N        true label of each row (written up front; absent in version 2)
     counts         uint32  N x K    class counts of n noisy evaluations (estimation stream)
     counts_select  uint32  N x K    class counts of n0 noisy evaluations (selection stream), if n0 > 0
     samples        int64   N        estimation samples drawn per row: n, plus any top-up (only in topped-up files)
@@ -94,6 +95,16 @@ class ShardError(StoreError):
 
 FORMAT = "surrogate-cert-counts"
 FORMAT_VERSION = 1
+"""Version of a counts file with labels (unchanged, so files and caches of earlier versions still match)."""
+UNLABELED_VERSION = 2
+"""Version of a counts file without labels (an unlabeled pool, ``data_gen.datasets``): version 1 minus
+the ``labels`` dataset. Earlier readers refuse it with their version message."""
+READ_VERSIONS = (FORMAT_VERSION, UNLABELED_VERSION)
+
+
+def format_version_for(labels) -> int:
+    """The version a new file is written with: ``FORMAT_VERSION`` with labels, ``UNLABELED_VERSION`` without."""
+    return FORMAT_VERSION if labels is not None else UNLABELED_VERSION
 
 IDENTITY_KEYS = (
     "format_version", "sigma", "n", "n0", "num_classes", "seed", "dataset", "split", "limit",
@@ -116,10 +127,11 @@ _LOCK_RETRY_SECONDS = 10.0
 @dataclass
 class CountsFile:
     """The committed rows of a counts file: ``counts[i]`` are the class counts of ``attrs["n"]`` noisy
-    evaluations of the image with dataset index ``indices[i]`` (true label ``labels[i]``)."""
+    evaluations of the image with dataset index ``indices[i]`` (true label ``labels[i]``; ``labels`` is
+    None for an unlabeled pool: ``require_labels`` says so where labels are needed)."""
 
     indices: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     counts: np.ndarray
     counts_select: np.ndarray | None
     attrs: dict = field(default_factory=dict)
@@ -128,6 +140,17 @@ class CountsFile:
 
     def __len__(self) -> int:
         return int(len(self.indices))
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+    def require_labels(self, what: str, path="this counts file") -> np.ndarray:
+        """``labels``, or a StoreError naming what needed them (the counts of an unlabeled pool have none)."""
+        if self.labels is None:
+            raise StoreError(f"{path} holds counts of an unlabeled pool ({self.attrs.get('dataset')}): {what} needs "
+                             "labels; give counts of a labelled split for it (the pool's counts train the surrogate)")
+        return self.labels
 
     @property
     def num_classes(self) -> int:
@@ -269,12 +292,15 @@ def _checked_attrs(h5: h5py.File, path) -> dict:
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is an HDF5 file but not a surrogate-cert counts file (no format={FORMAT!r} "
                          "attribute); create one with `surrogate-cert datagen`")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READ_VERSIONS:
         raise StoreError(f"{path} has counts format version {attrs.get('format_version')}, this package reads "
-                         f"version {FORMAT_VERSION}; regenerate it with this version's `surrogate-cert datagen`")
+                         f"versions {', '.join(map(str, READ_VERSIONS))}; regenerate it with this version's "
+                         "`surrogate-cert datagen`")
     missing = [key for key in REQUIRED_KEYS if key not in attrs]
-    if missing or "indices" not in h5 or "labels" not in h5 or "counts" not in h5:
-        raise StoreError(f"{path} is missing {missing or 'datasets'}; the file is damaged, regenerate it")
+    labeled = attrs["format_version"] == FORMAT_VERSION
+    if missing or "indices" not in h5 or ("labels" in h5) != labeled or "counts" not in h5:
+        raise StoreError(f"{path} is missing {missing or 'datasets'} (or has labels its version "
+                         f"{attrs['format_version']} does not have); the file is damaged, regenerate it")
     attrs = {key: (None if value == "none" else value) for key, value in attrs.items()}
     attrs["complete"] = bool(attrs["complete"])
     problems = _attr_problems(attrs)
@@ -312,7 +338,7 @@ def _layout_problems(h5: h5py.File, attrs: dict) -> list[str]:
     """The datasets' shapes and types against the attributes (no data read)."""
     planned, k, rows = len(h5["indices"]), attrs["num_classes"], attrs["rows"]
     problems = []
-    if h5["labels"].shape != (planned,) or h5["indices"].ndim != 1:
+    if ("labels" in h5 and h5["labels"].shape != (planned,)) or h5["indices"].ndim != 1:
         problems.append(f"indices {h5['indices'].shape} and labels {h5['labels'].shape} differ in length")
     for name in ("counts", "counts_select"):
         if name in h5:
@@ -370,7 +396,7 @@ def _row_problems(counts: CountsFile) -> list[str]:
         if bad.size:
             problems.append(f"{bad.size} rows of counts_topup do not sum to samples - n (row {int(bad[0])} sums to "
                             f"{int(sums[bad[0]])}, expected {int(counts.samples[bad[0]] - n)})")
-    if len(counts.labels) and (counts.labels.min() < 0 or counts.labels.max() >= k):
+    if counts.labels is not None and len(counts.labels) and (counts.labels.min() < 0 or counts.labels.max() >= k):
         bad = counts.labels[(counts.labels < 0) | (counts.labels >= k)]
         problems.append(f"label {int(bad[0])} is not a class of {k}")
     if len(counts.indices) and (counts.indices.min() < 0 or len(np.unique(counts.indices)) != len(counts.indices)):
@@ -410,7 +436,7 @@ def read_counts(path: str | os.PathLike) -> CountsFile:
             counts_select = h5["counts_select"][:rows].astype(np.int64) if "counts_select" in h5 else None
             counts = CountsFile(
                 indices=h5["indices"][:rows].astype(np.int64),
-                labels=h5["labels"][:rows].astype(np.int64),
+                labels=h5["labels"][:rows].astype(np.int64) if "labels" in h5 else None,
                 counts=h5["counts"][:rows].astype(np.int64),
                 counts_select=counts_select,
                 attrs=attrs,
@@ -813,8 +839,9 @@ class CountsWriter:
             The counts file.
         indices : numpy.ndarray
             Dataset index of every planned row.
-        labels : numpy.ndarray
-            True label of every planned row.
+        labels : numpy.ndarray or None
+            True label of every planned row; None for an unlabeled pool (the file is then written with
+            ``UNLABELED_VERSION`` and no ``labels``).
         attrs : mapping
             The file's attributes (at least ``IDENTITY_KEYS`` and ``package_version``; see the module
             docstring).
@@ -846,7 +873,7 @@ class CountsWriter:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise StoreError(f"cannot write {path}: folder {folder} is missing or not writable; choose another --out")
-        attrs = {**attrs, "format_version": FORMAT_VERSION}
+        attrs = {**attrs, "format_version": format_version_for(labels)}
         lock = _Lock(path).acquire()
         try:
             with_select = int(attrs.get("n0", 0)) > 0
@@ -881,7 +908,8 @@ class CountsWriter:
                 raise ResumeMismatchError(f"cannot resume {path}: " + "; ".join(diff)
                                  + "; rerun with the file's settings or choose another --out")
             same_rows = (len(h5["indices"]) == len(indices) and np.array_equal(h5["indices"][:], indices)
-                         and np.array_equal(h5["labels"][:], labels))
+                         and ("labels" in h5) == (labels is not None)
+                         and (labels is None or np.array_equal(h5["labels"][:], labels)))
             if not same_rows:
                 if stored.get("split") == "train" and not np.isin(h5["indices"][:], indices).all():
                     raise ResumeMismatchError(
@@ -975,7 +1003,7 @@ def _build(tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: boo
     num_rows, k = len(indices), int(attrs["num_classes"])
     with h5py.File(tmp, "w") as h5:
         h5.attrs["format"] = FORMAT
-        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["format_version"] = format_version_for(labels)
         for key, value in attrs.items():
             if value is None:
                 value = "none"
@@ -984,7 +1012,8 @@ def _build(tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: boo
         h5.attrs["complete"] = counts is not None
         row_chunk = min(num_rows, 8192)
         h5.create_dataset("indices", data=np.asarray(indices, np.int64), chunks=(row_chunk,), **_filters())
-        h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
+        if labels is not None:
+            h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
         names = ["counts"] + (["counts_select"] if with_select else [])
         for name, data in zip(names, (counts, counts_select)):
             h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE, chunks=(_chunk_rows(num_rows, k), k),
@@ -1142,7 +1171,8 @@ def open_shard(
     """
     rows = shard_positions(len(indices), rank, world_size)
     return CountsWriter.open(shard_path(path, rank, world_size), indices=np.asarray(indices)[rows],
-                             labels=np.asarray(labels)[rows], attrs={**attrs, "shard_rank": int(rank),
+                             labels=None if labels is None else np.asarray(labels)[rows],
+                             attrs={**attrs, "shard_rank": int(rank),
                                                                      "shard_count": int(world_size)},
                              resume=resume)
 
@@ -1204,7 +1234,8 @@ def check_sharded_job(path: str | os.PathLike, world_size: int, *, indices: np.n
     if os.path.exists(path):
         if not resume:
             raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
-        committed = CountsWriter._check_resume(path, indices, labels, {**attrs, "format_version": FORMAT_VERSION})
+        committed = CountsWriter._check_resume(path, indices, labels,
+                                               {**attrs, "format_version": format_version_for(labels)})
         if committed >= len(indices):
             return True
         raise ShardError(f"{path} is an unfinished one-process datagen file ({committed} of {len(indices)} rows); "
@@ -1276,7 +1307,7 @@ def merge_shards(path: str | os.PathLike, world_size: int, *, indices: np.ndarra
         If ``path`` exists or cannot be written.
     """
     path = os.fspath(path)
-    attrs = {**attrs, "format_version": FORMAT_VERSION}
+    attrs = {**attrs, "format_version": format_version_for(labels)}
     want = _identity(attrs)
     num_rows, k = len(indices), int(attrs["num_classes"])
     with_select = int(attrs.get("n0", 0)) > 0
@@ -1302,7 +1333,7 @@ def merge_shards(path: str | os.PathLike, world_size: int, *, indices: np.ndarra
                 raise ShardError(f"cannot merge {path}: shard {shard} has {len(part)} of {len(rows)} rows; relaunch "
                                  "the same torchrun command with --resume to finish it")
             if not (np.array_equal(part.indices, np.asarray(indices)[rows])
-                    and np.array_equal(part.labels, np.asarray(labels)[rows])):
+                    and (labels is None or np.array_equal(part.labels, np.asarray(labels)[rows]))):
                 raise ShardError(f"cannot merge {path}: shard {shard} holds other images than this job plans; "
                                  "delete it and relaunch with --resume")
             counts[rows] = part.counts

@@ -58,7 +58,7 @@ def work(tmp_path_factory, digits_untrained_model):
     f = {name: str(root / name) for name in (
         "base.pt", "train.h5", "cal.h5", "test.h5", "cal_small.h5", "cal_sigma.h5", "other_cal.h5", "surrogate.pt",
         "surrogate_cal.pt", "calibration.json", "results.tsv", "text.pt", "empty.pt", "empty.npz", "five.npz",
-        "other.npz", "rowsums.h5", "label99.h5", "incomplete.h5", "binary.json", "short.key", "key_a")}
+        "other.npz", "pool.npz", "rowsums.h5", "label99.h5", "incomplete.h5", "binary.json", "short.key", "key_a")}
     shutil.copy(digits_untrained_model, f["base.pt"])
     base = f["base.pt"]
     kw = dict(device="cpu", progress=False)
@@ -79,6 +79,7 @@ def work(tmp_path_factory, digits_untrained_model):
     np.savez(f["empty.npz"])
     rng = np.random.default_rng(0)
     np.savez(f["five.npz"], x=rng.uniform(size=(30, 1, 8, 8)).astype(np.float32), y=np.arange(30) % 5)
+    np.savez(f["pool.npz"], x=rng.uniform(size=(12, 1, 8, 8)).astype(np.float32))  # unlabeled
     np.savez(f["other.npz"], x=rng.uniform(size=(120, 1, 8, 8)).astype(np.float32), y=np.arange(120) % 10,
              num_classes=10)
     generate_counts(f"npz:{f['other.npz']}", "cal", base, 0.25, 20, f["other_cal.h5"], **kw)
@@ -249,6 +250,13 @@ CASES = [
      ["5 classes", "10 classes"], None),
     ("certify/empty-npz", CERTIFY + ["--dataset", "npz:{empty.npz}", "--surrogate", "{surrogate.pt}",
                                      "--calibration", "{calibration.json}", "--out", "OUT:h.tsv"], ["x and y"], None),
+    ("certify/refine-without-price", CERTIFY + ["--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}",
+                                                "--refine", "--out", "OUT:h.tsv"], ["price"], None),
+    ("certify/unlabeled-pool", CERTIFY + ["--dataset", "npz:{pool.npz}", "--split", "pool", "--surrogate",
+                                          "{surrogate.pt}", "--calibration", "{calibration.json}", "--out", "OUT:h.tsv"],
+     ["unlabeled pool", "needs labels"], None),
+    ("datagen/pool-split-of-labelled-data", DATAGEN + ["--split", "pool", "--model", "{base.pt}", "--out", "OUT:c.h5"],
+     ["labelled"], None),
     ("certify/other-dataset", CERTIFY + ["--dataset", "npz:{other.npz}", "--surrogate", "{surrogate.pt}",
                                          "--calibration", "{calibration.json}", "--out", "OUT:h.tsv"],
      ["computed on 'digits'"], None),

@@ -187,6 +187,7 @@ def _load(args: argparse.Namespace):
 
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    data.require_labels("the results file (its label and correct columns: certified accuracy)")
     device = args.shard.device(args.device)
     loaded = load_model(args.model, device=device, num_classes=data.num_classes, input_shape=data.input_shape)
     sigma = args.sigma if args.sigma is not None else loaded.sigma
@@ -281,6 +282,7 @@ def run_deterministic(args: argparse.Namespace) -> int:
 
     check_new_outputs(args, *results_paths(args.out))
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    data.require_labels("the results file (its label and correct columns: certified accuracy)")
     loaded = load_model(args.model, device=args.device, num_classes=data.num_classes, input_shape=data.input_shape)
     certifier = DeterministicCertifier(loaded.model, args.method, max_radius=args.max_radius)
     certificates = certify_split(data, lambda x, idx: certifier.certify(x, idx), DETERMINISTIC_CHUNK,

@@ -12,7 +12,11 @@ from __future__ import annotations
 SPLITS = ("train", "surrogate", "cal", "test")
 """``data_gen.datasets.SPLITS``."""
 
-DATASET_HELP = "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH"
+ALL_SPLITS = SPLITS + ("pool",)
+"""``data_gen.datasets.ALL_SPLITS``."""
+
+DATASET_HELP = ("digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
+                "npz:PATH without y, images:FOLDER")
 """``data_gen.datasets.DATASET_HELP``."""
 
 ARCHITECTURES = ("mlp", "resnet18", "small_cnn")
@@ -37,7 +41,7 @@ GUARANTEES = ("marginal", "pac", "issued")
 CALIBRATION_METHODS = ("conformal", "ltt")
 """``calibration.conformal.METHODS``."""
 
-SCORES = ("residual", "shifted")
+SCORES = ("residual", "shifted", "shaped")
 """``calibration.conformal.SCORES``."""
 
 SHIFT_BINS = 8
@@ -70,6 +74,7 @@ BENCH_QUICK_TEST_LIMIT = 10
 COPIES = {
     "SPLITS": ("data_gen.datasets", "SPLITS"),
     "DATASET_HELP": ("data_gen.datasets", "DATASET_HELP"),
+    "ALL_SPLITS": ("data_gen.datasets", "ALL_SPLITS"),
     "NOISE_SCHEMES": ("surrogate_cert.core.smoothing", "NOISE_SCHEMES"),
     "NOISE_SCHEME": ("surrogate_cert.core.smoothing", "NOISE_SCHEME"),
     "NOISE_SCHEME_SOUND": ("surrogate_cert.core.smoothing", "NOISE_SCHEME_SOUND"),

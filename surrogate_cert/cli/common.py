@@ -12,7 +12,7 @@ from ..core import __version__
 from ..core.errors import SurrogateCertError, check_radius, check_seed
 from ..core.files import check_outputs
 from ..core.signing import ENV_KEY, ENV_KEY_FILE, resolve_key
-from .choices import DATASET_HELP, NOISE_ALIASES, NOISE_SCHEME, NOISE_SCHEME_SOUND, NOISE_SCHEMES, SPLITS
+from .choices import ALL_SPLITS, DATASET_HELP, NOISE_ALIASES, NOISE_SCHEME, NOISE_SCHEME_SOUND, NOISE_SCHEMES
 
 if TYPE_CHECKING:
     from data_gen.distributed import Shard
@@ -31,7 +31,8 @@ def add_parser(sub, name: str, help: str, example_cmd: str) -> argparse.Argument
 
 def add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = "test") -> None:
     p.add_argument("--dataset", default="digits", help=f"{DATASET_HELP} (default digits, embedded)")
-    p.add_argument("--split", default=split_default, choices=SPLITS, required=split_default is None)
+    p.add_argument("--split", default=split_default, choices=ALL_SPLITS, required=split_default is None,
+                   help="train, surrogate, cal, test; pool for an unlabeled source (npz without y, images:FOLDER)")
     add_data_root_args(p)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
 

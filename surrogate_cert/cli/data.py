@@ -38,6 +38,9 @@ def register(sub) -> None:
                         "cheapest on a CPU), resnet18 (default above 28x28)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default: 25 for small sets, else 15)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of initialisation, shuffling and noise")
+    p.add_argument("--splits", default="train",
+                   help="comma-separated splits to train on: train (default) or train,surrogate (every training "
+                        "image, as most users' own models are; then train the surrogate on an unlabeled pool)")
     add_device_arg(p)
     add_data_root_args(p)
     add_progress_arg(p)
@@ -90,7 +93,8 @@ def run_train_base(args: argparse.Namespace) -> int:
     metrics = train_base(dataset=args.dataset, sigma=args.sigma, out=args.out, epochs=args.epochs, seed=args.seed,
                          arch=args.arch,
                          data_root=args.data_root, device=args.device, progress=not args.no_progress,
-                         download=args.download, overwrite=args.overwrite, key=key)
+                         download=args.download, overwrite=args.overwrite, key=key,
+                         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()))
     print(f"saved {args.out}: {metrics['arch']} on {metrics['dataset']}, noisy test accuracy "
           f"{metrics['noisy_test_accuracy']:.3f} at sigma {metrics['sigma']} (clean {metrics['clean_test_accuracy']:.3f}), "
           f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s, sha256 {metrics['sha256'][:12]}")

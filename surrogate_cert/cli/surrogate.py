@@ -42,10 +42,10 @@ def register(sub) -> None:
                    "the base model the counts were made with",
                    "surrogate-cert train --counts train.h5 --out surrogate.pt   (starts from the counts' base model)")
     p.add_argument("--counts", required=True, nargs="+", metavar="H5",
-                   help="one or more counts files (from datagen) of one dataset, sigma and base model, ~100 samples "
-                        "per image, as many images as you can: the surrogate split (images the base model never saw) "
-                        "when it is large (torchvision sets: 10,000), the train split on small sets (digits); "
-                        "calibrate refuses calibration images the surrogate was trained on")
+                   help="one or more counts files (from datagen) of one sigma and base model: best the surrogate "
+                        "split (many images x ~100 samples) and unlabeled pools of images the base model never saw "
+                        "(datagen --split pool), optionally the train split or a query log of the hybrid's fallback; "
+                        "calibrate refuses calibration images the surrogate was trained on (by index and content)")
     p.add_argument("--out", required=True, help="surrogate checkpoint to write (.pt); refused if it exists")
     add_overwrite_arg(p)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
@@ -140,6 +140,18 @@ def register(sub) -> None:
                    help="required l2 radius for every input, fixed before seeing them: inputs the surrogate does not "
                         "certify at it go to the fallback in target-radius mode")
     p.add_argument("--tolerance", type=float, default=0.01, help="best-radius policy tolerance (l2 units)")
+    p.add_argument("--price", type=float, default=None, metavar="P",
+                   help="priced best-radius rule of the fallback: stop when the radius more samples are expected to "
+                        "add is worth less than P (l2 units) per 1,000 samples")
+    p.add_argument("--refine", action="store_true",
+                   help="also sample one-pass best radii that sampling is expected to raise at --price (the "
+                        "surrogate as prior); a refined input reports the sequential certificate (per-input alpha)")
+    p.add_argument("--combine", choices=("max", "sequential"), default="max",
+                   help="what a refined input reports: the larger of the two radii (default; the hybrid's marginal "
+                        "bound epsilon + alpha_mc + alpha), or the sequential certificate alone (per-input alpha)")
+    p.add_argument("--radius-of-interest", type=float, default=None, metavar="R",
+                   help="the largest radius worth sampling for (l2 units): the fallback's best-radius rules and "
+                        "--refine count no gain above it")
     add_device_args(p)
     add_noise_scheme_arg(p, "default: the calibration's; a scheme of the other family is refused")
     add_progress_arg(p)
@@ -233,8 +245,11 @@ def run_certify(args: argparse.Namespace) -> int:
         args.surrogate, args.calibration, base_model=args.model, alpha=args.alpha, max_samples=args.max_samples,
         fallback=args.fallback, tolerance=args.tolerance, device=device, batch_size=args.batch_size,
         seed=args.seed, key=key, noise_scheme=args.noise_scheme, off_grid="quantise",
+        price=args.price, refine=args.refine, combine=args.combine,
+        radius_of_interest=args.radius_of_interest,
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
+    data.require_labels("the results file (its label and correct columns: certified accuracy)")
     calibration = hybrid.calibration
     check_dataset_fits(args.dataset, data, hybrid, split=args.split)
     device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
@@ -244,6 +259,8 @@ def run_certify(args: argparse.Namespace) -> int:
         alpha_mc=calibration.alpha_mc, alpha=args.alpha, guarantee=calibration.guarantee,
         calibration_method=calibration.method, groups=calibration.groups, fallback=args.fallback,
         target_radius=args.target_radius, max_samples=args.max_samples, seed=args.seed, device=str(device),
+        price=args.price, refine=args.refine, combine=args.combine if args.refine else None,
+        radius_of_interest=args.radius_of_interest,
         surrogate_sha256=calibration.surrogate_sha256, calibration=args.calibration,
         calibration_signature=f"verified (key id {key_id(key)})" if key is not None else "not checked (no key configured)",
         noise_scheme=(hybrid.sequential.smooth.noise_scheme if hybrid.sequential is not None
@@ -259,7 +276,8 @@ def run_certify(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes the merged results
     code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
     methods = Counter(c.method for c in certificates)
-    print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain")))
+    print("by method: " + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain"))
+          + (f"; refined {sum(c.route == 'refined' for c in certificates)}" if args.refine else ""))
     return code
 
 

@@ -23,10 +23,11 @@ COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 
 TSV_COLUMNS = COHEN_COLUMNS + ("method", "n_samples", "stop_time", "p_lower", "route")
 
-ROUTES = ("direct", "surrogate", "fallback", "required_radius", "drift_alarm", "audit_alarm")
+ROUTES = ("direct", "surrogate", "fallback", "required_radius", "drift_alarm", "audit_alarm", "refined")
 """Why a certificate took its path (``Certificate.route``): ``direct`` (a certifier called by itself),
 or the hybrid's reason: ``surrogate`` (the one-pass radius sufficed, or no fallback), ``fallback`` (the
 one-pass radius was not positive), ``required_radius`` (it was below the required radius),
+``refined`` (a positive one-pass best radius that sampling was expected to raise at the price),
 ``drift_alarm`` / ``audit_alarm`` (a deployment watcher had raised its alarm: the one-pass
 certificate was not trusted)."""
 

@@ -43,7 +43,7 @@ from .smoothing import check_images, noise_indices
 __all__ = ["SurrogateCertifier", "GROUPINGS", "SCORES", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
            "all_group_keys", "group_offsets", "bin_shifts", "deployed_radius", "required_thresholds",
            "certified_at_required", "required_radii", "check_required_radius", "never_certifying_groups",
-           "SMALL_BATCH", "intra_op_threads"]
+           "SMALL_BATCH", "intra_op_threads", "shaped_radius"]
 
 SMALL_BATCH = 1024
 """``threads="auto"``: batches of fewer images than this run the surrogate with one intra-op thread.
@@ -139,10 +139,12 @@ def _check_threads(threads) -> int | str | None:
 GROUPINGS = ("none", "class", "confidence")
 """Mondrian groupings: one pooled group, one group per predicted class, or confidence bins."""
 
-SCORES = ("residual", "shifted")
-"""Conformity scores of the best-radius calibration: ``residual`` ``R~ - y`` (one offset per group), or
+SCORES = ("residual", "shifted", "shaped")
+"""Conformity scores of the best-radius calibration: ``residual`` ``R~ - y`` (one offset per group),
 ``shifted`` ``R~ - t_b - y`` with per-bin offsets ``t_b`` fitted on a tuning part of the calibration split
-(bins of ``z~``, edges and offsets stored in ``score_params``) and one conformal shift ``q^``."""
+(bins of ``z~``, edges and offsets stored in ``score_params``) and one conformal shift ``q^``, or ``shaped``
+``z~ - g(r+(y))``: required-radius thresholds ``g`` fitted on a tuning part, one conformal shift ``c`` in
+``z~`` units (``score_params``: ``grid``, ``shape``, ``shift``; ``calibration.shaped``)."""
 
 POOLED = "all"
 """Group key of the pooled (whole calibration set) offset."""
@@ -363,8 +365,27 @@ def deployed_radius(calibration, predicted, p_tilde, z=None) -> np.ndarray:
     """
     if z is None:
         z = stats.probit_of_probability(p_tilde)
+    if (getattr(calibration, "score", "residual") or "residual") == "shaped":
+        return shaped_radius(calibration, z)
     offsets = group_offsets(calibration, predicted, p_tilde, z=z) + bin_shifts(calibration, z)
     return np.atleast_1d(stats.calibrated_radius(p_tilde, calibration.sigma, calibration.radius_cap, offsets))
+
+
+def shaped_radius(calibration, z) -> np.ndarray:
+    """``R^`` of a ``shaped``-score calibration: the largest grid radius ``r`` with ``z~ > g(r) + c``, else 0.
+
+    ``stats.shaped_radius`` with the ``grid``, ``shape`` and ``shift`` stored in ``score_params``
+    (``calibration.shaped``); l2 input units, 0 = no certificate.
+
+    Raises
+    ------
+    InvalidParameterError
+        If the calibration lacks them.
+    """
+    params = getattr(calibration, "score_params", None) or {}
+    if not all(k in params for k in ("grid", "shape", "shift")):
+        raise InvalidParameterError("a shaped-score calibration must store grid, shape and shift; re-run calibrate")
+    return np.atleast_1d(stats.shaped_radius(z, params["grid"], params["shape"], params["shift"]))
 
 
 def required_thresholds(calibration, required_radius) -> np.ndarray:

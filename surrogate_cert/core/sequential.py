@@ -32,7 +32,7 @@ from .errors import InvalidParameterError, check_count, check_probability
 from .smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier, check_images, noise_indices
 
 __all__ = ["EProcessCertifier", "GeometricSchedule", "DEFAULT_SCHEDULE", "POLICIES", "CLASS_CHOICES", "PRIORS",
-           "TRUNCATED_WEIGHT", "default_schedule"]
+           "TRUNCATED_WEIGHT", "GIVE_UPS", "default_schedule"]
 
 POLICIES = ("best_radius", "target_radius")
 CLASS_CHOICES = ("pilot", "per_class")
@@ -45,7 +45,12 @@ KT = (0.5, 0.5)
 """The Krichevsky-Trofimov prior Beta(1/2, 1/2): the input-agnostic prior of the best-radius policy."""
 TRUNCATED_WEIGHT = 0.9
 """Weight of the component above ``p0`` in the truncated prior: it costs log(1/0.9) = 0.1 nats of
-evidence to certify, and log(1/0.1) = 2.3 nats to give up (the component below ``p0``)."""
+evidence to certify (the component below ``p0`` keeps the confidence sequence informative there)."""
+GIVE_UPS = ("dedicated", "mixture")
+"""When target mode gives up. ``dedicated`` (default): a one-sided test of ``p < p0`` of its own
+(``stats.give_up_test`` with ``stats.give_up_prior``) at the full ``alpha``, beside the certifying test.
+``mixture`` (version 0.3): when the certifying mixture's evidence shows ``p < p0`` or its upper end falls
+below ``p0``; its lower component holds a tenth of the prior, so giving up pays log(10) = 2.3 nats more."""
 
 _CHUNK_ELEMENTS = 1 << 20
 """Per-sample statistics are evaluated over chunks of inputs of at most this many (sample, class) cells."""
@@ -234,6 +239,19 @@ class EProcessCertifier:
         tolerance rule alone (which also stays in force with a price).
     truncated_weight : float
         Weight of the upper component of the truncated prior, in (0, 1]; default ``TRUNCATED_WEIGHT``.
+    give_up : "dedicated" or "mixture"
+        How a target-radius input gives up (``GIVE_UPS``): a stopping rule, so certificates keep their
+        guarantee either way; with ``dedicated`` a wrong give-up (``p >= Phi(r*/sigma)``) also has
+        probability at most the give-up level.
+    radius_of_interest : float, optional
+        The largest radius worth sampling for, input l2 units: the best-radius rules (tolerance and price)
+        count no gain above it, so a run stops once it certifies it. A stopping rule only; None (default):
+        every radius counts.
+    give_up_alpha : float, optional
+        Level of the dedicated give-up test, in (0, 1); default each input's ``alpha`` (then the decision
+        "is p >= Phi(r*/sigma)?" is wrong with probability at most ``alpha`` whichever way it goes). A
+        wrong give-up is an abstention, never a wrong certificate: this level trades samples for
+        accuracy only.
     """
 
     def __init__(
@@ -251,6 +269,9 @@ class EProcessCertifier:
         schedule: GeometricSchedule | Sequence[int] | None = None,
         price: float | None = None,
         truncated_weight: float = TRUNCATED_WEIGHT,
+        give_up: str = "dedicated",
+        give_up_alpha: float | None = None,
+        radius_of_interest: float | None = None,
     ):
         self.smooth = smooth
         self.alpha = check_probability("alpha", alpha)
@@ -288,6 +309,16 @@ class EProcessCertifier:
         self.truncated_weight = float(truncated_weight)
         if not 0.0 < self.truncated_weight <= 1.0:
             raise InvalidParameterError(f"truncated_weight must lie in (0, 1], got {truncated_weight}")
+        if give_up not in GIVE_UPS:
+            raise InvalidParameterError(f"give_up must be one of {', '.join(GIVE_UPS)}, got {give_up!r}")
+        self.give_up = give_up
+        self.give_up_alpha = None if give_up_alpha is None else check_probability("give_up_alpha", give_up_alpha)
+        if radius_of_interest is not None:
+            radius_of_interest = float(radius_of_interest)
+            if not 0 < radius_of_interest < np.inf:
+                raise InvalidParameterError(f"radius_of_interest must be a finite radius > 0 (input l2 units), got "
+                                            f"{radius_of_interest}")
+        self.radius_of_interest = radius_of_interest
 
     @staticmethod
     def _check_radius(r):
@@ -342,6 +373,15 @@ class EProcessCertifier:
                 for arr, new in zip(prior, (ta, tb, tw, tlo, thi)):
                     arr[has] = new
         return prior
+
+    def _baseline_array(self, baseline_radius, num: int) -> np.ndarray | None:
+        """``Phi(baseline / sigma)`` per input (0 where none or <= 0), or None when no baseline is given."""
+        if baseline_radius is None:
+            return None
+        arr = np.nan_to_num(_per_input("baseline_radius", baseline_radius, num), nan=0.0)
+        if np.any(np.isinf(arr)):
+            raise InvalidParameterError("baseline_radius must be finite (input l2 units), or NaN / <= 0 for none")
+        return np.where(arr > 0, stats.p_threshold(np.maximum(arr, 0.0), self.smooth.sigma), 0.0)
 
     def _alpha_array(self, alpha, num: int) -> np.ndarray:
         arr = _per_input("alpha", self.alpha if alpha is None else alpha, num)
@@ -426,6 +466,7 @@ class EProcessCertifier:
         target_radius=None,
         alpha=None,
         indices: Sequence[int] | np.ndarray | None = None,
+        baseline_radius=None,
     ) -> list[Certificate]:
         """Certify each input of ``x`` (``N x C x H x W``, pixels in [0, 1]) sequentially.
 
@@ -456,6 +497,11 @@ class EProcessCertifier:
             Error probability, scalar or one value per input, each in (0, 1); default the constructor's.
         indices : sequence of int or numpy.ndarray, optional
             Each input's noise name (default ``0..N-1``).
+        baseline_radius : float or array_like, optional
+            A radius the caller already holds for the input (input l2 units; e.g. the hybrid's one-pass
+            ``R^`` when it refines it): the best-radius rules count only gains above it, so a run stops once
+            sampling cannot beat it at the price, or the tolerance. A stopping rule only: the certificate
+            is this run's own, whatever the baseline.
 
         Returns
         -------
@@ -491,8 +537,12 @@ class EProcessCertifier:
         prior_arrays = self._prior_arrays(prior, num, threshold)
         if num == 0:
             return []
+        baseline = self._baseline_array(baseline_radius, num)
         present = prior_arrays[2].max(axis=0) > 0  # drop components no input uses (KT alone: one)
         prior_arrays = tuple(v[:, present] for v in prior_arrays)
+        # The give-up test's prior on [0, p0] (a dummy [0, 1/2] where no target is asked: never read there)
+        # and its level (one test per tracked class, as the certifying test).
+        give_up = stats.give_up_prior(np.where(np.isnan(threshold), 0.5, threshold))
         k = self.smooth.num_classes
         per_class = classes is None and self.class_choice == "per_class"
         if per_class and prior is not None:
@@ -513,6 +563,7 @@ class EProcessCertifier:
         # One confidence sequence per tracked class: 1 (the chosen class) or K at alpha / K each.
         width = k if per_class else 1
         alpha_cs = alpha_arr / width
+        give_up = (give_up, alpha_cs if self.give_up_alpha is None else np.full(num, self.give_up_alpha / width))
         budget = self.max_samples
         state = _State(successes=np.zeros((num, width)), drawn=np.zeros(num, dtype=np.int64),
                        lower=np.zeros((num, width)), upper=np.ones((num, width)),
@@ -535,7 +586,7 @@ class EProcessCertifier:
                                                    start=state.drawn[act])
             for rows in _chunks(len(act), preds.shape[1] * width):
                 self._advance(act[rows], preds[rows], step[rows], state, chosen, per_class, threshold, alpha_cs,
-                              prior_arrays, cap, budget)
+                              prior_arrays, cap, budget, give_up, baseline)
             active[act[state.stop[act] >= 0]] = False
             seconds[act] += (time.perf_counter() - tick) * step / max(step.sum(), 1)
             round_ += 1
@@ -632,7 +683,8 @@ class EProcessCertifier:
             lo = np.where(open_ & ~fires, mid, lo)
         return np.maximum(hi, 1)
 
-    def _advance(self, rows, preds, step, state, chosen, per_class, threshold, alpha_cs, prior, cap, budget):
+    def _advance(self, rows, preds, step, state, chosen, per_class, threshold, alpha_cs, prior, cap, budget,
+                 give_up_prior=None, baseline=None):
         """Fold one round's per-sample outcomes of ``rows`` into the state; fire the stopping rule."""
         n_rows, width_b = preds.shape
         if per_class:
@@ -662,19 +714,26 @@ class EProcessCertifier:
             thr3 = thr[tr][:, None, None]
             decision = stats.threshold_test(s[tr], t3[tr], thr3, a3[tr], m[tr])
             certified[tr] = np.logical_or.accumulate(decision == 1, axis=1) | state.certified[rows[tr]][:, None, :]
-            ruled_out = np.logical_or.accumulate(decision == -1, axis=1) | (upper[tr] < thr3)
+            down = None
+            if give_up_prior is not None:
+                prior_down, alpha_down = give_up_prior
+                down = (tuple(v[rows[tr]][:, None, None, :] for v in prior_down), alpha_down[rows[tr]][:, None, None])
+            ruled_out = self._gives_up(s[tr], t3[tr], thr3, a3[tr], decision, upper[tr], down)
             # Even if every sample agreed until the budget, the test could not fire: give up now.
             hopeless = (t3[tr] - s[tr]) >= state.hopeless_failures[rows[tr]][:, None, None]
             fire[tr] |= certified[tr].any(axis=2) | (ruled_out | hopeless).all(axis=2)
         best = ~has_target
         if np.any(best):
             br = np.flatnonzero(best)
-            r_lower = stats.radius(best_lower[br], self.smooth.sigma, slack=state.slack)
-            gap = stats.radius(np.minimum(best_upper[br], cap[rows[br]][:, None]), self.smooth.sigma,
-                               slack=state.slack) - r_lower
+            # Gains count above what the caller already holds (the baseline, a probability; 0 for none).
+            base = np.zeros(len(br)) if baseline is None else baseline[rows[br]]
+            r_lower = stats.radius(np.maximum(best_lower[br], base[:, None]), self.smooth.sigma, slack=state.slack)
+            reach = np.minimum(best_upper[br], np.minimum(cap[rows[br]], self._interest_p())[:, None])
+            gap = stats.radius(reach, self.smooth.sigma, slack=state.slack) - r_lower
             fire[br] |= gap <= self.tolerance
             if self.price is not None:
-                fire[br] |= ~self._worth_more(s[br], t3[br], lower[br], a3[br], tuple(v[br] for v in p3), budget)
+                fire[br] |= ~self._worth_more(s[br], t3[br], np.maximum(lower[br], base[:, None, None]), a3[br],
+                                              tuple(v[br] for v in p3), budget)
 
         fire &= valid
         fired = fire.any(axis=1)
@@ -687,6 +746,28 @@ class EProcessCertifier:
         at_stop = np.where(fired, first, last)
         state.certified[rows] = certified[np.arange(n_rows), at_stop]
         state.stop[rows] = np.where(fired, state.drawn[rows] - step + first + 1, -1)
+
+    def _interest_p(self) -> float:
+        """``Phi(radius_of_interest / sigma)``: the bound on ``p`` past which no radius counts (1 without one)."""
+        if self.radius_of_interest is None:
+            return 1.0
+        return float(stats.p_threshold(self.radius_of_interest, self.smooth.sigma))
+
+    def _gives_up(self, s, t, p0, alpha, decision, upper, give_up) -> np.ndarray:
+        """Where a target-radius input gives up, at each index (``GIVE_UPS``); accumulated along the samples.
+
+        ``dedicated``: the one-sided test of ``p < p0`` (``stats.give_up_test``) with its own prior
+        ``give_up[0]`` at its level ``give_up[1]`` (default the input's ``alpha``: under ``p >= p0`` it
+        fires with at most that probability). ``mixture``: the certifying mixture shows ``p < p0``
+        (``decision == -1``) or its upper end lies below ``p0``.
+        """
+        if self.give_up == "dedicated" and give_up is not None:
+            prior, level = give_up
+            # Its own evidence, not the certifying test's seam (log_marginal): the give-up test is a stopping
+            # rule and has a test of its own (tests/test_give_up_test_soundness.py).
+            fires = stats.give_up_test(s, t, p0, level, stats.beta_mixture_log_marginal(s, t, *prior))
+            return np.logical_or.accumulate(np.asarray(fires, dtype=bool), axis=1)
+        return np.logical_or.accumulate(decision == -1, axis=1) | (upper < p0)
 
     def _worth_more(self, s, t, lower, alpha, prior, budget) -> np.ndarray:
         """The priced rule at every index: True where some look-ahead is worth its price.
@@ -713,6 +794,8 @@ class EProcessCertifier:
             s_ahead, t_ahead = stats.lookahead_counts(flat_s[cells], flat_t[cells], ahead[cells])
             m = self.log_marginal(s_ahead, t_ahead, tuple(v[r] for v in prior_rows))
             lower_ahead, _ = self.confidence_sequence(s_ahead, t_ahead, alpha_rows[r], m)
+            # Radii above the radius of interest are worth nothing (no cap: _interest_p() is 1).
+            lower_ahead = np.minimum(lower_ahead, self._interest_p())
             gain = stats.radius_gain(flat_lower[cells], lower_ahead, self.smooth.sigma)
             worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], self.price)
         return worth.reshape(shape).any(axis=2)

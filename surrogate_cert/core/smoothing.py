@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from . import stats
-from .errors import (InvalidInputError, InvalidParameterError, ModelError, check_count, check_positive, check_seed,
+from .errors import (InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed,
                      check_sigma)
 from .grid_noise import GRID_LEVELS, GridTable, grid_table
 from .philox import BLOCK_SAMPLES, check_keys, fill_keyed_normal

@@ -29,6 +29,8 @@ __all__ = [
     "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
     "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
     "radius_prior", "sample_floor",
+    # the give-up side of the target test, and the hybrid's refinement of best radii (issue 21)
+    "GIVE_UP_B0", "give_up_prior", "give_up_test", "refine_gain", "shaped_scores", "shaped_radius",
     "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
     "prior_log_evidence",
     # split conformal
@@ -723,6 +725,88 @@ def sample_floor(alpha, target_radius, sigma: float):
     return _scalar_or_array(-np.log(_check_alpha(alpha)) / -np.log(p0))
 
 
+GIVE_UP_B0 = 1e-3
+"""``b`` of the give-up prior ``Beta(1, b)``: close to 0, so its density is about ``1 / (1 - q)``."""
+
+
+def give_up_prior(p0, b0: float = GIVE_UP_B0):
+    """Prior of the dedicated give-up test of ``p < p0``: ``Beta(1, b0)`` restricted to ``[0, p0]``.
+
+    Its density is about ``1 / (1 - q)``: the failure rate ``1 - q`` is log-uniform on ``[1 - p0, 1]``,
+    so an input just below the threshold (the costly case: ``1 - p`` a few times ``1 - p0``) gets as
+    much prior mass as one far below it, where KT puts little. Validity needs only that it is fixed
+    before sampling (``p0`` from the requested radius). Returns ``(a, b, weights, support_lo,
+    support_hi)`` with one component on the last axis, for ``beta_mixture_log_marginal``.
+
+    Parameters
+    ----------
+    p0 : float or array_like
+        ``Phi(r* / sigma)`` per input, clipped into ``[1e-12, 1 - 1e-12]``.
+    b0 : float
+        The second Beta parameter (> 0, small).
+
+    Examples
+    --------
+    >>> a, b, weights, lo, hi = give_up_prior([0.9772])
+    >>> a.tolist(), b.tolist(), weights.tolist(), lo.tolist(), hi.tolist()
+    ([[1.0]], [[0.001]], [[1.0]], [[0.0]], [[0.9772]])
+    """
+    b0 = check_positive("give-up prior b0", b0)
+    p0 = np.asarray(p0, dtype=float)
+    if np.any(~np.isfinite(p0)):
+        raise InvalidParameterError("truncation point p0 must be finite (Phi(target_radius / sigma))")
+    p0 = np.clip(p0, 1e-12, 1 - 1e-12)[..., None]
+    one = np.ones(p0.shape)
+    return one.copy(), b0 * one, one.copy(), np.zeros(p0.shape), p0
+
+
+def give_up_test(s, t, p0, alpha, log_marginal):
+    """Where the one-sided test of ``H0: p >= p0`` rejects: give up on certifying ``p >= p0``.
+
+    ``E_t = m_t / (p0^s (1 - p0)^(t - s))``, with ``m_t = log_marginal`` the mixture likelihood of a
+    prior on ``[0, p0]`` (``give_up_prior``), is a product of per-sample factors whose mean is
+    ``p q / p0 + (1 - p)(1 - q) / (1 - p0) <= 1`` for every ``q <= p0`` and ``p >= p0``: a non-negative
+    supermartingale under ``H0``, so ``P(E_t >= 1/alpha for some t) <= alpha`` (Ville). The test fires
+    where ``E_t >= 1/alpha`` and ``s / t < p0``. It decides when to stop and never makes a certificate;
+    the certifying test (``threshold_test``) runs beside it at the full ``alpha`` too, with no split:
+    under any ``p`` only one of the two errors is possible (certifying needs ``p < p0``, giving up
+    wrongly ``p >= p0``), so the decision is wrong with probability at most ``alpha`` either way.
+
+    Parameters
+    ----------
+    s, t : array_like
+        Successes and draws.
+    p0 : float or array_like
+        The threshold ``Phi(r* / sigma)``.
+    alpha : float or array_like
+        Level of the give-up test, in (0, 1).
+    log_marginal : array_like
+        ``beta_mixture_log_marginal(s, t, *give_up_prior(p0))``.
+
+    Returns
+    -------
+    bool or numpy.ndarray
+        True where the test fires (give up).
+
+    Examples
+    --------
+    >>> p0 = 0.9772
+    >>> s = np.array([80, 95, 100])
+    >>> m = beta_mixture_log_marginal(s, 100, *(v[0] for v in give_up_prior([p0])))
+    >>> give_up_test(s, 100, p0, 0.001, m).tolist()
+    [True, False, False]
+    """
+    s = np.asarray(s, dtype=float)
+    t = np.asarray(t, dtype=float)
+    p0 = np.asarray(p0, dtype=float)
+    inside = (p0 > 0) & (p0 < 1)
+    q = np.where(inside, p0, 0.5)
+    strong = inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = (t > 0) & (s < p0 * t)
+    return _scalar_or_array(strong & below)
+
+
 def lookahead_counts(s, t, lookahead):
     """Counts expected after ``lookahead`` more draws under the plug-in estimate: ``(s', t')``.
 
@@ -794,6 +878,58 @@ def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5,
     m = beta_mixture_log_marginal(s_ahead, t_ahead, a, b, weights, support_lo, support_hi)
     lower_ahead, _ = confidence_sequence_ends(s_ahead, t_ahead, m, alpha)
     return radius_gain(lower_now, lower_ahead, sigma)
+
+
+def refine_gain(p_tilde, horizons, radius_now, alpha, sigma: float, a=0.5, b=0.5, weights=None, support_lo=0.0,
+                support_hi=1.0):
+    """Radius ``h`` sequential samples are expected to add to ``radius_now``, before any is drawn.
+
+    The certainty equivalent of the surrogate's prediction: ``h`` draws of which ``h p~`` succeed; ``L``
+    is the confidence sequence's lower end there (the sequential certifier's prior and ``alpha``), and the
+    gain is ``radius_gain(Phi(radius_now / sigma), L, sigma)``. The hybrid refines a one-pass radius only
+    where some horizon's gain beats its price (``priced_continue``): a routing decision made from the
+    surrogate's output alone, so it touches no guarantee.
+
+    Parameters
+    ----------
+    p_tilde : array_like
+        The surrogate's probability of its class, per input (``N``).
+    horizons : array_like of int
+        Samples considered, ``N x H`` or ``H`` (shared).
+    radius_now : array_like
+        The radius already held per input (e.g. the one-pass ``R^``; <= 0 for none), input l2 units.
+    alpha : float or array_like
+        Error probability of the sequential certificate.
+    sigma : float
+        Noise level.
+    a, b, weights, support_lo, support_hi : optional
+        The sequential prior, as ``beta_mixture_log_marginal`` takes it; per-input arrays have a row per
+        input and the components on the last axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``N x H`` gains, input l2 units (>= 0).
+
+    Examples
+    --------
+    >>> refine_gain([0.99999, 0.9], [100, 1000], [0.25, 0.25], 0.001, 0.25).round(3).tolist()
+    [[0.08, 0.323], [0.0, 0.01]]
+    """
+    p = np.clip(_as_floats(p_tilde, "p_tilde").reshape(-1), 0.0, 1.0)
+    h = np.broadcast_to(np.asarray(horizons, dtype=float), (p.size, np.shape(horizons)[-1])).astype(float)
+    now = np.broadcast_to(_as_floats(radius_now, "radius_now").reshape(-1), p.shape)
+    prior = [np.asarray(v, dtype=float) for v in (a, b)]
+    extra = [None if weights is None else np.asarray(weights, dtype=float),
+             np.asarray(support_lo, dtype=float), np.asarray(support_hi, dtype=float)]
+    if weights is not None:  # per-input mixtures: rows x components -> rows x 1 x components
+        prior = [v[:, None, :] if v.ndim == 2 else v for v in prior]
+        extra = [v[:, None, :] if v is not None and v.ndim == 2 else v for v in extra]
+    s = h * p[:, None]
+    m = beta_mixture_log_marginal(s, h, prior[0], prior[1], *extra)
+    lower, _ = confidence_sequence_ends(s, h, m, alpha)
+    now_p = np.where(now > 0, np.asarray(p_threshold(np.maximum(now, 0.0), sigma)), 0.0)
+    return np.asarray(radius_gain(now_p[:, None], lower, sigma), dtype=float).reshape(p.size, -1)
 
 
 def priced_horizons(t, budget: int):
@@ -1516,6 +1652,50 @@ def threshold_scores(z, reference, target_radius: float):
     z = _as_floats(z, "z")
     reference = _as_floats(reference, "reference")
     return np.where(reference < float(target_radius), z, -np.inf)
+
+
+def _shape_table(shape) -> np.ndarray:
+    """A shape (one threshold per grid radius, None / nan = never) as floats with ``+inf``, then ``+inf`` past the grid."""
+    return np.array([np.inf if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in shape]
+                    + [np.inf])
+
+
+def shaped_scores(z, reference, grid, shape):
+    """Scores of the ``shaped`` best radius: ``z~_i - g(r+(y_i))``, ``r+(y)`` the first grid radius above ``y``.
+
+    The best radius ``R(x) = max{r in grid : z~ > g(r) + c}`` (``shaped_radius``), with a non-decreasing
+    shape ``g`` fixed before these points are seen (fitted on other points), exceeds ``y`` iff it
+    certifies ``r+(y)``, i.e. iff ``z~ - g(r+(y)) > c``. So ``c`` = the conformal quantile of these scores
+    (rank ``ceil((m + 1)(1 - epsilon))``) makes ``P(R > y) <= epsilon`` for an exchangeable test point, one
+    shift for every radius at once; ``-inf`` where ``y`` is at or beyond the grid's end or ``g`` is ``+inf``
+    there (never wrong).
+
+    Examples
+    --------
+    >>> shaped_scores([3.0, 2.0, 1.0], [0.3, 0.05, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 1.0, 1.5, None]).tolist()
+    [-inf, 1.5, -inf]
+    """
+    z = _as_floats(z, "z")
+    grid = _as_floats(grid, "grid")
+    table = _shape_table(shape)
+    above = np.searchsorted(grid, _as_floats(reference, "reference") + 1e-12, side="left")
+    return z - table[np.minimum(above, len(grid))]
+
+
+def shaped_radius(z, grid, shape, shift):
+    """The ``shaped`` best radius: the largest grid radius ``r`` with ``z~ > g(r) + shift``, else 0 (l2 units).
+
+    Examples
+    --------
+    >>> shaped_radius([0.5, 1.2, 3.0], [0.1, 0.2, 0.3], [0.0, 1.0, None], 0.1).tolist()
+    [0.1, 0.2, 0.2]
+    """
+    z = _as_floats(z, "z").reshape(-1)
+    grid = _as_floats(grid, "grid")
+    table = _shape_table(shape)[:-1] + (np.inf if shift is None else float(shift))
+    # g is non-decreasing, so the radii certified form a prefix of the grid.
+    count = np.searchsorted(np.maximum.accumulate(table), z, side="left")
+    return np.where(count > 0, grid[np.maximum(count - 1, 0)], 0.0)
 
 
 TOPUP_PRIOR = ((0.5, 1.0), (0.5, 0.01), (0.5, 0.5))

@@ -46,9 +46,26 @@ from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
 __all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHEDULE", "fallback_certifier", "DriftMonitor",
-           "CertificateAudit"]
+           "CertificateAudit", "COMBINES", "refine_horizons"]
 
 FALLBACKS = ("eprocess", "none")
+
+COMBINES = ("max", "sequential")
+"""How a refined best radius is reported (``HybridCertifier(refine=True)``). ``max`` (default): the larger of
+the one-pass ``R^`` and the sequential radius; it is wrong when either is, so the marginal bound
+``epsilon + alpha_mc + alpha`` holds for it (a union bound: the hybrid's bound for every certificate), and no
+per-input one. ``sequential``: once sampling starts the certificate is the sequential certifier's alone,
+wrong with probability at most ``alpha`` for that input whatever the one-pass radius was; it loses the
+one-pass radius where sampling stopped below it (the surrogate's ``p~`` promised more than the samples
+showed)."""
+
+
+def refine_horizons(max_samples: int) -> np.ndarray:
+    """Look-ahead sizes weighed before refining a one-pass radius: 16, 32, 64, ... below ``max_samples``, then it."""
+    sizes = [16]
+    while sizes[-1] * 2 < max_samples:
+        sizes.append(sizes[-1] * 2)
+    return np.array(sizes + [int(max_samples)], dtype=np.int64)
 
 FALLBACK_SCHEDULE = DEFAULT_SCHEDULE
 """The fallback's rounds: the sequential certifier's default ``GeometricSchedule`` (16 samples, then
@@ -65,6 +82,7 @@ def fallback_certifier(
     tolerance: float = 0.01,
     schedule: GeometricSchedule | Sequence[int] = FALLBACK_SCHEDULE,
     price: float | None = None,
+    radius_of_interest: float | None = None,
 ) -> EProcessCertifier:
     """The deployed hybrid's sequential fallback: what ``HybridCertifier.load`` builds (and the bench runs).
 
@@ -82,6 +100,8 @@ def fallback_certifier(
         Rounds; default ``FALLBACK_SCHEDULE``.
     price : float, optional
         Priced best-radius rule (radius per 1,000 samples); None for the tolerance rule alone.
+    radius_of_interest : float, optional
+        The largest radius worth sampling for (``EProcessCertifier``), input l2 units.
 
     Returns
     -------
@@ -94,7 +114,7 @@ def fallback_certifier(
         If a parameter is out of range.
     """
     return EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance, schedule=schedule,
-                             price=price)
+                             price=price, radius_of_interest=radius_of_interest)
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -122,6 +142,16 @@ class HybridCertifier:
     among issued certificates), for each ``r*`` fixed before the inputs are seen in required-radius mode;
     a sequential one with probability at most ``alpha``, for each input.
 
+    Refining best radii (``refine=True``, needs a fallback with a ``price``): an input the surrogate
+    certifies in best-radius mode is also sampled where, before any sample is drawn, the radius the
+    sequential certifier is expected to reach beyond ``R^`` (``stats.refine_gain``: the certainty equivalent
+    of the surrogate's ``p~`` under its own prior) is worth its price at some horizon
+    (``stats.priced_continue``); the run then counts only gains above ``R^`` (``baseline_radius``). The
+    decision reads the surrogate's output only and the prior is fixed before sampling, so the sequential
+    certificate keeps its per-input ``alpha``. ``combine`` (``COMBINES``) says what is reported: the larger
+    of the two radii (default; the marginal bound ``epsilon + alpha_mc + alpha``), or the sequential
+    certificate alone (per-input ``alpha``). Route ``refined``.
+
     Parameters
     ----------
     surrogate_certifier : SurrogateCertifier
@@ -134,10 +164,19 @@ class HybridCertifier:
         Fed the surrogate's class and ``p~`` of every query, in order (``deploy.monitor``).
     audit : CertificateAudit, optional
         Re-checks a random share of the queries the one-pass path handles.
+    refine : bool, optional
+        Refine one-pass best radii by sampling where it is worth the fallback's ``price``.
+    combine : {"max", "sequential"}, optional
+        What a refined input reports (``COMBINES``).
     """
 
     def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None, monitor: DriftMonitor | None = None,
-                 audit: CertificateAudit | None = None):
+                 audit: CertificateAudit | None = None, *, refine: bool = False, combine: str = "max"):
+        if combine not in COMBINES:
+            raise InvalidParameterError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if refine and (sequential is None or getattr(sequential, "price", None) is None):
+            raise InvalidParameterError("refining best radii needs the sequential fallback with a price (--price P: the "
+                                        "radius, input l2 units, worth 1,000 samples)")
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
         if sequential is not None:  # the offsets hold for the law of the calibration counts: never the other family
@@ -146,6 +185,8 @@ class HybridCertifier:
                              "draw it with the calibration's noise scheme")
         self.monitor = monitor
         self.audit = audit
+        self.refine = bool(refine)
+        self.combine = combine
         self.alarm_reason: str | None = None
 
     @property
@@ -181,6 +222,9 @@ class HybridCertifier:
         audit_delta: float = DEFAULT_DELTA,
         noise_scheme: str | None = None,
         off_grid: str = "refuse",
+        refine: bool = False,
+        combine: str = "max",
+        radius_of_interest: float | None = None,
     ) -> "HybridCertifier":
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
@@ -248,6 +292,13 @@ class HybridCertifier:
         off_grid : {"refuse", "quantise"}, optional
             The sound scheme only: what the fallback does with inputs off the 1/255 grid
             (``SmoothedClassifier``).
+        refine : bool, optional
+            Refine one-pass best radii where sampling is worth ``price`` (see the class docstring).
+        combine : {"max", "sequential"}, optional
+            What a refined input reports (``COMBINES``).
+        radius_of_interest : float, optional
+            The largest radius worth sampling for, input l2 units (the fallback's best-radius rules and the
+            refining decision count no gain above it).
 
         Returns
         -------
@@ -256,8 +307,8 @@ class HybridCertifier:
         Raises
         ------
         InvalidParameterError
-            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule`` or ``price`` is invalid, or
-            ``fallback="eprocess"`` comes without ``base_model``.
+            If ``fallback``, ``alpha``, ``max_samples``, ``tolerance``, ``schedule``, ``price`` or ``combine`` is
+            invalid, ``fallback="eprocess"`` comes without ``base_model``, or ``refine`` without a price.
         ModelError
             If the surrogate or the base model cannot be loaded, the base model is not the one the
             surrogate's training counts were made with, or it fails on the surrogate's input shape or
@@ -295,12 +346,12 @@ class HybridCertifier:
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
         if fallback == "eprocess":
             sequential = fallback_certifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
-                                            schedule=schedule, price=price)
+                                            schedule=schedule, price=price, radius_of_interest=radius_of_interest)
         certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
         monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
         audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
                                                                  delta=audit_delta, seed=seed)
-        return cls(certifier, sequential, monitor, audit)
+        return cls(certifier, sequential, monitor, audit, refine=refine, combine=combine)
 
     def recalibrate(self, calibration) -> None:
         """The explicit reset after an alarm: certify with ``calibration`` from now on; the watchers restart on it.
@@ -325,6 +376,70 @@ class HybridCertifier:
         monitor = None if self.monitor is None else DriftMonitor.from_calibration(calibration, **self.monitor.options)
         audit = None if self.audit is None else CertificateAudit(calibration, self.audit.smooth, **self.audit.options)
         self.surrogate_certifier, self.monitor, self.audit, self.alarm_reason = certifier, monitor, audit, None
+
+    def replace_surrogate(self, surrogate: Surrogate, calibration) -> None:
+        """Certify with a new surrogate and its own calibration from now on; the watchers restart on it.
+
+        For learning from the fallback (``workflows.learning``): a surrogate retrained on queries the
+        fallback sampled, recalibrated on the untouched calibration split. Given the queries it was trained
+        on, the calibration images and the queries still to come are exchangeable, so its calibration holds
+        for them; the new drift monitor's reference is the new calibration's sample seen through the new
+        surrogate (each restart is a new test with its own false-alarm probability).
+
+        Parameters
+        ----------
+        surrogate : Surrogate
+            The new surrogate (same sigma, classes and input shape).
+        calibration : Calibration or path
+            Its calibration; refused (``CalibrationError``) if made for another surrogate.
+
+        Raises
+        ------
+        CalibrationError
+            If the calibration belongs to another surrogate or cannot be read.
+        InvalidParameterError
+            If the new surrogate differs in sigma, class count or input shape.
+        """
+        old = self.surrogate
+        if (not np.isclose(surrogate.sigma, old.sigma) or surrogate.num_classes != old.num_classes
+                or tuple(surrogate.input_shape) != tuple(old.input_shape)):
+            raise InvalidParameterError("the new surrogate must have the old one's sigma, classes and input shape")
+        if not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration)
+        threads = self.surrogate_certifier.threads
+        self.surrogate_certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
+        self.recalibrate(calibration)
+
+    def worth_refining(self, p_tilde, radius) -> np.ndarray:
+        """Which one-pass best radii sampling is expected to raise at the fallback's price (before any sample).
+
+        For each input, the gain ``stats.refine_gain`` over ``refine_horizons`` (the surrogate's ``p~`` and
+        prior, the fallback's ``alpha``) against the cost ``price * h / 1000`` (``stats.priced_continue``).
+
+        Parameters
+        ----------
+        p_tilde : array_like
+            The surrogate's probability of its class, per input.
+        radius : array_like
+            The one-pass radius ``R^`` per input, input l2 units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Boolean, one per input.
+        """
+        p_tilde = np.asarray(p_tilde, dtype=float).reshape(-1)
+        if p_tilde.size == 0 or self.sequential is None or self.sequential.price is None:
+            return np.zeros(p_tilde.size, dtype=bool)
+        seq = self.sequential
+        horizons = refine_horizons(seq.max_samples)
+        prior = stats.surrogate_prior(p_tilde, self.surrogate.kappa, self.surrogate.w)
+        gains = stats.refine_gain(p_tilde, horizons, radius, seq.alpha, self.surrogate.sigma, *prior)
+        roi = getattr(seq, "radius_of_interest", None)
+        if roi is not None:  # no radius above the radius of interest is worth anything
+            now = np.maximum(np.asarray(radius, dtype=float), 0.0)[:, None]
+            gains = np.maximum(np.minimum(now + gains, roi) - now, 0.0)
+        return np.asarray(stats.priced_continue(gains, horizons[None, :], seq.price), dtype=bool).reshape(-1)
 
     def _watch(self, x, classes, p_tilde, radius, idx, z=None) -> tuple[int, np.ndarray]:
         """Feed the watchers; returns the first query of the batch not to trust (``len`` if none) and
@@ -430,10 +545,16 @@ class HybridCertifier:
 
         with np.errstate(invalid="ignore"):
             enough = trusted & (radius > 0) & (np.isnan(required) | (radius >= required))
+        refine = np.zeros(num, dtype=bool)
+        if self.refine and self.sequential is not None:
+            asked = np.flatnonzero(enough & np.isnan(required))
+            refine[asked] = self.worth_refining(p_tilde[asked], radius[asked])
+            enough &= ~refine
         if self.sequential is None:
             route = np.where(trusted, "surrogate", self.alarm_reason or "")
         else:
-            route = np.where(enough, "surrogate", np.where(radius > 0, "required_radius", "fallback"))
+            route = np.where(enough, "surrogate", np.where(refine, "refined",
+                                                           np.where(radius > 0, "required_radius", "fallback")))
             route = np.where(trusted, route, self.alarm_reason or "")
         out: list[Certificate | None] = [make(i, per_input) if ok else None for i, ok in enumerate(enough)]
         rest = np.flatnonzero(~enough)
@@ -441,12 +562,17 @@ class HybridCertifier:
             prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)
             fallback = self.sequential.certify(
                 x[rest], classes=classes[rest], prior=prior, target_radius=required[rest], indices=idx[rest],
+                baseline_radius=np.where(refine[rest], radius[rest], np.nan) if refine.any() else None,
             )
             for i, cert in zip(rest, fallback):
                 # Both certificates are valid; keep the larger radius (the sequential one unless the
                 # surrogate's, below the required radius, is still larger; in threshold mode it is 0).
                 # After an alarm the surrogate's radius is not trusted: the sequential certificate stands alone.
-                if not trusted[i] or (cert.radius > 0 and cert.radius >= radius[i]):
+                # A refined input reports the sequential certificate alone unless combine="max".
+                sequential_wins = cert.radius > 0 and cert.radius >= radius[i]
+                if refine[i] and self.combine == "sequential":
+                    sequential_wins = True
+                if not trusted[i] or sequential_wins:
                     out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
                                                  seconds=cert.seconds + per_input)
                 else:

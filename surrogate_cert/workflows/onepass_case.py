@@ -71,6 +71,7 @@ class OnePassConfig:
     model: str | None = None
     base_arch: str | None = "mlp"
     base_epochs: int | None = None
+    base_splits: tuple[str, ...] = ("train",)
     sigma: float = 0.25
     surrogate_n: int = 100
     surrogate_limit: int | None = None
@@ -227,13 +228,17 @@ class OnePassBench:
         if cfg.model is not None:
             return cfg.model
         key = dict(dataset=cfg.dataset, arch=cfg.base_arch, sigma=cfg.sigma, epochs=cfg.base_epochs, seed=cfg.seed)
+        if tuple(cfg.base_splits) != ("train",):  # the key of a base model on the train split stays as it was
+            key["splits"] = list(cfg.base_splits)
         path = self.cache / "models" / f"base-{cfg.dataset}-{cfg.base_arch or 'default'}-{_key(key)[:10]}.pt"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.say(f"      train-base --dataset {cfg.dataset} --arch {cfg.base_arch or 'default'} (on the train split only)")
+            self.say(f"      train-base --dataset {cfg.dataset} --arch {cfg.base_arch or 'default'} "
+                     f"(on the {' + '.join(cfg.base_splits)} split{'s' if len(cfg.base_splits) > 1 else ''})")
             self.timed("train-base", lambda: train_base(dataset=cfg.dataset, sigma=cfg.sigma, out=str(path),
                                                         epochs=cfg.base_epochs, seed=cfg.seed, data_root=cfg.data_root,
-                                                        device=cfg.device, progress=self.progress, arch=cfg.base_arch))
+                                                        device=cfg.device, progress=self.progress, arch=cfg.base_arch,
+                                                        splits=cfg.base_splits))
         return str(path)
 
     def counts(self, model: str, split: str, n: int, n0: int = 0, limit: int | None = None) -> Path:
@@ -299,7 +304,8 @@ class OnePassBench:
         x = counts.images(self.cfg.data_root)
         prediction, _, radius = stats.cohen_certify(counts.counts_select, counts.counts, self.cfg.alpha, counts.sigma,
                                                     slack=counts.radius_slack)
-        return OnePassData(x, counts.labels, counts.indices, counts.counts, counts.n, prediction, radius)
+        labels = counts.require_labels("the one-pass case's certified accuracy", test)
+        return OnePassData(x, labels, counts.indices, counts.counts, counts.n, prediction, radius)
 
 
 def sha256_of(path) -> str:

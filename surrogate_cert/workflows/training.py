@@ -14,7 +14,9 @@ import time
 import numpy as np
 import torch
 
+from data_gen.datasets import dataset_key
 from data_gen.models import load_model
+from data_gen.query_log import is_query_log, read_query_log
 from data_gen.store import CountsMismatchError, check_counts_for, index_ranges, read_counts
 
 from ..core.architectures import CHECKPOINT_FILE_KINDS, check_finite_weights, export_program, load_checkpoint
@@ -27,7 +29,7 @@ from ..core.errors import (
     check_seed,
 )
 from ..core.files import check_outputs, sniff
-from ..core.hashing import sha256_file
+from ..core.hashing import IMAGE_HASH_RULE, image_hashes, pack_hashes, sha256_file
 from ..core.signing import resolve_key
 from ..core.smoothing import NOISE_SCHEME_V2
 from ..core.surrogate import Surrogate
@@ -60,9 +62,11 @@ def train_surrogate(
     """Train a surrogate on one or more counts files and save it to ``out``; returns it.
 
     ``counts_path`` is one counts file or a list of them (e.g. the ``surrogate`` split, optionally with
-    the ``train`` split): of one dataset, sigma, class count, image shape and base model, complete,
-    with no image twice. Rows may hold different sample numbers (the soft label of a row is
-    ``counts / its sum``). The images are read from the dataset and split each file records.
+    the ``train`` split; an unlabeled pool's counts; a query log of the hybrid's fallback samples,
+    ``data_gen.query_log``): of one sigma, class count, image shape and base model, complete, with no
+    dataset index twice within a dataset. Files may come from different sources (a pool beside a split).
+    Rows may hold different sample numbers (the soft label of a row is ``counts / its sum``). The images
+    are read from the dataset and split each file records (a query log holds its own).
     ``init_from_base`` (any base model spec, or ``"auto"``: the one the counts were made with) starts
     the surrogate from the base model: the measured best flow (on MNIST the surrogate's class then
     agrees with the Monte Carlo majority on 99.6% of calibration points, against 98.0% from scratch).
@@ -116,8 +120,9 @@ def train_surrogate(
     Surrogate
         The trained surrogate; its ``meta`` records each counts file (``counts_files``), base model,
         training and prior-tuning provenance, and the dataset indices of every image it was trained
-        on (``train_index_ranges``, as ``data_gen.store.index_ranges``), which ``calibrate`` keeps
-        out of the calibration.
+        on (``train_index_ranges`` for the first file's dataset, ``train_index_ranges_by_dataset`` for
+        each, as ``data_gen.store.index_ranges``) and their content hashes (``image_hashes``,
+        ``core.hashing.pack_hashes``), which ``calibrate`` keeps out of the calibration.
 
     Raises
     ------
@@ -147,22 +152,9 @@ def train_surrogate(
     paths = [counts_path] if isinstance(counts_path, (str, os.PathLike)) else list(counts_path)
     if not paths:
         raise InvalidInputError("give at least one counts file to train on")
-    files = [read_counts(p) for p in paths]
+    files = [read_query_log(p) if is_query_log(p) else read_counts(p) for p in paths]
     attrs = files[0].attrs
-    try:
-        for path, counts_file in zip(paths, files):
-            check_counts_for(counts_file, path, dataset=str(attrs["dataset"]), sigma=float(attrs["sigma"]),
-                             num_classes=int(attrs["num_classes"]), input_shape=attrs["input_shape"],
-                             model_sha256=attrs.get("model_sha256"), complete=True, key=secret,
-                             noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2)
-    except CountsMismatchError as exc:
-        raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
-    indices = np.concatenate([f.indices for f in files])
-    if len(np.unique(indices)) != len(indices):
-        raise InvalidInputError("the training counts files share images (the same dataset index twice); give each "
-                                "split once")
-    if len(indices) < 2:
-        raise InvalidInputError(f"{', '.join(map(str, paths))} hold {len(indices)} rows; a surrogate needs at least 2")
+    _check_training_files(paths, files, secret)
     images = torch.cat([f.images(data_root) for f in files])
     # Soft labels: each row's counts over its own sample number, so files of different n mix.
     counts = np.concatenate([f.counts for f in files])
@@ -188,8 +180,8 @@ def train_surrogate(
     tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
     surrogate.tune_prior(images[tune_rows], counts[tune_rows])
     last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
-    file_records = [dict(path=os.path.abspath(p), sha256=sha256_file(p), split=str(f.attrs["split"]), rows=len(f),
-                         n=int(f.attrs["n"])) for p, f in zip(paths, files)]
+    file_records = [dict(path=os.path.abspath(p), sha256=sha256_file(p), dataset=str(f.attrs["dataset"]),
+                         split=str(f.attrs["split"]), rows=len(f), n=int(f.attrs["n"])) for p, f in zip(paths, files)]
     splits = "+".join(dict.fromkeys(r["split"] for r in file_records))
     surrogate.meta = dict(
         dataset=str(attrs["dataset"]),
@@ -197,8 +189,8 @@ def train_surrogate(
         counts_sha256=file_records[0]["sha256"],
         counts_files=file_records,
         counts_n=int(attrs["n"]) if len(files) == 1 else max(r["n"] for r in file_records),
-        counts_rows=int(len(indices)),
-        train_index_ranges=index_ranges(indices),
+        counts_rows=int(len(counts)),
+        **_training_images_record(files, images),
         base_model_sha256=attrs.get("model_sha256"),
         noise_scheme=attrs.get("noise_scheme"),  # calibrate and certify refuse counts of the other family
         seed=int(seed),
@@ -232,6 +224,51 @@ def check_training_options(*, lr: float | None, batch_size: int, epochs: int | N
     check_seed(seed)
     if not 0 <= holdout < 1:
         raise InvalidParameterError(f"holdout must be a share in [0, 1), got {holdout}")
+
+
+def _check_training_files(paths, files, secret: bytes | None) -> None:
+    """Refuse training files that disagree (sigma, classes, image shape, base model), are incomplete, repeat a
+    dataset index within one dataset, or hold fewer than 2 rows in all. Sources may differ."""
+    attrs = files[0].attrs
+    try:
+        for path, counts_file in zip(paths, files):
+            check_counts_for(counts_file, path, sigma=float(attrs["sigma"]), num_classes=int(attrs["num_classes"]),
+                             input_shape=attrs["input_shape"], model_sha256=attrs.get("model_sha256"), complete=True,
+                             key=secret, noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2)
+    except CountsMismatchError as exc:
+        raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
+    for key, indices in _indices_by_dataset(files, logs=False).items():
+        if len(np.unique(indices)) != len(indices):
+            raise InvalidInputError(f"the training counts files share images of {key} (the same dataset index twice); "
+                                    "give each split once")
+    total = sum(len(f) for f in files)
+    if total < 2:
+        raise InvalidInputError(f"{', '.join(map(str, paths))} hold {total} rows; a surrogate needs at least 2")
+
+
+def _indices_by_dataset(files, logs: bool = True) -> dict[str, np.ndarray]:
+    """Dataset indices per dataset (canonical key): counts files by their dataset, query logs (with ``logs``)
+    by the source their known indices refer to."""
+    out: dict[str, list] = {}
+    for f in files:
+        if f.attrs.get("split") == "queries":
+            source = f.attrs.get("source_dataset")
+            if logs and source:
+                out.setdefault(dataset_key(source), []).append(f.indices[f.indices >= 0])
+            continue
+        out.setdefault(dataset_key(str(f.attrs["dataset"])), []).append(f.indices)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _training_images_record(files, images: torch.Tensor) -> dict:
+    """What ``calibrate`` reads to keep the training images out of a calibration: index ranges (the first
+    file's dataset; every dataset) and the content hash of every image."""
+    by_dataset = _indices_by_dataset(files)
+    first = dataset_key(str(files[0].attrs["dataset"]))
+    return dict(train_index_ranges=index_ranges(by_dataset.get(first, np.zeros(0, np.int64))),
+                train_index_ranges_by_dataset={k: index_ranges(v) for k, v in by_dataset.items()},
+                image_hashes=pack_hashes(image_hashes(images)), image_hash_rule=IMAGE_HASH_RULE)
+
 
 
 def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, device):
