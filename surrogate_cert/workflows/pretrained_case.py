@@ -76,7 +76,7 @@ class PretrainedConfig:
         (0.02, "max", 2.0), (0.05, "max", 2.0), (0.1, "max", 2.0))
     """Refining rules: (price in sigma per 1,000 samples, combine, radius of interest in sigma or None)."""
     refine_max_samples: int = 2000
-    required_budgets: tuple[int, ...] = (10_000, 7000, 2000)
+    required_budgets: tuple[int, ...] = (10_000, 8500, 7000, 2000)
     """Sequential budgets of the required-radius fallback: the default, and one that trades accuracy at the
     boundary (inputs whose ``p`` is too close to ``Phi(r*/sigma)`` to decide in the budget) for samples."""
 
