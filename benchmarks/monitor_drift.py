@@ -15,7 +15,7 @@ there on the first run), with the calibration reference of the calibration file:
   timed in alternating chunks, and the resident memory before and after.
 
     python benchmarks/monitor_drift.py --digits-dir surrogate-cert-quickstart \\
-        --mnist-dir /tmp/mnist-monitor --data-root ../shared/data --counts-dir /work/spike10/cache
+        --mnist-dir /tmp/mnist-monitor --data-root ../shared/data --counts-dir COUNTS_DIR
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--digits-dir", default="surrogate-cert-quickstart",
                    help="folder with surrogate.pt and calibration.json ('' to skip digits)")
     p.add_argument("--mnist-dir", default=None, help="folder for the MNIST surrogate (made on the first run)")
-    p.add_argument("--counts-dir", default="/work/spike10/cache", help="MNIST base_mlp_state.pt and counts files")
+    p.add_argument("--counts-dir", required=True, help="folder of the MNIST base_mlp_state.pt and counts files")
     p.add_argument("--data-root", default=None, help="torchvision data root (MNIST)")
     p.add_argument("--null-runs", type=int, default=200)
     p.add_argument("--shift-runs", type=int, default=20)

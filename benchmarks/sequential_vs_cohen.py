@@ -10,8 +10,8 @@ surrogate) and in best-radius mode (tolerance, priced rule at several prices). W
 (``--out``) and one PNG per dataset beside it; prints the Markdown tables.
 
     nice -n 10 python benchmarks/sequential_vs_cohen.py --datasets linear,digits --out pareto.json
-    nice -n 10 python benchmarks/sequential_vs_cohen.py --datasets mnist --data-root /work/shared/data \\
-        --mnist-model /work/spike10/cache/base_mlp.ts --mnist-limit 500 --out pareto_mnist.json
+    nice -n 10 python benchmarks/sequential_vs_cohen.py --datasets mnist --data-root ../shared/data \\
+        --mnist-model BASE_MLP.ts --mnist-limit 500 --out pareto_mnist.json
 """
 from __future__ import annotations
 
