@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--digits-dir", default="surrogate-cert-quickstart",
                    help="folder with surrogate.pt and calibration.json ('' to skip digits)")
     p.add_argument("--mnist-dir", default=None, help="folder for the MNIST surrogate (made on the first run)")
-    p.add_argument("--counts-dir", required=True, help="folder of the MNIST base_mlp_state.pt and counts files")
+    p.add_argument("--counts-dir", default=None, help="folder of the MNIST base_mlp_state.pt and counts files "
+                   "(needed with --mnist-dir)")
     p.add_argument("--data-root", default=None, help="torchvision data root (MNIST)")
     p.add_argument("--null-runs", type=int, default=200)
     p.add_argument("--shift-runs", type=int, default=20)
@@ -286,6 +287,8 @@ def main(argv=None) -> int:
         if args.soak:
             result["soak_digits"] = soak(surrogate, calibration, test, args.soak)
     if args.mnist_dir:
+        if not args.counts_dir:
+            p.error("--mnist-dir needs --counts-dir (the MNIST base model's state and counts files)")
         m_surrogate, m_calibration, notes = mnist_surrogate(args.mnist_dir, args.counts_dir, args.data_root)
         m_test = load_split("mnist", "test", data_root=args.data_root)
         result["mnist"] = evaluate("mnist", m_surrogate, m_calibration, m_test, max(20, args.null_runs // 4),
