@@ -61,26 +61,33 @@ def differences(a, b) -> list[float]:
     return [round(100 * (x - y), 2) for x, y in zip(a, b)]
 
 
-def onepass_rows(float_json: str, sound_json: str, sigma_max: float) -> dict:
-    """Certified accuracy of every one-pass and hybrid row of both runs, at the radii they report (<= sigma_max)."""
-    runs = {name: json.loads(Path(p).read_text()) for name, p in (("float", float_json), ("sound", sound_json))}
-    sigma = runs["float"]["setup"]["sigma"]
+def onepass_rows(float_json: str, sound_json: str, sigma_max: float, names: tuple[str, str] = ("float", "sound")) -> dict:
+    """Certified accuracy of every one-pass and hybrid row of both runs, at the radii they report (<= sigma_max).
+
+    ``names`` label the two runs in the keys (``float``, ``sound``, ``sound_minus_float_pp`` by default)."""
+    first, second = names
+    runs = {name: json.loads(Path(p).read_text()) for name, p in ((first, float_json), (second, sound_json))}
+    rows = _paired_rows(runs, first, second, sigma_max)
+    return rows
+
+
+def _paired_rows(runs: dict, first: str, second: str, sigma_max: float) -> dict:
+    key = f"{second}_minus_{first}_pp"
+    sigma = runs[first]["setup"]["sigma"]
     out = {}
     for section in ("one_pass", "hybrid"):
-        for eps, schemes in runs["float"][section].items():
+        for eps, schemes in runs[first][section].items():
             for scheme, row in schemes.items():
-                other = runs["sound"][section][eps][scheme]
+                other = runs[second][section][eps][scheme]
                 radii = [r for r in row["certified_accuracy"] if float(r) <= sigma_max * sigma + 1e-12]
                 a = [row["certified_accuracy"][r] for r in radii]
                 b = [other["certified_accuracy"][r] for r in radii]
-                out[f"{section} {scheme} eps={eps}"] = dict(radii=[float(r) for r in radii], float=a, sound=b,
-                                                           sound_minus_float_pp=differences(b, a))
+                out[f"{section} {scheme} eps={eps}"] = {"radii": [float(r) for r in radii], first: a, second: b,
+                                                        key: differences(b, a)}
     cohen = {name: runs[name]["cohen_10k"]["certified_accuracy"] for name in runs}
-    radii = [r for r in cohen["float"] if float(r) <= sigma_max * sigma + 1e-12]
-    out["cohen_10k (one-pass runs)"] = dict(radii=[float(r) for r in radii], float=[cohen["float"][r] for r in radii],
-                                            sound=[cohen["sound"][r] for r in radii],
-                                            sound_minus_float_pp=differences([cohen["sound"][r] for r in radii],
-                                                                             [cohen["float"][r] for r in radii]))
+    radii = [r for r in cohen[first] if float(r) <= sigma_max * sigma + 1e-12]
+    a, b = [cohen[first][r] for r in radii], [cohen[second][r] for r in radii]
+    out["cohen_10k (one-pass runs)"] = {"radii": [float(r) for r in radii], first: a, second: b, key: differences(b, a)}
     return out
 
 
@@ -116,6 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1", help="noise seeds (the first matches the one-pass runs)")
     p.add_argument("--sigma-max", type=float, default=3.0, help="compare up to this radius, in sigmas")
     p.add_argument("--onepass", nargs=2, default=None, metavar=("FLOAT_JSON", "SOUND_JSON"))
+    p.add_argument("--onepass-floor", default=None, metavar="FLOAT_SEED1_JSON",
+                   help="a float run differing from FLOAT_JSON by its noise seed alone (onepass_mnist.py --noise-seed 1): "
+                        "the one-pass pipeline's Monte Carlo noise floor")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -146,6 +156,11 @@ def main(argv=None) -> int:
         worst = max(abs(v) for row in content["onepass"].values() for v in row["sound_minus_float_pp"])
         content["onepass_max_abs_sound_minus_float_pp"] = worst
         content["onepass_within_goal"] = worst <= GOAL_PP
+        if args.onepass_floor:
+            floor = onepass_rows(args.onepass[0], args.onepass_floor, args.sigma_max, names=("float", "float_seed1"))
+            content["onepass_floor"] = floor
+            content["onepass_floor_max_abs_pp"] = max(abs(v) for row in floor.values()
+                                                      for v in row["float_seed1_minus_float_pp"])
     content["markdown"] = markdown(content)
     print(content["markdown"], file=sys.stderr)
     text = json.dumps(content, indent=2)

@@ -70,13 +70,17 @@ def main(argv=None) -> int:
                    help="project (default): the base model never saw the surrogate split; pretrained: it saw every "
                         "training image, the surrogate learns from unlabeled pools")
     p.add_argument("--sigma", type=float, default=None, help="noise level (default 0.25)")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed of the counts' and the fallback's noise only (base model and surrogate training keep 0): "
+                        "two runs differing here measure the Monte Carlo noise floor")
     args = p.parse_args(argv)
     if args.case == "pretrained":
         return run_pretrained_case(args)
     cfg = SIZES[args.size or ("digits" if args.dataset == "digits" else "cpu")]
     changes = dict(dataset=args.dataset if args.size != "tiny" else cfg.dataset)
     for name, value in (("data_root", args.data_root), ("model", args.model), ("device", args.device),
-                        ("cal_topup", args.cal_topup), ("noise_scheme", args.noise_scheme)):
+                        ("cal_topup", args.cal_topup), ("noise_scheme", args.noise_scheme),
+                        ("noise_seed", args.noise_seed)):
         if value is not None:
             changes[name] = value
     if args.test_limit is not None:

@@ -103,6 +103,13 @@ class OnePassConfig:
     batch_size: int = 4096
     device: str = "cpu"
     noise_scheme: str = NOISE_SCHEME
+    noise_seed: int | None = None
+    """Seed of every count's and fallback sample's noise (default ``seed``); the base model and the surrogate's
+    training keep ``seed``, so two runs that differ here differ by the Monte Carlo noise alone."""
+
+    @property
+    def sampling_seed(self) -> int:
+        return self.seed if self.noise_seed is None else self.noise_seed
 
 
 ONEPASS_MNIST_CPU = OnePassConfig()
@@ -244,14 +251,14 @@ class OnePassBench:
     def counts(self, model: str, split: str, n: int, n0: int = 0, limit: int | None = None) -> Path:
         cfg = self.cfg
         sha = load_model(model, device="cpu").sha256
-        key = counts_key(cfg.dataset, split, sha, cfg.sigma, n, n0, cfg.seed, limit, cfg.noise_scheme)
+        key = counts_key(cfg.dataset, split, sha, cfg.sigma, n, n0, cfg.sampling_seed, limit, cfg.noise_scheme)
 
         def make(path: Path) -> None:
             self.say(f"      datagen {split}: {'all' if limit is None else limit} images x {n:,}"
                      + (f" (+ {n0} selection)" if n0 else ""))
             self.timed(f"datagen {split}", lambda: generate_counts(
-                cfg.dataset, split, model, cfg.sigma, n, str(path), n0=n0, batch_size=cfg.batch_size, seed=cfg.seed,
-                limit=limit, device=cfg.device, data_root=cfg.data_root, progress=self.progress,
+                cfg.dataset, split, model, cfg.sigma, n, str(path), n0=n0, batch_size=cfg.batch_size,
+                seed=cfg.sampling_seed, limit=limit, device=cfg.device, data_root=cfg.data_root, progress=self.progress,
                 resume=path.exists(), command="bench one-pass case", noise_scheme=cfg.noise_scheme))
 
         return cached_counts(self.cache, key, make, self.extra, self.say)
@@ -417,7 +424,7 @@ def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, 
     """The hybrid on the test images, its sequential fallback run on the base model (best radius, or target
     mode at ``required``): certified accuracy, ACR, mean base-model evaluations per query, seconds."""
     smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
-                                seed=cfg.seed, noise_scheme=cfg.noise_scheme, off_grid="quantise")
+                                seed=cfg.sampling_seed, noise_scheme=cfg.noise_scheme, off_grid="quantise")
     hybrid = HybridCertifier(SurrogateCertifier(surrogate, calibration),
                              EProcessCertifier(smooth, cfg.alpha, max_samples=cfg.max_samples, tolerance=cfg.tolerance))
     t0 = time.perf_counter()
