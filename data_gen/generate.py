@@ -6,6 +6,7 @@ so the file's counts depend neither on ``batch_size``, nor on how often the job 
 resumed, nor on how many torchrun processes shared it: a resumed or merged file is identical to one
 written in a single run.
 """
+
 from __future__ import annotations
 
 import math
@@ -206,8 +207,10 @@ def generate_counts(
     """
     shard = shard or SINGLE
     if shard.distributed and overwrite and not resume:
-        raise InvalidParameterError("--overwrite is not supported under torchrun: remove the old file (and its "
-                                    "shards) first, or continue it with --resume")
+        raise InvalidParameterError(
+            "--overwrite is not supported under torchrun: remove the old file (and its "
+            "shards) first, or continue it with --resume"
+        )
 
     secret = resolve_key(key)
 
@@ -229,15 +232,37 @@ def generate_counts(
         here = shard.device(device)
         loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
         data = _with_class_count(data, loaded, here)
-        smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
-                                    amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
-                                    compile=compile, input_shape=data.input_shape, off_grid="quantise")
+        smooth = SmoothedClassifier(
+            loaded.model,
+            data.num_classes,
+            sigma,
+            device=here,
+            batch_size=batch_size,
+            amp=amp,
+            seed=seed,
+            noise_scheme=scheme,
+            channels_last=channels_last,
+            compile=compile,
+            input_shape=data.input_shape,
+            off_grid="quantise",
+        )
         check_model_fits(smooth, data.x[:1], model_spec)
         attrs = {
-            "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
-            "dataset": data.dataset, "split": split, "limit": limit, "model_sha256": loaded.sha256,
-            "model_source": loaded.source, "package_version": __version__, "noise_scheme": scheme,
-            "device_type": smooth.device.type, "amp": smooth.amp, "input_shape": list(data.input_shape),
+            "sigma": sigma,
+            "n": n,
+            "n0": n0,
+            "num_classes": data.num_classes,
+            "seed": int(seed),
+            "dataset": data.dataset,
+            "split": split,
+            "limit": limit,
+            "model_sha256": loaded.sha256,
+            "model_source": loaded.source,
+            "package_version": __version__,
+            "noise_scheme": scheme,
+            "device_type": smooth.device.type,
+            "amp": smooth.amp,
+            "input_shape": list(data.input_shape),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": (command or "generate_counts()")
             + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
@@ -252,8 +277,9 @@ def generate_counts(
     if not shard.distributed:
         data, _, smooth, attrs = setup()
         check_no_shards(out)
-        with CountsWriter.open(out, indices=data.indices, labels=_labels(data), attrs=attrs, resume=resume,
-                               overwrite=overwrite) as writer:
+        with CountsWriter.open(
+            out, indices=data.indices, labels=_labels(data), attrs=attrs, resume=resume, overwrite=overwrite
+        ) as writer:
             _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
         sign_counts(out, secret)
         return os.fspath(out)
@@ -264,13 +290,15 @@ def generate_counts(
     labels = _labels(data)
     job_lock = None
     try:
+
         def preflight() -> bool:
             nonlocal job_lock
             if not shard.is_main:
                 return False
             job_lock = lock_counts_file(out)
-            return check_sharded_job(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs,
-                                     resume=resume)
+            return check_sharded_job(
+                out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, resume=resume
+            )
 
         done, error = _first_error(preflight)
         shard.agree(error)
@@ -279,8 +307,11 @@ def generate_counts(
                 remove_shards(out, shard.world_size)  # left over if a merge was cut short after linking out
                 sign_counts(out, secret, lock_held=True)
             return os.fspath(out)
-        writer, error = _first_error(lambda: open_shard(out, shard.rank, shard.world_size, indices=data.indices,
-                                                        labels=labels, attrs=attrs, resume=resume))
+        writer, error = _first_error(
+            lambda: open_shard(
+                out, shard.rank, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, resume=resume
+            )
+        )
         try:
             shard.agree(error)
         except BaseException:
@@ -288,11 +319,18 @@ def generate_counts(
                 writer.close()
             raise
         with writer:
-            print(f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
-                  f"committed, counting {writer.total - writer.committed}", file=sys.stderr, flush=True)
-            mine = replace(data, x=data.x[torch.as_tensor(positions)],
-                           y=None if data.y is None else data.y[torch.as_tensor(positions)],
-                           indices=data.indices[positions])
+            print(
+                f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
+                f"committed, counting {writer.total - writer.committed}",
+                file=sys.stderr,
+                flush=True,
+            )
+            mine = replace(
+                data,
+                x=data.x[torch.as_tensor(positions)],
+                y=None if data.y is None else data.y[torch.as_tensor(positions)],
+                indices=data.indices[positions],
+            )
             _fill(writer, smooth, mine, n, n0, smooth.batch_size, commit_seconds, progress and shard.is_main)
         shard.barrier()
         if shard.is_main:
@@ -332,13 +370,23 @@ def _check_amp(smooth: SmoothedClassifier, data) -> float:
     shares = smooth.amp_disagreement(data.x[:rows], AMP_CHECK_SAMPLES, indices=data.indices[:rows])
     worst = float(shares.max())
     if worst > AMP_TOLERANCE:
-        raise ModelError(f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
-                         f"(tolerance {AMP_TOLERANCE:.0%}); run without --amp")
+        raise ModelError(
+            f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
+            f"(tolerance {AMP_TOLERANCE:.0%}); run without --amp"
+        )
     return worst
 
 
-def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: int, batch_size: int,
-          commit_seconds: float, progress: bool) -> None:
+def _fill(
+    writer: CountsWriter,
+    smooth: SmoothedClassifier,
+    data,
+    n: int,
+    n0: int,
+    batch_size: int,
+    commit_seconds: float,
+    progress: bool,
+) -> None:
     total = writer.total
     per_call = max(1, (BATCHES_PER_CALL * batch_size) // (n + n0))
     pending: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -359,8 +407,9 @@ def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: in
         rate = done_samples / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix_str(f"{rate:,.0f} samples/s, committed {writer.committed}", refresh=refresh)
 
-    bar = tqdm(total=total, initial=writer.committed, unit="img", desc="datagen", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=writer.committed, unit="img", desc="datagen", disable=not progress, dynamic_ncols=True
+    )
     next_row = writer.committed
     try:
         while next_row < total:
@@ -469,48 +518,81 @@ def top_up_counts(
     try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
         scheme = check_noise_scheme(attrs.get("noise_scheme"))
     except InvalidParameterError:
-        raise StoreError(f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
-                         f"replay: a top-up would not continue its streams; regenerate it") from None
+        raise StoreError(
+            f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
+            f"replay: a top-up would not continue its streams; regenerate it"
+        ) from None
     n = counts.n
     stored_max = attrs.get("topup_planned_max")
     if planned_max is None:
         planned_max = int(stored_max) if stored_max is not None else n + extra
     planned_max = check_count("planned_max", planned_max, minimum=n)
     if stored_max is not None and planned_max != int(stored_max):
-        raise StoreError(f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
-                         f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it")
+        raise StoreError(
+            f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
+            f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it"
+        )
     samples = counts.samples_per_row().copy()
     counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
     every = counts.counts + counts_topup
     picked = np.flatnonzero((every.max(axis=1) == samples) & (samples < planned_max))
     draw = np.minimum(extra, planned_max - samples[picked])
-    loaded = load_model(model_spec, device=device, num_classes=counts.num_classes,
-                        input_shape=tuple(attrs["input_shape"]))
+    loaded = load_model(
+        model_spec, device=device, num_classes=counts.num_classes, input_shape=tuple(attrs["input_shape"])
+    )
     if attrs.get("model_sha256") and loaded.sha256 != attrs["model_sha256"]:
-        raise StoreError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}... vs "
-                         f"{loaded.sha256[:12]}...); top it up with the model it was made with")
-    smooth = SmoothedClassifier(loaded.model, counts.num_classes, counts.sigma, device=device, batch_size=batch_size,
-                                amp=attrs.get("amp"), seed=int(attrs["seed"]), noise_scheme=scheme,
-                                input_shape=tuple(attrs["input_shape"]), off_grid="quantise")
+        raise StoreError(
+            f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}... vs "
+            f"{loaded.sha256[:12]}...); top it up with the model it was made with"
+        )
+    smooth = SmoothedClassifier(
+        loaded.model,
+        counts.num_classes,
+        counts.sigma,
+        device=device,
+        batch_size=batch_size,
+        amp=attrs.get("amp"),
+        seed=int(attrs["seed"]),
+        noise_scheme=scheme,
+        input_shape=tuple(attrs["input_shape"]),
+        off_grid="quantise",
+    )
     if smooth.device.type != attrs.get("device_type"):
-        raise StoreError(f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
-                         f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it")
+        raise StoreError(
+            f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
+            f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it"
+        )
     if picked.size:
         images = counts.images(data_root)
         check_model_fits(smooth, images[:1], model_spec)
         chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
         bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
         for lo in range(0, picked.size, chunk):
-            rows = picked[lo:lo + chunk]
-            counts_topup[rows] += smooth.counts(images[rows], draw[lo:lo + chunk], indices=counts.indices[rows],
-                                                stream=STREAM_ESTIMATE, start=samples[rows])
+            rows = picked[lo : lo + chunk]
+            counts_topup[rows] += smooth.counts(
+                images[rows],
+                draw[lo : lo + chunk],
+                indices=counts.indices[rows],
+                stream=STREAM_ESTIMATE,
+                start=samples[rows],
+            )
             bar.update(len(rows))
         bar.close()
         samples[picked] += draw
-    record = dict(rule=rule, extra=int(extra), rows=int(picked.size), samples_drawn=int(draw.sum()),
-                  planned_max=int(planned_max), command=command or "top_up_counts()",
-                  created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record = dict(
+        rule=rule,
+        extra=int(extra),
+        rows=int(picked.size),
+        samples_drawn=int(draw.sum()),
+        planned_max=int(planned_max),
+        command=command or "top_up_counts()",
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
     sign_counts(path, secret)
-    return dict(rows=int(picked.size), samples=int(draw.sum()), planned_max=int(planned_max),
-                seconds=time.perf_counter() - started)
+    return dict(
+        rows=int(picked.size),
+        samples=int(draw.sum()),
+        planned_max=int(planned_max),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,4 +1,5 @@
 """``bench`` reports every method with every field, on the dataset and on the linear ground truth."""
+
 from __future__ import annotations
 
 import json

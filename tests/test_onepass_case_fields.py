@@ -1,4 +1,5 @@
 """The one-pass case (``benchmarks/onepass_mnist.py``) runs end to end at toy size and reports every section."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """SHA-256 digests that tie results to the exact model weights and files they came from."""
+
 from __future__ import annotations
 
 import hashlib
