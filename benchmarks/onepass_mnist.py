@@ -6,7 +6,8 @@ content in ``--cache`` (dataset, split, model hash, sigma, n, n0, seed, limit; `
 matching files from elsewhere, never writing there), the surrogate started from the base model and
 trained on the surrogate split, every calibration scheme at epsilon 0.01 and 0.05, the issued guarantee
 (``calibrate --guarantee issued``: P(wrong | certified) <= epsilon + alpha_mc) beside the marginal rule
-(JSON ``issued``), the frontier, the lever controls. Prints the JSON on stdout (and the tables on stderr); ``--out`` also writes it.
+(JSON ``issued``), the frontier, the lever controls. Prints the JSON on stdout (and the tables on
+stderr); ``--out`` also writes it.
 
     python benchmarks/onepass_mnist.py --data-root ../shared/data --workdir onepass-mnist --out mnist.json
     python benchmarks/onepass_mnist.py --dataset digits --workdir onepass-digits --out digits.json

@@ -185,7 +185,8 @@ def guarantee_statement(
     elif guarantee == "pac":
         text = (
             f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, "
-            f"P(wrong one-pass certificate) <= {bound} for a random test input{where}, counting inputs that get no certificate; among certified "
+            f"P(wrong one-pass certificate) <= {bound} for a random test input{where}, "
+            "counting inputs that get no certificate; among certified "
             "inputs the rate can be higher"
         )
     else:
@@ -772,7 +773,7 @@ class Calibration:
         return path
 
     @classmethod
-    def from_dict(cls, content: dict, *, key: bytes | None = None) -> "Calibration":
+    def from_dict(cls, content: dict, *, key: bytes | None = None) -> Calibration:
         """Rebuild from JSON content after checking its format, checksum, consistency and signature.
 
         Parameters

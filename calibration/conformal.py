@@ -54,8 +54,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from mapie.conformity_scores import AbsoluteConformityScore
@@ -131,7 +131,7 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
         self.sigma = sigma
         self.radius_cap = radius_cap
 
-    def fit(self, X, y=None) -> "SurrogateRadiusRegressor":
+    def fit(self, X, y=None) -> SurrogateRadiusRegressor:
         X = np.asarray(X, dtype=float)
         self.n_features_in_ = 1 if X.ndim == 1 else X.shape[1]
         return self
@@ -592,7 +592,7 @@ def fit_offsets(
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
     z=None,
-    references: "ReferenceRadii | None" = None,
+    references: ReferenceRadii | None = None,
     shift=None,
     slack: float = 0.0,
 ) -> OffsetFit:
@@ -1008,7 +1008,7 @@ class ReferencePlan:
     slack: float = 0.0
 
     @classmethod
-    def from_calibration(cls, calibration) -> "ReferencePlan":
+    def from_calibration(cls, calibration) -> ReferencePlan:
         """The plan of ``calibration``; ``CalibrationError`` for a topped-up one that does not record its stages."""
         reference = getattr(calibration, "reference", None) or {"bound": REFERENCE_CP}
         n_cal, alpha_mc, sigma = int(calibration.n_cal), float(calibration.alpha_mc), float(calibration.sigma)
@@ -1453,7 +1453,8 @@ def calibrate_arrays(
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
         raise CalibrationError(
-            f"calibration counts must be N x {surrogate.num_classes} (the surrogate's classes), got shape {counts.shape}"
+            f"calibration counts must be N x {surrogate.num_classes} (the surrogate's classes), "
+            f"got shape {counts.shape}"
         )
     totals = counts.sum(axis=1)
     if len(totals) and np.any(totals != totals[0]):
@@ -1869,8 +1870,8 @@ def check_not_trained_on(surrogate, images, what="the calibration counts") -> No
     if overlap.any():
         raise CalibrationError(
             f"{what} holds {int(overlap.sum())} images the surrogate was trained on (same content, first at row "
-            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, e.g. the cal split "
-            "with a pool that excludes it"
+            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, "
+            "e.g. the cal split with a pool that excludes it"
         )
 
 

@@ -52,8 +52,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ class SplitData:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> "SplitData":
+    def take(self, indices: Sequence[int] | np.ndarray) -> SplitData:
         """The rows whose dataset indices are ``indices``, in that order (DatasetError if one is absent).
 
         Parameters

@@ -21,8 +21,9 @@ import contextlib
 import datetime
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

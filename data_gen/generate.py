@@ -34,9 +34,9 @@ from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.smoothing import (
     AMP_TOLERANCE,
     NOISE_SCHEME,
+    SOUND_SCHEMES,
     STREAM_ESTIMATE,
     STREAM_SELECT,
-    SOUND_SCHEMES,
     SmoothedClassifier,
     check_noise_scheme,
     grid_shift,

@@ -37,8 +37,8 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -150,7 +150,9 @@ class QueryLog:
         os.replace(tmp, self.path)
 
     def append(self, x: torch.Tensor, counts, indices=None) -> int:
-        """Log queries ``x`` (``N x C x H x W``) with their class ``counts`` (``N x K``); returns the rows now committed.
+        """Log queries ``x`` (``N x C x H x W``) with their class ``counts`` (``N x K``).
+
+        Returns the rows now committed.
 
         Rows without a sample are skipped. ``indices``: dataset indices, or None (-1: unknown).
         """

@@ -60,8 +60,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
@@ -655,7 +656,8 @@ def check_counts_for(
         overlap = in_ranges(counts.indices, excluded_indices)
         if overlap.any():
             raise CountsMismatchError(
-                f"{path} holds {int(overlap.sum())} of {excluded_what} (dataset index {int(counts.indices[overlap][0])} "
+                f"{path} holds {int(overlap.sum())} of {excluded_what} "
+                f"(dataset index {int(counts.indices[overlap][0])} "
                 f"and more); use counts of images disjoint from them (the cal split)"
             )
 
@@ -812,7 +814,7 @@ class _Lock:
         self.target = target
         self.fd: int | None = None
 
-    def acquire(self) -> "_Lock":
+    def acquire(self) -> _Lock:
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -908,7 +910,7 @@ class CountsWriter:
         attrs: Mapping[str, Any],
         resume: bool = False,
         overwrite: bool = False,
-    ) -> "CountsWriter":
+    ) -> CountsWriter:
         """Create ``path`` (refused if it exists, unless ``resume`` or ``overwrite``) or resume it.
 
         A resumed file must have the same identity attributes (``IDENTITY_KEYS``) and the same
@@ -1091,7 +1093,7 @@ class CountsWriter:
     def close(self) -> None:
         self._lock.release()
 
-    def __enter__(self) -> "CountsWriter":
+    def __enter__(self) -> CountsWriter:
         return self
 
     def __exit__(self, *exc) -> None:

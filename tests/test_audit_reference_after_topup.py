@@ -5,7 +5,8 @@ surrogate's class (``p_A = 1``), the rest has ``p_A = Phi(z)``, ``z ~ U(0.5, 4)`
 ``z - 0.3`` plus noise (cautious, so ``q^`` is small and certified radii reach past 0.616). Calibration
 counts: 1,000 samples per point, topped up to 30,000 where all agree (one top-up round), references
 ``reference_radii`` (cap 0.863 instead of 0.616). Each of 20 runs redraws the calibration set (1,000 points,
-epsilon = 0.01), then audits 3,000 exchangeable queries (every one): the audit may alarm in at most ``delta`` of the runs (allowance of Binomial(20, delta) at 0.999, i.e. 1).
+epsilon = 0.01), then audits 3,000 exchangeable queries (every one): the audit may alarm in at most
+``delta`` of the runs (allowance of Binomial(20, delta) at 0.999, i.e. 1).
 ``BROKEN``: the audit as it was, a Clopper-Pearson reference on ``n_cal`` samples, alarms in every run.
 """
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from surrogate_cert.workflows.bench import BENCH_TINY, METHODS
 from surrogate_cert.cli import main
+from surrogate_cert.workflows.bench import BENCH_TINY, METHODS
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ import pytest
 from scipy import stats as st
 
 from calibration.conformal import fit_offsets
-from surrogate_cert.core.one_pass import group_keys
-from surrogate_cert.core.stats import max_radius, reference_radius, surrogate_radius
 from surrogate_cert.core import stats
 from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.one_pass import group_keys
+from surrogate_cert.core.stats import max_radius, reference_radius, surrogate_radius
 
 pytestmark = pytest.mark.slow
 

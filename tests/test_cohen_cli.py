@@ -1,11 +1,14 @@
-"""``surrogate-cert cohen``: writes the results TSV (header first) and its provenance sidecar; bad input is one line, exit 2."""
+"""``surrogate-cert cohen``: writes the results TSV (header first) and its provenance sidecar.
+
+Bad input is one line, exit 2.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from surrogate_cert.core.certificate import TSV_COLUMNS, meta_path, read_meta, read_tsv
 from surrogate_cert.cli import main
+from surrogate_cert.core.certificate import TSV_COLUMNS, meta_path, read_meta, read_tsv
 
 
 def test_cohen_writes_the_results_tsv(digits_untrained_model, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from calibration import calibrate
 from data_gen.datasets import load_split
 from data_gen.generate import generate_counts
+from data_gen.models import load_model
 from data_gen.query_log import QueryLog, read_query_log
 from surrogate_cert.core.errors import CalibrationError, StoreError
 from surrogate_cert.core.sequential import EProcessCertifier
@@ -19,7 +20,6 @@ from surrogate_cert.core.surrogate import Surrogate
 from surrogate_cert.deploy.hybrid import HybridCertifier, SurrogateCertifier
 from surrogate_cert.workflows.learning import FallbackLearner, LearningConfig, RecordingSmoothed
 from surrogate_cert.workflows.training import train_surrogate
-from data_gen.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from calibration import calibrate_arrays
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError, ModelError
 from surrogate_cert.core.groundtruth import LinearBinaryModel, linear_problem
 from surrogate_cert.core.one_pass import SurrogateCertifier, certified_at_required
-from surrogate_cert.deploy.hybrid import HybridCertifier
 from surrogate_cert.core.sequential import EProcessCertifier
 from surrogate_cert.core.smoothing import SmoothedClassifier
 from surrogate_cert.core.surrogate import Surrogate
+from surrogate_cert.deploy.hybrid import HybridCertifier
 
 SIGMA = 0.25
 SHAPE = (1, 2, 2)

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from mapie.risk_control import control_fwer
 from scipy import stats as st
 
 from calibration import Calibration, calibrate_arrays
@@ -27,7 +28,6 @@ from calibration.conformal import (
     issued_offset_grid,
     issued_threshold,
 )
-from mapie.risk_control import control_fwer
 from surrogate_cert.core import stats
 from surrogate_cert.core.errors import InvalidParameterError
 from surrogate_cert.core.groundtruth import linear_problem

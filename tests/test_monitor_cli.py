@@ -12,7 +12,7 @@ from calibration import calibrate_arrays
 from calibration.artifact import _content_hash
 from data_gen.datasets import load_split
 from surrogate_cert.cli import main
-from surrogate_cert.core.certificate import write_tsv, Certificate
+from surrogate_cert.core.certificate import Certificate, write_tsv
 from surrogate_cert.core.surrogate import Surrogate
 
 N_CAL = 200

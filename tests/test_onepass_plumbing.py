@@ -247,7 +247,7 @@ def test_format_3_records_score_and_rules_and_refuses_inconsistent_parts_and_ver
             },
         ),
     }
-    for what, edit in broken.items():
+    for edit in broken.values():
         bad = json.loads(json.dumps(content))
         edit(bad)
         (tmp_path / "bad.json").write_text(json.dumps(_resealed(bad)))

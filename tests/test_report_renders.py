@@ -13,10 +13,9 @@ import pytest
 from calibration import summary
 from calibration.artifact import Calibration
 from surrogate_cert.cli.report import register
-from surrogate_cert.workflows import report as rp
-from surrogate_cert.core.errors import CalibrationError
-from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError
+from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
 from surrogate_cert.core.stats import max_radius
+from surrogate_cert.workflows import report as rp
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.cli import main
+from surrogate_cert.core.certificate import read_meta, read_tsv
 
 
 @pytest.mark.parametrize("extra", [["--target-radius", "0.25", "--prior", "4,1"], ["--class-choice", "per_class"]])

@@ -7,16 +7,16 @@ the images an ``npz:`` dataset; every certificate in the TSV is checked against 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats as st
 
-from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.cli import main
+from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.core.groundtruth import linear_problem
 
 pytestmark = pytest.mark.slow

@@ -46,7 +46,6 @@ from data_gen.store import CountsWriter, read_counts
 from surrogate_cert.cli import main
 from surrogate_cert.core.architectures import CHECKSUM_FIELD, checkpoint_message, save_checkpoint
 from surrogate_cert.core.certificate import write_tsv
-from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.cohen import certificates_from_counts
 from surrogate_cert.core.errors import (
     ArtifactSignatureError,
@@ -55,6 +54,7 @@ from surrogate_cert.core.errors import (
     InvalidParameterError,
     ModelError,
 )
+from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.signing import ENV_KEY, ENV_KEY_FILE
 from surrogate_cert.core.smoothing import SmoothedClassifier
 from surrogate_cert.core.surrogate import Surrogate
@@ -369,7 +369,7 @@ def _snapshot(root: str) -> dict[str, str]:
             if os.path.islink(path):
                 out[os.path.relpath(path, root)] = "link:" + os.readlink(path)
                 continue
-            with io.open(path, "rb") as fh:  # io.open: the permission test replaces builtins.open
+            with io.open(path, "rb") as fh:  # noqa: UP020  (the permission test replaces builtins.open)
                 out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 

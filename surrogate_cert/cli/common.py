@@ -110,7 +110,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_samples_arg(p: argparse.ArgumentParser, default: int, help: str) -> None:
-    """``--samples`` (alias ``--n``): torchrun's own parser mistakes ``--n`` for its ``--nnodes`` / ``--nproc-per-node``."""
+    """``--samples`` (alias ``--n``).
+
+    Not ``--n`` first: torchrun's own parser mistakes ``--n`` for its ``--nnodes`` / ``--nproc-per-node``.
+    """
     p.add_argument("--samples", "--n", dest="n", type=int, default=default, metavar="N", help=help)
 
 

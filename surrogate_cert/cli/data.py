@@ -13,10 +13,10 @@ from .common import (
     add_device_arg,
     add_device_args,
     add_engine_args,
+    add_key_arg,
     add_model_arg,
     add_overwrite_arg,
     add_parser,
-    add_key_arg,
     add_progress_arg,
     add_samples_arg,
     check_new_outputs,
@@ -155,7 +155,8 @@ def run_train_base(args: argparse.Namespace) -> int:
     )
     print(
         f"saved {args.out}: {metrics['arch']} on {metrics['dataset']}, noisy test accuracy "
-        f"{metrics['noisy_test_accuracy']:.3f} at sigma {metrics['sigma']} (clean {metrics['clean_test_accuracy']:.3f}), "
+        f"{metrics['noisy_test_accuracy']:.3f} at sigma {metrics['sigma']} "
+        f"(clean {metrics['clean_test_accuracy']:.3f}), "
         f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s, sha256 {metrics['sha256'][:12]}"
     )
     return 0

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 from .errors import InvalidInputError, InvalidParameterError
 from .files import MAKERS, commit_outputs, sniff, wrong_kind

@@ -8,7 +8,7 @@ gives ``pA`` and the radius ``sigma * Phi^{-1}(pA)``. All bounds come from ``sta
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -19,8 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
-from typing import Iterable, Iterator
-
+from collections.abc import Iterable, Iterator
 
 from .errors import InvalidInputError, InvalidParameterError, OutputExistsError
 
@@ -102,7 +101,7 @@ def sniff(path: str | os.PathLike) -> str:
         return "empty"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP):
+    if head.startswith((_ZIP_MAGIC, _EMPTY_ZIP)):
         return _zip_kind(path)
     if head.startswith(b"\x93NUMPY"):  # np.save: one array, not an archive of named arrays
         return "npy"

@@ -7,8 +7,8 @@ radius any certificate may claim is the distance to the hyperplane, ``|w.x + b| 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -473,12 +473,14 @@ def _verified_kernel(device: torch.device):
             if not torch.equal(got, want):
                 warnings.warn(
                     f"the fused noise kernel differs from the reference on {device} "
-                    f"({int((got != want).sum())} of {want.numel()} values); using the eager path"
+                    f"({int((got != want).sum())} of {want.numel()} values); using the eager path",
+                    stacklevel=2,
                 )
                 return None
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or run here: the eager path serves
         warnings.warn(
-            f"the fused noise kernel cannot run on {device} ({type(exc).__name__}: {exc}); using the eager path"
+            f"the fused noise kernel cannot run on {device} ({type(exc).__name__}: {exc}); using the eager path",
+            stacklevel=2,
         )
         return None
     return philox_triton.fill

@@ -390,7 +390,7 @@ def _torch_save_globals(data: bytes) -> list[str]:
             return ["?"]
 
 
-def _check_sample_inputs(archive: "_Archive") -> None:
+def _check_sample_inputs(archive: _Archive) -> None:
     """Refuse sample inputs whose pickle names more than tensor rebuilding (they are never loaded)."""
     data = archive.read(_SAMPLE_INPUTS, required=False)
     if not data:
@@ -428,7 +428,7 @@ def _tensor_meta(meta, path: str, fqn: str):
         raise _refuse(path, f"describes tensor {fqn!r} badly ({type(exc).__name__})") from None
 
 
-def _raw_tensor(archive: "_Archive", record: str, fqn: str, meta) -> torch.Tensor:
+def _raw_tensor(archive: _Archive, record: str, fqn: str, meta) -> torch.Tensor:
     dtype, size, stride, offset, _ = _tensor_meta(meta, archive.path, fqn)
     data = archive.read(record)
     numel = 1
@@ -448,7 +448,7 @@ def _raw_tensor(archive: "_Archive", record: str, fqn: str, meta) -> torch.Tenso
         raise _refuse(archive.path, f"gives tensor {fqn!r} a shape its record does not hold") from None
 
 
-def _pickled_tensor(archive: "_Archive", record: str, fqn: str) -> torch.Tensor:
+def _pickled_tensor(archive: _Archive, record: str, fqn: str) -> torch.Tensor:
     """A tensor stored with ``use_pickle``: ``torch.load(weights_only=True)`` of a plain tensor, or nothing."""
     data = archive.read(record)
     crafted = [g for g in _torch_save_globals(data) if g not in _weights_only_globals()]
@@ -465,7 +465,7 @@ def _pickled_tensor(archive: "_Archive", record: str, fqn: str) -> torch.Tensor:
     return value
 
 
-def _payload(archive: "_Archive", config_name: str, folder: str, prefix: str, what: str) -> dict:
+def _payload(archive: _Archive, config_name: str, folder: str, prefix: str, what: str) -> dict:
     """Weights or constants: ``{fqn: tensor}`` from the archive's config and records."""
     raw = archive.read(config_name, required=False)
     if raw is None:

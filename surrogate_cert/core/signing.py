@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import InvalidParameterError
 

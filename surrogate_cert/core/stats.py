@@ -12,7 +12,7 @@ sequence and its priors, and the split-conformal calibration of the surrogate ra
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats as _st
@@ -1375,7 +1375,7 @@ DRIFT_DEFICIT = 0.8
 
 
 def drift_windows(num_bins: int) -> np.ndarray:
-    """The windows of the class p-value that ``drift_bets`` bets on: widths ``1 / B`` and ``1 / (2B)``, every half width.
+    """The windows of the class p-value that ``drift_bets`` bets on: widths ``1 / B``, ``1 / (2B)``, every half width.
 
     A class's band of the class p-value is about ``1 / K`` wide where it starts, at a place that
     depends on the class frequencies, and narrows as the stream grows once that class stops coming;
@@ -1385,7 +1385,8 @@ def drift_windows(num_bins: int) -> np.ndarray:
     Examples
     --------
     >>> drift_windows(2).tolist()
-    [[0.0, 0.5], [0.25, 0.75], [0.5, 1.0], [0.0, 0.25], [0.125, 0.375], [0.25, 0.5], [0.375, 0.625], [0.5, 0.75], [0.625, 0.875], [0.75, 1.0]]
+    [[0.0, 0.5], [0.25, 0.75], [0.5, 1.0],
+     [0.0, 0.25], [0.125, 0.375], [0.25, 0.5], [0.375, 0.625], [0.5, 0.75], [0.625, 0.875], [0.75, 1.0]]
     """
     num_bins = int(num_bins)
     if num_bins < 2:
@@ -1733,7 +1734,7 @@ def threshold_scores(z, reference, target_radius: float):
 
 
 def _shape_table(shape) -> np.ndarray:
-    """A shape (one threshold per grid radius, None / nan = never) as floats with ``+inf``, then ``+inf`` past the grid."""
+    """A shape (one threshold per grid radius, None / nan = never) as floats, ``+inf`` for never and past the grid."""
     return np.array(
         [np.inf if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in shape] + [np.inf]
     )
@@ -1818,7 +1819,8 @@ def topup_max_radius(
 
     Examples
     --------
-    >>> round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3), round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3)
+    >>> (round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3),
+    ...  round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3))
     (0.793, 0.941)
     """
     return float(

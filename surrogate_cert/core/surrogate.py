@@ -205,7 +205,7 @@ def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architec
         return "by name"
     if [s for _, s in source_shapes] == [s for _, s in target_shapes]:
         with torch.no_grad():
-            for (name, tensor), value in zip(target_state.items(), source_state.values()):
+            for tensor, value in zip(target_state.values(), source_state.values()):
                 tensor.copy_(value.to(tensor.dtype))
         return "in order"
     for i, ((t_name, t_shape), (s_name, s_shape)) in enumerate(zip(target_shapes, source_shapes)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ class HybridCertifier:
         refine: bool = False,
         combine: str = "max",
         radius_of_interest: float | None = None,
-    ) -> "HybridCertifier":
+    ) -> HybridCertifier:
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
         ``base_model`` (a module, or a model spec for ``data_gen.models.load_model``) is needed for

@@ -53,8 +53,8 @@ likelihood) is much tighter.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -210,7 +210,7 @@ class DriftMonitor:
         self._path: list[np.ndarray] = []
 
     @classmethod
-    def from_calibration(cls, calibration, **options) -> "DriftMonitor":
+    def from_calibration(cls, calibration, **options) -> DriftMonitor:
         """The monitor whose reference is the calibration's stored sample (``Calibration.monitor_reference``).
 
         Parameters

@@ -266,7 +266,8 @@ def linear_ground_truth(
     +-3 sigma); the surrogate is trained on train counts and calibrated on cal counts as on real
     data. A certificate is wrong when it names the wrong class or a radius above the true distance
     to the hyperplane. Bounds: alpha (Cohen, sequential), epsilon + alpha_mc (surrogate, marginal),
-    epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is ``stats.binomial_allowance`` at 0.999.
+    epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is
+    ``stats.binomial_allowance`` at 0.999.
     Under the sound scheme the points are grid images (``grid_linear_problem``) and the true radius is the
     distance to the nearest grid image of the other smoothed class.
 
@@ -366,7 +367,7 @@ def triage(hybrid: HybridCertifier, data, radii, reference: dict) -> dict:
     out = {}
     for r in radii:
         certificates, seconds = timed(
-            lambda x, idx: hybrid.certify(x, required_radius=r, indices=idx), data.x, data.indices
+            lambda x, idx, r=r: hybrid.certify(x, required_radius=r, indices=idx), data.x, data.indices
         )
         row = summarise(certificates, data.y.tolist(), seconds)
         accuracy = float(

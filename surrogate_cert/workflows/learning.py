@@ -184,7 +184,10 @@ class FallbackLearner:
         return certificates
 
     def retrain(self) -> dict:
-        """Retrain on the training counts plus the log, calibrate on the calibration counts, swap in; returns the record."""
+        """Retrain on the training counts plus the log, calibrate on the calibration counts, swap in.
+
+        Returns the record.
+        """
         cfg = self.config
         started = time.perf_counter()
         k = len(self.history) + 1

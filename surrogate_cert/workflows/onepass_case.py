@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
 from .bench import json_safe
 from .training import builtin_base_arch, train_surrogate
-
 
 # =========================================================================== the one-pass case (issue 10)
 #
@@ -221,7 +220,8 @@ def cached_counts(cache_dir, key: dict, make: Callable[[Path], None], extra_dirs
                 return target
     name = (
         f"{key['dataset'].replace('/', '_').replace(':', '_')[-40:]}-{key['split']}-n{key['n']}-n0{key['n0']}"
-        f"-limit{key['limit']}-seed{key['seed']}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.h5"
+        f"-limit{key['limit']}-seed{key['seed']}"
+        f"-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.h5"
     )
     path = cache_dir / name
     make(path)
@@ -420,7 +420,9 @@ class OnePassBench:
             )[scheme]
             out[scheme] = self.timed(
                 "calibrate",
-                lambda: calibrate(surrogate, str(cal), epsilon, cfg.alpha_mc, data_root=cfg.data_root, **options),
+                lambda options=options: calibrate(
+                    surrogate, str(cal), epsilon, cfg.alpha_mc, data_root=cfg.data_root, **options
+                ),
             )
         return out
 
@@ -504,7 +506,7 @@ def among_certified(over, certified, bound: float) -> dict:
 
 
 def issued_rows(
-    bench: "OnePassBench", surrogate: Surrogate, cal: Path, sur_counts: Path, data: OnePassData, base, content: dict
+    bench: OnePassBench, surrogate: Surrogate, cal: Path, sur_counts: Path, data: OnePassData, base, content: dict
 ) -> dict:
     """The ``issued`` guarantee beside the marginal (pooled) rule, per epsilon: the one-pass certificate at its best
     radius and at each required radius, the hybrid in both modes, and the over-radius rate among certified images
@@ -516,10 +518,15 @@ def issued_rows(
         calibration = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("issued",))["issued"]
         row = evaluate_one_pass(surrogate, calibration, data, cfg)
         row["statement"] = calibration.statement
-        row["hybrid"] = bench.timed("hybrid", lambda: evaluate_hybrid(surrogate, calibration, data, base, cfg))
+        row["hybrid"] = bench.timed(
+            "hybrid", lambda calibration=calibration: evaluate_hybrid(surrogate, calibration, data, base, cfg)
+        )
         for s in cfg.required_sigmas:
             row["required_radius"][f"{s:g}"]["hybrid"] = bench.timed(
-                "hybrid", lambda s=s: evaluate_hybrid(surrogate, calibration, data, base, cfg, required=s * cfg.sigma)
+                "hybrid",
+                lambda s=s, calibration=calibration: evaluate_hybrid(
+                    surrogate, calibration, data, base, cfg, required=s * cfg.sigma
+                ),
             )
         marginal = content["one_pass"][e]["pooled"]
         out[e] = dict(
@@ -680,7 +687,9 @@ def run_onepass(
         content["required_radius"][e] = {
             f"{s:g}": bench.timed(
                 "hybrid",
-                lambda s=s: evaluate_hybrid(surrogate, calibrations["pooled"], data, base, cfg, required=s * sigma),
+                lambda s=s, calibrations=calibrations: evaluate_hybrid(
+                    surrogate, calibrations["pooled"], data, base, cfg, required=s * sigma
+                ),
             )
             for s in cfg.required_sigmas
         }
@@ -809,8 +818,10 @@ def onepass_markdown(content: dict) -> str:
             cohen = content["cohen_10k"]["certified_accuracy"].get(f"{float(s) * sigma:g}")
             lines.append(
                 f"| {s}σ | {e} | {'' if cohen is None else f'{100 * cohen:.1f}'} | "
-                f"{100 * r['one_pass']['certified_accuracy']:.1f} ({100 * r['one_pass']['legacy_rule_accuracy']:.1f}) | "
-                f"{100 * r['accuracy_at_required']:.1f} | {r['mean_evaluations']:,.1f} | {100 * r['surrogate_share']:.1f}% |"
+                f"{100 * r['one_pass']['certified_accuracy']:.1f} "
+                f"({100 * r['one_pass']['legacy_rule_accuracy']:.1f}) | "
+                f"{100 * r['accuracy_at_required']:.1f} | {r['mean_evaluations']:,.1f} | "
+                f"{100 * r['surrogate_share']:.1f}% |"
             )
     return "\n".join(lines)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 import matplotlib
@@ -43,7 +44,6 @@ from .pipeline import FULL, Pipeline
 
 matplotlib.use("Agg", force=True)  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
 
 # =========================================================================== Pareto: samples vs certificates
 #
@@ -578,7 +578,7 @@ def _fallback_comparison(inp: ParetoInputs, replay: RecordedSmoothed, cfg: Paret
     rules.update({f"price{p:g}": dict(price=p) for p in cfg.prices})
     rules["tolerance"] = dict(tolerance=cfg.tolerance)
     for name, rule in rules.items():
-        certify = lambda **kw: EProcessCertifier(replay, cfg.alpha, max_samples=cfg.max_samples, **rule, **kw)  # noqa: E731
+        certify = functools.partial(EProcessCertifier, replay, cfg.alpha, max_samples=cfg.max_samples, **rule)
         kt = certify(prior="kt").certify(xs, classes=cls, indices=idx)
         sur = certify().certify(xs, classes=cls, prior=prior, indices=idx)
         record = dict(

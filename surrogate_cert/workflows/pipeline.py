@@ -726,8 +726,8 @@ def _spawn_counts(
                         error=dict(
                             type="StoreError",
                             message=(
-                                f"a counting process stopped (exit code {code}); committed rows are kept: run the quickstart "
-                                "again with --resume"
+                                f"a counting process stopped (exit code {code}); committed rows are kept: "
+                                "run the quickstart again with --resume"
                             ),
                         ),
                     )

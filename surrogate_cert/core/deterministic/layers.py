@@ -28,7 +28,7 @@ class _Layer:
     def __init__(self, in_shape, out_shape):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def to(self, dtype) -> "_Layer":
+    def to(self, dtype) -> _Layer:
         new = copy.copy(self)
         for key, value in vars(self).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():

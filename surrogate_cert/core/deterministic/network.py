@@ -48,7 +48,7 @@ class _Network:
             and (1 + math.prod(self.in_shape)) * max(self.max_size) <= _package.FORWARD_MODE_ELEMENTS
         )
 
-    def to(self, dtype) -> "_Network":
+    def to(self, dtype) -> _Network:
         if dtype == self.dtype:
             return self
         return _Network(self.source, self.in_shape, self.num_classes, self.device, dtype)

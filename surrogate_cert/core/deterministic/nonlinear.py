@@ -39,7 +39,7 @@ class _ReLU(_Layer):
         out = (lo < 0) & (hi > 0)
         return out if self.mask is None else out & self.mask
 
-    def relaxation(self, lo, hi) -> "_Relaxation":
+    def relaxation(self, lo, hi) -> _Relaxation:
         """CROWN's linear bounds ``lower_slope * z <= relu(z) <= upper_slope * z + upper_shift``.
 
         Stable neurons are exact (slope 1 or 0). An unstable neuron (lo < 0 < hi) gets the chord
@@ -67,7 +67,7 @@ class _ReLU(_Layer):
         new_hi = _shift_constant(hi * relaxation.upper_slope.unsqueeze(1), relaxation.upper_shift)
         return new_lo, new_hi
 
-    def sparse(self, idx, coef, relaxation: "_Relaxation"):
+    def sparse(self, idx, coef, relaxation: _Relaxation):
         """The CROWN rule below for sparse rows (the entries of a row must have distinct indices)."""
         n, s, k = idx.shape
         flat_idx = idx.reshape(n, -1)
@@ -80,7 +80,7 @@ class _ReLU(_Layer):
         new = pos * at(relaxation.lower_slope) + neg * at(relaxation.upper_slope)
         return idx, new, (neg * at(relaxation.upper_shift)).sum(2)
 
-    def backward(self, lam, relaxation: "_Relaxation"):
+    def backward(self, lam, relaxation: _Relaxation):
         """CROWN rule: ``lam.relu(z) >= lam+ * lower_slope * z + lam- * (upper_slope * z + upper_shift)``.
 
         Stable neurons have one slope; the sign of ``lam`` matters only at the unstable ones, which
@@ -117,7 +117,7 @@ class _Relaxation:
         self.upper_u = upper_slope.reshape(n, -1).gather(1, self.index) * valid
         self.shift_u = upper_shift.reshape(n, -1).gather(1, self.index) * valid
 
-    def __getitem__(self, batch: slice) -> "_Relaxation":
+    def __getitem__(self, batch: slice) -> _Relaxation:
         new = copy.copy(self)
         for key, value in vars(self).items():
             setattr(new, key, value[batch])
