@@ -116,6 +116,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import TypeGuard
 
 from data_gen.datasets import same_dataset
 from surrogate_cert.core import stats
@@ -474,7 +475,7 @@ def _noise_problems(content: dict) -> list[str]:
     return []
 
 
-def _increasing(values) -> bool:
+def _increasing(values) -> TypeGuard[list]:
     return (
         isinstance(values, list) and all(_finite(v) for v in values) and all(b > a for a, b in zip(values, values[1:]))
     )

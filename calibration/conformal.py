@@ -56,6 +56,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from mapie.conformity_scores import AbsoluteConformityScore
@@ -172,7 +173,7 @@ def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: fl
         If ``epsilon`` is outside (0, 1) (checked on the marginal path).
     """
     if guarantee in ("pac", "issued"):
-        return stats.pac_conformal_rank(m, epsilon, delta)
+        return stats.pac_conformal_rank(m, epsilon, cast(float, delta))  # None is refused there
     return stats.conformal_rank(m, epsilon)
 
 
@@ -694,7 +695,9 @@ def fit_offsets(
 
     def offset_of(mask: np.ndarray) -> tuple[float, float]:
         if method == "ltt":
-            offset = ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap, fwer="fallback")[0]
+            offset = ltt_offset(
+                p_tilde[mask], reference[mask], sigma, epsilon, cast(float, delta), cap, fwer="fallback"
+            )[0]  # delta: checked with the options (method="ltt" needs one)
             return offset, float("nan")
         rank = quantile_rank(int(mask.sum()), epsilon, guarantee, delta)
         return mapie_offset(
@@ -1316,7 +1319,7 @@ def fit_radius_thresholds(
     tau = []
     for r in grid:
         if guarantee == "issued":
-            value = issued_threshold(z, reference, float(r), epsilon, delta)
+            value = issued_threshold(z, reference, float(r), epsilon, cast(float, delta))  # None is refused there
         else:
             scores = np.sort(stats.threshold_scores(z, reference, r))
             value = float("inf") if rank > m else float(scores[rank - 1])
@@ -1336,7 +1339,7 @@ def fit_radius_thresholds(
         epsilon=float(epsilon),
         calibration_size=int(m),
         points_per_sigma=int(points_per_sigma),
-        **({"delta": float(delta)} if guarantee == "issued" else {}),
+        **({"delta": float(cast(float, delta))} if guarantee == "issued" else {}),
     )
 
 
@@ -1350,7 +1353,7 @@ def calibrate_arrays(
     epsilon: float,
     alpha_mc: float,
     guarantee: str = "marginal",
-    delta: float = 0.05,
+    delta: float | None = 0.05,
     groups: str = "none",
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
@@ -1662,7 +1665,7 @@ def calibrate(
     epsilon: float,
     alpha_mc: float,
     guarantee: str = "marginal",
-    delta: float = 0.05,
+    delta: float | None = 0.05,
     groups: str = "none",
     method: str = "conformal",
     *,

@@ -54,6 +54,7 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class SplitData:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.x.shape[1:])
+        return cast(tuple[int, int, int], tuple(int(v) for v in self.x.shape[1:]))
 
     @property
     def labeled(self) -> bool:
@@ -175,8 +176,8 @@ class SplitData:
                 f"{len(missing)} dataset indices (first: {int(missing[0])}) are not in the {self.split} split of "
                 f"{self.dataset}; check that the counts file and the dataset/split/limit match"
             )
-        rows = torch.as_tensor(rows)
-        return replace(self, x=self.x[rows], y=None if self.y is None else self.y[rows], indices=wanted.copy())
+        take = torch.as_tensor(rows)
+        return replace(self, x=self.x[take], y=None if self.y is None else self.y[take], indices=wanted.copy())
 
 
 # --------------------------------------------------------------------------- split rules

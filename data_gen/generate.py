@@ -516,7 +516,7 @@ def top_up_counts(
     attrs = counts.attrs
     check_counts_for(counts, path, complete=True, key=secret)
     try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
-        scheme = check_noise_scheme(attrs.get("noise_scheme"))
+        scheme = check_noise_scheme(attrs.get("noise_scheme", ""))
     except InvalidParameterError:
         raise StoreError(
             f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "

@@ -39,6 +39,7 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
         model=model.eval(),
         sha256=sha256_file(path),
         num_classes=int(meta["num_classes"]) if meta.get("num_classes") is not None else None,
-        input_shape=tuple(int(v) for v in shape) if shape else None,
+        input_shape=cast(tuple[int, int, int], tuple(int(v) for v in shape)) if shape else None,
         sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
         source=os.path.abspath(path),
     )
@@ -183,7 +184,9 @@ def _load_exported(path: str, device: torch.device) -> LoadedModel:
     try:
         if device.type != "cpu":
             # Moves the constants the graph creates on a device too, which module().to() would miss.
-            program = torch.export.passes.move_to_device_pass(program, device)
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
         model = ExportedModel(program.module()).to(device)
     except Exception as exc:  # noqa: BLE001 - as above
         raise ModelError(
@@ -195,9 +198,12 @@ def _load_exported(path: str, device: torch.device) -> LoadedModel:
         model=model.eval(),
         sha256=sha256_file(path),
         num_classes=num_classes if num_classes is not None else (int(declared) if declared is not None else None),
-        input_shape=input_shape
-        if input_shape is not None
-        else (tuple(int(v) for v in meta["input_shape"]) if meta.get("input_shape") else None),
+        input_shape=cast(
+            "tuple[int, int, int] | None",
+            input_shape
+            if input_shape is not None
+            else (tuple(int(v) for v in meta["input_shape"]) if meta.get("input_shape") else None),
+        ),
         sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
         source=os.path.abspath(path),
     )
@@ -225,6 +231,8 @@ def _import_factory(module_part: str, factory_name: str, spec: str):
             mod_spec = importlib.util.spec_from_file_location(
                 f"_surrogate_cert_user_{abs(hash(os.path.abspath(module_part)))}", module_part
             )
+            if mod_spec is None or mod_spec.loader is None:
+                raise ModelError(f"model spec {spec!r}: {module_part} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
@@ -594,7 +602,7 @@ def _training_images(dataset: str, splits: Sequence[str], data_root, download: b
         parts[0],
         split="+".join(splits),
         x=torch.cat([p.x for p in parts]),
-        y=torch.cat([p.y for p in parts]),
+        y=torch.cat([cast(torch.Tensor, p.y) for p in parts]),  # the train and surrogate splits are labeled
         indices=np.concatenate([p.indices for p in parts]),
     )
 
@@ -691,6 +699,7 @@ def train_base(
     device = resolve_device(device)
     train = _training_images(dataset, splits, data_root, download)
     test = load_split(dataset, "test", data_root=data_root, download=download)
+    test_y = cast(torch.Tensor, test.y)  # a named dataset's test split is labeled
     epochs = _default_epochs(len(train)) if epochs is None else check_count("epochs", epochs)
     arch = arch or default_arch(train.input_shape)
     started = time.perf_counter()
@@ -728,8 +737,8 @@ def train_base(
         "seed": int(seed),
         "train_splits": list(splits),
         "train_size": len(train),
-        "noisy_test_accuracy": noisy_accuracy(model, test.x, test.y, sigma, seed=int(seed) + 1),
-        "clean_test_accuracy": noisy_accuracy(model, test.x, test.y, 0.0, draws=1),
+        "noisy_test_accuracy": noisy_accuracy(model, test.x, test_y, sigma, seed=int(seed) + 1),
+        "clean_test_accuracy": noisy_accuracy(model, test.x, test_y, 0.0, draws=1),
         "seconds": time.perf_counter() - started,
     }
     save_checkpoint(

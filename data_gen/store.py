@@ -62,7 +62,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -429,9 +429,10 @@ def _row_problems(counts: CountsFile) -> list[str]:
         low, high = int(counts.samples.min()), int(counts.samples.max())
         if low < n or high > top:
             problems.append(f"samples per row lie in {low}..{high}, outside n = {n} .. topup_planned_max = {top}")
-        if counts.counts_topup.size and counts.counts_topup.min() < 0:
-            problems.append(f"counts_topup holds a negative count ({int(counts.counts_topup.min())})")
-        sums = counts.counts_topup.sum(axis=1)
+        topup = cast(np.ndarray, counts.counts_topup)  # present with samples (the layout check above)
+        if topup.size and topup.min() < 0:
+            problems.append(f"counts_topup holds a negative count ({int(topup.min())})")
+        sums = topup.sum(axis=1)
         bad = np.flatnonzero(sums != counts.samples - n)
         if bad.size:
             problems.append(
@@ -906,7 +907,7 @@ class CountsWriter:
         path: str | os.PathLike,
         *,
         indices: np.ndarray,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         attrs: Mapping[str, Any],
         resume: bool = False,
         overwrite: bool = False,
@@ -1249,7 +1250,7 @@ def open_shard(
     world_size: int,
     *,
     indices: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     attrs: Mapping[str, Any],
     resume: bool = False,
 ) -> CountsWriter:
@@ -1320,7 +1321,7 @@ def check_sharded_job(
     world_size: int,
     *,
     indices: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     attrs: Mapping[str, Any],
     resume: bool,
 ) -> bool:
@@ -1408,7 +1409,7 @@ def merge_shards(
     world_size: int,
     *,
     indices: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     attrs: Mapping[str, Any],
     lock_held: bool = False,
 ) -> None:
@@ -1477,7 +1478,10 @@ def merge_shards(
                 )
             if not (
                 np.array_equal(part.indices, np.asarray(indices)[rows])
-                and (labels is None or np.array_equal(part.labels, np.asarray(labels)[rows]))
+                and (
+                    labels is None
+                    or (part.labels is not None and np.array_equal(part.labels, np.asarray(labels)[rows]))
+                )
             ):
                 raise ShardError(
                     f"cannot merge {path}: shard {shard} holds other images than this job plans; "
@@ -1487,7 +1491,8 @@ def merge_shards(
             if with_select:
                 if part.counts_select is None:
                     raise ShardError(f"cannot merge {path}: shard {shard} has no counts_select; the file is damaged")
-                counts_select[rows] = part.counts_select
+                select = cast(np.ndarray, counts_select)  # allocated above whenever with_select
+                select[rows] = part.counts_select
         if os.path.exists(path):
             raise StoreError(f"cannot merge into {path}: it already exists; choose another --out")
         lock = None if lock_held else _Lock(path).acquire()

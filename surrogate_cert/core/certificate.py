@@ -15,6 +15,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .errors import InvalidInputError, InvalidParameterError
 from .files import MAKERS, commit_outputs, sniff, wrong_kind
@@ -275,7 +276,7 @@ def _typed_row(r: dict) -> dict:
     """One TSV row as typed values, checked for what a certifier can write (ValueError if not)."""
     if None in r:
         raise ValueError(f"{len(r[None])} cells more than the header's columns")
-    row = dict(
+    row: dict[str, Any] = dict(
         idx=int(r["idx"]),
         label=int(r["label"]),
         predict=int(r["predict"]),

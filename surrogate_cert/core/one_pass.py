@@ -517,7 +517,7 @@ class SurrogateCertifier:
         return self.surrogate.sigma
 
     def _threads_for(self, num: int) -> int | None:
-        if self.threads == "auto":
+        if isinstance(self.threads, str):  # "auto", the only text _check_threads lets through
             return 1 if num < SMALL_BATCH else None
         return self.threads
 

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -641,8 +642,8 @@ class EProcessCertifier:
         # Where the target test fired, every q <= p0 is outside the sequence: L* >= p0 exactly, even
         # where the root of the lower end was rounded below it.
         lower = np.where(state.certified, np.maximum(state.lower, threshold[:, None]), state.lower)
-        if per_class:
-            chosen = lower.argmax(axis=1)
+        # Per class: the class whose lower end is highest; otherwise the class given or drawn from the pilot.
+        chosen = lower.argmax(axis=1) if per_class else cast(np.ndarray, chosen)
         p_lower = lower.max(axis=1)
         radii = np.atleast_1d(stats.radius(p_lower, sigma, slack=slack))
         n_samples = pilot + state.drawn
@@ -868,7 +869,7 @@ class EProcessCertifier:
             # Radii above the radius of interest are worth nothing (no cap: _interest_p() is 1).
             lower_ahead = np.minimum(lower_ahead, self._interest_p())
             gain = stats.radius_gain(flat_lower[cells], lower_ahead, self.smooth.sigma)
-            worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], self.price)
+            worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], cast(float, self.price))
         return worth.reshape(shape).any(axis=2)
 
 

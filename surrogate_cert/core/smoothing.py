@@ -48,6 +48,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -810,7 +811,7 @@ class SmoothedClassifier:
                 raise InvalidParameterError("batch_size='auto' needs input_shape (C, H, W) to probe the device")
             self.batch_size, self.batch_size_source = self._auto_batch_size()
         else:
-            self.batch_size = check_count("batch_size", batch_size)
+            self.batch_size = check_count("batch_size", cast(int, batch_size))  # other text is refused here
             self.batch_size_source = "given"
 
     # ------------------------------------------------------------------ forward
@@ -867,6 +868,7 @@ class SmoothedClassifier:
 
     # ------------------------------------------------------------------ batch size
     def _auto_batch_size(self) -> tuple[int, str]:
+        input_shape = cast(tuple[int, ...], self.input_shape)  # __init__ refuses "auto" without one
         device_name = (
             f"{torch.cuda.get_device_name(self.device)} {torch.cuda.get_device_properties(self.device).total_memory}"
             if self.device.type == "cuda"
@@ -877,7 +879,7 @@ class SmoothedClassifier:
                 device_name,
                 torch.__version__,
                 self._fingerprint,
-                list(self.input_shape),
+                list(input_shape),
                 self.num_classes,
                 self.amp,
                 self.channels_last,
@@ -889,7 +891,7 @@ class SmoothedClassifier:
         cached = _read_batch_cache(cache).get(key)
         if isinstance(cached, int) and cached >= 1:
             return cached, "auto (recorded)"
-        probe = torch.zeros((1, *self.input_shape))
+        probe = torch.zeros((1, *input_shape))
 
         def fits(size: int) -> bool:
             self.batch_size = size

@@ -1843,8 +1843,8 @@ def binomial_allowance(num: int, rate: float, level: float = 0.999) -> int:
     (5, 22)
     """
     num = check_count("num", num, minimum=0)
-    rate = _as_floats(rate, "rate")
-    if rate.ndim or not 0.0 <= float(rate) <= 1.0:
-        raise InvalidParameterError(f"rate must be a probability in [0, 1], got {rate}")
+    rates = _as_floats(rate, "rate")
+    if rates.ndim or not 0.0 <= float(rates) <= 1.0:
+        raise InvalidParameterError(f"rate must be a probability in [0, 1], got {rates}")
     level = check_probability("level", level)
-    return int(_st.binom.ppf(level, num, float(rate))) if num else 0
+    return int(_st.binom.ppf(level, num, float(rates))) if num else 0

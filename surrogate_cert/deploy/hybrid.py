@@ -22,6 +22,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -391,7 +392,7 @@ class HybridCertifier:
             check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
         if fallback == "eprocess":
             sequential = fallback_certifier(
-                smooth,
+                cast(SmoothedClassifier, smooth),  # built above: this fallback needs the base model
                 alpha,
                 max_samples=max_samples,
                 tolerance=tolerance,
@@ -514,7 +515,7 @@ class HybridCertifier:
         if self.monitor is not None:  # fed after an alarm too: its path stays a record of the whole stream
             before = self.monitor.queries
             self.monitor.update(classes, p_tilde)
-            if self.alarm_reason is None and self.monitor.alarm:
+            if self.alarm_reason is None and self.monitor.alarm_at is not None:  # .alarm, spelled out for mypy
                 cut, self.alarm_reason = max(0, self.monitor.alarm_at - before), "drift_alarm"
         if self.audit is not None and cut > 0:  # the audit checks one-pass certificates: none after an alarm
             before = self.audit.queries
@@ -522,7 +523,7 @@ class HybridCertifier:
                 x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut], z=None if z is None else z[:cut]
             )
             spent[:cut] = self.audit.last_spent
-            if self.audit.alarm and self.audit.alarm_at - before < cut:
+            if self.audit.alarm_at is not None and self.audit.alarm_at - before < cut:  # .alarm, spelled out
                 cut, self.alarm_reason = max(0, self.audit.alarm_at - before), "audit_alarm"
         return cut, spent
 
@@ -650,9 +651,10 @@ class HybridCertifier:
                     )
                 else:
                     out[i] = dataclasses.replace(
-                        make(i, cert.seconds + per_input, cert.n_samples), stop_time=cert.stop_time
+                        make(int(i), cert.seconds + per_input, cert.n_samples), stop_time=cert.stop_time
                     )
         for i in rest:
             if out[i] is None:
-                out[i] = make(i, per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
-        return [dataclasses.replace(c, route=str(r)) for c, r in zip(out, route)]
+                out[i] = make(int(i), per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
+        # Every slot holds a certificate now: the surrogate's, the fallback's or an abstention.
+        return [dataclasses.replace(cast(Certificate, c), route=str(r)) for c, r in zip(out, route)]
