@@ -9,11 +9,12 @@ written in a single run.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -42,7 +43,7 @@ from surrogate_cert.core.smoothing import (
     grid_shift,
 )
 
-from .datasets import load_split
+from .datasets import SplitData, load_split
 from .distributed import SINGLE, Shard
 from .models import check_model_fits, load_model
 from .store import (
@@ -213,81 +214,150 @@ def generate_counts(
         )
 
     secret = resolve_key(key)
-
-    def setup():
-        nonlocal sigma, n, n0
-        sigma = check_sigma(sigma)
-        check_seed(seed)
-        n = check_count("n", n)
-        n0 = check_count("n0", n0, minimum=0)
-        if batch_size != "auto":
-            check_count("batch_size", batch_size)
-        if n + n0 >= 2**32:
-            raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
-        if commit_seconds < 0 or not math.isfinite(commit_seconds):
-            raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
-        scheme = check_noise_scheme(noise_scheme or (resume and recorded_noise_scheme(out)) or NOISE_SCHEME)
-        data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
-        positions = shard.positions(len(data))
-        here = shard.device(device)
-        loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
-        data = _with_class_count(data, loaded, here)
-        smooth = SmoothedClassifier(
-            loaded.model,
-            data.num_classes,
-            sigma,
-            device=here,
-            batch_size=batch_size,
-            amp=amp,
-            seed=seed,
-            noise_scheme=scheme,
-            channels_last=channels_last,
-            compile=compile,
-            input_shape=data.input_shape,
-            off_grid="quantise",
-        )
-        check_model_fits(smooth, data.x[:1], model_spec)
-        attrs = {
-            "sigma": sigma,
-            "n": n,
-            "n0": n0,
-            "num_classes": data.num_classes,
-            "seed": int(seed),
-            "dataset": data.dataset,
-            "split": split,
-            "limit": limit,
-            "model_sha256": loaded.sha256,
-            "model_source": loaded.source,
-            "package_version": __version__,
-            "noise_scheme": scheme,
-            "device_type": smooth.device.type,
-            "amp": smooth.amp,
-            "input_shape": list(data.input_shape),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": (command or "generate_counts()")
-            + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
-        }
-        if scheme in SOUND_SCHEMES:  # images off the 1/255 grid are counted rounded to it: say how far
-            attrs["grid_shift_max"] = float(grid_shift(data.x).max()) if len(data) else 0.0
-            attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
-        if smooth.amp:
-            attrs["amp_disagreement"] = _check_amp(smooth, data)
-        return data, positions, smooth, attrs
-
+    setup = functools.partial(
+        _prepare_job,
+        dataset,
+        split,
+        model_spec,
+        sigma,
+        n,
+        out,
+        n0=n0,
+        batch_size=batch_size,
+        seed=seed,
+        limit=limit,
+        device=device,
+        amp=amp,
+        resume=resume,
+        data_root=data_root,
+        download=download,
+        commit_seconds=commit_seconds,
+        command=command,
+        noise_scheme=noise_scheme,
+        channels_last=channels_last,
+        compile=compile,
+        shard=shard,
+    )
     if not shard.distributed:
-        data, _, smooth, attrs = setup()
+        job = setup()
         check_no_shards(out)
         with CountsWriter.open(
-            out, indices=data.indices, labels=_labels(data), attrs=attrs, resume=resume, overwrite=overwrite
+            out, indices=job.data.indices, labels=_labels(job.data), attrs=job.attrs, resume=resume, overwrite=overwrite
         ) as writer:
-            _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
+            _fill(writer, job.smooth, job.data, job.n, job.n0, job.smooth.batch_size, commit_seconds, progress)
         sign_counts(out, secret)
         return os.fspath(out)
 
     ready, error = _first_error(setup)
     shard.agree(error)
-    data, positions, smooth, attrs = ready
-    labels = _labels(data)
+    _count_sharded(ready, out, shard, secret, resume=resume, commit_seconds=commit_seconds, progress=progress)
+    return os.fspath(out)
+
+
+@dataclass
+class _Job:
+    """What ``generate_counts`` counts, every argument checked: the images, the rows of this process
+    (``positions`` into ``data``), the engine, the counts file's attributes, and the checked ``n`` / ``n0``."""
+
+    data: SplitData
+    positions: np.ndarray
+    smooth: SmoothedClassifier
+    attrs: dict
+    n: int
+    n0: int
+
+
+def _prepare_job(
+    dataset,
+    split,
+    model_spec,
+    sigma,
+    n,
+    out,
+    *,
+    n0,
+    batch_size,
+    seed,
+    limit,
+    device,
+    amp,
+    resume,
+    data_root,
+    download,
+    commit_seconds,
+    command,
+    noise_scheme,
+    channels_last,
+    compile,
+    shard: Shard,
+) -> _Job:
+    """Check ``generate_counts``'s arguments, load the split and the model, build the engine and the
+    file's attributes; nothing is written (under torchrun every rank runs it before any file is touched)."""
+    sigma = check_sigma(sigma)
+    check_seed(seed)
+    n = check_count("n", n)
+    n0 = check_count("n0", n0, minimum=0)
+    if batch_size != "auto":
+        check_count("batch_size", batch_size)
+    if n + n0 >= 2**32:
+        raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
+    if commit_seconds < 0 or not math.isfinite(commit_seconds):
+        raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
+    scheme = check_noise_scheme(noise_scheme or (resume and recorded_noise_scheme(out)) or NOISE_SCHEME)
+    data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
+    positions = shard.positions(len(data))
+    here = shard.device(device)
+    loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
+    data = _with_class_count(data, loaded, here)
+    smooth = SmoothedClassifier(
+        loaded.model,
+        data.num_classes,
+        sigma,
+        device=here,
+        batch_size=batch_size,
+        amp=amp,
+        seed=seed,
+        noise_scheme=scheme,
+        channels_last=channels_last,
+        compile=compile,
+        input_shape=data.input_shape,
+        off_grid="quantise",
+    )
+    check_model_fits(smooth, data.x[:1], model_spec)
+    attrs = {
+        "sigma": sigma,
+        "n": n,
+        "n0": n0,
+        "num_classes": data.num_classes,
+        "seed": int(seed),
+        "dataset": data.dataset,
+        "split": split,
+        "limit": limit,
+        "model_sha256": loaded.sha256,
+        "model_source": loaded.source,
+        "package_version": __version__,
+        "noise_scheme": scheme,
+        "device_type": smooth.device.type,
+        "amp": smooth.amp,
+        "input_shape": list(data.input_shape),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": (command or "generate_counts()")
+        + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
+    }
+    if scheme in SOUND_SCHEMES:  # images off the 1/255 grid are counted rounded to it: say how far
+        attrs["grid_shift_max"] = float(grid_shift(data.x).max()) if len(data) else 0.0
+        attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
+    if smooth.amp:
+        attrs["amp_disagreement"] = _check_amp(smooth, data)
+    return _Job(data, positions, smooth, attrs, n, n0)
+
+
+def _count_sharded(
+    job: _Job, out, shard: Shard, secret, *, resume: bool, commit_seconds: float, progress: bool
+) -> None:
+    """Under torchrun: rank 0 locks the job and checks it against what is on disk, every rank counts its
+    rows into its own shard, and rank 0 merges the shards into ``out`` and signs it."""
+    data, labels, attrs = job.data, _labels(job.data), job.attrs
     job_lock = None
     try:
 
@@ -306,7 +376,7 @@ def generate_counts(
             if shard.is_main:
                 remove_shards(out, shard.world_size)  # left over if a merge was cut short after linking out
                 sign_counts(out, secret, lock_held=True)
-            return os.fspath(out)
+            return
         writer, error = _first_error(
             lambda: open_shard(
                 out, shard.rank, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, resume=resume
@@ -327,11 +397,20 @@ def generate_counts(
             )
             mine = replace(
                 data,
-                x=data.x[torch.as_tensor(positions)],
-                y=None if data.y is None else data.y[torch.as_tensor(positions)],
-                indices=data.indices[positions],
+                x=data.x[torch.as_tensor(job.positions)],
+                y=None if data.y is None else data.y[torch.as_tensor(job.positions)],
+                indices=data.indices[job.positions],
             )
-            _fill(writer, smooth, mine, n, n0, smooth.batch_size, commit_seconds, progress and shard.is_main)
+            _fill(
+                writer,
+                job.smooth,
+                mine,
+                job.n,
+                job.n0,
+                job.smooth.batch_size,
+                commit_seconds,
+                progress and shard.is_main,
+            )
         shard.barrier()
         if shard.is_main:
             merge_shards(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, lock_held=True)
@@ -339,7 +418,6 @@ def generate_counts(
     finally:
         if job_lock is not None:
             job_lock.release()
-    return os.fspath(out)
 
 
 def _labels(data) -> np.ndarray | None:
