@@ -1453,39 +1453,15 @@ def calibrate_arrays(
             f"the {score} score is one pooled rule with a conformal shift: use it with "
             "groups='none' and the marginal or pac guarantee (not issued / ltt)"
         )
-    counts = np.asarray(counts)
-    if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
-        raise CalibrationError(
-            f"calibration counts must be N x {surrogate.num_classes} (the surrogate's classes), "
-            f"got shape {counts.shape}"
-        )
-    totals = counts.sum(axis=1)
-    if len(totals) and np.any(totals != totals[0]):
-        raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
+    counts, totals = _checked_counts(counts, surrogate.num_classes)
     predicted, p_tilde, z = surrogate.predict_z(x)
     if len(predicted) != len(counts):
         raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
     n_cal = int(totals[0]) if len(totals) else 1
     sigma = float(surrogate.sigma)
-    if topup_stages is not None and planned_max is not None:
-        check_topup_follows_stages(
-            counts,
-            np.zeros_like(counts) if counts_topup is None else counts_topup,
-            np.full(len(counts), n_cal) if samples is None else samples,
-            check_stages(topup_stages, n_cal, int(planned_max)),
-        )
     slack = noise_slack(noise_scheme, sigma, surrogate.input_shape)
-    refs = reference_radii(
-        predicted,
-        counts,
-        n_cal,
-        alpha_mc,
-        sigma,
-        counts_topup=counts_topup,
-        samples=samples,
-        planned_max=planned_max,
-        stages=topup_stages if planned_max is not None else None,
-        slack=slack,
+    refs = _references(
+        predicted, counts, n_cal, alpha_mc, sigma, slack, counts_topup, samples, planned_max, topup_stages
     )
     options = dict(
         sigma=sigma,
@@ -1498,60 +1474,21 @@ def calibrate_arrays(
         method=method,
         bin_edges=bin_edges,
     )
-    rows = np.arange(len(predicted))
-    partition, score_params = None, {}
-    if score == "shifted":
-        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
-        tune = partition_rows(indices, tune_share, partition_seed)
-        partition = partition_record(indices, tune, tune_share, partition_seed)
-        radius_tilde = np.asarray(surrogate_radius(p_tilde, sigma, refs.cap), dtype=float)
-        weight = None if labels is None else (predicted == np.asarray(labels)).astype(float)
-        shifted = fit_shifted(
-            z[tune], radius_tilde[tune], refs.radius[tune], epsilon, bins, None if weight is None else weight[tune]
-        )
-        score_params = shifted.params(bins)
-        part = ~tune
-        fit = fit_offsets(
-            p_tilde[part],
-            predicted[part],
-            counts[rows[part], predicted[part]],
-            n_cal,
-            z=z[part],
-            references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
-            shift=shifted.shift(z[part]),
-            **options,
-        )
-    elif score == "shaped":
-        from .shaped import fit_shaped  # shaped builds on this module's thresholds
-
-        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
-        tune = partition_rows(indices, tune_share, partition_seed)
-        partition = partition_record(indices, tune, tune_share, partition_seed)
-        part = ~tune
-        score_params = fit_shaped(
-            z[tune],
-            refs.radius[tune],
-            z[part],
-            refs.radius[part],
-            refs.cap,
-            sigma,
-            epsilon,
-            guarantee=guarantee,
-            delta=delta,
-        )
-        # The residual offsets of the calibration part stay in the artifact for its diagnostics only.
-        fit = fit_offsets(
-            p_tilde[part],
-            predicted[part],
-            counts[rows[part], predicted[part]],
-            n_cal,
-            z=z[part],
-            references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
-            **options,
-        )
-    else:
-        fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
-        part = np.ones(len(rows), dtype=bool)
+    fit, part, partition, score_params = _fit_score(
+        score,
+        options,
+        predicted,
+        p_tilde,
+        z,
+        counts,
+        n_cal,
+        refs,
+        indices=indices,
+        labels=labels,
+        bins=bins,
+        tune_share=tune_share,
+        partition_seed=partition_seed,
+    )
     fit.diagnostics["surrogate_agrees_with_counts"] = float(np.mean(predicted == counts.argmax(axis=1)))
     radius_thresholds = (
         fit_radius_thresholds(z, refs.radius, refs.cap, sigma, epsilon, guarantee=guarantee, delta=delta)
@@ -1591,6 +1528,119 @@ def calibrate_arrays(
         noise_slack=slack,
         **provenance,
     )
+
+
+def _checked_counts(counts, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration ``counts`` as an ``N x K`` array with their row totals, all equal (``n_cal``)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != num_classes:
+        raise CalibrationError(
+            f"calibration counts must be N x {num_classes} (the surrogate's classes), got shape {counts.shape}"
+        )
+    totals = counts.sum(axis=1)
+    if len(totals) and np.any(totals != totals[0]):
+        raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
+    return counts, totals
+
+
+def _references(
+    predicted,
+    counts,
+    n_cal: int,
+    alpha_mc: float,
+    sigma: float,
+    slack: float,
+    counts_topup,
+    samples,
+    planned_max,
+    stages,
+) -> ReferenceRadii:
+    """The reference radii of the calibration rows (``reference_radii``), after checking that a topped-up
+    file's rows follow its recorded stages."""
+    if stages is not None and planned_max is not None:
+        check_topup_follows_stages(
+            counts,
+            np.zeros_like(counts) if counts_topup is None else counts_topup,
+            np.full(len(counts), n_cal) if samples is None else samples,
+            check_stages(stages, n_cal, int(planned_max)),
+        )
+    return reference_radii(
+        predicted,
+        counts,
+        n_cal,
+        alpha_mc,
+        sigma,
+        counts_topup=counts_topup,
+        samples=samples,
+        planned_max=planned_max,
+        stages=stages if planned_max is not None else None,
+        slack=slack,
+    )
+
+
+def _fit_score(
+    score: str,
+    options: dict,
+    predicted,
+    p_tilde,
+    z,
+    counts,
+    n_cal: int,
+    refs: ReferenceRadii,
+    *,
+    indices,
+    labels,
+    bins: int,
+    tune_share: float,
+    partition_seed: int,
+) -> tuple[OffsetFit, np.ndarray, dict | None, dict]:
+    """The best-radius rule of ``score`` (``calibrate_arrays``): the offsets, the mask of the rows they were
+    calibrated on, the tuning / calibration partition (None for the residual score) and the score's
+    parameters. The shifted and shaped scores tune on one part of the rows and calibrate on the other."""
+    rows = np.arange(len(predicted))
+    if score not in ("shifted", "shaped"):
+        fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
+        return fit, np.ones(len(rows), dtype=bool), None, {}
+    indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
+    tune = partition_rows(indices, tune_share, partition_seed)
+    partition = partition_record(indices, tune, tune_share, partition_seed)
+    part = ~tune
+    sigma, epsilon = options["sigma"], options["epsilon"]
+    shift = None  # the shaped score's offsets take no shift
+    if score == "shifted":
+        radius_tilde = np.asarray(surrogate_radius(p_tilde, sigma, refs.cap), dtype=float)
+        weight = None if labels is None else (predicted == np.asarray(labels)).astype(float)
+        shifted = fit_shifted(
+            z[tune], radius_tilde[tune], refs.radius[tune], epsilon, bins, None if weight is None else weight[tune]
+        )
+        score_params = shifted.params(bins)
+        shift = shifted.shift(z[part])
+    else:
+        from .shaped import fit_shaped  # shaped builds on this module's thresholds
+
+        score_params = fit_shaped(
+            z[tune],
+            refs.radius[tune],
+            z[part],
+            refs.radius[part],
+            refs.cap,
+            sigma,
+            epsilon,
+            guarantee=options["guarantee"],
+            delta=options["delta"],
+        )
+    # Under the shaped score these residual offsets stay in the artifact for its diagnostics only.
+    fit = fit_offsets(
+        p_tilde[part],
+        predicted[part],
+        counts[rows[part], predicted[part]],
+        n_cal,
+        z=z[part],
+        references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
+        shift=shift,
+        **options,
+    )
+    return fit, part, partition, score_params
 
 
 def edges_from_counts(
