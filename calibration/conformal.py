@@ -706,6 +706,31 @@ def fit_offsets(
 
     pooled_offset, pooled_coverage = offset_of(np.ones(m, dtype=bool))
     keys = group_keys(predicted, p_tilde, groups, bin_edges, z=z)
+    offsets, sizes, fallbacks = _group_offsets(keys, groups, num_classes, bin_edges, pooled_offset, needed, offset_of)
+    diagnostics = _offset_diagnostics(
+        p_tilde, sigma, cap, shift_arr, np.array([offsets[k] for k in keys]), reference, epsilon, guarantee, method
+    )
+    diagnostics["mapie_interval_coverage"] = pooled_coverage
+    diagnostics["mapie_interval_nominal"] = (
+        float(1 - 2 * epsilon) if method == "conformal" and guarantee == "marginal" else float("nan")
+    )
+    return OffsetFit(
+        offsets,
+        pooled_offset,
+        sizes,
+        fallbacks,
+        needed,
+        cap,
+        diagnostics,
+        None if bin_edges is None else [float(e) for e in bin_edges],
+    )
+
+
+def _group_offsets(
+    keys: np.ndarray, groups: str, num_classes: int, bin_edges, pooled_offset: float, needed: int, offset_of
+) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """Each Mondrian group's offset (``offset_of`` its rows), its size, and the groups too small for an
+    offset of their own (offset ``+inf``: the pooled ``q^`` would void the bound within them)."""
     offsets: dict[str, float] = {}
     sizes: dict[str, int] = {}
     fallbacks: list[str] = []
@@ -719,14 +744,18 @@ def fit_offsets(
         else:  # no valid offset of its own: never certified by the surrogate (the pooled q^ would void the bound)
             offsets[key] = float("inf")
             fallbacks.append(key)
+    return offsets, sizes, fallbacks
 
-    # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee). Exceedance is
-    # read on the scores (R~ - t_b) - y > q^, the event the quantile counts, free of rounding in R~ - q^.
-    offset = np.array([offsets[k] for k in keys])
+
+def _offset_diagnostics(p_tilde, sigma, cap, shift_arr, offset, reference, epsilon, guarantee, method) -> dict:
+    """Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee); ``offset``
+    is each point's group offset. The MAPIE interval's coverage is added by ``fit_offsets``."""
+    # Exceedance is read on the scores (R~ - t_b) - y > q^, the event the quantile counts, free of
+    # rounding in R~ - q^.
     deployed = surrogate_radius(p_tilde, sigma, cap) - shift_arr - offset
     certified = deployed > 0
     over = (surrogate_radius(p_tilde, sigma, cap) - shift_arr) - reference > offset
-    diagnostics = dict(
+    return dict(
         certified_share=float(certified.mean()),
         violation_rate=float(np.mean(over)),
         violation_rate_among_certified=float(np.mean(over[certified])) if certified.any() else 0.0,
@@ -734,20 +763,6 @@ def fit_offsets(
         mean_surrogate_radius=float(np.mean(np.maximum(surrogate_radius(p_tilde, sigma, cap), 0.0))),
         mean_reference_radius=float(reference.mean()),
         reference_positive_share=float(np.mean(reference > 0)),
-        mapie_interval_coverage=pooled_coverage,
-        mapie_interval_nominal=float(1 - 2 * epsilon)
-        if method == "conformal" and guarantee == "marginal"
-        else float("nan"),
-    )
-    return OffsetFit(
-        offsets,
-        pooled_offset,
-        sizes,
-        fallbacks,
-        needed,
-        cap,
-        diagnostics,
-        None if bin_edges is None else [float(e) for e in bin_edges],
     )
 
 
