@@ -251,6 +251,46 @@ def content_problems(content: dict) -> list[str]:
     missing = [k for k in _REQUIRED if k not in content]
     if missing:
         return [f"lacks the fields {missing}"]
+    p = _field_problems(content)
+    if p:
+        return p
+
+    sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
+    pac = content["guarantee"] in ("pac", "issued")
+    reference = content.get("reference") or {"bound": REFERENCE_CP}
+    problem = _reference_problem(reference, content["n_cal"])
+    if problem:
+        return p + [problem]
+    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
+    needed = stats.min_calibration_size(epsilon, content.get("delta") if pac else None)
+    p += _bound_problems(content, expected_cap, needed)
+    largest_shift, problem = _score_problem(content, expected_cap)
+    if problem:
+        return p + [problem]
+    thresholds = content.get("radius_thresholds")
+    if thresholds is not None:
+        problem = _thresholds_problem(thresholds, expected_cap)
+        if problem:
+            p.append(problem)
+
+    # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
+    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap - max(largest_shift, 0.0)
+    problem = _bad_offset(content["pooled_offset"], lowest)
+    if problem:
+        p.append(f"pooled_offset {problem}")
+    elif content["pooled_offset"] is not None and m < needed:
+        p.append(f"a finite q^ from {m} points, but epsilon={epsilon} needs {needed}")
+    edges = content.get("bin_edges")
+    if content["groups"] == "confidence" and not (_increasing(edges) and edges):
+        return p + [f"bin_edges {edges!r} are not finite, strictly increasing numbers"]
+    if not isinstance(content["offsets"], dict):
+        return p + ["offsets is not an object"]
+    p += _group_problems(content, lowest, needed, clean=not p)
+    return p + _monitor_reference_problems(content)
+
+
+def _field_problems(content: dict) -> list[str]:
+    """Each field of a calibration alone: of its type, in its range, and the options consistent."""
     p = []
     if not (_finite(content["sigma"]) and content["sigma"] > 0):
         p.append(f"sigma {content['sigma']!r} is not a finite number > 0")
@@ -296,18 +336,13 @@ def content_problems(content: dict) -> list[str]:
             p.append(f"{key} is not a string")
     if not isinstance(content.get("diagnostics", {}), dict):
         p.append("diagnostics is not an object")
-    p += _noise_problems(content)
-    if p:
-        return p
+    return p + _noise_problems(content)
 
-    sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
-    pac = content["guarantee"] in ("pac", "issued")
-    cap = content["radius_cap"]
-    reference = content.get("reference") or {"bound": REFERENCE_CP}
-    problem = _reference_problem(reference, content["n_cal"])
-    if problem:
-        return p + [problem]
-    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
+
+def _bound_problems(content: dict, expected_cap: float, needed: int) -> list[str]:
+    """The radius cap, the stated bound and the minimum group size against the ones the options give."""
+    p = []
+    cap, epsilon, alpha_mc = content["radius_cap"], content["epsilon"], content["alpha_mc"]
     if not (_finite(cap) and math.isclose(cap, expected_cap, rel_tol=1e-9, abs_tol=1e-12)):
         p.append(
             f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
@@ -316,65 +351,47 @@ def content_problems(content: dict) -> list[str]:
     bound = content.get("bound", epsilon + alpha_mc)
     if not (_finite(bound) and math.isclose(bound, epsilon + alpha_mc, rel_tol=1e-9)):
         p.append(f"bound {bound!r} is not epsilon + alpha_mc")
-    needed = stats.min_calibration_size(epsilon, delta if pac else None)
     if "min_group_size" in content and content["min_group_size"] != needed:
         p.append(f"min_group_size {content['min_group_size']!r} is not the {needed} points epsilon={epsilon} needs")
+    return p
 
+
+def _score_problem(content: dict, expected_cap: float) -> tuple[float, str | None]:
+    """The best-radius score and its parameters: the largest shift ``t_b`` (0 but for the shifted score)
+    and what is wrong (None when nothing; the later checks need them right)."""
     score = content.get("score", "residual")
     params = content.get("score_params") or {}
     if score not in SCORES:
-        return p + [f"score {score!r} is not one of {SCORES}"]
-    largest_shift = 0.0
+        return 0.0, f"score {score!r} is not one of {SCORES}"
     if score == "shifted":
         problem = _shifted_problem(params, content)
-        if problem:
-            return p + [problem]
-        largest_shift = max(params["bin_offsets"])
+        return (0.0, problem) if problem else (max(params["bin_offsets"]), None)
     if score == "shaped":
-        problem = _shaped_problem(params, content, expected_cap)
-        if problem:
-            return p + [problem]
-    thresholds = content.get("radius_thresholds")
-    if thresholds is not None:
-        problem = _thresholds_problem(thresholds, expected_cap)
-        if problem:
-            p.append(problem)
+        return 0.0, _shaped_problem(params, content, expected_cap)
+    return 0.0, None
 
-    # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
-    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap - max(largest_shift, 0.0)
-    offsets = content["offsets"]
 
-    def bad_offset(q) -> str | None:
-        if q is None:
-            return None
-        if not _finite(q):
-            return f"{q!r} is not a finite number or null"
-        if q < lowest - 1e-9:
-            return f"{q!r} is below {lowest:.4g}, the smallest score a calibration can produce"
+def _bad_offset(q, lowest: float) -> str | None:
+    """What is wrong with an offset: null (never certifies) or a finite number no smaller than ``lowest``."""
+    if q is None:
         return None
+    if not _finite(q):
+        return f"{q!r} is not a finite number or null"
+    if q < lowest - 1e-9:
+        return f"{q!r} is below {lowest:.4g}, the smallest score a calibration can produce"
+    return None
 
-    problem = bad_offset(content["pooled_offset"])
-    if problem:
-        p.append(f"pooled_offset {problem}")
-    elif content["pooled_offset"] is not None and m < needed:
-        p.append(f"a finite q^ from {m} points, but epsilon={epsilon} needs {needed}")
-    edges = content.get("bin_edges")
-    if content["groups"] == "confidence":
-        if not (
-            isinstance(edges, list)
-            and edges
-            and all(_finite(e) for e in edges)
-            and all(b > a for a, b in zip(edges, edges[1:]))
-        ):
-            p.append(f"bin_edges {edges!r} are not finite, strictly increasing numbers")
-            return p
-    if not isinstance(offsets, dict):
-        return p + ["offsets is not an object"]
-    keys = all_group_keys(content["groups"], content["num_classes"], edges)
+
+def _group_problems(content: dict, lowest: float, needed: int, *, clean: bool) -> list[str]:
+    """The groups' offsets, sizes and fallbacks against the grouping; ``clean``: no problem found before
+    (the checks of which groups may hold a finite offset only run on an otherwise sound calibration)."""
+    p = []
+    offsets, m = content["offsets"], content["calibration_size"]
+    keys = all_group_keys(content["groups"], content["num_classes"], content.get("bin_edges"))
     if sorted(offsets) != sorted(keys):
         p.append(f"offsets have groups {sorted(offsets)[:12]} but groups={content['groups']!r} has {keys[:12]}")
     for group, q in offsets.items():
-        problem = bad_offset(q)
+        problem = _bad_offset(q, lowest)
         if problem:
             p.append(f"offset of group {group!r} {problem}")
     fallback = content.get("fallback_groups", [])
@@ -388,7 +405,7 @@ def content_problems(content: dict) -> list[str]:
         and (not sizes or sum(sizes.values()) == m)
     ):
         p.append(f"group_sizes do not split the {m} calibration points among the groups")
-    elif content["groups"] != "none" and not p:
+    elif content["groups"] != "none" and clean and not p:
         for group, q in offsets.items():
             own = str(group) not in set(map(str, fallback))
             if own and q is not None and sizes.get(group, 0) < needed:
@@ -398,24 +415,31 @@ def content_problems(content: dict) -> list[str]:
             legacy = content.get("format_version", FORMAT_VERSION) < 4  # stored the pooled q^, read as never
             if not own and q is not None and not (legacy and q == content["pooled_offset"]):
                 p.append(f"group {group!r} is too small for its own q^ but has a finite offset (it must never certify)")
-    elif content["groups"] == "none" and not p and offsets.get("all") != content["pooled_offset"]:
+    elif content["groups"] == "none" and clean and not p and offsets.get("all") != content["pooled_offset"]:
         p.append("the one group's offset is not the pooled offset")
-    reference = content.get("monitor_reference")
-    if reference is not None:
-        predicted = reference.get("predicted") if isinstance(reference, dict) else None
-        p_tilde = reference.get("p_tilde") if isinstance(reference, dict) else None
-        if not (
-            isinstance(predicted, list)
-            and isinstance(p_tilde, list)
-            and len(predicted) == len(p_tilde) == m
-            and all(_whole(c, 0) and c < content["num_classes"] for c in predicted)
-            and all(_finite(v) and 0 <= v <= 1 for v in p_tilde)
-        ):
-            p.append(
-                f"monitor_reference is not one class in 0..{content['num_classes'] - 1} and one probability "
-                f"in [0, 1] for each of the {m} calibration points"
-            )
     return p
+
+
+def _monitor_reference_problems(content: dict) -> list[str]:
+    """The drift monitor's reference: one class and one probability per calibration point (or none)."""
+    reference = content.get("monitor_reference")
+    if reference is None:
+        return []
+    m = content["calibration_size"]
+    predicted = reference.get("predicted") if isinstance(reference, dict) else None
+    p_tilde = reference.get("p_tilde") if isinstance(reference, dict) else None
+    if not (
+        isinstance(predicted, list)
+        and isinstance(p_tilde, list)
+        and len(predicted) == len(p_tilde) == m
+        and all(_whole(c, 0) and c < content["num_classes"] for c in predicted)
+        and all(_finite(v) and 0 <= v <= 1 for v in p_tilde)
+    ):
+        return [
+            f"monitor_reference is not one class in 0..{content['num_classes'] - 1} and one probability "
+            f"in [0, 1] for each of the {m} calibration points"
+        ]
+    return []
 
 
 def _reference_problem(reference, n_cal) -> str | None:
