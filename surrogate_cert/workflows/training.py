@@ -161,16 +161,9 @@ def train_surrogate(
     counts = np.concatenate([f.counts for f in files])
     input_shape = tuple(attrs.get("input_shape") or images.shape[1:])
     num_classes = int(attrs["num_classes"])
-    base, network, skipped = None, None, None
-    if init_from_base == AUTO:
-        init_from_base, skipped = counts_base_model(attrs, num_classes, input_shape)
-        if init_from_base is not None:
-            try:
-                base, arch, network = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
-            except (ModelError, InvalidParameterError) as exc:  # e.g. --arch of another layout: from scratch
-                init_from_base, skipped = None, str(exc)
-    elif init_from_base is not None:
-        base, arch, network = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
+    init_from_base, base, arch, network, skipped = _starting_point(
+        init_from_base, arch, attrs, num_classes, input_shape, device
+    )
     surrogate = Surrogate.build(
         input_shape,
         num_classes,
@@ -197,6 +190,62 @@ def train_surrogate(
     )
     tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
     surrogate.tune_prior(images[tune_rows], counts[tune_rows])
+    surrogate.meta = _provenance(
+        surrogate,
+        paths,
+        files,
+        images,
+        counts,
+        tune_rows,
+        seed=seed,
+        init_from_base=init_from_base,
+        mapping=mapping,
+        skipped=skipped,
+        training=dict(lr=lr, batch_size=batch_size, holdout=holdout, patience=patience),
+        started=started,
+    )
+    check_finite_weights(surrogate.model.state_dict(), f"the surrogate trained for {out}")
+    surrogate.save(out, overwrite=overwrite, key=secret)
+    return surrogate
+
+
+def _starting_point(init_from_base, arch, attrs, num_classes: int, input_shape, device):
+    """What the surrogate starts from: ``(init_from_base, base model, arch, network, why skipped)``.
+
+    ``"auto"`` takes the counts' base model when its file is found, and starts from scratch (the reason
+    in ``skipped``) when it is not or does not fit; an explicit base model that does not fit is an error.
+    """
+    base, network, skipped = None, None, None
+    if init_from_base == AUTO:
+        init_from_base, skipped = counts_base_model(attrs, num_classes, input_shape)
+        if init_from_base is not None:
+            try:
+                base, arch, network = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
+            except (ModelError, InvalidParameterError) as exc:  # e.g. --arch of another layout: from scratch
+                init_from_base, skipped = None, str(exc)
+    elif init_from_base is not None:
+        base, arch, network = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
+    return init_from_base, base, arch, network, skipped
+
+
+def _provenance(
+    surrogate: Surrogate,
+    paths,
+    files,
+    images,
+    counts,
+    tune_rows,
+    *,
+    seed: int,
+    init_from_base,
+    mapping,
+    skipped,
+    training: dict,
+    started: float,
+) -> dict:
+    """The trained surrogate's ``meta``: each counts file, every training image (by dataset index and by
+    content), the base model it started from, the training run and the prior tuning."""
+    attrs = files[0].attrs
     last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
     file_records = [
         dict(
@@ -210,7 +259,7 @@ def train_surrogate(
         for p, f in zip(paths, files)
     ]
     splits = "+".join(dict.fromkeys(r["split"] for r in file_records))
-    surrogate.meta = dict(
+    return dict(
         dataset=str(attrs["dataset"]),
         split=splits,
         counts_sha256=file_records[0]["sha256"],
@@ -230,7 +279,7 @@ def train_surrogate(
         else init_from_base,
         init_mapping=mapping,
         init_skipped=skipped,
-        training=dict(lr=lr, batch_size=batch_size, holdout=holdout, patience=patience),
+        training=training,
         prior_tuning=dict(
             criterion="log marginal likelihood of held-out train counts",
             rows=int(len(tune_rows)),
@@ -238,9 +287,6 @@ def train_surrogate(
         ),
         seconds=time.perf_counter() - started,
     )
-    check_finite_weights(surrogate.model.state_dict(), f"the surrogate trained for {out}")
-    surrogate.save(out, overwrite=overwrite, key=secret)
-    return surrogate
 
 
 def check_training_options(
