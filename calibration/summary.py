@@ -612,188 +612,219 @@ def _m(stat: dict | None, key: str = "mean") -> str:
     return "n/a" if stat is None or stat[key] is None else f"{stat[key]:,.1f}"
 
 
-def tables(report: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+Table = tuple[list[str], list[list[str]]]
+"""One table: its header and its rows, all strings."""
+
+
+def tables(report: dict) -> dict[str, Table]:
     """Every table of the report as (header, rows) of strings: the one source for HTML and Markdown."""
-    out: dict[str, tuple[list[str], list[list[str]]]] = {}
-    runs = report["runs"]
-    if runs:
-        radii = report["radii"]
-        out["accuracy"] = (
-            ["results"] + [f"r = {r:g}" for r in radii] + ["ACR"],
-            [[label] + [_pct(a) for a in s["certified_accuracy"]] + [_fmt(s["acr"])] for label, s in runs.items()],
-        )
-        out["cost"] = (
-            [
-                "method",
-                "certified accuracy",
-                "ACR",
-                "mean samples (all)",
-                "mean samples (certified)",
-                "mean samples (rest)",
-            ],
-            [
-                [
-                    label,
-                    _pct(s["certified_accuracy"][0]),
-                    _fmt(s["acr"]),
-                    _m(s["samples"]["all"]),
-                    _m(s["samples"]["certified"]),
-                    _m(s["samples"]["rest"]),
-                ]
-                for label, s in runs.items()
-            ],
-        )
-        methods = sorted({m for s in runs.values() for m in s["share_by_method"]})
-        out["per_query"] = (
-            [
-                "results",
-                "inputs",
-                "median samples (all / certified / rest)",
-                "mean ms / query",
-                "median ms / query",
-                "images / s",
-            ]
-            + [f"share {m}" for m in methods],
-            [
-                [
-                    label,
-                    _fmt(s["num_inputs"]),
-                    " / ".join(_m(s["samples"][k], "median") for k in ("all", "certified", "rest")),
-                    _ms(s["seconds_per_query"]["mean"]),
-                    _ms(s["seconds_per_query"]["median"]),
-                    _fmt(s["images_per_second"], 1),
-                ]
-                + [_pct(s["share_by_method"].get(m, 0.0)) for m in methods]
-                for label, s in runs.items()
-            ],
-        )
+    out: dict[str, Table] = {}
+    if report["runs"]:
+        out.update(_run_tables(report["runs"], report["radii"]))
     am = report.get("amortisation")
     if am and am.get("per_run"):
-        out["amortisation"] = (
-            ["results", "evaluations / query", f"saved / query vs {am['baseline']}", "speed-up", "break-even queries"],
+        out["amortisation"] = _amortisation_table(am)
+    if report.get("calibration"):
+        out.update(_calibration_tables(report["calibration"]))
+    if report.get("monitor"):
+        out.update(_monitor_tables(report["monitor"]))
+    out["environment"] = _environment_table(report["environment"])
+    return out
+
+
+def _run_tables(runs: dict, radii) -> dict[str, Table]:
+    """Per results file: certified accuracy per radius, cost in samples, and per-query figures."""
+    out: dict[str, Table] = {}
+    out["accuracy"] = (
+        ["results"] + [f"r = {r:g}" for r in radii] + ["ACR"],
+        [[label] + [_pct(a) for a in s["certified_accuracy"]] + [_fmt(s["acr"])] for label, s in runs.items()],
+    )
+    out["cost"] = (
+        [
+            "method",
+            "certified accuracy",
+            "ACR",
+            "mean samples (all)",
+            "mean samples (certified)",
+            "mean samples (rest)",
+        ],
+        [
             [
-                [
-                    label,
-                    _fmt(v["mean_evaluations_per_query"], 1),
-                    _fmt(v["saved_per_query"], 1),
-                    "n/a" if v["speedup"] is None else f"{v['speedup']:,.1f}x",
-                    _fmt(v["break_even_queries"], 0) if v["break_even_queries"] is not None else "n/a",
-                ]
-                for label, v in am["per_run"].items()
-            ],
-        )
-    cal = report.get("calibration")
-    if cal:
-        params = [
-            ["epsilon", _fmt(cal["epsilon"], 4)],
-            ["alpha_mc", _fmt(cal["alpha_mc"], 4)],
-            ["delta", _fmt(cal["delta"], 4)],
-            ["guarantee", _fmt(cal["guarantee"])],
-            ["method", _fmt(cal["method"])],
-            ["groups", _fmt(cal["groups"])],
-            ["sigma", _fmt(cal["sigma"], 4)],
-            ["calibration size (images)", _fmt(cal["calibration_size"])],
-            ["noisy samples per calibration image", _fmt(cal["n_cal"])],
-            ["smallest group with its own q^", _fmt(cal["min_group_size"])],
-            [
-                "radius cap before the offset (largest reference radius n_cal samples can show)",
-                _fmt(cal["radius_cap"], 4),
-            ],
-            ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)],
-            ["what the bound means", _fmt(cal.get("statement"))],
-        ]
-        diag = cal["diagnostics"]
-        for key, text in (
-            ("certified_share", "share certified by the surrogate (calibration set)"),
-            ("violation_rate", "rate of calibrated radius > reference (calibration set, in-sample)"),
-            (
-                "violation_rate_among_certified",
-                "the same among certified calibration points (in-sample; the issued guarantee's rate)",
-            ),
-            ("mean_certified_radius", "mean calibrated radius of certified inputs"),
-            ("surrogate_agrees_with_counts", "surrogate class = MC argmax (calibration set)"),
-            ("mapie_interval_coverage", "MAPIE interval coverage (calibration set)"),
-        ):
-            if key in diag:
-                params.append([text, _fmt(diag[key], 4)])
-        out["calibration"] = (["parameter", "value"], params)
-        out["groups"] = (
-            ["group", "q^", "calibration images", "too small: never certified by the surrogate"],
-            _group_rows(cal),
-        )
-        check = cal.get("check")
-        if check:
-            out["check"] = (
-                [
-                    "test images",
-                    "calibrated radius > MC reference",
-                    "empirical rate",
-                    "bound (epsilon)",
-                    "binomial 0.999 allowance",
-                    "within bound",
-                    "certified by surrogate",
-                ],
-                [
-                    [
-                        _fmt(check["num_images"]),
-                        _fmt(check["num_above"]),
-                        _fmt(check["rate_above"], 4),
-                        _fmt(check["bound"], 4),
-                        _fmt(check["allowance"]),
-                        str(check["within_bound"]),
-                        _pct(check["share_certified"]),
-                    ]
-                ],
-            )
-    mon = report.get("monitor")
-    if mon:
-        alarm = f"yes, at query {mon['drift_alarm_at']:,}" if mon["drift_alarm"] else "no"
-        out["monitor"] = (
-            ["drift monitor", "value"],
-            [
-                ["queries", _fmt(mon["queries"])],
-                ["reference (calibration images)", _fmt(mon["reference_size"])],
-                ["false-alarm probability delta (whole stream)", _fmt(mon["delta"], 4)],
-                ["alarm level log(1/delta)", _fmt(mon["log_threshold"])],
-                [
-                    "log martingale: final / largest",
-                    f"{_fmt(mon['log_martingale'])} / {_fmt(mon['max_log_martingale'])}",
-                ],
-                ["drift alarm", alarm],
-                ["one-pass certificates issued", _fmt(mon["one_pass_certificates"])],
+                label,
+                _pct(s["certified_accuracy"][0]),
+                _fmt(s["acr"]),
+                _m(s["samples"]["all"]),
+                _m(s["samples"]["certified"]),
+                _m(s["samples"]["rest"]),
             ]
-            + [[f"route {k}", _fmt(v)] for k, v in mon["routes"].items()],
+            for label, s in runs.items()
+        ],
+    )
+    methods = sorted({m for s in runs.values() for m in s["share_by_method"]})
+    out["per_query"] = (
+        [
+            "results",
+            "inputs",
+            "median samples (all / certified / rest)",
+            "mean ms / query",
+            "median ms / query",
+            "images / s",
+        ]
+        + [f"share {m}" for m in methods],
+        [
+            [
+                label,
+                _fmt(s["num_inputs"]),
+                " / ".join(_m(s["samples"][k], "median") for k in ("all", "certified", "rest")),
+                _ms(s["seconds_per_query"]["mean"]),
+                _ms(s["seconds_per_query"]["median"]),
+                _fmt(s["images_per_second"], 1),
+            ]
+            + [_pct(s["share_by_method"].get(m, 0.0)) for m in methods]
+            for label, s in runs.items()
+        ],
+    )
+    return out
+
+
+def _amortisation_table(am: dict) -> Table:
+    """Evaluations per query against the baseline, and the queries after which training paid off."""
+    return (
+        ["results", "evaluations / query", f"saved / query vs {am['baseline']}", "speed-up", "break-even queries"],
+        [
+            [
+                label,
+                _fmt(v["mean_evaluations_per_query"], 1),
+                _fmt(v["saved_per_query"], 1),
+                "n/a" if v["speedup"] is None else f"{v['speedup']:,.1f}x",
+                _fmt(v["break_even_queries"], 0) if v["break_even_queries"] is not None else "n/a",
+            ]
+            for label, v in am["per_run"].items()
+        ],
+    )
+
+
+def _calibration_tables(cal: dict) -> dict[str, Table]:
+    """The calibration's parameters and diagnostics, its groups, and its check on test images."""
+    out: dict[str, Table] = {}
+    params = [
+        ["epsilon", _fmt(cal["epsilon"], 4)],
+        ["alpha_mc", _fmt(cal["alpha_mc"], 4)],
+        ["delta", _fmt(cal["delta"], 4)],
+        ["guarantee", _fmt(cal["guarantee"])],
+        ["method", _fmt(cal["method"])],
+        ["groups", _fmt(cal["groups"])],
+        ["sigma", _fmt(cal["sigma"], 4)],
+        ["calibration size (images)", _fmt(cal["calibration_size"])],
+        ["noisy samples per calibration image", _fmt(cal["n_cal"])],
+        ["smallest group with its own q^", _fmt(cal["min_group_size"])],
+        [
+            "radius cap before the offset (largest reference radius n_cal samples can show)",
+            _fmt(cal["radius_cap"], 4),
+        ],
+        ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)],
+        ["what the bound means", _fmt(cal.get("statement"))],
+    ]
+    diag = cal["diagnostics"]
+    for key, text in (
+        ("certified_share", "share certified by the surrogate (calibration set)"),
+        ("violation_rate", "rate of calibrated radius > reference (calibration set, in-sample)"),
+        (
+            "violation_rate_among_certified",
+            "the same among certified calibration points (in-sample; the issued guarantee's rate)",
+        ),
+        ("mean_certified_radius", "mean calibrated radius of certified inputs"),
+        ("surrogate_agrees_with_counts", "surrogate class = MC argmax (calibration set)"),
+        ("mapie_interval_coverage", "MAPIE interval coverage (calibration set)"),
+    ):
+        if key in diag:
+            params.append([text, _fmt(diag[key], 4)])
+    out["calibration"] = (["parameter", "value"], params)
+    out["groups"] = (
+        ["group", "q^", "calibration images", "too small: never certified by the surrogate"],
+        _group_rows(cal),
+    )
+    check = cal.get("check")
+    if check:
+        out["check"] = (
+            [
+                "test images",
+                "calibrated radius > MC reference",
+                "empirical rate",
+                "bound (epsilon)",
+                "binomial 0.999 allowance",
+                "within bound",
+                "certified by surrogate",
+            ],
+            [
+                [
+                    _fmt(check["num_images"]),
+                    _fmt(check["num_above"]),
+                    _fmt(check["rate_above"], 4),
+                    _fmt(check["bound"], 4),
+                    _fmt(check["allowance"]),
+                    str(check["within_bound"]),
+                    _pct(check["share_certified"]),
+                ]
+            ],
         )
-        audit = mon.get("audit")
-        if audit:
-            out["audit"] = (
+    return out
+
+
+def _monitor_tables(mon: dict) -> dict[str, Table]:
+    """The drift monitor's run and, with one, the certificate audit's."""
+    out: dict[str, Table] = {}
+    alarm = f"yes, at query {mon['drift_alarm_at']:,}" if mon["drift_alarm"] else "no"
+    out["monitor"] = (
+        ["drift monitor", "value"],
+        [
+            ["queries", _fmt(mon["queries"])],
+            ["reference (calibration images)", _fmt(mon["reference_size"])],
+            ["false-alarm probability delta (whole stream)", _fmt(mon["delta"], 4)],
+            ["alarm level log(1/delta)", _fmt(mon["log_threshold"])],
+            [
+                "log martingale: final / largest",
+                f"{_fmt(mon['log_martingale'])} / {_fmt(mon['max_log_martingale'])}",
+            ],
+            ["drift alarm", alarm],
+            ["one-pass certificates issued", _fmt(mon["one_pass_certificates"])],
+        ]
+        + [[f"route {k}", _fmt(v)] for k, v in mon["routes"].items()],
+    )
+    audit = mon.get("audit")
+    if audit:
+        out["audit"] = (
+            [
+                "audit rate",
+                "audited",
+                "re-checked (R^ > 0)",
+                "R^ > reference",
+                "rate",
+                "confidence sequence",
+                "threshold",
+                "alarm",
+                "base-model evaluations",
+            ],
+            [
                 [
-                    "audit rate",
-                    "audited",
-                    "re-checked (R^ > 0)",
-                    "R^ > reference",
-                    "rate",
-                    "confidence sequence",
-                    "threshold",
-                    "alarm",
-                    "base-model evaluations",
-                ],
-                [
-                    [
-                        _fmt(audit["rate"], 4),
-                        _fmt(audit["audited"]),
-                        _fmt(audit["sampled"]),
-                        _fmt(audit["exceedances"]),
-                        _fmt(audit["rate_observed"], 4),
-                        f"[{_fmt(audit['lower'], 4)}, {_fmt(audit['upper'], 4)}]",
-                        _fmt(audit["threshold"], 4),
-                        f"yes, at query {audit['alarm_at']:,}" if audit["alarm"] else "no",
-                        _fmt(audit["base_model_evaluations"]),
-                    ]
-                ],
-            )
-    env = report["environment"]
-    out["environment"] = (
+                    _fmt(audit["rate"], 4),
+                    _fmt(audit["audited"]),
+                    _fmt(audit["sampled"]),
+                    _fmt(audit["exceedances"]),
+                    _fmt(audit["rate_observed"], 4),
+                    f"[{_fmt(audit['lower'], 4)}, {_fmt(audit['upper'], 4)}]",
+                    _fmt(audit["threshold"], 4),
+                    f"yes, at query {audit['alarm_at']:,}" if audit["alarm"] else "no",
+                    _fmt(audit["base_model_evaluations"]),
+                ]
+            ],
+        )
+    return out
+
+
+def _environment_table(env: dict) -> Table:
+    """Where the report was made: device, Python, platform, versions, and each results file's settings."""
+    return (
         ["item", "value"],
         [
             ["device (this report)", _fmt(env["device"])],
@@ -807,7 +838,6 @@ def tables(report: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
             for label, f in env["files"].items()
         ],
     )
-    return out
 
 
 def _group_rows(cal: dict) -> list[list[str]]:

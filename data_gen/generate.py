@@ -324,6 +324,39 @@ def _prepare_job(
         off_grid="quantise",
     )
     check_model_fits(smooth, data.x[:1], model_spec)
+    attrs = _file_attrs(
+        data,
+        loaded,
+        smooth,
+        sigma=sigma,
+        n=n,
+        n0=n0,
+        scheme=scheme,
+        split=split,
+        limit=limit,
+        seed=seed,
+        command=command,
+        shard=shard,
+    )
+    return _Job(data, positions, smooth, attrs, n, n0)
+
+
+def _file_attrs(
+    data: SplitData,
+    loaded,
+    smooth: SmoothedClassifier,
+    *,
+    sigma,
+    n,
+    n0,
+    scheme,
+    split,
+    limit,
+    seed,
+    command,
+    shard: Shard,
+) -> dict:
+    """The counts file's attributes: what was counted, by which model and how (a resume must match them)."""
     attrs = {
         "sigma": sigma,
         "n": n,
@@ -349,7 +382,7 @@ def _prepare_job(
         attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
     if smooth.amp:
         attrs["amp_disagreement"] = _check_amp(smooth, data)
-    return _Job(data, positions, smooth, attrs, n, n0)
+    return attrs
 
 
 def _count_sharded(
