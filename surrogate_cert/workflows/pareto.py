@@ -334,34 +334,76 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
     replay = RecordedSmoothed(inp.smooth, inp.indices, rec)
     rows: dict[str, dict] = {}
     reference = _reference_check(cfg, inp, rec) if cfg.reference_counts else None
-
-    # Cohen-n: class from the n0 selection samples, k from the first n estimation samples.
-    select = np.stack([(rec[STREAM_SELECT] == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
-    for n in cfg.cohen_n:
-        prefix = rec[STREAM_ESTIMATE][:, :n]
-        counts = np.stack([(prefix == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
-        rows[f"cohen_{n}"] = _pareto_row(
-            certificates_from_counts(select, counts, alpha, sigma), inp, cfg, "cohen", label=f"Cohen-{n:,}", n=n
-        )
+    rows.update(_cohen_rows(cfg, inp, rec))
 
     clean = _clean_classes(inp)
     sur_classes, sur_prior = None, None
     if inp.surrogate is not None:
         sur_classes, p_tilde = inp.surrogate.predict(inp.x)
         sur_prior = stats.surrogate_prior(p_tilde, inp.surrogate.kappa, inp.surrogate.w)
+    runs = _SequentialRuns(cfg, inp, rec, replay, rows)
+    floor_checks = _target_rows(runs, clean, sur_classes, sur_prior)
+    _best_radius_rows(runs, clean, sur_classes, sur_prior)
 
-    def run(name, label, family, init, classes=None, prior=None, **info):
-        init = {"max_samples": cfg.max_samples, **init}
-        certifier = EProcessCertifier(replay, alpha, n0=cfg.n0, **init)
+    fallback = _fallback_comparison(inp, replay, cfg) if inp.calibration is not None else None
+    return dict(
+        dataset=cfg.dataset,
+        inputs=num,
+        note=inp.note,
+        sigma=sigma,
+        alpha=alpha,
+        n0=cfg.n0,
+        max_samples=cfg.max_samples,
+        rows=rows,
+        floor=floor_checks,
+        fallback_prior=fallback,
+        reference_counts=reference,
+        targets=_pareto_targets(rows, floor_checks, fallback, cfg),
+        seconds=dict(recording=record_seconds, total=time.perf_counter() - t0),
+    )
+
+
+def _cohen_rows(cfg: ParetoConfig, inp: ParetoInputs, rec: dict) -> dict[str, dict]:
+    """Cohen-n: class from the n0 selection samples, k from the first n estimation samples."""
+    rows = {}
+    select = np.stack([(rec[STREAM_SELECT] == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
+    for n in cfg.cohen_n:
+        prefix = rec[STREAM_ESTIMATE][:, :n]
+        counts = np.stack([(prefix == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
+        rows[f"cohen_{n}"] = _pareto_row(
+            certificates_from_counts(select, counts, cfg.alpha, cfg.sigma), inp, cfg, "cohen", label=f"Cohen-{n:,}", n=n
+        )
+    return rows
+
+
+@dataclass
+class _SequentialRuns:
+    """The sequential certifier's rows of one dataset, replayed from the recorded streams into ``rows``."""
+
+    cfg: ParetoConfig
+    inp: ParetoInputs
+    rec: dict
+    replay: RecordedSmoothed
+    rows: dict[str, dict]
+
+    def run(self, name, label, family, init, classes=None, prior=None, **info):
+        """Certify every input with the options ``init``; the row is ``rows[name]``, the certificates returned."""
+        init = {"max_samples": self.cfg.max_samples, **init}
+        certifier = EProcessCertifier(self.replay, self.cfg.alpha, n0=self.cfg.n0, **init)
         started = time.perf_counter()
-        certs = certifier.certify(inp.x, classes=classes, prior=prior, indices=inp.indices)
-        rows[name] = _pareto_row(certs, inp, cfg, family, label=label, **info)
-        rows[name]["seconds"] = time.perf_counter() - started
+        certs = certifier.certify(self.inp.x, classes=classes, prior=prior, indices=self.inp.indices)
+        self.rows[name] = _pareto_row(certs, self.inp, self.cfg, family, label=label, **info)
+        self.rows[name]["seconds"] = time.perf_counter() - started
         return certs
 
+
+def _target_rows(runs: _SequentialRuns, clean, sur_classes, sur_prior) -> dict:
+    """The target-radius rows (each variant of prior and class, and budgets), and the floor checks of the
+    truncated prior's rows (returned)."""
+    cfg = runs.cfg
     floor_checks = {}
     for m in cfg.target_multiples:
-        r = m * sigma
+        r = m * cfg.sigma
         target = dict(policy="target_radius", target_radius=r)
         variants = [
             (
@@ -386,7 +428,7 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
             variants.append(("surrogate", "surrogate prior and class", {}, sur_classes, sur_prior))
         for key, text, init, classes, prior in variants:
             name = f"target_{m:g}sigma_{key}"
-            certs = run(
+            certs = runs.run(
                 name,
                 f"target {m:g} sigma: {text}",
                 "target",
@@ -399,7 +441,7 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
             if key == "truncated_model":
                 for budget in cfg.target_budgets:
                     if budget < cfg.max_samples:
-                        run(
+                        runs.run(
                             f"{name}_budget{budget}",
                             f"target {m:g} sigma: truncated, class f(x), budget {budget:,}",
                             "target",
@@ -414,20 +456,26 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
                 per_class = key.endswith("per_class")
                 floor_checks[name] = _floor_check(
                     certs,
-                    rec[STREAM_SEQUENTIAL],
+                    runs.rec[STREAM_SEQUENTIAL],
                     r,
                     cfg,
                     pilot=cfg.n0 if key.endswith("pilot") else 0,
-                    alpha=cfg.alpha / inp.smooth.num_classes if per_class else cfg.alpha,
+                    alpha=cfg.alpha / runs.inp.smooth.num_classes if per_class else cfg.alpha,
                 )
-    run(
+    return floor_checks
+
+
+def _best_radius_rows(runs: _SequentialRuns, clean, sur_classes, sur_prior) -> None:
+    """The best-radius rows: the tolerance rule, and the priced rule for each price and prior."""
+    cfg = runs.cfg
+    runs.run(
         "best_kt_tolerance_pilot",
         f"best radius: KT, tolerance {cfg.tolerance:g}, pilot class",
         "best",
         dict(prior="kt", tolerance=cfg.tolerance),
     )
     for price in cfg.prices:
-        certs = run(
+        certs = runs.run(
             f"best_kt_price{price:g}_model",
             f"best radius: KT, price {price:g}, class f(x)",
             "priced",
@@ -436,10 +484,10 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
             None,
             price=price,
         )
-        rows[f"best_kt_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-            certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0
+        runs.rows[f"best_kt_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+            certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
         )
-        certs = run(
+        certs = runs.run(
             f"best_radius_price{price:g}_model",
             f"best radius: radius prior, price {price:g}, class f(x)",
             "priced",
@@ -448,11 +496,11 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
             None,
             price=price,
         )
-        rows[f"best_radius_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-            certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0
+        runs.rows[f"best_radius_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+            certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
         )
         if sur_classes is not None:
-            certs = run(
+            certs = runs.run(
                 f"best_surrogate_price{price:g}",
                 f"best radius: surrogate prior, price {price:g}",
                 "priced",
@@ -461,26 +509,9 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
                 sur_prior,
                 price=price,
             )
-            rows[f"best_surrogate_price{price:g}"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-                certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0
+            runs.rows[f"best_surrogate_price{price:g}"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+                certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
             )
-
-    fallback = _fallback_comparison(inp, replay, cfg) if inp.calibration is not None else None
-    return dict(
-        dataset=cfg.dataset,
-        inputs=num,
-        note=inp.note,
-        sigma=sigma,
-        alpha=alpha,
-        n0=cfg.n0,
-        max_samples=cfg.max_samples,
-        rows=rows,
-        floor=floor_checks,
-        fallback_prior=fallback,
-        reference_counts=reference,
-        targets=_pareto_targets(rows, floor_checks, fallback, cfg),
-        seconds=dict(recording=record_seconds, total=time.perf_counter() - t0),
-    )
 
 
 def _reference_check(cfg: ParetoConfig, inp: ParetoInputs, rec: dict) -> dict:
