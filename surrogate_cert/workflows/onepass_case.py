@@ -669,57 +669,11 @@ def run_onepass(
         cohen_10k=cohen_row(data, cfg), one_pass={}, hybrid={}, required_radius={}, frontier={}, levers={}
     )
     for epsilon in cfg.epsilons:
-        e = f"{epsilon:g}"
-        calibrations = bench.calibrations(surrogate, cal, epsilon, sur_counts)
-        content["one_pass"][e] = {s: evaluate_one_pass(surrogate, c, data, cfg) for s, c in calibrations.items()}
-        bench.say(
-            f"      epsilon={e}: one-pass "
-            + ", ".join(
-                f"{s} {100 * r['certified_accuracy'][f'{sigma:g}']:.1f}%@sigma ACR {r['acr']:.3f}"
-                for s, r in content["one_pass"][e].items()
-            )
-        )
-        content["hybrid"][e] = {
-            s: bench.timed("hybrid", lambda c=c: evaluate_hybrid(surrogate, c, data, base, cfg))
-            for s, c in calibrations.items()
-            if s in ("pooled", "shifted")
-        }
-        content["required_radius"][e] = {
-            f"{s:g}": bench.timed(
-                "hybrid",
-                lambda s=s, calibrations=calibrations: evaluate_hybrid(
-                    surrogate, calibrations["pooled"], data, base, cfg, required=s * sigma
-                ),
-            )
-            for s in cfg.required_sigmas
-        }
-        for s, row in content["required_radius"][e].items():
-            row["one_pass"] = content["one_pass"][e]["pooled"]["required_radius"][s]
-    # Frontier: epsilon (calibration only) and unseen training images (retrained surrogates).
-    for epsilon in cfg.frontier_epsilons:
-        c = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("pooled", "shifted"))
-        content["frontier"].setdefault("epsilon", {})[f"{epsilon:g}"] = {
-            s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()
-        }
-    for images in cfg.frontier_images:
-        files = [bench.counts(model, "surrogate", cfg.surrogate_n, limit=images)]
-        sur = bench.surrogate(model, files, f"images{images}")
-        c = bench.calibrations(sur, cal, cfg.epsilons[0], files[0], schemes=("pooled", "shifted"))
-        content["frontier"].setdefault("unseen_images", {})[str(images)] = {
-            s: evaluate_one_pass(sur, cal_, data, cfg) for s, cal_ in c.items()
-        }
+        _epsilon_rows(bench, content, surrogate, cal, sur_counts, data, base, epsilon)
+    content["frontier"] = _frontier(bench, model, surrogate, cal, sur_counts, data)
     epsilon = cfg.epsilons[0]
     if cfg.controls:
-        rows = int(read_attrs(sur_counts)["rows"])
-        seen_files = [bench.counts(model, "train", cfg.surrogate_n, limit=rows)]
-        variants = dict(
-            seen_by_base=bench.surrogate(model, seen_files, "seen"),
-            random_init=bench.surrogate(model, train_files, "random-init", init=False),
-        )
-        for name, sur in variants.items():
-            c = bench.calibrations(sur, cal, epsilon, sur_counts, schemes=("pooled",))["pooled"]
-            content["levers"][name] = evaluate_one_pass(sur, c, data, cfg)
-            content["levers"][name]["surrogate_agrees_with_counts"] = c.diagnostics.get("surrogate_agrees_with_counts")
+        content["levers"].update(_control_levers(bench, model, train_files, sur_counts, cal, data))
     if cfg.issued:
         content["issued"] = issued_rows(bench, surrogate, cal, sur_counts, data, base, content)
     if cfg.cal_topup:
@@ -727,10 +681,93 @@ def run_onepass(
         c = bench.calibrations(surrogate, topped, epsilon, sur_counts, schemes=("pooled", "shifted"))
         content["levers"]["cal_topup"] = {s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()}
         content["levers"]["cal_topup"]["reference"] = c["pooled"].reference
+    content["setup"] = _setup_record(cfg, model, data, cal, sur_counts, surrogate)
+    content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
+    content["markdown"] = onepass_markdown(content)
+    if content.get("issued"):
+        content["markdown"] += "\n\nThe issued guarantee beside the marginal rule:\n\n" + issued_markdown(content)
+    if out is not None:
+        write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=overwrite)
+    bench.say("\n" + content["markdown"])
+    return content
+
+
+def _epsilon_rows(bench: OnePassBench, content: dict, surrogate, cal, sur_counts, data, base, epsilon: float) -> None:
+    """One epsilon's rows into ``content``: the one-pass certificate of each calibration scheme, the hybrid
+    of the pooled and shifted ones, and the hybrid at each required radius."""
+    cfg = bench.cfg
+    sigma = cfg.sigma
+    e = f"{epsilon:g}"
+    calibrations = bench.calibrations(surrogate, cal, epsilon, sur_counts)
+    content["one_pass"][e] = {s: evaluate_one_pass(surrogate, c, data, cfg) for s, c in calibrations.items()}
+    bench.say(
+        f"      epsilon={e}: one-pass "
+        + ", ".join(
+            f"{s} {100 * r['certified_accuracy'][f'{sigma:g}']:.1f}%@sigma ACR {r['acr']:.3f}"
+            for s, r in content["one_pass"][e].items()
+        )
+    )
+    content["hybrid"][e] = {
+        s: bench.timed("hybrid", lambda c=c: evaluate_hybrid(surrogate, c, data, base, cfg))
+        for s, c in calibrations.items()
+        if s in ("pooled", "shifted")
+    }
+    content["required_radius"][e] = {
+        f"{s:g}": bench.timed(
+            "hybrid",
+            lambda s=s, calibrations=calibrations: evaluate_hybrid(
+                surrogate, calibrations["pooled"], data, base, cfg, required=s * sigma
+            ),
+        )
+        for s in cfg.required_sigmas
+    }
+    for s, row in content["required_radius"][e].items():
+        row["one_pass"] = content["one_pass"][e]["pooled"]["required_radius"][s]
+
+
+def _frontier(bench: OnePassBench, model, surrogate, cal, sur_counts, data) -> dict:
+    """Frontier: epsilon (calibration only) and unseen training images (retrained surrogates)."""
+    cfg = bench.cfg
+    frontier: dict = {}
+    for epsilon in cfg.frontier_epsilons:
+        c = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("pooled", "shifted"))
+        frontier.setdefault("epsilon", {})[f"{epsilon:g}"] = {
+            s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()
+        }
+    for images in cfg.frontier_images:
+        files = [bench.counts(model, "surrogate", cfg.surrogate_n, limit=images)]
+        sur = bench.surrogate(model, files, f"images{images}")
+        c = bench.calibrations(sur, cal, cfg.epsilons[0], files[0], schemes=("pooled", "shifted"))
+        frontier.setdefault("unseen_images", {})[str(images)] = {
+            s: evaluate_one_pass(sur, cal_, data, cfg) for s, cal_ in c.items()
+        }
+    return frontier
+
+
+def _control_levers(bench: OnePassBench, model, train_files, sur_counts, cal, data) -> dict:
+    """The controls: a surrogate trained on images the base model saw, and one trained from random weights."""
+    cfg = bench.cfg
+    epsilon = cfg.epsilons[0]
+    levers: dict = {}
+    rows = int(read_attrs(sur_counts)["rows"])
+    seen_files = [bench.counts(model, "train", cfg.surrogate_n, limit=rows)]
+    variants = dict(
+        seen_by_base=bench.surrogate(model, seen_files, "seen"),
+        random_init=bench.surrogate(model, train_files, "random-init", init=False),
+    )
+    for name, sur in variants.items():
+        c = bench.calibrations(sur, cal, epsilon, sur_counts, schemes=("pooled",))["pooled"]
+        levers[name] = evaluate_one_pass(sur, c, data, cfg)
+        levers[name]["surrogate_agrees_with_counts"] = c.diagnostics.get("surrogate_agrees_with_counts")
+    return levers
+
+
+def _setup_record(cfg: OnePassConfig, model, data, cal, sur_counts, surrogate) -> dict:
+    """What the case ran on: the settings, the base model and surrogate, the image counts, the machine."""
     env = environment()
-    content["setup"] = dict(
+    return dict(
         dataset=cfg.dataset,
-        sigma=sigma,
+        sigma=cfg.sigma,
         alpha=cfg.alpha,
         alpha_mc=cfg.alpha_mc,
         base_model=model,
@@ -757,14 +794,6 @@ def run_onepass(
         versions=env["versions"],
         config=dataclasses.asdict(cfg),
     )
-    content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
-    content["markdown"] = onepass_markdown(content)
-    if content.get("issued"):
-        content["markdown"] += "\n\nThe issued guarantee beside the marginal rule:\n\n" + issued_markdown(content)
-    if out is not None:
-        write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=overwrite)
-    bench.say("\n" + content["markdown"])
-    return content
 
 
 def _rows(path) -> int:
