@@ -626,14 +626,52 @@ def top_up_counts(
     counts = read_counts(path)
     attrs = counts.attrs
     check_counts_for(counts, path, complete=True, key=secret)
+    scheme = _replayable_scheme(path, attrs)
+    n = counts.n
+    planned_max = _planned_max(path, attrs, n, extra, planned_max)
+    samples = counts.samples_per_row().copy()
+    counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
+    every = counts.counts + counts_topup
+    picked = np.flatnonzero((every.max(axis=1) == samples) & (samples < planned_max))
+    draw = np.minimum(extra, planned_max - samples[picked])
+    smooth = _topup_engine(path, counts, model_spec, scheme, device=device, batch_size=batch_size)
+    if picked.size:
+        images = counts.images(data_root)
+        check_model_fits(smooth, images[:1], model_spec)
+        _draw_topup(smooth, counts, images, picked, draw, samples, counts_topup, extra=extra, progress=progress)
+        samples[picked] += draw
+    record = dict(
+        rule=rule,
+        extra=int(extra),
+        rows=int(picked.size),
+        samples_drawn=int(draw.sum()),
+        planned_max=int(planned_max),
+        command=command or "top_up_counts()",
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
+    sign_counts(path, secret)
+    return dict(
+        rows=int(picked.size),
+        samples=int(draw.sum()),
+        planned_max=int(planned_max),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _replayable_scheme(path, attrs) -> str:
+    """The noise scheme a counts file records, if this version can continue its streams (else StoreError)."""
     try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
-        scheme = check_noise_scheme(attrs.get("noise_scheme", ""))
+        return check_noise_scheme(attrs.get("noise_scheme", ""))
     except InvalidParameterError:
         raise StoreError(
             f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
             f"replay: a top-up would not continue its streams; regenerate it"
         ) from None
-    n = counts.n
+
+
+def _planned_max(path, attrs, n: int, extra: int, planned_max: int | None) -> int:
+    """The most samples a row may reach: the file's, once fixed by a first top-up (default ``n + extra``)."""
     stored_max = attrs.get("topup_planned_max")
     if planned_max is None:
         planned_max = int(stored_max) if stored_max is not None else n + extra
@@ -643,11 +681,13 @@ def top_up_counts(
             f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
             f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it"
         )
-    samples = counts.samples_per_row().copy()
-    counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
-    every = counts.counts + counts_topup
-    picked = np.flatnonzero((every.max(axis=1) == samples) & (samples < planned_max))
-    draw = np.minimum(extra, planned_max - samples[picked])
+    return planned_max
+
+
+def _topup_engine(path, counts, model_spec: str, scheme: str, *, device, batch_size) -> SmoothedClassifier:
+    """The engine that continues a counts file's streams: its base model (checked by SHA-256), seed,
+    scheme and amp, on its device type."""
+    attrs = counts.attrs
     loaded = load_model(
         model_spec, device=device, num_classes=counts.num_classes, input_shape=tuple(attrs["input_shape"])
     )
@@ -673,37 +713,22 @@ def top_up_counts(
             f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
             f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it"
         )
-    if picked.size:
-        images = counts.images(data_root)
-        check_model_fits(smooth, images[:1], model_spec)
-        chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
-        bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
-        for lo in range(0, picked.size, chunk):
-            rows = picked[lo : lo + chunk]
-            counts_topup[rows] += smooth.counts(
-                images[rows],
-                draw[lo : lo + chunk],
-                indices=counts.indices[rows],
-                stream=STREAM_ESTIMATE,
-                start=samples[rows],
-            )
-            bar.update(len(rows))
-        bar.close()
-        samples[picked] += draw
-    record = dict(
-        rule=rule,
-        extra=int(extra),
-        rows=int(picked.size),
-        samples_drawn=int(draw.sum()),
-        planned_max=int(planned_max),
-        command=command or "top_up_counts()",
-        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
-    sign_counts(path, secret)
-    return dict(
-        rows=int(picked.size),
-        samples=int(draw.sum()),
-        planned_max=int(planned_max),
-        seconds=time.perf_counter() - started,
-    )
+    return smooth
+
+
+def _draw_topup(smooth, counts, images, picked, draw, samples, counts_topup, *, extra: int, progress: bool) -> None:
+    """Add ``draw`` samples to each picked row's ``counts_topup``, continuing its estimation stream at
+    ``samples`` (its samples so far)."""
+    chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
+    bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
+    for lo in range(0, picked.size, chunk):
+        rows = picked[lo : lo + chunk]
+        counts_topup[rows] += smooth.counts(
+            images[rows],
+            draw[lo : lo + chunk],
+            indices=counts.indices[rows],
+            stream=STREAM_ESTIMATE,
+            start=samples[rows],
+        )
+        bar.update(len(rows))
+    bar.close()
