@@ -1808,41 +1808,9 @@ def calibrate(
         surrogate = Surrogate.load(surrogate, device=device, key=key)
     counts = read_counts(counts_file)
     attrs = counts.attrs
-    counts_sha256 = sha256_file(counts_file)
-    trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {
-        surrogate.meta.get("counts_sha256")
-    }
-    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
-        raise CalibrationError(
-            f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
-            "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
-        )
-    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
-    by_content = "image_hashes" in surrogate.meta
-    try:
-        check_counts_for(
-            counts,
-            counts_file,
-            dataset=_calibration_dataset(surrogate),
-            sigma=surrogate.sigma,
-            num_classes=surrogate.num_classes,
-            input_shape=surrogate.input_shape,
-            model_sha256=surrogate.meta.get("base_model_sha256"),
-            complete=True,
-            excluded_indices=trained_on,
-            key=key,
-            noise_scheme=surrogate_noise_scheme(surrogate),
-        )
-    except CountsMismatchError as exc:
-        raise CalibrationError(str(exc)) from None
-    if str(attrs.get("split")) == "test":
-        raise CalibrationError(
-            f"{counts_file} holds the test split: its images are the ones `certify --split test` "
-            "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
-            "on the cal split"
-        )
+    counts_sha256 = _check_calibration_counts(surrogate, counts, counts_file, key)
     images = counts.images(data_root)
-    if by_content:
+    if "image_hashes" in surrogate.meta:  # the surrogate's training images, by content
         check_not_trained_on(surrogate, images, counts_file)
     source = None
     if edges_from is not None:
@@ -1884,6 +1852,47 @@ def calibrate(
         split=str(attrs["split"]),
         noise_scheme=counts.noise_scheme,
     )
+
+
+def _check_calibration_counts(surrogate, counts, counts_file, key) -> str:
+    """A counts file fit to calibrate ``surrogate`` on: of the cal split (never a training split or the
+    test split), of its dataset, sigma, classes, shape, base model and noise scheme, complete, holding
+    none of its training images (by dataset index), and signed under ``key`` if one is set. Returns the
+    file's SHA-256."""
+    attrs = counts.attrs
+    counts_sha256 = sha256_file(counts_file)
+    trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {
+        surrogate.meta.get("counts_sha256")
+    }
+    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
+        raise CalibrationError(
+            f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
+            "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
+        )
+    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
+    try:
+        check_counts_for(
+            counts,
+            counts_file,
+            dataset=_calibration_dataset(surrogate),
+            sigma=surrogate.sigma,
+            num_classes=surrogate.num_classes,
+            input_shape=surrogate.input_shape,
+            model_sha256=surrogate.meta.get("base_model_sha256"),
+            complete=True,
+            excluded_indices=trained_on,
+            key=key,
+            noise_scheme=surrogate_noise_scheme(surrogate),
+        )
+    except CountsMismatchError as exc:
+        raise CalibrationError(str(exc)) from None
+    if str(attrs.get("split")) == "test":
+        raise CalibrationError(
+            f"{counts_file} holds the test split: its images are the ones `certify --split test` "
+            "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
+            "on the cal split"
+        )
+    return counts_sha256
 
 
 def surrogate_noise_scheme(surrogate) -> str:
