@@ -368,28 +368,9 @@ class HybridCertifier:
                     "fallback='eprocess' and the audit need the base model (--model); "
                     "or use --fallback none without an audit"
                 )
-            model = cls._base_model(base_model, surrogate, device, secret)
-            scheme = check_noise_scheme(noise_scheme or calibration.noise_scheme or NOISE_SCHEME)
-            check_same_noise(
-                scheme,
-                calibration.noise_scheme,
-                "the fallback",
-                "drop --noise-scheme (the calibration's is used) or calibrate on counts of this scheme",
+            smooth = cls._base_engine(
+                base_model, surrogate, calibration, secret, noise_scheme, device, batch_size, seed, off_grid
             )
-            smooth = SmoothedClassifier(
-                model,
-                surrogate.num_classes,
-                surrogate.sigma,
-                device=device,
-                batch_size=batch_size,
-                seed=seed,
-                input_shape=surrogate.input_shape,
-                noise_scheme=scheme,
-                off_grid=off_grid,
-            )
-            # One clean pass now: a model of another input shape or width fails here, not mid-certification.
-            name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
-            check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
         if fallback == "eprocess":
             sequential = fallback_certifier(
                 cast(SmoothedClassifier, smooth),  # built above: this fallback needs the base model
@@ -526,6 +507,36 @@ class HybridCertifier:
             if self.audit.alarm_at is not None and self.audit.alarm_at - before < cut:  # .alarm, spelled out
                 cut, self.alarm_reason = max(0, self.audit.alarm_at - before), "audit_alarm"
         return cut, spent
+
+    @classmethod
+    def _base_engine(
+        cls, base_model, surrogate, calibration, secret, noise_scheme, device, batch_size, seed, off_grid
+    ) -> SmoothedClassifier:
+        """The base model under noise for the fallback and the audit: the surrogate's sigma, classes and
+        input shape, the calibration's noise scheme, checked on one clean pass."""
+        model = cls._base_model(base_model, surrogate, device, secret)
+        scheme = check_noise_scheme(noise_scheme or calibration.noise_scheme or NOISE_SCHEME)
+        check_same_noise(
+            scheme,
+            calibration.noise_scheme,
+            "the fallback",
+            "drop --noise-scheme (the calibration's is used) or calibrate on counts of this scheme",
+        )
+        smooth = SmoothedClassifier(
+            model,
+            surrogate.num_classes,
+            surrogate.sigma,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            input_shape=surrogate.input_shape,
+            noise_scheme=scheme,
+            off_grid=off_grid,
+        )
+        # One clean pass now: a model of another input shape or width fails here, not mid-certification.
+        name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
+        check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
+        return smooth
 
     @staticmethod
     def _base_model(base_model, surrogate, device, key: bytes | None = None) -> torch.nn.Module:
