@@ -584,44 +584,12 @@ def run_bench(
     )
     results, certificates, tsvs = run_methods(ctx, cfg, bench_dir, progress)
 
-    truth_seconds = 0.0
-    problem = None
-    if cfg.linear_points is not None:
-        ctx.pipeline.say("linear ground-truth problem: wrong certificates of each method against its bound")
-        t0 = time.perf_counter()
-        truth = linear_ground_truth(
-            cfg,
-            cfg.offline.sigma,
-            ctx.calibration.epsilon,
-            ctx.calibration.alpha_mc,
-            ctx.alpha,
-            seed=cfg.offline.seed,
-            device=cfg.offline.device,
-            noise_scheme=cfg.offline.noise_scheme,
-        )
-        for name, record in truth["methods"].items():
-            results[name]["ground_truth"] = record
-        problem, truth_seconds = truth["problem"], time.perf_counter() - t0
+    problem, truth_seconds = _ground_truth(ctx, cfg, results)
 
     paths = ctx.pipeline.paths
     offline_evaluations = offline_evaluations_from_counts([ctx.pipeline.surrogate_counts, paths["cal.h5"]])
     compare(results, offline_evaluations)
-    extra = {}
-    if cfg.triage_radii or cfg.prior_comparison:
-        hybrid = HybridCertifier(
-            SurrogateCertifier(ctx.surrogate, ctx.calibration),
-            fallback_certifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg)),
-        )
-        if cfg.triage_radii:
-            reference = dict(
-                certificates=certificates.get("cohen_10k") or [],
-                mean_evaluations=(results.get("cohen_10k") or {}).get("mean_evaluations", {}).get("all"),
-            )
-            if not reference["certificates"]:
-                raise InvalidParameterError("triage compares against cohen_10k: include it in the methods")
-            extra["triage"] = triage(hybrid, ctx.data, cfg.triage_radii, reference)
-        if cfg.prior_comparison:
-            extra["fallback_prior"] = prior_comparison(hybrid, ctx.data, ctx.smooth.sigma)
+    extra = _optional_sections(ctx, cfg, results, certificates)
     report = write_report(
         tsvs,
         bench_dir / "report.html",
@@ -648,6 +616,50 @@ def run_bench(
         write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=overwrite)
     ctx.pipeline.say("\n" + content["markdown"] + f"\n\nJSON: {out}; per-method TSVs and report: {bench_dir}")
     return content
+
+
+def _ground_truth(ctx: BenchContext, cfg: BenchConfig, results: dict) -> tuple[dict | None, float]:
+    """The linear ground-truth problem (when configured): each method's wrong certificates against its
+    bound, added to its row of ``results``; returns the problem's record and its seconds."""
+    if cfg.linear_points is not None:
+        ctx.pipeline.say("linear ground-truth problem: wrong certificates of each method against its bound")
+        t0 = time.perf_counter()
+        truth = linear_ground_truth(
+            cfg,
+            cfg.offline.sigma,
+            ctx.calibration.epsilon,
+            ctx.calibration.alpha_mc,
+            ctx.alpha,
+            seed=cfg.offline.seed,
+            device=cfg.offline.device,
+            noise_scheme=cfg.offline.noise_scheme,
+        )
+        for name, record in truth["methods"].items():
+            results[name]["ground_truth"] = record
+        return truth["problem"], time.perf_counter() - t0
+    return None, 0.0
+
+
+def _optional_sections(ctx: BenchContext, cfg: BenchConfig, results: dict, certificates: dict) -> dict:
+    """The optional sections: the hybrid asked for required radii (``triage``) and the fallback's prior
+    compared (``fallback_prior``)."""
+    extra: dict = {}
+    if cfg.triage_radii or cfg.prior_comparison:
+        hybrid = HybridCertifier(
+            SurrogateCertifier(ctx.surrogate, ctx.calibration),
+            fallback_certifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg)),
+        )
+        if cfg.triage_radii:
+            reference = dict(
+                certificates=certificates.get("cohen_10k") or [],
+                mean_evaluations=(results.get("cohen_10k") or {}).get("mean_evaluations", {}).get("all"),
+            )
+            if not reference["certificates"]:
+                raise InvalidParameterError("triage compares against cohen_10k: include it in the methods")
+            extra["triage"] = triage(hybrid, ctx.data, cfg.triage_radii, reference)
+        if cfg.prior_comparison:
+            extra["fallback_prior"] = prior_comparison(hybrid, ctx.data, ctx.smooth.sigma)
+    return extra
 
 
 def _setup(cfg: BenchConfig, ctx: BenchContext, offline_evaluations: int, workdir) -> dict:
