@@ -707,26 +707,9 @@ def train_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = build(arch, train.input_shape, train.num_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(epochs), desc="train-base", unit="epoch", disable=not progress)
-    for _ in bar:
-        model.train()
-        order = torch.randperm(len(train), generator=gen)
-        total = 0.0
-        for lo in range(0, len(train), batch_size):
-            rows = order[lo : lo + batch_size]
-            xb = train.x[rows]
-            xb = xb + sigma * torch.randn(xb.shape, generator=gen)
-            loss = loss_fn(model(xb.to(device)), train.y[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(rows)
-        bar.set_postfix(loss=f"{total / len(train):.3f}")
+    _fit_under_noise(
+        model, train, sigma, epochs=epochs, batch_size=batch_size, lr=lr, gen=gen, device=device, progress=progress
+    )
     model.eval()
     check_finite_weights(model.state_dict(), f"the base model trained for {out}")
     metrics = {
@@ -754,6 +737,31 @@ def train_base(
     )
     metrics.update(out=os.path.abspath(out), sha256=sha256_file(out))
     return metrics
+
+
+def _fit_under_noise(model, train, sigma: float, *, epochs, batch_size, lr, gen, device, progress) -> None:
+    """Train ``model`` on ``train`` with Gaussian noise of ``sigma`` added to every image (AdamW, one-cycle
+    learning rate); ``gen`` draws the batch order and the noise."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(range(epochs), desc="train-base", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        for lo in range(0, len(train), batch_size):
+            rows = order[lo : lo + batch_size]
+            xb = train.x[rows]
+            xb = xb + sigma * torch.randn(xb.shape, generator=gen)
+            loss = loss_fn(model(xb.to(device)), train.y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+        bar.set_postfix(loss=f"{total / len(train):.3f}")
 
 
 __all__ = [
