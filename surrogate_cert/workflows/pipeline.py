@@ -284,6 +284,17 @@ class Pipeline:
     def offline(self, test_counts: bool = False) -> None:
         """Base model, surrogate / cal counts (and the test split's, with ``test_counts``: counted in the
         same worker processes), surrogate, calibration."""
+        cfg = self.cfg
+        self._train_base_stage()
+        jobs = [(cfg.surrogate_data, cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
+        if test_counts:
+            jobs.append(("test", cfg.test_n, cfg.test_n0, cfg.test_limit))
+        self.counts_together(jobs)
+        self._train_stage()
+        self._calibrate_stage()
+
+    def _train_base_stage(self) -> None:
+        """The base model: a small CNN trained with noise augmentation (skipped when its outputs are current)."""
         cfg, paths = self.cfg, self.paths
 
         def run_base():
@@ -307,10 +318,10 @@ class Pipeline:
             run_base,
             f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}",
         )
-        jobs = [(cfg.surrogate_data, cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
-        if test_counts:
-            jobs.append(("test", cfg.test_n, cfg.test_n0, cfg.test_limit))
-        self.counts_together(jobs)
+
+    def _train_stage(self) -> None:
+        """The surrogate, trained on the surrogate split's counts (skipped when its outputs are current)."""
+        cfg, paths = self.cfg, self.paths
 
         def run_train():
             surrogate = train_surrogate(
@@ -343,6 +354,10 @@ class Pipeline:
             f"surrogate on {self.surrogate_counts.name} (soft-label cross-entropy), "
             + ("started from base.pt" if cfg.init_from_base else "from random weights"),
         )
+
+    def _calibrate_stage(self) -> None:
+        """The calibration on the cal split's counts (skipped when its outputs are current)."""
+        cfg, paths = self.cfg, self.paths
 
         def run_calibrate():
             calibration = calibrate(
