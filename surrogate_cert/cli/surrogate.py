@@ -416,10 +416,34 @@ def run_certify(args: argparse.Namespace) -> int:
     )
     data = load_split(args.dataset, args.split, data_root=args.data_root, download=args.download, limit=args.limit)
     data.require_labels("the results file (its label and correct columns: certified accuracy)")
-    calibration = hybrid.calibration
     check_dataset_fits(args.dataset, data, hybrid, split=args.split)
+    meta = _certify_provenance(args, hybrid, data, key)
+    certificates = certify_split(
+        data,
+        lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),
+        HYBRID_CHUNK,
+        not args.no_progress,
+        "certify",
+        args.shard,
+    )
+    if certificates is None:
+        return 0  # rank 0 writes the merged results
+    code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
+    methods = Counter(c.method for c in certificates)
+    print(
+        "by method: "
+        + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain"))
+        + (f"; refined {sum(c.route == 'refined' for c in certificates)}" if args.refine else "")
+    )
+    return code
+
+
+def _certify_provenance(args: argparse.Namespace, hybrid: HybridCertifier, data, key: bytes | None) -> dict:
+    """The results file's provenance: the command's options, the calibration it states, the device and
+    noise the fallback drew."""
+    calibration = hybrid.calibration
     device = hybrid.sequential.smooth.device if hybrid.sequential is not None else hybrid.surrogate.device
-    meta = provenance(
+    return provenance(
         args,
         method="hybrid" if args.fallback == "eprocess" else "surrogate",
         dataset=args.dataset,
@@ -453,24 +477,6 @@ def run_certify(args: argparse.Namespace) -> int:
         world_size=args.shard.world_size,
         **noise_provenance(hybrid.sequential.smooth if hybrid.sequential is not None else None, data),
     )
-    certificates = certify_split(
-        data,
-        lambda x, idx: hybrid.certify(x, required_radius=args.target_radius, indices=idx),
-        HYBRID_CHUNK,
-        not args.no_progress,
-        "certify",
-        args.shard,
-    )
-    if certificates is None:
-        return 0  # rank 0 writes the merged results
-    code = write_results(args.out, data, certificates, meta, overwrite=args.overwrite)
-    methods = Counter(c.method for c in certificates)
-    print(
-        "by method: "
-        + ", ".join(f"{m} {methods[m]}" for m in ("surrogate", "eprocess", "abstain"))
-        + (f"; refined {sum(c.route == 'refined' for c in certificates)}" if args.refine else "")
-    )
-    return code
 
 
 def check_dataset_fits(dataset: str, data, hybrid: HybridCertifier, split: str | None = None) -> None:
