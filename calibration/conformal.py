@@ -682,13 +682,7 @@ def fit_offsets(
             "add calibration images or raise epsilon"
         )
 
-    if references is None:
-        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack)
-        cap = radius_cap(n_cal, alpha_mc, sigma, slack=slack)
-    else:
-        reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
-        if len(reference) != m:
-            raise InvalidParameterError("references must hold one radius per calibration input")
+    reference, cap = _reference_and_cap(references, counts_top, n_cal, alpha_mc, sigma, slack)
     shift_arr = np.zeros(m) if shift is None else np.asarray(shift, dtype=float).reshape(-1)
     if shift is not None and method == "ltt":
         raise InvalidParameterError("the shifted score is calibrated by its conformal quantile; use method='conformal'")
@@ -724,6 +718,21 @@ def fit_offsets(
         diagnostics,
         None if bin_edges is None else [float(e) for e in bin_edges],
     )
+
+
+def _reference_and_cap(references, counts_top, n_cal: int, alpha_mc: float, sigma: float, slack: float):
+    """The reference radius of each calibration point and the radius cap: the given ``references``, else
+    the Clopper-Pearson reference of ``counts_top`` out of ``n_cal`` (InvalidParameterError if the given
+    ones are not one per point)."""
+    if references is None:
+        return (
+            reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack),
+            radius_cap(n_cal, alpha_mc, sigma, slack=slack),
+        )
+    reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
+    if len(reference) != len(counts_top):
+        raise InvalidParameterError("references must hold one radius per calibration input")
+    return reference, cap
 
 
 def _group_offsets(
