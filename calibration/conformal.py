@@ -379,6 +379,7 @@ def issued_offset_grid(radius_cap: float, sigma: float) -> np.ndarray:
     return float(radius_cap) - step * np.arange(1, count + 1)
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def ltt_offset(
     p_tilde,
     reference,
@@ -577,6 +578,7 @@ def resolve_guarantee(guarantee: str, method: str) -> tuple[str, str]:
     return guarantee, method
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def fit_offsets(
     p_tilde,
     predicted,
@@ -1280,6 +1282,7 @@ TAU_BELOW_ALL = -(stats.Z_MAX + 1.0)
 """How a threshold of ``-inf`` (every input certifies at that radius) is stored: below every ``z~``."""
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def fit_radius_thresholds(
     z,
     reference,
@@ -1370,6 +1373,7 @@ def fit_radius_thresholds(
 # --------------------------------------------------------------------------- from files
 
 
+# long: a long numpydoc docstring, and the Calibration record's fields one per line; the steps are helpers
 def calibrate_arrays(
     surrogate,
     x,
@@ -1733,6 +1737,7 @@ def edges_from_counts(
     )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def calibrate(
     surrogate,
     counts_file,

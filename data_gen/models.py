@@ -311,6 +311,7 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
     )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def load_model(
     spec: str,
     device: str | torch.device | None = None,
@@ -607,6 +608,7 @@ def _training_images(dataset: str, splits: Sequence[str], data_root, download: b
     )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def train_base(
     dataset: str = "digits",
     sigma: float = 0.25,

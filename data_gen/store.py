@@ -558,6 +558,7 @@ def in_ranges(indices, ranges) -> np.ndarray:
     return inside
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def check_counts_for(
     counts: CountsFile,
     path: str | os.PathLike = "counts file",
@@ -666,6 +667,7 @@ def check_counts_for(
 # --------------------------------------------------------------------------- top-up
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def write_topup(
     path: str | os.PathLike, samples: np.ndarray, counts_topup: np.ndarray, *, planned_max: int, rule: str, record: dict
 ) -> CountsFile:
@@ -1404,6 +1406,7 @@ def lock_counts_file(path: str | os.PathLike):
     return _Lock(os.fspath(path)).acquire()
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def merge_shards(
     path: str | os.PathLike,
     world_size: int,

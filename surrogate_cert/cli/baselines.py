@@ -45,6 +45,7 @@ SEQUENTIAL_CHUNK = 2048
 """Inputs certified together by the sequential certifier: more inputs, fuller forward passes."""
 
 
+# long: argparse builder of cohen, sequential, deterministic: each one's options in a flat list, read in order
 def register(sub) -> None:
     p = add_parser(
         sub,

@@ -26,6 +26,7 @@ from .common import (
 )
 
 
+# long: argparse builder of train-base and datagen: each one's options in a flat list, read in order
 def register(sub) -> None:
     p = add_parser(
         sub,

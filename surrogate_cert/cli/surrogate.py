@@ -37,6 +37,7 @@ HYBRID_CHUNK = 2048
 """Inputs certified together: the sequential fallback shares forward passes within a chunk."""
 
 
+# long: argparse builder of train, calibrate and certify: each one's options in a flat list, read in order
 def register(sub) -> None:
     p = add_parser(
         sub,

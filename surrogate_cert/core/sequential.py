@@ -484,6 +484,7 @@ class EProcessCertifier:
         return stats.confidence_sequence_ends(successes, drawn, log_marginal, alpha)
 
     # ------------------------------------------------------------------ certification
+    # long: the sequential test, read at once: checks, pilot, rounds and certificates share one state
     def certify(
         self,
         x: torch.Tensor,

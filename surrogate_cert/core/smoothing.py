@@ -1010,6 +1010,7 @@ class SmoothedClassifier:
             fill_keyed_normal(noise[:rows], self.seed, names[owners], stream, samples)
             yield rows, owners, samples
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @torch.inference_mode()
     def counts(
         self,
@@ -1172,6 +1173,7 @@ class SmoothedClassifier:
         return np.abs(with_amp - fp32).sum(axis=1) / (2.0 * n)
 
     # ------------------------------------------------------------------ per-sample outcomes
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @torch.inference_mode()
     def sample_predictions(
         self,

@@ -1457,6 +1457,7 @@ def drift_bets(q, r, num_bins: int, log: bool = False) -> np.ndarray:
     return out if log else np.exp(out)
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def fixed_share_update(
     log_densities, log_weights, prior, jump: float | Callable[[int], float], start: int = 0, mix_every: int = 1
 ):

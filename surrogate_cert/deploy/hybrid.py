@@ -229,6 +229,7 @@ class HybridCertifier:
     def calibration(self):
         return self.surrogate_certifier.calibration
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @classmethod
     def load(
         cls,
@@ -557,6 +558,7 @@ class HybridCertifier:
             )
         return loaded.model
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     def certify(
         self,
         x: torch.Tensor,

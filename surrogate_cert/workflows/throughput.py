@@ -165,6 +165,7 @@ COMPARED_SCHEMES = (NOISE_SCHEME_V2, NOISE_SCHEME_V3, NOISE_SCHEME_V1)
 """The seeded noise schemes every ``measure`` times side by side (with unseeded noise as the floor)."""
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def measure(
     config: BenchModel,
     *,
@@ -459,6 +460,7 @@ def _scaling_worker(
         results.put((rank, start, time.perf_counter(), time.process_time() - start_cpu))
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def measure_scaling(
     config: BenchModel, world_size: int, *, threads: int = 1, repeats: int = 5, scale: float = 1.0
 ) -> dict:

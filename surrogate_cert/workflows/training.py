@@ -42,6 +42,7 @@ AUTO = "auto"
 (same SHA-256); else from scratch, with the reason in the surrogate's ``meta["init_skipped"]``."""
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def train_surrogate(
     counts_path,
     out: str | os.PathLike,
