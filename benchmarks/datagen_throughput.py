@@ -8,6 +8,7 @@ thread >= 1.7 x one). Prints JSON.
 
 The measuring code is ``surrogate_cert.workflows.throughput``; run it with ``nice`` on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def main(argv=None) -> None:
     parser.add_argument("--world-size", type=int, default=1, help="also measure scaling over this many CPU processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--amp", choices=("bf16",), default=None, help="also measure under bfloat16 autocast")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels_last memory (default: on with CUDA)")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory (default: on with CUDA)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--quick", action="store_true", help="fewer samples (smoke test)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per side (median reported)")
@@ -47,34 +52,43 @@ def main(argv=None) -> None:
     gpu = device.type == "cuda"
     scale = 0.25 if args.quick else 1.0
     load = machine_load()
-    settings = dict(device=device, rounds=args.rounds, scale=scale, channels_last=args.channels_last,
-                    compile=args.compile)
+    settings = dict(
+        device=device, rounds=args.rounds, scale=scale, channels_last=args.channels_last, compile=args.compile
+    )
     results = []
     for config in () if args.scaling_only else CONFIGS + (GPU_CONFIGS if gpu else ()):
-        for amp in ((None, "bf16") if args.amp else (None,)):
+        for amp in (None, "bf16") if args.amp else (None,):
             results.append(measure(config, amp=amp, **settings))
-    not_measured = [] if gpu else [f"{c.name} on a GPU (fp32 and bf16): not measured, no CUDA device"
-                                   for c in CONFIGS + GPU_CONFIGS] + [
-        "time to make the MNIST one-pass benchmark's counts on a GPU, v3 against v2: not measured, no CUDA device"]
+    not_measured = (
+        []
+        if gpu
+        else [f"{c.name} on a GPU (fp32 and bf16): not measured, no CUDA device" for c in CONFIGS + GPU_CONFIGS]
+        + ["time to make the MNIST one-pass benchmark's counts on a GPU, v3 against v2: not measured, no CUDA device"]
+    )
     scaling = None
     if args.world_size > 1:
         config = next(c for c in CONFIGS if c.name == args.scaling_model)
         scaling = measure_scaling(config, args.world_size, threads=args.threads, repeats=args.repeats, scale=scale)
-    print(json.dumps({
-        "benchmark": "datagen_throughput",
-        "package_version": __version__,
-        "torch": torch.__version__,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else ""),
-        "threads": torch.get_num_threads(),
-        "noise_block": NOISE_BLOCK,
-        "noise_scheme": NOISE_SCHEME,
-        "compared_schemes": list(COMPARED_SCHEMES),
-        "cpu_bf16": _cpu_bf16() if not gpu else None,
-        "machine": {"before": load, "after": machine_load()},
-        "results": results,
-        "not_measured": not_measured,
-        "scaling": scaling,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "datagen_throughput",
+                "package_version": __version__,
+                "torch": torch.__version__,
+                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else ""),
+                "threads": torch.get_num_threads(),
+                "noise_block": NOISE_BLOCK,
+                "noise_scheme": NOISE_SCHEME,
+                "compared_schemes": list(COMPARED_SCHEMES),
+                "cpu_bf16": _cpu_bf16() if not gpu else None,
+                "machine": {"before": load, "after": machine_load()},
+                "results": results,
+                "not_measured": not_measured,
+                "scaling": scaling,
+            },
+            indent=2,
+        )
+    )
 
 
 def _cpu_bf16() -> str:

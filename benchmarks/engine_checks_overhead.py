@@ -7,6 +7,7 @@ The same ``SmoothedClassifier`` is timed side by side, interleaved, with the che
 switched off (the per-batch accumulator skipped, the result copied without the final comparison);
 both must return the same counts. Run it with ``nice`` on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,26 +45,41 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build("small_cnn", (1, 8, 8), 10).eval()
     x = torch.rand(8, 1, 8, 8)
-    sides = {"checked": SmoothedClassifier(model, 10, 0.25, device=device, batch_size=args.batch_size),
-             "unchecked": _unchecked(model, device, args.batch_size)}
+    sides = {
+        "checked": SmoothedClassifier(model, 10, 0.25, device=device, batch_size=args.batch_size),
+        "unchecked": _unchecked(model, device, args.batch_size),
+    }
     assert np.array_equal(sides["checked"].counts(x, args.samples), sides["unchecked"].counts(x, args.samples))
     times = {name: [] for name in sides}
     for r in range(args.rounds):
-        for name in (("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked")):
+        for name in ("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked"):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
             sides[name].counts(x, args.samples)
             times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(v) for name, v in times.items()}
-    print(json.dumps({
-        "benchmark": "engine_checks_overhead", "package_version": __version__, "torch": torch.__version__,
-        "device": str(device), "threads": torch.get_num_threads(), "model": "small_cnn, digits shape 1x8x8, 10 classes",
-        "samples_per_call": 8 * args.samples, "batch_size": args.batch_size, "rounds": args.rounds,
-        "median_seconds": median, "checked_over_unchecked": median["checked"] / median["unchecked"],
-        "seconds": times, "load_average_1min_at_end": os.getloadavg()[0],
-        "note": "a ratio near 1 within the spread of the rounds: the checks cost nothing measurable here",
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "engine_checks_overhead",
+                "package_version": __version__,
+                "torch": torch.__version__,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "model": "small_cnn, digits shape 1x8x8, 10 classes",
+                "samples_per_call": 8 * args.samples,
+                "batch_size": args.batch_size,
+                "rounds": args.rounds,
+                "median_seconds": median,
+                "checked_over_unchecked": median["checked"] / median["unchecked"],
+                "seconds": times,
+                "load_average_1min_at_end": os.getloadavg()[0],
+                "note": "a ratio near 1 within the spread of the rounds: the checks cost nothing measurable here",
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ recalibrating on the stored calibration counts; and a control stream without lea
     python benchmarks/fallback_learning_mnist.py --data-root ../shared/data --workdir pretrained-s050 \\
         --out benchmarks/results/fallback_learning_mnist.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,12 @@ def main(argv=None) -> int:
     case = lc.pretrained.case
     if args.data_root:
         case = dataclasses.replace(case, data_root=args.data_root)
-    lc = dataclasses.replace(lc, pretrained=dataclasses.replace(lc.pretrained, case=case),
-                             **({"stream": args.stream} if args.stream else {}),
-                             **({"control": False} if args.no_control else {}))
+    lc = dataclasses.replace(
+        lc,
+        pretrained=dataclasses.replace(lc.pretrained, case=case),
+        **({"stream": args.stream} if args.stream else {}),
+        **({"control": False} if args.no_control else {}),
+    )
     with contextlib.redirect_stdout(sys.stderr):
         content = run_learning_case(lc, args.workdir, out=args.out, cache_dir=args.cache)
     json.dump(content, sys.stdout, indent=2, default=str)

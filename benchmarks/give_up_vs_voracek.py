@@ -12,6 +12,7 @@ never copied), as a cross-check. Prints the JSON (``--out`` also writes it).
     python benchmarks/give_up_vs_voracek.py --out benchmarks/results/give_up_vs_voracek.json \\
         --counts mnist_s050=test-s050.h5 --counts mnist_s025=test-s025.h5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,13 @@ def real_inputs(specs: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--counts", action="append", default=[], metavar="NAME=FILE",
-                   help="real inputs: a counts file whose rows' majority-class frequencies are the p of the streams")
+    p.add_argument(
+        "--counts",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="real inputs: a counts file whose rows' majority-class frequencies are the p of the streams",
+    )
     p.add_argument("--published-code", default=None, metavar="DIR", help="the authors' repository (a cross-check)")
     p.add_argument("--runs", type=int, default=None, help="streams per grid point (default 200)")
     p.add_argument("--cap", type=int, default=None, help="common sample cap (default 100,000)")
@@ -66,7 +72,9 @@ def main(argv=None) -> int:
     published = published_from_code(args.published_code) if args.published_code else None
     content = run_give_up(cfg, real_inputs(args.counts), published, say=lambda m: print(m, file=sys.stderr, flush=True))
     content["published_thresholds"] = "the authors' code" if published else "implemented from the paper's description"
-    content["command"] = "python benchmarks/give_up_vs_voracek.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    content["command"] = "python benchmarks/give_up_vs_voracek.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = json.dumps(json_safe(content), indent=2, allow_nan=False)
     if args.out:
         write_text_atomic(args.out, text, overwrite=True)

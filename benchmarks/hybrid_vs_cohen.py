@@ -8,6 +8,7 @@ The offline stage lives in ``--workdir`` and is reused when present. Prints the 
     python benchmarks/hybrid_vs_cohen.py --quick
     python benchmarks/hybrid_vs_cohen.py --workdir surrogate-cert-quickstart --triage
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     base = BENCH_QUICK if args.quick else BENCH_FULL
     config = dataclasses.replace(
-        base, methods=("cohen_10k", "surrogate", "hybrid"), prior_comparison=True,
+        base,
+        methods=("cohen_10k", "surrogate", "hybrid"),
+        prior_comparison=True,
         test_limit=args.limit if args.limit else (base.test_limit if args.quick else None),
-        triage_radii=(0.25, 0.5, 0.75) if args.triage else (), linear_points=base.linear_points)
-    content = run_bench(args.out, config, workdir=args.workdir, quiet=True, progress=False,
-                        command="benchmarks/hybrid_vs_cohen.py " + " ".join(argv or sys.argv[1:]))
+        triage_radii=(0.25, 0.5, 0.75) if args.triage else (),
+        linear_points=base.linear_points,
+    )
+    content = run_bench(
+        args.out,
+        config,
+        workdir=args.workdir,
+        quiet=True,
+        progress=False,
+        command="benchmarks/hybrid_vs_cohen.py " + " ".join(argv or sys.argv[1:]),
+    )
     json.dump(content, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
     return 0

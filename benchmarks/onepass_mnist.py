@@ -6,7 +6,8 @@ content in ``--cache`` (dataset, split, model hash, sigma, n, n0, seed, limit; `
 matching files from elsewhere, never writing there), the surrogate started from the base model and
 trained on the surrogate split, every calibration scheme at epsilon 0.01 and 0.05, the issued guarantee
 (``calibrate --guarantee issued``: P(wrong | certified) <= epsilon + alpha_mc) beside the marginal rule
-(JSON ``issued``), the frontier, the lever controls. Prints the JSON on stdout (and the tables on stderr); ``--out`` also writes it.
+(JSON ``issued``), the frontier, the lever controls. Prints the JSON on stdout (and the tables on
+stderr); ``--out`` also writes it.
 
     python benchmarks/onepass_mnist.py --data-root ../shared/data --workdir onepass-mnist --out mnist.json
     python benchmarks/onepass_mnist.py --dataset digits --workdir onepass-digits --out digits.json
@@ -26,6 +27,7 @@ x (100 + 10^4); under 45 minutes end to end on 2 idle CPU cores, with torch at o
 machine: ``OMP_NUM_THREADS=1``), ``gpu`` (every test image, the train split's counts too, calibration
 counts topped up to 10^5), ``digits`` (the embedded set; default with ``--dataset digits``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,33 +56,54 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="your own base model instead of train-base (any --model spec)")
     p.add_argument("--workdir", default="surrogate-cert-onepass", help="surrogates and calibrations go here")
     p.add_argument("--cache", default=None, help="counts cache folder (default WORKDIR/cache)")
-    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
-                   help="also look for matching counts files here (copied into the cache, never written)")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also look for matching counts files here (copied into the cache, never written)",
+    )
     p.add_argument("--test-limit", type=int, default=None, help="test images (0 = all)")
     p.add_argument("--epsilons", default=None, help="comma-separated, e.g. 0.01,0.05")
     p.add_argument("--frontier-images", default=None, help="comma-separated surrogate-split sizes to retrain on")
     p.add_argument("--no-controls", action="store_true", help="skip the lever controls")
     p.add_argument("--cal-topup", type=int, default=None, help="top the cal counts up by N samples (0 = none)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--noise-scheme", default=None,
-                   help="noise of every count and fallback sample: the float default, or sound (the Gaussian rounded "
-                        "to the 1/255 grid, drawn exactly); share --cache between the two: the base model is reused")
+    p.add_argument(
+        "--noise-scheme",
+        default=None,
+        help="noise of every count and fallback sample: the float default, or sound (the Gaussian rounded "
+        "to the 1/255 grid, drawn exactly); share --cache between the two: the base model is reused",
+    )
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--case", choices=("project", "pretrained"), default="project",
-                   help="project (default): the base model never saw the surrogate split; pretrained: it saw every "
-                        "training image, the surrogate learns from unlabeled pools")
+    p.add_argument(
+        "--case",
+        choices=("project", "pretrained"),
+        default="project",
+        help="project (default): the base model never saw the surrogate split; pretrained: it saw every "
+        "training image, the surrogate learns from unlabeled pools",
+    )
     p.add_argument("--sigma", type=float, default=None, help="noise level (default 0.25)")
-    p.add_argument("--noise-seed", type=int, default=None,
-                   help="seed of the counts' and the fallback's noise only (base model and surrogate training keep 0): "
-                        "two runs differing here measure the Monte Carlo noise floor")
+    p.add_argument(
+        "--noise-seed",
+        type=int,
+        default=None,
+        help="seed of the counts' and the fallback's noise only (base model and surrogate training keep 0): "
+        "two runs differing here measure the Monte Carlo noise floor",
+    )
     args = p.parse_args(argv)
     if args.case == "pretrained":
         return run_pretrained_case(args)
     cfg = SIZES[args.size or ("digits" if args.dataset == "digits" else "cpu")]
     changes = dict(dataset=args.dataset if args.size != "tiny" else cfg.dataset)
-    for name, value in (("data_root", args.data_root), ("model", args.model), ("device", args.device),
-                        ("cal_topup", args.cal_topup), ("noise_scheme", args.noise_scheme),
-                        ("noise_seed", args.noise_seed)):
+    for name, value in (
+        ("data_root", args.data_root),
+        ("model", args.model),
+        ("device", args.device),
+        ("cal_topup", args.cal_topup),
+        ("noise_scheme", args.noise_scheme),
+        ("noise_seed", args.noise_seed),
+    ):
         if value is not None:
             changes[name] = value
     if args.test_limit is not None:
@@ -103,8 +126,9 @@ def main(argv=None) -> int:
 
 def run_pretrained_case(args) -> int:
     pcfg = PRETRAINED_TINY if args.size == "tiny" else PRETRAINED_MNIST
-    changes = {k: v for k, v in dict(data_root=args.data_root, device=args.device, sigma=args.sigma).items()
-               if v is not None}
+    changes = {
+        k: v for k, v in dict(data_root=args.data_root, device=args.device, sigma=args.sigma).items() if v is not None
+    }
     if args.test_limit is not None:
         changes["test_limit"] = args.test_limit or None
     pcfg = dataclasses.replace(pcfg, case=dataclasses.replace(pcfg.case, **changes))

@@ -13,6 +13,7 @@ surrogate) and in best-radius mode (tolerance, priced rule at several prices). W
     nice -n 10 python benchmarks/sequential_vs_cohen.py --datasets mnist --data-root ../shared/data \\
         --mnist-model BASE_MLP.ts --mnist-limit 500 --out pareto_mnist.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--mnist-limit", type=int, default=500)
     p.add_argument("--mnist-model", default=None, help="MNIST base model (e.g. an MLP, TorchScript)")
     p.add_argument("--mnist-surrogate", default=None, help="surrogate checkpoint for the MNIST surrogate rows")
-    p.add_argument("--mnist-counts", default=None,
-                   help="stored MNIST test counts of the same model and seed: checked against the recorded streams")
+    p.add_argument(
+        "--mnist-counts",
+        default=None,
+        help="stored MNIST test counts of the same model and seed: checked against the recorded streams",
+    )
     p.add_argument("--mnist-cohen-n", default=None, help="Cohen sample sizes on MNIST (default: --cohen-n)")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw")
     args = p.parse_args(argv)
@@ -52,13 +56,26 @@ def main(argv=None) -> int:
             configs.append(ParetoConfig(dataset="digits", limit=args.digits_limit, **common))
         elif name == "mnist":
             mnist = dict(common, cohen_n=_numbers(args.mnist_cohen_n, int)) if args.mnist_cohen_n else common
-            configs.append(ParetoConfig(dataset="mnist", limit=args.mnist_limit, model=args.mnist_model,
-                                        surrogate=args.mnist_surrogate, data_root=args.data_root,
-                                        reference_counts=args.mnist_counts, **mnist))
+            configs.append(
+                ParetoConfig(
+                    dataset="mnist",
+                    limit=args.mnist_limit,
+                    model=args.mnist_model,
+                    surrogate=args.mnist_surrogate,
+                    data_root=args.data_root,
+                    reference_counts=args.mnist_counts,
+                    **mnist,
+                )
+            )
         else:
             p.error(f"unknown dataset {name!r}: choose linear, digits, mnist")
-    run_pareto(args.out, configs, workdir=args.workdir, say=lambda line: print(line, file=sys.stderr, flush=True),
-               command="benchmarks/sequential_vs_cohen.py " + " ".join(argv or sys.argv[1:]))
+    run_pareto(
+        args.out,
+        configs,
+        workdir=args.workdir,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+        command="benchmarks/sequential_vs_cohen.py " + " ".join(argv or sys.argv[1:]),
+    )
     return 0
 
 

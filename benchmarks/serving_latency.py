@@ -16,6 +16,7 @@ Base-model evaluations per call are 0 on this path (one surrogate forward pass).
 
     python benchmarks/serving_latency.py [--workdir DIR] [--calls 100000] [--latency-calls 3000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,13 @@ def latency(call, x: torch.Tensor, calls: int) -> dict:
         call(image)
         times[i] = time.perf_counter() - started
     ms = times * 1e3
-    return dict(calls=calls, p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
-                mean_ms=float(ms.mean()), calls_per_second=float(calls / times.sum()))
+    return dict(
+        calls=calls,
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+        mean_ms=float(ms.mean()),
+        calls_per_second=float(calls / times.sum()),
+    )
 
 
 def throughput(certifier, x: torch.Tensor, batch: int, min_seconds: float) -> dict:
@@ -70,7 +76,7 @@ def throughput(certifier, x: torch.Tensor, batch: int, min_seconds: float) -> di
     done, calls, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < min_seconds or calls < 3:
         lo = (calls * batch) % len(x)
-        xb = pool if pool is not None else (x[lo:lo + batch] if lo + batch <= len(x) else x[:batch])
+        xb = pool if pool is not None else (x[lo : lo + batch] if lo + batch <= len(x) else x[:batch])
         certifier.certify(xb)
         done += batch
         calls += 1
@@ -90,8 +96,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or os.path.join(tmp, "offline")
         started = time.perf_counter()
-        pipeline = Pipeline(workdir, QUICK, progress=False, quiet=True, command="benchmarks/serving_latency.py",
-                            total_stages=5, resume=True)
+        pipeline = Pipeline(
+            workdir,
+            QUICK,
+            progress=False,
+            quiet=True,
+            command="benchmarks/serving_latency.py",
+            total_stages=5,
+            resume=True,
+        )
         pipeline.offline()
         offline_seconds = time.perf_counter() - started
         paths = pipeline.paths
@@ -125,24 +138,46 @@ def main(argv=None) -> int:
     default = results["auto (default)"]
     torch_default = results[f"torch default ({DEFAULT_THREADS} threads)"]
     content = dict(
-        setup=dict(model=f"{surrogate.arch} surrogate, digits {tuple(surrogate.input_shape)}, "
-                         f"{sum(t.numel() for t in surrogate.model.parameters()):,} parameters",
-                   device="cpu", cpu_count=os.cpu_count(), torch_default_threads=DEFAULT_THREADS,
-                   small_batch=SMALL_BATCH, offline_stage_seconds=offline_seconds,
-                   load_average_before=load_before, load_average_after=os.getloadavg(),
-                   versions=dict(surrogate_cert=__version__, torch=torch.__version__, numpy=np.__version__,
-                                 python=platform.python_version()),
-                   base_model_evaluations_per_call=0),
+        setup=dict(
+            model=f"{surrogate.arch} surrogate, digits {tuple(surrogate.input_shape)}, "
+            f"{sum(t.numel() for t in surrogate.model.parameters()):,} parameters",
+            device="cpu",
+            cpu_count=os.cpu_count(),
+            torch_default_threads=DEFAULT_THREADS,
+            small_batch=SMALL_BATCH,
+            offline_stage_seconds=offline_seconds,
+            load_average_before=load_before,
+            load_average_after=os.getloadavg(),
+            versions=dict(
+                surrogate_cert=__version__,
+                torch=torch.__version__,
+                numpy=np.__version__,
+                python=platform.python_version(),
+            ),
+            base_model_evaluations_per_call=0,
+        ),
         settings=results,
-        memory=dict(calls=args.calls, rss_before_mib=rss_before, rss_after_mib=rss_after,
-                    growth_mib=rss_after - rss_before, mean_ms_per_call=1e3 * seconds / args.calls),
-        targets=dict(p50_single_image_ms_at_most=1.0, met_p50=default["single_image"]["p50_ms"] <= 1.0,
-                     no_rss_growth=rss_after - rss_before < 5.0),
+        memory=dict(
+            calls=args.calls,
+            rss_before_mib=rss_before,
+            rss_after_mib=rss_after,
+            growth_mib=rss_after - rss_before,
+            mean_ms_per_call=1e3 * seconds / args.calls,
+        ),
+        targets=dict(
+            p50_single_image_ms_at_most=1.0,
+            met_p50=default["single_image"]["p50_ms"] <= 1.0,
+            no_rss_growth=rss_after - rss_before < 5.0,
+        ),
         ratios=dict(
             single_image_p50_torch_default_over_auto=torch_default["single_image"]["p50_ms"]
             / default["single_image"]["p50_ms"],
-            **{f"throughput_auto_over_torch_default_batch_{b}": default["throughput"][str(b)]["images_per_second"]
-               / torch_default["throughput"][str(b)]["images_per_second"] for b in BATCHES}),
+            **{
+                f"throughput_auto_over_torch_default_batch_{b}": default["throughput"][str(b)]["images_per_second"]
+                / torch_default["throughput"][str(b)]["images_per_second"]
+                for b in BATCHES
+            },
+        ),
     )
     json.dump(content, sys.stdout, indent=2)
     sys.stdout.write("\n")

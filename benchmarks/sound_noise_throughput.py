@@ -10,6 +10,7 @@ where noise weighs most), the counting engine under ``torch-generator-block256-v
 Run it with ``nice`` on a shared machine; on a CPU with one thread the rates are per second of this
 process's CPU time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,20 +34,27 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     load = machine_load()
-    results = [measure_schemes(config, device=device, rounds=args.rounds, scale=0.25 if args.quick else 1.0)
-               for config in SCHEME_CONFIGS]
-    print(json.dumps({
-        "benchmark": "sound_noise_throughput",
-        "package_version": __version__,
-        "torch": torch.__version__,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else ""),
-        "threads": torch.get_num_threads(),
-        "noise_block": NOISE_BLOCK,
-        "schemes": [NOISE_SCHEME, NOISE_SCHEME_SOUND],
-        "machine": {"before": load, "after": machine_load()},
-        "results": results,
-        "not_measured": [] if gpu else ["every model on a GPU: not measured (no device lent)"],
-    }, indent=2))
+    results = [
+        measure_schemes(config, device=device, rounds=args.rounds, scale=0.25 if args.quick else 1.0)
+        for config in SCHEME_CONFIGS
+    ]
+    print(
+        json.dumps(
+            {
+                "benchmark": "sound_noise_throughput",
+                "package_version": __version__,
+                "torch": torch.__version__,
+                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else ""),
+                "threads": torch.get_num_threads(),
+                "noise_block": NOISE_BLOCK,
+                "schemes": [NOISE_SCHEME, NOISE_SCHEME_SOUND],
+                "machine": {"before": load, "after": machine_load()},
+                "results": results,
+                "not_measured": [] if gpu else ["every model on a GPU: not measured (no device lent)"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

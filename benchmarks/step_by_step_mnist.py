@@ -13,6 +13,7 @@ split) exported with ``torch.export`` as a user would export theirs; its checkpo
     python benchmarks/step_by_step_mnist.py --data-root ../shared/data --workdir step-mnist \
         --out benchmarks/results/step_by_step_mnist.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,11 @@ def accuracy(path: Path, sigma: float) -> dict:
     radii = [0.0, sigma, 2 * sigma, 3 * sigma]
     acc = certified_accuracy(rows, radii)
     evals = [r["n_samples"] for r in rows if r.get("n_samples", -1) >= 0]
-    return dict(images=len(rows), certified_accuracy={f"{m}sigma": round(100 * a, 1) for m, a in zip(range(4), acc)},
-                mean_evaluations=round(sum(evals) / len(evals), 1) if evals else None)
+    return dict(
+        images=len(rows),
+        certified_accuracy={f"{m}sigma": round(100 * a, 1) for m, a in zip(range(4), acc)},
+        mean_evaluations=round(sum(evals) / len(evals), 1) if evals else None,
+    )
 
 
 def main() -> int:
@@ -81,22 +85,109 @@ def main() -> int:
         if not checkpoint.exists():
             run(cli + ["train-base", *data, "--arch", "mlp", "--sigma", sigma, "--out", str(checkpoint)], log)
         export_user_model(checkpoint, model)
-    w = {name: str(work / name) for name in ("surrogate.h5", "cal.h5", "surrogate.pt", "calibration.json",
-                                              "onepass.tsv", "hybrid.tsv", "cohen.tsv")}
+    w = {
+        name: str(work / name)
+        for name in (
+            "surrogate.h5",
+            "cal.h5",
+            "surrogate.pt",
+            "calibration.json",
+            "onepass.tsv",
+            "hybrid.tsv",
+            "cohen.tsv",
+        )
+    }
     steps = [
-        ["datagen", *data, "--split", "surrogate", "--model", str(model), "--sigma", sigma, "--samples", "100",
-         "--out", w["surrogate.h5"]],
-        ["datagen", *data, "--split", "cal", "--model", str(model), "--sigma", sigma, "--samples", "10000",
-         "--out", w["cal.h5"]],
+        [
+            "datagen",
+            *data,
+            "--split",
+            "surrogate",
+            "--model",
+            str(model),
+            "--sigma",
+            sigma,
+            "--samples",
+            "100",
+            "--out",
+            w["surrogate.h5"],
+        ],
+        [
+            "datagen",
+            *data,
+            "--split",
+            "cal",
+            "--model",
+            str(model),
+            "--sigma",
+            sigma,
+            "--samples",
+            "10000",
+            "--out",
+            w["cal.h5"],
+        ],
         ["train", "--counts", w["surrogate.h5"], "--out", w["surrogate.pt"]],
-        ["calibrate", "--surrogate", w["surrogate.pt"], "--counts", w["cal.h5"], "--epsilon", "0.01",
-         "--alpha-mc", "0.001", "--out", w["calibration.json"]],
-        ["certify", "--surrogate", w["surrogate.pt"], "--calibration", w["calibration.json"], *data, "--split", "test",
-         "--limit", str(args.limit), "--fallback", "none", "--out", w["onepass.tsv"]],
-        ["certify", "--surrogate", w["surrogate.pt"], "--calibration", w["calibration.json"], "--model", str(model),
-         *data, "--split", "test", "--limit", str(args.limit), "--out", w["hybrid.tsv"]],
-        ["cohen", "--model", str(model), *data, "--split", "test", "--limit", str(args.limit), "--sigma", sigma,
-         "--samples", "10000", "--out", w["cohen.tsv"]],
+        [
+            "calibrate",
+            "--surrogate",
+            w["surrogate.pt"],
+            "--counts",
+            w["cal.h5"],
+            "--epsilon",
+            "0.01",
+            "--alpha-mc",
+            "0.001",
+            "--out",
+            w["calibration.json"],
+        ],
+        [
+            "certify",
+            "--surrogate",
+            w["surrogate.pt"],
+            "--calibration",
+            w["calibration.json"],
+            *data,
+            "--split",
+            "test",
+            "--limit",
+            str(args.limit),
+            "--fallback",
+            "none",
+            "--out",
+            w["onepass.tsv"],
+        ],
+        [
+            "certify",
+            "--surrogate",
+            w["surrogate.pt"],
+            "--calibration",
+            w["calibration.json"],
+            "--model",
+            str(model),
+            *data,
+            "--split",
+            "test",
+            "--limit",
+            str(args.limit),
+            "--out",
+            w["hybrid.tsv"],
+        ],
+        [
+            "cohen",
+            "--model",
+            str(model),
+            *data,
+            "--split",
+            "test",
+            "--limit",
+            str(args.limit),
+            "--sigma",
+            sigma,
+            "--samples",
+            "10000",
+            "--out",
+            w["cohen.tsv"],
+        ],
     ]
     for step in steps:
         out = Path(step[step.index("--out") + 1])
@@ -109,17 +200,33 @@ def main() -> int:
     pooled = reference["one_pass"]["0.01"]["pooled"]["certified_accuracy"]
     ref_cohen = reference["cohen_10k"]["certified_accuracy"]
     keys = [f"{m * args.sigma:g}" for m in range(4)]
-    benchmark = dict(cohen={f"{m}sigma": round(100 * ref_cohen[k], 1) for m, k in enumerate(keys) if k in ref_cohen},
-                     onepass_pooled={f"{m}sigma": round(100 * pooled[k], 1) for m, k in enumerate(keys) if k in pooled})
-    gap_here = {k: round(rows["cohen"]["certified_accuracy"][k] - rows["onepass"]["certified_accuracy"][k], 1)
-                for k in rows["cohen"]["certified_accuracy"]}
-    gap_benchmark = {k: round(benchmark["cohen"][k] - benchmark["onepass_pooled"][k], 1)
-                     for k in benchmark["cohen"] if k in benchmark["onepass_pooled"]}
+    benchmark = dict(
+        cohen={f"{m}sigma": round(100 * ref_cohen[k], 1) for m, k in enumerate(keys) if k in ref_cohen},
+        onepass_pooled={f"{m}sigma": round(100 * pooled[k], 1) for m, k in enumerate(keys) if k in pooled},
+    )
+    gap_here = {
+        k: round(rows["cohen"]["certified_accuracy"][k] - rows["onepass"]["certified_accuracy"][k], 1)
+        for k in rows["cohen"]["certified_accuracy"]
+    }
+    gap_benchmark = {
+        k: round(benchmark["cohen"][k] - benchmark["onepass_pooled"][k], 1)
+        for k in benchmark["cohen"]
+        if k in benchmark["onepass_pooled"]
+    }
     result = dict(
-        setup=dict(dataset="mnist", sigma=args.sigma, test_images=args.limit, epsilon=0.01, alpha_mc=0.001,
-                   model="user's torch.export archive" if args.model else
-                   "the benchmark's MLP (train-base --arch mlp, train split) exported with torch.export"),
-        commands=log, results=rows, benchmark_onepass_mnist=benchmark,
+        setup=dict(
+            dataset="mnist",
+            sigma=args.sigma,
+            test_images=args.limit,
+            epsilon=0.01,
+            alpha_mc=0.001,
+            model="user's torch.export archive"
+            if args.model
+            else "the benchmark's MLP (train-base --arch mlp, train split) exported with torch.export",
+        ),
+        commands=log,
+        results=rows,
+        benchmark_onepass_mnist=benchmark,
         one_pass_drop_vs_cohen_pp=dict(step_by_step=gap_here, benchmark=gap_benchmark),
     )
     text = json.dumps(result, indent=2)

@@ -8,6 +8,7 @@ arrays. ``summary`` computes the numbers of the reports and ``figures`` draws th
 This package imports the core (``surrogate_cert.core``) and the counts store's reader
 (``data_gen.store``), nothing else of the project.
 """
+
 from __future__ import annotations
 
 from surrogate_cert.core.one_pass import deployed_radius
@@ -17,6 +18,14 @@ from .artifact import Calibration, load_calibration
 from .conformal import SurrogateRadiusRegressor, calibrate, calibrate_arrays, fit_offsets
 
 __all__ = [
-    "Calibration", "load_calibration", "calibrate", "calibrate_arrays", "fit_offsets", "deployed_radius",
-    "SurrogateRadiusRegressor", "reference_radius", "conformity_scores", "surrogate_radius",
+    "Calibration",
+    "load_calibration",
+    "calibrate",
+    "calibrate_arrays",
+    "fit_offsets",
+    "deployed_radius",
+    "SurrogateRadiusRegressor",
+    "reference_radius",
+    "conformity_scores",
+    "surrogate_radius",
 ]

@@ -107,6 +107,7 @@ Keys (stable; the HTML report reads them):
                          unsigned
 ======================== =========================================================================
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -115,6 +116,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import TypeGuard
 
 from data_gen.datasets import same_dataset
 from surrogate_cert.core import stats
@@ -140,12 +142,31 @@ SCORES = ("residual", "shifted", "shaped")
 REFERENCE_CP = "clopper-pearson"
 REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
 
-_REQUIRED = ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "guarantee", "method", "groups",
-             "offsets", "pooled_offset", "calibration_size", "n_cal", "radius_cap")
+_REQUIRED = (
+    "surrogate_sha256",
+    "sigma",
+    "num_classes",
+    "epsilon",
+    "alpha_mc",
+    "guarantee",
+    "method",
+    "groups",
+    "offsets",
+    "pooled_offset",
+    "calibration_size",
+    "n_cal",
+    "radius_cap",
+)
 
 
-def guarantee_statement(guarantee: str, epsilon: float, alpha_mc: float, delta: float | None = None,
-                        groups: str = "none", method: str = "conformal") -> str:
+def guarantee_statement(
+    guarantee: str,
+    epsilon: float,
+    alpha_mc: float,
+    delta: float | None = None,
+    groups: str = "none",
+    method: str = "conformal",
+) -> str:
     """The precise meaning of a calibration's bound ``epsilon + alpha_mc``, in one sentence (reports, CLI).
 
     Examples
@@ -158,16 +179,23 @@ def guarantee_statement(guarantee: str, epsilon: float, alpha_mc: float, delta: 
     bound = f"{epsilon + alpha_mc:.4g}"
     where = " in each Mondrian group with its own offset (other groups are never certified)" if groups != "none" else ""
     if guarantee == "issued" or (method == "ltt" and guarantee == "pac"):
-        text = (f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, P(wrong | the surrogate "
-                f"issued the certificate) <= {bound}{where}")
+        text = (
+            f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, P(wrong | the surrogate "
+            f"issued the certificate) <= {bound}{where}"
+        )
     elif guarantee == "pac":
-        text = (f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, "
-                f"P(wrong one-pass certificate) <= {bound} for a random test input{where}, counting inputs that get no certificate; among certified "
-                "inputs the rate can be higher")
+        text = (
+            f"with probability >= {1 - (delta or 0.05):.4g} over the calibration draw, "
+            f"P(wrong one-pass certificate) <= {bound} for a random test input{where}, "
+            "counting inputs that get no certificate; among certified "
+            "inputs the rate can be higher"
+        )
     else:
-        text = (f"P(wrong one-pass certificate) <= {bound} over the calibration draw and a random test input{where}, "
-                "counting inputs that get no certificate; among certified inputs the rate can be higher (use "
-                "--guarantee issued for that rate)")
+        text = (
+            f"P(wrong one-pass certificate) <= {bound} over the calibration draw and a random test input{where}, "
+            "counting inputs that get no certificate; among certified inputs the rate can be higher (use "
+            "--guarantee issued for that rate)"
+        )
     return text + "; required radius r* fixed before the input is seen"
 
 
@@ -188,6 +216,7 @@ def _content_hash(content: dict) -> str:
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -222,6 +251,46 @@ def content_problems(content: dict) -> list[str]:
     missing = [k for k in _REQUIRED if k not in content]
     if missing:
         return [f"lacks the fields {missing}"]
+    p = _field_problems(content)
+    if p:
+        return p
+
+    sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
+    pac = content["guarantee"] in ("pac", "issued")
+    reference = content.get("reference") or {"bound": REFERENCE_CP}
+    problem = _reference_problem(reference, content["n_cal"])
+    if problem:
+        return p + [problem]
+    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
+    needed = stats.min_calibration_size(epsilon, content.get("delta") if pac else None)
+    p += _bound_problems(content, expected_cap, needed)
+    largest_shift, problem = _score_problem(content, expected_cap)
+    if problem:
+        return p + [problem]
+    thresholds = content.get("radius_thresholds")
+    if thresholds is not None:
+        problem = _thresholds_problem(thresholds, expected_cap)
+        if problem:
+            p.append(problem)
+
+    # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
+    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap - max(largest_shift, 0.0)
+    problem = _bad_offset(content["pooled_offset"], lowest)
+    if problem:
+        p.append(f"pooled_offset {problem}")
+    elif content["pooled_offset"] is not None and m < needed:
+        p.append(f"a finite q^ from {m} points, but epsilon={epsilon} needs {needed}")
+    edges = content.get("bin_edges")
+    if content["groups"] == "confidence" and not (_increasing(edges) and edges):
+        return p + [f"bin_edges {edges!r} are not finite, strictly increasing numbers"]
+    if not isinstance(content["offsets"], dict):
+        return p + ["offsets is not an object"]
+    p += _group_problems(content, lowest, needed, clean=not p)
+    return p + _monitor_reference_problems(content)
+
+
+def _field_problems(content: dict) -> list[str]:
+    """Each field of a calibration alone: of its type, in its range, and the options consistent."""
     p = []
     if not (_finite(content["sigma"]) and content["sigma"] > 0):
         p.append(f"sigma {content['sigma']!r} is not a finite number > 0")
@@ -253,114 +322,124 @@ def content_problems(content: dict) -> list[str]:
             p.append(f"{key} {content[key]!r} is not an integer >= 1")
     if not isinstance(content["surrogate_sha256"], str):
         p.append("surrogate_sha256 is not a string")
-    for key in ("surrogate_file_sha256", "counts_sha256", "base_model_sha256", "dataset", "split",
-                "package_version", "created", "signature_key_id"):
+    for key in (
+        "surrogate_file_sha256",
+        "counts_sha256",
+        "base_model_sha256",
+        "dataset",
+        "split",
+        "package_version",
+        "created",
+        "signature_key_id",
+    ):
         if content.get(key) is not None and not isinstance(content[key], str):
             p.append(f"{key} is not a string")
     if not isinstance(content.get("diagnostics", {}), dict):
         p.append("diagnostics is not an object")
-    p += _noise_problems(content)
-    if p:
-        return p
+    return p + _noise_problems(content)
 
-    sigma, epsilon, alpha_mc, m = content["sigma"], content["epsilon"], content["alpha_mc"], content["calibration_size"]
-    pac = content["guarantee"] in ("pac", "issued")
-    cap = content["radius_cap"]
-    reference = content.get("reference") or {"bound": REFERENCE_CP}
-    problem = _reference_problem(reference, content["n_cal"])
-    if problem:
-        return p + [problem]
-    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
+
+def _bound_problems(content: dict, expected_cap: float, needed: int) -> list[str]:
+    """The radius cap, the stated bound and the minimum group size against the ones the options give."""
+    p = []
+    cap, epsilon, alpha_mc = content["radius_cap"], content["epsilon"], content["alpha_mc"]
     if not (_finite(cap) and math.isclose(cap, expected_cap, rel_tol=1e-9, abs_tol=1e-12)):
-        p.append(f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
-                 f"({expected_cap:.6g})")
+        p.append(
+            f"radius_cap {cap!r} is not the largest radius n_cal={content['n_cal']} samples can show "
+            f"({expected_cap:.6g})"
+        )
     bound = content.get("bound", epsilon + alpha_mc)
     if not (_finite(bound) and math.isclose(bound, epsilon + alpha_mc, rel_tol=1e-9)):
         p.append(f"bound {bound!r} is not epsilon + alpha_mc")
-    needed = stats.min_calibration_size(epsilon, delta if pac else None)
     if "min_group_size" in content and content["min_group_size"] != needed:
         p.append(f"min_group_size {content['min_group_size']!r} is not the {needed} points epsilon={epsilon} needs")
+    return p
 
+
+def _score_problem(content: dict, expected_cap: float) -> tuple[float, str | None]:
+    """The best-radius score and its parameters: the largest shift ``t_b`` (0 but for the shifted score)
+    and what is wrong (None when nothing; the later checks need them right)."""
     score = content.get("score", "residual")
     params = content.get("score_params") or {}
     if score not in SCORES:
-        return p + [f"score {score!r} is not one of {SCORES}"]
-    largest_shift = 0.0
+        return 0.0, f"score {score!r} is not one of {SCORES}"
     if score == "shifted":
         problem = _shifted_problem(params, content)
-        if problem:
-            return p + [problem]
-        largest_shift = max(params["bin_offsets"])
+        return (0.0, problem) if problem else (max(params["bin_offsets"]), None)
     if score == "shaped":
-        problem = _shaped_problem(params, content, expected_cap)
-        if problem:
-            return p + [problem]
-    thresholds = content.get("radius_thresholds")
-    if thresholds is not None:
-        problem = _thresholds_problem(thresholds, expected_cap)
-        if problem:
-            p.append(problem)
+        return 0.0, _shaped_problem(params, content, expected_cap)
+    return 0.0, None
 
-    # Offsets: null (= never certifies) or a finite number no smaller than the smallest possible score.
-    lowest = float(stats.surrogate_radius(stats.P_CLIP, sigma)) - expected_cap - max(largest_shift, 0.0)
-    offsets = content["offsets"]
 
-    def bad_offset(q) -> str | None:
-        if q is None:
-            return None
-        if not _finite(q):
-            return f"{q!r} is not a finite number or null"
-        if q < lowest - 1e-9:
-            return f"{q!r} is below {lowest:.4g}, the smallest score a calibration can produce"
+def _bad_offset(q, lowest: float) -> str | None:
+    """What is wrong with an offset: null (never certifies) or a finite number no smaller than ``lowest``."""
+    if q is None:
         return None
+    if not _finite(q):
+        return f"{q!r} is not a finite number or null"
+    if q < lowest - 1e-9:
+        return f"{q!r} is below {lowest:.4g}, the smallest score a calibration can produce"
+    return None
 
-    problem = bad_offset(content["pooled_offset"])
-    if problem:
-        p.append(f"pooled_offset {problem}")
-    elif content["pooled_offset"] is not None and m < needed:
-        p.append(f"a finite q^ from {m} points, but epsilon={epsilon} needs {needed}")
-    edges = content.get("bin_edges")
-    if content["groups"] == "confidence":
-        if not (isinstance(edges, list) and edges and all(_finite(e) for e in edges)
-                and all(b > a for a, b in zip(edges, edges[1:]))):
-            p.append(f"bin_edges {edges!r} are not finite, strictly increasing numbers")
-            return p
-    if not isinstance(offsets, dict):
-        return p + ["offsets is not an object"]
-    keys = all_group_keys(content["groups"], content["num_classes"], edges)
+
+def _group_problems(content: dict, lowest: float, needed: int, *, clean: bool) -> list[str]:
+    """The groups' offsets, sizes and fallbacks against the grouping; ``clean``: no problem found before
+    (the checks of which groups may hold a finite offset only run on an otherwise sound calibration)."""
+    p = []
+    offsets, m = content["offsets"], content["calibration_size"]
+    keys = all_group_keys(content["groups"], content["num_classes"], content.get("bin_edges"))
     if sorted(offsets) != sorted(keys):
         p.append(f"offsets have groups {sorted(offsets)[:12]} but groups={content['groups']!r} has {keys[:12]}")
     for group, q in offsets.items():
-        problem = bad_offset(q)
+        problem = _bad_offset(q, lowest)
         if problem:
             p.append(f"offset of group {group!r} {problem}")
     fallback = content.get("fallback_groups", [])
     sizes = content.get("group_sizes", {})
     if not (isinstance(fallback, list) and set(map(str, fallback)) <= set(keys)):
         p.append(f"fallback_groups {fallback!r} are not groups of this calibration")
-    elif not (isinstance(sizes, dict) and set(sizes) <= set(keys) and all(_whole(v, 0) for v in sizes.values())
-              and (not sizes or sum(sizes.values()) == m)):
+    elif not (
+        isinstance(sizes, dict)
+        and set(sizes) <= set(keys)
+        and all(_whole(v, 0) for v in sizes.values())
+        and (not sizes or sum(sizes.values()) == m)
+    ):
         p.append(f"group_sizes do not split the {m} calibration points among the groups")
-    elif content["groups"] != "none" and not p:
+    elif content["groups"] != "none" and clean and not p:
         for group, q in offsets.items():
             own = str(group) not in set(map(str, fallback))
             if own and q is not None and sizes.get(group, 0) < needed:
-                p.append(f"group {group!r} has its own finite q^ from {sizes.get(group, 0)} points; {needed} are needed")
+                p.append(
+                    f"group {group!r} has its own finite q^ from {sizes.get(group, 0)} points; {needed} are needed"
+                )
             legacy = content.get("format_version", FORMAT_VERSION) < 4  # stored the pooled q^, read as never
             if not own and q is not None and not (legacy and q == content["pooled_offset"]):
                 p.append(f"group {group!r} is too small for its own q^ but has a finite offset (it must never certify)")
-    elif content["groups"] == "none" and not p and offsets.get("all") != content["pooled_offset"]:
+    elif content["groups"] == "none" and clean and not p and offsets.get("all") != content["pooled_offset"]:
         p.append("the one group's offset is not the pooled offset")
-    reference = content.get("monitor_reference")
-    if reference is not None:
-        predicted = reference.get("predicted") if isinstance(reference, dict) else None
-        p_tilde = reference.get("p_tilde") if isinstance(reference, dict) else None
-        if not (isinstance(predicted, list) and isinstance(p_tilde, list) and len(predicted) == len(p_tilde) == m
-                and all(_whole(c, 0) and c < content["num_classes"] for c in predicted)
-                and all(_finite(v) and 0 <= v <= 1 for v in p_tilde)):
-            p.append(f"monitor_reference is not one class in 0..{content['num_classes'] - 1} and one probability "
-                     f"in [0, 1] for each of the {m} calibration points")
     return p
+
+
+def _monitor_reference_problems(content: dict) -> list[str]:
+    """The drift monitor's reference: one class and one probability per calibration point (or none)."""
+    reference = content.get("monitor_reference")
+    if reference is None:
+        return []
+    m = content["calibration_size"]
+    predicted = reference.get("predicted") if isinstance(reference, dict) else None
+    p_tilde = reference.get("p_tilde") if isinstance(reference, dict) else None
+    if not (
+        isinstance(predicted, list)
+        and isinstance(p_tilde, list)
+        and len(predicted) == len(p_tilde) == m
+        and all(_whole(c, 0) and c < content["num_classes"] for c in predicted)
+        and all(_finite(v) and 0 <= v <= 1 for v in p_tilde)
+    ):
+        return [
+            f"monitor_reference is not one class in 0..{content['num_classes'] - 1} and one probability "
+            f"in [0, 1] for each of the {m} calibration points"
+        ]
+    return []
 
 
 def _reference_problem(reference, n_cal) -> str | None:
@@ -370,16 +449,26 @@ def _reference_problem(reference, n_cal) -> str | None:
         top, prior = reference.get("planned_max_samples"), reference.get("prior")
         if not (_whole(top, 1) and top >= n_cal):
             return f"reference planned_max_samples {top!r} is not an integer >= n_cal"
-        if not (isinstance(prior, dict) and all(isinstance(prior.get(k), list) and prior[k]
-                                                and all(_finite(v) and v >= 0 for v in prior[k])
-                                                for k in ("a", "b", "weights"))
-                and len({len(prior[k]) for k in ("a", "b", "weights")}) == 1
-                and min(prior["a"] + prior["b"]) > 0 and sum(prior["weights"]) > 0):
+        if not (
+            isinstance(prior, dict)
+            and all(
+                isinstance(prior.get(k), list) and prior[k] and all(_finite(v) and v >= 0 for v in prior[k])
+                for k in ("a", "b", "weights")
+            )
+            and len({len(prior[k]) for k in ("a", "b", "weights")}) == 1
+            and min(prior["a"] + prior["b"]) > 0
+            and sum(prior["weights"]) > 0
+        ):
             return "reference prior is not a Beta mixture (lists a, b, weights of one length, a, b > 0)"
         stages = reference.get("stages")
-        if stages is not None and not (isinstance(stages, list) and stages and all(_whole(v, 1) for v in stages)
-                                       and stages[0] == n_cal and all(b > a for a, b in zip(stages, stages[1:]))
-                                       and stages[-1] <= top):
+        if stages is not None and not (
+            isinstance(stages, list)
+            and stages
+            and all(_whole(v, 1) for v in stages)
+            and stages[0] == n_cal
+            and all(b > a for a, b in zip(stages, stages[1:]))
+            and stages[-1] <= top
+        ):
             return f"reference stages {stages!r:.80} do not rise strictly from n_cal to at most planned_max_samples"
     return None
 
@@ -388,8 +477,14 @@ def _expected_cap(reference: dict, n_cal: int, alpha_mc: float, sigma: float, sl
     if reference["bound"] == REFERENCE_CP:
         return stats.max_radius(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
-    return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
-                                  (prior["a"], prior["b"], prior["weights"]), slack=slack)
+    return stats.topup_max_radius(
+        n_cal,
+        int(reference["planned_max_samples"]),
+        alpha_mc,
+        sigma,
+        (prior["a"], prior["b"], prior["weights"]),
+        slack=slack,
+    )
 
 
 def _noise_problems(content: dict) -> list[str]:
@@ -404,9 +499,10 @@ def _noise_problems(content: dict) -> list[str]:
     return []
 
 
-def _increasing(values) -> bool:
-    return (isinstance(values, list) and all(_finite(v) for v in values)
-            and all(b > a for a, b in zip(values, values[1:])))
+def _increasing(values) -> TypeGuard[list]:
+    return (
+        isinstance(values, list) and all(_finite(v) for v in values) and all(b > a for a, b in zip(values, values[1:]))
+    )
 
 
 def _shaped_problem(params: dict, content: dict, cap: float) -> str | None:
@@ -433,9 +529,14 @@ def _shifted_problem(params: dict, content: dict) -> str | None:
     if content["groups"] != "none" or content["method"] != "conformal":
         return "a shifted score is calibrated with groups none and the conformal method"
     part = content.get("partition")
-    if not (isinstance(part, dict) and _whole(part.get("seed"), 0) and _finite(part.get("tune_share"))
-            and 0 < part["tune_share"] < 1 and _whole(part.get("tune_size"), 1)
-            and part.get("calibration_size") == content["calibration_size"]):
+    if not (
+        isinstance(part, dict)
+        and _whole(part.get("seed"), 0)
+        and _finite(part.get("tune_share"))
+        and 0 < part["tune_share"] < 1
+        and _whole(part.get("tune_size"), 1)
+        and part.get("calibration_size") == content["calibration_size"]
+    ):
         return "a shifted score needs its partition (seed, tune_share, tune_size, calibration_size)"
     return None
 
@@ -446,8 +547,11 @@ def _thresholds_problem(table, cap: float) -> str | None:
     grid, tau = table.get("grid"), table.get("tau")
     if not (_increasing(grid) and grid and grid[0] > 0 and grid[-1] <= cap * (1 + 1e-9) + 1e-12):
         return "radius_thresholds grid is not strictly increasing radii in (0, radius_cap]"
-    if not (isinstance(tau, list) and len(tau) == len(grid)
-            and all(t is None or (_finite(t) and -stats.Z_MAX - 1 - 1e-9 <= t <= stats.Z_MAX) for t in tau)):
+    if not (
+        isinstance(tau, list)
+        and len(tau) == len(grid)
+        and all(t is None or (_finite(t) and -stats.Z_MAX - 1 - 1e-9 <= t <= stats.Z_MAX) for t in tau)
+    ):
         return "radius_thresholds tau is not one threshold (a z~ value or null) per grid radius"
     finite = [math.inf if t is None else t for t in tau]
     if table.get("guarantee") == "issued":
@@ -548,8 +652,7 @@ class Calibration:
             )
         if not math.isclose(float(surrogate.sigma), self.sigma, rel_tol=1e-9):
             raise CalibrationError(
-                f"the calibration is for sigma={self.sigma} but the surrogate has sigma={surrogate.sigma}; "
-                "re-calibrate"
+                f"the calibration is for sigma={self.sigma} but the surrogate has sigma={surrogate.sigma}; re-calibrate"
             )
         if int(surrogate.num_classes) != self.num_classes:
             raise CalibrationError(
@@ -558,12 +661,20 @@ class Calibration:
             )
         expected = noise_slack(self.noise_scheme, self.sigma, surrogate.input_shape)
         if not math.isclose(expected, float(self.noise_slack), rel_tol=1e-9, abs_tol=0.0):
-            raise CalibrationError(f"the calibration records noise slack {self.noise_slack!r} but its scheme gives "
-                                   f"{expected!r} for the surrogate's {tuple(surrogate.input_shape)} images; "
-                                   "re-calibrate")
+            raise CalibrationError(
+                f"the calibration records noise slack {self.noise_slack!r} but its scheme gives "
+                f"{expected!r} for the surrogate's {tuple(surrogate.input_shape)} images; "
+                "re-calibrate"
+            )
 
-    def check_fresh(self, *, dataset: str | None = None, split: str | None = None,
-                    counts_sha256: str | None = None, what: str = "these images") -> None:
+    def check_fresh(
+        self,
+        *,
+        dataset: str | None = None,
+        split: str | None = None,
+        counts_sha256: str | None = None,
+        what: str = "these images",
+    ) -> None:
         """Refuse (``CalibrationError``) to use this calibration on its own calibration images.
 
         The guarantee holds for inputs exchangeable with the calibration images and not among them:
@@ -588,13 +699,21 @@ class Calibration:
             If the counts file is the calibration's, or the split is the calibration's split of its dataset.
         """
         if counts_sha256 and self.counts_sha256 and counts_sha256 == self.counts_sha256:
-            raise CalibrationError(f"{what} is the calibration's own counts file: the guarantee needs images the "
-                                   "calibration never saw; use the test split")
-        if split is not None and self.split is not None and str(split) == str(self.split) and (
-                dataset is None or self.dataset is None or same_dataset(str(dataset), str(self.dataset))):
-            raise CalibrationError(f"{what} is the {split} split of {self.dataset or dataset}, the calibration images "
-                                   "themselves: the guarantee needs images the calibration never saw; use the test "
-                                   "split")
+            raise CalibrationError(
+                f"{what} is the calibration's own counts file: the guarantee needs images the "
+                "calibration never saw; use the test split"
+            )
+        if (
+            split is not None
+            and self.split is not None
+            and str(split) == str(self.split)
+            and (dataset is None or self.dataset is None or same_dataset(str(dataset), str(self.dataset)))
+        ):
+            raise CalibrationError(
+                f"{what} is the {split} split of {self.dataset or dataset}, the calibration images "
+                "themselves: the guarantee needs images the calibration never saw; use the test "
+                "split"
+            )
 
     # ------------------------------------------------------------------ files
     def to_dict(self, *, key: bytes | None = None) -> dict:
@@ -620,8 +739,9 @@ class Calibration:
         content["radius_cap"] = _encode_offset(self.radius_cap)
         content["created"] = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         content["bound"] = self.bound
-        content["diagnostics"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                  for k, v in self.diagnostics.items()}
+        content["diagnostics"] = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.diagnostics.items()
+        }
         content["signature_key_id"] = key_id(key) if key is not None else None
         content = {"format": FORMAT, "format_version": FORMAT_VERSION, **content}
         message = _canonical(content)
@@ -630,8 +750,9 @@ class Calibration:
             content[SIGNATURE_KEY] = sign(message, key)
         return content
 
-    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None, key_file=None,
-             overwrite: bool = True) -> str:
+    def save(
+        self, path: str | os.PathLike, *, key: bytes | str | None = None, key_file=None, overwrite: bool = True
+    ) -> str:
         """Write calibration.json atomically, signed when a key is configured; returns the path.
 
         The key is ``key``, else ``key_file``, else the environment (``core.signing.resolve_key``);
@@ -677,7 +798,7 @@ class Calibration:
         return path
 
     @classmethod
-    def from_dict(cls, content: dict, *, key: bytes | None = None) -> "Calibration":
+    def from_dict(cls, content: dict, *, key: bytes | None = None) -> Calibration:
         """Rebuild from JSON content after checking its format, checksum, consistency and signature.
 
         Parameters
@@ -721,8 +842,9 @@ class Calibration:
             _check_signature(rest, signature, key)
         problems = content_problems(rest)
         if problems:
-            raise CalibrationError("the calibration contradicts itself: " + "; ".join(problems[:3])
-                                   + "; re-run `surrogate-cert calibrate`")
+            raise CalibrationError(
+                "the calibration contradicts itself: " + "; ".join(problems[:3]) + "; re-run `surrogate-cert calibrate`"
+            )
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in rest.items() if k in names}
         kwargs["offsets"] = {k: _decode_offset(v) for k, v in rest["offsets"].items()}
@@ -734,18 +856,26 @@ class Calibration:
 
 def _check_signature(rest: dict, signature, key: bytes) -> None:
     if signature is None:
-        raise SignatureError("the calibration is not signed but a signing key is configured; re-run "
-                             "`surrogate-cert calibrate` with the key (--key-file or SURROGATE_CERT_KEY_FILE)")
+        raise SignatureError(
+            "the calibration is not signed but a signing key is configured; re-run "
+            "`surrogate-cert calibrate` with the key (--key-file or SURROGATE_CERT_KEY_FILE)"
+        )
     if not verify(_canonical(rest), signature, key):
         other = rest.get("signature_key_id")
-        why = (f"it was signed with another key (key id {other}, yours is {key_id(key)})"
-               if other and other != key_id(key) else "it was altered after signing")
-        raise SignatureError(f"the calibration's signature does not verify under the configured key: {why}; "
-                             "use the right key, or re-run `surrogate-cert calibrate`")
+        why = (
+            f"it was signed with another key (key id {other}, yours is {key_id(key)})"
+            if other and other != key_id(key)
+            else "it was altered after signing"
+        )
+        raise SignatureError(
+            f"the calibration's signature does not verify under the configured key: {why}; "
+            "use the right key, or re-run `surrogate-cert calibrate`"
+        )
 
 
-def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | str | None = None,
-                     key_file=None) -> Calibration:
+def load_calibration(
+    path: str | os.PathLike, surrogate=None, *, key: bytes | str | None = None, key_file=None
+) -> Calibration:
     """Read calibration.json, refusing a file of another kind, a changed, inconsistent or unsigned one, or
     one made for another surrogate.
 
@@ -784,8 +914,9 @@ def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | st
     secret = resolve_key(key, key_file)
     kind = sniff(path)
     if kind == "missing":
-        raise CalibrationError(f"cannot read calibration file {path}: no such file; make one with "
-                               "`surrogate-cert calibrate`")
+        raise CalibrationError(
+            f"cannot read calibration file {path}: no such file; make one with `surrogate-cert calibrate`"
+        )
     if kind not in ("json", "text", "empty"):
         raise CalibrationError(wrong_kind(path, kind, "calibration"))
     try:
@@ -796,15 +927,17 @@ def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | st
     except UnicodeDecodeError:
         raise CalibrationError(wrong_kind(path, "binary", "calibration")) from None
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise CalibrationError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); "
-                               "re-run `surrogate-cert calibrate`") from None
+        raise CalibrationError(
+            f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); re-run `surrogate-cert calibrate`"
+        ) from None
     try:
         calibration = Calibration.from_dict(content, key=secret)
     except CalibrationError as exc:
         raise type(exc)(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:  # a check missed a shape: still one line, never a traceback
-        raise CalibrationError(f"{path} lacks or mistypes calibration fields ({exc}); re-run `surrogate-cert calibrate`"
-                               ) from None
+        raise CalibrationError(
+            f"{path} lacks or mistypes calibration fields ({exc}); re-run `surrogate-cert calibrate`"
+        ) from None
     if surrogate is not None:
         if not isinstance(surrogate, Surrogate):
             surrogate = Surrogate.load(surrogate, key=secret)
@@ -812,5 +945,14 @@ def load_calibration(path: str | os.PathLike, surrogate=None, *, key: bytes | st
     return calibration
 
 
-__all__ = ["Calibration", "load_calibration", "content_problems", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS",
-           "GUARANTEES", "METHODS", "guarantee_statement"]
+__all__ = [
+    "Calibration",
+    "load_calibration",
+    "content_problems",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "GUARANTEES",
+    "METHODS",
+    "guarantee_statement",
+]

@@ -48,13 +48,15 @@ certificate with ``R^ <= y`` is correct unless ``y`` is, so wrong implies ``R^ >
 ``q^`` is the exact order statistic of the scores (``mapie_offset`` cross-checks MAPIE's value), so
 ties at ``q^`` never count as over it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 from mapie.conformity_scores import AbsoluteConformityScore
@@ -108,6 +110,7 @@ radius_cap = stats.max_radius
 
 # --------------------------------------------------------------------------- estimator
 
+
 class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
     """sklearn-style regressor exposing the surrogate radius to MAPIE.
 
@@ -129,7 +132,7 @@ class SurrogateRadiusRegressor(RegressorMixin, BaseEstimator):
         self.sigma = sigma
         self.radius_cap = radius_cap
 
-    def fit(self, X, y=None) -> "SurrogateRadiusRegressor":
+    def fit(self, X, y=None) -> SurrogateRadiusRegressor:
         X = np.asarray(X, dtype=float)
         self.n_features_in_ = 1 if X.ndim == 1 else X.shape[1]
         return self
@@ -170,12 +173,13 @@ def quantile_rank(m: int, epsilon: float, guarantee: str = "marginal", delta: fl
         If ``epsilon`` is outside (0, 1) (checked on the marginal path).
     """
     if guarantee in ("pac", "issued"):
-        return stats.pac_conformal_rank(m, epsilon, delta)
+        return stats.pac_conformal_rank(m, epsilon, cast(float, delta))  # None is refused there
     return stats.conformal_rank(m, epsilon)
 
 
-def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | None = None,
-                   method: str = "conformal") -> int:
+def min_group_size(
+    epsilon: float, guarantee: str = "marginal", delta: float | None = None, method: str = "conformal"
+) -> int:
     """Smallest calibration (group) size with a finite offset: ``stats.min_calibration_size``.
 
     LTT needs as many points as PAC: with no error at all, ``(1 - epsilon)^m <= delta``.
@@ -204,8 +208,10 @@ def min_group_size(epsilon: float, guarantee: str = "marginal", delta: float | N
     """
     pac_like = guarantee in ("pac", "issued") or method == "ltt"
     if pac_like and delta is None:
-        raise InvalidParameterError(f"min_group_size: a {guarantee if guarantee != 'marginal' else 'ltt'} calibration "
-                                    "needs delta (its size depends on it), e.g. delta=0.05")
+        raise InvalidParameterError(
+            f"min_group_size: a {guarantee if guarantee != 'marginal' else 'ltt'} calibration "
+            "needs delta (its size depends on it), e.g. delta=0.05"
+        )
     return stats.min_calibration_size(epsilon, delta if pac_like else None)
 
 
@@ -216,8 +222,9 @@ MAPIE_TOLERANCE = 1e-9
 ``mapie_offset`` refuses to calibrate: MAPIE reads ``q^`` back as ``R~ - (R~ - q^)``, a few ulps off."""
 
 
-def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf,
-                 shift=None) -> tuple[float, float]:
+def mapie_offset(
+    p_tilde, reference, sigma: float, rank: int, radius_cap: float = np.inf, shift=None
+) -> tuple[float, float]:
     """``q^`` = the ``rank``-th smallest score ``R~_i - y_i``: MAPIE's split-conformal quantile, returned exactly.
 
     ``SplitConformalRegressor(prefit=True)`` with ``AbsoluteConformityScore(sym=False)``, read for
@@ -275,8 +282,10 @@ def mapie_offset(p_tilde, reference, sigma: float, rank: int, radius_cap: float 
     scores = SurrogateRadiusRegressor(sigma, radius_cap).predict(X) - y  # as deployment computes R~ - t_b
     q_hat = float(np.partition(scores, rank - 1)[rank - 1])
     if not abs(q_mapie - q_hat) <= MAPIE_TOLERANCE * max(1.0, abs(q_hat)):
-        raise CalibrationError(f"MAPIE's conformal offset {q_mapie!r} is not the order statistic {q_hat!r} of rank "
-                               f"{rank} of {m}; this MAPIE version reads the quantile differently: report it")
+        raise CalibrationError(
+            f"MAPIE's conformal offset {q_mapie!r} is not the order statistic {q_hat!r} of rank "
+            f"{rank} of {m}; this MAPIE version reads the quantile differently: report it"
+        )
     coverage = float(regression_coverage_score(y, intervals)[0]) if np.all(np.isfinite(intervals)) else float("nan")
     return q_hat, coverage
 
@@ -296,6 +305,7 @@ def _holm_nan_as_one():
     p-value; ``np.argmin`` picks NaN first and would stop Holm before any test. Counting it as 1
     (never rejected) is the conservative reading.
     """
+
     class HolmNanAsOne(FWERBonferroniHolm):
         def run(self, p_values, delta):
             return super().run(np.nan_to_num(np.asarray(p_values, dtype=float), nan=1.0), delta)
@@ -332,7 +342,7 @@ class FallbackProcedure(FWERProcedure):
 
     def _update_on_reject(self, hypothesis_index: int):
         self._rejected[hypothesis_index] = True
-        later = np.flatnonzero(~self._rejected[hypothesis_index + 1:])
+        later = np.flatnonzero(~self._rejected[hypothesis_index + 1 :])
         if later.size:
             self._levels[hypothesis_index + 1 + later[0]] += self._levels[hypothesis_index]
         self._levels[hypothesis_index] = 0.0
@@ -369,8 +379,17 @@ def issued_offset_grid(radius_cap: float, sigma: float) -> np.ndarray:
     return float(radius_cap) - step * np.arange(1, count + 1)
 
 
-def ltt_offset(p_tilde, reference, sigma: float, epsilon: float, delta: float,
-               radius_cap: float = np.inf, *, fwer: str = "fallback") -> tuple[float, int]:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def ltt_offset(
+    p_tilde,
+    reference,
+    sigma: float,
+    epsilon: float,
+    delta: float,
+    radius_cap: float = np.inf,
+    *,
+    fwer: str = "fallback",
+) -> tuple[float, int]:
     """Smallest grid offset ``q`` controlling the wrong rate among issued certificates (Learn-then-Test).
 
     For each candidate ``q`` the null hypothesis is ``H_q``: "among inputs with ``R~ - q > 0`` (the
@@ -479,6 +498,7 @@ def issued_threshold(z, reference, r: float, epsilon: float, delta: float) -> fl
 
 # --------------------------------------------------------------------------- calibration on arrays
 
+
 @dataclass
 class OffsetFit:
     """What ``fit_offsets`` learned: ``q^`` per group (``+inf`` = never certify) and diagnostics."""
@@ -493,8 +513,9 @@ class OffsetFit:
     bin_edges: list[float] | None = None
 
 
-def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, delta: float | None,
-                             groups: str, method: str) -> float | None:
+def check_calibration_params(
+    epsilon: float, alpha_mc: float, guarantee: str, delta: float | None, groups: str, method: str
+) -> float | None:
     """Validate the calibration options; returns ``delta`` (None where unused).
 
     Parameters
@@ -524,7 +545,9 @@ def check_calibration_params(epsilon: float, alpha_mc: float, guarantee: str, de
     """
     epsilon = check_probability("epsilon", epsilon)
     if epsilon >= 0.5:
-        raise InvalidParameterError(f"epsilon must be below 0.5 (a rate of wrong certificates), got {epsilon}; e.g. 0.01")
+        raise InvalidParameterError(
+            f"epsilon must be below 0.5 (a rate of wrong certificates), got {epsilon}; e.g. 0.01"
+        )
     check_probability("alpha_mc", alpha_mc)
     if guarantee not in GUARANTEES:
         raise InvalidParameterError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
@@ -547,12 +570,15 @@ def resolve_guarantee(guarantee: str, method: str) -> tuple[str, str]:
     """
     if guarantee == "issued" or method == "ltt":
         if guarantee == "pac":
-            raise InvalidParameterError("method='ltt' states the issued guarantee (the rate among issued certificates, "
-                                        "with probability 1 - delta); use guarantee='issued', not 'pac'")
+            raise InvalidParameterError(
+                "method='ltt' states the issued guarantee (the rate among issued certificates, "
+                "with probability 1 - delta); use guarantee='issued', not 'pac'"
+            )
         return "issued", "ltt"
     return guarantee, method
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def fit_offsets(
     p_tilde,
     predicted,
@@ -569,7 +595,7 @@ def fit_offsets(
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
     z=None,
-    references: "ReferenceRadii | None" = None,
+    references: ReferenceRadii | None = None,
     shift=None,
     slack: float = 0.0,
 ) -> OffsetFit:
@@ -658,27 +684,64 @@ def fit_offsets(
             "add calibration images or raise epsilon"
         )
 
-    if references is None:
-        reference = reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack)
-        cap = radius_cap(n_cal, alpha_mc, sigma, slack=slack)
-    else:
-        reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
-        if len(reference) != m:
-            raise InvalidParameterError("references must hold one radius per calibration input")
+    reference, cap = _reference_and_cap(references, counts_top, n_cal, alpha_mc, sigma, slack)
     shift_arr = np.zeros(m) if shift is None else np.asarray(shift, dtype=float).reshape(-1)
     if shift is not None and method == "ltt":
         raise InvalidParameterError("the shifted score is calibrated by its conformal quantile; use method='conformal'")
 
     def offset_of(mask: np.ndarray) -> tuple[float, float]:
         if method == "ltt":
-            offset = ltt_offset(p_tilde[mask], reference[mask], sigma, epsilon, delta, cap, fwer="fallback")[0]
+            offset = ltt_offset(
+                p_tilde[mask], reference[mask], sigma, epsilon, cast(float, delta), cap, fwer="fallback"
+            )[0]  # delta: checked with the options (method="ltt" needs one)
             return offset, float("nan")
         rank = quantile_rank(int(mask.sum()), epsilon, guarantee, delta)
-        return mapie_offset(p_tilde[mask], reference[mask], sigma, rank, cap,
-                            shift=None if shift is None else shift_arr[mask])
+        return mapie_offset(
+            p_tilde[mask], reference[mask], sigma, rank, cap, shift=None if shift is None else shift_arr[mask]
+        )
 
     pooled_offset, pooled_coverage = offset_of(np.ones(m, dtype=bool))
     keys = group_keys(predicted, p_tilde, groups, bin_edges, z=z)
+    offsets, sizes, fallbacks = _group_offsets(keys, groups, num_classes, bin_edges, pooled_offset, needed, offset_of)
+    diagnostics = _offset_diagnostics(
+        p_tilde, sigma, cap, shift_arr, np.array([offsets[k] for k in keys]), reference, epsilon, guarantee, method
+    )
+    diagnostics["mapie_interval_coverage"] = pooled_coverage
+    diagnostics["mapie_interval_nominal"] = (
+        float(1 - 2 * epsilon) if method == "conformal" and guarantee == "marginal" else float("nan")
+    )
+    return OffsetFit(
+        offsets,
+        pooled_offset,
+        sizes,
+        fallbacks,
+        needed,
+        cap,
+        diagnostics,
+        None if bin_edges is None else [float(e) for e in bin_edges],
+    )
+
+
+def _reference_and_cap(references, counts_top, n_cal: int, alpha_mc: float, sigma: float, slack: float):
+    """The reference radius of each calibration point and the radius cap: the given ``references``, else
+    the Clopper-Pearson reference of ``counts_top`` out of ``n_cal`` (InvalidParameterError if the given
+    ones are not one per point)."""
+    if references is None:
+        return (
+            reference_radius(counts_top, n_cal, alpha_mc, sigma, slack=slack),
+            radius_cap(n_cal, alpha_mc, sigma, slack=slack),
+        )
+    reference, cap = np.asarray(references.radius, dtype=float).reshape(-1), float(references.cap)
+    if len(reference) != len(counts_top):
+        raise InvalidParameterError("references must hold one radius per calibration input")
+    return reference, cap
+
+
+def _group_offsets(
+    keys: np.ndarray, groups: str, num_classes: int, bin_edges, pooled_offset: float, needed: int, offset_of
+) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """Each Mondrian group's offset (``offset_of`` its rows), its size, and the groups too small for an
+    offset of their own (offset ``+inf``: the pooled ``q^`` would void the bound within them)."""
     offsets: dict[str, float] = {}
     sizes: dict[str, int] = {}
     fallbacks: list[str] = []
@@ -692,14 +755,18 @@ def fit_offsets(
         else:  # no valid offset of its own: never certified by the surrogate (the pooled q^ would void the bound)
             offsets[key] = float("inf")
             fallbacks.append(key)
+    return offsets, sizes, fallbacks
 
-    # Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee). Exceedance is
-    # read on the scores (R~ - t_b) - y > q^, the event the quantile counts, free of rounding in R~ - q^.
-    offset = np.array([offsets[k] for k in keys])
+
+def _offset_diagnostics(p_tilde, sigma, cap, shift_arr, offset, reference, epsilon, guarantee, method) -> dict:
+    """Diagnostics on the calibration set itself (in-sample: for the report, not a guarantee); ``offset``
+    is each point's group offset. The MAPIE interval's coverage is added by ``fit_offsets``."""
+    # Exceedance is read on the scores (R~ - t_b) - y > q^, the event the quantile counts, free of
+    # rounding in R~ - q^.
     deployed = surrogate_radius(p_tilde, sigma, cap) - shift_arr - offset
     certified = deployed > 0
     over = (surrogate_radius(p_tilde, sigma, cap) - shift_arr) - reference > offset
-    diagnostics = dict(
+    return dict(
         certified_share=float(certified.mean()),
         violation_rate=float(np.mean(over)),
         violation_rate_among_certified=float(np.mean(over[certified])) if certified.any() else 0.0,
@@ -707,11 +774,7 @@ def fit_offsets(
         mean_surrogate_radius=float(np.mean(np.maximum(surrogate_radius(p_tilde, sigma, cap), 0.0))),
         mean_reference_radius=float(reference.mean()),
         reference_positive_share=float(np.mean(reference > 0)),
-        mapie_interval_coverage=pooled_coverage,
-        mapie_interval_nominal=float(1 - 2 * epsilon) if method == "conformal" and guarantee == "marginal" else float("nan"),
     )
-    return OffsetFit(offsets, pooled_offset, sizes, fallbacks, needed, cap, diagnostics,
-                     None if bin_edges is None else [float(e) for e in bin_edges])
 
 
 MONITOR_STATISTIC = "surrogate_class_and_probability"
@@ -737,12 +800,15 @@ def monitor_reference(predicted, p_tilde) -> dict:
     dict
         ``{"statistic": MONITOR_STATISTIC, "predicted": [...], "p_tilde": [...]}`` (plain JSON values).
     """
-    return dict(statistic=MONITOR_STATISTIC,
-                predicted=[int(c) for c in np.asarray(predicted).reshape(-1)],
-                p_tilde=[float(p) for p in np.asarray(p_tilde, dtype=float).reshape(-1)])
+    return dict(
+        statistic=MONITOR_STATISTIC,
+        predicted=[int(c) for c in np.asarray(predicted).reshape(-1)],
+        p_tilde=[float(p) for p in np.asarray(p_tilde, dtype=float).reshape(-1)],
+    )
 
 
 # --------------------------------------------------------------------------- references past the cap
+
 
 @dataclass
 class ReferenceRadii:
@@ -758,8 +824,19 @@ REFERENCE_TOPUP = "clopper-pearson+confidence-sequence"
 REFERENCE_BOUNDS = (REFERENCE_CP, REFERENCE_TOPUP)
 
 
-def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float, *, counts_topup=None,
-                    samples=None, planned_max: int | None = None, stages=None, slack: float = 0.0) -> ReferenceRadii:
+def reference_radii(
+    predicted,
+    counts,
+    n_cal: int,
+    alpha_mc: float,
+    sigma: float,
+    *,
+    counts_topup=None,
+    samples=None,
+    planned_max: int | None = None,
+    stages=None,
+    slack: float = 0.0,
+) -> ReferenceRadii:
     """The calibration's reference radii: Clopper-Pearson, or the topped-up bound of a topped-up file.
 
     Without a top-up: ``y_i = reference_radius(counts_i[A_i], n_cal, alpha_mc, sigma)`` and the cap
@@ -804,30 +881,46 @@ def reference_radii(predicted, counts, n_cal: int, alpha_mc: float, sigma: float
     rows = np.arange(len(predicted))
     first = counts[rows, predicted]
     if planned_max is None:
-        return ReferenceRadii(np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma, slack=slack)).astype(float),
-                              radius_cap(n_cal, alpha_mc, sigma, slack=slack), dict(bound=REFERENCE_CP))
+        return ReferenceRadii(
+            np.atleast_1d(reference_radius(first, n_cal, alpha_mc, sigma, slack=slack)).astype(float),
+            radius_cap(n_cal, alpha_mc, sigma, slack=slack),
+            dict(bound=REFERENCE_CP),
+        )
     topup = np.zeros_like(counts) if counts_topup is None else np.asarray(counts_topup)
     samples = np.full(len(predicted), n_cal) if samples is None else np.asarray(samples, dtype=np.int64)
-    y = stats.topup_reference_radius(first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma,
-                                     slack=slack)
+    y = stats.topup_reference_radius(
+        first, n_cal, first + topup[rows, predicted], samples, alpha_mc, sigma, slack=slack
+    )
     cap = stats.topup_max_radius(n_cal, int(planned_max), alpha_mc, sigma, slack=slack)
     a, b, w = stats.TOPUP_PRIOR
-    record = dict(bound=REFERENCE_TOPUP, planned_max_samples=int(planned_max), alpha_split="alpha_mc / 2 each",
-                  prior=dict(a=list(a), b=list(b), weights=list(w)),
-                  topped_up_points=int(np.sum(samples > n_cal)), max_samples_seen=int(samples.max(initial=n_cal)))
+    record = dict(
+        bound=REFERENCE_TOPUP,
+        planned_max_samples=int(planned_max),
+        alpha_split="alpha_mc / 2 each",
+        prior=dict(a=list(a), b=list(b), weights=list(w)),
+        topped_up_points=int(np.sum(samples > n_cal)),
+        max_samples_seen=int(samples.max(initial=n_cal)),
+    )
     if stages is not None:
         record.update(stages=[int(v) for v in check_stages(stages, n_cal, int(planned_max))], rule=TOPUP_RULE)
     return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
 
 
-def expected_radius_cap(reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *,
-                        slack: float = 0.0) -> float:
+def expected_radius_cap(
+    reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *, slack: float = 0.0
+) -> float:
     """The radius cap a calibration with this ``reference`` record must have (see ``reference_radii``)."""
     if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
         return radius_cap(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
-    return stats.topup_max_radius(n_cal, int(reference["planned_max_samples"]), alpha_mc, sigma,
-                                  (prior["a"], prior["b"], prior["weights"]), slack=slack)
+    return stats.topup_max_radius(
+        n_cal,
+        int(reference["planned_max_samples"]),
+        alpha_mc,
+        sigma,
+        (prior["a"], prior["b"], prior["weights"]),
+        slack=slack,
+    )
 
 
 TOPUP_RULE = "all-agree"
@@ -839,8 +932,10 @@ def check_stages(stages, n_cal: int, planned_max: int) -> tuple[int, ...]:
     """``stages`` validated: strictly increasing sample counts from ``n_cal`` to at most ``planned_max``."""
     out = tuple(int(v) for v in stages)
     if not out or out[0] != n_cal or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > planned_max:
-        raise CalibrationError(f"top-up stages {list(out)[:8]} must rise strictly from n_cal = {n_cal} to at most the "
-                               f"planned maximum {planned_max}")
+        raise CalibrationError(
+            f"top-up stages {list(out)[:8]} must rise strictly from n_cal = {n_cal} to at most the "
+            f"planned maximum {planned_max}"
+        )
     return out
 
 
@@ -878,8 +973,10 @@ def topup_stages(n_cal: int, history, planned_max: int) -> tuple[int, ...]:
     for record in history:
         extra = record.get("extra") if isinstance(record, dict) else None
         if not isinstance(extra, int) or extra < 1 or record.get("rule", TOPUP_RULE) != TOPUP_RULE:
-            raise CalibrationError(f"the counts file's top-up history has a record {record!r:.80} this version cannot "
-                                   "replay; recalibrate on a file topped up by this version's `datagen --top-up`")
+            raise CalibrationError(
+                f"the counts file's top-up history has a record {record!r:.80} this version cannot "
+                "replay; recalibrate on a file topped up by this version's `datagen --top-up`"
+            )
         nxt = min(stages[-1] + extra, int(planned_max))
         if nxt > stages[-1]:
             stages.append(nxt)
@@ -901,10 +998,12 @@ def check_topup_follows_stages(counts, counts_topup, samples, stages) -> None:
     bad |= (samples < stages_arr[-1]) & (every.max(axis=1) == samples)
     bad |= (samples > n_cal) & (counts.max(axis=1) != n_cal)
     if bad.any():
-        raise CalibrationError(f"{int(bad.sum())} rows of the topped-up counts do not follow the recorded top-up plan "
-                               f"(stages {list(stages)[:6]}, rule {TOPUP_RULE}), e.g. row "
-                               f"{int(np.flatnonzero(bad)[0])}; "
-                               "regenerate the top-up with `datagen --top-up`")
+        raise CalibrationError(
+            f"{int(bad.sum())} rows of the topped-up counts do not follow the recorded top-up plan "
+            f"(stages {list(stages)[:6]}, rule {TOPUP_RULE}), e.g. row "
+            f"{int(np.flatnonzero(bad)[0])}; "
+            "regenerate the top-up with `datagen --top-up`"
+        )
 
 
 @dataclass(frozen=True)
@@ -938,7 +1037,7 @@ class ReferencePlan:
     slack: float = 0.0
 
     @classmethod
-    def from_calibration(cls, calibration) -> "ReferencePlan":
+    def from_calibration(cls, calibration) -> ReferencePlan:
         """The plan of ``calibration``; ``CalibrationError`` for a topped-up one that does not record its stages."""
         reference = getattr(calibration, "reference", None) or {"bound": REFERENCE_CP}
         n_cal, alpha_mc, sigma = int(calibration.n_cal), float(calibration.alpha_mc), float(calibration.sigma)
@@ -946,13 +1045,17 @@ class ReferencePlan:
         if reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
             return cls(n_cal, alpha_mc, sigma, (n_cal,), slack=slack)
         if not reference.get("stages") or reference.get("rule", TOPUP_RULE) != TOPUP_RULE:
-            raise CalibrationError("this calibration's reference radii come from topped-up counts but it does not "
-                                   "record the top-up's stages, so an audit cannot make its references the same way; "
-                                   "re-run `surrogate-cert calibrate` with this version")
+            raise CalibrationError(
+                "this calibration's reference radii come from topped-up counts but it does not "
+                "record the top-up's stages, so an audit cannot make its references the same way; "
+                "re-run `surrogate-cert calibrate` with this version"
+            )
         a, b, w = stats.TOPUP_PRIOR
         if reference.get("prior") not in (None, dict(a=list(a), b=list(b), weights=list(w))):
-            raise CalibrationError("this calibration's top-up reference uses another prior than this version's "
-                                   "stats.TOPUP_PRIOR; re-run `surrogate-cert calibrate` with this version")
+            raise CalibrationError(
+                "this calibration's top-up reference uses another prior than this version's "
+                "stats.TOPUP_PRIOR; re-run `surrogate-cert calibrate` with this version"
+            )
         planned = int(reference["planned_max_samples"])
         return cls(n_cal, alpha_mc, sigma, check_stages(reference["stages"], n_cal, planned), planned, slack)
 
@@ -992,10 +1095,17 @@ class ReferencePlan:
         """``y`` per row, by the calibration's own function (``reference_radii``) on the plan's samples."""
         counts_first = np.asarray(counts_first)
         topped = self.planned_max is not None
-        return reference_radii(predicted, counts_first, self.n_cal, self.alpha_mc, self.sigma,
-                               counts_topup=np.asarray(counts_all) - counts_first if topped else None,
-                               samples=samples if topped else None, planned_max=self.planned_max,
-                               slack=self.slack).radius
+        return reference_radii(
+            predicted,
+            counts_first,
+            self.n_cal,
+            self.alpha_mc,
+            self.sigma,
+            counts_topup=np.asarray(counts_all) - counts_first if topped else None,
+            samples=samples if topped else None,
+            planned_max=self.planned_max,
+            slack=self.slack,
+        ).radius
 
 
 # --------------------------------------------------------------------------- the tuned (shifted) score
@@ -1044,10 +1154,14 @@ def partition_record(indices, tune: np.ndarray, tune_share: float, seed: int) ->
     """What the artifact records of a partition: seed, share, sizes and a digest of the tuning indices."""
     indices = np.asarray(indices, dtype=np.int64)
     digest = hashlib.sha256(np.sort(indices[tune]).astype("<i8").tobytes()).hexdigest()
-    return dict(seed=int(seed), tune_share=float(tune_share), tune_size=int(tune.sum()),
-                calibration_size=int((~tune).sum()), tune_indices_sha256=digest,
-                rule="numpy default_rng(seed).permutation of the sorted dataset indices; the first "
-                     "round(tune_share * m) tune")
+    return dict(
+        seed=int(seed),
+        tune_share=float(tune_share),
+        tune_size=int(tune.sum()),
+        calibration_size=int((~tune).sum()),
+        tune_indices_sha256=digest,
+        rule="numpy default_rng(seed).permutation of the sorted dataset indices; the first round(tune_share * m) tune",
+    )
 
 
 def allocate_bin_offsets(radius_surrogate, reference, bins, num_bins: int, epsilon: float, weight=None) -> np.ndarray:
@@ -1094,8 +1208,10 @@ def allocate_bin_offsets(radius_surrogate, reference, bins, num_bins: int, epsil
         return float(np.sum(np.maximum(r - offset(b, v), 0.0) * w))
 
     for _ in range(int(np.floor(epsilon * len(scores)))):
-        gains = [value(b, allowed[b] + 1) - value(b, allowed[b]) if allowed[b] + 1 < len(ranked[b]) else -1.0
-                 for b in range(num_bins)]
+        gains = [
+            value(b, allowed[b] + 1) - value(b, allowed[b]) if allowed[b] + 1 < len(ranked[b]) else -1.0
+            for b in range(num_bins)
+        ]
         best = int(np.argmax(gains))
         if gains[best] <= 0:
             break
@@ -1118,11 +1234,14 @@ class ShiftedScore:
         return self.bin_offsets[np.digitize(np.asarray(z, dtype=float), self.bin_edges)]
 
     def params(self, bins: int) -> dict:
-        return dict(bins=int(bins), bin_edges=[float(e) for e in self.bin_edges],
-                    bin_offsets=[float(t) for t in self.bin_offsets],
-                    edges_rule="equal-mass quantiles of z~ on the tuning part",
-                    offsets_rule="greedy spread of floor(epsilon * tuning size) violations across bins, maximising "
-                                 "the summed radius of points whose class is the label (tuning part)")
+        return dict(
+            bins=int(bins),
+            bin_edges=[float(e) for e in self.bin_edges],
+            bin_offsets=[float(t) for t in self.bin_offsets],
+            edges_rule="equal-mass quantiles of z~ on the tuning part",
+            offsets_rule="greedy spread of floor(epsilon * tuning size) violations across bins, maximising "
+            "the summed radius of points whose class is the label (tuning part)",
+        )
 
 
 def fit_shifted(z, radius_surrogate, reference, epsilon: float, bins: int = SHIFT_BINS, weight=None) -> ShiftedScore:
@@ -1163,9 +1282,18 @@ TAU_BELOW_ALL = -(stats.Z_MAX + 1.0)
 """How a threshold of ``-inf`` (every input certifies at that radius) is stored: below every ``z~``."""
 
 
-def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float, *, guarantee: str = "marginal",
-                          delta: float | None = None,
-                          points_per_sigma: int = THRESHOLD_POINTS_PER_SIGMA) -> dict:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def fit_radius_thresholds(
+    z,
+    reference,
+    cap: float,
+    sigma: float,
+    epsilon: float,
+    *,
+    guarantee: str = "marginal",
+    delta: float | None = None,
+    points_per_sigma: int = THRESHOLD_POINTS_PER_SIGMA,
+) -> dict:
     """Required-radius thresholds ``tau(r)`` on a radius grid up to the cap (the artifact's ``radius_thresholds``).
 
     For each grid radius ``r``: ``tau(r)`` = the conformal quantile (``quantile_rank``: the marginal rank
@@ -1218,22 +1346,34 @@ def fit_radius_thresholds(z, reference, cap: float, sigma: float, epsilon: float
     tau = []
     for r in grid:
         if guarantee == "issued":
-            value = issued_threshold(z, reference, float(r), epsilon, delta)
+            value = issued_threshold(z, reference, float(r), epsilon, cast(float, delta))  # None is refused there
         else:
             scores = np.sort(stats.threshold_scores(z, reference, r))
             value = float("inf") if rank > m else float(scores[rank - 1])
         tau.append(None if value == float("inf") else max(value, TAU_BELOW_ALL))
-    rule = {"marginal": "marginal conformal quantile, rank ceil((m + 1)(1 - epsilon))",
-            "pac": f"PAC conformal quantile (delta = {delta})",
-            "issued": f"Learn-then-Test over z~ thresholds ISSUED_Z_GRID, binomial p-values, fallback procedure "
-                      f"(delta = {delta}): the rate of y < r among inputs with z~ > tau(r)"}[guarantee]
-    return dict(grid=[float(r) for r in grid], tau=tau, score="z~ where y < r, else -inf (stats.threshold_scores)",
-                rule=rule, guarantee=guarantee, epsilon=float(epsilon), calibration_size=int(m),
-                points_per_sigma=int(points_per_sigma), **({"delta": float(delta)} if guarantee == "issued" else {}))
+    rule = {
+        "marginal": "marginal conformal quantile, rank ceil((m + 1)(1 - epsilon))",
+        "pac": f"PAC conformal quantile (delta = {delta})",
+        "issued": f"Learn-then-Test over z~ thresholds ISSUED_Z_GRID, binomial p-values, fallback procedure "
+        f"(delta = {delta}): the rate of y < r among inputs with z~ > tau(r)",
+    }[guarantee]
+    return dict(
+        grid=[float(r) for r in grid],
+        tau=tau,
+        score="z~ where y < r, else -inf (stats.threshold_scores)",
+        rule=rule,
+        guarantee=guarantee,
+        epsilon=float(epsilon),
+        calibration_size=int(m),
+        points_per_sigma=int(points_per_sigma),
+        **({"delta": float(cast(float, delta))} if guarantee == "issued" else {}),
+    )
 
 
 # --------------------------------------------------------------------------- from files
 
+
+# long: a long numpydoc docstring, and the Calibration record's fields one per line; the steps are helpers
 def calibrate_arrays(
     surrogate,
     x,
@@ -1241,7 +1381,7 @@ def calibrate_arrays(
     epsilon: float,
     alpha_mc: float,
     guarantee: str = "marginal",
-    delta: float = 0.05,
+    delta: float | None = 0.05,
     groups: str = "none",
     method: str = "conformal",
     bin_edges: Sequence[float] | None = None,
@@ -1337,64 +1477,52 @@ def calibrate_arrays(
     if score not in SCORES:
         raise InvalidParameterError(f"score must be one of {SCORES}, got {score!r}")
     if score in ("shifted", "shaped") and (groups != "none" or method != "conformal"):
-        raise InvalidParameterError(f"the {score} score is one pooled rule with a conformal shift: use it with "
-                                    "groups='none' and the marginal or pac guarantee (not issued / ltt)")
-    counts = np.asarray(counts)
-    if counts.ndim != 2 or counts.shape[1] != surrogate.num_classes:
-        raise CalibrationError(
-            f"calibration counts must be N x {surrogate.num_classes} (the surrogate's classes), got shape {counts.shape}"
+        raise InvalidParameterError(
+            f"the {score} score is one pooled rule with a conformal shift: use it with "
+            "groups='none' and the marginal or pac guarantee (not issued / ltt)"
         )
-    totals = counts.sum(axis=1)
-    if len(totals) and np.any(totals != totals[0]):
-        raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
+    counts, totals = _checked_counts(counts, surrogate.num_classes)
     predicted, p_tilde, z = surrogate.predict_z(x)
     if len(predicted) != len(counts):
         raise CalibrationError(f"{len(predicted)} calibration images but {len(counts)} rows of counts")
     n_cal = int(totals[0]) if len(totals) else 1
     sigma = float(surrogate.sigma)
-    if topup_stages is not None and planned_max is not None:
-        check_topup_follows_stages(counts, np.zeros_like(counts) if counts_topup is None else counts_topup,
-                                   np.full(len(counts), n_cal) if samples is None else samples,
-                                   check_stages(topup_stages, n_cal, int(planned_max)))
     slack = noise_slack(noise_scheme, sigma, surrogate.input_shape)
-    refs = reference_radii(predicted, counts, n_cal, alpha_mc, sigma, counts_topup=counts_topup, samples=samples,
-                           planned_max=planned_max, stages=topup_stages if planned_max is not None else None,
-                           slack=slack)
-    options = dict(sigma=sigma, num_classes=surrogate.num_classes, epsilon=epsilon, alpha_mc=alpha_mc,
-                   guarantee=guarantee, delta=delta, groups=groups, method=method, bin_edges=bin_edges)
-    rows = np.arange(len(predicted))
-    partition, score_params = None, {}
-    if score == "shifted":
-        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
-        tune = partition_rows(indices, tune_share, partition_seed)
-        partition = partition_record(indices, tune, tune_share, partition_seed)
-        radius_tilde = np.asarray(surrogate_radius(p_tilde, sigma, refs.cap), dtype=float)
-        weight = None if labels is None else (predicted == np.asarray(labels)).astype(float)
-        shifted = fit_shifted(z[tune], radius_tilde[tune], refs.radius[tune], epsilon, bins,
-                              None if weight is None else weight[tune])
-        score_params = shifted.params(bins)
-        part = ~tune
-        fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
-                          references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
-                          shift=shifted.shift(z[part]), **options)
-    elif score == "shaped":
-        from .shaped import fit_shaped  # shaped builds on this module's thresholds
-
-        indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
-        tune = partition_rows(indices, tune_share, partition_seed)
-        partition = partition_record(indices, tune, tune_share, partition_seed)
-        part = ~tune
-        score_params = fit_shaped(z[tune], refs.radius[tune], z[part], refs.radius[part], refs.cap, sigma, epsilon,
-                                  guarantee=guarantee, delta=delta)
-        # The residual offsets of the calibration part stay in the artifact for its diagnostics only.
-        fit = fit_offsets(p_tilde[part], predicted[part], counts[rows[part], predicted[part]], n_cal, z=z[part],
-                          references=ReferenceRadii(refs.radius[part], refs.cap, refs.record), **options)
-    else:
-        fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
-        part = np.ones(len(rows), dtype=bool)
+    refs = _references(
+        predicted, counts, n_cal, alpha_mc, sigma, slack, counts_topup, samples, planned_max, topup_stages
+    )
+    options = dict(
+        sigma=sigma,
+        num_classes=surrogate.num_classes,
+        epsilon=epsilon,
+        alpha_mc=alpha_mc,
+        guarantee=guarantee,
+        delta=delta,
+        groups=groups,
+        method=method,
+        bin_edges=bin_edges,
+    )
+    fit, part, partition, score_params = _fit_score(
+        score,
+        options,
+        predicted,
+        p_tilde,
+        z,
+        counts,
+        n_cal,
+        refs,
+        indices=indices,
+        labels=labels,
+        bins=bins,
+        tune_share=tune_share,
+        partition_seed=partition_seed,
+    )
     fit.diagnostics["surrogate_agrees_with_counts"] = float(np.mean(predicted == counts.argmax(axis=1)))
-    radius_thresholds = (fit_radius_thresholds(z, refs.radius, refs.cap, sigma, epsilon, guarantee=guarantee,
-                                               delta=delta) if thresholds else None)
+    radius_thresholds = (
+        fit_radius_thresholds(z, refs.radius, refs.cap, sigma, epsilon, guarantee=guarantee, delta=delta)
+        if thresholds
+        else None
+    )
     return Calibration(
         surrogate_sha256=surrogate.fingerprint(),
         surrogate_file_sha256=getattr(surrogate, "file_sha256", None),
@@ -1430,8 +1558,122 @@ def calibrate_arrays(
     )
 
 
-def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None = None, *,
-                      key: bytes | str | None = None) -> tuple[list[float], dict]:
+def _checked_counts(counts, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration ``counts`` as an ``N x K`` array with their row totals, all equal (``n_cal``)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != num_classes:
+        raise CalibrationError(
+            f"calibration counts must be N x {num_classes} (the surrogate's classes), got shape {counts.shape}"
+        )
+    totals = counts.sum(axis=1)
+    if len(totals) and np.any(totals != totals[0]):
+        raise CalibrationError("every calibration row must hold the same number of noisy samples (n_cal)")
+    return counts, totals
+
+
+def _references(
+    predicted,
+    counts,
+    n_cal: int,
+    alpha_mc: float,
+    sigma: float,
+    slack: float,
+    counts_topup,
+    samples,
+    planned_max,
+    stages,
+) -> ReferenceRadii:
+    """The reference radii of the calibration rows (``reference_radii``), after checking that a topped-up
+    file's rows follow its recorded stages."""
+    if stages is not None and planned_max is not None:
+        check_topup_follows_stages(
+            counts,
+            np.zeros_like(counts) if counts_topup is None else counts_topup,
+            np.full(len(counts), n_cal) if samples is None else samples,
+            check_stages(stages, n_cal, int(planned_max)),
+        )
+    return reference_radii(
+        predicted,
+        counts,
+        n_cal,
+        alpha_mc,
+        sigma,
+        counts_topup=counts_topup,
+        samples=samples,
+        planned_max=planned_max,
+        stages=stages if planned_max is not None else None,
+        slack=slack,
+    )
+
+
+def _fit_score(
+    score: str,
+    options: dict,
+    predicted,
+    p_tilde,
+    z,
+    counts,
+    n_cal: int,
+    refs: ReferenceRadii,
+    *,
+    indices,
+    labels,
+    bins: int,
+    tune_share: float,
+    partition_seed: int,
+) -> tuple[OffsetFit, np.ndarray, dict | None, dict]:
+    """The best-radius rule of ``score`` (``calibrate_arrays``): the offsets, the mask of the rows they were
+    calibrated on, the tuning / calibration partition (None for the residual score) and the score's
+    parameters. The shifted and shaped scores tune on one part of the rows and calibrate on the other."""
+    rows = np.arange(len(predicted))
+    if score not in ("shifted", "shaped"):
+        fit = fit_offsets(p_tilde, predicted, counts[rows, predicted], n_cal, z=z, references=refs, **options)
+        return fit, np.ones(len(rows), dtype=bool), None, {}
+    indices = rows if indices is None else np.asarray(indices, dtype=np.int64)
+    tune = partition_rows(indices, tune_share, partition_seed)
+    partition = partition_record(indices, tune, tune_share, partition_seed)
+    part = ~tune
+    sigma, epsilon = options["sigma"], options["epsilon"]
+    shift = None  # the shaped score's offsets take no shift
+    if score == "shifted":
+        radius_tilde = np.asarray(surrogate_radius(p_tilde, sigma, refs.cap), dtype=float)
+        weight = None if labels is None else (predicted == np.asarray(labels)).astype(float)
+        shifted = fit_shifted(
+            z[tune], radius_tilde[tune], refs.radius[tune], epsilon, bins, None if weight is None else weight[tune]
+        )
+        score_params = shifted.params(bins)
+        shift = shifted.shift(z[part])
+    else:
+        from .shaped import fit_shaped  # shaped builds on this module's thresholds
+
+        score_params = fit_shaped(
+            z[tune],
+            refs.radius[tune],
+            z[part],
+            refs.radius[part],
+            refs.cap,
+            sigma,
+            epsilon,
+            guarantee=options["guarantee"],
+            delta=options["delta"],
+        )
+    # Under the shaped score these residual offsets stay in the artifact for its diagnostics only.
+    fit = fit_offsets(
+        p_tilde[part],
+        predicted[part],
+        counts[rows[part], predicted[part]],
+        n_cal,
+        z=z[part],
+        references=ReferenceRadii(refs.radius[part], refs.cap, refs.record),
+        shift=shift,
+        **options,
+    )
+    return fit, part, partition, score_params
+
+
+def edges_from_counts(
+    surrogate, counts_file, bins: int, data_root: str | None = None, *, key: bytes | str | None = None
+) -> tuple[list[float], dict]:
     """Confidence-bin edges chosen on another split: equal-mass quantiles of ``z~`` over its images.
 
     For ``groups="confidence"``: the surrogate's outputs on the images of ``counts_file`` (its own
@@ -1466,28 +1708,43 @@ def edges_from_counts(surrogate, counts_file, bins: int, data_root: str | None =
     counts = read_counts(counts_file)
     split = str(counts.attrs["split"])
     if split in ("cal", "test"):
-        raise CalibrationError(f"--edges-from {counts_file} is of the {split} split; choose the bin edges on the "
-                               "surrogate's training split (its counts file), never where the guarantee is measured")
+        raise CalibrationError(
+            f"--edges-from {counts_file} is of the {split} split; choose the bin edges on the "
+            "surrogate's training split (its counts file), never where the guarantee is measured"
+        )
     try:
-        check_counts_for(counts, counts_file, dataset=surrogate.meta.get("dataset"), num_classes=surrogate.num_classes,
-                         input_shape=surrogate.input_shape, complete=False, key=key)
+        check_counts_for(
+            counts,
+            counts_file,
+            dataset=surrogate.meta.get("dataset"),
+            num_classes=surrogate.num_classes,
+            input_shape=surrogate.input_shape,
+            complete=False,
+            key=key,
+        )
     except CountsMismatchError as exc:
         raise CalibrationError(str(exc)) from None
     _, _, z = surrogate.predict_z(counts.images(data_root))
     edges = [float(e) for e in stats.equal_mass_edges(z, bins)]
     if not edges:
         raise CalibrationError(f"the surrogate's confidence on {counts_file} takes one value: no bins to form")
-    return edges, dict(file_sha256=sha256_file(counts_file), split=split, images=int(len(z)), bins=int(bins),
-                       rule="equal-mass quantiles of z~ on the images of this file")
+    return edges, dict(
+        file_sha256=sha256_file(counts_file),
+        split=split,
+        images=int(len(z)),
+        bins=int(bins),
+        rule="equal-mass quantiles of z~ on the images of this file",
+    )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def calibrate(
     surrogate,
     counts_file,
     epsilon: float,
     alpha_mc: float,
     guarantee: str = "marginal",
-    delta: float = 0.05,
+    delta: float | None = 0.05,
     groups: str = "none",
     method: str = "conformal",
     *,
@@ -1565,28 +1822,9 @@ def calibrate(
         surrogate = Surrogate.load(surrogate, device=device, key=key)
     counts = read_counts(counts_file)
     attrs = counts.attrs
-    counts_sha256 = sha256_file(counts_file)
-    trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {surrogate.meta.get("counts_sha256")}
-    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
-        raise CalibrationError(
-            f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
-            "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
-        )
-    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
-    by_content = "image_hashes" in surrogate.meta
-    try:
-        check_counts_for(counts, counts_file, dataset=_calibration_dataset(surrogate),
-                         sigma=surrogate.sigma, num_classes=surrogate.num_classes, input_shape=surrogate.input_shape,
-                         model_sha256=surrogate.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=trained_on, key=key, noise_scheme=surrogate_noise_scheme(surrogate))
-    except CountsMismatchError as exc:
-        raise CalibrationError(str(exc)) from None
-    if str(attrs.get("split")) == "test":
-        raise CalibrationError(f"{counts_file} holds the test split: its images are the ones `certify --split test` "
-                               "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
-                               "on the cal split")
+    counts_sha256 = _check_calibration_counts(surrogate, counts, counts_file, key)
     images = counts.images(data_root)
-    if by_content:
+    if "image_hashes" in surrogate.meta:  # the surrogate's training images, by content
         check_not_trained_on(surrogate, images, counts_file)
     source = None
     if edges_from is not None:
@@ -1594,23 +1832,88 @@ def calibrate(
     elif groups == "confidence":
         source = dict(rule="given" if bin_edges is not None else "default edges DEFAULT_CONFIDENCE_EDGES")
     topped = attrs.get("topup_planned_max") is not None
-    stages = (topup_stages(counts.n, json.loads(attrs.get("topup_history") or "[]"), counts.planned_max_samples)
-              if topped else None)
-    return calibrate_arrays(
-        surrogate, images, counts.counts, epsilon, alpha_mc, guarantee=guarantee, delta=delta, groups=groups,
-        method=method, bin_edges=bin_edges, score=score, bins=SHIFT_BINS if bins is None else bins,
-        tune_share=tune_share,
-        partition_seed=partition_seed, indices=counts.indices, labels=counts.labels, thresholds=thresholds,
-        counts_topup=counts.counts_topup if topped else None, samples=counts.samples if topped else None,
-        planned_max=counts.planned_max_samples if topped else None, topup_stages=stages, bin_edges_source=source,
-        counts_sha256=counts_sha256, base_model_sha256=attrs.get("model_sha256") or None,
-        dataset=str(attrs["dataset"]), split=str(attrs["split"]), noise_scheme=counts.noise_scheme,
+    stages = (
+        topup_stages(counts.n, json.loads(attrs.get("topup_history") or "[]"), counts.planned_max_samples)
+        if topped
+        else None
     )
+    return calibrate_arrays(
+        surrogate,
+        images,
+        counts.counts,
+        epsilon,
+        alpha_mc,
+        guarantee=guarantee,
+        delta=delta,
+        groups=groups,
+        method=method,
+        bin_edges=bin_edges,
+        score=score,
+        bins=SHIFT_BINS if bins is None else bins,
+        tune_share=tune_share,
+        partition_seed=partition_seed,
+        indices=counts.indices,
+        labels=counts.labels,
+        thresholds=thresholds,
+        counts_topup=counts.counts_topup if topped else None,
+        samples=counts.samples if topped else None,
+        planned_max=counts.planned_max_samples if topped else None,
+        topup_stages=stages,
+        bin_edges_source=source,
+        counts_sha256=counts_sha256,
+        base_model_sha256=attrs.get("model_sha256") or None,
+        dataset=str(attrs["dataset"]),
+        split=str(attrs["split"]),
+        noise_scheme=counts.noise_scheme,
+    )
+
+
+def _check_calibration_counts(surrogate, counts, counts_file, key) -> str:
+    """A counts file fit to calibrate ``surrogate`` on: of the cal split (never a training split or the
+    test split), of its dataset, sigma, classes, shape, base model and noise scheme, complete, holding
+    none of its training images (by dataset index), and signed under ``key`` if one is set. Returns the
+    file's SHA-256."""
+    attrs = counts.attrs
+    counts_sha256 = sha256_file(counts_file)
+    trained_files = {r.get("sha256") for r in surrogate.meta.get("counts_files") or []} | {
+        surrogate.meta.get("counts_sha256")
+    }
+    if str(attrs.get("split")) in ("train", "surrogate", "pool") or counts_sha256 in trained_files:
+        raise CalibrationError(
+            f"{counts_file} holds a training split ({attrs.get('split')}: its images are not exchangeable with the "
+            "test split, or the surrogate was fitted on them); calibrate on the separate cal split"
+        )
+    trained_on = _trained_indices(surrogate, str(attrs["dataset"]))
+    try:
+        check_counts_for(
+            counts,
+            counts_file,
+            dataset=_calibration_dataset(surrogate),
+            sigma=surrogate.sigma,
+            num_classes=surrogate.num_classes,
+            input_shape=surrogate.input_shape,
+            model_sha256=surrogate.meta.get("base_model_sha256"),
+            complete=True,
+            excluded_indices=trained_on,
+            key=key,
+            noise_scheme=surrogate_noise_scheme(surrogate),
+        )
+    except CountsMismatchError as exc:
+        raise CalibrationError(str(exc)) from None
+    if str(attrs.get("split")) == "test":
+        raise CalibrationError(
+            f"{counts_file} holds the test split: its images are the ones `certify --split test` "
+            "certifies, and a calibration evaluated on its own images guarantees nothing; calibrate "
+            "on the cal split"
+        )
+    return counts_sha256
 
 
 def surrogate_noise_scheme(surrogate) -> str:
     """The noise scheme of the counts a surrogate was trained on (float v2 for checkpoints older than the field)."""
     return surrogate.meta.get("noise_scheme") or NOISE_SCHEME_V2
+
+
 def _trained_indices(surrogate, dataset: str):
     """Index ranges of the surrogate's training images in ``dataset`` (None: none recorded there).
 
@@ -1650,26 +1953,72 @@ def check_not_trained_on(surrogate, images, what="the calibration counts") -> No
     try:
         trained = unpack_hashes(surrogate.meta["image_hashes"])
     except (KeyError, ValueError, TypeError):
-        raise CalibrationError("the surrogate's record of its training images (image_hashes) is malformed; retrain it "
-                               "with `surrogate-cert train`") from None
+        raise CalibrationError(
+            "the surrogate's record of its training images (image_hashes) is malformed; retrain it "
+            "with `surrogate-cert train`"
+        ) from None
     overlap = np.isin(image_hashes(images), trained)
     if overlap.any():
         raise CalibrationError(
             f"{what} holds {int(overlap.sum())} images the surrogate was trained on (same content, first at row "
-            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, e.g. the cal split "
-            "with a pool that excludes it")
+            f"{int(np.flatnonzero(overlap)[0])}); calibrate on images kept out of its training data, "
+            "e.g. the cal split with a pool that excludes it"
+        )
 
 
 __all__ = [
     "check_not_trained_on",
-    "P_CLIP", "CONFIDENCE_EDGES", "LTT_GRID_SIGMAS", "GUARANTEES", "METHODS", "GROUPINGS", "SCORES",
-    "surrogate_radius", "radius_cap", "SurrogateRadiusRegressor", "reference_radius", "conformity_scores",
-    "quantile_rank", "min_group_size", "mapie_offset", "ltt_offset", "group_keys", "all_group_keys",
-    "OffsetFit", "fit_offsets", "calibrate_arrays", "calibrate", "deployed_radius", "check_calibration_params",
-    "ReferenceRadii", "reference_radii", "expected_radius_cap", "REFERENCE_BOUNDS", "partition_rows",
-    "partition_record", "allocate_bin_offsets", "ShiftedScore", "fit_shifted", "fit_radius_thresholds",
-    "edges_from_counts", "TUNE_SHARE", "PARTITION_SEED", "SHIFT_BINS", "THRESHOLD_POINTS_PER_SIGMA",
-    "MONITOR_STATISTIC", "monitor_reference", "resolve_guarantee", "FallbackProcedure", "issued_offset_grid",
-    "issued_threshold", "ISSUED_GRID_STEP", "ISSUED_Z_GRID", "MAPIE_TOLERANCE", "ReferencePlan", "topup_stages",
-    "check_stages", "check_topup_follows_stages", "TOPUP_RULE",
+    "P_CLIP",
+    "CONFIDENCE_EDGES",
+    "LTT_GRID_SIGMAS",
+    "GUARANTEES",
+    "METHODS",
+    "GROUPINGS",
+    "SCORES",
+    "surrogate_radius",
+    "radius_cap",
+    "SurrogateRadiusRegressor",
+    "reference_radius",
+    "conformity_scores",
+    "quantile_rank",
+    "min_group_size",
+    "mapie_offset",
+    "ltt_offset",
+    "group_keys",
+    "all_group_keys",
+    "OffsetFit",
+    "fit_offsets",
+    "calibrate_arrays",
+    "calibrate",
+    "deployed_radius",
+    "check_calibration_params",
+    "ReferenceRadii",
+    "reference_radii",
+    "expected_radius_cap",
+    "REFERENCE_BOUNDS",
+    "partition_rows",
+    "partition_record",
+    "allocate_bin_offsets",
+    "ShiftedScore",
+    "fit_shifted",
+    "fit_radius_thresholds",
+    "edges_from_counts",
+    "TUNE_SHARE",
+    "PARTITION_SEED",
+    "SHIFT_BINS",
+    "THRESHOLD_POINTS_PER_SIGMA",
+    "MONITOR_STATISTIC",
+    "monitor_reference",
+    "resolve_guarantee",
+    "FallbackProcedure",
+    "issued_offset_grid",
+    "issued_threshold",
+    "ISSUED_GRID_STEP",
+    "ISSUED_Z_GRID",
+    "MAPIE_TOLERANCE",
+    "ReferencePlan",
+    "topup_stages",
+    "check_stages",
+    "check_topup_follows_stages",
+    "TOPUP_RULE",
 ]

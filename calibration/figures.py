@@ -2,6 +2,7 @@
 
 ``figures(report)`` draws every figure a ``calibration.summary.build_report`` dict calls for.
 """
+
 from __future__ import annotations
 
 import base64
@@ -12,6 +13,7 @@ import numpy as np
 
 matplotlib.use("Agg", force=True)  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
 
 def _png(fig) -> str:
     """A matplotlib figure as a base64 PNG (closed afterwards)."""
@@ -86,10 +88,17 @@ def figure_monitor(monitor: dict) -> str:
     left = axes[0, 0]
     path = np.asarray(monitor.get("_path") or [], dtype=float)
     left.plot(np.arange(len(path)), path, linewidth=1.0, label="log martingale")
-    left.axhline(monitor["log_threshold"], color="crimson", linestyle="--", linewidth=1.0,
-                 label=f"alarm level log(1/delta), delta = {monitor['delta']:g}")
+    left.axhline(
+        monitor["log_threshold"],
+        color="crimson",
+        linestyle="--",
+        linewidth=1.0,
+        label=f"alarm level log(1/delta), delta = {monitor['delta']:g}",
+    )
     if monitor.get("drift_alarm_at") is not None:
-        left.axvline(monitor["drift_alarm_at"], color="grey", linewidth=0.8, label=f"alarm at query {monitor['drift_alarm_at']}")
+        left.axvline(
+            monitor["drift_alarm_at"], color="grey", linewidth=0.8, label=f"alarm at query {monitor['drift_alarm_at']}"
+        )
     left.set_xlabel("query")
     left.set_ylabel("log martingale (drift evidence)")
     left.grid(alpha=0.3)
@@ -98,8 +107,14 @@ def figure_monitor(monitor: dict) -> str:
         right = axes[0, 1]
         t = np.array([p["audited"] for p in points], dtype=float)
         rate = np.array([p["exceedances"] for p in points], dtype=float) / np.maximum(t, 1)
-        right.fill_between(t, [p["lower"] for p in points], [p["upper"] for p in points], alpha=0.25,
-                           step="post", label=f"confidence sequence (level {audit['delta_sequence']:g})")
+        right.fill_between(
+            t,
+            [p["lower"] for p in points],
+            [p["upper"] for p in points],
+            alpha=0.25,
+            step="post",
+            label=f"confidence sequence (level {audit['delta_sequence']:g})",
+        )
         right.plot(t, rate, linewidth=1.0, label="audited rate of R^ > reference")
         right.axhline(audit["threshold"], color="crimson", linestyle="--", linewidth=1.0, label="threshold")
         right.set_xlabel("audited queries")

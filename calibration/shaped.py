@@ -11,6 +11,7 @@ part, the scores ``z~_i - g(r+(y_i))`` (``stats.shaped_scores``) give one confor
 ``P(R^ > y) <= epsilon`` for an exchangeable test point (``shaped_scores`` says why), so a certificate is
 wrong with probability at most ``epsilon + alpha_mc``, marginally, as with every one-pass score.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,19 @@ there then score above any finite shift. At half the level they are about half o
 shift may leave above it, so the shift lands among the other points' scores instead of on theirs."""
 
 
-def fit_shaped(z_tune, y_tune, z_cal, y_cal, cap: float, sigma: float, epsilon: float, *, guarantee: str = "marginal",
-               delta: float | None = None, shape_level: float = SHAPE_LEVEL) -> dict:
+def fit_shaped(
+    z_tune,
+    y_tune,
+    z_cal,
+    y_cal,
+    cap: float,
+    sigma: float,
+    epsilon: float,
+    *,
+    guarantee: str = "marginal",
+    delta: float | None = None,
+    shape_level: float = SHAPE_LEVEL,
+) -> dict:
     """The ``shaped`` score's parameters: the shape ``g`` on the TUNING points, the shift ``c`` on the others.
 
     Parameters
@@ -68,6 +80,11 @@ def fit_shaped(z_tune, y_tune, z_cal, y_cal, cap: float, sigma: float, epsilon: 
     else:
         # -inf: the quantile point cannot be wrong at any radius; the lowest z~ keeps the shift finite.
         shift = max(float(scores[rank - 1]), -(stats.Z_MAX + 1.0))
-    return dict(grid=grid, shape=shape, shift=shift, shape_level=float(shape_level),
-                rule="g = required-radius thresholds of the tuning part at shape_level * epsilon; c = conformal "
-                     "quantile of z~ - g(r+(y)) on the calibration part (stats.shaped_scores)")
+    return dict(
+        grid=grid,
+        shape=shape,
+        shift=shift,
+        shape_level=float(shape_level),
+        rule="g = required-radius thresholds of the tuning part at shape_level * epsilon; c = conformal "
+        "quantile of z~ - g(r+(y)) on the calibration part (stats.shaped_scores)",
+    )

@@ -12,6 +12,7 @@ audited rate with its confidence sequence against the audit's threshold). ``tabl
 those numbers out as (header, rows) of display cells, the one source for every renderer.
 Figures are in ``calibration.figures``; HTML and Markdown in ``surrogate_cert.workflows.report``.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 
 # --------------------------------------------------------------------------- reading inputs
+
 
 def parse_header(comments: Sequence[str]) -> dict:
     """``sigma``, ``seed`` and ``device`` from a results file's ``#`` lines, where they are stated.
@@ -101,8 +103,9 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
             raise InvalidInputError(f"{path} has no result rows; re-run the certifier that wrote it")
         meta = read_meta(path)
         label = stem if stems.count(stem) == 1 else os.fspath(path)
-        runs.append(dict(label=label, path=os.fspath(path), rows=rows, comments=_meta_lines(meta),
-                         header=provenance(meta)))
+        runs.append(
+            dict(label=label, path=os.fspath(path), rows=rows, comments=_meta_lines(meta), header=provenance(meta))
+        )
     return runs
 
 
@@ -129,10 +132,16 @@ def image_sets(runs: Sequence[dict]) -> dict:
     shared = set.intersection(*sets.values())
     same = all(s == shared for s in sets.values())
     counts = {label: len(s) for label, s in sets.items()}
-    warning = None if same else (
-        "the compared runs certified different images (" + ", ".join(f"{k} on {v}" for k, v in counts.items())
-        + f"; {len(shared)} in common), so their certified accuracies and costs are not comparable: certify the "
-        "same split with the same --limit")
+    warning = (
+        None
+        if same
+        else (
+            "the compared runs certified different images ("
+            + ", ".join(f"{k} on {v}" for k, v in counts.items())
+            + f"; {len(shared)} in common), so their certified accuracies and costs are not comparable: certify the "
+            "same split with the same --limit"
+        )
+    )
     return dict(same=same, images=counts, shared=len(shared), warning=warning)
 
 
@@ -166,6 +175,7 @@ def offline_evaluations_from_counts(paths: Sequence[str | os.PathLike], key: byt
 
 
 # --------------------------------------------------------------------------- numbers
+
 
 def table_radii(sigma: float | None) -> list[float]:
     """``STANDARD_RADII``, plus ``sigma * SIGMA_MULTIPLES`` when sigma is known and not 0.25."""
@@ -240,11 +250,14 @@ def amortisation(runs: dict[str, dict], offline_evaluations: int | None, baselin
             mean_evaluations_per_query=mean,
             saved_per_query=saved,
             speedup=(base_mean / mean) if mean > 0 else None,
-            break_even_queries=(offline_evaluations / saved)
-            if offline_evaluations is not None and saved > 0 else None,
+            break_even_queries=(offline_evaluations / saved) if offline_evaluations is not None and saved > 0 else None,
         )
-    return dict(offline_evaluations=offline_evaluations, baseline=baseline,
-                baseline_mean_evaluations_per_query=base_mean, per_run=per_run)
+    return dict(
+        offline_evaluations=offline_evaluations,
+        baseline=baseline,
+        baseline_mean_evaluations_per_query=base_mean,
+        per_run=per_run,
+    )
 
 
 def calibration_summary(cal: dict) -> dict:
@@ -270,9 +283,16 @@ def calibration_summary(cal: dict) -> dict:
         min_group_size=cal.get("min_group_size"),
         radius_cap=cal.get("radius_cap"),
         bound=cal.get("bound"),
-        statement=guarantee_statement(cal.get("guarantee") or "marginal", cal.get("epsilon") or 0.0,
-                                      cal.get("alpha_mc") or 0.0, cal.get("delta"), cal.get("groups") or "none",
-                                      cal.get("method") or "conformal") if cal.get("epsilon") is not None else None,
+        statement=guarantee_statement(
+            cal.get("guarantee") or "marginal",
+            cal.get("epsilon") or 0.0,
+            cal.get("alpha_mc") or 0.0,
+            cal.get("delta"),
+            cal.get("groups") or "none",
+            cal.get("method") or "conformal",
+        )
+        if cal.get("epsilon") is not None
+        else None,
         diagnostics=cal.get("diagnostics") or {},
         raw=cal,
     )
@@ -365,8 +385,11 @@ def build_report(
         section["path"] = os.fspath(monitor)
         report["monitor"] = section
     report["_curves"] = {r["label"]: curve(r["rows"]) for r in runs}
-    report["_samples"] = {r["label"]: [x["n_samples"] for x in r["rows"]] for r in runs
-                          if summaries[r["label"]]["samples"]["all"] is not None}
+    report["_samples"] = {
+        r["label"]: [x["n_samples"] for x in r["rows"]]
+        for r in runs
+        if summaries[r["label"]]["samples"]["all"] is not None
+    }
     return report
 
 
@@ -381,9 +404,13 @@ def curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     return grid, acc
 
 
-def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
-                      surrogate: str | os.PathLike, data_root: str | None = None,
-                      key: bytes | None = None) -> dict:
+def calibration_check(
+    calibration: str | os.PathLike,
+    counts: str | os.PathLike,
+    surrogate: str | os.PathLike,
+    data_root: str | None = None,
+    key: bytes | None = None,
+) -> dict:
     """Calibrated surrogate radii on a held-out split against that split's MC reference.
 
     For each image of ``counts`` (normally the test split; never the calibration counts, nor images
@@ -400,10 +427,17 @@ def calibration_check(calibration: str | os.PathLike, counts: str | os.PathLike,
     predicted = np.asarray(predicted)
     calibrated = deployed_radius(cal, predicted, p_tilde, z)
     counts_top = held_out.counts[np.arange(len(predicted)), predicted]
-    check = check_against_reference(p_tilde, calibrated, counts_top, int(attrs["n"]), cal.sigma,
-                                    cal.epsilon, cal.alpha_mc,
-                                    guarantee=cal.guarantee if cal.method != "ltt" else "issued",
-                                    slack=held_out.radius_slack)
+    check = check_against_reference(
+        p_tilde,
+        calibrated,
+        counts_top,
+        int(attrs["n"]),
+        cal.sigma,
+        cal.epsilon,
+        cal.alpha_mc,
+        guarantee=cal.guarantee if cal.method != "ltt" else "issued",
+        slack=held_out.radius_slack,
+    )
     check.update(counts_path=os.fspath(counts), split=str(attrs["split"]), n=int(attrs["n"]))
     return check
 
@@ -418,22 +452,43 @@ def held_out_counts(counts: str | os.PathLike, model: Surrogate, cal, key: bytes
     """
     held_out = read_counts(counts)
     attrs = held_out.attrs
-    cal.check_fresh(dataset=str(attrs["dataset"]), split=str(attrs["split"]), counts_sha256=sha256_file(counts),
-                    what=os.fspath(counts))
+    cal.check_fresh(
+        dataset=str(attrs["dataset"]),
+        split=str(attrs["split"]),
+        counts_sha256=sha256_file(counts),
+        what=os.fspath(counts),
+    )
     try:
-        check_counts_for(held_out, counts, dataset=cal.dataset or model.meta.get("dataset"), sigma=cal.sigma,
-                         num_classes=cal.num_classes, input_shape=model.input_shape,
-                         model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"), complete=True,
-                         excluded_indices=model.meta.get("train_index_ranges"), key=key,
-                         noise_scheme=cal.noise_scheme or NOISE_SCHEME_V2)
+        check_counts_for(
+            held_out,
+            counts,
+            dataset=cal.dataset or model.meta.get("dataset"),
+            sigma=cal.sigma,
+            num_classes=cal.num_classes,
+            input_shape=model.input_shape,
+            model_sha256=cal.base_model_sha256 or model.meta.get("base_model_sha256"),
+            complete=True,
+            excluded_indices=model.meta.get("train_index_ranges"),
+            key=key,
+            noise_scheme=cal.noise_scheme or NOISE_SCHEME_V2,
+        )
     except CountsMismatchError as exc:
         raise CalibrationError(f"the held-out check: {exc}") from None
     return held_out
 
 
-def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, sigma: float,
-                            epsilon: float, alpha_mc: float, guarantee: str = "marginal", *,
-                            slack: float = 0.0) -> dict:
+def check_against_reference(
+    p_surrogate,
+    calibrated_radius,
+    counts_top,
+    n: int,
+    sigma: float,
+    epsilon: float,
+    alpha_mc: float,
+    guarantee: str = "marginal",
+    *,
+    slack: float = 0.0,
+) -> dict:
     """The held-out check on numbers: calibrated radii ``R^`` against the MC reference radii ``y``.
 
     ``counts_top[i]`` is how often the base model returned the surrogate's class among ``n`` noisy
@@ -462,13 +517,18 @@ def check_against_reference(p_surrogate, calibrated_radius, counts_top, n: int, 
         allowance=allowance,
         within_bound=bool(above.sum() <= allowance),
         share_certified=float((calibrated_radius > 0).mean()) if m else None,
-        points=dict(p_surrogate=p_surrogate.tolist(), p_mc=(counts_top / n).tolist(),
-                    calibrated_radius=calibrated_radius.tolist(), reference_radius=np.atleast_1d(reference).tolist(),
-                    above_reference=above.tolist()),
+        points=dict(
+            p_surrogate=p_surrogate.tolist(),
+            p_mc=(counts_top / n).tolist(),
+            calibrated_radius=calibrated_radius.tolist(),
+            reference_radius=np.atleast_1d(reference).tolist(),
+            above_reference=above.tolist(),
+        ),
     )
 
 
 # --------------------------------------------------------------------------- environment
+
 
 def _version(module: str) -> str | None:
     try:
@@ -487,21 +547,40 @@ def environment(runs: Sequence[dict] = (), cal: dict | None = None) -> dict:
         device=device,
         cpu_count=os.cpu_count(),
         torch_threads=threads,
-        versions={name: _version(dist) for name, dist in (
-            ("surrogate-cert", "surrogate-cert"), ("torch", "torch"), ("torchvision", "torchvision"),
-            ("mapie", "mapie"), ("h5py", "h5py"), ("numpy", "numpy"), ("scipy", "scipy"),
-            ("scikit-learn", "scikit-learn"), ("matplotlib", "matplotlib"))},
-        files={r["label"]: dict(path=r["path"], seed=r["header"].get("seed"),
-                                device=r["header"].get("device"), sigma=r["header"].get("sigma"),
-                                header=r["comments"]) for r in runs},
+        versions={
+            name: _version(dist)
+            for name, dist in (
+                ("surrogate-cert", "surrogate-cert"),
+                ("torch", "torch"),
+                ("torchvision", "torchvision"),
+                ("mapie", "mapie"),
+                ("h5py", "h5py"),
+                ("numpy", "numpy"),
+                ("scipy", "scipy"),
+                ("scikit-learn", "scikit-learn"),
+                ("matplotlib", "matplotlib"),
+            )
+        },
+        files={
+            r["label"]: dict(
+                path=r["path"],
+                seed=r["header"].get("seed"),
+                device=r["header"].get("device"),
+                sigma=r["header"].get("sigma"),
+                header=r["comments"],
+            )
+            for r in runs
+        },
     )
     if cal is not None:
-        env["calibration_file"] = {k: cal[k] for k in cal
-                                   if any(s in k for s in ("sha", "version", "seed", "command", "created"))}
+        env["calibration_file"] = {
+            k: cal[k] for k in cal if any(s in k for s in ("sha", "version", "seed", "command", "created"))
+        }
     return env
 
 
 # --------------------------------------------------------------------------- tables as data
+
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -517,7 +596,7 @@ def _fmt(value, digits: int = 3) -> str:
             return "n/a"
         if abs(value) >= 1000:
             return f"{value:,.0f}"
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.2e}"
     return str(value)
 
 
@@ -533,119 +612,255 @@ def _m(stat: dict | None, key: str = "mean") -> str:
     return "n/a" if stat is None or stat[key] is None else f"{stat[key]:,.1f}"
 
 
-def tables(report: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+Table = tuple[list[str], list[list[str]]]
+"""One table: its header and its rows, all strings."""
+
+
+def tables(report: dict) -> dict[str, Table]:
     """Every table of the report as (header, rows) of strings: the one source for HTML and Markdown."""
-    out: dict[str, tuple[list[str], list[list[str]]]] = {}
-    runs = report["runs"]
-    if runs:
-        radii = report["radii"]
-        out["accuracy"] = (
-            ["results"] + [f"r = {r:g}" for r in radii] + ["ACR"],
-            [[label] + [_pct(a) for a in s["certified_accuracy"]] + [_fmt(s["acr"])] for label, s in runs.items()],
-        )
-        out["cost"] = (
-            ["method", "certified accuracy", "ACR", "mean samples (all)", "mean samples (certified)",
-             "mean samples (rest)"],
-            [[label, _pct(s["certified_accuracy"][0]), _fmt(s["acr"]), _m(s["samples"]["all"]),
-              _m(s["samples"]["certified"]), _m(s["samples"]["rest"])] for label, s in runs.items()],
-        )
-        methods = sorted({m for s in runs.values() for m in s["share_by_method"]})
-        out["per_query"] = (
-            ["results", "inputs", "median samples (all / certified / rest)", "mean ms / query",
-             "median ms / query", "images / s"] + [f"share {m}" for m in methods],
-            [[label, _fmt(s["num_inputs"]),
-              " / ".join(_m(s["samples"][k], "median") for k in ("all", "certified", "rest")),
-              _ms(s["seconds_per_query"]["mean"]), _ms(s["seconds_per_query"]["median"]),
-              _fmt(s["images_per_second"], 1)]
-             + [_pct(s["share_by_method"].get(m, 0.0)) for m in methods] for label, s in runs.items()],
-        )
+    out: dict[str, Table] = {}
+    if report["runs"]:
+        out.update(_run_tables(report["runs"], report["radii"]))
     am = report.get("amortisation")
     if am and am.get("per_run"):
-        out["amortisation"] = (
-            ["results", "evaluations / query", f"saved / query vs {am['baseline']}", "speed-up",
-             "break-even queries"],
-            [[label, _fmt(v["mean_evaluations_per_query"], 1), _fmt(v["saved_per_query"], 1),
-              "n/a" if v["speedup"] is None else f"{v['speedup']:,.1f}x",
-              _fmt(v["break_even_queries"], 0) if v["break_even_queries"] is not None else "n/a"]
-             for label, v in am["per_run"].items()],
+        out["amortisation"] = _amortisation_table(am)
+    if report.get("calibration"):
+        out.update(_calibration_tables(report["calibration"]))
+    if report.get("monitor"):
+        out.update(_monitor_tables(report["monitor"]))
+    out["environment"] = _environment_table(report["environment"])
+    return out
+
+
+def _run_tables(runs: dict, radii) -> dict[str, Table]:
+    """Per results file: certified accuracy per radius, cost in samples, and per-query figures."""
+    out: dict[str, Table] = {}
+    out["accuracy"] = (
+        ["results"] + [f"r = {r:g}" for r in radii] + ["ACR"],
+        [[label] + [_pct(a) for a in s["certified_accuracy"]] + [_fmt(s["acr"])] for label, s in runs.items()],
+    )
+    out["cost"] = (
+        [
+            "method",
+            "certified accuracy",
+            "ACR",
+            "mean samples (all)",
+            "mean samples (certified)",
+            "mean samples (rest)",
+        ],
+        [
+            [
+                label,
+                _pct(s["certified_accuracy"][0]),
+                _fmt(s["acr"]),
+                _m(s["samples"]["all"]),
+                _m(s["samples"]["certified"]),
+                _m(s["samples"]["rest"]),
+            ]
+            for label, s in runs.items()
+        ],
+    )
+    methods = sorted({m for s in runs.values() for m in s["share_by_method"]})
+    out["per_query"] = (
+        [
+            "results",
+            "inputs",
+            "median samples (all / certified / rest)",
+            "mean ms / query",
+            "median ms / query",
+            "images / s",
+        ]
+        + [f"share {m}" for m in methods],
+        [
+            [
+                label,
+                _fmt(s["num_inputs"]),
+                " / ".join(_m(s["samples"][k], "median") for k in ("all", "certified", "rest")),
+                _ms(s["seconds_per_query"]["mean"]),
+                _ms(s["seconds_per_query"]["median"]),
+                _fmt(s["images_per_second"], 1),
+            ]
+            + [_pct(s["share_by_method"].get(m, 0.0)) for m in methods]
+            for label, s in runs.items()
+        ],
+    )
+    return out
+
+
+def _amortisation_table(am: dict) -> Table:
+    """Evaluations per query against the baseline, and the queries after which training paid off."""
+    return (
+        ["results", "evaluations / query", f"saved / query vs {am['baseline']}", "speed-up", "break-even queries"],
+        [
+            [
+                label,
+                _fmt(v["mean_evaluations_per_query"], 1),
+                _fmt(v["saved_per_query"], 1),
+                "n/a" if v["speedup"] is None else f"{v['speedup']:,.1f}x",
+                _fmt(v["break_even_queries"], 0) if v["break_even_queries"] is not None else "n/a",
+            ]
+            for label, v in am["per_run"].items()
+        ],
+    )
+
+
+def _calibration_tables(cal: dict) -> dict[str, Table]:
+    """The calibration's parameters and diagnostics, its groups, and its check on test images."""
+    out: dict[str, Table] = {}
+    params = [
+        ["epsilon", _fmt(cal["epsilon"], 4)],
+        ["alpha_mc", _fmt(cal["alpha_mc"], 4)],
+        ["delta", _fmt(cal["delta"], 4)],
+        ["guarantee", _fmt(cal["guarantee"])],
+        ["method", _fmt(cal["method"])],
+        ["groups", _fmt(cal["groups"])],
+        ["sigma", _fmt(cal["sigma"], 4)],
+        ["calibration size (images)", _fmt(cal["calibration_size"])],
+        ["noisy samples per calibration image", _fmt(cal["n_cal"])],
+        ["smallest group with its own q^", _fmt(cal["min_group_size"])],
+        [
+            "radius cap before the offset (largest reference radius n_cal samples can show)",
+            _fmt(cal["radius_cap"], 4),
+        ],
+        ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)],
+        ["what the bound means", _fmt(cal.get("statement"))],
+    ]
+    diag = cal["diagnostics"]
+    for key, text in (
+        ("certified_share", "share certified by the surrogate (calibration set)"),
+        ("violation_rate", "rate of calibrated radius > reference (calibration set, in-sample)"),
+        (
+            "violation_rate_among_certified",
+            "the same among certified calibration points (in-sample; the issued guarantee's rate)",
+        ),
+        ("mean_certified_radius", "mean calibrated radius of certified inputs"),
+        ("surrogate_agrees_with_counts", "surrogate class = MC argmax (calibration set)"),
+        ("mapie_interval_coverage", "MAPIE interval coverage (calibration set)"),
+    ):
+        if key in diag:
+            params.append([text, _fmt(diag[key], 4)])
+    out["calibration"] = (["parameter", "value"], params)
+    out["groups"] = (
+        ["group", "q^", "calibration images", "too small: never certified by the surrogate"],
+        _group_rows(cal),
+    )
+    check = cal.get("check")
+    if check:
+        out["check"] = (
+            [
+                "test images",
+                "calibrated radius > MC reference",
+                "empirical rate",
+                "bound (epsilon)",
+                "binomial 0.999 allowance",
+                "within bound",
+                "certified by surrogate",
+            ],
+            [
+                [
+                    _fmt(check["num_images"]),
+                    _fmt(check["num_above"]),
+                    _fmt(check["rate_above"], 4),
+                    _fmt(check["bound"], 4),
+                    _fmt(check["allowance"]),
+                    str(check["within_bound"]),
+                    _pct(check["share_certified"]),
+                ]
+            ],
         )
-    cal = report.get("calibration")
-    if cal:
-        params = [["epsilon", _fmt(cal["epsilon"], 4)], ["alpha_mc", _fmt(cal["alpha_mc"], 4)],
-                  ["delta", _fmt(cal["delta"], 4)], ["guarantee", _fmt(cal["guarantee"])],
-                  ["method", _fmt(cal["method"])], ["groups", _fmt(cal["groups"])],
-                  ["sigma", _fmt(cal["sigma"], 4)], ["calibration size (images)", _fmt(cal["calibration_size"])],
-                  ["noisy samples per calibration image", _fmt(cal["n_cal"])],
-                  ["smallest group with its own q^", _fmt(cal["min_group_size"])],
-                  ["radius cap before the offset (largest reference radius n_cal samples can show)",
-                   _fmt(cal["radius_cap"], 4)],
-                  ["bound on wrong surrogate certificates (epsilon + alpha_mc)", _fmt(cal["bound"], 4)],
-                  ["what the bound means", _fmt(cal.get("statement"))]]
-        diag = cal["diagnostics"]
-        for key, text in (("certified_share", "share certified by the surrogate (calibration set)"),
-                          ("violation_rate", "rate of calibrated radius > reference (calibration set, in-sample)"),
-                          ("violation_rate_among_certified",
-                           "the same among certified calibration points (in-sample; the issued guarantee's rate)"),
-                          ("mean_certified_radius", "mean calibrated radius of certified inputs"),
-                          ("surrogate_agrees_with_counts", "surrogate class = MC argmax (calibration set)"),
-                          ("mapie_interval_coverage", "MAPIE interval coverage (calibration set)")):
-            if key in diag:
-                params.append([text, _fmt(diag[key], 4)])
-        out["calibration"] = (["parameter", "value"], params)
-        out["groups"] = (["group", "q^", "calibration images", "too small: never certified by the surrogate"],
-                         _group_rows(cal))
-        check = cal.get("check")
-        if check:
-            out["check"] = (
-                ["test images", "calibrated radius > MC reference", "empirical rate", "bound (epsilon)",
-                 "binomial 0.999 allowance", "within bound", "certified by surrogate"],
-                [[_fmt(check["num_images"]), _fmt(check["num_above"]), _fmt(check["rate_above"], 4),
-                  _fmt(check["bound"], 4), _fmt(check["allowance"]), str(check["within_bound"]),
-                  _pct(check["share_certified"])]],
-            )
-    mon = report.get("monitor")
-    if mon:
-        alarm = (f"yes, at query {mon['drift_alarm_at']:,}" if mon["drift_alarm"] else "no")
-        out["monitor"] = (["drift monitor", "value"], [
+    return out
+
+
+def _monitor_tables(mon: dict) -> dict[str, Table]:
+    """The drift monitor's run and, with one, the certificate audit's."""
+    out: dict[str, Table] = {}
+    alarm = f"yes, at query {mon['drift_alarm_at']:,}" if mon["drift_alarm"] else "no"
+    out["monitor"] = (
+        ["drift monitor", "value"],
+        [
             ["queries", _fmt(mon["queries"])],
             ["reference (calibration images)", _fmt(mon["reference_size"])],
             ["false-alarm probability delta (whole stream)", _fmt(mon["delta"], 4)],
             ["alarm level log(1/delta)", _fmt(mon["log_threshold"])],
-            ["log martingale: final / largest", f"{_fmt(mon['log_martingale'])} / {_fmt(mon['max_log_martingale'])}"],
+            [
+                "log martingale: final / largest",
+                f"{_fmt(mon['log_martingale'])} / {_fmt(mon['max_log_martingale'])}",
+            ],
             ["drift alarm", alarm],
             ["one-pass certificates issued", _fmt(mon["one_pass_certificates"])],
-        ] + [[f"route {k}", _fmt(v)] for k, v in mon["routes"].items()])
-        audit = mon.get("audit")
-        if audit:
-            out["audit"] = (
-                ["audit rate", "audited", "re-checked (R^ > 0)", "R^ > reference", "rate", "confidence sequence",
-                 "threshold", "alarm", "base-model evaluations"],
-                [[_fmt(audit["rate"], 4), _fmt(audit["audited"]), _fmt(audit["sampled"]), _fmt(audit["exceedances"]),
-                  _fmt(audit["rate_observed"], 4), f"[{_fmt(audit['lower'], 4)}, {_fmt(audit['upper'], 4)}]",
-                  _fmt(audit["threshold"], 4),
-                  f"yes, at query {audit['alarm_at']:,}" if audit["alarm"] else "no",
-                  _fmt(audit["base_model_evaluations"])]],
-            )
-    env = report["environment"]
-    out["environment"] = (
-        ["item", "value"],
-        [["device (this report)", _fmt(env["device"])], ["python", env["python"]], ["platform", env["platform"]],
-         ["CPU cores / torch threads", f"{env['cpu_count']} / {env['torch_threads']}"]]
-        + [[name, _fmt(v)] for name, v in env["versions"].items()]
-        + [[f"{label}: seed / device / sigma",
-            f"{_fmt(f['seed'])} / {_fmt(f['device'])} / {_fmt(f['sigma'])}"] for label, f in env["files"].items()],
+        ]
+        + [[f"route {k}", _fmt(v)] for k, v in mon["routes"].items()],
     )
+    audit = mon.get("audit")
+    if audit:
+        out["audit"] = (
+            [
+                "audit rate",
+                "audited",
+                "re-checked (R^ > 0)",
+                "R^ > reference",
+                "rate",
+                "confidence sequence",
+                "threshold",
+                "alarm",
+                "base-model evaluations",
+            ],
+            [
+                [
+                    _fmt(audit["rate"], 4),
+                    _fmt(audit["audited"]),
+                    _fmt(audit["sampled"]),
+                    _fmt(audit["exceedances"]),
+                    _fmt(audit["rate_observed"], 4),
+                    f"[{_fmt(audit['lower'], 4)}, {_fmt(audit['upper'], 4)}]",
+                    _fmt(audit["threshold"], 4),
+                    f"yes, at query {audit['alarm_at']:,}" if audit["alarm"] else "no",
+                    _fmt(audit["base_model_evaluations"]),
+                ]
+            ],
+        )
     return out
+
+
+def _environment_table(env: dict) -> Table:
+    """Where the report was made: device, Python, platform, versions, and each results file's settings."""
+    return (
+        ["item", "value"],
+        [
+            ["device (this report)", _fmt(env["device"])],
+            ["python", env["python"]],
+            ["platform", env["platform"]],
+            ["CPU cores / torch threads", f"{env['cpu_count']} / {env['torch_threads']}"],
+        ]
+        + [[name, _fmt(v)] for name, v in env["versions"].items()]
+        + [
+            [f"{label}: seed / device / sigma", f"{_fmt(f['seed'])} / {_fmt(f['device'])} / {_fmt(f['sigma'])}"]
+            for label, f in env["files"].items()
+        ],
+    )
 
 
 def _group_rows(cal: dict) -> list[list[str]]:
     q_hat = cal["q_hat"] or {}
     sizes = cal["group_sizes"] or {}
     pooled = {str(g) for g in (cal["fallback_groups"] or [])}
-    rows = [[str(g), "inf (never certifies)" if q is None or str(g) in pooled else _fmt(float(q), 4),
-             _fmt(sizes.get(g)), "yes" if str(g) in pooled else "no"] for g, q in q_hat.items()]
+    rows = [
+        [
+            str(g),
+            "inf (never certifies)" if q is None or str(g) in pooled else _fmt(float(q), 4),
+            _fmt(sizes.get(g)),
+            "yes" if str(g) in pooled else "no",
+        ]
+        for g, q in q_hat.items()
+    ]
     if len(q_hat) != 1 or cal["groups"] not in (None, "none"):
         q = cal["pooled_q_hat"]
-        rows.append(["pooled (all)", "inf (never certifies)" if q is None else _fmt(float(q), 4),
-                     _fmt(cal["calibration_size"]), ""])
+        rows.append(
+            [
+                "pooled (all)",
+                "inf (never certifies)" if q is None else _fmt(float(q), 4),
+                _fmt(cal["calibration_size"]),
+                "",
+            ]
+        )
     return rows

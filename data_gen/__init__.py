@@ -1,5 +1,6 @@
 """Offline Monte Carlo data generation: datasets and their fixed splits, base models, and HDF5 files
 of class counts under Gaussian noise (``surrogate-cert train-base`` / ``surrogate-cert datagen``)."""
+
 from __future__ import annotations
 
 from .datasets import SPLITS, SplitData, load_split
@@ -18,7 +19,20 @@ from .store import (
 )
 
 __all__ = [
-    "SPLITS", "SplitData", "load_split", "LoadedModel", "load_model", "train_base", "CountsFile", "CountsWriter",
-    "read_counts", "read_attrs", "generate_counts", "StoreLockedError", "ResumeMismatchError", "CountsMismatchError",
-    "check_counts_for", "index_ranges",
+    "SPLITS",
+    "SplitData",
+    "load_split",
+    "LoadedModel",
+    "load_model",
+    "train_base",
+    "CountsFile",
+    "CountsWriter",
+    "read_counts",
+    "read_attrs",
+    "generate_counts",
+    "StoreLockedError",
+    "ResumeMismatchError",
+    "CountsMismatchError",
+    "check_counts_for",
+    "index_ranges",
 ]

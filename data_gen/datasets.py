@@ -47,12 +47,14 @@ the whole official training set; one-source sets: 60 %). Counts files of the old
 their recorded dataset indices and still read (``load_images`` finds each image by its index); they
 cannot be resumed (``--resume`` refuses them with a message).
 """
+
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -100,8 +102,10 @@ TORCHVISION = {
     "cifar100": ("CIFAR100", 100, "cifar-100-python/train and test"),
 }
 
-DATASET_HELP = ("digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
-                "npz:PATH without y, images:FOLDER")
+DATASET_HELP = (
+    "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
+    "npz:PATH without y, images:FOLDER"
+)
 
 DEFAULT_DATA_ROOT = os.path.join("~", ".cache", "surrogate-cert", "data")
 """Where torchvision datasets are looked for when no ``data_root`` is given."""
@@ -123,7 +127,7 @@ class SplitData:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.x.shape[1:])
+        return cast(tuple[int, int, int], tuple(int(v) for v in self.x.shape[1:]))
 
     @property
     def labeled(self) -> bool:
@@ -132,14 +136,16 @@ class SplitData:
     def require_labels(self, what: str) -> torch.Tensor:
         """``y``, or a DatasetError naming what needed the labels (an unlabeled pool has none)."""
         if self.y is None:
-            raise DatasetError(f"{self.dataset} ({self.split}) is an unlabeled pool: {what} needs labels; use it to "
-                               "train the surrogate (datagen, train), and labelled data for this")
+            raise DatasetError(
+                f"{self.dataset} ({self.split}) is an unlabeled pool: {what} needs labels; use it to "
+                "train the surrogate (datagen, train), and labelled data for this"
+            )
         return self.y
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> "SplitData":
+    def take(self, indices: Sequence[int] | np.ndarray) -> SplitData:
         """The rows whose dataset indices are ``indices``, in that order (DatasetError if one is absent).
 
         Parameters
@@ -170,8 +176,8 @@ class SplitData:
                 f"{len(missing)} dataset indices (first: {int(missing[0])}) are not in the {self.split} split of "
                 f"{self.dataset}; check that the counts file and the dataset/split/limit match"
             )
-        rows = torch.as_tensor(rows)
-        return replace(self, x=self.x[rows], y=None if self.y is None else self.y[rows], indices=wanted.copy())
+        take = torch.as_tensor(rows)
+        return replace(self, x=self.x[take], y=None if self.y is None else self.y[take], indices=wanted.copy())
 
 
 # --------------------------------------------------------------------------- split rules
@@ -193,11 +199,16 @@ def _single_source_split(n: int, split: str, sizes: tuple[int, int] | None = Non
     n_surrogate = int(round(n_block * SURROGATE_SHARE_SINGLE_SOURCE))
     n_train = n_block - n_surrogate
     if min(n_train, n_surrogate, n_cal, n - n_block - n_cal) < 1:
-        raise DatasetError(f"a dataset of {n} images is too small to split into train / surrogate / cal / test; "
-                           "use at least 7 images")
+        raise DatasetError(
+            f"a dataset of {n} images is too small to split into train / surrogate / cal / test; use at least 7 images"
+        )
     perm = _permutation(n)
-    bounds = {"train": (0, n_train), "surrogate": (n_train, n_block), "cal": (n_block, n_block + n_cal),
-              "test": (n_block + n_cal, n)}
+    bounds = {
+        "train": (0, n_train),
+        "surrogate": (n_train, n_block),
+        "cal": (n_block, n_block + n_cal),
+        "test": (n_block + n_cal, n),
+    }
     lo, hi = bounds[split]
     return perm[lo:hi]
 
@@ -257,8 +268,10 @@ def _torchvision_set(name: str, train: bool, data_root: str | None, download: bo
         return getattr(torchvision.datasets, cls_name)(root=root, train=train, download=download)
     except (RuntimeError, OSError) as exc:
         if download:
-            raise DatasetError(f"could not download {name} into {root} ({str(exc).splitlines()[0]}); "
-                               "check the network or place the files there by hand") from None
+            raise DatasetError(
+                f"could not download {name} into {root} ({str(exc).splitlines()[0]}); "
+                "check the network or place the files there by hand"
+            ) from None
         raise DatasetError(
             f"{name} not found under {root}: expected {expected}; pass --data-root FOLDER holding them, "
             "or add --download to fetch them"
@@ -300,7 +313,9 @@ def _load_imagefolder(path: str, split: str, limit):
     try:
         folder = torchvision.datasets.ImageFolder(path)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DatasetError(f"imagefolder:{path}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class") from None
+        raise DatasetError(
+            f"imagefolder:{path}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class"
+        ) from None
     idx = _apply_limit(_single_source_split(len(folder), split), limit)
     images, labels = [], []
     for i in idx:
@@ -313,7 +328,9 @@ def _load_imagefolder(path: str, split: str, limit):
         labels.append(label)
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
-        raise DatasetError(f"imagefolder:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first")
+        raise DatasetError(
+            f"imagefolder:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first"
+        )
     x = torch.stack(images).float() / 255.0
     return x, torch.tensor(labels, dtype=torch.int64), idx, len(folder.classes)
 
@@ -331,8 +348,10 @@ def _load_npz(path: str, split: str, limit):
     if "num_classes" in data:
         k = data["num_classes"]
         if k.ndim != 0 or not np.issubdtype(k.dtype, np.integer) or int(k) < 2:
-            raise DatasetError(f"npz:{path}: num_classes must be one integer >= 2, got an array of shape {k.shape} "
-                               f"and dtype {k.dtype}; store it as a plain integer (np.savez(..., num_classes=10))")
+            raise DatasetError(
+                f"npz:{path}: num_classes must be one integer >= 2, got an array of shape {k.shape} "
+                f"and dtype {k.dtype}; store it as a plain integer (np.savez(..., num_classes=10))"
+            )
         num_classes = int(k)
     if y is None:
         return _unlabeled(f"npz:{path}", x, split, limit, num_classes)
@@ -355,8 +374,10 @@ def _load_npz(path: str, split: str, limit):
 def _unlabeled(spec: str, x: np.ndarray, split: str, limit, num_classes: int | None):
     """An unlabeled pool: every image in split ``pool`` (dataset indices ``0..N-1``), no labels."""
     if split != POOL_SPLIT:
-        raise DatasetError(f"{spec} has no labels: it is an unlabeled pool, whose only split is pool (for datagen and "
-                           f"train); {split} needs a labelled dataset")
+        raise DatasetError(
+            f"{spec} has no labels: it is an unlabeled pool, whose only split is pool (for datagen and "
+            f"train); {split} needs a labelled dataset"
+        )
     if x.ndim != 4 or len(x) < 1:
         raise DatasetError(f"{spec}: x must be N x C x H x W with N >= 1, got shape {x.shape}")
     if num_classes is not None and num_classes < 2:
@@ -393,12 +414,16 @@ def _load_images_folder(path: str, split: str, limit):
     for i in idx:
         try:
             with Image.open(files[int(i)]) as img:
-                images.append(pil_to_tensor(img.convert("L") if img.mode in ("1", "L", "P", "I;16") else img.convert("RGB")))
+                images.append(
+                    pil_to_tensor(img.convert("L") if img.mode in ("1", "L", "P", "I;16") else img.convert("RGB"))
+                )
         except (OSError, UnidentifiedImageError) as exc:
             raise DatasetError(f"images:{path}: cannot read {files[int(i)]} ({exc}); remove or fix that file") from None
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
-        raise DatasetError(f"images:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first")
+        raise DatasetError(
+            f"images:{path}: images have different shapes {sorted(shapes)[:3]}; resize them to one size first"
+        )
     return torch.stack(images).float() / 255.0, None, idx, None
 
 
@@ -474,8 +499,10 @@ def load_split(
     spec = str(dataset)
     name, _, path = spec.partition(":")
     if split == POOL_SPLIT and not (name in ("npz", "images") and path):
-        raise DatasetError(f"{spec} is labelled: its splits are {', '.join(SPLITS)} (pool is the split of an "
-                           "unlabeled source: npz:PATH without y, or images:FOLDER); any of them may serve as a pool")
+        raise DatasetError(
+            f"{spec} is labelled: its splits are {', '.join(SPLITS)} (pool is the split of an "
+            "unlabeled source: npz:PATH without y, or images:FOLDER); any of them may serve as a pool"
+        )
     if spec == "digits":
         x, y, idx, k = _load_digits(split, limit)
     elif spec in TORCHVISION:
@@ -488,8 +515,14 @@ def load_split(
         x, y, idx, k = _load_images_folder(os.path.expanduser(path), split, limit)
     else:
         raise DatasetError(f"unknown dataset {spec!r}; choose {DATASET_HELP}")
-    return SplitData(dataset=spec, split=split, x=x.contiguous(), y=y, indices=np.asarray(idx, dtype=np.int64),
-                     num_classes=None if k is None else int(k))
+    return SplitData(
+        dataset=spec,
+        split=split,
+        x=x.contiguous(),
+        y=y,
+        indices=np.asarray(idx, dtype=np.int64),
+        num_classes=None if k is None else int(k),
+    )
 
 
 OLD_TRAIN_SPLITS = {"train": ("train", "surrogate")}
@@ -533,8 +566,13 @@ def load_images(dataset: str, split: str, indices, data_root: str | None = None,
     except DatasetError:
         if split not in OLD_TRAIN_SPLITS:
             raise
-    parts = [data] + [load_split(dataset, s, data_root=data_root, download=download)
-                      for s in OLD_TRAIN_SPLITS[split] if s != split]
-    union = replace(data, x=torch.cat([p.x for p in parts]), y=torch.cat([p.require_labels("a union") for p in parts]),
-                    indices=np.concatenate([p.indices for p in parts]))
+    parts = [data] + [
+        load_split(dataset, s, data_root=data_root, download=download) for s in OLD_TRAIN_SPLITS[split] if s != split
+    ]
+    union = replace(
+        data,
+        x=torch.cat([p.x for p in parts]),
+        y=torch.cat([p.require_labels("a union") for p in parts]),
+        indices=np.concatenate([p.indices for p in parts]),
+    )
     return union.take(indices)

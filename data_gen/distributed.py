@@ -14,14 +14,16 @@ balanced whether or not the world size divides the rows (they differ by at most 
 every image's noise is named by its dataset index, the merged result does not depend on the
 world size.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +111,8 @@ class Shard:
         if self.world_size > num_rows:
             raise InvalidParameterError(
                 f"{self.world_size} processes for {num_rows} images: every process needs at least one; "
-                f"launch at most {num_rows} (--nproc-per-node x --nnodes)")
+                f"launch at most {num_rows} (--nproc-per-node x --nnodes)"
+            )
         return shard_positions(num_rows, self.rank, self.world_size)
 
     def device(self, requested: str | torch.device | None) -> torch.device:
@@ -187,7 +190,9 @@ def _timeout() -> datetime.timedelta:
     try:
         seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS))
     except ValueError:
-        raise InvalidParameterError(f"{TIMEOUT_ENV} must be a number of seconds, got {os.environ[TIMEOUT_ENV]!r}") from None
+        raise InvalidParameterError(
+            f"{TIMEOUT_ENV} must be a number of seconds, got {os.environ[TIMEOUT_ENV]!r}"
+        ) from None
     return datetime.timedelta(seconds=seconds)
 
 

@@ -6,13 +6,15 @@ so the file's counts depend neither on ``batch_size``, nor on how often the job 
 resumed, nor on how many torchrun processes shared it: a resumed or merged file is identical to one
 written in a single run.
 """
+
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -33,15 +35,15 @@ from surrogate_cert.core.signing import resolve_key
 from surrogate_cert.core.smoothing import (
     AMP_TOLERANCE,
     NOISE_SCHEME,
+    SOUND_SCHEMES,
     STREAM_ESTIMATE,
     STREAM_SELECT,
-    SOUND_SCHEMES,
     SmoothedClassifier,
     check_noise_scheme,
     grid_shift,
 )
 
-from .datasets import load_split
+from .datasets import SplitData, load_split
 from .distributed import SINGLE, Shard
 from .models import check_model_fits, load_model
 from .store import (
@@ -78,6 +80,7 @@ def _first_error(step):
         return None, exc
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def generate_counts(
     dataset: str,
     split: str,
@@ -206,71 +209,200 @@ def generate_counts(
     """
     shard = shard or SINGLE
     if shard.distributed and overwrite and not resume:
-        raise InvalidParameterError("--overwrite is not supported under torchrun: remove the old file (and its "
-                                    "shards) first, or continue it with --resume")
+        raise InvalidParameterError(
+            "--overwrite is not supported under torchrun: remove the old file (and its "
+            "shards) first, or continue it with --resume"
+        )
 
     secret = resolve_key(key)
-
-    def setup():
-        nonlocal sigma, n, n0
-        sigma = check_sigma(sigma)
-        check_seed(seed)
-        n = check_count("n", n)
-        n0 = check_count("n0", n0, minimum=0)
-        if batch_size != "auto":
-            check_count("batch_size", batch_size)
-        if n + n0 >= 2**32:
-            raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
-        if commit_seconds < 0 or not math.isfinite(commit_seconds):
-            raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
-        scheme = check_noise_scheme(noise_scheme or (resume and recorded_noise_scheme(out)) or NOISE_SCHEME)
-        data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
-        positions = shard.positions(len(data))
-        here = shard.device(device)
-        loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
-        data = _with_class_count(data, loaded, here)
-        smooth = SmoothedClassifier(loaded.model, data.num_classes, sigma, device=here, batch_size=batch_size,
-                                    amp=amp, seed=seed, noise_scheme=scheme, channels_last=channels_last,
-                                    compile=compile, input_shape=data.input_shape, off_grid="quantise")
-        check_model_fits(smooth, data.x[:1], model_spec)
-        attrs = {
-            "sigma": sigma, "n": n, "n0": n0, "num_classes": data.num_classes, "seed": int(seed),
-            "dataset": data.dataset, "split": split, "limit": limit, "model_sha256": loaded.sha256,
-            "model_source": loaded.source, "package_version": __version__, "noise_scheme": scheme,
-            "device_type": smooth.device.type, "amp": smooth.amp, "input_shape": list(data.input_shape),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": (command or "generate_counts()")
-            + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
-        }
-        if scheme in SOUND_SCHEMES:  # images off the 1/255 grid are counted rounded to it: say how far
-            attrs["grid_shift_max"] = float(grid_shift(data.x).max()) if len(data) else 0.0
-            attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
-        if smooth.amp:
-            attrs["amp_disagreement"] = _check_amp(smooth, data)
-        return data, positions, smooth, attrs
-
+    setup = functools.partial(
+        _prepare_job,
+        dataset,
+        split,
+        model_spec,
+        sigma,
+        n,
+        out,
+        n0=n0,
+        batch_size=batch_size,
+        seed=seed,
+        limit=limit,
+        device=device,
+        amp=amp,
+        resume=resume,
+        data_root=data_root,
+        download=download,
+        commit_seconds=commit_seconds,
+        command=command,
+        noise_scheme=noise_scheme,
+        channels_last=channels_last,
+        compile=compile,
+        shard=shard,
+    )
     if not shard.distributed:
-        data, _, smooth, attrs = setup()
+        job = setup()
         check_no_shards(out)
-        with CountsWriter.open(out, indices=data.indices, labels=_labels(data), attrs=attrs, resume=resume,
-                               overwrite=overwrite) as writer:
-            _fill(writer, smooth, data, n, n0, smooth.batch_size, commit_seconds, progress)
+        with CountsWriter.open(
+            out, indices=job.data.indices, labels=_labels(job.data), attrs=job.attrs, resume=resume, overwrite=overwrite
+        ) as writer:
+            _fill(writer, job.smooth, job.data, job.n, job.n0, job.smooth.batch_size, commit_seconds, progress)
         sign_counts(out, secret)
         return os.fspath(out)
 
     ready, error = _first_error(setup)
     shard.agree(error)
-    data, positions, smooth, attrs = ready
-    labels = _labels(data)
+    _count_sharded(ready, out, shard, secret, resume=resume, commit_seconds=commit_seconds, progress=progress)
+    return os.fspath(out)
+
+
+@dataclass
+class _Job:
+    """What ``generate_counts`` counts, every argument checked: the images, the rows of this process
+    (``positions`` into ``data``), the engine, the counts file's attributes, and the checked ``n`` / ``n0``."""
+
+    data: SplitData
+    positions: np.ndarray
+    smooth: SmoothedClassifier
+    attrs: dict
+    n: int
+    n0: int
+
+
+def _prepare_job(
+    dataset,
+    split,
+    model_spec,
+    sigma,
+    n,
+    out,
+    *,
+    n0,
+    batch_size,
+    seed,
+    limit,
+    device,
+    amp,
+    resume,
+    data_root,
+    download,
+    commit_seconds,
+    command,
+    noise_scheme,
+    channels_last,
+    compile,
+    shard: Shard,
+) -> _Job:
+    """Check ``generate_counts``'s arguments, load the split and the model, build the engine and the
+    file's attributes; nothing is written (under torchrun every rank runs it before any file is touched)."""
+    sigma = check_sigma(sigma)
+    check_seed(seed)
+    n = check_count("n", n)
+    n0 = check_count("n0", n0, minimum=0)
+    if batch_size != "auto":
+        check_count("batch_size", batch_size)
+    if n + n0 >= 2**32:
+        raise InvalidParameterError(f"n + n0 must be below 2**32 (counts are stored as uint32), got {n + n0}")
+    if commit_seconds < 0 or not math.isfinite(commit_seconds):
+        raise InvalidParameterError(f"commit_seconds must be a finite number >= 0, got {commit_seconds}")
+    scheme = check_noise_scheme(noise_scheme or (resume and recorded_noise_scheme(out)) or NOISE_SCHEME)
+    data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
+    positions = shard.positions(len(data))
+    here = shard.device(device)
+    loaded = load_model(model_spec, device=here, num_classes=data.num_classes, input_shape=data.input_shape)
+    data = _with_class_count(data, loaded, here)
+    smooth = SmoothedClassifier(
+        loaded.model,
+        data.num_classes,
+        sigma,
+        device=here,
+        batch_size=batch_size,
+        amp=amp,
+        seed=seed,
+        noise_scheme=scheme,
+        channels_last=channels_last,
+        compile=compile,
+        input_shape=data.input_shape,
+        off_grid="quantise",
+    )
+    check_model_fits(smooth, data.x[:1], model_spec)
+    attrs = _file_attrs(
+        data,
+        loaded,
+        smooth,
+        sigma=sigma,
+        n=n,
+        n0=n0,
+        scheme=scheme,
+        split=split,
+        limit=limit,
+        seed=seed,
+        command=command,
+        shard=shard,
+    )
+    return _Job(data, positions, smooth, attrs, n, n0)
+
+
+def _file_attrs(
+    data: SplitData,
+    loaded,
+    smooth: SmoothedClassifier,
+    *,
+    sigma,
+    n,
+    n0,
+    scheme,
+    split,
+    limit,
+    seed,
+    command,
+    shard: Shard,
+) -> dict:
+    """The counts file's attributes: what was counted, by which model and how (a resume must match them)."""
+    attrs = {
+        "sigma": sigma,
+        "n": n,
+        "n0": n0,
+        "num_classes": data.num_classes,
+        "seed": int(seed),
+        "dataset": data.dataset,
+        "split": split,
+        "limit": limit,
+        "model_sha256": loaded.sha256,
+        "model_source": loaded.source,
+        "package_version": __version__,
+        "noise_scheme": scheme,
+        "device_type": smooth.device.type,
+        "amp": smooth.amp,
+        "input_shape": list(data.input_shape),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": (command or "generate_counts()")
+        + (f" [torchrun, {shard.world_size} processes]" if shard.distributed else ""),
+    }
+    if scheme in SOUND_SCHEMES:  # images off the 1/255 grid are counted rounded to it: say how far
+        attrs["grid_shift_max"] = float(grid_shift(data.x).max()) if len(data) else 0.0
+        attrs["noise_slack"] = smooth.radius_slack(data.input_shape)
+    if smooth.amp:
+        attrs["amp_disagreement"] = _check_amp(smooth, data)
+    return attrs
+
+
+def _count_sharded(
+    job: _Job, out, shard: Shard, secret, *, resume: bool, commit_seconds: float, progress: bool
+) -> None:
+    """Under torchrun: rank 0 locks the job and checks it against what is on disk, every rank counts its
+    rows into its own shard, and rank 0 merges the shards into ``out`` and signs it."""
+    data, labels, attrs = job.data, _labels(job.data), job.attrs
     job_lock = None
     try:
+
         def preflight() -> bool:
             nonlocal job_lock
             if not shard.is_main:
                 return False
             job_lock = lock_counts_file(out)
-            return check_sharded_job(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs,
-                                     resume=resume)
+            return check_sharded_job(
+                out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, resume=resume
+            )
 
         done, error = _first_error(preflight)
         shard.agree(error)
@@ -278,9 +410,12 @@ def generate_counts(
             if shard.is_main:
                 remove_shards(out, shard.world_size)  # left over if a merge was cut short after linking out
                 sign_counts(out, secret, lock_held=True)
-            return os.fspath(out)
-        writer, error = _first_error(lambda: open_shard(out, shard.rank, shard.world_size, indices=data.indices,
-                                                        labels=labels, attrs=attrs, resume=resume))
+            return
+        writer, error = _first_error(
+            lambda: open_shard(
+                out, shard.rank, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, resume=resume
+            )
+        )
         try:
             shard.agree(error)
         except BaseException:
@@ -288,12 +423,28 @@ def generate_counts(
                 writer.close()
             raise
         with writer:
-            print(f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
-                  f"committed, counting {writer.total - writer.committed}", file=sys.stderr, flush=True)
-            mine = replace(data, x=data.x[torch.as_tensor(positions)],
-                           y=None if data.y is None else data.y[torch.as_tensor(positions)],
-                           indices=data.indices[positions])
-            _fill(writer, smooth, mine, n, n0, smooth.batch_size, commit_seconds, progress and shard.is_main)
+            print(
+                f"datagen {shard.label}: {writer.path}: {writer.committed} of {writer.total} rows already "
+                f"committed, counting {writer.total - writer.committed}",
+                file=sys.stderr,
+                flush=True,
+            )
+            mine = replace(
+                data,
+                x=data.x[torch.as_tensor(job.positions)],
+                y=None if data.y is None else data.y[torch.as_tensor(job.positions)],
+                indices=data.indices[job.positions],
+            )
+            _fill(
+                writer,
+                job.smooth,
+                mine,
+                job.n,
+                job.n0,
+                job.smooth.batch_size,
+                commit_seconds,
+                progress and shard.is_main,
+            )
         shard.barrier()
         if shard.is_main:
             merge_shards(out, shard.world_size, indices=data.indices, labels=labels, attrs=attrs, lock_held=True)
@@ -301,7 +452,6 @@ def generate_counts(
     finally:
         if job_lock is not None:
             job_lock.release()
-    return os.fspath(out)
 
 
 def _labels(data) -> np.ndarray | None:
@@ -332,13 +482,23 @@ def _check_amp(smooth: SmoothedClassifier, data) -> float:
     shares = smooth.amp_disagreement(data.x[:rows], AMP_CHECK_SAMPLES, indices=data.indices[:rows])
     worst = float(shares.max())
     if worst > AMP_TOLERANCE:
-        raise ModelError(f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
-                         f"(tolerance {AMP_TOLERANCE:.0%}); run without --amp")
+        raise ModelError(
+            f"bf16 autocast changes {worst:.1%} of the base model's noisy predictions on an image "
+            f"(tolerance {AMP_TOLERANCE:.0%}); run without --amp"
+        )
     return worst
 
 
-def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: int, batch_size: int,
-          commit_seconds: float, progress: bool) -> None:
+def _fill(
+    writer: CountsWriter,
+    smooth: SmoothedClassifier,
+    data,
+    n: int,
+    n0: int,
+    batch_size: int,
+    commit_seconds: float,
+    progress: bool,
+) -> None:
     total = writer.total
     per_call = max(1, (BATCHES_PER_CALL * batch_size) // (n + n0))
     pending: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -359,8 +519,9 @@ def _fill(writer: CountsWriter, smooth: SmoothedClassifier, data, n: int, n0: in
         rate = done_samples / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix_str(f"{rate:,.0f} samples/s, committed {writer.committed}", refresh=refresh)
 
-    bar = tqdm(total=total, initial=writer.committed, unit="img", desc="datagen", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=writer.committed, unit="img", desc="datagen", disable=not progress, dynamic_ncols=True
+    )
     next_row = writer.committed
     try:
         while next_row < total:
@@ -389,6 +550,7 @@ TOPUP_RULES = ("all-agree",)
 (where the calibration's reference radius is capped by the sample size, not by the base model)."""
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def top_up_counts(
     path: str | os.PathLike,
     model_spec: str,
@@ -466,51 +628,109 @@ def top_up_counts(
     counts = read_counts(path)
     attrs = counts.attrs
     check_counts_for(counts, path, complete=True, key=secret)
-    try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
-        scheme = check_noise_scheme(attrs.get("noise_scheme"))
-    except InvalidParameterError:
-        raise StoreError(f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
-                         f"replay: a top-up would not continue its streams; regenerate it") from None
+    scheme = _replayable_scheme(path, attrs)
     n = counts.n
-    stored_max = attrs.get("topup_planned_max")
-    if planned_max is None:
-        planned_max = int(stored_max) if stored_max is not None else n + extra
-    planned_max = check_count("planned_max", planned_max, minimum=n)
-    if stored_max is not None and planned_max != int(stored_max):
-        raise StoreError(f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
-                         f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it")
+    planned_max = _planned_max(path, attrs, n, extra, planned_max)
     samples = counts.samples_per_row().copy()
     counts_topup = (counts.counts_topup if counts.counts_topup is not None else np.zeros_like(counts.counts)).copy()
     every = counts.counts + counts_topup
     picked = np.flatnonzero((every.max(axis=1) == samples) & (samples < planned_max))
     draw = np.minimum(extra, planned_max - samples[picked])
-    loaded = load_model(model_spec, device=device, num_classes=counts.num_classes,
-                        input_shape=tuple(attrs["input_shape"]))
-    if attrs.get("model_sha256") and loaded.sha256 != attrs["model_sha256"]:
-        raise StoreError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}... vs "
-                         f"{loaded.sha256[:12]}...); top it up with the model it was made with")
-    smooth = SmoothedClassifier(loaded.model, counts.num_classes, counts.sigma, device=device, batch_size=batch_size,
-                                amp=attrs.get("amp"), seed=int(attrs["seed"]), noise_scheme=scheme,
-                                input_shape=tuple(attrs["input_shape"]), off_grid="quantise")
-    if smooth.device.type != attrs.get("device_type"):
-        raise StoreError(f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
-                         f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it")
+    smooth = _topup_engine(path, counts, model_spec, scheme, device=device, batch_size=batch_size)
     if picked.size:
         images = counts.images(data_root)
         check_model_fits(smooth, images[:1], model_spec)
-        chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
-        bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
-        for lo in range(0, picked.size, chunk):
-            rows = picked[lo:lo + chunk]
-            counts_topup[rows] += smooth.counts(images[rows], draw[lo:lo + chunk], indices=counts.indices[rows],
-                                                stream=STREAM_ESTIMATE, start=samples[rows])
-            bar.update(len(rows))
-        bar.close()
+        _draw_topup(smooth, counts, images, picked, draw, samples, counts_topup, extra=extra, progress=progress)
         samples[picked] += draw
-    record = dict(rule=rule, extra=int(extra), rows=int(picked.size), samples_drawn=int(draw.sum()),
-                  planned_max=int(planned_max), command=command or "top_up_counts()",
-                  created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record = dict(
+        rule=rule,
+        extra=int(extra),
+        rows=int(picked.size),
+        samples_drawn=int(draw.sum()),
+        planned_max=int(planned_max),
+        command=command or "top_up_counts()",
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     write_topup(path, samples, counts_topup, planned_max=planned_max, rule=rule, record=record)
     sign_counts(path, secret)
-    return dict(rows=int(picked.size), samples=int(draw.sum()), planned_max=int(planned_max),
-                seconds=time.perf_counter() - started)
+    return dict(
+        rows=int(picked.size),
+        samples=int(draw.sum()),
+        planned_max=int(planned_max),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _replayable_scheme(path, attrs) -> str:
+    """The noise scheme a counts file records, if this version can continue its streams (else StoreError)."""
+    try:  # continue the file's own streams: the scheme it records (v1, v2, v3 or sound), never the default
+        return check_noise_scheme(attrs.get("noise_scheme", ""))
+    except InvalidParameterError:
+        raise StoreError(
+            f"{path} records noise scheme {attrs.get('noise_scheme')!r}, which this version cannot "
+            f"replay: a top-up would not continue its streams; regenerate it"
+        ) from None
+
+
+def _planned_max(path, attrs, n: int, extra: int, planned_max: int | None) -> int:
+    """The most samples a row may reach: the file's, once fixed by a first top-up (default ``n + extra``)."""
+    stored_max = attrs.get("topup_planned_max")
+    if planned_max is None:
+        planned_max = int(stored_max) if stored_max is not None else n + extra
+    planned_max = check_count("planned_max", planned_max, minimum=n)
+    if stored_max is not None and planned_max != int(stored_max):
+        raise StoreError(
+            f"{path} was topped up with planned maximum {stored_max} samples per row; a further top-up "
+            f"keeps it (asked {planned_max}), since the calibration's radius cap is computed from it"
+        )
+    return planned_max
+
+
+def _topup_engine(path, counts, model_spec: str, scheme: str, *, device, batch_size) -> SmoothedClassifier:
+    """The engine that continues a counts file's streams: its base model (checked by SHA-256), seed,
+    scheme and amp, on its device type."""
+    attrs = counts.attrs
+    loaded = load_model(
+        model_spec, device=device, num_classes=counts.num_classes, input_shape=tuple(attrs["input_shape"])
+    )
+    if attrs.get("model_sha256") and loaded.sha256 != attrs["model_sha256"]:
+        raise StoreError(
+            f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}... vs "
+            f"{loaded.sha256[:12]}...); top it up with the model it was made with"
+        )
+    smooth = SmoothedClassifier(
+        loaded.model,
+        counts.num_classes,
+        counts.sigma,
+        device=device,
+        batch_size=batch_size,
+        amp=attrs.get("amp"),
+        seed=int(attrs["seed"]),
+        noise_scheme=scheme,
+        input_shape=tuple(attrs["input_shape"]),
+        off_grid="quantise",
+    )
+    if smooth.device.type != attrs.get("device_type"):
+        raise StoreError(
+            f"{path} was made on {attrs.get('device_type')}; top it up on the same device type "
+            f"(--device {attrs.get('device_type')}), since the noise of a sample depends on it"
+        )
+    return smooth
+
+
+def _draw_topup(smooth, counts, images, picked, draw, samples, counts_topup, *, extra: int, progress: bool) -> None:
+    """Add ``draw`` samples to each picked row's ``counts_topup``, continuing its estimation stream at
+    ``samples`` (its samples so far)."""
+    chunk = max(1, (BATCHES_PER_CALL * smooth.batch_size) // extra)
+    bar = tqdm(total=int(picked.size), unit="img", desc="top-up", disable=not progress, dynamic_ncols=True)
+    for lo in range(0, picked.size, chunk):
+        rows = picked[lo : lo + chunk]
+        counts_topup[rows] += smooth.counts(
+            images[rows],
+            draw[lo : lo + chunk],
+            indices=counts.indices[rows],
+            stream=STREAM_ESTIMATE,
+            start=samples[rows],
+        )
+        bar.update(len(rows))
+    bar.close()

@@ -24,6 +24,7 @@ Every model takes pixels in [0, 1] (N x C x H x W) and returns N x K logits; any
 belongs inside the model. The SHA-256 of the weights file (or of the weights themselves, for a
 factory without a file) is recorded, so counts files name the exact model they came from.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,8 +37,9 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -119,9 +121,10 @@ def _load_torchscript(path: str, device: torch.device) -> LoadedModel:
     meta = _read_meta(extra, path)
     shape = meta.get("input_shape")
     return LoadedModel(
-        model=model.eval(), sha256=sha256_file(path),
+        model=model.eval(),
+        sha256=sha256_file(path),
         num_classes=int(meta["num_classes"]) if meta.get("num_classes") is not None else None,
-        input_shape=tuple(int(v) for v in shape) if shape else None,
+        input_shape=cast(tuple[int, int, int], tuple(int(v) for v in shape)) if shape else None,
         sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
         source=os.path.abspath(path),
     )
@@ -132,15 +135,20 @@ def _export_signature(program, path: str) -> tuple[tuple[int, ...] | None, int |
     signature = program.graph_signature
     inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name in signature.user_inputs]
     if len(inputs) != 1 or "val" not in inputs[0].meta:
-        raise ModelError(f"torch.export program {path} takes {len(inputs)} inputs; export a model of one image batch "
-                         "(N x C x H x W)")
+        raise ModelError(
+            f"torch.export program {path} takes {len(inputs)} inputs; export a model of one image batch (N x C x H x W)"
+        )
     shape = tuple(inputs[0].meta["val"].shape)
-    fix = ("re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (docs: bring your own model)")
+    fix = "re-export it with dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) (docs: bring your own model)"
     if len(shape) < 2:
-        raise ModelError(f"torch.export program {path} takes inputs of shape {shape}; export it on a batch N x C x H x W")
+        raise ModelError(
+            f"torch.export program {path} takes inputs of shape {shape}; export it on a batch N x C x H x W"
+        )
     if not isinstance(shape[0], torch.SymInt):
-        raise ModelError(f"torch.export program {path} was exported with a static batch of {shape[0]}, but the engine "
-                         f"evaluates batches of any size; {fix}")
+        raise ModelError(
+            f"torch.export program {path} was exported with a static batch of {shape[0]}, but the engine "
+            f"evaluates batches of any size; {fix}"
+        )
     lowest = None
     for symbol, bounds in program.range_constraints.items():
         if str(symbol) == str(shape[0].node.expr):
@@ -164,24 +172,38 @@ def _load_exported(path: str, device: torch.device) -> LoadedModel:
     program, extra = load_exported_program(path)
     input_shape, num_classes = _export_signature(program, path)
     meta = _read_meta(extra, path)
-    if meta.get("input_shape") is not None and input_shape is not None and \
-            tuple(int(v) for v in meta["input_shape"]) != input_shape:
-        raise ModelError(f"{path}: {TORCHSCRIPT_META} declares input_shape {meta['input_shape']} but the program takes "
-                         f"{input_shape}; fix the extra file")
+    if (
+        meta.get("input_shape") is not None
+        and input_shape is not None
+        and tuple(int(v) for v in meta["input_shape"]) != input_shape
+    ):
+        raise ModelError(
+            f"{path}: {TORCHSCRIPT_META} declares input_shape {meta['input_shape']} but the program takes "
+            f"{input_shape}; fix the extra file"
+        )
     try:
         if device.type != "cpu":
             # Moves the constants the graph creates on a device too, which module().to() would miss.
-            program = torch.export.passes.move_to_device_pass(program, device)
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
         model = ExportedModel(program.module()).to(device)
     except Exception as exc:  # noqa: BLE001 - as above
-        raise ModelError(f"cannot prepare torch.export program {path} for {device} ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+        raise ModelError(
+            f"cannot prepare torch.export program {path} for {device} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
+        ) from None
     declared = meta.get("num_classes")
     return LoadedModel(
-        model=model.eval(), sha256=sha256_file(path),
+        model=model.eval(),
+        sha256=sha256_file(path),
         num_classes=num_classes if num_classes is not None else (int(declared) if declared is not None else None),
-        input_shape=input_shape if input_shape is not None else (
-            tuple(int(v) for v in meta["input_shape"]) if meta.get("input_shape") else None),
+        input_shape=cast(
+            "tuple[int, int, int] | None",
+            input_shape
+            if input_shape is not None
+            else (tuple(int(v) for v in meta["input_shape"]) if meta.get("input_shape") else None),
+        ),
         sigma=float(meta["sigma"]) if meta.get("sigma") is not None else None,
         source=os.path.abspath(path),
     )
@@ -207,7 +229,10 @@ def _import_factory(module_part: str, factory_name: str, spec: str):
             if not os.path.isfile(module_part):
                 raise ModelError(f"model spec {spec!r}: no such file {module_part}")
             mod_spec = importlib.util.spec_from_file_location(
-                f"_surrogate_cert_user_{abs(hash(os.path.abspath(module_part)))}", module_part)
+                f"_surrogate_cert_user_{abs(hash(os.path.abspath(module_part)))}", module_part
+            )
+            if mod_spec is None or mod_spec.loader is None:
+                raise ModelError(f"model spec {spec!r}: {module_part} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
@@ -222,8 +247,10 @@ def _import_factory(module_part: str, factory_name: str, spec: str):
     except ModelError:
         raise
     except Exception as exc:  # user code: any failure to import is a bad --model
-        raise ModelError(f"model spec {spec!r}: cannot import {module_part} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); check the module path") from None
+        raise ModelError(
+            f"model spec {spec!r}: cannot import {module_part} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); check the module path"
+        ) from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ModelError(f"model spec {spec!r}: {module_part} has no callable {factory_name!r}")
@@ -239,10 +266,14 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
     try:
         model = factory()
     except Exception as exc:  # user code
-        raise ModelError(f"model spec {spec!r}: {factory_name}() failed ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        raise ModelError(
+            f"model spec {spec!r}: {factory_name}() failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model spec {spec!r}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(
+            f"model spec {spec!r}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module"
+        )
     num_classes = input_shape = sigma = None
     if weights:
         weights = os.path.expanduser(weights)
@@ -253,25 +284,42 @@ def _load_factory(spec: str, device: torch.device) -> LoadedModel:
             check_checkpoint_integrity(state, weights, resolve_key(None))
             header = read_checkpoint_header(state)
             if header["kind"] != "base":
-                raise ModelError(f"model spec {spec!r}: {weights} is a {header['kind']} checkpoint, not a base model's "
-                                 "weights; give the base model's state dict")
+                raise ModelError(
+                    f"model spec {spec!r}: {weights} is a {header['kind']} checkpoint, not a base model's "
+                    "weights; give the base model's state dict"
+                )
             num_classes, input_shape = header["num_classes"], tuple(header["input_shape"])
             sigma = header["meta"].get("sigma")
             state = state["state_dict"]
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise ModelError(f"model spec {spec!r}: weights in {weights} do not fit {factory_name}() "
-                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+            raise ModelError(
+                f"model spec {spec!r}: weights in {weights} do not fit {factory_name}() "
+                f"({str(exc).strip().splitlines()[0][:160]})"
+            ) from None
         digest = sha256_file(weights)
     else:
         digest = _state_dict_sha256(model)
-    return LoadedModel(model=model.to(device).eval(), sha256=digest, num_classes=num_classes,
-                       input_shape=input_shape, sigma=sigma, source=spec)
+    return LoadedModel(
+        model=model.to(device).eval(),
+        sha256=digest,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        sigma=sigma,
+        source=spec,
+    )
 
 
-def load_model(spec: str, device: str | torch.device | None = None, num_classes: int | None = None,
-               input_shape=None, *, key: bytes | str | None = None) -> LoadedModel:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def load_model(
+    spec: str,
+    device: str | torch.device | None = None,
+    num_classes: int | None = None,
+    input_shape=None,
+    *,
+    key: bytes | str | None = None,
+) -> LoadedModel:
     """Load a base model from ``spec`` (see the module docstring) onto ``device`` (default: CUDA if present).
 
     If ``num_classes`` (or ``input_shape``) is given and the file records a different one, raises
@@ -324,8 +372,11 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
         else:
             model, header = load_checkpoint(path, device=device, kind="base", key=key)
             loaded = LoadedModel(
-                model=model, sha256=sha256_file(path), num_classes=int(header["num_classes"]),
-                input_shape=tuple(header["input_shape"]), sigma=header["meta"].get("sigma"),
+                model=model,
+                sha256=sha256_file(path),
+                num_classes=int(header["num_classes"]),
+                input_shape=tuple(header["input_shape"]),
+                sigma=header["meta"].get("sigma"),
                 source=os.path.abspath(path),
             )
     elif os.path.lexists(path):  # a symbolic-link loop or a dangling link: say what the OS says
@@ -333,14 +384,20 @@ def load_model(spec: str, device: str | torch.device | None = None, num_classes:
     elif ":" in spec and _FACTORY_MODULE.fullmatch(spec.partition(":")[0]):
         loaded = _load_factory(spec, device)
     else:
-        raise ModelError(f"model file {spec} does not exist; give a checkpoint from `surrogate-cert train-base`, "
-                         "a TorchScript file, or package.module:factory=weights.pt")
+        raise ModelError(
+            f"model file {spec} does not exist; give a checkpoint from `surrogate-cert train-base`, "
+            "a TorchScript file, or package.module:factory=weights.pt"
+        )
     if num_classes is not None and loaded.num_classes is not None and loaded.num_classes != int(num_classes):
-        raise ModelError(f"model {spec} has {loaded.num_classes} output classes but the dataset has {num_classes}; "
-                         "use the model trained for this dataset")
+        raise ModelError(
+            f"model {spec} has {loaded.num_classes} output classes but the dataset has {num_classes}; "
+            "use the model trained for this dataset"
+        )
     if input_shape is not None and loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(input_shape):
-        raise ModelError(f"model {spec} expects inputs {tuple(loaded.input_shape)} but the images are "
-                         f"{tuple(input_shape)}; use the model trained for this dataset")
+        raise ModelError(
+            f"model {spec} expects inputs {tuple(loaded.input_shape)} but the images are "
+            f"{tuple(input_shape)}; use the model trained for this dataset"
+        )
     probe_shape = loaded.input_shape or (tuple(input_shape) if input_shape is not None else None)
     if probe_shape is not None and not (os.path.isfile(path) and kind in CHECKPOINT_FILE_KINDS):
         check_finite_outputs(loaded.model, probe_shape, f"model {spec}", device=device)  # checkpoints: at load
@@ -420,9 +477,11 @@ def check_sigma_agrees(declared: float | None, sigma: float, spec: str, allow: b
     check_sigma(sigma)  # an absurd noise level is refused as such, whatever the model declares
     if allow or declared is None or math.isclose(float(declared), float(sigma), rel_tol=1e-9):
         return
-    raise InvalidParameterError(f"model {spec} declares sigma {float(declared):g} (the noise it was trained at) "
-                                f"but --sigma is {float(sigma):g}; use --sigma {float(declared):g}, or add "
-                                f"{SIGMA_FLAG} to smooth it at another noise level anyway")
+    raise InvalidParameterError(
+        f"model {spec} declares sigma {float(declared):g} (the noise it was trained at) "
+        f"but --sigma is {float(sigma):g}; use --sigma {float(declared):g}, or add "
+        f"{SIGMA_FLAG} to smooth it at another noise level anyway"
+    )
 
 
 def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
@@ -455,12 +514,16 @@ def check_model_fits(smooth, x: torch.Tensor, spec: str) -> None:
     except ModelError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise ModelError(f"model {spec} fails on inputs of shape {tuple(x.shape)} "
-                         f"({str(exc).strip().splitlines()[0][:160]}); use the model trained for this dataset") from None
+        raise ModelError(
+            f"model {spec} fails on inputs of shape {tuple(x.shape)} "
+            f"({str(exc).strip().splitlines()[0][:160]}); use the model trained for this dataset"
+        ) from None
     if not bool(torch.isfinite(logits).all()):
-        raise ModelError(f"model {spec} returns NaN or infinite logits on the dataset's images (clean or with noise at "
-                         f"sigma={smooth.sigma:g}); a certificate computed from them would be meaningless; fix or "
-                         "retrain the model")
+        raise ModelError(
+            f"model {spec} returns NaN or infinite logits on the dataset's images (clean or with noise at "
+            f"sigma={smooth.sigma:g}); a certificate computed from them would be meaningless; fix or "
+            "retrain the model"
+        )
 
 
 # --------------------------------------------------------------------------- training
@@ -469,8 +532,15 @@ def _default_epochs(num_train: int) -> int:
     return 25 if num_train <= 5_000 else 15
 
 
-def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, draws: int = 8,
-                   seed: int = 0, batch_size: int = 2048) -> float:
+def noisy_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    draws: int = 8,
+    seed: int = 0,
+    batch_size: int = 2048,
+) -> float:
     """Mean accuracy of ``argmax model(x + eps)``, ``eps ~ N(0, sigma^2 I)``, over ``draws`` noise draws.
 
     Parameters
@@ -502,18 +572,19 @@ def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: fl
         If ``x`` holds no image or ``y`` not one label per image.
     """
     if len(x) == 0 or len(y) != len(x):
-        raise InvalidInputError(f"noisy_accuracy needs at least one image and one label per image, got {len(x)} "
-                                f"images and {len(y)} labels")
+        raise InvalidInputError(
+            f"noisy_accuracy needs at least one image and one label per image, got {len(x)} images and {len(y)} labels"
+        )
     device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     correct = 0
     with torch.inference_mode():
         for _ in range(draws):
             for lo in range(0, len(x), batch_size):
-                xb = x[lo:lo + batch_size]
+                xb = x[lo : lo + batch_size]
                 noisy = xb + sigma * torch.randn(xb.shape, generator=gen) if sigma > 0 else xb
                 pred = model(noisy.to(device)).argmax(1).cpu()
-                correct += int((pred == y[lo:lo + batch_size]).sum())
+                correct += int((pred == y[lo : lo + batch_size]).sum())
     return correct / (draws * len(x))
 
 
@@ -521,15 +592,23 @@ def _training_images(dataset: str, splits: Sequence[str], data_root, download: b
     """The images ``train_base`` fits: the union of ``splits`` (never ``cal`` or ``test``)."""
     splits = tuple(splits)
     if not splits or any(s not in ("train", "surrogate") for s in splits) or len(set(splits)) != len(splits):
-        raise InvalidParameterError(f"train-base trains on the train and/or surrogate split, got {list(splits)}; "
-                                    "cal and test must stay unseen (the guarantee and the evaluation live there)")
+        raise InvalidParameterError(
+            f"train-base trains on the train and/or surrogate split, got {list(splits)}; "
+            "cal and test must stay unseen (the guarantee and the evaluation live there)"
+        )
     parts = [load_split(dataset, s, data_root=data_root, download=download) for s in splits]
     if len(parts) == 1:
         return parts[0]
-    return replace(parts[0], split="+".join(splits), x=torch.cat([p.x for p in parts]),
-                   y=torch.cat([p.y for p in parts]), indices=np.concatenate([p.indices for p in parts]))
+    return replace(
+        parts[0],
+        split="+".join(splits),
+        x=torch.cat([p.x for p in parts]),
+        y=torch.cat([cast(torch.Tensor, p.y) for p in parts]),  # the train and surrogate splits are labeled
+        indices=np.concatenate([p.indices for p in parts]),
+    )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def train_base(
     dataset: str = "digits",
     sigma: float = 0.25,
@@ -622,6 +701,7 @@ def train_base(
     device = resolve_device(device)
     train = _training_images(dataset, splits, data_root, download)
     test = load_split(dataset, "test", data_root=data_root, download=download)
+    test_y = cast(torch.Tensor, test.y)  # a named dataset's test split is labeled
     epochs = _default_epochs(len(train)) if epochs is None else check_count("epochs", epochs)
     arch = arch or default_arch(train.input_shape)
     started = time.perf_counter()
@@ -629,26 +709,9 @@ def train_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = build(arch, train.input_shape, train.num_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(epochs), desc="train-base", unit="epoch", disable=not progress)
-    for _ in bar:
-        model.train()
-        order = torch.randperm(len(train), generator=gen)
-        total = 0.0
-        for lo in range(0, len(train), batch_size):
-            rows = order[lo:lo + batch_size]
-            xb = train.x[rows]
-            xb = xb + sigma * torch.randn(xb.shape, generator=gen)
-            loss = loss_fn(model(xb.to(device)), train.y[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(rows)
-        bar.set_postfix(loss=f"{total / len(train):.3f}")
+    _fit_under_noise(
+        model, train, sigma, epochs=epochs, batch_size=batch_size, lr=lr, gen=gen, device=device, progress=progress
+    )
     model.eval()
     check_finite_weights(model.state_dict(), f"the base model trained for {out}")
     metrics = {
@@ -659,15 +722,59 @@ def train_base(
         "seed": int(seed),
         "train_splits": list(splits),
         "train_size": len(train),
-        "noisy_test_accuracy": noisy_accuracy(model, test.x, test.y, sigma, seed=int(seed) + 1),
-        "clean_test_accuracy": noisy_accuracy(model, test.x, test.y, 0.0, draws=1),
+        "noisy_test_accuracy": noisy_accuracy(model, test.x, test_y, sigma, seed=int(seed) + 1),
+        "clean_test_accuracy": noisy_accuracy(model, test.x, test_y, 0.0, draws=1),
         "seconds": time.perf_counter() - started,
     }
-    save_checkpoint(out, model, arch=arch, input_shape=train.input_shape, num_classes=train.num_classes,
-                    kind="base", meta={**metrics, "package_version": __version__}, overwrite=overwrite, key=key)
+    save_checkpoint(
+        out,
+        model,
+        arch=arch,
+        input_shape=train.input_shape,
+        num_classes=train.num_classes,
+        kind="base",
+        meta={**metrics, "package_version": __version__},
+        overwrite=overwrite,
+        key=key,
+    )
     metrics.update(out=os.path.abspath(out), sha256=sha256_file(out))
     return metrics
 
 
-__all__ = ["LoadedModel", "ExportedModel", "load_model", "check_model_fits", "check_sigma_agrees", "declared_sigma",
-           "SIGMA_FLAG", "train_base", "noisy_accuracy", "TORCHSCRIPT_META"]
+def _fit_under_noise(model, train, sigma: float, *, epochs, batch_size, lr, gen, device, progress) -> None:
+    """Train ``model`` on ``train`` with Gaussian noise of ``sigma`` added to every image (AdamW, one-cycle
+    learning rate); ``gen`` draws the batch order and the noise."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(range(epochs), desc="train-base", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        for lo in range(0, len(train), batch_size):
+            rows = order[lo : lo + batch_size]
+            xb = train.x[rows]
+            xb = xb + sigma * torch.randn(xb.shape, generator=gen)
+            loss = loss_fn(model(xb.to(device)), train.y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+        bar.set_postfix(loss=f"{total / len(train):.3f}")
+
+
+__all__ = [
+    "LoadedModel",
+    "ExportedModel",
+    "load_model",
+    "check_model_fits",
+    "check_sigma_agrees",
+    "declared_sigma",
+    "SIGMA_FLAG",
+    "train_base",
+    "noisy_accuracy",
+    "TORCHSCRIPT_META",
+]

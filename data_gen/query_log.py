@@ -21,6 +21,7 @@ from the file). Which evaluations a row holds (sequential samples up to a data-d
 fixed number) does not matter for training: the surrogate is recalibrated on the untouched calibration
 split after every retraining, which is what its guarantee rests on.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,18 +90,33 @@ class QueryLog:
         The source the stored dataset indices refer to.
     """
 
-    def __init__(self, path, *, sigma: float, num_classes: int, input_shape, model_sha256: str | None = None,
-                 dataset: str | None = None):
+    def __init__(
+        self,
+        path,
+        *,
+        sigma: float,
+        num_classes: int,
+        input_shape,
+        model_sha256: str | None = None,
+        dataset: str | None = None,
+    ):
         self.path = os.fspath(path)
-        self.attrs = dict(sigma=float(sigma), num_classes=int(num_classes), input_shape=[int(v) for v in input_shape],
-                          model_sha256=model_sha256 or "none", dataset=dataset or "none")
+        self.attrs = dict(
+            sigma=float(sigma),
+            num_classes=int(num_classes),
+            input_shape=[int(v) for v in input_shape],
+            model_sha256=model_sha256 or "none",
+            dataset=dataset or "none",
+        )
         if os.path.exists(self.path):
             have = read_query_log(self.path).attrs
             for key in ("sigma", "num_classes", "input_shape", "model_sha256"):
                 mine = self.attrs[key] if self.attrs[key] != "none" else None
                 if have.get(key) != mine:
-                    raise StoreError(f"{self.path} logs queries of another setting ({key} {have.get(key)!r} vs "
-                                     f"{mine!r}); give a new query log for this surrogate's base model and sigma")
+                    raise StoreError(
+                        f"{self.path} logs queries of another setting ({key} {have.get(key)!r} vs "
+                        f"{mine!r}); give a new query log for this surrogate's base model and sigma"
+                    )
         else:
             self._create()
 
@@ -109,25 +125,43 @@ class QueryLog:
         k = self.attrs["num_classes"]
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with h5py.File(tmp, "w") as h5:
-            h5.attrs.update(dict(format=FORMAT, format_version=FORMAT_VERSION, package_version=__version__, rows=0,
-                                 created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **self.attrs))
+            h5.attrs.update(
+                dict(
+                    format=FORMAT,
+                    format_version=FORMAT_VERSION,
+                    package_version=__version__,
+                    rows=0,
+                    created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **self.attrs,
+                )
+            )
             opts = dict(compression="gzip", shuffle=True, fletcher32=True)
-            h5.create_dataset("images", shape=(0, c, h, w), maxshape=(None, c, h, w), dtype=np.float32,
-                              chunks=(max(1, min(256, (1 << 18) // max(c * h * w, 1))), c, h, w), **opts)
+            h5.create_dataset(
+                "images",
+                shape=(0, c, h, w),
+                maxshape=(None, c, h, w),
+                dtype=np.float32,
+                chunks=(max(1, min(256, (1 << 18) // max(c * h * w, 1))), c, h, w),
+                **opts,
+            )
             h5.create_dataset("counts", shape=(0, k), maxshape=(None, k), dtype=np.uint32, chunks=(1024, k), **opts)
             for name, dtype in (("samples", np.int64), ("indices", np.int64), ("image_hash", np.uint64)):
                 h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,), **opts)
         os.replace(tmp, self.path)
 
     def append(self, x: torch.Tensor, counts, indices=None) -> int:
-        """Log queries ``x`` (``N x C x H x W``) with their class ``counts`` (``N x K``); returns the rows now committed.
+        """Log queries ``x`` (``N x C x H x W``) with their class ``counts`` (``N x K``).
+
+        Returns the rows now committed.
 
         Rows without a sample are skipped. ``indices``: dataset indices, or None (-1: unknown).
         """
         counts = np.asarray(counts, dtype=np.int64)
         x = x.detach().cpu().float()
         if counts.ndim != 2 or counts.shape != (x.shape[0], self.attrs["num_classes"]) or np.any(counts < 0):
-            raise StoreError(f"query log rows need N x {self.attrs['num_classes']} non-negative counts, got {counts.shape}")
+            raise StoreError(
+                f"query log rows need N x {self.attrs['num_classes']} non-negative counts, got {counts.shape}"
+            )
         idx = np.full(len(counts), -1, np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
         keep = counts.sum(axis=1) > 0
         if not keep.any():
@@ -136,8 +170,13 @@ class QueryLog:
         with _open_h5(self.path, "r+") as h5:
             rows = int(h5.attrs["rows"])
             new = rows + len(counts)
-            for name, values in (("images", x.numpy()), ("counts", counts.astype(np.uint32)),
-                                 ("samples", counts.sum(axis=1)), ("indices", idx), ("image_hash", image_hashes(x))):
+            for name, values in (
+                ("images", x.numpy()),
+                ("counts", counts.astype(np.uint32)),
+                ("samples", counts.sum(axis=1)),
+                ("indices", idx),
+                ("image_hash", image_hashes(x)),
+            ):
                 h5[name].resize(new, axis=0)
                 h5[name][rows:new] = values
             h5.flush()
@@ -184,9 +223,19 @@ def read_query_log(path) -> QueryCounts:
     if len(counts) and (np.any(counts.sum(axis=1) != data["samples"]) or np.any(data["samples"] < 1)):
         raise StoreError(f"{path}: rows whose counts do not sum to their samples; the log is damaged")
     attrs = {k: (None if v == "none" else v) for k, v in attrs.items()}
-    attrs.update(dataset=f"queries:{os.path.abspath(path)}", source_dataset=attrs.get("dataset"), split="queries",
-                 complete=True, n=int(data["samples"].max()) if rows else 0,
-                 input_shape=[int(v) for v in attrs["input_shape"]])
-    return QueryCounts(indices=data["indices"].astype(np.int64), counts=counts, samples=data["samples"],
-                       image_hash=data["image_hash"], x=torch.from_numpy(np.ascontiguousarray(data["images"])),
-                       attrs=attrs)
+    attrs.update(
+        dataset=f"queries:{os.path.abspath(path)}",
+        source_dataset=attrs.get("dataset"),
+        split="queries",
+        complete=True,
+        n=int(data["samples"].max()) if rows else 0,
+        input_shape=[int(v) for v in attrs["input_shape"]],
+    )
+    return QueryCounts(
+        indices=data["indices"].astype(np.int64),
+        counts=counts,
+        samples=data["samples"],
+        image_hash=data["image_hash"],
+        x=torch.from_numpy(np.ascontiguousarray(data["images"])),
+        attrs=attrs,
+    )

@@ -11,6 +11,7 @@ What the signature does not cover: anything done by someone holding the key, and
 unfinished file before the job that completed it (a file is signed when it is complete; a resumed job
 signs what it finds).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ def counts_message(counts) -> bytes:
         ``b"surrogate-cert counts\\0"`` and a SHA-256 hex digest.
     """
     attrs = {k: v for k, v in counts.attrs.items() if k != SIGNATURE_FIELD}
-    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=True,
-                                       default=str).encode("utf-8"))
+    digest = hashlib.sha256(
+        json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str).encode("utf-8")
+    )
     for spec in dataclasses.fields(counts):
         value = getattr(counts, spec.name)
         if isinstance(value, np.ndarray):
@@ -69,7 +71,17 @@ def check_counts_signature(counts, path: str | os.PathLike, key: bytes) -> None:
     CountsSignatureError
         If the file is unsigned (an unfinished file is never signed), signed with another key, or altered.
     """
-    fix = ("finish it with `surrogate-cert datagen ... --resume` and the key" if not counts.attrs.get("complete")
-           else "regenerate it with `surrogate-cert datagen` and the key (--key-file), or use the right key")
-    check_signature(counts_message(counts), counts.attrs.get(SIGNATURE_FIELD), counts.attrs.get(KEY_ID_FIELD), key,
-                    what=f"counts file {os.fspath(path)}", fix=fix, error=CountsSignatureError)
+    fix = (
+        "finish it with `surrogate-cert datagen ... --resume` and the key"
+        if not counts.attrs.get("complete")
+        else "regenerate it with `surrogate-cert datagen` and the key (--key-file), or use the right key"
+    )
+    check_signature(
+        counts_message(counts),
+        counts.attrs.get(SIGNATURE_FIELD),
+        counts.attrs.get(KEY_ID_FIELD),
+        key,
+        what=f"counts file {os.fspath(path)}",
+        fix=fix,
+        error=CountsSignatureError,
+    )

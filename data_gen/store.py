@@ -49,6 +49,7 @@ and made by this job (``IDENTITY_KEYS``, planned rows), then builds ``path`` und
 links it into place complete, and only then removes the shards: ``path`` is never written from an
 incomplete or foreign set, and a shard is never removed before its rows are in ``path``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -59,8 +60,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -73,6 +75,7 @@ from surrogate_cert.core.smoothing import noise_family, noise_slack
 from .datasets import load_images, same_dataset
 from .distributed import shard_positions
 from .signatures import SIGNATURE_ATTRS, check_counts_signature, signature_attrs
+
 
 class StoreLockedError(StoreError):
     """Another process holds the file's writer lock (a second writer is refused, never queued)."""
@@ -89,6 +92,8 @@ class CountsFileExistsError(StoreError, OutputExistsError):
 class CountsMismatchError(StoreError):
     """A valid counts file that does not fit its consumer (another dataset, sigma, class count, input
     shape or base model; an incomplete file; images the consumer must not see)."""
+
+
 class ShardError(StoreError):
     """A shard is missing, unfinished, or from another job (another seed, model, sigma, split or world size)."""
 
@@ -106,9 +111,22 @@ def format_version_for(labels) -> int:
     """The version a new file is written with: ``FORMAT_VERSION`` with labels, ``UNLABELED_VERSION`` without."""
     return FORMAT_VERSION if labels is not None else UNLABELED_VERSION
 
+
 IDENTITY_KEYS = (
-    "format_version", "sigma", "n", "n0", "num_classes", "seed", "dataset", "split", "limit",
-    "model_sha256", "noise_scheme", "device_type", "amp", "input_shape",
+    "format_version",
+    "sigma",
+    "n",
+    "n0",
+    "num_classes",
+    "seed",
+    "dataset",
+    "split",
+    "limit",
+    "model_sha256",
+    "noise_scheme",
+    "device_type",
+    "amp",
+    "input_shape",
 )
 """Attributes a resumed job must match exactly: together they fix every row's counts."""
 
@@ -148,8 +166,10 @@ class CountsFile:
     def require_labels(self, what: str, path="this counts file") -> np.ndarray:
         """``labels``, or a StoreError naming what needed them (the counts of an unlabeled pool have none)."""
         if self.labels is None:
-            raise StoreError(f"{path} holds counts of an unlabeled pool ({self.attrs.get('dataset')}): {what} needs "
-                             "labels; give counts of a labelled split for it (the pool's counts train the surrogate)")
+            raise StoreError(
+                f"{path} holds counts of an unlabeled pool ({self.attrs.get('dataset')}): {what} needs "
+                "labels; give counts of a labelled split for it (the pool's counts train the surrogate)"
+            )
         return self.labels
 
     @property
@@ -282,25 +302,33 @@ def _reader(path):
     try:
         return _open_h5(path, "r")
     except OSError as exc:
-        raise StoreError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
-                         "regenerate it with `surrogate-cert datagen`") from None
+        raise StoreError(
+            f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
+            "regenerate it with `surrogate-cert datagen`"
+        ) from None
 
 
 def _checked_attrs(h5: h5py.File, path) -> dict:
     """The file's attributes, checked against its format and against its own datasets (StoreError)."""
     attrs = {key: _plain(value) for key, value in h5.attrs.items()}
     if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is an HDF5 file but not a surrogate-cert counts file (no format={FORMAT!r} "
-                         "attribute); create one with `surrogate-cert datagen`")
+        raise StoreError(
+            f"{path} is an HDF5 file but not a surrogate-cert counts file (no format={FORMAT!r} "
+            "attribute); create one with `surrogate-cert datagen`"
+        )
     if attrs.get("format_version") not in READ_VERSIONS:
-        raise StoreError(f"{path} has counts format version {attrs.get('format_version')}, this package reads "
-                         f"versions {', '.join(map(str, READ_VERSIONS))}; regenerate it with this version's "
-                         "`surrogate-cert datagen`")
+        raise StoreError(
+            f"{path} has counts format version {attrs.get('format_version')}, this package reads "
+            f"versions {', '.join(map(str, READ_VERSIONS))}; regenerate it with this version's "
+            "`surrogate-cert datagen`"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in attrs]
     labeled = attrs["format_version"] == FORMAT_VERSION
     if missing or "indices" not in h5 or ("labels" in h5) != labeled or "counts" not in h5:
-        raise StoreError(f"{path} is missing {missing or 'datasets'} (or has labels its version "
-                         f"{attrs['format_version']} does not have); the file is damaged, regenerate it")
+        raise StoreError(
+            f"{path} is missing {missing or 'datasets'} (or has labels its version "
+            f"{attrs['format_version']} does not have); the file is damaged, regenerate it"
+        )
     attrs = {key: (None if value == "none" else value) for key, value in attrs.items()}
     attrs["complete"] = bool(attrs["complete"])
     problems = _attr_problems(attrs)
@@ -308,8 +336,11 @@ def _checked_attrs(h5: h5py.File, path) -> dict:
         attrs["input_shape"] = [int(v) for v in attrs["input_shape"]]
         problems = _layout_problems(h5, attrs)
     if problems:
-        raise StoreError(f"{path} contradicts itself: " + "; ".join(problems)
-                         + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`")
+        raise StoreError(
+            f"{path} contradicts itself: "
+            + "; ".join(problems)
+            + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`"
+        )
     return attrs
 
 
@@ -321,8 +352,9 @@ def _attr_problems(attrs: dict) -> list[str]:
     problems = []
     sigma = attrs["sigma"]
     if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and SIGMA_MIN <= sigma <= SIGMA_MAX):
-        problems.append(f"sigma {sigma!r} is not a noise level in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] "
-                        "(core.errors.check_sigma)")
+        problems.append(
+            f"sigma {sigma!r} is not a noise level in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (core.errors.check_sigma)"
+        )
     for key, minimum in (("n", 1), ("n0", 0), ("num_classes", 2), ("rows", 0)):
         if not _whole(attrs[key], minimum):
             problems.append(f"{key} {attrs[key]!r} is not an integer >= {minimum}")
@@ -352,9 +384,13 @@ def _layout_problems(h5: h5py.File, attrs: dict) -> list[str]:
         problems.append("samples and counts_topup must come together (a topped-up file has both)")
     elif "samples" in h5:
         if h5["samples"].shape != (planned,) or not np.issubdtype(h5["samples"].dtype, np.integer):
-            problems.append(f"samples has shape {h5['samples'].shape} ({h5['samples'].dtype}), expected {planned} integers")
+            problems.append(
+                f"samples has shape {h5['samples'].shape} ({h5['samples'].dtype}), expected {planned} integers"
+            )
         if h5["counts_topup"].shape != (planned, k) or not np.issubdtype(h5["counts_topup"].dtype, np.integer):
-            problems.append(f"counts_topup has shape {h5['counts_topup'].shape}, expected {planned} x {k} integer counts")
+            problems.append(
+                f"counts_topup has shape {h5['counts_topup'].shape}, expected {planned} x {k} integer counts"
+            )
         top = attrs.get("topup_planned_max")
         if not (_whole(top, 1) and top >= attrs["n"]):
             problems.append(f"topup_planned_max {top!r} is not an integer >= n = {attrs['n']}")
@@ -371,8 +407,10 @@ def _row_problems(counts: CountsFile) -> list[str]:
     """The committed rows against the attributes: counts sum to n (n0), labels are classes, indices unique."""
     problems = []
     k = counts.num_classes
-    for name, table, total in (("counts", counts.counts, counts.n), ("counts_select", counts.counts_select,
-                                                                     int(counts.attrs["n0"]))):
+    for name, table, total in (
+        ("counts", counts.counts, counts.n),
+        ("counts_select", counts.counts_select, int(counts.attrs["n0"])),
+    ):
         if table is None or not len(table):
             continue
         if table.min() < 0:  # a signed dtype can hide a negative count in a row that still sums to n
@@ -382,20 +420,25 @@ def _row_problems(counts: CountsFile) -> list[str]:
         sums = table.sum(axis=1)
         bad = np.flatnonzero(sums != total)
         if bad.size:
-            problems.append(f"{bad.size} of {len(table)} rows of {name} do not sum to "
-                            f"{'n' if name == 'counts' else 'n0'} = {total} (row {int(bad[0])} sums to {int(sums[bad[0]])})")
+            problems.append(
+                f"{bad.size} of {len(table)} rows of {name} do not sum to "
+                f"{'n' if name == 'counts' else 'n0'} = {total} (row {int(bad[0])} sums to {int(sums[bad[0]])})"
+            )
     if counts.samples is not None and len(counts.samples):
         n, top = counts.n, int(counts.attrs["topup_planned_max"])
         low, high = int(counts.samples.min()), int(counts.samples.max())
         if low < n or high > top:
             problems.append(f"samples per row lie in {low}..{high}, outside n = {n} .. topup_planned_max = {top}")
-        if counts.counts_topup.size and counts.counts_topup.min() < 0:
-            problems.append(f"counts_topup holds a negative count ({int(counts.counts_topup.min())})")
-        sums = counts.counts_topup.sum(axis=1)
+        topup = cast(np.ndarray, counts.counts_topup)  # present with samples (the layout check above)
+        if topup.size and topup.min() < 0:
+            problems.append(f"counts_topup holds a negative count ({int(topup.min())})")
+        sums = topup.sum(axis=1)
         bad = np.flatnonzero(sums != counts.samples - n)
         if bad.size:
-            problems.append(f"{bad.size} rows of counts_topup do not sum to samples - n (row {int(bad[0])} sums to "
-                            f"{int(sums[bad[0]])}, expected {int(counts.samples[bad[0]] - n)})")
+            problems.append(
+                f"{bad.size} rows of counts_topup do not sum to samples - n (row {int(bad[0])} sums to "
+                f"{int(sums[bad[0]])}, expected {int(counts.samples[bad[0]] - n)})"
+            )
     if counts.labels is not None and len(counts.labels) and (counts.labels.min() < 0 or counts.labels.max() >= k):
         bad = counts.labels[(counts.labels < 0) | (counts.labels >= k)]
         problems.append(f"label {int(bad[0])} is not a class of {k}")
@@ -444,16 +487,21 @@ def read_counts(path: str | os.PathLike) -> CountsFile:
                 counts_topup=h5["counts_topup"][:rows].astype(np.int64) if "counts_topup" in h5 else None,
             )
         except (OSError, TypeError, ValueError) as exc:
-            raise StoreError(f"{path}: reading failed ({str(exc).splitlines()[0]}); the file is damaged, "
-                             "regenerate it") from None
+            raise StoreError(
+                f"{path}: reading failed ({str(exc).splitlines()[0]}); the file is damaged, regenerate it"
+            ) from None
     problems = _row_problems(counts)
     if problems:
-        raise StoreError(f"{path} contradicts itself: " + "; ".join(problems)
-                         + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`")
+        raise StoreError(
+            f"{path} contradicts itself: "
+            + "; ".join(problems)
+            + "; the file is damaged or was edited, regenerate it with `surrogate-cert datagen`"
+        )
     return counts
 
 
 # --------------------------------------------------------------------------- consumers
+
 
 def index_ranges(indices) -> list[list[int]]:
     """An exact, compact record of a set of dataset indices: sorted half-open ranges ``[[lo, hi], ...]``.
@@ -499,8 +547,10 @@ def in_ranges(indices, ranges) -> np.ndarray:
     except (TypeError, ValueError):
         valid = False
     if not valid:
-        raise StoreError("the recorded training indices are malformed (expected sorted [lo, hi) pairs); "
-                         "retrain the surrogate with `surrogate-cert train`")
+        raise StoreError(
+            "the recorded training indices are malformed (expected sorted [lo, hi) pairs); "
+            "retrain the surrogate with `surrogate-cert train`"
+        )
     values = np.asarray(indices, dtype=np.int64).reshape(-1)
     slot = np.searchsorted(table[:, 0], values, side="right") - 1
     inside = slot >= 0
@@ -508,6 +558,7 @@ def in_ranges(indices, ranges) -> np.ndarray:
     return inside
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def check_counts_for(
     counts: CountsFile,
     path: str | os.PathLike = "counts file",
@@ -570,39 +621,56 @@ def check_counts_for(
         check_counts_signature(counts, path, secret)
     attrs = counts.attrs
     if dataset is not None and not same_dataset(str(attrs["dataset"]), dataset):
-        raise CountsMismatchError(f"{path} holds counts of dataset {attrs['dataset']!r} but {dataset!r} is expected; "
-                                  "use counts of the same dataset")
+        raise CountsMismatchError(
+            f"{path} holds counts of dataset {attrs['dataset']!r} but {dataset!r} is expected; "
+            "use counts of the same dataset"
+        )
     if sigma is not None and not np.isclose(float(attrs["sigma"]), float(sigma), rtol=1e-9, atol=0.0):
-        raise CountsMismatchError(f"{path} was made at sigma={attrs['sigma']} but sigma={sigma} is expected; "
-                                  "use counts made at the same sigma")
+        raise CountsMismatchError(
+            f"{path} was made at sigma={attrs['sigma']} but sigma={sigma} is expected; "
+            "use counts made at the same sigma"
+        )
     if num_classes is not None and int(attrs["num_classes"]) != int(num_classes):
-        raise CountsMismatchError(f"{path} has {attrs['num_classes']} classes but {num_classes} are expected; "
-                                  "use counts of the same dataset")
+        raise CountsMismatchError(
+            f"{path} has {attrs['num_classes']} classes but {num_classes} are expected; use counts of the same dataset"
+        )
     if input_shape is not None and list(attrs["input_shape"]) != [int(v) for v in input_shape]:
-        raise CountsMismatchError(f"{path} holds images of shape {tuple(attrs['input_shape'])} but "
-                                  f"{tuple(int(v) for v in input_shape)} are expected; use counts of the same dataset")
+        raise CountsMismatchError(
+            f"{path} holds images of shape {tuple(attrs['input_shape'])} but "
+            f"{tuple(int(v) for v in input_shape)} are expected; use counts of the same dataset"
+        )
     if model_sha256 and attrs.get("model_sha256") and attrs["model_sha256"] != model_sha256:
-        raise CountsMismatchError(f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}"
-                                  f"... vs {model_sha256[:12]}...); use counts of the same base model")
+        raise CountsMismatchError(
+            f"{path} was made with another base model (SHA-256 {str(attrs['model_sha256'])[:12]}"
+            f"... vs {model_sha256[:12]}...); use counts of the same base model"
+        )
     if noise_scheme is not None and noise_family(attrs.get("noise_scheme")) != noise_family(noise_scheme):
-        raise CountsMismatchError(f"{path} was drawn with noise scheme {attrs.get('noise_scheme')} but "
-                                  f"{noise_scheme} is expected: certificates never mix float and sound (grid) "
-                                  f"noise; make the counts with datagen --noise-scheme {noise_scheme}")
+        raise CountsMismatchError(
+            f"{path} was drawn with noise scheme {attrs.get('noise_scheme')} but "
+            f"{noise_scheme} is expected: certificates never mix float and sound (grid) "
+            f"noise; make the counts with datagen --noise-scheme {noise_scheme}"
+        )
     if complete and not attrs.get("complete", True):
-        raise CountsMismatchError(f"{path} is incomplete ({len(counts)} rows committed); finish it with "
-                                  "`surrogate-cert datagen ... --resume`")
+        raise CountsMismatchError(
+            f"{path} is incomplete ({len(counts)} rows committed); finish it with `surrogate-cert datagen ... --resume`"
+        )
     if excluded_indices is not None:
         overlap = in_ranges(counts.indices, excluded_indices)
         if overlap.any():
             raise CountsMismatchError(
-                f"{path} holds {int(overlap.sum())} of {excluded_what} (dataset index {int(counts.indices[overlap][0])} "
-                f"and more); use counts of images disjoint from them (the cal split)")
+                f"{path} holds {int(overlap.sum())} of {excluded_what} "
+                f"(dataset index {int(counts.indices[overlap][0])} "
+                f"and more); use counts of images disjoint from them (the cal split)"
+            )
 
 
 # --------------------------------------------------------------------------- top-up
 
-def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.ndarray, *, planned_max: int,
-                rule: str, record: dict) -> CountsFile:
+
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def write_topup(
+    path: str | os.PathLike, samples: np.ndarray, counts_topup: np.ndarray, *, planned_max: int, rule: str, record: dict
+) -> CountsFile:
     """Store the top-up of a complete counts file: per-row ``samples`` and the extra counts ``counts_topup``.
 
     The file is copied, the copy updated and renamed into place under the writer lock, so an
@@ -641,7 +709,9 @@ def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.n
     try:
         before = read_counts(path)
         if not before.attrs["complete"]:
-            raise StoreError(f"{path} is incomplete; finish it with `surrogate-cert datagen ... --resume` before a top-up")
+            raise StoreError(
+                f"{path} is incomplete; finish it with `surrogate-cert datagen ... --resume` before a top-up"
+            )
         samples = np.asarray(samples, dtype=np.int64)
         counts_topup = np.asarray(counts_topup, dtype=np.int64)
         n, rows = before.n, len(before)
@@ -654,8 +724,10 @@ def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.n
         if np.any(counts_topup.sum(axis=1) != samples - n) or samples.max(initial=n) > planned_max:
             raise StoreError(f"{path}: top-up counts must sum to samples - n and stay within planned_max={planned_max}")
         if before.attrs.get("topup_planned_max") not in (None, int(planned_max)):
-            raise StoreError(f"{path} was topped up with planned maximum {before.attrs['topup_planned_max']} samples; "
-                             f"a further top-up must keep it (asked {planned_max}): the calibration's cap depends on it")
+            raise StoreError(
+                f"{path} was topped up with planned maximum {before.attrs['topup_planned_max']} samples; "
+                f"a further top-up must keep it (asked {planned_max}): the calibration's cap depends on it"
+            )
         history = json.loads(before.attrs.get("topup_history") or "[]") + [record]
         with atomic_output(path, overwrite=True) as tmp:
             shutil.copyfile(path, tmp)
@@ -665,8 +737,12 @@ def write_topup(path: str | os.PathLike, samples: np.ndarray, counts_topup: np.n
                         del h5[name]
                 chunk = min(rows, 8192)
                 h5.create_dataset("samples", data=samples, chunks=(chunk,), **_filters())
-                h5.create_dataset("counts_topup", data=counts_topup.astype(COUNTS_DTYPE),
-                                  chunks=(_chunk_rows(rows, before.num_classes), before.num_classes), **_filters())
+                h5.create_dataset(
+                    "counts_topup",
+                    data=counts_topup.astype(COUNTS_DTYPE),
+                    chunks=(_chunk_rows(rows, before.num_classes), before.num_classes),
+                    **_filters(),
+                )
                 h5.attrs["topup_rule"] = rule
                 h5.attrs["topup_planned_max"] = int(planned_max)
                 h5.attrs["topup_history"] = json.dumps(history)
@@ -713,8 +789,10 @@ def sign_counts(path: str | os.PathLike, key: bytes | str | None = None, *, lock
     try:
         counts = read_counts(path)
         if not counts.attrs["complete"]:
-            raise StoreError(f"{path} is incomplete: only a complete counts file is signed; finish it with "
-                             "`surrogate-cert datagen ... --resume`")
+            raise StoreError(
+                f"{path} is incomplete: only a complete counts file is signed; finish it with "
+                "`surrogate-cert datagen ... --resume`"
+            )
         if counts.attrs.get(SIGNATURE_ATTRS[1]) is not None:
             check_counts_signature(counts, path, secret)
         try:
@@ -739,7 +817,7 @@ class _Lock:
         self.target = target
         self.fd: int | None = None
 
-    def acquire(self) -> "_Lock":
+    def acquire(self) -> _Lock:
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -767,7 +845,9 @@ class _Lock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        raise StoreError(f"could not lock {self.path}: it keeps being replaced; is another job running on {self.target}?")
+        raise StoreError(
+            f"could not lock {self.path}: it keeps being replaced; is another job running on {self.target}?"
+        )
 
     def release(self) -> None:
         if self.fd is not None:
@@ -802,8 +882,15 @@ class CountsWriter:
     already in the file (non-zero on resume); ``append`` must receive the next rows in order.
     """
 
-    def __init__(self, path: str, lock: _Lock, committed: int, total: int, with_select: bool,
-                 attrs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str,
+        lock: _Lock,
+        committed: int,
+        total: int,
+        with_select: bool,
+        attrs: Mapping[str, Any] | None = None,
+    ):
         self.path = path
         self._lock = lock
         self.committed = committed
@@ -822,11 +909,11 @@ class CountsWriter:
         path: str | os.PathLike,
         *,
         indices: np.ndarray,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         attrs: Mapping[str, Any],
         resume: bool = False,
         overwrite: bool = False,
-    ) -> "CountsWriter":
+    ) -> CountsWriter:
         """Create ``path`` (refused if it exists, unless ``resume`` or ``overwrite``) or resume it.
 
         A resumed file must have the same identity attributes (``IDENTITY_KEYS``) and the same
@@ -880,8 +967,10 @@ class CountsWriter:
             if os.path.exists(path) and resume:
                 committed = cls._check_resume(path, indices, labels, attrs)
             elif os.path.exists(path) and not overwrite:
-                raise CountsFileExistsError(f"{path} already exists; pass --resume to continue it, --overwrite to start "
-                                            "it again, or choose another --out")
+                raise CountsFileExistsError(
+                    f"{path} already exists; pass --resume to continue it, --overwrite to start "
+                    "it again, or choose another --out"
+                )
             else:
                 cls._create(path, indices, labels, attrs, with_select, replace=overwrite)
                 committed = 0
@@ -902,23 +991,35 @@ class CountsWriter:
             stored = _checked_attrs(h5, path)
             want = _identity(attrs)
             have = _identity(stored)
-            diff = [f"{key} {have[key]!r} in the file vs {want[key]!r} requested" for key in IDENTITY_KEYS
-                    if _differs(have[key], want[key])]
+            diff = [
+                f"{key} {have[key]!r} in the file vs {want[key]!r} requested"
+                for key in IDENTITY_KEYS
+                if _differs(have[key], want[key])
+            ]
             if diff:
-                raise ResumeMismatchError(f"cannot resume {path}: " + "; ".join(diff)
-                                 + "; rerun with the file's settings or choose another --out")
-            same_rows = (len(h5["indices"]) == len(indices) and np.array_equal(h5["indices"][:], indices)
-                         and ("labels" in h5) == (labels is not None)
-                         and (labels is None or np.array_equal(h5["labels"][:], labels)))
+                raise ResumeMismatchError(
+                    f"cannot resume {path}: "
+                    + "; ".join(diff)
+                    + "; rerun with the file's settings or choose another --out"
+                )
+            same_rows = (
+                len(h5["indices"]) == len(indices)
+                and np.array_equal(h5["indices"][:], indices)
+                and ("labels" in h5) == (labels is not None)
+                and (labels is None or np.array_equal(h5["labels"][:], labels))
+            )
             if not same_rows:
                 if stored.get("split") == "train" and not np.isin(h5["indices"][:], indices).all():
                     raise ResumeMismatchError(
                         f"cannot resume {path}: it was started before the surrogate split was carved out of the train "
                         "block (version 0.3), so it plans images that are no longer in the train split; its committed "
                         "rows still read (train, calibrate and report accept it), but to finish it start it again "
-                        "with --overwrite, or count the new train and surrogate splits")
-                raise ResumeMismatchError(f"cannot resume {path}: it plans different images ({len(h5['indices'])} rows) than "
-                                 f"this request ({len(indices)} rows); use the same --dataset/--split/--limit")
+                        "with --overwrite, or count the new train and surrogate splits"
+                    )
+                raise ResumeMismatchError(
+                    f"cannot resume {path}: it plans different images ({len(h5['indices'])} rows) than "
+                    f"this request ({len(indices)} rows); use the same --dataset/--split/--limit"
+                )
             if ("counts_select" in h5) != (int(stored["n0"]) > 0):
                 raise StoreError(f"cannot resume {path}: counts_select presence does not match n0; the file is damaged")
             return int(stored["rows"])
@@ -963,8 +1064,10 @@ class CountsWriter:
                 if hi == self.total:
                     h5.attrs["complete"] = True
         except OSError as exc:
-            raise StoreError(f"cannot write {self.path} ({str(exc).splitlines()[0]}); committed rows are kept, "
-                             "fix the problem and rerun with --resume") from None
+            raise StoreError(
+                f"cannot write {self.path} ({str(exc).splitlines()[0]}); committed rows are kept, "
+                "fix the problem and rerun with --resume"
+            ) from None
         self.committed = hi
 
     def _checked_rows(self, table, name: str, total: int | None) -> np.ndarray:
@@ -972,15 +1075,18 @@ class CountsWriter:
         arr = np.asarray(table)
         k = self.num_classes
         if arr.ndim != 2 or (k is not None and arr.shape[1] != k):
-            raise StoreError(f"{self.path}: {name} must be rows x {k if k is not None else 'K'} (the file's classes), "
-                             f"got shape {arr.shape}")
+            raise StoreError(
+                f"{self.path}: {name} must be rows x {k if k is not None else 'K'} (the file's classes), "
+                f"got shape {arr.shape}"
+            )
         if not np.issubdtype(arr.dtype, np.integer):
             raise StoreError(f"{self.path}: {name} must hold integer counts, got dtype {arr.dtype}")
         if arr.size and (arr.min() < 0 or arr.max() >= 2**32):
             raise StoreError(f"{self.path}: {name} must lie in [0, 2**32), got {int(arr.min())}..{int(arr.max())}")
         if total is not None and arr.size and np.any(arr.sum(axis=1) != total):
-            raise StoreError(f"{self.path}: every row of {name} must sum to {total} (the file's "
-                             f"{'n' if name == 'counts' else 'n0'})")
+            raise StoreError(
+                f"{self.path}: every row of {name} must sum to {total} (the file's {'n' if name == 'counts' else 'n0'})"
+            )
         return arr.astype(COUNTS_DTYPE)
 
     @property
@@ -990,15 +1096,16 @@ class CountsWriter:
     def close(self) -> None:
         self._lock.release()
 
-    def __enter__(self) -> "CountsWriter":
+    def __enter__(self) -> CountsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _build(tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: bool, counts=None,
-           counts_select=None) -> None:
+def _build(
+    tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: bool, counts=None, counts_select=None
+) -> None:
     """Write a complete counts file at ``tmp``: no rows committed, or all of them when ``counts`` is given."""
     num_rows, k = len(indices), int(attrs["num_classes"])
     with h5py.File(tmp, "w") as h5:
@@ -1016,8 +1123,14 @@ def _build(tmp: str, indices, labels, attrs: Mapping[str, Any], with_select: boo
             h5.create_dataset("labels", data=np.asarray(labels, np.int64), chunks=(row_chunk,), **_filters())
         names = ["counts"] + (["counts_select"] if with_select else [])
         for name, data in zip(names, (counts, counts_select)):
-            h5.create_dataset(name, shape=(num_rows, k), dtype=COUNTS_DTYPE, chunks=(_chunk_rows(num_rows, k), k),
-                              fillvalue=0, **_filters())
+            h5.create_dataset(
+                name,
+                shape=(num_rows, k),
+                dtype=COUNTS_DTYPE,
+                chunks=(_chunk_rows(num_rows, k), k),
+                fillvalue=0,
+                **_filters(),
+            )
             if data is not None:
                 h5[name][:] = np.asarray(data).astype(COUNTS_DTYPE)
 
@@ -1077,8 +1190,8 @@ def find_shards(path: str | os.PathLike) -> dict[int, list[str]]:
     path = os.fspath(path)
     found: dict[int, list[str]] = {}
     for candidate in glob.glob(glob.escape(path) + ".shard-*-of-*"):
-        match = _SHARD_NAME.search(candidate[len(path):])
-        if match and candidate[len(path):] == match.group(0):
+        match = _SHARD_NAME.search(candidate[len(path) :])
+        if match and candidate[len(path) :] == match.group(0):
             found.setdefault(int(match.group(2)), []).append(candidate)
     return {size: sorted(paths) for size, paths in sorted(found.items())}
 
@@ -1126,9 +1239,11 @@ def check_no_shards(path: str | os.PathLike) -> None:
     shards = find_shards(path)
     if shards:
         size, paths = next(iter(shards.items()))
-        raise ShardError(f"{path} has shards of an unfinished torchrun job with {size} processes ({paths[0]}, ...); "
-                         f"finish it with the same torchrun command (world size {size}) and --resume, or delete "
-                         f"{path}.shard-* to start over")
+        raise ShardError(
+            f"{path} has shards of an unfinished torchrun job with {size} processes ({paths[0]}, ...); "
+            f"finish it with the same torchrun command (world size {size}) and --resume, or delete "
+            f"{path}.shard-* to start over"
+        )
 
 
 def open_shard(
@@ -1137,7 +1252,7 @@ def open_shard(
     world_size: int,
     *,
     indices: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     attrs: Mapping[str, Any],
     resume: bool = False,
 ) -> CountsWriter:
@@ -1170,11 +1285,13 @@ def open_shard(
         As ``CountsWriter.open``.
     """
     rows = shard_positions(len(indices), rank, world_size)
-    return CountsWriter.open(shard_path(path, rank, world_size), indices=np.asarray(indices)[rows],
-                             labels=None if labels is None else np.asarray(labels)[rows],
-                             attrs={**attrs, "shard_rank": int(rank),
-                                                                     "shard_count": int(world_size)},
-                             resume=resume)
+    return CountsWriter.open(
+        shard_path(path, rank, world_size),
+        indices=np.asarray(indices)[rows],
+        labels=None if labels is None else np.asarray(labels)[rows],
+        attrs={**attrs, "shard_rank": int(rank), "shard_count": int(world_size)},
+        resume=resume,
+    )
 
 
 def remove_shards(path: str | os.PathLike, world_size: int, *, locked: bool = False) -> None:
@@ -1201,8 +1318,15 @@ def remove_shards(path: str | os.PathLike, world_size: int, *, locked: bool = Fa
                 lock.release()
 
 
-def check_sharded_job(path: str | os.PathLike, world_size: int, *, indices: np.ndarray, labels: np.ndarray,
-                      attrs: Mapping[str, Any], resume: bool) -> bool:
+def check_sharded_job(
+    path: str | os.PathLike,
+    world_size: int,
+    *,
+    indices: np.ndarray,
+    labels: np.ndarray | None,
+    attrs: Mapping[str, Any],
+    resume: bool,
+) -> bool:
     """Before a torchrun job starts: may it run, and is there anything left to do?
 
     Parameters
@@ -1234,22 +1358,29 @@ def check_sharded_job(path: str | os.PathLike, world_size: int, *, indices: np.n
     if os.path.exists(path):
         if not resume:
             raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
-        committed = CountsWriter._check_resume(path, indices, labels,
-                                               {**attrs, "format_version": format_version_for(labels)})
+        committed = CountsWriter._check_resume(
+            path, indices, labels, {**attrs, "format_version": format_version_for(labels)}
+        )
         if committed >= len(indices):
             return True
-        raise ShardError(f"{path} is an unfinished one-process datagen file ({committed} of {len(indices)} rows); "
-                         "finish it without torchrun, with the same command and --resume")
+        raise ShardError(
+            f"{path} is an unfinished one-process datagen file ({committed} of {len(indices)} rows); "
+            "finish it without torchrun, with the same command and --resume"
+        )
     shards = find_shards(path)
     others = {size: paths for size, paths in shards.items() if size != world_size}
     if others:
         size, paths = next(iter(others.items()))
-        raise ShardError(f"{path} has shards of a torchrun job with {size} processes ({paths[0]}, ...), this one has "
-                         f"{world_size}; relaunch with {size} processes and --resume, or delete {path}.shard-* to "
-                         "start over")
+        raise ShardError(
+            f"{path} has shards of a torchrun job with {size} processes ({paths[0]}, ...), this one has "
+            f"{world_size}; relaunch with {size} processes and --resume, or delete {path}.shard-* to "
+            "start over"
+        )
     if shards.get(world_size) and not resume:
-        raise ShardError(f"{path} has shards of an unfinished job ({shards[world_size][0]}, ...); pass --resume to "
-                         "continue them, or delete them to start over")
+        raise ShardError(
+            f"{path} has shards of an unfinished job ({shards[world_size][0]}, ...); pass --resume to "
+            "continue them, or delete them to start over"
+        )
     return False
 
 
@@ -1275,8 +1406,16 @@ def lock_counts_file(path: str | os.PathLike):
     return _Lock(os.fspath(path)).acquire()
 
 
-def merge_shards(path: str | os.PathLike, world_size: int, *, indices: np.ndarray, labels: np.ndarray,
-                 attrs: Mapping[str, Any], lock_held: bool = False) -> None:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def merge_shards(
+    path: str | os.PathLike,
+    world_size: int,
+    *,
+    indices: np.ndarray,
+    labels: np.ndarray | None,
+    attrs: Mapping[str, Any],
+    lock_held: bool = False,
+) -> None:
     """Merge the ``world_size`` shards of ``path`` into ``path``, in the split's row order, then remove them.
 
     Every shard must exist, be complete, hold exactly its planned rows and match the job's
@@ -1318,29 +1457,45 @@ def merge_shards(path: str | os.PathLike, world_size: int, *, indices: np.ndarra
         for rank in range(world_size):
             shard = shard_path(path, rank, world_size)
             if not os.path.isfile(shard):
-                raise ShardError(f"cannot merge {path}: shard {shard} is missing; relaunch the same torchrun "
-                                 "command with --resume to redo it")
+                raise ShardError(
+                    f"cannot merge {path}: shard {shard} is missing; relaunch the same torchrun "
+                    "command with --resume to redo it"
+                )
             locks.append(_Lock(shard).acquire())
             part = read_counts(shard)
             have = _identity(part.attrs)
             diff = [f"{key} {have[key]!r} vs {want[key]!r}" for key in IDENTITY_KEYS if _differs(have[key], want[key])]
             if diff or (part.attrs.get("shard_rank"), part.attrs.get("shard_count")) != (rank, world_size):
-                diff = diff or [f"shard_rank/shard_count {part.attrs.get('shard_rank')}/{part.attrs.get('shard_count')}"]
-                raise ShardError(f"cannot merge {path}: shard {shard} comes from another job ({'; '.join(diff)}); "
-                                 "delete it and relaunch with --resume")
+                diff = diff or [
+                    f"shard_rank/shard_count {part.attrs.get('shard_rank')}/{part.attrs.get('shard_count')}"
+                ]
+                raise ShardError(
+                    f"cannot merge {path}: shard {shard} comes from another job ({'; '.join(diff)}); "
+                    "delete it and relaunch with --resume"
+                )
             rows = shard_positions(num_rows, rank, world_size)
             if not part.attrs["complete"] or len(part) != len(rows):
-                raise ShardError(f"cannot merge {path}: shard {shard} has {len(part)} of {len(rows)} rows; relaunch "
-                                 "the same torchrun command with --resume to finish it")
-            if not (np.array_equal(part.indices, np.asarray(indices)[rows])
-                    and (labels is None or np.array_equal(part.labels, np.asarray(labels)[rows]))):
-                raise ShardError(f"cannot merge {path}: shard {shard} holds other images than this job plans; "
-                                 "delete it and relaunch with --resume")
+                raise ShardError(
+                    f"cannot merge {path}: shard {shard} has {len(part)} of {len(rows)} rows; relaunch "
+                    "the same torchrun command with --resume to finish it"
+                )
+            if not (
+                np.array_equal(part.indices, np.asarray(indices)[rows])
+                and (
+                    labels is None
+                    or (part.labels is not None and np.array_equal(part.labels, np.asarray(labels)[rows]))
+                )
+            ):
+                raise ShardError(
+                    f"cannot merge {path}: shard {shard} holds other images than this job plans; "
+                    "delete it and relaunch with --resume"
+                )
             counts[rows] = part.counts
             if with_select:
                 if part.counts_select is None:
                     raise ShardError(f"cannot merge {path}: shard {shard} has no counts_select; the file is damaged")
-                counts_select[rows] = part.counts_select
+                select = cast(np.ndarray, counts_select)  # allocated above whenever with_select
+                select[rows] = part.counts_select
         if os.path.exists(path):
             raise StoreError(f"cannot merge into {path}: it already exists; choose another --out")
         lock = None if lock_held else _Lock(path).acquire()

@@ -15,6 +15,7 @@ and importing its core never import the layers above the core. Layers, top down:
 ``workflows``, ``deploy``, the domain packages ``calibration`` and ``data_gen``, and ``core``
 (see ARCHITECTURE.md).
 """
+
 from __future__ import annotations
 
 import importlib

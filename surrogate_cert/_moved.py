@@ -5,6 +5,7 @@ still works: a meta-path finder answers each old name with a small alias module 
 are looked up, in order, in the modules that now hold them. Nothing here is used by the package
 itself; remove an entry one release after its deprecation.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,15 +43,18 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         targets = MOVED[module.__name__]
-        warnings.warn(f"{module.__name__} is deprecated; import from {' or '.join(targets)}",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{module.__name__} is deprecated; import from {' or '.join(targets)}", DeprecationWarning, stacklevel=2
+        )
         homes = [importlib.import_module(name) for name in targets]
 
         def __getattr__(name: str):
             for home in homes:
                 if hasattr(home, name):
                     return getattr(home, name)
-            raise AttributeError(f"module {module.__name__!r} (moved to {', '.join(targets)}) has no attribute {name!r}")
+            raise AttributeError(
+                f"module {module.__name__!r} (moved to {', '.join(targets)}) has no attribute {name!r}"
+            )
 
         module.__getattr__ = __getattr__
         module.__doc__ = f"Deprecated alias of {', '.join(targets)}."

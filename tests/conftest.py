@@ -11,6 +11,7 @@
 The session runs torch with one intra-op thread: on the shared 2-core CI machine, OpenMP's
 spinning workers made small forward passes up to 100x slower with two threads.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,6 +37,13 @@ def digits_untrained_model(tmp_path_factory) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build("small_cnn", (1, 8, 8), 10)
-    save_checkpoint(str(path), model, arch="small_cnn", input_shape=(1, 8, 8), num_classes=10, kind="base",
-                    meta={"sigma": 0.25, "dataset": "digits", "note": "random weights (test fixture)"})
+    save_checkpoint(
+        str(path),
+        model,
+        arch="small_cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        kind="base",
+        meta={"sigma": 0.25, "dataset": "digits", "note": "random weights (test fixture)"},
+    )
     return str(path)

@@ -4,6 +4,7 @@ A point with ``p~ = 1 - 1e-9`` has ``z~ = 6.0``. Deployment bins the surrogate's
 ``Phi^{-1}(clip(p~, 1e-6))`` = 4.75, so with an edge at 5 it audited the point as a member of another bin than
 the one whose offset it was certified with. ``BROKEN`` below is that clipped rule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,25 @@ def _broken_bin(p_tilde, edges) -> np.ndarray:
 
 def _calibration() -> Calibration:
     # Bin 1 (z~ >= 5) has its own offset; bin 0 is too small and is never certified (nor audited).
-    return Calibration(surrogate_sha256="0" * 64, sigma=SIGMA, num_classes=2, epsilon=0.05, alpha_mc=1e-3,
-                       guarantee="marginal", method="conformal", groups="confidence",
-                       offsets={"0": float("inf"), "1": 0.2}, pooled_offset=0.2, calibration_size=200, n_cal=1000,
-                       radius_cap=stats.max_radius(1000, 1e-3, SIGMA), group_sizes={"0": 10, "1": 190},
-                       fallback_groups=["0"], min_group_size=19, bin_edges=[5.0])
+    return Calibration(
+        surrogate_sha256="0" * 64,
+        sigma=SIGMA,
+        num_classes=2,
+        epsilon=0.05,
+        alpha_mc=1e-3,
+        guarantee="marginal",
+        method="conformal",
+        groups="confidence",
+        offsets={"0": float("inf"), "1": 0.2},
+        pooled_offset=0.2,
+        calibration_size=200,
+        n_cal=1000,
+        radius_cap=stats.max_radius(1000, 1e-3, SIGMA),
+        group_sizes={"0": 10, "1": 190},
+        fallback_groups=["0"],
+        min_group_size=19,
+        bin_edges=[5.0],
+    )
 
 
 def test_audit_bins_a_very_confident_point_where_deployment_does_and_the_clipped_rule_does_not():

@@ -1,12 +1,13 @@
 """``bench`` reports every method with every field, on the dataset and on the linear ground truth."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from surrogate_cert.workflows.bench import BENCH_TINY, METHODS
 from surrogate_cert.cli import main
+from surrogate_cert.workflows.bench import BENCH_TINY, METHODS
 
 pytestmark = pytest.mark.slow
 

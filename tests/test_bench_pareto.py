@@ -1,5 +1,6 @@
 """The Pareto benchmark's machinery: recorded streams replay exactly what a live run draws, and a tiny
 run reports every row, target and figure."""
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,26 @@ def test_replayed_streams_give_the_certificates_of_a_live_run(tmp_path):
     for kw in (dict(policy="target_radius", target_radius=0.2), dict(price=0.05), dict(class_choice="per_class")):
         live = EProcessCertifier(smooth, 0.01, max_samples=700, n0=50, **kw).certify(problem.x, indices=names)
         replayed = EProcessCertifier(replay, 0.01, max_samples=700, n0=50, **kw).certify(problem.x, indices=names)
-        assert [(c.prediction, c.radius, c.n_samples, c.stop_time) for c in live] == \
-            [(c.prediction, c.radius, c.n_samples, c.stop_time) for c in replayed]
+        assert [(c.prediction, c.radius, c.n_samples, c.stop_time) for c in live] == [
+            (c.prediction, c.radius, c.n_samples, c.stop_time) for c in replayed
+        ]
     with pytest.raises(Exception, match="recorded"):
         replay.sample_predictions(problem.x[:1], 10, indices=[100], stream=STREAM_SEQUENTIAL, start=695)
 
 
 @pytest.mark.slow
 def test_tiny_pareto_run_reports_rows_targets_and_a_figure(tmp_path):
-    cfg = ParetoConfig(dataset="linear", linear_points=40, cohen_n=(100, 300), max_samples=300, prices=(0.1,),
-                       target_multiples=(1,), n0=20, linear_offline=(100, 120, 100, 500),
-                       linear_epochs=3)
+    cfg = ParetoConfig(
+        dataset="linear",
+        linear_points=40,
+        cohen_n=(100, 300),
+        max_samples=300,
+        prices=(0.1,),
+        target_multiples=(1,),
+        n0=20,
+        linear_offline=(100, 120, 100, 500),
+        linear_epochs=3,
+    )
     out = tmp_path / "pareto.json"
     content = run_pareto(out, [cfg], workdir=tmp_path / "work", say=lambda _: None)
     data = json.loads(out.read_text())

@@ -1,4 +1,5 @@
 """calibration.json: round trip, integrity, binding to the surrogate, and clear errors on bad input."""
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,36 @@ def test_round_trip_keeps_every_field_and_the_deployed_offsets(tmp_path, problem
     loaded = load_calibration(path, surrogate=_surrogate(problem))
     assert loaded.offsets == pytest.approx(calibration.offsets)
     assert loaded.radius_cap == pytest.approx(calibration.radius_cap)
-    assert (loaded.epsilon, loaded.alpha_mc, loaded.groups, loaded.guarantee, loaded.method) == (0.05, 1e-3, "class", "marginal", "conformal")
+    assert (loaded.epsilon, loaded.alpha_mc, loaded.groups, loaded.guarantee, loaded.method) == (
+        0.05,
+        1e-3,
+        "class",
+        "marginal",
+        "conformal",
+    )
     assert loaded.calibration_size == 300 and loaded.n_cal == 2000
     content = json.loads(open(path).read())
-    for key in ("surrogate_sha256", "sigma", "num_classes", "epsilon", "alpha_mc", "delta", "guarantee", "method",
-                "groups", "offsets", "group_sizes", "fallback_groups", "calibration_size", "n_cal",
-                "counts_sha256", "package_version", "diagnostics", "checksum_sha256", "bound"):
+    for key in (
+        "surrogate_sha256",
+        "sigma",
+        "num_classes",
+        "epsilon",
+        "alpha_mc",
+        "delta",
+        "guarantee",
+        "method",
+        "groups",
+        "offsets",
+        "group_sizes",
+        "fallback_groups",
+        "calibration_size",
+        "n_cal",
+        "counts_sha256",
+        "package_version",
+        "diagnostics",
+        "checksum_sha256",
+        "bound",
+    ):
         assert key in content
     assert content["bound"] == pytest.approx(0.051)
     assert 0 <= content["diagnostics"]["violation_rate"] <= 1
@@ -61,8 +86,17 @@ def test_infinite_offset_survives_json(tmp_path, problem):
     path = cal.save(tmp_path / "c.json")
     loaded = load_calibration(path)
     assert loaded.fallback_groups == ["0", "1"] and np.isinf(loaded.offset("0")) and np.isinf(loaded.offset("1"))
-    inf_cal = Calibration(**{**loaded.__dict__, "offsets": {"all": float("inf")}, "pooled_offset": float("inf"),
-                             "groups": "none", "created": None, "group_sizes": {"all": 20}, "fallback_groups": []})
+    inf_cal = Calibration(
+        **{
+            **loaded.__dict__,
+            "offsets": {"all": float("inf")},
+            "pooled_offset": float("inf"),
+            "groups": "none",
+            "created": None,
+            "group_sizes": {"all": 20},
+            "fallback_groups": [],
+        }
+    )
     loaded2 = load_calibration(inf_cal.save(tmp_path / "inf.json"))
     assert np.isinf(loaded2.offset("all"))
 
@@ -105,12 +139,21 @@ def test_too_small_calibration_set_says_how_many_are_needed(problem):
         calibrate_arrays(s, problem.x[:50], _counts(problem)[:50], 0.05, 1e-3, guarantee="pac", delta=0.05)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=1.0), "epsilon"), (dict(epsilon=0.6), "epsilon"),
-    (dict(epsilon=float("nan")), "epsilon"), (dict(alpha_mc=0.0), "alpha_mc"), (dict(alpha_mc=1.5), "alpha_mc"),
-    (dict(guarantee="pac", delta=0.0), "delta"), (dict(guarantee="bayes"), "guarantee"),
-    (dict(groups="pixel"), "groups"), (dict(method="magic"), "method"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=1.0), "epsilon"),
+        (dict(epsilon=0.6), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(alpha_mc=0.0), "alpha_mc"),
+        (dict(alpha_mc=1.5), "alpha_mc"),
+        (dict(guarantee="pac", delta=0.0), "delta"),
+        (dict(guarantee="bayes"), "guarantee"),
+        (dict(groups="pixel"), "groups"),
+        (dict(method="magic"), "method"),
+    ],
+)
 def test_bad_parameters_are_clear_errors(kwargs, match):
     args = dict(sigma=SIGMA, num_classes=2, epsilon=0.1, alpha_mc=1e-3)
     args.update(kwargs)
@@ -191,7 +234,8 @@ def test_signature_round_trip_and_refusals(tmp_path, problem, calibration, monke
     content["pooled_offset"] = content["pooled_offset"] - 0.01
     body = {k: v for k, v in content.items() if k not in ("checksum_sha256", "signature_hmac_sha256")}
     content["checksum_sha256"] = hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
+        json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    ).hexdigest()
     (tmp_path / "forged.json").write_text(json.dumps(content))
     with pytest.raises(SignatureError, match="altered after signing"):
         load_calibration(tmp_path / "forged.json")

@@ -14,6 +14,7 @@ certificates over the whole pool). Marginal validity says the mean of that over 
 most ``epsilon + alpha_mc``; the test rejects when the mean exceeds the bound by more than 3.09
 standard errors (one-sided, 0.999). Broken procedures must fail the same test.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,10 +22,10 @@ import pytest
 from scipy import stats as st
 
 from calibration.conformal import fit_offsets
-from surrogate_cert.core.one_pass import group_keys
-from surrogate_cert.core.stats import max_radius, reference_radius, surrogate_radius
 from surrogate_cert.core import stats
 from surrogate_cert.core.groundtruth import linear_problem
+from surrogate_cert.core.one_pass import group_keys
+from surrogate_cert.core.stats import max_radius, reference_radius, surrogate_radius
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +74,19 @@ def _redraws(calibrate_once, m: int, n_cal: int, seed: int = 0) -> list:
 def _correct(m, n_cal, epsilon, **options):
     def once(rows, rng):
         counts_top = rng.binomial(n_cal, P_TRUE[rows])
-        fit = fit_offsets(P_TILDE[rows], PREDICTED[rows], counts_top, n_cal, sigma=SIGMA, num_classes=2,
-                          epsilon=epsilon, alpha_mc=ALPHA_MC, **options)
+        fit = fit_offsets(
+            P_TILDE[rows],
+            PREDICTED[rows],
+            counts_top,
+            n_cal,
+            sigma=SIGMA,
+            num_classes=2,
+            epsilon=epsilon,
+            alpha_mc=ALPHA_MC,
+            **options,
+        )
         return surrogate_radius(P_TILDE, SIGMA, fit.radius_cap) - _offsets_per_point(fit, options.get("groups", "none"))
+
     return _redraws(once, m, n_cal)
 
 
@@ -85,6 +96,7 @@ def _exceeds(rates, bound: float) -> bool:
 
 
 # --------------------------------------------------------------------------- marginal
+
 
 def test_marginal_rate_within_bound_and_floor_rank_on_training_split_fails():
     m, n_cal, epsilon = 20, 10**6, 0.1
@@ -96,7 +108,9 @@ def test_marginal_rate_within_bound_and_floor_rank_on_training_split_fails():
     def broken(rows, rng):  # quantile at rank floor(m (1 - eps)), scores from the surrogate's training split
         counts_top = rng.binomial(n_cal, P_TRUE_TRAIN[rows])
         cap = max_radius(n_cal, ALPHA_MC, SIGMA)
-        scores = surrogate_radius(P_TILDE_TRAIN[rows], SIGMA, cap) - reference_radius(counts_top, n_cal, ALPHA_MC, SIGMA)
+        scores = surrogate_radius(P_TILDE_TRAIN[rows], SIGMA, cap) - reference_radius(
+            counts_top, n_cal, ALPHA_MC, SIGMA
+        )
         q = np.sort(scores)[int(np.floor(m * (1 - epsilon))) - 1]
         return surrogate_radius(P_TILDE, SIGMA, cap) - q
 
@@ -121,6 +135,7 @@ def test_plugin_reference_without_clopper_pearson_fails_where_the_real_one_holds
 
 # --------------------------------------------------------------------------- PAC
 
+
 def test_pac_rate_exceeds_bound_in_at_most_delta_of_calibrations():
     m, n_cal, epsilon, delta = 60, 10**6, 0.1, 0.1
     bound = epsilon + ALPHA_MC
@@ -133,6 +148,7 @@ def test_pac_rate_exceeds_bound_in_at_most_delta_of_calibrations():
 
 
 # --------------------------------------------------------------------------- Mondrian
+
 
 @pytest.mark.parametrize("groups", ["class", "confidence"])
 def test_mondrian_rate_within_bound_in_every_group(groups):
@@ -155,6 +171,7 @@ def test_pooled_calibration_breaks_the_per_confidence_bin_bound():
 
 
 # --------------------------------------------------------------------------- Learn-then-Test
+
 
 def test_ltt_rate_among_issued_certificates_controlled_with_probability_one_minus_delta():
     m, n_cal, epsilon, delta = 150, 10**6, 0.1, 0.1

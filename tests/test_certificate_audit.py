@@ -2,6 +2,7 @@
 long audits stays within its bound, the threshold epsilon + alpha_mc does not (it ignores how far one
 calibration's exceedance rate can sit above epsilon), a calibration without its offset is caught, and the
 audit samples fresh noise of its own."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,10 @@ def test_false_alarm_rate_over_calibration_draws_within_bound_and_epsilon_plus_a
         rates.append(audit.rate_observed)
         broken += naive_audit.alarm
     allowance = stats.binomial_allowance(runs, 0.1)
-    print(f"audit alarms {alarms}, at epsilon + alpha_mc {broken} of {runs}; allowance {allowance}; "
-          f"mean rate {np.mean(rates):.4f}")
+    print(
+        f"audit alarms {alarms}, at epsilon + alpha_mc {broken} of {runs}; allowance {allowance}; "
+        f"mean rate {np.mean(rates):.4f}"
+    )
     assert np.mean(rates) <= epsilon + 3 * np.std(rates) / np.sqrt(runs)  # the marginal guarantee holds
     assert alarms <= allowance
     assert broken > allowance + 10  # 43 of 100 when written
@@ -123,11 +126,20 @@ def test_audit_uses_its_own_noise_and_refuses_bad_settings():
     audit_counts = smooth.counts(problem.x, 512, stream=STREAM_AUDIT)
     assert not np.array_equal(audit_counts, smooth.counts(problem.x, 512, stream=STREAM_SEQUENTIAL))
     surrogate = _imperfect_surrogate()
-    calibration = calibrate_arrays(surrogate, problem.x.repeat(30, 1, 1, 1),
-                                   _exact_counts(linear_problem(120, sigma=SIGMA, input_shape=SHAPE), 500,
-                                                 np.random.default_rng(0)), 0.1, 1e-3)
-    for kwargs in (dict(rate=0.0), dict(rate=1.5), dict(rate="a"), dict(rate=0.1, n_audit=100),
-                   dict(rate=0.1, delta=0.0)):
+    calibration = calibrate_arrays(
+        surrogate,
+        problem.x.repeat(30, 1, 1, 1),
+        _exact_counts(linear_problem(120, sigma=SIGMA, input_shape=SHAPE), 500, np.random.default_rng(0)),
+        0.1,
+        1e-3,
+    )
+    for kwargs in (
+        dict(rate=0.0),
+        dict(rate=1.5),
+        dict(rate="a"),
+        dict(rate=0.1, n_audit=100),
+        dict(rate=0.1, delta=0.0),
+    ):
         with pytest.raises(InvalidParameterError):
             CertificateAudit(calibration, smooth, **kwargs)
     with pytest.raises(InvalidParameterError, match="sigma"):

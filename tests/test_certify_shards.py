@@ -1,6 +1,7 @@
 """Certifying commands under torchrun: each process certifies its strided share of the split and
 rank 0 puts the certificates back in the split's order. Noise is named by dataset index, so the
 Cohen, sequential and hybrid certificates equal a one-process run's (all but the wall time)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,14 +52,27 @@ def setup():
     w = cal.model.w.double() + 0.5 * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64) / 2
     w = w / torch.linalg.norm(w)
     scale = 1.702 * 1.5 / (2 * SIGMA)
-    surrogate = Surrogate(LinearBinaryModel(w.float() * scale, -float(w @ torch.full((4,), 0.5, dtype=torch.float64))
-                                            * scale), arch="linear", input_shape=SHAPE, num_classes=2, sigma=SIGMA,
-                          kappa=50.0, w=0.2, device="cpu")
+    surrogate = Surrogate(
+        LinearBinaryModel(w.float() * scale, -float(w @ torch.full((4,), 0.5, dtype=torch.float64)) * scale),
+        arch="linear",
+        input_shape=SHAPE,
+        num_classes=2,
+        sigma=SIGMA,
+        kappa=50.0,
+        w=0.2,
+        device="cpu",
+    )
     k1 = np.random.default_rng(0).binomial(10**5, cal.p1)
     calibration = calibrate_arrays(surrogate, cal.x, np.stack([10**5 - k1, k1], axis=1), 0.05, 1e-3)
     test = linear_problem(25, sigma=SIGMA, input_shape=SHAPE, seed=12)
-    data = SplitData("linear", "test", test.x, torch.zeros(25, dtype=torch.int64),
-                     np.random.default_rng(1).permutation(1000)[:25].astype(np.int64), 2)
+    data = SplitData(
+        "linear",
+        "test",
+        test.x,
+        torch.zeros(25, dtype=torch.int64),
+        np.random.default_rng(1).permutation(1000)[:25].astype(np.int64),
+        2,
+    )
     return surrogate, calibration, test, data
 
 
@@ -68,8 +82,9 @@ def test_cohen_sequential_and_hybrid_shards_equal_one_process(setup, world_size)
     smooth = SmoothedClassifier(test.model, 2, SIGMA, device="cpu", batch_size=512, seed=7)
     cohen = CohenCertifier(smooth)
     sequential = EProcessCertifier(smooth, 1e-3, max_samples=2000, tolerance=0.02)
-    hybrid = HybridCertifier(SurrogateCertifier(surrogate, calibration),
-                             EProcessCertifier(smooth, 1e-3, max_samples=2000, tolerance=0.02))
+    hybrid = HybridCertifier(
+        SurrogateCertifier(surrogate, calibration), EProcessCertifier(smooth, 1e-3, max_samples=2000, tolerance=0.02)
+    )
     runs = {
         "cohen": lambda x, idx: cohen.certify(x, n0=50, n=1000, alpha=1e-3, indices=idx),
         "sequential": lambda x, idx: sequential.certify(x, indices=idx),

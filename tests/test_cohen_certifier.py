@@ -1,4 +1,5 @@
 """CohenCertifier: the records it returns, reproducible noise, independent streams, and bad input."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """MAPIE's split-conformal lower bound is exactly the order statistic of DESIGN.md."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,12 @@ def test_literal_confidence_level_gives_the_same_rank_off_the_integer_edges():
     for m, epsilon in [(400, 0.01), (250, 0.05), (1234, 0.02)]:
         p_tilde, reference = _calibration_set(m, seed=1)
         X = p_tilde.reshape(-1, 1)
-        reg = SplitConformalRegressor(SurrogateRadiusRegressor(SIGMA).fit(X), confidence_level=1 - 2 * epsilon,
-                                      conformity_score=AbsoluteConformityScore(sym=False), prefit=True)
+        reg = SplitConformalRegressor(
+            SurrogateRadiusRegressor(SIGMA).fit(X),
+            confidence_level=1 - 2 * epsilon,
+            conformity_score=AbsoluteConformityScore(sym=False),
+            prefit=True,
+        )
         reg.conformalize(X, reference)
         pred, intervals = reg.predict_interval(X, allow_infinite_bounds=True)
         q_literal = float((pred - intervals[:, 0, 0])[0])

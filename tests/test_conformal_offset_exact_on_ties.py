@@ -5,6 +5,7 @@ one rounding per row, so the minimum can land an ulp below a tied ``k``-th score
 with it then counts as over the offset (more than ``m - k`` exceedances, the rank's whole promise).
 ``BROKEN`` below is that reading, kept here to show it failing on tie-heavy calibration sets.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,11 @@ def _broken_mapie_offset(p_tilde, reference, rank: int, cap: float) -> float:
     X = np.asarray(p_tilde, dtype=float).reshape(-1, 1)
     m = len(reference)
     regressor = SplitConformalRegressor(
-        SurrogateRadiusRegressor(SIGMA, cap).fit(X), confidence_level=1.0 - 2.0 * (1.0 - (rank - 0.5) / (m + 1)),
-        conformity_score=AbsoluteConformityScore(sym=False), prefit=True).conformalize(X, reference)
+        SurrogateRadiusRegressor(SIGMA, cap).fit(X),
+        confidence_level=1.0 - 2.0 * (1.0 - (rank - 0.5) / (m + 1)),
+        conformity_score=AbsoluteConformityScore(sym=False),
+        prefit=True,
+    ).conformalize(X, reference)
     radius, intervals = regressor.predict_interval(X, allow_infinite_bounds=True)
     return float(np.min(radius - intervals[:, 0, 0]))
 
@@ -61,7 +65,8 @@ def test_in_sample_exceedance_counts_ties_as_within_the_offset():
     m = 300
     p_tilde = np.full(m, 0.99)
     counts_top = np.full(m, 990)
-    fit = fit_offsets(p_tilde, np.zeros(m, int), counts_top, 1000, sigma=SIGMA, num_classes=2, epsilon=0.05,
-                      alpha_mc=1e-3)
+    fit = fit_offsets(
+        p_tilde, np.zeros(m, int), counts_top, 1000, sigma=SIGMA, num_classes=2, epsilon=0.05, alpha_mc=1e-3
+    )
     score = float(stats.surrogate_radius(0.99, SIGMA, fit.radius_cap) - stats.reference_radius(990, 1000, 1e-3, SIGMA))
     assert fit.pooled_offset == score and fit.diagnostics["violation_rate"] == 0.0

@@ -1,6 +1,7 @@
 """Counts agree with exactly known class probabilities: for a linear binary model,
 P(f(x + eps) = 1) = Phi(margin / sigma) (surrogate_cert.groundtruth). Binomial tests, with a check
 that the same test rejects counts from a slightly wrong noise level (so it has teeth)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,12 +46,24 @@ def test_datagen_file_matches_exact_probabilities(tmp_path):
     problem = linear_problem(60, sigma=SIGMA, max_margin_sigmas=2.0, input_shape=(1, 2, 2), seed=3)
     np.savez(tmp_path / "linear.npz", x=problem.x.numpy(), y=problem.true_class, num_classes=2)
     scripted = torch.jit.script(problem.model)
-    torch.jit.save(scripted, str(tmp_path / "linear.ts"),
-                   _extra_files={TORCHSCRIPT_META: '{"num_classes": 2, "input_shape": [1, 2, 2]}'})
+    torch.jit.save(
+        scripted,
+        str(tmp_path / "linear.ts"),
+        _extra_files={TORCHSCRIPT_META: '{"num_classes": 2, "input_shape": [1, 2, 2]}'},
+    )
     out = tmp_path / "test.h5"
     n = 8_000
-    generate_counts(f"npz:{tmp_path / 'linear.npz'}", "train", str(tmp_path / "linear.ts"), SIGMA, n, str(out),
-                    n0=100, device="cpu", progress=False)
+    generate_counts(
+        f"npz:{tmp_path / 'linear.npz'}",
+        "train",
+        str(tmp_path / "linear.ts"),
+        SIGMA,
+        n,
+        str(out),
+        n0=100,
+        device="cpu",
+        progress=False,
+    )
     counts = read_counts(out)
     assert len(counts) == 27 and counts.num_classes == 2  # the train split: 45 % of 60
     p1 = problem.p1[counts.indices]

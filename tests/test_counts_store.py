@@ -1,5 +1,6 @@
 """The HDF5 counts file: schema, attributes, row sums, batch-size independence, committed rows only,
 refusals (existing output, mismatched resume, second writer) that leave existing files unchanged."""
+
 from __future__ import annotations
 
 import h5py
@@ -11,8 +12,21 @@ from data_gen.store import FORMAT_VERSION, CountsWriter, ResumeMismatchError, St
 from surrogate_cert.core.errors import StoreError
 from surrogate_cert.core.hashing import sha256_file
 
-ATTRS = ("format_version", "sigma", "n", "n0", "num_classes", "seed", "dataset", "split", "model_sha256",
-         "package_version", "input_shape", "complete", "rows")
+ATTRS = (
+    "format_version",
+    "sigma",
+    "n",
+    "n0",
+    "num_classes",
+    "seed",
+    "dataset",
+    "split",
+    "model_sha256",
+    "package_version",
+    "input_shape",
+    "complete",
+    "rows",
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +35,20 @@ def two_batch_sizes(tmp_path_factory, digits_untrained_model):
     paths = []
     for batch_size in (1000, 47):
         path = folder / f"cal-{batch_size}.h5"
-        generate_counts("digits", "cal", digits_untrained_model, 0.5, 150, str(path), n0=30, batch_size=batch_size,
-                        seed=1, limit=25, device="cpu", progress=False)
+        generate_counts(
+            "digits",
+            "cal",
+            digits_untrained_model,
+            0.5,
+            150,
+            str(path),
+            n0=30,
+            batch_size=batch_size,
+            seed=1,
+            limit=25,
+            device="cpu",
+            progress=False,
+        )
         paths.append(path)
     return paths
 
@@ -55,9 +81,22 @@ def test_schema_is_chunked_compressed_and_checksummed(two_batch_sizes):
 
 def test_only_committed_rows_are_read(tmp_path):
     path = tmp_path / "partial.h5"
-    attrs = {"sigma": 0.25, "n": 10, "n0": 0, "num_classes": 3, "seed": 0, "dataset": "npz:x", "split": "test",
-             "limit": None, "model_sha256": "0" * 64, "noise_scheme": "s", "device_type": "cpu", "amp": None,
-             "input_shape": [1, 2, 2], "package_version": "0"}
+    attrs = {
+        "sigma": 0.25,
+        "n": 10,
+        "n0": 0,
+        "num_classes": 3,
+        "seed": 0,
+        "dataset": "npz:x",
+        "split": "test",
+        "limit": None,
+        "model_sha256": "0" * 64,
+        "noise_scheme": "s",
+        "device_type": "cpu",
+        "amp": None,
+        "input_shape": [1, 2, 2],
+        "package_version": "0",
+    }
     indices, labels = np.arange(10, 15), np.array([0, 1, 2, 0, 1])
     with CountsWriter.open(path, indices=indices, labels=labels, attrs=attrs) as writer:
         writer.append(np.array([[10, 0, 0], [0, 10, 0]]))

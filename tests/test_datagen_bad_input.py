@@ -1,5 +1,6 @@
 """Bad input to `datagen` / `train-base`: one line on stderr, exit code 2, no traceback, and no
 file created or changed."""
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,18 @@ def assert_one_line_error(code, err, *needles):
 @pytest.fixture()
 def datagen(tmp_path, digits_untrained_model):
     """Call `datagen` with sane defaults, overridden by keyword; returns (exit code, stderr)."""
+
     def call(capsys, **overrides):
-        args = {"--dataset": "digits", "--split": "test", "--model": digits_untrained_model, "--sigma": "0.25",
-                "--n": "20", "--limit": "3", "--device": "cpu", "--out": str(tmp_path / "out.h5")}
+        args = {
+            "--dataset": "digits",
+            "--split": "test",
+            "--model": digits_untrained_model,
+            "--sigma": "0.25",
+            "--n": "20",
+            "--limit": "3",
+            "--device": "cpu",
+            "--out": str(tmp_path / "out.h5"),
+        }
         args.update(overrides)
         argv = ["datagen", "--no-progress"]
         for key, value in args.items():
@@ -41,22 +51,26 @@ def datagen(tmp_path, digits_untrained_model):
             elif value is not None:
                 argv += [key, value]
         return run(capsys, *argv)
+
     return call
 
 
-@pytest.mark.parametrize("overrides, needles", [
-    ({"--dataset": "imagenet"}, ["unknown dataset 'imagenet'"]),
-    ({"--dataset": "npz:/no/such.npz"}, ["no such file"]),
-    ({"--model": "/no/such/base.pt"}, ["does not exist"]),
-    ({"--model": "no_such_package.mod:factory"}, ["cannot import no_such_package.mod"]),
-    ({"--sigma": "0"}, ["sigma must lie in [0.0001, 1000]"]),
-    ({"--sigma": "-0.5"}, ["sigma must lie in [0.0001, 1000]"]),
-    ({"--sigma": "nan"}, ["sigma"]),
-    ({"--n": "0"}, ["n must be an integer >= 1"]),
-    ({"--n0": "-1"}, ["n0 must be an integer >= 0"]),
-    ({"--batch-size": "0"}, ["batch_size"]),
-    ({"--limit": "0"}, ["limit must be an integer >= 1"]),
-])
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        ({"--dataset": "imagenet"}, ["unknown dataset 'imagenet'"]),
+        ({"--dataset": "npz:/no/such.npz"}, ["no such file"]),
+        ({"--model": "/no/such/base.pt"}, ["does not exist"]),
+        ({"--model": "no_such_package.mod:factory"}, ["cannot import no_such_package.mod"]),
+        ({"--sigma": "0"}, ["sigma must lie in [0.0001, 1000]"]),
+        ({"--sigma": "-0.5"}, ["sigma must lie in [0.0001, 1000]"]),
+        ({"--sigma": "nan"}, ["sigma"]),
+        ({"--n": "0"}, ["n must be an integer >= 1"]),
+        ({"--n0": "-1"}, ["n0 must be an integer >= 0"]),
+        ({"--batch-size": "0"}, ["batch_size"]),
+        ({"--limit": "0"}, ["limit must be an integer >= 1"]),
+    ],
+)
 def test_bad_arguments(capsys, tmp_path, datagen, overrides, needles):
     assert_one_line_error(*datagen(capsys, **overrides), *needles)
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.lock").exists()
@@ -123,6 +137,7 @@ def test_existing_output_and_mismatched_resume_leave_the_file_unchanged(capsys, 
     assert_one_line_error(*datagen(capsys, **{"--resume": "", "--overwrite": ""}), "one of them")
     assert datagen(capsys, **{"--overwrite": "", "--n": "21"})[0] == 0
     from data_gen.store import read_attrs
+
     assert read_attrs(tmp_path / "out.h5")["n"] == 21
     assert sorted(os.listdir(tmp_path)) == ["out.h5"]  # no lock, no temporary file left
 
@@ -130,7 +145,8 @@ def test_existing_output_and_mismatched_resume_leave_the_file_unchanged(capsys, 
 def test_train_base_bad_input(capsys, tmp_path):
     out = tmp_path / "base.pt"
     assert_one_line_error(*run(capsys, "train-base", "--sigma", "0", "--out", str(out), "--no-progress"), "sigma")
-    assert_one_line_error(*run(capsys, "train-base", "--dataset", "nope", "--out", str(out), "--no-progress"),
-                          "unknown dataset")
+    assert_one_line_error(
+        *run(capsys, "train-base", "--dataset", "nope", "--out", str(out), "--no-progress"), "unknown dataset"
+    )
     assert_one_line_error(*run(capsys, "train-base", "--epochs", "0", "--out", str(out), "--no-progress"), "epochs")
     assert not out.exists()

@@ -1,5 +1,6 @@
 """Base-model loading: built-in checkpoints, TorchScript, torch.export programs, and
 module:factory=weights specs, always weights-only (no pickled code runs), with the weights' SHA-256."""
+
 from __future__ import annotations
 
 import pathlib
@@ -14,13 +15,13 @@ from surrogate_cert.core.architectures import build, load_checkpoint, save_check
 from surrogate_cert.core.errors import ModelError
 from surrogate_cert.core.hashing import sha256_file
 
-FACTORY_SOURCE = '''
+FACTORY_SOURCE = """
 from torch import nn
 
 
 def net():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-'''
+"""
 
 
 def test_builtin_checkpoint_round_trip(digits_untrained_model):
@@ -40,8 +41,11 @@ def test_builtin_checkpoint_round_trip(digits_untrained_model):
 def test_torchscript(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     x = torch.rand(5, 1, 8, 8)
-    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.ts"),
-                   _extra_files={TORCHSCRIPT_META: '{"num_classes": 10, "input_shape": [1, 8, 8], "sigma": 0.5}'})
+    torch.jit.save(
+        torch.jit.script(model),
+        str(tmp_path / "m.ts"),
+        _extra_files={TORCHSCRIPT_META: '{"num_classes": 10, "input_shape": [1, 8, 8], "sigma": 0.5}'},
+    )
     scripted = load_model(str(tmp_path / "m.ts"), device="cpu")
     assert (scripted.num_classes, scripted.input_shape, scripted.sigma) == (10, (1, 8, 8), 0.5)
     assert torch.allclose(scripted.model(x), model(x)) and scripted.sha256 == sha256_file(tmp_path / "m.ts")
@@ -73,8 +77,15 @@ def test_factory_specs(tmp_path, monkeypatch):
     no_weights = load_model("user_models:net", device="cpu")
     assert len(no_weights.sha256) == 64
     # A surrogate-cert checkpoint is accepted as the weights file too.
-    save_checkpoint(tmp_path / "ck.pt", reference, arch="small_cnn", input_shape=(1, 8, 8), num_classes=10,
-                    kind="base", meta={"sigma": 0.3})
+    save_checkpoint(
+        tmp_path / "ck.pt",
+        reference,
+        arch="small_cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        kind="base",
+        meta={"sigma": 0.3},
+    )
     from_checkpoint = load_model(f"user_models:net={tmp_path / 'ck.pt'}", device="cpu")
     assert from_checkpoint.sigma == 0.3 and torch.allclose(from_checkpoint.model(x), reference(x))
     torch.save(build("small_cnn", (1, 8, 8), 10).state_dict(), tmp_path / "other.pt")

@@ -1,5 +1,6 @@
 """A datagen job killed with SIGKILL mid-run and resumed with --resume gives exactly the file an
 uninterrupted run gives (no lost, no duplicated rows); a second writer is refused meanwhile."""
+
 from __future__ import annotations
 
 import os
@@ -56,13 +57,45 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     module = tmp_path / "linear_model.py"
     module.write_text(MODEL_SOURCE)
     out = tmp_path / "train.h5"
-    common = ["--dataset", "digits", "--split", "train", "--sigma", "0.25", "--n", str(N), "--n0", "20",
-              "--limit", str(LIMIT), "--seed", "5", "--device", "cpu", "--no-progress", "--out", str(out)]
+    common = [
+        "--dataset",
+        "digits",
+        "--split",
+        "train",
+        "--sigma",
+        "0.25",
+        "--n",
+        str(N),
+        "--n0",
+        "20",
+        "--limit",
+        str(LIMIT),
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "surrogate_cert", "datagen", "--model", f"{module}:slow",
-         "--batch-size", "200", "--commit-every", "0", *common],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "surrogate_cert",
+            "datagen",
+            "--model",
+            f"{module}:slow",
+            "--batch-size",
+            "200",
+            "--commit-every",
+            "0",
+            *common,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 90
@@ -78,8 +111,20 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
                     rows = 0  # caught between the file's creation and its first readable state
         # A second writer on the same file is refused at once, and changes nothing.
         with pytest.raises(StoreError, match="another process"):
-            generate_counts("digits", "train", f"{module}:fast", 0.25, N, str(out), n0=20, limit=LIMIT, seed=5,
-                            device="cpu", resume=True, progress=False)
+            generate_counts(
+                "digits",
+                "train",
+                f"{module}:fast",
+                0.25,
+                N,
+                str(out),
+                n0=20,
+                limit=LIMIT,
+                seed=5,
+                device="cpu",
+                resume=True,
+                progress=False,
+            )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -96,8 +141,20 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     resumed = read_counts(out)
 
     reference = tmp_path / "reference.h5"
-    generate_counts("digits", "train", f"{module}:fast", 0.25, N, str(reference), n0=20, batch_size=1000,
-                    limit=LIMIT, seed=5, device="cpu", progress=False)
+    generate_counts(
+        "digits",
+        "train",
+        f"{module}:fast",
+        0.25,
+        N,
+        str(reference),
+        n0=20,
+        batch_size=1000,
+        limit=LIMIT,
+        seed=5,
+        device="cpu",
+        progress=False,
+    )
     expected = read_counts(reference)
     assert resumed.attrs["complete"] is True and resumed.attrs["rows"] == LIMIT
     assert np.array_equal(resumed.indices, expected.indices)

@@ -2,6 +2,7 @@
 its own shard file, rank 0 merges them into exactly the file a one-process run writes, and every bad
 input (missing, unfinished or foreign shard, another world size, a one-process run over shards, more
 processes than images) gets a one-line error with nothing committed lost and no merged file written."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def assert_same_file(a, b):
     for name in ("indices", "labels", "counts", "counts_select"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     timing = {"created_utc", "command"}
-    assert {k: v for k, v in a.attrs.items() if k not in timing} == {k: v for k, v in b.attrs.items() if k not in timing}
+    assert {k: v for k, v in a.attrs.items() if k not in timing} == {
+        k: v for k, v in b.attrs.items() if k not in timing
+    }
 
 
 @pytest.fixture(scope="module")

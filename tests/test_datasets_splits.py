@@ -1,5 +1,6 @@
 """Datasets: fixed, seeded, disjoint train / surrogate / cal / test splits that keep dataset indices, for
 the embedded digits, torchvision sets (a fake MNIST on disk), npz and imagefolder."""
+
 from __future__ import annotations
 
 import struct

@@ -10,6 +10,7 @@ adaptive average pooling) on 1 x 8 x 8 images:
   lower bound, and never changes the prediction inside the certified radius; teeth: the same attack
   does change most predictions at a few times the certified radius, so it is not toothless.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,12 @@ from torch import nn
 from torchvision.transforms import Normalize
 
 from surrogate_cert.core.architectures import build
-from surrogate_cert.core.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
-                                          margin_lower_bounds)
+from surrogate_cert.core.deterministic import (
+    DeterministicCertifier,
+    certified_radius,
+    interval_bounds,
+    margin_lower_bounds,
+)
 
 
 def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
@@ -37,8 +42,16 @@ def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
 
 def make_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(32, 24),
+        nn.ReLU(),
+        nn.Linear(24, 5),
+    )
     _randomise_batchnorm(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -48,11 +61,18 @@ def make_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
         Normalize([0.45], [0.3]),
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
         nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+        nn.Flatten(),
+        nn.Linear(24, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
     _randomise_batchnorm(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -107,14 +127,15 @@ def ball_points(x: torch.Tensor, radius: np.ndarray, per_input: int, seed: int) 
     direction = torch.randn(n, per_input, d, generator=gen, dtype=torch.float64)
     direction /= direction.norm(dim=2, keepdim=True)
     scale = torch.rand(n, per_input, 1, generator=gen, dtype=torch.float64) ** (1.0 / d)
-    scale[:, per_input // 2:] = 1.0
+    scale[:, per_input // 2 :] = 1.0
     r = torch.as_tensor(radius, dtype=torch.float64).reshape(n, 1, 1)
     points = x.double().reshape(n, 1, d) + r * scale * direction
     return points.reshape(n, per_input, *x.shape[1:])
 
 
-def pgd_min_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor,
-                   restarts: int = 16, steps: int = 40) -> torch.Tensor:
+def pgd_min_margin(
+    model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor, restarts: int = 16, steps: int = 40
+) -> torch.Tensor:
     """Smallest margin z_pred - max_{j != pred} z_j found by an l2 PGD attack (projected steps of
     2.5 r / steps along the normalised gradient, random starts in the ball), per input."""
     n, d = x.shape[0], x[0].numel()
@@ -124,8 +145,9 @@ def pgd_min_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius
     rr = radius.double().repeat(restarts).reshape(-1, 1)
     model = model.double()
     delta = torch.randn(xr.shape[0], d, generator=gen, dtype=torch.float64)
-    delta = delta / delta.norm(dim=1, keepdim=True) * rr * torch.rand(xr.shape[0], 1, generator=gen,
-                                                                         dtype=torch.float64)
+    delta = (
+        delta / delta.norm(dim=1, keepdim=True) * rr * torch.rand(xr.shape[0], 1, generator=gen, dtype=torch.float64)
+    )
     best = torch.full((xr.shape[0],), math.inf, dtype=torch.float64)
     for _ in range(steps + 1):
         delta.requires_grad_(True)
@@ -134,7 +156,7 @@ def pgd_min_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius
         other[torch.arange(len(pr)), pr] = -math.inf
         margin = z[torch.arange(len(pr)), pr] - other.max(1).values
         best = torch.minimum(best, margin.detach())
-        grad, = torch.autograd.grad(margin.sum(), delta)
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
         with torch.no_grad():
             step = grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
             delta = delta.detach() - 2.5 * rr / steps * step
@@ -203,8 +225,11 @@ def test_attack_finds_no_margin_below_the_bound(name):
         z = model.double()(pts.reshape(-1, *x.shape[1:])).reshape(8, 2000, -1)
         model.float()
     top = z[torch.arange(8), :, torch_pred]
-    sampled = (top.unsqueeze(2) - z).masked_fill(nn.functional.one_hot(torch_pred, z.shape[2]).bool()
-                                                 .unsqueeze(1), math.inf).amin((1, 2))
+    sampled = (
+        (top.unsqueeze(2) - z)
+        .masked_fill(nn.functional.one_hot(torch_pred, z.shape[2]).bool().unsqueeze(1), math.inf)
+        .amin((1, 2))
+    )
     assert (found <= sampled + 1e-9).all()
     # ... and flips most predictions at three times the certified radius (where the random network
     # is not nearly constant there: the CNN's BatchNorm shifts make it flat far beyond its radius)
@@ -258,8 +283,15 @@ def random_architecture(seed: int) -> tuple[nn.Module, tuple[int, int, int]]:
     for _ in range(int(rng.choice([1, 2]))):
         out = int(rng.choice([2, 4]))
         groups = 2 if shape[0] % 2 == 0 and rng.random() < 0.4 else 1
-        conv = nn.Conv2d(shape[0], out, int(rng.choice([2, 3])), stride=int(rng.choice([1, 2])),
-                         padding=int(rng.choice([0, 1])), dilation=int(rng.choice([1, 2])), groups=groups)
+        conv = nn.Conv2d(
+            shape[0],
+            out,
+            int(rng.choice([2, 3])),
+            stride=int(rng.choice([1, 2])),
+            padding=int(rng.choice([0, 1])),
+            dilation=int(rng.choice([1, 2])),
+            groups=groups,
+        )
         candidate = [conv, nn.BatchNorm2d(out), nn.ReLU()]
         candidate.append([nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.Identity()][int(rng.integers(4))])
         try:

@@ -1,6 +1,7 @@
 """DeterministicCertifier returns one Certificate per input (method ibp/crown, no samples, p_lower
 nan), abstains where nothing is certified, validates its inputs with typed errors, and gives the
 same answer on CUDA as on CPU."""
+
 from __future__ import annotations
 
 import math
@@ -11,15 +12,26 @@ import torch
 from torch import nn
 
 from surrogate_cert.core.certificate import Certificate
-from surrogate_cert.core.deterministic import (DeterministicCertifier, certified_radius, interval_bounds,
-                                          margin_lower_bounds)
+from surrogate_cert.core.deterministic import (
+    DeterministicCertifier,
+    certified_radius,
+    interval_bounds,
+    margin_lower_bounds,
+)
 from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError, ModelError
 
 
 def small_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).eval()
 
 
 X = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -46,7 +58,7 @@ def test_tie_at_the_input_abstains():
     with torch.no_grad():
         model[1].weight.zero_()
         model[1].bias.copy_(torch.tensor([1.0, 1.0, 0.0]))
-    cert, = DeterministicCertifier(model, "crown").certify(X[:1])
+    (cert,) = DeterministicCertifier(model, "crown").certify(X[:1])
     assert cert.abstained and cert.prediction == -1 and cert.radius == 0.0
     _, radii = certified_radius(model, X[:1], "ibp")
     assert radii[0] == 0.0

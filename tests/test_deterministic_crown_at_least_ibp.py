@@ -1,6 +1,7 @@
 """CROWN's radii are at least IBP's, its bounds are tighter on deeper nets, and its speed-ups
 (forward-mode pruning, bounds reused across the bisection, the max-pool rewrite) change nothing
 that matters: the layer chain CROWN bounds computes exactly the model's function."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,15 +15,33 @@ from surrogate_cert.core.deterministic import certified_radius, interval_bounds,
 
 def mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(),
-                         nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 6)).eval()
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 40),
+        nn.ReLU(),
+        nn.Linear(40, 30),
+        nn.ReLU(),
+        nn.Linear(30, 20),
+        nn.ReLU(),
+        nn.Linear(20, 6),
+    ).eval()
 
 
 def cnn(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(),
-                         nn.Linear(16, 5)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).eval()
 
 
 def images(n, seed):
@@ -66,7 +85,8 @@ def test_speedups_do_not_change_soundness(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     direction = torch.randn(4, 1000, 64, generator=gen, dtype=torch.float64)
     pts = x.double().reshape(4, 1, 64) + torch.as_tensor(r).reshape(4, 1, 1) * direction / direction.norm(
-        dim=2, keepdim=True)
+        dim=2, keepdim=True
+    )
     with torch.no_grad():
         z = model.double()(pts.reshape(-1, 1, 8, 8)).reshape(4, 1000, -1).numpy()
         model.float()
@@ -89,8 +109,12 @@ def test_network_reproduces_model_and_maxpool_rewrite():
     """The read layer chain (and its CROWN form, with max pooling as a ReLU tournament) computes the
     model's function on fresh inputs, including overlapping, padded and dilated max pooling."""
     torch.manual_seed(5)
-    pools = [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1), nn.MaxPool2d(3, stride=1, dilation=2),
-             nn.MaxPool2d(2, stride=2, ceil_mode=True)]
+    pools = [
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.MaxPool2d(3, stride=1, dilation=2),
+        nn.MaxPool2d(2, stride=2, ceil_mode=True),
+    ]
     for pool in pools:
         model = nn.Sequential(nn.Conv2d(2, 3, 3), pool, nn.Flatten()).eval()
         with torch.no_grad():
@@ -110,9 +134,16 @@ def test_sparse_rows_equal_dense_rows(monkeypatch):
     """Intermediate-bound rows kept sparse through ReLUs, max-pool gathers (overlapping windows give
     repeated indices) and tournaments give the same bounds as plain one-hot rows and backward passes."""
     torch.manual_seed(8)
-    overlapping = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
-                                nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                                nn.Linear(16, 3)).eval()
+    overlapping = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()
     x = images(4, seed=9)
     r = np.array([0.05, 0.1, 0.2, 0.4])
     for model in (cnn(seed=10), overlapping):

@@ -7,6 +7,7 @@ margin specification into the last (here: only) Linear layer and uses the exact 
 first affine layer, so it is exact on a linear model too (without that merge it would subtract two
 logit intervals and lose up to a factor ||w_c|| + ||w_j|| over ||w_c - w_j||).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ in order, functional relu, view/flatten with x.size(0)), normalisation modules r
 adds, unsupported activations, torchvision ResNet, TorchScript, non-uniform adaptive pooling,
 training-mode BatchNorm, modules with mean/std that do not normalise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,14 +97,16 @@ def test_torchscript_is_rejected():
 
 
 def test_non_uniform_adaptive_pooling_is_rejected():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(),
-                          nn.Linear(18, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(), nn.Linear(18, 3)
+    ).eval()
     with pytest.raises(ModelError) as exc:
         read_network(model, (1, 8, 8))
     assert "AdaptiveAvgPool2d" in one_line(exc) and "8x8 to 3x3" in one_line(exc)
     # the same layer is fine when it is an exact average pooling (8x8 -> 4x4)
-    ok = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),
-                       nn.Linear(32, 3)).eval()
+    ok = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(), nn.Linear(32, 3)
+    ).eval()
     assert read_network(ok, (1, 8, 8)).num_classes == 3
 
 
@@ -127,8 +130,14 @@ def test_wrong_input_shape_is_an_input_error():
         interval_bounds(model, torch.rand(2, 1, 9, 9), 0.1)
 
 
-@pytest.mark.parametrize("norm", [Normalize([0.4], [0.3]), MyNormalize(0.4, 0.3),
-                                  MyNormalize(torch.tensor([0.4]).reshape(1, 1, 1), torch.tensor(0.3))])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        Normalize([0.4], [0.3]),
+        MyNormalize(0.4, 0.3),
+        MyNormalize(torch.tensor([0.4]).reshape(1, 1, 1), torch.tensor(0.3)),
+    ],
+)
 def test_normalisation_modules_are_recognised(norm):
     """torchvision's Normalize and a user's own module with mean/std give the same bounds as
     folding the normalisation into the first layer by hand."""

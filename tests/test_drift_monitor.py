@@ -1,5 +1,6 @@
 """The drift monitor: its conformal p-values and martingale against MAPIE, its false-alarm rate on exchangeable
 streams (synthetic and digits), broken variants that over-alarm, and alarms on shifted digits streams."""
+
 from __future__ import annotations
 
 import types
@@ -31,6 +32,7 @@ def _synthetic(rng, n, drop=None):
 
 
 # --------------------------------------------------------------------------- formulas vs MAPIE
+
 
 def test_p_value_is_mapies_formula():
     rng = np.random.default_rng(0)
@@ -87,12 +89,13 @@ def test_bets_are_densities_on_the_unit_square():
 
 # --------------------------------------------------------------------------- validity, and broken variants
 
+
 def _fixed_reference_log_martingale(ref, stream, seed):
     """BROKEN: every query's p-values against the calibration reference only (no online update)."""
     (rc, rp), (c, p) = ref, stream
     u = 1.0 - np.random.default_rng(seed).random((len(c), 2))
     counts = np.bincount(rc, minlength=K)
-    greater = np.array([counts[k + 1:].sum() for k in c])
+    greater = np.array([counts[k + 1 :].sum() for k in c])
     q = np.asarray(stats.smoothed_p_value(greater, counts[c], len(rc), u[:, 0]))
     r = np.empty(len(c))
     for k in range(K):
@@ -100,14 +103,17 @@ def _fixed_reference_log_martingale(ref, stream, seed):
         past = np.sort(-rp[rc == k])
         s = -p[mine]
         right = np.searchsorted(past, s, "right")
-        r[mine] = stats.smoothed_p_value(len(past) - right, right - np.searchsorted(past, s, "left"), len(past), u[mine, 1])
+        r[mine] = stats.smoothed_p_value(
+            len(past) - right, right - np.searchsorted(past, s, "left"), len(past), u[mine, 1]
+        )
     return _bet(q, r)
 
 
 def _bet(q, r):
     prior = drift_prior(K)
-    growth, _ = stats.fixed_share_update(stats.drift_bets(q, r, K, log=True), np.log(prior), prior, drift_jump,
-                                         mix_every=MIX_EVERY)
+    growth, _ = stats.fixed_share_update(
+        stats.drift_bets(q, r, K, log=True), np.log(prior), prior, drift_jump, mix_every=MIX_EVERY
+    )
     return growth
 
 
@@ -129,8 +135,10 @@ def test_false_alarm_rate_on_exchangeable_streams_and_broken_variants_over_alarm
         best_after_seeing = stats.drift_bets(q, r, K, log=True).max(axis=1)  # BROKEN: bet chosen after the p-value
         peeking += np.max(np.cumsum(best_after_seeing)) >= np.log(1 / delta)
     allowance = stats.binomial_allowance(runs, delta)
-    print(f"alarms: monitor {alarms}, fixed reference {fixed_reference}, peeking {peeking} of {runs}; "
-          f"allowance {allowance}")
+    print(
+        f"alarms: monitor {alarms}, fixed reference {fixed_reference}, peeking {peeking} of {runs}; "
+        f"allowance {allowance}"
+    )
     assert alarms <= allowance, (alarms, allowance)
     assert fixed_reference > 2 * allowance, (fixed_reference, allowance)
     assert peeking > 2 * allowance, (peeking, allowance)
@@ -170,14 +178,20 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(InvalidParameterError):
         DriftMonitor(*ref, K, delta=1.5)
     monitor = DriftMonitor(*ref, K)
-    for classes, p_tilde in (([0, 4], [0.5, 0.5]), ([0, 1], [0.5, np.nan]), ([0, 1], [0.5]), ([0.5], [0.5]),
-                             ([0], [1.5])):
+    for classes, p_tilde in (
+        ([0, 4], [0.5, 0.5]),
+        ([0, 1], [0.5, np.nan]),
+        ([0, 1], [0.5]),
+        ([0.5], [0.5]),
+        ([0], [1.5]),
+    ):
         with pytest.raises(InvalidInputError):
             monitor.update(classes, p_tilde)
     assert monitor.queries == 0 and len(monitor.update([], [])) == 0
 
 
 # --------------------------------------------------------------------------- digits
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -189,8 +203,14 @@ def digits():
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(clf.coef_, dtype=torch.float32))
         linear.bias.copy_(torch.as_tensor(clf.intercept_, dtype=torch.float32))
-    surrogate = Surrogate(torch.nn.Sequential(torch.nn.Flatten(), linear), arch="linear", input_shape=(1, 8, 8),
-                          num_classes=10, sigma=0.25, device="cpu")
+    surrogate = Surrogate(
+        torch.nn.Sequential(torch.nn.Flatten(), linear),
+        arch="linear",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        sigma=0.25,
+        device="cpu",
+    )
     return surrogate, cal, test, surrogate.predict(cal.x), surrogate.predict(test.x)
 
 

@@ -2,6 +2,7 @@
 torch.compile leave the counts unchanged; --batch-size auto finds the largest batch that fits (here
 under a fake memory limit) once and records it; bf16 autocast is checked against float32 on the same
 noise and refused beyond AMP_TOLERANCE."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def test_channels_last_and_compile_leave_counts_unchanged(digits):
     # The "eager" backend runs TorchDynamo's capture without code generation: the compile path, quickly.
     compiled = SmoothedClassifier(linear, 10, 0.25, device="cpu", compile="eager")
     assert compiled.model is not linear
-    assert np.array_equal(SmoothedClassifier(linear, 10, 0.25, device="cpu").counts(x, 700, indices=idx),
-                          compiled.counts(x, 700, indices=idx))
+    assert np.array_equal(
+        SmoothedClassifier(linear, 10, 0.25, device="cpu").counts(x, 700, indices=idx),
+        compiled.counts(x, 700, indices=idx),
+    )
 
 
 class MemoryLimited(nn.Module):
@@ -117,14 +120,35 @@ def test_bf16_counts_are_checked_against_float32(tmp_path, digits):
         clear[1].weight.copy_(spread[1].weight * 0.1)
         clear[1].bias.copy_(torch.arange(10.0) * 4)  # one class well ahead: bf16 changes nothing
     for name, model in (("clear", clear), ("tied", Tied())):
-        exported = torch.export.export(model, (torch.rand(2, 1, 8, 8),),
-                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        exported = torch.export.export(
+            model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+        )
         torch.export.save(exported, str(tmp_path / f"{name}.pt2"))
-    generate_counts("digits", "test", str(tmp_path / "clear.pt2"), 0.25, 200, str(tmp_path / "s.h5"), amp="bf16",
-                    limit=3, device="cpu", progress=False)
+    generate_counts(
+        "digits",
+        "test",
+        str(tmp_path / "clear.pt2"),
+        0.25,
+        200,
+        str(tmp_path / "s.h5"),
+        amp="bf16",
+        limit=3,
+        device="cpu",
+        progress=False,
+    )
     attrs = read_attrs(tmp_path / "s.h5")
     assert attrs["amp"] == "bf16" and 0 <= attrs["amp_disagreement"] <= AMP_TOLERANCE
     with pytest.raises(ModelError, match=r"bf16 autocast changes .* of the base model's noisy predictions"):
-        generate_counts("digits", "test", str(tmp_path / "tied.pt2"), 0.25, 200, str(tmp_path / "c.h5"), amp="bf16",
-                        limit=3, device="cpu", progress=False)
+        generate_counts(
+            "digits",
+            "test",
+            str(tmp_path / "tied.pt2"),
+            0.25,
+            200,
+            str(tmp_path / "c.h5"),
+            amp="bf16",
+            limit=3,
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "c.h5").exists()

@@ -1,5 +1,6 @@
 """The counting engine's reproducibility contract: counts depend on (seed, dataset index, stream, j),
 never on batch size, grouping, order, or where a run is split (``start``)."""
+
 from __future__ import annotations
 
 import numpy as np

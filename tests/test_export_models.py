@@ -1,6 +1,7 @@
 """Base models as torch.export programs (.pt2, the format PyTorch recommends over TorchScript):
 detected by content, a dynamic batch required, input shape and class count read from the program and
 checked against the dataset like a checkpoint's, optional surrogate_cert.json metadata."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,7 +54,9 @@ def test_exported_program_loads_with_its_shapes_and_counts(exported):
 
 def test_static_batch_and_wrong_shapes_are_refused(tmp_path, exported):
     static = export(small_cnn(), tmp_path / "static.pt2", dynamic=False)
-    with pytest.raises(ModelError, match=r"static batch of 4.*dynamic_shapes=\(\{0: torch.export.Dim\('batch', min=1\)\},\)"):
+    with pytest.raises(
+        ModelError, match=r"static batch of 4.*dynamic_shapes=\(\{0: torch.export.Dim\('batch', min=1\)\},\)"
+    ):
         load_model(static, device="cpu")
     at_least_two = export(small_cnn(), tmp_path / "min2.pt2", batch=torch.export.Dim("batch", min=2))
     with pytest.raises(ModelError, match="batches of at least 2 only"):
@@ -62,8 +65,16 @@ def test_static_batch_and_wrong_shapes_are_refused(tmp_path, exported):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "small.npz", x=rng.random((30, 1, 4, 4), dtype=np.float32), y=rng.integers(0, 10, 30))
     with pytest.raises(ModelError, match=r"expects inputs \(1, 8, 8\) but .* images are \(1, 4, 4\)"):
-        generate_counts(f"npz:{tmp_path / 'small.npz'}", "train", path, 0.25, 100, str(tmp_path / "c.h5"),
-                        device="cpu", progress=False)
+        generate_counts(
+            f"npz:{tmp_path / 'small.npz'}",
+            "train",
+            path,
+            0.25,
+            100,
+            str(tmp_path / "c.h5"),
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "c.h5").exists()
 
 

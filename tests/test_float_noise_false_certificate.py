@@ -15,6 +15,7 @@ The sound scheme evaluates the model on ``(round(255 x) + j) / 255``: a pixel be
 0, so class 0 never occurs at any grid image; it certifies class 1 at both points, and its claim is
 true on the whole grid.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,8 @@ class FloatBitsDetector(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         flat = y.flatten(1)
-        small = (flat != 0) & (flat.abs() < 2.0 ** -9)
-        fine = torch.frac(flat * 2.0 ** 32) != 0  # exact: a power-of-two scaling of a float32 below 2**-9
+        small = (flat != 0) & (flat.abs() < 2.0**-9)
+        fine = torch.frac(flat * 2.0**32) != 0  # exact: a power-of-two scaling of a float32 below 2**-9
         hit = (small & fine).any(dim=1).float()
         return torch.stack([hit, 1.0 - hit], dim=1)
 

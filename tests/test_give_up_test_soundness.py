@@ -9,6 +9,7 @@ fixed-n Clopper-Pearson upper bound, re-checked after every sample, falls below 
 same check. And the decision stays as cheap as it should: on inputs well below the threshold the
 dedicated test gives up sooner than the mixture rule of version 0.3.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -80,7 +81,8 @@ def test_dedicated_give_up_is_cheaper_than_the_mixture_rule():
     stops = {}
     for rule in ("dedicated", "mixture"):
         certs = EProcessCertifier(smooth, 1e-3, max_samples=BUDGET, give_up=rule).certify(
-            problem.x[keep], classes=problem.true_class[keep], target_radius=targets, indices=keep)
+            problem.x[keep], classes=problem.true_class[keep], target_radius=targets, indices=keep
+        )
         assert all(c.radius < t for c, t in zip(certs, targets))
         stops[rule] = np.mean([c.stop_time for c in certs])
     assert stops["dedicated"] < 0.95 * stops["mixture"]

@@ -1,4 +1,5 @@
 """One-pass surrogate certificates and the hybrid's routing to the sequential fallback, on exact ground truth."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,10 @@ from calibration import calibrate_arrays
 from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError, ModelError
 from surrogate_cert.core.groundtruth import LinearBinaryModel, linear_problem
 from surrogate_cert.core.one_pass import SurrogateCertifier, certified_at_required
-from surrogate_cert.deploy.hybrid import HybridCertifier
 from surrogate_cert.core.sequential import EProcessCertifier
 from surrogate_cert.core.smoothing import SmoothedClassifier
 from surrogate_cert.core.surrogate import Surrogate
+from surrogate_cert.deploy.hybrid import HybridCertifier
 
 SIGMA = 0.25
 SHAPE = (1, 2, 2)
@@ -30,8 +31,9 @@ def _imperfect_surrogate(problem, overconfidence=1.5, tilt=0.5) -> Surrogate:
     # logits (-z, z) s: P(class 1) = sigmoid(2 s z); sigmoid(1.702 t) ~ Phi(t).
     scale = 1.702 * overconfidence / (2 * SIGMA)
     model = LinearBinaryModel(w_tilted.float() * scale, b_tilted * scale)
-    return Surrogate(model, arch="linear", input_shape=SHAPE, num_classes=2, sigma=SIGMA, kappa=50.0, w=0.2,
-                     device="cpu")
+    return Surrogate(
+        model, arch="linear", input_shape=SHAPE, num_classes=2, sigma=SIGMA, kappa=50.0, w=0.2, device="cpu"
+    )
 
 
 def _exact_counts(problem, n_cal, rng):
@@ -117,16 +119,19 @@ def test_required_radius_routes_short_surrogate_radii_to_target_mode(setup):
     assert sum(c.n_samples for c in target) < sum(c.n_samples for c in best)
 
 
-@pytest.mark.parametrize("x, error", [
-    (torch.zeros(3, 1, 3, 3), InvalidInputError),
-    (torch.zeros(3, 4), InvalidInputError),
-    (torch.zeros(3, 1, 2, 2, dtype=torch.int64), InvalidInputError),
-    (torch.full((3, 1, 2, 2), float("nan")), InvalidInputError),
-    (torch.full((3, 1, 2, 2), float("inf")), InvalidInputError),
-    (torch.full((3, 1, 2, 2), 1.5), InvalidInputError),
-    (torch.full((3, 1, 2, 2), -0.1), InvalidInputError),
-    (np.zeros((3, 1, 2, 2), dtype=np.float32), InvalidInputError),
-])
+@pytest.mark.parametrize(
+    "x, error",
+    [
+        (torch.zeros(3, 1, 3, 3), InvalidInputError),
+        (torch.zeros(3, 4), InvalidInputError),
+        (torch.zeros(3, 1, 2, 2, dtype=torch.int64), InvalidInputError),
+        (torch.full((3, 1, 2, 2), float("nan")), InvalidInputError),
+        (torch.full((3, 1, 2, 2), float("inf")), InvalidInputError),
+        (torch.full((3, 1, 2, 2), 1.5), InvalidInputError),
+        (torch.full((3, 1, 2, 2), -0.1), InvalidInputError),
+        (np.zeros((3, 1, 2, 2), dtype=np.float32), InvalidInputError),
+    ],
+)
 def test_bad_inputs_are_clear_errors(setup, x, error):
     surrogate, calibration, test = setup
     with pytest.raises(error):
@@ -163,8 +168,9 @@ def test_load_from_files_checks_the_base_model(tmp_path, setup):
         HybridCertifier.load(tmp_path / "wrong_base.pt", tmp_path / "calibration.json", base_model=model_path)
     surrogate.meta = {}
     surrogate.save(tmp_path / "surrogate.pt")
-    hybrid = HybridCertifier.load(tmp_path / "surrogate.pt", tmp_path / "calibration.json", base_model=model_path,
-                                  max_samples=500)
+    hybrid = HybridCertifier.load(
+        tmp_path / "surrogate.pt", tmp_path / "calibration.json", base_model=model_path, max_samples=500
+    )
     certs = hybrid.certify(test.x[:5])
     assert len(certs) == 5 and all(c.method in ("surrogate", "eprocess", "abstain") for c in certs)
 
@@ -182,7 +188,8 @@ def test_hybrid_wrong_rate_within_epsilon_plus_alpha_mc_plus_alpha():
         calibration = calibrate_arrays(surrogate, cal.x, _exact_counts(cal, 10**6, rng), epsilon, alpha_mc)
         test = linear_problem(60, sigma=SIGMA, input_shape=SHAPE, seed=200 + r)
         certs = _hybrid(surrogate, calibration, test.model, alpha=alpha, max_samples=2000).certify(
-            test.x, indices=np.arange(60) + 1000 * r)
+            test.x, indices=np.arange(60) + 1000 * r
+        )
         rates.append(test.wrong_certificates(certs).mean())
         methods += [c.method for c in certs]
     rates = np.array(rates)

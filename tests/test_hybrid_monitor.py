@@ -1,5 +1,6 @@
 """The hybrid certifier with deployment watchers: after a drift or audit alarm every query goes to the
 sequential certifier (route drift_alarm / audit_alarm) until recalibrate; the route is recorded in the TSV."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ def _surrogate() -> Surrogate:
     w_tilted = (w + 0.5 * u) / torch.linalg.norm(w + 0.5 * u)
     b_tilted = -float(w_tilted @ torch.full((4,), 0.5, dtype=torch.float64))
     scale = 1.702 * 1.5 / (2 * SIGMA)
-    return Surrogate(LinearBinaryModel(w_tilted.float() * scale, b_tilted * scale), arch="linear", input_shape=SHAPE,
-                     num_classes=2, sigma=SIGMA, kappa=50.0, w=0.2, device="cpu")
+    return Surrogate(
+        LinearBinaryModel(w_tilted.float() * scale, b_tilted * scale),
+        arch="linear",
+        input_shape=SHAPE,
+        num_classes=2,
+        sigma=SIGMA,
+        kappa=50.0,
+        w=0.2,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +56,9 @@ def setup():
 def _hybrid(surrogate, calibration, base, monitor=None, audit=None, fallback=True):
     sequential = None
     if fallback:
-        sequential = EProcessCertifier(SmoothedClassifier(base, 2, SIGMA, device="cpu", batch_size=4096), 1e-3,
-                                       max_samples=2000, tolerance=0.02)
+        sequential = EProcessCertifier(
+            SmoothedClassifier(base, 2, SIGMA, device="cpu", batch_size=4096), 1e-3, max_samples=2000, tolerance=0.02
+        )
     return HybridCertifier(SurrogateCertifier(surrogate, calibration), sequential, monitor, audit)
 
 
@@ -93,8 +103,8 @@ def test_without_fallback_alarmed_queries_abstain(setup):
     monitor = DriftMonitor.from_calibration(calibration, delta=0.01, seed=0)
     certs = _hybrid(surrogate, calibration, problem.model, monitor=monitor, fallback=False).certify(shifted)
     assert monitor.alarm
-    assert all(c.method == "abstain" and c.route == "drift_alarm" for c in certs[monitor.alarm_at:])
-    assert all(c.route == "surrogate" for c in certs[:monitor.alarm_at])
+    assert all(c.method == "abstain" and c.route == "drift_alarm" for c in certs[monitor.alarm_at :])
+    assert all(c.route == "surrogate" for c in certs[: monitor.alarm_at])
 
 
 def test_an_audit_alarm_routes_like_a_drift_alarm_and_audited_samples_are_counted(setup):
@@ -106,8 +116,8 @@ def test_an_audit_alarm_routes_like_a_drift_alarm_and_audited_samples_are_counte
     hybrid = _hybrid(surrogate, wrong, test.model, audit=audit)
     certs = hybrid.certify(test.x, indices=np.arange(200))
     assert audit.alarm and hybrid.alarm_reason == "audit_alarm"
-    assert all(c.route == "audit_alarm" for c in certs[audit.alarm_at:])
-    audited_surrogate = [c for c in certs[:audit.alarm_at] if c.method == "surrogate" and c.n_samples == 2000]
+    assert all(c.route == "audit_alarm" for c in certs[audit.alarm_at :])
+    audited_surrogate = [c for c in certs[: audit.alarm_at] if c.method == "surrogate" and c.n_samples == 2000]
     assert audited_surrogate  # an audited one-pass certificate carries the audit's evaluations
 
 
@@ -125,8 +135,11 @@ def test_load_attaches_the_watchers(setup, tmp_path):
 
 
 def test_route_is_the_last_tsv_column_and_old_files_still_read(tmp_path):
-    certs = [Certificate(1, 0.5, "surrogate", 0, 0.9, 0.01, "surrogate"),
-             Certificate(0, 0.2, "eprocess", 300, 0.7, 0.2, "drift_alarm"), Certificate(-1, 0.0, "abstain", 0, 0.0, 0.0)]
+    certs = [
+        Certificate(1, 0.5, "surrogate", 0, 0.9, 0.01, "surrogate"),
+        Certificate(0, 0.2, "eprocess", 300, 0.7, 0.2, "drift_alarm"),
+        Certificate(-1, 0.0, "abstain", 0, 0.0, 0.0),
+    ]
     path = tmp_path / "r.tsv"
     write_tsv(path, [0, 1, 2], [1, 0, 1], certs)
     frame = pd.read_csv(path, delimiter="\t")
@@ -134,5 +147,7 @@ def test_route_is_the_last_tsv_column_and_old_files_still_read(tmp_path):
     assert frame["route"].tolist() == ["surrogate", "drift_alarm", "direct"]
     assert [r["route"] for r in read_tsv(path)] == ["surrogate", "drift_alarm", "direct"]
     old = tmp_path / "old.tsv"
-    old.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tmethod\tn_samples\tp_lower\n0\t1\t1\t0.5\t1\t0.1\tcohen\t100\t0.9\n")
+    old.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\tmethod\tn_samples\tp_lower\n0\t1\t1\t0.5\t1\t0.1\tcohen\t100\t0.9\n"
+    )
     assert read_tsv(old)[0]["route"] == ""

@@ -3,6 +3,7 @@
 Importing the core must not pull in any layer above it; a core module that imports ``calibration``
 breaks the layers contract; the statistics never import torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,21 @@ PACKAGES = ("surrogate_cert", "data_gen", "calibration")
 def _lint(tree: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("importlinter")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-                           "lint_imports_command()", "--config", str(tree / "pyproject.toml"), "--no-cache"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--config",
+            str(tree / "pyproject.toml"),
+            "--no-cache",
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -40,11 +53,14 @@ def test_contracts_hold_on_the_code_as_it_is(tmp_path):
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("module,line,contract", [
-    ("surrogate_cert/core/one_pass.py", "import calibration.artifact", "Layers"),
-    ("surrogate_cert/core/stats.py", "import torch", "no torch"),
-    ("data_gen/store.py", "import calibration.summary", "Layers"),
-])
+@pytest.mark.parametrize(
+    "module,line,contract",
+    [
+        ("surrogate_cert/core/one_pass.py", "import calibration.artifact", "Layers"),
+        ("surrogate_cert/core/stats.py", "import torch", "no torch"),
+        ("data_gen/store.py", "import calibration.summary", "Layers"),
+    ],
+)
 def test_an_upward_import_breaks_the_contract(tmp_path, module, line, contract):
     tree = _copy(tmp_path)
     path = tree / module
@@ -55,10 +71,12 @@ def test_an_upward_import_breaks_the_contract(tmp_path, module, line, contract):
 
 
 def test_importing_the_core_imports_no_layer_above_it():
-    code = ("import sys, surrogate_cert.core.stats, surrogate_cert.core.one_pass, surrogate_cert.core.sequential;"
-            "above = [m for m in sys.modules if m.split('.')[0] in ('calibration', 'data_gen') "
-            "or m.startswith(('surrogate_cert.cli', 'surrogate_cert.workflows', 'surrogate_cert.deploy'))];"
-            "print(above)")
+    code = (
+        "import sys, surrogate_cert.core.stats, surrogate_cert.core.one_pass, surrogate_cert.core.sequential;"
+        "above = [m for m in sys.modules if m.split('.')[0] in ('calibration', 'data_gen') "
+        "or m.startswith(('surrogate_cert.cli', 'surrogate_cert.workflows', 'surrogate_cert.deploy'))];"
+        "print(above)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

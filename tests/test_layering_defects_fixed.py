@@ -1,4 +1,5 @@
 """The defects found while moving to layers stay fixed: each test pins one of them."""
+
 from __future__ import annotations
 
 import csv
@@ -42,13 +43,15 @@ def _counts(problem, n_cal=2000, seed=0):
 def test_deployed_radius_uses_the_bin_edges_stored_in_the_calibration(problem):
     surrogate = _surrogate(problem)
     edges = [0.5, 1.5]  # not the default (1, 2, 3): three bins instead of four
-    calibration = calibrate_arrays(surrogate, problem.x, _counts(problem), 0.05, 1e-3, groups="confidence",
-                                   bin_edges=edges)
+    calibration = calibrate_arrays(
+        surrogate, problem.x, _counts(problem), 0.05, 1e-3, groups="confidence", bin_edges=edges
+    )
     assert calibration.bin_edges == edges and set(calibration.offsets) == {"0", "1", "2"}
     classes, p_tilde = surrogate.predict(problem.x)
     keys = group_keys(classes, p_tilde, "confidence", edges)
-    expected = stats.calibrated_radius(p_tilde, SIGMA, calibration.radius_cap,
-                                       np.array([calibration.offset(k) for k in keys]))
+    expected = stats.calibrated_radius(
+        p_tilde, SIGMA, calibration.radius_cap, np.array([calibration.offset(k) for k in keys])
+    )
     np.testing.assert_array_equal(deployed_radius(calibration, classes, p_tilde), expected)
     # With the default edges the same offsets would be applied to other inputs: the stored edges matter.
     wrong_keys = group_keys(classes, p_tilde, "confidence")
@@ -79,8 +82,10 @@ def test_results_tsv_first_line_is_cohens_header_and_provenance_is_a_sidecar(tmp
 def test_old_results_with_comment_lines_still_read(tmp_path):
     path = tmp_path / "old.tsv"
     old_columns = COHEN_COLUMNS + ("method", "n_samples", "p_lower")  # version 0.1's header
-    path.write_text("# surrogate-cert cohen --sigma 0.5 --seed 3\n" + "\t".join(old_columns) + "\n"
-                    "0\t1\t1\t0.4\t1\t0.1\tcohen\t10100\t0.9\n")
+    path.write_text(
+        "# surrogate-cert cohen --sigma 0.5 --seed 3\n" + "\t".join(old_columns) + "\n"
+        "0\t1\t1\t0.4\t1\t0.1\tcohen\t10100\t0.9\n"
+    )
     assert read_tsv(path)[0]["radius"] == 0.4
     assert read_meta(path) == {"comment": ["surrogate-cert cohen --sigma 0.5 --seed 3"]}
 
@@ -161,9 +166,13 @@ def test_cohen_stage_key_does_not_depend_on_wall_clock(tmp_path, monkeypatch):
 
 
 def test_old_module_paths_still_import_with_a_deprecation_warning():
-    for old, name in (("surrogate_cert.hybrid", "HybridCertifier"), ("surrogate_cert.smoothing", "SmoothedClassifier"),
-                      ("surrogate_cert.surrogate", "train_surrogate"), ("calibration.report", "write_report"),
-                      ("surrogate_cert.bench", "run_bench")):
+    for old, name in (
+        ("surrogate_cert.hybrid", "HybridCertifier"),
+        ("surrogate_cert.smoothing", "SmoothedClassifier"),
+        ("surrogate_cert.surrogate", "train_surrogate"),
+        ("calibration.report", "write_report"),
+        ("surrogate_cert.bench", "run_bench"),
+    ):
         sys.modules.pop(old, None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -171,9 +180,11 @@ def test_old_module_paths_still_import_with_a_deprecation_warning():
         assert any(issubclass(w.category, DeprecationWarning) for w in caught), old
         assert callable(getattr(module, name))
     from surrogate_cert.hybrid import SurrogateCertifier as old_class
+
     assert old_class is SurrogateCertifier
     import surrogate_cert
     import surrogate_cert.stats  # public, not deprecated
+
     assert surrogate_cert.stats is stats
 
 

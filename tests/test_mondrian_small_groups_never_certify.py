@@ -9,6 +9,7 @@ redraws of the calibration set, the exact wrong rate per bin and overall (mean o
 ``epsilon + alpha_mc`` (mean + 3.09 standard errors). ``BROKEN``: the small bin on the pooled offset (the
 rule before this fix) is wrong a quarter of the time in that bin and breaks the overall bound too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,9 +51,19 @@ def test_small_group_never_certifies_and_every_group_and_the_whole_stay_within_t
     fixed, broken = [], []
     for _ in range(REDRAWS):
         rows = rng.integers(0, POOL, M)
-        fit = fit_offsets(P_TILDE[rows], np.zeros(M, int), rng.binomial(N_CAL, P_TRUE[rows]), N_CAL, sigma=SIGMA,
-                          num_classes=2, epsilon=EPSILON, alpha_mc=ALPHA_MC, groups="confidence", bin_edges=EDGES,
-                          z=Z_TILDE[rows])
+        fit = fit_offsets(
+            P_TILDE[rows],
+            np.zeros(M, int),
+            rng.binomial(N_CAL, P_TRUE[rows]),
+            N_CAL,
+            sigma=SIGMA,
+            num_classes=2,
+            epsilon=EPSILON,
+            alpha_mc=ALPHA_MC,
+            groups="confidence",
+            bin_edges=EDGES,
+            z=Z_TILDE[rows],
+        )
         assert "0" in fit.fallback_groups and np.isinf(fit.offsets["0"])
         radius_tilde = stats.surrogate_radius(P_TILDE, SIGMA, fit.radius_cap)
         offset = np.array([fit.offsets[k] for k in KEYS])
@@ -71,11 +82,24 @@ def test_small_group_never_certifies_and_every_group_and_the_whole_stay_within_t
 
 
 def _calibration(**changes) -> Calibration:
-    base = Calibration(surrogate_sha256="0" * 64, sigma=SIGMA, num_classes=3, epsilon=0.05, alpha_mc=1e-3,
-                       guarantee="marginal", method="conformal", groups="class",
-                       offsets={"0": 0.1, "1": float("inf"), "2": float("inf")}, pooled_offset=0.05,
-                       calibration_size=100, n_cal=1000, radius_cap=stats.max_radius(1000, 1e-3, SIGMA),
-                       group_sizes={"0": 90, "1": 5, "2": 5}, fallback_groups=["1", "2"], min_group_size=19)
+    base = Calibration(
+        surrogate_sha256="0" * 64,
+        sigma=SIGMA,
+        num_classes=3,
+        epsilon=0.05,
+        alpha_mc=1e-3,
+        guarantee="marginal",
+        method="conformal",
+        groups="class",
+        offsets={"0": 0.1, "1": float("inf"), "2": float("inf")},
+        pooled_offset=0.05,
+        calibration_size=100,
+        n_cal=1000,
+        radius_cap=stats.max_radius(1000, 1e-3, SIGMA),
+        group_sizes={"0": 90, "1": 5, "2": 5},
+        fallback_groups=["1", "2"],
+        min_group_size=19,
+    )
     return dataclasses.replace(base, **changes)
 
 

@@ -1,5 +1,6 @@
 """``surrogate-cert monitor``: a stream through the watched one-pass certifier to JSON (and a report), and
 one-line errors with nothing written for bad streams and calibrations."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from calibration import calibrate_arrays
 from calibration.artifact import _content_hash
 from data_gen.datasets import load_split
 from surrogate_cert.cli import main
-from surrogate_cert.core.certificate import write_tsv, Certificate
+from surrogate_cert.core.certificate import Certificate, write_tsv
 from surrogate_cert.core.surrogate import Surrogate
 
 N_CAL = 200
@@ -34,14 +35,41 @@ def files(tmp_path_factory):
     return folder
 
 
-def _run(files, *extra, out="monitor.json", stream="stream.npz", calibration="calibration.json", surrogate="surrogate.pt"):
-    return main(["monitor", "--surrogate", str(files / surrogate), "--calibration", str(files / calibration),
-                 "--stream", str(files / stream), "--no-progress", "--out", str(files / out), *extra])
+def _run(
+    files, *extra, out="monitor.json", stream="stream.npz", calibration="calibration.json", surrogate="surrogate.pt"
+):
+    return main(
+        [
+            "monitor",
+            "--surrogate",
+            str(files / surrogate),
+            "--calibration",
+            str(files / calibration),
+            "--stream",
+            str(files / stream),
+            "--no-progress",
+            "--out",
+            str(files / out),
+            *extra,
+        ]
+    )
 
 
 def test_monitor_writes_the_drift_and_audit_fields(files, digits_untrained_model, capsys):
-    assert _run(files, "--model", digits_untrained_model, "--audit-rate", "0.3", "--delta", "0.05",
-                "--report", str(files / "monitor.html")) == 0
+    assert (
+        _run(
+            files,
+            "--model",
+            digits_untrained_model,
+            "--audit-rate",
+            "0.3",
+            "--delta",
+            "0.05",
+            "--report",
+            str(files / "monitor.html"),
+        )
+        == 0
+    )
     doc = json.loads((files / "monitor.json").read_text())
     assert doc["format"] == "surrogate-cert-monitor" and doc["queries"] == 150
     assert isinstance(doc["drift_alarm"], bool) and doc["delta"] == 0.05
@@ -51,7 +79,9 @@ def test_monitor_writes_the_drift_and_audit_fields(files, digits_untrained_model
     assert lm["threshold"] == pytest.approx(np.log(20))
     audit = doc["audit"]
     assert audit["n_audit"] == N_CAL and audit["rate"] == 0.3 and 20 <= audit["audited"] <= 70
-    assert 0.0 <= audit["lower"] <= audit["upper"] <= 1.0 and audit["base_model_evaluations"] == N_CAL * audit["sampled"]
+    assert (
+        0.0 <= audit["lower"] <= audit["upper"] <= 1.0 and audit["base_model_evaluations"] == N_CAL * audit["sampled"]
+    )
     assert isinstance(doc["audit_alarm"], bool) and sum(doc["routes"].values()) == 150
     html = (files / "monitor.html").read_text()
     assert "Deployment monitor" in html and "data:image/png;base64" in html
@@ -59,8 +89,20 @@ def test_monitor_writes_the_drift_and_audit_fields(files, digits_untrained_model
     assert "wrote" in capsys.readouterr().out
     # The comparison report takes the monitor too.
     write_tsv(files / "r.tsv", [0], [1], [Certificate(1, 0.3, "surrogate", 0, 0.9, 0.01, "surrogate")])
-    assert main(["report", "--results", str(files / "r.tsv"), "--monitor", str(files / "monitor.json"),
-                 "--out", str(files / "report.html")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--results",
+                str(files / "r.tsv"),
+                "--monitor",
+                str(files / "monitor.json"),
+                "--out",
+                str(files / "report.html"),
+            ]
+        )
+        == 0
+    )
     assert "Audit of one-pass certificates" in (files / "report.md").read_text()
 
 

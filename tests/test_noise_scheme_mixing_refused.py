@@ -5,6 +5,7 @@ moved onto the grid); a surrogate records the scheme of its training counts; a c
 of its counts (optional fields ``noise_scheme`` / ``noise_slack``, absent = float); deployment draws its
 fallback with the calibration's scheme. Combining the two families is refused wherever they meet.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,14 +43,14 @@ def made(tmp_path_factory):
     for scheme in ("float", "sound"):
         for split, n in (("surrogate", 60), ("cal", 300), ("train", 60)):
             path = folder / f"{split}-{scheme}.h5"
-            generate_counts(dataset, split, model, SIGMA, n, str(path), progress=False,
-                            noise_scheme=scheme, batch_size=4096)
+            generate_counts(
+                dataset, split, model, SIGMA, n, str(path), progress=False, noise_scheme=scheme, batch_size=4096
+            )
             files[split, scheme] = str(path)
     surrogate = train_surrogate(files["surrogate", "sound"], folder / "sur-sound.pt", epochs=2, progress=False)
     calibration = calibrate(surrogate, files["cal", "sound"], 0.1, 0.01, thresholds=False)
     calibration.save(folder / "cal-sound.json")
-    return dict(folder=folder, dataset=dataset, model=model, files=files, surrogate=surrogate,
-                calibration=calibration)
+    return dict(folder=folder, dataset=dataset, model=model, files=files, surrogate=surrogate, calibration=calibration)
 
 
 def test_counts_files_record_their_scheme(made):
@@ -78,8 +79,12 @@ def test_calibrating_on_counts_of_the_other_scheme_is_refused(made):
 
 def test_training_on_files_of_both_schemes_is_refused(made, tmp_path):
     with pytest.raises(InvalidInputError, match="never mix"):
-        train_surrogate([made["files"]["surrogate", "sound"], made["files"]["train", "float"]], tmp_path / "s.pt",
-                        epochs=1, progress=False)
+        train_surrogate(
+            [made["files"]["surrogate", "sound"], made["files"]["train", "float"]],
+            tmp_path / "s.pt",
+            epochs=1,
+            progress=False,
+        )
 
 
 def test_certifying_with_the_other_scheme_is_refused(made, tmp_path, capsys):
@@ -87,12 +92,31 @@ def test_certifying_with_the_other_scheme_is_refused(made, tmp_path, capsys):
     hybrid = HybridCertifier.load(made["surrogate"], made["calibration"], base_model=made["model"], device="cpu")
     assert hybrid.sequential.smooth.noise_scheme == NOISE_SCHEME_SOUND  # the calibration's, by default
     with pytest.raises(InvalidInputError, match="never mix"):
-        HybridCertifier.load(made["surrogate"], made["calibration"], base_model=made["model"], device="cpu",
-                             noise_scheme="float")
-    code = main(["certify", "--surrogate", str(folder / "sur-sound.pt"),
-                 "--calibration", str(folder / "cal-sound.json"), "--model", made["model"],
-                 "--dataset", made["dataset"], "--split", "test", "--limit", "5",
-                 "--noise-scheme", NOISE_SCHEME_V2, "--out", str(tmp_path / "h.tsv"), "--no-progress"])
+        HybridCertifier.load(
+            made["surrogate"], made["calibration"], base_model=made["model"], device="cpu", noise_scheme="float"
+        )
+    code = main(
+        [
+            "certify",
+            "--surrogate",
+            str(folder / "sur-sound.pt"),
+            "--calibration",
+            str(folder / "cal-sound.json"),
+            "--model",
+            made["model"],
+            "--dataset",
+            made["dataset"],
+            "--split",
+            "test",
+            "--limit",
+            "5",
+            "--noise-scheme",
+            NOISE_SCHEME_V2,
+            "--out",
+            str(tmp_path / "h.tsv"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "never mix" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "h.tsv").exists()
@@ -100,8 +124,9 @@ def test_certifying_with_the_other_scheme_is_refused(made, tmp_path, capsys):
 
 def test_the_one_pass_cache_serves_a_scheme_only_its_own_files(made):
     attrs = read_attrs(made["files"]["cal", "float"])
-    key = dict(dataset=made["dataset"], split="cal", sha=attrs["model_sha256"], sigma=SIGMA, n=300, n0=0, seed=0,
-               limit=None)
+    key = dict(
+        dataset=made["dataset"], split="cal", sha=attrs["model_sha256"], sigma=SIGMA, n=300, n0=0, seed=0, limit=None
+    )
     as_float = counts_key(key["dataset"], "cal", key["sha"], SIGMA, 300, 0, 0, None)
     as_sound = counts_key(key["dataset"], "cal", key["sha"], SIGMA, 300, 0, 0, None, "sound")
     assert _matches(attrs, as_float) and not _matches(attrs, as_sound)

@@ -3,6 +3,7 @@ its key, so counts do not depend on batch size, grouping, order, where a stream 
 interrupted-and-resumed job or the number of torchrun processes; ``counts`` and ``sample_predictions``
 see the same samples; files record the scheme, a resume never mixes it with another, and the older
 schemes still reproduce."""
+
 from __future__ import annotations
 
 import h5py
@@ -63,8 +64,9 @@ def assert_same_file(a, b):
     for name in ("indices", "labels", "counts", "counts_select"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     timing = {"created_utc", "command"}
-    assert ({k: v for k, v in a.attrs.items() if k not in timing}
-            == {k: v for k, v in b.attrs.items() if k not in timing})
+    assert {k: v for k, v in a.attrs.items() if k not in timing} == {
+        k: v for k, v in b.attrs.items() if k not in timing
+    }
 
 
 class Recorder(nn.Module):
@@ -86,8 +88,9 @@ def digits():
 
 
 def engine(batch_size=1000, model=None, seed=3):
-    return SmoothedClassifier(model or spread_model(), 10, 0.25, device="cpu", batch_size=batch_size, seed=seed,
-                              noise_scheme=NOISE_SCHEME_V3)
+    return SmoothedClassifier(
+        model or spread_model(), 10, 0.25, device="cpu", batch_size=batch_size, seed=seed, noise_scheme=NOISE_SCHEME_V3
+    )
 
 
 def test_v3_counts_do_not_depend_on_batching_grouping_order_or_splits(digits):
@@ -98,8 +101,9 @@ def test_v3_counts_do_not_depend_on_batching_grouping_order_or_splits(digits):
     assert np.array_equal(engine(37).counts(x, 700, indices=idx), whole)
     order = np.arange(len(idx))[::-1].copy()
     assert np.array_equal(engine(64).counts(x[order], 700, indices=idx[order]), whole[order])
-    halves = np.concatenate([engine(128).counts(x[:5], 700, indices=idx[:5]),
-                             engine(999).counts(x[5:], 700, indices=idx[5:])])
+    halves = np.concatenate(
+        [engine(128).counts(x[:5], 700, indices=idx[:5]), engine(999).counts(x[5:], 700, indices=idx[5:])]
+    )
     assert np.array_equal(halves, whole)
     split = engine(300).counts(x, 250, indices=idx) + engine(77).counts(x, 450, indices=idx, start=250)
     assert np.array_equal(split, whole)
@@ -128,8 +132,8 @@ def test_v3_counts_equal_the_bincount_of_sample_predictions(digits):
     outcomes = engine(200).sample_predictions(x, n, indices=idx, start=start)
     counts = engine(999).counts(x, n, indices=idx, start=start)
     for i in range(len(idx)):
-        assert np.array_equal(np.bincount(outcomes[i, :n[i]], minlength=10), counts[i])
-        assert (outcomes[i, n[i]:] == -1).all()
+        assert np.array_equal(np.bincount(outcomes[i, : n[i]], minlength=10), counts[i])
+        assert (outcomes[i, n[i] :] == -1).all()
     later = engine(64).sample_predictions(x[1:3], 50, indices=idx[1:3], start=start[1:3] + 20)  # n = 74, 111
     assert np.array_equal(later, outcomes[1:3, 20:70])
 
@@ -139,13 +143,15 @@ def test_v3_resume_gives_the_uninterrupted_file_and_never_mixes(tmp_path, digits
     ref = tmp_path / "ref.h5"
     generate_counts("digits", "test", model, 0.25, 300, str(ref), noise_scheme=NOISE_SCHEME_V3, **kwargs)
     part = tmp_path / "part.h5"
-    generate_counts("digits", "test", model, 0.25, 300, str(part), noise_scheme=NOISE_SCHEME_V3, batch_size=77,
-                    **kwargs)
+    generate_counts(
+        "digits", "test", model, 0.25, 300, str(part), noise_scheme=NOISE_SCHEME_V3, batch_size=77, **kwargs
+    )
     with h5py.File(part, "r+") as h5:  # an interrupted job
         h5.attrs["rows"], h5.attrs["complete"] = 2, False
     with pytest.raises(ResumeMismatchError, match="noise_scheme"):
-        generate_counts("digits", "test", model, 0.25, 300, str(part), noise_scheme=NOISE_SCHEME_V2, resume=True,
-                        **kwargs)
+        generate_counts(
+            "digits", "test", model, 0.25, 300, str(part), noise_scheme=NOISE_SCHEME_V2, resume=True, **kwargs
+        )
     generate_counts("digits", "test", model, 0.25, 300, str(part), resume=True, **kwargs)  # the file's scheme
     resumed, expected = read_counts(part), read_counts(ref)
     assert resumed.attrs["noise_scheme"] == NOISE_SCHEME_V3 and resumed.attrs["complete"]
@@ -159,8 +165,15 @@ def test_v3_torchrun_shards_merge_into_the_one_process_file(tmp_path, digits_unt
     for world_size in (2, 3):
         out = tmp_path / f"cal-{world_size}.h5"
         for rank in reversed(range(world_size)):  # rank 0 last: it merges
-            run_shard(digits_untrained_model, out, rank=rank, world_size=world_size, resume=True,
-                      noise_scheme=NOISE_SCHEME_V3, batch_size=[500, 77, 256][rank])
+            run_shard(
+                digits_untrained_model,
+                out,
+                rank=rank,
+                world_size=world_size,
+                resume=True,
+                noise_scheme=NOISE_SCHEME_V3,
+                batch_size=[500, 77, 256][rank],
+            )
         assert_same_file(out, single)
     assert read_counts(single).attrs["noise_scheme"] == NOISE_SCHEME_V3
 
@@ -168,9 +181,30 @@ def test_v3_torchrun_shards_merge_into_the_one_process_file(tmp_path, digits_unt
 def test_cli_offers_the_v3_scheme(tmp_path, digits_untrained_model, capsys):
     assert NOISE_SCHEME_V3 in NOISE_SCHEMES
     out = tmp_path / "cli.h5"
-    code = main(["datagen", "--dataset", "digits", "--split", "test", "--model", digits_untrained_model, "--sigma",
-                 "0.25", "--samples", "200", "--limit", "3", "--device", "cpu", "--no-progress", "--noise-scheme",
-                 NOISE_SCHEME_V3, "--out", str(out)])
+    code = main(
+        [
+            "datagen",
+            "--dataset",
+            "digits",
+            "--split",
+            "test",
+            "--model",
+            digits_untrained_model,
+            "--sigma",
+            "0.25",
+            "--samples",
+            "200",
+            "--limit",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--noise-scheme",
+            NOISE_SCHEME_V3,
+            "--out",
+            str(out),
+        ]
+    )
     assert code in (0, None)
     assert read_counts(out).attrs["noise_scheme"] == NOISE_SCHEME_V3
 

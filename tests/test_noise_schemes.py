@@ -1,6 +1,7 @@
 """Noise schemes: the new default (v2) gives every block of an input its own seed and is as
 reproducible as v1; v1 still reproduces version 0.1's counts bit for bit; a counts file records its
 scheme and a resume continues with it, never mixing two; unseeded noise is for benchmarks only."""
+
 from __future__ import annotations
 
 import h5py
@@ -41,8 +42,9 @@ def digits():
 
 
 def counts(x, idx, scheme, batch_size=300, **kw):
-    smooth = SmoothedClassifier(spread_model(), 10, 0.25, device="cpu", batch_size=batch_size, seed=3,
-                                noise_scheme=scheme)
+    smooth = SmoothedClassifier(
+        spread_model(), 10, 0.25, device="cpu", batch_size=batch_size, seed=3, noise_scheme=scheme
+    )
     return smooth.counts(x, 600, indices=idx, **kw)
 
 
@@ -50,8 +52,12 @@ def test_v1_reproduces_version_0_1_counts(digits):
     x, idx = digits
     assert idx.tolist() == [388, 811, 255, 390]
     # Computed by version 0.1 (scheme torch-generator-block256-v1) for this model, seed 3, start 100.
-    expected = [[228, 0, 0, 15, 0, 32, 324, 0, 1, 0], [285, 0, 0, 7, 0, 96, 212, 0, 0, 0],
-                [356, 0, 0, 7, 0, 0, 234, 0, 1, 2], [285, 0, 1, 16, 0, 23, 30, 34, 127, 84]]
+    expected = [
+        [228, 0, 0, 15, 0, 32, 324, 0, 1, 0],
+        [285, 0, 0, 7, 0, 96, 212, 0, 0, 0],
+        [356, 0, 0, 7, 0, 0, 234, 0, 1, 2],
+        [285, 0, 1, 16, 0, 23, 30, 34, 127, 84],
+    ]
     assert counts(x, idx, NOISE_SCHEME_V1, start=100).tolist() == expected
     assert counts(x, idx, NOISE_SCHEME_V1, batch_size=77, start=100).tolist() == expected
     assert block_seed(3, 5, 1, 2) == 3902024954858693794
@@ -92,16 +98,18 @@ def test_resume_continues_with_the_files_scheme_and_never_mixes(tmp_path, digits
     with h5py.File(old, "r+") as h5:  # an interrupted version 0.1 job
         h5.attrs["rows"], h5.attrs["complete"] = 2, False
     with pytest.raises(ResumeMismatchError, match="noise_scheme"):
-        generate_counts("digits", "test", model, 0.25, 300, str(old), noise_scheme=NOISE_SCHEME_V2, resume=True,
-                        **kwargs)
+        generate_counts(
+            "digits", "test", model, 0.25, 300, str(old), noise_scheme=NOISE_SCHEME_V2, resume=True, **kwargs
+        )
     generate_counts("digits", "test", model, 0.25, 300, str(old), resume=True, **kwargs)  # the file's scheme
     resumed, expected = read_counts(old), read_counts(ref)
     assert resumed.attrs["noise_scheme"] == NOISE_SCHEME_V1 and resumed.attrs["complete"]
     assert np.array_equal(resumed.counts, expected.counts)
     assert np.array_equal(resumed.counts_select, expected.counts_select)
     with pytest.raises(InvalidParameterError, match="unknown noise scheme"):
-        generate_counts("digits", "test", model, 0.25, 300, str(tmp_path / "u.h5"), noise_scheme=NOISE_UNSEEDED,
-                        **kwargs)
+        generate_counts(
+            "digits", "test", model, 0.25, 300, str(tmp_path / "u.h5"), noise_scheme=NOISE_UNSEEDED, **kwargs
+        )
 
 
 def test_engine_keys_equal_the_documented_block_keys():

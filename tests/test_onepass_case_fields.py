@@ -1,4 +1,5 @@
 """The one-pass case (``benchmarks/onepass_mnist.py``) runs end to end at toy size and reports every section."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def test_onepass_case_reports_every_scheme_the_hybrid_and_required_radius(tmp_pa
         for row in data["hybrid"][key].values():
             assert row["mean_evaluations"] <= ONEPASS_TINY.max_samples
     assert data["cohen_10k"]["mean_evaluations"] == ONEPASS_TINY.test_n + ONEPASS_TINY.test_n0
-    for key, both in data["issued"].items():  # the issued guarantee beside the marginal rule
+    for both in data["issued"].values():  # the issued guarantee beside the marginal rule
         issued = both["issued"]
         assert issued["guarantee"] == "issued" and both["marginal"]["one_pass"]["guarantee"] == "marginal"
         assert issued["over_radius"] <= issued["over_radius_allowance_among_certified"]

@@ -16,6 +16,7 @@ maximise their own radius); the topped-up reference radius (exact failure probab
 data-dependent top-up rules; broken: a Clopper-Pearson bound over the same samples), and a calibration
 built on it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,6 +77,7 @@ def _redraws(once, m: int, seed: int = 0) -> list:
 
 # --------------------------------------------------------------------------- required-radius thresholds
 
+
 def _threshold_wrong(tau_at: float, r: float) -> np.ndarray:
     certified = Z > tau_at
     return certified & ((PREDICTED != PROBLEM.true_class) | (r > PROBLEM.true_radius))
@@ -114,6 +116,7 @@ def test_required_radius_thresholds_hold_per_radius_and_fail_without_the_rank_co
 
 # --------------------------------------------------------------------------- shifted score
 
+
 def _shifted_wrong(shifted, lam: float, cap: float) -> np.ndarray:
     radius = surrogate_radius(P_TILDE, SIGMA, cap) - shifted.shift(Z) - lam
     return PROBLEM.wrong(PREDICTED, radius)
@@ -128,12 +131,20 @@ def test_shifted_score_holds_with_a_disjoint_tuning_part_and_fails_when_tuned_on
     def calibrate(tune_rows, cal_rows, rng):
         y_tune = reference_radius(rng.binomial(n_cal, P_TRUE[tune_rows]), n_cal, ALPHA_MC, SIGMA)
         shifted = fit_shifted(Z[tune_rows], radius_tilde[tune_rows], y_tune, epsilon, bins)
-        counts_top = (rng.binomial(n_cal, P_TRUE[cal_rows]) if cal_rows is not tune_rows
-                      else None)
+        counts_top = rng.binomial(n_cal, P_TRUE[cal_rows]) if cal_rows is not tune_rows else None
         y_cal = y_tune if counts_top is None else reference_radius(counts_top, n_cal, ALPHA_MC, SIGMA)
-        fit = fit_offsets(P_TILDE[cal_rows], PREDICTED[cal_rows], np.zeros(len(cal_rows), int), n_cal, sigma=SIGMA,
-                          num_classes=2, epsilon=epsilon, alpha_mc=ALPHA_MC,
-                          references=ReferenceRadii(y_cal, cap, {}), shift=shifted.shift(Z[cal_rows]))
+        fit = fit_offsets(
+            P_TILDE[cal_rows],
+            PREDICTED[cal_rows],
+            np.zeros(len(cal_rows), int),
+            n_cal,
+            sigma=SIGMA,
+            num_classes=2,
+            epsilon=epsilon,
+            alpha_mc=ALPHA_MC,
+            references=ReferenceRadii(y_cal, cap, {}),
+            shift=shifted.shift(Z[cal_rows]),
+        )
         return shifted, fit.pooled_offset
 
     def disjoint(rows, rng):
@@ -151,6 +162,7 @@ def test_shifted_score_holds_with_a_disjoint_tuning_part_and_fails_when_tuned_on
 
 # --------------------------------------------------------------------------- Mondrian bins, edges on the train split
 
+
 def test_confidence_bins_with_edges_from_train_points_hold_per_bin_and_snooped_edges_fail():
     m, n_cal, epsilon, bins = 120, 10**6, 0.1, 3
     bound = epsilon + ALPHA_MC
@@ -163,8 +175,19 @@ def test_confidence_bins_with_edges_from_train_points_hold_per_bin_and_snooped_e
 
     def with_train_edges(rows, rng):
         counts_top = rng.binomial(n_cal, P_TRUE[rows])
-        fit = fit_offsets(P_TILDE[rows], PREDICTED[rows], counts_top, n_cal, sigma=SIGMA, num_classes=2,
-                          epsilon=epsilon, alpha_mc=ALPHA_MC, groups="confidence", bin_edges=train_edges, z=Z[rows])
+        fit = fit_offsets(
+            P_TILDE[rows],
+            PREDICTED[rows],
+            counts_top,
+            n_cal,
+            sigma=SIGMA,
+            num_classes=2,
+            epsilon=epsilon,
+            alpha_mc=ALPHA_MC,
+            groups="confidence",
+            bin_edges=train_edges,
+            z=Z[rows],
+        )
         return per_point(fit, train_edges)
 
     radii = _redraws(with_train_edges, m)
@@ -180,8 +203,12 @@ def test_confidence_bins_with_edges_from_train_points_hold_per_bin_and_snooped_e
         for _ in range(80):
             edges = np.unique(rng.choice(Z[rows], bins - 1, replace=False))
             which = np.digitize(Z[rows], edges)
-            q = np.array([stats.conformal_quantile(radius_tilde[which == b] - y[which == b], epsilon)
-                          for b in range(len(edges) + 1)])
+            q = np.array(
+                [
+                    stats.conformal_quantile(radius_tilde[which == b] - y[which == b], epsilon)
+                    for b in range(len(edges) + 1)
+                ]
+            )
             value = np.sum(np.maximum(radius_tilde - q[which], 0))
             if value > best_value:
                 best, best_value = (edges, q), value
@@ -232,8 +259,9 @@ def _exact_failure(p: float, rule, reference) -> float:
 
 def _topup_reference(k_first, s, t):
     """The calibration's bound: max(CP_{alpha/2}(first block), CS_{alpha/2}(all samples)), prior TOPUP_PRIOR."""
-    return stats.p_threshold(stats.topup_reference_radius(k_first, N_FIRST, s, np.full(np.shape(s), t), ALPHA_REF,
-                                                          SIGMA), SIGMA)
+    return stats.p_threshold(
+        stats.topup_reference_radius(k_first, N_FIRST, s, np.full(np.shape(s), t), ALPHA_REF, SIGMA), SIGMA
+    )
 
 
 def _cp_reference(k_first, s, t):  # Clopper-Pearson over every sample drawn: the broken one
@@ -270,11 +298,28 @@ def test_calibration_on_topped_up_references_keeps_its_bound_with_the_raised_cap
         counts = np.stack([n_cal - first, first], axis=1)
         topup = np.stack([np.where(topped, extra, 0) - more, more], axis=1)
         predicted = np.ones(len(rows), dtype=int)  # counts are of the surrogate's class, in column 1
-        refs = reference_radii(predicted, counts, n_cal, ALPHA_MC, SIGMA, counts_topup=topup,
-                               samples=n_cal + np.where(topped, extra, 0), planned_max=n_cal + extra)
+        refs = reference_radii(
+            predicted,
+            counts,
+            n_cal,
+            ALPHA_MC,
+            SIGMA,
+            counts_topup=topup,
+            samples=n_cal + np.where(topped, extra, 0),
+            planned_max=n_cal + extra,
+        )
         assert refs.cap == pytest.approx(cap)
-        fit = fit_offsets(P_TILDE[rows], PREDICTED[rows], first, n_cal, sigma=SIGMA, num_classes=2,
-                          epsilon=epsilon, alpha_mc=ALPHA_MC, references=refs)
+        fit = fit_offsets(
+            P_TILDE[rows],
+            PREDICTED[rows],
+            first,
+            n_cal,
+            sigma=SIGMA,
+            num_classes=2,
+            epsilon=epsilon,
+            alpha_mc=ALPHA_MC,
+            references=refs,
+        )
         return surrogate_radius(P_TILDE, SIGMA, refs.cap) - fit.pooled_offset, np.mean(refs.radius > plain_cap)
 
     results = _redraws(once, m)

@@ -2,6 +2,7 @@
 the CPU by Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before Triton compiles, so in
 a subprocess): the engine's probe accepts the kernel, and its Gaussians and the engine's counts through
 it equal the eager ones. Skipped where Triton is not installed."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ with torch.no_grad():
 data = load_split("digits", "test", limit=6)
 smooth = SmoothedClassifier(model, 10, 0.25, device="cpu", batch_size=256, seed=3, noise_scheme=NOISE_SCHEME_V3)
 np.save(sys.argv[2], smooth.counts(data.x, 500, indices=data.indices, start=40))
-'''
+"""
 
 
 def spread_model() -> nn.Module:
@@ -62,16 +63,22 @@ def test_fused_kernel_reproduces_the_eager_noise_and_counts(tmp_path):
     path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SURROGATE_CERT_FUSED_NOISE", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(noise_file), str(counts_file)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(noise_file), str(counts_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     rng = np.random.default_rng(1)
     idx, smp = rng.integers(0, 2**62, 300), rng.integers(0, 2**40, 300)
     assert np.array_equal(np.load(noise_file, allow_pickle=False), keyed_normal(7, idx, 2, smp, (3, 5, 5)).numpy())
     data = load_split("digits", "test", limit=6)
-    smooth = SmoothedClassifier(spread_model(), 10, 0.25, device="cpu", batch_size=300, seed=3,
-                                noise_scheme=NOISE_SCHEME_V3)
+    smooth = SmoothedClassifier(
+        spread_model(), 10, 0.25, device="cpu", batch_size=300, seed=3, noise_scheme=NOISE_SCHEME_V3
+    )
     eager = smooth.counts(data.x, 500, indices=data.indices, start=40)
     assert (eager > 0).sum(axis=1).max() >= 3, "the model must spread predictions, or this test has no teeth"
     assert np.array_equal(np.load(counts_file, allow_pickle=False), eager)

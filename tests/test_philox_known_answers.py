@@ -3,6 +3,7 @@ known answers and agrees with an independent scalar implementation (including pr
 int64); words and Gaussians follow the documented counter layout; Gaussians are the Box-Muller values
 of their words within ``MAX_ABS_ERROR``; and a row's values do not depend on which rows share its call,
 their order, the chunking or the thread count."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,11 @@ M32 = 0xFFFFFFFF
 KNOWN_ANSWERS = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -66,15 +70,19 @@ def test_philox_agrees_with_a_scalar_implementation_on_random_and_extreme_words(
         want = np.array([scalar_philox(tuple(int(v) for v in row), key) for row in counters], dtype=np.int64)
         assert np.array_equal(got, want), key
     # Lanes constant along a dimension may be passed with size 1 there (broadcast by the rounds).
-    wide = philox4x32((torch.arange(5).view(1, 5), torch.tensor([[3], [4]]), torch.tensor([[9], [9]]),
-                       torch.tensor([[1], [2]])), (7, 8))
+    wide = philox4x32(
+        (torch.arange(5).view(1, 5), torch.tensor([[3], [4]]), torch.tensor([[9], [9]]), torch.tensor([[1], [2]])),
+        (7, 8),
+    )
     for row, (c1, c3) in enumerate([(3, 1), (4, 2)]):
         for g in range(5):
             assert tuple(int(lane[row, g]) for lane in wide) == scalar_philox((g, c1, 9, c3), (7, 8))
 
 
-@pytest.mark.parametrize("seed,index,stream,sample", [(0, 0, 0, 0), (3, 811, 1, 300),
-                                                      (2**40 + 5, 2**33 + 7, 3, 2**35 + 511), (-1, 2**62 - 1, 2, 255)])
+@pytest.mark.parametrize(
+    "seed,index,stream,sample",
+    [(0, 0, 0, 0), (3, 811, 1, 300), (2**40 + 5, 2**33 + 7, 3, 2**35 + 511), (-1, 2**62 - 1, 2, 255)],
+)
 def test_words_follow_the_documented_counter_layout(seed, index, stream, sample):
     words = keyed_words(seed, [index], stream, [sample], 11)[0].tolist()
     s64 = seed & (2**64 - 1)
@@ -150,7 +158,7 @@ def test_a_rows_noise_does_not_depend_on_the_other_rows_order_chunks_or_threads(
     rng = np.random.default_rng(3)
     idx, smp = rng.integers(0, 2**40, 120), rng.integers(0, 2**36, 120)
     whole = keyed_normal(5, idx, 1, smp, (3, 8, 8))
-    alone = torch.cat([keyed_normal(5, idx[i:i + 1], 1, smp[i:i + 1], (3, 8, 8)) for i in range(len(idx))])
+    alone = torch.cat([keyed_normal(5, idx[i : i + 1], 1, smp[i : i + 1], (3, 8, 8)) for i in range(len(idx))])
     assert torch.equal(whole, alone)
     order = rng.permutation(len(idx))
     assert torch.equal(keyed_normal(5, idx[order], 1, smp[order], (3, 8, 8)), whole[order])
@@ -175,15 +183,18 @@ def test_v3_noise_is_pinned():
 PINNED_NORMAL = [float.fromhex(h) for h in ("0x1.eff264p-1", "0x1.395df4p+0", "0x1.2f3b5cp-1", "0x1.6c630cp-1")]
 
 
-@pytest.mark.parametrize("call", [
-    lambda: keyed_words(0, [-1], 0, [0], 4),
-    lambda: keyed_words(0, [2**62], 0, [0], 4),
-    lambda: keyed_words(0, [0], 4, [0], 4),
-    lambda: keyed_words(0, [0], 0, [2**40], 4),
-    lambda: keyed_words(0, [0, 1], 0, [0], 4),
-    lambda: keyed_words(0, [0], 0, [0], philox.MAX_WORDS + 1),
-    lambda: keyed_normal(0, [0], 0, [0], (4,), out=torch.empty(1, 5)),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: keyed_words(0, [-1], 0, [0], 4),
+        lambda: keyed_words(0, [2**62], 0, [0], 4),
+        lambda: keyed_words(0, [0], 4, [0], 4),
+        lambda: keyed_words(0, [0], 0, [2**40], 4),
+        lambda: keyed_words(0, [0, 1], 0, [0], 4),
+        lambda: keyed_words(0, [0], 0, [0], philox.MAX_WORDS + 1),
+        lambda: keyed_normal(0, [0], 0, [0], (4,), out=torch.empty(1, 5)),
+    ],
+)
 def test_keys_out_of_range_are_refused(call):
     with pytest.raises(InvalidParameterError):
         call()

@@ -4,6 +4,7 @@ correlation, of values or of their squares, between neighbouring keys (adjacent 
 blocks, seeds, samples of a block, values of a sample). Broken twins fail the same checks: a counter
 that drops the lowest bit of the index (neighbouring inputs share their noise), one that ignores the
 stream, Philox with 2 or 4 rounds instead of 10, and Box-Muller with the radius and angle from one word."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,10 +27,18 @@ def block(seed: int, index: int, stream: int, number: int) -> np.ndarray:
 def moment_problems(values: np.ndarray) -> list[str]:
     """Pooled mean, variance, skewness and excess kurtosis against N(0, 1), each at 5 standard errors."""
     n = values.size
-    found = {"mean": values.mean(), "variance": values.var() - 1, "skewness": stats.skew(values),
-             "kurtosis": stats.kurtosis(values)}
-    errors = {"mean": np.sqrt(1 / n), "variance": np.sqrt(2 / n), "skewness": np.sqrt(6 / n),
-              "kurtosis": np.sqrt(24 / n)}
+    found = {
+        "mean": values.mean(),
+        "variance": values.var() - 1,
+        "skewness": stats.skew(values),
+        "kurtosis": stats.kurtosis(values),
+    }
+    errors = {
+        "mean": np.sqrt(1 / n),
+        "variance": np.sqrt(2 / n),
+        "skewness": np.sqrt(6 / n),
+        "kurtosis": np.sqrt(24 / n),
+    }
     return [f"{name} {value:.2e}" for name, value in found.items() if abs(value) > 5 * errors[name]]
 
 
@@ -49,8 +58,9 @@ def correlation_problems(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[str
     their mean must be near 0 and their sum of squares chi-squared with as many degrees of freedom."""
     problems = []
     for name, transform in (("values", lambda v: v), ("squares", lambda v: v * v - 1)):
-        z = np.array([np.sqrt(a.size) * np.corrcoef(transform(a).ravel(), transform(b).ravel())[0, 1]
-                      for a, b in pairs])
+        z = np.array(
+            [np.sqrt(a.size) * np.corrcoef(transform(a).ravel(), transform(b).ravel())[0, 1] for a, b in pairs]
+        )
         k = len(z)
         low, high = stats.chi2.ppf([FAMILY_ALPHA / 4, 1 - FAMILY_ALPHA / 4], k)
         if abs(z.sum() / np.sqrt(k)) > stats.norm.isf(FAMILY_ALPHA / 4) or not low < (z * z).sum() < high:

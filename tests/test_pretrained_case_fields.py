@@ -1,4 +1,5 @@
 """The pretrained one-pass case and the learning stream run end to end at toy size and report every field."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,9 @@ def test_pretrained_case_reports_pools_hybrids_required_radius_and_targets(workd
     content = run_pretrained(PRETRAINED_TINY, workdir, quiet=True)
     assert set(content["one_pass"]) == {"seen", "augmented+test_pool"}
     assert content["recommended"] == "augmented+test_pool"
-    assert {"fallback", "refine_price0.1sigma_sequential", "refine_price0.1sigma_max_upto2sigma"} == set(content["hybrid"])
+    assert {"fallback", "refine_price0.1sigma_sequential", "refine_price0.1sigma_max_upto2sigma"} == set(
+        content["hybrid"]
+    )
     assert set(content["required_radius"]) == {"1", "2", "3"}
     assert set(content["targets"]) == {"one_pass_best_radius", "hybrid_best_radius", "required_radius", "over_radius"}
     assert len(content["cohen_10k"]["curve"]) == len(content["hybrid"]["fallback"]["curve"])

@@ -1,4 +1,5 @@
 """The whole pipeline, end to end, in its reduced mode: the CI check that every stage fits together."""
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,20 @@ def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
     assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "certified accuracy at radius" in out and "report:" in out and "speed-up" in out
-    for name in ("base.pt", "train.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
-                 "calibration-report.html", "hybrid.tsv", "cohen-300.tsv", "report.html", "report.md", "report.json"):
+    for name in (
+        "base.pt",
+        "train.h5",
+        "cal.h5",
+        "test.h5",
+        "surrogate.pt",
+        "calibration.json",
+        "calibration-report.html",
+        "hybrid.tsv",
+        "cohen-300.tsv",
+        "report.html",
+        "report.md",
+        "report.json",
+    ):
         assert (quick_dir / name).stat().st_size > 0, name
 
     hybrid = read_tsv(quick_dir / "hybrid.tsv")
@@ -46,8 +59,10 @@ def test_quickstart_quick_runs_every_stage_and_reuses_them(quick_dir, capsys):
     assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
 
     summary = json.loads((quick_dir / "quickstart.json").read_text())["summary"]
-    assert summary["methods"]["hybrid"]["mean_evaluations_per_query"] < summary["methods"]["cohen-300"][
-        "mean_evaluations_per_query"]
+    assert (
+        summary["methods"]["hybrid"]["mean_evaluations_per_query"]
+        < summary["methods"]["cohen-300"]["mean_evaluations_per_query"]
+    )
 
     # Re-run: refused without --resume (the folder holds files); with it, every stage is reused.
     assert main(["quickstart", "--quick", "--out", str(quick_dir), "--no-progress"]) == 2
@@ -74,7 +89,9 @@ def test_cohen_from_stored_counts_equals_cohen_certifier(quick_dir):
     data = load_split("digits", "test").take(counts.indices[rows])
     model = load_model(str(quick_dir / "base.pt"), device="cpu").model
     smooth = SmoothedClassifier(model, 10, QUICK.sigma, device="cpu", seed=QUICK.seed)
-    direct = CohenCertifier(smooth).certify(data.x, n0=QUICK.test_n0, n=QUICK.test_n, alpha=QUICK.alpha,
-                                            indices=data.indices)
-    assert [(c.prediction, c.radius, c.n_samples, c.p_lower) for c in from_counts] == \
-           [(c.prediction, c.radius, c.n_samples, c.p_lower) for c in direct]
+    direct = CohenCertifier(smooth).certify(
+        data.x, n0=QUICK.test_n0, n=QUICK.test_n, alpha=QUICK.alpha, indices=data.indices
+    )
+    assert [(c.prediction, c.radius, c.n_samples, c.p_lower) for c in from_counts] == [
+        (c.prediction, c.radius, c.n_samples, c.p_lower) for c in direct
+    ]

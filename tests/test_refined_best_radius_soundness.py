@@ -8,6 +8,7 @@ refining decision reads the surrogate's output only, and the prior is fixed befo
 larger of the two radii (``combine="max"``) read as if it carried the per-input alpha fails that check by
 far; it holds only the marginal bound epsilon + alpha_mc + alpha, which it is checked against too.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def overconfident_surrogate(overconfidence=2.0, tilt=0.4) -> Surrogate:
     b_tilted = -float(w_tilted @ torch.full((4,), 0.5, dtype=torch.float64))
     scale = 1.702 * overconfidence / (2 * SIGMA)  # sigmoid(1.702 t) ~ Phi(t)
     model = LinearBinaryModel(w_tilted.float() * scale, b_tilted * scale)
-    return Surrogate(model, arch="linear", input_shape=SHAPE, num_classes=2, sigma=SIGMA, kappa=50.0, w=0.2,
-                     device="cpu")
+    return Surrogate(
+        model, arch="linear", input_shape=SHAPE, num_classes=2, sigma=SIGMA, kappa=50.0, w=0.2, device="cpu"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The report renders for every combination of inputs, and its numbers match a hand-computed case."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,9 @@ import pytest
 from calibration import summary
 from calibration.artifact import Calibration
 from surrogate_cert.cli.report import register
-from surrogate_cert.workflows import report as rp
-from surrogate_cert.core.errors import CalibrationError
-from surrogate_cert.core.errors import InvalidInputError, InvalidParameterError
+from surrogate_cert.core.errors import CalibrationError, InvalidInputError, InvalidParameterError
 from surrogate_cert.core.stats import max_radius
+from surrogate_cert.workflows import report as rp
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,8 @@ HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tmethod\tn_samples\tp_lower
 #   samples: all mean (10100*3 + 10100)/4 = 10100; certified (0, 1, 3) mean 10100; rest (2) 10100
 COHEN = (
     "# surrogate-cert cohen --model base.pt --dataset digits --split test --sigma 0.25 --n 10000 --seed 7\n"
-    "# device: cpu\n" + HEADER
+    "# device: cpu\n"
+    + HEADER
     + "0\t1\t1\t0.6\t1\t0.5\tcohen\t10100\t0.99\n"
     + "1\t2\t2\t0.3\t1\t0.5\tcohen\t10100\t0.88\n"
     + "2\t3\t-1\t0\t0\t0.5\tabstain\t10100\t0.4\n"
@@ -44,12 +45,25 @@ HYBRID = (
     + "3\t4\t5\t0.1\t0\t0.001\tsurrogate\t0\t0.66\n"
 )
 CALIBRATION = Calibration(
-    surrogate_sha256="ab" * 32, sigma=0.25, num_classes=3, epsilon=0.01, alpha_mc=0.001,
-    guarantee="marginal", method="conformal", groups="class",
-    offsets={"0": 0.12, "1": float("inf"), "2": float("inf")}, pooled_offset=0.15, calibration_size=400, n_cal=10_000,
-    group_sizes={"0": 300, "1": 98, "2": 2}, fallback_groups=["1"], min_group_size=99,
+    surrogate_sha256="ab" * 32,
+    sigma=0.25,
+    num_classes=3,
+    epsilon=0.01,
+    alpha_mc=0.001,
+    guarantee="marginal",
+    method="conformal",
+    groups="class",
+    offsets={"0": 0.12, "1": float("inf"), "2": float("inf")},
+    pooled_offset=0.15,
+    calibration_size=400,
+    n_cal=10_000,
+    group_sizes={"0": 300, "1": 98, "2": 2},
+    fallback_groups=["1"],
+    min_group_size=99,
     radius_cap=max_radius(10_000, 0.001, 0.25),
-    counts_sha256="cd" * 32, package_version="0.1.0", diagnostics=dict(certified_share=0.8, violation_rate=0.005),
+    counts_sha256="cd" * 32,
+    package_version="0.1.0",
+    diagnostics=dict(certified_share=0.8, violation_rate=0.005),
 ).to_dict()
 
 
@@ -98,8 +112,9 @@ def files(tmp_path):
 
 
 def test_numbers_match_hand_computed_case(files):
-    paths = rp.write_report([files / "cohen.tsv", files / "hybrid.tsv"], files / "report.html",
-                            offline_evaluations=997_500)
+    paths = rp.write_report(
+        [files / "cohen.tsv", files / "hybrid.tsv"], files / "report.html", offline_evaluations=997_500
+    )
     data = json.load(open(paths["json"]))
     assert data["sigma"] == 0.25 and data["radii"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     cohen, hybrid = data["runs"]["cohen"], data["runs"]["hybrid"]
@@ -126,23 +141,37 @@ def test_numbers_match_hand_computed_case(files):
     cells = parser.cells
     # the seed-001 cost table row for hybrid: method, certified accuracy, ACR, mean all / certified / rest
     i = cells.index("hybrid")
-    assert cells[i:i + 7] == ["hybrid", "50.0%", "50.0%", "25.0%", "25.0%", "0.0%", "0.325"]
+    assert cells[i : i + 7] == ["hybrid", "50.0%", "50.0%", "25.0%", "25.0%", "0.0%", "0.325"]
     assert ["hybrid", "50.0%", "0.325", "125.0", "100.0", "200.0"] == cells[
-        cells.index("hybrid", i + 1): cells.index("hybrid", i + 1) + 6]
+        cells.index("hybrid", i + 1) : cells.index("hybrid", i + 1) + 6
+    ]
     md = open(paths["md"]).read()
     assert "| hybrid | 50.0% | 0.325 | 125.0 | 100.0 | 200.0 |" in md
     assert "| cohen | 50.0% | 50.0% | 25.0% | 0.0% | 0.0% | 0.225 |" in md
 
 
 def test_with_calibration_and_alone(files):
-    paths = rp.write_report([files / "cohen.tsv", files / "hybrid.tsv"], files / "full.html",
-                            calibration=files / "calibration.json")
+    paths = rp.write_report(
+        [files / "cohen.tsv", files / "hybrid.tsv"], files / "full.html", calibration=files / "calibration.json"
+    )
     parser = _parse(paths["html"])
     _check_images(parser, 2)
     assert "Calibration" in parser.h2 and "Amortisation" in parser.h2
     i = parser.cells.index("0", parser.cells.index("too small: never certified by the surrogate"))
-    assert parser.cells[i:i + 12] == ["0", "0.1200", "300", "no", "1", "inf (never certifies)", "98", "yes",
-                                      "2", "inf (never certifies)", "2", "no"]
+    assert parser.cells[i : i + 12] == [
+        "0",
+        "0.1200",
+        "300",
+        "no",
+        "1",
+        "inf (never certifies)",
+        "98",
+        "yes",
+        "2",
+        "inf (never certifies)",
+        "2",
+        "no",
+    ]
     assert "0.0110" in parser.cells  # the bound epsilon + alpha_mc
     assert any("counting inputs that get no certificate" in c for c in parser.cells)  # and what it means
     data = json.load(open(paths["json"]))
@@ -160,21 +189,29 @@ def test_held_out_check_numbers_and_scatter(files, monkeypatch):
     n, sigma = 1000, 0.25
     counts_top = np.array([600, 990, 999, 400])
     calibrated = np.array([1.0, 0.3, 0.1, -0.2])
-    check = summary.check_against_reference([0.9, 0.95, 0.99, 0.5], calibrated, counts_top, n, sigma,
-                                       epsilon=0.01, alpha_mc=0.001)
+    check = summary.check_against_reference(
+        [0.9, 0.95, 0.99, 0.5], calibrated, counts_top, n, sigma, epsilon=0.01, alpha_mc=0.001
+    )
     from surrogate_cert.core import stats
+
     reference = stats.radius(stats.lower_confidence_bound(counts_top, n, 0.001), sigma)
     assert reference[1] > 0.3 and reference[2] > 0.1 and reference[0] < 1.0  # hand check of the premise
     assert check["num_above"] == 1 and check["rate_above"] == 0.25 and check["share_certified"] == 0.75
     assert check["allowance"] == 1 and check["within_bound"]  # Binomial(4, 0.01) 0.999-quantile is 1
     monkeypatch.setattr(summary, "calibration_check", lambda *a: check)
-    paths = rp.write_report([files / "hybrid.tsv"], files / "checked.html", calibration=files / "calibration.json",
-                            counts="test.h5", surrogate="surrogate.pt")
+    paths = rp.write_report(
+        [files / "hybrid.tsv"],
+        files / "checked.html",
+        calibration=files / "calibration.json",
+        counts="test.h5",
+        surrogate="surrogate.pt",
+    )
     parser = _parse(paths["html"])
     _check_images(parser, 3)  # curves, histogram, scatter
     assert "0.2500" in parser.cells
-    alone = rp.write_calibration_report(files / "calibration.json", files / "cal_checked.html",
-                                        counts="test.h5", surrogate="surrogate.pt")
+    alone = rp.write_calibration_report(
+        files / "calibration.json", files / "cal_checked.html", counts="test.h5", surrogate="surrogate.pt"
+    )
     _check_images(_parse(alone["html"]), 1)
 
 
@@ -214,19 +251,23 @@ def test_bad_inputs_are_one_line_errors(files):
 
 
 def test_header_parsing_reads_the_certifiers_headers():
-    cohen = ["surrogate-cert cohen --model base.pt --dataset digits --device auto --out cohen.tsv",
-             "surrogate-cert 0.1.0; torch 2.14.1",
-             "dataset digits split test images 4; sigma 0.5; alpha 0.001; model sha256 ab; device cuda:0; seed 3"]
+    cohen = [
+        "surrogate-cert cohen --model base.pt --dataset digits --device auto --out cohen.tsv",
+        "surrogate-cert 0.1.0; torch 2.14.1",
+        "dataset digits split test images 4; sigma 0.5; alpha 0.001; model sha256 ab; device cuda:0; seed 3",
+    ]
     assert summary.parse_header(cohen) == dict(sigma=0.5, seed=3, device="cuda:0")
-    assert summary.parse_header(["run_bench()", "bench method hybrid sigma=0.12 seed=1 alpha=0.001 device=cpu"]) == \
-        dict(sigma=0.12, seed=1, device="cpu")
+    assert summary.parse_header(
+        ["run_bench()", "bench method hybrid sigma=0.12 seed=1 alpha=0.001 device=cpu"]
+    ) == dict(sigma=0.12, seed=1, device="cpu")
     assert summary.parse_header(["max_margin_sigmas=3 the_seeds=4"]) == {}
 
 
 def test_cohen_original_six_columns_render_without_costs(files):
     """A TSV from Cohen et al.'s own code (no method / n_samples / p_lower) still gets curves and accuracy."""
-    (files / "original.tsv").write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-                                        "0\t1\t1\t0.5\t1\t1.2\n1\t2\t-1\t0.0\t0\t1.1\n")
+    (files / "original.tsv").write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t1.2\n1\t2\t-1\t0.0\t0\t1.1\n"
+    )
     paths = rp.write_report([files / "original.tsv", files / "hybrid.tsv"], files / "orig.html")
     data = json.load(open(paths["json"]))
     assert data["runs"]["original"]["certified_accuracy"][:3] == [0.5, 0.5, 0.5]

@@ -7,6 +7,7 @@ calibration draws). ``BROKEN``: the radius chosen per input from its own surroga
 radius whose threshold it passes) is wrong more than half the time. That is why the one-pass and hybrid
 certifiers refuse one required radius per input.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,9 +71,11 @@ def test_one_required_radius_per_call_and_one_per_input_is_refused(deployed):
     per_input = np.full(6, 0.1)
     certifier = SurrogateCertifier(surrogate, calibration)
     hybrid = HybridCertifier(certifier)
-    for call in (lambda: certifier.certify(x, required_radius=per_input),
-                 lambda: hybrid.certify(x, required_radius=per_input),
-                 lambda: certified_at_required(calibration, np.zeros(6), per_input)):
+    for call in (
+        lambda: certifier.certify(x, required_radius=per_input),
+        lambda: hybrid.certify(x, required_radius=per_input),
+        lambda: certified_at_required(calibration, np.zeros(6), per_input),
+    ):
         with pytest.raises(InvalidParameterError, match="one radius for the whole batch"):
             call()
     assert check_required_radius(None) is None and check_required_radius(float("nan")) is None

@@ -1,4 +1,5 @@
 """Defects found in review (issue 11) stay fixed: each test pins one of them."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,22 @@ def test_write_tsv_refuses_columns_of_different_lengths(tmp_path):
 
 
 def test_counts_writer_refuses_negative_counts_and_a_wrong_width(tmp_path):
-    attrs = dict(sigma=0.25, n=10, n0=0, num_classes=3, seed=0, dataset="digits", split="cal", limit=None,
-                 model_sha256="ab", noise_scheme="x", device_type="cpu", amp=None, input_shape=[1, 8, 8],
-                 package_version="0")
+    attrs = dict(
+        sigma=0.25,
+        n=10,
+        n0=0,
+        num_classes=3,
+        seed=0,
+        dataset="digits",
+        split="cal",
+        limit=None,
+        model_sha256="ab",
+        noise_scheme="x",
+        device_type="cpu",
+        amp=None,
+        input_shape=[1, 8, 8],
+        package_version="0",
+    )
     with CountsWriter.open(tmp_path / "c.h5", indices=np.arange(4), labels=np.zeros(4, int), attrs=attrs) as writer:
         with pytest.raises(StoreError, match=r"\[0, 2\*\*32\)"):
             writer.append(np.array([[11, -1, 0]]))
@@ -119,6 +133,7 @@ def test_calibration_from_dict_and_save_fail_cleanly(tmp_path, problem, monkeypa
         content.pop("n_cal")
         content.pop("checksum_sha256")
         import hashlib
+
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
         content["checksum_sha256"] = hashlib.sha256(canonical).hexdigest()
         Calibration.from_dict(content)
@@ -163,8 +178,7 @@ def test_hybrid_load_verifies_the_signature_and_takes_a_thread_setting(tmp_path,
     calibration = calibrate_arrays(surrogate, problem.x, _counts(problem), 0.05, 1e-3)
     calibration.save(tmp_path / "signed.json", key="k" * 16)
     calibration.save(tmp_path / "plain.json")
-    hybrid = HybridCertifier.load(tmp_path / "s.pt", tmp_path / "signed.json", fallback="none", key="k" * 16,
-                                  threads=1)
+    hybrid = HybridCertifier.load(tmp_path / "s.pt", tmp_path / "signed.json", fallback="none", key="k" * 16, threads=1)
     assert hybrid.surrogate_certifier.threads == 1 and len(hybrid.certify(problem.x[:3])) == 3
     with pytest.raises(ArtifactSignatureError, match="another key"):  # the surrogate's, first
         HybridCertifier.load(tmp_path / "s.pt", tmp_path / "signed.json", fallback="none", key="j" * 16)
@@ -186,8 +200,10 @@ def test_thread_setting_is_restored_after_each_call(problem):
         certifier = SurrogateCertifier(surrogate, calibration)  # "auto": one thread for small batches
         seen = []
         original = surrogate.predict_z  # the certifier's forward pass (class, p~ and the tail-accurate z~)
-        surrogate.predict_z = lambda x, validate=True: (seen.append(torch.get_num_threads()),
-                                                        original(x, validate=validate))[1]
+        surrogate.predict_z = lambda x, validate=True: (
+            seen.append(torch.get_num_threads()),
+            original(x, validate=validate),
+        )[1]
         certifier.certify(problem.x[:4])
         assert seen == [1] and torch.get_num_threads() == 2
         SurrogateCertifier(surrogate, calibration, threads=None).certify(problem.x[:4])

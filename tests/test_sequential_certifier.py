@@ -1,4 +1,5 @@
 """EProcessCertifier: shared forward passes, stopping rules, sample accounting, class choice, bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,16 @@ class SpySmoothed(SmoothedClassifier):
         self.calls = []
 
     def _record(self, kind, x, n, indices, stream, start):
-        self.calls.append(dict(kind=kind, inputs=len(x), n=np.broadcast_to(n, len(x)).copy(), stream=stream,
-                               start=np.broadcast_to(start, len(x)).copy(), indices=np.asarray(indices).copy()))
+        self.calls.append(
+            dict(
+                kind=kind,
+                inputs=len(x),
+                n=np.broadcast_to(n, len(x)).copy(),
+                stream=stream,
+                start=np.broadcast_to(start, len(x)).copy(),
+                indices=np.asarray(indices).copy(),
+            )
+        )
 
     def counts(self, x, n, *, indices=None, stream=1, start=0):
         self._record("counts", x, n, indices, stream, start)
@@ -43,7 +52,8 @@ def smooth(problem):
 
 def test_undecided_inputs_share_forward_passes_and_draw_fresh_samples(problem, smooth):
     certs = EProcessCertifier(smooth, 0.01, max_samples=600, schedule=[20, 40, 80]).certify(
-        problem.x, indices=np.arange(50, 80))
+        problem.x, indices=np.arange(50, 80)
+    )
     pilot, *rounds = smooth.calls
     assert pilot["stream"] == STREAM_SELECT and pilot["inputs"] == 30 and np.all(pilot["n"] == 100)
     assert all(r["stream"] == STREAM_SEQUENTIAL for r in rounds)
@@ -81,7 +91,8 @@ def test_given_classes_cost_no_pilot_and_wrong_class_abstains_early(problem, smo
 
 def test_target_radius_stops_once_decided(problem, smooth):
     certs = EProcessCertifier(smooth, 0.01, policy="target_radius", target_radius=0.1, max_samples=5000).certify(
-        problem.x, classes=problem.true_class)
+        problem.x, classes=problem.true_class
+    )
     for c, r in zip(certs, problem.true_radius):
         if not c.abstained:
             assert c.radius == pytest.approx(stats.radius(c.p_lower, 0.25))
@@ -106,7 +117,8 @@ def test_per_input_target_and_alpha(problem, smooth):
 def _running_lower(problem, n, alpha, classes=None):
     """max over t <= n of L_t, from the per-sample outcomes of the sequential stream (seed 1)."""
     preds = SmoothedClassifier(problem.model, 2, 0.25, device="cpu", seed=1).sample_predictions(
-        problem.x, n, stream=STREAM_SEQUENTIAL)
+        problem.x, n, stream=STREAM_SEQUENTIAL
+    )
     cls = np.arange(2)[None, None, :] if classes is None else np.asarray(classes)[:, None, None]
     s = np.cumsum(preds[:, :, None] == cls, axis=1)
     lower, _ = stats.beta_binomial_cs(s, np.arange(1, n + 1)[None, :, None], alpha)
@@ -116,7 +128,8 @@ def _running_lower(problem, n, alpha, classes=None):
 def test_best_radius_at_budget_reports_the_running_intersection_over_every_sample(problem, smooth):
     budget = 500
     certs = EProcessCertifier(smooth, 0.05, max_samples=budget, tolerance=0.0, schedule=[500]).certify(
-        problem.x, classes=problem.true_class)
+        problem.x, classes=problem.true_class
+    )
     running, at_budget = _running_lower(problem, budget, 0.05, problem.true_class)
     for c, lo, end in zip(certs, running[:, 0], at_budget[:, 0]):
         assert c.n_samples == budget == c.stop_time and c.p_lower == pytest.approx(lo)
@@ -128,7 +141,8 @@ def test_best_radius_at_budget_reports_the_running_intersection_over_every_sampl
 
 def test_per_class_uses_alpha_over_k(problem, smooth):
     certs = EProcessCertifier(smooth, 0.05, max_samples=300, schedule=[300], class_choice="per_class").certify(
-        problem.x)
+        problem.x
+    )
     running, _ = _running_lower(problem, 300, 0.05 / 2)
     np.testing.assert_allclose([c.p_lower for c in certs], running.max(axis=1))
     assert all(c.n_samples == 300 for c in certs)  # no pilot, one round
@@ -152,11 +166,19 @@ def test_default_schedule_grows_to_the_batch_size():
 @pytest.mark.parametrize(
     "init,name",
     [
-        (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(n0=0), "n0"), (dict(max_samples=0), "max_samples"),
-        (dict(prior=(0.0, 1.0)), "prior"), (dict(prior=(1.0, -1.0)), "prior"), (dict(prior="flat"), "prior"),
-        (dict(policy="target_radius"), "target_radius"), (dict(policy="target_radius", target_radius=-0.1), "target_radius"),
-        (dict(policy="fastest"), "policy"), (dict(class_choice="vote"), "class_choice"),
-        (dict(tolerance=-1.0), "tolerance"), (dict(schedule=[0]), "schedule"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(n0=0), "n0"),
+        (dict(max_samples=0), "max_samples"),
+        (dict(prior=(0.0, 1.0)), "prior"),
+        (dict(prior=(1.0, -1.0)), "prior"),
+        (dict(prior="flat"), "prior"),
+        (dict(policy="target_radius"), "target_radius"),
+        (dict(policy="target_radius", target_radius=-0.1), "target_radius"),
+        (dict(policy="fastest"), "policy"),
+        (dict(class_choice="vote"), "class_choice"),
+        (dict(tolerance=-1.0), "tolerance"),
+        (dict(schedule=[0]), "schedule"),
     ],
 )
 def test_bad_constructor_parameters_name_the_parameter(smooth, init, name):
@@ -168,10 +190,13 @@ def test_bad_constructor_parameters_name_the_parameter(smooth, init, name):
 @pytest.mark.parametrize(
     "call,name",
     [
-        (dict(classes=np.full(30, 2)), "classes"), (dict(classes=np.full(30, -1)), "classes"),
+        (dict(classes=np.full(30, 2)), "classes"),
+        (dict(classes=np.full(30, -1)), "classes"),
         (dict(classes=np.zeros(3, dtype=int)), "classes"),
-        (dict(alpha=0.0), "alpha"), (dict(alpha=np.full(30, 1.0)), "alpha"),
-        (dict(target_radius=-1.0), "target_radius"), (dict(target_radius=np.full(7, 0.1)), "target_radius"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=np.full(30, 1.0)), "alpha"),
+        (dict(target_radius=-1.0), "target_radius"),
+        (dict(target_radius=np.full(7, 0.1)), "target_radius"),
         (dict(classes=np.zeros(30, dtype=int), prior=(np.zeros(30), np.ones(30))), "prior"),
         (dict(classes=np.zeros(30, dtype=int), prior=(np.ones(4), np.ones(4), np.ones(4))), "prior"),
     ],

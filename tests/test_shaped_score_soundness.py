@@ -8,6 +8,7 @@ wrong best radius; the mean over redraws must not exceed epsilon + alpha_mc by m
 errors. Broken twin: the largest radius whose required-radius threshold ``z~`` passes (thresholds valid
 for each radius alone, read for all of them at once) fails the same check.
 """
+
 from __future__ import annotations
 
 import numpy as np

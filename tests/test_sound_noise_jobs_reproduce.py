@@ -4,6 +4,7 @@ The digits (pixels ``v / 16``, off the 1/255 grid) are counted rounded to the gr
 does; torchrun shards (simulated in one process) merge into exactly the one-process file, and Cohen's
 certificates from the stored counts equal ``CohenCertifier``'s live ones (same streams, same slack).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,23 @@ class LocalShard(Shard):
 
 def run(model, out, rank=None, batch_size=500, **kwargs):
     shard = None if rank is None else LocalShard(rank=rank, world_size=2)
-    return generate_counts("digits", "test", model, 0.25, N, str(out), n0=N0, limit=LIMIT, seed=3, device="cpu",
-                           progress=False, batch_size=batch_size, noise_scheme="sound", shard=shard, **kwargs)
+    return generate_counts(
+        "digits",
+        "test",
+        model,
+        0.25,
+        N,
+        str(out),
+        n0=N0,
+        limit=LIMIT,
+        seed=3,
+        device="cpu",
+        progress=False,
+        batch_size=batch_size,
+        noise_scheme="sound",
+        shard=shard,
+        **kwargs,
+    )
 
 
 def test_shards_merge_into_the_one_process_file(tmp_path, digits_untrained_model):
@@ -70,9 +86,31 @@ def test_cohen_command_records_the_scheme_and_the_grid_shift(tmp_path, digits_un
     from surrogate_cert.core.certificate import read_meta
 
     out = tmp_path / "cohen.tsv"
-    assert main(["cohen", "--model", digits_untrained_model, "--dataset", "digits", "--limit", "3", "--n0", "10",
-                 "--samples", "100", "--sigma", "0.25", "--noise-scheme", "sound", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cohen",
+                "--model",
+                digits_untrained_model,
+                "--dataset",
+                "digits",
+                "--limit",
+                "3",
+                "--n0",
+                "10",
+                "--samples",
+                "100",
+                "--sigma",
+                "0.25",
+                "--noise-scheme",
+                "sound",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = read_meta(str(out))
     assert meta["noise_scheme"] == NOISE_SCHEME_SOUND and 0 < meta["noise_slack"] < 1e-13
     assert 0 < meta["grid_shift_max"] <= 8 / 510 and "rounded to the 1/255 grid" in meta["guarantee_scope"]

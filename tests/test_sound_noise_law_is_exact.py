@@ -8,6 +8,7 @@
   not depend on batch size or on how a stream is split (resume, sequential draws).
 - Off-grid images are refused (one line, saying what to do) or, when asked, counted rounded to the grid.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -49,7 +50,7 @@ def test_thresholds_do_not_depend_on_the_working_precision(monkeypatch):
 @pytest.mark.parametrize("t", [Fraction(1, 510), Fraction(1, 10), Fraction(196, 100), Fraction(37, 5)])
 def test_enclosures_bracket_the_normal_tail(t):
     lo, hi = upper_tail_interval(t)
-    assert 0 <= hi - lo < 2 ** 96
+    assert 0 <= hi - lo < 2**96
     assert float(Fraction(lo, 1 << 256)) == pytest.approx(st.norm.sf(float(t)), rel=1e-13)
 
 
@@ -57,12 +58,12 @@ def test_enclosures_bracket_the_normal_tail(t):
 def test_table_is_a_symmetric_law_of_total_mass_one(sigma):
     table = grid_table(sigma)
     t = table.thresholds
-    assert all(0 < v < 2 ** 64 for v in t) and list(t) == sorted(t)
-    assert all(a + b == 2 ** 64 for a, b in zip(t, reversed(t)))
-    assert sum(table.weights()) == 2 ** 64 and table.last == -table.first
+    assert all(0 < v < 2**64 for v in t) and list(t) == sorted(t)
+    assert all(a + b == 2**64 for a, b in zip(t, reversed(t)))
+    assert sum(table.weights()) == 2**64 and table.last == -table.first
     # the table reaches where the Gaussian tail drops below half a unit of 2**-64
-    assert st.norm.sf((table.last + 0.5) / (255 * sigma)) < 2 ** -64
-    assert table.tv_bound < (len(t) + 2) * 2.0 ** -64
+    assert st.norm.sf((table.last + 0.5) / (255 * sigma)) < 2**-64
+    assert table.tv_bound < (len(t) + 2) * 2.0**-64
 
 
 def _tv_to_rounded_gaussian(table) -> float:
@@ -128,7 +129,7 @@ class Quadrants(nn.Module):
     def forward(self, y):
         flat = y.flatten(1)
         a = flat[:, : flat.shape[1] // 2].sum(1) > flat.shape[1] / 4
-        b = flat[:, flat.shape[1] // 2:].sum(1) > flat.shape[1] / 4
+        b = flat[:, flat.shape[1] // 2 :].sum(1) > flat.shape[1] / 4
         return nn.functional.one_hot(a.long() * 2 + b.long(), 4).float()
 
 
@@ -139,8 +140,7 @@ def grid_images():
 
 
 def sound(batch_size=512, **kwargs):
-    return SmoothedClassifier(Quadrants(), 4, 0.25, device="cpu", batch_size=batch_size, noise_scheme="sound",
-                              **kwargs)
+    return SmoothedClassifier(Quadrants(), 4, 0.25, device="cpu", batch_size=batch_size, noise_scheme="sound", **kwargs)
 
 
 def test_counts_do_not_depend_on_batching_or_on_how_a_stream_is_split(grid_images):
@@ -148,10 +148,9 @@ def test_counts_do_not_depend_on_batching_or_on_how_a_stream_is_split(grid_image
     whole = sound(512).counts(grid_images, 700, indices=idx)
     assert np.array_equal(whole, sound(97).counts(grid_images, 700, indices=idx))
     assert np.array_equal(whole, sound(5000).counts(grid_images, 700, indices=idx))
-    split = (sound().counts(grid_images, 300, indices=idx)
-             + sound().counts(grid_images, 400, indices=idx, start=300))
+    split = sound().counts(grid_images, 300, indices=idx) + sound().counts(grid_images, 400, indices=idx, start=300)
     assert np.array_equal(whole, split)
-    one_by_one = np.concatenate([sound().counts(grid_images[i:i + 1], 700, indices=idx[i:i + 1]) for i in range(5)])
+    one_by_one = np.concatenate([sound().counts(grid_images[i : i + 1], 700, indices=idx[i : i + 1]) for i in range(5)])
     assert np.array_equal(whole, one_by_one)
     outcomes = sound().sample_predictions(grid_images, 700, indices=idx)
     assert np.array_equal(whole, np.stack([np.bincount(row, minlength=4) for row in outcomes]))

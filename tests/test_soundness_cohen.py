@@ -6,6 +6,7 @@ true one. The count of wrong certificates over N inputs must not exceed the 0.99
 Binomial(N, alpha). Teeth: the same check fails for a certifier that selects the class from its
 estimation samples (on inputs near the decision boundary) and for a plug-in estimate of ``p_A``.
 """
+
 from __future__ import annotations
 
 import numpy as np

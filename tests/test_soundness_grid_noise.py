@@ -15,6 +15,7 @@ inside the ball with the other class).
   of Binomial(N, level). Teeth: the plug-in estimate, the class chosen from the estimation samples,
   a Clopper-Pearson bound re-checked after every batch, a plug-in reference, each fails the same check.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,9 @@ def allowed(num: int, level: float = ALPHA) -> int:
 
 
 def smoothed(problem, seed=0) -> SmoothedClassifier:
-    return SmoothedClassifier(problem.model, 2, problem.sigma, device="cpu", batch_size=8192, seed=seed,
-                              noise_scheme="sound")
+    return SmoothedClassifier(
+        problem.model, 2, problem.sigma, device="cpu", batch_size=8192, seed=seed, noise_scheme="sound"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def boundary():
 
 
 # --------------------------------------------------------------------------- the formula, exactly
+
 
 def radii_against_flip_distance(bits: int, use_slack: bool) -> np.ndarray:
     """For every pixel sum on the class-1 side: the formula's radius at the exact sampled probability,
@@ -86,6 +89,7 @@ def test_linear_problem_probabilities_are_those_the_engine_samples(spread):
 
 # --------------------------------------------------------------------------- Cohen
 
+
 def plug_in(smooth, x, n0, n):
     """BROKEN: the radius of the point estimate k / n."""
     top = smooth.counts(x, n0, stream=STREAM_SELECT).argmax(axis=1)
@@ -98,8 +102,11 @@ def class_from_estimation_samples(smooth, x, n, alpha):
     """BROKEN: the class and its bound come from the same samples."""
     counts = smooth.counts(x, n, stream=STREAM_ESTIMATE)
     top = counts.argmax(axis=1)
-    radii = stats.radius(stats.lower_confidence_bound(counts[np.arange(len(top)), top], n, alpha), SIGMA,
-                         slack=smooth.radius_slack(x.shape[1:]))
+    radii = stats.radius(
+        stats.lower_confidence_bound(counts[np.arange(len(top)), top], n, alpha),
+        SIGMA,
+        slack=smooth.radius_slack(x.shape[1:]),
+    )
     return np.where(radii > 0, top, -1), radii
 
 
@@ -124,13 +131,16 @@ def test_broken_cohen_twins_fail_the_same_check(boundary):
 
 # --------------------------------------------------------------------------- E-process
 
+
 class PeekingClopperPearson(EProcessCertifier):
     """BROKEN: a fixed-n Clopper-Pearson interval, recomputed and intersected after every sample."""
 
     def confidence_sequence(self, successes, drawn, alpha, log_marginal):
         successes, drawn = np.floor(successes), np.round(drawn)
-        return (stats.lower_confidence_bound(successes, drawn, alpha),
-                1 - stats.lower_confidence_bound(drawn - successes, drawn, alpha))
+        return (
+            stats.lower_confidence_bound(successes, drawn, alpha),
+            1 - stats.lower_confidence_bound(drawn - successes, drawn, alpha),
+        )
 
 
 def eprocess(problem, cls=EProcessCertifier, **kwargs):
@@ -165,6 +175,7 @@ def test_peeking_clopper_pearson_fails_under_sound_noise(boundary):
 
 
 # --------------------------------------------------------------------------- calibration references
+
 
 def test_reference_radius_under_sound_noise_exceeds_the_flip_distance_at_most_alpha_mc(spread):
     alpha_mc, n = 0.05, 500

@@ -9,6 +9,7 @@ input's target radius just above its true radius, so that any certificate reachi
 Teeth: the same machinery with a fixed-n Clopper-Pearson bound re-checked after every sample
 (peeking), with the plug-in estimate, or with a prior fitted on the same samples, fails the same check.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,8 +75,9 @@ class FittedPrior(EProcessCertifier):
         a, b, w, lo, hi = prior
         p_hat = np.clip(np.asarray(successes, dtype=float) / np.maximum(drawn, 1), 1e-6, 1 - 1e-6)[..., None]
         fit = (lo > 0) if np.any(lo > 0) else np.ones(np.shape(lo), dtype=bool)
-        return stats.beta_mixture_log_marginal(successes, drawn, np.where(fit, 1e4 * p_hat, a),
-                                               np.where(fit, 1e4 * (1 - p_hat), b), w, lo, hi)
+        return stats.beta_mixture_log_marginal(
+            successes, drawn, np.where(fit, 1e4 * p_hat, a), np.where(fit, 1e4 * (1 - p_hat), b), w, lo, hi
+        )
 
 
 def p_true_class(problem):
@@ -88,9 +90,10 @@ POLICIES = {
     "target_radius_sigma_kt": (dict(policy="target_radius", target_radius=SIGMA, prior="kt"), dict()),
     "target_truncated_sigma": (dict(policy="target_radius", target_radius=SIGMA, prior="truncated"), dict()),
     "target_truncated_2sigma_default_schedule": (
-        dict(policy="target_radius", target_radius=2 * SIGMA, prior="truncated", schedule=None), dict()),
-    "per_class_target_truncated": (dict(class_choice="per_class", policy="target_radius", target_radius=SIGMA),
-                                   dict()),
+        dict(policy="target_radius", target_radius=2 * SIGMA, prior="truncated", schedule=None),
+        dict(),
+    ),
+    "per_class_target_truncated": (dict(class_choice="per_class", policy="target_radius", target_radius=SIGMA), dict()),
     "priced": (dict(price=0.05), dict()),
     "priced_radius_prior": (dict(price=0.05, prior="radius"), dict()),
     "target_radius_zero": (dict(policy="target_radius", target_radius=0.0), dict()),
@@ -172,7 +175,8 @@ def hard_case():
 
 def _hard_wrong(hard, targets, cls):
     certs = certifier(hard, cls=cls, max_samples=HARD_BUDGET, prior="truncated").certify(
-        hard.x, classes=hard.true_class, target_radius=targets)
+        hard.x, classes=hard.true_class, target_radius=targets
+    )
     return int(hard.wrong_certificates(certs).sum())
 
 

@@ -1,4 +1,5 @@
 """Unit tests of the pure statistics: exact values, edge cases, and bad-parameter errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_radius_and_threshold_are_inverse_with_abstain_convention():
 
 def test_predict_test_is_cohens_binomial_test():
     assert stats.predict_test(60, 40, 0.05) is False  # p = 0.057
-    assert stats.predict_test(62, 38, 0.05) is True   # p = 0.021
+    assert stats.predict_test(62, 38, 0.05) is True  # p = 0.021
     assert stats.predict_test(0, 0, 0.05) is False
 
 
@@ -70,8 +71,8 @@ def _log_m_minus_level(q, s, t, alpha, a, b, w):
         (480, 500, 1e-3, 0.5, 0.5, 1.0),
         (9990, 10_000, 1e-3, 0.5, 0.5, 1.0),
         (57, 100, 0.1, 2.0, 7.0, 1.0),
-        (195, 200, 1e-3, [0.5, 99.0], [0.5, 1.0], [0.1, 0.9]),   # KT + surrogate mixture
-        (20, 200, 1e-3, [0.5, 99.0], [0.5, 1.0], [0.1, 0.9]),    # surrogate prior badly wrong
+        (195, 200, 1e-3, [0.5, 99.0], [0.5, 1.0], [0.1, 0.9]),  # KT + surrogate mixture
+        (20, 200, 1e-3, [0.5, 99.0], [0.5, 1.0], [0.1, 0.9]),  # surrogate prior badly wrong
     ],
 )
 def test_beta_binomial_cs_matches_brentq(s, t, alpha, a, b, w):

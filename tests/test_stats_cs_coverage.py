@@ -4,6 +4,7 @@ One vectorised call tabulates ``(L_t, U_t)`` for every ``(s, t)`` up to the hori
 streams then look up their running sums. A stream is a miss if ``p`` leaves the interval at ANY t.
 The same check catches a fixed-n Clopper-Pearson interval re-checked at every t (peeking).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The ``Examples`` in the statistics module's docstrings run, and give what they say."""
+
 from __future__ import annotations
 
 import doctest
@@ -7,8 +8,11 @@ from surrogate_cert.core import stats
 
 
 def test_every_public_formula_has_an_example():
-    missing = [name for name in stats.__all__ if callable(getattr(stats, name))
-               and "Examples" not in (getattr(stats, name).__doc__ or "")]
+    missing = [
+        name
+        for name in stats.__all__
+        if callable(getattr(stats, name)) and "Examples" not in (getattr(stats, name).__doc__ or "")
+    ]
     assert missing == []
 
 

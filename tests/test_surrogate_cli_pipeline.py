@@ -3,19 +3,20 @@
 The base model is the linear classifier of ``groundtruth.linear_problem`` saved as TorchScript,
 the images an ``npz:`` dataset; every certificate in the TSV is checked against the exact radius.
 """
+
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats as st
 
-from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.cli import main
+from surrogate_cert.core.certificate import read_meta, read_tsv
 from surrogate_cert.core.groundtruth import linear_problem
 
 pytestmark = pytest.mark.slow
@@ -37,15 +38,56 @@ def test_linear_problem_through_the_command_line(tmp_path, capsys, monkeypatch):
         assert main(argv) == 0
 
     for split, n in (("train", 200), ("cal", 5000), ("test", 100)):
-        cli("datagen", "--dataset", data, "--split", split, "--model", model, "--sigma", SIGMA, "--n", n,
-            "--no-progress", "--out", tmp_path / f"{split}.h5")
-    cli("train", "--counts", tmp_path / "train.h5", "--out", tmp_path / "surrogate.pt", "--epochs", 15,
-        "--no-progress")
-    cli("calibrate", "--surrogate", tmp_path / "surrogate.pt", "--counts", tmp_path / "cal.h5",
-        "--epsilon", EPSILON, "--alpha-mc", ALPHA_MC, "--out", tmp_path / "calibration.json")
-    cli("certify", "--surrogate", tmp_path / "surrogate.pt", "--calibration", tmp_path / "calibration.json",
-        "--model", model, "--dataset", data, "--split", "test", "--alpha", ALPHA, "--max-samples", 2000,
-        "--no-progress", "--out", tmp_path / "hybrid.tsv")
+        cli(
+            "datagen",
+            "--dataset",
+            data,
+            "--split",
+            split,
+            "--model",
+            model,
+            "--sigma",
+            SIGMA,
+            "--n",
+            n,
+            "--no-progress",
+            "--out",
+            tmp_path / f"{split}.h5",
+        )
+    cli("train", "--counts", tmp_path / "train.h5", "--out", tmp_path / "surrogate.pt", "--epochs", 15, "--no-progress")
+    cli(
+        "calibrate",
+        "--surrogate",
+        tmp_path / "surrogate.pt",
+        "--counts",
+        tmp_path / "cal.h5",
+        "--epsilon",
+        EPSILON,
+        "--alpha-mc",
+        ALPHA_MC,
+        "--out",
+        tmp_path / "calibration.json",
+    )
+    cli(
+        "certify",
+        "--surrogate",
+        tmp_path / "surrogate.pt",
+        "--calibration",
+        tmp_path / "calibration.json",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--split",
+        "test",
+        "--alpha",
+        ALPHA,
+        "--max-samples",
+        2000,
+        "--no-progress",
+        "--out",
+        tmp_path / "hybrid.tsv",
+    )
     out = capsys.readouterr().out
     assert "by method: surrogate" in out
 
@@ -71,10 +113,38 @@ def test_linear_problem_through_the_command_line(tmp_path, capsys, monkeypatch):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
-    assert main(["calibrate", "--surrogate", str(tmp_path / "none.pt"), "--counts", str(tmp_path / "none.h5"),
-                 "--epsilon", "0.01", "--out", str(tmp_path / "c.json")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--surrogate",
+                str(tmp_path / "none.pt"),
+                "--counts",
+                str(tmp_path / "none.h5"),
+                "--epsilon",
+                "0.01",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("surrogate-cert calibrate: error:") and "\n" not in err
-    assert main(["calibrate", "--surrogate", "s.pt", "--counts", "c.h5", "--epsilon", "1.5",
-                 "--out", str(tmp_path / "c.json")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--surrogate",
+                "s.pt",
+                "--counts",
+                "c.h5",
+                "--epsilon",
+                "1.5",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 2
+    )
     assert "epsilon" in capsys.readouterr().err

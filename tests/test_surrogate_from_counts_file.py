@@ -1,4 +1,5 @@
 """train_surrogate / calibrate read images and provenance from counts files, and refuse the wrong ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,16 +22,18 @@ def counts_files(tmp_path_factory, digits_untrained_model):
     files = {}
     for split, limit, n, sigma in (("train", 40, 20, 0.25), ("cal", 120, 50, 0.25), ("test", 20, 20, 0.5)):
         files[split] = str(folder / f"{split}.h5")
-        generate_counts("digits", split, digits_untrained_model, sigma, n, files[split], limit=limit,
-                        device="cpu", progress=False)
+        generate_counts(
+            "digits", split, digits_untrained_model, sigma, n, files[split], limit=limit, device="cpu", progress=False
+        )
     return folder, files
 
 
 def test_train_from_counts_file_records_provenance_and_init_from_base(counts_files, digits_untrained_model):
     folder, files = counts_files
     out = folder / "surrogate.pt"
-    surrogate = train_surrogate(files["train"], out, init_from_base=digits_untrained_model, epochs=2,
-                                device="cpu", progress=False)
+    surrogate = train_surrogate(
+        files["train"], out, init_from_base=digits_untrained_model, epochs=2, device="cpu", progress=False
+    )
     loaded = Surrogate.load(out)
     assert (loaded.arch, loaded.input_shape, loaded.num_classes, loaded.sigma) == ("small_cnn", (1, 8, 8), 10, 0.25)
     assert loaded.meta["counts_sha256"] == sha256_file(files["train"])
@@ -39,8 +42,15 @@ def test_train_from_counts_file_records_provenance_and_init_from_base(counts_fil
     assert (loaded.kappa, loaded.w) == (surrogate.kappa, surrogate.w)
     assert loaded.meta["prior_tuning"]["table"]
     with pytest.raises(InvalidParameterError, match="--arch"):
-        train_surrogate(files["train"], folder / "x.pt", arch="resnet18", init_from_base=digits_untrained_model,
-                        epochs=1, device="cpu", progress=False)
+        train_surrogate(
+            files["train"],
+            folder / "x.pt",
+            arch="resnet18",
+            init_from_base=digits_untrained_model,
+            epochs=1,
+            device="cpu",
+            progress=False,
+        )
 
 
 def test_calibrate_refuses_training_counts_and_another_sigma(counts_files):

@@ -1,4 +1,5 @@
 """The surrogate learns counts/n with soft-label cross-entropy, saves weights-only, tunes its prior on train counts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,8 +68,15 @@ def test_a_base_checkpoint_is_not_a_surrogate(tmp_path):
     from surrogate_cert.core.architectures import build, save_checkpoint
 
     path = tmp_path / "base.pt"
-    save_checkpoint(path, build("small_cnn", (1, 2, 2), 2), arch="small_cnn", input_shape=(1, 2, 2),
-                    num_classes=2, kind="base", meta={"sigma": SIGMA})
+    save_checkpoint(
+        path,
+        build("small_cnn", (1, 2, 2), 2),
+        arch="small_cnn",
+        input_shape=(1, 2, 2),
+        num_classes=2,
+        kind="base",
+        meta={"sigma": SIGMA},
+    )
     with pytest.raises(ModelError, match="not a surrogate"):
         Surrogate.load(path)
 

@@ -2,6 +2,7 @@
 rank 1 is killed mid-run leaves no merged file and loses no committed row; relaunched with --resume
 it continues each shard where it stopped and merges a file identical to a one-process run's. A
 Cohen job writes one TSV identical to a one-process run's (but for the time column)."""
+
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,7 @@ SCRIPT = Path(sys.executable).with_name("surrogate-cert")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 LIMIT, N = 60, 400
 
-MODEL_SOURCE = '''
+MODEL_SOURCE = """
 import time
 import torch
 from torch import nn
@@ -55,10 +56,12 @@ def slow():
 
 def fast():
     return Linear(0.0)
-'''
+"""
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not SCRIPT.exists(), reason=f"no surrogate-cert console script next to {sys.executable}")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SCRIPT.exists(), reason=f"no surrogate-cert console script next to {sys.executable}"),
+]
 
 
 def environment() -> dict:
@@ -78,11 +81,46 @@ def test_killed_rank_then_resume_merges_the_one_process_file(tmp_path):
     module = tmp_path / "linear_model.py"
     module.write_text(MODEL_SOURCE)
     out = tmp_path / "train.h5"
-    common = ["--dataset", "digits", "--split", "train", "--sigma", "0.25", "--samples", str(N), "--n0", "20",
-              "--limit", str(LIMIT), "--seed", "5", "--device", "cpu", "--no-progress", "--out", str(out)]
-    job = subprocess.Popen([*TORCHRUN, "--no-python", str(SCRIPT), "datagen", "--model", f"{module}:slow",
-                            "--batch-size", "200", "--commit-every", "0", *common],
-                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    common = [
+        "--dataset",
+        "digits",
+        "--split",
+        "train",
+        "--sigma",
+        "0.25",
+        "--samples",
+        str(N),
+        "--n0",
+        "20",
+        "--limit",
+        str(LIMIT),
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    job = subprocess.Popen(
+        [
+            *TORCHRUN,
+            "--no-python",
+            str(SCRIPT),
+            "datagen",
+            "--model",
+            f"{module}:slow",
+            "--batch-size",
+            "200",
+            "--commit-every",
+            "0",
+            *common,
+        ],
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while committed(shard_path(out, 1, 2)) == 0:
@@ -101,25 +139,54 @@ def test_killed_rank_then_resume_merges_the_one_process_file(tmp_path):
     before = {rank: read_counts(shard_path(out, rank, 2)) for rank in (0, 1)}
     assert 0 < len(before[1]) < LIMIT // 2, "rank 1 must die mid-run"
 
-    relaunch = subprocess.run([*TORCHRUN, "-m", "surrogate_cert", "datagen", "--model", f"{module}:fast",
-                               "--batch-size", "333", "--resume", *common],
-                              env=environment(), capture_output=True, text=True, timeout=300)
+    relaunch = subprocess.run(
+        [
+            *TORCHRUN,
+            "-m",
+            "surrogate_cert",
+            "datagen",
+            "--model",
+            f"{module}:fast",
+            "--batch-size",
+            "333",
+            "--resume",
+            *common,
+        ],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     for rank, part in before.items():
         rest = LIMIT // 2 - len(part)
-        assert f"rank {rank}/2: {shard_path(out, rank, 2)}: {len(part)} of {LIMIT // 2} rows already committed, " \
-               f"counting {rest}" in relaunch.stderr
+        assert (
+            f"rank {rank}/2: {shard_path(out, rank, 2)}: {len(part)} of {LIMIT // 2} rows already committed, "
+            f"counting {rest}" in relaunch.stderr
+        )
     assert relaunch.stdout.count("wrote ") == 1 and find_shards(out) == {}
 
     reference = tmp_path / "reference.h5"
-    generate_counts("digits", "train", f"{module}:fast", 0.25, N, str(reference), n0=20, limit=LIMIT, seed=5,
-                    device="cpu", progress=False)
+    generate_counts(
+        "digits",
+        "train",
+        f"{module}:fast",
+        0.25,
+        N,
+        str(reference),
+        n0=20,
+        limit=LIMIT,
+        seed=5,
+        device="cpu",
+        progress=False,
+    )
     merged, expected = read_counts(out), read_counts(reference)
     for name in ("indices", "labels", "counts", "counts_select"):
         assert getattr(merged, name).tobytes() == getattr(expected, name).tobytes(), name
     timing = {"created_utc", "command"}
-    assert {k: v for k, v in merged.attrs.items() if k not in timing} == \
-        {k: v for k, v in expected.attrs.items() if k not in timing}
+    assert {k: v for k, v in merged.attrs.items() if k not in timing} == {
+        k: v for k, v in expected.attrs.items() if k not in timing
+    }
     for rank, part in before.items():  # committed rows were kept, not redone differently
         assert np.array_equal(merged.counts[rank::2][: len(part)], part.counts)
 
@@ -132,13 +199,37 @@ def read_rows(path):
 def test_cohen_under_torchrun_writes_the_one_process_tsv(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).eval()
-    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
     torch.export.save(program, str(tmp_path / "base.pt2"))
-    common = ["cohen", "--model", str(tmp_path / "base.pt2"), "--dataset", "digits", "--split", "test", "--limit",
-              "15", "--sigma", "0.25", "--n0", "30", "--samples", "500", "--device", "cpu", "--no-progress"]
-    run = subprocess.run([*TORCHRUN, "-m", "surrogate_cert", *common, "--out", str(tmp_path / "two.tsv")],
-                         env=environment(), capture_output=True, text=True, timeout=300)
+    common = [
+        "cohen",
+        "--model",
+        str(tmp_path / "base.pt2"),
+        "--dataset",
+        "digits",
+        "--split",
+        "test",
+        "--limit",
+        "15",
+        "--sigma",
+        "0.25",
+        "--n0",
+        "30",
+        "--samples",
+        "500",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    run = subprocess.run(
+        [*TORCHRUN, "-m", "surrogate_cert", *common, "--out", str(tmp_path / "two.tsv")],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert main([*common, "--out", str(tmp_path / "one.tsv")]) == 0
     two, one = read_rows(tmp_path / "two.tsv"), read_rows(tmp_path / "one.tsv")

@@ -2,6 +2,7 @@
 torchrun's own parser (Python 3.11's argparse reads abbreviations even after the script name), so
 ``torchrun ... --no-python surrogate-cert datagen --samples 3000 ...`` starts; ``--n`` stays an alias
 for one-process use. Commands that run as one process refuse torchrun."""
+
 from __future__ import annotations
 
 import re
@@ -59,7 +60,9 @@ def documented_torchrun_commands() -> list[str]:
     commands = []
     text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))])
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        commands += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("torchrun")]
+        commands += [
+            line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("torchrun")
+        ]
     sbatch = (REPO / "examples" / "slurm_datagen.sbatch").read_text().replace("\\\n", " ")
     commands += [line.strip().removeprefix("srun ") for line in sbatch.splitlines() if line.startswith("srun torchrun")]
     return commands

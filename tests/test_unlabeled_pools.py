@@ -5,6 +5,7 @@ file carries no ``labels`` (format version 2); ``train`` mixes it with a labelle
 the surrogate's training images out of the calibration by content, so a pool holding calibration images is
 refused whatever its source; whatever needs labels says so in one line.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,11 +34,15 @@ def files(tmp_path_factory, digits_untrained_model):
     test = load_split("digits", "test")
     out = dict(folder=folder, model=digits_untrained_model)
     out["pool_spec"] = _npz_pool(folder / "pool.npz", test.x[200:260])  # test images beyond the first 200
-    for name, dataset, split, limit, n in (("pool", out["pool_spec"], "pool", None, 20),
-                                           ("train", "digits", "train", 30, 20), ("cal", "digits", "cal", 60, 40)):
+    for name, dataset, split, limit, n in (
+        ("pool", out["pool_spec"], "pool", None, 20),
+        ("train", "digits", "train", 30, 20),
+        ("cal", "digits", "cal", 60, 40),
+    ):
         out[name] = str(folder / f"{name}.h5")
-        generate_counts(dataset, split, digits_untrained_model, 0.25, n, out[name], limit=limit, device="cpu",
-                        progress=False)
+        generate_counts(
+            dataset, split, digits_untrained_model, 0.25, n, out[name], limit=limit, device="cpu", progress=False
+        )
     return out
 
 
@@ -94,6 +99,7 @@ def test_a_folder_of_images_is_a_pool(tmp_path, digits_untrained_model):
     assert pool.x.shape == (6, 1, 8, 8) and pool.y is None
     assert sorted(image_hashes(pool.x).tolist()) == sorted(image_hashes(x).tolist())  # 8-bit content survives PNG
     out = tmp_path / "pool.h5"
-    generate_counts(f"images:{tmp_path}", "pool", digits_untrained_model, 0.25, 5, str(out), device="cpu",
-                    progress=False)
+    generate_counts(
+        f"images:{tmp_path}", "pool", digits_untrained_model, 0.25, 5, str(out), device="cpu", progress=False
+    )
     assert read_counts(out).labels is None

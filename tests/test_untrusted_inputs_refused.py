@@ -20,6 +20,7 @@ Three tables, each row one command of ``surrogate-cert`` run in-process:
 
 Python-level checks (the counting engine's own checks, the loaders' typed errors) follow the tables.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -45,7 +46,6 @@ from data_gen.store import CountsWriter, read_counts
 from surrogate_cert.cli import main
 from surrogate_cert.core.architectures import CHECKSUM_FIELD, checkpoint_message, save_checkpoint
 from surrogate_cert.core.certificate import write_tsv
-from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.cohen import certificates_from_counts
 from surrogate_cert.core.errors import (
     ArtifactSignatureError,
@@ -54,6 +54,7 @@ from surrogate_cert.core.errors import (
     InvalidParameterError,
     ModelError,
 )
+from surrogate_cert.core.pt2 import load_exported_program
 from surrogate_cert.core.signing import ENV_KEY, ENV_KEY_FILE
 from surrogate_cert.core.smoothing import SmoothedClassifier
 from surrogate_cert.core.surrogate import Surrogate
@@ -164,10 +165,16 @@ def _sympy(files, root, marker):
 def _target(files, root, marker):
     def edit(text):
         doc = json.loads(text)
-        doc["graph_module"]["graph"]["nodes"].insert(0, {
-            "target": "torch.os.system", "inputs": [{"name": "command", "arg": {"as_string": f"touch {marker}"},
-                                                     "kind": 1}],
-            "outputs": [], "metadata": {}, "name": "evil"})
+        doc["graph_module"]["graph"]["nodes"].insert(
+            0,
+            {
+                "target": "torch.os.system",
+                "inputs": [{"name": "command", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+                "outputs": [],
+                "metadata": {},
+                "name": "evil",
+            },
+        )
         return json.dumps(doc)
 
     _program_text(files, root, edit)
@@ -257,8 +264,13 @@ def work(tmp_path_factory, digits_untrained_model):
     train_surrogate(f["cal_small.h5"], p("surrogate_cal.pt"), epochs=1, **kw)  # trained on calibration images
     calibrate(f["surrogate.pt"], f["cal.h5"], 0.05, 1e-3, device="cpu").save(p("calibration.json"))
     test = read_counts(f["test.h5"])
-    write_tsv(p("results.tsv"), test.indices, test.labels,
-              certificates_from_counts(test.counts, test.counts, 1e-3, 0.25), meta={"sigma": 0.25})
+    write_tsv(
+        p("results.tsv"),
+        test.indices,
+        test.labels,
+        certificates_from_counts(test.counts, test.counts, 1e-3, 0.25),
+        meta={"sigma": 0.25},
+    )
 
     # Absurd models: NaN weights; finite weights whose logits overflow.
     def scaled(name, value, every=False):
@@ -268,6 +280,7 @@ def work(tmp_path_factory, digits_untrained_model):
             payload["state_dict"][weight] = payload["state_dict"][weight] * value
         payload.pop(CHECKSUM_FIELD, None)
         torch.save(payload, p(name))
+
     scaled("nan.pt", float("nan"))
     scaled("overflow.pt", 1e20, every=True)  # finite weights (1e19), logits past float32's 3.4e38
 
@@ -287,8 +300,12 @@ def work(tmp_path_factory, digits_untrained_model):
     np.savez(p("stream_minus1.npz"), x=x, y=np.array([0, 1, -1, 2, 3, 4]))
     np.savez(p("stream_99.npz"), x=x, y=np.array([0, 1, 99, 2, 3, 4]))
     np.save(p("plain.npy"), x)
-    np.savez(p("classes_array.npz"), x=rng.uniform(size=(40, 1, 8, 8)).astype(np.float32), y=np.arange(40) % 10,
-             num_classes=np.array([10, 10]))
+    np.savez(
+        p("classes_array.npz"),
+        x=rng.uniform(size=(40, 1, 8, 8)).astype(np.float32),
+        y=np.arange(40) % 10,
+        num_classes=np.array([10, 10]),
+    )
 
     # The calibration used where its guarantee does not hold.
     content = json.loads(Path(f["calibration.json"]).read_text())
@@ -302,6 +319,7 @@ def work(tmp_path_factory, digits_untrained_model):
     def relabel(c):
         c["meta"]["split"] = "train"
         del c["meta"]["train_index_ranges"]
+
     _edit_checkpoint(f["surrogate_cal.pt"], p("split_relabelled.pt"), relabel)
 
     # Keyed artefacts: counts and a surrogate signed with key A (and B); then edited without the key.
@@ -314,6 +332,7 @@ def work(tmp_path_factory, digits_untrained_model):
         relabel(c)
         for name in ("counts_files", "counts_rows"):
             c["meta"].pop(name, None)
+
     _edit_checkpoint(f["surrogate_cal_a.pt"], p("split_relabelled_a.pt"), relabel_all)
     Surrogate.load(f["surrogate.pt"]).save(p("surrogate_b.pt"), key=KEY_B)
     Path(p("key_a")).write_text(KEY_A + "\n")
@@ -324,13 +343,15 @@ def work(tmp_path_factory, digits_untrained_model):
     os.symlink(str(root / "gone.pt"), p("dangling.pt"))
 
     # torch.export archives: a good one and the malicious ones.
-    program = torch.export.export(_Tiny().eval(), (torch.rand(4, 1, 8, 8),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        _Tiny().eval(), (torch.rand(4, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
     torch.export.save(program, p("good.pt2"))
     for name, (poison, _) in MALICIOUS.items():
         marker = os.path.join(f["markers"], name)
-        _rewrite(f["good.pt2"], p(f"{name}.pt2"),
-                 lambda files, r, poison=poison, marker=marker: poison(files, r, marker))
+        _rewrite(
+            f["good.pt2"], p(f"{name}.pt2"), lambda files, r, poison=poison, marker=marker: poison(files, r, marker)
+        )
     guard_marker = os.path.join(f["markers"], "guards-code")
     _rewrite(f["good.pt2"], p("guards-code.pt2"), lambda files, r: _guards(files, r, guard_marker))
 
@@ -348,7 +369,7 @@ def _snapshot(root: str) -> dict[str, str]:
             if os.path.islink(path):
                 out[os.path.relpath(path, root)] = "link:" + os.readlink(path)
                 continue
-            with io.open(path, "rb") as fh:  # io.open: the permission test replaces builtins.open
+            with io.open(path, "rb") as fh:  # noqa: UP020  (the permission test replaces builtins.open)
                 out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
@@ -382,21 +403,94 @@ def _run_refused(work, capsys, monkeypatch, argv, needles, env=None, case_id="")
 # --------------------------------------------------------------------------- table 1: malicious archives
 TINY = ["--limit", "2", "--device", "cpu", "--no-progress"]
 MODEL_COMMANDS = {
-    "datagen": ["datagen", "--split", "test", "--sigma", "0.25", "--n", "10", *TINY, "--model", "{MODEL}",
-                "--out", "OUT:m.h5"],
+    "datagen": [
+        "datagen",
+        "--split",
+        "test",
+        "--sigma",
+        "0.25",
+        "--n",
+        "10",
+        *TINY,
+        "--model",
+        "{MODEL}",
+        "--out",
+        "OUT:m.h5",
+    ],
     "cohen": ["cohen", "--sigma", "0.25", "--n0", "5", "--n", "10", *TINY, "--model", "{MODEL}", "--out", "OUT:m.tsv"],
-    "sequential": ["sequential", "--sigma", "0.25", "--max-samples", "32", "--n0", "5", *TINY, "--model", "{MODEL}",
-                   "--out", "OUT:m.tsv"],
-    "sequential --class-from": ["sequential", "--sigma", "0.25", "--max-samples", "32", *TINY, "--model",
-                                "{base.pt}", "--class-from", "{MODEL}", "--out", "OUT:m.tsv"],
+    "sequential": [
+        "sequential",
+        "--sigma",
+        "0.25",
+        "--max-samples",
+        "32",
+        "--n0",
+        "5",
+        *TINY,
+        "--model",
+        "{MODEL}",
+        "--out",
+        "OUT:m.tsv",
+    ],
+    "sequential --class-from": [
+        "sequential",
+        "--sigma",
+        "0.25",
+        "--max-samples",
+        "32",
+        *TINY,
+        "--model",
+        "{base.pt}",
+        "--class-from",
+        "{MODEL}",
+        "--out",
+        "OUT:m.tsv",
+    ],
     "deterministic": ["deterministic", "--method", "ibp", *TINY, "--model", "{MODEL}", "--out", "OUT:m.tsv"],
-    "certify": ["certify", *TINY, "--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}",
-                "--model", "{MODEL}", "--out", "OUT:m.tsv"],
-    "train --init-from-base": ["train", "--counts", "{train.h5}", "--epochs", "1", "--no-progress",
-                               "--init-from-base", "{MODEL}", "--arch", "mlp", "--out", "OUT:m.pt"],
-    "monitor --model": ["monitor", "--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}",
-                        "--stream", "{stream.npz}", "--model", "{MODEL}", "--audit-rate", "0.5", "--device", "cpu",
-                        "--no-progress", "--out", "OUT:m.json"],
+    "certify": [
+        "certify",
+        *TINY,
+        "--surrogate",
+        "{surrogate.pt}",
+        "--calibration",
+        "{calibration.json}",
+        "--model",
+        "{MODEL}",
+        "--out",
+        "OUT:m.tsv",
+    ],
+    "train --init-from-base": [
+        "train",
+        "--counts",
+        "{train.h5}",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--init-from-base",
+        "{MODEL}",
+        "--arch",
+        "mlp",
+        "--out",
+        "OUT:m.pt",
+    ],
+    "monitor --model": [
+        "monitor",
+        "--surrogate",
+        "{surrogate.pt}",
+        "--calibration",
+        "{calibration.json}",
+        "--stream",
+        "{stream.npz}",
+        "--model",
+        "{MODEL}",
+        "--audit-rate",
+        "0.5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        "OUT:m.json",
+    ],
 }
 """Every command that takes a model file (quickstart and bench take none: they train their own)."""
 
@@ -405,8 +499,9 @@ MODEL_COMMANDS = {
 @pytest.mark.parametrize("archive", list(MALICIOUS))
 def test_a_malicious_model_archive_runs_nothing_and_is_refused(work, capsys, monkeypatch, archive, command):
     argv = [a.replace("{MODEL}", "{" + archive + ".pt2}") for a in MODEL_COMMANDS[command]]
-    line = _run_refused(work, capsys, monkeypatch, argv, MALICIOUS[archive][1] + ["refused"],
-                        case_id=f"{command}/{archive}")
+    line = _run_refused(
+        work, capsys, monkeypatch, argv, MALICIOUS[archive][1] + ["refused"], case_id=f"{command}/{archive}"
+    )
     assert "data, never code" in line
     assert not os.listdir(work["markers"]), f"{command} ran the payload of {archive}"
 
@@ -414,12 +509,20 @@ def test_a_malicious_model_archive_runs_nothing_and_is_refused(work, capsys, mon
 @pytest.mark.parametrize("archive", list(MALICIOUS))
 def test_the_python_loaders_refuse_malicious_archives_with_a_typed_error(work, archive):
     path = work[f"{archive}.pt2"]
-    for load in (lambda: load_exported_program(path),
-                 lambda: load_model(path, device="cpu"),
-                 lambda: HybridCertifier.load(work["surrogate.pt"], work["calibration.json"], base_model=path,
-                                              device="cpu"),
-                 lambda: train_surrogate(work["train.h5"], os.path.join(work["out_dir"], "py.pt"), epochs=1,
-                                         init_from_base=path, arch="mlp", device="cpu", progress=False)):
+    for load in (
+        lambda: load_exported_program(path),
+        lambda: load_model(path, device="cpu"),
+        lambda: HybridCertifier.load(work["surrogate.pt"], work["calibration.json"], base_model=path, device="cpu"),
+        lambda: train_surrogate(
+            work["train.h5"],
+            os.path.join(work["out_dir"], "py.pt"),
+            epochs=1,
+            init_from_base=path,
+            arch="mlp",
+            device="cpu",
+            progress=False,
+        ),
+    ):
         with pytest.raises(ModelError, match="refused"):
             load()
     assert not os.listdir(work["markers"])
@@ -430,8 +533,16 @@ def test_the_python_loaders_refuse_malicious_archives_with_a_typed_error(work, a
 def test_a_surrogate_carrying_a_malicious_program_runs_nothing_and_is_refused(work, archive, tmp_path):
     """A surrogate started from a user's ``.pt2`` carries that program: it is read as data like any model file."""
     path = str(tmp_path / f"surrogate-{archive}.pt")
-    save_checkpoint(path, _Tiny(), arch="torch-export", input_shape=(1, 8, 8), num_classes=10, kind="surrogate",
-                    meta={"sigma": 0.25, "kappa": 10.0, "w": 0.5}, network=Path(work[f"{archive}.pt2"]).read_bytes())
+    save_checkpoint(
+        path,
+        _Tiny(),
+        arch="torch-export",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        kind="surrogate",
+        meta={"sigma": 0.25, "kappa": 10.0, "w": 0.5},
+        network=Path(work[f"{archive}.pt2"]).read_bytes(),
+    )
     with pytest.raises(ModelError, match="refused"):
         Surrogate.load(path, device="cpu")
     assert not os.listdir(work["markers"]), f"loading a surrogate ran the payload of {archive}"
@@ -456,13 +567,29 @@ def test_guards_code_is_dropped_not_run_and_good_archives_still_certify(work, ca
 DATAGEN = ["datagen", "--split", "cal", "--sigma", "0.25", "--n", "10", *TINY]
 COHEN = ["cohen", "--sigma", "0.25", "--n0", "5", "--n", "10", *TINY]
 SEQUENTIAL = ["sequential", "--sigma", "0.25", "--max-samples", "32", "--n0", "5", *TINY]
-CERTIFY = ["certify", "--fallback", "none", *TINY, "--surrogate", "{surrogate.pt}", "--calibration",
-           "{calibration.json}"]
+CERTIFY = [
+    "certify",
+    "--fallback",
+    "none",
+    *TINY,
+    "--surrogate",
+    "{surrogate.pt}",
+    "--calibration",
+    "{calibration.json}",
+]
 CALIBRATE = ["calibrate", "--epsilon", "0.05", "--device", "cpu"]
 TRAIN = ["train", "--epochs", "1", "--no-progress"]
 REPORT = ["report", "--results", "{results.tsv}"]
-MONITOR = ["monitor", "--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}", "--device", "cpu",
-           "--no-progress"]
+MONITOR = [
+    "monitor",
+    "--surrogate",
+    "{surrogate.pt}",
+    "--calibration",
+    "{calibration.json}",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 SIGMA = ["sigma must lie in [0.0001, 1000]", "float32"]
 NOT_FINITE = ["NaN or infinite"]
 KEY = {ENV_KEY: KEY_A}
@@ -473,133 +600,476 @@ CASES = [
     ("2/datagen/sigma-1e308", DATAGEN + ["--model", "{base.pt}", "--sigma", "1e308", "--out", "OUT:c.h5"], SIGMA, None),
     ("2/cohen/sigma-1e308", COHEN + ["--model", "{base.pt}", "--sigma", "1e308", "--out", "OUT:c.tsv"], SIGMA, None),
     ("2/cohen/sigma-1e-9", COHEN + ["--model", "{base.pt}", "--sigma", "1e-9", "--out", "OUT:c.tsv"], SIGMA, None),
-    ("2/sequential/sigma-inf", SEQUENTIAL + ["--model", "{base.pt}", "--sigma", "inf", "--out", "OUT:s.tsv"],
-     SIGMA, None),
+    (
+        "2/sequential/sigma-inf",
+        SEQUENTIAL + ["--model", "{base.pt}", "--sigma", "inf", "--out", "OUT:s.tsv"],
+        SIGMA,
+        None,
+    ),
     ("2/datagen/nan-model", DATAGEN + ["--model", "{nan.pt}", "--out", "OUT:c.h5"], NOT_FINITE, None),
     ("2/cohen/nan-model", COHEN + ["--model", "{nan.pt}", "--out", "OUT:c.tsv"], NOT_FINITE, None),
-    ("2/cohen/overflowing-logits", COHEN + ["--model", "{overflow.pt}", "--out", "OUT:c.tsv"],
-     NOT_FINITE + ["probe batch"], None),
-    ("2/certify/nan-model", ["certify", *TINY, "--surrogate", "{surrogate.pt}", "--calibration", "{calibration.json}",
-                             "--model", "{nan.pt}", "--out", "OUT:h.tsv"], NOT_FINITE, None),
-    ("2/deterministic/nan-model", ["deterministic", *TINY, "--model", "{nan.pt}", "--out", "OUT:d.tsv"],
-     NOT_FINITE, None),
+    (
+        "2/cohen/overflowing-logits",
+        COHEN + ["--model", "{overflow.pt}", "--out", "OUT:c.tsv"],
+        NOT_FINITE + ["probe batch"],
+        None,
+    ),
+    (
+        "2/certify/nan-model",
+        [
+            "certify",
+            *TINY,
+            "--surrogate",
+            "{surrogate.pt}",
+            "--calibration",
+            "{calibration.json}",
+            "--model",
+            "{nan.pt}",
+            "--out",
+            "OUT:h.tsv",
+        ],
+        NOT_FINITE,
+        None,
+    ),
+    (
+        "2/deterministic/nan-model",
+        ["deterministic", *TINY, "--model", "{nan.pt}", "--out", "OUT:d.tsv"],
+        NOT_FINITE,
+        None,
+    ),
     # ---- 3. settings and files silently accepted or altered
-    ("3/certify/target-radius-nan", CERTIFY + ["--target-radius", "nan", "--out", "OUT:h.tsv"],
-     ["--target-radius", "finite radius"], None),
-    ("3/sequential/target-radius-nan", SEQUENTIAL + ["--model", "{base.pt}", "--target-radius", "nan", "--out",
-                                                     "OUT:s.tsv"], ["--target-radius", "finite radius"], None),
-    ("3/sequential/target-radius-inf", SEQUENTIAL + ["--model", "{base.pt}", "--target-radius", "inf", "--out",
-                                                     "OUT:s.tsv"], ["--target-radius", "finite radius"], None),
+    (
+        "3/certify/target-radius-nan",
+        CERTIFY + ["--target-radius", "nan", "--out", "OUT:h.tsv"],
+        ["--target-radius", "finite radius"],
+        None,
+    ),
+    (
+        "3/sequential/target-radius-nan",
+        SEQUENTIAL + ["--model", "{base.pt}", "--target-radius", "nan", "--out", "OUT:s.tsv"],
+        ["--target-radius", "finite radius"],
+        None,
+    ),
+    (
+        "3/sequential/target-radius-inf",
+        SEQUENTIAL + ["--model", "{base.pt}", "--target-radius", "inf", "--out", "OUT:s.tsv"],
+        ["--target-radius", "finite radius"],
+        None,
+    ),
     ("3/train/lr-0", TRAIN + ["--counts", "{train.h5}", "--lr", "0", "--out", "OUT:s.pt"], ["lr must be"], None),
-    ("3/calibrate/bins-0", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--score", "shifted",
-                                        "--bins", "0", "--out", "OUT:c.json"], ["bins must be an integer >= 1"], None),
-    ("3/calibrate/bins-unused", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--bins", "4",
-                                             "--out", "OUT:c.json"], ["--bins sets the bins"], None),
-    ("3/train/negative-int64-counts", TRAIN + ["--counts", "{negative.h5}", "--out", "OUT:s.pt"],
-     ["negative count"], None),
-    ("3/calibrate/negative-int64-counts", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{negative.h5}",
-                                                       "--out", "OUT:c.json"], ["negative count"], None),
-    ("3/report/incomplete-counts", REPORT + ["--calibration", "{calibration.json}", "--surrogate", "{surrogate.pt}",
-                                             "--counts", "{incomplete.h5}", "--out", "OUT:r.html"],
-     ["incomplete"], None),
-    ("3/report/offline-counts-row-sums", REPORT + ["--offline-counts", "{rowsums.h5}", "--out", "OUT:r.html"],
-     ["do not sum to n"], None),
-    ("3/monitor/label-minus-1", MONITOR + ["--stream", "{stream_minus1.npz}", "--out", "OUT:m.json"],
-     ["label -1", "not a class"], None),
-    ("3/monitor/label-99", MONITOR + ["--stream", "{stream_99.npz}", "--out", "OUT:m.json"],
-     ["label 99", "not a class"], None),
+    (
+        "3/calibrate/bins-0",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--score",
+            "shifted",
+            "--bins",
+            "0",
+            "--out",
+            "OUT:c.json",
+        ],
+        ["bins must be an integer >= 1"],
+        None,
+    ),
+    (
+        "3/calibrate/bins-unused",
+        CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--bins", "4", "--out", "OUT:c.json"],
+        ["--bins sets the bins"],
+        None,
+    ),
+    (
+        "3/train/negative-int64-counts",
+        TRAIN + ["--counts", "{negative.h5}", "--out", "OUT:s.pt"],
+        ["negative count"],
+        None,
+    ),
+    (
+        "3/calibrate/negative-int64-counts",
+        CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{negative.h5}", "--out", "OUT:c.json"],
+        ["negative count"],
+        None,
+    ),
+    (
+        "3/report/incomplete-counts",
+        REPORT
+        + [
+            "--calibration",
+            "{calibration.json}",
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{incomplete.h5}",
+            "--out",
+            "OUT:r.html",
+        ],
+        ["incomplete"],
+        None,
+    ),
+    (
+        "3/report/offline-counts-row-sums",
+        REPORT + ["--offline-counts", "{rowsums.h5}", "--out", "OUT:r.html"],
+        ["do not sum to n"],
+        None,
+    ),
+    (
+        "3/monitor/label-minus-1",
+        MONITOR + ["--stream", "{stream_minus1.npz}", "--out", "OUT:m.json"],
+        ["label -1", "not a class"],
+        None,
+    ),
+    (
+        "3/monitor/label-99",
+        MONITOR + ["--stream", "{stream_99.npz}", "--out", "OUT:m.json"],
+        ["label 99", "not a class"],
+        None,
+    ),
     # ---- 4. the calibration used on its own images
-    ("4/calibrate/test-split", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{test.h5}", "--out",
-                                            "OUT:c.json"], ["test split", "cal split"], None),
+    (
+        "4/calibrate/test-split",
+        CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{test.h5}", "--out", "OUT:c.json"],
+        ["test split", "cal split"],
+        None,
+    ),
     ("4/certify/split-cal", CERTIFY + ["--split", "cal", "--out", "OUT:h.tsv"], ["calibration images"], None),
-    ("4/certify/test-calibration-on-test", ["certify", "--fallback", "none", *TINY, "--surrogate", "{surrogate.pt}",
-                                            "--calibration", "{cal_on_test.json}", "--split", "test", "--out",
-                                            "OUT:h.tsv"], ["calibration images"], None),
-    ("4/certify/surrogate-training-images", CERTIFY + ["--split", "train", "--out", "OUT:h.tsv"],
-     ["the surrogate was trained on"], None),
-    ("4/report/check-on-calibration-counts", REPORT + ["--calibration", "{calibration.json}", "--surrogate",
-                                                       "{surrogate.pt}", "--counts", "{cal.h5}", "--out", "OUT:r.html"],
-     ["calibration's own counts file"], None),
-    ("4/report/check-on-other-calibration-split-file", REPORT + [
-        "--calibration", "{calibration.json}", "--surrogate", "{surrogate.pt}", "--counts", "{cal_small.h5}", "--out",
-        "OUT:r.html"], ["calibration images"], None),
+    (
+        "4/certify/test-calibration-on-test",
+        [
+            "certify",
+            "--fallback",
+            "none",
+            *TINY,
+            "--surrogate",
+            "{surrogate.pt}",
+            "--calibration",
+            "{cal_on_test.json}",
+            "--split",
+            "test",
+            "--out",
+            "OUT:h.tsv",
+        ],
+        ["calibration images"],
+        None,
+    ),
+    (
+        "4/certify/surrogate-training-images",
+        CERTIFY + ["--split", "train", "--out", "OUT:h.tsv"],
+        ["the surrogate was trained on"],
+        None,
+    ),
+    (
+        "4/report/check-on-calibration-counts",
+        REPORT
+        + [
+            "--calibration",
+            "{calibration.json}",
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:r.html",
+        ],
+        ["calibration's own counts file"],
+        None,
+    ),
+    (
+        "4/report/check-on-other-calibration-split-file",
+        REPORT
+        + [
+            "--calibration",
+            "{calibration.json}",
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal_small.h5}",
+            "--out",
+            "OUT:r.html",
+        ],
+        ["calibration images"],
+        None,
+    ),
     # ---- 5. forged checkpoints and counts, unkeyed and keyed
-    ("5/datagen/surrogate-kind-edited-to-base", DATAGEN + ["--model", "{relabelled_base.pt}", "--out", "OUT:c.h5"],
-     ["kind is 'base'", "surrogate's fields"], None),
-    ("5/datagen/kind-edited-checksum-stale", DATAGEN + ["--model", "{relabelled_base_raw.pt}", "--out", "OUT:c.h5"],
-     ["modified after it was written", "checksum"], None),
-    ("5/calibrate/split-relabelled-indices-deleted", CALIBRATE + ["--surrogate", "{split_relabelled.pt}", "--counts",
-                                                                  "{cal.h5}", "--out", "OUT:c.json"],
-     ["contradicts itself", "no training indices"], None),
-    ("5/calibrate/keyed-consistent-relabel", CALIBRATE + ["--surrogate", "{split_relabelled_a.pt}", "--counts",
-                                                          "{cal_a.h5}", "--out", "OUT:c.json"],
-     ["signature does not verify", "altered"], KEY),
-    ("5/calibrate/keyed-unsigned-surrogate", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal_a.h5}",
-                                                          "--out", "OUT:c.json"], ["not signed"], KEY),
-    ("5/calibrate/keyed-unsigned-counts", CALIBRATE + ["--surrogate", "{surrogate_cal_a.pt}", "--counts", "{cal.h5}",
-                                                       "--out", "OUT:c.json", "--key-file", "{key_a}"],
-     ["counts file", "not signed"], None),
-    ("5/calibrate/keyed-edited-counts", CALIBRATE + ["--surrogate", "{surrogate_cal_a.pt}", "--counts",
-                                                     "{cal_a_edited.h5}", "--out", "OUT:c.json"],
-     ["signature does not verify", "altered"], KEY),
-    ("5/train/keyed-counts-of-another-key", TRAIN + ["--counts", "{cal_b.h5}", "--out", "OUT:s.pt"],
-     ["another key"], KEY),
-    ("5/certify/keyed-surrogate-of-another-key", ["certify", "--fallback", "none", *TINY, "--surrogate",
-                                                  "{surrogate_b.pt}", "--calibration", "{calibration.json}", "--out",
-                                                  "OUT:h.tsv", "--key-file", "{key_a}"], ["another key"], None),
-    ("5/sequential/keyed-class-from-unsigned-surrogate", SEQUENTIAL[:-1] + [
-        "--no-progress", "--model", "{base.pt}", "--class-from", "{surrogate.pt}", "--out", "OUT:s.tsv"],
-     ["not signed"], KEY),
+    (
+        "5/datagen/surrogate-kind-edited-to-base",
+        DATAGEN + ["--model", "{relabelled_base.pt}", "--out", "OUT:c.h5"],
+        ["kind is 'base'", "surrogate's fields"],
+        None,
+    ),
+    (
+        "5/datagen/kind-edited-checksum-stale",
+        DATAGEN + ["--model", "{relabelled_base_raw.pt}", "--out", "OUT:c.h5"],
+        ["modified after it was written", "checksum"],
+        None,
+    ),
+    (
+        "5/calibrate/split-relabelled-indices-deleted",
+        CALIBRATE + ["--surrogate", "{split_relabelled.pt}", "--counts", "{cal.h5}", "--out", "OUT:c.json"],
+        ["contradicts itself", "no training indices"],
+        None,
+    ),
+    (
+        "5/calibrate/keyed-consistent-relabel",
+        CALIBRATE + ["--surrogate", "{split_relabelled_a.pt}", "--counts", "{cal_a.h5}", "--out", "OUT:c.json"],
+        ["signature does not verify", "altered"],
+        KEY,
+    ),
+    (
+        "5/calibrate/keyed-unsigned-surrogate",
+        CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal_a.h5}", "--out", "OUT:c.json"],
+        ["not signed"],
+        KEY,
+    ),
+    (
+        "5/calibrate/keyed-unsigned-counts",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate_cal_a.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--key-file",
+            "{key_a}",
+        ],
+        ["counts file", "not signed"],
+        None,
+    ),
+    (
+        "5/calibrate/keyed-edited-counts",
+        CALIBRATE + ["--surrogate", "{surrogate_cal_a.pt}", "--counts", "{cal_a_edited.h5}", "--out", "OUT:c.json"],
+        ["signature does not verify", "altered"],
+        KEY,
+    ),
+    (
+        "5/train/keyed-counts-of-another-key",
+        TRAIN + ["--counts", "{cal_b.h5}", "--out", "OUT:s.pt"],
+        ["another key"],
+        KEY,
+    ),
+    (
+        "5/certify/keyed-surrogate-of-another-key",
+        [
+            "certify",
+            "--fallback",
+            "none",
+            *TINY,
+            "--surrogate",
+            "{surrogate_b.pt}",
+            "--calibration",
+            "{calibration.json}",
+            "--out",
+            "OUT:h.tsv",
+            "--key-file",
+            "{key_a}",
+        ],
+        ["another key"],
+        None,
+    ),
+    (
+        "5/sequential/keyed-class-from-unsigned-surrogate",
+        SEQUENTIAL[:-1]
+        + ["--no-progress", "--model", "{base.pt}", "--class-from", "{surrogate.pt}", "--out", "OUT:s.tsv"],
+        ["not signed"],
+        KEY,
+    ),
     # ---- 6. former tracebacks
-    ("6/train/batch-size-0", TRAIN + ["--counts", "{train.h5}", "--batch-size", "0", "--out", "OUT:s.pt"],
-     ["batch_size must be an integer >= 1"], None),
-    ("6/train/lr-negative", TRAIN + ["--counts", "{train.h5}", "--lr", "-0.001", "--out", "OUT:s.pt"],
-     ["lr must be a finite number > 0"], None),
-    ("6/train/lr-nan", TRAIN + ["--counts", "{train.h5}", "--lr", "nan", "--out", "OUT:s.pt"],
-     ["lr must be a finite number > 0"], None),
-    ("6/datagen/seed-2**70", DATAGEN + ["--model", "{base.pt}", "--seed", str(2**70), "--out", "OUT:c.h5"],
-     ["--seed", "2**63 - 1"], None),
-    ("6/datagen/num-classes-array", DATAGEN + ["--dataset", "npz:{classes_array.npz}", "--model", "{base.pt}",
-                                               "--out", "OUT:c.h5"], ["num_classes must be one integer"], None),
-    ("6/datagen/npy-as-dataset", DATAGEN + ["--dataset", "npz:{plain.npy}", "--model", "{base.pt}", "--out",
-                                            "OUT:c.h5"], [".npy array", "not an .npz"], None),
+    (
+        "6/train/batch-size-0",
+        TRAIN + ["--counts", "{train.h5}", "--batch-size", "0", "--out", "OUT:s.pt"],
+        ["batch_size must be an integer >= 1"],
+        None,
+    ),
+    (
+        "6/train/lr-negative",
+        TRAIN + ["--counts", "{train.h5}", "--lr", "-0.001", "--out", "OUT:s.pt"],
+        ["lr must be a finite number > 0"],
+        None,
+    ),
+    (
+        "6/train/lr-nan",
+        TRAIN + ["--counts", "{train.h5}", "--lr", "nan", "--out", "OUT:s.pt"],
+        ["lr must be a finite number > 0"],
+        None,
+    ),
+    (
+        "6/datagen/seed-2**70",
+        DATAGEN + ["--model", "{base.pt}", "--seed", str(2**70), "--out", "OUT:c.h5"],
+        ["--seed", "2**63 - 1"],
+        None,
+    ),
+    (
+        "6/datagen/num-classes-array",
+        DATAGEN + ["--dataset", "npz:{classes_array.npz}", "--model", "{base.pt}", "--out", "OUT:c.h5"],
+        ["num_classes must be one integer"],
+        None,
+    ),
+    (
+        "6/datagen/npy-as-dataset",
+        DATAGEN + ["--dataset", "npz:{plain.npy}", "--model", "{base.pt}", "--out", "OUT:c.h5"],
+        [".npy array", "not an .npz"],
+        None,
+    ),
     ("6/monitor/npy-as-stream", MONITOR + ["--stream", "{plain.npy}", "--out", "OUT:m.json"], [".npy array"], None),
     # ---- 7. arguments refused before the first byte is written
-    ("7/datagen/top-up-max-below-n", DATAGEN + ["--model", "{base.pt}", "--top-up", "10", "--top-up-max", "5",
-                                                "--out", "OUT:c.h5"], ["--top-up-max 5 is below"], None),
-    ("7/calibrate/report-counts-truncated", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}",
-                                                         "--out", "OUT:c.json", "--report", "OUT:c.html",
-                                                         "--report-counts", "{truncated.h5}"], ["truncated.h5"], None),
-    ("7/calibrate/report-counts-wrong-file", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}",
-                                                          "--out", "OUT:c.json", "--report", "OUT:c.html",
-                                                          "--report-counts", "{text.txt}"], ["text file"], None),
-    ("7/calibrate/report-counts-incomplete", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}",
-                                                          "--out", "OUT:c.json", "--report", "OUT:c.html",
-                                                          "--report-counts", "{incomplete.h5}"], ["incomplete"], None),
-    ("7/calibrate/report-counts-are-the-calibration", CALIBRATE + [
-        "--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--out", "OUT:c.json", "--report", "OUT:c.html",
-        "--report-counts", "{cal.h5}"], ["calibration's own counts file"], None),
-    ("7/calibrate/report-counts-without-report", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}",
-                                                              "--out", "OUT:c.json", "--report-counts", "{test.h5}"],
-     ["add --report"], None),
+    (
+        "7/datagen/top-up-max-below-n",
+        DATAGEN + ["--model", "{base.pt}", "--top-up", "10", "--top-up-max", "5", "--out", "OUT:c.h5"],
+        ["--top-up-max 5 is below"],
+        None,
+    ),
+    (
+        "7/calibrate/report-counts-truncated",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--report",
+            "OUT:c.html",
+            "--report-counts",
+            "{truncated.h5}",
+        ],
+        ["truncated.h5"],
+        None,
+    ),
+    (
+        "7/calibrate/report-counts-wrong-file",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--report",
+            "OUT:c.html",
+            "--report-counts",
+            "{text.txt}",
+        ],
+        ["text file"],
+        None,
+    ),
+    (
+        "7/calibrate/report-counts-incomplete",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--report",
+            "OUT:c.html",
+            "--report-counts",
+            "{incomplete.h5}",
+        ],
+        ["incomplete"],
+        None,
+    ),
+    (
+        "7/calibrate/report-counts-are-the-calibration",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--report",
+            "OUT:c.html",
+            "--report-counts",
+            "{cal.h5}",
+        ],
+        ["calibration's own counts file"],
+        None,
+    ),
+    (
+        "7/calibrate/report-counts-without-report",
+        CALIBRATE
+        + [
+            "--surrogate",
+            "{surrogate.pt}",
+            "--counts",
+            "{cal.h5}",
+            "--out",
+            "OUT:c.json",
+            "--report-counts",
+            "{test.h5}",
+        ],
+        ["add --report"],
+        None,
+    ),
     # ---- 8. what the operating system said
-    ("8/datagen/model-symlink-loop", DATAGEN + ["--model", "{loop_a}", "--out", "OUT:c.h5"],
-     ["Too many levels of symbolic links"], None),
-    ("8/datagen/model-dangling-link", DATAGEN + ["--model", "{dangling.pt}", "--out", "OUT:c.h5"],
-     ["symbolic link to", "which does not exist"], None),
-    ("8/train/counts-symlink-loop", TRAIN + ["--counts", "{loop_a}", "--out", "OUT:s.pt"],
-     ["Too many levels of symbolic links"], None),
-    ("8/certify/calibration-symlink-loop", ["certify", "--fallback", "none", *TINY, "--surrogate", "{surrogate.pt}",
-                                            "--calibration", "{loop_a}", "--out", "OUT:h.tsv"],
-     ["Too many levels of symbolic links"], None),
-    ("8/calibrate/surrogate-symlink-loop", CALIBRATE + ["--surrogate", "{loop_a}", "--counts", "{cal.h5}", "--out",
-                                                        "OUT:c.json"], ["Too many levels of symbolic links"], None),
-    ("8/cohen/dataset-symlink-loop", COHEN + ["--model", "{base.pt}", "--dataset", "npz:{loop_a}", "--out",
-                                              "OUT:c.tsv"], ["Too many levels of symbolic links"], None),
-    ("8/monitor/stream-symlink-loop", MONITOR + ["--stream", "{loop_a}", "--out", "OUT:m.json"],
-     ["Too many levels of symbolic links"], None),
-    ("8/report/results-symlink-loop", ["report", "--results", "{loop_a}", "--out", "OUT:r.html"],
-     ["Too many levels of symbolic links"], None),
+    (
+        "8/datagen/model-symlink-loop",
+        DATAGEN + ["--model", "{loop_a}", "--out", "OUT:c.h5"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/datagen/model-dangling-link",
+        DATAGEN + ["--model", "{dangling.pt}", "--out", "OUT:c.h5"],
+        ["symbolic link to", "which does not exist"],
+        None,
+    ),
+    (
+        "8/train/counts-symlink-loop",
+        TRAIN + ["--counts", "{loop_a}", "--out", "OUT:s.pt"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/certify/calibration-symlink-loop",
+        [
+            "certify",
+            "--fallback",
+            "none",
+            *TINY,
+            "--surrogate",
+            "{surrogate.pt}",
+            "--calibration",
+            "{loop_a}",
+            "--out",
+            "OUT:h.tsv",
+        ],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/calibrate/surrogate-symlink-loop",
+        CALIBRATE + ["--surrogate", "{loop_a}", "--counts", "{cal.h5}", "--out", "OUT:c.json"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/cohen/dataset-symlink-loop",
+        COHEN + ["--model", "{base.pt}", "--dataset", "npz:{loop_a}", "--out", "OUT:c.tsv"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/monitor/stream-symlink-loop",
+        MONITOR + ["--stream", "{loop_a}", "--out", "OUT:m.json"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
+    (
+        "8/report/results-symlink-loop",
+        ["report", "--results", "{loop_a}", "--out", "OUT:r.html"],
+        ["Too many levels of symbolic links"],
+        None,
+    ),
 ]
 
 
@@ -611,11 +1081,17 @@ def test_untrusted_input_is_one_line_exit_2_and_writes_nothing(work, capsys, mon
 PERMISSION_DENIED = [
     ("datagen --model", DATAGEN + ["--model", "{base.pt}", "--out", "OUT:c.h5"], "base.pt"),
     ("train --counts", TRAIN + ["--counts", "{train.h5}", "--out", "OUT:s.pt"], "train.h5"),
-    ("calibrate --surrogate", CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--out",
-                                           "OUT:c.json"], "surrogate.pt"),
+    (
+        "calibrate --surrogate",
+        CALIBRATE + ["--surrogate", "{surrogate.pt}", "--counts", "{cal.h5}", "--out", "OUT:c.json"],
+        "surrogate.pt",
+    ),
     ("certify --calibration", CERTIFY + ["--out", "OUT:h.tsv"], "calibration.json"),
-    ("cohen --dataset npz:", COHEN + ["--model", "{base.pt}", "--dataset", "npz:{stream_99.npz}", "--out",
-                                      "OUT:c.tsv"], "stream_99.npz"),
+    (
+        "cohen --dataset npz:",
+        COHEN + ["--model", "{base.pt}", "--dataset", "npz:{stream_99.npz}", "--out", "OUT:c.tsv"],
+        "stream_99.npz",
+    ),
     ("monitor --stream", MONITOR + ["--stream", "{stream.npz}", "--out", "OUT:m.json"], "stream.npz"),
     ("report --results", ["report", "--results", "{results.tsv}", "--out", "OUT:r.html"], "results.tsv"),
 ]
@@ -657,16 +1133,60 @@ def test_with_a_key_the_whole_pipeline_signs_and_verifies(work, capsys, monkeypa
     monkeypatch.setenv(ENV_KEY, KEY_A)
     out = tmp_path
     base = work["base.pt"]
-    for argv in (["datagen", "--split", "train", "--sigma", "0.25", "--n", "20", "--limit", "30", "--device", "cpu",
-                  "--no-progress", "--model", base, "--out", str(out / "train.h5")],
-                 ["datagen", "--split", "cal", "--sigma", "0.25", "--n", "50", "--limit", "40", "--device", "cpu",
-                  "--no-progress", "--model", base, "--out", str(out / "cal.h5")],
-                 ["train", "--counts", str(out / "train.h5"), "--epochs", "1", "--no-progress", "--out",
-                  str(out / "s.pt")],
-                 ["calibrate", "--surrogate", str(out / "s.pt"), "--counts", str(out / "cal.h5"), "--epsilon", "0.05",
-                  "--device", "cpu", "--out", str(out / "c.json")],
-                 CERTIFY[:CERTIFY.index("--surrogate")] + ["--surrogate", str(out / "s.pt"), "--calibration",
-                                                           str(out / "c.json"), "--out", str(out / "h.tsv")]):
+    for argv in (
+        [
+            "datagen",
+            "--split",
+            "train",
+            "--sigma",
+            "0.25",
+            "--n",
+            "20",
+            "--limit",
+            "30",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--model",
+            base,
+            "--out",
+            str(out / "train.h5"),
+        ],
+        [
+            "datagen",
+            "--split",
+            "cal",
+            "--sigma",
+            "0.25",
+            "--n",
+            "50",
+            "--limit",
+            "40",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--model",
+            base,
+            "--out",
+            str(out / "cal.h5"),
+        ],
+        ["train", "--counts", str(out / "train.h5"), "--epochs", "1", "--no-progress", "--out", str(out / "s.pt")],
+        [
+            "calibrate",
+            "--surrogate",
+            str(out / "s.pt"),
+            "--counts",
+            str(out / "cal.h5"),
+            "--epsilon",
+            "0.05",
+            "--device",
+            "cpu",
+            "--out",
+            str(out / "c.json"),
+        ],
+        CERTIFY[: CERTIFY.index("--surrogate")]
+        + ["--surrogate", str(out / "s.pt"), "--calibration", str(out / "c.json"), "--out", str(out / "h.tsv")],
+    ):
         assert main(argv) == 0, capsys.readouterr().err
     assert read_counts(out / "cal.h5").attrs["signature_key_id"]
     assert torch.load(out / "s.pt", weights_only=True)["signature_hmac_sha256"]
@@ -729,11 +1249,31 @@ def test_the_allowlists_keep_legitimate_programs(tmp_path):
     from surrogate_cert.core.pt2 import _expression_ok
 
     s0 = sympy.Symbol("s0", positive=True, integer=True)
-    for expr in (2 * s0, s0 + 1, sympy.Max(1, s0), FloorDiv(s0, 2), Mod(s0, 3), sympy.Rational(1, 2) * s0,
-                 sympy.Float(0.5) * s0, CeilDiv(s0, 4), sympy.Eq(s0, 3), sympy.Le(s0, 4096), -s0):
+    for expr in (
+        2 * s0,
+        s0 + 1,
+        sympy.Max(1, s0),
+        FloorDiv(s0, 2),
+        Mod(s0, 3),
+        sympy.Rational(1, 2) * s0,
+        sympy.Float(0.5) * s0,
+        CeilDiv(s0, 4),
+        sympy.Eq(s0, 3),
+        sympy.Le(s0, 4096),
+        -s0,
+    ):
         assert _expression_ok(sympy.srepr(expr)), sympy.srepr(expr)
-    for text in ("__import__('os')", "Symbol('s0').__class__", "exec('1')", "Symbol('a b')", "[s0][0]",
-                 "(lambda: 0)()", "Symbol(\"s0\")", "preview(s0)", "Integer(1" + "0" * 60 + ")"):
+    for text in (
+        "__import__('os')",
+        "Symbol('s0').__class__",
+        "exec('1')",
+        "Symbol('a b')",
+        "[s0][0]",
+        "(lambda: 0)()",
+        'Symbol("s0")',
+        "preview(s0)",
+        "Integer(1" + "0" * 60 + ")",
+    ):
         assert not _expression_ok(text), text
 
     class Reshaping(nn.Module):
@@ -744,8 +1284,9 @@ def test_the_allowlists_keep_legitimate_programs(tmp_path):
         def forward(self, x):
             return self.fc(x.flatten(1).reshape(-1, 32)).reshape(x.shape[0], 2, 10).mean(1)
 
-    program = torch.export.export(Reshaping().eval(), (torch.rand(4, 1, 8, 8),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        Reshaping().eval(), (torch.rand(4, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
     torch.export.save(program, str(tmp_path / "reshaping.pt2"))
     loaded = load_model(str(tmp_path / "reshaping.pt2"), device="cpu", num_classes=10, input_shape=(1, 8, 8))
     assert loaded.model(torch.rand(3, 1, 8, 8)).shape == (3, 10)

@@ -5,6 +5,7 @@ defined once in ``common``, the choices they offer in ``choices`` (torch-free co
 imports what it needs when it runs, so the parser alone loads no torch, SciPy, MAPIE or matplotlib.
 Any ``SurrogateCertError`` (bad input, bad file) becomes one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,12 @@ from ..core.errors import InvalidParameterError, SurrogateCertError
 from . import baselines, data, monitor, pipeline, report, surrogate
 
 COMMAND_GROUPS = (
-    pipeline,    # quickstart, bench
-    data,        # train-base, datagen
-    surrogate,   # train, calibrate, certify
-    monitor,     # monitor
-    report,      # report
-    baselines,   # cohen, sequential
+    pipeline,  # quickstart, bench
+    data,  # train-base, datagen
+    surrogate,  # train, calibrate, certify
+    monitor,  # monitor
+    report,  # report
+    baselines,  # cohen, sequential
 )
 """In the order a user meets them."""
 
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if torchrun_world_size() > 1 and not getattr(args, "torchrun", False):
             if os.environ.get("RANK") != "0":
                 return 2  # rank 0 says why
-            raise InvalidParameterError(f"{args.command} runs as one process: start it without torchrun (torchrun "
-                                        "shares the work of datagen, cohen, sequential and certify)")
+            raise InvalidParameterError(
+                f"{args.command} runs as one process: start it without torchrun (torchrun "
+                "shares the work of datagen, cohen, sequential and certify)"
+            )
         # Under torchrun: one shard of the work per process (data_gen.distributed); else the whole job.
         with launch(getattr(args, "device", None)) as shard:
             args.shard = shard
@@ -76,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"surrogate-cert {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"surrogate-cert {args.command}: interrupted; committed work is kept (re-run with --resume where offered)",
-              file=sys.stderr)
+        print(
+            f"surrogate-cert {args.command}: interrupted; committed work is kept (re-run with --resume where offered)",
+            file=sys.stderr,
+        )
         return 130
     return int(result or 0)
 

@@ -1,4 +1,5 @@
 """``python -m surrogate_cert.cli ...`` (as in version 0.1): the same as ``surrogate-cert``."""
+
 import sys
 
 from . import main

@@ -15,15 +15,21 @@ SPLITS = ("train", "surrogate", "cal", "test")
 ALL_SPLITS = SPLITS + ("pool",)
 """``data_gen.datasets.ALL_SPLITS``."""
 
-DATASET_HELP = ("digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
-                "npz:PATH without y, images:FOLDER")
+DATASET_HELP = (
+    "digits, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH; unlabeled pools (split pool): "
+    "npz:PATH without y, images:FOLDER"
+)
 """``data_gen.datasets.DATASET_HELP``."""
 
 ARCHITECTURES = ("mlp", "resnet18", "small_cnn")
 """``sorted(core.architectures.ARCHITECTURES)``."""
 
-NOISE_SCHEMES = ("torch-generator-block256-v1", "torch-generator-block256-v2", "philox4x32-block256-v3",
-                 "rounded-gaussian-grid255-v1")
+NOISE_SCHEMES = (
+    "torch-generator-block256-v1",
+    "torch-generator-block256-v2",
+    "philox4x32-block256-v3",
+    "rounded-gaussian-grid255-v1",
+)
 """``core.smoothing.NOISE_SCHEMES``."""
 
 NOISE_SCHEME_SOUND = "rounded-gaussian-grid255-v1"

@@ -1,6 +1,7 @@
 """Options and helpers shared by the sub-commands, defined once: dataset, model, device, output
 (``--out`` checks and ``--overwrite``), signing key (``--key-file``), progress; running a certifier over
 a split and writing its results with their provenance."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,28 +18,42 @@ from .choices import ALL_SPLITS, DATASET_HELP, NOISE_ALIASES, NOISE_SCHEME, NOIS
 if TYPE_CHECKING:
     from data_gen.distributed import Shard
 
-MODEL_HELP = ("base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
-              "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)")
+MODEL_HELP = (
+    "base model: a checkpoint from train-base (base.pt), a TorchScript file, a torch.export "
+    "program (.pt2), or package.module:factory=weights.pt (weights loaded with weights_only=True)"
+)
 SUMMARY_RADII = (0.0, 0.25, 0.5, 0.75)
 """Radii of the one-line summary a certifying command prints."""
 
 
 def add_parser(sub, name: str, help: str, example_cmd: str) -> argparse.ArgumentParser:
     """A sub-command whose --help shows its purpose and one example."""
-    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example_cmd}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example_cmd}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = "test") -> None:
     p.add_argument("--dataset", default="digits", help=f"{DATASET_HELP} (default digits, embedded)")
-    p.add_argument("--split", default=split_default, choices=ALL_SPLITS, required=split_default is None,
-                   help="train, surrogate, cal, test; pool for an unlabeled source (npz without y, images:FOLDER)")
+    p.add_argument(
+        "--split",
+        default=split_default,
+        choices=ALL_SPLITS,
+        required=split_default is None,
+        help="train, surrogate, cal, test; pool for an unlabeled source (npz without y, images:FOLDER)",
+    )
     add_data_root_args(p)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
 
 
 def add_data_root_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", default=None, help="folder holding torchvision datasets (no download unless --download)")
+    p.add_argument(
+        "--data-root", default=None, help="folder holding torchvision datasets (no download unless --download)"
+    )
     p.add_argument("--download", action="store_true", help="allow torchvision to download the dataset into --data-root")
 
 
@@ -62,12 +77,15 @@ def batch_size_arg(text: str) -> int | str:
 
 def _checked_type(convert, check):
     """An argparse type: ``convert`` the text, then a core checker; its message becomes argparse's one line."""
+
     def parse(text: str):
         try:
             return check(convert(text))
         except (ValueError, OverflowError) as exc:  # InvalidParameterError is a ValueError
-            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, SurrogateCertError)
-                                             else f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                str(exc) if isinstance(exc, SurrogateCertError) else f"expected a number, got {text!r}"
+            ) from None
+
     return parse
 
 
@@ -81,14 +99,21 @@ radius_arg = _checked_type(float, lambda v: check_radius(v, "target_radius"))
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """Device, noisy samples per forward pass, and the noise seed."""
     add_device_arg(p)
-    p.add_argument("--batch-size", type=batch_size_arg, default=1000,
-                   help="noisy samples per forward pass, or auto: the largest that fits on the device, found once "
-                        "and recorded (default 1000)")
+    p.add_argument(
+        "--batch-size",
+        type=batch_size_arg,
+        default=1000,
+        help="noisy samples per forward pass, or auto: the largest that fits on the device, found once "
+        "and recorded (default 1000)",
+    )
     p.add_argument("--seed", type=seed_arg, default=0, help="noise seed; noise of image i depends only on (seed, i)")
 
 
 def add_samples_arg(p: argparse.ArgumentParser, default: int, help: str) -> None:
-    """``--samples`` (alias ``--n``): torchrun's own parser mistakes ``--n`` for its ``--nnodes`` / ``--nproc-per-node``."""
+    """``--samples`` (alias ``--n``).
+
+    Not ``--n`` first: torchrun's own parser mistakes ``--n`` for its ``--nnodes`` / ``--nproc-per-node``.
+    """
     p.add_argument("--samples", "--n", dest="n", type=int, default=default, metavar="N", help=help)
 
 
@@ -96,18 +121,28 @@ def add_engine_args(p: argparse.ArgumentParser, amp: bool = True) -> None:
     """How the counting engine runs the base model and draws noise: mixed precision, memory layout,
     compilation, noise scheme."""
     if amp:
-        p.add_argument("--amp", choices=("bf16",), default=None,
-                       help="bfloat16 autocast (GPUs; CPUs with bf16 support): checked against float32 first")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory for convolutional models (default: on with CUDA, off on the CPU)")
+        p.add_argument(
+            "--amp",
+            choices=("bf16",),
+            default=None,
+            help="bfloat16 autocast (GPUs; CPUs with bf16 support): checked against float32 first",
+        )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory for convolutional models (default: on with CUDA, off on the CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the base model (pays off on long GPU jobs)")
     add_noise_scheme_arg(p)
 
 
-NOISE_SCHEME_HELP = (f"the noise: {NOISE_SCHEME} (default: float Gaussian, as in the literature), sound "
-                     f"(= {NOISE_SCHEME_SOUND}: the Gaussian rounded to the 1/255 grid, drawn from exact integer "
-                     "thresholds: certificates hold for the law actually sampled; images off the grid are rounded "
-                     f"to it), or {NOISE_SCHEMES[0]} (reproduces version 0.1)")
+NOISE_SCHEME_HELP = (
+    f"the noise: {NOISE_SCHEME} (default: float Gaussian, as in the literature), sound "
+    f"(= {NOISE_SCHEME_SOUND}: the Gaussian rounded to the 1/255 grid, drawn from exact integer "
+    "thresholds: certificates hold for the law actually sampled; images off the grid are rounded "
+    f"to it), or {NOISE_SCHEMES[0]} (reproduces version 0.1)"
+)
 
 
 RESUME_HELP = "datagen --resume continues the scheme of its file"
@@ -115,16 +150,23 @@ RESUME_HELP = "datagen --resume continues the scheme of its file"
 
 def add_noise_scheme_arg(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """``--noise-scheme``: a scheme of ``NOISE_SCHEMES`` or an alias (``sound``), resolved by ``noise_scheme_arg``."""
-    p.add_argument("--noise-scheme", type=noise_scheme_arg, default=None, metavar="SCHEME",
-                   help=f"{NOISE_SCHEME_HELP}; {default_help or RESUME_HELP}")
+    p.add_argument(
+        "--noise-scheme",
+        type=noise_scheme_arg,
+        default=None,
+        metavar="SCHEME",
+        help=f"{NOISE_SCHEME_HELP}; {default_help or RESUME_HELP}",
+    )
 
 
 def noise_scheme_arg(text: str) -> str:
     """``--noise-scheme``: the scheme's full name (``check_noise_scheme`` resolves aliases)."""
     scheme = NOISE_ALIASES.get(text.strip(), text.strip())
     if scheme not in NOISE_SCHEMES:  # the message of core.smoothing.check_noise_scheme, without importing torch
-        raise argparse.ArgumentTypeError(f"unknown noise scheme {scheme!r}; this version draws "
-                                         f"{', '.join(NOISE_SCHEMES)} (aliases: {', '.join(NOISE_ALIASES)})")
+        raise argparse.ArgumentTypeError(
+            f"unknown noise scheme {scheme!r}; this version draws "
+            f"{', '.join(NOISE_SCHEMES)} (aliases: {', '.join(NOISE_ALIASES)})"
+        )
     return scheme
 
 
@@ -134,17 +176,24 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
 
 def add_overwrite_arg(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     """``--overwrite``: the one switch that lets a command replace files it would otherwise refuse."""
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files (default: refuse them"
-                        + (", or continue them with --resume)" if resumable else ")"))
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (default: refuse them"
+        + (", or continue them with --resume)" if resumable else ")"),
+    )
 
 
 def add_key_arg(p: argparse.ArgumentParser, action: str, what: str = "the calibration") -> None:
     """``--key-file``: the HMAC-SHA256 key that signs (the writers) or must have signed (the readers) the
     artifacts a guarantee depends on: counts files, surrogate checkpoints, the calibration (docs/security.md)."""
-    p.add_argument("--key-file", default=None, metavar="FILE",
-                   help=f"file holding the secret key that {action} {what} (HMAC-SHA256); default: "
-                        f"${ENV_KEY_FILE} or ${ENV_KEY} if set, else no signature")
+    p.add_argument(
+        "--key-file",
+        default=None,
+        metavar="FILE",
+        help=f"file holding the secret key that {action} {what} (HMAC-SHA256); default: "
+        f"${ENV_KEY_FILE} or ${ENV_KEY} if set, else no signature",
+    )
 
 
 def signing_key(args: argparse.Namespace) -> bytes | None:
@@ -166,8 +215,7 @@ def check_new_outputs(args: argparse.Namespace, *paths, option: str = "--out", r
 
     ``paths`` are every file of one output (a TSV and its ``.meta.json``; a report's three files).
     """
-    return check_outputs(paths, overwrite=bool(getattr(args, "overwrite", False)), option=option,
-                         resumable=resumable)
+    return check_outputs(paths, overwrite=bool(getattr(args, "overwrite", False)), option=option, resumable=resumable)
 
 
 def results_paths(out: str) -> tuple[str, str]:
@@ -188,8 +236,14 @@ def provenance(args: argparse.Namespace, **fields) -> dict:
     import scipy
     import torch
 
-    return dict(command=command_line(args), package_version=__version__, torch=torch.__version__,
-                numpy=np.__version__, scipy=scipy.__version__, **fields)
+    return dict(
+        command=command_line(args),
+        package_version=__version__,
+        torch=torch.__version__,
+        numpy=np.__version__,
+        scipy=scipy.__version__,
+        **fields,
+    )
 
 
 def noise_provenance(smooth, data) -> dict:
@@ -199,9 +253,11 @@ def noise_provenance(smooth, data) -> dict:
         return {}
     from ..core.smoothing import grid_shift
 
-    return dict(noise_slack=smooth.radius_slack(data.input_shape),
-                grid_shift_max=float(grid_shift(data.x).max()) if len(data) else 0.0,
-                guarantee_scope="grid images within the radius of the image rounded to the 1/255 grid")
+    return dict(
+        noise_slack=smooth.radius_slack(data.input_shape),
+        grid_shift_max=float(grid_shift(data.x).max()) if len(data) else 0.0,
+        guarantee_scope="grid images within the radius of the image rounded to the 1/255 grid",
+    )
 
 
 def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: Shard | None = None) -> list | None:
@@ -219,11 +275,13 @@ def certify_split(data, certify, chunk: int, progress: bool, desc: str, shard: S
 
     shard = SINGLE if shard is None else shard
     positions = shard.positions(len(data))
-    x, indices = ((data.x[torch.as_tensor(positions)], data.indices[positions]) if shard.distributed
-                  else (data.x, data.indices))
+    x, indices = (
+        (data.x[torch.as_tensor(positions)], data.indices[positions]) if shard.distributed else (data.x, data.indices)
+    )
     certificates = []
-    with tqdm(total=len(positions), desc=desc, unit="img", disable=not (progress and shard.is_main),
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=len(positions), desc=desc, unit="img", disable=not (progress and shard.is_main), file=sys.stderr
+    ) as bar:
         for lo in range(0, len(positions), chunk):
             hi = min(lo + chunk, len(positions))
             certificates.extend(certify(x[lo:hi], indices[lo:hi]))
@@ -250,6 +308,8 @@ def write_results(out: str, data, certificates, meta: dict, overwrite: bool = Fa
     samples = np.mean([c.n_samples for c in certificates]) if certificates else 0.0
     seconds = sum(c.seconds for c in certificates)
     summary = ", ".join(f"{a:.3f}@{r:g}" for a, r in zip(accuracy, SUMMARY_RADII))
-    print(f"wrote {out}: {len(certificates)} images; certified accuracy {summary}; "
-          f"mean samples {samples:.1f}; {seconds:.1f} s")
+    print(
+        f"wrote {out}: {len(certificates)} images; certified accuracy {summary}; "
+        f"mean samples {samples:.1f}; {seconds:.1f} s"
+    )
     return 0

@@ -13,6 +13,7 @@ it), so a formula can be read and changed here without travelling:
 - ``files``: what a file is (``sniff``), output checks (``--overwrite``) and atomic writes;
 - ``signing``: the HMAC-SHA256 key of calibration signatures (``--key-file``, environment).
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

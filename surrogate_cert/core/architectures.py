@@ -6,6 +6,7 @@ architectures, a checkpoint may carry its network itself (``PROGRAM_ARCHITECTURE
 ``torch.export`` program or TorchScript module of a user's base model, as bytes, so a surrogate
 started from any base model keeps that model's layout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,10 +36,13 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = input_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2) if min(h, w) >= 8 else nn.Identity(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d((4, 4)) if min(h, w) >= 4 else nn.Identity(),
         )
         with torch.no_grad():
@@ -145,8 +149,9 @@ def load_program(arch: str, data: bytes, device: str | torch.device | None = Non
         raise  # the archive reader's own refusal says what was wrong
     except Exception as exc:  # torch.export / TorchScript raise many types for malformed archives
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot rebuild the {arch} network stored in the checkpoint ({first}); the file is "
-                         "damaged") from None
+        raise ModelError(
+            f"cannot rebuild the {arch} network stored in the checkpoint ({first}); the file is damaged"
+        ) from None
     raise ModelError(f"{arch!r} is not a program architecture ({', '.join(PROGRAM_ARCHITECTURES)})")
 
 
@@ -180,9 +185,11 @@ def export_program(model: nn.Module, input_shape: Sequence[int]) -> bytes:
         torch.export.save(program, buffer)
     except Exception as exc:  # torch.export raises many types for code it cannot capture
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot export the base model with torch.export ({type(exc).__name__}: {first}); export it "
-                         "yourself to a .pt2 file, or give --arch to map its weights onto a built-in "
-                         "architecture") from None
+        raise ModelError(
+            f"cannot export the base model with torch.export ({type(exc).__name__}: {first}); export it "
+            "yourself to a .pt2 file, or give --arch to map its weights onto a built-in "
+            "architecture"
+        ) from None
     return buffer.getvalue()
 
 
@@ -240,8 +247,10 @@ def save_checkpoint(
     if arch not in ARCHITECTURES and arch not in PROGRAM_ARCHITECTURES:
         raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if (arch in PROGRAM_ARCHITECTURES) != (network is not None):
-        raise ModelError(f"architecture {arch!r} " + ("needs its serialized network" if network is None
-                                                      else "is built in: it takes no serialized network"))
+        raise ModelError(
+            f"architecture {arch!r} "
+            + ("needs its serialized network" if network is None else "is built in: it takes no serialized network")
+        )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -279,28 +288,41 @@ def read_checkpoint_header(payload) -> dict:
     ``sigma`` (when present) is a finite number > 0.
     """
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError("not a surrogate-cert model checkpoint (no format='surrogate-cert-model'); "
-                         "give a file written by `surrogate-cert train-base` / `train`, or a TorchScript file")
+        raise ModelError(
+            "not a surrogate-cert model checkpoint (no format='surrogate-cert-model'); "
+            "give a file written by `surrogate-cert train-base` / `train`, or a TorchScript file"
+        )
     if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ModelError(f"checkpoint format version {payload.get('format_version')} is not supported "
-                         f"(this package reads {CHECKPOINT_VERSION}); retrain it with this version")
+        raise ModelError(
+            f"checkpoint format version {payload.get('format_version')} is not supported "
+            f"(this package reads {CHECKPOINT_VERSION}); retrain it with this version"
+        )
     missing = [k for k in ("kind", "arch", "input_shape", "num_classes", "state_dict", "meta") if k not in payload]
     if missing:
         raise ModelError(f"checkpoint lacks {missing}; the file is damaged, retrain it")
     problems = []
     if not (isinstance(payload["kind"], str) and payload["kind"] in CHECKPOINT_KINDS):
         problems.append(f"kind {payload['kind']!r} is not one of {CHECKPOINT_KINDS}")
-    if not (isinstance(payload["arch"], str) and (payload["arch"] in ARCHITECTURES
-                                                  or payload["arch"] in PROGRAM_ARCHITECTURES)):
+    if not (
+        isinstance(payload["arch"], str)
+        and (payload["arch"] in ARCHITECTURES or payload["arch"] in PROGRAM_ARCHITECTURES)
+    ):
         problems.append(f"architecture {payload['arch']!r} is unknown")
     elif payload["arch"] in PROGRAM_ARCHITECTURES:
         network = payload.get("network")
-        if not (isinstance(network, torch.Tensor) and network.dtype == torch.uint8 and network.ndim == 1
-                and network.numel() > 0):
+        if not (
+            isinstance(network, torch.Tensor)
+            and network.dtype == torch.uint8
+            and network.ndim == 1
+            and network.numel() > 0
+        ):
             problems.append(f"architecture {payload['arch']} lacks its serialized network (a uint8 tensor)")
     shape = payload["input_shape"]
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+    if not (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
         problems.append(f"input_shape {shape!r} is not three positive integers (C, H, W)")
     k = payload["num_classes"]
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 2):
@@ -316,15 +338,27 @@ def read_checkpoint_header(payload) -> dict:
             problems.append(f"sigma {meta['sigma']!r} is not a finite number > 0")
         surrogate_fields = sorted(SURROGATE_ONLY_META & set(meta))
         if payload["kind"] == "base" and surrogate_fields:
-            problems.append(f"kind is 'base' but meta holds a surrogate's fields {surrogate_fields} (the kind was "
-                            "edited: a surrogate is never a base model)")
+            problems.append(
+                f"kind is 'base' but meta holds a surrogate's fields {surrogate_fields} (the kind was "
+                "edited: a surrogate is never a base model)"
+            )
     if problems:
         raise ModelError("checkpoint is inconsistent: " + "; ".join(problems) + "; the file is damaged, retrain it")
     return {k: v for k, v in payload.items() if k not in ("state_dict", "network")}
 
 
-SURROGATE_ONLY_META = frozenset({"kappa", "w", "fingerprint", "train_index_ranges", "counts_sha256", "counts_files",
-                                 "prior_tuning", "base_model_sha256"})
+SURROGATE_ONLY_META = frozenset(
+    {
+        "kappa",
+        "w",
+        "fingerprint",
+        "train_index_ranges",
+        "counts_sha256",
+        "counts_files",
+        "prior_tuning",
+        "base_model_sha256",
+    }
+)
 """Metadata only ``Surrogate.save`` writes: a checkpoint of kind ``base`` that holds any was relabelled."""
 
 CHECKSUM_FIELD = "checksum_sha256"
@@ -350,8 +384,9 @@ def checkpoint_message(payload: dict) -> bytes:
         ``b"surrogate-cert checkpoint\\0"`` and the hex digest.
     """
     header = {k: v for k, v in payload.items() if k not in ("state_dict", "network", CHECKSUM_FIELD, SIGNATURE_FIELD)}
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=True,
-                                       default=repr).encode("utf-8"))
+    digest = hashlib.sha256(
+        json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=True, default=repr).encode("utf-8")
+    )
     state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else {}
     if "network" in payload:  # a carried program is covered byte for byte, like the weights
         state = {**state, "\0network": payload["network"]}
@@ -390,27 +425,38 @@ def check_checkpoint_integrity(payload: dict, path: str, key: bytes | None) -> N
     try:
         message = checkpoint_message(payload)
     except (TypeError, ValueError, RuntimeError) as exc:  # fields of types save_checkpoint never writes
-        raise ModelError(f"{path}: checkpoint fields cannot be read ({type(exc).__name__}); the file is damaged, "
-                         "retrain it") from None
+        raise ModelError(
+            f"{path}: checkpoint fields cannot be read ({type(exc).__name__}); the file is damaged, retrain it"
+        ) from None
     stored = payload.get(CHECKSUM_FIELD)
     if stored is not None and stored != hashlib.sha256(message).hexdigest():
-        raise ModelError(f"{path} was modified after it was written (checksum mismatch); restore the original or "
-                         "retrain it")
+        raise ModelError(
+            f"{path} was modified after it was written (checksum mismatch); restore the original or retrain it"
+        )
     if key is None:
         return
     kind = payload.get("kind")
     make = "`surrogate-cert train`" if kind == "surrogate" else "`surrogate-cert train-base`"
-    check_signature(message, payload.get(SIGNATURE_FIELD), payload.get(KEY_ID_FIELD), key, what=path,
-                    fix=f"use the right key (--key-file), or re-run {make} with it", error=CheckpointSignatureError,
-                    required=kind != "base")
+    check_signature(
+        message,
+        payload.get(SIGNATURE_FIELD),
+        payload.get(KEY_ID_FIELD),
+        key,
+        what=path,
+        fix=f"use the right key (--key-file), or re-run {make} with it",
+        error=CheckpointSignatureError,
+        required=kind != "base",
+    )
 
 
 def check_finite_weights(state: dict, path: str) -> None:
     """Refuse (``ModelError``) weights holding NaN or infinity: no certificate may come out of them."""
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelError(f"{path}: weight {name} holds NaN or infinite values; the model is broken (training "
-                             "diverged?), retrain it")
+            raise ModelError(
+                f"{path}: weight {name} holds NaN or infinite values; the model is broken (training "
+                "diverged?), retrain it"
+            )
 
 
 def check_finite_outputs(model: nn.Module, input_shape: Sequence[int], what: str, device=None) -> None:
@@ -440,16 +486,19 @@ def check_finite_outputs(model: nn.Module, input_shape: Sequence[int], what: str
         device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = tuple(int(v) for v in input_shape)
-    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5),
-                         torch.rand(shape, generator=gen)])
+    probe = torch.stack(
+        [torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5), torch.rand(shape, generator=gen)]
+    )
     try:
         with torch.inference_mode():
             logits = model(probe.to(device))
     except Exception:  # noqa: BLE001 - a model that cannot run on the probe fails the callers' own fit check
         return
     if isinstance(logits, torch.Tensor) and logits.is_floating_point() and not bool(torch.isfinite(logits).all()):
-        raise ModelError(f"{what} returns NaN or infinite logits on a probe batch of images in [0, 1]; a certificate "
-                         "computed from it would be meaningless (argmax of NaN); fix or retrain the model")
+        raise ModelError(
+            f"{what} returns NaN or infinite logits on a probe batch of images in [0, 1]; a certificate "
+            "computed from it would be meaningless (argmax of NaN); fix or retrain the model"
+        )
 
 
 def _positive_number(value) -> bool:
@@ -492,12 +541,15 @@ def load_weights_file(path: str | os.PathLike, expected: str = "model"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, KeyError, EOFError, ...) on bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {path} ({describe(kind)}) as a weights-only checkpoint ({first[:160]}); "
-                         "the file is damaged or not a surrogate-cert model") from None
+        raise ModelError(
+            f"cannot load {path} ({describe(kind)}) as a weights-only checkpoint ({first[:160]}); "
+            "the file is damaged or not a surrogate-cert model"
+        ) from None
 
 
-def load_checkpoint(path, device=None, *, kind: str | None = None,
-                    key: bytes | str | None = None) -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path, device=None, *, kind: str | None = None, key: bytes | str | None = None
+) -> tuple[nn.Module, dict]:
     """Rebuild the model saved by ``save_checkpoint``: ``(model in eval mode, header)``.
 
     The header is the saved dict without ``state_dict`` (``kind``, ``arch``, ``input_shape``,
@@ -554,8 +606,10 @@ def load_checkpoint(path, device=None, *, kind: str | None = None,
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:
-        raise ModelError(f"{path}: weights do not fit architecture {header['arch']} "
-                         f"({str(exc).splitlines()[0][:160]}); the file is damaged") from None
+        raise ModelError(
+            f"{path}: weights do not fit architecture {header['arch']} "
+            f"({str(exc).splitlines()[0][:160]}); the file is damaged"
+        ) from None
     check_finite_weights(payload["state_dict"], path)
     model.eval()
     if device is not None:
@@ -566,8 +620,12 @@ def load_checkpoint(path, device=None, *, kind: str | None = None,
 
 def _wrong_checkpoint_kind(path: str, have: str, want: str) -> str:
     if want == "surrogate":
-        return (f"{path} is a {have} model, not a surrogate; train one with "
-                "`surrogate-cert train --counts train.h5 --out surrogate.pt`")
-    return (f"{path} is a surrogate checkpoint (made by `surrogate-cert train`), not a base model: the surrogate "
-            "predicts the base model's counts and is never a base model itself; give the checkpoint from "
-            "`surrogate-cert train-base` (or your own model)")
+        return (
+            f"{path} is a {have} model, not a surrogate; train one with "
+            "`surrogate-cert train --counts train.h5 --out surrogate.pt`"
+        )
+    return (
+        f"{path} is a surrogate checkpoint (made by `surrogate-cert train`), not a base model: the surrogate "
+        "predicts the base model's counts and is never a base model itself; give the checkpoint from "
+        "`surrogate-cert train-base` (or your own model)"
+    )

@@ -5,6 +5,7 @@ A results file is two files: ``out.tsv``, whose first line is the header
 code (``pd.read_csv(path, delimiter="\\t")``) reads it unchanged, and ``out.tsv.meta.json``, the
 provenance (command, versions, sigma, seed, device, ...). Both are written atomically.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,9 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidInputError, InvalidParameterError
 from .files import MAKERS, commit_outputs, sniff, wrong_kind
@@ -83,8 +85,9 @@ class Certificate:
         return asdict(self)
 
 
-def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0,
-               stop_time: int | None = None) -> Certificate:
+def abstention(
+    n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0, stop_time: int | None = None
+) -> Certificate:
     """The abstain certificate: class -1, radius 0.
 
     Parameters
@@ -103,8 +106,15 @@ def abstention(n_samples: int = 0, p_lower: float = 0.0, seconds: float = 0.0,
     Certificate
         ``prediction = -1``, ``radius = 0.0``, method ``abstain``.
     """
-    return Certificate(-1, 0.0, "abstain", int(n_samples), float(p_lower), float(seconds),
-                       stop_time=None if stop_time is None else int(stop_time))
+    return Certificate(
+        -1,
+        0.0,
+        "abstain",
+        int(n_samples),
+        float(p_lower),
+        float(seconds),
+        stop_time=None if stop_time is None else int(stop_time),
+    )
 
 
 def meta_path(path: str | os.PathLike) -> str:
@@ -173,18 +183,26 @@ def write_tsv(
     path = os.fspath(path)
     lengths = {len(indices), len(labels), len(certificates)}
     if len(lengths) != 1:
-        raise InvalidParameterError(f"indices, labels and certificates must have one entry per input, got lengths "
-                                    f"{len(indices)}, {len(labels)} and {len(certificates)}")
+        raise InvalidParameterError(
+            f"indices, labels and certificates must have one entry per input, got lengths "
+            f"{len(indices)}, {len(labels)} and {len(certificates)}"
+        )
     meta = dict(meta or {})
     if header_comment is not None:
-        warnings.warn("write_tsv(header_comment=...) is deprecated: pass meta={...}; provenance now goes "
-                      "to the .meta.json sidecar", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "write_tsv(header_comment=...) is deprecated: pass meta={...}; provenance now goes "
+            "to the .meta.json sidecar",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         meta.setdefault("comment", header_comment.splitlines())
     lines = ["\t".join(TSV_COLUMNS)]
     for idx, label, c in zip(indices, labels, certificates):
         correct = int(c.prediction == int(label))
-        lines.append(f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
-                     f"{c.method}\t{c.n_samples}\t{c.stop_time}\t{c.p_lower:.6g}\t{c.route}")
+        lines.append(
+            f"{int(idx)}\t{int(label)}\t{c.prediction}\t{c.radius:.6g}\t{correct}\t{c.seconds:.6g}\t"
+            f"{c.method}\t{c.n_samples}\t{c.stop_time}\t{c.p_lower:.6g}\t{c.route}"
+        )
     sidecar = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     commit_outputs({meta_path(path): sidecar, path: "\n".join(lines) + "\n"}, overwrite=overwrite)
 
@@ -222,8 +240,10 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
     """
     kind = sniff(path)
     if kind == "missing":
-        raise InvalidInputError(f"cannot read results file {path}: no such file; write one with `surrogate-cert cohen` "
-                                "/ `sequential` / `certify`")
+        raise InvalidInputError(
+            f"cannot read results file {path}: no such file; write one with `surrogate-cert cohen` "
+            "/ `sequential` / `certify`"
+        )
     if kind not in ("text", "empty"):
         raise InvalidInputError(wrong_kind(path, kind, "results"))
     try:
@@ -246,8 +266,9 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
         for r in reader:
             rows.append(_typed_row(r))
     except (TypeError, ValueError, csv.Error) as exc:
-        raise InvalidInputError(f"{path}: row {len(rows) + 2} is malformed ({str(exc)[:160]}); regenerate the file"
-                                ) from None
+        raise InvalidInputError(
+            f"{path}: row {len(rows) + 2} is malformed ({str(exc)[:160]}); regenerate the file"
+        ) from None
     return rows
 
 
@@ -255,7 +276,7 @@ def _typed_row(r: dict) -> dict:
     """One TSV row as typed values, checked for what a certifier can write (ValueError if not)."""
     if None in r:
         raise ValueError(f"{len(r[None])} cells more than the header's columns")
-    row = dict(
+    row: dict[str, Any] = dict(
         idx=int(r["idx"]),
         label=int(r["label"]),
         predict=int(r["predict"]),

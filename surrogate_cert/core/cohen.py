@@ -4,10 +4,11 @@
 count how often the base classifier returns ``A``; the one-sided Clopper-Pearson bound on that count
 gives ``pA`` and the radius ``sigma * Phi^{-1}(pA)``. All bounds come from ``stats``.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +21,9 @@ from .smoothing import STREAM_ESTIMATE, STREAM_SELECT, SmoothedClassifier, check
 __all__ = ["CohenCertifier", "certificates_from_counts"]
 
 
-def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
-                             seconds: float = 0.0, *, slack: float = 0.0) -> list[Certificate]:
+def certificates_from_counts(
+    counts_select, counts, alpha: float, sigma: float, seconds: float = 0.0, *, slack: float = 0.0
+) -> list[Certificate]:
     """Cohen et al.'s CERTIFY on stored counts (``stats.cohen_certify``), as ``Certificate`` records.
 
     With probability at least ``1 - alpha`` per input, over the noise, a non-abstaining certificate
@@ -67,8 +69,12 @@ def certificates_from_counts(counts_select, counts, alpha: float, sigma: float,
     counts = np.asarray(counts)
     prediction, p_lower, radius = stats.cohen_certify(counts_select, counts, alpha, sigma, slack=slack)
     spent = counts_select.sum(axis=1) + counts.sum(axis=1)
-    return [Certificate(int(c), float(r), "cohen", int(m), float(p), seconds) if c >= 0
-            else abstention(int(m), float(p), seconds) for c, p, r, m in zip(prediction, p_lower, radius, spent)]
+    return [
+        Certificate(int(c), float(r), "cohen", int(m), float(p), seconds)
+        if c >= 0
+        else abstention(int(m), float(p), seconds)
+        for c, p, r, m in zip(prediction, p_lower, radius, spent)
+    ]
 
 
 class CohenCertifier:
@@ -139,8 +145,9 @@ class CohenCertifier:
         counts_select = self.smooth.counts(x, n0, indices=idx, stream=STREAM_SELECT)
         counts = self.smooth.counts(x, n, indices=idx, stream=STREAM_ESTIMATE)
         seconds = (time.perf_counter() - started) / x.shape[0]
-        return certificates_from_counts(counts_select, counts, alpha, self.smooth.sigma, seconds,
-                                        slack=self.smooth.radius_slack(x.shape[1:]))
+        return certificates_from_counts(
+            counts_select, counts, alpha, self.smooth.sigma, seconds, slack=self.smooth.radius_slack(x.shape[1:])
+        )
 
     def predict(
         self,

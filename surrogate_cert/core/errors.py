@@ -3,6 +3,7 @@
 The command line turns any ``SurrogateCertError`` into that line on stderr and exit code 2;
 Python callers catch the specific subclass.
 """
+
 from __future__ import annotations
 
 
@@ -105,7 +106,8 @@ def check_sigma(value: float, name: str = "sigma") -> float:
             f"{name} must lie in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] for pixels in [0, 1], got {value:g}: with float32 "
             f"samples, noise below {SIGMA_MIN:g} is lost in the rounding of the pixels and noise above "
             f"{SIGMA_MAX:g} loses the image in rounding (or overflows), so no certificate would mean anything; "
-            "typical values are 0.12 to 1")
+            "typical values are 0.12 to 1"
+        )
     return value
 
 
@@ -116,8 +118,9 @@ def check_seed(value: int, name: str = "seed") -> int:
     except (TypeError, ValueError, OverflowError):
         whole = False
     if not whole or not 0 <= int(value) <= SEED_MAX:
-        raise InvalidParameterError(f"{name} must be a whole number in [0, 2**63 - 1] (it is stored as int64), "
-                                    f"got {value!r}")
+        raise InvalidParameterError(
+            f"{name} must be a whole number in [0, 2**63 - 1] (it is stored as int64), got {value!r}"
+        )
     return int(value)
 
 

@@ -13,18 +13,29 @@ writing it atomically.
   final name. Without ``overwrite`` the rename is a ``link``, which refuses a file that appeared in
   the meantime (a concurrent writer), so nothing is replaced unasked even then.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import zipfile
-from typing import Iterable, Iterator
-
+from collections.abc import Iterable, Iterator
 
 from .errors import InvalidInputError, InvalidParameterError, OutputExistsError
 
-__all__ = ["sniff", "describe", "wrong_kind", "unreadable", "file_problem", "read_npz", "check_outputs",
-           "atomic_output", "write_text_atomic", "commit_outputs", "MAKERS"]
+__all__ = [
+    "sniff",
+    "describe",
+    "wrong_kind",
+    "unreadable",
+    "file_problem",
+    "read_npz",
+    "check_outputs",
+    "atomic_output",
+    "write_text_atomic",
+    "commit_outputs",
+    "MAKERS",
+]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -90,7 +101,7 @@ def sniff(path: str | os.PathLike) -> str:
         return "empty"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP):
+    if head.startswith((_ZIP_MAGIC, _EMPTY_ZIP)):
         return _zip_kind(path)
     if head.startswith(b"\x93NUMPY"):  # np.save: one array, not an archive of named arrays
         return "npy"
@@ -156,8 +167,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
 def unreadable(path: str | os.PathLike, expected: str) -> str:
     """The one-line message for a file the operating system refused to open: its own reason, and what to do."""
     problem = file_problem(path) or "cannot be read"
-    return (f"{os.fspath(path)} {problem}; fix its permissions or give another file "
-            f"({MAKERS.get(expected, expected)})")
+    return f"{os.fspath(path)} {problem}; fix its permissions or give another file ({MAKERS.get(expected, expected)})"
 
 
 def read_npz(path: str | os.PathLike, what: str = "npz", error: type[Exception] = InvalidInputError) -> dict:
@@ -223,15 +233,23 @@ def wrong_kind(path: str | os.PathLike, kind: str, expected: str) -> str:
     """
     if kind == "unreadable":
         return unreadable(path, expected)
-    hint = {"hdf5": " (an HDF5 counts file is made by `surrogate-cert datagen`)",
-            "json": " (a calibration JSON is made by `surrogate-cert calibrate`)"}.get(kind, "")
+    hint = {
+        "hdf5": " (an HDF5 counts file is made by `surrogate-cert datagen`)",
+        "json": " (a calibration JSON is made by `surrogate-cert calibrate`)",
+    }.get(kind, "")
     return f"{os.fspath(path)} is {describe(kind)}{hint}, not {MAKERS.get(expected, expected)}"
 
 
 # --------------------------------------------------------------------------- outputs
 
-def check_outputs(paths: Iterable[str | os.PathLike | None], *, overwrite: bool = False,
-                  option: str = "--out", resumable: bool = False) -> list[str]:
+
+def check_outputs(
+    paths: Iterable[str | os.PathLike | None],
+    *,
+    overwrite: bool = False,
+    option: str = "--out",
+    resumable: bool = False,
+) -> list[str]:
     """Refuse outputs that cannot or must not be written, before any work is done.
 
     Parameters
@@ -264,7 +282,9 @@ def check_outputs(paths: Iterable[str | os.PathLike | None], *, overwrite: bool 
             raise InvalidParameterError(f"{option} {path} is a folder; give a file name")
         folder = os.path.dirname(os.path.abspath(path)) or "."
         if not os.path.isdir(folder):
-            raise InvalidParameterError(f"output folder {folder} does not exist; create it first or choose another {option}")
+            raise InvalidParameterError(
+                f"output folder {folder} does not exist; create it first or choose another {option}"
+            )
         if not os.access(folder, os.W_OK):
             raise InvalidParameterError(f"output folder {folder} is not writable; choose another {option}")
     if not overwrite:
@@ -288,8 +308,9 @@ def _commit(tmp: str, path: str, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # refuses an existing target: a file that appeared meanwhile is kept
     except FileExistsError:
-        raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced, "
-                                "pass --overwrite to replace it") from None
+        raise OutputExistsError(
+            f"{path} appeared while it was being written; nothing was replaced, pass --overwrite to replace it"
+        ) from None
     except OSError:
         # A file system without hard links: check, then rename (a narrow race, never a half file).
         if os.path.lexists(path):

@@ -36,6 +36,7 @@ True
 >>> table.tv_bound < 1e-16
 True
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,7 @@ _WIDTH_BOUND = Fraction(1, 1 << 160)
 #
 # A positive real v is enclosed as integers (lo, hi) with lo <= v * 2**_PREC <= hi. Every operation
 # rounds its lower end down and its upper end up, so the enclosure stays valid whatever the rounding.
+
 
 def _ceil_div(a: int, b: int) -> int:
     return -((-a) // b)
@@ -100,6 +102,7 @@ def _series(first: Fraction, ratio) -> tuple[int, int]:
 @functools.lru_cache(maxsize=1)
 def _pi() -> tuple[int, int]:
     """``pi`` by Machin's formula, ``16 atan(1/5) - 4 atan(1/239)``; each alternating series brackets its limit."""
+
     def atan_inv(k: int) -> tuple[int, int]:
         # partial sums of an alternating series with decreasing terms lie alternately above and below the limit
         scale, k2 = 1 << (_PREC + 16), k * k
@@ -113,6 +116,7 @@ def _pi() -> tuple[int, int]:
         low, high = min(sums[-2:]), max(sums[-2:])
         # each floor is off by less than one unit, and a term carries at most 3 of them: <= 3 per term
         return (low - 4 * n - 4) >> 16, (high + 4 * n + 4 + (1 << 16)) >> 16
+
     a, b = atan_inv(5), atan_inv(239)
     return 16 * a[0] - 4 * b[1], 16 * a[1] - 4 * b[0]
 
@@ -133,7 +137,7 @@ def upper_tail_interval(t: Fraction) -> tuple[int, int]:
     t = Fraction(t)
     if t <= 0:
         raise ValueError(f"t must be a positive rational, got {t}")
-    p2, q2 = t.numerator ** 2, t.denominator ** 2
+    p2, q2 = t.numerator**2, t.denominator**2
     series = _series(t, lambda n: (p2, q2 * (2 * n + 3)))
     exp_half = _series(Fraction(1), lambda n: (p2, 2 * q2 * (n + 1)))
     two_pi = (2 * _pi()[0], 2 * _pi()[1])
@@ -154,6 +158,7 @@ def _isqrt(v: int) -> int:
 
 
 # --------------------------------------------------------------------------- the table
+
 
 @dataclass(frozen=True)
 class GridTable:
@@ -267,8 +272,14 @@ def grid_table(sigma: float, bits: int = THRESHOLD_BITS, levels: int = GRID_LEVE
     thresholds = tuple(reversed(lower)) + tuple(scale - v for v in lower)
     if any(b < a for a, b in zip(thresholds, thresholds[1:])):
         raise ArithmeticError("thresholds are not monotone; the enclosures are too wide")
-    return GridTable(sigma=float(sigma), levels=levels, bits=bits, first=-len(lower), thresholds=thresholds,
-                     tv_bound=_float_up(_tv_bound(lower, tails, bits)))
+    return GridTable(
+        sigma=float(sigma),
+        levels=levels,
+        bits=bits,
+        first=-len(lower),
+        thresholds=thresholds,
+        tv_bound=_float_up(_tv_bound(lower, tails, bits)),
+    )
 
 
 def _tv_bound(lower: list[int], tails: list[tuple[int, int]], bits: int) -> Fraction:

@@ -4,10 +4,11 @@ For ``f(x) = 1[w.x + b > 0]`` and noise ``N(0, sigma^2 I)``, ``w.(x + eps) + b ~
 so ``p_1(x) = Phi((w.x + b) / (sigma ||w||))`` exactly, ``g(x) = 1[w.x + b > 0]``, and the largest
 radius any certificate may claim is the distance to the hyperplane, ``|w.x + b| / ||w||``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,11 +43,11 @@ class LinearProblem:
 
     model: LinearBinaryModel
     sigma: float
-    x: torch.Tensor            # N x C x H x W, in [0, 1]
-    margin: np.ndarray         # signed distance (w.x + b) / ||w||
-    true_class: np.ndarray     # g(x)
-    true_radius: np.ndarray    # |margin|
-    p1: np.ndarray             # P(f(x + eps) = 1)
+    x: torch.Tensor  # N x C x H x W, in [0, 1]
+    margin: np.ndarray  # signed distance (w.x + b) / ||w||
+    true_class: np.ndarray  # g(x)
+    true_radius: np.ndarray  # |margin|
+    p1: np.ndarray  # P(f(x + eps) = 1)
 
     def wrong(self, predictions: Sequence[int], radii: Sequence[float]) -> np.ndarray:
         """DESIGN.md's wrong certificate: ``R > 0`` and (``A != g(x)`` or ``R > true radius``).
@@ -129,6 +130,7 @@ def linear_problem(
 
 # --------------------------------------------------------------------------- the sound (grid) noise scheme
 
+
 def grid_sum_tail(table, pixels: int) -> tuple[int, np.ndarray]:
     """Law of ``S = j_1 + ... + j_pixels`` for i.i.d. offsets of the sound scheme's table (``core.grid_noise``).
 
@@ -149,7 +151,7 @@ def grid_flip_distance(steps, pixels: int) -> np.ndarray:
     """
     steps = np.abs(np.asarray(steps, dtype=np.int64))
     q, r = np.divmod(steps, int(pixels))
-    return np.sqrt(r * (q + 1.0) ** 2 + (int(pixels) - r) * q ** 2.0) / 255.0
+    return np.sqrt(r * (q + 1.0) ** 2 + (int(pixels) - r) * q**2.0) / 255.0
 
 
 def grid_linear_problem(
@@ -204,8 +206,11 @@ def grid_linear_problem(
     pixels = np.repeat((sums // d)[:, None], d, axis=1)
     pixels[np.arange(d)[None, :] < (sums % d)[:, None]] += 1
     if d > 1:  # move a few steps between the first two pixels: the sum (hence the truth) stays
-        move = np.clip(rng.integers(-8, 9, size=num_inputs), -np.minimum(255 - pixels[:, 0], pixels[:, 1]),
-                       np.minimum(pixels[:, 0], 255 - pixels[:, 1]))
+        move = np.clip(
+            rng.integers(-8, 9, size=num_inputs),
+            -np.minimum(255 - pixels[:, 0], pixels[:, 1]),
+            np.minimum(pixels[:, 0], 255 - pixels[:, 1]),
+        )
         pixels[:, 0] -= move
         pixels[:, 1] += move
     lowest, tail = grid_sum_tail(table, d)

@@ -1,4 +1,5 @@
 """SHA-256 digests that tie results to the exact model weights and files they came from."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ IMAGE_HASH_RULE = "sha256(C,H,W as uint16 | round(255 x) as uint8), first 8 byte
 torchvision split, an npz of it, a PNG of it) gets the same name."""
 
 
-def image_hashes(x) -> "np.ndarray":
+def image_hashes(x) -> np.ndarray:
     """A 64-bit content hash per image of ``x`` (``N x C x H x W``, pixels in [0, 1]): ``IMAGE_HASH_RULE``.
 
     Identifies images across sources (a calibration image in an unlabeled pool, a deployment query
@@ -68,7 +69,7 @@ def pack_hashes(hashes) -> str:
     return base64.b64encode(values.astype("<u8").tobytes()).decode("ascii")
 
 
-def unpack_hashes(text: str) -> "np.ndarray":
+def unpack_hashes(text: str) -> np.ndarray:
     """The hashes ``pack_hashes`` recorded (sorted uint64); ValueError if ``text`` is not such a record."""
     import base64
     import binascii

@@ -26,11 +26,12 @@ calibration (never a constant). A calibration is any object with the attributes 
 ``offsets``, ``pooled_offset``, ``radius_cap``, ``epsilon``, ``alpha_mc``, ``check_matches(surrogate)``
 and, where present, ``fallback_groups``, ``score``, ``score_params`` and ``radius_thresholds``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,10 +41,26 @@ from .certificate import Certificate, abstention
 from .errors import InvalidParameterError
 from .smoothing import check_images, noise_indices
 
-__all__ = ["SurrogateCertifier", "GROUPINGS", "SCORES", "POOLED", "DEFAULT_CONFIDENCE_EDGES", "group_keys",
-           "all_group_keys", "group_offsets", "bin_shifts", "deployed_radius", "required_thresholds",
-           "certified_at_required", "required_radii", "check_required_radius", "never_certifying_groups",
-           "SMALL_BATCH", "intra_op_threads", "shaped_radius"]
+__all__ = [
+    "SurrogateCertifier",
+    "GROUPINGS",
+    "SCORES",
+    "POOLED",
+    "DEFAULT_CONFIDENCE_EDGES",
+    "group_keys",
+    "all_group_keys",
+    "group_offsets",
+    "bin_shifts",
+    "deployed_radius",
+    "required_thresholds",
+    "certified_at_required",
+    "required_radii",
+    "check_required_radius",
+    "never_certifying_groups",
+    "SMALL_BATCH",
+    "intra_op_threads",
+    "shaped_radius",
+]
 
 SMALL_BATCH = 1024
 """``threads="auto"``: batches of fewer images than this run the surrogate with one intra-op thread.
@@ -108,7 +125,8 @@ def check_required_radius(required_radius) -> float | None:
     if arr.ndim != 0:
         raise InvalidParameterError(
             "required_radius must be one radius for the whole batch (a setting fixed before the inputs are seen), "
-            f"got an array of shape {arr.shape}; the thresholds do not hold for a radius chosen per input")
+            f"got an array of shape {arr.shape}; the thresholds do not hold for a radius chosen per input"
+        )
     value = float(arr)
     if np.isnan(value):
         return None
@@ -135,6 +153,7 @@ def _check_threads(threads) -> int | str | None:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InvalidParameterError(f"threads must be 'auto', None or an integer >= 1, got {threads!r}")
     return int(threads)
+
 
 GROUPINGS = ("none", "class", "confidence")
 """Mondrian groupings: one pooled group, one group per predicted class, or confidence bins."""
@@ -291,8 +310,9 @@ def group_offsets(calibration, predicted, p_tilde, z=None) -> np.ndarray:
     else:
         raise InvalidParameterError(f"groups must be one of {GROUPINGS}, got {groups!r}")
     never = never_certifying_groups(calibration)
-    table = np.array([np.inf if str(g) in never else calibration.offsets.get(str(g), np.inf) for g in range(size)],
-                     dtype=float)
+    table = np.array(
+        [np.inf if str(g) in never else calibration.offsets.get(str(g), np.inf) for g in range(size)], dtype=float
+    )
     return table[ids] if num else np.zeros(0)
 
 
@@ -328,8 +348,9 @@ def bin_shifts(calibration, z) -> np.ndarray:
     params = getattr(calibration, "score_params", None) or {}
     edges, offsets = params.get("bin_edges"), params.get("bin_offsets")
     if edges is None or offsets is None or len(offsets) != len(edges) + 1:
-        raise InvalidParameterError("a shifted-score calibration must store bin_edges and one bin_offset per bin; "
-                                    "re-run calibrate")
+        raise InvalidParameterError(
+            "a shifted-score calibration must store bin_edges and one bin_offset per bin; re-run calibrate"
+        )
     table = np.array([np.inf if t is None else float(t) for t in offsets])
     return table[np.digitize(z, np.asarray(edges, dtype=float))]
 
@@ -416,8 +437,10 @@ def required_thresholds(calibration, required_radius) -> np.ndarray:
     """
     table = getattr(calibration, "radius_thresholds", None)
     if not table:
-        raise InvalidParameterError("this calibration holds no required-radius thresholds; re-run calibrate with "
-                                    "this version (they are fitted by default)")
+        raise InvalidParameterError(
+            "this calibration holds no required-radius thresholds; re-run calibrate with "
+            "this version (they are fitted by default)"
+        )
     grid = np.asarray(table["grid"], dtype=float)
     tau = np.array([np.inf if t is None else float(t) for t in table["tau"]] + [np.inf])
     return tau[stats.grid_point_at_least(grid, np.atleast_1d(np.asarray(required_radius, dtype=float)))]
@@ -494,7 +517,7 @@ class SurrogateCertifier:
         return self.surrogate.sigma
 
     def _threads_for(self, num: int) -> int | None:
-        if self.threads == "auto":
+        if isinstance(self.threads, str):  # "auto", the only text _check_threads lets through
             return 1 if num < SMALL_BATCH else None
         return self.threads
 
@@ -553,8 +576,9 @@ class SurrogateCertifier:
             classes, p_tilde, z = self.surrogate.predict_z(x, validate=False)
         return classes, p_tilde, z, deployed_radius(self.calibration, classes, p_tilde, z)
 
-    def certify(self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None,
-                required_radius=None) -> list[Certificate]:
+    def certify(
+        self, x: torch.Tensor, indices: Sequence[int] | np.ndarray | None = None, required_radius=None
+    ) -> list[Certificate]:
         """One ``Certificate`` per input: ``(A, R^)`` with method ``surrogate`` if ``R^ > 0``, else abstain.
 
         With ``required_radius`` (``r* > 0``, scalar or per input; NaN or None = none) and a
@@ -599,8 +623,10 @@ class SurrogateCertifier:
         radius = self.radius_for(z, radius, required)
         p_lower = self.p_lower(radius)
         seconds = (time.perf_counter() - started) / max(len(classes), 1)
-        return [self.certificate(c, r, seconds, p_lower=p)
-                for c, r, p in zip(classes.tolist(), radius.tolist(), p_lower.tolist())]
+        return [
+            self.certificate(c, r, seconds, p_lower=p)
+            for c, r, p in zip(classes.tolist(), radius.tolist(), p_lower.tolist())
+        ]
 
     @property
     def has_thresholds(self) -> bool:
@@ -629,11 +655,13 @@ class SurrogateCertifier:
         noise scheme the inverse of its radius (``stats.grid_p_threshold`` with the calibration's slack)."""
         radius = np.asarray(radius, dtype=float)
         slack = float(getattr(self.calibration, "noise_slack", 0.0) or 0.0)
-        return np.where(radius > 0, np.atleast_1d(stats.p_threshold(np.maximum(radius, 0.0), self.sigma,
-                                                                    slack=slack)), 0.0)
+        return np.where(
+            radius > 0, np.atleast_1d(stats.p_threshold(np.maximum(radius, 0.0), self.sigma, slack=slack)), 0.0
+        )
 
-    def certificate(self, cls: int, radius: float, seconds: float, n_samples: int = 0,
-                    p_lower: float | None = None) -> Certificate:
+    def certificate(
+        self, cls: int, radius: float, seconds: float, n_samples: int = 0, p_lower: float | None = None
+    ) -> Certificate:
         """The record of one surrogate decision: certified iff ``radius > 0``.
 
         Parameters

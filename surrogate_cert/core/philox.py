@@ -43,12 +43,13 @@ torch's int64 multiply wraps modulo 2**64 (two's complement), so the 32 x 32 -> 
 Philox is read from it with a shift and a mask (splitting into 16-bit halves would avoid the wrap
 but cost half as much again); the Random123 known-answer vectors, whose products wrap, pin this down.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,9 +57,21 @@ import torch
 from .errors import InvalidParameterError
 
 __all__ = [
-    "PHILOX_ROUNDS", "BLOCK_SAMPLES", "MAX_WORDS", "INDEX_LIMIT", "STREAM_LIMIT", "BLOCK_LIMIT",
-    "MAX_ABS_ERROR", "MAX_ABS_NORMAL", "philox4x32", "check_keys", "keyed_words", "keyed_normal",
-    "fill_keyed_normal", "box_muller", "FUSED_ENV",
+    "PHILOX_ROUNDS",
+    "BLOCK_SAMPLES",
+    "MAX_WORDS",
+    "INDEX_LIMIT",
+    "STREAM_LIMIT",
+    "BLOCK_LIMIT",
+    "MAX_ABS_ERROR",
+    "MAX_ABS_NORMAL",
+    "philox4x32",
+    "check_keys",
+    "keyed_words",
+    "keyed_normal",
+    "fill_keyed_normal",
+    "box_muller",
+    "FUSED_ENV",
 ]
 
 PHILOX_ROUNDS = 10
@@ -88,8 +101,9 @@ _CHUNK = {"cpu": 1 << 14, "cuda": 1 << 22}
 amortise kernel launches (about 80 bytes of temporaries per counter)."""
 
 
-def philox4x32(counter: Sequence[torch.Tensor], key: tuple[int, int],
-               rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def philox4x32(
+    counter: Sequence[torch.Tensor], key: tuple[int, int], rounds: int = PHILOX_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Philox4x32-``rounds`` bijection of a counter under a key (Random123's ``philox4x32_R``).
 
     Parameters
@@ -158,13 +172,15 @@ def check_keys(indices, samples, stream: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     smp = np.asarray(samples, dtype=np.int64).reshape(-1)
     if idx.shape != smp.shape:
-        raise InvalidParameterError(f"indices and samples must have one entry per row each, "
-                                    f"got {idx.size} and {smp.size}")
+        raise InvalidParameterError(
+            f"indices and samples must have one entry per row each, got {idx.size} and {smp.size}"
+        )
     if not 0 <= int(stream) < STREAM_LIMIT:
         raise InvalidParameterError(f"stream must be in [0, {STREAM_LIMIT}), got {stream}")
     if idx.size and (idx.min() < 0 or idx.max() >= INDEX_LIMIT):
-        raise InvalidParameterError(f"noise names (dataset indices) must lie in [0, 2**62), "
-                                    f"got {idx.min()}..{idx.max()}")
+        raise InvalidParameterError(
+            f"noise names (dataset indices) must lie in [0, 2**62), got {idx.min()}..{idx.max()}"
+        )
     if smp.size and (smp.min() < 0 or smp.max() >= BLOCK_LIMIT * BLOCK_SAMPLES):
         raise InvalidParameterError("sample numbers must lie in [0, 2**40) (1.1e12 samples per input and stream)")
     return idx, smp
@@ -186,8 +202,9 @@ def _chunks(rows: int, groups: int, device: torch.device):
     return ((lo, min(lo + per, rows)) for lo in range(0, rows, per))
 
 
-def keyed_words(seed: int, indices, stream: int, samples, words: int, *,
-                device: str | torch.device | None = None) -> torch.Tensor:
+def keyed_words(
+    seed: int, indices, stream: int, samples, words: int, *, device: str | torch.device | None = None
+) -> torch.Tensor:
     """The first ``words`` 32-bit words of each row's sample (see the module docstring for the layout).
 
     Row ``r`` is sample ``samples[r]`` of stream ``stream`` of the input named ``indices[r]``; its words
@@ -238,8 +255,9 @@ def keyed_words(seed: int, indices, stream: int, samples, words: int, *,
     return out[:, :words]
 
 
-def box_muller(radius_words: torch.Tensor, angle_words: torch.Tensor,
-               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def box_muller(
+    radius_words: torch.Tensor, angle_words: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent standard Gaussians per pair of 32-bit words: ``sqrt(-2 ln u) (cos phi, sin phi)``.
 
     ``u = (a + 1/2) 2**-32`` from ``radius_words``, ``phi = 2 pi b 2**-32`` from ``angle_words``; see the
@@ -286,14 +304,14 @@ _SPLIT = _f32(math.sqrt(0.5))
 """Where the mantissa range is cut (``[1/2, 1)`` to ``[SPLIT, 2 SPLIT)``): a float32 value, exact in float64."""
 _ATANH_SERIES = tuple(_f32(1.0 / k) for k in (9, 7, 5, 3, 1))
 _MINUS_2_LN2 = _f32(-2.0 * math.log(2.0))
-_THETA_UNIT = _f32(math.pi / 2 * 2.0 ** -30)
+_THETA_UNIT = _f32(math.pi / 2 * 2.0**-30)
 _SIN_SERIES = tuple(_f32(c) for c in (1.0 / 362880, -1.0 / 5040, 1.0 / 120, -1.0 / 6, 1.0))
 _COS_SERIES = tuple(_f32(c) for c in (-1.0 / 3628800, 1.0 / 40320, -1.0 / 720, 1.0 / 24, -0.5, 1.0))
 
 
 def _radius(words: torch.Tensor) -> torch.Tensor:
     """``sqrt(-2 ln u)``, ``u = (w + 1/2) 2**-32``, float32."""
-    u = words.to(torch.float64).add_(0.5).mul_(2.0 ** -32)  # exact: 33 significant bits
+    u = words.to(torch.float64).add_(0.5).mul_(2.0**-32)  # exact: 33 significant bits
     mantissa, exponent = torch.frexp(u)  # u = mantissa 2**exponent, mantissa in [1/2, 1)
     low = mantissa < _SPLIT
     mantissa = torch.where(low, mantissa * 2.0, mantissa)  # now in [SPLIT, 2 SPLIT): |s| <= 0.1716
@@ -333,8 +351,16 @@ def _cos_sin_quarter(offset: torch.Tensor, odd: torch.Tensor) -> tuple[torch.Ten
     return torch.where(odd, sin.neg(), cos), torch.where(odd, cos, sin)
 
 
-def keyed_normal(seed: int, indices, stream: int, samples, shape: Sequence[int], *,
-                 device: str | torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def keyed_normal(
+    seed: int,
+    indices,
+    stream: int,
+    samples,
+    shape: Sequence[int],
+    *,
+    device: str | torch.device | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Standard Gaussian noise of each row's sample: value ``p`` is Box-Muller of its words ``2q``, ``2q + 1``.
 
     A row's noise is a pure function of (seed, index, stream, sample number): it does not depend on
@@ -382,14 +408,16 @@ def keyed_normal(seed: int, indices, stream: int, samples, shape: Sequence[int],
     device = torch.device(device) if device is not None else (out.device if out is not None else torch.device("cpu"))
     if out is None:
         out = torch.empty((idx.size, *shape), dtype=torch.float32, device=device)
-    elif out.shape != (idx.size, *shape) or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device != device:
+    elif (
+        out.shape != (idx.size, *shape) or out.dtype != torch.float32 or not out.is_contiguous() or out.device != device
+    ):
         raise InvalidParameterError(f"out must be a contiguous float32 {(idx.size, *shape)} tensor on {device}")
     return fill_keyed_normal(out, seed, torch.from_numpy(idx).to(device), stream, torch.from_numpy(smp).to(device))
 
 
-def fill_keyed_normal(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int,
-                      samples: torch.Tensor) -> torch.Tensor:
+def fill_keyed_normal(
+    out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, samples: torch.Tensor
+) -> torch.Tensor:
     """``keyed_normal`` into ``out`` for keys already on its device and already checked (``check_keys``).
 
     The counting engine's entry: no host round trip, no check per call. ``out`` is a contiguous
@@ -401,8 +429,9 @@ def fill_keyed_normal(out: torch.Tensor, seed: int, indices: torch.Tensor, strea
     return _fill_eager(out, seed, indices, stream, samples)
 
 
-def _fill_eager(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int,
-                samples: torch.Tensor) -> torch.Tensor:
+def _fill_eager(
+    out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, samples: torch.Tensor
+) -> torch.Tensor:
     """The reference: ``fill_keyed_normal`` in eager torch operations, chunk by chunk."""
     rows = out.shape[0]
     size = out[0].numel() if rows else 0
@@ -442,18 +471,24 @@ def _verified_kernel(device: torch.device):
             want = _fill_eager(torch.empty((idx.size, *shape), device=device), seed, idx_t, stream, smp_t)
             got = philox_triton.fill(torch.empty_like(want), seed, idx_t, stream, smp_t)
             if not torch.equal(got, want):
-                warnings.warn(f"the fused noise kernel differs from the reference on {device} "
-                              f"({int((got != want).sum())} of {want.numel()} values); using the eager path")
+                warnings.warn(
+                    f"the fused noise kernel differs from the reference on {device} "
+                    f"({int((got != want).sum())} of {want.numel()} values); using the eager path",
+                    stacklevel=2,
+                )
                 return None
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or run here: the eager path serves
-        warnings.warn(f"the fused noise kernel cannot run on {device} ({type(exc).__name__}: {exc}); "
-                      "using the eager path")
+        warnings.warn(
+            f"the fused noise kernel cannot run on {device} ({type(exc).__name__}: {exc}); using the eager path",
+            stacklevel=2,
+        )
         return None
     return philox_triton.fill
 
 
-def _normal_rows(flat: torch.Tensor, idx: torch.Tensor, smp: torch.Tensor, stream: int, groups: int,
-                 key: tuple[int, int]) -> None:
+def _normal_rows(
+    flat: torch.Tensor, idx: torch.Tensor, smp: torch.Tensor, stream: int, groups: int, key: tuple[int, int]
+) -> None:
     """Fill ``flat`` (``rows x size``) with the Gaussians of its rows."""
     rows, size = flat.shape
     w0, w1, w2, w3 = philox4x32(_row_counters(idx, smp, stream, groups), key)

@@ -8,6 +8,7 @@ are float32 values (``philox._f32``) or exact in float64, so its bits can equal 
 ``core.philox`` checks that on a probe of keys before it uses the kernel, and keeps the eager path
 otherwise.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,6 +107,7 @@ def fill(out: torch.Tensor, seed: int, indices: torch.Tensor, stream: int, sampl
         k0, k1 = _ref._seed_key(seed)
         grid = (triton.cdiv(total, _BLOCK),)
         with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():  # e.g. cuda:LOCAL_RANK
-            _keyed_normal_kernel[grid](out, indices, samples, total, size, groups, k0, k1, stream, BLOCK=_BLOCK,
-                                       enable_fp_fusion=False)
+            _keyed_normal_kernel[grid](
+                out, indices, samples, total, size, groups, k0, k1, stream, BLOCK=_BLOCK, enable_fp_fusion=False
+            )
     return out

@@ -25,6 +25,7 @@ it has checked:
 What is not defended: resource exhaustion by a pathological archive beyond the bounds checked here
 (record sizes, expression length); and the operators themselves, which are PyTorch's own.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,30 +52,113 @@ _LEGACY = ("data/weights/model.pt", "data/constants/model.pt")
 _NAME = re.compile(r"[A-Za-z0-9_.]*")
 """Every other string of the program (value names, parameter paths, device types, verifier names)."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_EXPR_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
-                         r"|(?P<string>'[A-Za-z0-9_.+\-]*')|(?P<op>//|==|!=|<=|>=|[-+*/%(),=<>]))")
+_EXPR_TOKEN = re.compile(
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
+    r"|(?P<string>'[A-Za-z0-9_.+\-]*')|(?P<op>//|==|!=|<=|>=|[-+*/%(),=<>]))"
+)
 _SYMBOL = re.compile(r"[a-z]+\d+")
 MAX_EXPR_CHARS = 2000
 
-ALLOWED_EXPR_NAMES = frozenset({
-    # sympy's own constructors, as sympy.srepr prints shape expressions, and their assumptions
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Mod", "Abs", "floor", "ceiling",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
-    "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair", "BooleanTrue", "BooleanFalse",
-    "true", "false", "True", "False", "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "NaN", "Half", "One",
-    "Zero", "NegativeOne", "IntInfinity", "NegativeIntInfinity",
-    "positive", "negative", "integer", "real", "nonnegative", "nonpositive", "finite", "infinite", "zero",
-    "nonzero", "even", "odd", "precision", "evaluate", "commutative", "rational", "extended_real",
-    # the functions torch's deserializer defines for shape arithmetic
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
-    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat",
-    "Identity",
-})
+ALLOWED_EXPR_NAMES = frozenset(
+    {
+        # sympy's own constructors, as sympy.srepr prints shape expressions, and their assumptions
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Mod",
+        "Abs",
+        "floor",
+        "ceiling",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "BooleanTrue",
+        "BooleanFalse",
+        "true",
+        "false",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "NaN",
+        "Half",
+        "One",
+        "Zero",
+        "NegativeOne",
+        "IntInfinity",
+        "NegativeIntInfinity",
+        "positive",
+        "negative",
+        "integer",
+        "real",
+        "nonnegative",
+        "nonpositive",
+        "finite",
+        "infinite",
+        "zero",
+        "nonzero",
+        "even",
+        "odd",
+        "precision",
+        "evaluate",
+        "commutative",
+        "rational",
+        "extended_real",
+        # the functions torch's deserializer defines for shape arithmetic
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+    }
+)
 """Names a shape expression may use: with literals and operators only, sympify can build an expression, nothing else."""
 
-_FORBIDDEN_KEYS = {"as_graph": "a higher-order operator (a nested graph)", "as_operator": "an operator argument",
-                   "as_custom_obj": "a custom object", "as_custom_objs": "custom objects"}
+_FORBIDDEN_KEYS = {
+    "as_graph": "a higher-order operator (a nested graph)",
+    "as_operator": "an operator argument",
+    "as_custom_obj": "a custom object",
+    "as_custom_objs": "custom objects",
+}
 _FREE_TEXT = {"as_string", "as_strings"}
 """Strings the program passes to operators: FX writes them with repr(), so any text is harmless."""
 
@@ -83,11 +167,28 @@ def _sym_ops() -> set:
     """Symbolic-shape arithmetic a graph may call besides ATen operators (and ``operator.getitem``)."""
     try:
         from torch._export.serde.serialize import _SYM_OPS
+
         ops = {fn for fn in _SYM_OPS if getattr(fn, "__module__", None) in ("_operator", "math", "torch")}
     except ImportError:  # pragma: no cover - an older or newer torch layout
-        ops = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.eq,
-               operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.neg, torch.sym_int,
-               torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not}
+        ops = {
+            operator.add,
+            operator.sub,
+            operator.mul,
+            operator.floordiv,
+            operator.mod,
+            operator.eq,
+            operator.ne,
+            operator.lt,
+            operator.le,
+            operator.gt,
+            operator.ge,
+            operator.neg,
+            torch.sym_int,
+            torch.sym_float,
+            torch.sym_max,
+            torch.sym_min,
+            torch.sym_not,
+        }
     return ops | {operator.getitem}
 
 
@@ -96,8 +197,10 @@ _ALLOWED_CALL_NAMES = {f"{fn.__module__}.{fn.__name__}" for fn in _ALLOWED_CALLS
 
 
 def _refuse(path: str, why: str) -> ModelError:
-    return ModelError(f"{path}: torch.export archive {why}; it is refused (a model file must be data, never code), "
-                      "re-export the model with torch.export.save from plain tensors")
+    return ModelError(
+        f"{path}: torch.export archive {why}; it is refused (a model file must be data, never code), "
+        "re-export the model with torch.export.save from plain tensors"
+    )
 
 
 # --------------------------------------------------------------------------- the program JSON
@@ -155,8 +258,9 @@ def _spec_ok(text: str) -> bool:
                 keys = json.loads(context)
             except (TypeError, ValueError):
                 return False
-            if keys is not None and not (isinstance(keys, list)
-                                         and all(isinstance(k, str) and _NAME.fullmatch(k) for k in keys)):
+            if keys is not None and not (
+                isinstance(keys, list) and all(isinstance(k, str) and _NAME.fullmatch(k) for k in keys)
+            ):
                 return False
         return all(walk(v) for v in node.get("children_spec", []))
 
@@ -185,8 +289,11 @@ def _check_program(node, path: str, key: str | None = None) -> None:
                 raise _refuse(path, f"calls {node[:80]!r}, which is not a registered torch operator")
         elif key == "expr_str":
             if not _expression_ok(node):
-                raise _refuse(path, f"holds the shape expression {node[:80]!r}, which is not a plain sympy "
-                                    "expression (sympy would evaluate it as Python)")
+                raise _refuse(
+                    path,
+                    f"holds the shape expression {node[:80]!r}, which is not a plain sympy "
+                    "expression (sympy would evaluate it as Python)",
+                )
         elif key in ("in_spec", "out_spec"):
             if not _spec_ok(node):
                 raise _refuse(path, f"holds an input/output structure ({key}) other than tuples, lists and dicts")
@@ -219,11 +326,16 @@ def _weights_only_globals() -> set[str]:
     """``module.name`` of every global ``torch.load(weights_only=True)`` accepts (tensor rebuilding, dtypes)."""
     try:
         from torch._weights_only_unpickler import _get_allowed_globals
+
         names = set(_get_allowed_globals())
     except ImportError:  # pragma: no cover
         names = set()
-    return names | {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "torch.FloatStorage",
-                    "collections.OrderedDict"}
+    return names | {
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch.FloatStorage",
+        "collections.OrderedDict",
+    }
 
 
 def _pickle_globals(data: bytes) -> list[str]:
@@ -238,8 +350,15 @@ def _pickle_globals(data: bytes) -> list[str]:
         if name == "GLOBAL":
             module, _, attr = str(arg).partition(" ")
             found.append(f"{'builtins' if module == '__builtin__' else module}.{attr}")
-        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
-                      "STRING"):
+        elif name in (
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "BINUNICODE8",
+            "UNICODE",
+            "SHORT_BINSTRING",
+            "BINSTRING",
+            "STRING",
+        ):
             strings.append(arg if isinstance(arg, str) else None)
         elif name == "MEMOIZE":
             memo[len(memo)] = strings[-1] if strings else None
@@ -271,7 +390,7 @@ def _torch_save_globals(data: bytes) -> list[str]:
             return ["?"]
 
 
-def _check_sample_inputs(archive: "_Archive") -> None:
+def _check_sample_inputs(archive: _Archive) -> None:
     """Refuse sample inputs whose pickle names more than tensor rebuilding (they are never loaded)."""
     data = archive.read(_SAMPLE_INPUTS, required=False)
     if not data:
@@ -279,8 +398,11 @@ def _check_sample_inputs(archive: "_Archive") -> None:
     allowed = _weights_only_globals()
     crafted = [g for g in _torch_save_globals(data) if g not in allowed]
     if crafted:
-        raise _refuse(archive.path, f"holds sample inputs whose pickle would import {crafted[0]} (only tensors "
-                                    "belong there: the archive was built to run code)")
+        raise _refuse(
+            archive.path,
+            f"holds sample inputs whose pickle would import {crafted[0]} (only tensors "
+            "belong there: the archive was built to run code)",
+        )
 
 
 def _tensor_meta(meta, path: str, fqn: str):
@@ -295,13 +417,18 @@ def _tensor_meta(meta, path: str, fqn: str):
 
     try:
         tm = _dict_to_dataclass(schema.TensorMeta, meta)
-        return (deserialize_scalar_type(tm.dtype), deserialize_size(tm.sizes), deserialize_stride(tm.strides),
-                deserialize_storage_offset(tm.storage_offset), bool(tm.requires_grad))
+        return (
+            deserialize_scalar_type(tm.dtype),
+            deserialize_size(tm.sizes),
+            deserialize_stride(tm.strides),
+            deserialize_storage_offset(tm.storage_offset),
+            bool(tm.requires_grad),
+        )
     except Exception as exc:  # noqa: BLE001 - a malformed record, whatever the type
         raise _refuse(path, f"describes tensor {fqn!r} badly ({type(exc).__name__})") from None
 
 
-def _raw_tensor(archive: "_Archive", record: str, fqn: str, meta) -> torch.Tensor:
+def _raw_tensor(archive: _Archive, record: str, fqn: str, meta) -> torch.Tensor:
     dtype, size, stride, offset, _ = _tensor_meta(meta, archive.path, fqn)
     data = archive.read(record)
     numel = 1
@@ -321,7 +448,7 @@ def _raw_tensor(archive: "_Archive", record: str, fqn: str, meta) -> torch.Tenso
         raise _refuse(archive.path, f"gives tensor {fqn!r} a shape its record does not hold") from None
 
 
-def _pickled_tensor(archive: "_Archive", record: str, fqn: str) -> torch.Tensor:
+def _pickled_tensor(archive: _Archive, record: str, fqn: str) -> torch.Tensor:
     """A tensor stored with ``use_pickle``: ``torch.load(weights_only=True)`` of a plain tensor, or nothing."""
     data = archive.read(record)
     crafted = [g for g in _torch_save_globals(data) if g not in _weights_only_globals()]
@@ -330,14 +457,15 @@ def _pickled_tensor(archive: "_Archive", record: str, fqn: str) -> torch.Tensor:
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError and many others on a crafted record
-        raise _refuse(archive.path, f"stores {fqn!r} as a pickle that weights-only loading refuses "
-                                    f"({type(exc).__name__})") from None
+        raise _refuse(
+            archive.path, f"stores {fqn!r} as a pickle that weights-only loading refuses ({type(exc).__name__})"
+        ) from None
     if type(value) not in (torch.Tensor, torch.nn.Parameter):
         raise _refuse(archive.path, f"stores {fqn!r} as a pickle of {type(value).__name__}, not a plain tensor")
     return value
 
 
-def _payload(archive: "_Archive", config_name: str, folder: str, prefix: str, what: str) -> dict:
+def _payload(archive: _Archive, config_name: str, folder: str, prefix: str, what: str) -> dict:
     """Weights or constants: ``{fqn: tensor}`` from the archive's config and records."""
     raw = archive.read(config_name, required=False)
     if raw is None:
@@ -354,8 +482,11 @@ def _payload(archive: "_Archive", config_name: str, folder: str, prefix: str, wh
             raise _refuse(archive.path, f"names a {what} {str(fqn)[:80]!r} that is not a plain name")
         record = entry.get("path_name")
         if not (isinstance(record, str) and re.fullmatch(re.escape(prefix) + r"\d+", record)):
-            raise _refuse(archive.path, f"stores {what} {fqn!r} as {str(record)[:60]!r} (a custom object or unknown "
-                                        "payload, which only a pickle could rebuild)")
+            raise _refuse(
+                archive.path,
+                f"stores {what} {fqn!r} as {str(record)[:60]!r} (a custom object or unknown "
+                "payload, which only a pickle could rebuild)",
+            )
         if entry.get("use_pickle"):
             tensor = _pickled_tensor(archive, folder + record, fqn)
         else:
@@ -382,7 +513,7 @@ class _Archive:
         if len(roots) != 1 or not all("/" in n for n in names):
             raise _refuse(path, "does not keep its records in one root folder")
         self.root = roots.pop() + "/"
-        self.names = {n[len(self.root):] for n in names}
+        self.names = {n[len(self.root) :] for n in names}
 
     def read(self, name: str, required: bool = True) -> bytes | None:
         if name not in self.names:
@@ -414,16 +545,23 @@ def _check_layout(archive: _Archive) -> None:
         raise _refuse(archive.path, "is not of the pt2 archive format")
     version = (archive.text("archive_version", required=False) or "").strip()
     if version != ARCHIVE_VERSION_VALUE:
-        raise ModelError(f"{archive.path}: torch.export archive version {version!r} is not the one this torch reads "
-                         f"({ARCHIVE_VERSION_VALUE}); re-export the model with this torch")
+        raise ModelError(
+            f"{archive.path}: torch.export archive version {version!r} is not the one this torch reads "
+            f"({ARCHIVE_VERSION_VALUE}); re-export the model with this torch"
+        )
     order = (archive.text("byteorder", required=False) or "little").strip()
     if order != sys.byteorder:
-        raise ModelError(f"{archive.path}: the archive's tensors are {order}-endian and this machine is "
-                         f"{sys.byteorder}-endian; export the model on this kind of machine")
+        raise ModelError(
+            f"{archive.path}: the archive's tensors are {order}-endian and this machine is "
+            f"{sys.byteorder}-endian; export the model on this kind of machine"
+        )
     models = sorted(n for n in archive.names if n.startswith("models/") and n.endswith(".json"))
     if models != [_MODEL]:
-        raise _refuse(archive.path, f"holds the programs {models or 'none'}; exactly one, models/model.json "
-                                    "(torch.export.save of one program), is read")
+        raise _refuse(
+            archive.path,
+            f"holds the programs {models or 'none'}; exactly one, models/model.json "
+            "(torch.export.save of one program), is read",
+        )
     legacy = [n for n in _LEGACY if n in archive.names]
     if legacy:
         raise _refuse(archive.path, f"stores its weights in the legacy pickle {legacy[0]}")
@@ -469,8 +607,11 @@ def load_exported_program(path: str, data: bytes | None = None) -> tuple[torch.e
         doc = _sanitized_program(doc, path)
         state_dict = _payload(archive, _WEIGHTS_CONFIG, "data/weights/", "weight_", "weight")
         constants = _payload(archive, _CONSTANTS_CONFIG, "data/constants/", "tensor_", "constant")
-        extra = {name[len(_EXTRA):]: archive.text(name) for name in sorted(archive.names)
-                 if name.startswith(_EXTRA) and not name.endswith("/")}
+        extra = {
+            name[len(_EXTRA) :]: archive.text(name)
+            for name in sorted(archive.names)
+            if name.startswith(_EXTRA) and not name.endswith("/")
+        }
     finally:
         archive.close()
     try:
@@ -492,6 +633,7 @@ def _check_calls(program, path: str) -> None:
         for node in getattr(graph, "nodes", ()):
             if node.op in ("call_module", "call_method"):
                 raise _refuse(path, f"calls {node.op} {str(node.target)[:60]!r}")
-            if node.op == "call_function" and not (isinstance(node.target, torch._ops.OpOverload)
-                                                   or node.target in _ALLOWED_CALLS):
+            if node.op == "call_function" and not (
+                isinstance(node.target, torch._ops.OpOverload) or node.target in _ALLOWED_CALLS
+            ):
                 raise _refuse(path, f"calls {str(node.target)[:80]!r}, which is not a registered torch operator")

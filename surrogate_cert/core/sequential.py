@@ -16,12 +16,14 @@ drawn samples, including those after ``stop_time``: on the event that the sequen
 time, ``p`` lies in each ``(L_t, U_t)``, so in their intersection, which is never looser than the
 bound at ``stop_time``. That is what is reported.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,8 +33,17 @@ from .certificate import Certificate, abstention
 from .errors import InvalidParameterError, check_count, check_probability
 from .smoothing import STREAM_SELECT, STREAM_SEQUENTIAL, SmoothedClassifier, check_images, noise_indices
 
-__all__ = ["EProcessCertifier", "GeometricSchedule", "DEFAULT_SCHEDULE", "POLICIES", "CLASS_CHOICES", "PRIORS",
-           "TRUNCATED_WEIGHT", "GIVE_UPS", "default_schedule"]
+__all__ = [
+    "EProcessCertifier",
+    "GeometricSchedule",
+    "DEFAULT_SCHEDULE",
+    "POLICIES",
+    "CLASS_CHOICES",
+    "PRIORS",
+    "TRUNCATED_WEIGHT",
+    "GIVE_UPS",
+    "default_schedule",
+]
 
 POLICIES = ("best_radius", "target_radius")
 CLASS_CHOICES = ("pilot", "per_class")
@@ -108,14 +119,16 @@ def _as_prior(prior):
     if isinstance(prior, str):
         name = prior.lower()
         if name not in PRIORS:
-            raise InvalidParameterError(f"prior must be one of {', '.join(PRIORS)} or a pair (a, b) of Beta "
-                                        f"parameters, got {prior!r}")
+            raise InvalidParameterError(
+                f"prior must be one of {', '.join(PRIORS)} or a pair (a, b) of Beta parameters, got {prior!r}"
+            )
         return name
     try:
         a, b = (float(v) for v in prior)
     except (TypeError, ValueError):
-        raise InvalidParameterError(f"prior must be one of {', '.join(PRIORS)} or a pair (a, b) of Beta "
-                                    f"parameters, got {prior!r}") from None
+        raise InvalidParameterError(
+            f"prior must be one of {', '.join(PRIORS)} or a pair (a, b) of Beta parameters, got {prior!r}"
+        ) from None
     if not (0 < a < np.inf and 0 < b < np.inf):
         raise InvalidParameterError(f"prior Beta(a, b) needs finite a > 0 and b > 0, got a={a}, b={b}")
     return a, b
@@ -127,7 +140,9 @@ def _per_input(name: str, value, num: int) -> np.ndarray:
     if arr.ndim == 0:
         return np.full(num, float(arr))
     if arr.shape != (num,):
-        raise InvalidParameterError(f"{name} must be a scalar or have one entry per input ({num}), got shape {arr.shape}")
+        raise InvalidParameterError(
+            f"{name} must be a scalar or have one entry per input ({num}), got shape {arr.shape}"
+        )
     return arr.copy()
 
 
@@ -167,14 +182,14 @@ def default_schedule(batch_size: int, first: int = 32) -> list[int]:
 class _State:
     """Running state of every input: counts, running intersection, decisions."""
 
-    successes: np.ndarray    # num x W
-    drawn: np.ndarray        # num
-    lower: np.ndarray        # num x W, L*
-    upper: np.ndarray        # num x W, U*
-    certified: np.ndarray    # num x W: the target test fired for this class
-    stop: np.ndarray         # num: sequential samples when the rule fired (-1: not yet)
+    successes: np.ndarray  # num x W
+    drawn: np.ndarray  # num
+    lower: np.ndarray  # num x W, L*
+    upper: np.ndarray  # num x W, U*
+    certified: np.ndarray  # num x W: the target test fired for this class
+    stop: np.ndarray  # num: sequential samples when the rule fired (-1: not yet)
     hopeless_failures: np.ndarray  # num: failures after which the target test cannot fire in the budget
-    slack: float = 0.0             # the noise scheme's radius slack (``stats.radius``): 0 for float noise
+    slack: float = 0.0  # the noise scheme's radius slack (``stats.radius``): 0 for float noise
 
 
 class EProcessCertifier:
@@ -280,7 +295,9 @@ class EProcessCertifier:
             raise InvalidParameterError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
         if policy == "target_radius" and target_radius is None:
-            raise InvalidParameterError("policy='target_radius' needs target_radius (input l2 units), e.g. target_radius=0.25")
+            raise InvalidParameterError(
+                "policy='target_radius' needs target_radius (input l2 units), e.g. target_radius=0.25"
+            )
         self.target_radius = None if target_radius is None else self._check_radius(float(target_radius))
         tolerance = float(tolerance)
         if not (0 <= tolerance < np.inf):
@@ -289,8 +306,9 @@ class EProcessCertifier:
         if price is not None:
             price = float(price)
             if not (0 <= price < np.inf):
-                raise InvalidParameterError(f"price must be a finite radius >= 0 (input l2 units) per 1,000 samples, "
-                                            f"got {price}")
+                raise InvalidParameterError(
+                    f"price must be a finite radius >= 0 (input l2 units) per 1,000 samples, got {price}"
+                )
         self.price = price
         self.max_samples = check_count("max_samples", max_samples)
         if class_choice not in CLASS_CHOICES:
@@ -301,7 +319,9 @@ class EProcessCertifier:
             schedule = DEFAULT_SCHEDULE
         if not isinstance(schedule, GeometricSchedule):
             if isinstance(schedule, (str, bytes)):
-                raise InvalidParameterError("schedule must be a GeometricSchedule or a list of batch sizes, e.g. [32, 64]")
+                raise InvalidParameterError(
+                    "schedule must be a GeometricSchedule or a list of batch sizes, e.g. [32, 64]"
+                )
             schedule = [check_count("schedule entry", s) for s in schedule]
             if not schedule:
                 raise InvalidParameterError("schedule must hold at least one batch size, e.g. [32, 64, 128]")
@@ -316,8 +336,9 @@ class EProcessCertifier:
         if radius_of_interest is not None:
             radius_of_interest = float(radius_of_interest)
             if not 0 < radius_of_interest < np.inf:
-                raise InvalidParameterError(f"radius_of_interest must be a finite radius > 0 (input l2 units), got "
-                                            f"{radius_of_interest}")
+                raise InvalidParameterError(
+                    f"radius_of_interest must be a finite radius > 0 (input l2 units), got {radius_of_interest}"
+                )
         self.radius_of_interest = radius_of_interest
 
     @staticmethod
@@ -333,19 +354,25 @@ class EProcessCertifier:
         if prior is None:
             return self._named_prior(num, threshold)
         if isinstance(prior, str) or len(prior) not in (2, 3, 5):
-            raise InvalidParameterError("prior must be a tuple (a, b[, weights[, support_lo, support_hi]]) of per-input "
-                                        "arrays, as stats.surrogate_prior or stats.truncated_prior returns")
+            raise InvalidParameterError(
+                "prior must be a tuple (a, b[, weights[, support_lo, support_hi]]) of per-input "
+                "arrays, as stats.surrogate_prior or stats.truncated_prior returns"
+            )
         a = np.asarray(prior[0], dtype=float)
         b = np.asarray(prior[1], dtype=float)
         w = np.ones_like(a) if len(prior) == 2 else np.asarray(prior[2], dtype=float)
-        lo, hi = (0.0, 1.0) if len(prior) < 5 else (np.asarray(prior[3], dtype=float), np.asarray(prior[4], dtype=float))
+        lo, hi = (
+            (0.0, 1.0) if len(prior) < 5 else (np.asarray(prior[3], dtype=float), np.asarray(prior[4], dtype=float))
+        )
         if a.ndim == 1:
             a, b, w = a[:, None], b[:, None], np.broadcast_to(w, a.shape)[:, None]
             lo, hi = (np.asarray(v, dtype=float)[:, None] if np.ndim(v) == 1 else v for v in (lo, hi))
         try:
             a, b, w, lo, hi = np.broadcast_arrays(a, b, w, lo, hi)
         except ValueError:
-            raise InvalidParameterError("prior a, b, weights and supports must have the same shape (inputs x components)") from None
+            raise InvalidParameterError(
+                "prior a, b, weights and supports must have the same shape (inputs x components)"
+            ) from None
         if a.ndim != 2 or a.shape[0] != num:
             raise InvalidParameterError(f"prior arrays must have one row per input ({num}), got shape {a.shape}")
         if np.any(~np.isfinite(a)) or np.any(a <= 0) or np.any(~np.isfinite(b)) or np.any(b <= 0):
@@ -457,6 +484,7 @@ class EProcessCertifier:
         return stats.confidence_sequence_ends(successes, drawn, log_marginal, alpha)
 
     # ------------------------------------------------------------------ certification
+    # long: the sequential test, read at once: checks, pilot, rounds and certificates share one state
     def certify(
         self,
         x: torch.Tensor,
@@ -532,8 +560,7 @@ class EProcessCertifier:
         sigma = self.smooth.sigma
         # the radius of the law the samples come from (sound scheme: stats.grid_radius); 0 for float noise
         slack = self.smooth.radius_slack(x.shape[1:])
-        threshold = np.where(np.isnan(target), np.nan,
-                             stats.p_threshold(np.nan_to_num(target), sigma, slack=slack))
+        threshold = np.where(np.isnan(target), np.nan, stats.p_threshold(np.nan_to_num(target), sigma, slack=slack))
         prior_arrays = self._prior_arrays(prior, num, threshold)
         if num == 0:
             return []
@@ -546,7 +573,9 @@ class EProcessCertifier:
         k = self.smooth.num_classes
         per_class = classes is None and self.class_choice == "per_class"
         if per_class and prior is not None:
-            raise InvalidParameterError("a per-input prior is for a chosen class: pass classes= or use class_choice='pilot'")
+            raise InvalidParameterError(
+                "a per-input prior is for a chosen class: pass classes= or use class_choice='pilot'"
+            )
 
         seconds = np.zeros(num)
         pilot = np.zeros(num, dtype=np.int64)
@@ -565,14 +594,20 @@ class EProcessCertifier:
         alpha_cs = alpha_arr / width
         give_up = (give_up, alpha_cs if self.give_up_alpha is None else np.full(num, self.give_up_alpha / width))
         budget = self.max_samples
-        state = _State(successes=np.zeros((num, width)), drawn=np.zeros(num, dtype=np.int64),
-                       lower=np.zeros((num, width)), upper=np.ones((num, width)),
-                       certified=np.zeros((num, width), dtype=bool), stop=np.full(num, -1, dtype=np.int64),
-                       hopeless_failures=self._hopeless_failures(threshold, alpha_cs, prior_arrays, budget),
-                       slack=slack)
+        state = _State(
+            successes=np.zeros((num, width)),
+            drawn=np.zeros(num, dtype=np.int64),
+            lower=np.zeros((num, width)),
+            upper=np.ones((num, width)),
+            certified=np.zeros((num, width), dtype=bool),
+            stop=np.full(num, -1, dtype=np.int64),
+            hopeless_failures=self._hopeless_failures(threshold, alpha_cs, prior_arrays, budget),
+            slack=slack,
+        )
         # Largest lower bound the budget can reach: where the best radius could grow to at most.
         cap = stats.confidence_sequence_ends(
-            budget, budget, self.log_marginal(np.full(num, float(budget)), float(budget), prior_arrays), alpha_cs)[0]
+            budget, budget, self.log_marginal(np.full(num, float(budget)), float(budget), prior_arrays), alpha_cs
+        )[0]
 
         # A target no budget-sized run can reach is given up before any sample is drawn.
         state.stop[state.hopeless_failures == 0] = 0
@@ -582,11 +617,25 @@ class EProcessCertifier:
             tick = time.perf_counter()
             act = np.flatnonzero(active)
             step = self._round_sizes(round_, act, state, threshold, alpha_cs, prior_arrays, chosen, budget)
-            preds = self.smooth.sample_predictions(x[act], step, indices=idx[act], stream=STREAM_SEQUENTIAL,
-                                                   start=state.drawn[act])
+            preds = self.smooth.sample_predictions(
+                x[act], step, indices=idx[act], stream=STREAM_SEQUENTIAL, start=state.drawn[act]
+            )
             for rows in _chunks(len(act), preds.shape[1] * width):
-                self._advance(act[rows], preds[rows], step[rows], state, chosen, per_class, threshold, alpha_cs,
-                              prior_arrays, cap, budget, give_up, baseline)
+                self._advance(
+                    act[rows],
+                    preds[rows],
+                    step[rows],
+                    state,
+                    chosen,
+                    per_class,
+                    threshold,
+                    alpha_cs,
+                    prior_arrays,
+                    cap,
+                    budget,
+                    give_up,
+                    baseline,
+                )
             active[act[state.stop[act] >= 0]] = False
             seconds[act] += (time.perf_counter() - tick) * step / max(step.sum(), 1)
             round_ += 1
@@ -594,8 +643,8 @@ class EProcessCertifier:
         # Where the target test fired, every q <= p0 is outside the sequence: L* >= p0 exactly, even
         # where the root of the lower end was rounded below it.
         lower = np.where(state.certified, np.maximum(state.lower, threshold[:, None]), state.lower)
-        if per_class:
-            chosen = lower.argmax(axis=1)
+        # Per class: the class whose lower end is highest; otherwise the class given or drawn from the pilot.
+        chosen = lower.argmax(axis=1) if per_class else cast(np.ndarray, chosen)
         p_lower = lower.max(axis=1)
         radii = np.atleast_1d(stats.radius(p_lower, sigma, slack=slack))
         n_samples = pilot + state.drawn
@@ -603,8 +652,17 @@ class EProcessCertifier:
         out = []
         for i in range(num):
             if radii[i] > 0:
-                out.append(Certificate(int(chosen[i]), float(radii[i]), "eprocess", int(n_samples[i]),
-                                       float(p_lower[i]), float(seconds[i]), stop_time=int(stop_time[i])))
+                out.append(
+                    Certificate(
+                        int(chosen[i]),
+                        float(radii[i]),
+                        "eprocess",
+                        int(n_samples[i]),
+                        float(p_lower[i]),
+                        float(seconds[i]),
+                        stop_time=int(stop_time[i]),
+                    )
+                )
             else:
                 out.append(abstention(int(n_samples[i]), float(p_lower[i]), float(seconds[i]), int(stop_time[i])))
         return out
@@ -647,7 +705,7 @@ class EProcessCertifier:
             m = self.log_marginal(budget - failures, float(budget), p_rows)
             return stats.threshold_test(budget - failures, budget, threshold[rows], alpha_cs[rows], m) == 1
 
-        lo = np.full(rows.size, -1, dtype=np.int64)          # fires with lo failures (-1: sentinel)
+        lo = np.full(rows.size, -1, dtype=np.int64)  # fires with lo failures (-1: sentinel)
         hi = np.full(rows.size, budget + 1, dtype=np.int64)  # does not fire with hi failures
         hi = np.where(fires(np.zeros(rows.size)), hi, 0)
         lo = np.where(hi == 0, -1, 0)
@@ -670,7 +728,7 @@ class EProcessCertifier:
         s = state.successes[rows].max(axis=1)
         t = state.drawn[rows].astype(float)
         p_rows = tuple(v[rows] for v in prior)
-        lo = np.zeros(len(rows), dtype=np.int64)          # fires at lo: no
+        lo = np.zeros(len(rows), dtype=np.int64)  # fires at lo: no
         hi = (budget - state.drawn[rows]).astype(np.int64)  # fires at hi, or the budget
         for _ in range(int(np.ceil(np.log2(max(budget, 2)))) + 1):
             mid = (lo + hi + 1) // 2
@@ -683,8 +741,22 @@ class EProcessCertifier:
             lo = np.where(open_ & ~fires, mid, lo)
         return np.maximum(hi, 1)
 
-    def _advance(self, rows, preds, step, state, chosen, per_class, threshold, alpha_cs, prior, cap, budget,
-                 give_up_prior=None, baseline=None):
+    def _advance(
+        self,
+        rows,
+        preds,
+        step,
+        state,
+        chosen,
+        per_class,
+        threshold,
+        alpha_cs,
+        prior,
+        cap,
+        budget,
+        give_up_prior=None,
+        baseline=None,
+    ):
         """Fold one round's per-sample outcomes of ``rows`` into the state; fire the stopping rule."""
         n_rows, width_b = preds.shape
         if per_class:
@@ -693,7 +765,7 @@ class EProcessCertifier:
             hits = (preds == chosen[rows][:, None])[:, :, None]
         valid = np.arange(width_b)[None, :] < step[:, None]
         hits &= valid[:, :, None]
-        s = state.successes[rows][:, None, :] + np.cumsum(hits, axis=1)         # rows x B x W
+        s = state.successes[rows][:, None, :] + np.cumsum(hits, axis=1)  # rows x B x W
         t = (state.drawn[rows][:, None] + np.minimum(np.arange(1, width_b + 1)[None, :], step[:, None])).astype(float)
         t3 = t[:, :, None]
         p3 = tuple(v[rows][:, None, None, :] for v in prior)
@@ -707,7 +779,7 @@ class EProcessCertifier:
 
         thr = threshold[rows]
         has_target = ~np.isnan(thr)
-        fire = t >= budget                                                        # the budget
+        fire = t >= budget  # the budget
         certified = np.zeros(s.shape, dtype=bool)
         if np.any(has_target):
             tr = np.flatnonzero(has_target)
@@ -732,8 +804,9 @@ class EProcessCertifier:
             gap = stats.radius(reach, self.smooth.sigma, slack=state.slack) - r_lower
             fire[br] |= gap <= self.tolerance
             if self.price is not None:
-                fire[br] |= ~self._worth_more(s[br], t3[br], np.maximum(lower[br], base[:, None, None]), a3[br],
-                                              tuple(v[br] for v in p3), budget)
+                fire[br] |= ~self._worth_more(
+                    s[br], t3[br], np.maximum(lower[br], base[:, None, None]), a3[br], tuple(v[br] for v in p3), budget
+                )
 
         fire &= valid
         fired = fire.any(axis=1)
@@ -774,9 +847,9 @@ class EProcessCertifier:
 
         Horizons are weighed shortest first, each only where no shorter one was worth it.
         """
-        shape = s.shape                                                   # rows x B x W
+        shape = s.shape  # rows x B x W
         t = np.broadcast_to(t, shape)
-        horizons = stats.priced_horizons(t.astype(np.int64), budget)     # rows x B x W x H
+        horizons = stats.priced_horizons(t.astype(np.int64), budget)  # rows x B x W x H
         row_of = np.broadcast_to(np.arange(shape[0])[:, None, None], shape).ravel()
         prior_rows = tuple(v.reshape(shape[0], -1) for v in prior)
         alpha_rows = alpha.reshape(-1)
@@ -797,7 +870,7 @@ class EProcessCertifier:
             # Radii above the radius of interest are worth nothing (no cap: _interest_p() is 1).
             lower_ahead = np.minimum(lower_ahead, self._interest_p())
             gain = stats.radius_gain(flat_lower[cells], lower_ahead, self.smooth.sigma)
-            worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], self.price)
+            worth[cells] = stats.priced_continue(gain[:, None], ahead[cells][:, None], cast(float, self.price))
         return worth.reshape(shape).any(axis=2)
 
 

@@ -19,17 +19,28 @@ The key is taken, in order, from an explicit ``key`` (bytes) or ``key_file``, el
 environment: ``SURROGATE_CERT_KEY_FILE`` (a file holding the key) or ``SURROGATE_CERT_KEY`` (the key
 itself). No key configured means no signing and no verification (the checksum still applies).
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import InvalidParameterError
 
-__all__ = ["ENV_KEY", "ENV_KEY_FILE", "MIN_KEY_BYTES", "resolve_key", "sign", "key_id", "verify", "check_signature",
-           "SIGNATURE_FIELD", "KEY_ID_FIELD"]
+__all__ = [
+    "ENV_KEY",
+    "ENV_KEY_FILE",
+    "MIN_KEY_BYTES",
+    "resolve_key",
+    "sign",
+    "key_id",
+    "verify",
+    "check_signature",
+    "SIGNATURE_FIELD",
+    "KEY_ID_FIELD",
+]
 
 ENV_KEY = "SURROGATE_CERT_KEY"
 """Environment variable holding the signing key itself (at least ``MIN_KEY_BYTES`` bytes)."""
@@ -40,14 +51,15 @@ ENV_KEY_FILE = "SURROGATE_CERT_KEY_FILE"
 MIN_KEY_BYTES = 16
 """Shortest key accepted: a 128-bit secret, e.g. ``python -c "import secrets; print(secrets.token_hex(32))"``."""
 
-_MAKE_KEY = "make one with: python -c \"import secrets; print(secrets.token_hex(32))\" > key.txt"
+_MAKE_KEY = 'make one with: python -c "import secrets; print(secrets.token_hex(32))" > key.txt'
 
 
 def _checked(key: bytes, source: str) -> bytes:
     key = key.strip()
     if len(key) < MIN_KEY_BYTES:
-        raise InvalidParameterError(f"the signing key from {source} has {len(key)} bytes, at least {MIN_KEY_BYTES} "
-                                    f"are needed; {_MAKE_KEY}")
+        raise InvalidParameterError(
+            f"the signing key from {source} has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed; {_MAKE_KEY}"
+        )
     return key
 
 
@@ -56,12 +68,14 @@ def _read_key_file(path: str | os.PathLike, source: str) -> bytes:
         with open(path, "rb") as fh:
             return _checked(fh.read(), f"{source} {os.fspath(path)}")
     except OSError as exc:
-        raise InvalidParameterError(f"cannot read the key file {os.fspath(path)} given by {source} "
-                                    f"({exc.strerror}); {_MAKE_KEY}") from None
+        raise InvalidParameterError(
+            f"cannot read the key file {os.fspath(path)} given by {source} ({exc.strerror}); {_MAKE_KEY}"
+        ) from None
 
 
-def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike | None = None,
-                environ: Mapping[str, str] | None = None) -> bytes | None:
+def resolve_key(
+    key: bytes | str | None = None, key_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None
+) -> bytes | None:
     """The signing key: ``key``, else the file ``key_file``, else the environment, else ``None``.
 
     Leading and trailing whitespace (a final newline) is stripped.
@@ -125,8 +139,17 @@ KEY_ID_FIELD = "signature_key_id"
 """Where an artifact names the key that signed it (``key_id``; part of the signed content)."""
 
 
-def check_signature(message: bytes, signature, signed_key_id, key: bytes, *, what: str, fix: str,
-                    error: type[Exception], required: bool = True) -> None:
+def check_signature(
+    message: bytes,
+    signature,
+    signed_key_id,
+    key: bytes,
+    *,
+    what: str,
+    fix: str,
+    error: type[Exception],
+    required: bool = True,
+) -> None:
     """Refuse an artifact whose signature does not verify under ``key`` (one wording for every artifact).
 
     Parameters
@@ -158,6 +181,9 @@ def check_signature(message: bytes, signature, signed_key_id, key: bytes, *, wha
             raise error(f"{what} is not signed but a signing key is configured; {fix}")
         return
     if not verify(message, signature, key):
-        why = (f"it was signed with another key (key id {signed_key_id}, yours is {key_id(key)})"
-               if signed_key_id and signed_key_id != key_id(key) else "it was altered after signing")
+        why = (
+            f"it was signed with another key (key id {signed_key_id}, yours is {key_id(key)})"
+            if signed_key_id and signed_key_id != key_id(key)
+            else "it was altered after signing"
+        )
         raise error(f"{what}: the signature does not verify under the configured key: {why}; {fix}")

@@ -39,6 +39,7 @@ model on ``(round(255 x) + j) / 255``: an integer sum rounded once, a function o
 alone. The law sampled is known exactly, and ``noise_slack`` / ``stats.grid_radius`` give the radius
 for it. Inputs must lie on the 1/255 grid (``off_grid``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,14 @@ import hashlib
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
 from . import stats
-from .errors import (InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed,
-                     check_sigma)
+from .errors import InvalidInputError, InvalidParameterError, ModelError, check_count, check_seed, check_sigma
 from .grid_noise import GRID_LEVELS, GridTable, grid_table
 from .philox import BLOCK_SAMPLES, check_keys, fill_keyed_normal
 
@@ -210,8 +211,9 @@ def block_keys(seed: int, index: int, stream: int, blocks: Sequence[int] | np.nd
     if blocks.size and (blocks.min() < 0 or blocks.max() >= (1 << _BLOCK_BITS)):
         raise InvalidParameterError(f"noise blocks must lie in [0, 2**{_BLOCK_BITS}) (2.7e11 samples per input)")
     h = _input_hash(seed, index)
-    words = (np.uint64(int(stream) << _BLOCK_BITS)
-             | (np.uint64(h) ^ blocks.astype(np.uint64)) & np.uint64((1 << _BLOCK_BITS) - 1))
+    words = np.uint64(int(stream) << _BLOCK_BITS) | (np.uint64(h) ^ blocks.astype(np.uint64)) & np.uint64(
+        (1 << _BLOCK_BITS) - 1
+    )
     return _fmix32(words)
 
 
@@ -235,8 +237,10 @@ def check_noise_scheme(scheme: str, *, allow_unseeded: bool = False) -> str:
     scheme = NOISE_ALIASES.get(scheme, scheme)
     known = NOISE_SCHEMES + ((NOISE_UNSEEDED,) if allow_unseeded else ())
     if scheme not in known:
-        raise InvalidParameterError(f"unknown noise scheme {scheme!r}; this version draws {', '.join(NOISE_SCHEMES)} "
-                                    f"(aliases: {', '.join(NOISE_ALIASES)})")
+        raise InvalidParameterError(
+            f"unknown noise scheme {scheme!r}; this version draws {', '.join(NOISE_SCHEMES)} "
+            f"(aliases: {', '.join(NOISE_ALIASES)})"
+        )
     return scheme
 
 
@@ -321,13 +325,17 @@ def _whole_per_input(name: str, value, num: int) -> np.ndarray:
     """One whole number >= 0 for all inputs, or one per input, as an int64 array of shape ``(num,)``."""
     try:
         arr = np.asarray(value)
-        whole = arr.dtype != object and (np.issubdtype(arr.dtype, np.integer) or (
-            np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr) & (arr == np.round(arr))))))
+        whole = arr.dtype != object and (
+            np.issubdtype(arr.dtype, np.integer)
+            or (np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr) & (arr == np.round(arr)))))
+        )
         arr = np.broadcast_to(arr, (num,))
     except (TypeError, ValueError):
         whole = False
     if not whole or (num and arr.min() < 0):
-        raise InvalidParameterError(f"{name} must be a whole number >= 0 (one value, or one per input), got {value!r:.80}")
+        raise InvalidParameterError(
+            f"{name} must be a whole number >= 0 (one value, or one per input), got {value!r:.80}"
+        )
     return arr.astype(np.int64)
 
 
@@ -379,8 +387,10 @@ def find_batch_size(fits: Callable[[int], bool], maximum: int, granularity: int 
     granularity = check_count("granularity", granularity)
     maximum = max(check_count("maximum", maximum) // granularity * granularity, granularity)
     if not fits(granularity):
-        raise ModelError(f"not even {granularity} noisy samples per forward pass fit in the device's memory; "
-                         "use a smaller model or a device with more memory")
+        raise ModelError(
+            f"not even {granularity} noisy samples per forward pass fit in the device's memory; "
+            "use a smaller model or a device with more memory"
+        )
     good, bad = granularity, None
     while good < maximum:
         trial = min(2 * good, maximum)
@@ -445,7 +455,10 @@ def _keyed_segments(start: np.ndarray, n: np.ndarray, capacity: int):
         keep = seg_hi > seg_lo  # inputs with n_i = 0 take no rows
         inputs, seg_lo, seg_hi = inputs[keep], seg_lo[keep], seg_hi[keep]
         yield inputs, start[inputs] + seg_lo - begins[inputs], seg_hi - seg_lo
+
+
 # --------------------------------------------------------------------------- the sound scheme (grid noise)
+
 
 def noise_family(scheme: str | None) -> str:
     """``"grid"`` for a sound scheme, ``"float"`` for the float-Gaussian ones (``None``: a file older than the
@@ -466,9 +479,11 @@ def check_same_noise(have: str | None, want: str | None, what: str, fix: str) ->
         What to do, for the message.
     """
     if noise_family(have) != noise_family(want):
-        raise InvalidInputError(f"{what} uses noise scheme {have or NOISE_SCHEME_V2 + ' (float)'} but "
-                                f"{want or NOISE_SCHEME_V2 + ' (float)'} is expected; certificates never mix the "
-                                f"float and the sound (grid) noise: {fix}")
+        raise InvalidInputError(
+            f"{what} uses noise scheme {have or NOISE_SCHEME_V2 + ' (float)'} but "
+            f"{want or NOISE_SCHEME_V2 + ' (float)'} is expected; certificates never mix the "
+            f"float and the sound (grid) noise: {fix}"
+        )
 
 
 def noise_slack(scheme: str | None, sigma: float, input_shape: Sequence[int] | int) -> float:
@@ -525,7 +540,8 @@ def grid_integers(x: torch.Tensor, off_grid: str = "refuse") -> torch.Tensor:
         raise InvalidInputError(
             f"the sound noise scheme needs pixels on the 1/255 grid (8-bit images read as v/255), but an image lies "
             f"{worst:.3g} (l2) off it; round the images first (x = round(255 x) / 255: quantise_to_grid), or pass "
-            "off_grid='quantise' to certify the rounded image (radius around x smaller by that distance)")
+            "off_grid='quantise' to certify the rounded image (radius around x smaller by that distance)"
+        )
     return levels
 
 
@@ -577,8 +593,9 @@ def _split_pairs(pairs: torch.Tensor) -> torch.Tensor:
     return torch.where(both >= 1 << 31, both - (1 << 32), both).to(torch.int32)
 
 
-def block_uniform_words(key: int, count: int, device: str | torch.device = "cpu", *, start: int = 0,
-                        stream: WordStream | None = None) -> torch.Tensor:
+def block_uniform_words(
+    key: int, count: int, device: str | torch.device = "cpu", *, start: int = 0, stream: WordStream | None = None
+) -> torch.Tensor:
     """Words ``start .. start + count - 1`` of noise block ``key``'s stream of fair 32-bit words.
 
     The one place the sound scheme draws randomness: an int32 tensor whose bit patterns are
@@ -641,8 +658,9 @@ class GridSampler:
         if self.dense:
             # torch has no uint16 indexing: the table is indexed by the digit's int16 value + 32768
             self.lut = torch.from_numpy(np.roll(self.first_digit, 1 << 15)).to(self.device)
-            self.thresholds = torch.tensor([t - (1 << 63) for t in table.scaled(64)], dtype=torch.int64,
-                                           device=self.device)
+            self.thresholds = torch.tensor(
+                [t - (1 << 63) for t in table.scaled(64)], dtype=torch.int64, device=self.device
+            )
 
     def draw(self, key: int, out: torch.Tensor, stream: WordStream) -> torch.Tensor:
         """Fill ``out`` (contiguous float32, an even number of elements) with block ``key``'s offsets."""
@@ -655,11 +673,20 @@ class GridSampler:
         flat[:] = offsets
         where = np.flatnonzero(offsets == _IMPURE)
         if where.size:
-            more = _digits(block_uniform_words(key, (3 * where.size + 1) // 2, self.device, start=count // 2,
-                                               stream=stream)).numpy().view(np.uint16)
-            rest = more[:3 * where.size].reshape(-1, 3).astype(np.uint64)
-            wide = ((digits[where].astype(np.uint64) << np.uint64(48)) | (rest[:, 0] << np.uint64(32))
-                    | (rest[:, 1] << np.uint64(16)) | rest[:, 2])
+            more = (
+                _digits(
+                    block_uniform_words(key, (3 * where.size + 1) // 2, self.device, start=count // 2, stream=stream)
+                )
+                .numpy()
+                .view(np.uint16)
+            )
+            rest = more[: 3 * where.size].reshape(-1, 3).astype(np.uint64)
+            wide = (
+                (digits[where].astype(np.uint64) << np.uint64(48))
+                | (rest[:, 0] << np.uint64(32))
+                | (rest[:, 1] << np.uint64(16))
+                | rest[:, 2]
+            )
             flat[where] = np.searchsorted(self.wide, wide, side="right") + self.table.first
         return out
 
@@ -671,7 +698,7 @@ class GridSampler:
         impure = offsets == _IMPURE
         more = _digits(block_uniform_words(key, (3 * count + 1) // 2, self.device, start=count // 2, stream=stream))
         rank = torch.cumsum(impure.to(torch.int64), 0).sub_(1).clamp_(min=0)
-        rest = more[:3 * count].view(-1, 3)[rank].to(torch.int64) & 0xFFFF
+        rest = more[: 3 * count].view(-1, 3)[rank].to(torch.int64) & 0xFFFF
         head = digits.to(torch.int64) & 0xFFFF
         signed = (head - (1 << 15)) * (1 << 48) + rest[:, 0] * (1 << 32) + rest[:, 1] * (1 << 16) + rest[:, 2]
         refined = torch.searchsorted(self.thresholds, signed, right=True) + self.table.first
@@ -768,8 +795,9 @@ class SmoothedClassifier:
             raise InvalidInputError(f"amp must be 'bf16' or None, got {amp!r}")
         self.amp = amp if amp == "bf16" else None
         model = model.to(self.device).eval()
-        self.channels_last = (self.device.type == "cuda" and _is_convolutional(model)) if channels_last is None \
-            else bool(channels_last)
+        self.channels_last = (
+            (self.device.type == "cuda" and _is_convolutional(model)) if channels_last is None else bool(channels_last)
+        )
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.compile = "inductor" if compile is True else (compile or None)
@@ -783,7 +811,7 @@ class SmoothedClassifier:
                 raise InvalidParameterError("batch_size='auto' needs input_shape (C, H, W) to probe the device")
             self.batch_size, self.batch_size_source = self._auto_batch_size()
         else:
-            self.batch_size = check_count("batch_size", batch_size)
+            self.batch_size = check_count("batch_size", cast(int, batch_size))  # other text is refused here
             self.batch_size_source = "given"
 
     # ------------------------------------------------------------------ forward
@@ -819,30 +847,51 @@ class SmoothedClassifier:
         Refuses (``ModelError``) the result of a call where the model returned NaN or infinite logits, or
         whose rows do not sum to the samples asked (``totals``): no certificate may come from them.
         """
-        wrong = (table.sum(dim=1) != torch.from_numpy(totals).to(table.device)).sum() if totals is not None \
+        wrong = (
+            (table.sum(dim=1) != torch.from_numpy(totals).to(table.device)).sum()
+            if totals is not None
             else torch.zeros_like(nonfinite)
+        )
         bad_rows, bad_sums = torch.stack([nonfinite, wrong]).tolist()
         if bad_rows:
-            raise ModelError(f"the base model returned NaN or infinite logits on {bad_rows} noisy samples (sigma="
-                             f"{self.sigma:g}); counts from them would certify class 0 by accident, so none are "
-                             "returned; fix the model (or lower sigma)")
+            raise ModelError(
+                f"the base model returned NaN or infinite logits on {bad_rows} noisy samples (sigma="
+                f"{self.sigma:g}); counts from them would certify class 0 by accident, so none are "
+                "returned; fix the model (or lower sigma)"
+            )
         if bad_sums:
-            raise ModelError(f"{bad_sums} inputs' counts do not sum to the samples drawn for them (the model's answers "
-                             "fell outside its classes or samples were lost); no counts are returned")
+            raise ModelError(
+                f"{bad_sums} inputs' counts do not sum to the samples drawn for them (the model's answers "
+                "fell outside its classes or samples were lost); no counts are returned"
+            )
         return table.cpu().numpy()
 
     # ------------------------------------------------------------------ batch size
     def _auto_batch_size(self) -> tuple[int, str]:
-        device_name = (f"{torch.cuda.get_device_name(self.device)} "
-                       f"{torch.cuda.get_device_properties(self.device).total_memory}"
-                       if self.device.type == "cuda" else self.device.type)
-        key = json.dumps([device_name, torch.__version__, self._fingerprint, list(self.input_shape),
-                          self.num_classes, self.amp, self.channels_last, self.compile], separators=(",", ":"))
+        input_shape = cast(tuple[int, ...], self.input_shape)  # __init__ refuses "auto" without one
+        device_name = (
+            f"{torch.cuda.get_device_name(self.device)} {torch.cuda.get_device_properties(self.device).total_memory}"
+            if self.device.type == "cuda"
+            else self.device.type
+        )
+        key = json.dumps(
+            [
+                device_name,
+                torch.__version__,
+                self._fingerprint,
+                list(input_shape),
+                self.num_classes,
+                self.amp,
+                self.channels_last,
+                self.compile,
+            ],
+            separators=(",", ":"),
+        )
         cache = os.path.join(_cache_folder(), "batch_size.json")
         cached = _read_batch_cache(cache).get(key)
         if isinstance(cached, int) and cached >= 1:
             return cached, "auto (recorded)"
-        probe = torch.zeros((1, *self.input_shape))
+        probe = torch.zeros((1, *input_shape))
 
         def fits(size: int) -> bool:
             self.batch_size = size
@@ -923,11 +972,23 @@ class SmoothedClassifier:
             first_block, end_block = first // NOISE_BLOCK, (last + NOISE_BLOCK - 1) // NOISE_BLOCK
             keys = self._block_keys(int(idx_arr[i]), stream, first_block, end_block)
             for j, block in enumerate(range(first_block, end_block)):
-                yield (i, block, None if keys is None else keys[j], max(first - block * NOISE_BLOCK, 0),
-                       min(last - block * NOISE_BLOCK, NOISE_BLOCK))
+                yield (
+                    i,
+                    block,
+                    None if keys is None else keys[j],
+                    max(first - block * NOISE_BLOCK, 0),
+                    min(last - block * NOISE_BLOCK, NOISE_BLOCK),
+                )
 
-    def _keyed_batches(self, noise: torch.Tensor, start_arr: np.ndarray, n_arr: np.ndarray, idx_arr: np.ndarray,
-                       stream: int, capacity: int):
+    def _keyed_batches(
+        self,
+        noise: torch.Tensor,
+        start_arr: np.ndarray,
+        n_arr: np.ndarray,
+        idx_arr: np.ndarray,
+        stream: int,
+        capacity: int,
+    ):
         """Scheme v3: fill ``noise`` with batches of at most ``capacity`` noisy-sample rows, inputs in order.
 
         Yields ``(rows, owners, samples)``: rows ``0 .. rows - 1`` of ``noise`` hold samples ``samples``
@@ -949,6 +1010,7 @@ class SmoothedClassifier:
             fill_keyed_normal(noise[:rows], self.seed, names[owners], stream, samples)
             yield rows, owners, samples
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @torch.inference_mode()
     def counts(
         self,
@@ -1044,12 +1106,12 @@ class SmoothedClassifier:
             take = hi - lo
             if key is not None:
                 if take == NOISE_BLOCK:
-                    self._block_noise(words, key, noise[filled:filled + take])
+                    self._block_noise(words, key, noise[filled : filled + take])
                 else:
                     if scratch is None:
                         scratch = torch.empty((NOISE_BLOCK, *shape), device=device)
                     self._block_noise(words, key, scratch)
-                    noise[filled:filled + take] = scratch[lo:hi]
+                    noise[filled : filled + take] = scratch[lo:hi]
             owner_ids.append(i)
             owner_takes.append(take)
             filled += take
@@ -1099,7 +1161,9 @@ class SmoothedClassifier:
         """
         n = check_count("n", n)
         if self.amp is None:
-            raise InvalidParameterError("amp_disagreement compares bf16 with float32: build the classifier with amp='bf16'")
+            raise InvalidParameterError(
+                "amp_disagreement compares bf16 with float32: build the classifier with amp='bf16'"
+            )
         with_amp = self.counts(x, n, indices=indices, stream=stream)
         saved, self.amp = self.amp, None
         try:
@@ -1109,6 +1173,7 @@ class SmoothedClassifier:
         return np.abs(with_amp - fp32).sum(axis=1) / (2.0 * n)
 
     # ------------------------------------------------------------------ per-sample outcomes
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @torch.inference_mode()
     def sample_predictions(
         self,
@@ -1196,10 +1261,10 @@ class SmoothedClassifier:
         for i, block, key, lo, hi in self._noise_blocks(start_arr, n_arr, idx_arr, stream):
             take = hi - lo
             self._block_noise(words, key, scratch)
-            noise[filled:filled + take] = scratch[lo:hi]
-            owners[filled:filled + take] = i
+            noise[filled : filled + take] = scratch[lo:hi]
+            owners[filled : filled + take] = i
             # column of sample (block * NOISE_BLOCK + lo) in row i: its offset from start_i
-            slots[filled:filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - int(start_arr[i]))
+            slots[filled : filled + take] = offsets[:take] + (i * width + block * NOISE_BLOCK + lo - int(start_arr[i]))
             filled += take
             if filled >= capacity:
                 flush(filled)

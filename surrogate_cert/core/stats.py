@@ -8,10 +8,11 @@ an error probability; ``sigma`` the noise level; every radius is in input l2 uni
 [0, 1]). Sections follow DESIGN.md: the fixed-sample (Cohen) bounds, the anytime-valid confidence
 sequence and its priors, and the split-conformal calibration of the surrogate radius.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats as _st
@@ -21,32 +22,78 @@ from .errors import InvalidParameterError, check_count, check_positive, check_pr
 
 __all__ = [
     # fixed sample
-    "clopper_pearson", "lower_confidence_bound", "radius", "p_threshold", "max_radius",
+    "clopper_pearson",
+    "lower_confidence_bound",
+    "radius",
+    "p_threshold",
+    "max_radius",
     # the sound (grid) noise scheme: radius of the distribution actually sampled
-    "grid_slack", "grid_radius", "grid_p_threshold",
-    "cohen_certify", "predict_test",
+    "grid_slack",
+    "grid_radius",
+    "grid_p_threshold",
+    "cohen_certify",
+    "predict_test",
     # anytime valid
-    "beta_mixture_log_marginal", "log_martingale", "confidence_sequence_ends", "beta_binomial_cs",
-    "threshold_test", "running_intersection", "cumulative_intersection", "truncated_prior", "RADIUS_PRIOR_EPS",
-    "radius_prior", "sample_floor",
+    "beta_mixture_log_marginal",
+    "log_martingale",
+    "confidence_sequence_ends",
+    "beta_binomial_cs",
+    "threshold_test",
+    "running_intersection",
+    "cumulative_intersection",
+    "truncated_prior",
+    "RADIUS_PRIOR_EPS",
+    "radius_prior",
+    "sample_floor",
     # the give-up side of the target test, and the hybrid's refinement of best radii (issue 21)
-    "GIVE_UP_B0", "give_up_prior", "give_up_test", "refine_gain", "shaped_scores", "shaped_radius",
-    "lookahead_counts", "radius_gain", "expected_radius_gain", "priced_horizons", "priced_continue", "check_prior_weight", "surrogate_prior",
+    "GIVE_UP_B0",
+    "give_up_prior",
+    "give_up_test",
+    "refine_gain",
+    "shaped_scores",
+    "shaped_radius",
+    "lookahead_counts",
+    "radius_gain",
+    "expected_radius_gain",
+    "priced_horizons",
+    "priced_continue",
+    "check_prior_weight",
+    "surrogate_prior",
     "prior_log_evidence",
     # split conformal
-    "P_CLIP", "surrogate_radius", "reference_radius", "conformity_scores", "calibrated_radius",
-    "probit_of_probability", "confidence_bin", "conformal_rank", "conformal_quantile", "pac_conformal_rank",
+    "P_CLIP",
+    "surrogate_radius",
+    "reference_radius",
+    "conformity_scores",
+    "calibrated_radius",
+    "probit_of_probability",
+    "confidence_bin",
+    "conformal_rank",
+    "conformal_quantile",
+    "pac_conformal_rank",
     "min_calibration_size",
     # watching a deployment: drift (conformal test martingale) and audit
-    "smoothed_p_value", "online_p_values", "drift_windows", "drift_bets", "fixed_share_update", "beta_binomial_log_martingale",
-    "cs_lower_exceeds", "audit_threshold",
+    "smoothed_p_value",
+    "online_p_values",
+    "drift_windows",
+    "drift_bets",
+    "fixed_share_update",
+    "beta_binomial_log_martingale",
+    "cs_lower_exceeds",
+    "audit_threshold",
     # one-pass scores beyond the pooled residual (issue 10)
-    "Z_MAX", "probit_confidence", "equal_mass_edges", "radius_grid", "threshold_scores", "grid_point_at_least",
-    "TOPUP_PRIOR", "topup_reference_radius", "topup_max_radius",
+    "Z_MAX",
+    "probit_confidence",
+    "equal_mass_edges",
+    "radius_grid",
+    "threshold_scores",
+    "grid_point_at_least",
+    "TOPUP_PRIOR",
+    "topup_reference_radius",
+    "topup_max_radius",
     # checking a bound
     "binomial_allowance",
 ]
-
 
 
 def _as_floats(value, name: str) -> np.ndarray:
@@ -80,7 +127,9 @@ def _check_counts(k, n, k_name: str = "k", n_name: str = "n"):
     try:
         bad_k = np.any(~np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0) or np.any(k > n)
     except ValueError:  # shapes that do not broadcast
-        raise InvalidParameterError(f"{k_name} and {n_name} must have matching shapes, got {k.shape} and {n.shape}") from None
+        raise InvalidParameterError(
+            f"{k_name} and {n_name} must have matching shapes, got {k.shape} and {n.shape}"
+        ) from None
     if bad_k:
         raise InvalidParameterError(f"{k_name} must be a whole number between 0 and {n_name}")
     return k, n
@@ -92,6 +141,7 @@ def _scalar_or_array(value):
 
 
 # --------------------------------------------------------------------------- fixed sample (Cohen)
+
 
 def clopper_pearson(k, n, alpha: float):
     """Two-sided Clopper-Pearson interval at level ``alpha`` for ``k`` successes in ``n`` trials.
@@ -212,8 +262,9 @@ def cohen_certify(counts_select, counts, alpha: float, sigma: float, *, slack: f
     counts_select = np.atleast_2d(_as_floats(counts_select, "counts_select"))
     counts = np.atleast_2d(_as_floats(counts, "counts"))
     if counts_select.ndim != 2 or counts_select.shape != counts.shape or not counts.shape[1]:
-        raise InvalidParameterError(f"selection and estimation counts must have the same shape, got "
-                                    f"{counts_select.shape} and {counts.shape}")
+        raise InvalidParameterError(
+            f"selection and estimation counts must have the same shape, got {counts_select.shape} and {counts.shape}"
+        )
     _check_counts(counts_select, counts_select.sum(axis=1, keepdims=True), "counts_select", "n0")
     _check_counts(counts, counts.sum(axis=1, keepdims=True), "counts", "n")
     top = counts_select.argmax(axis=1)
@@ -252,6 +303,7 @@ def predict_test(count_top: int, count_second: int, alpha: float) -> bool:
 # TV(pi^d, pi^d) <= d tv =: delta (coupling), so p_A >= p^_A - delta; Cohen's theorem for pi gives
 # p_A(x') >= Phi(Phi^{-1}(p^_A - delta) - |x' - x| / sigma); and p^_A(x') >= p_A(x') - delta > 1/2 while
 # |x' - x| < sigma (Phi^{-1}(p^_A - delta) - Phi^{-1}(1/2 + delta)). Any lower bound on p^_A may replace it.
+
 
 def grid_slack(tv_per_pixel: float, pixels: int) -> float:
     """``delta = min(1, pixels * tv)``: total variation between the sampled and the ideal law of a whole input.
@@ -330,6 +382,7 @@ def grid_p_threshold(target_radius, sigma: float, slack: float):
 # martingale with mean 1 when p = q, so Ville's inequality makes {q : M_t(q) < 1/alpha} a confidence
 # sequence. Priors change power (samples spent), never validity.
 
+
 def _log_mass(a, b, lo, hi):
     """``log P(lo <= Q <= hi)`` for ``Q ~ Beta(a, b)``, by the regularised incomplete beta.
 
@@ -341,9 +394,9 @@ def _log_mass(a, b, lo, hi):
     """
     a, b, lo, hi = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, lo, hi)))
     out = np.zeros(a.shape)
-    below = (lo <= 0) & (hi < 1)       # [0, hi]
-    above = (lo > 0) & (hi >= 1)       # [lo, 1]
-    inner = (lo > 0) & (hi < 1)        # [lo, hi]
+    below = (lo <= 0) & (hi < 1)  # [0, hi]
+    above = (lo > 0) & (hi >= 1)  # [lo, 1]
+    inner = (lo > 0) & (hi < 1)  # [lo, hi]
     with np.errstate(divide="ignore"):
         if np.any(below):
             out[below] = np.log(betainc(a[below], b[below], hi[below]))
@@ -351,8 +404,11 @@ def _log_mass(a, b, lo, hi):
             out[above] = np.log(betainc(b[above], a[above], 1.0 - lo[above]))
         if np.any(inner):
             ai, bi, li, hi_ = a[inner], b[inner], lo[inner], hi[inner]
-            mass = np.where(li >= 0.5, betainc(bi, ai, 1.0 - li) - betainc(bi, ai, 1.0 - hi_),
-                            betainc(ai, bi, hi_) - betainc(ai, bi, li))
+            mass = np.where(
+                li >= 0.5,
+                betainc(bi, ai, 1.0 - li) - betainc(bi, ai, 1.0 - hi_),
+                betainc(ai, bi, hi_) - betainc(ai, bi, li),
+            )
             out[inner] = np.log(np.maximum(mass, 0.0))
     return out
 
@@ -563,8 +619,7 @@ def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None, *, support_lo=0.0,
     """
     s, t = _check_counts(s, t, "s", "t")
     alpha = _check_alpha(alpha)
-    return confidence_sequence_ends(s, t, beta_mixture_log_marginal(s, t, a, b, weights, support_lo, support_hi),
-                                    alpha)
+    return confidence_sequence_ends(s, t, beta_mixture_log_marginal(s, t, a, b, weights, support_lo, support_hi), alpha)
 
 
 def threshold_test(s, t, p0, alpha, log_marginal):
@@ -706,8 +761,13 @@ def radius_prior(w: float = 0.5, eps_min: float = RADIUS_PRIOR_EPS, b0: float = 
         raise InvalidParameterError(f"radius prior KT weight w must lie in [0, 1), got {w}; e.g. w=0.5")
     if not 0.0 < float(eps_min) < 0.5 or not float(b0) > 0:
         raise InvalidParameterError("radius prior needs 0 < eps_min < 1/2 and b0 > 0")
-    return (np.array([0.5, 1.0]), np.array([0.5, float(b0)]), np.array([w, 1.0 - w]), np.array([0.0, 0.5]),
-            np.array([1.0, 1.0 - float(eps_min)]))
+    return (
+        np.array([0.5, 1.0]),
+        np.array([0.5, float(b0)]),
+        np.array([w, 1.0 - w]),
+        np.array([0.0, 0.5]),
+        np.array([1.0, 1.0 - float(eps_min)]),
+    )
 
 
 def sample_floor(alpha, target_radius, sigma: float):
@@ -839,8 +899,9 @@ def radius_gain(lower_now, lower_ahead, sigma: float):
     return _scalar_or_array(np.where(np.isnan(gain), 0.0, gain))
 
 
-def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5, b=0.5, weights=None,
-                         support_lo=0.0, support_hi=1.0):
+def expected_radius_gain(
+    s, t, lookahead, lower_now, alpha, sigma: float, a=0.5, b=0.5, weights=None, support_lo=0.0, support_hi=1.0
+):
     """Expected increase of the certified radius from ``lookahead`` more draws (certainty equivalent).
 
     The draws to come are replaced by their expected successes under the plug-in estimate
@@ -880,8 +941,9 @@ def expected_radius_gain(s, t, lookahead, lower_now, alpha, sigma: float, a=0.5,
     return radius_gain(lower_now, lower_ahead, sigma)
 
 
-def refine_gain(p_tilde, horizons, radius_now, alpha, sigma: float, a=0.5, b=0.5, weights=None, support_lo=0.0,
-                support_hi=1.0):
+def refine_gain(
+    p_tilde, horizons, radius_now, alpha, sigma: float, a=0.5, b=0.5, weights=None, support_lo=0.0, support_hi=1.0
+):
     """Radius ``h`` sequential samples are expected to add to ``radius_now``, before any is drawn.
 
     The certainty equivalent of the surrogate's prediction: ``h`` draws of which ``h p~`` succeed; ``L``
@@ -920,8 +982,11 @@ def refine_gain(p_tilde, horizons, radius_now, alpha, sigma: float, a=0.5, b=0.5
     h = np.broadcast_to(np.asarray(horizons, dtype=float), (p.size, np.shape(horizons)[-1])).astype(float)
     now = np.broadcast_to(_as_floats(radius_now, "radius_now").reshape(-1), p.shape)
     prior = [np.asarray(v, dtype=float) for v in (a, b)]
-    extra = [None if weights is None else np.asarray(weights, dtype=float),
-             np.asarray(support_lo, dtype=float), np.asarray(support_hi, dtype=float)]
+    extra = [
+        None if weights is None else np.asarray(weights, dtype=float),
+        np.asarray(support_lo, dtype=float),
+        np.asarray(support_hi, dtype=float),
+    ]
     if weights is not None:  # per-input mixtures: rows x components -> rows x 1 x components
         prior = [v[:, None, :] if v.ndim == 2 else v for v in prior]
         extra = [v[:, None, :] if v is not None and v.ndim == 2 else v for v in extra]
@@ -1039,8 +1104,9 @@ def prior_log_evidence(counts_top, n, p_tilde, kappa: float, w: float) -> float:
     a, b, weights = surrogate_prior(p_tilde, kappa, w)
     k, n_arr = _check_counts(counts_top, n, "counts_top", "n")
     if k.ndim != 1 or a.shape[0] != k.shape[0]:
-        raise InvalidParameterError(f"counts_top and p_tilde must have one entry per input, got {k.shape} and "
-                                    f"{np.shape(p_tilde)}")
+        raise InvalidParameterError(
+            f"counts_top and p_tilde must have one entry per input, got {k.shape} and {np.shape(p_tilde)}"
+        )
     k = k[:, None]
     logpmf = _st.betabinom.logpmf(k, np.asarray(n)[..., None] if np.ndim(n) else n, a, b)
     return float(np.sum(logsumexp(logpmf + np.log(weights), axis=1)))
@@ -1083,8 +1149,9 @@ def reference_radius(counts_top, n_cal, alpha_mc: float, sigma: float, *, slack:
     >>> round(float(reference_radius(990, 1000, 0.001, 0.25)), 3)
     0.495
     """
-    return _scalar_or_array(np.asarray(radius(lower_confidence_bound(counts_top, n_cal, alpha_mc), sigma,
-                                              slack=slack), dtype=float))
+    return _scalar_or_array(
+        np.asarray(radius(lower_confidence_bound(counts_top, n_cal, alpha_mc), sigma, slack=slack), dtype=float)
+    )
 
 
 def conformity_scores(radius_surrogate, reference):
@@ -1109,8 +1176,9 @@ def calibrated_radius(p_tilde, sigma: float, radius_cap: float, offset):
     >>> round(float(calibrated_radius(0.99, 0.25, 0.8, 0.1)), 4)
     0.4816
     """
-    return _scalar_or_array(np.asarray(surrogate_radius(p_tilde, sigma, radius_cap), dtype=float)
-                            - np.asarray(offset, dtype=float))
+    return _scalar_or_array(
+        np.asarray(surrogate_radius(p_tilde, sigma, radius_cap), dtype=float) - np.asarray(offset, dtype=float)
+    )
 
 
 def probit_of_probability(p_tilde):
@@ -1225,6 +1293,7 @@ def min_calibration_size(epsilon: float, delta: float | None = None) -> int:
 
 # --------------------------------------------------------------------------- watching a deployment
 
+
 def smoothed_p_value(n_greater, n_equal, n_past, u):
     """Smoothed conformal p-value ``(n_greater + u (n_equal + 1)) / (n_past + 1)`` of a new observation.
 
@@ -1244,7 +1313,9 @@ def smoothed_p_value(n_greater, n_equal, n_past, u):
     """
     n_greater = np.asarray(n_greater, dtype=float)
     n_equal = np.asarray(n_equal, dtype=float)
-    return _scalar_or_array((n_greater + np.asarray(u, dtype=float) * (n_equal + 1)) / (np.asarray(n_past, dtype=float) + 1))
+    return _scalar_or_array(
+        (n_greater + np.asarray(u, dtype=float) * (n_equal + 1)) / (np.asarray(n_past, dtype=float) + 1)
+    )
 
 
 _PAIRWISE_ROWS = 512  # rows of the within-batch comparison block: memory ~ rows x batch booleans
@@ -1287,7 +1358,7 @@ def online_p_values(past_sorted, scores, u):
     equal = (right - np.searchsorted(past, s, side="left")).astype(float)
     for lo in range(0, b, _PAIRWISE_ROWS):
         hi = min(lo + _PAIRWISE_ROWS, b)
-        earlier = np.arange(hi)[None, :] < np.arange(lo, hi)[:, None]   # column i came before row j
+        earlier = np.arange(hi)[None, :] < np.arange(lo, hi)[:, None]  # column i came before row j
         greater[lo:hi] += np.sum((s[None, :hi] > s[lo:hi, None]) & earlier, axis=1)
         equal[lo:hi] += np.sum((s[None, :hi] == s[lo:hi, None]) & earlier, axis=1)
     return np.asarray(smoothed_p_value(greater, equal, len(past) + np.arange(b), u), dtype=float).reshape(-1)
@@ -1304,7 +1375,7 @@ DRIFT_DEFICIT = 0.8
 
 
 def drift_windows(num_bins: int) -> np.ndarray:
-    """The windows of the class p-value that ``drift_bets`` bets on: widths ``1 / B`` and ``1 / (2B)``, every half width.
+    """The windows of the class p-value that ``drift_bets`` bets on: widths ``1 / B``, ``1 / (2B)``, every half width.
 
     A class's band of the class p-value is about ``1 / K`` wide where it starts, at a place that
     depends on the class frequencies, and narrows as the stream grows once that class stops coming;
@@ -1314,7 +1385,8 @@ def drift_windows(num_bins: int) -> np.ndarray:
     Examples
     --------
     >>> drift_windows(2).tolist()
-    [[0.0, 0.5], [0.25, 0.75], [0.5, 1.0], [0.0, 0.25], [0.125, 0.375], [0.25, 0.5], [0.375, 0.625], [0.5, 0.75], [0.625, 0.875], [0.75, 1.0]]
+    [[0.0, 0.5], [0.25, 0.75], [0.5, 1.0],
+     [0.0, 0.25], [0.125, 0.375], [0.25, 0.5], [0.375, 0.625], [0.5, 0.75], [0.625, 0.875], [0.75, 1.0]]
     """
     num_bins = int(num_bins)
     if num_bins < 2:
@@ -1385,8 +1457,10 @@ def drift_bets(q, r, num_bins: int, log: bool = False) -> np.ndarray:
     return out if log else np.exp(out)
 
 
-def fixed_share_update(log_densities, log_weights, prior, jump: float | Callable[[int], float],
-                       start: int = 0, mix_every: int = 1):
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def fixed_share_update(
+    log_densities, log_weights, prior, jump: float | Callable[[int], float], start: int = 0, mix_every: int = 1
+):
     """Log wealth of a fixed-share mixture of betting experts (a "jumper" test martingale), over a batch.
 
     Wealth is spread over experts with weights ``w`` (summing to 1). Before query ``n`` (counted
@@ -1496,8 +1570,12 @@ def beta_binomial_log_martingale(s, t, q, a=0.5, b=0.5):
     a, b, *_ = _validate_prior(a, b, None)
     q = np.asarray(q, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = (betaln(a + s, b + t - s) - betaln(a, b) - np.where(s > 0, s * np.log(q), 0.0)
-               - np.where(t - s > 0, (t - s) * np.log1p(-q), 0.0))
+        out = (
+            betaln(a + s, b + t - s)
+            - betaln(a, b)
+            - np.where(s > 0, s * np.log(q), 0.0)
+            - np.where(t - s > 0, (t - s) * np.log1p(-q), 0.0)
+        )
     return _scalar_or_array(out)
 
 
@@ -1549,6 +1627,8 @@ def audit_threshold(m: int, rank: int, delta: float) -> float:
     if rank > m:
         return 0.0
     return float(_st.beta.ppf(1.0 - delta, m + 1 - rank, rank))
+
+
 # --------------------------------------------------------------------------- one-pass: probit scale, thresholds, top-up
 
 Z_MAX = 37.5
@@ -1655,9 +1735,10 @@ def threshold_scores(z, reference, target_radius: float):
 
 
 def _shape_table(shape) -> np.ndarray:
-    """A shape (one threshold per grid radius, None / nan = never) as floats with ``+inf``, then ``+inf`` past the grid."""
-    return np.array([np.inf if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in shape]
-                    + [np.inf])
+    """A shape (one threshold per grid radius, None / nan = never) as floats, ``+inf`` for never and past the grid."""
+    return np.array(
+        [np.inf if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in shape] + [np.inf]
+    )
 
 
 def shaped_scores(z, reference, grid, shape):
@@ -1703,8 +1784,9 @@ TOPUP_PRIOR = ((0.5, 1.0), (0.5, 0.01), (0.5, 0.5))
 fixed in advance (the second component puts its mass near ``p = 1``, where topped-up points lie)."""
 
 
-def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float, sigma: float,
-                           prior=TOPUP_PRIOR, *, slack: float = 0.0):
+def topup_reference_radius(
+    k_first, n_first, successes, samples, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR, *, slack: float = 0.0
+):
     """Reference radius of a calibration point whose samples were topped up by a data-dependent rule.
 
     ``y = radius(max(CP_{alpha_mc/2}(k_first, n_first), CS_{alpha_mc/2}(successes, samples)))``: the
@@ -1730,21 +1812,25 @@ def topup_reference_radius(k_first, n_first, successes, samples, alpha_mc: float
     return _scalar_or_array(np.asarray(radius(np.maximum(cp, cs), sigma, slack=slack), dtype=float))
 
 
-def topup_max_radius(n_first: int, max_samples: int, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR, *,
-                     slack: float = 0.0) -> float:
+def topup_max_radius(
+    n_first: int, max_samples: int, alpha_mc: float, sigma: float, prior=TOPUP_PRIOR, *, slack: float = 0.0
+) -> float:
     """The radius cap of a topped-up calibration: ``topup_reference_radius`` of a point whose
     ``max_samples`` samples (the planned maximum, fixed before calibration) all agree.
 
     Examples
     --------
-    >>> round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3), round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3)
+    >>> (round(topup_max_radius(10_000, 10_000, 0.001, 0.25), 3),
+    ...  round(topup_max_radius(10_000, 100_000, 0.001, 0.25), 3))
     (0.793, 0.941)
     """
-    return float(topup_reference_radius(n_first, n_first, max_samples, max_samples, alpha_mc, sigma, prior,
-                                        slack=slack))
+    return float(
+        topup_reference_radius(n_first, n_first, max_samples, max_samples, alpha_mc, sigma, prior, slack=slack)
+    )
 
 
 # --------------------------------------------------------------------------- checking a bound
+
 
 def binomial_allowance(num: int, rate: float, level: float = 0.999) -> int:
     """Most wrong certificates out of ``num`` that a procedure wrong w.p. ``<= rate`` explains.
@@ -1758,8 +1844,8 @@ def binomial_allowance(num: int, rate: float, level: float = 0.999) -> int:
     (5, 22)
     """
     num = check_count("num", num, minimum=0)
-    rate = _as_floats(rate, "rate")
-    if rate.ndim or not 0.0 <= float(rate) <= 1.0:
-        raise InvalidParameterError(f"rate must be a probability in [0, 1], got {rate}")
+    rates = _as_floats(rate, "rate")
+    if rates.ndim or not 0.0 <= float(rates) <= 1.0:
+        raise InvalidParameterError(f"rate must be a probability in [0, 1], got {rates}")
     level = check_probability("level", level)
-    return int(_st.binom.ppf(level, num, float(rate))) if num else 0
+    return int(_st.binom.ppf(level, num, float(rates))) if num else 0

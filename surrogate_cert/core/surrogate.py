@@ -12,6 +12,7 @@ likelihood of the held-out train counts of the surrogate's class (``stats.prior_
 Training from a counts file (images read from the dataset the file names) is a workflow:
 ``surrogate_cert.workflows.training.train_surrogate``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,10 @@ DEFAULT_W = 0.2
 
 # --------------------------------------------------------------------------- prior tuning (numbers only)
 
-def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
-               weights: Sequence[float] = W_GRID) -> tuple[float, float, list[dict]]:
+
+def tune_prior(
+    counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID, weights: Sequence[float] = W_GRID
+) -> tuple[float, float, list[dict]]:
     """``(kappa, w, table)`` maximising ``stats.prior_log_evidence`` over the grid (train-split counts only).
 
     The prior must be fixed before any sequential sample of a deployment input is drawn, so tune it
@@ -82,8 +85,11 @@ def tune_prior(counts_top, n, p_tilde, kappas: Sequence[float] = KAPPA_GRID,
     InvalidParameterError
         If a grid value is out of range or ``p_tilde`` is not finite (counts are not checked).
     """
-    table = [dict(kappa=float(kappa), w=float(w), log_evidence=prior_log_evidence(counts_top, n, p_tilde, kappa, w))
-             for kappa in kappas for w in weights]
+    table = [
+        dict(kappa=float(kappa), w=float(w), log_evidence=prior_log_evidence(counts_top, n, p_tilde, kappa, w))
+        for kappa in kappas
+        for w in weights
+    ]
     best = max(table, key=lambda row: row["log_evidence"])
     return best["kappa"], best["w"], table
 
@@ -188,8 +194,9 @@ def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architec
     try:
         source_state = source.state_dict()
     except Exception as exc:  # a scripted or exported module of any kind: say what failed, in one line
-        raise ModelError(f"--init-from-base: cannot read the base model's weights ({type(exc).__name__}); "
-                         "drop --init-from-base") from None
+        raise ModelError(
+            f"--init-from-base: cannot read the base model's weights ({type(exc).__name__}); drop --init-from-base"
+        ) from None
     target_state = target.state_dict()
     source_shapes = [(k, tuple(v.shape)) for k, v in source_state.items()]
     target_shapes = [(k, tuple(v.shape)) for k, v in target_state.items()]
@@ -198,7 +205,7 @@ def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architec
         return "by name"
     if [s for _, s in source_shapes] == [s for _, s in target_shapes]:
         with torch.no_grad():
-            for (name, tensor), value in zip(target_state.items(), source_state.values()):
+            for tensor, value in zip(target_state.values(), source_state.values()):
                 tensor.copy_(value.to(tensor.dtype))
         return "in order"
     for i, ((t_name, t_shape), (s_name, s_shape)) in enumerate(zip(target_shapes, source_shapes)):
@@ -207,12 +214,15 @@ def copy_weights(target: nn.Module, source: nn.Module, arch: str = "the architec
             break
     else:
         where = f"the base model has {len(source_shapes)} tensors, {arch} has {len(target_shapes)}"
-    raise ModelError(f"--init-from-base: the base model's weights do not fit architecture {arch} ({where}); "
-                     "choose the --arch of the base model's layout (e.g. --arch mlp for a 784-512-256-10 MLP), "
-                     "or drop --init-from-base")
+    raise ModelError(
+        f"--init-from-base: the base model's weights do not fit architecture {arch} ({where}); "
+        "choose the --arch of the base model's layout (e.g. --arch mlp for a 784-512-256-10 MLP), "
+        "or drop --init-from-base"
+    )
 
 
 # --------------------------------------------------------------------------- the model wrapper
+
 
 class Surrogate:
     """A trained surrogate network with what it was trained for (sigma, classes, input shape).
@@ -346,8 +356,15 @@ class Surrogate:
             if network is None:
                 raise ModelError(f"architecture {arch} is a user's network: give its serialized program")
             model = load_program(arch, network)
-            surrogate = cls(model, arch=arch, input_shape=input_shape, num_classes=num_classes, sigma=sigma,
-                            device=device, network=network)
+            surrogate = cls(
+                model,
+                arch=arch,
+                input_shape=input_shape,
+                num_classes=num_classes,
+                sigma=sigma,
+                device=device,
+                network=network,
+            )
             surrogate.init_mapping_ = "the base model itself"
             return surrogate
         with torch.random.fork_rng(devices=[]):
@@ -395,8 +412,10 @@ class Surrogate:
             if not num:
                 return torch.empty((0, self.num_classes), dtype=torch.float64)
             return self.model(x.to(self.device, dtype=torch.float32)).double().cpu()
-        out = [self.model(x[lo:lo + self.batch_size].to(self.device, dtype=torch.float32)).double().cpu()
-               for lo in range(0, num, self.batch_size)]
+        out = [
+            self.model(x[lo : lo + self.batch_size].to(self.device, dtype=torch.float32)).double().cpu()
+            for lo in range(0, num, self.batch_size)
+        ]
         return torch.cat(out)
 
     def predict_proba(self, x: torch.Tensor, *, validate: bool = True) -> np.ndarray:
@@ -553,8 +572,7 @@ class Surrogate:
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         self.holdout_rows_, self.train_rows_ = self._holdout_split(num, holdout, gen)
         target = torch.from_numpy(counts / totals).float()
-        self._train(x, target, gen, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                    progress=progress)
+        self._train(x, target, gen, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, progress=progress)
         self.model.eval()
         return self
 
@@ -562,9 +580,7 @@ class Surrogate:
         """``counts`` as an array and its row totals; InvalidInputError unless ``num x K``, >= 0, no empty row."""
         counts = np.asarray(counts)
         if counts.ndim != 2 or counts.shape != (num, self.num_classes):
-            raise InvalidInputError(
-                f"counts must be N x K = {num} x {self.num_classes}, got shape {counts.shape}"
-            )
+            raise InvalidInputError(f"counts must be N x K = {num} x {self.num_classes}, got shape {counts.shape}")
         if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
             raise InvalidInputError(f"counts must be numbers, got dtype {counts.dtype}")
         totals = counts.sum(axis=1, keepdims=True)
@@ -580,8 +596,18 @@ class Surrogate:
         n_hold = min(max(n_hold, 1 if holdout > 0 and num >= 10 else 0), num - 1)
         return np.sort(order[:n_hold]), np.sort(order[n_hold:])
 
-    def _train(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, epochs: int, batch_size: int,
-               lr: float, patience: int, progress: bool) -> None:
+    def _train(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        gen: torch.Generator,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        patience: int,
+        progress: bool,
+    ) -> None:
         """AdamW epochs on ``train_rows_``, early-stopped on ``holdout_rows_``: sets ``history_`` and
         ``best_epoch_`` and leaves the best held-out weights (the last ones without a holdout) in the model."""
         model = self.model
@@ -592,13 +618,18 @@ class Surrogate:
         best_loss, best_state, self.best_epoch_, stale = math.inf, None, 0, 0
         bar = tqdm(range(epochs), desc="train surrogate", unit="epoch", disable=not progress)
         for epoch in bar:
-            record = dict(epoch=epoch + 1, train_loss=self._train_epoch(optimizer, x, target, train_rows, gen,
-                                                                        batch_size))
+            record = dict(
+                epoch=epoch + 1, train_loss=self._train_epoch(optimizer, x, target, train_rows, gen, batch_size)
+            )
             if n_hold:
                 record["holdout_loss"] = self._soft_ce(x[self.holdout_rows_], target[self.holdout_rows_])
                 if record["holdout_loss"] < best_loss - 1e-6:
                     best_loss, best_state, self.best_epoch_, stale = (
-                        record["holdout_loss"], copy.deepcopy(model.state_dict()), epoch + 1, 0)
+                        record["holdout_loss"],
+                        copy.deepcopy(model.state_dict()),
+                        epoch + 1,
+                        0,
+                    )
                 else:
                     stale += 1
             self.history_.append(record)
@@ -610,15 +641,22 @@ class Surrogate:
         else:
             self.best_epoch_ = len(self.history_)
 
-    def _train_epoch(self, optimizer, x: torch.Tensor, target: torch.Tensor, train_rows: torch.Tensor,
-                     gen: torch.Generator, batch_size: int) -> float:
+    def _train_epoch(
+        self,
+        optimizer,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        train_rows: torch.Tensor,
+        gen: torch.Generator,
+        batch_size: int,
+    ) -> float:
         """One pass over ``train_rows`` in a seeded random order; returns the mean training loss."""
         model = self.model
         model.train()
         total = 0.0
         perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
         for lo in range(0, len(perm), batch_size):
-            rows = perm[lo:lo + batch_size]
+            rows = perm[lo : lo + batch_size]
             logits = model(x[rows].to(self.device))
             # Soft-label cross-entropy: torch's cross_entropy with class-probability targets.
             loss = nn.functional.cross_entropy(logits, target[rows].to(self.device))
@@ -678,8 +716,14 @@ class Surrogate:
     # ------------------------------------------------------------------ identity and files
     def header(self) -> dict:
         """The metadata a calibration depends on (plain values; a carried network by its SHA-256)."""
-        header = dict(arch=self.arch, input_shape=list(self.input_shape), num_classes=self.num_classes,
-                      sigma=self.sigma, kappa=self.kappa, w=self.w)
+        header = dict(
+            arch=self.arch,
+            input_shape=list(self.input_shape),
+            num_classes=self.num_classes,
+            sigma=self.sigma,
+            kappa=self.kappa,
+            w=self.w,
+        )
         if self.network is not None:
             header["network_sha256"] = hashlib.sha256(self.network).hexdigest()
         return header
@@ -696,8 +740,10 @@ class Surrogate:
             Hex digest (``weights_digest`` of the sorted-key JSON of ``header()`` and the state dict).
         """
         state = self.model.state_dict()
-        key = (json.dumps(self.header(), sort_keys=True),
-               tuple((name, t.data_ptr(), t._version) for name, t in state.items()))
+        key = (
+            json.dumps(self.header(), sort_keys=True),
+            tuple((name, t.data_ptr(), t._version) for name, t in state.items()),
+        )
         if getattr(self, "_fingerprint_key", None) != key:
             self._fingerprint, self._fingerprint_key = weights_digest(key[0], state), key
         return self._fingerprint
@@ -728,17 +774,33 @@ class Surrogate:
         ModelError
             If the file cannot be written.
         """
-        meta = {**self.meta, "sigma": self.sigma, "kappa": self.kappa, "w": self.w,
-                "package_version": __version__, "fingerprint": self.fingerprint()}
-        save_checkpoint(path, self.model, arch=self.arch, input_shape=self.input_shape,
-                        num_classes=self.num_classes, kind="surrogate", meta=meta, overwrite=overwrite, key=key,
-                        network=self.network)
+        meta = {
+            **self.meta,
+            "sigma": self.sigma,
+            "kappa": self.kappa,
+            "w": self.w,
+            "package_version": __version__,
+            "fingerprint": self.fingerprint(),
+        }
+        save_checkpoint(
+            path,
+            self.model,
+            arch=self.arch,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            kind="surrogate",
+            meta=meta,
+            overwrite=overwrite,
+            key=key,
+            network=self.network,
+        )
         self.file_sha256 = sha256_file(path)
         return os.fspath(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-             key: bytes | str | None = None) -> Surrogate:
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, *, key: bytes | str | None = None
+    ) -> Surrogate:
         """Load a surrogate checkpoint (``weights_only=True``); ModelError if it is not a surrogate.
 
         Besides the checkpoint's own checks (``load_checkpoint``: checksum, finite weights, with a key its
@@ -778,12 +840,23 @@ class Surrogate:
                 raise ModelError(f"{path} lacks {name} in its metadata; retrain it with `surrogate-cert train`")
         problems = meta_problems(meta)
         if problems:
-            raise ModelError(f"{path}: the surrogate's record contradicts itself ({'; '.join(problems)}): it was "
-                             "edited; retrain it with `surrogate-cert train`")
+            raise ModelError(
+                f"{path}: the surrogate's record contradicts itself ({'; '.join(problems)}): it was "
+                "edited; retrain it with `surrogate-cert train`"
+            )
         try:
-            surrogate = cls(model, arch=header["arch"], input_shape=header["input_shape"],
-                            num_classes=header["num_classes"], sigma=meta["sigma"], kappa=meta["kappa"],
-                            w=meta["w"], meta=meta, device=device, network=header.get("network"))
+            surrogate = cls(
+                model,
+                arch=header["arch"],
+                input_shape=header["input_shape"],
+                num_classes=header["num_classes"],
+                sigma=meta["sigma"],
+                kappa=meta["kappa"],
+                w=meta["w"],
+                meta=meta,
+                device=device,
+                network=header.get("network"),
+            )
         except InvalidParameterError as exc:
             raise ModelError(f"{path}: {exc}; the file is damaged, retrain it") from None
         surrogate.file_sha256 = sha256_file(path)

@@ -15,12 +15,14 @@ exchangeable with the calibration images): from the query that raised it on, eve
 the sequential certifier, valid without exchangeability (route ``drift_alarm`` / ``audit_alarm``;
 an abstention when there is no fallback), until ``recalibrate`` resets them.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -45,8 +47,17 @@ from ..core.smoothing import (
 from ..core.surrogate import Surrogate
 from .monitor import DEFAULT_DELTA, CertificateAudit, DriftMonitor
 
-__all__ = ["SurrogateCertifier", "HybridCertifier", "FALLBACKS", "FALLBACK_SCHEDULE", "fallback_certifier", "DriftMonitor",
-           "CertificateAudit", "COMBINES", "refine_horizons"]
+__all__ = [
+    "SurrogateCertifier",
+    "HybridCertifier",
+    "FALLBACKS",
+    "FALLBACK_SCHEDULE",
+    "fallback_certifier",
+    "DriftMonitor",
+    "CertificateAudit",
+    "COMBINES",
+    "refine_horizons",
+]
 
 FALLBACKS = ("eprocess", "none")
 
@@ -66,6 +77,7 @@ def refine_horizons(max_samples: int) -> np.ndarray:
     while sizes[-1] * 2 < max_samples:
         sizes.append(sizes[-1] * 2)
     return np.array(sizes + [int(max_samples)], dtype=np.int64)
+
 
 FALLBACK_SCHEDULE = DEFAULT_SCHEDULE
 """The fallback's rounds: the sequential certifier's default ``GeometricSchedule`` (16 samples, then
@@ -113,8 +125,15 @@ def fallback_certifier(
     InvalidParameterError
         If a parameter is out of range.
     """
-    return EProcessCertifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance, schedule=schedule,
-                             price=price, radius_of_interest=radius_of_interest)
+    return EProcessCertifier(
+        smooth,
+        alpha,
+        max_samples=max_samples,
+        tolerance=tolerance,
+        schedule=schedule,
+        price=price,
+        radius_of_interest=radius_of_interest,
+    )
 
 
 def _required_radii(required_radius, num: int) -> np.ndarray:
@@ -170,19 +189,32 @@ class HybridCertifier:
         What a refined input reports (``COMBINES``).
     """
 
-    def __init__(self, surrogate_certifier: SurrogateCertifier, sequential=None, monitor: DriftMonitor | None = None,
-                 audit: CertificateAudit | None = None, *, refine: bool = False, combine: str = "max"):
+    def __init__(
+        self,
+        surrogate_certifier: SurrogateCertifier,
+        sequential=None,
+        monitor: DriftMonitor | None = None,
+        audit: CertificateAudit | None = None,
+        *,
+        refine: bool = False,
+        combine: str = "max",
+    ):
         if combine not in COMBINES:
             raise InvalidParameterError(f"combine must be one of {COMBINES}, got {combine!r}")
         if refine and (sequential is None or getattr(sequential, "price", None) is None):
-            raise InvalidParameterError("refining best radii needs the sequential fallback with a price (--price P: the "
-                                        "radius, input l2 units, worth 1,000 samples)")
+            raise InvalidParameterError(
+                "refining best radii needs the sequential fallback with a price (--price P: the "
+                "radius, input l2 units, worth 1,000 samples)"
+            )
         self.surrogate_certifier = surrogate_certifier
         self.sequential = sequential
         if sequential is not None:  # the offsets hold for the law of the calibration counts: never the other family
-            check_same_noise(getattr(sequential.smooth, "noise_scheme", None),
-                             getattr(surrogate_certifier.calibration, "noise_scheme", None), "the fallback",
-                             "draw it with the calibration's noise scheme")
+            check_same_noise(
+                getattr(sequential.smooth, "noise_scheme", None),
+                getattr(surrogate_certifier.calibration, "noise_scheme", None),
+                "the fallback",
+                "draw it with the calibration's noise scheme",
+            )
         self.monitor = monitor
         self.audit = audit
         self.refine = bool(refine)
@@ -197,6 +229,7 @@ class HybridCertifier:
     def calibration(self):
         return self.surrogate_certifier.calibration
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     @classmethod
     def load(
         cls,
@@ -225,7 +258,7 @@ class HybridCertifier:
         refine: bool = False,
         combine: str = "max",
         radius_of_interest: float | None = None,
-    ) -> "HybridCertifier":
+    ) -> HybridCertifier:
         """Build from a surrogate checkpoint and calibration.json (paths or loaded objects).
 
         ``base_model`` (a module, or a model spec for ``data_gen.models.load_model``) is needed for
@@ -332,25 +365,32 @@ class HybridCertifier:
         sequential = smooth = None
         if fallback == "eprocess" or audit_rate is not None:
             if base_model is None:
-                raise InvalidParameterError("fallback='eprocess' and the audit need the base model (--model); "
-                                            "or use --fallback none without an audit")
-            model = cls._base_model(base_model, surrogate, device, secret)
-            scheme = check_noise_scheme(noise_scheme or calibration.noise_scheme or NOISE_SCHEME)
-            check_same_noise(scheme, calibration.noise_scheme, "the fallback",
-                             "drop --noise-scheme (the calibration's is used) or calibrate on counts of this scheme")
-            smooth = SmoothedClassifier(model, surrogate.num_classes, surrogate.sigma, device=device,
-                                        batch_size=batch_size, seed=seed, input_shape=surrogate.input_shape,
-                                        noise_scheme=scheme, off_grid=off_grid)
-            # One clean pass now: a model of another input shape or width fails here, not mid-certification.
-            name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
-            check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
+                raise InvalidParameterError(
+                    "fallback='eprocess' and the audit need the base model (--model); "
+                    "or use --fallback none without an audit"
+                )
+            smooth = cls._base_engine(
+                base_model, surrogate, calibration, secret, noise_scheme, device, batch_size, seed, off_grid
+            )
         if fallback == "eprocess":
-            sequential = fallback_certifier(smooth, alpha, max_samples=max_samples, tolerance=tolerance,
-                                            schedule=schedule, price=price, radius_of_interest=radius_of_interest)
+            sequential = fallback_certifier(
+                cast(SmoothedClassifier, smooth),  # built above: this fallback needs the base model
+                alpha,
+                max_samples=max_samples,
+                tolerance=tolerance,
+                schedule=schedule,
+                price=price,
+                radius_of_interest=radius_of_interest,
+            )
         certifier = SurrogateCertifier(surrogate, calibration, threads=threads)
-        monitor = None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
-        audit = None if audit_rate is None else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit,
-                                                                 delta=audit_delta, seed=seed)
+        monitor = (
+            None if drift_delta is None else DriftMonitor.from_calibration(calibration, delta=drift_delta, seed=seed)
+        )
+        audit = (
+            None
+            if audit_rate is None
+            else CertificateAudit(calibration, smooth, rate=audit_rate, n_audit=n_audit, delta=audit_delta, seed=seed)
+        )
         return cls(certifier, sequential, monitor, audit, refine=refine, combine=combine)
 
     def recalibrate(self, calibration) -> None:
@@ -401,8 +441,11 @@ class HybridCertifier:
             If the new surrogate differs in sigma, class count or input shape.
         """
         old = self.surrogate
-        if (not np.isclose(surrogate.sigma, old.sigma) or surrogate.num_classes != old.num_classes
-                or tuple(surrogate.input_shape) != tuple(old.input_shape)):
+        if (
+            not np.isclose(surrogate.sigma, old.sigma)
+            or surrogate.num_classes != old.num_classes
+            or tuple(surrogate.input_shape) != tuple(old.input_shape)
+        ):
             raise InvalidParameterError("the new surrogate must have the old one's sigma, classes and input shape")
         if not isinstance(calibration, Calibration):
             calibration = load_calibration(calibration)
@@ -454,23 +497,59 @@ class HybridCertifier:
         if self.monitor is not None:  # fed after an alarm too: its path stays a record of the whole stream
             before = self.monitor.queries
             self.monitor.update(classes, p_tilde)
-            if self.alarm_reason is None and self.monitor.alarm:
+            if self.alarm_reason is None and self.monitor.alarm_at is not None:  # .alarm, spelled out for mypy
                 cut, self.alarm_reason = max(0, self.monitor.alarm_at - before), "drift_alarm"
         if self.audit is not None and cut > 0:  # the audit checks one-pass certificates: none after an alarm
             before = self.audit.queries
-            self.audit.audit(x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut],
-                             z=None if z is None else z[:cut])
+            self.audit.audit(
+                x[:cut], classes[:cut], p_tilde[:cut], radius[:cut], idx[:cut], z=None if z is None else z[:cut]
+            )
             spent[:cut] = self.audit.last_spent
-            if self.audit.alarm and self.audit.alarm_at - before < cut:
+            if self.audit.alarm_at is not None and self.audit.alarm_at - before < cut:  # .alarm, spelled out
                 cut, self.alarm_reason = max(0, self.audit.alarm_at - before), "audit_alarm"
         return cut, spent
+
+    @classmethod
+    def _base_engine(
+        cls, base_model, surrogate, calibration, secret, noise_scheme, device, batch_size, seed, off_grid
+    ) -> SmoothedClassifier:
+        """The base model under noise for the fallback and the audit: the surrogate's sigma, classes and
+        input shape, the calibration's noise scheme, checked on one clean pass."""
+        model = cls._base_model(base_model, surrogate, device, secret)
+        scheme = check_noise_scheme(noise_scheme or calibration.noise_scheme or NOISE_SCHEME)
+        check_same_noise(
+            scheme,
+            calibration.noise_scheme,
+            "the fallback",
+            "drop --noise-scheme (the calibration's is used) or calibrate on counts of this scheme",
+        )
+        smooth = SmoothedClassifier(
+            model,
+            surrogate.num_classes,
+            surrogate.sigma,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            input_shape=surrogate.input_shape,
+            noise_scheme=scheme,
+            off_grid=off_grid,
+        )
+        # One clean pass now: a model of another input shape or width fails here, not mid-certification.
+        name = type(base_model).__name__ if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)
+        check_model_fits(smooth, torch.zeros(1, *surrogate.input_shape), name)
+        return smooth
 
     @staticmethod
     def _base_model(base_model, surrogate, device, key: bytes | None = None) -> torch.nn.Module:
         if isinstance(base_model, torch.nn.Module):
             return base_model
-        loaded = load_model(os.fspath(base_model), device=device, num_classes=surrogate.num_classes,
-                            input_shape=surrogate.input_shape, key=key)
+        loaded = load_model(
+            os.fspath(base_model),
+            device=device,
+            num_classes=surrogate.num_classes,
+            input_shape=surrogate.input_shape,
+            key=key,
+        )
         expected = surrogate.meta.get("base_model_sha256")
         if expected and loaded.sha256 and loaded.sha256 != expected:
             raise ModelError(
@@ -479,6 +558,7 @@ class HybridCertifier:
             )
         return loaded.model
 
+    # long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
     def certify(
         self,
         x: torch.Tensor,
@@ -540,8 +620,9 @@ class HybridCertifier:
         surrogate_cert = self.surrogate_certifier.certificate
 
         def make(i: int, seconds: float, n_samples: int = 0) -> Certificate:
-            return surrogate_cert(int(classes[i]), float(radius[i]), seconds, n_samples + int(audit_spent[i]),
-                                  p_lower=float(p_lower[i]))
+            return surrogate_cert(
+                int(classes[i]), float(radius[i]), seconds, n_samples + int(audit_spent[i]), p_lower=float(p_lower[i])
+            )
 
         with np.errstate(invalid="ignore"):
             enough = trusted & (radius > 0) & (np.isnan(required) | (radius >= required))
@@ -553,15 +634,20 @@ class HybridCertifier:
         if self.sequential is None:
             route = np.where(trusted, "surrogate", self.alarm_reason or "")
         else:
-            route = np.where(enough, "surrogate", np.where(refine, "refined",
-                                                           np.where(radius > 0, "required_radius", "fallback")))
+            route = np.where(
+                enough, "surrogate", np.where(refine, "refined", np.where(radius > 0, "required_radius", "fallback"))
+            )
             route = np.where(trusted, route, self.alarm_reason or "")
         out: list[Certificate | None] = [make(i, per_input) if ok else None for i, ok in enumerate(enough)]
         rest = np.flatnonzero(~enough)
         if rest.size and self.sequential is not None:
             prior = stats.surrogate_prior(p_tilde[rest], self.surrogate.kappa, self.surrogate.w)
             fallback = self.sequential.certify(
-                x[rest], classes=classes[rest], prior=prior, target_radius=required[rest], indices=idx[rest],
+                x[rest],
+                classes=classes[rest],
+                prior=prior,
+                target_radius=required[rest],
+                indices=idx[rest],
                 baseline_radius=np.where(refine[rest], radius[rest], np.nan) if refine.any() else None,
             )
             for i, cert in zip(rest, fallback):
@@ -573,12 +659,15 @@ class HybridCertifier:
                 if refine[i] and self.combine == "sequential":
                     sequential_wins = True
                 if not trusted[i] or sequential_wins:
-                    out[i] = dataclasses.replace(cert, n_samples=cert.n_samples + int(audit_spent[i]),
-                                                 seconds=cert.seconds + per_input)
+                    out[i] = dataclasses.replace(
+                        cert, n_samples=cert.n_samples + int(audit_spent[i]), seconds=cert.seconds + per_input
+                    )
                 else:
-                    out[i] = dataclasses.replace(make(i, cert.seconds + per_input, cert.n_samples),
-                                                 stop_time=cert.stop_time)
+                    out[i] = dataclasses.replace(
+                        make(int(i), cert.seconds + per_input, cert.n_samples), stop_time=cert.stop_time
+                    )
         for i in rest:
             if out[i] is None:
-                out[i] = make(i, per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
-        return [dataclasses.replace(c, route=str(r)) for c, r in zip(out, route)]
+                out[i] = make(int(i), per_input) if trusted[i] else abstention(int(audit_spent[i]), 0.0, per_input)
+        # Every slot holds a certificate now: the surrogate's, the fallback's or an abstention.
+        return [dataclasses.replace(cast(Certificate, c), route=str(r)) for c, r in zip(out, route)]

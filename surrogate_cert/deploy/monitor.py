@@ -49,11 +49,12 @@ threshold comes from the conformal calibration's own law and its outcomes are Be
 near ``epsilon``, where the Beta-binomial mixture of ``stats.beta_binomial_cs`` (the exact
 likelihood) is much tighter.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -65,8 +66,16 @@ from ..core.errors import CalibrationError, InvalidInputError, InvalidParameterE
 from ..core.one_pass import group_keys
 from ..core.smoothing import STREAM_AUDIT, SmoothedClassifier, check_same_noise, noise_indices
 
-__all__ = ["DriftMonitor", "CertificateAudit", "AuditPlan", "audit_plan", "DEFAULT_DELTA", "MIX_EVERY",
-           "drift_prior", "drift_jump"]
+__all__ = [
+    "DriftMonitor",
+    "CertificateAudit",
+    "AuditPlan",
+    "audit_plan",
+    "DEFAULT_DELTA",
+    "MIX_EVERY",
+    "drift_prior",
+    "drift_jump",
+]
 
 DEFAULT_DELTA = 0.01
 """Default probability of a false alarm over the whole (unbounded) stream, for each watcher."""
@@ -104,8 +113,15 @@ def drift_prior(num_bins: int) -> np.ndarray:
 
 def _as_classes(values, num_classes: int, what: str) -> np.ndarray:
     arr = np.asarray(values)
-    if arr.ndim != 1 or (arr.size and (not np.all(np.isfinite(arr.astype(float))) or np.any(arr != np.round(arr))
-                                       or arr.min() < 0 or arr.max() >= num_classes)):
+    if arr.ndim != 1 or (
+        arr.size
+        and (
+            not np.all(np.isfinite(arr.astype(float)))
+            or np.any(arr != np.round(arr))
+            or arr.min() < 0
+            or arr.max() >= num_classes
+        )
+    ):
         raise InvalidInputError(f"{what} must be one class in 0..{num_classes - 1} per query")
     return arr.astype(np.int64)
 
@@ -155,8 +171,17 @@ class DriftMonitor:
         If the reference is empty, or its classes or probabilities are invalid.
     """
 
-    def __init__(self, reference_classes, reference_p_tilde, num_classes: int, *, delta: float = DEFAULT_DELTA,
-                 seed: int = 0, num_bins: int | None = None, keep_path: bool = True):
+    def __init__(
+        self,
+        reference_classes,
+        reference_p_tilde,
+        num_classes: int,
+        *,
+        delta: float = DEFAULT_DELTA,
+        seed: int = 0,
+        num_bins: int | None = None,
+        keep_path: bool = True,
+    ):
         self.num_classes = int(num_classes)
         if self.num_classes < 2:
             raise InvalidParameterError(f"num_classes must be >= 2, got {num_classes}")
@@ -185,7 +210,7 @@ class DriftMonitor:
         self._path: list[np.ndarray] = []
 
     @classmethod
-    def from_calibration(cls, calibration, **options) -> "DriftMonitor":
+    def from_calibration(cls, calibration, **options) -> DriftMonitor:
         """The monitor whose reference is the calibration's stored sample (``Calibration.monitor_reference``).
 
         Parameters
@@ -213,17 +238,22 @@ class DriftMonitor:
                 "re-run `surrogate-cert calibrate` to store one"
             )
         if ref.get("statistic") != MONITOR_STATISTIC:
-            raise CalibrationError(f"the calibration's monitor reference is of kind {ref.get('statistic')!r}, this "
-                                   f"version reads {MONITOR_STATISTIC!r}; re-run `surrogate-cert calibrate`")
+            raise CalibrationError(
+                f"the calibration's monitor reference is of kind {ref.get('statistic')!r}, this "
+                f"version reads {MONITOR_STATISTIC!r}; re-run `surrogate-cert calibrate`"
+            )
         predicted, p_tilde = ref.get("predicted") or [], ref.get("p_tilde") or []
         if len(predicted) != calibration.calibration_size or len(p_tilde) != len(predicted):
-            raise CalibrationError("the calibration's monitor reference does not hold one entry per calibration "
-                                   "image; re-run `surrogate-cert calibrate`")
+            raise CalibrationError(
+                "the calibration's monitor reference does not hold one entry per calibration "
+                "image; re-run `surrogate-cert calibrate`"
+            )
         try:
             return cls(predicted, p_tilde, calibration.num_classes, **options)
         except InvalidInputError as exc:
-            raise CalibrationError(f"the calibration's monitor reference is invalid ({exc}); re-run "
-                                   "`surrogate-cert calibrate`") from None
+            raise CalibrationError(
+                f"the calibration's monitor reference is invalid ({exc}); re-run `surrogate-cert calibrate`"
+            ) from None
 
     @property
     def options(self) -> dict:
@@ -307,8 +337,9 @@ class DriftMonitor:
         if q.size == 0:
             return np.zeros(0)
         log_f = stats.drift_bets(q, r, self.num_bins, log=True)
-        growth, self._log_weights = stats.fixed_share_update(log_f, self._log_weights, self._prior, drift_jump,
-                                                             start=self.queries, mix_every=MIX_EVERY)
+        growth, self._log_weights = stats.fixed_share_update(
+            log_f, self._log_weights, self._prior, drift_jump, start=self.queries, mix_every=MIX_EVERY
+        )
         path = self.log_martingale + growth
         if self.alarm_at is None:
             crossed = np.flatnonzero(path >= self.threshold)
@@ -323,16 +354,27 @@ class DriftMonitor:
 
     def summary(self, path: bool = False) -> dict:
         """The monitor's state as plain JSON values (``path=True`` adds the log martingale after every query)."""
-        out = dict(statistic=MONITOR_STATISTIC, reference_size=self.reference_size, queries=self.queries,
-                   delta=self.delta, log_threshold=self.threshold, log_martingale=self.log_martingale,
-                   max_log_martingale=self.max_log_martingale, alarm=self.alarm, alarm_at=self.alarm_at,
-                   num_bins=self.num_bins, mix_every=MIX_EVERY, seed=self.seed)
+        out = dict(
+            statistic=MONITOR_STATISTIC,
+            reference_size=self.reference_size,
+            queries=self.queries,
+            delta=self.delta,
+            log_threshold=self.threshold,
+            log_martingale=self.log_martingale,
+            max_log_martingale=self.max_log_martingale,
+            alarm=self.alarm,
+            alarm_at=self.alarm_at,
+            num_bins=self.num_bins,
+            mix_every=MIX_EVERY,
+            seed=self.seed,
+        )
         if path:
             out["path"] = [round(float(v), 6) for v in self.path]
         return out
 
 
 # --------------------------------------------------------------------------- audit
+
 
 @dataclass(frozen=True)
 class AuditPlan:
@@ -397,8 +439,10 @@ def audit_plan(calibration, delta: float = DEFAULT_DELTA) -> AuditPlan:
     half = delta / 2
     sizes = own if grouped else {"all": int(calibration.calibration_size)}
     per_group = half / len(sizes)
-    threshold = max(stats.audit_threshold(m, quantile_rank(m, eps, calibration.guarantee, calibration.delta), per_group)
-                    for m in sizes.values())
+    threshold = max(
+        stats.audit_threshold(m, quantile_rank(m, eps, calibration.guarantee, calibration.delta), per_group)
+        for m in sizes.values()
+    )
     return AuditPlan(float(threshold), half, delta, groups)
 
 
@@ -459,8 +503,16 @@ class CertificateAudit:
         If the calibration's reference radii cannot be rebuilt (``ReferencePlan.from_calibration``).
     """
 
-    def __init__(self, calibration, smooth: SmoothedClassifier | None = None, *, rate: float,
-                 n_audit: int | None = None, delta: float = DEFAULT_DELTA, seed: int = 0):
+    def __init__(
+        self,
+        calibration,
+        smooth: SmoothedClassifier | None = None,
+        *,
+        rate: float,
+        n_audit: int | None = None,
+        delta: float = DEFAULT_DELTA,
+        seed: int = 0,
+    ):
         try:
             rate = float(rate)
         except (TypeError, ValueError):
@@ -475,12 +527,18 @@ class CertificateAudit:
                 "reference radius made like the calibration's, so that a correct calibration passes the audit"
             )
         if smooth is not None and not math.isclose(float(smooth.sigma), float(calibration.sigma), rel_tol=1e-9):
-            raise InvalidParameterError(f"the base model is smoothed at sigma={smooth.sigma} but the calibration is "
-                                        f"for sigma={calibration.sigma}")
+            raise InvalidParameterError(
+                f"the base model is smoothed at sigma={smooth.sigma} but the calibration is "
+                f"for sigma={calibration.sigma}"
+            )
         self.reference_plan = ReferencePlan.from_calibration(calibration)
         if smooth is not None:
-            check_same_noise(smooth.noise_scheme, calibration.noise_scheme, "the audit's base model",
-                             "audit with the calibration's noise scheme")
+            check_same_noise(
+                smooth.noise_scheme,
+                calibration.noise_scheme,
+                "the audit's base model",
+                "audit with the calibration's noise scheme",
+            )
         self.calibration = calibration
         self.smooth = smooth
         self.rate = rate
@@ -527,14 +585,17 @@ class CertificateAudit:
         chosen = self._rng.random(len(classes)) < self.rate
         if self.plan.groups is not None and len(classes):
             if self.calibration.groups == "confidence" and z is None:
-                raise InvalidParameterError("a confidence-grouped calibration bins queries by the surrogate's z~: pass "
-                                            "z (SurrogateCertifier.evaluate) to the audit")
+                raise InvalidParameterError(
+                    "a confidence-grouped calibration bins queries by the surrogate's z~: pass "
+                    "z (SurrogateCertifier.evaluate) to the audit"
+                )
             keys = group_keys(classes, p_tilde, self.calibration.groups, self.calibration.bin_edges, z=z)
             chosen &= np.isin(keys.astype(str), list(self.plan.groups))
         return chosen
 
-    def audit(self, x: torch.Tensor, classes, p_tilde, radius, indices: Sequence[int] | np.ndarray | None = None,
-              *, z=None) -> np.ndarray:
+    def audit(
+        self, x: torch.Tensor, classes, p_tilde, radius, indices: Sequence[int] | np.ndarray | None = None, *, z=None
+    ) -> np.ndarray:
         """Select, sample and record the next queries (in arrival order); returns which were audited.
 
         Parameters
@@ -574,8 +635,9 @@ class CertificateAudit:
             images = x[torch.as_tensor(sample)]
 
             def draw(rows, start, count):
-                return self.smooth.counts(images[torch.as_tensor(rows)], count, indices=idx[sample][rows],
-                                          stream=STREAM_AUDIT, start=start)
+                return self.smooth.counts(
+                    images[torch.as_tensor(rows)], count, indices=idx[sample][rows], stream=STREAM_AUDIT, start=start
+                )
 
             first, every, samples = self.reference_plan.collect(draw, sample.size)
             reference, drawn = self.reference_plan.reference(classes[sample], first, every, samples), samples
@@ -615,13 +677,16 @@ class CertificateAudit:
             raise InvalidParameterError("give the audited queries' counts_top or their reference radii, one of the two")
         if counts_top is not None:
             if self.reference_plan.planned_max is not None:
-                raise InvalidParameterError("this calibration's references were topped up: give the audit's reference "
-                                            "radii made by its ReferencePlan, not counts of n_cal samples")
+                raise InvalidParameterError(
+                    "this calibration's references were topped up: give the audit's reference "
+                    "radii made by its ReferencePlan, not counts of n_cal samples"
+                )
             counts_top = np.asarray(counts_top).reshape(-1)
             first = np.zeros((counts_top.size, 1), dtype=np.int64)
             first[:, 0] = counts_top
-            reference = self.reference_plan.reference(np.zeros(counts_top.size, dtype=np.int64), first, first,
-                                                      np.full(counts_top.size, self.n_audit))
+            reference = self.reference_plan.reference(
+                np.zeros(counts_top.size, dtype=np.int64), first, first, np.full(counts_top.size, self.n_audit)
+            )
         reference = np.atleast_1d(np.asarray(reference, dtype=float)).reshape(-1)
         if reference.size != int(sample.sum()):
             raise InvalidParameterError("give one count or reference radius per audited query with a positive radius")
@@ -636,7 +701,9 @@ class CertificateAudit:
             s = self.exceedances + np.cumsum(outcomes)
             t = self.audited + np.arange(1, k + 1)
             if self.alarm_at is None:
-                hit = np.flatnonzero(np.atleast_1d(stats.cs_lower_exceeds(s, t, self.threshold, self.plan.delta_sequence)))
+                hit = np.flatnonzero(
+                    np.atleast_1d(stats.cs_lower_exceeds(s, t, self.threshold, self.plan.delta_sequence))
+                )
                 if hit.size:
                     self.alarm_at = self.queries + int(positions[hit[0]])
             # The bounds for the record: at most 64 times per batch (the alarm above checks every time).
@@ -658,14 +725,29 @@ class CertificateAudit:
 
     def summary(self, path: bool = False) -> dict:
         """The audit's state as plain JSON values (``path=True`` adds the bounds over time)."""
-        out = dict(rate=self.rate, n_audit=self.n_audit, delta=self.delta, queries=self.queries,
-                   audited=self.audited, sampled=self.sampled, exceedances=self.exceedances,
-                   rate_observed=self.rate_observed, lower=self.lower, upper=self.upper, threshold=self.threshold,
-                   delta_sequence=self.plan.delta_sequence, false_alarm_bound=self.plan.false_alarm_bound,
-                   groups=None if self.plan.groups is None else sorted(self.plan.groups),
-                   epsilon=self.calibration.epsilon, alpha_mc=self.calibration.alpha_mc,
-                   alarm=self.alarm, alarm_at=self.alarm_at, base_model_evaluations=self.evaluations)
+        out = dict(
+            rate=self.rate,
+            n_audit=self.n_audit,
+            delta=self.delta,
+            queries=self.queries,
+            audited=self.audited,
+            sampled=self.sampled,
+            exceedances=self.exceedances,
+            rate_observed=self.rate_observed,
+            lower=self.lower,
+            upper=self.upper,
+            threshold=self.threshold,
+            delta_sequence=self.plan.delta_sequence,
+            false_alarm_bound=self.plan.false_alarm_bound,
+            groups=None if self.plan.groups is None else sorted(self.plan.groups),
+            epsilon=self.calibration.epsilon,
+            alpha_mc=self.calibration.alpha_mc,
+            alarm=self.alarm,
+            alarm_at=self.alarm_at,
+            base_model_evaluations=self.evaluations,
+        )
         if path:
-            out["path"] = [dict(query=q, audited=t, exceedances=s, lower=lo, upper=hi)
-                           for q, t, s, lo, hi in self._history]
+            out["path"] = [
+                dict(query=q, audited=t, exceedances=s, lower=lo, upper=hi) for q, t, s, lo, hi in self._history
+            ]
         return out

@@ -27,6 +27,7 @@ surrogate prior against KT on the hybrid's fallback inputs, extra best-radius to
 The offline stage (base model, counts, surrogate, calibration) is the quickstart's
 (``pipeline.Pipeline.offline``): in the quickstart's folder it is reused, not redone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,10 +68,15 @@ METHODS = ("cohen_10k", "cohen_1k", "sequential_kt", "sequential_surrogate", "su
 """The methods of ``surrogate-cert bench``, in table order."""
 
 METHOD_LABELS = {
-    "cohen_10k": "Cohen-10k", "cohen_1k": "Cohen-1k", "sequential_kt": "Sequential (KT prior)",
+    "cohen_10k": "Cohen-10k",
+    "cohen_1k": "Cohen-1k",
+    "sequential_kt": "Sequential (KT prior)",
     "sequential_target": "Sequential (target r = sigma)",
-    "sequential_surrogate": "Sequential (surrogate prior)", "surrogate": "Surrogate only", "hybrid": "Hybrid",
-    "ibp": "IBP (deterministic)", "crown": "CROWN (deterministic)",
+    "sequential_surrogate": "Sequential (surrogate prior)",
+    "surrogate": "Surrogate only",
+    "hybrid": "Hybrid",
+    "ibp": "IBP (deterministic)",
+    "crown": "CROWN (deterministic)",
 }
 LABELS = METHOD_LABELS  # name of version 0.1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -108,15 +114,30 @@ QUICK_OFFLINE = dataclasses.replace(FULL, base_epochs=8, cal_n=1000, test_limit=
 """``bench --quick``'s offline stage: every surrogate / cal image, fewer samples (0.4M evaluations)."""
 
 BENCH_QUICK = BenchConfig(offline=QUICK_OFFLINE, test_limit=10, linear_points=(300, 300, 300), linear_epochs=20)
-BENCH_TINY = BenchConfig(offline=QUICK, test_limit=6, n0=20, cohen_n=(1000, 100), max_samples=500,
-                         linear_points=(100, 110, 40), linear_n=(100, 500), linear_epochs=5)
+BENCH_TINY = BenchConfig(
+    offline=QUICK,
+    test_limit=6,
+    n0=20,
+    cohen_n=(1000, 100),
+    max_samples=500,
+    linear_points=(100, 110, 40),
+    linear_n=(100, 500),
+    linear_epochs=5,
+)
 """Test-only (hidden ``--tiny``): every method and field in seconds; Cohen's n scaled down."""
 
 
 # --------------------------------------------------------------------------- the certifiers
 
-def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cfg: BenchConfig,
-               alpha: float, base_model: torch.nn.Module | None = None) -> dict[str, Callable]:
+
+def certifiers(
+    smooth: SmoothedClassifier,
+    surrogate: Surrogate,
+    calibration,
+    cfg: BenchConfig,
+    alpha: float,
+    base_model: torch.nn.Module | None = None,
+) -> dict[str, Callable]:
     """Every method as ``f(x, indices) -> list[Certificate]`` over one shared ``SmoothedClassifier``.
 
     Parameters
@@ -151,8 +172,9 @@ def certifiers(smooth: SmoothedClassifier, surrogate: Surrogate, calibration, cf
     cohen = CohenCertifier(smooth)
     policy = {} if cfg.tolerance is None else dict(tolerance=cfg.tolerance)
     kt = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, **policy)
-    target = EProcessCertifier(smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, policy="target_radius",
-                               target_radius=smooth.sigma)
+    target = EProcessCertifier(
+        smooth, alpha, max_samples=cfg.max_samples, n0=cfg.n0, policy="target_radius", target_radius=smooth.sigma
+    )
     # The deployed configuration: what HybridCertifier.load builds for its fallback.
     guided = fallback_certifier(smooth, alpha, max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg))
     one_pass = SurrogateCertifier(surrogate, calibration)
@@ -201,8 +223,17 @@ def timed(method: Callable, x, idx) -> tuple[list[Certificate], float]:
 
 def summarise(certificates: list[Certificate], labels, seconds: float) -> dict:
     """One method's row: certified accuracy at ``RADII``, ACR, evaluations (mean / median), speed."""
-    rows = [dict(radius=c.radius, correct=int(c.prediction == int(y)), predict=c.prediction, time=c.seconds,
-                 method=c.method, n_samples=c.n_samples) for c, y in zip(certificates, labels)]
+    rows = [
+        dict(
+            radius=c.radius,
+            correct=int(c.prediction == int(y)),
+            predict=c.prediction,
+            time=c.seconds,
+            method=c.method,
+            n_samples=c.n_samples,
+        )
+        for c, y in zip(certificates, labels)
+    ]
     summary = summarize_run(rows, RADII)
     return dict(
         certified_accuracy={f"{r:g}": a for r, a in zip(RADII, summary["certified_accuracy"])},
@@ -218,15 +249,26 @@ def summarise(certificates: list[Certificate], labels, seconds: float) -> dict:
 
 # --------------------------------------------------------------------------- linear ground truth
 
-def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc: float, alpha: float,
-                        seed: int = 0, device=None, noise_scheme: str = NOISE_SCHEME) -> dict:
+
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def linear_ground_truth(
+    cfg: BenchConfig,
+    sigma: float,
+    epsilon: float,
+    alpha_mc: float,
+    alpha: float,
+    seed: int = 0,
+    device=None,
+    noise_scheme: str = NOISE_SCHEME,
+) -> dict:
     """Wrong-certificate count of every method on the exact linear problem, against its bound.
 
     Train / cal / test points are independent draws of ``linear_problem`` (margins uniform in
     +-3 sigma); the surrogate is trained on train counts and calibrated on cal counts as on real
     data. A certificate is wrong when it names the wrong class or a radius above the true distance
     to the hyperplane. Bounds: alpha (Cohen, sequential), epsilon + alpha_mc (surrogate, marginal),
-    epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is ``stats.binomial_allowance`` at 0.999.
+    epsilon + alpha_mc + alpha (hybrid), 0 (IBP, CROWN: deterministic); the allowance is
+    ``stats.binomial_allowance`` at 0.999.
     Under the sound scheme the points are grid images (``grid_linear_problem``) and the true radius is the
     distance to the nearest grid image of the other smoothed class.
 
@@ -267,8 +309,9 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     n_train, n_cal, n_test = cfg.linear_points
     scheme = check_noise_scheme(noise_scheme)
     problem = grid_linear_problem if noise_family(scheme) == "grid" else linear_problem
-    train, cal, test = (problem(num, sigma, seed=seed + 1000 * part)
-                        for part, num in enumerate((n_train, n_cal, n_test)))
+    train, cal, test = (
+        problem(num, sigma, seed=seed + 1000 * part) for part, num in enumerate((n_train, n_cal, n_test))
+    )
     offsets = (0, 10_000_000, 20_000_000)  # disjoint noise indices per split
     smooth = SmoothedClassifier(test.model, 2, sigma, device=device, seed=seed, noise_scheme=scheme)
     counts_train = smooth.counts(train.x, cfg.linear_n[0], indices=offsets[0] + np.arange(n_train))
@@ -278,8 +321,9 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
     surrogate.fit(train.x, counts_train, epochs=cfg.linear_epochs, seed=seed)
     tune = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
     surrogate.tune_prior(train.x[tune], counts_train[tune])
-    calibration = calibrate_arrays(surrogate, cal.x, counts_cal, epsilon, alpha_mc, dataset="linear_problem",
-                                   split="cal", noise_scheme=scheme)
+    calibration = calibrate_arrays(
+        surrogate, cal.x, counts_cal, epsilon, alpha_mc, dataset="linear_problem", split="cal", noise_scheme=scheme
+    )
     # The linear base model's own decision boundary is the smoothed one, so a deterministic
     # certificate is judged against the same true radius, with bound 0 (it holds always).
     bounds = dict(surrogate=epsilon + alpha_mc, hybrid=epsilon + alpha_mc + alpha, ibp=0.0, crown=0.0)
@@ -292,33 +336,58 @@ def linear_ground_truth(cfg: BenchConfig, sigma: float, epsilon: float, alpha_mc
         bound = bounds.get(name, alpha)
         allowance = stats.binomial_allowance(n_test, bound)
         results[name] = dict(
-            inputs=n_test, certified=int(sum(c.radius > 0 for c in certificates)), wrong=wrong,
-            rate=wrong / n_test, bound=bound, allowance=allowance, within_bound=wrong <= allowance,
+            inputs=n_test,
+            certified=int(sum(c.radius > 0 for c in certificates)),
+            wrong=wrong,
+            rate=wrong / n_test,
+            bound=bound,
+            allowance=allowance,
+            within_bound=wrong <= allowance,
             mean_evaluations=float(np.mean([c.n_samples for c in certificates])),
         )
-    return dict(problem=dict(points=cfg.linear_points, n_train=cfg.linear_n[0], n_cal=cfg.linear_n[1],
-                             input_shape=list(train.x.shape[1:]), margins_in_sigmas=3.0, noise_scheme=scheme,
-                             surrogate_offset=calibration.pooled_offset), methods=results)
+    return dict(
+        problem=dict(
+            points=cfg.linear_points,
+            n_train=cfg.linear_n[0],
+            n_cal=cfg.linear_n[1],
+            input_shape=list(train.x.shape[1:]),
+            margins_in_sigmas=3.0,
+            noise_scheme=scheme,
+            surrogate_offset=calibration.pooled_offset,
+        ),
+        methods=results,
+    )
 
 
 # --------------------------------------------------------------------------- optional sections
+
 
 def triage(hybrid: HybridCertifier, data, radii, reference: dict) -> dict:
     """The hybrid asked for radius ``r``: inputs whose surrogate radius is below ``r`` go to the
     sequential certifier in target-radius mode. Certified accuracy at ``r`` and cost, per ``r``."""
     out = {}
     for r in radii:
-        certificates, seconds = timed(lambda x, idx: hybrid.certify(x, required_radius=r, indices=idx),
-                                      data.x, data.indices)
+        certificates, seconds = timed(
+            lambda x, idx, r=r: hybrid.certify(x, required_radius=r, indices=idx), data.x, data.indices
+        )
         row = summarise(certificates, data.y.tolist(), seconds)
-        accuracy = float(np.mean([(c.prediction == int(y)) and c.radius >= r
-                                  for c, y in zip(certificates, data.y.tolist())]))
-        ref = float(np.mean([(c.prediction == int(y)) and c.radius >= r
-                             for c, y in zip(reference["certificates"], data.y.tolist())]))
-        out[f"{r:g}"] = dict(certified_accuracy=accuracy, reference_certified_accuracy=ref,
-                             drop_pp=100 * (ref - accuracy), mean_evaluations=row["mean_evaluations"]["all"],
-                             evaluations_vs_reference=row["mean_evaluations"]["all"] / reference["mean_evaluations"],
-                             share_by_method=row["share_by_method"], seconds=seconds)
+        accuracy = float(
+            np.mean([(c.prediction == int(y)) and c.radius >= r for c, y in zip(certificates, data.y.tolist())])
+        )
+        ref = float(
+            np.mean(
+                [(c.prediction == int(y)) and c.radius >= r for c, y in zip(reference["certificates"], data.y.tolist())]
+            )
+        )
+        out[f"{r:g}"] = dict(
+            certified_accuracy=accuracy,
+            reference_certified_accuracy=ref,
+            drop_pp=100 * (ref - accuracy),
+            mean_evaluations=row["mean_evaluations"]["all"],
+            evaluations_vs_reference=row["mean_evaluations"]["all"] / reference["mean_evaluations"],
+            share_by_method=row["share_by_method"],
+            seconds=seconds,
+        )
     return out
 
 
@@ -337,14 +406,18 @@ def prior_comparison(hybrid: HybridCertifier, data, target_radius: float) -> dic
         sur = hybrid.sequential.certify(xs, classes=cls, prior=prior, indices=idx, target_radius=target)
         kt_samples = float(np.mean([c.n_samples for c in kt]))
         sur_samples = float(np.mean([c.n_samples for c in sur]))
-        out[policy] = dict(kt_prior_mean_samples=kt_samples, surrogate_prior_mean_samples=sur_samples,
-                           ratio=sur_samples / kt_samples if kt_samples else None,
-                           kt_prior_certified=int(sum(c.radius > 0 for c in kt)),
-                           surrogate_prior_certified=int(sum(c.radius > 0 for c in sur)))
+        out[policy] = dict(
+            kt_prior_mean_samples=kt_samples,
+            surrogate_prior_mean_samples=sur_samples,
+            ratio=sur_samples / kt_samples if kt_samples else None,
+            kt_prior_certified=int(sum(c.radius > 0 for c in kt)),
+            surrogate_prior_certified=int(sum(c.radius > 0 for c in sur)),
+        )
     return out
 
 
 # --------------------------------------------------------------------------- the run
+
 
 @dataclass
 class BenchContext:
@@ -366,9 +439,16 @@ def prepare(cfg: BenchConfig, workdir, *, progress: bool, quiet: bool, command: 
     base = load_model(str(paths["base.pt"]), device=offline.device)
     surrogate = Surrogate.load(paths["surrogate.pt"], device=offline.device)
     calibration = load_calibration(paths["calibration.json"], surrogate)
-    smooth = SmoothedClassifier(base.model, surrogate.num_classes, offline.sigma, device=offline.device,
-                                batch_size=offline.batch_size, seed=offline.seed, noise_scheme=offline.noise_scheme,
-                                off_grid="quantise")
+    smooth = SmoothedClassifier(
+        base.model,
+        surrogate.num_classes,
+        offline.sigma,
+        device=offline.device,
+        batch_size=offline.batch_size,
+        seed=offline.seed,
+        noise_scheme=offline.noise_scheme,
+        off_grid="quantise",
+    )
     data = load_split(offline.dataset, "test", data_root=offline.data_root, limit=cfg.test_limit)
     return BenchContext(pipeline, smooth, surrogate, calibration, data, offline.alpha)
 
@@ -384,15 +464,31 @@ def run_methods(ctx: BenchContext, cfg: BenchConfig, bench_dir: Path, progress: 
         certificates[name], seconds = timed(methods[name], ctx.data.x, ctx.data.indices)
         results[name] = dict(label=label(name), **summarise(certificates[name], labels, seconds))
         tsv = bench_dir / f"{name}.tsv"
-        write_tsv(tsv, ctx.data.indices, ctx.data.y.numpy(), certificates[name],
-                  meta=provenance(ctx.pipeline.command, name, label=label(name), dataset=offline.dataset,
-                                  split="test", limit=cfg.test_limit, sigma=offline.sigma, seed=offline.seed,
-                                  alpha=ctx.alpha, device=str(ctx.smooth.device)))
+        write_tsv(
+            tsv,
+            ctx.data.indices,
+            ctx.data.y.numpy(),
+            certificates[name],
+            meta=provenance(
+                ctx.pipeline.command,
+                name,
+                label=label(name),
+                dataset=offline.dataset,
+                split="test",
+                limit=cfg.test_limit,
+                sigma=offline.sigma,
+                seed=offline.seed,
+                alpha=ctx.alpha,
+                device=str(ctx.smooth.device),
+            ),
+        )
         tsvs.append(tsv)
-        ctx.pipeline.say(f"      {label(name):<29} certified accuracy "
-                         f"{100 * results[name]['certified_accuracy']['0']:5.1f}% at r=0, "
-                         f"{results[name]['mean_evaluations']['all']:9,.1f} evaluations/query, "
-                         f"{results[name]['images_per_second'] or 0:9,.1f} images/s")
+        ctx.pipeline.say(
+            f"      {label(name):<29} certified accuracy "
+            f"{100 * results[name]['certified_accuracy']['0']:5.1f}% at r=0, "
+            f"{results[name]['mean_evaluations']['all']:9,.1f} evaluations/query, "
+            f"{results[name]['images_per_second'] or 0:9,.1f} images/s"
+        )
     return results, certificates, tsvs
 
 
@@ -405,13 +501,16 @@ def compare(results: dict, offline_evaluations: int, reference: str = "cohen_10k
     for name, record in results.items():
         mean = record["mean_evaluations"]["all"]
         record[f"evaluations_vs_{reference}"] = (mean / ref_mean) if ref_mean else None
-        record[f"images_per_second_vs_{reference}"] = (record["images_per_second"] / ref_speed
-                                                       if ref_speed and record["images_per_second"] else None)
+        record[f"images_per_second_vs_{reference}"] = (
+            record["images_per_second"] / ref_speed if ref_speed and record["images_per_second"] else None
+        )
         saved = ref_mean - mean
-        record["break_even_queries"] = (offline_evaluations / saved
-                                        if name in ("surrogate", "hybrid") and saved > 0 else None)
+        record["break_even_queries"] = (
+            offline_evaluations / saved if name in ("surrogate", "hybrid") and saved > 0 else None
+        )
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def run_bench(
     out: str | os.PathLike | None = "bench.json",
     config: BenchConfig = BENCH_FULL,
@@ -465,8 +564,11 @@ def run_bench(
         Any typed error of the offline stage (``DatasetError``, ``ModelError``, ``StoreError``,
         ``CalibrationError``, ...).
     """
-    cfg = config if device is None else dataclasses.replace(
-        config, offline=dataclasses.replace(config.offline, device=device))
+    cfg = (
+        config
+        if device is None
+        else dataclasses.replace(config, offline=dataclasses.replace(config.offline, device=device))
+    )
     unknown = [m for m in cfg.methods if m not in METHOD_LABELS]
     if unknown:
         raise InvalidParameterError(f"unknown bench methods {unknown}; choose from {sorted(METHOD_LABELS)}")
@@ -478,48 +580,37 @@ def run_bench(
     offline_seconds = time.perf_counter() - started
     bench_dir = workdir / "bench"
     bench_dir.mkdir(exist_ok=True)
-    ctx.pipeline.say(f"certifying {len(ctx.data)} {cfg.offline.dataset} test images with {len(cfg.methods)} methods "
-                     f"(sigma={cfg.offline.sigma}, alpha={ctx.alpha}, device={ctx.smooth.device})")
+    ctx.pipeline.say(
+        f"certifying {len(ctx.data)} {cfg.offline.dataset} test images with {len(cfg.methods)} methods "
+        f"(sigma={cfg.offline.sigma}, alpha={ctx.alpha}, device={ctx.smooth.device})"
+    )
     results, certificates, tsvs = run_methods(ctx, cfg, bench_dir, progress)
 
-    truth_seconds = 0.0
-    problem = None
-    if cfg.linear_points is not None:
-        ctx.pipeline.say("linear ground-truth problem: wrong certificates of each method against its bound")
-        t0 = time.perf_counter()
-        truth = linear_ground_truth(cfg, cfg.offline.sigma, ctx.calibration.epsilon, ctx.calibration.alpha_mc,
-                                    ctx.alpha, seed=cfg.offline.seed, device=cfg.offline.device,
-                                    noise_scheme=cfg.offline.noise_scheme)
-        for name, record in truth["methods"].items():
-            results[name]["ground_truth"] = record
-        problem, truth_seconds = truth["problem"], time.perf_counter() - t0
+    problem, truth_seconds = _ground_truth(ctx, cfg, results)
 
     paths = ctx.pipeline.paths
     offline_evaluations = offline_evaluations_from_counts([ctx.pipeline.surrogate_counts, paths["cal.h5"]])
     compare(results, offline_evaluations)
-    extra = {}
-    if cfg.triage_radii or cfg.prior_comparison:
-        hybrid = HybridCertifier(SurrogateCertifier(ctx.surrogate, ctx.calibration),
-                                 fallback_certifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples,
-                                                    tolerance=guided_tolerance(cfg)))
-        if cfg.triage_radii:
-            reference = dict(certificates=certificates.get("cohen_10k") or [],
-                             mean_evaluations=(results.get("cohen_10k") or {}).get("mean_evaluations", {}).get("all"))
-            if not reference["certificates"]:
-                raise InvalidParameterError("triage compares against cohen_10k: include it in the methods")
-            extra["triage"] = triage(hybrid, ctx.data, cfg.triage_radii, reference)
-        if cfg.prior_comparison:
-            extra["fallback_prior"] = prior_comparison(hybrid, ctx.data, ctx.smooth.sigma)
-    report = write_report(tsvs, bench_dir / "report.html", calibration=paths["calibration.json"],
-                          offline_evaluations=offline_evaluations,
-                          baseline="cohen_10k" if "cohen_10k" in results else None, title="surrogate-cert bench")
+    extra = _optional_sections(ctx, cfg, results, certificates)
+    report = write_report(
+        tsvs,
+        bench_dir / "report.html",
+        calibration=paths["calibration.json"],
+        offline_evaluations=offline_evaluations,
+        baseline="cohen_10k" if "cohen_10k" in results else None,
+        title="surrogate-cert bench",
+    )
     content = dict(
         setup=_setup(cfg, ctx, offline_evaluations, workdir),
         methods=results,
         linear_problem=problem,
         **extra,
-        seconds=dict(offline=offline_seconds, certify=sum(r["seconds"] for r in results.values()),
-                     ground_truth=truth_seconds, total=time.perf_counter() - started),
+        seconds=dict(
+            offline=offline_seconds,
+            certify=sum(r["seconds"] for r in results.values()),
+            ground_truth=truth_seconds,
+            total=time.perf_counter() - started,
+        ),
         report=report["html"],
     )
     content["markdown"] = markdown_table(content)
@@ -529,20 +620,78 @@ def run_bench(
     return content
 
 
+def _ground_truth(ctx: BenchContext, cfg: BenchConfig, results: dict) -> tuple[dict | None, float]:
+    """The linear ground-truth problem (when configured): each method's wrong certificates against its
+    bound, added to its row of ``results``; returns the problem's record and its seconds."""
+    if cfg.linear_points is not None:
+        ctx.pipeline.say("linear ground-truth problem: wrong certificates of each method against its bound")
+        t0 = time.perf_counter()
+        truth = linear_ground_truth(
+            cfg,
+            cfg.offline.sigma,
+            ctx.calibration.epsilon,
+            ctx.calibration.alpha_mc,
+            ctx.alpha,
+            seed=cfg.offline.seed,
+            device=cfg.offline.device,
+            noise_scheme=cfg.offline.noise_scheme,
+        )
+        for name, record in truth["methods"].items():
+            results[name]["ground_truth"] = record
+        return truth["problem"], time.perf_counter() - t0
+    return None, 0.0
+
+
+def _optional_sections(ctx: BenchContext, cfg: BenchConfig, results: dict, certificates: dict) -> dict:
+    """The optional sections: the hybrid asked for required radii (``triage``) and the fallback's prior
+    compared (``fallback_prior``)."""
+    extra: dict = {}
+    if cfg.triage_radii or cfg.prior_comparison:
+        hybrid = HybridCertifier(
+            SurrogateCertifier(ctx.surrogate, ctx.calibration),
+            fallback_certifier(ctx.smooth, ctx.alpha, max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg)),
+        )
+        if cfg.triage_radii:
+            reference = dict(
+                certificates=certificates.get("cohen_10k") or [],
+                mean_evaluations=(results.get("cohen_10k") or {}).get("mean_evaluations", {}).get("all"),
+            )
+            if not reference["certificates"]:
+                raise InvalidParameterError("triage compares against cohen_10k: include it in the methods")
+            extra["triage"] = triage(hybrid, ctx.data, cfg.triage_radii, reference)
+        if cfg.prior_comparison:
+            extra["fallback_prior"] = prior_comparison(hybrid, ctx.data, ctx.smooth.sigma)
+    return extra
+
+
 def _setup(cfg: BenchConfig, ctx: BenchContext, offline_evaluations: int, workdir) -> dict:
     env = environment()
     offline = cfg.offline
     return dict(
-        dataset=offline.dataset, sigma=offline.sigma, noise_scheme=ctx.smooth.noise_scheme, alpha=ctx.alpha,
+        dataset=offline.dataset,
+        sigma=offline.sigma,
+        noise_scheme=ctx.smooth.noise_scheme,
+        alpha=ctx.alpha,
         epsilon=ctx.calibration.epsilon,
-        alpha_mc=ctx.calibration.alpha_mc, q_hat=ctx.calibration.pooled_offset,
-        radius_cap=ctx.calibration.radius_cap, test_images=len(ctx.data), n0=cfg.n0, cohen_n=list(cfg.cohen_n),
-        max_samples=cfg.max_samples, tolerance=guided_tolerance(cfg), offline_evaluations=offline_evaluations,
+        alpha_mc=ctx.calibration.alpha_mc,
+        q_hat=ctx.calibration.pooled_offset,
+        radius_cap=ctx.calibration.radius_cap,
+        test_images=len(ctx.data),
+        n0=cfg.n0,
+        cohen_n=list(cfg.cohen_n),
+        max_samples=cfg.max_samples,
+        tolerance=guided_tolerance(cfg),
+        offline_evaluations=offline_evaluations,
         base_noisy_test_accuracy=(ctx.pipeline.manifest.data["stages"].get("train-base") or {}).get(
-            "noisy_test_accuracy"),
+            "noisy_test_accuracy"
+        ),
         surrogate_share_on_calibration=ctx.calibration.diagnostics.get("certified_share"),
-        device=str(ctx.smooth.device), torch_threads=torch.get_num_threads(), cpu_count=env["cpu_count"],
-        versions=env["versions"], workdir=str(workdir), config=dataclasses.asdict(cfg),
+        device=str(ctx.smooth.device),
+        torch_threads=torch.get_num_threads(),
+        cpu_count=env["cpu_count"],
+        versions=env["versions"],
+        workdir=str(workdir),
+        config=dataclasses.asdict(cfg),
     )
 
 
@@ -599,9 +748,25 @@ def markdown_table(content: dict) -> str:
         lines.append(
             f"| {r['label']} | " + " | ".join(acc) + f" | {r['acr']:.3f} | {num(ev['all'])} | {num(ev['certified'])} "
             f"| {num(ev['rest'])} | {num(r['images_per_second'])} | "
-            + (f"{gt['wrong']}/{gt['inputs']} ({gt['bound']:.3g})" if gt else "n/a") + " |")
+            + (f"{gt['wrong']}/{gt['inputs']} ({gt['bound']:.3g})" if gt else "n/a")
+            + " |"
+        )
     return "\n".join(lines)
 
 
-__all__ = ["BenchConfig", "BENCH_FULL", "BENCH_QUICK", "BENCH_TINY", "METHODS", "METHOD_LABELS", "run_bench",
-           "linear_ground_truth", "certifiers", "markdown_table", "summarise", "triage", "prior_comparison", "json_safe"]
+__all__ = [
+    "BenchConfig",
+    "BENCH_FULL",
+    "BENCH_QUICK",
+    "BENCH_TINY",
+    "METHODS",
+    "METHOD_LABELS",
+    "run_bench",
+    "linear_ground_truth",
+    "certifiers",
+    "markdown_table",
+    "summarise",
+    "triage",
+    "prior_comparison",
+    "json_safe",
+]

@@ -17,6 +17,7 @@ inputs (a counts file's majority-class frequency, e.g. MNIST test images at 10^4
 samples to the decision on the certify side (``p >= p0``) and the reject side (``p < p0``), their ratios to
 the published test, and the wrong decisions of each.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,14 @@ from ..core import stats
 from ..core.sequential import EProcessCertifier
 from ..core.smoothing import STREAM_SEQUENTIAL
 
-__all__ = ["BernoulliSmoothed", "published_thresholds", "published_stop_times", "GiveUpConfig", "run_give_up",
-           "give_up_markdown"]
+__all__ = [
+    "BernoulliSmoothed",
+    "published_thresholds",
+    "published_stop_times",
+    "GiveUpConfig",
+    "run_give_up",
+    "give_up_markdown",
+]
 
 BLOCK = 4096
 """Samples per reproducible block of a Bernoulli stream."""
@@ -54,10 +61,12 @@ class BernoulliSmoothed:
     def stream(self, index: int, start: int, n: int, stream: int = STREAM_SEQUENTIAL) -> np.ndarray:
         """Successes (bool) of samples ``start .. start + n - 1`` of input ``index``."""
         first, last = start // BLOCK, (start + n - 1) // BLOCK if n else start // BLOCK - 1
-        blocks = [np.random.default_rng([self.seed, int(index), int(stream), b]).random(BLOCK) < self.p[index]
-                  for b in range(first, last + 1)]
+        blocks = [
+            np.random.default_rng([self.seed, int(index), int(stream), b]).random(BLOCK) < self.p[index]
+            for b in range(first, last + 1)
+        ]
         joined = np.concatenate(blocks) if blocks else np.zeros(0, dtype=bool)
-        return joined[start - first * BLOCK: start - first * BLOCK + n]
+        return joined[start - first * BLOCK : start - first * BLOCK + n]
 
     def sample_predictions(self, x, n, *, indices=None, stream=STREAM_SEQUENTIAL, start=0) -> np.ndarray:
         num = x.shape[0]
@@ -66,7 +75,7 @@ class BernoulliSmoothed:
         start = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
         out = np.full((num, int(n.max()) if num else 0), -1, dtype=np.int32)
         for row in range(num):
-            out[row, :n[row]] = np.where(self.stream(idx[row], int(start[row]), int(n[row]), stream), 0, 1)
+            out[row, : n[row]] = np.where(self.stream(idx[row], int(start[row]), int(n[row]), stream), 0, 1)
         self.evaluations += int(n.sum())
         return out
 
@@ -95,11 +104,15 @@ def published_thresholds(p0: float, alpha: float, cap: int) -> tuple[np.ndarray,
         for _ in range(40):
             mid = np.floor((lo + hi) / 2) if want_low else np.ceil((lo + hi) / 2)
             ok = fires_at(mid)
-            lo, hi = (np.where(ok, mid, lo), np.where(ok, hi, mid)) if want_low else (np.where(ok, lo, mid), np.where(ok, mid, hi))
+            lo, hi = (
+                (np.where(ok, mid, lo), np.where(ok, hi, mid))
+                if want_low
+                else (np.where(ok, lo, mid), np.where(ok, mid, hi))
+            )
         return lo if want_low else hi
 
-    up_fires = lambda s: (evidence(s) > level) & (s >= p0 * t)      # noqa: E731
-    down_fires = lambda s: (evidence(s) > level) & (s <= p0 * t)    # noqa: E731
+    up_fires = lambda s: (evidence(s) > level) & (s >= p0 * t)  # noqa: E731
+    down_fires = lambda s: (evidence(s) > level) & (s <= p0 * t)  # noqa: E731
     certify = np.where(up_fires(t), bisect(np.floor(p0 * t), t.copy(), up_fires, False), t + 1)
     reject = np.where(down_fires(np.zeros_like(t)), bisect(np.zeros_like(t), np.ceil(p0 * t), down_fires, True), -1)
     return reject.astype(np.int64), certify.astype(np.int64)
@@ -136,8 +149,11 @@ class GiveUpConfig:
     seed: int = 0
 
 
-OURS = {"dedicated": dict(give_up="dedicated"), "dedicated_give_up_2alpha": dict(give_up="dedicated", give_up_level=2.0),
-        "mixture": dict(give_up="mixture")}
+OURS = {
+    "dedicated": dict(give_up="dedicated"),
+    "dedicated_give_up_2alpha": dict(give_up="dedicated", give_up_level=2.0),
+    "mixture": dict(give_up="mixture"),
+}
 """Our variants: the dedicated give-up at ``alpha`` (the default), the same with the give-up test at ``2 alpha``
 (the level of each side of the published code; certificates stay at ``alpha``), version 0.3's mixture rule."""
 
@@ -177,15 +193,25 @@ def measure_inputs(p, radius: float, cfg: GiveUpConfig, seed: int, published=Non
     stop, decision = published_stop_times(smooth, np.arange(len(p)), thresholds, cfg.cap)
     rows["published"] = dict(stop=stop, decision=decision, samples=stop)
     above = p >= p0
-    out = dict(p0=p0, inputs=int(len(p)), certify_side=int(above.sum()), reject_side=int((~above).sum()),
-               seconds=time.perf_counter() - t0)
+    out = dict(
+        p0=p0,
+        inputs=int(len(p)),
+        certify_side=int(above.sum()),
+        reject_side=int((~above).sum()),
+        seconds=time.perf_counter() - t0,
+    )
     for name, r in rows.items():
         wrong = ((r["decision"] == 1) & ~above) | ((r["decision"] == -1) & above)
-        out[name] = dict(stop_certify_side=_mean(r["stop"][above]), stop_reject_side=_mean(r["stop"][~above]),
-                         samples_certify_side=_mean(r["samples"][above]), samples_reject_side=_mean(r["samples"][~above]),
-                         wrong_decisions=int(wrong.sum()), wrong_certify=int(np.sum((r["decision"] == 1) & ~above)),
-                         wrong_give_up=int(np.sum((r["decision"] == -1) & above)),
-                         undecided=int(np.sum(r["decision"] == 0)))
+        out[name] = dict(
+            stop_certify_side=_mean(r["stop"][above]),
+            stop_reject_side=_mean(r["stop"][~above]),
+            samples_certify_side=_mean(r["samples"][above]),
+            samples_reject_side=_mean(r["samples"][~above]),
+            wrong_decisions=int(wrong.sum()),
+            wrong_certify=int(np.sum((r["decision"] == 1) & ~above)),
+            wrong_give_up=int(np.sum((r["decision"] == -1) & above)),
+            undecided=int(np.sum(r["decision"] == 0)),
+        )
     for name in OURS:
         for side in ("certify", "reject"):
             ours, ref = out[name][f"stop_{side}_side"], out["published"][f"stop_{side}_side"]
@@ -197,15 +223,19 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def run_give_up(cfg: GiveUpConfig = GiveUpConfig(), real_inputs: dict | None = None, published=None,
-                say=print) -> dict:
+def run_give_up(cfg: GiveUpConfig = GiveUpConfig(), real_inputs: dict | None = None, published=None, say=print) -> dict:
     """The grid (``cfg.runs`` streams per point) and, optionally, real inputs' ``p`` (name -> array); JSON-ready.
 
     ``published(p0, alpha, cap)`` may supply the published thresholds from elsewhere (the authors' code).
     """
     started = time.perf_counter()
-    content: dict = dict(config=dict(alpha=cfg.alpha, cap=cfg.cap, radii=list(cfg.radii), offsets=list(cfg.offsets),
-                                     runs=cfg.runs, seed=cfg.seed), grid={}, real={})
+    content: dict = dict(
+        config=dict(
+            alpha=cfg.alpha, cap=cfg.cap, radii=list(cfg.radii), offsets=list(cfg.offsets), runs=cfg.runs, seed=cfg.seed
+        ),
+        grid={},
+        real={},
+    )
     for k, radius in enumerate(cfg.radii):
         p0 = float(norm.cdf(radius))
         thresholds = published(p0, cfg.alpha, cfg.cap) if published else published_thresholds(p0, cfg.alpha, cfg.cap)
@@ -213,14 +243,20 @@ def run_give_up(cfg: GiveUpConfig = GiveUpConfig(), real_inputs: dict | None = N
             p = np.full(cfg.runs, norm.cdf(radius + d))
             row = measure_inputs(p, radius, cfg, cfg.seed + 1000 * k + j, thresholds)
             content["grid"][f"r{radius:g}_d{d:+g}"] = dict(radius_sigmas=radius, offset_sigmas=d, p=float(p[0]), **row)
-            say(f"r*={radius:g} sigma, p=Phi({radius + d:g}): " + ", ".join(
-                f"{n} {row[n]['stop_certify_side' if d > 0 else 'stop_reject_side']:.0f}"
-                for n in (*OURS, "published")))
+            say(
+                f"r*={radius:g} sigma, p=Phi({radius + d:g}): "
+                + ", ".join(
+                    f"{n} {row[n]['stop_certify_side' if d > 0 else 'stop_reject_side']:.0f}"
+                    for n in (*OURS, "published")
+                )
+            )
         for name, p in (real_inputs or {}).items():
             row = measure_inputs(p, radius, cfg, cfg.seed + 10_000 + k, thresholds)
             content["real"].setdefault(name, {})[f"r{radius:g}"] = row
-            say(f"{name}, r*={radius:g} sigma: ratios " + ", ".join(
-                f"{side} {row['dedicated'][f'ratio_{side}_side']}" for side in ("certify", "reject")))
+            say(
+                f"{name}, r*={radius:g} sigma: ratios "
+                + ", ".join(f"{side} {row['dedicated'][f'ratio_{side}_side']}" for side in ("certify", "reject"))
+            )
     content["summary"] = give_up_summary(content)
     content["seconds"] = time.perf_counter() - started
     content["markdown"] = give_up_markdown(content)
@@ -239,22 +275,31 @@ def give_up_summary(content: dict) -> dict:
             for side in ratios:
                 if row[rule][f"ratio_{side}_side"] is not None:
                     ratios[side].append(row[rule][f"ratio_{side}_side"])
-        out[rule] = dict(worst_ratio_certify_side=max(ratios["certify"], default=None),
-                         worst_ratio_reject_side=max(ratios["reject"], default=None),
-                         best_ratio_certify_side=min(ratios["certify"], default=None),
-                         best_ratio_reject_side=min(ratios["reject"], default=None), wrong_decisions=wrong,
-                         target="<= 1.0x the published test's samples on both sides")
-        out[rule]["met"] = bool(ratios["certify"] and ratios["reject"] and max(ratios["certify"]) <= 1.0
-                                and max(ratios["reject"]) <= 1.0)
+        out[rule] = dict(
+            worst_ratio_certify_side=max(ratios["certify"], default=None),
+            worst_ratio_reject_side=max(ratios["reject"], default=None),
+            best_ratio_certify_side=min(ratios["certify"], default=None),
+            best_ratio_reject_side=min(ratios["reject"], default=None),
+            wrong_decisions=wrong,
+            target="<= 1.0x the published test's samples on both sides",
+        )
+        out[rule]["met"] = bool(
+            ratios["certify"] and ratios["reject"] and max(ratios["certify"]) <= 1.0 and max(ratios["reject"]) <= 1.0
+        )
     return out
 
 
 def give_up_markdown(content: dict) -> str:
     """The side-by-side tables (docs/one-pass.md): mean samples to the decision per grid point and real set."""
-    lines = ["| r* | p | side | published | dedicated (alpha) | ratio | dedicated, give-up at 2 alpha | ratio | "
-             "version 0.3 mixture | ratio |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = [(f"{r['radius_sigmas']:g}σ", f"Φ({r['radius_sigmas'] + r['offset_sigmas']:g})", r)
-            for r in content["grid"].values()]
+    lines = [
+        "| r* | p | side | published | dedicated (alpha) | ratio | dedicated, give-up at 2 alpha | ratio | "
+        "version 0.3 mixture | ratio |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [
+        (f"{r['radius_sigmas']:g}σ", f"Φ({r['radius_sigmas'] + r['offset_sigmas']:g})", r)
+        for r in content["grid"].values()
+    ]
     rows += [(k[1:] + "σ", name, r) for name, per in content.get("real", {}).items() for k, r in per.items()]
     for radius, p, r in rows:
         for side in ("certify", "reject"):

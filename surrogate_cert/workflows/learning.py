@@ -21,6 +21,7 @@ calibration on it, and the old one is dropped (the watchers restart, each with i
 probability). What would break it: training on calibration images (refused), or a calibration fitted
 on queries the surrogate trained on.
 """
+
 from __future__ import annotations
 
 import os
@@ -126,9 +127,18 @@ class FallbackLearner:
         The dataset the queries' indices refer to (recorded in the log).
     """
 
-    def __init__(self, hybrid: HybridCertifier, query_log, train_counts, cal_counts, workdir, *,
-                 init_from_base: str | None = None, config: LearningConfig = LearningConfig(),
-                 source_dataset: str | None = None):
+    def __init__(
+        self,
+        hybrid: HybridCertifier,
+        query_log,
+        train_counts,
+        cal_counts,
+        workdir,
+        *,
+        init_from_base: str | None = None,
+        config: LearningConfig = LearningConfig(),
+        source_dataset: str | None = None,
+    ):
         if hybrid.sequential is None:
             raise InvalidParameterError("learning from the fallback needs a hybrid with a sequential fallback")
         if config.retrain_every < 1:
@@ -139,8 +149,14 @@ class FallbackLearner:
         if hybrid.audit is not None and hybrid.audit.smooth is self.recorder.inner:
             hybrid.audit.smooth = self.recorder
         sur = hybrid.surrogate
-        self.log = QueryLog(query_log, sigma=sur.sigma, num_classes=sur.num_classes, input_shape=sur.input_shape,
-                            model_sha256=sur.meta.get("base_model_sha256"), dataset=source_dataset)
+        self.log = QueryLog(
+            query_log,
+            sigma=sur.sigma,
+            num_classes=sur.num_classes,
+            input_shape=sur.input_shape,
+            model_sha256=sur.meta.get("base_model_sha256"),
+            dataset=source_dataset,
+        )
         self.train_counts = [os.fspath(p) for p in train_counts]
         self.cal_counts = os.fspath(cal_counts)
         self.workdir = Path(workdir)
@@ -168,22 +184,40 @@ class FallbackLearner:
         return certificates
 
     def retrain(self) -> dict:
-        """Retrain on the training counts plus the log, calibrate on the calibration counts, swap in; returns the record."""
+        """Retrain on the training counts plus the log, calibrate on the calibration counts, swap in.
+
+        Returns the record.
+        """
         cfg = self.config
         started = time.perf_counter()
         k = len(self.history) + 1
         self.workdir.mkdir(parents=True, exist_ok=True)
         out = self.workdir / f"surrogate-{k}.pt"
         files = self.train_counts + [self.log.path] * max(1, int(cfg.log_weight))
-        surrogate = train_surrogate(files, out, init_from_base=self.init_from_base,
-                                    epochs=cfg.epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
-                                    batch_size=cfg.batch_size, patience=cfg.patience, progress=False)
+        surrogate = train_surrogate(
+            files,
+            out,
+            init_from_base=self.init_from_base,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            data_root=cfg.data_root,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            patience=cfg.patience,
+            progress=False,
+        )
         surrogate = Surrogate.load(out, device=cfg.device)
-        calibration = calibrate(surrogate, self.cal_counts, cfg.epsilon, cfg.alpha_mc, data_root=cfg.data_root,
-                                **cfg.calibrate_options)
+        calibration = calibrate(
+            surrogate, self.cal_counts, cfg.epsilon, cfg.alpha_mc, data_root=cfg.data_root, **cfg.calibrate_options
+        )
         self.hybrid.replace_surrogate(surrogate, calibration)
-        record = dict(after_query=self.queries, surrogate=str(out), logged_rows=self.log.rows,
-                      q_hat=calibration.pooled_offset, seconds=time.perf_counter() - started)
+        record = dict(
+            after_query=self.queries,
+            surrogate=str(out),
+            logged_rows=self.log.rows,
+            q_hat=calibration.pooled_offset,
+            seconds=time.perf_counter() - started,
+        )
         self.history.append(record)
         self.since_retrain = 0
         return record

@@ -14,6 +14,7 @@ and the audit's separately, the share answered in one pass, the surrogate in use
 and the targets: evaluations over the last 1,000 queries at most half those over the first 1,000, the
 one-pass share rising, the audited over-radius rate within epsilon + alpha_mc.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,8 @@ class LearningCaseConfig:
     """The stream measurement: the pretrained case it builds on, the stream and the learner's settings."""
 
     pretrained: PretrainedConfig = dataclasses.replace(
-        PRETRAINED_MNIST, case=dataclasses.replace(PRETRAINED_MNIST.case, sigma=0.5))
+        PRETRAINED_MNIST, case=dataclasses.replace(PRETRAINED_MNIST.case, sigma=0.5)
+    )
     initial_pools: tuple[str, ...] = ("seen", "augmented")
     required_sigma: float | None = 2.0
     """Each query asks for this radius (sigma units; the thresholds, then the fallback in target mode); None:
@@ -69,19 +71,30 @@ LEARNING_MNIST = LearningCaseConfig()
 
 LEARNING_TINY = LearningCaseConfig(
     pretrained=PRETRAINED_TINY,
-    initial_pools=("seen",), stream=120, block=40, retrain_every=60, audit_rate=0.2, required_sigma=1.0,
-    max_samples=300)
+    initial_pools=("seen",),
+    stream=120,
+    block=40,
+    retrain_every=60,
+    audit_rate=0.2,
+    required_sigma=1.0,
+    max_samples=300,
+)
 """Test-only: digits, seconds."""
 
 
 def _hybrid(surrogate, calibration, base, cfg, lc: LearningCaseConfig, watched: bool) -> HybridCertifier:
-    smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
-                                seed=cfg.seed)
-    sequential = EProcessCertifier(smooth, cfg.alpha, max_samples=lc.max_samples or cfg.max_samples,
-                                   tolerance=cfg.tolerance)
+    smooth = SmoothedClassifier(
+        base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    sequential = EProcessCertifier(
+        smooth, cfg.alpha, max_samples=lc.max_samples or cfg.max_samples, tolerance=cfg.tolerance
+    )
     monitor = DriftMonitor.from_calibration(calibration, delta=lc.drift_delta, seed=cfg.seed) if watched else None
-    audit = (CertificateAudit(calibration, smooth, rate=lc.audit_rate, delta=lc.drift_delta, seed=cfg.seed)
-             if watched and lc.audit_rate else None)
+    audit = (
+        CertificateAudit(calibration, smooth, rate=lc.audit_rate, delta=lc.drift_delta, seed=cfg.seed)
+        if watched and lc.audit_rate
+        else None
+    )
     return HybridCertifier(SurrogateCertifier(surrogate, calibration), sequential, monitor, audit)
 
 
@@ -91,11 +104,16 @@ def _block_row(certs, hybrid, audit_before, lo: int) -> dict:
     audit = hybrid.audit
     audit_evals = 0 if audit is None else audit.evaluations - audit_before
     routes = [c.route for c in certs]
-    row = dict(first_query=lo, queries=len(certs), evaluations=float((samples.sum() - audit_evals) / len(certs)),
-               audit_evaluations=float(audit_evals / len(certs)),
-               one_pass_share=float(np.mean([r == "surrogate" for r in routes])),
-               routes={r: routes.count(r) for r in sorted(set(routes))}, q_hat=hybrid.calibration.pooled_offset,
-               surrogate=hybrid.calibration.surrogate_sha256[:12])
+    row = dict(
+        first_query=lo,
+        queries=len(certs),
+        evaluations=float((samples.sum() - audit_evals) / len(certs)),
+        audit_evaluations=float(audit_evals / len(certs)),
+        one_pass_share=float(np.mean([r == "surrogate" for r in routes])),
+        routes={r: routes.count(r) for r in sorted(set(routes))},
+        q_hat=hybrid.calibration.pooled_offset,
+        surrogate=hybrid.calibration.surrogate_sha256[:12],
+    )
     if hybrid.monitor is not None:
         row["drift"] = dict(log_martingale=hybrid.monitor.log_martingale, alarm=hybrid.monitor.alarm)
     if audit is not None:
@@ -114,8 +132,10 @@ def _stream(hybrid, certify, x, indices, lc: LearningCaseConfig, say) -> list[di
         if audit is not None:
             audits[id(audit)] = audit
         blocks.append(_block_row(certs, hybrid if hybrid.audit is audit else _Was(hybrid, audit), before, lo))
-        say(f"      queries {lo}-{hi}: {blocks[-1]['evaluations']:.0f} evals/query, one-pass "
-            f"{100 * blocks[-1]['one_pass_share']:.0f}%, q^ {blocks[-1]['q_hat']:.3f}")
+        say(
+            f"      queries {lo}-{hi}: {blocks[-1]['evaluations']:.0f} evals/query, one-pass "
+            f"{100 * blocks[-1]['one_pass_share']:.0f}%, q^ {blocks[-1]['q_hat']:.3f}"
+        )
     return blocks, list(audits.values())
 
 
@@ -136,9 +156,12 @@ def _window(blocks, first: bool, size: int) -> dict:
         take.append(r)
         n += r["queries"]
     q = sum(r["queries"] for r in take)
-    return dict(queries=q, evaluations=sum(r["evaluations"] * r["queries"] for r in take) / q,
-                audit_evaluations=sum(r["audit_evaluations"] * r["queries"] for r in take) / q,
-                one_pass_share=sum(r["one_pass_share"] * r["queries"] for r in take) / q)
+    return dict(
+        queries=q,
+        evaluations=sum(r["evaluations"] * r["queries"] for r in take) / q,
+        audit_evaluations=sum(r["audit_evaluations"] * r["queries"] for r in take) / q,
+        one_pass_share=sum(r["one_pass_share"] * r["queries"] for r in take) / q,
+    )
 
 
 def learning_targets(blocks, audits, epsilon: float, alpha_mc: float, window: int = 1000) -> dict:
@@ -149,21 +172,42 @@ def learning_targets(blocks, audits, epsilon: float, alpha_mc: float, window: in
     lower, upper = beta_binomial_cs(exceed, audited, 0.05) if audited else (0.0, 1.0)
     bound = epsilon + alpha_mc
     return dict(
-        evaluations=dict(rule="evaluations per query over the last 1,000 queries <= half those over the first 1,000 "
-                              "(certification path; the audit's reported beside)", first=first, last=last,
-                         ratio=last["evaluations"] / first["evaluations"] if first["evaluations"] else None,
-                         met=last["evaluations"] <= 0.5 * first["evaluations"]),
-        one_pass_share=dict(rule="the one-pass share rising", first=first["one_pass_share"],
-                            last=last["one_pass_share"], met=last["one_pass_share"] > first["one_pass_share"]),
-        audited_over_radius=dict(rule="over-radius rate of audited queries <= epsilon + alpha_mc", audited=audited,
-                                 exceedances=exceed, rate=exceed / audited if audited else None,
-                                 confidence_sequence_95=[lower, upper], bound=bound,
-                                 alarms=sum(bool(a.alarm) for a in audits),
-                                 met=bool(audited) and exceed / audited <= bound))
+        evaluations=dict(
+            rule="evaluations per query over the last 1,000 queries <= half those over the first 1,000 "
+            "(certification path; the audit's reported beside)",
+            first=first,
+            last=last,
+            ratio=last["evaluations"] / first["evaluations"] if first["evaluations"] else None,
+            met=last["evaluations"] <= 0.5 * first["evaluations"],
+        ),
+        one_pass_share=dict(
+            rule="the one-pass share rising",
+            first=first["one_pass_share"],
+            last=last["one_pass_share"],
+            met=last["one_pass_share"] > first["one_pass_share"],
+        ),
+        audited_over_radius=dict(
+            rule="over-radius rate of audited queries <= epsilon + alpha_mc",
+            audited=audited,
+            exceedances=exceed,
+            rate=exceed / audited if audited else None,
+            confidence_sequence_95=[lower, upper],
+            bound=bound,
+            alarms=sum(bool(a.alarm) for a in audits),
+            met=bool(audited) and exceed / audited <= bound,
+        ),
+    )
 
 
-def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogate-cert-learning", *, out=None,
-                      cache_dir=None, progress: bool = False, quiet: bool = False) -> dict:
+def run_learning_case(
+    lc: LearningCaseConfig = LEARNING_MNIST,
+    workdir="surrogate-cert-learning",
+    *,
+    out=None,
+    cache_dir=None,
+    progress: bool = False,
+    quiet: bool = False,
+) -> dict:
     """The stream with and without learning; returns (and writes to ``out``) the JSON."""
     if out is not None:
         check_outputs([out], overwrite=True)
@@ -179,30 +223,55 @@ def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogat
     calibration = bench.calibrations(surrogate, cal, cfg.epsilons[0], files[0], schemes=("pooled",))["pooled"]
     base = load_model(model, device=cfg.device).model
     test = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=lc.stream)
-    content: dict = dict(stream=len(test), initial_pools=list(lc.initial_pools), initial_q_hat=calibration.pooled_offset)
+    content: dict = dict(
+        stream=len(test), initial_pools=list(lc.initial_pools), initial_q_hat=calibration.pooled_offset
+    )
     required = None if lc.required_sigma is None else lc.required_sigma * cfg.sigma
     if lc.control:
         say("      control: the same stream, no learning")
         hybrid = _hybrid(surrogate, calibration, base, cfg, dataclasses.replace(lc, audit_rate=0.0), watched=False)
-        blocks, _ = _stream(hybrid, lambda x, i: hybrid.certify(x, required_radius=required, indices=i), test.x,
-                            test.indices, lc, say)
+        blocks, _ = _stream(
+            hybrid, lambda x, i: hybrid.certify(x, required_radius=required, indices=i), test.x, test.indices, lc, say
+        )
         content["control"] = dict(blocks=blocks, first=_window(blocks, True, 1000), last=_window(blocks, False, 1000))
     say("      learning from the fallback")
     hybrid = _hybrid(surrogate, calibration, base, cfg, lc, watched=True)
-    learner = FallbackLearner(hybrid, bench.workdir / f"queries-{time.strftime('%Y%m%d-%H%M%S')}.h5", files, cal,
-                              bench.workdir / "learned", init_from_base=model, source_dataset=cfg.dataset,
-                              config=LearningConfig(retrain_every=lc.retrain_every, epsilon=cfg.epsilons[0],
-                                                    alpha_mc=cfg.alpha_mc, epochs=cfg.surrogate_epochs,
-                                                    batch_size=cfg.surrogate_batch_size, seed=cfg.seed,
-                                                    data_root=cfg.data_root, device=cfg.device))
-    blocks, audits = _stream(hybrid, lambda x, i: learner.certify(x, indices=i, required_radius=required), test.x,
-                             test.indices, lc, say)
+    learner = FallbackLearner(
+        hybrid,
+        bench.workdir / f"queries-{time.strftime('%Y%m%d-%H%M%S')}.h5",
+        files,
+        cal,
+        bench.workdir / "learned",
+        init_from_base=model,
+        source_dataset=cfg.dataset,
+        config=LearningConfig(
+            retrain_every=lc.retrain_every,
+            epsilon=cfg.epsilons[0],
+            alpha_mc=cfg.alpha_mc,
+            epochs=cfg.surrogate_epochs,
+            batch_size=cfg.surrogate_batch_size,
+            seed=cfg.seed,
+            data_root=cfg.data_root,
+            device=cfg.device,
+        ),
+    )
+    blocks, audits = _stream(
+        hybrid, lambda x, i: learner.certify(x, indices=i, required_radius=required), test.x, test.indices, lc, say
+    )
     content["learning"] = dict(blocks=blocks, retrainings=learner.history, logged_rows=learner.log.rows)
     content["targets"] = learning_targets(blocks, audits, cfg.epsilons[0], cfg.alpha_mc)
-    content["setup"] = dict(dataset=cfg.dataset, sigma=cfg.sigma, alpha=cfg.alpha, alpha_mc=cfg.alpha_mc,
-                            epsilon=cfg.epsilons[0], base_model=model, base_splits=list(cfg.base_splits),
-                            config=dataclasses.asdict(lc), torch_threads=torch.get_num_threads(),
-                            load_average=list(os.getloadavg()))
+    content["setup"] = dict(
+        dataset=cfg.dataset,
+        sigma=cfg.sigma,
+        alpha=cfg.alpha,
+        alpha_mc=cfg.alpha_mc,
+        epsilon=cfg.epsilons[0],
+        base_model=model,
+        base_splits=list(cfg.base_splits),
+        config=dataclasses.asdict(lc),
+        torch_threads=torch.get_num_threads(),
+        load_average=list(os.getloadavg()),
+    )
     content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
     content["markdown"] = learning_markdown(content)
     if out is not None:
@@ -213,16 +282,24 @@ def run_learning_case(lc: LearningCaseConfig = LEARNING_MNIST, workdir="surrogat
 def learning_markdown(content: dict) -> str:
     """The stream table (docs/one-pass.md): per block, with and without learning."""
     control = {b["first_query"]: b for b in content.get("control", {}).get("blocks", [])}
-    lines = ["| queries | evals/query (learning) | audit evals/query | one-pass share | q^ | evals/query (no "
-             "learning) | one-pass share (no learning) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| queries | evals/query (learning) | audit evals/query | one-pass share | q^ | evals/query (no "
+        "learning) | one-pass share (no learning) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for b in content["learning"]["blocks"]:
         c = control.get(b["first_query"])
-        lines.append(f"| {b['first_query']}-{b['first_query'] + b['queries']} | {b['evaluations']:,.0f} | "
-                     f"{b['audit_evaluations']:,.0f} | {100 * b['one_pass_share']:.1f}% | {b['q_hat']:.3f} | "
-                     + (f"{c['evaluations']:,.0f} | {100 * c['one_pass_share']:.1f}% |" if c else " | |"))
+        lines.append(
+            f"| {b['first_query']}-{b['first_query'] + b['queries']} | {b['evaluations']:,.0f} | "
+            f"{b['audit_evaluations']:,.0f} | {100 * b['one_pass_share']:.1f}% | {b['q_hat']:.3f} | "
+            + (f"{c['evaluations']:,.0f} | {100 * c['one_pass_share']:.1f}% |" if c else " | |")
+        )
     t = content["targets"]
-    lines += ["", f"first 1,000: {t['evaluations']['first']['evaluations']:,.0f} evals/query; last 1,000: "
-                  f"{t['evaluations']['last']['evaluations']:,.0f} (ratio {t['evaluations']['ratio']:.2f}); one-pass "
-                  f"share {100 * t['one_pass_share']['first']:.1f}% -> {100 * t['one_pass_share']['last']:.1f}%; "
-                  f"audited over-radius {t['audited_over_radius']['exceedances']}/{t['audited_over_radius']['audited']}"]
+    lines += [
+        "",
+        f"first 1,000: {t['evaluations']['first']['evaluations']:,.0f} evals/query; last 1,000: "
+        f"{t['evaluations']['last']['evaluations']:,.0f} (ratio {t['evaluations']['ratio']:.2f}); one-pass "
+        f"share {100 * t['one_pass_share']['first']:.1f}% -> {100 * t['one_pass_share']['last']:.1f}%; "
+        f"audited over-radius {t['audited_over_radius']['exceedances']}/{t['audited_over_radius']['audited']}",
+    ]
     return "\n".join(lines)

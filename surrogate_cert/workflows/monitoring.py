@@ -8,6 +8,7 @@ fallback: after an alarm the one-pass certificates are withheld), and writes one
 bounds, and how many queries took each route. The whole stream is checked before any work, and the
 JSON is written atomically at the end, so a bad input leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ STREAM_CHUNK = 1024
 """Queries handed to the certifier and the watchers at once (results do not depend on it)."""
 
 
-def load_stream(path: str | os.PathLike, input_shape,
-                num_classes: int | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+def load_stream(
+    path: str | os.PathLike, input_shape, num_classes: int | None = None
+) -> tuple[torch.Tensor, np.ndarray | None]:
     """The images (and labels, if any) of a stream NPZ, checked whole before any work.
 
     Parameters
@@ -71,8 +73,9 @@ def load_stream(path: str | os.PathLike, input_shape,
     """
     arrays = read_npz(path, "a stream .npz with arrays x (N x C x H x W in [0, 1]) and optional y")
     if "x" not in arrays:
-        raise InvalidInputError(f"stream {path} has no array 'x' (N x C x H x W images in [0, 1]); it has "
-                                f"{sorted(arrays) or 'nothing'}")
+        raise InvalidInputError(
+            f"stream {path} has no array 'x' (N x C x H x W images in [0, 1]); it has {sorted(arrays) or 'nothing'}"
+        )
     x = arrays["x"]
     expected = " x ".join(map(str, input_shape))
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
@@ -86,20 +89,30 @@ def load_stream(path: str | os.PathLike, input_shape,
     if y is not None:
         y = np.asarray(y)
         if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-            raise InvalidInputError(f"stream {path}: y must hold one integer label per image, got shape {y.shape} "
-                                    f"and dtype {y.dtype}")
+            raise InvalidInputError(
+                f"stream {path}: y must hold one integer label per image, got shape {y.shape} and dtype {y.dtype}"
+            )
         y = y.astype(np.int64)
         outside = (y < 0) | (y >= num_classes) if num_classes is not None else (y < 0)
         if outside.any():
             first = int(np.flatnonzero(outside)[0])
             classes = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
-            raise InvalidInputError(f"stream {path}: label {int(y[first])} (query {first}) is not a class of "
-                                    f"{classes}; fix y (labels are class indices)")
+            raise InvalidInputError(
+                f"stream {path}: label {int(y[first])} (query {first}) is not a class of "
+                f"{classes}; fix y (labels are class indices)"
+            )
     return images, y
 
 
-def load_stream_split(dataset: str, split: str, input_shape, *, data_root: str | None = None,
-                      download: bool = False, limit: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def load_stream_split(
+    dataset: str,
+    split: str,
+    input_shape,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
     """A dataset split as a stream of queries, in the split's (random, fixed) order.
 
     The ``test`` split is exchangeable with ``cal`` (both are random halves of one source), so the
@@ -140,8 +153,10 @@ def load_stream_split(dataset: str, split: str, input_shape, *, data_root: str |
     data = load_split(dataset, split, data_root=data_root, download=download, limit=limit)
     if tuple(data.input_shape) != tuple(input_shape):
         expected = " x ".join(map(str, input_shape))
-        raise InvalidInputError(f"{dataset} {split} has images of shape {tuple(data.input_shape)} but the surrogate "
-                                f"expects {expected}; stream the dataset the surrogate was trained on")
+        raise InvalidInputError(
+            f"{dataset} {split} has images of shape {tuple(data.input_shape)} but the surrogate "
+            f"expects {expected}; stream the dataset the surrogate was trained on"
+        )
     return data.x.to(torch.float32), data.y.numpy().astype(np.int64)
 
 
@@ -201,22 +216,53 @@ def monitor_stream(
         surrogate = Surrogate.load(surrogate, device=device, key=key)
     if not isinstance(calibration, Calibration):
         calibration = load_calibration(calibration, key=key)
-    hybrid = _watched_certifier(surrogate, calibration, base_model=base_model, audit_rate=audit_rate,
-                                n_audit=n_audit, delta=delta, seed=seed, device=device, batch_size=batch_size,
-                                key=key)
+    hybrid = _watched_certifier(
+        surrogate,
+        calibration,
+        base_model=base_model,
+        audit_rate=audit_rate,
+        n_audit=n_audit,
+        delta=delta,
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        key=key,
+    )
     certificates = _certify_stream(hybrid, x, chunk=chunk, progress=progress)
     return _monitor_document(hybrid, calibration, certificates, y, started)
 
 
-def _watched_certifier(surrogate: Surrogate, calibration: Calibration, *, base_model, audit_rate, n_audit, delta,
-                       seed, device, batch_size, key) -> HybridCertifier:
+def _watched_certifier(
+    surrogate: Surrogate,
+    calibration: Calibration,
+    *,
+    base_model,
+    audit_rate,
+    n_audit,
+    delta,
+    seed,
+    device,
+    batch_size,
+    key,
+) -> HybridCertifier:
     """The one-pass certifier with no fallback, its drift monitor and (given ``audit_rate``) its audit attached."""
     audit_rate = None if not audit_rate else audit_rate
     if audit_rate is not None and base_model is None:
         raise InvalidParameterError("--audit-rate needs the base model (--model) to re-check certificates")
-    return HybridCertifier.load(surrogate, calibration, base_model=base_model, fallback="none", device=device,
-                                batch_size=batch_size, seed=seed, drift_delta=delta, audit_rate=audit_rate,
-                                n_audit=n_audit, audit_delta=delta, key=key)
+    return HybridCertifier.load(
+        surrogate,
+        calibration,
+        base_model=base_model,
+        fallback="none",
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        drift_delta=delta,
+        audit_rate=audit_rate,
+        n_audit=n_audit,
+        audit_delta=delta,
+        key=key,
+    )
 
 
 def _certify_stream(hybrid: HybridCertifier, x: torch.Tensor, *, chunk: int, progress: bool) -> list:
@@ -230,8 +276,9 @@ def _certify_stream(hybrid: HybridCertifier, x: torch.Tensor, *, chunk: int, pro
     return certificates
 
 
-def _monitor_document(hybrid: HybridCertifier, calibration: Calibration, certificates: list,
-                      y: np.ndarray | None, started: float) -> dict:
+def _monitor_document(
+    hybrid: HybridCertifier, calibration: Calibration, certificates: list, y: np.ndarray | None, started: float
+) -> dict:
     """The monitor document: the watchers' state after the stream, the routes taken and the calibration used."""
     monitor, audit = hybrid.monitor, hybrid.audit
     drift = monitor.summary(path=True)
@@ -239,11 +286,14 @@ def _monitor_document(hybrid: HybridCertifier, calibration: Calibration, certifi
     routes = Counter(c.route for c in certificates)
     issued = [i for i, c in enumerate(certificates) if c.method == "surrogate"]
     doc = dict(
-        format=FORMAT, format_version=FORMAT_VERSION,
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
         queries=len(certificates),
-        drift_alarm=monitor.alarm, drift_alarm_at=monitor.alarm_at,
-        log_martingale=dict(final=monitor.log_martingale, max=monitor.max_log_martingale,
-                            threshold=monitor.threshold, path=path),
+        drift_alarm=monitor.alarm,
+        drift_alarm_at=monitor.alarm_at,
+        log_martingale=dict(
+            final=monitor.log_martingale, max=monitor.max_log_martingale, threshold=monitor.threshold, path=path
+        ),
         delta=monitor.delta,
         drift=drift,
         audit_alarm=bool(audit is not None and audit.alarm),
@@ -251,12 +301,21 @@ def _monitor_document(hybrid: HybridCertifier, calibration: Calibration, certifi
         audit=None if audit is None else audit.summary(path=True),
         routes=dict(sorted(routes.items())),
         one_pass_certificates=len(issued),
-        one_pass_accuracy=(float(np.mean([certificates[i].prediction == y[i] for i in issued]))
-                           if y is not None and issued else None),
-        calibration=dict(epsilon=calibration.epsilon, alpha_mc=calibration.alpha_mc, n_cal=calibration.n_cal,
-                         calibration_size=calibration.calibration_size, guarantee=calibration.guarantee,
-                         method=calibration.method, groups=calibration.groups, bound=calibration.bound,
-                         surrogate_sha256=calibration.surrogate_sha256, dataset=calibration.dataset),
+        one_pass_accuracy=(
+            float(np.mean([certificates[i].prediction == y[i] for i in issued])) if y is not None and issued else None
+        ),
+        calibration=dict(
+            epsilon=calibration.epsilon,
+            alpha_mc=calibration.alpha_mc,
+            n_cal=calibration.n_cal,
+            calibration_size=calibration.calibration_size,
+            guarantee=calibration.guarantee,
+            method=calibration.method,
+            groups=calibration.groups,
+            bound=calibration.bound,
+            surrogate_sha256=calibration.surrogate_sha256,
+            dataset=calibration.dataset,
+        ),
         seconds=time.perf_counter() - started,
     )
     return doc

@@ -2,6 +2,7 @@
 
 ``benchmarks/onepass_mnist.py`` is a configuration of ``run_onepass``; counts are cached by content.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +11,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ from ..core.surrogate import Surrogate
 from ..deploy.hybrid import HybridCertifier
 from .bench import json_safe
 from .training import builtin_base_arch, train_surrogate
-
 
 # =========================================================================== the one-pass case (issue 10)
 #
@@ -116,36 +116,86 @@ ONEPASS_MNIST_CPU = OnePassConfig()
 """MNIST at the size that runs end to end in under 45 minutes on 2 CPU cores (uncontended): counts of 10,000
 surrogate-split images x 100, 5,000 cal images x 10^4, 500 test images x (100 + 10^4)."""
 
-ONEPASS_MNIST_GPU = dataclasses.replace(ONEPASS_MNIST_CPU, train_n=100, test_limit=None, cal_topup=90_000,
-                                        frontier_images=(2500, 5000, 10_000))
+ONEPASS_MNIST_GPU = dataclasses.replace(
+    ONEPASS_MNIST_CPU, train_n=100, test_limit=None, cal_topup=90_000, frontier_images=(2500, 5000, 10_000)
+)
 """The full size for a GPU (not measured here): the train split's counts too, every test image, the
 calibration counts topped up to 10^5 samples where all agree."""
 
-ONEPASS_DIGITS = OnePassConfig(dataset="digits", base_arch=None, base_epochs=None, test_limit=None, batch_size=2048,
-                               frontier_images=(125, 250), cal_topup=20_000, mondrian_bins=3, shift_bins=4)
+ONEPASS_DIGITS = OnePassConfig(
+    dataset="digits",
+    base_arch=None,
+    base_epochs=None,
+    test_limit=None,
+    batch_size=2048,
+    frontier_images=(125, 250),
+    cal_topup=20_000,
+    mondrian_bins=3,
+    shift_bins=4,
+)
 """The embedded digits: 250 surrogate-split images, all 400 cal and 397 test images."""
 
-ONEPASS_TINY = OnePassConfig(dataset="digits", base_arch=None, base_epochs=3, surrogate_n=50, cal_n=300, cal_limit=200,
-                             test_n0=20, test_n=300, test_limit=20, epsilons=(0.05,), frontier_epsilons=(0.05, 0.1),
-                             max_samples=300, surrogate_epochs=3, batch_size=2048, shift_bins=3, mondrian_bins=2,
-                             required_sigmas=(1.0,), cal_topup=200)
+ONEPASS_TINY = OnePassConfig(
+    dataset="digits",
+    base_arch=None,
+    base_epochs=3,
+    surrogate_n=50,
+    cal_n=300,
+    cal_limit=200,
+    test_n0=20,
+    test_n=300,
+    test_limit=20,
+    epsilons=(0.05,),
+    frontier_epsilons=(0.05, 0.1),
+    max_samples=300,
+    surrogate_epochs=3,
+    batch_size=2048,
+    shift_bins=3,
+    mondrian_bins=2,
+    required_sigmas=(1.0,),
+    cal_topup=200,
+)
 """Test-only: every section in seconds."""
 
 
-def counts_key(dataset: str, split: str, model_sha256: str, sigma: float, n: int, n0: int, seed: int,
-               limit: int | None, noise_scheme: str = NOISE_SCHEME) -> dict:
+def counts_key(
+    dataset: str,
+    split: str,
+    model_sha256: str,
+    sigma: float,
+    n: int,
+    n0: int,
+    seed: int,
+    limit: int | None,
+    noise_scheme: str = NOISE_SCHEME,
+) -> dict:
     """What a counts file's content depends on (the cache key): dataset, split, base model, sigma, n, n0,
     seed, limit and the noise scheme (a file of any float scheme serves a float key: ``_matches``)."""
-    return dict(dataset=dataset_key(dataset), split=split, model_sha256=model_sha256, sigma=float(sigma), n=int(n),
-                n0=int(n0), seed=int(seed), limit=None if limit is None else int(limit),
-                noise_scheme=check_noise_scheme(noise_scheme))
+    return dict(
+        dataset=dataset_key(dataset),
+        split=split,
+        model_sha256=model_sha256,
+        sigma=float(sigma),
+        n=int(n),
+        n0=int(n0),
+        seed=int(seed),
+        limit=None if limit is None else int(limit),
+        noise_scheme=check_noise_scheme(noise_scheme),
+    )
 
 
 def _matches(attrs: dict, key: dict) -> bool:
-    have = dict(dataset=dataset_key(str(attrs.get("dataset"))), split=attrs.get("split"),
-                model_sha256=attrs.get("model_sha256"), sigma=float(attrs.get("sigma", -1)), n=attrs.get("n"),
-                n0=attrs.get("n0"), seed=attrs.get("seed"), limit=attrs.get("limit"),
-                noise_scheme=attrs.get("noise_scheme"))
+    have = dict(
+        dataset=dataset_key(str(attrs.get("dataset"))),
+        split=attrs.get("split"),
+        model_sha256=attrs.get("model_sha256"),
+        sigma=float(attrs.get("sigma", -1)),
+        n=attrs.get("n"),
+        n0=attrs.get("n0"),
+        seed=attrs.get("seed"),
+        limit=attrs.get("limit"),
+        noise_scheme=attrs.get("noise_scheme"),
+    )
     # Any float scheme serves a float key: its counts are as valid, only not bit-identical to the other's. The
     # sound scheme's law differs (and its images are rounded to the grid): only its own files serve it.
     if noise_family(have["noise_scheme"]) == noise_family(key["noise_scheme"]) == "float":
@@ -175,8 +225,11 @@ def cached_counts(cache_dir, key: dict, make: Callable[[Path], None], extra_dirs
                 shutil.copyfile(path, target)
                 say(f"      reused {path} (same dataset, split, model, sigma, n, n0, seed, limit)")
                 return target
-    name = (f"{key['dataset'].replace('/', '_').replace(':', '_')[-40:]}-{key['split']}-n{key['n']}-n0{key['n0']}"
-            f"-limit{key['limit']}-seed{key['seed']}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.h5")
+    name = (
+        f"{key['dataset'].replace('/', '_').replace(':', '_')[-40:]}-{key['split']}-n{key['n']}-n0{key['n0']}"
+        f"-limit{key['limit']}-seed{key['seed']}"
+        f"-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.h5"
+    )
     path = cache_dir / name
     make(path)
     return path
@@ -240,12 +293,25 @@ class OnePassBench:
         path = self.cache / "models" / f"base-{cfg.dataset}-{cfg.base_arch or 'default'}-{_key(key)[:10]}.pt"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.say(f"      train-base --dataset {cfg.dataset} --arch {cfg.base_arch or 'default'} "
-                     f"(on the {' + '.join(cfg.base_splits)} split{'s' if len(cfg.base_splits) > 1 else ''})")
-            self.timed("train-base", lambda: train_base(dataset=cfg.dataset, sigma=cfg.sigma, out=str(path),
-                                                        epochs=cfg.base_epochs, seed=cfg.seed, data_root=cfg.data_root,
-                                                        device=cfg.device, progress=self.progress, arch=cfg.base_arch,
-                                                        splits=cfg.base_splits))
+            self.say(
+                f"      train-base --dataset {cfg.dataset} --arch {cfg.base_arch or 'default'} "
+                f"(on the {' + '.join(cfg.base_splits)} split{'s' if len(cfg.base_splits) > 1 else ''})"
+            )
+            self.timed(
+                "train-base",
+                lambda: train_base(
+                    dataset=cfg.dataset,
+                    sigma=cfg.sigma,
+                    out=str(path),
+                    epochs=cfg.base_epochs,
+                    seed=cfg.seed,
+                    data_root=cfg.data_root,
+                    device=cfg.device,
+                    progress=self.progress,
+                    arch=cfg.base_arch,
+                    splits=cfg.base_splits,
+                ),
+            )
         return str(path)
 
     def counts(self, model: str, split: str, n: int, n0: int = 0, limit: int | None = None) -> Path:
@@ -254,12 +320,31 @@ class OnePassBench:
         key = counts_key(cfg.dataset, split, sha, cfg.sigma, n, n0, cfg.sampling_seed, limit, cfg.noise_scheme)
 
         def make(path: Path) -> None:
-            self.say(f"      datagen {split}: {'all' if limit is None else limit} images x {n:,}"
-                     + (f" (+ {n0} selection)" if n0 else ""))
-            self.timed(f"datagen {split}", lambda: generate_counts(
-                cfg.dataset, split, model, cfg.sigma, n, str(path), n0=n0, batch_size=cfg.batch_size,
-                seed=cfg.sampling_seed, limit=limit, device=cfg.device, data_root=cfg.data_root, progress=self.progress,
-                resume=path.exists(), command="bench one-pass case", noise_scheme=cfg.noise_scheme))
+            self.say(
+                f"      datagen {split}: {'all' if limit is None else limit} images x {n:,}"
+                + (f" (+ {n0} selection)" if n0 else "")
+            )
+            self.timed(
+                f"datagen {split}",
+                lambda: generate_counts(
+                    cfg.dataset,
+                    split,
+                    model,
+                    cfg.sigma,
+                    n,
+                    str(path),
+                    n0=n0,
+                    batch_size=cfg.batch_size,
+                    seed=cfg.sampling_seed,
+                    limit=limit,
+                    device=cfg.device,
+                    data_root=cfg.data_root,
+                    progress=self.progress,
+                    resume=path.exists(),
+                    command="bench one-pass case",
+                    noise_scheme=cfg.noise_scheme,
+                ),
+            )
 
         return cached_counts(self.cache, key, make, self.extra, self.say)
 
@@ -273,44 +358,87 @@ class OnePassBench:
             if attrs.get("topup_planned_max") == planned:
                 return target
         shutil.copyfile(cal, target)
-        self.say(f"      datagen --top-up {cfg.cal_topup:,}: calibration rows whose samples all agree, up to {planned:,}")
-        self.timed("datagen top-up", lambda: top_up_counts(target, model, cfg.cal_topup, planned_max=planned,
-                                                           batch_size=cfg.batch_size, device=cfg.device,
-                                                           data_root=cfg.data_root, progress=self.progress))
+        self.say(
+            f"      datagen --top-up {cfg.cal_topup:,}: calibration rows whose samples all agree, up to {planned:,}"
+        )
+        self.timed(
+            "datagen top-up",
+            lambda: top_up_counts(
+                target,
+                model,
+                cfg.cal_topup,
+                planned_max=planned,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                data_root=cfg.data_root,
+                progress=self.progress,
+            ),
+        )
         return target
 
     def surrogate(self, model: str, files: list[Path], name: str, init: bool = True) -> Surrogate:
         cfg = self.cfg
         arch = builtin_base_arch(model) or cfg.base_arch
-        key = dict(files=[sha256_of(f) for f in files], init=init, arch=arch, epochs=cfg.surrogate_epochs,
-                   seed=cfg.seed, batch=cfg.surrogate_batch_size, model=sha256_of(model))
+        key = dict(
+            files=[sha256_of(f) for f in files],
+            init=init,
+            arch=arch,
+            epochs=cfg.surrogate_epochs,
+            seed=cfg.seed,
+            batch=cfg.surrogate_batch_size,
+            model=sha256_of(model),
+        )
         path = self.workdir / "surrogates" / f"{name}-{_key(key)[:10]}.pt"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.say(f"      train {name}: {', '.join(f.name for f in files)}" + (" from the base model's weights" if init else ""))
-            self.timed("train", lambda: train_surrogate(
-                [str(f) for f in files], path, arch=arch, init_from_base=model if init else None,
-                epochs=cfg.surrogate_epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
-                batch_size=cfg.surrogate_batch_size, patience=5, progress=self.progress))
+            self.say(
+                f"      train {name}: {', '.join(f.name for f in files)}"
+                + (" from the base model's weights" if init else "")
+            )
+            self.timed(
+                "train",
+                lambda: train_surrogate(
+                    [str(f) for f in files],
+                    path,
+                    arch=arch,
+                    init_from_base=model if init else None,
+                    epochs=cfg.surrogate_epochs,
+                    seed=cfg.seed,
+                    data_root=cfg.data_root,
+                    device=cfg.device,
+                    batch_size=cfg.surrogate_batch_size,
+                    patience=5,
+                    progress=self.progress,
+                ),
+            )
         return Surrogate.load(path, device=cfg.device)
 
-    def calibrations(self, surrogate: Surrogate, cal: Path, epsilon: float, edges_from: Path,
-                     schemes=ONEPASS_SCHEMES) -> dict:
+    def calibrations(
+        self, surrogate: Surrogate, cal: Path, epsilon: float, edges_from: Path, schemes=ONEPASS_SCHEMES
+    ) -> dict:
         cfg = self.cfg
         out = {}
         for scheme in schemes:
-            options = dict(pooled={}, shifted=dict(score="shifted", bins=cfg.shift_bins),
-                           mondrian_train=dict(groups="confidence", edges_from=str(edges_from),
-                                               bins=cfg.mondrian_bins), issued=dict(guarantee="issued"))[scheme]
-            out[scheme] = self.timed("calibrate", lambda: calibrate(surrogate, str(cal), epsilon, cfg.alpha_mc,
-                                                                    data_root=cfg.data_root, **options))
+            options = dict(
+                pooled={},
+                shifted=dict(score="shifted", bins=cfg.shift_bins),
+                mondrian_train=dict(groups="confidence", edges_from=str(edges_from), bins=cfg.mondrian_bins),
+                issued=dict(guarantee="issued"),
+            )[scheme]
+            out[scheme] = self.timed(
+                "calibrate",
+                lambda options=options: calibrate(
+                    surrogate, str(cal), epsilon, cfg.alpha_mc, data_root=cfg.data_root, **options
+                ),
+            )
         return out
 
     def test_data(self, test: Path) -> OnePassData:
         counts = read_counts(test)
         x = counts.images(self.cfg.data_root)
-        prediction, _, radius = stats.cohen_certify(counts.counts_select, counts.counts, self.cfg.alpha, counts.sigma,
-                                                    slack=counts.radius_slack)
+        prediction, _, radius = stats.cohen_certify(
+            counts.counts_select, counts.counts, self.cfg.alpha, counts.sigma, slack=counts.radius_slack
+        )
         labels = counts.require_labels("the one-pass case's certified accuracy", test)
         return OnePassData(x, labels, counts.indices, counts.counts, counts.n, prediction, radius)
 
@@ -334,25 +462,40 @@ def evaluate_one_pass(surrogate: Surrogate, calibration, data: OnePassData, cfg:
     certified = radius > 0
     prediction = np.where(certified, classes, -1)
     radius = np.where(certified, radius, 0.0)
-    reference = np.atleast_1d(stats.reference_radius(data.counts[np.arange(len(classes)), classes], data.n,
-                                                     cfg.alpha_mc, sigma, slack=calibration.noise_slack))
+    reference = np.atleast_1d(
+        stats.reference_radius(
+            data.counts[np.arange(len(classes)), classes], data.n, cfg.alpha_mc, sigma, slack=calibration.noise_slack
+        )
+    )
     over = certified & (radius > reference)
     bound = calibration.epsilon + calibration.alpha_mc
-    row = dict(certified_accuracy=_accuracy(prediction, radius, data.labels, radii),
-               acr=_acr(prediction, radius, data.labels), certified_share=float(certified.mean()),
-               over_radius=int(over.sum()), over_radius_rate=float(over.mean()), over_radius_bound=bound,
-               over_radius_allowance=stats.binomial_allowance(len(radius), bound), q_hat=calibration.pooled_offset,
-               radius_cap=calibration.radius_cap, mean_evaluations=0.0, guarantee=calibration.guarantee,
-               **among_certified(over, certified, bound))
+    row = dict(
+        certified_accuracy=_accuracy(prediction, radius, data.labels, radii),
+        acr=_acr(prediction, radius, data.labels),
+        certified_share=float(certified.mean()),
+        over_radius=int(over.sum()),
+        over_radius_rate=float(over.mean()),
+        over_radius_bound=bound,
+        over_radius_allowance=stats.binomial_allowance(len(radius), bound),
+        q_hat=calibration.pooled_offset,
+        radius_cap=calibration.radius_cap,
+        mean_evaluations=0.0,
+        guarantee=calibration.guarantee,
+        **among_certified(over, certified, bound),
+    )
     required = {}
     for s in cfg.required_sigmas:
         r = s * sigma
         ok = certified_at_required(calibration, z, r) if calibration.radius_thresholds else radius >= r
         wrong_ref = ok & (reference < r)
-        required[f"{s:g}"] = dict(radius=r, certified_accuracy=float(np.mean(ok & (classes == data.labels))),
-                                  certified_share=float(ok.mean()), below_reference=int(wrong_ref.sum()),
-                                  **among_certified(wrong_ref, ok, bound),
-                                  legacy_rule_accuracy=float(np.mean((radius >= r) & (classes == data.labels))))
+        required[f"{s:g}"] = dict(
+            radius=r,
+            certified_accuracy=float(np.mean(ok & (classes == data.labels))),
+            certified_share=float(ok.mean()),
+            below_reference=int(wrong_ref.sum()),
+            **among_certified(wrong_ref, ok, bound),
+            legacy_rule_accuracy=float(np.mean((radius >= r) & (classes == data.labels))),
+        )
     row["required_radius"] = required
     return row
 
@@ -362,13 +505,16 @@ def among_certified(over, certified, bound: float) -> dict:
     allowance (the 0.999-quantile of Binomial(certified images, bound)); a marginal calibration bounds only the
     rate over all images."""
     count = int(np.sum(certified))
-    return dict(certified_images=count,
-                over_radius_among_certified=float(np.sum(over) / count) if count else 0.0,
-                over_radius_allowance_among_certified=stats.binomial_allowance(count, bound))
+    return dict(
+        certified_images=count,
+        over_radius_among_certified=float(np.sum(over) / count) if count else 0.0,
+        over_radius_allowance_among_certified=stats.binomial_allowance(count, bound),
+    )
 
 
-def issued_rows(bench: "OnePassBench", surrogate: Surrogate, cal: Path, sur_counts: Path, data: OnePassData, base,
-                content: dict) -> dict:
+def issued_rows(
+    bench: OnePassBench, surrogate: Surrogate, cal: Path, sur_counts: Path, data: OnePassData, base, content: dict
+) -> dict:
     """The ``issued`` guarantee beside the marginal (pooled) rule, per epsilon: the one-pass certificate at its best
     radius and at each required radius, the hybrid in both modes, and the over-radius rate among certified images
     (what the issued guarantee bounds; the marginal rule's pooled rows are ``content``'s)."""
@@ -379,15 +525,28 @@ def issued_rows(bench: "OnePassBench", surrogate: Surrogate, cal: Path, sur_coun
         calibration = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("issued",))["issued"]
         row = evaluate_one_pass(surrogate, calibration, data, cfg)
         row["statement"] = calibration.statement
-        row["hybrid"] = bench.timed("hybrid", lambda: evaluate_hybrid(surrogate, calibration, data, base, cfg))
+        row["hybrid"] = bench.timed(
+            "hybrid", lambda calibration=calibration: evaluate_hybrid(surrogate, calibration, data, base, cfg)
+        )
         for s in cfg.required_sigmas:
-            row["required_radius"][f"{s:g}"]["hybrid"] = bench.timed("hybrid", lambda s=s: evaluate_hybrid(
-                surrogate, calibration, data, base, cfg, required=s * cfg.sigma))
+            row["required_radius"][f"{s:g}"]["hybrid"] = bench.timed(
+                "hybrid",
+                lambda s=s, calibration=calibration: evaluate_hybrid(
+                    surrogate, calibration, data, base, cfg, required=s * cfg.sigma
+                ),
+            )
         marginal = content["one_pass"][e]["pooled"]
-        out[e] = dict(issued=row, marginal=dict(
-            one_pass=marginal, hybrid=content["hybrid"][e]["pooled"],
-            required_radius={s: dict(one_pass=marginal["required_radius"][s], hybrid=r)
-                             for s, r in content["required_radius"][e].items()}))
+        out[e] = dict(
+            issued=row,
+            marginal=dict(
+                one_pass=marginal,
+                hybrid=content["hybrid"][e]["pooled"],
+                required_radius={
+                    s: dict(one_pass=marginal["required_radius"][s], hybrid=r)
+                    for s, r in content["required_radius"][e].items()
+                },
+            ),
+        )
     return out
 
 
@@ -395,38 +554,59 @@ def issued_markdown(content: dict) -> str:
     """The table of the issued guarantee beside the marginal rule (``issued_rows``)."""
     setup, rows = content["setup"], content.get("issued") or {}
     sigma = setup["sigma"]
-    lines = ["| ε | guarantee | r* | one-pass acc. | share certified | over-radius among certified (allowed) | "
-             "over-radius, all images | hybrid acc. | hybrid evals/query |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| ε | guarantee | r* | one-pass acc. | share certified | over-radius among certified (allowed) | "
+        "over-radius, all images | hybrid acc. | hybrid evals/query |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for e, both in rows.items():
         issued, marginal = both["issued"], both["marginal"]
-        for name, one_pass, hybrid in (("marginal", marginal["one_pass"], marginal["hybrid"]),
-                                       ("issued", issued, issued["hybrid"])):
-            lines.append(f"| {e} | {name} | best | {100 * one_pass['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
-                         f"{100 * one_pass['certified_share']:.1f}% | {one_pass['over_radius']}/"
-                         f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
-                         f"{one_pass['over_radius']}/{setup['test_images']} | "
-                         f"{100 * hybrid['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
-                         f"{hybrid['mean_evaluations']:,.1f} |")
+        for name, one_pass, hybrid in (
+            ("marginal", marginal["one_pass"], marginal["hybrid"]),
+            ("issued", issued, issued["hybrid"]),
+        ):
+            lines.append(
+                f"| {e} | {name} | best | {100 * one_pass['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
+                f"{100 * one_pass['certified_share']:.1f}% | {one_pass['over_radius']}/"
+                f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
+                f"{one_pass['over_radius']}/{setup['test_images']} | "
+                f"{100 * hybrid['certified_accuracy'][f'{sigma:g}']:.1f} (at σ) | "
+                f"{hybrid['mean_evaluations']:,.1f} |"
+            )
         for s, r in issued["required_radius"].items():
-            for name, one_pass, hybrid in (("marginal", marginal["required_radius"][s]["one_pass"],
-                                            marginal["required_radius"][s]["hybrid"]), ("issued", r, r["hybrid"])):
-                lines.append(f"| {e} | {name} | {s}σ | {100 * one_pass['certified_accuracy']:.1f} | "
-                             f"{100 * one_pass['certified_share']:.1f}% | {one_pass['below_reference']}/"
-                             f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
-                             f"{one_pass['below_reference']}/{setup['test_images']} | "
-                             f"{100 * hybrid['accuracy_at_required']:.1f} | {hybrid['mean_evaluations']:,.1f} |")
+            for name, one_pass, hybrid in (
+                ("marginal", marginal["required_radius"][s]["one_pass"], marginal["required_radius"][s]["hybrid"]),
+                ("issued", r, r["hybrid"]),
+            ):
+                lines.append(
+                    f"| {e} | {name} | {s}σ | {100 * one_pass['certified_accuracy']:.1f} | "
+                    f"{100 * one_pass['certified_share']:.1f}% | {one_pass['below_reference']}/"
+                    f"{one_pass['certified_images']} ({one_pass['over_radius_allowance_among_certified']}) | "
+                    f"{one_pass['below_reference']}/{setup['test_images']} | "
+                    f"{100 * hybrid['accuracy_at_required']:.1f} | {hybrid['mean_evaluations']:,.1f} |"
+                )
     return "\n".join(lines)
 
 
-def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, cfg: OnePassConfig,
-                    required: float | None = None) -> dict:
+def evaluate_hybrid(
+    surrogate: Surrogate, calibration, data: OnePassData, base, cfg: OnePassConfig, required: float | None = None
+) -> dict:
     """The hybrid on the test images, its sequential fallback run on the base model (best radius, or target
     mode at ``required``): certified accuracy, ACR, mean base-model evaluations per query, seconds."""
-    smooth = SmoothedClassifier(base, surrogate.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size,
-                                seed=cfg.sampling_seed, noise_scheme=cfg.noise_scheme, off_grid="quantise")
-    hybrid = HybridCertifier(SurrogateCertifier(surrogate, calibration),
-                             EProcessCertifier(smooth, cfg.alpha, max_samples=cfg.max_samples, tolerance=cfg.tolerance))
+    smooth = SmoothedClassifier(
+        base,
+        surrogate.num_classes,
+        cfg.sigma,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        seed=cfg.sampling_seed,
+        noise_scheme=cfg.noise_scheme,
+        off_grid="quantise",
+    )
+    hybrid = HybridCertifier(
+        SurrogateCertifier(surrogate, calibration),
+        EProcessCertifier(smooth, cfg.alpha, max_samples=cfg.max_samples, tolerance=cfg.tolerance),
+    )
     t0 = time.perf_counter()
     certificates = hybrid.certify(data.x, required_radius=required, indices=data.indices)
     seconds = time.perf_counter() - t0
@@ -435,9 +615,13 @@ def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, 
     samples = np.array([c.n_samples for c in certificates], dtype=float)
     methods = [c.method for c in certificates]
     radii = [s * cfg.sigma for s in cfg.radii_sigmas]
-    row = dict(certified_accuracy=_accuracy(prediction, radius, data.labels, radii),
-               acr=_acr(prediction, radius, data.labels), mean_evaluations=float(samples.mean()),
-               surrogate_share=float(np.mean([m == "surrogate" for m in methods])), seconds=seconds)
+    row = dict(
+        certified_accuracy=_accuracy(prediction, radius, data.labels, radii),
+        acr=_acr(prediction, radius, data.labels),
+        mean_evaluations=float(samples.mean()),
+        surrogate_share=float(np.mean([m == "surrogate" for m in methods])),
+        seconds=seconds,
+    )
     if required is not None:
         row["accuracy_at_required"] = float(np.mean((prediction == data.labels) & (radius >= required - 1e-12)))
     return row
@@ -445,13 +629,24 @@ def evaluate_hybrid(surrogate: Surrogate, calibration, data: OnePassData, base, 
 
 def cohen_row(data: OnePassData, cfg: OnePassConfig) -> dict:
     radii = [s * cfg.sigma for s in cfg.radii_sigmas]
-    return dict(certified_accuracy=_accuracy(data.cohen_prediction, data.cohen_radius, data.labels, radii),
-                acr=_acr(data.cohen_prediction, data.cohen_radius, data.labels),
-                mean_evaluations=float(cfg.test_n0 + data.n))
+    return dict(
+        certified_accuracy=_accuracy(data.cohen_prediction, data.cohen_radius, data.labels, radii),
+        acr=_acr(data.cohen_prediction, data.cohen_radius, data.labels),
+        mean_evaluations=float(cfg.test_n0 + data.n),
+    )
 
 
-def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-onepass", *, out=None, cache_dir=None,
-                extra_cache_dirs=(), progress: bool = False, quiet: bool = False, overwrite: bool = True) -> dict:
+def run_onepass(
+    cfg: OnePassConfig = ONEPASS_MNIST_CPU,
+    workdir="surrogate-cert-onepass",
+    *,
+    out=None,
+    cache_dir=None,
+    extra_cache_dirs=(),
+    progress: bool = False,
+    quiet: bool = False,
+    overwrite: bool = True,
+) -> dict:
     """The one-pass case end to end (see ``OnePassConfig``); returns (and writes to ``out``) the JSON.
 
     Returns
@@ -477,44 +672,15 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
     base = load_model(model, device=cfg.device).model
     data = bench.test_data(test)
     surrogate = bench.surrogate(model, train_files, "main")
-    content: dict = dict(cohen_10k=cohen_row(data, cfg), one_pass={}, hybrid={}, required_radius={}, frontier={},
-                         levers={})
+    content: dict = dict(
+        cohen_10k=cohen_row(data, cfg), one_pass={}, hybrid={}, required_radius={}, frontier={}, levers={}
+    )
     for epsilon in cfg.epsilons:
-        e = f"{epsilon:g}"
-        calibrations = bench.calibrations(surrogate, cal, epsilon, sur_counts)
-        content["one_pass"][e] = {s: evaluate_one_pass(surrogate, c, data, cfg) for s, c in calibrations.items()}
-        bench.say(f"      epsilon={e}: one-pass " + ", ".join(
-            f"{s} {100 * r['certified_accuracy'][f'{sigma:g}']:.1f}%@sigma ACR {r['acr']:.3f}"
-            for s, r in content["one_pass"][e].items()))
-        content["hybrid"][e] = {s: bench.timed("hybrid", lambda c=c: evaluate_hybrid(surrogate, c, data, base, cfg))
-                                for s, c in calibrations.items() if s in ("pooled", "shifted")}
-        content["required_radius"][e] = {
-            f"{s:g}": bench.timed("hybrid", lambda s=s: evaluate_hybrid(surrogate, calibrations["pooled"], data, base,
-                                                                       cfg, required=s * sigma))
-            for s in cfg.required_sigmas}
-        for s, row in content["required_radius"][e].items():
-            row["one_pass"] = content["one_pass"][e]["pooled"]["required_radius"][s]
-    # Frontier: epsilon (calibration only) and unseen training images (retrained surrogates).
-    for epsilon in cfg.frontier_epsilons:
-        c = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("pooled", "shifted"))
-        content["frontier"].setdefault("epsilon", {})[f"{epsilon:g}"] = {
-            s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()}
-    for images in cfg.frontier_images:
-        files = [bench.counts(model, "surrogate", cfg.surrogate_n, limit=images)]
-        sur = bench.surrogate(model, files, f"images{images}")
-        c = bench.calibrations(sur, cal, cfg.epsilons[0], files[0], schemes=("pooled", "shifted"))
-        content["frontier"].setdefault("unseen_images", {})[str(images)] = {
-            s: evaluate_one_pass(sur, cal_, data, cfg) for s, cal_ in c.items()}
+        _epsilon_rows(bench, content, surrogate, cal, sur_counts, data, base, epsilon)
+    content["frontier"] = _frontier(bench, model, surrogate, cal, sur_counts, data)
     epsilon = cfg.epsilons[0]
     if cfg.controls:
-        rows = int(read_attrs(sur_counts)["rows"])
-        seen_files = [bench.counts(model, "train", cfg.surrogate_n, limit=rows)]
-        variants = dict(seen_by_base=bench.surrogate(model, seen_files, "seen"),
-                        random_init=bench.surrogate(model, train_files, "random-init", init=False))
-        for name, sur in variants.items():
-            c = bench.calibrations(sur, cal, epsilon, sur_counts, schemes=("pooled",))["pooled"]
-            content["levers"][name] = evaluate_one_pass(sur, c, data, cfg)
-            content["levers"][name]["surrogate_agrees_with_counts"] = c.diagnostics.get("surrogate_agrees_with_counts")
+        content["levers"].update(_control_levers(bench, model, train_files, sur_counts, cal, data))
     if cfg.issued:
         content["issued"] = issued_rows(bench, surrogate, cal, sur_counts, data, base, content)
     if cfg.cal_topup:
@@ -522,17 +688,7 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
         c = bench.calibrations(surrogate, topped, epsilon, sur_counts, schemes=("pooled", "shifted"))
         content["levers"]["cal_topup"] = {s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()}
         content["levers"]["cal_topup"]["reference"] = c["pooled"].reference
-    env = environment()
-    content["setup"] = dict(
-        dataset=cfg.dataset, sigma=sigma, alpha=cfg.alpha, alpha_mc=cfg.alpha_mc, base_model=model,
-        noise_scheme=check_noise_scheme(cfg.noise_scheme),
-        base_model_sha256=sha256_of(model), test_images=len(data.labels), cal_images=int(_rows(cal)),
-        surrogate_images=int(_rows(sur_counts)), cohen_n=data.n, n0=cfg.test_n0, max_samples=cfg.max_samples,
-        tolerance=cfg.tolerance, surrogate=dict(arch=surrogate.arch, init=surrogate.meta.get("init_mapping"),
-                                                epochs=surrogate.meta.get("epochs_run"), kappa=surrogate.kappa,
-                                                w=surrogate.w),
-        device=cfg.device, torch_threads=torch.get_num_threads(), cpu_count=env["cpu_count"],
-        load_average=list(os.getloadavg()), versions=env["versions"], config=dataclasses.asdict(cfg))
+    content["setup"] = _setup_record(cfg, model, data, cal, sur_counts, surrogate)
     content["seconds"] = dict(bench.seconds, total=time.perf_counter() - started)
     content["markdown"] = onepass_markdown(content)
     if content.get("issued"):
@@ -541,6 +697,110 @@ def run_onepass(cfg: OnePassConfig = ONEPASS_MNIST_CPU, workdir="surrogate-cert-
         write_text_atomic(out, json.dumps(json_safe(content), indent=2, allow_nan=False), overwrite=overwrite)
     bench.say("\n" + content["markdown"])
     return content
+
+
+def _epsilon_rows(bench: OnePassBench, content: dict, surrogate, cal, sur_counts, data, base, epsilon: float) -> None:
+    """One epsilon's rows into ``content``: the one-pass certificate of each calibration scheme, the hybrid
+    of the pooled and shifted ones, and the hybrid at each required radius."""
+    cfg = bench.cfg
+    sigma = cfg.sigma
+    e = f"{epsilon:g}"
+    calibrations = bench.calibrations(surrogate, cal, epsilon, sur_counts)
+    content["one_pass"][e] = {s: evaluate_one_pass(surrogate, c, data, cfg) for s, c in calibrations.items()}
+    bench.say(
+        f"      epsilon={e}: one-pass "
+        + ", ".join(
+            f"{s} {100 * r['certified_accuracy'][f'{sigma:g}']:.1f}%@sigma ACR {r['acr']:.3f}"
+            for s, r in content["one_pass"][e].items()
+        )
+    )
+    content["hybrid"][e] = {
+        s: bench.timed("hybrid", lambda c=c: evaluate_hybrid(surrogate, c, data, base, cfg))
+        for s, c in calibrations.items()
+        if s in ("pooled", "shifted")
+    }
+    content["required_radius"][e] = {
+        f"{s:g}": bench.timed(
+            "hybrid",
+            lambda s=s, calibrations=calibrations: evaluate_hybrid(
+                surrogate, calibrations["pooled"], data, base, cfg, required=s * sigma
+            ),
+        )
+        for s in cfg.required_sigmas
+    }
+    for s, row in content["required_radius"][e].items():
+        row["one_pass"] = content["one_pass"][e]["pooled"]["required_radius"][s]
+
+
+def _frontier(bench: OnePassBench, model, surrogate, cal, sur_counts, data) -> dict:
+    """Frontier: epsilon (calibration only) and unseen training images (retrained surrogates)."""
+    cfg = bench.cfg
+    frontier: dict = {}
+    for epsilon in cfg.frontier_epsilons:
+        c = bench.calibrations(surrogate, cal, epsilon, sur_counts, schemes=("pooled", "shifted"))
+        frontier.setdefault("epsilon", {})[f"{epsilon:g}"] = {
+            s: evaluate_one_pass(surrogate, cal_, data, cfg) for s, cal_ in c.items()
+        }
+    for images in cfg.frontier_images:
+        files = [bench.counts(model, "surrogate", cfg.surrogate_n, limit=images)]
+        sur = bench.surrogate(model, files, f"images{images}")
+        c = bench.calibrations(sur, cal, cfg.epsilons[0], files[0], schemes=("pooled", "shifted"))
+        frontier.setdefault("unseen_images", {})[str(images)] = {
+            s: evaluate_one_pass(sur, cal_, data, cfg) for s, cal_ in c.items()
+        }
+    return frontier
+
+
+def _control_levers(bench: OnePassBench, model, train_files, sur_counts, cal, data) -> dict:
+    """The controls: a surrogate trained on images the base model saw, and one trained from random weights."""
+    cfg = bench.cfg
+    epsilon = cfg.epsilons[0]
+    levers: dict = {}
+    rows = int(read_attrs(sur_counts)["rows"])
+    seen_files = [bench.counts(model, "train", cfg.surrogate_n, limit=rows)]
+    variants = dict(
+        seen_by_base=bench.surrogate(model, seen_files, "seen"),
+        random_init=bench.surrogate(model, train_files, "random-init", init=False),
+    )
+    for name, sur in variants.items():
+        c = bench.calibrations(sur, cal, epsilon, sur_counts, schemes=("pooled",))["pooled"]
+        levers[name] = evaluate_one_pass(sur, c, data, cfg)
+        levers[name]["surrogate_agrees_with_counts"] = c.diagnostics.get("surrogate_agrees_with_counts")
+    return levers
+
+
+def _setup_record(cfg: OnePassConfig, model, data, cal, sur_counts, surrogate) -> dict:
+    """What the case ran on: the settings, the base model and surrogate, the image counts, the machine."""
+    env = environment()
+    return dict(
+        dataset=cfg.dataset,
+        sigma=cfg.sigma,
+        alpha=cfg.alpha,
+        alpha_mc=cfg.alpha_mc,
+        base_model=model,
+        noise_scheme=check_noise_scheme(cfg.noise_scheme),
+        base_model_sha256=sha256_of(model),
+        test_images=len(data.labels),
+        cal_images=int(_rows(cal)),
+        surrogate_images=int(_rows(sur_counts)),
+        cohen_n=data.n,
+        n0=cfg.test_n0,
+        max_samples=cfg.max_samples,
+        tolerance=cfg.tolerance,
+        surrogate=dict(
+            arch=surrogate.arch,
+            init=surrogate.meta.get("init_mapping"),
+            epochs=surrogate.meta.get("epochs_run"),
+            kappa=surrogate.kappa,
+            w=surrogate.w,
+        ),
+        device=cfg.device,
+        torch_threads=torch.get_num_threads(),
+        cpu_count=env["cpu_count"],
+        load_average=list(os.getloadavg()),
+        versions=env["versions"],
+        config=dataclasses.asdict(cfg),
+    )
 
 
 def _rows(path) -> int:
@@ -552,35 +812,69 @@ def onepass_markdown(content: dict) -> str:
     setup = content["setup"]
     sigma = setup["sigma"]
     radii = list(content["cohen_10k"]["certified_accuracy"])
-    head = "| method | " + " | ".join(f"r={float(r) / sigma:g}σ" for r in radii) + " | ACR | evals/query | q^ | cap | over-radius (allowed) |"
+    head = (
+        "| method | "
+        + " | ".join(f"r={float(r) / sigma:g}σ" for r in radii)
+        + " | ACR | evals/query | q^ | cap | over-radius (allowed) |"
+    )
     rule = "| --- |" + " ---: |" * (len(radii) + 5)
     pct = lambda row: " | ".join(f"{100 * a:.1f}" for a in row["certified_accuracy"].values())  # noqa: E731
     noise = setup.get("noise_scheme", NOISE_SCHEME)
-    lines = [f"{setup['dataset']}: {setup['test_images']} test images, noise {noise}, "
-             f"sigma = {sigma}, alpha = {setup['alpha']}, "
-             f"alpha_mc = {setup['alpha_mc']}; {setup['surrogate_images']} surrogate-split images, "
-             f"{setup['cal_images']} cal images x {setup['config']['cal_n']:,}", "", head, rule]
+    lines = [
+        f"{setup['dataset']}: {setup['test_images']} test images, noise {noise}, "
+        f"sigma = {sigma}, alpha = {setup['alpha']}, "
+        f"alpha_mc = {setup['alpha_mc']}; {setup['surrogate_images']} surrogate-split images, "
+        f"{setup['cal_images']} cal images x {setup['config']['cal_n']:,}",
+        "",
+        head,
+        rule,
+    ]
     c = content["cohen_10k"]
     n = setup["cohen_n"]
-    lines.append(f"| Cohen-{f'{n // 1000}k' if n % 1000 == 0 else n} | {pct(c)} | {c['acr']:.3f} | "
-                 f"{c['mean_evaluations']:,.0f} | | | |")
+    lines.append(
+        f"| Cohen-{f'{n // 1000}k' if n % 1000 == 0 else n} | {pct(c)} | {c['acr']:.3f} | "
+        f"{c['mean_evaluations']:,.0f} | | | |"
+    )
     for e, schemes in content["one_pass"].items():
         for s, r in schemes.items():
-            lines.append(f"| one-pass {s}, ε={e} | {pct(r)} | {r['acr']:.3f} | 0 | {r['q_hat']:.3f} | "
-                         f"{r['radius_cap']:.3f} | {r['over_radius']}/{setup['test_images']} ({r['over_radius_allowance']}) |")
+            lines.append(
+                f"| one-pass {s}, ε={e} | {pct(r)} | {r['acr']:.3f} | 0 | {r['q_hat']:.3f} | "
+                f"{r['radius_cap']:.3f} | {r['over_radius']}/{setup['test_images']} ({r['over_radius_allowance']}) |"
+            )
         for s, r in content["hybrid"].get(e, {}).items():
             lines.append(f"| hybrid {s}, ε={e} | {pct(r)} | {r['acr']:.3f} | {r['mean_evaluations']:,.1f} | | | |")
-    lines += ["", "| required radius r* | ε | Cohen acc. | one-pass acc. (legacy rule R^ ≥ r*) | hybrid acc. | "
-                  "hybrid evals/query | share one-pass |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| required radius r* | ε | Cohen acc. | one-pass acc. (legacy rule R^ ≥ r*) | hybrid acc. | "
+        "hybrid evals/query | share one-pass |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for e, per_r in content["required_radius"].items():
         for s, r in per_r.items():
             cohen = content["cohen_10k"]["certified_accuracy"].get(f"{float(s) * sigma:g}")
-            lines.append(f"| {s}σ | {e} | {'' if cohen is None else f'{100 * cohen:.1f}'} | "
-                         f"{100 * r['one_pass']['certified_accuracy']:.1f} ({100 * r['one_pass']['legacy_rule_accuracy']:.1f}) | "
-                         f"{100 * r['accuracy_at_required']:.1f} | {r['mean_evaluations']:,.1f} | {100 * r['surrogate_share']:.1f}% |")
+            lines.append(
+                f"| {s}σ | {e} | {'' if cohen is None else f'{100 * cohen:.1f}'} | "
+                f"{100 * r['one_pass']['certified_accuracy']:.1f} "
+                f"({100 * r['one_pass']['legacy_rule_accuracy']:.1f}) | "
+                f"{100 * r['accuracy_at_required']:.1f} | {r['mean_evaluations']:,.1f} | "
+                f"{100 * r['surrogate_share']:.1f}% |"
+            )
     return "\n".join(lines)
 
 
-__all__ = ["OnePassConfig", "ONEPASS_MNIST_CPU", "ONEPASS_MNIST_GPU", "ONEPASS_DIGITS", "ONEPASS_TINY", "run_onepass",
-            "counts_key", "cached_counts", "evaluate_one_pass", "evaluate_hybrid", "onepass_markdown", "issued_rows",
-           "issued_markdown", "among_certified"]
+__all__ = [
+    "OnePassConfig",
+    "ONEPASS_MNIST_CPU",
+    "ONEPASS_MNIST_GPU",
+    "ONEPASS_DIGITS",
+    "ONEPASS_TINY",
+    "run_onepass",
+    "counts_key",
+    "cached_counts",
+    "evaluate_one_pass",
+    "evaluate_hybrid",
+    "onepass_markdown",
+    "issued_rows",
+    "issued_markdown",
+    "among_certified",
+]

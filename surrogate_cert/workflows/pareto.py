@@ -3,17 +3,19 @@
 ``benchmarks/sequential_vs_cohen.py`` is a configuration of ``run_pareto``; the certifiers are the
 bench harness's (``workflows.bench``).
 """
+
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 import matplotlib
@@ -42,7 +44,6 @@ from .pipeline import FULL, Pipeline
 
 matplotlib.use("Agg", force=True)  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
 
 # =========================================================================== Pareto: samples vs certificates
 #
@@ -133,8 +134,10 @@ class RecordedSmoothed:
         start = np.broadcast_to(np.asarray(start, dtype=np.int64), (num,))
         rec = self.recordings[stream]
         if num and int((start + n).max()) > rec.shape[1]:
-            raise InvalidParameterError(f"RecordedSmoothed: stream {stream} recorded up to {rec.shape[1]} samples, "
-                                        f"asked for {int((start + n).max())}")
+            raise InvalidParameterError(
+                f"RecordedSmoothed: stream {stream} recorded up to {rec.shape[1]} samples, "
+                f"asked for {int((start + n).max())}"
+            )
         self.evaluations += int(n.sum())
         return rows, n, start, rec
 
@@ -151,8 +154,14 @@ class RecordedSmoothed:
         return np.stack([(preds == c).sum(axis=1) for c in range(self.num_classes)], axis=1).astype(np.int64)
 
 
-def record_streams(smooth: SmoothedClassifier, x: torch.Tensor, indices: np.ndarray, lengths: dict[int, int],
-                   cache: Path | None = None, chunk_samples: int = 2_000_000) -> dict[int, np.ndarray]:
+def record_streams(
+    smooth: SmoothedClassifier,
+    x: torch.Tensor,
+    indices: np.ndarray,
+    lengths: dict[int, int],
+    cache: Path | None = None,
+    chunk_samples: int = 2_000_000,
+) -> dict[int, np.ndarray]:
     """Per-sample classes of the first ``lengths[stream]`` samples of each stream, per input (int8/16).
 
     Drawn in chunks of inputs and samples (``sample_predictions`` with ``start``), so memory stays
@@ -173,8 +182,9 @@ def record_streams(smooth: SmoothedClassifier, x: torch.Tensor, indices: np.ndar
             hi = min(lo + per, len(indices))
             for start in range(0, n, 10_000):
                 take = min(10_000, n - start)
-                rec[lo:hi, start:start + take] = smooth.sample_predictions(
-                    x[lo:hi], take, indices=indices[lo:hi], stream=stream, start=start)
+                rec[lo:hi, start : start + take] = smooth.sample_predictions(
+                    x[lo:hi], take, indices=indices[lo:hi], stream=stream, start=start
+                )
         out[stream] = rec
     if cache is not None:
         tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")
@@ -192,7 +202,7 @@ class ParetoInputs:
     labels: np.ndarray
     indices: np.ndarray
     smooth: SmoothedClassifier
-    truth: object = None          # LinearProblem for the linear ground truth
+    truth: object = None  # LinearProblem for the linear ground truth
     surrogate: Surrogate | None = None
     calibration: object = None
     note: str = ""
@@ -202,8 +212,10 @@ def _linear_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
     sigma = cfg.sigma
     test = linear_problem(cfg.linear_points, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed + 2000)
     smooth = SmoothedClassifier(test.model, 2, sigma, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed)
-    note = (f"{cfg.linear_points} points, margins uniform in +-{cfg.linear_margin:g} sigma, labels = the true "
-            "smoothed class")
+    note = (
+        f"{cfg.linear_points} points, margins uniform in +-{cfg.linear_margin:g} sigma, labels = the true "
+        "smoothed class"
+    )
     indices = 20_000_000 + np.arange(cfg.linear_points, dtype=np.int64)
     # A surrogate trained and calibrated on points of its own, as the bench's ground-truth section does;
     # kept in the work folder, so a re-run replays every row without redoing it.
@@ -212,8 +224,17 @@ def _linear_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
     if stem.with_suffix(".pt").exists() and stem.with_suffix(".json").exists():
         surrogate = Surrogate.load(stem.with_suffix(".pt"), device=cfg.device)
         calibration = load_calibration(stem.with_suffix(".json"), surrogate)
-        return ParetoInputs("linear", test.x, test.true_class.astype(np.int64), indices, smooth, truth=test,
-                            surrogate=surrogate, calibration=calibration, note=note)
+        return ParetoInputs(
+            "linear",
+            test.x,
+            test.true_class.astype(np.int64),
+            indices,
+            smooth,
+            truth=test,
+            surrogate=surrogate,
+            calibration=calibration,
+            note=note,
+        )
     n_train, n_cal, samples_train, samples_cal = cfg.linear_offline
     train = linear_problem(n_train, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed)
     cal = linear_problem(n_cal, sigma, max_margin_sigmas=cfg.linear_margin, seed=cfg.seed + 1000)
@@ -227,8 +248,17 @@ def _linear_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
     surrogate.save(stem.with_suffix(".pt"))
     calibration.save(stem.with_suffix(".json"))
     calibration = load_calibration(stem.with_suffix(".json"), surrogate)
-    return ParetoInputs("linear", test.x, test.true_class.astype(np.int64), indices, smooth, truth=test,
-                        surrogate=surrogate, calibration=calibration, note=note)
+    return ParetoInputs(
+        "linear",
+        test.x,
+        test.true_class.astype(np.int64),
+        indices,
+        smooth,
+        truth=test,
+        surrogate=surrogate,
+        calibration=calibration,
+        note=note,
+    )
 
 
 def _image_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
@@ -243,13 +273,21 @@ def _image_inputs(cfg: ParetoConfig, workdir: Path) -> ParetoInputs:
         raise InvalidParameterError(f"the Pareto benchmark on {cfg.dataset} needs a base model (model=...)")
     data = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=cfg.limit)
     loaded = load_model(model, device=cfg.device, num_classes=data.num_classes)
-    smooth = SmoothedClassifier(loaded.model, data.num_classes, cfg.sigma, device=cfg.device,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
+    smooth = SmoothedClassifier(
+        loaded.model, data.num_classes, cfg.sigma, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed
+    )
     surrogate = Surrogate.load(surrogate_path, device=cfg.device) if surrogate_path else None
     calibration = load_calibration(calibration_path, surrogate) if (calibration_path and surrogate) else None
-    return ParetoInputs(cfg.dataset, data.x, data.y.numpy().astype(np.int64), np.asarray(data.indices), smooth,
-                        surrogate=surrogate, calibration=calibration,
-                        note=f"first {len(data)} images of the {cfg.dataset} test split, model {model}")
+    return ParetoInputs(
+        cfg.dataset,
+        data.x,
+        data.y.numpy().astype(np.int64),
+        np.asarray(data.indices),
+        smooth,
+        surrogate=surrogate,
+        calibration=calibration,
+        note=f"first {len(data)} images of the {cfg.dataset} test split, model {model}",
+    )
 
 
 def _pareto_row(certs: list[Certificate], inp: ParetoInputs, cfg: ParetoConfig, family: str, **info) -> dict:
@@ -258,12 +296,16 @@ def _pareto_row(certs: list[Certificate], inp: ParetoInputs, cfg: ParetoConfig, 
     n = np.array([c.n_samples for c in certs], dtype=float)
     certified = radius > 0
     row = dict(
-        family=family, **info, samples=float(n.mean()), stop_time=float(np.mean([c.stop_time for c in certs])),
+        family=family,
+        **info,
+        samples=float(n.mean()),
+        stop_time=float(np.mean([c.stop_time for c in certs])),
         samples_certified=float(n[certified].mean()) if certified.any() else None,
         samples_rest=float(n[~certified].mean()) if (~certified).any() else None,
-        certified_accuracy={"0": float(np.mean(correct & certified)),
-                            **{f"{m:g}sigma": float(np.mean(correct & (radius >= m * cfg.sigma - 1e-12)))
-                               for m in PARETO_MULTIPLES}},
+        certified_accuracy={
+            "0": float(np.mean(correct & certified)),
+            **{f"{m:g}sigma": float(np.mean(correct & (radius >= m * cfg.sigma - 1e-12))) for m in PARETO_MULTIPLES},
+        },
         acr=float(np.mean(np.where(correct, radius, 0.0))),
     )
     if inp.truth is not None:
@@ -292,81 +334,184 @@ def pareto_dataset(cfg: ParetoConfig, workdir: Path, *, say: Callable[[str], Non
     replay = RecordedSmoothed(inp.smooth, inp.indices, rec)
     rows: dict[str, dict] = {}
     reference = _reference_check(cfg, inp, rec) if cfg.reference_counts else None
-
-    # Cohen-n: class from the n0 selection samples, k from the first n estimation samples.
-    select = np.stack([(rec[STREAM_SELECT] == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
-    for n in cfg.cohen_n:
-        prefix = rec[STREAM_ESTIMATE][:, :n]
-        counts = np.stack([(prefix == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
-        rows[f"cohen_{n}"] = _pareto_row(certificates_from_counts(select, counts, alpha, sigma), inp, cfg, "cohen",
-                                         label=f"Cohen-{n:,}", n=n)
+    rows.update(_cohen_rows(cfg, inp, rec))
 
     clean = _clean_classes(inp)
     sur_classes, sur_prior = None, None
     if inp.surrogate is not None:
         sur_classes, p_tilde = inp.surrogate.predict(inp.x)
         sur_prior = stats.surrogate_prior(p_tilde, inp.surrogate.kappa, inp.surrogate.w)
+    runs = _SequentialRuns(cfg, inp, rec, replay, rows)
+    floor_checks = _target_rows(runs, clean, sur_classes, sur_prior)
+    _best_radius_rows(runs, clean, sur_classes, sur_prior)
 
-    def run(name, label, family, init, classes=None, prior=None, **info):
-        init = {"max_samples": cfg.max_samples, **init}
-        certifier = EProcessCertifier(replay, alpha, n0=cfg.n0, **init)
+    fallback = _fallback_comparison(inp, replay, cfg) if inp.calibration is not None else None
+    return dict(
+        dataset=cfg.dataset,
+        inputs=num,
+        note=inp.note,
+        sigma=sigma,
+        alpha=alpha,
+        n0=cfg.n0,
+        max_samples=cfg.max_samples,
+        rows=rows,
+        floor=floor_checks,
+        fallback_prior=fallback,
+        reference_counts=reference,
+        targets=_pareto_targets(rows, floor_checks, fallback, cfg),
+        seconds=dict(recording=record_seconds, total=time.perf_counter() - t0),
+    )
+
+
+def _cohen_rows(cfg: ParetoConfig, inp: ParetoInputs, rec: dict) -> dict[str, dict]:
+    """Cohen-n: class from the n0 selection samples, k from the first n estimation samples."""
+    rows = {}
+    select = np.stack([(rec[STREAM_SELECT] == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
+    for n in cfg.cohen_n:
+        prefix = rec[STREAM_ESTIMATE][:, :n]
+        counts = np.stack([(prefix == c).sum(axis=1) for c in range(inp.smooth.num_classes)], axis=1)
+        rows[f"cohen_{n}"] = _pareto_row(
+            certificates_from_counts(select, counts, cfg.alpha, cfg.sigma), inp, cfg, "cohen", label=f"Cohen-{n:,}", n=n
+        )
+    return rows
+
+
+@dataclass
+class _SequentialRuns:
+    """The sequential certifier's rows of one dataset, replayed from the recorded streams into ``rows``."""
+
+    cfg: ParetoConfig
+    inp: ParetoInputs
+    rec: dict
+    replay: RecordedSmoothed
+    rows: dict[str, dict]
+
+    def run(self, name, label, family, init, classes=None, prior=None, **info):
+        """Certify every input with the options ``init``; the row is ``rows[name]``, the certificates returned."""
+        init = {"max_samples": self.cfg.max_samples, **init}
+        certifier = EProcessCertifier(self.replay, self.cfg.alpha, n0=self.cfg.n0, **init)
         started = time.perf_counter()
-        certs = certifier.certify(inp.x, classes=classes, prior=prior, indices=inp.indices)
-        rows[name] = _pareto_row(certs, inp, cfg, family, label=label, **info)
-        rows[name]["seconds"] = time.perf_counter() - started
+        certs = certifier.certify(self.inp.x, classes=classes, prior=prior, indices=self.inp.indices)
+        self.rows[name] = _pareto_row(certs, self.inp, self.cfg, family, label=label, **info)
+        self.rows[name]["seconds"] = time.perf_counter() - started
         return certs
 
+
+def _target_rows(runs: _SequentialRuns, clean, sur_classes, sur_prior) -> dict:
+    """The target-radius rows (each variant of prior and class, and budgets), and the floor checks of the
+    truncated prior's rows (returned)."""
+    cfg = runs.cfg
     floor_checks = {}
     for m in cfg.target_multiples:
-        r = m * sigma
+        r = m * cfg.sigma
         target = dict(policy="target_radius", target_radius=r)
-        variants = [("v01", "version 0.1 (KT, pilot class, rounds 32..1000)",
-                     dict(prior="kt", schedule=default_schedule(1000)), None, None),
-                    ("kt_pilot", "KT, pilot class", dict(prior="kt"), None, None),
-                    ("truncated_pilot", "truncated, pilot class", dict(prior="truncated"), None, None),
-                    ("truncated_model", "truncated, class f(x)", dict(prior="truncated"), clean, None),
-                    ("truncated_per_class", "truncated, per class", dict(prior="truncated", class_choice="per_class"),
-                     None, None)]
+        variants = [
+            (
+                "v01",
+                "version 0.1 (KT, pilot class, rounds 32..1000)",
+                dict(prior="kt", schedule=default_schedule(1000)),
+                None,
+                None,
+            ),
+            ("kt_pilot", "KT, pilot class", dict(prior="kt"), None, None),
+            ("truncated_pilot", "truncated, pilot class", dict(prior="truncated"), None, None),
+            ("truncated_model", "truncated, class f(x)", dict(prior="truncated"), clean, None),
+            (
+                "truncated_per_class",
+                "truncated, per class",
+                dict(prior="truncated", class_choice="per_class"),
+                None,
+                None,
+            ),
+        ]
         if sur_classes is not None:
             variants.append(("surrogate", "surrogate prior and class", {}, sur_classes, sur_prior))
         for key, text, init, classes, prior in variants:
             name = f"target_{m:g}sigma_{key}"
-            certs = run(name, f"target {m:g} sigma: {text}", "target", {**target, **init}, classes, prior,
-                        target_multiple=m, variant=key)
+            certs = runs.run(
+                name,
+                f"target {m:g} sigma: {text}",
+                "target",
+                {**target, **init},
+                classes,
+                prior,
+                target_multiple=m,
+                variant=key,
+            )
             if key == "truncated_model":
                 for budget in cfg.target_budgets:
                     if budget < cfg.max_samples:
-                        run(f"{name}_budget{budget}", f"target {m:g} sigma: truncated, class f(x), budget {budget:,}",
-                            "target", {**target, **init, "max_samples": budget}, classes, prior,
-                            target_multiple=m, variant="truncated_budget", budget=budget)
+                        runs.run(
+                            f"{name}_budget{budget}",
+                            f"target {m:g} sigma: truncated, class f(x), budget {budget:,}",
+                            "target",
+                            {**target, **init, "max_samples": budget},
+                            classes,
+                            prior,
+                            target_multiple=m,
+                            variant="truncated_budget",
+                            budget=budget,
+                        )
             if key.startswith("truncated"):
                 per_class = key.endswith("per_class")
-                floor_checks[name] = _floor_check(certs, rec[STREAM_SEQUENTIAL], r, cfg,
-                                                  pilot=cfg.n0 if key.endswith("pilot") else 0,
-                                                  alpha=cfg.alpha / inp.smooth.num_classes if per_class else cfg.alpha)
-    run("best_kt_tolerance_pilot", f"best radius: KT, tolerance {cfg.tolerance:g}, pilot class", "best",
-        dict(prior="kt", tolerance=cfg.tolerance))
-    for price in cfg.prices:
-        certs = run(f"best_kt_price{price:g}_model", f"best radius: KT, price {price:g}, class f(x)", "priced",
-                    dict(prior="kt", price=price), clean, None, price=price)
-        rows[f"best_kt_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-            certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0)
-        certs = run(f"best_radius_price{price:g}_model", f"best radius: radius prior, price {price:g}, class f(x)",
-                    "priced", dict(prior="radius", price=price), clean, None, price=price)
-        rows[f"best_radius_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-            certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0)
-        if sur_classes is not None:
-            certs = run(f"best_surrogate_price{price:g}", f"best radius: surrogate prior, price {price:g}", "priced",
-                        dict(price=price), sur_classes, sur_prior, price=price)
-            rows[f"best_surrogate_price{price:g}"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
-                certs, rec[STREAM_SEQUENTIAL], cfg, pilot=0)
+                floor_checks[name] = _floor_check(
+                    certs,
+                    runs.rec[STREAM_SEQUENTIAL],
+                    r,
+                    cfg,
+                    pilot=cfg.n0 if key.endswith("pilot") else 0,
+                    alpha=cfg.alpha / runs.inp.smooth.num_classes if per_class else cfg.alpha,
+                )
+    return floor_checks
 
-    fallback = _fallback_comparison(inp, replay, cfg) if inp.calibration is not None else None
-    return dict(dataset=cfg.dataset, inputs=num, note=inp.note, sigma=sigma, alpha=alpha, n0=cfg.n0,
-                max_samples=cfg.max_samples, rows=rows, floor=floor_checks, fallback_prior=fallback,
-                reference_counts=reference,
-                targets=_pareto_targets(rows, floor_checks, fallback, cfg),
-                seconds=dict(recording=record_seconds, total=time.perf_counter() - t0))
+
+def _best_radius_rows(runs: _SequentialRuns, clean, sur_classes, sur_prior) -> None:
+    """The best-radius rows: the tolerance rule, and the priced rule for each price and prior."""
+    cfg = runs.cfg
+    runs.run(
+        "best_kt_tolerance_pilot",
+        f"best radius: KT, tolerance {cfg.tolerance:g}, pilot class",
+        "best",
+        dict(prior="kt", tolerance=cfg.tolerance),
+    )
+    for price in cfg.prices:
+        certs = runs.run(
+            f"best_kt_price{price:g}_model",
+            f"best radius: KT, price {price:g}, class f(x)",
+            "priced",
+            dict(prior="kt", price=price),
+            clean,
+            None,
+            price=price,
+        )
+        runs.rows[f"best_kt_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+            certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
+        )
+        certs = runs.run(
+            f"best_radius_price{price:g}_model",
+            f"best radius: radius prior, price {price:g}, class f(x)",
+            "priced",
+            dict(prior="radius", price=price),
+            clean,
+            None,
+            price=price,
+        )
+        runs.rows[f"best_radius_price{price:g}_model"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+            certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
+        )
+        if sur_classes is not None:
+            certs = runs.run(
+                f"best_surrogate_price{price:g}",
+                f"best radius: surrogate prior, price {price:g}",
+                "priced",
+                dict(price=price),
+                sur_classes,
+                sur_prior,
+                price=price,
+            )
+            runs.rows[f"best_surrogate_price{price:g}"]["radius_vs_clopper_pearson"] = _vs_clopper_pearson(
+                certs, runs.rec[STREAM_SEQUENTIAL], cfg, pilot=0
+            )
 
 
 def _reference_check(cfg: ParetoConfig, inp: ParetoInputs, rec: dict) -> dict:
@@ -400,7 +545,7 @@ def _clean_classes(inp: ParetoInputs) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for lo in range(0, len(inp.x), 1024):
-            xb = inp.x[lo:lo + 1024].to(inp.smooth.device, dtype=torch.float32)
+            xb = inp.x[lo : lo + 1024].to(inp.smooth.device, dtype=torch.float32)
             out.append(inp.smooth.predict_labels(xb).cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
@@ -414,10 +559,14 @@ def _floor_check(certs, seq: np.ndarray, target: float, cfg: ParetoConfig, pilot
     agree = _agreeing_prefix(seq, np.maximum(classes, 0))
     pick = (np.array([c.radius for c in certs]) >= target - 1e-12) & (classes >= 0) & (agree >= stop)
     ratio = stop[pick] / floor
-    return dict(floor=floor, floor_alpha=alpha, inputs=int(pick.sum()),
-                max_ratio=float(ratio.max()) if pick.any() else None,
-                mean_ratio=float(ratio.mean()) if pick.any() else None,
-                within_1_3=bool(pick.any() and ratio.max() <= 1.3))
+    return dict(
+        floor=floor,
+        floor_alpha=alpha,
+        inputs=int(pick.sum()),
+        max_ratio=float(ratio.max()) if pick.any() else None,
+        mean_ratio=float(ratio.mean()) if pick.any() else None,
+        within_1_3=bool(pick.any() and ratio.max() <= 1.3),
+    )
 
 
 def _vs_clopper_pearson(certs, seq: np.ndarray, cfg: ParetoConfig, pilot: int) -> dict:
@@ -432,9 +581,13 @@ def _vs_clopper_pearson(certs, seq: np.ndarray, cfg: ParetoConfig, pilot: int) -
     cp = np.asarray(stats.radius(stats.lower_confidence_bound(k[ok], n[ok], cfg.alpha), cfg.sigma), dtype=float)
     mine = np.array([c.radius for c in certs])[ok]
     ratio = mine[cp > 0] / cp[cp > 0]
-    return dict(inputs=int(ok.sum()), mean_radius=float(mine.mean()), mean_clopper_pearson_radius=float(cp.mean()),
-                ratio_of_means=float(mine.mean() / cp.mean()) if cp.mean() > 0 else None,
-                median_ratio=float(np.median(ratio)) if ratio.size else None)
+    return dict(
+        inputs=int(ok.sum()),
+        mean_radius=float(mine.mean()),
+        mean_clopper_pearson_radius=float(cp.mean()),
+        ratio_of_means=float(mine.mean() / cp.mean()) if cp.mean() > 0 else None,
+        median_ratio=float(np.median(ratio)) if ratio.size else None,
+    )
 
 
 def _fallback_comparison(inp: ParetoInputs, replay: RecordedSmoothed, cfg: ParetoConfig) -> dict:
@@ -449,17 +602,22 @@ def _fallback_comparison(inp: ParetoInputs, replay: RecordedSmoothed, cfg: Paret
         return out
     xs, cls, idx = inp.x[fallback], classes[fallback], inp.indices[fallback]
     prior = stats.surrogate_prior(p_tilde[fallback], inp.surrogate.kappa, inp.surrogate.w)
-    rules = {f"target_{m:g}sigma": dict(policy="target_radius", target_radius=m * cfg.sigma)
-             for m in cfg.target_multiples[:2]}
+    rules = {
+        f"target_{m:g}sigma": dict(policy="target_radius", target_radius=m * cfg.sigma)
+        for m in cfg.target_multiples[:2]
+    }
     rules.update({f"price{p:g}": dict(price=p) for p in cfg.prices})
     rules["tolerance"] = dict(tolerance=cfg.tolerance)
     for name, rule in rules.items():
-        certify = lambda **kw: EProcessCertifier(replay, cfg.alpha, max_samples=cfg.max_samples, **rule, **kw)  # noqa: E731
+        certify = functools.partial(EProcessCertifier, replay, cfg.alpha, max_samples=cfg.max_samples, **rule)
         kt = certify(prior="kt").certify(xs, classes=cls, indices=idx)
         sur = certify().certify(xs, classes=cls, prior=prior, indices=idx)
-        record = dict(kt_samples=float(np.mean([c.n_samples for c in kt])),
-                      surrogate_samples=float(np.mean([c.n_samples for c in sur])),
-                      kt_acr=float(np.mean([c.radius for c in kt])), surrogate_acr=float(np.mean([c.radius for c in sur])))
+        record = dict(
+            kt_samples=float(np.mean([c.n_samples for c in kt])),
+            surrogate_samples=float(np.mean([c.n_samples for c in sur])),
+            kt_acr=float(np.mean([c.radius for c in kt])),
+            surrogate_acr=float(np.mean([c.radius for c in sur])),
+        )
         record["ratio"] = record["surrogate_samples"] / record["kt_samples"] if record["kt_samples"] else None
         if "policy" in rule:
             trunc = certify(prior="truncated").certify(xs, classes=cls, indices=idx)
@@ -477,14 +635,20 @@ def _pareto_targets(rows: dict, floor: dict, fallback: dict | None, cfg: ParetoC
     out["overshoot"] = dict(
         rule="mean n_samples <= 1.1 x mean stop_time + 32 (every sequential row)",
         worst=max((r["samples"] - 1.1 * r["stop_time"] - 32 for r in checked), default=None),
-        met=all(r["samples"] <= 1.1 * r["stop_time"] + 32 for r in checked))
-    out["floor"] = dict(rule="certified all-agreeing inputs stop within 1.3 x log(1/alpha)/log(1/Phi(r*/sigma))",
-                        rows={k: v.get("max_ratio") for k, v in floor.items()},
-                        met=all(v["within_1_3"] for v in floor.values() if v["inputs"]))
+        met=all(r["samples"] <= 1.1 * r["stop_time"] + 32 for r in checked),
+    )
+    out["floor"] = dict(
+        rule="certified all-agreeing inputs stop within 1.3 x log(1/alpha)/log(1/Phi(r*/sigma))",
+        rows={k: v.get("max_ratio") for k, v in floor.items()},
+        met=all(v["within_1_3"] for v in floor.values() if v["inputs"]),
+    )
     if fallback and fallback.get("inputs"):
         ratios = {k: v["ratio"] for k, v in fallback.items() if isinstance(v, dict)}
-        out["surrogate_vs_kt_on_fallback"] = dict(rule="surrogate prior <= 0.8 x KT samples on the fallback inputs",
-                                                  ratios=ratios, met_in=[k for k, v in ratios.items() if v <= 0.8])
+        out["surrogate_vs_kt_on_fallback"] = dict(
+            rule="surrogate prior <= 0.8 x KT samples on the fallback inputs",
+            ratios=ratios,
+            met_in=[k for k, v in ratios.items() if v <= 0.8],
+        )
     if ref is not None:
         budget_target = ref["samples"] / 20
         target_rows = {}
@@ -493,30 +657,43 @@ def _pareto_targets(rows: dict, floor: dict, fallback: dict | None, cfg: ParetoC
             for name, r in rows.items():
                 if r["family"] == "target" and r.get("target_multiple") == m:
                     drop = 100 * (ref["certified_accuracy"][key] - r["certified_accuracy"][key])
-                    target_rows[name] = dict(drop_pp=drop, evaluations_vs_cohen_10k=r["samples"] / ref["samples"],
-                                             met=drop <= 1.0 and r["samples"] <= budget_target)
-        out["target_mode_vs_cohen_10k"] = dict(rule="within 1 pp of Cohen-10k's certified accuracy at r* = sigma, "
-                                                    "2 sigma at <= 1/20 of its evaluations", rows=target_rows)
+                    target_rows[name] = dict(
+                        drop_pp=drop,
+                        evaluations_vs_cohen_10k=r["samples"] / ref["samples"],
+                        met=drop <= 1.0 and r["samples"] <= budget_target,
+                    )
+        out["target_mode_vs_cohen_10k"] = dict(
+            rule="within 1 pp of Cohen-10k's certified accuracy at r* = sigma, 2 sigma at <= 1/20 of its evaluations",
+            rows=target_rows,
+        )
         best_rows = {}
         for name, r in rows.items():
             if r["family"] in ("priced", "best"):
                 vs_cp = r.get("radius_vs_clopper_pearson") or {}
-                best_rows[name] = dict(acr_vs_cohen_10k=r["acr"] / ref["acr"] if ref["acr"] else None,
-                                       evaluations_vs_cohen_10k=r["samples"] / ref["samples"],
-                                       radius_vs_clopper_pearson=vs_cp.get("ratio_of_means"),
-                                       met_acr=bool(ref["acr"] and r["acr"] >= 0.74 * ref["acr"]
-                                                    and r["samples"] <= ref["samples"] / 10),
-                                       met_cp=bool(vs_cp.get("ratio_of_means") and vs_cp["ratio_of_means"] >= 0.97))
-        out["best_radius_vs_cohen_10k"] = dict(rule="ACR >= 0.74 x Cohen-10k's at <= 1/10 of its evaluations; "
-                                                    "radius >= 0.97 x Clopper-Pearson at the same samples",
-                                               rows=best_rows)
+                best_rows[name] = dict(
+                    acr_vs_cohen_10k=r["acr"] / ref["acr"] if ref["acr"] else None,
+                    evaluations_vs_cohen_10k=r["samples"] / ref["samples"],
+                    radius_vs_clopper_pearson=vs_cp.get("ratio_of_means"),
+                    met_acr=bool(ref["acr"] and r["acr"] >= 0.74 * ref["acr"] and r["samples"] <= ref["samples"] / 10),
+                    met_cp=bool(vs_cp.get("ratio_of_means") and vs_cp["ratio_of_means"] >= 0.97),
+                )
+        out["best_radius_vs_cohen_10k"] = dict(
+            rule="ACR >= 0.74 x Cohen-10k's at <= 1/10 of its evaluations; "
+            "radius >= 0.97 x Clopper-Pearson at the same samples",
+            rows=best_rows,
+        )
     return out
 
 
-_TARGET_MARKERS = {"v01": ("x", "tab:gray"), "kt_pilot": ("o", "tab:orange"), "truncated_pilot": ("o", "tab:blue"),
-                   "truncated_model": ("^", "tab:blue"), "truncated_per_class": ("v", "tab:cyan"),
-                   "truncated_budget": ("<", "tab:brown"),
-                   "surrogate": ("*", "tab:purple")}
+_TARGET_MARKERS = {
+    "v01": ("x", "tab:gray"),
+    "kt_pilot": ("o", "tab:orange"),
+    "truncated_pilot": ("o", "tab:blue"),
+    "truncated_model": ("^", "tab:blue"),
+    "truncated_per_class": ("v", "tab:cyan"),
+    "truncated_budget": ("<", "tab:brown"),
+    "surrogate": ("*", "tab:purple"),
+}
 
 
 def pareto_figure(result: dict, path: Path) -> str:
@@ -534,29 +711,49 @@ def pareto_figure(result: dict, path: Path) -> str:
         ax.plot([r["samples"] for r in cohen], [value(r) for r in cohen], "k.-", label="Cohen-n")
         for r in cohen:
             ax.annotate(f"{r['n']:,}", (r["samples"], value(r)), fontsize=6, xytext=(2, -8), textcoords="offset points")
-        for word, style, colour in (("KT", "s--", "tab:green"), ("radius prior", "s-.", "tab:olive"),
-                                    ("surrogate prior", "s:", "tab:purple")):
-            priced = sorted((r for r in best if r["family"] == "priced" and f": {word}," in r["label"]),
-                            key=lambda r: r["samples"])
+        for word, style, colour in (
+            ("KT", "s--", "tab:green"),
+            ("radius prior", "s-.", "tab:olive"),
+            ("surrogate prior", "s:", "tab:purple"),
+        ):
+            priced = sorted(
+                (r for r in best if r["family"] == "priced" and f": {word}," in r["label"]), key=lambda r: r["samples"]
+            )
             if priced:
-                ax.plot([r["samples"] for r in priced], [value(r) for r in priced], style, color=colour, ms=4,
-                        label=f"priced best radius ({word})")
+                ax.plot(
+                    [r["samples"] for r in priced],
+                    [value(r) for r in priced],
+                    style,
+                    color=colour,
+                    ms=4,
+                    label=f"priced best radius ({word})",
+                )
         for r in best:
             if r["family"] == "best":
-                ax.scatter([r["samples"]], [value(r)], marker="D", color="tab:red", s=22, label="best radius, tolerance")
+                ax.scatter(
+                    [r["samples"]], [value(r)], marker="D", color="tab:red", s=22, label="best radius, tolerance"
+                )
         if m is not None:
             for r in rows.values():
                 if r["family"] == "target" and r.get("target_multiple") == m:
                     marker, colour = _TARGET_MARKERS.get(r["variant"], ("o", "tab:blue"))
-                    ax.scatter([r["samples"]], [value(r)], marker=marker, color=colour, s=30,
-                               label=r["label"].split(": ", 1)[1])
+                    ax.scatter(
+                        [r["samples"]],
+                        [value(r)],
+                        marker=marker,
+                        color=colour,
+                        s=30,
+                        label=r["label"].split(": ", 1)[1],
+                    )
         ax.set_xscale("log")
         ax.set_xlabel("base-model evaluations per input")
         ax.set_title("ACR" if m is None else f"certified accuracy at r = {m} sigma", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"{result['dataset']}: {result['inputs']} inputs, sigma = {result['sigma']}, alpha = {result['alpha']}",
-                 fontsize=11)
+    fig.suptitle(
+        f"{result['dataset']}: {result['inputs']} inputs, sigma = {result['sigma']}, alpha = {result['alpha']}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -565,24 +762,35 @@ def pareto_figure(result: dict, path: Path) -> str:
 
 def pareto_markdown(result: dict) -> str:
     """One Markdown table per dataset: the README's."""
-    lines = [f"**{result['dataset']}** ({result['note']}; sigma = {result['sigma']}, alpha = {result['alpha']}, "
-             f"sequential budget {result['max_samples']:,})", "",
-             "| method | evaluations / input | stop time | cert. acc. r=sigma | r=2 sigma | r=3 sigma | ACR |"
-             + (" wrong (allowed) |" if "wrong" in next(iter(result["rows"].values())) else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-             + (" ---: |" if "wrong" in next(iter(result["rows"].values())) else "")]
+    lines = [
+        f"**{result['dataset']}** ({result['note']}; sigma = {result['sigma']}, alpha = {result['alpha']}, "
+        f"sequential budget {result['max_samples']:,})",
+        "",
+        "| method | evaluations / input | stop time | cert. acc. r=sigma | r=2 sigma | r=3 sigma | ACR |"
+        + (" wrong (allowed) |" if "wrong" in next(iter(result["rows"].values())) else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" if "wrong" in next(iter(result["rows"].values())) else ""),
+    ]
     for r in result["rows"].values():
         acc = r["certified_accuracy"]
-        line = (f"| {r['label']} | {r['samples']:,.1f} | {r['stop_time']:,.1f} | {100 * acc['1sigma']:.1f}% | "
-                f"{100 * acc['2sigma']:.1f}% | {100 * acc['3sigma']:.1f}% | {r['acr']:.3f} |")
+        line = (
+            f"| {r['label']} | {r['samples']:,.1f} | {r['stop_time']:,.1f} | {100 * acc['1sigma']:.1f}% | "
+            f"{100 * acc['2sigma']:.1f}% | {100 * acc['3sigma']:.1f}% | {r['acr']:.3f} |"
+        )
         if "wrong" in r:
             line += f" {r['wrong']} ({r['allowance']}) |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def run_pareto(out: str | os.PathLike | None, configs: list[ParetoConfig], *, workdir: str | os.PathLike,
-               say: Callable[[str], None] = print, command: str | None = None) -> dict:
+def run_pareto(
+    out: str | os.PathLike | None,
+    configs: list[ParetoConfig],
+    *,
+    workdir: str | os.PathLike,
+    say: Callable[[str], None] = print,
+    command: str | None = None,
+) -> dict:
     """The Pareto benchmark over ``configs`` (one per dataset): JSON to ``out``, a PNG per dataset and an
     HTML report (``<out stem>.html``: figures, rows, targets) beside it.
 
@@ -614,16 +822,25 @@ def run_pareto(out: str | os.PathLike | None, configs: list[ParetoConfig], *, wo
         raise InvalidParameterError(f"output folder of {out} does not exist; create it first or choose another --out")
     workdir = Path(workdir)
     env = environment()
-    content: dict = dict(setup=dict(command=command, torch_threads=torch.get_num_threads(), cpu_count=env["cpu_count"],
-                                    load_average=list(os.getloadavg()), versions=env["versions"],
-                                    configs=[dataclasses.asdict(c) for c in configs]),
-                         datasets={}, figures={})
+    content: dict = dict(
+        setup=dict(
+            command=command,
+            torch_threads=torch.get_num_threads(),
+            cpu_count=env["cpu_count"],
+            load_average=list(os.getloadavg()),
+            versions=env["versions"],
+            configs=[dataclasses.asdict(c) for c in configs],
+        ),
+        datasets={},
+        figures={},
+    )
     for cfg in configs:
         result = pareto_dataset(cfg, workdir, say=say)
         content["datasets"][cfg.dataset] = result
         if out is not None:
             content["figures"][cfg.dataset] = pareto_figure(
-                result, Path(out).with_name(f"{Path(out).stem}_{cfg.dataset}.png"))
+                result, Path(out).with_name(f"{Path(out).stem}_{cfg.dataset}.png")
+            )
         say(pareto_markdown(result))
     content["setup"]["load_average_end"] = list(os.getloadavg())
     content["markdown"] = "\n\n".join(pareto_markdown(r) for r in content["datasets"].values())
@@ -635,7 +852,10 @@ def run_pareto(out: str | os.PathLike | None, configs: list[ParetoConfig], *, wo
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("surrogate_cert.workflows", "templates"),
-    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.ChainableUndefined,
 )
 
 
@@ -646,8 +866,19 @@ def pareto_html(content: dict) -> str:
         with open(path, "rb") as fh:
             figures[name] = base64.b64encode(fh.read()).decode("ascii")
     return _TEMPLATES.get_template("pareto.html.j2").render(
-        command=content["setup"].get("command"), datasets=json_safe(content["datasets"]), figures=figures)
+        command=content["setup"].get("command"), datasets=json_safe(content["datasets"]), figures=figures
+    )
 
 
-__all__ = ["ParetoConfig", "RecordedSmoothed", "record_streams", "pareto_dataset", "run_pareto", "pareto_markdown",
-           "pareto_figure", "pareto_html", "PARETO_COHEN_N", "PARETO_PRICES"]
+__all__ = [
+    "ParetoConfig",
+    "RecordedSmoothed",
+    "record_streams",
+    "pareto_dataset",
+    "run_pareto",
+    "pareto_markdown",
+    "pareto_figure",
+    "pareto_html",
+    "PARETO_COHEN_N",
+    "PARETO_PRICES",
+]

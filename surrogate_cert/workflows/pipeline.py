@@ -24,6 +24,7 @@ it starts from the base model's weights and learns from 100 samples per image (a
 the largest split it may see, ``train`` (750 images; the ``surrogate`` split's 250 unseen images
 made larger offsets here, although unseen images win on MNIST, where there are 10,000 of them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,13 +124,23 @@ class QuickstartConfig:
 FULL = QuickstartConfig()
 
 QUICK = QuickstartConfig(
-    base_epochs=4, surrogate_n=100, surrogate_limit=300, cal_n=600, cal_limit=110, test_n0=20, test_n=300,
-    test_limit=20, surrogate_epochs=6, max_samples=300, workers=1,
+    base_epochs=4,
+    surrogate_n=100,
+    surrogate_limit=300,
+    cal_n=600,
+    cal_limit=110,
+    test_n0=20,
+    test_n=300,
+    test_limit=20,
+    surrogate_epochs=6,
+    max_samples=300,
+    workers=1,
 )
 """The reduced run (``quickstart --quick``; the CI end-to-end check): under a minute on 2 cores."""
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
+
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -177,6 +188,7 @@ def _say(message: str, quiet: bool) -> None:
 
 # --------------------------------------------------------------------------- the pipeline
 
+
 class Pipeline:
     """The stages of the quickstart over one folder, each skipped when already done (see module doc).
 
@@ -189,24 +201,46 @@ class Pipeline:
     (redo every stage, replacing what is there).
     """
 
-    FILES = ("base.pt", "train.h5", "surrogate.h5", "cal.h5", "test.h5", "surrogate.pt", "calibration.json",
-             "calibration-report.html", "hybrid.tsv", "report.html")
+    FILES = (
+        "base.pt",
+        "train.h5",
+        "surrogate.h5",
+        "cal.h5",
+        "test.h5",
+        "surrogate.pt",
+        "calibration.json",
+        "calibration-report.html",
+        "hybrid.tsv",
+        "report.html",
+    )
 
-    def __init__(self, out: str | os.PathLike, config: QuickstartConfig = FULL, *, progress: bool = True,
-                 quiet: bool = False, command: str | None = None, total_stages: int = 9, resume: bool = True,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        config: QuickstartConfig = FULL,
+        *,
+        progress: bool = True,
+        quiet: bool = False,
+        command: str | None = None,
+        total_stages: int = 9,
+        resume: bool = True,
+        overwrite: bool = False,
+    ):
         self.folder = Path(out)
         if self.folder.exists() and not self.folder.is_dir():
             raise InvalidParameterError(f"--out {self.folder} is a file; give a folder for the quickstart's outputs")
         if not (resume or overwrite) and self.folder.is_dir() and any(self.folder.iterdir()):
-            raise OutputExistsError(f"{self.folder} already holds files; pass --resume to continue the pipeline there "
-                                    "(finished stages are reused), --overwrite to redo every stage, or choose another --out")
+            raise OutputExistsError(
+                f"{self.folder} already holds files; pass --resume to continue the pipeline there "
+                "(finished stages are reused), --overwrite to redo every stage, or choose another --out"
+            )
         self.overwrite = overwrite
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidParameterError(f"cannot create output folder {self.folder} ({exc.strerror}); "
-                                        "choose another --out") from None
+            raise InvalidParameterError(
+                f"cannot create output folder {self.folder} ({exc.strerror}); choose another --out"
+            ) from None
         if not os.access(self.folder, os.W_OK):
             raise InvalidParameterError(f"output folder {self.folder} is not writable; choose another --out")
         self.cfg = config
@@ -250,48 +284,104 @@ class Pipeline:
     def offline(self, test_counts: bool = False) -> None:
         """Base model, surrogate / cal counts (and the test split's, with ``test_counts``: counted in the
         same worker processes), surrogate, calibration."""
-        cfg, paths = self.cfg, self.paths
-
-        def run_base():
-            metrics = train_base(dataset=cfg.dataset, sigma=cfg.sigma, out=str(paths["base.pt"]),
-                                 epochs=cfg.base_epochs, seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
-                                 progress=self.progress)
-            self.say(f"      noisy test accuracy {metrics['noisy_test_accuracy']:.3f} at sigma {cfg.sigma}")
-            return dict(noisy_test_accuracy=metrics["noisy_test_accuracy"])
-
-        self.stage("train-base", _key("base", cfg.dataset, cfg.sigma, cfg.base_epochs, cfg.seed), [paths["base.pt"]],
-                   run_base, f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}")
+        cfg = self.cfg
+        self._train_base_stage()
         jobs = [(cfg.surrogate_data, cfg.surrogate_n, 0, cfg.surrogate_limit), ("cal", cfg.cal_n, 0, cfg.cal_limit)]
         if test_counts:
             jobs.append(("test", cfg.test_n, cfg.test_n0, cfg.test_limit))
         self.counts_together(jobs)
+        self._train_stage()
+        self._calibrate_stage()
+
+    def _train_base_stage(self) -> None:
+        """The base model: a small CNN trained with noise augmentation (skipped when its outputs are current)."""
+        cfg, paths = self.cfg, self.paths
+
+        def run_base():
+            metrics = train_base(
+                dataset=cfg.dataset,
+                sigma=cfg.sigma,
+                out=str(paths["base.pt"]),
+                epochs=cfg.base_epochs,
+                seed=cfg.seed,
+                data_root=cfg.data_root,
+                device=cfg.device,
+                progress=self.progress,
+            )
+            self.say(f"      noisy test accuracy {metrics['noisy_test_accuracy']:.3f} at sigma {cfg.sigma}")
+            return dict(noisy_test_accuracy=metrics["noisy_test_accuracy"])
+
+        self.stage(
+            "train-base",
+            _key("base", cfg.dataset, cfg.sigma, cfg.base_epochs, cfg.seed),
+            [paths["base.pt"]],
+            run_base,
+            f"small CNN on {cfg.dataset} with noise augmentation at sigma={cfg.sigma}",
+        )
+
+    def _train_stage(self) -> None:
+        """The surrogate, trained on the surrogate split's counts (skipped when its outputs are current)."""
+        cfg, paths = self.cfg, self.paths
 
         def run_train():
-            surrogate = train_surrogate(self.surrogate_counts, paths["surrogate.pt"], epochs=cfg.surrogate_epochs,
-                                        seed=cfg.seed, data_root=cfg.data_root, device=cfg.device,
-                                        init_from_base=str(paths["base.pt"]) if cfg.init_from_base else None,
-                                        progress=self.progress)
-            self.say(f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on held-out "
-                     f"{cfg.surrogate_data}-split counts)")
+            surrogate = train_surrogate(
+                self.surrogate_counts,
+                paths["surrogate.pt"],
+                epochs=cfg.surrogate_epochs,
+                seed=cfg.seed,
+                data_root=cfg.data_root,
+                device=cfg.device,
+                init_from_base=str(paths["base.pt"]) if cfg.init_from_base else None,
+                progress=self.progress,
+            )
+            self.say(
+                f"      fallback prior: kappa={surrogate.kappa:g}, w={surrogate.w:g} (tuned on held-out "
+                f"{cfg.surrogate_data}-split counts)"
+            )
 
-        self.stage("train", _key("train", _file_key(self.surrogate_counts), _file_key(paths["base.pt"]),
-                                 cfg.surrogate_epochs, cfg.init_from_base, cfg.seed),
-                   [paths["surrogate.pt"]], run_train,
-                   f"surrogate on {self.surrogate_counts.name} (soft-label cross-entropy), "
-                   + ("started from base.pt" if cfg.init_from_base else "from random weights"))
+        self.stage(
+            "train",
+            _key(
+                "train",
+                _file_key(self.surrogate_counts),
+                _file_key(paths["base.pt"]),
+                cfg.surrogate_epochs,
+                cfg.init_from_base,
+                cfg.seed,
+            ),
+            [paths["surrogate.pt"]],
+            run_train,
+            f"surrogate on {self.surrogate_counts.name} (soft-label cross-entropy), "
+            + ("started from base.pt" if cfg.init_from_base else "from random weights"),
+        )
+
+    def _calibrate_stage(self) -> None:
+        """The calibration on the cal split's counts (skipped when its outputs are current)."""
+        cfg, paths = self.cfg, self.paths
 
         def run_calibrate():
-            calibration = calibrate(str(paths["surrogate.pt"]), str(paths["cal.h5"]), cfg.epsilon, cfg.alpha_mc,
-                                    data_root=cfg.data_root, device=cfg.device)
+            calibration = calibrate(
+                str(paths["surrogate.pt"]),
+                str(paths["cal.h5"]),
+                cfg.epsilon,
+                cfg.alpha_mc,
+                data_root=cfg.data_root,
+                device=cfg.device,
+            )
             calibration.save(paths["calibration.json"])
-            self.say(f"      q^ = {calibration.pooled_offset:.4f} (radius offset); the surrogate certifies "
-                     f"{100 * calibration.diagnostics.get('certified_share', float('nan')):.1f}% of the "
-                     "calibration images")
+            self.say(
+                f"      q^ = {calibration.pooled_offset:.4f} (radius offset); the surrogate certifies "
+                f"{100 * calibration.diagnostics.get('certified_share', float('nan')):.1f}% of the "
+                "calibration images"
+            )
 
-        self.stage("calibrate", _key("calibrate", _file_key(paths["surrogate.pt"]), _file_key(paths["cal.h5"]),
-                                     cfg.epsilon, cfg.alpha_mc),
-                   [paths["calibration.json"]], run_calibrate,
-                   f"split conformal on cal.h5, epsilon={cfg.epsilon}, alpha_mc={cfg.alpha_mc}")
+        self.stage(
+            "calibrate",
+            _key("calibrate", _file_key(paths["surrogate.pt"]), _file_key(paths["cal.h5"]), cfg.epsilon, cfg.alpha_mc),
+            [paths["calibration.json"]],
+            run_calibrate,
+            f"split conformal on cal.h5, epsilon={cfg.epsilon}, alpha_mc={cfg.alpha_mc}",
+        )
 
     def counts(self, split: str, n: int, n0: int, limit: int | None) -> None:
         """``datagen`` for one split (resumed where an interrupted run of the same settings stopped)."""
@@ -304,10 +394,21 @@ class Pipeline:
         pending = []
         for split, n, n0, limit in jobs:
             target = self.paths[f"{split}.h5"]
-            key = _key("datagen", cfg.dataset, split, n, n0, limit, cfg.sigma, cfg.seed, _file_key(base),
-                       *(() if cfg.noise_scheme == NOISE_SCHEME else (check_noise_scheme(cfg.noise_scheme),)))
-            what = (f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples"
-                    + (f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""))
+            key = _key(
+                "datagen",
+                cfg.dataset,
+                split,
+                n,
+                n0,
+                limit,
+                cfg.sigma,
+                cfg.seed,
+                _file_key(base),
+                *(() if cfg.noise_scheme == NOISE_SCHEME else (check_noise_scheme(cfg.noise_scheme),)),
+            )
+            what = f"{'all' if limit is None else limit} {split} images x {n:,} noisy samples" + (
+                f" (+ {n0} selection samples: Cohen's n0)" if n0 else ""
+            )
             if self.manifest.done(f"datagen {split}", key, [target]):
                 self.stage(f"datagen {split}", key, [target], lambda: None, what)  # says "reused"
             else:
@@ -315,54 +416,100 @@ class Pipeline:
         workers = cfg.count_workers()
         if workers == 1 or not pending:
             for split, n, n0, limit, target, key, what in pending:
-                run = functools.partial(_run_datagen, cfg, split, n, n0, limit, target, base, self.progress,
-                                        self.command, fresh=self.overwrite)
+                run = functools.partial(
+                    _run_datagen,
+                    cfg,
+                    split,
+                    n,
+                    n0,
+                    limit,
+                    target,
+                    base,
+                    self.progress,
+                    self.command,
+                    fresh=self.overwrite,
+                )
                 self.stage(f"datagen {split}", key, [target], run, what)
             return
         for number, (split, *_, what) in enumerate(pending, start=len(self.timings) + 1):
-            self.say(f"[{number}/{self.total_stages}] datagen {split}: {what}"
-                     + (f" ({workers} processes)" if number == len(self.timings) + 1 else ""))
-        specs = [dict(split=split, n=n, n0=n0, limit=limit, out=str(target))
-                 for split, n, n0, limit, target, _, _ in pending]
+            self.say(
+                f"[{number}/{self.total_stages}] datagen {split}: {what}"
+                + (f" ({workers} processes)" if number == len(self.timings) + 1 else "")
+            )
+        specs = [
+            dict(split=split, n=n, n0=n0, limit=limit, out=str(target)) for split, n, n0, limit, target, _, _ in pending
+        ]
         seconds = _count_in_workers(cfg, specs, str(base), workers, self.progress, self.command, fresh=self.overwrite)
         for (split, n, n0, _, target, key, _), spent in zip(pending, seconds):
             attrs = read_attrs(target)
             self.timings[f"datagen {split}"] = spent
-            self.manifest.record(f"datagen {split}", key, spent, outputs={target.name: _file_key(target)},
-                                 rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0),
-                                 workers=workers)
+            self.manifest.record(
+                f"datagen {split}",
+                key,
+                spent,
+                outputs={target.name: _file_key(target)},
+                rows=int(attrs["rows"]),
+                n=n,
+                n0=n0,
+                evaluations=int(attrs["rows"]) * (n + n0),
+                workers=workers,
+            )
 
     # ------------------------------------------------------------------ online stages
     def certify_hybrid(self) -> None:
         cfg, paths = self.cfg, self.paths
-        key = _key("certify", *(_file_key(paths[f]) for f in ("base.pt", "surrogate.pt", "calibration.json",
-                                                               "test.h5")), cfg.alpha, cfg.max_samples)
-        self.stage("certify", key, [paths["hybrid.tsv"]], lambda: _run_hybrid(cfg, paths, self.progress, self.command),
-                   f"hybrid on the test images (surrogate, then sequential with alpha={cfg.alpha}, "
-                   f"at most {cfg.max_samples:,} samples)")
+        key = _key(
+            "certify",
+            *(_file_key(paths[f]) for f in ("base.pt", "surrogate.pt", "calibration.json", "test.h5")),
+            cfg.alpha,
+            cfg.max_samples,
+        )
+        self.stage(
+            "certify",
+            key,
+            [paths["hybrid.tsv"]],
+            lambda: _run_hybrid(cfg, paths, self.progress, self.command),
+            f"hybrid on the test images (surrogate, then sequential with alpha={cfg.alpha}, "
+            f"at most {cfg.max_samples:,} samples)",
+        )
 
     def cohen(self) -> None:
         cfg, paths = self.cfg, self.paths
         seconds = self.manifest.seconds("datagen test")
         # The key names the inputs only: the time column (datagen seconds) is not an input.
-        self.stage("cohen", _key("cohen", _file_key(paths["test.h5"]), cfg.alpha), [paths["cohen.tsv"]],
-                   lambda: _run_cohen(cfg, paths, seconds, self.command),
-                   f"{cfg.cohen_label} on the same test images (n0={cfg.test_n0}, n={cfg.test_n:,}, "
-                   f"alpha={cfg.alpha})")
+        self.stage(
+            "cohen",
+            _key("cohen", _file_key(paths["test.h5"]), cfg.alpha),
+            [paths["cohen.tsv"]],
+            lambda: _run_cohen(cfg, paths, seconds, self.command),
+            f"{cfg.cohen_label} on the same test images (n0={cfg.test_n0}, n={cfg.test_n:,}, alpha={cfg.alpha})",
+        )
 
     def reports(self) -> dict[str, str]:
         """report.html (+ .md, .json) and calibration-report.html; always rewritten (cheap)."""
         cfg, paths = self.cfg, self.paths
-        self.say(f"[{len(self.timings) + 1}/{self.total_stages}] report: certified accuracy, cost, calibration, "
-                 "amortisation")
+        self.say(
+            f"[{len(self.timings) + 1}/{self.total_stages}] report: certified accuracy, cost, calibration, amortisation"
+        )
         t0 = time.perf_counter()
-        write_calibration_report(paths["calibration.json"], paths["calibration-report.html"],
-                                 counts=paths["test.h5"], surrogate=paths["surrogate.pt"], data_root=cfg.data_root)
+        write_calibration_report(
+            paths["calibration.json"],
+            paths["calibration-report.html"],
+            counts=paths["test.h5"],
+            surrogate=paths["surrogate.pt"],
+            data_root=cfg.data_root,
+        )
         offline = offline_evaluations_from_counts([self.surrogate_counts, paths["cal.h5"]])
-        report_paths = write_report([paths["cohen.tsv"], paths["hybrid.tsv"]], paths["report.html"],
-                                    calibration=paths["calibration.json"], counts=paths["test.h5"],
-                                    surrogate=paths["surrogate.pt"], offline_evaluations=offline,
-                                    baseline=paths["cohen.tsv"].stem, data_root=cfg.data_root)
+        report_paths = write_report(
+            [paths["cohen.tsv"], paths["hybrid.tsv"]],
+            paths["report.html"],
+            calibration=paths["calibration.json"],
+            counts=paths["test.h5"],
+            surrogate=paths["surrogate.pt"],
+            offline_evaluations=offline,
+            baseline=paths["cohen.tsv"].stem,
+            data_root=cfg.data_root,
+        )
         self.timings["report"] = time.perf_counter() - t0
         return report_paths
 
@@ -430,20 +577,41 @@ def quickstart(
     finally:
         torch.set_num_threads(threads)
     summary = _summary(report_paths["json"], config, run.timings, time.perf_counter() - run.started)
-    summary["paths"] = {**{k: str(v) for k, v in run.paths.items()},
-                        **{f"report.{k}": v for k, v in report_paths.items() if k != "warnings"}}
+    summary["paths"] = {
+        **{k: str(v) for k, v in run.paths.items()},
+        **{f"report.{k}": v for k, v in report_paths.items() if k != "warnings"},
+    }
     run.manifest.data["summary"] = summary
     run.manifest.save()
     run.say(format_summary(summary))
     return summary
 
 
-def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, target: Path, base: Path,
-                 progress: bool, command: str, fresh: bool = False) -> dict:
+def _run_datagen(
+    cfg: QuickstartConfig,
+    split: str,
+    n: int,
+    n0: int,
+    limit,
+    target: Path,
+    base: Path,
+    progress: bool,
+    command: str,
+    fresh: bool = False,
+) -> dict:
     """Counts for one split; an interrupted file of the same settings is resumed (unless ``fresh``), any
     other replaced."""
-    kwargs = dict(n0=n0, batch_size=cfg.batch_size, seed=cfg.seed, limit=limit, device=cfg.device,
-                  data_root=cfg.data_root, progress=progress, command=command, noise_scheme=cfg.noise_scheme)
+    kwargs = dict(
+        n0=n0,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        limit=limit,
+        device=cfg.device,
+        data_root=cfg.data_root,
+        progress=progress,
+        command=command,
+        noise_scheme=cfg.noise_scheme,
+    )
     resume = target.exists() and not fresh
     if resume:
         try:
@@ -451,19 +619,22 @@ def _run_datagen(cfg: QuickstartConfig, split: str, n: int, n0: int, limit, targ
         except StoreError:
             resume = False  # not a sound counts file (e.g. a crash before the first commit): start again
     try:
-        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, overwrite=True,
-                        **kwargs)
+        generate_counts(
+            cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=resume, overwrite=True, **kwargs
+        )
     except ResumeMismatchError:
         # Made with other settings or another base model: start again. Any other store error (a
         # second writer holding the lock, an unwritable folder) propagates and nothing is replaced.
-        generate_counts(cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, overwrite=True,
-                        **kwargs)
+        generate_counts(
+            cfg.dataset, split, str(base), cfg.sigma, n, str(target), resume=False, overwrite=True, **kwargs
+        )
     attrs = read_attrs(target)
     return dict(rows=int(attrs["rows"]), n=n, n0=n0, evaluations=int(attrs["rows"]) * (n + n0))
 
 
-def _count_in_workers(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool,
-                      command: str, fresh: bool = False) -> list[float]:
+def _count_in_workers(
+    cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool, command: str, fresh: bool = False
+) -> list[float]:
     """Count every job's split in ``workers`` processes (the torchrun path on this machine); seconds per job.
 
     Each process takes the rows ``rank, rank + W, ...`` of every split into its shard, and rank 0 merges
@@ -503,29 +674,55 @@ digits CNN that was a quarter of the counting CPU time in the kernel (60 million
 quickstart), and keeping the memory cut a single process's time per sample by 25-45%."""
 
 
-def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool,
-                  command: str) -> list[float]:
+def _spawn_counts(
+    cfg: QuickstartConfig, jobs: list[dict], base: str, workers: int, progress: bool, command: str
+) -> list[float]:
     # Fresh interpreters (``python -m surrogate_cert.workflows.count_worker``), not multiprocessing: a
     # caller's script is never re-imported, and no process forks one that holds torch's threads.
     port = _free_port()
     # The workers import this package from where this process did, whatever put it on sys.path here.
     root = str(Path(__file__).resolve().parents[2])
     python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    spec = dict(jobs=jobs, base=base, dataset=cfg.dataset, sigma=cfg.sigma, seed=cfg.seed,
-                batch_size=cfg.batch_size, data_root=cfg.data_root, command=command, progress=progress,
-                noise_scheme=cfg.noise_scheme)
+    spec = dict(
+        jobs=jobs,
+        base=base,
+        dataset=cfg.dataset,
+        sigma=cfg.sigma,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        data_root=cfg.data_root,
+        command=command,
+        progress=progress,
+        noise_scheme=cfg.noise_scheme,
+    )
     with tempfile.TemporaryDirectory(prefix="surrogate-cert-workers-") as folder:
         processes = []
         for rank in range(workers):
             env = dict(MALLOC_SETTINGS, **os.environ)  # the caller's own settings win
-            env.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(workers),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(workers),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(workers),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                PYTHONPATH=python_path,
+            )
             result = os.path.join(folder, f"rank{rank}.json")
-            processes.append((subprocess.Popen(
-                [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
-                # Rank 0 speaks for all (progress bar, its shard line); every error comes back through `result`.
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if rank else None,
-                stderr=subprocess.DEVNULL if rank else None), result))
+            processes.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-m", "surrogate_cert.workflows.count_worker", json.dumps(spec), result],
+                        # Rank 0 speaks for all (progress bar, its shard line); every error comes back through `result`.
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL if rank else None,
+                        stderr=subprocess.DEVNULL if rank else None,
+                    ),
+                    result,
+                )
+            )
         try:
             codes = [process.wait() for process, _ in processes]
         except BaseException:  # Ctrl-C: the workers got it too and commit their rows; wait for them
@@ -538,9 +735,18 @@ def _spawn_counts(cfg: QuickstartConfig, jobs: list[dict], base: str, workers: i
                 with open(result, encoding="utf-8") as fh:
                     reports.append(json.load(fh))
             except (OSError, ValueError):
-                reports.append(dict(seconds=[], error=dict(type="StoreError", message=(
-                    f"a counting process stopped (exit code {code}); committed rows are kept: run the quickstart "
-                    "again with --resume"))))
+                reports.append(
+                    dict(
+                        seconds=[],
+                        error=dict(
+                            type="StoreError",
+                            message=(
+                                f"a counting process stopped (exit code {code}); committed rows are kept: "
+                                "run the quickstart again with --resume"
+                            ),
+                        ),
+                    )
+                )
     errors = [r["error"] for r in reports if r.get("error")]
     if errors:
         first = next((e for e in errors if not e.get("silent")), errors[0])
@@ -568,23 +774,48 @@ def _free_port() -> int:
 
 def provenance(command: str, method: str, **fields) -> dict:
     """The ``.meta.json`` of a results file: command, method, versions, then the run's fields."""
-    return dict(command=command, method=method, package_version=__version__, torch=torch.__version__,
-                numpy=np.__version__, scipy=scipy.__version__, **fields)
+    return dict(
+        command=command,
+        method=method,
+        package_version=__version__,
+        torch=torch.__version__,
+        numpy=np.__version__,
+        scipy=scipy.__version__,
+        **fields,
+    )
 
 
 def _meta(cfg: QuickstartConfig, command: str, method: str, **fields) -> dict:
-    return provenance(command, method, dataset=cfg.dataset, split="test", limit=cfg.test_limit, sigma=cfg.sigma,
-                      seed=cfg.seed, alpha=cfg.alpha, device=str(resolve_device(cfg.device)),
-                      noise_scheme=check_noise_scheme(cfg.noise_scheme), **fields)
+    return provenance(
+        command,
+        method,
+        dataset=cfg.dataset,
+        split="test",
+        limit=cfg.test_limit,
+        sigma=cfg.sigma,
+        seed=cfg.seed,
+        alpha=cfg.alpha,
+        device=str(resolve_device(cfg.device)),
+        noise_scheme=check_noise_scheme(cfg.noise_scheme),
+        **fields,
+    )
 
 
 def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str) -> dict:
     test = read_counts(paths["test.h5"])
     data = load_split(cfg.dataset, "test", data_root=cfg.data_root, limit=cfg.test_limit).take(test.indices)
     base = load_model(str(paths["base.pt"]), device=cfg.device)
-    hybrid = HybridCertifier.load(str(paths["surrogate.pt"]), str(paths["calibration.json"]), base_model=base.model,
-                                  alpha=cfg.alpha, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, device=cfg.device, off_grid="quantise")
+    hybrid = HybridCertifier.load(
+        str(paths["surrogate.pt"]),
+        str(paths["calibration.json"]),
+        base_model=base.model,
+        alpha=cfg.alpha,
+        max_samples=cfg.max_samples,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+        off_grid="quantise",
+    )
     certificates: list[Certificate] = []
     chunk = 50
     bar = tqdm(total=len(data), unit="img", desc="certify", disable=not progress, dynamic_ncols=True)
@@ -593,21 +824,45 @@ def _run_hybrid(cfg: QuickstartConfig, paths: dict, progress: bool, command: str
         certificates += hybrid.certify(data.x[lo:hi], indices=data.indices[lo:hi])
         bar.update(hi - lo)
     bar.close()
-    write_tsv(paths["hybrid.tsv"], data.indices, data.y.numpy(), certificates,
-              meta=_meta(cfg, command, "hybrid", surrogate="surrogate.pt", calibration="calibration.json",
-                         fallback="eprocess", max_samples=cfg.max_samples))
+    write_tsv(
+        paths["hybrid.tsv"],
+        data.indices,
+        data.y.numpy(),
+        certificates,
+        meta=_meta(
+            cfg,
+            command,
+            "hybrid",
+            surrogate="surrogate.pt",
+            calibration="calibration.json",
+            fallback="eprocess",
+            max_samples=cfg.max_samples,
+        ),
+    )
     return dict(inputs=len(certificates))
 
 
 def _run_cohen(cfg: QuickstartConfig, paths: dict, datagen_seconds: float | None, command: str) -> dict:
     test = read_counts(paths["test.h5"])
     seconds = (datagen_seconds or 0.0) / max(len(test), 1)
-    certificates = certificates_from_counts(test.counts_select, test.counts, cfg.alpha, float(test.attrs["sigma"]),
-                                            seconds, slack=test.radius_slack)
-    write_tsv(paths["cohen.tsv"], test.indices, test.labels, certificates,
-              meta=_meta(cfg, command, cfg.cohen_label, n0=int(test.attrs["n0"]), n=int(test.attrs["n"]),
-                         note="Cohen et al. CERTIFY from test.h5, the noise streams of `surrogate-cert cohen` "
-                              "with the same seed; time = datagen seconds per image"))
+    certificates = certificates_from_counts(
+        test.counts_select, test.counts, cfg.alpha, float(test.attrs["sigma"]), seconds, slack=test.radius_slack
+    )
+    write_tsv(
+        paths["cohen.tsv"],
+        test.indices,
+        test.labels,
+        certificates,
+        meta=_meta(
+            cfg,
+            command,
+            cfg.cohen_label,
+            n0=int(test.attrs["n0"]),
+            n=int(test.attrs["n"]),
+            note="Cohen et al. CERTIFY from test.h5, the noise streams of `surrogate-cert cohen` "
+            "with the same seed; time = datagen seconds per image",
+        ),
+    )
     return dict(inputs=len(certificates))
 
 
@@ -623,7 +878,9 @@ def _summary(report_json: str, cfg: QuickstartConfig, timings: dict, total_secon
     for label, run in report["runs"].items():
         methods[label] = dict(
             inputs=run["num_inputs"],
-            certified_accuracy={f"{r:g}": run["certified_accuracy"][radii.index(r)] for r in SUMMARY_RADII if r in radii},
+            certified_accuracy={
+                f"{r:g}": run["certified_accuracy"][radii.index(r)] for r in SUMMARY_RADII if r in radii
+            },
             acr=run["acr"],
             mean_evaluations_per_query=run["samples"]["all"]["mean"] if run["samples"]["all"] else None,
             images_per_second=run["images_per_second"],
@@ -637,8 +894,8 @@ def _summary(report_json: str, cfg: QuickstartConfig, timings: dict, total_secon
         speedup=hybrid.get("speedup"),
         break_even_queries=hybrid.get("break_even_queries"),
         offline_evaluations=am.get("offline_evaluations"),
-        calibration_check=(report.get("calibration") or {}).get("check", {}) and {
-            k: v for k, v in report["calibration"]["check"].items() if k != "points"},
+        calibration_check=(report.get("calibration") or {}).get("check", {})
+        and {k: v for k, v in report["calibration"]["check"].items() if k != "points"},
         stage_seconds=timings,
         total_seconds=total_seconds,
     )
@@ -649,28 +906,45 @@ def format_summary(summary: dict) -> str:
     cfg = summary["config"]
     radii = list(next(iter(summary["methods"].values()))["certified_accuracy"]) if summary["methods"] else []
     width = max([len(m) for m in summary["methods"]] + [8])
-    lines = ["", "certified accuracy at radius (l2, sigma = {:g}) and cost per query:".format(cfg["sigma"]),
-             f"  {'method':<{width}}  " + "  ".join(f"{r:>6}" for r in radii)
-             + "  evaluations/query  images/s"]
+    lines = [
+        "",
+        "certified accuracy at radius (l2, sigma = {:g}) and cost per query:".format(cfg["sigma"]),
+        f"  {'method':<{width}}  " + "  ".join(f"{r:>6}" for r in radii) + "  evaluations/query  images/s",
+    ]
     for label, m in summary["methods"].items():
         evals = m["mean_evaluations_per_query"]
         ips = m["images_per_second"]
-        lines.append(f"  {label:<{width}}  " + "  ".join(f"{100 * a:5.1f}%" for a in m["certified_accuracy"].values())
-                     + f"  {'n/a' if evals is None else f'{evals:,.1f}':>17}  {'n/a' if ips is None else f'{ips:,.1f}':>8}")
+        lines.append(
+            f"  {label:<{width}}  "
+            + "  ".join(f"{100 * a:5.1f}%" for a in m["certified_accuracy"].values())
+            + f"  {'n/a' if evals is None else f'{evals:,.1f}':>17}  {'n/a' if ips is None else f'{ips:,.1f}':>8}"
+        )
     inputs = next(iter(summary["methods"].values()))["inputs"] if summary["methods"] else 0
-    lines.append(f"  on {inputs} test images" + (f" (the first {cfg['test_limit']} of the test split, to keep "
-                                                 "Cohen within the time budget)" if cfg["test_limit"] else ""))
+    lines.append(
+        f"  on {inputs} test images"
+        + (
+            f" (the first {cfg['test_limit']} of the test split, to keep Cohen within the time budget)"
+            if cfg["test_limit"]
+            else ""
+        )
+    )
     if summary.get("speedup"):
-        text = f"speed-up: the hybrid spends {summary['speedup']:,.1f}x fewer base-model evaluations per query than Cohen"
+        text = (
+            f"speed-up: the hybrid spends {summary['speedup']:,.1f}x fewer base-model evaluations per query than Cohen"
+        )
         if summary.get("break_even_queries"):
-            text += (f"; the offline stage ({summary['offline_evaluations']:,} evaluations) pays for itself after "
-                     f"{summary['break_even_queries']:,.0f} queries")
+            text += (
+                f"; the offline stage ({summary['offline_evaluations']:,} evaluations) pays for itself after "
+                f"{summary['break_even_queries']:,.0f} queries"
+            )
         lines.append(text)
     check = summary.get("calibration_check")
     if check:
-        lines.append(f"calibration check on the test images: {check['num_above']} of {check['num_images']} calibrated "
-                     f"radii above the MC reference (allowed by the bound epsilon={check['bound']}: "
-                     f"{check['allowance']})")
+        lines.append(
+            f"calibration check on the test images: {check['num_above']} of {check['num_images']} calibrated "
+            f"radii above the MC reference (allowed by the bound epsilon={check['bound']}: "
+            f"{check['allowance']})"
+        )
     spent = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.0f} s'}" for k, v in summary["stage_seconds"].items())
     lines.append(f"time: {summary['total_seconds']:.0f} s ({spent})")
     lines.append(f"report: {summary['paths']['report.html'] if 'paths' in summary else ''}")

@@ -4,6 +4,7 @@ template, figures embedded as base64 PNG so it opens offline), plus Markdown and
 The numbers and tables come from ``calibration.summary.build_report`` / ``tables`` and the figures
 from ``calibration.figures``; this module only lays them out and writes the three files.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,32 +23,40 @@ from calibration.summary import build_report, tables
 from ..core.errors import InvalidParameterError
 from ..core.files import commit_outputs
 
-__all__ = ["write_report", "write_calibration_report", "write_monitor_report", "report_paths", "render_html",
-           "render_markdown", "report_warnings", "NOTES"]
+__all__ = [
+    "write_report",
+    "write_calibration_report",
+    "write_monitor_report",
+    "report_paths",
+    "render_html",
+    "render_markdown",
+    "report_warnings",
+    "NOTES",
+]
 
 NOTES = {
     "accuracy": "Share of all inputs whose certified class is correct with certified radius at least r "
-                "(l2, input units). ACR: mean over all inputs of the radius of correct certificates (0 otherwise).",
+    "(l2, input units). ACR: mean over all inputs of the radius of correct certificates (0 otherwise).",
     "cost": "Base-model evaluations per input, in the format of the Halt Fast tables: over all inputs, over "
-            "certified inputs (a class and a radius > 0), over the rest (abstained). Certified accuracy at r = 0.",
+    "certified inputs (a class and a radius > 0), over the rest (abstained). Certified accuracy at r = 0.",
     "per_query": "Medians of the same evaluations; wall time per query from each file's time column; "
-                 "share of inputs decided by each path (surrogate: one pass, 0 evaluations; eprocess: "
-                 "sequential; cohen: fixed sample; abstain: no certificate).",
+    "share of inputs decided by each path (surrogate: one pass, 0 evaluations; eprocess: "
+    "sequential; cohen: fixed sample; abstain: no certificate).",
     "amortisation": "Offline evaluations (counts for the surrogate's train and calibration splits) divided "
-                    "by evaluations saved per query against the costliest run: the number of queries after "
-                    "which the offline stage has paid for itself.",
+    "by evaluations saved per query against the costliest run: the number of queries after "
+    "which the offline stage has paid for itself.",
     "check": "On the test split's MC counts (never used for calibration): how often the calibrated surrogate "
-             "radius exceeds the Clopper-Pearson reference radius. A marginal or PAC calibration bounds this "
-             "rate by epsilon over all test images, certified or not; the issued guarantee bounds it among the "
-             "certified ones. The allowance is the 0.999-quantile of Binomial(images, epsilon), over certified "
-             "images for the issued guarantee.",
+    "radius exceeds the Clopper-Pearson reference radius. A marginal or PAC calibration bounds this "
+    "rate by epsilon over all test images, certified or not; the issued guarantee bounds it among the "
+    "certified ones. The allowance is the 0.999-quantile of Binomial(images, epsilon), over certified "
+    "images for the issued guarantee.",
     "monitor": "Drift monitor: a conformal test martingale on the surrogate's class and confidence of each query, "
-               "against the calibration images and every earlier query. If the queries are exchangeable with the "
-               "calibration images, the probability that it ever reaches the alarm level is at most delta.",
+    "against the calibration images and every earlier query. If the queries are exchangeable with the "
+    "calibration images, the probability that it ever reaches the alarm level is at most delta.",
     "audit": "Audit: a random share of the queries re-checked with n_cal base-model samples; the rate at which the "
-             "one-pass radius exceeds the audit's reference radius, with a confidence sequence valid at all times. "
-             "The alarm is raised when the sequence lies above the threshold (the upper quantile of the rate a "
-             "correct calibration can show).",
+    "one-pass radius exceeds the audit's reference radius, with a confidence sequence valid at all times. "
+    "The alarm is raised when the sequence lies above the threshold (the upper quantile of the rate a "
+    "correct calibration can show).",
 }
 """What each table shows, printed above it in HTML and Markdown."""
 
@@ -62,24 +71,34 @@ _SECTIONS = (
 )
 
 _MARKDOWN_HEADINGS = (
-    ("accuracy", "Certified accuracy"), ("cost", "Cost"), ("per_query", "Per query"),
-    ("calibration", "Calibration"), ("groups", "Calibration groups"),
-    ("check", "Held-out check of the calibration"), ("amortisation", "Amortisation"),
-    ("monitor", "Deployment monitor"), ("audit", "Audit of one-pass certificates"),
+    ("accuracy", "Certified accuracy"),
+    ("cost", "Cost"),
+    ("per_query", "Per query"),
+    ("calibration", "Calibration"),
+    ("groups", "Calibration groups"),
+    ("check", "Held-out check of the calibration"),
+    ("amortisation", "Amortisation"),
+    ("monitor", "Deployment monitor"),
+    ("audit", "Audit of one-pass certificates"),
     ("environment", "Environment"),
 )
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("surrogate_cert.workflows", "templates"),
-    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
 )
 
 
 def _offline_line(report: dict) -> str:
     offline = report["amortisation"]["offline_evaluations"]
     if offline is None:
-        return ("Offline base-model evaluations: not given (pass --offline-evaluations N or --offline-counts "
-                "train.h5 cal.h5).")
+        return (
+            "Offline base-model evaluations: not given (pass --offline-evaluations N or --offline-counts "
+            "train.h5 cal.h5)."
+        )
     return f"Offline base-model evaluations: {offline:,}."
 
 
@@ -94,22 +113,30 @@ def _sections(report: dict, figures: dict[str, str]) -> list[dict]:
             paragraphs=[_offline_line(report)] if title == "Amortisation" and "amortisation" in t else [],
             figures=[(k, figures[k]) for k in figure_keys if k in figures],
             tables=[dict(note=NOTES.get(k), header=t[k][0], rows=t[k][1]) for k in table_keys if k in t],
-            notes=[], preformatted=[],
+            notes=[],
+            preformatted=[],
         )
         if title == "Calibration" and cal and cal.get("check") is None:
-            section["notes"].append("No held-out check: pass the test split's counts and the surrogate "
-                                    "(--counts test.h5 --surrogate surrogate.pt) to measure calibrated radii "
-                                    "against MC.")
+            section["notes"].append(
+                "No held-out check: pass the test split's counts and the surrogate "
+                "(--counts test.h5 --surrogate surrogate.pt) to measure calibrated radii "
+                "against MC."
+            )
         if title == "Environment":
-            section["preformatted"] = [dict(label=label, path=f["path"], text="\n".join(f["header"]))
-                                       for label, f in report["environment"]["files"].items() if f["header"]]
+            section["preformatted"] = [
+                dict(label=label, path=f["path"], text="\n".join(f["header"]))
+                for label, f in report["environment"]["files"].items()
+                if f["header"]
+            ]
             if cal:
                 raw = dict(cal["raw"])
                 if raw.get("monitor_reference"):  # thousands of numbers: summarised
-                    raw["monitor_reference"] = f"{len(raw['monitor_reference'].get('p_tilde') or [])} calibration images"
-                section["preformatted"].append(dict(
-                    label="calibration", path=cal["path"],
-                    text=json.dumps(_jsonable(raw), indent=1)[:20000]))
+                    raw["monitor_reference"] = (
+                        f"{len(raw['monitor_reference'].get('p_tilde') or [])} calibration images"
+                    )
+                section["preformatted"].append(
+                    dict(label="calibration", path=cal["path"], text=json.dumps(_jsonable(raw), indent=1)[:20000])
+                )
         if section["figures"] or section["tables"]:
             out.append(section)
     return out
@@ -124,9 +151,11 @@ def report_warnings(report: dict) -> list[str]:
 def render_html(report: dict, figures: dict[str, str], title: str = "surrogate-cert report") -> str:
     """The report as one HTML string (Jinja2 template ``report.html.j2``, autoescaped)."""
     return _TEMPLATES.get_template("report.html.j2").render(
-        title=title, sigma=report.get("sigma"),
+        title=title,
+        sigma=report.get("sigma"),
         files=list(report["environment"]["files"].values()) if report["runs"] else [],
-        sections=_sections(report, figures), warnings=report_warnings(report),
+        sections=_sections(report, figures),
+        warnings=report_warnings(report),
     )
 
 
@@ -196,18 +225,24 @@ def report_paths(out: str | os.PathLike, beside: str = "") -> dict[str, str]:
     return dict(html=str(out), md=f"{stem}{beside}.md", json=f"{stem}{beside}.json")
 
 
-def _write_all(report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "",
-               overwrite: bool = True) -> dict[str, str]:
+def _write_all(
+    report: dict, out: str | os.PathLike, title: str, inputs: Sequence, beside: str = "", overwrite: bool = True
+) -> dict[str, str]:
     out = Path(out)
     if not out.parent.is_dir():
-        raise InvalidParameterError(f"output folder {out.parent} does not exist; create it first or choose another --out")
+        raise InvalidParameterError(
+            f"output folder {out.parent} does not exist; create it first or choose another --out"
+        )
     paths = report_paths(out, beside)
     taken = {os.path.realpath(p) for p in inputs if p is not None}
     clash = [p for p in paths.values() if os.path.realpath(p) in taken]
     if clash:
         raise InvalidParameterError(f"writing the report would overwrite its input {clash[0]}; choose another --out")
-    contents = dict(html=render_html(report, draw_figures(report), title), md=render_markdown(report, title),
-                    json=json.dumps(_jsonable(report), indent=2, allow_nan=False))
+    contents = dict(
+        html=render_html(report, draw_figures(report), title),
+        md=render_markdown(report, title),
+        json=json.dumps(_jsonable(report), indent=2, allow_nan=False),
+    )
     # One output: the HTML (named by --out) is renamed into place last.
     commit_outputs({paths[k]: contents[k] for k in ("json", "md", "html")}, overwrite=overwrite)
     return paths
@@ -283,8 +318,9 @@ def write_report(
         raise InvalidParameterError("the calibration check needs both --counts (test split) and --surrogate")
     if counts is not None and calibration is None:
         raise InvalidParameterError("--counts and --surrogate check a calibration: pass --calibration too")
-    report = build_report(results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key,
-                          monitor=monitor)
+    report = build_report(
+        results, calibration, counts, surrogate, offline_evaluations, baseline, data_root, key=key, monitor=monitor
+    )
     paths = _write_all(report, out, title, [*results, calibration, counts, surrogate, monitor], overwrite=overwrite)
     return {**paths, "warnings": report_warnings(report)}
 
@@ -337,11 +373,14 @@ def write_calibration_report(
     if (counts is None) != (surrogate is None):
         raise InvalidParameterError("the calibration check needs both the test counts and the surrogate")
     report = build_report([], calibration_path, counts, surrogate, data_root=data_root, key=key)
-    return _write_all(report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate],
-                      beside=".report")
+    return _write_all(
+        report, out, "surrogate-cert calibration report", [calibration_path, counts, surrogate], beside=".report"
+    )
 
 
-def write_monitor_report(monitor: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = True) -> dict[str, str]:
+def write_monitor_report(
+    monitor: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = True
+) -> dict[str, str]:
     """The deployment-monitor section alone (``surrogate-cert monitor --report``); returns the paths written.
 
     Beside ``out`` (``monitor.html``) go ``monitor.report.md`` and ``monitor.report.json``, so the
@@ -367,5 +406,6 @@ def write_monitor_report(monitor: str | os.PathLike, out: str | os.PathLike, *, 
         If ``out`` is not an ``.html`` in an existing folder, or an output would overwrite the input.
     """
     report = build_report([], monitor=monitor)
-    return _write_all(report, out, "surrogate-cert deployment monitor", [monitor], beside=".report",
-                      overwrite=overwrite)
+    return _write_all(
+        report, out, "surrogate-cert deployment monitor", [monitor], beside=".report", overwrite=overwrite
+    )

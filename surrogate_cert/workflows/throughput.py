@@ -18,6 +18,7 @@ unseeded noise, and across processes.
 
 ``benchmarks/datagen_throughput.py`` is the command line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,17 @@ from ..core.smoothing import (
     SmoothedClassifier,
 )
 
-__all__ = ["measure", "measure_scaling", "measure_schemes", "BenchModel", "CONFIGS", "GPU_CONFIGS", "SCHEME_CONFIGS",
-           "COMPARED_SCHEMES", "machine_load"]
+__all__ = [
+    "measure",
+    "measure_scaling",
+    "measure_schemes",
+    "BenchModel",
+    "CONFIGS",
+    "GPU_CONFIGS",
+    "SCHEME_CONFIGS",
+    "COMPARED_SCHEMES",
+    "machine_load",
+]
 
 
 @dataclass(frozen=True)
@@ -60,23 +70,43 @@ class BenchModel:
 
 
 CONFIGS = (
-    BenchModel("digits_small_cnn", "small_cnn", (1, 8, 8), 10, {"cpu": 1000, "cuda": 8192},
-               {"cpu": 1000, "cuda": 10_000}, {"cpu": 40, "cuda": 400}),
-    BenchModel("resnet18_cifar", "resnet18", (3, 32, 32), 10, {"cpu": 64, "cuda": 4096},
-               {"cpu": 256, "cuda": 10_000}, {"cpu": 2, "cuda": 40}),
+    BenchModel(
+        "digits_small_cnn",
+        "small_cnn",
+        (1, 8, 8),
+        10,
+        {"cpu": 1000, "cuda": 8192},
+        {"cpu": 1000, "cuda": 10_000},
+        {"cpu": 40, "cuda": 400},
+    ),
+    BenchModel(
+        "resnet18_cifar",
+        "resnet18",
+        (3, 32, 32),
+        10,
+        {"cpu": 64, "cuda": 4096},
+        {"cpu": 256, "cuda": 10_000},
+        {"cpu": 2, "cuda": 40},
+    ),
 )
 """The models measured on every device; sizes keep one CPU round to a few seconds."""
 
 GPU_CONFIGS = (
-    BenchModel("resnet50_imagenet", "resnet50", (3, 224, 224), 1000, {"cuda": 512},
-               {"cuda": 2048}, {"cuda": 8}),
+    BenchModel("resnet50_imagenet", "resnet50", (3, 224, 224), 1000, {"cuda": 512}, {"cuda": 2048}, {"cuda": 8}),
 )
 """Measured on CUDA only (a CPU round would take minutes); reported as not measured elsewhere."""
 
 
 SCHEME_CONFIGS = CONFIGS + (
-    BenchModel("mnist_mlp", "mlp", (1, 28, 28), 10, {"cpu": 4096, "cuda": 65_536},
-               {"cpu": 4096, "cuda": 65_536}, {"cpu": 8, "cuda": 64}),
+    BenchModel(
+        "mnist_mlp",
+        "mlp",
+        (1, 28, 28),
+        10,
+        {"cpu": 4096, "cuda": 65_536},
+        {"cpu": 4096, "cuda": 65_536},
+        {"cpu": 8, "cuda": 64},
+    ),
 )
 """The models of ``measure_schemes``: the MNIST MLP (784 pixels, 12 us a sample on one CPU thread) is where
 drawing the noise weighs most against the forward pass."""
@@ -135,8 +165,17 @@ COMPARED_SCHEMES = (NOISE_SCHEME_V2, NOISE_SCHEME_V3, NOISE_SCHEME_V1)
 """The seeded noise schemes every ``measure`` times side by side (with unseeded noise as the floor)."""
 
 
-def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int = 3, scale: float = 1.0,
-            channels_last: bool | None = None, compile: bool = False) -> dict:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def measure(
+    config: BenchModel,
+    *,
+    device,
+    amp: str | None = None,
+    rounds: int = 3,
+    scale: float = 1.0,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> dict:
     """Median-round samples/s of the engine (per noise scheme) and of the raw forward pass, side by side.
 
     Parameters
@@ -169,8 +208,18 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
     model = _model(config.arch, config.input_shape, config.num_classes)
 
     def engine(scheme: str, net: nn.Module) -> SmoothedClassifier:
-        return SmoothedClassifier(net, config.num_classes, 0.25, device=device, batch_size=batch_size, amp=amp,
-                                  seed=0, noise_scheme=scheme, channels_last=channels_last, compile=compile)
+        return SmoothedClassifier(
+            net,
+            config.num_classes,
+            0.25,
+            device=device,
+            batch_size=batch_size,
+            amp=amp,
+            seed=0,
+            noise_scheme=scheme,
+            channels_last=channels_last,
+            compile=compile,
+        )
 
     schemes = COMPARED_SCHEMES + (NOISE_UNSEEDED,)
     engines = {scheme: engine(scheme, model) for scheme in schemes}
@@ -200,13 +249,24 @@ def measure(config: BenchModel, *, device, amp: str | None = None, rounds: int =
     times = cpu if timer == "process_cpu_time" else wall
     samples = images * n
     return {
-        "model": config.name, "input_shape": list(config.input_shape), "batch_size": batch_size, "images": images,
-        "samples_per_image": n, "base_model_evaluations_per_image": n, "rounds": rounds, "amp": smooth.amp,
-        "channels_last": smooth.channels_last, "compile": bool(compile), "timer": timer,
+        "model": config.name,
+        "input_shape": list(config.input_shape),
+        "batch_size": batch_size,
+        "images": images,
+        "samples_per_image": n,
+        "base_model_evaluations_per_image": n,
+        "rounds": rounds,
+        "amp": smooth.amp,
+        "channels_last": smooth.channels_last,
+        "compile": bool(compile),
+        "timer": timer,
         **_summary(times, samples, repeat, NOISE_SCHEME),
         "goal_ratio": 0.9,
-        "wall_clock": {key: value for key, value in _summary(wall, samples, repeat, NOISE_SCHEME).items()
-                       if key in ("engine_samples_per_s", "forward_samples_per_s", "ratio", "v3_vs_v2")},
+        "wall_clock": {
+            key: value
+            for key, value in _summary(wall, samples, repeat, NOISE_SCHEME).items()
+            if key in ("engine_samples_per_s", "forward_samples_per_s", "ratio", "v3_vs_v2")
+        },
         "round_seconds_range": {name: [round(min(t), 4), round(max(t), 4)] for name, t in times.items()},
     }
 
@@ -218,8 +278,9 @@ def _forward_side(smooth: SmoothedClassifier, config: BenchModel, batch_size: in
     if smooth.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     full, rest = divmod(samples, batch_size)
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if smooth.amp == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if smooth.amp == "bf16" else contextlib.nullcontext()
+    )
 
     def forward() -> None:
         with torch.inference_mode(), autocast:
@@ -258,13 +319,16 @@ def _summary(times: dict, samples: int, repeat: int, default: str) -> dict:
     def cost(kind: str, scheme: str) -> float:
         return round(statistics.median(_pair_ratios(times, f"{kind}/{scheme}", f"{kind}/{NOISE_UNSEEDED}")) - 1, 3)
 
-    schemes = {scheme: {
-        "engine_samples_per_s": round(samples / median[f"engine/{scheme}"], 1),
-        "ratio": round(median["forward"] / median[f"engine/{scheme}"], 3),
-        "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{scheme}"], 1),
-        "cost_over_unseeded_engine": cost("engine", scheme),
-        "cost_over_unseeded_noise_only": cost("noise_only", scheme),
-    } for scheme in COMPARED_SCHEMES}
+    schemes = {
+        scheme: {
+            "engine_samples_per_s": round(samples / median[f"engine/{scheme}"], 1),
+            "ratio": round(median["forward"] / median[f"engine/{scheme}"], 3),
+            "noise_only_samples_per_s": round(repeat * samples / median[f"noise_only/{scheme}"], 1),
+            "cost_over_unseeded_engine": cost("engine", scheme),
+            "cost_over_unseeded_noise_only": cost("noise_only", scheme),
+        }
+        for scheme in COMPARED_SCHEMES
+    }
 
     def speed(kind: str) -> dict:
         pairs = _pair_ratios(times, f"{kind}/{NOISE_SCHEME_V2}", f"{kind}/{NOISE_SCHEME_V3}")
@@ -288,8 +352,9 @@ def _summary(times: dict, samples: int, repeat: int, default: str) -> dict:
     }
 
 
-def measure_schemes(config: BenchModel, *, device, rounds: int = 5, scale: float = 1.0,
-                    schemes=(NOISE_SCHEME, NOISE_SCHEME_SOUND)) -> dict:
+def measure_schemes(
+    config: BenchModel, *, device, rounds: int = 5, scale: float = 1.0, schemes=(NOISE_SCHEME, NOISE_SCHEME_SOUND)
+) -> dict:
     """Engine samples/s under each noise scheme, side by side: the cost of the sound scheme's exact sampling.
 
     The same model, grid images (``v / 255``, so both schemes accept them), sample numbers and batch size;
@@ -325,9 +390,13 @@ def measure_schemes(config: BenchModel, *, device, rounds: int = 5, scale: float
         torch.manual_seed(1)
         x = torch.randint(0, 256, (images, *config.input_shape)).float() / 255.0
     idx = np.arange(images)
-    engines = {(s, kind_): SmoothedClassifier(net, config.num_classes, 0.25, device=device, batch_size=batch_size,
-                                              seed=0, noise_scheme=s)
-               for s in schemes for kind_, net in (("engine", model), ("noise_only", _NullModel(config.num_classes)))}
+    engines = {
+        (s, kind_): SmoothedClassifier(
+            net, config.num_classes, 0.25, device=device, batch_size=batch_size, seed=0, noise_scheme=s
+        )
+        for s in schemes
+        for kind_, net in (("engine", model), ("noise_only", _NullModel(config.num_classes)))
+    }
     dev = next(iter(engines.values())).device
     for smooth in engines.values():
         smooth.counts(x[:1], min(n, batch_size))
@@ -338,9 +407,17 @@ def measure_schemes(config: BenchModel, *, device, rounds: int = 5, scale: float
             wall, cpu = _timed(dev, lambda smooth=smooth: smooth.counts(x, n, indices=idx))
             times[key].append(cpu if timer == "process_cpu_time" else wall)
     samples = images * n
-    out = {"model": config.name, "input_shape": list(config.input_shape), "batch_size": batch_size,
-           "images": images, "samples_per_image": n, "rounds": rounds, "timer": timer, "goal_ratio": 0.9,
-           "schemes": {}}
+    out = {
+        "model": config.name,
+        "input_shape": list(config.input_shape),
+        "batch_size": batch_size,
+        "images": images,
+        "samples_per_image": n,
+        "rounds": rounds,
+        "timer": timer,
+        "goal_ratio": 0.9,
+        "schemes": {},
+    }
     first = schemes[0]
     for s in schemes:
         row = {}
@@ -354,11 +431,18 @@ def measure_schemes(config: BenchModel, *, device, rounds: int = 5, scale: float
 
 
 # --------------------------------------------------------------------------- scaling over processes
-def _scaling_worker(rank: int, world_size: int, config: BenchModel, threads: int, n: int, images: int,
-                    commands, results, barrier) -> None:
+def _scaling_worker(
+    rank: int, world_size: int, config: BenchModel, threads: int, n: int, images: int, commands, results, barrier
+) -> None:
     torch.set_num_threads(threads)
-    smooth = SmoothedClassifier(_model(config.arch, config.input_shape, config.num_classes), config.num_classes,
-                                0.25, device="cpu", batch_size=config.batch_size["cpu"], seed=0)
+    smooth = SmoothedClassifier(
+        _model(config.arch, config.input_shape, config.num_classes),
+        config.num_classes,
+        0.25,
+        device="cpu",
+        batch_size=config.batch_size["cpu"],
+        seed=0,
+    )
     x = torch.rand(images, *config.input_shape)
     idx = np.arange(rank, rank + images * world_size, world_size)  # a strided shard, as torchrun jobs take
     smooth.counts(x[:1], min(n, smooth.batch_size))
@@ -376,8 +460,10 @@ def _scaling_worker(rank: int, world_size: int, config: BenchModel, threads: int
         results.put((rank, start, time.perf_counter(), time.process_time() - start_cpu))
 
 
-def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, repeats: int = 5,
-                    scale: float = 1.0) -> dict:
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
+def measure_scaling(
+    config: BenchModel, world_size: int, *, threads: int = 1, repeats: int = 5, scale: float = 1.0
+) -> dict:
     """Throughput of ``world_size`` CPU processes counting at once against one process, same threads each.
 
     Every process counts the same work (its own strided share of ``images`` images x ``n`` samples);
@@ -410,9 +496,14 @@ def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, re
     results = context.Queue()
     barrier = context.Barrier(world_size)
     load_before = machine_load()
-    workers = [context.Process(target=_scaling_worker, args=(rank, world_size, config, threads, n, images,
-                                                             commands[rank], results, barrier), daemon=True)
-               for rank in range(world_size)]
+    workers = [
+        context.Process(
+            target=_scaling_worker,
+            args=(rank, world_size, config, threads, n, images, commands[rank], results, barrier),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
     for worker in workers:
         worker.start()
     try:
@@ -457,7 +548,10 @@ def measure_scaling(config: BenchModel, world_size: int, *, threads: int = 1, re
         # the share of a core each process got (< 1 means other jobs held the cores).
         "cpu_seconds_per_process": {"alone": round(one_cpu, 3), "beside_others": round(many_cpu, 3)},
         "cpu_time_ratio": round(many_cpu / one_cpu, 3),
-        "core_share_per_process": {"alone": round(one_cpu / one_wall, 3), "beside_others": round(many_cpu / many_wall, 3)},
+        "core_share_per_process": {
+            "alone": round(one_cpu / one_wall, 3),
+            "beside_others": round(many_cpu / many_wall, 3),
+        },
         "load_before": load_before,
         "load_after": machine_load(),
     }

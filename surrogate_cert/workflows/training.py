@@ -6,6 +6,7 @@ optionally the ``train`` split) and the images they name, trains, tunes the fall
 held-out rows, records where everything came from (each file, and every image by dataset index),
 and saves the checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,6 +42,7 @@ AUTO = "auto"
 (same SHA-256); else from scratch, with the reason in the surrogate's ``meta["init_skipped"]``."""
 
 
+# long: most of it is the numpydoc docstring (each option, its units, its errors); the code fits a screen
 def train_surrogate(
     counts_path,
     out: str | os.PathLike,
@@ -160,6 +162,60 @@ def train_surrogate(
     counts = np.concatenate([f.counts for f in files])
     input_shape = tuple(attrs.get("input_shape") or images.shape[1:])
     num_classes = int(attrs["num_classes"])
+    init_from_base, base, arch, network, skipped = _starting_point(
+        init_from_base, arch, attrs, num_classes, input_shape, device
+    )
+    surrogate = Surrogate.build(
+        input_shape,
+        num_classes,
+        float(attrs["sigma"]),
+        arch=arch,
+        init_from=base,
+        seed=seed,
+        device=device,
+        network=network,
+    )
+    mapping = getattr(surrogate, "init_mapping_", None)
+    if lr is None:
+        lr = 1e-3 if init_from_base is not None else 2e-3
+    surrogate.fit(
+        images,
+        counts,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        holdout=holdout,
+        patience=patience,
+        seed=seed,
+        progress=progress,
+    )
+    tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
+    surrogate.tune_prior(images[tune_rows], counts[tune_rows])
+    surrogate.meta = _provenance(
+        surrogate,
+        paths,
+        files,
+        images,
+        counts,
+        tune_rows,
+        seed=seed,
+        init_from_base=init_from_base,
+        mapping=mapping,
+        skipped=skipped,
+        training=dict(lr=lr, batch_size=batch_size, holdout=holdout, patience=patience),
+        started=started,
+    )
+    check_finite_weights(surrogate.model.state_dict(), f"the surrogate trained for {out}")
+    surrogate.save(out, overwrite=overwrite, key=secret)
+    return surrogate
+
+
+def _starting_point(init_from_base, arch, attrs, num_classes: int, input_shape, device):
+    """What the surrogate starts from: ``(init_from_base, base model, arch, network, why skipped)``.
+
+    ``"auto"`` takes the counts' base model when its file is found, and starts from scratch (the reason
+    in ``skipped``) when it is not or does not fit; an explicit base model that does not fit is an error.
+    """
     base, network, skipped = None, None, None
     if init_from_base == AUTO:
         init_from_base, skipped = counts_base_model(attrs, num_classes, input_shape)
@@ -170,20 +226,41 @@ def train_surrogate(
                 init_from_base, skipped = None, str(exc)
     elif init_from_base is not None:
         base, arch, network = _base_for_init(init_from_base, arch, input_shape, num_classes, device)
-    surrogate = Surrogate.build(input_shape, num_classes, float(attrs["sigma"]), arch=arch, init_from=base,
-                                seed=seed, device=device, network=network)
-    mapping = getattr(surrogate, "init_mapping_", None)
-    if lr is None:
-        lr = 1e-3 if init_from_base is not None else 2e-3
-    surrogate.fit(images, counts, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout, patience=patience,
-                  seed=seed, progress=progress)
-    tune_rows = surrogate.holdout_rows_ if len(surrogate.holdout_rows_) else surrogate.train_rows_
-    surrogate.tune_prior(images[tune_rows], counts[tune_rows])
+    return init_from_base, base, arch, network, skipped
+
+
+def _provenance(
+    surrogate: Surrogate,
+    paths,
+    files,
+    images,
+    counts,
+    tune_rows,
+    *,
+    seed: int,
+    init_from_base,
+    mapping,
+    skipped,
+    training: dict,
+    started: float,
+) -> dict:
+    """The trained surrogate's ``meta``: each counts file, every training image (by dataset index and by
+    content), the base model it started from, the training run and the prior tuning."""
+    attrs = files[0].attrs
     last = surrogate.history_[surrogate.best_epoch_ - 1] if surrogate.history_ else {}
-    file_records = [dict(path=os.path.abspath(p), sha256=sha256_file(p), dataset=str(f.attrs["dataset"]),
-                         split=str(f.attrs["split"]), rows=len(f), n=int(f.attrs["n"])) for p, f in zip(paths, files)]
+    file_records = [
+        dict(
+            path=os.path.abspath(p),
+            sha256=sha256_file(p),
+            dataset=str(f.attrs["dataset"]),
+            split=str(f.attrs["split"]),
+            rows=len(f),
+            n=int(f.attrs["n"]),
+        )
+        for p, f in zip(paths, files)
+    ]
     splits = "+".join(dict.fromkeys(r["split"] for r in file_records))
-    surrogate.meta = dict(
+    return dict(
         dataset=str(attrs["dataset"]),
         split=splits,
         counts_sha256=file_records[0]["sha256"],
@@ -198,22 +275,24 @@ def train_surrogate(
         best_epoch=int(surrogate.best_epoch_),
         train_loss=last.get("train_loss"),
         holdout_loss=last.get("holdout_loss"),
-        init_from_base=os.path.abspath(init_from_base) if init_from_base and os.path.exists(init_from_base)
+        init_from_base=os.path.abspath(init_from_base)
+        if init_from_base and os.path.exists(init_from_base)
         else init_from_base,
         init_mapping=mapping,
         init_skipped=skipped,
-        training=dict(lr=lr, batch_size=batch_size, holdout=holdout, patience=patience),
-        prior_tuning=dict(criterion="log marginal likelihood of held-out train counts",
-                          rows=int(len(tune_rows)), table=surrogate.prior_table_),
+        training=training,
+        prior_tuning=dict(
+            criterion="log marginal likelihood of held-out train counts",
+            rows=int(len(tune_rows)),
+            table=surrogate.prior_table_,
+        ),
         seconds=time.perf_counter() - started,
     )
-    check_finite_weights(surrogate.model.state_dict(), f"the surrogate trained for {out}")
-    surrogate.save(out, overwrite=overwrite, key=secret)
-    return surrogate
 
 
-def check_training_options(*, lr: float | None, batch_size: int, epochs: int | None, holdout: float,
-                           patience: int, seed: int) -> None:
+def check_training_options(
+    *, lr: float | None, batch_size: int, epochs: int | None, holdout: float, patience: int, seed: int
+) -> None:
     """Refuse (``InvalidParameterError``) a training option out of range, before any file is read."""
     if lr is not None:
         check_positive("lr", lr)
@@ -232,15 +311,24 @@ def _check_training_files(paths, files, secret: bytes | None) -> None:
     attrs = files[0].attrs
     try:
         for path, counts_file in zip(paths, files):
-            check_counts_for(counts_file, path, sigma=float(attrs["sigma"]), num_classes=int(attrs["num_classes"]),
-                             input_shape=attrs["input_shape"], model_sha256=attrs.get("model_sha256"), complete=True,
-                             key=secret, noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2)
+            check_counts_for(
+                counts_file,
+                path,
+                sigma=float(attrs["sigma"]),
+                num_classes=int(attrs["num_classes"]),
+                input_shape=attrs["input_shape"],
+                model_sha256=attrs.get("model_sha256"),
+                complete=True,
+                key=secret,
+                noise_scheme=attrs.get("noise_scheme") or NOISE_SCHEME_V2,
+            )
     except CountsMismatchError as exc:
         raise InvalidInputError(f"{exc} (all training counts files must agree with {paths[0]})") from None
     for key, indices in _indices_by_dataset(files, logs=False).items():
         if len(np.unique(indices)) != len(indices):
-            raise InvalidInputError(f"the training counts files share images of {key} (the same dataset index twice); "
-                                    "give each split once")
+            raise InvalidInputError(
+                f"the training counts files share images of {key} (the same dataset index twice); give each split once"
+            )
     total = sum(len(f) for f in files)
     if total < 2:
         raise InvalidInputError(f"{', '.join(map(str, paths))} hold {total} rows; a surrogate needs at least 2")
@@ -265,10 +353,12 @@ def _training_images_record(files, images: torch.Tensor) -> dict:
     file's dataset; every dataset) and the content hash of every image."""
     by_dataset = _indices_by_dataset(files)
     first = dataset_key(str(files[0].attrs["dataset"]))
-    return dict(train_index_ranges=index_ranges(by_dataset.get(first, np.zeros(0, np.int64))),
-                train_index_ranges_by_dataset={k: index_ranges(v) for k, v in by_dataset.items()},
-                image_hashes=pack_hashes(image_hashes(images)), image_hash_rule=IMAGE_HASH_RULE)
-
+    return dict(
+        train_index_ranges=index_ranges(by_dataset.get(first, np.zeros(0, np.int64))),
+        train_index_ranges_by_dataset={k: index_ranges(v) for k, v in by_dataset.items()},
+        image_hashes=pack_hashes(image_hashes(images)),
+        image_hash_rule=IMAGE_HASH_RULE,
+    )
 
 
 def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, device):
@@ -284,9 +374,11 @@ def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, d
     if builtin:
         base_model, base_header = load_checkpoint(spec, kind="base")
         if tuple(base_header["input_shape"]) != tuple(input_shape) or int(base_header["num_classes"]) != num_classes:
-            raise ModelError(f"--init-from-base {spec} is a model for {tuple(base_header['input_shape'])} "
-                             f"images and {base_header['num_classes']} classes, but the counts are for "
-                             f"{tuple(input_shape)} and {num_classes}; give the base model of this dataset")
+            raise ModelError(
+                f"--init-from-base {spec} is a model for {tuple(base_header['input_shape'])} "
+                f"images and {base_header['num_classes']} classes, but the counts are for "
+                f"{tuple(input_shape)} and {num_classes}; give the base model of this dataset"
+            )
         if arch is not None and arch != base_header["arch"]:
             raise InvalidParameterError(
                 f"--arch {arch} differs from the base model's architecture {base_header['arch']}; drop one of them"
@@ -296,8 +388,10 @@ def _base_for_init(spec: str, arch: str | None, input_shape, num_classes: int, d
     if arch is not None:
         return loaded.model, arch, None
     if not any(p.requires_grad for p in loaded.model.parameters()):
-        raise ModelError(f"--init-from-base {spec} has no trainable parameters (fixed weights), so a surrogate of its "
-                         "layout cannot learn; give --arch to train a built-in architecture, or --no-init-from-base")
+        raise ModelError(
+            f"--init-from-base {spec} has no trainable parameters (fixed weights), so a surrogate of its "
+            "layout cannot learn; give --arch to train a built-in architecture, or --no-init-from-base"
+        )
     _check_output_width(loaded.model, input_shape, num_classes, spec)
     kind = sniff(spec) if os.path.isfile(spec) else "factory"
     if kind in ("torchscript", "torch-export"):
@@ -312,11 +406,15 @@ def _check_output_width(model, input_shape, num_classes: int, spec: str) -> None
         with torch.no_grad():
             out = model(torch.rand(2, *input_shape))
     except Exception as exc:  # user code: any failure is a model that does not fit the images
-        raise ModelError(f"--init-from-base {spec} fails on images of shape {tuple(input_shape)} "
-                         f"({type(exc).__name__}); give the base model of this dataset") from None
+        raise ModelError(
+            f"--init-from-base {spec} fails on images of shape {tuple(input_shape)} "
+            f"({type(exc).__name__}); give the base model of this dataset"
+        ) from None
     if tuple(getattr(out, "shape", ())) != (2, num_classes):
-        raise ModelError(f"--init-from-base {spec} returns scores of shape {tuple(getattr(out, 'shape', ()))} for 2 "
-                         f"images, not 2 x {num_classes}; give the base model of this dataset")
+        raise ModelError(
+            f"--init-from-base {spec} returns scores of shape {tuple(getattr(out, 'shape', ()))} for 2 "
+            f"images, not 2 x {num_classes}; give the base model of this dataset"
+        )
 
 
 def counts_base_model(attrs, num_classes: int, input_shape) -> tuple[str | None, str | None]:
@@ -349,8 +447,9 @@ def counts_base_model(attrs, num_classes: int, input_shape) -> tuple[str | None,
     source = str(source)
     if not os.path.isfile(source):
         if ":" in source:  # a file names no code to run: a factory is imported only when the user names it
-            return None, (f"the counts' base model is the factory {source}; give it with --init-from-base to start "
-                          "from it")
+            return None, (
+                f"the counts' base model is the factory {source}; give it with --init-from-base to start from it"
+            )
         return None, f"the counts' base model {source} is not there any more"
     try:
         loaded = load_model(source, device="cpu", num_classes=num_classes, input_shape=input_shape)

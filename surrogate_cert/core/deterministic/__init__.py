@@ -80,6 +80,7 @@ methods and supported layers). The work-saving settings below are read from this
 Public API: :func:`interval_bounds`, :func:`margin_lower_bounds`, :func:`certified_radius`,
 :class:`DeterministicCertifier` (``certify(x) -> list[Certificate]``).
 """
+
 from __future__ import annotations
 
 from .bounds import interval_bounds, margin_lower_bounds
@@ -91,14 +92,14 @@ from .support import SUPPORTED as SUPPORTED  # the text every ModelError ends wi
 
 # Work-saving settings. They live here, on the package, and the modules read them when they run,
 # so that setting one on ``surrogate_cert.core.deterministic`` takes effect everywhere.
-CHUNK_ELEMENTS = 2 ** 24
+CHUNK_ELEMENTS = 2**24
 """Largest backward-pass tensor (elements) built at once; rows and inputs are processed in chunks."""
 FORWARD_MODE = True
 """Whether CROWN first tightens intermediate boxes with forward-mode linear bounds (where the input
 is smaller than the ReLU layers), so that fewer neurons need backward passes. Sound either way."""
-FORWARD_MODE_ELEMENTS = 2 ** 26
+FORWARD_MODE_ELEMENTS = 2**26
 """Forward-mode bounds of one input take (1 + input size) x (largest layer) values; above this, none."""
-DENSE_FIRST_LAYER = 2 ** 22
+DENSE_FIRST_LAYER = 2**22
 """A first convolution with (input size x output size) up to this many entries is also kept dense."""
 SPARSE_ENTRIES = 64
 """Rows of intermediate bounds stay sparse (index, coefficient lists) while they have at most this
@@ -107,5 +108,11 @@ REFINE_MAXPOOL = True
 """Whether CROWN computes its own bounds of the max-pool differences ``a - b`` (tighter, slower)
 instead of interval bounds for them. Both are sound."""
 
-__all__ = ["METHODS", "interval_bounds", "margin_lower_bounds", "certified_radius", "DeterministicCertifier",
-           "read_network"]
+__all__ = [
+    "METHODS",
+    "interval_bounds",
+    "margin_lower_bounds",
+    "certified_radius",
+    "DeterministicCertifier",
+    "read_network",
+]

@@ -1,7 +1,8 @@
 """Bounds of the logits and of the margins over an l2 ball (public: interval_bounds, margin_lower_bounds)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -70,8 +71,14 @@ def _margins(net: _Network, x0, radius, pred, method, prior=None):
     return torch.maximum(lb, elided), a, b, bounds
 
 
-def interval_bounds(model: nn.Module, x: torch.Tensor, radius: float | Sequence[float], method: str = "ibp",
-                    *, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def interval_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    radius: float | Sequence[float],
+    method: str = "ibp",
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds of every logit over an l2 ball around each input.
 
     Parameters
@@ -116,9 +123,15 @@ def _predict(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
         return model(x.detach().to(device=device, dtype=dtype)).argmax(1)
 
 
-def margin_lower_bounds(model: nn.Module, x: torch.Tensor, radius: float | Sequence[float],
-                        method: str = "crown", *, target: Sequence[int] | None = None,
-                        dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def margin_lower_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    radius: float | Sequence[float],
+    method: str = "crown",
+    *,
+    target: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """Lower bounds of the margins ``z_pred - z_j`` over an l2 ball around each input.
 
     CROWN bounds each margin directly (specification ``C = e_pred - e_j``); IBP merges the
@@ -168,4 +181,3 @@ def _scatter_margins(out: np.ndarray, lb: np.ndarray, pred: np.ndarray) -> None:
     k = out.shape[1]
     for i, c in enumerate(pred):
         out[i, [j for j in range(k) if j != c]] = lb[i]
-

@@ -1,4 +1,5 @@
 """DeterministicCertifier: one Certificate record per input, like the other certifiers."""
+
 from __future__ import annotations
 
 import time
@@ -38,8 +39,17 @@ class DeterministicCertifier:
         Inputs per batched radius search (bounds memory; each batch is one search).
     """
 
-    def __init__(self, model: nn.Module, method: str = "crown", *, max_radius: float | None = None,
-                 tol: float = 1e-3, iterations: int = 40, batch_size: int = 256, verify_float64: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "crown",
+        *,
+        max_radius: float | None = None,
+        tol: float = 1e-3,
+        iterations: int = 40,
+        batch_size: int = 256,
+        verify_float64: bool = True,
+    ):
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model, self.method = model, _check_method(method)
@@ -60,10 +70,16 @@ class DeterministicCertifier:
         out = []
         for start in range(0, x.shape[0], self.batch_size):
             t0 = time.perf_counter()
-            batch = x[start:start + self.batch_size]
-            preds, radii = certified_radius(self.model, batch, self.method, max_radius=self.max_radius,
-                                            tol=self.tol, iterations=self.iterations,
-                                            verify_float64=self.verify_float64)
+            batch = x[start : start + self.batch_size]
+            preds, radii = certified_radius(
+                self.model,
+                batch,
+                self.method,
+                max_radius=self.max_radius,
+                tol=self.tol,
+                iterations=self.iterations,
+                verify_float64=self.verify_float64,
+            )
             seconds = (time.perf_counter() - t0) / max(1, batch.shape[0])
             for c, r in zip(preds, radii):
                 if r > 0:
@@ -71,4 +87,3 @@ class DeterministicCertifier:
                 else:
                     out.append(abstention(0, float("nan"), seconds))
         return out
-

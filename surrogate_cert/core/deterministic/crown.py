@@ -1,4 +1,5 @@
 """CROWN: linear relaxations of the ReLUs propagated backwards and concretised over the l2 ball."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,14 @@ class _Crown:
     first. :meth:`bound` then bounds any specification ``spec @ z``.
     """
 
-    def __init__(self, net: _Network, x0: torch.Tensor, radius: torch.Tensor, prior: dict | None = None,
-                 fixed: dict | None = None):
+    def __init__(
+        self,
+        net: _Network,
+        x0: torch.Tensor,
+        radius: torch.Tensor,
+        prior: dict | None = None,
+        fixed: dict | None = None,
+    ):
         self.net, self.x0, self.radius = net, x0, radius
         self.relax: dict[int, _Relaxation] = {}
         self.bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ReLU index -> input (lo, hi)
@@ -217,4 +224,3 @@ def _crown(net: _Network, x0, radius, spec, prior=None):
     out = tuple(torch.cat(t) for t in zip(*parts))
     merged = {i: (torch.cat([b[i][0] for b in bounds]), torch.cat([b[i][1] for b in bounds])) for i in bounds[0]}
     return (*out, merged)
-

@@ -1,4 +1,5 @@
 """Interval bound propagation (IBP): boxes pushed through the layers, the first affine layer exact on the ball."""
+
 from __future__ import annotations
 
 import torch
@@ -40,4 +41,3 @@ def _spec_bound(last: _Layer | None, out: _Set, before: _Set, spec, radius) -> t
     lo, hi = out.box()
     c, r = _center_radius(lo, hi)
     return torch.einsum("nsk,nk->ns", spec, c) - torch.einsum("nsk,nk->ns", spec.abs(), r)
-

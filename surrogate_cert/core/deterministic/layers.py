@@ -1,4 +1,5 @@
 """The affine and copying layers of a read network, each with its IBP, ellipsoid, forward-mode and CROWN rules."""
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,7 @@ class _Layer:
     def __init__(self, in_shape, out_shape):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def to(self, dtype) -> "_Layer":
+    def to(self, dtype) -> _Layer:
         new = copy.copy(self)
         for key, value in vars(self).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -57,16 +58,15 @@ class _Layer:
         return None
 
 
-
 class _Linear(_Layer):
     """``nn.Linear``: ``x W^T + b`` on the last dimension."""
+
     name = "Linear"
 
     def __init__(self, weight, bias, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
         self.weight = weight
-        self.bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                              device=weight.device)
+        self.bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -100,19 +100,20 @@ class _Linear(_Layer):
 
 class _Conv(_Layer):
     """``nn.Conv2d`` with zero padding (also average pooling, as a depthwise convolution)."""
+
     name = "Conv2d"
 
     def __init__(self, weight, bias, stride, padding, dilation, groups, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
         self.weight = weight
-        self.bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                              device=weight.device)
+        self.bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         # conv_transpose2d needs output_padding to land exactly on the input size
         kh, kw = weight.shape[2:]
         self.output_padding = tuple(
             in_shape[1 + i] - ((out_shape[1 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + 1)
-            for i, k in enumerate((kh, kw)))
+            for i, k in enumerate((kh, kw))
+        )
 
     def _conv(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -142,8 +143,9 @@ class _Conv(_Layer):
     def backward(self, lam):
         n, s = lam.shape[:2]
         flat = lam.reshape(n * s, *self.out_shape)
-        back = F.conv_transpose2d(flat, self.weight, None, self.stride, self.padding, self.output_padding,
-                                  self.groups, self.dilation)
+        back = F.conv_transpose2d(
+            flat, self.weight, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
         bias = (lam.reshape(n, s, self.out_shape[0], -1).sum(3) * self.bias).sum(2)
         return back.reshape(n, s, *self.in_shape), bias
 
@@ -166,14 +168,16 @@ class _Conv(_Layer):
         weights = coef.reshape(-1, 1, 1, 1) * self.weight[o]  # (N S k) x C_in/g x kh x kw
         for a in range(kh):
             for b in range(kw):
-                canvas.index_put_((rows, group, ho * sh + a * dh, wo * sw + b * dw), weights[:, :, a, b],
-                                  accumulate=True)
-        lam = canvas[:, :, ph:ph + h, pw:pw + w].permute(0, 1, 4, 2, 3).reshape(n, s, c_in, h, w)
+                canvas.index_put_(
+                    (rows, group, ho * sh + a * dh, wo * sw + b * dw), weights[:, :, a, b], accumulate=True
+                )
+        lam = canvas[:, :, ph : ph + h, pw : pw + w].permute(0, 1, 4, 2, 3).reshape(n, s, c_in, h, w)
         return lam, (coef * self.bias[o.reshape(n, s, k)]).sum(2)
 
 
 class _Elementwise(_Layer):
     """``scale * x + shift`` elementwise: BatchNorm in eval mode and ``(x - mean) / std``."""
+
     name = "Elementwise"
     mixing = False
 
@@ -211,6 +215,7 @@ class _Elementwise(_Layer):
 
 class _Reshape(_Layer):
     """``flatten`` / ``view`` / ``reshape`` of each sample (the batch dimension stays first)."""
+
     name = "Reshape"
     mixing = False
 
@@ -241,6 +246,7 @@ class _Gather(_Layer):
     With ``windows = (kh, kw)`` the gather is the split of a C x H x W sample into its
     non-overlapping kh x kw windows, (kh*kw) x C x H/kh x W/kw: done by reshape and permute.
     """
+
     name = "Gather"
     mixing = False  # each output is one input value: a box stays the tightest box
 
@@ -293,6 +299,7 @@ class _Gather(_Layer):
 
 class _Stack(_Layer):
     """A small matrix ``T`` (m' x m) applied along the first axis of each sample (m x ...)."""
+
     name = "Stack"
 
     def __init__(self, matrix, in_shape, out_shape):
@@ -329,4 +336,3 @@ class _Stack(_Layer):
         new_coef = coef.unsqueeze(-1) * self.matrix[i]
         idx, coef = _compact(new_idx.reshape(n, s, k * m), new_coef.reshape(n, s, k * m))
         return idx, coef, coef.new_zeros(n, s)
-

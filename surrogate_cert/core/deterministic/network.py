@@ -1,4 +1,5 @@
 """A model read as a chain of layers, for one input shape, device and dtype (and its CROWN form)."""
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,14 @@ class _Network:
         if isinstance(first, _Conv) and d_in * math.prod(first.out_shape) <= _package.DENSE_FIRST_LAYER:
             eye = torch.eye(d_in, dtype=dtype, device=device).reshape(1, d_in, *self.in_shape)
             self.first_dense = first.apply(eye, None).reshape(d_in, -1).t().contiguous()  # D_out x D_in
-        self.forward_mode = (_package.FORWARD_MODE and bool(relu_sizes) and math.prod(self.in_shape) < max(relu_sizes)
-                             and (1 + math.prod(self.in_shape)) * max(self.max_size) <= _package.FORWARD_MODE_ELEMENTS)
+        self.forward_mode = (
+            _package.FORWARD_MODE
+            and bool(relu_sizes)
+            and math.prod(self.in_shape) < max(relu_sizes)
+            and (1 + math.prod(self.in_shape)) * max(self.max_size) <= _package.FORWARD_MODE_ELEMENTS
+        )
 
-    def to(self, dtype) -> "_Network":
+    def to(self, dtype) -> _Network:
         if dtype == self.dtype:
             return self
         return _Network(self.source, self.in_shape, self.num_classes, self.device, dtype)
@@ -52,4 +57,3 @@ class _Network:
         for layer in self.crown_layers if crown else self.layers:
             x = layer.forward(x)
         return x
-

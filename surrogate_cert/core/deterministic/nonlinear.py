@@ -1,5 +1,6 @@
 """The piecewise-linear layers: ReLU (with CROWN's relaxation of it) and max pooling (IBP pools the
 bounds; CROWN rewrites it exactly as a tournament of ReLUs)."""
+
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,7 @@ from .support import SUPPORTED
 
 class _ReLU(_Layer):
     """ReLU; with a ``mask``, only the masked values pass through a ReLU, the rest pass unchanged."""
+
     name = "ReLU"
     mixing = False
 
@@ -37,7 +39,7 @@ class _ReLU(_Layer):
         out = (lo < 0) & (hi > 0)
         return out if self.mask is None else out & self.mask
 
-    def relaxation(self, lo, hi) -> "_Relaxation":
+    def relaxation(self, lo, hi) -> _Relaxation:
         """CROWN's linear bounds ``lower_slope * z <= relu(z) <= upper_slope * z + upper_shift``.
 
         Stable neurons are exact (slope 1 or 0). An unstable neuron (lo < 0 < hi) gets the chord
@@ -65,7 +67,7 @@ class _ReLU(_Layer):
         new_hi = _shift_constant(hi * relaxation.upper_slope.unsqueeze(1), relaxation.upper_shift)
         return new_lo, new_hi
 
-    def sparse(self, idx, coef, relaxation: "_Relaxation"):
+    def sparse(self, idx, coef, relaxation: _Relaxation):
         """The CROWN rule below for sparse rows (the entries of a row must have distinct indices)."""
         n, s, k = idx.shape
         flat_idx = idx.reshape(n, -1)
@@ -78,7 +80,7 @@ class _ReLU(_Layer):
         new = pos * at(relaxation.lower_slope) + neg * at(relaxation.upper_slope)
         return idx, new, (neg * at(relaxation.upper_shift)).sum(2)
 
-    def backward(self, lam, relaxation: "_Relaxation"):
+    def backward(self, lam, relaxation: _Relaxation):
         """CROWN rule: ``lam.relu(z) >= lam+ * lower_slope * z + lam- * (upper_slope * z + upper_shift)``.
 
         Stable neurons have one slope; the sign of ``lam`` matters only at the unstable ones, which
@@ -115,7 +117,7 @@ class _Relaxation:
         self.upper_u = upper_slope.reshape(n, -1).gather(1, self.index) * valid
         self.shift_u = upper_shift.reshape(n, -1).gather(1, self.index) * valid
 
-    def __getitem__(self, batch: slice) -> "_Relaxation":
+    def __getitem__(self, batch: slice) -> _Relaxation:
         new = copy.copy(self)
         for key, value in vars(self).items():
             setattr(new, key, value[batch])
@@ -124,12 +126,18 @@ class _Relaxation:
 
 class _MaxPool(_Layer):
     """``nn.MaxPool2d``. IBP pools both bounds; CROWN uses :meth:`relaxation_layers`."""
+
     name = "MaxPool2d"
 
     def __init__(self, kernel, stride, padding, dilation, ceil_mode, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
-        self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode = \
-            kernel, stride, padding, dilation, ceil_mode
+        self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode = (
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        )
 
     def forward(self, x):
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
@@ -149,8 +157,9 @@ class _MaxPool(_Layer):
         cols = torch.arange(w_out).unsqueeze(1) * sw - pw + torch.arange(kw) * dw  # w_out x kw
         ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
         if not (ok_r.any(1).all() and ok_c.any(1).all()):
-            raise ModelError("MaxPool2d has a window with no input cell (padding too large for this input size); "
-                             + SUPPORTED)
+            raise ModelError(
+                "MaxPool2d has a window with no input cell (padding too large for this input size); " + SUPPORTED
+            )
         # padding cells (value -inf in PyTorch) are replaced by a real cell of the same window
         rows = torch.where(ok_r, rows, rows.gather(1, ok_r.to(torch.int8).argmax(1, keepdim=True)))
         cols = torch.where(ok_c, cols, cols.gather(1, ok_c.to(torch.int8).argmax(1, keepdim=True)))
@@ -158,8 +167,13 @@ class _MaxPool(_Layer):
         cell = cell.permute(2, 3, 0, 1).reshape(kh * kw, 1, h_out, w_out)
         index = (cell + torch.arange(c).reshape(1, c, 1, 1) * (h * w)).reshape(-1).to(device)
         m = kh * kw
-        tiles = (self.stride == self.kernel and self.padding == (0, 0) and self.dilation == (1, 1)
-                 and h == h_out * kh and w == w_out * kw)  # non-overlapping windows covering the input
+        tiles = (
+            self.stride == self.kernel
+            and self.padding == (0, 0)
+            and self.dilation == (1, 1)
+            and h == h_out * kh
+            and w == w_out * kw
+        )  # non-overlapping windows covering the input
         layers: list[_Layer] = [_Gather(index, self.in_shape, (m, c, h_out, w_out), (kh, kw) if tiles else None)]
         pending = None  # matrix of the last combine step, merged into the next difference step
         while m > 1:
@@ -188,4 +202,3 @@ class _MaxPool(_Layer):
         layers[0].pool_start, end.pool_end = self, self  # the CROWN pass intersects with direct pooling
         layers.append(end)
         return layers
-

@@ -1,4 +1,5 @@
 """The largest certified l2 radius per input: a batched search, then a float64 re-check."""
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,16 @@ from .network import _Network
 from .sets import _per_input
 
 
-def certified_radius(model: nn.Module, x: torch.Tensor, method: str = "crown", *,
-                     max_radius: float | None = None, tol: float = 1e-3, iterations: int = 40,
-                     verify_float64: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def certified_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str = "crown",
+    *,
+    max_radius: float | None = None,
+    tol: float = 1e-3,
+    iterations: int = 40,
+    verify_float64: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per input, ``argmax model(x)`` and the largest l2 radius (found by bisection) it is certified for.
 
     Guarantee: no input within l2 distance ``radius`` (input units, i.e. pixels before any
@@ -159,8 +167,13 @@ def _linear_distance(net: _Network, x0, pred) -> tuple[torch.Tensor, torch.Tenso
     with torch.enable_grad():
         x = x0.detach().clone().requires_grad_(True)
         z = net.forward(x)
-        grads = torch.stack([torch.autograd.grad(z[:, k].sum(), x, retain_graph=True)[0].reshape(len(x), -1)
-                             for k in range(net.num_classes)], 1)  # N x K x D
+        grads = torch.stack(
+            [
+                torch.autograd.grad(z[:, k].sum(), x, retain_graph=True)[0].reshape(len(x), -1)
+                for k in range(net.num_classes)
+            ],
+            1,
+        )  # N x K x D
     margin = torch.einsum("nsk,nk->ns", spec, z.detach())
     norm = torch.einsum("nsk,nkd->nsd", spec, grads).norm(dim=2)
     distance = torch.where(norm > 0, margin / norm.clamp(min=1e-30), torch.full_like(margin, math.inf))
@@ -172,8 +185,10 @@ def _store(store: dict, bounds: dict, n: int, rows: torch.Tensor, mask: torch.Te
     for i, (b_lo, b_hi) in bounds.items():
         if i not in store:
             shape = (n, *b_lo.shape[1:])
-            store[i] = (torch.full(shape, -math.inf, dtype=b_lo.dtype, device=b_lo.device),
-                        torch.full(shape, math.inf, dtype=b_lo.dtype, device=b_lo.device))
+            store[i] = (
+                torch.full(shape, -math.inf, dtype=b_lo.dtype, device=b_lo.device),
+                torch.full(shape, math.inf, dtype=b_lo.dtype, device=b_lo.device),
+            )
         store[i][0][rows], store[i][1][rows] = b_lo[mask], b_hi[mask]
 
 
@@ -229,4 +244,3 @@ def _verify_full(net64: _Network, x64, pred, method, radii) -> torch.Tensor:
             break
         radii[bad] = radii[bad] * shrink[attempt] if attempt < len(shrink) else 0.0
     return radii
-

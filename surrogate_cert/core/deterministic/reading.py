@@ -1,8 +1,9 @@
 """Reading a PyTorch model into a chain of supported layers (torch.fx), with one-line ModelErrors."""
+
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,11 @@ def _as_number_tensor(value):
         return None if value.is_complex() else value.detach()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         return torch.tensor([float(v) for v in value], dtype=torch.float64)
     return None
 
@@ -68,6 +72,7 @@ def _describe(node: torch.fx.Node, gm=None) -> str:
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -99,8 +104,10 @@ def read_network(model: nn.Module, input_shape: Sequence[int], dtype=torch.float
 def _check_readable(model) -> None:
     """ModelError unless ``model`` is an nn.Module (not TorchScript) with BatchNorm and Dropout in eval mode."""
     if isinstance(model, torch.jit.ScriptModule):
-        raise ModelError("cannot analyse a TorchScript model (its layers are compiled away); load the model as "
-                         "an nn.Module (architecture + state dict) for deterministic certificates")
+        raise ModelError(
+            "cannot analyse a TorchScript model (its layers are compiled away); load the model as "
+            "an nn.Module (architecture + state dict) for deterministic certificates"
+        )
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, m in model.named_modules():
@@ -134,8 +141,10 @@ def _layer_chain(gm) -> list[tuple[torch.fx.Node, str, nn.Module | None]]:
             continue
         if node.op == "output":
             if node.args[0] is not current:
-                raise ModelError(f"model output is not the last layer's tensor (it returns {node.args[0]!r}); "
-                                 "return the logits tensor only")
+                raise ModelError(
+                    f"model output is not the last layer's tensor (it returns {node.args[0]!r}); "
+                    "return the logits tensor only"
+                )
             break
         if _is_aux(node, aux):
             aux.add(node)
@@ -144,8 +153,10 @@ def _layer_chain(gm) -> list[tuple[torch.fx.Node, str, nn.Module | None]]:
         layer_input = [a for a in node.all_input_nodes if a not in aux]
         if layer_input != [current] or not node.args or node.args[0] is not current:
             names = ", ".join(a.name for a in layer_input)
-            raise ModelError(f"model is not a straight chain: {_describe(node, gm)} takes [{names}] "
-                             f"(residual or branching graphs are not supported); {SUPPORTED}")
+            raise ModelError(
+                f"model is not a straight chain: {_describe(node, gm)} takes [{names}] "
+                f"(residual or branching graphs are not supported); {SUPPORTED}"
+            )
         chain.append((node, kind, module))
         current = node
     _check_shape_queries(gm, aux)
@@ -156,10 +167,10 @@ def _check_shape_queries(gm, aux: set) -> None:
     """ModelError when a shape query (``x.size(0)``, ...) is used by anything but a reshape or another query."""
     for node in aux:
         for user in node.users:
-            if user not in aux and not (user.op in ("call_method", "call_function")
-                                        and _node_kind(gm, user)[0] == "reshape"):
-                raise ModelError(f"the shape of a tensor is used by '{user.name}' ({_describe(user)}); "
-                                 f"{SUPPORTED}")
+            if user not in aux and not (
+                user.op in ("call_method", "call_function") and _node_kind(gm, user)[0] == "reshape"
+            ):
+                raise ModelError(f"the shape of a tensor is used by '{user.name}' ({_describe(user)}); {SUPPORTED}")
 
 
 def _probe_shapes(model: nn.Module, gm, in_shape: tuple[int, ...], device):
@@ -173,8 +184,9 @@ def _probe_shapes(model: nn.Module, gm, in_shape: tuple[int, ...], device):
             shapes.run(probe)
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise InvalidInputError(f"the model cannot run on inputs of shape N x {' x '.join(map(str, in_shape))} "
-                                f"({first})") from None
+        raise InvalidInputError(
+            f"the model cannot run on inputs of shape N x {' x '.join(map(str, in_shape))} ({first})"
+        ) from None
     return probe, shapes.shapes
 
 
@@ -182,8 +194,10 @@ def _sample_shape(node, gm, shapes: dict) -> tuple[int, ...]:
     """The shape of one sample of a node's output; ModelError when the batch dimension is not kept first."""
     shape = shapes.get(node, ())
     if len(shape) < 2 or shape[0] != _PROBE_BATCH:
-        raise ModelError(f"{_describe(node, gm)} does not keep the batch dimension first "
-                         f"(output shape {shape} for a batch of {_PROBE_BATCH}); {SUPPORTED}")
+        raise ModelError(
+            f"{_describe(node, gm)} does not keep the batch dimension first "
+            f"(output shape {shape} for a batch of {_PROBE_BATCH}); {SUPPORTED}"
+        )
     return shape[1:]
 
 
@@ -208,7 +222,8 @@ def _check_reproduces(model: nn.Module, network: _Network, probe: torch.Tensor, 
                 raise ModelError(
                     f"the layers read from {type(model).__name__} do not reproduce its output (max difference "
                     f"{float((got - expected).abs().max()):.3g}); it computes something else than its layer chain; "
-                    f"{SUPPORTED}")
+                    f"{SUPPORTED}"
+                )
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
@@ -230,8 +245,12 @@ def _is_aux(node: torch.fx.Node, aux: set) -> bool:
     """Shape queries (``x.size(0)``, ``x.shape[1]``) that only feed ``view``/``reshape`` arguments."""
     if node.op == "call_method" and node.target in ("size", "dim"):
         return True
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
-            and node.args[1] in ("shape", "ndim"):
+    if (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in ("shape", "ndim")
+    ):
         return True
     return node.op == "call_function" and node.target is operator.getitem and node.args[0] in aux
 
@@ -246,8 +265,10 @@ def _node_kind(gm, node) -> tuple[str, nn.Module | None]:
             return "reshape", module
         if isinstance(module, nn.ReLU):
             return "relu", module
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                               nn.BatchNorm1d, nn.BatchNorm2d)) or _is_normalize(module):
+        if isinstance(
+            module,
+            (nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d),
+        ) or _is_normalize(module):
             return "module", module
         raise ModelError(f"unsupported layer '{node.target}' ({type(module).__name__}); {SUPPORTED}")
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
@@ -287,22 +308,43 @@ def _make_layers(kind, module, node, in_shape, out_shape, device) -> list[_Layer
             elif all(t % 2 == 0 for t in total):
                 padding = (total[0] // 2, total[1] // 2)
             else:
-                raise ModelError(f"layer {name} uses padding='same' with an even kernel (asymmetric padding); "
-                                 "use explicit padding")
-        return [_Conv(param(module.weight), param(module.bias), _pair(module.stride), _pair(padding),
-                      _pair(module.dilation), module.groups, in_shape, out_shape)]
+                raise ModelError(
+                    f"layer {name} uses padding='same' with an even kernel (asymmetric padding); use explicit padding"
+                )
+        return [
+            _Conv(
+                param(module.weight),
+                param(module.bias),
+                _pair(module.stride),
+                _pair(padding),
+                _pair(module.dilation),
+                module.groups,
+                in_shape,
+                out_shape,
+            )
+        ]
     if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return _average_pool(module, name, in_shape, out_shape, device)
     if isinstance(module, nn.MaxPool2d):
         if module.return_indices:
             raise ModelError(f"layer {name} returns indices; use return_indices=False")
-        return [_MaxPool(_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                         _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode),
-                         in_shape, out_shape)]
+        return [
+            _MaxPool(
+                _pair(module.kernel_size),
+                _pair(module.stride or module.kernel_size),
+                _pair(module.padding),
+                _pair(module.dilation),
+                bool(module.ceil_mode),
+                in_shape,
+                out_shape,
+            )
+        ]
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if module.running_mean is None or module.running_var is None:
-            raise ModelError(f"layer {name} has track_running_stats=False (it normalises with batch statistics); "
-                             "only BatchNorm with running statistics is supported")
+            raise ModelError(
+                f"layer {name} has track_running_stats=False (it normalises with batch statistics); "
+                "only BatchNorm with running statistics is supported"
+            )
         channels = module.num_features  # folded in float64, rounded to the computation's dtype later
         scale = torch.rsqrt(param(module.running_var).double() + module.eps)
         if module.weight is not None:
@@ -323,8 +365,10 @@ def _average_pool(module, name, in_shape, out_shape, device) -> list[_Layer]:
         size = (size, size) if isinstance(size, int) else tuple(size)
         oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
         if h % oh or w % ow:
-            raise ModelError(f"layer {name} maps {h}x{w} to {oh}x{ow}, which is not a uniform average pooling "
-                             f"(supported when the input size is a multiple of the output size)")
+            raise ModelError(
+                f"layer {name} maps {h}x{w} to {oh}x{ow}, which is not a uniform average pooling "
+                f"(supported when the input size is a multiple of the output size)"
+            )
         kernel, stride, padding, divisor = (h // oh, w // ow), (h // oh, w // ow), (0, 0), None
     else:
         kernel, padding = _pair(module.kernel_size), _pair(module.padding)
@@ -333,8 +377,10 @@ def _average_pool(module, name, in_shape, out_shape, device) -> list[_Layer]:
         if module.ceil_mode:
             raise ModelError(f"layer {name} uses ceil_mode=True; only ceil_mode=False is supported")
         if any(padding) and not module.count_include_pad:
-            raise ModelError(f"layer {name} pads with count_include_pad=False (border windows average fewer "
-                             "cells); use count_include_pad=True or no padding")
+            raise ModelError(
+                f"layer {name} pads with count_include_pad=False (border windows average fewer "
+                "cells); use count_include_pad=True or no padding"
+            )
     if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0) and divisor is None:
         return []  # the identity
     weight = torch.full((c, 1, *kernel), 1.0 / (divisor or kernel[0] * kernel[1]), device=device)
@@ -359,8 +405,10 @@ def _normalize(module, name, in_shape, device) -> _Layer:
         if torch.broadcast_shapes(mean.shape, std.shape, in_shape) != tuple(in_shape):
             raise RuntimeError
     except RuntimeError:
-        raise ModelError(f"normalisation layer {name} has mean {tuple(mean.shape)} / std {tuple(std.shape)} that "
-                         f"do not broadcast to one input of shape {tuple(in_shape)}") from None
+        raise ModelError(
+            f"normalisation layer {name} has mean {tuple(mean.shape)} / std {tuple(std.shape)} that "
+            f"do not broadcast to one input of shape {tuple(in_shape)}"
+        ) from None
     if not bool(torch.isfinite(mean).all()) or not bool((std.abs() > 0).all() and torch.isfinite(std).all()):
         raise ModelError(f"normalisation layer {name} has a zero or non-finite std / mean")
     layer = _Elementwise(1.0 / std, -mean / std, in_shape, "Normalize")
@@ -370,9 +418,10 @@ def _normalize(module, name, in_shape, device) -> _Layer:
             out = module(probe.clone())
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"normalisation layer {name} fails on a batch ({str(exc)[:120]})") from None
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape or not torch.allclose(
-            out.double(), layer.forward(probe.double()), rtol=1e-4, atol=1e-5):
-        raise ModelError(f"layer {name} has mean/std attributes but does not compute (x - mean) / std; "
-                         f"{SUPPORTED}")
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.shape != probe.shape
+        or not torch.allclose(out.double(), layer.forward(probe.double()), rtol=1e-4, atol=1e-5)
+    ):
+        raise ModelError(f"layer {name} has mean/std attributes but does not compute (x - mean) / std; {SUPPORTED}")
     return layer
-

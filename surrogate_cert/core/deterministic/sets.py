@@ -1,4 +1,5 @@
 """Sets of activations (an l2 ellipsoid or a box per input) and the tensor helpers of the layer rules."""
+
 from __future__ import annotations
 
 import torch
@@ -72,4 +73,3 @@ def _compact(idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch
 def _flat_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension after the first two (N x S x ... -> N x S)."""
     return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
-
