@@ -45,8 +45,9 @@ def export_user_model(checkpoint: Path, out: Path) -> None:
 
     loaded = load_model(str(checkpoint), device="cpu")
     module = loaded.model.eval()
-    example = torch.zeros(1, *loaded.input_shape)
-    torch.export.save(torch.export.export(module, (example,)), str(out))
+    example = torch.zeros(2, *loaded.input_shape)
+    batch = {0: torch.export.Dim("batch", min=1)}  # the engine evaluates batches of any size
+    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=(batch,)), str(out))
 
 
 def accuracy(path: Path, sigma: float) -> dict:
