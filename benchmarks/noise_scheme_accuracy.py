@@ -84,8 +84,7 @@ def onepass_rows(
     ``names`` label the two runs in the keys (``float``, ``sound``, ``sound_minus_float_pp`` by default)."""
     first, second = names
     runs = {name: json.loads(Path(p).read_text()) for name, p in ((first, float_json), (second, sound_json))}
-    rows = _paired_rows(runs, first, second, sigma_max)
-    return rows
+    return _paired_rows(runs, first, second, sigma_max)
 
 
 def _paired_rows(runs: dict, first: str, second: str, sigma_max: float) -> dict:

@@ -261,7 +261,9 @@ def content_problems(content: dict) -> list[str]:
     problem = _reference_problem(reference, content["n_cal"])
     if problem:
         return p + [problem]
-    expected_cap = _expected_cap(reference, content["n_cal"], alpha_mc, sigma, content.get("noise_slack") or 0.0)
+    expected_cap = expected_radius_cap(
+        reference, content["n_cal"], alpha_mc, sigma, slack=content.get("noise_slack") or 0.0
+    )
     needed = stats.min_calibration_size(epsilon, content.get("delta") if pac else None)
     p += _bound_problems(content, expected_cap, needed)
     largest_shift, problem = _score_problem(content, expected_cap)
@@ -473,8 +475,11 @@ def _reference_problem(reference, n_cal) -> str | None:
     return None
 
 
-def _expected_cap(reference: dict, n_cal: int, alpha_mc: float, sigma: float, slack: float = 0.0) -> float:
-    if reference["bound"] == REFERENCE_CP:
+def expected_radius_cap(
+    reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *, slack: float = 0.0
+) -> float:
+    """The radius cap a calibration with this ``reference`` record must have (``conformal.reference_radii``)."""
+    if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
         return stats.max_radius(n_cal, alpha_mc, sigma, slack=slack)
     prior = reference["prior"]
     return stats.topup_max_radius(

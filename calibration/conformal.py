@@ -95,7 +95,7 @@ from surrogate_cert.core.smoothing import NOISE_SCHEME_V2, noise_slack
 from surrogate_cert.core.stats import P_CLIP, conformity_scores, reference_radius, surrogate_radius
 from surrogate_cert.core.surrogate import Surrogate
 
-from .artifact import GUARANTEES, METHODS, Calibration
+from .artifact import GUARANTEES, METHODS, Calibration, expected_radius_cap
 
 CONFIDENCE_EDGES = DEFAULT_CONFIDENCE_EDGES
 """Deprecated name of ``surrogate_cert.core.one_pass.DEFAULT_CONFIDENCE_EDGES``."""
@@ -904,23 +904,6 @@ def reference_radii(
     if stages is not None:
         record.update(stages=[int(v) for v in check_stages(stages, n_cal, int(planned_max))], rule=TOPUP_RULE)
     return ReferenceRadii(np.atleast_1d(np.asarray(y, dtype=float)), cap, record)
-
-
-def expected_radius_cap(
-    reference: dict | None, n_cal: int, alpha_mc: float, sigma: float, *, slack: float = 0.0
-) -> float:
-    """The radius cap a calibration with this ``reference`` record must have (see ``reference_radii``)."""
-    if not reference or reference.get("bound", REFERENCE_CP) == REFERENCE_CP:
-        return radius_cap(n_cal, alpha_mc, sigma, slack=slack)
-    prior = reference["prior"]
-    return stats.topup_max_radius(
-        n_cal,
-        int(reference["planned_max_samples"]),
-        alpha_mc,
-        sigma,
-        (prior["a"], prior["b"], prior["weights"]),
-        slack=slack,
-    )
 
 
 TOPUP_RULE = "all-agree"

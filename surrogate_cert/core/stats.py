@@ -622,6 +622,14 @@ def beta_binomial_cs(s, t, alpha, a=0.5, b=0.5, weights=None, *, support_lo=0.0,
     return confidence_sequence_ends(s, t, beta_mixture_log_marginal(s, t, a, b, weights, support_lo, support_hi), alpha)
 
 
+def _martingale_crosses(s, t, p0, alpha: float, log_marginal) -> np.ndarray:
+    """Where the mixture martingale against ``p = p0`` has reached ``1 / alpha`` (Ville's threshold); False where
+    ``p0`` is 0 or 1 (no such test)."""
+    inside = (p0 > 0) & (p0 < 1)
+    q = np.where(inside, p0, 0.5)
+    return inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+
+
 def threshold_test(s, t, p0, alpha, log_marginal):
     """Decision of the sequential test of ``p >= p0`` at level ``alpha``, with no root finding.
 
@@ -637,12 +645,8 @@ def threshold_test(s, t, p0, alpha, log_marginal):
     >>> threshold_test(s, 48, 0.8413, 0.001, m).tolist()
     [1, 0, -1]
     """
-    s = np.asarray(s, dtype=float)
-    t = np.asarray(t, dtype=float)
-    p0 = np.asarray(p0, dtype=float)
-    inside = (p0 > 0) & (p0 < 1)
-    q = np.where(inside, p0, 0.5)
-    strong = inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+    s, t, p0 = (np.asarray(v, dtype=float) for v in (s, t, p0))
+    strong = _martingale_crosses(s, t, p0, alpha, log_marginal)
     with np.errstate(invalid="ignore", divide="ignore"):
         p_hat = np.where(t > 0, s / np.maximum(t, 1e-300), 0.5)
     out = np.where(strong & (p_hat > p0), 1, np.where(strong & (p_hat < p0), -1, 0))
@@ -856,12 +860,8 @@ def give_up_test(s, t, p0, alpha, log_marginal):
     >>> give_up_test(s, 100, p0, 0.001, m).tolist()
     [True, False, False]
     """
-    s = np.asarray(s, dtype=float)
-    t = np.asarray(t, dtype=float)
-    p0 = np.asarray(p0, dtype=float)
-    inside = (p0 > 0) & (p0 < 1)
-    q = np.where(inside, p0, 0.5)
-    strong = inside & (log_martingale(s, t, q, log_marginal) >= -np.log(_check_alpha(alpha)))
+    s, t, p0 = (np.asarray(v, dtype=float) for v in (s, t, p0))
+    strong = _martingale_crosses(s, t, p0, alpha, log_marginal)
     with np.errstate(invalid="ignore", divide="ignore"):
         below = (t > 0) & (s < p0 * t)
     return _scalar_or_array(strong & below)

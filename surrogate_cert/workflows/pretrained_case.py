@@ -47,6 +47,7 @@ from ..core.smoothing import SmoothedClassifier
 from ..deploy.hybrid import HybridCertifier
 from .bench import json_safe
 from .onepass_case import (
+    ONEPASS_TINY,
     OnePassBench,
     OnePassConfig,
     _accuracy,
@@ -104,25 +105,12 @@ PRETRAINED_MNIST = PretrainedConfig()
 
 PRETRAINED_TINY = PretrainedConfig(
     case=dataclasses.replace(
-        OnePassConfig(
-            dataset="digits",
-            base_arch=None,
-            base_epochs=3,
-            surrogate_n=50,
-            cal_n=300,
-            cal_limit=200,
-            test_n0=20,
-            test_n=300,
-            test_limit=20,
-            epsilons=(0.05,),
-            frontier_epsilons=(),
-            max_samples=300,
-            surrogate_epochs=2,
-            batch_size=2048,
-            shift_bins=3,
-            mondrian_bins=2,
-            controls=False,
-        ),
+        ONEPASS_TINY,  # the one-pass case's test size, without its top-up, frontier and controls
+        frontier_epsilons=(),
+        surrogate_epochs=2,
+        controls=False,
+        cal_topup=0,
+        required_sigmas=OnePassConfig().required_sigmas,
         base_splits=("train", "surrogate"),
     ),
     pool_n=20,
